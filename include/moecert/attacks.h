@@ -1,0 +1,76 @@
+// Empirical attacks (SPEC §3): PGD (L-inf, L2) with random start and restarts,
+// FGSM, and the component attacks of paper 1: RA-E (routing frozen at the clean
+// choice, experts attacked) and RA-R (router attacked, experts see the clean input).
+#pragma once
+
+#include "moecert/data.h"
+#include "moecert/models.h"
+
+#include <torch/types.h>
+
+#include <functional>
+#include <string>
+
+namespace moecert {
+
+enum class Norm { linf, l2 };
+enum class AttackLoss { ce, margin };
+
+/// "inf" | "2" -> Norm; throws ConfigError.
+Norm norm_parse(const std::string& s);
+std::string norm_name(Norm n);
+/// "ce" | "margin" -> AttackLoss; throws ConfigError.
+AttackLoss attack_loss_parse(const std::string& s);
+
+struct PgdConfig {
+  Norm norm = Norm::linf;
+  double eps = 0.1;
+  double step_size = 0.025;  ///< absolute step (L-inf: per pixel; L2: Euclidean length)
+  int steps = 20;            ///< 0 with random_start=false is a no-op
+  int restarts = 1;          ///< independent random starts; the strongest is kept per sample
+  bool random_start = true;
+  AttackLoss loss = AttackLoss::ce;
+};
+
+/// A differentiable map x [B, C, H, W] -> log-probabilities [B, K].
+using LogProbFn = std::function<torch::Tensor(const torch::Tensor& x)>;
+
+/// PGD: maximises the loss of `f` at (x, y) inside the ε-ball around x and the
+/// [0, 1] box. Per sample, keeps the first restart that misclassifies (or the
+/// highest loss). x: [B, C, H, W], y: [B] -> x_adv [B, C, H, W] (detached)
+torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
+                         const PgdConfig& cfg);
+
+/// FGSM: one signed-gradient (L-inf) or normalised-gradient (L2) step of size eps.
+torch::Tensor attack_fgsm(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
+                          Norm norm, double eps);
+
+/// What a component attack perturbs.
+enum class AttackTarget {
+  whole,    ///< RA: the whole model sees x_adv
+  experts,  ///< RA-E: routing frozen at the clean input's choice, experts see x_adv
+  router,   ///< RA-R: router sees x_adv, experts see the clean input
+};
+
+/// The log-prob map that an attack of kind `target` differentiates, for a batch
+/// whose clean input is `x_clean` [B, C, H, W].
+LogProbFn attack_target_fn(MoeImpl& model, AttackTarget target, const torch::Tensor& x_clean);
+
+/// Accuracy of `f` on (x, y): fraction of argmax == y. x: [B, ...], y: [B]
+int64_t attack_count_correct(const torch::Tensor& log_probs, const torch::Tensor& y);
+
+/// Robust accuracies on a data set.
+struct RobustnessReport {
+  double sa = 0, ra = 0, ra_e = 0, ra_r = 0;  ///< fractions in [0, 1]
+  int64_t samples = 0;
+  double seconds = 0;
+};
+
+/// Evaluates SA and RA (and RA-E, RA-R if `components` and E > 1; for a dense
+/// model they equal RA by definition) on `data` in batches, under NoGrad for the
+/// clean pass and eval mode. Progress on stderr when `progress`.
+RobustnessReport attack_evaluate(MoeImpl& model, const Dataset& data, const PgdConfig& cfg,
+                                 bool components, int64_t batch_size, torch::Device device,
+                                 bool progress);
+
+}  // namespace moecert

@@ -1,0 +1,65 @@
+// Data sets: Fashion-MNIST IDX (.gz read directly), CIFAR-10 binary batches and a
+// deterministic synthetic set for tests. Images stay uint8 in memory and are
+// converted to float32 in [0, 1] one batch at a time.
+#pragma once
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moecert {
+
+/// An in-memory labelled image set.
+struct Dataset {
+  std::string name;          ///< "fashion-mnist", "cifar10", "synthetic"
+  torch::Tensor images;      ///< [N, C, H, W] uint8
+  torch::Tensor labels;      ///< [N] int64, values in [0, num_classes)
+  int64_t num_classes = 0;
+  std::vector<double> mean;  ///< per-channel normalisation mean (pixels in [0,1])
+  std::vector<double> std;   ///< per-channel normalisation std
+
+  int64_t size() const { return labels.defined() ? labels.size(0) : 0; }
+  int64_t channels() const { return images.size(1); }
+  int64_t height() const { return images.size(2); }
+  int64_t width() const { return images.size(3); }
+  /// Float32 images in [0, 1] of the given rows. index: [b] int64 -> [b, C, H, W]
+  torch::Tensor batch_images(const torch::Tensor& index) const;
+  /// Labels of the given rows. index: [b] int64 -> [b] int64
+  torch::Tensor batch_labels(const torch::Tensor& index) const;
+};
+
+/// What to load: `name` picks the reader, `dir` overrides its default location.
+struct DataSpec {
+  std::string name = "fashion-mnist";  ///< fashion-mnist | cifar10 | synthetic
+  std::string dir;                     ///< empty: the reader's default directory
+  bool train = true;                   ///< training split or test split
+  int64_t samples = 0;                 ///< >0: keep a seeded random subset of this size
+  uint64_t seed = 0;                   ///< seed of the subset choice (and synthetic data)
+};
+
+/// Loads a data set; throws DataError (exit 2) naming the file and the problem.
+Dataset data_load(const DataSpec& spec);
+
+/// Reads a pair of IDX files (gzip or plain): images u8 [N, H, W] (magic 0x803)
+/// and labels u8 [N] (magic 0x801). Validates magic, sizes, counts and labels.
+Dataset data_load_idx(const std::string& images_path, const std::string& labels_path,
+                      int64_t num_classes);
+
+/// Reads CIFAR-10 binary batches (data_batch_1..5.bin or test_batch.bin) in `dir`.
+Dataset data_load_cifar10(const std::string& dir, bool train);
+
+/// Deterministic, learnable synthetic set: each class is a fixed random template
+/// plus per-sample noise. Same (n, seed, shape) -> bit-identical data.
+Dataset data_synthetic(int64_t n, int64_t channels, int64_t height, int64_t width,
+                       int64_t num_classes, uint64_t seed);
+
+/// A seeded random subset of `n` rows (n >= size: the set unchanged).
+Dataset data_subset(const Dataset& data, int64_t n, uint64_t seed);
+
+/// The rows of epoch `epoch` in training order: a permutation that depends only on
+/// (seed, epoch), so that a resumed run sees the same batches. -> [N] int64
+torch::Tensor data_epoch_order(int64_t n, uint64_t seed, int64_t epoch);
+
+}  // namespace moecert

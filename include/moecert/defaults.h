@@ -1,0 +1,43 @@
+// Every default, tolerance and seed of moecert in one place, each with its reason.
+#pragma once
+
+#include <cstdint>
+
+namespace moecert::defaults {
+
+// --- data -------------------------------------------------------------------
+/// Where Debian's `dataset-fashion-mnist` package puts the IDX files.
+inline constexpr const char* fashion_mnist_dir = "/usr/share/datasets/fashion-mnist";
+/// Per-channel statistics of the Fashion-MNIST training images (pixels in [0,1]).
+inline constexpr double fashion_mnist_mean = 0.2860;
+inline constexpr double fashion_mnist_std = 0.3530;
+/// Global seed when the user gives none; every run is reproducible by default.
+inline constexpr uint64_t seed = 0;
+
+// --- models -----------------------------------------------------------------
+inline constexpr int64_t experts = 4;
+inline constexpr int64_t top_k = 1;
+
+// --- attacks ----------------------------------------------------------------
+/// Fashion-MNIST L-inf radius used by the demo and the foundation targets.
+inline constexpr double eps = 0.1;
+/// PGD step size when none is given: Madry's rule step = 2.5 * eps / steps, which
+/// lets the attack cross the whole ball and come back along the boundary.
+inline constexpr double step_scale = 2.5;
+/// Held-out samples carved from the training split for per-epoch evaluation.
+inline constexpr int64_t val_samples = 1000;
+inline constexpr int eval_steps = 20;
+inline constexpr int train_steps = 5;
+inline constexpr int restarts = 1;
+
+// --- training ---------------------------------------------------------------
+inline constexpr int64_t batch_size = 128;
+inline constexpr int log_every = 50;
+/// A routing share above this for one expert triggers a collapse warning.
+inline constexpr double collapse_share = 0.9;
+
+// --- numerics ---------------------------------------------------------------
+/// Tolerance of the batched-vs-reference MoE equivalence (float32 sums).
+inline constexpr double dispatch_tolerance = 1e-5;
+
+}  // namespace moecert::defaults

@@ -1,0 +1,108 @@
+// Model-level Mixture of Experts (SPEC §1): normalisation -> router g -> top-k or
+// soft gate -> experts h_i -> F(x) = Σ_i a_i(x) softmax(h_i(x)). E = 1 is the
+// dense baseline (no router). All maps take x: [B, C, H, W] with pixels in [0, 1].
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moecert {
+
+/// How the router's weights pick experts.
+enum class Routing { soft, top_k };
+
+/// Everything needed to rebuild a model; stored as "architecture" in model.json.
+struct ModelSpec {
+  int64_t in_channels = 1, height = 28, width = 28, num_classes = 10;
+  int64_t experts = 4;                 ///< E; 1 = dense model without router
+  std::string expert = "cnn-s";        ///< cnn-s | resnet18
+  std::string router = "linear";       ///< linear | cnn
+  Routing routing = Routing::top_k;
+  int64_t top_k = 1;                   ///< k of top-k routing (1 <= k <= E)
+  std::vector<double> mean{0.5}, std{0.5};  ///< input normalisation, per channel
+
+  nlohmann::json to_json() const;
+  /// Parses and validates; throws ConfigError naming the bad field.
+  static ModelSpec from_json(const nlohmann::json& j);
+  /// Throws ConfigError if fields are inconsistent (k > E, unknown kinds, ...).
+  void validate() const;
+};
+
+/// A logit map x [B, C, H, W] (already normalised) -> logits [B, K].
+class BackboneImpl : public torch::nn::Module {
+ public:
+  virtual torch::Tensor forward(torch::Tensor x) = 0;
+};
+
+/// Builds an expert backbone (`cnn-s`, `resnet18`) or router (`linear`, `cnn`)
+/// with `outputs` logits. Throws ConfigError for an unknown kind.
+std::shared_ptr<BackboneImpl> backbone_make(const std::string& kind, int64_t in_channels,
+                                            int64_t height, int64_t width, int64_t outputs);
+
+/// The routing of a batch: which experts each sample uses and with what weight.
+struct MoeRouting {
+  torch::Tensor logits;    ///< [B, E] router logits g(x) (undefined for E = 1)
+  torch::Tensor selected;  ///< [B, k] int64 expert indices (soft: k = E, 0..E-1)
+  torch::Tensor log_w;     ///< [B, k] log routing weights of the selected experts
+};
+
+/// Output of one MoE evaluation.
+struct MoeOutput {
+  torch::Tensor log_probs;  ///< [B, C] log F(x), computed stably
+  MoeRouting routing;
+};
+
+class MoeImpl : public torch::nn::Module {
+ public:
+  explicit MoeImpl(ModelSpec spec);
+
+  /// log F(x). x: [B, C, H, W] in [0, 1] -> [B, C]
+  torch::Tensor forward(const torch::Tensor& x) { return forward_full(x).log_probs; }
+  /// log F(x) together with the routing that produced it.
+  MoeOutput forward_full(const torch::Tensor& x) { return forward_parts(x, x, nullptr); }
+  /// The general form behind the component attacks: the router sees `x_router`,
+  /// the experts see `x_experts`; with `fixed` the router is bypassed and the
+  /// given routing is used (RA-E). Both inputs: [B, C, H, W] in [0, 1].
+  MoeOutput forward_parts(const torch::Tensor& x_router, const torch::Tensor& x_experts,
+                          const MoeRouting* fixed);
+  /// Routing of a batch. x: [B, C, H, W] in [0, 1]
+  MoeRouting route(const torch::Tensor& x);
+  /// Expert i's logits h_i(x). x: [B, C, H, W] in [0, 1] -> [B, C]
+  torch::Tensor expert_logits(int64_t i, const torch::Tensor& x);
+  /// Router logits g(x). x: [B, C, H, W] in [0, 1] -> [B, E]
+  torch::Tensor router_logits(const torch::Tensor& x);
+
+  const ModelSpec& spec() const { return spec_; }
+  int64_t num_experts() const { return spec_.experts; }
+  BackboneImpl& expert(int64_t i) { return *experts_[static_cast<size_t>(i)]; }
+  BackboneImpl* router() { return router_.get(); }
+  /// (x - mean) / std per channel. [B, C, H, W] -> [B, C, H, W]
+  torch::Tensor normalise(const torch::Tensor& x) const;
+
+ private:
+  /// Runs each selected expert once on its group of samples and scatters back.
+  /// xn: [B, C, H, W] normalised; selected: [B, k] -> log-softmax [B, k, classes]
+  torch::Tensor dispatch(const torch::Tensor& xn, const torch::Tensor& selected);
+  void check_input(const torch::Tensor& x, const char* what) const;
+
+  ModelSpec spec_;
+  torch::Tensor mean_, std_;  // buffers [1, C, 1, 1]
+  std::shared_ptr<BackboneImpl> router_;
+  torch::nn::ModuleList experts_list_;
+  std::vector<std::shared_ptr<BackboneImpl>> experts_;
+};
+TORCH_MODULE(Moe);
+
+/// Reference evaluation with a per-sample loop (tests and benchmark only):
+/// exactly the SPEC formula, in probability space. -> F(x) [B, C]
+torch::Tensor moe_reference_probs(MoeImpl& model, const torch::Tensor& x);
+
+/// Number of parameters of a module.
+int64_t module_parameter_count(const torch::nn::Module& module);
+
+}  // namespace moecert

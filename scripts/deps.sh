@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the Debian packages moecert needs, if any is missing. Sourced by
+# demo.sh and test.sh; safe to run repeatedly (does nothing when all are there).
+set -euo pipefail
+
+MOECERT_PACKAGES=(
+  build-essential cmake ccache pkg-config
+  libtorch-dev libopenblas0-openmp   # LibTorch + an optimised BLAS (reference BLAS is ~17x slower)
+  libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev zlib1g-dev
+  dataset-fashion-mnist gnuplot-nox
+)
+if [[ "${MOECERT_WITH_PYTORCH:-0}" == 1 ]]; then
+  MOECERT_PACKAGES+=(python3-torch)   # for the torch.jit.load interoperability test and the peer
+fi
+
+missing=()
+for p in "${MOECERT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "moecert: installing missing packages: ${missing[*]}" >&2
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+# LibTorch calls whatever libblas.so.3 is active: make sure it is OpenBLAS.
+blas=$(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 2>/dev/null || true)
+if [[ "$blas" != *openblas* ]]; then
+  cand=$(update-alternatives --list libblas.so.3-x86_64-linux-gnu 2>/dev/null | grep openblas | head -n 1 || true)
+  if [[ -n "$cand" ]]; then
+    ${SUDO:-} update-alternatives --set libblas.so.3-x86_64-linux-gnu "$cand" >&2 || true
+  fi
+fi

@@ -1,0 +1,183 @@
+// PGD and FGSM over an arbitrary log-prob map, and the RA / RA-E / RA-R targets.
+#include "moecert/attacks.h"
+#include "moecert/error.h"
+#include "moecert/runtime.h"
+
+#include <torch/torch.h>
+
+namespace moecert {
+
+Norm norm_parse(const std::string& s) {
+  if (s == "inf" || s == "linf") return Norm::linf;
+  if (s == "2" || s == "l2") return Norm::l2;
+  throw ConfigError::invalid("--norm", s, "inf | 2");
+}
+
+std::string norm_name(Norm n) { return n == Norm::linf ? "inf" : "2"; }
+
+AttackLoss attack_loss_parse(const std::string& s) {
+  if (s == "ce") return AttackLoss::ce;
+  if (s == "margin") return AttackLoss::margin;
+  throw ConfigError::invalid("--loss", s, "ce | margin");
+}
+
+namespace {
+
+/// Per-sample loss to maximise. log_probs: [B, K], y: [B] -> [B]
+torch::Tensor attack_loss(const torch::Tensor& log_probs, const torch::Tensor& y, AttackLoss loss) {
+  auto true_lp = log_probs.gather(1, y.unsqueeze(1)).squeeze(1);
+  if (loss == AttackLoss::ce) return -true_lp;
+  // Margin (CW on log-probabilities): best other class minus the true class.
+  auto others = log_probs.scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity());
+  return std::get<0>(others.max(/*dim=*/1)) - true_lp;
+}
+
+/// Euclidean norm per sample, kept broadcastable. [B, ...] -> [B, 1, 1, 1]
+torch::Tensor l2_per_sample(const torch::Tensor& t) {
+  std::vector<int64_t> shape(static_cast<size_t>(t.dim()), 1);
+  shape[0] = t.size(0);
+  return t.flatten(1).norm(2, /*dim=*/1).view(shape);
+}
+
+/// Projects x_adv onto the ε-ball around x and onto [0, 1].
+torch::Tensor project(const torch::Tensor& x_adv, const torch::Tensor& x, Norm norm, double eps) {
+  auto delta = x_adv - x;
+  if (norm == Norm::linf) {
+    delta = delta.clamp(-eps, eps);
+  } else {
+    auto n = l2_per_sample(delta);
+    delta = delta * torch::clamp_max(eps / (n + 1e-12), 1.0);
+  }
+  return (x + delta).clamp(0.0, 1.0);
+}
+
+torch::Tensor random_start(const torch::Tensor& x, Norm norm, double eps) {
+  if (norm == Norm::linf) return x + torch::empty_like(x).uniform_(-eps, eps);
+  auto dir = torch::randn_like(x);
+  dir = dir / (l2_per_sample(dir) + 1e-12);
+  auto radius = torch::rand({x.size(0)}, x.options()).view({-1, 1, 1, 1}) * eps;
+  return x + dir * radius;
+}
+
+/// Ascent direction of the given norm's steepest step. grad: [B, ...]
+torch::Tensor ascent_direction(const torch::Tensor& grad, Norm norm) {
+  if (norm == Norm::linf) return grad.sign();
+  return grad / (l2_per_sample(grad) + 1e-12);
+}
+
+torch::Tensor input_gradient(const LogProbFn& f, const torch::Tensor& x_adv, const torch::Tensor& y,
+                             AttackLoss loss, torch::Tensor* per_sample_loss) {
+  auto xa = x_adv.detach().requires_grad_(true);
+  auto l = attack_loss(f(xa), y, loss);
+  if (per_sample_loss) *per_sample_loss = l.detach();
+  return torch::autograd::grad({l.sum()}, {xa})[0];
+}
+
+}  // namespace
+
+torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
+                         const PgdConfig& cfg) {
+  if (cfg.eps < 0) throw ConfigError::invalid("--eps", std::to_string(cfg.eps), ">= 0");
+  torch::Tensor best, best_loss, best_wrong;
+  for (int r = 0; r < std::max(1, cfg.restarts); ++r) {
+    auto x_adv = cfg.random_start ? project(random_start(x, cfg.norm, cfg.eps), x, cfg.norm, cfg.eps)
+                                  : x.clone();
+    for (int s = 0; s < cfg.steps; ++s) {
+      auto g = input_gradient(f, x_adv, y, cfg.loss, nullptr);
+      x_adv = project(x_adv + cfg.step_size * ascent_direction(g, cfg.norm), x, cfg.norm, cfg.eps);
+    }
+    if (cfg.restarts <= 1) return x_adv.detach();
+    torch::Tensor lp;
+    {
+      torch::NoGradGuard no_grad;
+      lp = f(x_adv);
+    }
+    auto loss = attack_loss(lp, y, cfg.loss);
+    auto wrong = lp.argmax(1).ne(y);
+    if (!best.defined()) {
+      best = x_adv, best_loss = loss, best_wrong = wrong;
+      continue;
+    }
+    // Prefer a misclassifying point; among equals, the higher loss.
+    auto take = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss));
+    best = torch::where(take.view({-1, 1, 1, 1}), x_adv, best);
+    best_loss = torch::where(take, loss, best_loss);
+    best_wrong = best_wrong | wrong;
+  }
+  return best.detach();
+}
+
+torch::Tensor attack_fgsm(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
+                          Norm norm, double eps) {
+  auto g = input_gradient(f, x, y, AttackLoss::ce, nullptr);
+  return project(x + eps * ascent_direction(g, norm), x, norm, eps).detach();
+}
+
+LogProbFn attack_target_fn(MoeImpl& model, AttackTarget target, const torch::Tensor& x_clean) {
+  switch (target) {
+    case AttackTarget::whole:
+      return [&model](const torch::Tensor& x) { return model.forward(x); };
+    case AttackTarget::experts: {
+      MoeRouting clean;
+      {
+        torch::NoGradGuard no_grad;
+        clean = model.route(x_clean);
+      }
+      return [&model, clean](const torch::Tensor& x) {
+        return model.forward_parts(x, x, &clean).log_probs;
+      };
+    }
+    case AttackTarget::router:
+      return [&model, x_clean](const torch::Tensor& x) {
+        return model.forward_parts(x, x_clean, nullptr).log_probs;
+      };
+  }
+  throw Error(ExitCode::internal, "attack_target_fn: unknown target");
+}
+
+int64_t attack_count_correct(const torch::Tensor& log_probs, const torch::Tensor& y) {
+  return log_probs.argmax(/*dim=*/1).eq(y).sum().item<int64_t>();
+}
+
+RobustnessReport attack_evaluate(MoeImpl& model, const Dataset& data, const PgdConfig& cfg,
+                                 bool components, int64_t batch_size, torch::Device device,
+                                 bool progress) {
+  const bool was_training = model.is_training();
+  model.eval();
+  const bool split = components && model.num_experts() > 1;
+  Progress meter("attack", data.size(), progress);
+  int64_t sa = 0, ra = 0, ra_e = 0, ra_r = 0;
+  for (int64_t start = 0; start < data.size(); start += batch_size) {
+    const int64_t n = std::min(batch_size, data.size() - start);
+    auto idx = torch::arange(start, start + n, torch::kLong);
+    auto x = data.batch_images(idx).to(device);
+    auto y = data.batch_labels(idx).to(device);
+    auto count = [&](AttackTarget t) {
+      auto f = attack_target_fn(model, t, x);
+      auto x_adv = attack_pgd(f, x, y, cfg);
+      torch::NoGradGuard no_grad;
+      return attack_count_correct(f(x_adv), y);
+    };
+    {
+      torch::NoGradGuard no_grad;
+      sa += attack_count_correct(model.forward(x), y);
+    }
+    const int64_t whole = count(AttackTarget::whole);
+    ra += whole;
+    ra_e += split ? count(AttackTarget::experts) : whole;
+    ra_r += split ? count(AttackTarget::router) : whole;
+    meter.advance(n, "RA " + fmt_fixed(static_cast<double>(ra) / static_cast<double>(start + n), 3));
+  }
+  if (was_training) model.train();
+  RobustnessReport r;
+  const double N = static_cast<double>(std::max<int64_t>(1, data.size()));
+  r.samples = data.size();
+  r.sa = static_cast<double>(sa) / N;
+  r.ra = static_cast<double>(ra) / N;
+  r.ra_e = static_cast<double>(ra_e) / N;
+  r.ra_r = static_cast<double>(ra_r) / N;
+  r.seconds = meter.elapsed();
+  return r;
+}
+
+}  // namespace moecert

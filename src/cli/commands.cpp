@@ -1,0 +1,273 @@
+// `moecert train`, `moecert attack`, `moecert info`.
+#include "commands.h"
+
+#include "moecert/attacks.h"
+#include "moecert/checkpoint.h"
+#include "moecert/defaults.h"
+#include "moecert/error.h"
+#include "moecert/model_io.h"
+#include "moecert/runtime.h"
+#include "moecert/training.h"
+
+#include <sys/stat.h>
+#include <torch/torch.h>
+
+#include <iostream>
+
+namespace moecert {
+namespace {
+
+bool path_exists(const std::string& p) {
+  struct stat st {};
+  return ::stat(p.c_str(), &st) == 0;
+}
+
+/// Rows `index` of a data set. index: [n] int64
+Dataset dataset_rows(const Dataset& d, const torch::Tensor& index) {
+  Dataset out = d;
+  out.images = d.images.index_select(0, index).contiguous();
+  out.labels = d.labels.index_select(0, index).contiguous();
+  return out;
+}
+
+/// Splits a seeded held-out set of `n_val` rows off the training split.
+std::pair<Dataset, Dataset> split_holdout(const Dataset& d, int64_t n_val, uint64_t seed) {
+  if (n_val <= 0 || n_val >= d.size())
+    throw ConfigError::invalid("--val-samples", std::to_string(n_val),
+                               "between 1 and the training set size - 1 (" +
+                                   std::to_string(d.size() - 1) + ")");
+  auto perm = data_epoch_order(d.size(), seed, /*epoch=*/-1);
+  return {dataset_rows(d, perm.narrow(0, n_val, d.size() - n_val)),
+          dataset_rows(d, perm.narrow(0, 0, n_val))};
+}
+
+double default_step(double eps, int steps) {
+  return steps > 0 ? defaults::step_scale * eps / steps : eps;
+}
+
+/// PGD options shared by `train` (training and held-out attacks) and `attack`.
+struct AttackOptions {
+  std::string norm = "inf", loss = "ce";
+  double eps = defaults::eps, step_size = 0;
+  int steps = defaults::eval_steps, restarts = defaults::restarts;
+
+  PgdConfig config() const {
+    PgdConfig c;
+    c.norm = norm_parse(norm);
+    c.loss = attack_loss_parse(loss);
+    if (!(eps >= 0)) throw ConfigError::invalid("--eps", std::to_string(eps), ">= 0");
+    if (steps < 0) throw ConfigError::invalid("--steps", std::to_string(steps), ">= 0");
+    if (restarts < 1) throw ConfigError::invalid("--restarts", std::to_string(restarts), ">= 1");
+    c.eps = eps, c.steps = steps, c.restarts = restarts;
+    c.step_size = step_size > 0 ? step_size : default_step(eps, steps);
+    return c;
+  }
+};
+
+std::string describe_attack(const PgdConfig& c) {
+  return "PGD-" + std::to_string(c.steps) + " L" + (c.norm == Norm::linf ? "inf" : "2") +
+         " eps=" + fmt_fixed(c.eps, 4) + " step=" + fmt_fixed(c.step_size, 4) +
+         " restarts=" + std::to_string(c.restarts) + " loss=" + (c.loss == AttackLoss::ce ? "ce" : "margin");
+}
+
+std::string describe_model(const ModelSpec& s) {
+  if (s.experts == 1) return "dense " + s.expert;
+  return "MoE E=" + std::to_string(s.experts) + " " + s.expert + " experts, " + s.router +
+         " router, " + (s.routing == Routing::soft ? "soft" : "top-" + std::to_string(s.top_k)) +
+         " routing";
+}
+
+DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train) {
+  DataSpec d;
+  d.name = c.dataset.empty() ? fallback : c.dataset;
+  d.dir = c.data_dir;
+  d.train = train;
+  d.seed = c.seed;
+  return d;
+}
+
+// --- train --------------------------------------------------------------------------------
+
+struct TrainOptions {
+  TrainConfig cfg;
+  ModelSpec spec;
+  std::string routing = "top-k";
+  AttackOptions train_attack, eval_attack;
+  int64_t val_samples = defaults::val_samples;
+  bool force = false;
+};
+
+void run_train(const CommonOptions& common, TrainOptions& o) {
+  const int threads = runtime_threads(common.threads);
+  const auto device = runtime_device(common.device);
+  runtime_seed(common.seed);
+  o.cfg.seed = common.seed;
+  o.cfg.attack = o.train_attack.config();
+  o.cfg.eval_attack = o.eval_attack.config();
+  o.cfg.log_every = common.quiet ? 0 : o.cfg.log_every;
+  o.cfg.validate();
+  if (o.cfg.out_dir.empty()) throw ConfigError("train: --out DIR is required");
+  if (!o.cfg.resume && !o.force && path_exists(o.cfg.out_dir + "/" + checkpoint_manifest_file))
+    throw ConfigError("train: " + o.cfg.out_dir +
+                      " already holds a checkpoint; pass --resume to continue it or --force to replace it");
+
+  Dataset full = data_load(data_spec(common, "fashion-mnist", /*train=*/true));
+  auto [train, val] = split_holdout(full, o.val_samples, common.seed);
+  if (common.samples > 0) train = data_subset(train, common.samples, common.seed);
+
+  if (o.cfg.resume) {
+    auto manifest = checkpoint_read_manifest(o.cfg.out_dir);
+    o.spec = ModelSpec::from_json(manifest.at("architecture"));
+    const auto method = manifest.value("training", nlohmann::json::object()).value("method", "");
+    if (method != o.cfg.method)
+      throw ConfigError("train --resume: the checkpoint was trained with --method " + method +
+                        ", not " + o.cfg.method);
+  } else {
+    o.spec.routing = o.routing == "soft" ? Routing::soft : Routing::top_k;
+    if (o.routing != "soft" && o.routing != "top-k")
+      throw ConfigError::invalid("--routing", o.routing, "soft | top-k");
+    o.spec.in_channels = train.channels(), o.spec.height = train.height(), o.spec.width = train.width();
+    o.spec.num_classes = train.num_classes, o.spec.mean = train.mean, o.spec.std = train.std;
+  }
+  Moe model(o.spec);
+  model->to(device);
+  std::cerr << "train " << o.cfg.method << ": " << describe_model(o.spec) << ", "
+            << module_parameter_count(*model) << " parameters; " << train.size() << " training / "
+            << val.size() << " held-out " << train.name << " images; " << threads << " threads on "
+            << device << "; training attack " << describe_attack(o.cfg.attack) << std::endl;
+  nlohmann::json base = {
+      {"dataset", {{"name", train.name}, {"train_samples", train.size()}, {"val_samples", val.size()}}},
+      {"threads", threads}};
+  auto summary = train_run(*model, train, val, o.cfg, base, device);
+  const auto& last = summary.history.back();
+  std::cout << "trained " << summary.epochs_done << " epochs (" << fmt_fixed(summary.images_per_s, 0)
+            << " img/s); held-out SA " << fmt_fixed(last.value("heldout_sa", 0.0), 4) << ", RA "
+            << fmt_fixed(last.value("heldout_ra", 0.0), 4) << "; checkpoint " << o.cfg.out_dir << "\n";
+}
+
+void add_attack_options(CLI::App* cmd, AttackOptions& a, const std::string& prefix,
+                        const std::string& what) {
+  cmd->add_option("--" + prefix + "norm", a.norm, what + " norm: inf | 2")->capture_default_str();
+  cmd->add_option("--" + prefix + "eps", a.eps, what + " radius")->capture_default_str();
+  cmd->add_option("--" + prefix + "steps", a.steps, what + " PGD steps")->capture_default_str();
+  cmd->add_option("--" + prefix + "step-size", a.step_size,
+                  what + " step size (default 2.5*eps/steps)");
+  cmd->add_option("--" + prefix + "restarts", a.restarts, what + " random restarts")->capture_default_str();
+  cmd->add_option("--" + prefix + "loss", a.loss, what + " loss: ce | margin")->capture_default_str();
+}
+
+}  // namespace
+
+void cli_register_common(CLI::App& app, CommonOptions& c) {
+  app.fallthrough();
+  app.add_option("--device", c.device, "auto | cpu | cuda | cuda:N")->capture_default_str();
+  app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->capture_default_str();
+  app.add_option("--seed", c.seed, "global seed (data order, init, attacks)")->capture_default_str();
+  app.add_option("--dataset", c.dataset, "fashion-mnist | cifar10 | synthetic");
+  app.add_option("--data", c.data_dir, "data directory (default: the data set's standard place)");
+  app.add_option("--samples", c.samples, "use a seeded subset of N samples (0 = all)");
+  app.add_flag("--quiet,-q", c.quiet, "no progress lines on stderr");
+}
+
+void cli_register_train(CLI::App& app, const CommonOptions& common) {
+  auto o = std::make_shared<TrainOptions>();
+  o->train_attack.steps = defaults::train_steps;
+  auto* cmd = app.add_subcommand("train", "train an MoE (or dense) classifier and checkpoint it");
+  auto& c = o->cfg;
+  cmd->add_option("--method", c.method, "st | at")->capture_default_str();
+  cmd->add_option("--experts", o->spec.experts, "number of experts E (1 = dense)")->capture_default_str();
+  cmd->add_option("--expert", o->spec.expert, "expert backbone: cnn-s | resnet18")->capture_default_str();
+  cmd->add_option("--router", o->spec.router, "router: linear | cnn")->capture_default_str();
+  cmd->add_option("--routing", o->routing, "soft | top-k")->capture_default_str();
+  cmd->add_option("--top-k", o->spec.top_k, "k of top-k routing")->capture_default_str();
+  cmd->add_option("--epochs", c.epochs)->capture_default_str();
+  cmd->add_option("--batch-size", c.batch_size)->capture_default_str();
+  cmd->add_option("--optimizer", c.optimizer, "adam | sgd")->capture_default_str();
+  cmd->add_option("--lr", c.lr)->capture_default_str();
+  cmd->add_option("--momentum", c.momentum, "SGD momentum")->capture_default_str();
+  cmd->add_option("--weight-decay", c.weight_decay)->capture_default_str();
+  cmd->add_option("--schedule", c.schedule, "cosine | step | constant")->capture_default_str();
+  cmd->add_option("--milestones", c.milestones, "epochs where `step` multiplies lr by --gamma");
+  cmd->add_option("--gamma", c.gamma)->capture_default_str();
+  add_attack_options(cmd, o->train_attack, "", "training attack");
+  add_attack_options(cmd, o->eval_attack, "eval-", "held-out attack");
+  cmd->add_option("--val-samples", o->val_samples, "held-out images split off the training set")
+      ->capture_default_str();
+  cmd->add_option("--log-every", c.log_every, "progress line every N steps")->capture_default_str();
+  cmd->add_option("--out", c.out_dir, "checkpoint directory")->required();
+  cmd->add_flag("--resume", c.resume, "continue the checkpoint in --out from its last epoch");
+  cmd->add_flag("--force", o->force, "replace an existing checkpoint in --out");
+  cmd->callback([&common, o] { run_train(common, *o); });
+}
+
+void cli_register_attack(CLI::App& app, const CommonOptions& common) {
+  struct Options {
+    std::string checkpoint, json;
+    AttackOptions attack;
+    int64_t batch_size = 256;
+    bool no_components = false;
+  };
+  auto o = std::make_shared<Options>();
+  auto* cmd = app.add_subcommand("attack", "measure SA, RA, RA-E and RA-R of a checkpoint");
+  cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory")->required();
+  add_attack_options(cmd, o->attack, "", "attack");
+  cmd->add_option("--batch-size", o->batch_size)->capture_default_str();
+  cmd->add_option("--json", o->json, "also write the numbers to this JSON file");
+  cmd->add_flag("--no-components", o->no_components, "skip RA-E and RA-R");
+  cmd->callback([&common, o] {
+    runtime_threads(common.threads);
+    const auto device = runtime_device(common.device);
+    runtime_seed(common.seed);
+    const PgdConfig cfg = o->attack.config();
+    if (o->batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
+    auto loaded = model_load(o->checkpoint, device);
+    const auto ds_name = loaded.manifest.value("dataset", nlohmann::json::object()).value("name", "fashion-mnist");
+    DataSpec ds = data_spec(common, ds_name, /*train=*/false);
+    ds.samples = common.samples;
+    Dataset test = data_load(ds);
+    std::cerr << "attack " << o->checkpoint << " (" << describe_model(loaded.model->spec()) << ") with "
+              << describe_attack(cfg) << " on " << test.size() << " " << test.name << " test images"
+              << std::endl;
+    auto r = attack_evaluate(*loaded.model, test, cfg, !o->no_components, o->batch_size, device,
+                             !common.quiet);
+    std::cout << "SA    " << fmt_fixed(r.sa, 4) << "\nRA    " << fmt_fixed(r.ra, 4) << "\n";
+    if (!o->no_components)
+      std::cout << "RA-E  " << fmt_fixed(r.ra_e, 4) << "\nRA-R  " << fmt_fixed(r.ra_r, 4) << "\n";
+    std::cout << "(" << r.samples << " samples, " << describe_attack(cfg) << ", "
+              << fmt_fixed(r.seconds, 1) << " s)\n";
+    if (!o->json.empty()) {
+      nlohmann::json j = {{"sa", r.sa}, {"ra", r.ra}, {"eps", cfg.eps}, {"norm", norm_name(cfg.norm)},
+                          {"steps", cfg.steps}, {"step_size", cfg.step_size},
+                          {"restarts", cfg.restarts}, {"samples", r.samples},
+                          {"checkpoint", o->checkpoint}, {"dataset", test.name},
+                          {"seconds", r.seconds}, {"moecert_version", MOECERT_VERSION}};
+      if (!o->no_components) j["ra_e"] = r.ra_e, j["ra_r"] = r.ra_r;
+      write_file_atomic(o->json, j.dump(2) + "\n");
+    }
+  });
+}
+
+void cli_register_info(CLI::App& app, const CommonOptions& common) {
+  auto dir = std::make_shared<std::string>();
+  auto* cmd = app.add_subcommand("info", "describe a checkpoint (architecture, training, metrics)");
+  cmd->add_option("checkpoint", *dir, "checkpoint directory")->required();
+  cmd->callback([dir] {
+    auto loaded = model_load(*dir, torch::kCPU);
+    const auto& m = loaded.manifest;
+    std::cout << "checkpoint   " << *dir << "\nmodel        " << describe_model(loaded.model->spec())
+              << "\nparameters   " << module_parameter_count(*loaded.model)
+              << "\nweights      sha256 " << m.value("weights_sha256", "?")
+              << "\nversion      moecert " << m.value("moecert_version", "?") << " (format "
+              << m.value("format_version", 0) << ")\n";
+    if (m.contains("training")) std::cout << "training     " << m["training"].dump() << "\n";
+    if (m.contains("dataset")) std::cout << "dataset      " << m["dataset"].dump() << "\n";
+    if (m.contains("metrics") && m["metrics"].contains("history"))
+      for (const auto& row : m["metrics"]["history"])
+        std::cout << "epoch " << row.value("epoch", 0) << "      held-out SA "
+                  << fmt_fixed(row.value("heldout_sa", 0.0), 4) << "  RA "
+                  << fmt_fixed(row.value("heldout_ra", 0.0), 4) << "  train loss "
+                  << fmt_fixed(row.value("train_loss", 0.0), 4) << "\n";
+  });
+}
+
+}  // namespace moecert

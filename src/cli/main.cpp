@@ -1,0 +1,34 @@
+// moecert: one CLI11 app, each stage registers its subcommand, one catch.
+#include "commands.h"
+#include "moecert/error.h"
+
+#include <c10/util/Exception.h>
+
+#include <iostream>
+
+int main(int argc, char** argv) {
+  CLI::App app{"moecert: train, attack and certify robust Mixture-of-Experts classifiers"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", MOECERT_VERSION);
+  moecert::CommonOptions common;
+  moecert::cli_register_common(app, common);
+  moecert::cli_register_train(app, common);
+  moecert::cli_register_attack(app, common);
+  moecert::cli_register_info(app, common);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);  // prints help/usage
+    return rc == 0 ? 0 : static_cast<int>(moecert::ExitCode::bad_input);
+  } catch (const moecert::Error& e) {
+    std::cerr << "moecert: error: " << e.what() << std::endl;
+    return e.exit_code();
+  } catch (const c10::Error& e) {
+    std::cerr << "moecert: internal error (LibTorch): " << e.what_without_backtrace() << std::endl;
+    return static_cast<int>(moecert::ExitCode::internal);
+  } catch (const std::exception& e) {
+    std::cerr << "moecert: internal error: " << e.what() << std::endl;
+    return static_cast<int>(moecert::ExitCode::internal);
+  }
+  return 0;
+}

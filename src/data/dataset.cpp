@@ -1,0 +1,242 @@
+// Data set dispatch, the synthetic set, subsets, epoch orders and batching.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <numeric>
+
+#include "data-impl.h"
+#include "moecert/defaults.h"
+#include "moecert/error.h"
+
+namespace moecert {
+
+// --- shared helpers -----------------------------------------------------------
+
+double data_impl::rng_normal(std::mt19937_64& rng) {
+  const double u1 = 1.0 - rng_unit(rng);  // (0, 1]: log stays finite
+  const double u2 = rng_unit(rng);
+  constexpr double kTwoPi = 6.283185307179586;  // M_PI is not standard C++
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(kTwoPi * u2);
+}
+
+void data_impl::pixel_stats(const torch::Tensor& images, std::vector<double>& mean,
+                            std::vector<double>& std) {
+  mean.clear();
+  std.clear();
+  for (int64_t c = 0; c < images.size(1); ++c) {
+    auto hist = torch::bincount(images.select(1, c).reshape({-1}), {}, /*minlength=*/256)
+                    .to(torch::kFloat64);
+    auto values = torch::arange(256, torch::kFloat64) / 255.0;
+    const double count = hist.sum().item<double>();
+    const double m = count > 0 ? (hist * values).sum().item<double>() / count : 0.0;
+    const double var = count > 0 ? (hist * (values - m).pow(2)).sum().item<double>() / count : 0.0;
+    mean.push_back(m);
+    std.push_back(std::sqrt(var));
+  }
+}
+
+void data_impl::check_labels(const torch::Tensor& labels, int64_t num_classes,
+                             const std::string& path) {
+  if (labels.numel() == 0) return;
+  auto bad = ((labels < 0) | (labels >= num_classes)).nonzero();
+  if (bad.size(0) == 0) return;
+  const int64_t index = bad[0][0].item<int64_t>();
+  throw DataError::mismatch(path, "label " + std::to_string(labels[index].item<int64_t>()) +
+                                      " at index " + std::to_string(index) + " is outside [0, " +
+                                      std::to_string(num_classes) + ")");
+}
+
+// --- batching -------------------------------------------------------------------
+
+torch::Tensor Dataset::batch_images(const torch::Tensor& index) const {
+  return images.index_select(0, index.to(images.device())).to(torch::kFloat32).div_(255.0);
+}
+
+torch::Tensor Dataset::batch_labels(const torch::Tensor& index) const {
+  return labels.index_select(0, index.to(labels.device()));
+}
+
+// --- synthetic ------------------------------------------------------------------
+
+namespace {
+
+// Knobs of the synthetic set, chosen so that a small model learns it fast but
+// not perfectly: the blended second template, shifts and pixel noise keep some
+// samples ambiguous. Measured on 2000/2000 samples, 5 epochs of Adam: a 2-conv
+// CNN and a linear model both reach ~98% test accuracy (~96% after one epoch).
+constexpr int64_t kGrid = 5;          // coarse grid of a template: smooth, not trivial
+constexpr int64_t kMaxShift = 2;      // per-sample translation in pixels
+constexpr double kNoise = 0.20;       // pixel noise std (pixels in [0, 1])
+constexpr double kMaxMix = 0.45;      // weight of a second class's template
+constexpr double kMinContrast = 0.7;  // per-sample contrast in [min, max]
+constexpr double kMaxContrast = 1.3;
+// Fixed normalisation instead of per-split statistics: the train and test splits
+// then normalise identically. Close to the measured values (mean 0.48, std 0.25).
+constexpr double kMean = 0.5;
+constexpr double kStd = 0.25;
+// Stream ids mixed into the seed: templates depend on the seed alone, samples
+// on (seed, split), so the two splits are distinct draws of one distribution.
+constexpr uint64_t kTemplateStream = 0;
+constexpr uint64_t kTrainStream = 1;
+constexpr uint64_t kTestStream = 2;
+constexpr uint64_t kSubsetStream = 3;  // data_subset: independent of the synthetic samples
+constexpr uint64_t kEpochStream = 4;   // data_epoch_order, mixed with the epoch afterwards
+
+/// Per-class smooth templates in [0, 1]: a kGrid x kGrid random grid, bilinearly
+/// upsampled. -> [classes][C * H * W]
+std::vector<std::vector<double>> synthetic_templates(int64_t classes, int64_t c, int64_t h,
+                                                     int64_t w, uint64_t seed) {
+  std::mt19937_64 rng(data_impl::seed_mix(seed, kTemplateStream));
+  std::vector<std::vector<double>> templates(classes, std::vector<double>(c * h * w));
+  auto coord = [](int64_t i, int64_t n) { return n > 1 ? double(i) * (kGrid - 1) / (n - 1) : 0.0; };
+  for (auto& t : templates) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double grid[kGrid][kGrid];
+      for (auto& row : grid)
+        for (double& g : row) g = data_impl::rng_unit(rng);
+      for (int64_t y = 0; y < h; ++y) {
+        const double gy = coord(y, h);
+        const int64_t y0 = std::min<int64_t>(int64_t(gy), kGrid - 2), y1 = y0 + 1;
+        for (int64_t x = 0; x < w; ++x) {
+          const double gx = coord(x, w);
+          const int64_t x0 = std::min<int64_t>(int64_t(gx), kGrid - 2), x1 = x0 + 1;
+          const double fy = gy - y0, fx = gx - x0;
+          t[(ch * h + y) * w + x] = (1 - fy) * ((1 - fx) * grid[y0][x0] + fx * grid[y0][x1]) +
+                                    fy * ((1 - fx) * grid[y1][x0] + fx * grid[y1][x1]);
+        }
+      }
+    }
+  }
+  return templates;
+}
+
+/// Balanced labels (i % classes) in a seeded random order.
+std::vector<int64_t> synthetic_labels(int64_t n, int64_t classes, std::mt19937_64& rng) {
+  std::vector<int64_t> labels(n);
+  for (int64_t i = 0; i < n; ++i) labels[i] = i % classes;
+  for (int64_t i = n - 1; i > 0; --i)
+    std::swap(labels[i], labels[data_impl::rng_below(rng, i + 1)]);
+  return labels;
+}
+
+Dataset synthetic_generate(int64_t n, int64_t c, int64_t h, int64_t w, int64_t classes,
+                           uint64_t seed, uint64_t stream) {
+  TORCH_CHECK(n >= 0 && c > 0 && h > 0 && w > 0 && classes > 0, "synthetic: bad sizes");
+  const auto templates = synthetic_templates(classes, c, h, w, seed);
+  std::mt19937_64 rng(data_impl::seed_mix(seed, stream));
+  const std::vector<int64_t> labels = synthetic_labels(n, classes, rng);
+  auto images = torch::empty({n, c, h, w}, torch::kUInt8);
+  uint8_t* out = images.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    // A second, different class blended in (its own class when classes == 1).
+    const int64_t offset = 1 + data_impl::rng_below(rng, std::max<int64_t>(classes - 1, 1));
+    const auto& own = templates[labels[i]];
+    const auto& other = templates[(labels[i] + offset) % classes];
+    const double mix = kMaxMix * data_impl::rng_unit(rng);
+    const double contrast = kMinContrast + (kMaxContrast - kMinContrast) * data_impl::rng_unit(rng);
+    const int64_t dy = int64_t(data_impl::rng_below(rng, 2 * kMaxShift + 1)) - kMaxShift;
+    const int64_t dx = int64_t(data_impl::rng_below(rng, 2 * kMaxShift + 1)) - kMaxShift;
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t y = 0; y < h; ++y)
+        for (int64_t x = 0; x < w; ++x) {
+          const int64_t sy = std::clamp<int64_t>(y - dy, 0, h - 1);
+          const int64_t sx = std::clamp<int64_t>(x - dx, 0, w - 1);
+          const int64_t k = (ch * h + sy) * w + sx;
+          const double t = (1 - mix) * own[k] + mix * other[k];
+          const double v = 0.5 + contrast * (t - 0.5) + kNoise * data_impl::rng_normal(rng);
+          *out++ = static_cast<uint8_t>(std::lround(std::clamp(v, 0.0, 1.0) * 255.0));
+        }
+  }
+  Dataset data;
+  data.name = "synthetic";
+  data.images = images;
+  data.labels = torch::tensor(labels, torch::kInt64);
+  data.num_classes = classes;
+  data.mean.assign(c, kMean);
+  data.std.assign(c, kStd);
+  return data;
+}
+
+/// `dir/name.gz` if present, else the uncompressed `dir/name`, else the .gz path
+/// (so that the error names the file the Debian package would provide).
+std::string idx_path(const std::string& dir, const std::string& name) {
+  const std::string gz = dir + "/" + name + ".gz", plain = dir + "/" + name;
+  std::error_code ec;
+  if (!std::filesystem::exists(gz, ec) && std::filesystem::exists(plain, ec)) return plain;
+  return gz;
+}
+
+Dataset fashion_mnist_load(const std::string& dir_or_empty, bool train) {
+  const std::string dir = dir_or_empty.empty() ? defaults::fashion_mnist_dir : dir_or_empty;
+  const std::string split = train ? "train" : "t10k";
+  Dataset data = data_load_idx(idx_path(dir, split + "-images-idx3-ubyte"),
+                               idx_path(dir, split + "-labels-idx1-ubyte"), /*num_classes=*/10);
+  data.name = "fashion-mnist";
+  // Training-set statistics for both splits: test images are normalised like training ones.
+  data.mean = {defaults::fashion_mnist_mean};
+  data.std = {defaults::fashion_mnist_std};
+  return data;
+}
+
+}  // namespace
+
+Dataset data_synthetic(int64_t n, int64_t channels, int64_t height, int64_t width,
+                       int64_t num_classes, uint64_t seed) {
+  return synthetic_generate(n, channels, height, width, num_classes, seed, kTrainStream);
+}
+
+// --- loading, subsets, epochs -----------------------------------------------------
+
+Dataset data_load(const DataSpec& spec) {
+  Dataset data;
+  if (spec.name == "fashion-mnist") {
+    data = fashion_mnist_load(spec.dir, spec.train);
+  } else if (spec.name == "cifar10") {
+    if (spec.dir.empty())
+      throw ConfigError::invalid("--data", "",
+                                 "the directory holding the CIFAR-10 .bin batches");
+    data = data_load_cifar10(spec.dir, spec.train);
+  } else if (spec.name == "synthetic") {
+    const int64_t n = spec.samples > 0 ? spec.samples : 2000;
+    data = synthetic_generate(n, 1, 28, 28, 10, spec.seed, spec.train ? kTrainStream : kTestStream);
+  } else {
+    throw ConfigError::invalid("--dataset", spec.name, "fashion-mnist | cifar10 | synthetic");
+  }
+  if (spec.samples > 0) data = data_subset(data, spec.samples, spec.seed);
+  return data;
+}
+
+Dataset data_subset(const Dataset& data, int64_t n, uint64_t seed) {
+  const int64_t size = data.size();
+  if (n >= size) return data;
+  TORCH_CHECK(n >= 0, "data_subset: negative size ", n);
+  // Partial Fisher-Yates: the first n slots become a uniform sample without
+  // replacement. Sorting keeps the rows in file order (training shuffles per
+  // epoch anyway), so a subset is easy to compare with its source.
+  std::mt19937_64 rng(data_impl::seed_mix(seed, kSubsetStream));
+  std::vector<int64_t> index(size);
+  std::iota(index.begin(), index.end(), int64_t{0});
+  for (int64_t i = 0; i < n; ++i)
+    std::swap(index[i], index[i + data_impl::rng_below(rng, size - i)]);
+  index.resize(n);
+  std::sort(index.begin(), index.end());
+  auto rows = torch::tensor(index, torch::kInt64);
+  Dataset subset = data;
+  subset.images = data.images.index_select(0, rows.to(data.images.device()));
+  subset.labels = data.labels.index_select(0, rows.to(data.labels.device()));
+  return subset;
+}
+
+torch::Tensor data_epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
+  TORCH_CHECK(n >= 0, "data_epoch_order: negative size ", n);
+  std::mt19937_64 rng(
+      data_impl::seed_mix(data_impl::seed_mix(seed, kEpochStream), static_cast<uint64_t>(epoch)));
+  auto order = torch::arange(n, torch::kInt64);
+  int64_t* p = order.data_ptr<int64_t>();
+  for (int64_t i = n - 1; i > 0; --i) std::swap(p[i], p[data_impl::rng_below(rng, i + 1)]);
+  return order;
+}
+
+}  // namespace moecert

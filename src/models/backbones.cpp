@@ -1,0 +1,154 @@
+// Expert backbones and routers. Child names are checkpoint keys: treat them as API.
+// `resnet18` uses the names of the common PyTorch CIFAR code (conv1, bn1,
+// layer1.0.conv1, ..., layer2.0.shortcut.0, linear) so state dicts map 1:1.
+#include "moecert/error.h"
+#include "moecert/models.h"
+
+#include <torch/torch.h>
+
+namespace moecert {
+namespace {
+
+namespace nn = torch::nn;
+
+/// Spatial size after a 3x3, stride-2, pad-1 convolution.
+int64_t conv_s2_size(int64_t n) { return (n - 1) / 2 + 1; }
+
+nn::Conv2d conv3x3(int64_t in, int64_t out, int64_t stride, bool bias) {
+  return nn::Conv2d(nn::Conv2dOptions(in, out, 3).stride(stride).padding(1).bias(bias));
+}
+
+/// The small CPU-friendly expert of SPEC §1:
+/// conv 3x3 C->16 s2 p1, ReLU, conv 3x3 16->32 s2 p1, ReLU, flatten, fc ->128, ReLU, fc.
+class CnnSImpl : public BackboneImpl {
+ public:
+  CnnSImpl(int64_t c, int64_t h, int64_t w, int64_t outputs)
+      : conv1(register_module("conv1", conv3x3(c, 16, 2, true))),
+        conv2(register_module("conv2", conv3x3(16, 32, 2, true))),
+        fc1(register_module(
+            "fc1", nn::Linear(32 * conv_s2_size(conv_s2_size(h)) * conv_s2_size(conv_s2_size(w)),
+                              128))),
+        fc2(register_module("fc2", nn::Linear(128, outputs))) {}
+
+  torch::Tensor forward(torch::Tensor x) override {
+    x = torch::relu(conv1(x));
+    x = torch::relu(conv2(x));
+    x = torch::relu(fc1(x.flatten(/*start_dim=*/1)));
+    return fc2(x);
+  }
+
+  nn::Conv2d conv1, conv2;
+  nn::Linear fc1, fc2;
+};
+
+/// Router `cnn`: a smaller conv net, conv 3x3 C->8 s2, ReLU, conv 3x3 8->16 s2, ReLU, fc -> E.
+class CnnRouterImpl : public BackboneImpl {
+ public:
+  CnnRouterImpl(int64_t c, int64_t h, int64_t w, int64_t outputs)
+      : conv1(register_module("conv1", conv3x3(c, 8, 2, true))),
+        conv2(register_module("conv2", conv3x3(8, 16, 2, true))),
+        fc(register_module(
+            "fc", nn::Linear(16 * conv_s2_size(conv_s2_size(h)) * conv_s2_size(conv_s2_size(w)),
+                             outputs))) {}
+
+  torch::Tensor forward(torch::Tensor x) override {
+    x = torch::relu(conv1(x));
+    x = torch::relu(conv2(x));
+    return fc(x.flatten(/*start_dim=*/1));
+  }
+
+  nn::Conv2d conv1, conv2;
+  nn::Linear fc;
+};
+
+/// Router `linear`: one linear layer on the flattened input (paper 1).
+class LinearRouterImpl : public BackboneImpl {
+ public:
+  LinearRouterImpl(int64_t c, int64_t h, int64_t w, int64_t outputs)
+      : fc(register_module("fc", nn::Linear(c * h * w, outputs))) {}
+
+  torch::Tensor forward(torch::Tensor x) override { return fc(x.flatten(/*start_dim=*/1)); }
+
+  nn::Linear fc;
+};
+
+/// ResNet basic block: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
+class BasicBlockImpl : public nn::Module {
+ public:
+  BasicBlockImpl(int64_t in, int64_t out, int64_t stride)
+      : conv1(register_module("conv1", conv3x3(in, out, stride, false))),
+        bn1(register_module("bn1", nn::BatchNorm2d(out))),
+        conv2(register_module("conv2", conv3x3(out, out, 1, false))),
+        bn2(register_module("bn2", nn::BatchNorm2d(out))),
+        shortcut(register_module("shortcut", nn::Sequential())) {
+    if (stride != 1 || in != out) {
+      shortcut->push_back(
+          nn::Conv2d(nn::Conv2dOptions(in, out, 1).stride(stride).bias(false)));
+      shortcut->push_back(nn::BatchNorm2d(out));
+    }
+  }
+
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto out = torch::relu(bn1(conv1(x)));
+    out = bn2(conv2(out));
+    out = out + (shortcut->is_empty() ? x : shortcut->forward(x));
+    return torch::relu(out);
+  }
+
+  nn::Conv2d conv1;
+  nn::BatchNorm2d bn1;
+  nn::Conv2d conv2;
+  nn::BatchNorm2d bn2;
+  nn::Sequential shortcut;
+};
+TORCH_MODULE(BasicBlock);
+
+/// CIFAR ResNet-18 (3x3 stem, no max-pool, [2,2,2,2] basic blocks, global average pool).
+class ResNet18Impl : public BackboneImpl {
+ public:
+  ResNet18Impl(int64_t c, int64_t outputs)
+      : conv1(register_module("conv1", conv3x3(c, 64, 1, false))),
+        bn1(register_module("bn1", nn::BatchNorm2d(64))),
+        layer1(register_module("layer1", make_layer(64, 64, 1))),
+        layer2(register_module("layer2", make_layer(64, 128, 2))),
+        layer3(register_module("layer3", make_layer(128, 256, 2))),
+        layer4(register_module("layer4", make_layer(256, 512, 2))),
+        linear(register_module("linear", nn::Linear(512, outputs))) {}
+
+  torch::Tensor forward(torch::Tensor x) override {
+    x = torch::relu(bn1(conv1(x)));
+    x = layer4->forward(layer3->forward(layer2->forward(layer1->forward(x))));
+    x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(/*start_dim=*/1);
+    return linear(x);
+  }
+
+  nn::Conv2d conv1;
+  nn::BatchNorm2d bn1;
+  nn::Sequential layer1, layer2, layer3, layer4;
+  nn::Linear linear;
+
+ private:
+  static nn::Sequential make_layer(int64_t in, int64_t out, int64_t stride) {
+    return nn::Sequential(BasicBlock(in, out, stride), BasicBlock(out, out, 1));
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<BackboneImpl> backbone_make(const std::string& kind, int64_t in_channels,
+                                            int64_t height, int64_t width, int64_t outputs) {
+  if (kind == "cnn-s") return std::make_shared<CnnSImpl>(in_channels, height, width, outputs);
+  if (kind == "resnet18") return std::make_shared<ResNet18Impl>(in_channels, outputs);
+  if (kind == "linear")
+    return std::make_shared<LinearRouterImpl>(in_channels, height, width, outputs);
+  if (kind == "cnn") return std::make_shared<CnnRouterImpl>(in_channels, height, width, outputs);
+  throw ConfigError::invalid("backbone", kind, "cnn-s | resnet18 (experts), linear | cnn (routers)");
+}
+
+int64_t module_parameter_count(const torch::nn::Module& module) {
+  int64_t n = 0;
+  for (const auto& p : module.parameters()) n += p.numel();
+  return n;
+}
+
+}  // namespace moecert

@@ -1,0 +1,208 @@
+// Batched MoE dispatch (SPEC §1). The batch is grouped by expert; each selected
+// expert runs once on its group; the results are scattered back by the inverse
+// permutation. No per-sample loop, and an unselected expert is never computed.
+#include "moecert/error.h"
+#include "moecert/models.h"
+
+#include <torch/torch.h>
+
+namespace moecert {
+
+namespace {
+const char* routing_name(Routing r) { return r == Routing::soft ? "soft" : "top-k"; }
+}  // namespace
+
+nlohmann::json ModelSpec::to_json() const {
+  return {{"in_channels", in_channels}, {"height", height},     {"width", width},
+          {"num_classes", num_classes}, {"experts", experts},   {"expert", expert},
+          {"router", router},           {"routing", routing_name(routing)},
+          {"top_k", top_k},             {"mean", mean},         {"std", std}};
+}
+
+ModelSpec ModelSpec::from_json(const nlohmann::json& j) {
+  ModelSpec s;
+  auto field = [&](const char* name, auto& out) {
+    if (!j.contains(name)) throw ConfigError("architecture: missing field '" + std::string(name) + "'");
+    try {
+      j.at(name).get_to(out);
+    } catch (const nlohmann::json::exception& e) {
+      throw ConfigError("architecture: field '" + std::string(name) + "' has the wrong type (" +
+                        e.what() + ")");
+    }
+  };
+  std::string routing;
+  field("in_channels", s.in_channels);
+  field("height", s.height);
+  field("width", s.width);
+  field("num_classes", s.num_classes);
+  field("experts", s.experts);
+  field("expert", s.expert);
+  field("router", s.router);
+  field("routing", routing);
+  field("top_k", s.top_k);
+  field("mean", s.mean);
+  field("std", s.std);
+  if (routing == "soft") s.routing = Routing::soft;
+  else if (routing == "top-k") s.routing = Routing::top_k;
+  else throw ConfigError::invalid("architecture.routing", routing, "soft | top-k");
+  s.validate();
+  return s;
+}
+
+void ModelSpec::validate() const {
+  auto positive = [](const char* name, int64_t v) {
+    if (v <= 0) throw ConfigError::invalid(name, std::to_string(v), "a positive integer");
+  };
+  positive("in_channels", in_channels);
+  positive("height", height);
+  positive("width", width);
+  positive("experts", experts);
+  if (num_classes < 2) throw ConfigError::invalid("num_classes", std::to_string(num_classes), ">= 2");
+  if (expert != "cnn-s" && expert != "resnet18")
+    throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18");
+  if (router != "linear" && router != "cnn")
+    throw ConfigError::invalid("--router", router, "linear | cnn");
+  if (routing == Routing::top_k && (top_k < 1 || top_k > experts))
+    throw ConfigError::invalid("--top-k", std::to_string(top_k),
+                               "1 <= k <= experts (" + std::to_string(experts) + ")");
+  if (static_cast<int64_t>(mean.size()) != in_channels ||
+      static_cast<int64_t>(std.size()) != in_channels)
+    throw ConfigError("architecture: mean/std need one value per input channel (" +
+                      std::to_string(in_channels) + ")");
+  for (double s : std)
+    if (!(s > 0)) throw ConfigError::invalid("std", std::to_string(s), "a positive number");
+}
+
+MoeImpl::MoeImpl(ModelSpec spec) : spec_(std::move(spec)) {
+  spec_.validate();
+  auto channel_buffer = [&](const std::vector<double>& v) {
+    return torch::tensor(v, torch::kFloat32).view({1, spec_.in_channels, 1, 1});
+  };
+  mean_ = register_buffer("mean", channel_buffer(spec_.mean));
+  std_ = register_buffer("std", channel_buffer(spec_.std));
+  if (spec_.experts > 1)
+    router_ = register_module("router", backbone_make(spec_.router, spec_.in_channels, spec_.height,
+                                                      spec_.width, spec_.experts));
+  experts_list_ = register_module("experts", torch::nn::ModuleList());
+  for (int64_t i = 0; i < spec_.experts; ++i) {
+    experts_.push_back(backbone_make(spec_.expert, spec_.in_channels, spec_.height, spec_.width,
+                                     spec_.num_classes));
+    experts_list_->push_back(experts_.back());
+  }
+}
+
+void MoeImpl::check_input(const torch::Tensor& x, const char* what) const {
+  if (x.dim() != 4 || x.size(1) != spec_.in_channels || x.size(2) != spec_.height ||
+      x.size(3) != spec_.width)
+    throw ShapeError::unexpected(
+        std::string("model input (") + what + ")",
+        "[B, " + std::to_string(spec_.in_channels) + ", " + std::to_string(spec_.height) + ", " +
+            std::to_string(spec_.width) + "]",
+        x.sizes().vec());
+}
+
+torch::Tensor MoeImpl::normalise(const torch::Tensor& x) const { return (x - mean_) / std_; }
+
+torch::Tensor MoeImpl::router_logits(const torch::Tensor& x) {
+  check_input(x, "router");
+  if (!router_) throw ConfigError("model has a single expert: there is no router");
+  return router_->forward(normalise(x));
+}
+
+torch::Tensor MoeImpl::expert_logits(int64_t i, const torch::Tensor& x) {
+  check_input(x, "expert");
+  return experts_.at(static_cast<size_t>(i))->forward(normalise(x));
+}
+
+MoeRouting MoeImpl::route(const torch::Tensor& x) {
+  const int64_t B = x.size(0), E = spec_.experts;
+  MoeRouting r;
+  if (E == 1) {
+    r.selected = torch::zeros({B, 1}, torch::TensorOptions().dtype(torch::kLong).device(x.device()));
+    r.log_w = torch::zeros({B, 1}, x.options());
+    return r;
+  }
+  r.logits = router_logits(x);
+  if (spec_.routing == Routing::soft) {
+    r.selected = torch::arange(E, torch::TensorOptions().dtype(torch::kLong).device(x.device()))
+                     .expand({B, E});
+    r.log_w = torch::log_softmax(r.logits, /*dim=*/1);
+  } else if (spec_.top_k == 1) {
+    r.selected = std::get<1>(r.logits.max(/*dim=*/1, /*keepdim=*/true));
+    // Straight-through: the weight is exactly 1 in the forward pass, but its
+    // gradient is that of a_sel = softmax(g)_sel (d log w = d w at w = 1).
+    auto a_sel = torch::softmax(r.logits, /*dim=*/1).gather(1, r.selected);
+    r.log_w = a_sel - a_sel.detach();
+  } else {
+    r.selected = std::get<1>(r.logits.topk(spec_.top_k, /*dim=*/1));
+    r.log_w = torch::log_softmax(r.logits.gather(1, r.selected), /*dim=*/1);
+  }
+  return r;
+}
+
+torch::Tensor MoeImpl::dispatch(const torch::Tensor& xn, const torch::Tensor& selected) {
+  const int64_t B = xn.size(0), k = selected.size(1), E = spec_.experts;
+  if (k == E && (E == 1 || spec_.routing == Routing::soft)) {
+    // Every expert sees every sample, in index order: no grouping needed.
+    std::vector<torch::Tensor> outs;
+    for (auto& e : experts_) outs.push_back(torch::log_softmax(e->forward(xn), /*dim=*/1));
+    return torch::stack(outs, /*dim=*/1);
+  }
+  auto flat = selected.reshape({-1});                                   // [B*k]
+  auto order = std::get<1>(flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  auto counts = torch::bincount(flat, /*weights=*/{}, /*minlength=*/E).cpu();
+  auto samples = torch::div(order, k, /*rounding_mode=*/"floor");       // row of each entry
+  std::vector<torch::Tensor> parts;
+  int64_t offset = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = counts[e].item<int64_t>();
+    if (n == 0) continue;
+    auto group = xn.index_select(0, samples.narrow(0, offset, n));
+    parts.push_back(torch::log_softmax(experts_[static_cast<size_t>(e)]->forward(group), 1));
+    offset += n;
+  }
+  auto sorted = torch::cat(parts, /*dim=*/0);                           // [B*k, classes]
+  auto inverse = torch::empty_like(order);
+  inverse.scatter_(0, order, torch::arange(B * k, order.options()));
+  return sorted.index_select(0, inverse).view({B, k, -1});
+}
+
+MoeOutput MoeImpl::forward_parts(const torch::Tensor& x_router, const torch::Tensor& x_experts,
+                                 const MoeRouting* fixed) {
+  check_input(x_experts, "experts");
+  MoeOutput out;
+  out.routing = fixed ? *fixed : route(x_router);
+  if (out.routing.selected.size(0) != x_experts.size(0))
+    throw ShapeError::unexpected("routing", "one row per sample", out.routing.selected.sizes().vec());
+  auto lsm = dispatch(normalise(x_experts), out.routing.selected);     // [B, k, C]
+  if (lsm.size(1) == 1) {
+    out.log_probs = lsm.select(1, 0) + out.routing.log_w;              // log w + log f
+  } else {
+    // log F = logsumexp_i(log a_i + log_softmax(h_i)): stable for tiny weights.
+    out.log_probs = torch::logsumexp(lsm + out.routing.log_w.unsqueeze(-1), /*dim=*/1);
+  }
+  return out;
+}
+
+torch::Tensor moe_reference_probs(MoeImpl& model, const torch::Tensor& x) {
+  const auto& spec = model.spec();
+  std::vector<torch::Tensor> rows;
+  for (int64_t b = 0; b < x.size(0); ++b) {
+    auto xb = x.narrow(0, b, 1);
+    if (spec.experts == 1) {
+      rows.push_back(torch::softmax(model.expert_logits(0, xb), 1));
+      continue;
+    }
+    auto g = model.router_logits(xb)[0];
+    torch::Tensor sel = spec.routing == Routing::soft ? torch::arange(spec.experts)
+                                                      : std::get<1>(g.topk(spec.top_k));
+    auto a = torch::softmax(g.index_select(0, sel), 0);
+    auto F = torch::zeros({1, spec.num_classes});
+    for (int64_t j = 0; j < sel.size(0); ++j)
+      F = F + a[j] * torch::softmax(model.expert_logits(sel[j].item<int64_t>(), xb), 1);
+    rows.push_back(F);
+  }
+  return torch::cat(rows, 0);
+}
+
+}  // namespace moecert

@@ -1,0 +1,136 @@
+// End-to-end: the moecert binary, its exit codes and its files.
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include "test_util.h"
+
+using moecert_test::read_text;
+using moecert_test::run_moecert;
+using moecert_test::run_shell;
+using moecert_test::TempDir;
+
+namespace {
+
+const char* kFashion = "/usr/share/datasets/fashion-mnist";
+
+/// A small checkpoint trained on the synthetic set, shared by the tests below.
+const std::string& trained_checkpoint() {
+  static TempDir dir;
+  static std::string ckpt = [] {
+    auto r = run_moecert("--dataset synthetic --samples 800 --quiet train --experts 2 --epochs 1 "
+                         "--val-samples 100 --steps 2 --eval-steps 2 --out " + (dir / "ckpt"));
+    INFO(r.output);
+    REQUIRE(r.code == 0);
+    return dir / "ckpt";
+  }();
+  return ckpt;
+}
+
+}  // namespace
+
+TEST_CASE("train, info and attack --json work end to end", "[e2e][cli]") {
+  const auto& ckpt = trained_checkpoint();
+  auto info = run_moecert("info " + ckpt);
+  INFO(info.output);
+  CHECK(info.code == 0);
+  CHECK(info.output.find("MoE E=2 cnn-s experts") != std::string::npos);
+  CHECK(info.output.find("sha256") != std::string::npos);
+
+  TempDir tmp;
+  auto r = run_moecert("--dataset synthetic --samples 200 --quiet attack " + ckpt +
+                       " --eps 0.1 --steps 5 --json " + (tmp / "a.json"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("RA-E") != std::string::npos);
+  auto j = nlohmann::json::parse(read_text(tmp / "a.json"));
+  for (const char* key : {"sa", "ra", "ra_e", "ra_r"}) {
+    REQUIRE(j.contains(key));
+    CHECK(j[key].get<double>() >= 0.0);
+    CHECK(j[key].get<double>() <= 1.0);
+  }
+  CHECK(j["eps"] == 0.1);
+  CHECK(j["norm"] == "inf");
+  CHECK(j["steps"] == 5);
+  CHECK(j["samples"] == 200);
+  CHECK(j["ra"].get<double>() <= j["sa"].get<double>());
+}
+
+TEST_CASE("a corrupt checkpoint is exit code 2 naming the problem", "[e2e][cli]") {
+  TempDir tmp;
+  REQUIRE(run_shell("cp -r " + trained_checkpoint() + " " + (tmp / "c")).code == 0);
+  REQUIRE(run_shell("truncate -s 1000 " + (tmp / "c/weights.pt")).code == 0);
+  auto r = run_moecert("attack " + (tmp / "c"));
+  CHECK(r.code == 2);
+  CHECK(r.output.find("SHA-256") != std::string::npos);
+  auto missing = run_moecert("info " + (tmp / "nowhere"));
+  CHECK(missing.code == 2);
+  CHECK(missing.output.find("nowhere") != std::string::npos);
+}
+
+TEST_CASE("a truncated IDX file is exit code 2 naming the file", "[e2e][cli]") {
+  TempDir tmp;
+  const std::string d = tmp.path();
+  REQUIRE(run_shell("zcat " + std::string(kFashion) + "/t10k-images-idx3-ubyte.gz | head -c 100000 | gzip > " +
+                    d + "/t10k-images-idx3-ubyte.gz && cp " + kFashion + "/t10k-labels-idx1-ubyte.gz " + d)
+              .code == 0);
+  auto r = run_moecert("--dataset fashion-mnist --data " + d + " attack " + trained_checkpoint());
+  CHECK(r.code == 2);
+  CHECK(r.output.find("t10k-images-idx3-ubyte.gz") != std::string::npos);
+  CHECK(r.output.find("truncated") != std::string::npos);
+}
+
+TEST_CASE("a wrong-shape input is exit code 2 naming the shapes", "[e2e][cli]") {
+  TempDir tmp;
+  // Two CIFAR-10 records (label 0, black 3x32x32 image) against a 1x28x28 model.
+  REQUIRE(run_shell("head -c 6146 /dev/zero > " + (tmp / "test_batch.bin")).code == 0);
+  auto r = run_moecert("--dataset cifar10 --data " + tmp.path() + " attack " + trained_checkpoint());
+  CHECK(r.code == 2);
+  CHECK(r.output.find("expected shape [B, 1, 28, 28]") != std::string::npos);
+}
+
+TEST_CASE("bad options are exit code 2", "[e2e][cli]") {
+  CHECK(run_moecert("train --out /tmp/x --method bogus").code == 2);
+  CHECK(run_moecert("attack " + trained_checkpoint() + " --norm 3").code == 2);
+  CHECK(run_moecert("frobnicate").code == 2);
+  CHECK(run_moecert("--help").code == 0);
+  auto exists = run_moecert("--dataset synthetic train --out " + trained_checkpoint());
+  CHECK(exists.code == 2);
+  CHECK(exists.output.find("--resume") != std::string::npos);
+}
+
+TEST_CASE("a killed training run resumes from its last epoch", "[e2e][cli]") {
+  TempDir tmp;
+  const std::string args = "--dataset synthetic --samples 1500 --quiet train --experts 2 --epochs 8 "
+                           "--val-samples 100 --steps 3 --eval-steps 1 --out " + (tmp / "run");
+  // Start, wait for the first checkpoint, then SIGKILL the process mid-run.
+  auto killed = run_shell("(" + std::string(MOECERT_BINARY) + " " + args + " & pid=$!; " +
+                          "while [ ! -f " + (tmp / "run/model.json") + " ]; do sleep 0.05; done; " +
+                          "sleep 0.3; kill -9 $pid; wait $pid; echo exit=$?)");
+  INFO(killed.output);
+  REQUIRE(killed.output.find("exit=137") != std::string::npos);
+  auto manifest = nlohmann::json::parse(read_text(tmp / "run/model.json"));
+  const int saved = manifest["metrics"]["epochs_done"];
+  REQUIRE(saved >= 1);
+  REQUIRE(saved < 8);
+  auto resumed = run_moecert(args + " --resume");
+  INFO(resumed.output);
+  CHECK(resumed.code == 0);
+  CHECK(resumed.output.find("after epoch " + std::to_string(saved)) != std::string::npos);
+  auto done = nlohmann::json::parse(read_text(tmp / "run/model.json"));
+  CHECK(done["metrics"]["epochs_done"] == 8);
+  CHECK(done["metrics"]["history"].size() == 8);
+}
+
+TEST_CASE("weights.pt opens in PyTorch with the registered names", "[e2e][cli]") {
+  if (run_shell("/usr/bin/python3 -c 'import torch'").code != 0) {
+    WARN("python3-torch is not installed; skipping the torch.jit.load check");
+    return;
+  }
+  auto r = run_shell("/usr/bin/python3 -c \"import torch; m = torch.jit.load('" + trained_checkpoint() +
+                     "/weights.pt'); names = dict(m.named_parameters()); "
+                     "print(sorted(names)); assert 'router.fc.weight' in names; "
+                     "assert names['experts.1.fc2.weight'].shape == (10, 128); print('ok')\"");
+  INFO(r.output);
+  CHECK(r.code == 0);
+  CHECK(r.output.find("ok") != std::string::npos);
+}

@@ -1,0 +1,200 @@
+// The epoch loop: schedule, progress on stderr, held-out evaluation, atomic
+// checkpoints, and exact resume (optimizer, epoch, RNG and history restored; the
+// data order depends only on (seed, epoch), so a resumed run sees the same batches).
+#include "moecert/checkpoint.h"
+#include "moecert/error.h"
+#include "moecert/runtime.h"
+#include "moecert/training.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <iostream>
+#include <sstream>
+
+namespace moecert {
+
+nlohmann::json TrainConfig::to_json() const {
+  auto attack_json = [](const PgdConfig& a) {
+    return nlohmann::json{{"norm", norm_name(a.norm)}, {"eps", a.eps},   {"step_size", a.step_size},
+                          {"steps", a.steps},          {"restarts", a.restarts}};
+  };
+  return {{"method", method},     {"epochs", epochs},         {"batch_size", batch_size},
+          {"optimizer", optimizer}, {"lr", lr},               {"momentum", momentum},
+          {"weight_decay", weight_decay}, {"schedule", schedule}, {"milestones", milestones},
+          {"gamma", gamma},       {"seed", seed},             {"attack", attack_json(attack)},
+          {"eval_attack", attack_json(eval_attack)}};
+}
+
+void TrainConfig::validate() const {
+  train_method_make(method);
+  if (epochs < 1) throw ConfigError::invalid("--epochs", std::to_string(epochs), ">= 1");
+  if (batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(batch_size), ">= 1");
+  if (optimizer != "adam" && optimizer != "sgd")
+    throw ConfigError::invalid("--optimizer", optimizer, "adam | sgd");
+  if (schedule != "cosine" && schedule != "step" && schedule != "constant")
+    throw ConfigError::invalid("--schedule", schedule, "cosine | step | constant");
+  if (!(lr > 0)) throw ConfigError::invalid("--lr", std::to_string(lr), "> 0");
+  if (weight_decay < 0) throw ConfigError::invalid("--weight-decay", std::to_string(weight_decay), ">= 0");
+  if (resume && out_dir.empty()) throw ConfigError("--resume needs --out (the checkpoint to continue)");
+}
+
+namespace {
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(MoeImpl& model, const TrainConfig& c) {
+  if (c.optimizer == "sgd")
+    return std::make_unique<torch::optim::SGD>(
+        model.parameters(),
+        torch::optim::SGDOptions(c.lr).momentum(c.momentum).weight_decay(c.weight_decay));
+  return std::make_unique<torch::optim::Adam>(
+      model.parameters(), torch::optim::AdamOptions(c.lr).weight_decay(c.weight_decay));
+}
+
+/// Learning rate at global step `t` of `total` (cosine) or at `epoch` (step).
+double scheduled_lr(const TrainConfig& c, int epoch, int64_t t, int64_t total) {
+  if (c.schedule == "cosine")
+    return c.lr * 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(t) / static_cast<double>(total)));
+  if (c.schedule == "step") {
+    double lr = c.lr;
+    for (int m : c.milestones) if (epoch >= m) lr *= c.gamma;
+    return lr;
+  }
+  return c.lr;
+}
+
+void set_lr(torch::optim::Optimizer& opt, double lr) {
+  for (auto& group : opt.param_groups()) group.options().set_lr(lr);
+}
+
+/// Training state written beside the weights for --resume.
+void write_state(torch::serialize::OutputArchive& ar, torch::optim::Optimizer& opt, int epoch,
+                 const nlohmann::json& history) {
+  torch::serialize::OutputArchive opt_ar;
+  opt.save(opt_ar);
+  ar.write("optimizer", opt_ar);
+  ar.write("epoch", c10::IValue(static_cast<int64_t>(epoch)));
+  ar.write("history", c10::IValue(history.dump()));
+  ar.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state());
+}
+
+/// Restores what write_state saved; returns the number of epochs already done.
+int read_state(torch::serialize::InputArchive& ar, torch::optim::Optimizer& opt,
+               nlohmann::json& history, const std::string& dir) {
+  try {
+    torch::serialize::InputArchive opt_ar;
+    ar.read("optimizer", opt_ar);
+    opt.load(opt_ar);
+    c10::IValue epoch, hist;
+    ar.read("epoch", epoch);
+    ar.read("history", hist);
+    torch::Tensor rng;
+    ar.read("rng_cpu", rng);
+    at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global one
+    gen.set_state(rng);
+    history = nlohmann::json::parse(hist.toStringRef());
+    return static_cast<int>(epoch.toInt());
+  } catch (const c10::Error& e) {
+    throw CheckpointError::bad_weights(dir + "/" + checkpoint_state_file,
+                                       std::string(e.what_without_backtrace()).substr(0, 200));
+  }
+}
+
+void check_finite(const torch::Tensor& t, const std::string& name, int epoch, int64_t step) {
+  if (!torch::isfinite(t).all().item<bool>())
+    throw NumericError::non_finite(name, "epoch " + std::to_string(epoch + 1) + ", step " +
+                                             std::to_string(step + 1));
+}
+
+}  // namespace
+
+TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held_out,
+                       const TrainConfig& cfg, const nlohmann::json& manifest_base,
+                       torch::Device device) {
+  cfg.validate();
+  auto method = train_method_make(cfg.method);
+  auto opt = make_optimizer(model, cfg);
+  TrainSummary summary;
+  summary.history = nlohmann::json::array();
+  if (cfg.resume) {
+    auto state = checkpoint_load_state(cfg.out_dir);
+    if (!state) throw CheckpointError::missing(cfg.out_dir + "/" + checkpoint_state_file);
+    checkpoint_load_weights(cfg.out_dir, model);
+    summary.start_epoch = read_state(*state, *opt, summary.history, cfg.out_dir);
+    std::cerr << "resuming " << cfg.out_dir << " after epoch " << summary.start_epoch << "\n";
+  }
+  const int64_t N = train.size();
+  const int64_t steps_per_epoch = (N + cfg.batch_size - 1) / cfg.batch_size;
+  const int64_t total_steps = steps_per_epoch * cfg.epochs;
+  const auto t0 = std::chrono::steady_clock::now();
+  int64_t images_this_run = 0, steps_this_run = 0;
+
+  for (int epoch = summary.start_epoch; epoch < cfg.epochs; ++epoch) {
+    auto order = data_epoch_order(N, cfg.seed, epoch);
+    double loss_sum = 0;
+    int64_t seen = 0, clean_ok = 0, adv_ok = 0, win_seen = 0, win_clean = 0, win_adv = 0;
+    double win_loss = 0;
+    for (int64_t s = 0; s < steps_per_epoch; ++s) {
+      const int64_t global = epoch * steps_per_epoch + s;
+      set_lr(*opt, scheduled_lr(cfg, epoch, global, total_steps));
+      auto idx = order.narrow(0, s * cfg.batch_size, std::min(cfg.batch_size, N - s * cfg.batch_size));
+      auto x = train.batch_images(idx).to(device);
+      auto y = train.batch_labels(idx).to(device);
+      StepStats st = method->step(model, x, y, cfg);
+      check_finite(st.loss, "training loss", epoch, s);
+      opt->zero_grad();
+      st.loss.backward();
+      opt->step();
+      const int64_t b = idx.size(0);
+      const double l = st.loss.item<double>();
+      loss_sum += l * static_cast<double>(b), win_loss += l * static_cast<double>(b);
+      seen += b, win_seen += b, clean_ok += st.clean_correct, win_clean += st.clean_correct;
+      if (st.adv_correct >= 0) adv_ok += st.adv_correct, win_adv += st.adv_correct;
+      images_this_run += b, ++steps_this_run;
+      if (cfg.log_every > 0 && ((s + 1) % cfg.log_every == 0 || s + 1 == steps_per_epoch)) {
+        const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const double steps_left = static_cast<double>(total_steps - global - 1);
+        std::ostringstream line;
+        line << "epoch " << epoch + 1 << "/" << cfg.epochs << "  step " << s + 1 << "/"
+             << steps_per_epoch << "  loss " << fmt_fixed(win_loss / win_seen, 4) << "  sa "
+             << fmt_fixed(static_cast<double>(win_clean) / win_seen, 3) << "  ra "
+             << (st.adv_correct >= 0 ? fmt_fixed(static_cast<double>(win_adv) / win_seen, 3) : "-")
+             << "  " << fmt_fixed(images_this_run / t, 0) << " img/s  eta "
+             << fmt_duration(t / steps_this_run * steps_left);
+        std::cerr << line.str() << std::endl;
+        win_seen = win_clean = win_adv = 0, win_loss = 0;
+      }
+    }
+    // Held-out evaluation of this epoch.
+    auto eval = attack_evaluate(model, held_out, cfg.eval_attack, /*components=*/false,
+                                cfg.batch_size, device, /*progress=*/false);
+    model.train();
+    nlohmann::json row = {{"epoch", epoch + 1},
+                          {"train_loss", loss_sum / seen},
+                          {"train_sa", static_cast<double>(clean_ok) / seen},
+                          {"heldout_sa", eval.sa},
+                          {"heldout_ra", eval.ra},
+                          {"heldout_samples", eval.samples}};
+    if (cfg.method != "st") row["train_ra"] = static_cast<double>(adv_ok) / seen;
+    summary.history.push_back(row);
+    std::cerr << "epoch " << epoch + 1 << "/" << cfg.epochs << " done: held-out sa "
+              << fmt_fixed(eval.sa, 4) << "  ra " << fmt_fixed(eval.ra, 4) << " ("
+              << eval.samples << " samples, PGD-" << cfg.eval_attack.steps << ")" << std::endl;
+    if (!cfg.out_dir.empty()) {
+      nlohmann::json manifest = manifest_base;
+      manifest["architecture"] = model.spec().to_json();
+      manifest["training"] = cfg.to_json();
+      manifest["metrics"] = {{"history", summary.history}, {"epochs_done", epoch + 1}};
+      checkpoint_save(cfg.out_dir, model, manifest,
+                      [&](torch::serialize::OutputArchive& ar) {
+                        write_state(ar, *opt, epoch + 1, summary.history);
+                      });
+    }
+    summary.epochs_done = epoch + 1;
+  }
+  const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  summary.images_per_s = t > 0 ? images_this_run / t : 0;
+  if (summary.epochs_done == 0) summary.epochs_done = summary.start_epoch;
+  return summary;
+}
+
+}  // namespace moecert
