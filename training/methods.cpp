@@ -1,45 +1,170 @@
-// The training objectives of SPEC §2. Each computes one batch's loss.
+// The training objectives of SPEC §2. Each computes one batch's loss; attacks run
+// in eval mode with frozen parameters (BatchNorm statistics see only real batches,
+// and no weight-gradient kernel runs inside an attack).
 #include "moecert/error.h"
 #include "moecert/training.h"
 
 #include <torch/torch.h>
 
 namespace moecert {
+
+torch::Tensor kl_rows(const torch::Tensor& log_p, const torch::Tensor& log_q) {
+  // Σ_k p_k (log p_k − log q_k); terms with p_k = 0 contribute 0 (exp(-inf) = 0).
+  return (log_p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(/*dim=*/1);
+}
+
+torch::Tensor load_balance_loss(const torch::Tensor& router_logits) {
+  const int64_t E = router_logits.size(1);
+  auto probs = torch::softmax(router_logits, /*dim=*/1);
+  auto top = probs.argmax(/*dim=*/1);
+  auto share = torch::one_hot(top, E).to(probs.dtype()).mean(/*dim=*/0);  // no gradient
+  return static_cast<double>(E) * (share * probs.mean(/*dim=*/0)).sum();
+}
+
+torch::Tensor expert_usage(const MoeRouting& routing, int64_t experts) {
+  if (!routing.logits.defined()) return torch::full({1}, routing.selected.size(0), torch::kLong);
+  return torch::bincount(routing.logits.argmax(/*dim=*/1).cpu(), /*weights=*/{}, experts);
+}
+
+torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                               const PgdConfig& attack) {
+  const int64_t E = model.num_experts();
+  if (E < 2) throw ConfigError("rt-er needs at least 2 experts (it regularises the second-ranked one)");
+  torch::Tensor second;
+  {
+    torch::NoGradGuard no_grad;
+    second = std::get<1>(model.router_logits(x).topk(2, /*dim=*/1)).select(1, 1);  // [B]
+  }
+  auto total = torch::zeros({}, x.options());
+  for (int64_t i = 0; i < E; ++i) {
+    auto idx = second.eq(i).nonzero().flatten();
+    if (idx.numel() == 0) continue;
+    auto xs = x.index_select(0, idx), ys = y.index_select(0, idx);
+    LogProbFn f_i = [&model, i](const torch::Tensor& in) {
+      return torch::log_softmax(model.expert_logits(i, in), /*dim=*/1);
+    };
+    torch::Tensor xs_adv;
+    {
+      const bool training = model.is_training();
+      model.eval();
+      FrozenParameters frozen(model);
+      xs_adv = attack_pgd(f_i, xs, ys, attack);
+      if (training) model.train();
+    }
+    total = total + kl_rows(f_i(xs), f_i(xs_adv)).sum();
+  }
+  return total;
+}
+
 namespace {
+
+/// Adds the optional load-balancing term and the tensors to check.
+void finish(StepStats& s, const MoeOutput& out, const TrainConfig& cfg, const std::string& what,
+            bool balance = true) {
+  s.checked.emplace_back("log F (" + what + ")", out.log_probs.detach());
+  if (out.routing.logits.defined()) {
+    s.checked.emplace_back("router logits (" + what + ")", out.routing.logits.detach());
+    if (balance && cfg.balance > 0)
+      s.loss = s.loss + cfg.balance * load_balance_loss(out.routing.logits);
+  }
+}
+
+/// PGD on the whole model, in eval mode with frozen parameters.
+torch::Tensor whole_model_pgd(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                              const PgdConfig& attack) {
+  model.eval();
+  FrozenParameters frozen(model);
+  return attack_pgd(attack_target_fn(model, AttackTarget::whole, x), x, y, attack);
+}
+
+/// Clean accuracy and routing of a batch without gradients.
+void clean_stats(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y, StepStats& s) {
+  torch::NoGradGuard no_grad;
+  model.eval();
+  auto out = model.forward_full(x);
+  s.clean_correct = attack_count_correct(out.log_probs, y);
+  s.usage_clean = expert_usage(out.routing, model.num_experts());
+}
 
 /// `st`: CE(F(x), y) on log F.
 class StandardTraining : public TrainMethod {
  public:
   std::string name() const override { return "st"; }
   StepStats step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
-                 const TrainConfig&) override {
+                 const TrainConfig& cfg) override {
     model.train();
-    auto log_probs = model.forward(x);
+    auto out = model.forward_full(x);
     StepStats s;
-    s.loss = torch::nll_loss(log_probs, y);
-    s.clean_correct = attack_count_correct(log_probs.detach(), y);
+    s.loss = torch::nll_loss(out.log_probs, y);
+    s.checked.emplace_back("training loss", s.loss.detach());
+    s.clean_correct = attack_count_correct(out.log_probs.detach(), y);
+    s.usage_clean = expert_usage(out.routing, model.num_experts());
+    finish(s, out, cfg, "clean");
     return s;
   }
 };
 
-/// `at`: Madry adversarial training, CE(F(x_adv), y) with x_adv = PGD on F. The
-/// attack runs in eval mode so that BatchNorm statistics see only real batches.
+/// `at`: Madry adversarial training, CE(F(x_adv), y); `rt-er` adds RT-ER's
+/// regulariser β/B · Σ KL on each sample's second-ranked expert (paper 1).
 class AdversarialTraining : public TrainMethod {
  public:
-  std::string name() const override { return "at"; }
+  explicit AdversarialTraining(bool rter) : rter_(rter) {}
+  std::string name() const override { return rter_ ? "rt-er" : "at"; }
   StepStats step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                  const TrainConfig& cfg) override {
-    model.eval();
-    torch::Tensor x_adv = attack_pgd(attack_target_fn(model, AttackTarget::whole, x), x, y, cfg.attack);
+    auto x_adv = whole_model_pgd(model, x, y, cfg.attack);
     StepStats s;
+    clean_stats(model, x, y, s);
+    model.train();
+    auto out = model.forward_full(x_adv);
+    s.loss = torch::nll_loss(out.log_probs, y);
+    if (rter_) {
+      auto reg = rter_regulariser(model, x, y, cfg.attack);
+      s.checked.emplace_back("RT-ER regulariser", reg.detach());
+      s.loss = s.loss + cfg.beta / static_cast<double>(x.size(0)) * reg;
+    }
+    s.checked.emplace_back("training loss", s.loss.detach());
+    s.adv_correct = attack_count_correct(out.log_probs.detach(), y);
+    s.usage_adv = expert_usage(out.routing, model.num_experts());
+    finish(s, out, cfg, "adversarial");
+    return s;
+  }
+
+ private:
+  bool rter_;
+};
+
+/// `trades`: CE(F(x), y) + β · KL(F(x) || F(x_adv)), x_adv maximising that KL.
+class TradesTraining : public TrainMethod {
+ public:
+  std::string name() const override { return "trades"; }
+  StepStats step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                 const TrainConfig& cfg) override {
+    StepStats s;
+    clean_stats(model, x, y, s);
+    torch::Tensor x_adv;
     {
-      torch::NoGradGuard no_grad;
-      s.clean_correct = attack_count_correct(model.forward(x), y);
+      model.eval();
+      FrozenParameters frozen(model);
+      torch::Tensor target;
+      {
+        torch::NoGradGuard no_grad;
+        target = model.forward(x);
+      }
+      PerSampleLoss kl = [&target](const torch::Tensor& lp) { return kl_rows(target, lp); };
+      x_adv = attack_pgd_objective(attack_target_fn(model, AttackTarget::whole, x), x, kl,
+                                   cfg.attack, y);
     }
     model.train();
-    auto log_probs = model.forward(x_adv);
-    s.loss = torch::nll_loss(log_probs, y);
-    s.adv_correct = attack_count_correct(log_probs.detach(), y);
+    auto clean = model.forward_full(x);
+    auto adv = model.forward_full(x_adv);
+    auto kl = kl_rows(clean.log_probs, adv.log_probs).mean();  // batchmean, as in TRADES
+    s.loss = torch::nll_loss(clean.log_probs, y) + cfg.beta * kl;
+    s.checked.emplace_back("training loss", s.loss.detach());
+    s.adv_correct = attack_count_correct(adv.log_probs.detach(), y);
+    s.usage_adv = expert_usage(adv.routing, model.num_experts());
+    finish(s, clean, cfg, "clean");
+    finish(s, adv, cfg, "adversarial", /*balance=*/false);
     return s;
   }
 };
@@ -48,8 +173,10 @@ class AdversarialTraining : public TrainMethod {
 
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name) {
   if (name == "st") return std::make_unique<StandardTraining>();
-  if (name == "at") return std::make_unique<AdversarialTraining>();
-  throw ConfigError::invalid("--method", name, "st | at");
+  if (name == "at") return std::make_unique<AdversarialTraining>(/*rter=*/false);
+  if (name == "rt-er") return std::make_unique<AdversarialTraining>(/*rter=*/true);
+  if (name == "trades") return std::make_unique<TradesTraining>();
+  throw ConfigError::invalid("--method", name, "st | at | trades | rt-er");
 }
 
 }  // namespace moecert

@@ -20,6 +20,7 @@ nlohmann::json TrainConfig::to_json() const {
                           {"steps", a.steps},          {"restarts", a.restarts}};
   };
   return {{"method", method},     {"epochs", epochs},         {"batch_size", batch_size},
+          {"beta", beta},         {"balance", balance},       {"collapse_share", collapse_share},
           {"optimizer", optimizer}, {"lr", lr},               {"momentum", momentum},
           {"weight_decay", weight_decay}, {"schedule", schedule}, {"milestones", milestones},
           {"gamma", gamma},       {"seed", seed},             {"attack", attack_json(attack)},
@@ -37,6 +38,11 @@ void TrainConfig::validate() const {
   if (!(lr > 0)) throw ConfigError::invalid("--lr", std::to_string(lr), "> 0");
   if (weight_decay < 0) throw ConfigError::invalid("--weight-decay", std::to_string(weight_decay), ">= 0");
   if (resume && out_dir.empty()) throw ConfigError("--resume needs --out (the checkpoint to continue)");
+  if (keep_best && out_dir.empty()) throw ConfigError("--keep-best needs --out");
+  if (beta < 0) throw ConfigError::invalid("--beta", std::to_string(beta), ">= 0");
+  if (balance < 0) throw ConfigError::invalid("--balance", std::to_string(balance), ">= 0");
+  if (!(collapse_share > 0 && collapse_share <= 1))
+    throw ConfigError::invalid("--collapse-share", std::to_string(collapse_share), "in (0, 1]");
 }
 
 namespace {
@@ -99,10 +105,49 @@ int read_state(torch::serialize::InputArchive& ar, torch::optim::Optimizer& opt,
   }
 }
 
-void check_finite(const torch::Tensor& t, const std::string& name, int epoch, int64_t step) {
-  if (!torch::isfinite(t).all().item<bool>())
-    throw NumericError::non_finite(name, "epoch " + std::to_string(epoch + 1) + ", step " +
-                                             std::to_string(step + 1));
+/// Throws naming every non-finite tensor of the step (the router's scores first
+/// when they are the cause, so the message points at the root, not the loss).
+void check_finite(const StepStats& st, int epoch, int64_t step) {
+  std::string bad;
+  for (const auto& [name, t] : st.checked)
+    if (!torch::isfinite(t).all().item<bool>()) bad += (bad.empty() ? "" : ", ") + name;
+  if (!bad.empty())
+    throw NumericError::non_finite(bad, "epoch " + std::to_string(epoch + 1) + ", step " +
+                                            std::to_string(step + 1) +
+                                            " (the last checkpoint is left as it was)");
+}
+
+/// Share of samples per expert as fractions. counts: [E] int64
+std::vector<double> usage_shares(const torch::Tensor& counts) {
+  std::vector<double> out;
+  const double total = std::max<double>(1.0, static_cast<double>(counts.sum().item<int64_t>()));
+  for (int64_t i = 0; i < counts.size(0); ++i)
+    out.push_back(static_cast<double>(counts[i].item<int64_t>()) / total);
+  return out;
+}
+
+std::string usage_text(const std::vector<double>& shares) {
+  std::string s;
+  for (double v : shares) s += (s.empty() ? "" : "/") + fmt_fixed(v, 2);
+  return s;
+}
+
+/// Warns on stderr when one expert takes more than `limit` of the samples.
+void warn_collapse(const std::vector<double>& shares, double limit, const std::string& what,
+                   int epoch) {
+  for (size_t i = 0; i < shares.size() && shares.size() > 1; ++i)
+    if (shares[i] > limit)
+      std::cerr << "warning: routing collapse in epoch " << epoch + 1 << ": expert " << i
+                << " takes " << fmt_fixed(100 * shares[i], 1) << "% of the " << what
+                << " samples (limit " << fmt_fixed(100 * limit, 0)
+                << "%); the MoE is acting as one small dense model. Consider --balance 0.01."
+                << std::endl;
+}
+
+double best_heldout_ra(const nlohmann::json& history) {
+  double best = -1;
+  for (const auto& row : history) best = std::max(best, row.value("heldout_ra", -1.0));
+  return best;
 }
 
 }  // namespace
@@ -133,6 +178,8 @@ TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held
     double loss_sum = 0;
     int64_t seen = 0, clean_ok = 0, adv_ok = 0, win_seen = 0, win_clean = 0, win_adv = 0;
     double win_loss = 0;
+    torch::Tensor usage_clean = torch::zeros({model.num_experts()}, torch::kLong);
+    torch::Tensor usage_adv = torch::zeros({model.num_experts()}, torch::kLong);
     for (int64_t s = 0; s < steps_per_epoch; ++s) {
       const int64_t global = epoch * steps_per_epoch + s;
       set_lr(*opt, scheduled_lr(cfg, epoch, global, total_steps));
@@ -140,7 +187,9 @@ TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held
       auto x = train.batch_images(idx).to(device);
       auto y = train.batch_labels(idx).to(device);
       StepStats st = method->step(model, x, y, cfg);
-      check_finite(st.loss, "training loss", epoch, s);
+      check_finite(st, epoch, s);
+      if (st.usage_clean.defined()) usage_clean = usage_clean + st.usage_clean;
+      if (st.usage_adv.defined()) usage_adv = usage_adv + st.usage_adv;
       opt->zero_grad();
       st.loss.backward();
       opt->step();
@@ -158,6 +207,7 @@ TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held
              << steps_per_epoch << "  loss " << fmt_fixed(win_loss / win_seen, 4) << "  sa "
              << fmt_fixed(static_cast<double>(win_clean) / win_seen, 3) << "  ra "
              << (st.adv_correct >= 0 ? fmt_fixed(static_cast<double>(win_adv) / win_seen, 3) : "-")
+             << "  experts " << usage_text(usage_shares(usage_clean))
              << "  " << fmt_fixed(images_this_run / t, 0) << " img/s  eta "
              << fmt_duration(t / steps_this_run * steps_left);
         std::cerr << line.str() << std::endl;
@@ -175,6 +225,14 @@ TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held
                           {"heldout_ra", eval.ra},
                           {"heldout_samples", eval.samples}};
     if (cfg.method != "st") row["train_ra"] = static_cast<double>(adv_ok) / seen;
+    const auto shares_clean = usage_shares(usage_clean), shares_adv = usage_shares(usage_adv);
+    row["expert_usage_clean"] = shares_clean;
+    warn_collapse(shares_clean, cfg.collapse_share, "clean", epoch);
+    if (usage_adv.sum().item<int64_t>() > 0) {
+      row["expert_usage_adv"] = shares_adv;
+      warn_collapse(shares_adv, cfg.collapse_share, "adversarial", epoch);
+    }
+    const bool is_best = eval.ra > best_heldout_ra(summary.history);
     summary.history.push_back(row);
     std::cerr << "epoch " << epoch + 1 << "/" << cfg.epochs << " done: held-out sa "
               << fmt_fixed(eval.sa, 4) << "  ra " << fmt_fixed(eval.ra, 4) << " ("
@@ -188,6 +246,12 @@ TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held
                       [&](torch::serialize::OutputArchive& ar) {
                         write_state(ar, *opt, epoch + 1, summary.history);
                       });
+      if (cfg.keep_best && is_best) {
+        manifest["metrics"]["best_epoch"] = epoch + 1;
+        checkpoint_save(cfg.out_dir + "-best", model, manifest);
+        std::cerr << "best held-out RA so far: kept epoch " << epoch + 1 << " in " << cfg.out_dir
+                  << "-best" << std::endl;
+      }
     }
     summary.epochs_done = epoch + 1;
   }

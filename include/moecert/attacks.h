@@ -41,9 +41,31 @@ using LogProbFn = std::function<torch::Tensor(const torch::Tensor& x)>;
 torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
                          const PgdConfig& cfg);
 
+/// A per-sample objective for PGD to maximise. log-probs [B, K] -> [B]
+using PerSampleLoss = std::function<torch::Tensor(const torch::Tensor& log_probs)>;
+
+/// PGD on an arbitrary objective (e.g. TRADES' KL). With labels `y` (may be
+/// undefined) restarts prefer misclassifying points; otherwise the higher loss.
+torch::Tensor attack_pgd_objective(const LogProbFn& f, const torch::Tensor& x,
+                                   const PerSampleLoss& loss, const PgdConfig& cfg,
+                                   const torch::Tensor& y = {});
+
 /// FGSM: one signed-gradient (L-inf) or normalised-gradient (L2) step of size eps.
 torch::Tensor attack_fgsm(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
                           Norm norm, double eps);
+
+/// Marks a module's parameters as not requiring gradients for its lifetime, so
+/// that an attack's backward passes skip every weight-gradient kernel.
+class FrozenParameters {
+ public:
+  explicit FrozenParameters(torch::nn::Module& module);
+  ~FrozenParameters();
+  FrozenParameters(const FrozenParameters&) = delete;
+  FrozenParameters& operator=(const FrozenParameters&) = delete;
+
+ private:
+  std::vector<torch::Tensor> frozen_;
+};
 
 /// What a component attack perturbs.
 enum class AttackTarget {

@@ -15,7 +15,10 @@
 namespace moecert {
 
 struct TrainConfig {
-  std::string method = "at";        ///< st | at
+  std::string method = "at";        ///< st | at | trades | rt-er
+  double beta = 6.0;                ///< TRADES / RT-ER regulariser weight (papers' default)
+  double balance = 0.0;             ///< weight of the load-balancing loss (0 = off)
+  double collapse_share = 0.9;      ///< warn when one expert takes more of the samples
   int epochs = 10;
   int64_t batch_size = 128;
   std::string optimizer = "adam";   ///< adam | sgd
@@ -31,6 +34,7 @@ struct TrainConfig {
   int log_every = 50;               ///< progress line every N steps (0 = never)
   std::string out_dir;              ///< checkpoint directory (empty = none)
   bool resume = false;              ///< continue from out_dir's train_state.pt
+  bool keep_best = false;           ///< also keep the best-RA epoch in `<out_dir>-best`
 
   nlohmann::json to_json() const;
   void validate() const;  ///< throws ConfigError naming the option
@@ -41,6 +45,10 @@ struct StepStats {
   torch::Tensor loss;            ///< scalar, differentiable
   int64_t clean_correct = 0;     ///< -1 if not measured
   int64_t adv_correct = -1;      ///< -1 if the method has no adversarial pass
+  torch::Tensor usage_clean;     ///< [E] int64 samples whose top expert is i (clean input)
+  torch::Tensor usage_adv;       ///< [E] int64 the same on the adversarial input (if any)
+  /// Tensors that must be finite (losses, logits, router scores), by name.
+  std::vector<std::pair<std::string, torch::Tensor>> checked;
 };
 
 /// One training objective; `step` computes the loss of one batch.
@@ -53,7 +61,24 @@ class TrainMethod {
                          const TrainConfig& cfg) = 0;
 };
 
-/// "st" | "at" -> method; throws ConfigError naming the known methods.
+/// KL(P || Q) per row from log-probabilities. log_p, log_q: [B, K] -> [B]
+torch::Tensor kl_rows(const torch::Tensor& log_p, const torch::Tensor& log_q);
+
+/// Switch-style load-balancing loss E * sum_i share_i * mean_prob_i, where share_i
+/// is the fraction of samples whose top expert is i and mean_prob_i the mean router
+/// probability of i. Equals 1 for a perfectly balanced router. logits: [B, E] -> scalar
+torch::Tensor load_balance_loss(const torch::Tensor& router_logits);
+
+/// RT-ER's regulariser (paper 1): sum over experts i and over the samples n whose
+/// second-ranked router expert is i of KL(f_i(x_n) || f_i(x_adv_n^(i))), with
+/// x_adv^(i) from PGD against expert i alone. Summed, not averaged. x: [B, C, H, W]
+torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                               const PgdConfig& attack);
+
+/// Samples per expert by top routing choice. routing.selected: [B, k] -> [E] int64
+torch::Tensor expert_usage(const MoeRouting& routing, int64_t experts);
+
+/// "st" | "at" | "trades" | "rt-er" -> method; throws ConfigError naming the known methods.
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name);
 
 /// What a finished (or resumed-and-finished) run reports.

@@ -65,25 +65,25 @@ torch::Tensor ascent_direction(const torch::Tensor& grad, Norm norm) {
   return grad / (l2_per_sample(grad) + 1e-12);
 }
 
-torch::Tensor input_gradient(const LogProbFn& f, const torch::Tensor& x_adv, const torch::Tensor& y,
-                             AttackLoss loss, torch::Tensor* per_sample_loss) {
+torch::Tensor input_gradient(const LogProbFn& f, const torch::Tensor& x_adv,
+                             const PerSampleLoss& loss) {
   auto xa = x_adv.detach().requires_grad_(true);
-  auto l = attack_loss(f(xa), y, loss);
-  if (per_sample_loss) *per_sample_loss = l.detach();
+  auto l = loss(f(xa));
   return torch::autograd::grad({l.sum()}, {xa})[0];
 }
 
 }  // namespace
 
-torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
-                         const PgdConfig& cfg) {
+torch::Tensor attack_pgd_objective(const LogProbFn& f, const torch::Tensor& x,
+                                   const PerSampleLoss& loss, const PgdConfig& cfg,
+                                   const torch::Tensor& y) {
   if (cfg.eps < 0) throw ConfigError::invalid("--eps", std::to_string(cfg.eps), ">= 0");
   torch::Tensor best, best_loss, best_wrong;
   for (int r = 0; r < std::max(1, cfg.restarts); ++r) {
     auto x_adv = cfg.random_start ? project(random_start(x, cfg.norm, cfg.eps), x, cfg.norm, cfg.eps)
                                   : x.clone();
     for (int s = 0; s < cfg.steps; ++s) {
-      auto g = input_gradient(f, x_adv, y, cfg.loss, nullptr);
+      auto g = input_gradient(f, x_adv, loss);
       x_adv = project(x_adv + cfg.step_size * ascent_direction(g, cfg.norm), x, cfg.norm, cfg.eps);
     }
     if (cfg.restarts <= 1) return x_adv.detach();
@@ -92,25 +92,43 @@ torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch
       torch::NoGradGuard no_grad;
       lp = f(x_adv);
     }
-    auto loss = attack_loss(lp, y, cfg.loss);
-    auto wrong = lp.argmax(1).ne(y);
+    auto l = loss(lp).detach();
+    auto wrong = y.defined() ? lp.argmax(1).ne(y) : torch::zeros_like(l, torch::kBool);
     if (!best.defined()) {
-      best = x_adv, best_loss = loss, best_wrong = wrong;
+      best = x_adv, best_loss = l, best_wrong = wrong;
       continue;
     }
     // Prefer a misclassifying point; among equals, the higher loss.
-    auto take = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss));
+    auto take = (wrong & ~best_wrong) | ((wrong == best_wrong) & (l > best_loss));
     best = torch::where(take.view({-1, 1, 1, 1}), x_adv, best);
-    best_loss = torch::where(take, loss, best_loss);
+    best_loss = torch::where(take, l, best_loss);
     best_wrong = best_wrong | wrong;
   }
   return best.detach();
 }
 
+torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
+                         const PgdConfig& cfg) {
+  const AttackLoss kind = cfg.loss;
+  return attack_pgd_objective(
+      f, x, [&y, kind](const torch::Tensor& lp) { return attack_loss(lp, y, kind); }, cfg, y);
+}
+
 torch::Tensor attack_fgsm(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
                           Norm norm, double eps) {
-  auto g = input_gradient(f, x, y, AttackLoss::ce, nullptr);
+  auto g = input_gradient(f, x, [&y](const torch::Tensor& lp) {
+    return attack_loss(lp, y, AttackLoss::ce);
+  });
   return project(x + eps * ascent_direction(g, norm), x, norm, eps).detach();
+}
+
+FrozenParameters::FrozenParameters(torch::nn::Module& module) {
+  for (auto& p : module.parameters())
+    if (p.requires_grad()) frozen_.push_back(p), p.requires_grad_(false);
+}
+
+FrozenParameters::~FrozenParameters() {
+  for (auto& p : frozen_) p.requires_grad_(true);
 }
 
 LogProbFn attack_target_fn(MoeImpl& model, AttackTarget target, const torch::Tensor& x_clean) {
@@ -153,6 +171,7 @@ RobustnessReport attack_evaluate(MoeImpl& model, const Dataset& data, const PgdC
     auto x = data.batch_images(idx).to(device);
     auto y = data.batch_labels(idx).to(device);
     auto count = [&](AttackTarget t) {
+      FrozenParameters frozen(model);
       auto f = attack_target_fn(model, t, x);
       auto x_adv = attack_pgd(f, x, y, cfg);
       torch::NoGradGuard no_grad;

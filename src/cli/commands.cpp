@@ -174,7 +174,13 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   o->train_attack.steps = defaults::train_steps;
   auto* cmd = app.add_subcommand("train", "train an MoE (or dense) classifier and checkpoint it");
   auto& c = o->cfg;
-  cmd->add_option("--method", c.method, "st | at")->capture_default_str();
+  cmd->add_option("--method", c.method, "st | at | trades | rt-er")->capture_default_str();
+  cmd->add_option("--beta", c.beta, "TRADES / RT-ER regulariser weight")->capture_default_str();
+  cmd->add_option("--balance", c.balance, "load-balancing loss weight (0 = off)")
+      ->capture_default_str();
+  cmd->add_option("--collapse-share", c.collapse_share,
+                  "warn when one expert takes more than this share of the samples")
+      ->capture_default_str();
   cmd->add_option("--experts", o->spec.experts, "number of experts E (1 = dense)")->capture_default_str();
   cmd->add_option("--expert", o->spec.expert, "expert backbone: cnn-s | resnet18")->capture_default_str();
   cmd->add_option("--router", o->spec.router, "router: linear | cnn")->capture_default_str();
@@ -197,6 +203,7 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("--out", c.out_dir, "checkpoint directory")->required();
   cmd->add_flag("--resume", c.resume, "continue the checkpoint in --out from its last epoch");
   cmd->add_flag("--force", o->force, "replace an existing checkpoint in --out");
+  cmd->add_flag("--keep-best", c.keep_best, "also keep the best held-out-RA epoch in <out>-best");
   cmd->callback([&common, o] { run_train(common, *o); });
 }
 

@@ -134,3 +134,31 @@ TEST_CASE("invalid architectures are ConfigErrors", "[unit][models]") {
   j.erase("experts");
   CHECK_THROWS_AS(ModelSpec::from_json(j), ConfigError);
 }
+
+TEST_CASE("the cnn-s stem's custom backward equals LibTorch's convolution gradient",
+          "[unit][models]") {
+  torch::manual_seed(5);
+  Moe model(small_spec(1, Routing::top_k, 1));
+  auto x = torch::rand({8, 1, 28, 28});
+  auto y = torch::randint(10, {8}, torch::kLong);
+  auto params = model->named_parameters();
+  // Reference: the same network written with plain torch::conv2d / linear.
+  auto reference = [&](const torch::Tensor& in) {
+    auto h = model->normalise(in);
+    h = torch::relu(torch::conv2d(h, params["experts.0.conv1.weight"], params["experts.0.conv1.bias"], 2, 1));
+    h = torch::relu(torch::conv2d(h, params["experts.0.conv2.weight"], params["experts.0.conv2.bias"], 2, 1));
+    h = torch::relu(torch::linear(h.flatten(1), params["experts.0.fc1.weight"], params["experts.0.fc1.bias"]));
+    return torch::log_softmax(torch::linear(h, params["experts.0.fc2.weight"], params["experts.0.fc2.bias"]), 1);
+  };
+  auto grads = [&](const std::function<torch::Tensor(const torch::Tensor&)>& f) {
+    auto xr = x.clone().requires_grad_(true);
+    std::vector<torch::Tensor> inputs{xr, params["experts.0.conv1.weight"], params["experts.0.conv1.bias"]};
+    return torch::autograd::grad({torch::nll_loss(f(xr), y)}, inputs);
+  };
+  auto ours = grads([&](const torch::Tensor& in) { return model->forward(in); });
+  auto ref = grads(reference);
+  for (size_t i = 0; i < ours.size(); ++i) {
+    INFO(i);
+    CHECK((ours[i] - ref[i]).abs().max().item<double>() < 1e-6);
+  }
+}

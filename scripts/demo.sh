@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The main job on Fashion-MNIST: install what is missing, build, adversarially
+# train an E = 4 cnn-s MoE (top-1, linear router) with PGD-5, then measure SA,
+# RA, RA-E and RA-R of the whole test set at L-inf eps = 0.1 with PGD-20.
+# Budget: about 10 minutes on 2 cores after the build. Override with env vars:
+#   MOECERT_DEMO_EPOCHS (default 10), MOECERT_DEMO_OUT (default runs/demo).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/scripts/deps.sh"
+"$root/scripts/build.sh" --target moecert
+bin="$root/build/moecert"
+out="${MOECERT_DEMO_OUT:-$root/runs/demo}"
+epochs="${MOECERT_DEMO_EPOCHS:-10}"
+mkdir -p "$out"
+
+echo "== train: at, E=4 cnn-s experts, top-1 linear router, $epochs epochs (progress on stderr)"
+"$bin" train --method at --experts 4 --expert cnn-s --router linear --routing top-k --top-k 1 \
+  --epochs "$epochs" --eps 0.1 --steps 5 --lr 1e-3 --schedule cosine \
+  --out "$out/checkpoint" --force --log-every 100
+
+echo "== attack: test set, L-inf eps=0.1, PGD-20"
+"$bin" attack "$out/checkpoint" --eps 0.1 --steps 20 --json "$out/attack.json"
+
+echo
+echo "checkpoint: $out/checkpoint"
+echo "report:     $out/attack.json"
