@@ -78,6 +78,17 @@ enum class AttackTarget {
 /// whose clean input is `x_clean` [B, C, H, W].
 LogProbFn attack_target_fn(MoeImpl& model, AttackTarget target, const torch::Tensor& x_clean);
 
+/// What a robustness evaluation attacks: the module (for eval mode and frozen
+/// parameters), the log-prob map of each component attack, and whether it routes.
+struct AttackSubject {
+  torch::nn::Module* module = nullptr;
+  std::function<LogProbFn(AttackTarget, const torch::Tensor& x_clean)> target;
+  bool has_router = false;
+};
+
+/// The attack subject of a single MoE (or dense model).
+AttackSubject attack_subject(MoeImpl& model);
+
 /// Accuracy of `f` on (x, y): fraction of argmax == y. x: [B, ...], y: [B]
 int64_t attack_count_correct(const torch::Tensor& log_probs, const torch::Tensor& y);
 
@@ -88,9 +99,13 @@ struct RobustnessReport {
   double seconds = 0;
 };
 
-/// Evaluates SA and RA (and RA-E, RA-R if `components` and E > 1; for a dense
-/// model they equal RA by definition) on `data` in batches, under NoGrad for the
-/// clean pass and eval mode. Progress on stderr when `progress`.
+/// Evaluates SA and RA (and RA-E, RA-R if `components` and the subject routes;
+/// for a dense model they equal RA by definition) on `data` in batches, in eval
+/// mode. Progress on stderr when `progress`.
+RobustnessReport attack_evaluate(const AttackSubject& subject, const Dataset& data,
+                                 const PgdConfig& cfg, bool components, int64_t batch_size,
+                                 torch::Device device, bool progress);
+/// The same for a single MoE.
 RobustnessReport attack_evaluate(MoeImpl& model, const Dataset& data, const PgdConfig& cfg,
                                  bool components, int64_t batch_size, torch::Device device,
                                  bool progress);

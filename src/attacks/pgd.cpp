@@ -157,12 +157,30 @@ int64_t attack_count_correct(const torch::Tensor& log_probs, const torch::Tensor
   return log_probs.argmax(/*dim=*/1).eq(y).sum().item<int64_t>();
 }
 
+AttackSubject attack_subject(MoeImpl& model) {
+  AttackSubject s;
+  s.module = &model;
+  s.has_router = model.num_experts() > 1;
+  s.target = [&model](AttackTarget t, const torch::Tensor& x) {
+    return attack_target_fn(model, t, x);
+  };
+  return s;
+}
+
 RobustnessReport attack_evaluate(MoeImpl& model, const Dataset& data, const PgdConfig& cfg,
                                  bool components, int64_t batch_size, torch::Device device,
                                  bool progress) {
+  return attack_evaluate(attack_subject(model), data, cfg, components, batch_size, device,
+                         progress);
+}
+
+RobustnessReport attack_evaluate(const AttackSubject& subject, const Dataset& data,
+                                 const PgdConfig& cfg, bool components, int64_t batch_size,
+                                 torch::Device device, bool progress) {
+  auto& model = *subject.module;
   const bool was_training = model.is_training();
   model.eval();
-  const bool split = components && model.num_experts() > 1;
+  const bool split = components && subject.has_router;
   Progress meter("attack", data.size(), progress);
   int64_t sa = 0, ra = 0, ra_e = 0, ra_r = 0;
   for (int64_t start = 0; start < data.size(); start += batch_size) {
@@ -172,14 +190,14 @@ RobustnessReport attack_evaluate(MoeImpl& model, const Dataset& data, const PgdC
     auto y = data.batch_labels(idx).to(device);
     auto count = [&](AttackTarget t) {
       FrozenParameters frozen(model);
-      auto f = attack_target_fn(model, t, x);
+      auto f = subject.target(t, x);
       auto x_adv = attack_pgd(f, x, y, cfg);
       torch::NoGradGuard no_grad;
       return attack_count_correct(f(x_adv), y);
     };
     {
       torch::NoGradGuard no_grad;
-      sa += attack_count_correct(model.forward(x), y);
+      sa += attack_count_correct(subject.target(AttackTarget::whole, x)(x), y);
     }
     const int64_t whole = count(AttackTarget::whole);
     ra += whole;

@@ -70,13 +70,6 @@ std::string describe_attack(const PgdConfig& c) {
          " restarts=" + std::to_string(c.restarts) + " loss=" + (c.loss == AttackLoss::ce ? "ce" : "margin");
 }
 
-std::string describe_model(const ModelSpec& s) {
-  if (s.experts == 1) return "dense " + s.expert;
-  return "MoE E=" + std::to_string(s.experts) + " " + s.expert + " experts, " + s.router +
-         " router, " + (s.routing == Routing::soft ? "soft" : "top-" + std::to_string(s.top_k)) +
-         " routing";
-}
-
 DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train) {
   DataSpec d;
   d.name = c.dataset.empty() ? fallback : c.dataset;
@@ -131,7 +124,7 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
   }
   Moe model(o.spec);
   model->to(device);
-  std::cerr << "train " << o.cfg.method << ": " << describe_model(o.spec) << ", "
+  std::cerr << "train " << o.cfg.method << ": " << model_describe(o.spec) << ", "
             << module_parameter_count(*model) << " parameters; " << train.size() << " training / "
             << val.size() << " held-out " << train.name << " images; " << threads << " threads on "
             << device << "; training attack " << describe_attack(o.cfg.attack) << std::endl;
@@ -212,15 +205,18 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     std::string checkpoint, json;
     AttackOptions attack;
     int64_t batch_size = 256;
-    bool no_components = false;
+    bool no_components = false, alpha_sweep = false;
   };
   auto o = std::make_shared<Options>();
   auto* cmd = app.add_subcommand("attack", "measure SA, RA, RA-E and RA-R of a checkpoint");
-  cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory")->required();
+  cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")
+      ->required();
   add_attack_options(cmd, o->attack, "", "attack");
   cmd->add_option("--batch-size", o->batch_size)->capture_default_str();
   cmd->add_option("--json", o->json, "also write the numbers to this JSON file");
   cmd->add_flag("--no-components", o->no_components, "skip RA-E and RA-R");
+  cmd->add_flag("--alpha-sweep", o->alpha_sweep,
+                "dual-model: SA and RA for alpha = 0.5, 0.6, ..., 1.0");
   cmd->callback([&common, o] {
     runtime_threads(common.threads);
     const auto device = runtime_device(common.device);
@@ -228,29 +224,68 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     const PgdConfig cfg = o->attack.config();
     if (o->batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
     auto loaded = model_load(o->checkpoint, device);
+    if (o->alpha_sweep && !loaded.is_dual())
+      throw ConfigError("attack --alpha-sweep needs a dual-model checkpoint (see `moecert dual`)");
     const auto ds_name = loaded.manifest.value("dataset", nlohmann::json::object()).value("name", "fashion-mnist");
     DataSpec ds = data_spec(common, ds_name, /*train=*/false);
     ds.samples = common.samples;
     Dataset test = data_load(ds);
-    std::cerr << "attack " << o->checkpoint << " (" << describe_model(loaded.model->spec()) << ") with "
+    std::cerr << "attack " << o->checkpoint << " (" << loaded.describe() << ") with "
               << describe_attack(cfg) << " on " << test.size() << " " << test.name << " test images"
               << std::endl;
-    auto r = attack_evaluate(*loaded.model, test, cfg, !o->no_components, o->batch_size, device,
+    nlohmann::json j = {{"eps", cfg.eps}, {"norm", norm_name(cfg.norm)}, {"steps", cfg.steps},
+                        {"step_size", cfg.step_size}, {"restarts", cfg.restarts},
+                        {"samples", test.size()}, {"checkpoint", o->checkpoint},
+                        {"dataset", test.name}, {"moecert_version", MOECERT_VERSION}};
+    auto r = attack_evaluate(loaded.subject(), test, cfg, !o->no_components, o->batch_size, device,
                              !common.quiet);
     std::cout << "SA    " << fmt_fixed(r.sa, 4) << "\nRA    " << fmt_fixed(r.ra, 4) << "\n";
     if (!o->no_components)
       std::cout << "RA-E  " << fmt_fixed(r.ra_e, 4) << "\nRA-R  " << fmt_fixed(r.ra_r, 4) << "\n";
     std::cout << "(" << r.samples << " samples, " << describe_attack(cfg) << ", "
               << fmt_fixed(r.seconds, 1) << " s)\n";
-    if (!o->json.empty()) {
-      nlohmann::json j = {{"sa", r.sa}, {"ra", r.ra}, {"eps", cfg.eps}, {"norm", norm_name(cfg.norm)},
-                          {"steps", cfg.steps}, {"step_size", cfg.step_size},
-                          {"restarts", cfg.restarts}, {"samples", r.samples},
-                          {"checkpoint", o->checkpoint}, {"dataset", test.name},
-                          {"seconds", r.seconds}, {"moecert_version", MOECERT_VERSION}};
-      if (!o->no_components) j["ra_e"] = r.ra_e, j["ra_r"] = r.ra_r;
-      write_file_atomic(o->json, j.dump(2) + "\n");
+    j["sa"] = r.sa, j["ra"] = r.ra, j["seconds"] = r.seconds;
+    if (!o->no_components) j["ra_e"] = r.ra_e, j["ra_r"] = r.ra_r;
+    if (loaded.is_dual()) j["alpha"] = loaded.dual->alpha();
+    if (o->alpha_sweep) {
+      const double saved_alpha = loaded.dual->alpha();
+      j["alpha_sweep"] = nlohmann::json::array();
+      std::cout << "\nalpha    SA      RA\n";
+      for (int step = 5; step <= 10; ++step) {
+        loaded.dual->set_alpha(step / 10.0);
+        auto s = attack_evaluate(loaded.subject(), test, cfg, false, o->batch_size, device, false);
+        std::cout << fmt_fixed(step / 10.0, 1) << "    " << fmt_fixed(s.sa, 4) << "  "
+                  << fmt_fixed(s.ra, 4) << "\n";
+        j["alpha_sweep"].push_back({{"alpha", step / 10.0}, {"sa", s.sa}, {"ra", s.ra}});
+      }
+      loaded.dual->set_alpha(saved_alpha);
     }
+    if (!o->json.empty()) write_file_atomic(o->json, j.dump(2) + "\n");
+  });
+}
+
+void cli_register_dual(CLI::App& app, const CommonOptions& common) {
+  struct Options {
+    std::string standard, robust, out;
+    double alpha = 0.8;
+    bool force = false;
+  };
+  auto o = std::make_shared<Options>();
+  auto* cmd = app.add_subcommand(
+      "dual", "combine a standard and a robust checkpoint into a dual-model (1-a) F_S + a F_R");
+  cmd->add_option("--standard", o->standard, "checkpoint of the standard model F_S")->required();
+  cmd->add_option("--robust", o->robust, "checkpoint of the robust model F_R")->required();
+  cmd->add_option("--alpha", o->alpha, "weight of the robust model, in [0, 1]")->capture_default_str();
+  cmd->add_option("--out", o->out, "dual-model checkpoint directory")->required();
+  cmd->add_flag("--force", o->force, "replace an existing checkpoint in --out");
+  cmd->callback([o] {
+    if (!o->force && path_exists(o->out + "/" + checkpoint_manifest_file))
+      throw ConfigError("dual: " + o->out + " already holds a checkpoint; pass --force to replace it");
+    auto standard = model_load(o->standard, torch::kCPU);
+    auto robust = model_load(o->robust, torch::kCPU);
+    dual_save(o->out, standard, robust, o->alpha);
+    std::cout << "dual-model alpha=" << o->alpha << " of " << o->standard << " and " << o->robust
+              << " -> " << o->out << "\n";
   });
 }
 
@@ -261,11 +296,18 @@ void cli_register_info(CLI::App& app, const CommonOptions& common) {
   cmd->callback([dir] {
     auto loaded = model_load(*dir, torch::kCPU);
     const auto& m = loaded.manifest;
-    std::cout << "checkpoint   " << *dir << "\nmodel        " << describe_model(loaded.model->spec())
-              << "\nparameters   " << module_parameter_count(*loaded.model)
+    std::cout << "checkpoint   " << *dir << "\nmodel        " << loaded.describe()
+              << "\nparameters   "
+              << (loaded.is_dual() ? module_parameter_count(*loaded.dual)
+                                   : module_parameter_count(*loaded.model))
               << "\nweights      sha256 " << m.value("weights_sha256", "?")
               << "\nversion      moecert " << m.value("moecert_version", "?") << " (format "
               << m.value("format_version", 0) << ")\n";
+    if (m.contains("members"))
+      for (const char* role : {"standard", "robust"})
+        std::cout << role << (role[0] == 's' ? "     " : "       ") << m["members"][role].value("path", "?")
+                  << " (" << m["members"][role].value("training", nlohmann::json::object()).value("method", "?")
+                  << ")\n";
     if (m.contains("training")) std::cout << "training     " << m["training"].dump() << "\n";
     if (m.contains("dataset")) std::cout << "dataset      " << m["dataset"].dump() << "\n";
     if (m.contains("metrics") && m["metrics"].contains("history"))

@@ -19,6 +19,7 @@ struct CommonOptions {
 void cli_register_common(CLI::App& app, CommonOptions& common);
 void cli_register_train(CLI::App& app, const CommonOptions& common);
 void cli_register_attack(CLI::App& app, const CommonOptions& common);
+void cli_register_dual(CLI::App& app, const CommonOptions& common);
 void cli_register_info(CLI::App& app, const CommonOptions& common);
 
 }  // namespace moecert

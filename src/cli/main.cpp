@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   moecert::cli_register_common(app, common);
   moecert::cli_register_train(app, common);
   moecert::cli_register_attack(app, common);
+  moecert::cli_register_dual(app, common);
   moecert::cli_register_info(app, common);
   try {
     app.parse(argc, argv);

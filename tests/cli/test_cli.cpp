@@ -134,3 +134,28 @@ TEST_CASE("weights.pt opens in PyTorch with the registered names", "[e2e][cli]")
   CHECK(r.code == 0);
   CHECK(r.output.find("ok") != std::string::npos);
 }
+
+TEST_CASE("dual combines two checkpoints and attack sweeps alpha", "[e2e][cli]") {
+  TempDir tmp;
+  auto made = run_moecert("dual --standard " + trained_checkpoint() + " --robust " + trained_checkpoint() +
+                          " --alpha 0.7 --out " + (tmp / "dual"));
+  INFO(made.output);
+  REQUIRE(made.code == 0);
+  auto info = run_moecert("info " + (tmp / "dual"));
+  CHECK(info.code == 0);
+  CHECK(info.output.find("dual-model alpha=0.700") != std::string::npos);
+  auto r = run_moecert("--dataset synthetic --samples 100 --quiet attack " + (tmp / "dual") +
+                       " --steps 2 --alpha-sweep --json " + (tmp / "sweep.json"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  auto j = nlohmann::json::parse(read_text(tmp / "sweep.json"));
+  CHECK(j["alpha"] == 0.7);
+  REQUIRE(j["alpha_sweep"].size() == 6);
+  CHECK(j["alpha_sweep"][0]["alpha"] == 0.5);
+  CHECK(j["alpha_sweep"][5]["alpha"] == 1.0);
+  // Both members are the same model here, so every alpha gives the same SA.
+  for (const auto& row : j["alpha_sweep"]) CHECK(row["sa"] == j["sa"]);
+  CHECK(run_moecert("dual --standard " + trained_checkpoint() + " --robust " + trained_checkpoint() +
+                    " --alpha 1.5 --out " + (tmp / "bad")).code == 2);
+  CHECK(run_moecert("attack " + trained_checkpoint() + " --alpha-sweep").code == 2);
+}
