@@ -8,7 +8,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/scripts/deps.sh"
 "$root/scripts/build.sh" --target moecert
-bin="$root/build/moecert"
+bin="${MOECERT_BUILD_DIR:-$root/build}/moecert"
 out="${MOECERT_DEMO_OUT:-$root/runs/demo}"
 epochs="${MOECERT_DEMO_EPOCHS:-10}"
 mkdir -p "$out"
