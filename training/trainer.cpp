@@ -6,6 +6,8 @@
 #include "moecert/runtime.h"
 #include "moecert/training.h"
 
+#include "learner.h"
+
 #include <torch/torch.h>
 
 #include <cmath>
@@ -23,12 +25,13 @@ nlohmann::json TrainConfig::to_json() const {
           {"beta", beta},         {"balance", balance},       {"collapse_share", collapse_share},
           {"optimizer", optimizer}, {"lr", lr},               {"momentum", momentum},
           {"weight_decay", weight_decay}, {"schedule", schedule}, {"milestones", milestones},
-          {"gamma", gamma},       {"seed", seed},             {"attack", attack_json(attack)},
+          {"gamma", gamma},       {"seed", seed},             {"jtd_gamma", jtd_gamma},             {"attack", attack_json(attack)},
           {"eval_attack", attack_json(eval_attack)}};
 }
 
 void TrainConfig::validate() const {
-  train_method_make(method);
+  if (method != "jtdmoe") train_method_make(method);
+  if (jtd_gamma < 0) throw ConfigError::invalid("--jtd-gamma", std::to_string(jtd_gamma), ">= 0");
   if (epochs < 1) throw ConfigError::invalid("--epochs", std::to_string(epochs), ">= 1");
   if (batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(batch_size), ">= 1");
   if (optimizer != "adam" && optimizer != "sgd")
@@ -47,15 +50,6 @@ void TrainConfig::validate() const {
 
 namespace {
 
-std::unique_ptr<torch::optim::Optimizer> make_optimizer(MoeImpl& model, const TrainConfig& c) {
-  if (c.optimizer == "sgd")
-    return std::make_unique<torch::optim::SGD>(
-        model.parameters(),
-        torch::optim::SGDOptions(c.lr).momentum(c.momentum).weight_decay(c.weight_decay));
-  return std::make_unique<torch::optim::Adam>(
-      model.parameters(), torch::optim::AdamOptions(c.lr).weight_decay(c.weight_decay));
-}
-
 /// Learning rate at global step `t` of `total` (cosine) or at `epoch` (step).
 double scheduled_lr(const TrainConfig& c, int epoch, int64_t t, int64_t total) {
   if (c.schedule == "cosine")
@@ -73,23 +67,32 @@ void set_lr(torch::optim::Optimizer& opt, double lr) {
 }
 
 /// Training state written beside the weights for --resume.
-void write_state(torch::serialize::OutputArchive& ar, torch::optim::Optimizer& opt, int epoch,
+/// Optimizer i is stored as "optimizer" (i = 0) or "optimizer_<i>".
+std::string optimizer_key(size_t i) { return i == 0 ? "optimizer" : "optimizer_" + std::to_string(i); }
+
+void write_state(torch::serialize::OutputArchive& ar,
+                 const std::vector<torch::optim::Optimizer*>& opts, int epoch,
                  const nlohmann::json& history) {
-  torch::serialize::OutputArchive opt_ar;
-  opt.save(opt_ar);
-  ar.write("optimizer", opt_ar);
+  for (size_t i = 0; i < opts.size(); ++i) {
+    torch::serialize::OutputArchive opt_ar;
+    opts[i]->save(opt_ar);
+    ar.write(optimizer_key(i), opt_ar);
+  }
   ar.write("epoch", c10::IValue(static_cast<int64_t>(epoch)));
   ar.write("history", c10::IValue(history.dump()));
   ar.write("rng_cpu", at::detail::getDefaultCPUGenerator().get_state());
 }
 
 /// Restores what write_state saved; returns the number of epochs already done.
-int read_state(torch::serialize::InputArchive& ar, torch::optim::Optimizer& opt,
-               nlohmann::json& history, const std::string& dir) {
+int read_state(torch::serialize::InputArchive& ar,
+               const std::vector<torch::optim::Optimizer*>& opts, nlohmann::json& history,
+               const std::string& dir) {
   try {
-    torch::serialize::InputArchive opt_ar;
-    ar.read("optimizer", opt_ar);
-    opt.load(opt_ar);
+    for (size_t i = 0; i < opts.size(); ++i) {
+      torch::serialize::InputArchive opt_ar;
+      ar.read(optimizer_key(i), opt_ar);
+      opts[i]->load(opt_ar);
+    }
     c10::IValue epoch, hist;
     ar.read("epoch", epoch);
     ar.read("history", hist);
@@ -152,19 +155,18 @@ double best_heldout_ra(const nlohmann::json& history) {
 
 }  // namespace
 
-TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held_out,
-                       const TrainConfig& cfg, const nlohmann::json& manifest_base,
-                       torch::Device device) {
-  cfg.validate();
-  auto method = train_method_make(cfg.method);
-  auto opt = make_optimizer(model, cfg);
+TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& held_out,
+                        const TrainConfig& cfg, const nlohmann::json& manifest_base,
+                        torch::Device device) {
+  auto& model = learner.module();
+  const auto opts = learner.optimizers();
   TrainSummary summary;
   summary.history = nlohmann::json::array();
   if (cfg.resume) {
     auto state = checkpoint_load_state(cfg.out_dir);
     if (!state) throw CheckpointError::missing(cfg.out_dir + "/" + checkpoint_state_file);
     checkpoint_load_weights(cfg.out_dir, model);
-    summary.start_epoch = read_state(*state, *opt, summary.history, cfg.out_dir);
+    summary.start_epoch = read_state(*state, opts, summary.history, cfg.out_dir);
     std::cerr << "resuming " << cfg.out_dir << " after epoch " << summary.start_epoch << "\n";
   }
   const int64_t N = train.size();
@@ -176,28 +178,24 @@ TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held
   for (int epoch = summary.start_epoch; epoch < cfg.epochs; ++epoch) {
     auto order = data_epoch_order(N, cfg.seed, epoch);
     double loss_sum = 0;
-    int64_t seen = 0, clean_ok = 0, adv_ok = 0, win_seen = 0, win_clean = 0, win_adv = 0;
+    int64_t seen = 0, clean_ok = 0, adv_ok = 0, adv_seen = 0, win_seen = 0, win_clean = 0, win_adv = 0;
     double win_loss = 0;
-    torch::Tensor usage_clean = torch::zeros({model.num_experts()}, torch::kLong);
-    torch::Tensor usage_adv = torch::zeros({model.num_experts()}, torch::kLong);
+    torch::Tensor usage_clean = torch::zeros({learner.num_experts()}, torch::kLong);
+    torch::Tensor usage_adv = torch::zeros({learner.num_experts()}, torch::kLong);
     for (int64_t s = 0; s < steps_per_epoch; ++s) {
       const int64_t global = epoch * steps_per_epoch + s;
-      set_lr(*opt, scheduled_lr(cfg, epoch, global, total_steps));
+      for (auto* opt : opts) set_lr(*opt, scheduled_lr(cfg, epoch, global, total_steps));
       auto idx = order.narrow(0, s * cfg.batch_size, std::min(cfg.batch_size, N - s * cfg.batch_size));
       auto x = train.batch_images(idx).to(device);
       auto y = train.batch_labels(idx).to(device);
-      StepStats st = method->step(model, x, y, cfg);
-      check_finite(st, epoch, s);
+      StepStats st = learner.update(x, y, cfg, [&](const StepStats& t) { check_finite(t, epoch, s); });
       if (st.usage_clean.defined()) usage_clean = usage_clean + st.usage_clean;
       if (st.usage_adv.defined()) usage_adv = usage_adv + st.usage_adv;
-      opt->zero_grad();
-      st.loss.backward();
-      opt->step();
       const int64_t b = idx.size(0);
       const double l = st.loss.item<double>();
       loss_sum += l * static_cast<double>(b), win_loss += l * static_cast<double>(b);
       seen += b, win_seen += b, clean_ok += st.clean_correct, win_clean += st.clean_correct;
-      if (st.adv_correct >= 0) adv_ok += st.adv_correct, win_adv += st.adv_correct;
+      if (st.adv_correct >= 0) adv_ok += st.adv_correct, win_adv += st.adv_correct, adv_seen += b;
       images_this_run += b, ++steps_this_run;
       if (cfg.log_every > 0 && ((s + 1) % cfg.log_every == 0 || s + 1 == steps_per_epoch)) {
         const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -215,8 +213,8 @@ TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held
       }
     }
     // Held-out evaluation of this epoch.
-    auto eval = attack_evaluate(model, held_out, cfg.eval_attack, /*components=*/false,
-                                cfg.batch_size, device, /*progress=*/false);
+    auto eval = attack_evaluate(learner.subject(), held_out, cfg.eval_attack,
+                                /*components=*/false, cfg.batch_size, device, /*progress=*/false);
     model.train();
     nlohmann::json row = {{"epoch", epoch + 1},
                           {"train_loss", loss_sum / seen},
@@ -224,7 +222,7 @@ TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held
                           {"heldout_sa", eval.sa},
                           {"heldout_ra", eval.ra},
                           {"heldout_samples", eval.samples}};
-    if (cfg.method != "st") row["train_ra"] = static_cast<double>(adv_ok) / seen;
+    if (adv_seen > 0) row["train_ra"] = static_cast<double>(adv_ok) / adv_seen;
     const auto shares_clean = usage_shares(usage_clean), shares_adv = usage_shares(usage_adv);
     row["expert_usage_clean"] = shares_clean;
     warn_collapse(shares_clean, cfg.collapse_share, "clean", epoch);
@@ -239,12 +237,12 @@ TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held
               << eval.samples << " samples, PGD-" << cfg.eval_attack.steps << ")" << std::endl;
     if (!cfg.out_dir.empty()) {
       nlohmann::json manifest = manifest_base;
-      manifest["architecture"] = model.spec().to_json();
+      manifest.update(learner.manifest_fields());
       manifest["training"] = cfg.to_json();
       manifest["metrics"] = {{"history", summary.history}, {"epochs_done", epoch + 1}};
       checkpoint_save(cfg.out_dir, model, manifest,
                       [&](torch::serialize::OutputArchive& ar) {
-                        write_state(ar, *opt, epoch + 1, summary.history);
+                        write_state(ar, opts, epoch + 1, summary.history);
                       });
       if (cfg.keep_best && is_best) {
         manifest["metrics"]["best_epoch"] = epoch + 1;

@@ -4,6 +4,7 @@
 
 #include "moecert/attacks.h"
 #include "moecert/data.h"
+#include "moecert/dual.h"
 #include "moecert/models.h"
 
 #include <nlohmann/json.hpp>
@@ -15,7 +16,8 @@
 namespace moecert {
 
 struct TrainConfig {
-  std::string method = "at";        ///< st | at | trades | rt-er
+  std::string method = "at";        ///< st | at | trades | rt-er | jtdmoe (dual-model)
+  double jtd_gamma = 0.0;           ///< JTDMoE: weight of CE(F_D(x_adv)) in the F_S step (0 = paper)
   double beta = 6.0;                ///< TRADES / RT-ER regulariser weight (papers' default)
   double balance = 0.0;             ///< weight of the load-balancing loss (0 = off)
   double collapse_share = 0.9;      ///< warn when one expert takes more of the samples
@@ -78,6 +80,13 @@ torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const tor
 /// Samples per expert by top routing choice. routing.selected: [B, k] -> [E] int64
 torch::Tensor expert_usage(const MoeRouting& routing, int64_t experts);
 
+/// JTDMoE step (1): RT-ER loss of the robust member F_R (F_S takes no part).
+StepStats jtdmoe_robust_step(DualImpl& dual, const torch::Tensor& x, const torch::Tensor& y,
+                             const TrainConfig& cfg);
+/// JTDMoE step (2): CE(F_D(x), y) + γ·CE(F_D(x_adv), y) with F_R frozen.
+StepStats jtdmoe_standard_step(DualImpl& dual, const torch::Tensor& x, const torch::Tensor& y,
+                               const TrainConfig& cfg);
+
 /// "st" | "at" | "trades" | "rt-er" -> method; throws ConfigError naming the known methods.
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name);
 
@@ -95,5 +104,12 @@ struct TrainSummary {
 TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held_out,
                        const TrainConfig& cfg, const nlohmann::json& manifest_base,
                        torch::Device device);
+
+/// Trains a dual-model with JTDMoE (cfg.method == "jtdmoe"): per batch, an RT-ER
+/// step of F_R, then a step of F_S on the dual-model's loss. Checkpoints are
+/// dual-model checkpoints.
+TrainSummary train_dual_run(DualImpl& dual, const Dataset& train, const Dataset& held_out,
+                            const TrainConfig& cfg, const nlohmann::json& manifest_base,
+                            torch::Device device);
 
 }  // namespace moecert

@@ -88,7 +88,24 @@ struct TrainOptions {
   AttackOptions train_attack, eval_attack;
   int64_t val_samples = defaults::val_samples;
   bool force = false;
+  double alpha = 0.8;                       ///< jtdmoe: weight of the robust member
+  std::string init_standard, init_robust;   ///< jtdmoe: optional starting checkpoints
 };
+
+/// Loads a starting member for jtdmoe, or builds a fresh one from `spec`.
+Moe jtd_member(const std::string& dir, const ModelSpec& spec) {
+  if (dir.empty()) return Moe(spec);
+  auto loaded = model_load(dir, torch::kCPU);
+  if (loaded.is_dual()) throw ConfigError("jtdmoe: " + dir + " is a dual-model, expected one MoE");
+  return loaded.model;
+}
+
+void report_training(const TrainSummary& summary, const std::string& out_dir) {
+  const auto& last = summary.history.back();
+  std::cout << "trained " << summary.epochs_done << " epochs (" << fmt_fixed(summary.images_per_s, 0)
+            << " img/s); held-out SA " << fmt_fixed(last.value("heldout_sa", 0.0), 4) << ", RA "
+            << fmt_fixed(last.value("heldout_ra", 0.0), 4) << "; checkpoint " << out_dir << "\n";
+}
 
 void run_train(const CommonOptions& common, TrainOptions& o) {
   const int threads = runtime_threads(common.threads);
@@ -108,9 +125,12 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
   auto [train, val] = split_holdout(full, o.val_samples, common.seed);
   if (common.samples > 0) train = data_subset(train, common.samples, common.seed);
 
+  nlohmann::json resumed;
   if (o.cfg.resume) {
     auto manifest = checkpoint_read_manifest(o.cfg.out_dir);
-    o.spec = ModelSpec::from_json(manifest.at("architecture"));
+    resumed = manifest;
+    if (manifest.value("kind", "moe") != "dual")
+      o.spec = ModelSpec::from_json(manifest.at("architecture"));
     const auto method = manifest.value("training", nlohmann::json::object()).value("method", "");
     if (method != o.cfg.method)
       throw ConfigError("train --resume: the checkpoint was trained with --method " + method +
@@ -122,20 +142,34 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
     o.spec.in_channels = train.channels(), o.spec.height = train.height(), o.spec.width = train.width();
     o.spec.num_classes = train.num_classes, o.spec.mean = train.mean, o.spec.std = train.std;
   }
+  nlohmann::json base = {
+      {"dataset", {{"name", train.name}, {"train_samples", train.size()}, {"val_samples", val.size()}}},
+      {"threads", threads}};
+  if (o.cfg.method == "jtdmoe") {
+    Dual dual{nullptr};
+    if (o.cfg.resume) {
+      const auto& arch = resumed.at("architecture");
+      dual = Dual(Moe(ModelSpec::from_json(arch.at("standard"))),
+                  Moe(ModelSpec::from_json(arch.at("robust"))), resumed.value("alpha", o.alpha));
+    } else {
+      dual = Dual(jtd_member(o.init_standard, o.spec), jtd_member(o.init_robust, o.spec), o.alpha);
+    }
+    dual->to(device);
+    std::cerr << "train jtdmoe: dual-model alpha=" << dual->alpha() << " of "
+              << model_describe(dual->standard().spec()) << " (standard) and "
+              << model_describe(dual->robust().spec()) << " (robust); " << train.size()
+              << " training / " << val.size() << " held-out images; " << threads << " threads on "
+              << device << std::endl;
+    report_training(train_dual_run(*dual, train, val, o.cfg, base, device), o.cfg.out_dir);
+    return;
+  }
   Moe model(o.spec);
   model->to(device);
   std::cerr << "train " << o.cfg.method << ": " << model_describe(o.spec) << ", "
             << module_parameter_count(*model) << " parameters; " << train.size() << " training / "
             << val.size() << " held-out " << train.name << " images; " << threads << " threads on "
             << device << "; training attack " << describe_attack(o.cfg.attack) << std::endl;
-  nlohmann::json base = {
-      {"dataset", {{"name", train.name}, {"train_samples", train.size()}, {"val_samples", val.size()}}},
-      {"threads", threads}};
-  auto summary = train_run(*model, train, val, o.cfg, base, device);
-  const auto& last = summary.history.back();
-  std::cout << "trained " << summary.epochs_done << " epochs (" << fmt_fixed(summary.images_per_s, 0)
-            << " img/s); held-out SA " << fmt_fixed(last.value("heldout_sa", 0.0), 4) << ", RA "
-            << fmt_fixed(last.value("heldout_ra", 0.0), 4) << "; checkpoint " << o.cfg.out_dir << "\n";
+  report_training(train_run(*model, train, val, o.cfg, base, device), o.cfg.out_dir);
 }
 
 void add_attack_options(CLI::App* cmd, AttackOptions& a, const std::string& prefix,
@@ -167,7 +201,13 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   o->train_attack.steps = defaults::train_steps;
   auto* cmd = app.add_subcommand("train", "train an MoE (or dense) classifier and checkpoint it");
   auto& c = o->cfg;
-  cmd->add_option("--method", c.method, "st | at | trades | rt-er")->capture_default_str();
+  cmd->add_option("--method", c.method, "st | at | trades | rt-er | jtdmoe (dual-model)")
+      ->capture_default_str();
+  cmd->add_option("--alpha", o->alpha, "jtdmoe: weight of the robust member")->capture_default_str();
+  cmd->add_option("--jtd-gamma", c.jtd_gamma, "jtdmoe: weight of CE(F_D(x_adv)) in the F_S step")
+      ->capture_default_str();
+  cmd->add_option("--init-standard", o->init_standard, "jtdmoe: start F_S from this checkpoint");
+  cmd->add_option("--init-robust", o->init_robust, "jtdmoe: start F_R from this checkpoint");
   cmd->add_option("--beta", c.beta, "TRADES / RT-ER regulariser weight")->capture_default_str();
   cmd->add_option("--balance", c.balance, "load-balancing loss weight (0 = off)")
       ->capture_default_str();

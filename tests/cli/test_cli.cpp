@@ -159,3 +159,19 @@ TEST_CASE("dual combines two checkpoints and attack sweeps alpha", "[e2e][cli]")
                     " --alpha 1.5 --out " + (tmp / "bad")).code == 2);
   CHECK(run_moecert("attack " + trained_checkpoint() + " --alpha-sweep").code == 2);
 }
+
+TEST_CASE("train --method jtdmoe writes a dual-model checkpoint", "[e2e][cli]") {
+  TempDir tmp;
+  auto r = run_moecert("--dataset synthetic --samples 400 --quiet train --method jtdmoe --experts 2 "
+                       "--epochs 1 --val-samples 64 --steps 1 --eval-steps 1 --alpha 0.9 "
+                       "--init-robust " + trained_checkpoint() + " --out " + (tmp / "jtd"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  auto info = run_moecert("info " + (tmp / "jtd"));
+  CHECK(info.output.find("dual-model alpha=0.900") != std::string::npos);
+  auto resumed = run_moecert("--dataset synthetic --samples 400 --quiet train --method jtdmoe --experts 2 "
+                             "--epochs 2 --val-samples 64 --steps 1 --eval-steps 1 --resume --out " + (tmp / "jtd"));
+  INFO(resumed.output);
+  CHECK(resumed.code == 0);
+  CHECK(resumed.output.find("after epoch 1") != std::string::npos);
+}

@@ -1,0 +1,45 @@
+// What the epoch loop trains: one MoE under one method, or a dual-model under
+// JTDMoE's alternating scheme. Private to training/.
+#pragma once
+
+#include "moecert/dual.h"
+#include "moecert/training.h"
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moecert {
+
+class Learner {
+ public:
+  virtual ~Learner() = default;
+  virtual torch::nn::Module& module() = 0;
+  virtual std::vector<torch::optim::Optimizer*> optimizers() = 0;
+  /// One batch: computes the loss(es), checks them (`check` throws on NaN/Inf)
+  /// and updates the parameters. x: [B, C, H, W], y: [B]
+  virtual StepStats update(const torch::Tensor& x, const torch::Tensor& y, const TrainConfig& cfg,
+                           const std::function<void(const StepStats&)>& check) = 0;
+  virtual AttackSubject subject() = 0;
+  /// Manifest fields that describe the model ("architecture", and for a dual-model
+  /// "kind" and "alpha").
+  virtual nlohmann::json manifest_fields() = 0;
+  /// Experts whose usage is reported (the robust member's for a dual-model).
+  virtual int64_t num_experts() = 0;
+};
+
+/// Builds Adam or SGD over `params` from the config.
+std::unique_ptr<torch::optim::Optimizer> optimizer_make(std::vector<torch::Tensor> params,
+                                                        const TrainConfig& cfg);
+
+std::unique_ptr<Learner> learner_single(MoeImpl& model, const TrainConfig& cfg);
+std::unique_ptr<Learner> learner_jtdmoe(DualImpl& dual, const TrainConfig& cfg);
+
+/// The epoch loop shared by train_run and train_dual_run.
+TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& held_out,
+                        const TrainConfig& cfg, const nlohmann::json& manifest_base,
+                        torch::Device device);
+
+}  // namespace moecert

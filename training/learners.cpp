@@ -1,0 +1,154 @@
+// The two learners: a single MoE under one TrainMethod, and JTDMoE's bi-level
+// alternating updates of a dual-model (paper 1, SPEC §2).
+#include "learner.h"
+#include "moecert/error.h"
+
+namespace moecert {
+
+std::unique_ptr<torch::optim::Optimizer> optimizer_make(std::vector<torch::Tensor> params,
+                                                        const TrainConfig& c) {
+  if (c.optimizer == "sgd")
+    return std::make_unique<torch::optim::SGD>(
+        std::move(params),
+        torch::optim::SGDOptions(c.lr).momentum(c.momentum).weight_decay(c.weight_decay));
+  return std::make_unique<torch::optim::Adam>(
+      std::move(params), torch::optim::AdamOptions(c.lr).weight_decay(c.weight_decay));
+}
+
+namespace {
+
+void apply(torch::optim::Optimizer& opt, const StepStats& s) {
+  opt.zero_grad();
+  s.loss.backward();
+  opt.step();
+}
+
+class SingleLearner : public Learner {
+ public:
+  SingleLearner(MoeImpl& model, const TrainConfig& cfg)
+      : model_(model), method_(train_method_make(cfg.method)),
+        opt_(optimizer_make(model.parameters(), cfg)) {}
+
+  torch::nn::Module& module() override { return model_; }
+  std::vector<torch::optim::Optimizer*> optimizers() override { return {opt_.get()}; }
+  StepStats update(const torch::Tensor& x, const torch::Tensor& y, const TrainConfig& cfg,
+                   const std::function<void(const StepStats&)>& check) override {
+    StepStats s = method_->step(model_, x, y, cfg);
+    check(s);
+    apply(*opt_, s);
+    return s;
+  }
+  AttackSubject subject() override { return attack_subject(model_); }
+  nlohmann::json manifest_fields() override { return {{"architecture", model_.spec().to_json()}}; }
+  int64_t num_experts() override { return model_.num_experts(); }
+
+ private:
+  MoeImpl& model_;
+  std::unique_ptr<TrainMethod> method_;
+  std::unique_ptr<torch::optim::Optimizer> opt_;
+};
+
+class JtdLearner : public Learner {
+ public:
+  JtdLearner(DualImpl& dual, const TrainConfig& cfg)
+      : dual_(dual), opt_robust_(optimizer_make(dual.robust().parameters(), cfg)),
+        opt_standard_(optimizer_make(dual.standard().parameters(), cfg)) {}
+
+  torch::nn::Module& module() override { return dual_; }
+  std::vector<torch::optim::Optimizer*> optimizers() override {
+    return {opt_robust_.get(), opt_standard_.get()};
+  }
+  StepStats update(const torch::Tensor& x, const torch::Tensor& y, const TrainConfig& cfg,
+                   const std::function<void(const StepStats&)>& check) override {
+    StepStats robust = jtdmoe_robust_step(dual_, x, y, cfg);
+    check(robust);
+    apply(*opt_robust_, robust);
+    StepStats standard = jtdmoe_standard_step(dual_, x, y, cfg);
+    check(standard);
+    apply(*opt_standard_, standard);
+    // Report the dual-model's loss and accuracies; usage is the robust member's.
+    standard.usage_clean = robust.usage_clean;
+    standard.usage_adv = robust.usage_adv;
+    return standard;
+  }
+  AttackSubject subject() override { return attack_subject(dual_); }
+  nlohmann::json manifest_fields() override {
+    return {{"kind", "dual"},
+            {"alpha", dual_.alpha()},
+            {"architecture",
+             {{"standard", dual_.standard().spec().to_json()},
+              {"robust", dual_.robust().spec().to_json()}}}};
+  }
+  int64_t num_experts() override { return dual_.robust().num_experts(); }
+
+ private:
+  DualImpl& dual_;
+  std::unique_ptr<torch::optim::Optimizer> opt_robust_, opt_standard_;
+};
+
+}  // namespace
+
+StepStats jtdmoe_robust_step(DualImpl& dual, const torch::Tensor& x, const torch::Tensor& y,
+                             const TrainConfig& cfg) {
+  // RT-ER on F_R alone: F_S takes no part in this loss, so it gets no gradient.
+  static const auto rter = train_method_make("rt-er");
+  return rter->step(dual.robust(), x, y, cfg);
+}
+
+StepStats jtdmoe_standard_step(DualImpl& dual, const torch::Tensor& x, const torch::Tensor& y,
+                               const TrainConfig& cfg) {
+  // CE(F_D(x), y) + γ·CE(F_D(x_adv), y) with F_R frozen: its parameters do not
+  // require gradients here, so the loss moves F_S only.
+  FrozenParameters frozen_robust(dual.robust());
+  StepStats s;
+  torch::Tensor x_adv;
+  if (cfg.jtd_gamma > 0) {
+    dual.eval();
+    FrozenParameters frozen_standard(dual.standard());
+    x_adv = attack_pgd(attack_subject(dual).target(AttackTarget::whole, x), x, y, cfg.attack);
+  }
+  dual.train();
+  auto lp = dual.forward(x);
+  s.loss = torch::nll_loss(lp, y);
+  s.clean_correct = attack_count_correct(lp.detach(), y);
+  s.checked.emplace_back("log F_D (clean)", lp.detach());
+  if (cfg.jtd_gamma > 0) {
+    auto lp_adv = dual.forward(x_adv);
+    s.loss = s.loss + cfg.jtd_gamma * torch::nll_loss(lp_adv, y);
+    s.adv_correct = attack_count_correct(lp_adv.detach(), y);
+    s.checked.emplace_back("log F_D (adversarial)", lp_adv.detach());
+  }
+  s.checked.emplace_back("JTDMoE standard loss", s.loss.detach());
+  return s;
+}
+
+std::unique_ptr<Learner> learner_single(MoeImpl& model, const TrainConfig& cfg) {
+  if (cfg.method == "jtdmoe")
+    throw ConfigError("--method jtdmoe trains a dual-model: it needs two members, not one MoE");
+  return std::make_unique<SingleLearner>(model, cfg);
+}
+
+std::unique_ptr<Learner> learner_jtdmoe(DualImpl& dual, const TrainConfig& cfg) {
+  if (cfg.method != "jtdmoe") throw ConfigError("a dual-model is trained with --method jtdmoe");
+  if (dual.robust().num_experts() < 2)
+    throw ConfigError("jtdmoe: the robust member needs at least 2 experts (RT-ER)");
+  return std::make_unique<JtdLearner>(dual, cfg);
+}
+
+TrainSummary train_run(MoeImpl& model, const Dataset& train, const Dataset& held_out,
+                       const TrainConfig& cfg, const nlohmann::json& manifest_base,
+                       torch::Device device) {
+  cfg.validate();
+  auto learner = learner_single(model, cfg);
+  return train_loop(*learner, train, held_out, cfg, manifest_base, device);
+}
+
+TrainSummary train_dual_run(DualImpl& dual, const Dataset& train, const Dataset& held_out,
+                            const TrainConfig& cfg, const nlohmann::json& manifest_base,
+                            torch::Device device) {
+  cfg.validate();
+  auto learner = learner_jtdmoe(dual, cfg);
+  return train_loop(*learner, train, held_out, cfg, manifest_base, device);
+}
+
+}  // namespace moecert
