@@ -77,13 +77,16 @@ torch::Tensor whole_model_pgd(MoeImpl& model, const torch::Tensor& x, const torc
   return attack_pgd(attack_target_fn(model, AttackTarget::whole, x), x, y, attack);
 }
 
-/// Clean accuracy and routing of a batch without gradients.
-void clean_stats(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y, StepStats& s) {
+/// Clean accuracy and routing of a batch without gradients, in eval mode; returns
+/// the clean log F(x) [B, C] (TRADES' attack target).
+torch::Tensor clean_stats(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                          StepStats& s) {
   torch::NoGradGuard no_grad;
   model.eval();
   auto out = model.forward_full(x);
   s.clean_correct = attack_count_correct(out.log_probs, y);
   s.usage_clean = expert_usage(out.routing, model.num_experts());
+  return out.log_probs;
 }
 
 /// `st`: CE(F(x), y) on log F.
@@ -141,16 +144,10 @@ class TradesTraining : public TrainMethod {
   StepStats step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                  const TrainConfig& cfg) override {
     StepStats s;
-    clean_stats(model, x, y, s);
+    const torch::Tensor target = clean_stats(model, x, y, s);  // leaves eval mode on
     torch::Tensor x_adv;
     {
-      model.eval();
       FrozenParameters frozen(model);
-      torch::Tensor target;
-      {
-        torch::NoGradGuard no_grad;
-        target = model.forward(x);
-      }
       PerSampleLoss kl = [&target](const torch::Tensor& lp) { return kl_rows(target, lp); };
       x_adv = attack_pgd_objective(attack_target_fn(model, AttackTarget::whole, x), x, kl,
                                    cfg.attack, y);
