@@ -48,6 +48,37 @@ class SingleLearner : public Learner {
   std::unique_ptr<torch::optim::Optimizer> opt_;
 };
 
+/// AdvMoE (paper 2): per batch an experts/backbone step with the router frozen,
+/// then a router step with the experts frozen, each with its own optimizer.
+class AdvMoeLearner : public Learner {
+ public:
+  AdvMoeLearner(MoeImpl& model, const TrainConfig& cfg)
+      : model_(model), opt_experts_(optimizer_make(model.expert_parameters(), cfg)),
+        opt_router_(optimizer_make(model.router_parameters(), cfg)) {}
+
+  torch::nn::Module& module() override { return model_; }
+  std::vector<torch::optim::Optimizer*> optimizers() override {
+    return {opt_experts_.get(), opt_router_.get()};
+  }
+  StepStats update(const torch::Tensor& x, const torch::Tensor& y, const TrainConfig& cfg,
+                   const std::function<void(const StepStats&)>& check) override {
+    StepStats experts = advmoe_expert_step(model_, x, y, cfg);
+    check(experts);
+    apply(*opt_experts_, experts);
+    StepStats router = advmoe_router_step(model_, x, y, cfg);
+    check(router);
+    apply(*opt_router_, router);
+    return experts;  // loss and accuracies of the expert step, as a TRADES run reports them
+  }
+  AttackSubject subject() override { return attack_subject(model_); }
+  nlohmann::json manifest_fields() override { return {{"architecture", model_.spec().to_json()}}; }
+  int64_t num_experts() override { return model_.num_experts(); }
+
+ private:
+  MoeImpl& model_;
+  std::unique_ptr<torch::optim::Optimizer> opt_experts_, opt_router_;
+};
+
 class JtdLearner : public Learner {
  public:
   JtdLearner(DualImpl& dual, const TrainConfig& cfg)
@@ -125,6 +156,12 @@ StepStats jtdmoe_standard_step(DualImpl& dual, const torch::Tensor& x, const tor
 std::unique_ptr<Learner> learner_single(MoeImpl& model, const TrainConfig& cfg) {
   if (cfg.method == "jtdmoe")
     throw ConfigError("--method jtdmoe trains a dual-model: it needs two members, not one MoE");
+  if (cfg.method == "advmoe") {
+    if (model.num_experts() < 2)
+      throw ConfigError("--method advmoe alternates router and expert updates: it needs "
+                        "--experts >= 2 (a router)");
+    return std::make_unique<AdvMoeLearner>(model, cfg);
+  }
   return std::make_unique<SingleLearner>(model, cfg);
 }
 

@@ -166,14 +166,79 @@ class TradesTraining : public TrainMethod {
   }
 };
 
+/// The TRADES loss CE(F(x), y) + β·KL(F(x) || F(x_adv)) of one AdvMoE step.
+StepStats advmoe_trades(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& x_adv,
+                        const torch::Tensor& y, const TrainConfig& cfg, StepStats s,
+                        bool balance) {
+  model.train();
+  auto clean = model.forward_full(x);
+  auto adv = model.forward_full(x_adv);
+  s.loss = torch::nll_loss(clean.log_probs, y) +
+           cfg.beta * kl_rows(clean.log_probs, adv.log_probs).mean();
+  s.checked.emplace_back("training loss", s.loss.detach());
+  s.adv_correct = attack_count_correct(adv.log_probs.detach(), y);
+  s.usage_adv = expert_usage(adv.routing, model.num_experts());
+  finish(s, clean, cfg, "clean", balance);
+  finish(s, adv, cfg, "adversarial", /*balance=*/false);
+  return s;
+}
+
+void advmoe_require_router(MoeImpl& model) {
+  if (model.num_experts() < 2)
+    throw ConfigError("advmoe alternates router and expert updates: it needs a model with a router "
+                      "(--experts >= 2)");
+}
+
 }  // namespace
+
+torch::Tensor advmoe_attack(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                            const TrainConfig& cfg, StepStats& s) {
+  advmoe_require_router(model);
+  torch::Tensor lp_clean, la_clean;
+  {
+    torch::NoGradGuard no_grad;
+    model.eval();
+    auto out = model.forward_full(x);
+    lp_clean = out.log_probs;
+    la_clean = torch::log_softmax(out.routing.logits, /*dim=*/1);
+    s.clean_correct = attack_count_correct(lp_clean, y);
+    s.usage_clean = expert_usage(out.routing, model.num_experts());
+  }
+  const int64_t C = lp_clean.size(1), E = la_clean.size(1);
+  FrozenParameters frozen(model);
+  // The map returns [log F | log a] side by side so one PGD run sees both terms.
+  LogProbFn both = [&model](const torch::Tensor& in) {
+    auto out = model.forward_full(in);
+    return torch::cat({out.log_probs, torch::log_softmax(out.routing.logits, 1)}, /*dim=*/1);
+  };
+  PerSampleLoss kl = [&](const torch::Tensor& z) {
+    return kl_rows(lp_clean, z.narrow(1, 0, C)) + kl_rows(la_clean, z.narrow(1, C, E));
+  };
+  return attack_pgd_objective(both, x, kl, cfg.attack);  // no labels: keep the highest KL
+}
+
+StepStats advmoe_expert_step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                             const TrainConfig& cfg) {
+  StepStats s;
+  auto x_adv = advmoe_attack(model, x, y, cfg, s);
+  FrozenParameters frozen_router(model.router_parameters());
+  return advmoe_trades(model, x, x_adv, y, cfg, std::move(s), /*balance=*/false);
+}
+
+StepStats advmoe_router_step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                             const TrainConfig& cfg) {
+  StepStats s;
+  auto x_adv = advmoe_attack(model, x, y, cfg, s);
+  FrozenParameters frozen_experts(model.expert_parameters());
+  return advmoe_trades(model, x, x_adv, y, cfg, std::move(s), /*balance=*/true);
+}
 
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name) {
   if (name == "st") return std::make_unique<StandardTraining>();
   if (name == "at") return std::make_unique<AdversarialTraining>(/*rter=*/false);
   if (name == "rt-er") return std::make_unique<AdversarialTraining>(/*rter=*/true);
   if (name == "trades") return std::make_unique<TradesTraining>();
-  throw ConfigError::invalid("--method", name, "st | at | trades | rt-er");
+  throw ConfigError::invalid("--method", name, "st | at | trades | rt-er | advmoe | jtdmoe");
 }
 
 }  // namespace moecert

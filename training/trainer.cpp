@@ -30,7 +30,8 @@ nlohmann::json TrainConfig::to_json() const {
 }
 
 void TrainConfig::validate() const {
-  if (method != "jtdmoe") train_method_make(method);
+  // advmoe and jtdmoe alternate two updates per batch: they are learners, not methods.
+  if (method != "jtdmoe" && method != "advmoe") train_method_make(method);
   if (jtd_gamma < 0) throw ConfigError::invalid("--jtd-gamma", std::to_string(jtd_gamma), ">= 0");
   if (epochs < 1) throw ConfigError::invalid("--epochs", std::to_string(epochs), ">= 1");
   if (batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(batch_size), ">= 1");

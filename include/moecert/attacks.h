@@ -59,6 +59,7 @@ torch::Tensor attack_fgsm(const LogProbFn& f, const torch::Tensor& x, const torc
 class FrozenParameters {
  public:
   explicit FrozenParameters(torch::nn::Module& module);
+  explicit FrozenParameters(const std::vector<torch::Tensor>& parameters);
   ~FrozenParameters();
   FrozenParameters(const FrozenParameters&) = delete;
   FrozenParameters& operator=(const FrozenParameters&) = delete;

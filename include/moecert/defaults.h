@@ -17,6 +17,9 @@ inline constexpr uint64_t seed = 0;
 // --- models -----------------------------------------------------------------
 inline constexpr int64_t experts = 4;
 inline constexpr int64_t top_k = 1;
+/// MoE-CNN (AdvMoE): N = 2 channel groups of width r = 0.5 of each conv layer.
+inline constexpr int64_t moe_cnn_groups = 2;
+inline constexpr double moe_cnn_scale = 0.5;
 
 // --- attacks ----------------------------------------------------------------
 /// Fashion-MNIST L-inf radius used by the demo and the foundation targets.
@@ -28,6 +31,8 @@ inline constexpr double step_scale = 2.5;
 inline constexpr int64_t val_samples = 1000;
 inline constexpr int eval_steps = 20;
 inline constexpr int train_steps = 5;
+/// AdvMoE (paper 2) trains with 2 PGD steps.
+inline constexpr int advmoe_train_steps = 2;
 inline constexpr int restarts = 1;
 
 // --- training ---------------------------------------------------------------

@@ -1,6 +1,9 @@
-// Model-level Mixture of Experts (SPEC §1): normalisation -> router g -> top-k or
-// soft gate -> experts h_i -> F(x) = Σ_i a_i(x) softmax(h_i(x)). E = 1 is the
-// dense baseline (no router). All maps take x: [B, C, H, W] with pixels in [0, 1].
+// Mixture-of-Experts models (SPEC §1). kind "moe" (paper 1): normalisation -> router
+// g -> top-k or soft gate -> experts h_i -> F(x) = Σ_i a_i(x) softmax(h_i(x)); E = 1
+// is the dense baseline (no router). kind "moe-cnn" (paper 2, AdvMoE): one backbone
+// whose conv layers hold N channel groups of width scale·C_out; the router's top-1
+// choice picks the group of every layer, so "expert" i is the path through group i
+// (paths share the head). All maps take x: [B, C, H, W] with pixels in [0, 1].
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -18,8 +21,10 @@ enum class Routing { soft, top_k };
 
 /// Everything needed to rebuild a model; stored as "architecture" in model.json.
 struct ModelSpec {
+  std::string kind = "moe";            ///< moe (model-level) | moe-cnn (channel groups)
+  double scale = 0.5;                  ///< moe-cnn: group width r as a share of C_out
   int64_t in_channels = 1, height = 28, width = 28, num_classes = 10;
-  int64_t experts = 4;                 ///< E; 1 = dense model without router
+  int64_t experts = 4;                 ///< E (moe-cnn: N groups); 1 = dense, no router
   std::string expert = "cnn-s";        ///< cnn-s | resnet18
   std::string router = "linear";       ///< linear | cnn
   Routing routing = Routing::top_k;
@@ -44,11 +49,33 @@ class BackboneImpl : public torch::nn::Module {
 std::shared_ptr<BackboneImpl> backbone_make(const std::string& kind, int64_t in_channels,
                                             int64_t height, int64_t width, int64_t outputs);
 
+/// MoE-CNN body (AdvMoE): the parameters of the N channel-group paths of one
+/// backbone. Path g runs group g of every MoE conv layer (width round(scale·C_out))
+/// and the column block g of the shared head: the dense network of width N·r·C with
+/// every other channel zero, computed without those channels.
+class ChannelGroupNetImpl : public torch::nn::Module {
+ public:
+  /// Logits of path `group`. x: [B, C, H, W] (already normalised) -> [B, K]. A
+  /// defined `gate` [B] multiplies the path's features before the shared head: the
+  /// straight-through channel mask of AdvMoE (value 1, gradient to the router).
+  virtual torch::Tensor forward_path(int64_t group, const torch::Tensor& x,
+                                     const torch::Tensor& gate = {}) = 0;
+};
+
+/// Builds the MoE-CNN body of backbone `kind` (cnn-s | resnet18). Throws ConfigError.
+std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind, int64_t in_channels,
+                                                        int64_t height, int64_t width,
+                                                        int64_t outputs, int64_t groups,
+                                                        double scale);
+
 /// The routing of a batch: which experts each sample uses and with what weight.
 struct MoeRouting {
   torch::Tensor logits;    ///< [B, E] router logits g(x) (undefined for E = 1)
   torch::Tensor selected;  ///< [B, k] int64 expert indices (soft: k = E, 0..E-1)
   torch::Tensor log_w;     ///< [B, k] log routing weights of the selected experts
+  /// moe-cnn only: [B, 1] straight-through channel gate of the selected group, equal
+  /// to 1 in value with the gradient of its router probability (undefined otherwise).
+  torch::Tensor gate;
 };
 
 /// Output of one MoE evaluation.
@@ -81,19 +108,26 @@ class MoeImpl : public torch::nn::Module {
   int64_t num_experts() const { return spec_.experts; }
   BackboneImpl& expert(int64_t i) { return *experts_[static_cast<size_t>(i)]; }
   BackboneImpl* router() { return router_.get(); }
+  /// moe-cnn: the channel-group body (nullptr for kind moe).
+  ChannelGroupNetImpl* channel_groups() { return body_.get(); }
+  /// Parameters of the router / of everything else (experts or channel-group body).
+  std::vector<torch::Tensor> router_parameters();
+  std::vector<torch::Tensor> expert_parameters();
   /// (x - mean) / std per channel. [B, C, H, W] -> [B, C, H, W]
   torch::Tensor normalise(const torch::Tensor& x) const;
 
  private:
   /// Runs each selected expert once on its group of samples and scatters back.
   /// xn: [B, C, H, W] normalised; selected: [B, k] -> log-softmax [B, k, classes]
-  torch::Tensor dispatch(const torch::Tensor& xn, const torch::Tensor& selected);
+  torch::Tensor dispatch(const torch::Tensor& xn, const torch::Tensor& selected,
+                         const torch::Tensor& gate);
   void check_input(const torch::Tensor& x, const char* what) const;
 
   ModelSpec spec_;
   torch::Tensor mean_, std_;  // buffers [1, C, 1, 1]
   std::shared_ptr<BackboneImpl> router_;
-  torch::nn::ModuleList experts_list_;
+  std::shared_ptr<ChannelGroupNetImpl> body_;  // moe-cnn only
+  torch::nn::ModuleList experts_list_{nullptr};
   std::vector<std::shared_ptr<BackboneImpl>> experts_;
 };
 TORCH_MODULE(Moe);

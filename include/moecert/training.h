@@ -16,7 +16,7 @@
 namespace moecert {
 
 struct TrainConfig {
-  std::string method = "at";        ///< st | at | trades | rt-er | jtdmoe (dual-model)
+  std::string method = "at";        ///< st | at | trades | rt-er | advmoe | jtdmoe (dual-model)
   double jtd_gamma = 0.0;           ///< JTDMoE: weight of CE(F_D(x_adv)) in the F_S step (0 = paper)
   double beta = 6.0;                ///< TRADES / RT-ER regulariser weight (papers' default)
   double balance = 0.0;             ///< weight of the load-balancing loss (0 = off)
@@ -86,6 +86,20 @@ StepStats jtdmoe_robust_step(DualImpl& dual, const torch::Tensor& x, const torch
 /// JTDMoE step (2): CE(F_D(x), y) + γ·CE(F_D(x_adv), y) with F_R frozen.
 StepStats jtdmoe_standard_step(DualImpl& dual, const torch::Tensor& x, const torch::Tensor& y,
                                const TrainConfig& cfg);
+
+/// AdvMoE's attack (paper 2): PGD maximising KL(F(x) || F(x')) + KL(a(x) || a(x')),
+/// the output KL plus the KL of the router scores a = softmax(g), with parameters
+/// frozen, in eval mode. Fills s.clean_correct and s.usage_clean. -> x_adv [B, C, H, W]
+torch::Tensor advmoe_attack(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                            const TrainConfig& cfg, StepStats& s);
+/// AdvMoE step (1): experts/backbone, router frozen. TRADES loss
+/// CE(F(x), y) + β·KL(F(x) || F(x_adv)) with x_adv from advmoe_attack.
+StepStats advmoe_expert_step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                             const TrainConfig& cfg);
+/// AdvMoE step (2): router, experts frozen; the same TRADES loss on a fresh x_adv
+/// (plus the optional load-balancing term), whose only gradient path is the router's.
+StepStats advmoe_router_step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                             const TrainConfig& cfg);
 
 /// "st" | "at" | "trades" | "rt-er" -> method; throws ConfigError naming the known methods.
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name);

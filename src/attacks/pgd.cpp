@@ -122,8 +122,11 @@ torch::Tensor attack_fgsm(const LogProbFn& f, const torch::Tensor& x, const torc
   return project(x + eps * ascent_direction(g, norm), x, norm, eps).detach();
 }
 
-FrozenParameters::FrozenParameters(torch::nn::Module& module) {
-  for (auto& p : module.parameters())
+FrozenParameters::FrozenParameters(torch::nn::Module& module)
+    : FrozenParameters(module.parameters()) {}
+
+FrozenParameters::FrozenParameters(const std::vector<torch::Tensor>& parameters) {
+  for (auto p : parameters)
     if (p.requires_grad()) frozen_.push_back(p), p.requires_grad_(false);
 }
 

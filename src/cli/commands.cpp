@@ -201,7 +201,7 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   o->train_attack.steps = defaults::train_steps;
   auto* cmd = app.add_subcommand("train", "train an MoE (or dense) classifier and checkpoint it");
   auto& c = o->cfg;
-  cmd->add_option("--method", c.method, "st | at | trades | rt-er | jtdmoe (dual-model)")
+  cmd->add_option("--method", c.method, "st | at | trades | rt-er | advmoe | jtdmoe (dual-model)")
       ->capture_default_str();
   cmd->add_option("--alpha", o->alpha, "jtdmoe: weight of the robust member")->capture_default_str();
   cmd->add_option("--jtd-gamma", c.jtd_gamma, "jtdmoe: weight of CE(F_D(x_adv)) in the F_S step")
@@ -214,7 +214,12 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("--collapse-share", c.collapse_share,
                   "warn when one expert takes more than this share of the samples")
       ->capture_default_str();
-  cmd->add_option("--experts", o->spec.experts, "number of experts E (1 = dense)")->capture_default_str();
+  cmd->add_option("--arch", o->spec.kind,
+                  "moe (model-level experts) | moe-cnn (AdvMoE channel-group conv layers)")
+      ->capture_default_str();
+  cmd->add_option("--scale", o->spec.scale, "moe-cnn: channel-group width r as a share of C_out")
+      ->capture_default_str();
+  cmd->add_option("--experts", o->spec.experts, "number of experts E (1 = dense; moe-cnn: groups N)")->capture_default_str();
   cmd->add_option("--expert", o->spec.expert, "expert backbone: cnn-s | resnet18")->capture_default_str();
   cmd->add_option("--router", o->spec.router, "router: linear | cnn")->capture_default_str();
   cmd->add_option("--routing", o->routing, "soft | top-k")->capture_default_str();
@@ -237,7 +242,14 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   cmd->add_flag("--resume", c.resume, "continue the checkpoint in --out from its last epoch");
   cmd->add_flag("--force", o->force, "replace an existing checkpoint in --out");
   cmd->add_flag("--keep-best", c.keep_best, "also keep the best held-out-RA epoch in <out>-best");
-  cmd->callback([&common, o] { run_train(common, *o); });
+  cmd->callback([&common, o, cmd] {
+    // AdvMoE's paper trains with 2 PGD steps; the other methods with defaults::train_steps.
+    if (o->cfg.method == "advmoe" && cmd->count("--steps") == 0)
+      o->train_attack.steps = defaults::advmoe_train_steps;
+    if (o->spec.kind == "moe-cnn" && cmd->count("--experts") == 0)
+      o->spec.experts = defaults::moe_cnn_groups;
+    run_train(common, *o);
+  });
 }
 
 void cli_register_attack(CLI::App& app, const CommonOptions& common) {

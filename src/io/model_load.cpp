@@ -21,6 +21,9 @@ ModelSpec spec_from(const nlohmann::json& arch, const std::string& dir, const st
 
 std::string model_describe(const ModelSpec& s) {
   if (s.experts == 1) return "dense " + s.expert;
+  if (s.kind == "moe-cnn")
+    return "MoE-CNN " + s.expert + " with N=" + std::to_string(s.experts) + " channel groups of r=" +
+           fmt_fixed(s.scale, 3) + ", " + s.router + " router, top-1 routing";
   return "MoE E=" + std::to_string(s.experts) + " " + s.expert + " experts, " + s.router +
          " router, " + (s.routing == Routing::soft ? "soft" : "top-" + std::to_string(s.top_k)) +
          " routing";

@@ -136,34 +136,117 @@ class BasicBlockImpl : public nn::Module {
 };
 TORCH_MODULE(BasicBlock);
 
-/// CIFAR ResNet-18 (3x3 stem, no max-pool, [2,2,2,2] basic blocks, global average pool).
+/// CIFAR ResNet-18 (3x3 stem, no max-pool, [2,2,2,2] basic blocks, global average
+/// pool) of stage widths base·(1, 2, 4, 8). outputs = 0 leaves out the linear head:
+/// forward then returns the pooled features [B, 8·base] (a MoE-CNN trunk).
 class ResNet18Impl : public BackboneImpl {
  public:
-  ResNet18Impl(int64_t c, int64_t outputs)
-      : conv1(register_module("conv1", conv3x3(c, 64, 1, false))),
-        bn1(register_module("bn1", nn::BatchNorm2d(64))),
-        layer1(register_module("layer1", make_layer(64, 64, 1))),
-        layer2(register_module("layer2", make_layer(64, 128, 2))),
-        layer3(register_module("layer3", make_layer(128, 256, 2))),
-        layer4(register_module("layer4", make_layer(256, 512, 2))),
-        linear(register_module("linear", nn::Linear(512, outputs))) {}
+  ResNet18Impl(int64_t c, int64_t outputs, int64_t base = 64)
+      : conv1(register_module("conv1", conv3x3(c, base, 1, false))),
+        bn1(register_module("bn1", nn::BatchNorm2d(base))),
+        layer1(register_module("layer1", make_layer(base, base, 1))),
+        layer2(register_module("layer2", make_layer(base, 2 * base, 2))),
+        layer3(register_module("layer3", make_layer(2 * base, 4 * base, 2))),
+        layer4(register_module("layer4", make_layer(4 * base, 8 * base, 2))) {
+    if (outputs > 0) linear = register_module("linear", nn::Linear(8 * base, outputs));
+  }
 
   torch::Tensor forward(torch::Tensor x) override {
     x = torch::relu(bn1(conv1(x)));
     x = layer4->forward(layer3->forward(layer2->forward(layer1->forward(x))));
     x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(/*start_dim=*/1);
-    return linear(x);
+    return linear ? linear(x) : x;
   }
 
   nn::Conv2d conv1;
   nn::BatchNorm2d bn1;
   nn::Sequential layer1, layer2, layer3, layer4;
-  nn::Linear linear;
+  nn::Linear linear{nullptr};
 
  private:
   static nn::Sequential make_layer(int64_t in, int64_t out, int64_t stride) {
     return nn::Sequential(BasicBlock(in, out, stride), BasicBlock(out, out, 1));
   }
+};
+
+/// Width of one channel group: round(scale · channels), at least 1.
+int64_t group_width(int64_t channels, double scale) {
+  return std::max<int64_t>(1, static_cast<int64_t>(scale * static_cast<double>(channels) + 0.5));
+}
+
+/// The conv layers of cnn-s at group width: conv 3x3 C->w1 s2, ReLU, conv 3x3 w1->w2 s2,
+/// ReLU, flatten. -> [B, w2·H'·W']
+class CnnSTrunkImpl : public nn::Module {
+ public:
+  CnnSTrunkImpl(int64_t c, int64_t w1, int64_t w2)
+      : conv1(register_module("conv1", conv3x3(c, w1, 2, true))),
+        conv2(register_module("conv2", conv3x3(w1, w2, 2, true))) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    return torch::relu(conv2(torch::relu(conv3x3_apply(conv1, x)))).flatten(/*start_dim=*/1);
+  }
+  nn::Conv2d conv1, conv2;
+};
+TORCH_MODULE(CnnSTrunk);
+
+/// MoE-CNN of cnn-s: per group its own two conv layers (the MoE layers); the head
+/// fc1 (N·F -> 128) is shared, group g reading its column block, then ReLU and fc2.
+class ChannelGroupCnnSImpl : public ChannelGroupNetImpl {
+ public:
+  ChannelGroupCnnSImpl(int64_t c, int64_t h, int64_t w, int64_t outputs, int64_t n_groups,
+                       double scale)
+      : features_(group_width(32, scale) * conv_s2_size(conv_s2_size(h)) *
+                  conv_s2_size(conv_s2_size(w))),
+        groups(register_module("groups", nn::ModuleList())),
+        fc1(register_module("fc1", nn::Linear(n_groups * features_, 128))),
+        fc2(register_module("fc2", nn::Linear(128, outputs))) {
+    for (int64_t g = 0; g < n_groups; ++g) {
+      trunks_.emplace_back(c, group_width(16, scale), group_width(32, scale));
+      groups->push_back(trunks_.back());
+    }
+  }
+  torch::Tensor forward_path(int64_t g, const torch::Tensor& x, const torch::Tensor& gate) override {
+    auto f = trunks_.at(static_cast<size_t>(g))->forward(x);
+    if (gate.defined()) f = f * gate.view({-1, 1});
+    auto h = torch::linear(f, fc1->weight.narrow(1, g * features_, features_), fc1->bias);
+    return fc2(torch::relu(h));
+  }
+
+ private:
+  int64_t features_;
+  std::vector<CnnSTrunk> trunks_;
+
+ public:
+  nn::ModuleList groups;
+  nn::Linear fc1, fc2;
+};
+
+/// MoE-CNN of ResNet-18: per group a ResNet-18 trunk of width round(64·scale) (every
+/// conv and BatchNorm is a MoE layer); the linear head is shared, group g reading
+/// its column block of the N·8·width pooled features.
+class ChannelGroupResNetImpl : public ChannelGroupNetImpl {
+ public:
+  ChannelGroupResNetImpl(int64_t c, int64_t outputs, int64_t n_groups, double scale)
+      : features_(8 * group_width(64, scale)),
+        groups(register_module("groups", nn::ModuleList())),
+        linear(register_module("linear", nn::Linear(n_groups * features_, outputs))) {
+    for (int64_t g = 0; g < n_groups; ++g) {
+      trunks_.push_back(std::make_shared<ResNet18Impl>(c, 0, group_width(64, scale)));
+      groups->push_back(trunks_.back());
+    }
+  }
+  torch::Tensor forward_path(int64_t g, const torch::Tensor& x, const torch::Tensor& gate) override {
+    auto f = trunks_.at(static_cast<size_t>(g))->forward(x);
+    if (gate.defined()) f = f * gate.view({-1, 1});
+    return torch::linear(f, linear->weight.narrow(1, g * features_, features_), linear->bias);
+  }
+
+ private:
+  int64_t features_;
+  std::vector<std::shared_ptr<ResNet18Impl>> trunks_;
+
+ public:
+  nn::ModuleList groups;
+  nn::Linear linear;
 };
 
 }  // namespace
@@ -176,6 +259,17 @@ std::shared_ptr<BackboneImpl> backbone_make(const std::string& kind, int64_t in_
     return std::make_shared<LinearRouterImpl>(in_channels, height, width, outputs);
   if (kind == "cnn") return std::make_shared<CnnRouterImpl>(in_channels, height, width, outputs);
   throw ConfigError::invalid("backbone", kind, "cnn-s | resnet18 (experts), linear | cnn (routers)");
+}
+
+std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind, int64_t in_channels,
+                                                        int64_t height, int64_t width,
+                                                        int64_t outputs, int64_t groups,
+                                                        double scale) {
+  if (kind == "cnn-s")
+    return std::make_shared<ChannelGroupCnnSImpl>(in_channels, height, width, outputs, groups, scale);
+  if (kind == "resnet18")
+    return std::make_shared<ChannelGroupResNetImpl>(in_channels, outputs, groups, scale);
+  throw ConfigError::invalid("--expert", kind, "cnn-s | resnet18 (MoE-CNN backbones)");
 }
 
 int64_t module_parameter_count(const torch::nn::Module& module) {

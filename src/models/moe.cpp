@@ -10,10 +10,24 @@ namespace moecert {
 
 namespace {
 const char* routing_name(Routing r) { return r == Routing::soft ? "soft" : "top-k"; }
+
+/// Expert i of a MoE-CNN: the path through channel group i of the shared body.
+/// Holds no parameters of its own (they are registered once, under "body").
+class ChannelGroupPathImpl : public BackboneImpl {
+ public:
+  ChannelGroupPathImpl(ChannelGroupNetImpl* body, int64_t group) : body_(body), group_(group) {}
+  torch::Tensor forward(torch::Tensor x) override { return body_->forward_path(group_, x); }
+  int64_t group() const { return group_; }
+
+ private:
+  ChannelGroupNetImpl* body_;
+  int64_t group_;
+};
 }  // namespace
 
 nlohmann::json ModelSpec::to_json() const {
-  return {{"in_channels", in_channels}, {"height", height},     {"width", width},
+  return {{"kind", kind},               {"scale", scale},
+          {"in_channels", in_channels}, {"height", height},     {"width", width},
           {"num_classes", num_classes}, {"experts", experts},   {"expert", expert},
           {"router", router},           {"routing", routing_name(routing)},
           {"top_k", top_k},             {"mean", mean},         {"std", std}};
@@ -31,6 +45,9 @@ ModelSpec ModelSpec::from_json(const nlohmann::json& j) {
     }
   };
   std::string routing;
+  // Checkpoints written before MoE-CNN existed carry no kind: they are model-level MoEs.
+  if (j.contains("kind")) field("kind", s.kind);
+  if (j.contains("scale")) field("scale", s.scale);
   field("in_channels", s.in_channels);
   field("height", s.height);
   field("width", s.width);
@@ -71,6 +88,19 @@ void ModelSpec::validate() const {
                       std::to_string(in_channels) + ")");
   for (double s : std)
     if (!(s > 0)) throw ConfigError::invalid("std", std::to_string(s), "a positive number");
+  if (kind != "moe" && kind != "moe-cnn") throw ConfigError::invalid("--arch", kind, "moe | moe-cnn");
+  if (kind == "moe-cnn") {
+    if (experts < 2)
+      throw ConfigError::invalid("--experts", std::to_string(experts),
+                                 ">= 2 channel groups for --arch moe-cnn (the dense baseline is "
+                                 "--arch moe --experts 1)");
+    if (routing != Routing::top_k || top_k != 1)
+      throw ConfigError("--arch moe-cnn routes top-1 (one channel group per sample): use "
+                        "--routing top-k --top-k 1");
+    // The narrowest layer (16 channels in cnn-s's first conv) must keep >= 1 channel.
+    if (!(scale > 0 && scale <= 1) || static_cast<int64_t>(scale * 16.0 + 0.5) < 1)
+      throw ConfigError::invalid("--scale", std::to_string(scale), "in [1/32, 1]");
+  }
 }
 
 MoeImpl::MoeImpl(ModelSpec spec) : spec_(std::move(spec)) {
@@ -83,12 +113,29 @@ MoeImpl::MoeImpl(ModelSpec spec) : spec_(std::move(spec)) {
   if (spec_.experts > 1)
     router_ = register_module("router", backbone_make(spec_.router, spec_.in_channels, spec_.height,
                                                       spec_.width, spec_.experts));
+  if (spec_.kind == "moe-cnn") {
+    body_ = register_module("body", channel_group_make(spec_.expert, spec_.in_channels, spec_.height,
+                                                       spec_.width, spec_.num_classes,
+                                                       spec_.experts, spec_.scale));
+    for (int64_t i = 0; i < spec_.experts; ++i)
+      experts_.push_back(std::make_shared<ChannelGroupPathImpl>(body_.get(), i));
+    return;
+  }
   experts_list_ = register_module("experts", torch::nn::ModuleList());
   for (int64_t i = 0; i < spec_.experts; ++i) {
     experts_.push_back(backbone_make(spec_.expert, spec_.in_channels, spec_.height, spec_.width,
                                      spec_.num_classes));
     experts_list_->push_back(experts_.back());
   }
+}
+
+std::vector<torch::Tensor> MoeImpl::router_parameters() {
+  return router_ ? router_->parameters() : std::vector<torch::Tensor>{};
+}
+
+std::vector<torch::Tensor> MoeImpl::expert_parameters() {
+  if (body_) return body_->parameters();
+  return experts_list_->parameters();
 }
 
 void MoeImpl::check_input(const torch::Tensor& x, const char* what) const {
@@ -127,6 +174,14 @@ MoeRouting MoeImpl::route(const torch::Tensor& x) {
     r.selected = torch::arange(E, torch::TensorOptions().dtype(torch::kLong).device(x.device()))
                      .expand({B, E});
     r.log_w = torch::log_softmax(r.logits, /*dim=*/1);
+  } else if (spec_.kind == "moe-cnn") {
+    // AdvMoE's channel mask: the selected group's features are multiplied by a gate
+    // that is 1 in value and carries the gradient of the router probability, so the
+    // router learns whether scaling that path up or down lowers the loss.
+    r.selected = std::get<1>(r.logits.max(/*dim=*/1, /*keepdim=*/true));
+    auto a_sel = torch::softmax(r.logits, /*dim=*/1).gather(1, r.selected);
+    r.gate = 1.0 + (a_sel - a_sel.detach());
+    r.log_w = torch::zeros_like(a_sel);
   } else if (spec_.top_k == 1) {
     r.selected = std::get<1>(r.logits.max(/*dim=*/1, /*keepdim=*/true));
     // Straight-through: the weight is exactly 1 in the forward pass, but its
@@ -140,7 +195,8 @@ MoeRouting MoeImpl::route(const torch::Tensor& x) {
   return r;
 }
 
-torch::Tensor MoeImpl::dispatch(const torch::Tensor& xn, const torch::Tensor& selected) {
+torch::Tensor MoeImpl::dispatch(const torch::Tensor& xn, const torch::Tensor& selected,
+                                const torch::Tensor& gate) {
   const int64_t B = xn.size(0), k = selected.size(1), E = spec_.experts;
   if (k == E && (E == 1 || spec_.routing == Routing::soft)) {
     // Every expert sees every sample, in index order: no grouping needed.
@@ -157,8 +213,12 @@ torch::Tensor MoeImpl::dispatch(const torch::Tensor& xn, const torch::Tensor& se
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = counts[e].item<int64_t>();
     if (n == 0) continue;
-    auto group = xn.index_select(0, samples.narrow(0, offset, n));
-    parts.push_back(torch::log_softmax(experts_[static_cast<size_t>(e)]->forward(group), 1));
+    auto rows = samples.narrow(0, offset, n);
+    auto group = xn.index_select(0, rows);
+    auto logits = body_ && gate.defined()
+                      ? body_->forward_path(e, group, gate.reshape({-1}).index_select(0, rows))
+                      : experts_[static_cast<size_t>(e)]->forward(group);
+    parts.push_back(torch::log_softmax(logits, 1));
     offset += n;
   }
   auto sorted = torch::cat(parts, /*dim=*/0);                           // [B*k, classes]
@@ -174,7 +234,7 @@ MoeOutput MoeImpl::forward_parts(const torch::Tensor& x_router, const torch::Ten
   out.routing = fixed ? *fixed : route(x_router);
   if (out.routing.selected.size(0) != x_experts.size(0))
     throw ShapeError::unexpected("routing", "one row per sample", out.routing.selected.sizes().vec());
-  auto lsm = dispatch(normalise(x_experts), out.routing.selected);     // [B, k, C]
+  auto lsm = dispatch(normalise(x_experts), out.routing.selected, out.routing.gate);  // [B, k, C]
   if (lsm.size(1) == 1) {
     out.log_probs = lsm.select(1, 0) + out.routing.log_w;              // log w + log f
   } else {

@@ -175,3 +175,35 @@ TEST_CASE("train --method jtdmoe writes a dual-model checkpoint", "[e2e][cli]") 
   CHECK(resumed.code == 0);
   CHECK(resumed.output.find("after epoch 1") != std::string::npos);
 }
+
+TEST_CASE("train --arch moe-cnn --method advmoe: defaults of paper 2 and a loadable checkpoint",
+          "[e2e][cli]") {
+  TempDir tmp;
+  auto r = run_moecert("--dataset synthetic --samples 300 train --arch moe-cnn --method advmoe "
+                       "--epochs 1 --val-samples 50 --eval-steps 2 --log-every 1 --out " +
+                       (tmp / "m"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("training attack PGD-2 ") != std::string::npos);  // paper 2: 2 steps
+  auto manifest = nlohmann::json::parse(read_text(tmp / "m/model.json"));
+  CHECK(manifest["architecture"]["kind"] == "moe-cnn");
+  CHECK(manifest["architecture"]["experts"] == 2);  // N = 2 unless --experts says otherwise
+  CHECK(manifest["architecture"]["scale"] == 0.5);
+  CHECK(manifest["training"]["method"] == "advmoe");
+  auto info = run_moecert("info " + (tmp / "m"));
+  CHECK(info.output.find("MoE-CNN cnn-s with N=2 channel groups") != std::string::npos);
+  auto a = run_moecert("--dataset synthetic --samples 64 --quiet attack " + (tmp / "m") +
+                       " --steps 2");
+  INFO(a.output);
+  CHECK(a.code == 0);
+  CHECK(a.output.find("RA-R") != std::string::npos);
+
+  auto bad = run_moecert("--dataset synthetic --samples 64 train --arch moe-cnn --routing soft "
+                         "--epochs 1 --out " + (tmp / "b"));
+  CHECK(bad.code == 2);
+  CHECK(bad.output.find("top-1") != std::string::npos);
+  auto bad_arch = run_moecert("--dataset synthetic --samples 64 train --arch moe-vit --epochs 1 "
+                              "--out " + (tmp / "b"));
+  CHECK(bad_arch.code == 2);
+  CHECK(bad_arch.output.find("--arch") != std::string::npos);
+}
