@@ -3,6 +3,7 @@
 // top-1 MoE, soft MoE, a dense cnn-s, and a naive per-sample-loop dispatch,
 // each also as a fraction of the machine's float32 GEMM peak measured in the
 // same run. Prints a table and writes JSON (--out).
+#include "bench_util.h"
 #include "moecert/attacks.h"
 #include "moecert/checkpoint.h"
 #include "moecert/models.h"
@@ -22,28 +23,8 @@ using namespace moecert;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-/// Best-of-repeats seconds per call of `fn` after warm-up, over >= min_seconds.
-double time_per_call(const std::function<void()>& fn, double min_seconds) {
-  fn();
-  fn();
-  int calls = 0;
-  const auto start = Clock::now();
-  double elapsed = 0;
-  do {
-    fn();
-    ++calls;
-    elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-  } while (elapsed < min_seconds || calls < 3);
-  return elapsed / calls;
-}
-
-double gemm_peak_gflops(double min_seconds) {
-  auto a = torch::randn({2048, 2048}), b = torch::randn({2048, 2048});
-  const double s = time_per_call([&] { auto c = torch::mm(a, b); }, min_seconds);
-  return 2.0 * 2048.0 * 2048.0 * 2048.0 / s / 1e9;
-}
+using moecert_bench::gemm_peak_gflops;
+using moecert_bench::time_per_call;
 
 struct Variant {
   std::string name;

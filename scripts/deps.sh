@@ -9,6 +9,9 @@ MOECERT_PACKAGES=(
   libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev zlib1g-dev
   dataset-fashion-mnist gnuplot-nox
 )
+if [[ "${MOECERT_WITH_PYTHON:-0}" == 1 ]]; then
+  MOECERT_PACKAGES+=(python3)         # scripts/results_table.py (the reproduction study's table)
+fi
 if [[ "${MOECERT_WITH_PYTORCH:-0}" == 1 ]]; then
   MOECERT_PACKAGES+=(python3-torch)   # for the torch.jit.load interoperability test and the peer
 fi

@@ -178,6 +178,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
 
   for (int epoch = summary.start_epoch; epoch < cfg.epochs; ++epoch) {
     auto order = data_epoch_order(N, cfg.seed, epoch);
+    const auto epoch_t0 = std::chrono::steady_clock::now();
     double loss_sum = 0;
     int64_t seen = 0, clean_ok = 0, adv_ok = 0, adv_seen = 0, win_seen = 0, win_clean = 0, win_adv = 0;
     double win_loss = 0;
@@ -213,6 +214,8 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
         win_seen = win_clean = win_adv = 0, win_loss = 0;
       }
     }
+    const double epoch_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - epoch_t0).count();
     // Held-out evaluation of this epoch.
     auto eval = attack_evaluate(learner.subject(), held_out, cfg.eval_attack,
                                 /*components=*/false, cfg.batch_size, device, /*progress=*/false);
@@ -222,7 +225,9 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
                           {"train_sa", static_cast<double>(clean_ok) / seen},
                           {"heldout_sa", eval.sa},
                           {"heldout_ra", eval.ra},
-                          {"heldout_samples", eval.samples}};
+                          {"heldout_samples", eval.samples},
+                          {"train_seconds", epoch_seconds},
+                          {"train_images_per_s", epoch_seconds > 0 ? seen / epoch_seconds : 0.0}};
     if (adv_seen > 0) row["train_ra"] = static_cast<double>(adv_ok) / adv_seen;
     const auto shares_clean = usage_shares(usage_clean), shares_adv = usage_shares(usage_adv);
     row["expert_usage_clean"] = shares_clean;
