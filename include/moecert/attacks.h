@@ -41,6 +41,12 @@ using LogProbFn = std::function<torch::Tensor(const torch::Tensor& x)>;
 torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
                          const PgdConfig& cfg);
 
+/// PGD with a radius per sample (eps: [B]); the step of sample b is
+/// defaults::step_scale·eps_b/steps (cfg.eps and cfg.step_size are not used). Keeps
+/// the first restart that misclassifies. -> x_adv [B, C, H, W] (detached)
+torch::Tensor attack_pgd_each(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
+                              const torch::Tensor& eps, const PgdConfig& cfg);
+
 /// A per-sample objective for PGD to maximise. log-probs [B, K] -> [B]
 using PerSampleLoss = std::function<torch::Tensor(const torch::Tensor& log_probs)>;
 

@@ -41,6 +41,17 @@ inline constexpr int log_every = 50;
 /// A routing share above this for one expert triggers a collapse warning.
 inline constexpr double collapse_share = 0.9;
 
+// --- certification ----------------------------------------------------------
+/// Gram iterations of the p = 2 conv bound: the bound exceeds the exact spectral
+/// norm by at most rank^(1/2^(T+1)) (512^(1/8192) ~ 1.0008 for T = 12).
+inline constexpr int gram_iterations = 12;
+/// Relative inflation of every Lipschitz constant, covering float64 rounding in
+/// the products of norms and in the interval propagation (errors ~1e-13 relative).
+inline constexpr double constant_inflation = 1e-9;
+/// Absolute allowance subtracted from every probability / logit margin for the
+/// float64 evaluation error of the network (observed errors are ~1e-13).
+inline constexpr double margin_allowance = 1e-9;
+
 // --- numerics ---------------------------------------------------------------
 /// Tolerance of the batched-vs-reference MoE equivalence (float32 sums).
 inline constexpr double dispatch_tolerance = 1e-5;

@@ -6,6 +6,8 @@
 // (paths share the head). All maps take x: [B, C, H, W] with pixels in [0, 1].
 #pragma once
 
+#include "moecert/graph.h"
+
 #include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
@@ -42,6 +44,8 @@ struct ModelSpec {
 class BackboneImpl : public torch::nn::Module {
  public:
   virtual torch::Tensor forward(torch::Tensor x) = 0;
+  /// Its layer graph in float64 (eval mode: BatchNorm as a per-channel affine map).
+  virtual LayerGraph graph() = 0;
 };
 
 /// Builds an expert backbone (`cnn-s`, `resnet18`) or router (`linear`, `cnn`)
@@ -60,6 +64,8 @@ class ChannelGroupNetImpl : public torch::nn::Module {
   /// straight-through channel mask of AdvMoE (value 1, gradient to the router).
   virtual torch::Tensor forward_path(int64_t group, const torch::Tensor& x,
                                      const torch::Tensor& gate = {}) = 0;
+  /// Layer graph of path `group` (float64).
+  virtual LayerGraph path_graph(int64_t group) = 0;
 };
 
 /// Builds the MoE-CNN body of backbone `kind` (cnn-s | resnet18). Throws ConfigError.
@@ -113,6 +119,9 @@ class MoeImpl : public torch::nn::Module {
   /// Parameters of the router / of everything else (experts or channel-group body).
   std::vector<torch::Tensor> router_parameters();
   std::vector<torch::Tensor> expert_parameters();
+  /// The graph of a component's logit map from raw pixels: input normalisation,
+  /// then the router (`expert` = -1) or expert `expert`. Float64 weights.
+  LayerGraph component_graph(int64_t expert);
   /// (x - mean) / std per channel. [B, C, H, W] -> [B, C, H, W]
   torch::Tensor normalise(const torch::Tensor& x) const;
 

@@ -1,5 +1,6 @@
 // PGD and FGSM over an arbitrary log-prob map, and the RA / RA-E / RA-R targets.
 #include "moecert/attacks.h"
+#include "moecert/defaults.h"
 #include "moecert/error.h"
 #include "moecert/runtime.h"
 
@@ -65,6 +66,26 @@ torch::Tensor ascent_direction(const torch::Tensor& grad, Norm norm) {
   return grad / (l2_per_sample(grad) + 1e-12);
 }
 
+/// Per-sample radius versions: eps [B, 1, 1, 1].
+torch::Tensor project_each(const torch::Tensor& x_adv, const torch::Tensor& x, Norm norm,
+                           const torch::Tensor& eps) {
+  auto delta = x_adv - x;
+  if (norm == Norm::linf) {
+    delta = torch::max(torch::min(delta, eps), -eps);
+  } else {
+    auto n = l2_per_sample(delta);
+    delta = delta * torch::clamp_max(eps / (n + 1e-12), 1.0);
+  }
+  return (x + delta).clamp(0.0, 1.0);
+}
+
+torch::Tensor random_start_each(const torch::Tensor& x, Norm norm, const torch::Tensor& eps) {
+  if (norm == Norm::linf) return x + (torch::rand_like(x) * 2 - 1) * eps;
+  auto dir = torch::randn_like(x);
+  dir = dir / (l2_per_sample(dir) + 1e-12);
+  return x + dir * torch::rand_like(eps) * eps;
+}
+
 torch::Tensor input_gradient(const LogProbFn& f, const torch::Tensor& x_adv,
                              const PerSampleLoss& loss) {
   auto xa = x_adv.detach().requires_grad_(true);
@@ -103,6 +124,38 @@ torch::Tensor attack_pgd_objective(const LogProbFn& f, const torch::Tensor& x,
     best = torch::where(take.view({-1, 1, 1, 1}), x_adv, best);
     best_loss = torch::where(take, l, best_loss);
     best_wrong = best_wrong | wrong;
+  }
+  return best.detach();
+}
+
+torch::Tensor attack_pgd_each(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
+                              const torch::Tensor& eps, const PgdConfig& cfg) {
+  if (eps.dim() != 1 || eps.size(0) != x.size(0))
+    throw ShapeError::unexpected("attack_pgd_each eps", "[B]", eps.sizes().vec());
+  auto e = eps.to(x.options()).view({-1, 1, 1, 1});
+  auto step = e * (cfg.steps > 0 ? defaults::step_scale / cfg.steps : 1.0);
+  const AttackLoss kind = cfg.loss;
+  PerSampleLoss loss = [&y, kind](const torch::Tensor& lp) { return attack_loss(lp, y, kind); };
+  torch::Tensor best, found;
+  for (int r = 0; r < std::max(1, cfg.restarts); ++r) {
+    auto x_adv = cfg.random_start ? project_each(random_start_each(x, cfg.norm, e), x, cfg.norm, e)
+                                  : x.clone();
+    for (int s = 0; s < cfg.steps; ++s) {
+      auto g = input_gradient(f, x_adv, loss);
+      x_adv = project_each(x_adv + step * ascent_direction(g, cfg.norm), x, cfg.norm, e);
+    }
+    torch::Tensor wrong;
+    {
+      torch::NoGradGuard no_grad;
+      wrong = f(x_adv).argmax(1).ne(y);
+    }
+    if (!best.defined()) {
+      best = x_adv, found = wrong;
+      continue;
+    }
+    auto take = wrong & ~found;  // keep the first restart that misclassifies
+    best = torch::where(take.view({-1, 1, 1, 1}), x_adv, best);
+    found = found | wrong;
   }
   return best.detach();
 }

@@ -70,6 +70,8 @@ std::string describe_attack(const PgdConfig& c) {
          " restarts=" + std::to_string(c.restarts) + " loss=" + (c.loss == AttackLoss::ce ? "ce" : "margin");
 }
 
+}  // namespace
+
 DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train) {
   DataSpec d;
   d.name = c.dataset.empty() ? fallback : c.dataset;
@@ -78,6 +80,8 @@ DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool tra
   d.seed = c.seed;
   return d;
 }
+
+namespace {
 
 // --- train --------------------------------------------------------------------------------
 

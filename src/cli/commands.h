@@ -1,6 +1,8 @@
 // Each pipeline stage registers its own `moecert` subcommand.
 #pragma once
 
+#include "moecert/data.h"
+
 #include <CLI/CLI.hpp>
 
 namespace moecert {
@@ -16,10 +18,15 @@ struct CommonOptions {
   bool quiet = false;
 };
 
+/// The data set a command reads: --dataset or `fallback`, --data, the split, the seed.
+DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train);
+
 void cli_register_common(CLI::App& app, CommonOptions& common);
 void cli_register_train(CLI::App& app, const CommonOptions& common);
 void cli_register_attack(CLI::App& app, const CommonOptions& common);
 void cli_register_dual(CLI::App& app, const CommonOptions& common);
 void cli_register_info(CLI::App& app, const CommonOptions& common);
+void cli_register_lipschitz(CLI::App& app, const CommonOptions& common);
+void cli_register_certify(CLI::App& app, const CommonOptions& common);
 
 }  // namespace moecert

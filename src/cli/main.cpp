@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
   moecert::cli_register_attack(app, common);
   moecert::cli_register_dual(app, common);
   moecert::cli_register_info(app, common);
+  moecert::cli_register_lipschitz(app, common);
+  moecert::cli_register_certify(app, common);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -44,6 +44,37 @@ class StemConvFunction : public torch::autograd::Function<StemConvFunction> {
   }
 };
 
+torch::Tensor f64(const torch::Tensor& t) {
+  return t.defined() ? t.detach().to(torch::kFloat64).clone() : torch::Tensor();
+}
+
+/// A conv module as a graph layer; only square stride/padding, no dilation or groups.
+Layer conv_layer(const std::string& name, const nn::Conv2d& c) {
+  const auto& o = c->options;
+  const auto* pad = c10::get_if<torch::ExpandingArray<2>>(&o.padding());
+  if (!pad || (*pad)->at(0) != (*pad)->at(1) || o.stride()->at(0) != o.stride()->at(1) ||
+      o.dilation()->at(0) != 1 || o.dilation()->at(1) != 1 || o.groups() != 1)
+    throw UnsupportedLayerError("certify: convolution '" + name +
+                                "' has an unsupported stride/padding/dilation/groups setting");
+  return Layer::conv2d(name, f64(c->weight), f64(c->bias), o.stride()->at(0), (*pad)->at(0));
+}
+
+Layer linear_layer(const std::string& name, const nn::Linear& l) {
+  return Layer::dense(name, f64(l->weight), f64(l->bias));
+}
+
+/// BatchNorm in eval mode: y = γ (x − μ) / sqrt(σ² + eps) + β, a per-channel affine map.
+Layer batchnorm_layer(const std::string& name, const nn::BatchNorm2d& bn) {
+  auto var = f64(bn->running_var), mean = f64(bn->running_mean);
+  auto scale = torch::rsqrt(var + bn->options.eps());
+  if (bn->weight.defined()) scale = scale * f64(bn->weight);
+  auto shift = -mean * scale;
+  if (bn->bias.defined()) shift = shift + f64(bn->bias);
+  return Layer::affine(name, scale, shift);
+}
+
+Layer relu_layer() { return Layer::simple(Layer::Kind::relu); }
+
 /// A 3x3, padding-1 convolution module evaluated through the fastest kernels.
 torch::Tensor conv3x3_apply(nn::Conv2d& conv, const torch::Tensor& x) {
   if (x.is_cpu() && x.size(1) <= 3 && torch::GradMode::is_enabled())
@@ -69,6 +100,11 @@ class CnnSImpl : public BackboneImpl {
     x = torch::relu(fc1(x.flatten(/*start_dim=*/1)));
     return fc2(x);
   }
+  LayerGraph graph() override {
+    return {conv_layer("conv1", conv1), relu_layer(), conv_layer("conv2", conv2), relu_layer(),
+            Layer::simple(Layer::Kind::flatten), linear_layer("fc1", fc1), relu_layer(),
+            linear_layer("fc2", fc2)};
+  }
 
   nn::Conv2d conv1, conv2;
   nn::Linear fc1, fc2;
@@ -89,9 +125,31 @@ class CnnRouterImpl : public BackboneImpl {
     x = torch::relu(conv2(x));
     return fc(x.flatten(/*start_dim=*/1));
   }
+  LayerGraph graph() override {
+    return {conv_layer("conv1", conv1), relu_layer(), conv_layer("conv2", conv2), relu_layer(),
+            Layer::simple(Layer::Kind::flatten), linear_layer("fc", fc)};
+  }
 
   nn::Conv2d conv1, conv2;
   nn::Linear fc;
+};
+
+/// `mlp` (router or expert, for small inputs such as the 2-D toy problems of the
+/// certification tests): flatten, fc 32, ReLU, fc 32, ReLU, fc -> outputs.
+class MlpImpl : public BackboneImpl {
+ public:
+  MlpImpl(int64_t c, int64_t h, int64_t w, int64_t outputs)
+      : fc1(register_module("fc1", nn::Linear(c * h * w, 32))),
+        fc2(register_module("fc2", nn::Linear(32, 32))),
+        fc3(register_module("fc3", nn::Linear(32, outputs))) {}
+  torch::Tensor forward(torch::Tensor x) override {
+    return fc3(torch::relu(fc2(torch::relu(fc1(x.flatten(/*start_dim=*/1))))));
+  }
+  LayerGraph graph() override {
+    return {Layer::simple(Layer::Kind::flatten), linear_layer("fc1", fc1), relu_layer(),
+            linear_layer("fc2", fc2), relu_layer(), linear_layer("fc3", fc3)};
+  }
+  nn::Linear fc1, fc2, fc3;
 };
 
 /// Router `linear`: one linear layer on the flattened input (paper 1).
@@ -101,6 +159,9 @@ class LinearRouterImpl : public BackboneImpl {
       : fc(register_module("fc", nn::Linear(c * h * w, outputs))) {}
 
   torch::Tensor forward(torch::Tensor x) override { return fc(x.flatten(/*start_dim=*/1)); }
+  LayerGraph graph() override {
+    return {Layer::simple(Layer::Kind::flatten), linear_layer("fc", fc)};
+  }
 
   nn::Linear fc;
 };
@@ -126,6 +187,21 @@ class BasicBlockImpl : public nn::Module {
     out = bn2(conv2(out));
     out = out + (shortcut->is_empty() ? x : shortcut->forward(x));
     return torch::relu(out);
+  }
+  /// residual(main, shortcut) then ReLU; `prefix` is the block's parameter path.
+  LayerGraph graph(const std::string& prefix) {
+    LayerGraph main = {conv_layer(prefix + ".conv1", conv1), batchnorm_layer(prefix + ".bn1", bn1),
+                       relu_layer(), conv_layer(prefix + ".conv2", conv2),
+                       batchnorm_layer(prefix + ".bn2", bn2)};
+    LayerGraph sc;
+    if (!shortcut->is_empty()) {
+      sc.push_back(conv_layer(prefix + ".shortcut.0",
+                              nn::Conv2d(std::dynamic_pointer_cast<nn::Conv2dImpl>(shortcut->ptr(0)))));
+      sc.push_back(batchnorm_layer(
+          prefix + ".shortcut.1",
+          nn::BatchNorm2d(std::dynamic_pointer_cast<nn::BatchNorm2dImpl>(shortcut->ptr(1)))));
+    }
+    return {Layer::residual_block(prefix, std::move(main), std::move(sc)), relu_layer()};
   }
 
   nn::Conv2d conv1;
@@ -157,6 +233,19 @@ class ResNet18Impl : public BackboneImpl {
     x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(/*start_dim=*/1);
     return linear ? linear(x) : x;
   }
+  LayerGraph graph() override {
+    LayerGraph g = {conv_layer("conv1", conv1), batchnorm_layer("bn1", bn1), relu_layer()};
+    const std::pair<const char*, nn::Sequential*> layers[] = {
+        {"layer1", &layer1}, {"layer2", &layer2}, {"layer3", &layer3}, {"layer4", &layer4}};
+    for (const auto& [name, seq] : layers)
+      for (size_t b = 0; b < (*seq)->size(); ++b) {
+        auto block = std::dynamic_pointer_cast<BasicBlockImpl>((*seq)->ptr(b));
+        for (auto& l : block->graph(std::string(name) + "." + std::to_string(b))) g.push_back(l);
+      }
+    g.push_back(Layer::simple(Layer::Kind::global_avgpool));
+    if (linear) g.push_back(linear_layer("linear", linear));
+    return g;
+  }
 
   nn::Conv2d conv1;
   nn::BatchNorm2d bn1;
@@ -184,6 +273,10 @@ class CnnSTrunkImpl : public nn::Module {
   torch::Tensor forward(const torch::Tensor& x) {
     return torch::relu(conv2(torch::relu(conv3x3_apply(conv1, x)))).flatten(/*start_dim=*/1);
   }
+  LayerGraph graph(const std::string& prefix) {
+    return {conv_layer(prefix + "conv1", conv1), relu_layer(), conv_layer(prefix + "conv2", conv2),
+            relu_layer(), Layer::simple(Layer::Kind::flatten)};
+  }
   nn::Conv2d conv1, conv2;
 };
 TORCH_MODULE(CnnSTrunk);
@@ -209,6 +302,14 @@ class ChannelGroupCnnSImpl : public ChannelGroupNetImpl {
     if (gate.defined()) f = f * gate.view({-1, 1});
     auto h = torch::linear(f, fc1->weight.narrow(1, g * features_, features_), fc1->bias);
     return fc2(torch::relu(h));
+  }
+  LayerGraph path_graph(int64_t g) override {
+    auto graph = trunks_.at(static_cast<size_t>(g))->graph("groups." + std::to_string(g) + ".");
+    graph.push_back(Layer::dense("fc1[group " + std::to_string(g) + "]",
+                                 f64(fc1->weight.narrow(1, g * features_, features_)), f64(fc1->bias)));
+    graph.push_back(relu_layer());
+    graph.push_back(linear_layer("fc2", fc2));
+    return graph;
   }
 
  private:
@@ -239,6 +340,13 @@ class ChannelGroupResNetImpl : public ChannelGroupNetImpl {
     if (gate.defined()) f = f * gate.view({-1, 1});
     return torch::linear(f, linear->weight.narrow(1, g * features_, features_), linear->bias);
   }
+  LayerGraph path_graph(int64_t g) override {
+    auto graph = trunks_.at(static_cast<size_t>(g))->graph();  // ends with the average pool
+    graph.push_back(Layer::dense("linear[group " + std::to_string(g) + "]",
+                                 f64(linear->weight.narrow(1, g * features_, features_)),
+                                 f64(linear->bias)));
+    return graph;
+  }
 
  private:
   int64_t features_;
@@ -258,7 +366,8 @@ std::shared_ptr<BackboneImpl> backbone_make(const std::string& kind, int64_t in_
   if (kind == "linear")
     return std::make_shared<LinearRouterImpl>(in_channels, height, width, outputs);
   if (kind == "cnn") return std::make_shared<CnnRouterImpl>(in_channels, height, width, outputs);
-  throw ConfigError::invalid("backbone", kind, "cnn-s | resnet18 (experts), linear | cnn (routers)");
+  if (kind == "mlp") return std::make_shared<MlpImpl>(in_channels, height, width, outputs);
+  throw ConfigError::invalid("backbone", kind, "cnn-s | resnet18 | mlp (experts), linear | cnn | mlp (routers)");
 }
 
 std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind, int64_t in_channels,

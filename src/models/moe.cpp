@@ -18,6 +18,7 @@ class ChannelGroupPathImpl : public BackboneImpl {
   ChannelGroupPathImpl(ChannelGroupNetImpl* body, int64_t group) : body_(body), group_(group) {}
   torch::Tensor forward(torch::Tensor x) override { return body_->forward_path(group_, x); }
   int64_t group() const { return group_; }
+  LayerGraph graph() override { return body_->path_graph(group_); }
 
  private:
   ChannelGroupNetImpl* body_;
@@ -75,10 +76,10 @@ void ModelSpec::validate() const {
   positive("width", width);
   positive("experts", experts);
   if (num_classes < 2) throw ConfigError::invalid("num_classes", std::to_string(num_classes), ">= 2");
-  if (expert != "cnn-s" && expert != "resnet18")
-    throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18");
-  if (router != "linear" && router != "cnn")
-    throw ConfigError::invalid("--router", router, "linear | cnn");
+  if (expert != "cnn-s" && expert != "resnet18" && expert != "mlp")
+    throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18 | mlp");
+  if (router != "linear" && router != "cnn" && router != "mlp")
+    throw ConfigError::invalid("--router", router, "linear | cnn | mlp");
   if (routing == Routing::top_k && (top_k < 1 || top_k > experts))
     throw ConfigError::invalid("--top-k", std::to_string(top_k),
                                "1 <= k <= experts (" + std::to_string(experts) + ")");
@@ -94,6 +95,7 @@ void ModelSpec::validate() const {
       throw ConfigError::invalid("--experts", std::to_string(experts),
                                  ">= 2 channel groups for --arch moe-cnn (the dense baseline is "
                                  "--arch moe --experts 1)");
+    if (expert == "mlp") throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18 for --arch moe-cnn");
     if (routing != Routing::top_k || top_k != 1)
       throw ConfigError("--arch moe-cnn routes top-1 (one channel group per sample): use "
                         "--routing top-k --top-k 1");
@@ -146,6 +148,16 @@ void MoeImpl::check_input(const torch::Tensor& x, const char* what) const {
         "[B, " + std::to_string(spec_.in_channels) + ", " + std::to_string(spec_.height) + ", " +
             std::to_string(spec_.width) + "]",
         x.sizes().vec());
+}
+
+LayerGraph MoeImpl::component_graph(int64_t expert) {
+  BackboneImpl* net = expert < 0 ? router_.get() : experts_.at(static_cast<size_t>(expert)).get();
+  if (!net) throw ConfigError("model has a single expert: there is no router");
+  LayerGraph g;
+  auto mean = mean_.detach().to(torch::kFloat64).flatten(), sd = std_.detach().to(torch::kFloat64).flatten();
+  g.push_back(Layer::affine("normalise", 1.0 / sd, -mean / sd));
+  for (auto& l : net->graph()) g.push_back(std::move(l));
+  return g;
 }
 
 torch::Tensor MoeImpl::normalise(const torch::Tensor& x) const { return (x - mean_) / std_; }

@@ -1,0 +1,255 @@
+// `moecert lipschitz` and `moecert certify`.
+#include "commands.h"
+
+#include "moecert/certify.h"
+#include "moecert/checkpoint.h"
+#include "moecert/defaults.h"
+#include "moecert/error.h"
+#include "moecert/model_io.h"
+#include "moecert/runtime.h"
+
+#include <sys/stat.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+
+namespace moecert {
+namespace {
+
+/// The test split of the checkpoint's data set (first `samples` images, 0 = all).
+Dataset test_data(const CommonOptions& common, const LoadedModel& loaded) {
+  const auto name = loaded.manifest.value("dataset", nlohmann::json::object()).value("name", "fashion-mnist");
+  return data_load(data_spec(common, name, /*train=*/false));
+}
+
+std::vector<double> parse_grid(const std::string& text) {
+  std::vector<double> grid;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    try {
+      size_t used = 0;
+      const double v = std::stod(item, &used);
+      if (used != item.size() || !(v >= 0)) throw std::invalid_argument(item);
+      grid.push_back(v);
+    } catch (const std::exception&) {
+      throw ConfigError::invalid("--eps-grid", text, "comma-separated numbers >= 0, e.g. 0.01,0.02,0.05");
+    }
+  }
+  if (grid.empty()) throw ConfigError::invalid("--eps-grid", text, "at least one radius");
+  return grid;
+}
+
+/// "i/n" (0 <= i < n) -> (i, n).
+std::pair<int64_t, int64_t> parse_shard(const std::string& s) {
+  const auto slash = s.find('/');
+  try {
+    if (slash == std::string::npos) throw std::invalid_argument(s);
+    size_t a = 0, b = 0;
+    const int64_t i = std::stoll(s.substr(0, slash), &a), n = std::stoll(s.substr(slash + 1), &b);
+    if (a != slash || b != s.size() - slash - 1 || n < 1 || i < 0 || i >= n) throw std::invalid_argument(s);
+    return {i, n};
+  } catch (const std::exception&) {
+    throw ConfigError::invalid("--shard", s, "i/n with 0 <= i < n, e.g. 0/4");
+  }
+}
+
+struct Component {
+  std::string name;
+  LayerGraph graph;
+};
+
+std::vector<Component> components(LoadedModel& loaded) {
+  std::vector<Component> out;
+  auto add = [&](MoeImpl& m, const std::string& prefix) {
+    if (m.num_experts() > 1) out.push_back({prefix + "router", m.component_graph(-1)});
+    for (int64_t i = 0; i < m.num_experts(); ++i)
+      out.push_back({prefix + (m.num_experts() > 1 ? "expert " + std::to_string(i) : "dense"),
+                     m.component_graph(i)});
+  };
+  if (loaded.is_dual()) {
+    add(loaded.dual->standard(), "standard ");
+    add(loaded.dual->robust(), "robust ");
+  } else {
+    add(*loaded.model, "");
+  }
+  return out;
+}
+
+}  // namespace
+
+void cli_register_lipschitz(CLI::App& app, const CommonOptions& common) {
+  struct Options {
+    std::string checkpoint, norm = "inf", json;
+    double eps = 0, radius = 0.1;
+    int64_t points = 100;
+    int lower_steps = 10, clever_batches = 50, clever_per_batch = 64;
+  };
+  auto o = std::make_shared<Options>();
+  auto* cmd = app.add_subcommand(
+      "lipschitz", "Lipschitz constants of every router and expert: lower bound, CLEVER estimate, "
+                   "global bound, and (with --eps) the mean local bound");
+  cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")->required();
+  cmd->add_option("--norm", o->norm, "input norm p: inf | 2")->capture_default_str();
+  cmd->add_option("--eps", o->eps, "also the mean local bound over B_p(x, eps) of the test points");
+  cmd->add_option("--points", o->points, "test images used by lower, clever and local")->capture_default_str();
+  cmd->add_option("--radius", o->radius, "lower/clever sampling radius")->capture_default_str();
+  cmd->add_option("--json", o->json, "also write the table as JSON");
+  cmd->callback([&common, o] {
+    runtime_threads(common.threads);
+    runtime_seed(common.seed);
+    const auto device = runtime_device(common.device);
+    const Norm p = norm_parse(o->norm);
+    if (o->points < 1) throw ConfigError::invalid("--points", std::to_string(o->points), ">= 1");
+    if (!(o->eps >= 0)) throw ConfigError::invalid("--eps", std::to_string(o->eps), ">= 0");
+    auto loaded = model_load(o->checkpoint, device);
+    (loaded.is_dual() ? static_cast<torch::nn::Module&>(*loaded.dual)
+                      : static_cast<torch::nn::Module&>(*loaded.model)).eval();
+    auto data = test_data(common, loaded);
+    const int64_t n = std::min(o->points, data.size());
+    auto x = data.batch_images(torch::arange(n)).to(torch::kFloat64).to(device);
+    const auto& spec = loaded.is_dual() ? loaded.dual->robust().spec() : loaded.model->spec();
+    const std::vector<int64_t> shape{spec.in_channels, spec.height, spec.width};
+    std::cerr << "lipschitz " << o->checkpoint << " (" << loaded.describe() << "), p = " << o->norm
+              << ", " << n << " test points" << std::endl;
+    std::printf("%-20s %12s %12s %12s", "component", "lower", "clever*", "global");
+    if (o->eps > 0) std::printf(" %14s", ("local@" + fmt_fixed(o->eps, 3)).c_str());
+    std::printf("\n");
+    nlohmann::json rows = nlohmann::json::array();
+    for (auto& c : components(loaded)) {
+      const double global = lipschitz_global(c.graph, p, shape).value;
+      const double lower = lipschitz_lower(c.graph, p, x, o->lower_steps, o->radius);
+      const double clever = lipschitz_clever(c.graph, p, x, o->radius, o->clever_batches,
+                                             o->clever_per_batch, common.seed);
+      nlohmann::json row = {{"component", c.name}, {"lower", lower}, {"clever", clever},
+                            {"global", global}};
+      std::printf("%-20s %12.4g %12.4g %12.4g", c.name.c_str(), lower, clever, global);
+      if (o->eps > 0) {
+        const double local =
+            lipschitz_local(c.graph, p, x, torch::full({n}, o->eps, torch::kFloat64)).mean().item<double>();
+        row["local_mean"] = std::min(local, global);
+        std::printf(" %14.4g", std::min(local, global));
+      }
+      std::printf("\n");
+      rows.push_back(row);
+    }
+    std::printf("(* clever is a sampling estimate, not a bound; the true constant lies in [lower, global])\n");
+    if (!o->json.empty())
+      write_file_atomic(o->json, nlohmann::json({{"checkpoint", o->checkpoint}, {"norm", o->norm},
+                                                 {"eps", o->eps}, {"components", rows}})
+                                         .dump(2) + "\n");
+  });
+}
+
+void cli_register_certify(CLI::App& app, const CommonOptions& common) {
+  struct Options {
+    std::string checkpoint, out, norm = "inf", estimator = "both", eps_grid = "0.01,0.02,0.05,0.1";
+    std::string shard;
+    int steps = 50, restarts = 1, bisect_steps = 10;
+    double empirical_max = 0.5, tolerance = 1e-3;
+    int64_t batch_size = 100;
+    bool no_empirical = false;
+  };
+  auto o = std::make_shared<Options>();
+  auto* cmd = app.add_subcommand(
+      "certify", "per-sample certified radii (Theorem 5.4 / 5.5) cross-checked against PGD; "
+                 "writes DIR/results.json; exit 3 on a soundness violation");
+  cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")->required();
+  cmd->add_option("--out", o->out, "output directory (results.json)")->required();
+  cmd->add_option("--norm", o->norm, "perturbation norm p: inf | 2")->capture_default_str();
+  cmd->add_option("--estimator", o->estimator, "global | local | both")->capture_default_str();
+  cmd->add_option("--eps-grid", o->eps_grid, "radii for certified / empirical accuracy")->capture_default_str();
+  cmd->add_option("--steps", o->steps, "PGD steps of the empirical radius bisection")->capture_default_str();
+  cmd->add_option("--restarts", o->restarts, "PGD restarts")->capture_default_str();
+  cmd->add_option("--bisect-steps", o->bisect_steps, "local radius bisection steps")->capture_default_str();
+  cmd->add_option("--empirical-max", o->empirical_max, "upper end of the empirical bisection")->capture_default_str();
+  cmd->add_option("--tolerance", o->tolerance, "empirical bisection tolerance")->capture_default_str();
+  cmd->add_option("--batch-size", o->batch_size)->capture_default_str();
+  cmd->add_option("--shard", o->shard, "i/n: certify only samples with position % n == i (0-based)");
+  cmd->add_flag("--no-empirical", o->no_empirical, "skip the PGD cross-check");
+  cmd->callback([&common, o] {
+    runtime_threads(common.threads);
+    runtime_seed(common.seed);
+    const auto device = runtime_device(common.device);
+    CertifyConfig cfg;
+    cfg.norm = norm_parse(o->norm);
+    if (o->estimator != "global" && o->estimator != "local" && o->estimator != "both")
+      throw ConfigError::invalid("--estimator", o->estimator, "global | local | both");
+    cfg.global = o->estimator != "local";
+    cfg.local = o->estimator != "global";
+    cfg.eps_grid = parse_grid(o->eps_grid);
+    if (o->steps < 1) throw ConfigError::invalid("--steps", std::to_string(o->steps), ">= 1");
+    if (o->restarts < 1) throw ConfigError::invalid("--restarts", std::to_string(o->restarts), ">= 1");
+    if (!(o->empirical_max > 0)) throw ConfigError::invalid("--empirical-max", std::to_string(o->empirical_max), "> 0");
+    if (!(o->tolerance > 0)) throw ConfigError::invalid("--tolerance", std::to_string(o->tolerance), "> 0");
+    if (o->batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
+    cfg.attack.norm = cfg.norm;
+    cfg.attack.steps = o->steps;
+    cfg.attack.restarts = o->restarts;
+    cfg.bisect_steps = o->bisect_steps;
+    cfg.empirical = !o->no_empirical;
+    cfg.empirical_max = o->empirical_max;
+    cfg.empirical_tol = o->tolerance;
+    cfg.batch_size = o->batch_size;
+    cfg.shard = o->shard;
+
+    auto loaded = model_load(o->checkpoint, device);
+    auto data = test_data(common, loaded);
+    const int64_t total = common.samples > 0 ? std::min(common.samples, data.size()) : data.size();
+    std::vector<int64_t> indices;
+    auto [si, sn] = o->shard.empty() ? std::pair<int64_t, int64_t>{0, 1} : parse_shard(o->shard);
+    for (int64_t i = si; i < total; i += sn) indices.push_back(i);
+    std::cerr << "certify " << o->checkpoint << " (" << loaded.describe() << "), p = " << o->norm
+              << ", estimators " << o->estimator << ", " << indices.size() << " " << data.name
+              << " test images" << (o->shard.empty() ? "" : " (shard " + o->shard + ")")
+              << (cfg.empirical ? ", PGD-" + std::to_string(cfg.attack.steps) + " bisection cross-check" : "")
+              << std::endl;
+    auto results = certify_run(loaded, data, indices, cfg, device, !common.quiet);
+    results["command"] = "moecert certify " + o->checkpoint + " --norm " + o->norm + " --estimator " +
+                         o->estimator + " --eps-grid " + o->eps_grid + " --steps " + std::to_string(o->steps) +
+                         (common.samples > 0 ? " --samples " + std::to_string(common.samples) : "") +
+                         (o->shard.empty() ? "" : " --shard " + o->shard) + " --out " + o->out;
+    ::mkdir(o->out.c_str(), 0755);
+    const std::string path = o->out + "/results.json";
+    write_file_atomic(path, results.dump(1) + "\n");
+
+    const auto& agg = results["aggregates"];
+    std::cout << "clean accuracy " << fmt_fixed(agg["clean_accuracy"].get<double>(), 4) << " on "
+              << agg["samples"] << " samples\n";
+    std::printf("%-26s", "certified accuracy at eps");
+    for (double e : cfg.eps_grid) std::printf(" %8s", fmt_fixed(e, 3).c_str());
+    std::printf(" %12s\n", "median r");
+    for (const auto& [form, per] : agg["certified_accuracy"].items()) {
+      std::printf("%-26s", form.c_str());
+      for (const auto& [k, v] : per.items()) std::printf(" %8.4f", v.get<double>());
+      const auto& m = agg["median_radius"][form];
+      std::printf(" %12s\n", m.is_null() ? "inf" : fmt_fixed(m.get<double>(), 5).c_str());
+    }
+    if (agg.contains("empirical_accuracy")) {
+      std::printf("%-26s", "empirical (PGD)");
+      for (const auto& [k, v] : agg["empirical_accuracy"].items()) std::printf(" %8.4f", v.get<double>());
+      const auto& m = agg["median_empirical_radius"];
+      std::printf(" %12s\n", m.is_null() ? "inf" : fmt_fixed(m.get<double>(), 5).c_str());
+      const auto& t = agg["median_tightness"];
+      std::cout << "median tightness (certified / empirical) "
+                << (t.is_null() ? std::string("n/a") : fmt_fixed(t.get<double>(), 4)) << " over "
+                << agg["tightness_samples"] << " samples\n";
+    }
+    std::cout << "certify " << fmt_fixed(results["timing"]["certify_samples_per_s"].get<double>(), 1)
+              << " samples/s; results " << path << "\n";
+    const auto violations = agg["violation_count"].get<int64_t>();
+    std::cout << "soundness violations: " << violations << "\n";
+    if (violations > 0) {
+      for (const auto& v : agg["violations"])
+        std::cerr << "VIOLATION sample " << v["index"] << " form " << v["form"].get<std::string>()
+                  << ": certified " << v["certified"] << " > empirical " << v["empirical"] << "\n";
+      throw Error(ExitCode::soundness, "certify: " + std::to_string(violations) +
+                                           " soundness violation(s): an attack succeeded inside a "
+                                           "certified radius (listed above and in " + path + ")");
+    }
+  });
+}
+
+}  // namespace moecert
