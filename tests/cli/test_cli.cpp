@@ -207,3 +207,47 @@ TEST_CASE("train --arch moe-cnn --method advmoe: defaults of paper 2 and a loada
   CHECK(bad_arch.code == 2);
   CHECK(bad_arch.output.find("--arch") != std::string::npos);
 }
+
+TEST_CASE("certify writes results.json with the documented fields; lipschitz prints the table",
+          "[e2e][cli][certify]") {
+  const auto& ckpt = trained_checkpoint();
+  TempDir tmp;
+  auto r = run_moecert("--dataset synthetic --samples 12 --quiet certify " + ckpt +
+                       " --steps 5 --eps-grid 0.001,0.01 --out " + (tmp / "c"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("soundness violations: 0") != std::string::npos);
+  auto j = nlohmann::json::parse(read_text(tmp / "c/results.json"));
+  CHECK(j["schema"] == "moecert.certify/1");
+  CHECK(j["norm"] == "inf");
+  CHECK(j["checkpoint"] == ckpt);
+  CHECK(j["fingerprint"]["weights_sha256"].get<std::string>().size() == 64);
+  REQUIRE(j["rows"].size() == 12);
+  const auto& row = j["rows"][3];
+  CHECK(row["index"] == 3);
+  for (const char* key : {"label", "pred", "radii", "empirical_radius", "router_weights", "margin"})
+    CHECK(row.contains(key));
+  for (const char* form : {"thm54_paper_global", "thm54_tight_global", "thm54_candidate_global",
+                           "thm54_paper_local", "thm54_tight_local", "thm54_candidate_local"})
+    CHECK(row["radii"].contains(form));
+  CHECK(j["aggregates"]["violations"].is_array());
+  CHECK(j["aggregates"]["violations"].empty());
+  CHECK(j["aggregates"]["certified_accuracy"]["thm54_candidate_local"].contains("0.01"));
+
+  auto bad = run_moecert("--dataset synthetic --samples 4 certify " + ckpt +
+                         " --eps-grid 0.01,abc --out " + (tmp / "b"));
+  CHECK(bad.code == 2);
+  CHECK(bad.output.find("--eps-grid") != std::string::npos);
+  auto bad_est = run_moecert("--dataset synthetic --samples 4 certify " + ckpt +
+                             " --estimator exact --out " + (tmp / "b"));
+  CHECK(bad_est.code == 2);
+  auto bad_shard = run_moecert("--dataset synthetic --samples 4 certify " + ckpt +
+                               " --shard 3/3 --out " + (tmp / "b"));
+  CHECK(bad_shard.code == 2);
+
+  auto l = run_moecert("--dataset synthetic lipschitz " + ckpt + " --points 8 --eps 0.01");
+  INFO(l.output);
+  REQUIRE(l.code == 0);
+  for (const char* s : {"router", "expert 0", "expert 1", "global", "local@0.010", "not a bound"})
+    CHECK(l.output.find(s) != std::string::npos);
+}
