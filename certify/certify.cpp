@@ -299,50 +299,60 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
       auto at0 = local_at(zero);
       std::vector<std::string> forms;
       for (const auto& [form, r] : radii_of(evals[0], at0[0], y[0].item<int64_t>())) forms.push_back(form);
-      // Bisection on the strongest form only; every probe (ε, constants valid on
-      // B_p(x, ε)) at which a form certifies ε is a certificate of radius ε for that
-      // form, so each form keeps the largest such probe. At equal constants the tight
-      // form certifies whenever the paper form does, so tight >= paper holds here too.
+      // Bisection per form; equal probes (e.g. the paper and tight forms of a top-1
+      // model coincide) are computed once. Every probe (ε, constants valid on B_p(x, ε))
+      // at which any form certifies ε is a certificate of radius ε for that form, so
+      // each form keeps the largest such probe. At equal constants the tight form
+      // certifies whenever the paper form does, so tight >= paper holds here too.
       const std::string main_form = dual ? "thm55_tight"
                                          : (std::find(forms.begin(), forms.end(), "thm54_candidate") != forms.end()
                                                 ? "thm54_candidate" : "thm54_tight");
-      std::vector<double> lo(static_cast<size_t>(B), 0.0), hi(static_cast<size_t>(B), 0.0);
+      const auto F = static_cast<int64_t>(forms.size());
+      std::vector<double> lo(static_cast<size_t>(F * B), 0.0), hi(static_cast<size_t>(F * B), 0.0);
       std::vector<Radii> best(static_cast<size_t>(B));
+      std::vector<std::vector<MemberConstants>> main_consts(static_cast<size_t>(B));
       for (int64_t b = 0; b < B; ++b) {
         const auto ub = static_cast<size_t>(b);
         auto r0 = radii_of(evals[ub], at0[ub], y[b].item<int64_t>());
-        hi[ub] = finite_or(r0[main_form], cfg.empirical_max * 4);
-        for (const auto& f : forms) {
+        for (int64_t f = 0; f < F; ++f) {
+          const auto& form = forms[static_cast<size_t>(f)];
+          const auto u = static_cast<size_t>(f * B + b);
+          hi[u] = finite_or(r0[form], cfg.empirical_max * 4);
           // Global constants bound the local ones: the global radius is certified locally too.
-          best[ub][f] = cfg.global ? std::min(finite_or(r0[f], kInf), finite_or(global_radii[ub][f], 0.0)) : 0.0;
+          best[ub][form] = cfg.global ? std::min(hi[u], finite_or(global_radii[ub][form], 0.0)) : 0.0;
+          lo[u] = best[ub][form];
         }
-        lo[ub] = std::min(hi[ub], best[ub][main_form]);
       }
-      std::vector<double> last_probe(static_cast<size_t>(B), 0.0);
-      std::vector<MemberConstants> placeholder;
-      std::vector<std::vector<MemberConstants>> main_consts(static_cast<size_t>(B));
       for (int it = 0; it < cfg.bisect_steps; ++it) {
         std::vector<std::pair<int64_t, double>> req;
-        for (int64_t b = 0; b < B; ++b) {
-          const auto ub = static_cast<size_t>(b);
-          if (hi[ub] > lo[ub]) req.emplace_back(b, 0.5 * (lo[ub] + hi[ub]));
-        }
+        std::vector<size_t> req_u;
+        for (int64_t f = 0; f < F; ++f)
+          for (int64_t b = 0; b < B; ++b) {
+            const auto u = static_cast<size_t>(f * B + b);
+            if (hi[u] > lo[u]) req.emplace_back(b, 0.5 * (lo[u] + hi[u])), req_u.push_back(u);
+          }
         if (req.empty()) break;
         auto consts = local_at(req);
         for (size_t r = 0; r < req.size(); ++r) {
+          const auto u = req_u[r];
           const auto [b, mid] = req[r];
           const auto ub = static_cast<size_t>(b);
+          const auto& form = forms[u / static_cast<size_t>(B)];
           auto rad = radii_of(evals[ub], consts[r], y[b].item<int64_t>());
-          for (const auto& f : forms)
-            if (rad[f] >= mid) best[ub][f] = std::max(best[ub][f], mid);
-          if (rad[main_form] >= mid) lo[ub] = mid, main_consts[ub] = consts[r];
-          else hi[ub] = mid;
+          for (const auto& g : forms) {
+            if (!(rad[g] >= mid) || mid < best[ub][g]) continue;
+            best[ub][g] = mid;
+            if (g == main_form) main_consts[ub] = consts[r];
+          }
+          (rad[form] >= mid ? lo[u] : hi[u]) = mid;
         }
       }
+      std::vector<double> main_eps(static_cast<size_t>(B));
+      for (int64_t b = 0; b < B; ++b) main_eps[static_cast<size_t>(b)] = best[static_cast<size_t>(b)][main_form];
       // The constants behind the main local certificate, at its radius.
       std::vector<std::pair<int64_t, double>> main_req;
       for (int64_t b = 0; b < B; ++b)
-        if (main_consts[static_cast<size_t>(b)].empty()) main_req.emplace_back(b, lo[static_cast<size_t>(b)]);
+        if (main_consts[static_cast<size_t>(b)].empty()) main_req.emplace_back(b, main_eps[static_cast<size_t>(b)]);
       auto missing = local_at(main_req);
       for (size_t r = 0; r < main_req.size(); ++r) main_consts[static_cast<size_t>(main_req[r].first)] = missing[r];
       for (int64_t b = 0; b < B; ++b) {
@@ -351,7 +361,7 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
         const auto& mc = main_consts[ub];
         nlohmann::json c = dual ? nlohmann::json{{"standard", constants_json(mc[0])}, {"robust", constants_json(mc[1])}}
                                 : constants_json(mc[0]);
-        out[ub]["constants_local"] = {{"eps", lo[ub]}, {"form", main_form}, {"constants", c}};
+        out[ub]["constants_local"] = {{"eps", main_eps[ub]}, {"form", main_form}, {"constants", c}};
       }
     }
     certify_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tb).count();
@@ -373,7 +383,9 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
         auto xs = x.index_select(0, sel), ys = yd.index_select(0, sel);
         FrozenParameters frozen(module);
         auto fs = subject.target(AttackTarget::whole, xs);
-        auto xa = attack_pgd_each(fs, xs, ys, torch::tensor(radius, torch::kFloat64), cfg.attack);
+        std::vector<uint64_t> seeds;
+        for (auto b : who) seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(indices[start + static_cast<size_t>(b)]));
+        auto xa = attack_pgd_each(fs, xs, ys, torch::tensor(radius, torch::kFloat64), cfg.attack, seeds);
         torch::NoGradGuard ng;
         auto wrong = fs(xa).argmax(1).ne(ys).cpu();
         auto d = (xa - xs).flatten(1);
@@ -421,6 +433,23 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
     if (dual) constants = {{"standard", member_global(members[0])}, {"robust", member_global(members[1])}};
     else constants = member_global(members[0]);
   }
+  // Lower bounds (gradients actually attained) at a few samples: with the global
+  // constants they bracket each component's true constant in the report.
+  // The first 8 images of the data set, whatever this run's samples (shards agree).
+  nlohmann::json lower;
+  if (data.size() > 0) {
+    const int64_t m = std::min<int64_t>(8, data.size());
+    auto xl = data.batch_images(torch::arange(m)).to(torch::kFloat64).to(device);
+    const double radius = *std::max_element(cfg.eps_grid.begin(), cfg.eps_grid.end());
+    auto member_lower = [&](const MemberGraphs& mg) {
+      nlohmann::json j = {{"experts", nlohmann::json::array()}};
+      if (!mg.router.empty()) j["router"] = lipschitz_lower(mg.router, p, xl, 2, radius);
+      for (const auto& e : mg.experts) j["experts"].push_back(lipschitz_lower(e, p, xl, 2, radius));
+      return j;
+    };
+    lower = dual ? nlohmann::json{{"standard", member_lower(members[0])}, {"robust", member_lower(members[1])}}
+                 : member_lower(members[0]);
+  }
   nlohmann::json results = {
       {"schema", "moecert.certify/1"},
       {"moecert_version", MOECERT_VERSION},
@@ -450,6 +479,7 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
         {"shard", cfg.shard.empty() ? nlohmann::json() : nlohmann::json(cfg.shard)}}},
       {"alpha", dual ? nlohmann::json(alpha) : nlohmann::json()},
       {"constants_global", constants},
+      {"constants_lower", lower},
       {"rows", rows},
       {"timing",
        {{"global_constants_seconds", global_seconds},

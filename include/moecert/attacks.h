@@ -8,7 +8,9 @@
 
 #include <torch/types.h>
 
+#include <cstdint>
 #include <functional>
+#include <vector>
 #include <string>
 
 namespace moecert {
@@ -43,9 +45,12 @@ torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch
 
 /// PGD with a radius per sample (eps: [B]); the step of sample b is
 /// defaults::step_scale·eps_b/steps (cfg.eps and cfg.step_size are not used). Keeps
-/// the first restart that misclassifies. -> x_adv [B, C, H, W] (detached)
+/// the first restart that misclassifies. With `row_seeds` (one per sample) each
+/// sample's random starts come from its own generator, independent of the batch.
+/// -> x_adv [B, C, H, W] (detached)
 torch::Tensor attack_pgd_each(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
-                              const torch::Tensor& eps, const PgdConfig& cfg);
+                              const torch::Tensor& eps, const PgdConfig& cfg,
+                              const std::vector<uint64_t>& row_seeds = {});
 
 /// A per-sample objective for PGD to maximise. log-probs [B, K] -> [B]
 using PerSampleLoss = std::function<torch::Tensor(const torch::Tensor& log_probs)>;

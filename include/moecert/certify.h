@@ -116,6 +116,7 @@ struct CertifyConfig {
   double empirical_tol = 1e-3;       ///< bisection tolerance (absolute, in ε)
   int64_t batch_size = 100;
   std::string shard;                 ///< "i/n" label when this run is one shard
+  uint64_t seed = 0;                 ///< with the sample index, seeds each sample's PGD starts
 };
 
 /// Certifies the samples `indices` of `data`. Returns results.json (schema

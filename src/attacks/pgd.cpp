@@ -129,17 +129,44 @@ torch::Tensor attack_pgd_objective(const LogProbFn& f, const torch::Tensor& x,
 }
 
 torch::Tensor attack_pgd_each(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
-                              const torch::Tensor& eps, const PgdConfig& cfg) {
+                              const torch::Tensor& eps, const PgdConfig& cfg,
+                              const std::vector<uint64_t>& row_seeds) {
   if (eps.dim() != 1 || eps.size(0) != x.size(0))
     throw ShapeError::unexpected("attack_pgd_each eps", "[B]", eps.sizes().vec());
   auto e = eps.to(x.options()).view({-1, 1, 1, 1});
   auto step = e * (cfg.steps > 0 ? defaults::step_scale / cfg.steps : 1.0);
   const AttackLoss kind = cfg.loss;
   PerSampleLoss loss = [&y, kind](const torch::Tensor& lp) { return attack_loss(lp, y, kind); };
+  if (!row_seeds.empty() && static_cast<int64_t>(row_seeds.size()) != x.size(0))
+    throw ShapeError::unexpected("attack_pgd_each row seeds", "one per sample", {static_cast<int64_t>(row_seeds.size())});
   torch::Tensor best, found;
   for (int r = 0; r < std::max(1, cfg.restarts); ++r) {
-    auto x_adv = cfg.random_start ? project_each(random_start_each(x, cfg.norm, e), x, cfg.norm, e)
-                                  : x.clone();
+    torch::Tensor start;
+    if (cfg.random_start && !row_seeds.empty()) {
+      // Each row's start depends only on its own seed (and the restart), not on
+      // which other rows share the batch: sharded runs reproduce unsharded ones.
+      std::vector<torch::Tensor> rows;
+      for (int64_t b = 0; b < x.size(0); ++b) {
+        auto gen = at::make_generator<at::CPUGeneratorImpl>(row_seeds[static_cast<size_t>(b)] * 1000003ULL +
+                                                            static_cast<uint64_t>(r));
+        auto opts = x.options().device(torch::kCPU);
+        auto xb = x[b].unsqueeze(0).cpu();
+        auto eb = e[b].unsqueeze(0).cpu();
+        torch::Tensor noise;
+        if (cfg.norm == Norm::linf) {
+          noise = (torch::rand(xb.sizes(), gen, opts) * 2 - 1) * eb;
+        } else {
+          auto dir = torch::randn(xb.sizes(), gen, opts);
+          dir = dir / (l2_per_sample(dir) + 1e-12);
+          noise = dir * torch::rand({1, 1, 1, 1}, gen, opts) * eb;
+        }
+        rows.push_back(xb + noise);
+      }
+      start = torch::cat(rows, 0).to(x.device());
+    }
+    auto x_adv = cfg.random_start
+                     ? project_each(start.defined() ? start : random_start_each(x, cfg.norm, e), x, cfg.norm, e)
+                     : x.clone();
     for (int s = 0; s < cfg.steps; ++s) {
       auto g = input_gradient(f, x_adv, loss);
       x_adv = project_each(x_adv + step * ascent_direction(g, cfg.norm), x, cfg.norm, e);

@@ -6,6 +6,7 @@
 #include "moecert/defaults.h"
 #include "moecert/error.h"
 #include "moecert/model_io.h"
+#include "moecert/report.h"
 #include "moecert/runtime.h"
 
 #include <sys/stat.h>
@@ -143,7 +144,7 @@ void cli_register_lipschitz(CLI::App& app, const CommonOptions& common) {
   });
 }
 
-void cli_register_certify(CLI::App& app, const CommonOptions& common) {
+void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, char** argv) {
   struct Options {
     std::string checkpoint, out, norm = "inf", estimator = "both", eps_grid = "0.01,0.02,0.05,0.1";
     std::string shard;
@@ -153,6 +154,9 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common) {
     bool no_empirical = false;
   };
   auto o = std::make_shared<Options>();
+  auto report = std::make_shared<ReportOptions>();
+  std::string invocation;
+  for (int i = 0; i < argc; ++i) invocation += (i ? " " : "") + std::string(argv[i]);
   auto* cmd = app.add_subcommand(
       "certify", "per-sample certified radii (Theorem 5.4 / 5.5) cross-checked against PGD; "
                  "writes DIR/results.json; exit 3 on a soundness violation");
@@ -167,9 +171,13 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("--empirical-max", o->empirical_max, "upper end of the empirical bisection")->capture_default_str();
   cmd->add_option("--tolerance", o->tolerance, "empirical bisection tolerance")->capture_default_str();
   cmd->add_option("--batch-size", o->batch_size)->capture_default_str();
-  cmd->add_option("--shard", o->shard, "i/n: certify only samples with position % n == i (0-based)");
+  cmd->add_option("--shard", o->shard,
+                  "i/n (0-based): certify only the blocks of --batch-size samples whose number mod n is i");
   cmd->add_flag("--no-empirical", o->no_empirical, "skip the PGD cross-check");
-  cmd->callback([&common, o] {
+  add_report_options(cmd, *report, /*for_certify=*/true);
+  cmd->callback([&common, o, report, invocation] {
+    std::vector<Gate> parsed;  // bad gates are usage errors before any work
+    for (const auto& g : report->gates) parsed.push_back(gate_parse(g));
     runtime_threads(common.threads);
     runtime_seed(common.seed);
     const auto device = runtime_device(common.device);
@@ -194,23 +202,26 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common) {
     cfg.empirical_tol = o->tolerance;
     cfg.batch_size = o->batch_size;
     cfg.shard = o->shard;
+    cfg.seed = common.seed;
 
     auto loaded = model_load(o->checkpoint, device);
     auto data = test_data(common, loaded);
     const int64_t total = common.samples > 0 ? std::min(common.samples, data.size()) : data.size();
     std::vector<int64_t> indices;
     auto [si, sn] = o->shard.empty() ? std::pair<int64_t, int64_t>{0, 1} : parse_shard(o->shard);
-    for (int64_t i = si; i < total; i += sn) indices.push_back(i);
+    // Shards take whole blocks of --batch-size consecutive samples (blocks i, i+n, ...):
+    // every sample is then certified in the same batch as in an unsharded run, so
+    // merged shards reproduce that run exactly.
+    for (int64_t block = si; block * o->batch_size < total; block += sn)
+      for (int64_t i = block * o->batch_size; i < std::min(total, (block + 1) * o->batch_size); ++i)
+        indices.push_back(i);
     std::cerr << "certify " << o->checkpoint << " (" << loaded.describe() << "), p = " << o->norm
               << ", estimators " << o->estimator << ", " << indices.size() << " " << data.name
               << " test images" << (o->shard.empty() ? "" : " (shard " + o->shard + ")")
               << (cfg.empirical ? ", PGD-" + std::to_string(cfg.attack.steps) + " bisection cross-check" : "")
               << std::endl;
     auto results = certify_run(loaded, data, indices, cfg, device, !common.quiet);
-    results["command"] = "moecert certify " + o->checkpoint + " --norm " + o->norm + " --estimator " +
-                         o->estimator + " --eps-grid " + o->eps_grid + " --steps " + std::to_string(o->steps) +
-                         (common.samples > 0 ? " --samples " + std::to_string(common.samples) : "") +
-                         (o->shard.empty() ? "" : " --shard " + o->shard) + " --out " + o->out;
+    results["command"] = invocation;
     ::mkdir(o->out.c_str(), 0755);
     const std::string path = o->out + "/results.json";
     write_file_atomic(path, results.dump(1) + "\n");
@@ -241,6 +252,9 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common) {
               << " samples/s; results " << path << "\n";
     const auto violations = agg["violation_count"].get<int64_t>();
     std::cout << "soundness violations: " << violations << "\n";
+    int failed_gates = 0;
+    if (!report->out.empty() || !report->gates.empty() || !report->junit.empty() || !report->baseline.empty())
+      failed_gates = report_and_gate({results}, {o->checkpoint}, *report, invocation);
     if (violations > 0) {
       for (const auto& v : agg["violations"])
         std::cerr << "VIOLATION sample " << v["index"] << " form " << v["form"].get<std::string>()
@@ -249,6 +263,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common) {
                                            " soundness violation(s): an attack succeeded inside a "
                                            "certified radius (listed above and in " + path + ")");
     }
+    if (failed_gates > 0) throw Error(ExitCode::gate_failed, std::to_string(failed_gates) + " gate(s) failed");
   });
 }
 

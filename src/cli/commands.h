@@ -4,6 +4,7 @@
 #include "moecert/data.h"
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 namespace moecert {
 
@@ -27,6 +28,21 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common);
 void cli_register_dual(CLI::App& app, const CommonOptions& common);
 void cli_register_info(CLI::App& app, const CommonOptions& common);
 void cli_register_lipschitz(CLI::App& app, const CommonOptions& common);
-void cli_register_certify(CLI::App& app, const CommonOptions& common);
+void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, char** argv);
+void cli_register_report(CLI::App& app, const CommonOptions& common, int argc, char** argv);
+void cli_register_merge(CLI::App& app, const CommonOptions& common);
+
+/// Report / gate options shared by `report` and `certify --report`.
+struct ReportOptions {
+  std::string out, junit, baseline;
+  std::vector<std::string> gates;
+  double max_drop = 0.02;
+};
+void add_report_options(CLI::App* cmd, ReportOptions& o, bool for_certify);
+
+/// Writes the report (if o.out), the JUnit file (if o.junit), prints every gate;
+/// returns the number of failed gates. runs[0] is gated.
+int report_and_gate(const std::vector<nlohmann::json>& runs, const std::vector<std::string>& names,
+                    const ReportOptions& o, const std::string& command);
 
 }  // namespace moecert

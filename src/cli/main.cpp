@@ -17,7 +17,9 @@ int main(int argc, char** argv) {
   moecert::cli_register_dual(app, common);
   moecert::cli_register_info(app, common);
   moecert::cli_register_lipschitz(app, common);
-  moecert::cli_register_certify(app, common);
+  moecert::cli_register_certify(app, common, argc, argv);
+  moecert::cli_register_report(app, common, argc, argv);
+  moecert::cli_register_merge(app, common);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

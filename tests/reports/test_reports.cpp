@@ -1,0 +1,164 @@
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include <fstream>
+
+#include "fixtures.h"
+#include "moecert/certify.h"
+#include "moecert/error.h"
+#include "moecert/model_io.h"
+#include "moecert/report.h"
+#include "test_util.h"
+
+using namespace moecert;
+using moecert_test::read_text;
+using moecert_test::run_shell;
+using moecert_test::TempDir;
+
+namespace {
+
+/// A small real results object: the cached synthetic MoE, certified on `indices`.
+nlohmann::json certify_indices(const std::vector<int64_t>& indices, const std::string& shard = "") {
+  static Dataset test = moecert_test::synthetic(30, 0, /*train=*/false);
+  LoadedModel loaded;
+  // A fresh copy each time: certify_run converts the model to float64.
+  torch::manual_seed(0);
+  auto& trained = moecert_test::trained_moe();
+  Moe copy(trained->spec());
+  {
+    torch::NoGradGuard ng;
+    auto src = trained->named_parameters(), dst = copy->named_parameters();
+    for (auto& p : dst) p.value().copy_(src[p.key()]);
+  }
+  loaded.model = copy;
+  loaded.manifest = {{"architecture", copy->spec().to_json()}, {"weights_sha256", "test"}};
+  loaded.dir = "trained_moe";
+  CertifyConfig cfg;
+  cfg.eps_grid = {0.001, 0.01, 0.05};
+  cfg.attack.steps = 5;
+  cfg.shard = shard;
+  cfg.batch_size = 4;
+  return certify_run(loaded, test, indices, cfg, torch::kCPU, false);
+}
+
+nlohmann::json without_timing(nlohmann::json j) {
+  j.erase("timing");
+  j.erase("merged_from");
+  j["config"].erase("shard");
+  return j;
+}
+
+}  // namespace
+
+TEST_CASE("gate expressions parse, and malformed ones are usage errors", "[unit][reports]") {
+  auto g = gate_parse("certified_acc@0.02>=0.40");
+  CHECK(g.metric == "certified_acc");
+  CHECK(g.eps == Approx(0.02));
+  CHECK(g.op == ">=");
+  CHECK(g.value == Approx(0.40));
+  auto f = gate_parse(" certified_acc[thm54_tight_local]@0.05 > 0.1 ");
+  CHECK(f.form == "thm54_tight_local");
+  CHECK(gate_parse("violations==0").op == "==");
+  CHECK(gate_parse("median_tightness>=0.05").value == Approx(0.05));
+  CHECK(gate_parse("ra@0.1>=0.6").metric == "ra");
+  for (const char* bad : {"certified_acc>=0.4", "accuracy@0.1>=0.5", "violations@0.1==0", "ra@0.1=>0.6",
+                          "ra@0.1>=", "", "sa>=0.5 extra", "violations[x]==0"}) {
+    INFO(bad);
+    CHECK_THROWS_AS(gate_parse(bad), ConfigError);
+  }
+  CHECK(ConfigError("x").exit_code() == 2);
+}
+
+TEST_CASE("gates evaluate on results, and JUnit XML parses back", "[reports]") {
+  std::vector<int64_t> all(12);
+  std::iota(all.begin(), all.end(), 0);
+  auto r = certify_indices(all);
+  const double sa = r["aggregates"]["clean_accuracy"];
+  auto results = gates_evaluate(r, {gate_parse("sa>=0"), gate_parse("sa>1"), gate_parse("violations==0"),
+                                    gate_parse("certified_acc@0.001>=0"), gate_parse("ra@0.05<=1")});
+  REQUIRE(results.size() == 5);
+  CHECK(results[0].passed);
+  CHECK(results[0].actual == Approx(sa));
+  CHECK_FALSE(results[1].passed);
+  CHECK(results[2].passed);
+  CHECK(results[3].passed);
+  CHECK(results[4].passed);
+  // A metric the results do not carry is a usage error, not a silent pass.
+  CHECK_THROWS_AS(gates_evaluate(r, {gate_parse("certified_acc@0.5>=0")}), ConfigError);
+  CHECK_THROWS_AS(gates_evaluate(r, {gate_parse("certified_acc[nope]@0.01>=0")}), ConfigError);
+
+  TempDir tmp;
+  {
+    std::ofstream(tmp / "junit.xml") << junit_xml(results, "suite <&> \"x\"");
+  }
+  auto check = run_shell(
+      "python3 -c \"import sys,xml.etree.ElementTree as E; r=E.parse(sys.argv[1]).getroot(); "
+      "s=r.find('testsuite'); cs=s.findall('testcase'); "
+      "print(len(cs), s.get('failures'), len([c for c in cs if c.find('failure') is not None]))\" " +
+      (tmp / "junit.xml"));
+  INFO(check.output);
+  REQUIRE(check.code == 0);
+  CHECK(check.output.find("5 1 1") != std::string::npos);
+
+  // Baseline regression gates: a copy of itself passes; a better baseline fails.
+  auto same = baseline_gates(r, r, 0.02);
+  CHECK(!same.empty());
+  for (const auto& b : same) CHECK(b.passed);
+  auto better = r;
+  better["aggregates"]["empirical_accuracy"]["0.001"] = sa + 0.5;
+  auto worse = baseline_gates(r, better, 0.02);
+  CHECK(std::any_of(worse.begin(), worse.end(), [](const GateResult& g) { return !g.passed; }));
+}
+
+TEST_CASE("merging 3 shards equals the unsharded run", "[reports]") {
+  std::vector<int64_t> all(22);
+  std::iota(all.begin(), all.end(), 0);
+  auto whole = certify_indices(all);
+  std::vector<nlohmann::json> shards;
+  for (int i = 0; i < 3; ++i) {
+    // `certify --shard i/3`: blocks of --batch-size (4) samples, block numbers i, i+3, ...
+    std::vector<int64_t> part;
+    for (int64_t block = i; block * 4 < 22; block += 3)
+      for (int64_t k = block * 4; k < std::min<int64_t>(22, block * 4 + 4); ++k) part.push_back(k);
+    shards.push_back(certify_indices(part, std::to_string(i) + "/3"));
+  }
+  // Shard order does not matter.
+  std::swap(shards[0], shards[2]);
+  auto merged = results_merge(shards);
+  CHECK(merged["rows"].size() == 22);
+  INFO("differences: " << nlohmann::json::diff(without_timing(whole), without_timing(merged)).dump());
+  CHECK(without_timing(merged) == without_timing(whole));
+  // Overlapping or foreign shards are refused.
+  CHECK_THROWS_AS(results_merge({shards[0], shards[0]}), ConfigError);
+  auto foreign = shards[1];
+  foreign["fingerprint"]["weights_sha256"] = "other";
+  CHECK_THROWS_WITH(results_merge({shards[0], foreign}), Catch::Contains("different checkpoint"));
+}
+
+TEST_CASE("report.md and a self-contained report.html with plots", "[reports]") {
+  std::vector<int64_t> all(12);
+  std::iota(all.begin(), all.end(), 0);
+  auto r = certify_indices(all);
+  TempDir tmp;
+  auto gates = gates_evaluate(r, {gate_parse("violations==0"), gate_parse("sa>1")});
+  report_write({r}, {"run"}, gates, tmp / "rep", "test");
+  auto md = read_text(tmp / "rep/report.md");
+  auto html = read_text(tmp / "rep/report.html");
+  CHECK(md.find("## Soundness violations") != std::string::npos);
+  CHECK(md.find("none: no attack succeeded") != std::string::npos);
+  CHECK(md.find("**FAIL**") != std::string::npos);
+  CHECK(md.find("thm54_candidate_local") != std::string::npos);
+  // Self-contained: three inline SVG plots, no external references, no scripts.
+  size_t svgs = 0;
+  for (size_t pos = html.find("<svg"); pos != std::string::npos; pos = html.find("<svg", pos + 1)) ++svgs;
+  CHECK(svgs == 3);
+  CHECK(html.find("not drawn") == std::string::npos);
+  CHECK(html.find("<script") == std::string::npos);
+  CHECK(html.find("src=\"http") == std::string::npos);
+  CHECK(html.find("<img") == std::string::npos);
+  // A comparison of two runs in one report.
+  report_write({r, r}, {"before", "after"}, {}, tmp / "cmp", "test");
+  auto cmp = read_text(tmp / "cmp/report.md");
+  CHECK(cmp.find("| before | clean accuracy") != std::string::npos);
+  CHECK(cmp.find("| after | clean accuracy") != std::string::npos);
+}
