@@ -177,15 +177,21 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
     std::vector<int64_t> preds(n);
     for (int64_t b = 0; b < B; ++b) {
       const auto ub = static_cast<size_t>(b);
+      // F of each member and its routing (the views' constants are not used here).
       std::vector<double> probs;
+      nlohmann::json weights = nlohmann::json::array();
       for (size_t k = 0; k < members.size(); ++k) {
-        MemberConstants dummy;
-        dummy.experts.assign(evals[ub][k].h.size(), 1.0);
-        dummy.router = 1.0;
-        auto v = member_view(evals[ub][k], dummy);
+        const auto& ev = evals[ub][k];
+        MemberConstants unit;
+        unit.experts.assign(ev.h.size(), 1.0);
+        const auto v = member_view(ev, unit);
         const double w = dual ? (k == 0 ? 1 - alpha : alpha) : 1.0;
         if (probs.empty()) probs.assign(v.probs.size(), 0.0);
         for (size_t c = 0; c < v.probs.size(); ++c) probs[c] += w * v.probs[c];
+        if (ev.g.empty()) continue;
+        std::vector<double> a(ev.h.size(), 0.0);
+        for (size_t j = 0; j < v.selected.size(); ++j) a[static_cast<size_t>(v.selected[j])] = v.weights[j];
+        weights.push_back(a);
       }
       const int64_t label = y[b].item<int64_t>();
       const int64_t pred = std::max_element(probs.begin(), probs.end()) - probs.begin();
@@ -197,16 +203,6 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
       row = {{"index", indices[start + ub]}, {"label", label}, {"pred", pred},
              {"correct", pred == label}, {"margin", probs[static_cast<size_t>(label)] - other},
              {"radii", nlohmann::json::object()}};
-      nlohmann::json weights = nlohmann::json::array();
-      for (size_t k = 0; k < members.size(); ++k) {
-        if (evals[ub][k].g.empty()) continue;
-        MemberConstants dummy;
-        dummy.experts.assign(evals[ub][k].h.size(), 1.0);
-        auto v = member_view(evals[ub][k], dummy);
-        std::vector<double> a(evals[ub][k].h.size(), 0.0);
-        for (size_t j = 0; j < v.selected.size(); ++j) a[static_cast<size_t>(v.selected[j])] = v.weights[j];
-        weights.push_back(a);
-      }
       row["router_weights"] = dual ? weights : (weights.empty() ? nlohmann::json() : weights[0]);
     }
 
@@ -229,6 +225,12 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
       // expert that cannot matter on the ball keeps its (sound, larger) global constant:
       // with top-k routing and global constants, expert i matters only if selected or
       // if it could overtake a selected one, (g_top - g_i) / (2 L_g) < ε.
+      // The selected experts of every sample and member (they do not depend on ε).
+      std::vector<std::vector<std::vector<int64_t>>> selected(n);
+      for (size_t b = 0; b < n; ++b)
+        for (size_t k = 0; k < members.size(); ++k)
+          selected[b].push_back(cfg.global ? member_view(evals[b][k], members[k].global).selected
+                                           : std::vector<int64_t>{});
       auto local_at = [&](const std::vector<std::pair<int64_t, double>>& requests) {
         std::map<std::pair<int64_t, double>, size_t> unique;
         std::vector<std::pair<int64_t, double>> todo;
@@ -275,8 +277,8 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
               const auto& ev = evals[static_cast<size_t>(todo[t].first)][k];
               bool need = ev.g.empty() || ev.routing == Routing::soft || !cfg.global;
               if (!need) {
-                auto v = member_view(ev, m.global);
-                need = std::find(v.selected.begin(), v.selected.end(), i) != v.selected.end();
+                const auto& sel = selected[static_cast<size_t>(todo[t].first)][k];
+                need = std::find(sel.begin(), sel.end(), i) != sel.end();
                 const double top = *std::max_element(ev.g.begin(), ev.g.end());
                 need = need || (top - ev.g[static_cast<size_t>(i)]) / (2 * m.global.router) < todo[t].second;
               }
@@ -371,7 +373,6 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
       const auto te = std::chrono::steady_clock::now();
       auto subject = loaded.subject();
       auto yd = y.to(device);
-      auto f = subject.target(AttackTarget::whole, x);
       std::vector<double> lo(n, 0.0), hi(n, kInf);
       std::vector<int64_t> active;
       for (int64_t b = 0; b < B; ++b) {
@@ -417,7 +418,6 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
         }
       }
       for (size_t b = 0; b < n; ++b) out[b]["empirical_radius"] = num(hi[b]);
-      (void)f;
       empirical_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - te).count();
     }
     for (auto& r : out) rows.push_back(std::move(r));
@@ -425,13 +425,9 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
   }
 
   nlohmann::json constants;
-  auto member_global = [&](const MemberGraphs& m) {
-    nlohmann::json j = constants_json(m.global);
-    return j;
-  };
   if (cfg.global) {
-    if (dual) constants = {{"standard", member_global(members[0])}, {"robust", member_global(members[1])}};
-    else constants = member_global(members[0]);
+    if (dual) constants = {{"standard", constants_json(members[0].global)}, {"robust", constants_json(members[1].global)}};
+    else constants = constants_json(members[0].global);
   }
   // Lower bounds (gradients actually attained) at a few samples: with the global
   // constants they bracket each component's true constant in the report.
