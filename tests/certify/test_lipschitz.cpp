@@ -158,7 +158,7 @@ TEST_CASE("global bounds of whole backbones bound every attained gradient", "[un
     CHECK(grad_norms(g, p, xr).max().item<double>() <= lipschitz_global(g, p, {3, 8, 8}).value);
 }
 
-TEST_CASE("local bounds: sound over the ball, at most the global bound, growing with eps",
+TEST_CASE("local bounds: sound over the ball, between lower and global, growing with eps",
           "[unit][certify]") {
   torch::manual_seed(3);
   ModelSpec spec;
@@ -178,6 +178,13 @@ TEST_CASE("local bounds: sound over the ball, at most the global bound, growing 
     CHECK((wider >= local * (1 - 1e-12)).all().item<bool>());
     if (p == Norm::linf)
       CHECK(local.max().item<double>() <= lipschitz_global(g, p, {1, 28, 28}).value);
+    // lower <= local: the ascent paths of `lower` stay inside each sample's ball, so
+    // every gradient they attain is one the local bound must cover.
+    for (int64_t i = 0; i < 8; ++i) {
+      const double lower = lipschitz_lower(g, p, x.narrow(0, i, 1), 3, eps);
+      CHECK(lower > 0);
+      CHECK(lower <= local[i].item<double>() * (1 + 1e-9));
+    }
     // Gradients at random points of each ball stay below that ball's bound.
     for (int t = 0; t < 5; ++t) {
       torch::Tensor pts;
