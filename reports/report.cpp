@@ -6,6 +6,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -55,7 +56,7 @@ std::string gnuplot_svg(const std::string& script, const std::string& svg_path, 
   const std::string script_path = dir + "/.plot.gp";
   {
     std::ofstream f(script_path);
-    f << "set terminal svg size 720,420 dynamic enhanced font 'sans,12' background '#ffffff'\n"
+    f << "set terminal svg size 720,420 dynamic noenhanced font 'sans,12' background '#ffffff'\n"
       << "set output '" << svg_path << "'\n"
       << script << "\nunset output\n";
   }
@@ -91,8 +92,31 @@ struct Plot {
   std::string title, file, svg;
 };
 
+/// Short labels of attack results: the file name without ".json", or the whole name
+/// where two would coincide.
+std::vector<std::string> attack_labels(const std::vector<AttackResult>& attacks) {
+  std::vector<std::string> labels;
+  for (const auto& a : attacks) {
+    std::string l = a.name.substr(a.name.find_last_of('/') == std::string::npos ? 0 : a.name.find_last_of('/') + 1);
+    if (l.size() > 5 && l.compare(l.size() - 5, 5, ".json") == 0) l.resize(l.size() - 5);
+    labels.push_back(l.empty() ? a.name : l);
+  }
+  for (size_t i = 0; i < labels.size(); ++i)
+    for (size_t j = 0; j < labels.size(); ++j)
+      if (i != j && labels[i] == labels[j]) labels[i] = attacks[i].name;
+  return labels;
+}
+
+/// A gnuplot data value: the number, or NaN (drawn as missing) when absent.
+std::string value_or_nan(const nlohmann::json& o, const char* key) {
+  if (!o.contains(key) || !o[key].is_number()) return "NaN";
+  std::ostringstream s;
+  s << o[key].get<double>();
+  return s.str();
+}
+
 std::vector<Plot> make_plots(const std::vector<nlohmann::json>& runs, const std::vector<std::string>& names,
-                             const std::string& dir) {
+                             const std::vector<AttackResult>& attacks, const std::string& dir) {
   std::vector<Plot> plots;
   const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"};
   // 1. certified vs empirical radius
@@ -203,9 +227,49 @@ std::vector<Plot> make_plots(const std::vector<nlohmann::json>& runs, const std:
     s << "EOD\n";
     if (x > 0) {
       s << "set xrange [-0.7:" << x - 0.3 << "]\n"
-        << "plot $l using 1:(sqrt($3*$4)):3:4:xtic(2) with yerrorbars lc rgb '#1f77b4' pt 0 lw 2 title "
+        << "plot $l using 1:(sqrt($3*$4)):3:4:xtic(2) with yerrorbars lc rgb '#1f77b4' pt 7 ps 0.4 lw 2 title "
            "'[lower, global]', $l using 1:5 with points pt 9 ps 1.2 lc rgb '#d62728' title 'mean local'\n";
       plots.push_back({"Lipschitz constants", "plot-lipschitz.svg", s.str()});
+    }
+  }
+  // 4. RA / RA-E / RA-R bars, one cluster per attack result
+  const auto labels = attack_labels(attacks);
+  if (!attacks.empty()) {
+    std::ostringstream s;
+    s << "set title 'Empirical robustness: whole model (RA), experts under frozen routing (RA-E), router (RA-R)'\n"
+      << "set style data histogram\nset style histogram cluster gap 1\nset style fill solid 0.85 border -1\n"
+      << "set boxwidth 0.9\nset yrange [0:1]\nset ylabel 'accuracy'\nset grid ytics\nset key outside right\n"
+      << "set xtics rotate by -20\n$r << EOD\n";
+    for (size_t i = 0; i < attacks.size(); ++i) {
+      const auto& d = attacks[i].data;
+      s << "\"" << labels[i] << "\" " << value_or_nan(d, "sa") << " " << value_or_nan(d, "ra") << " "
+        << value_or_nan(d, "ra_e") << " " << value_or_nan(d, "ra_r") << "\n";
+    }
+    s << "EOD\nplot $r using 2:xtic(1) title 'SA' lc rgb '#7f7f7f', $r using 3 title 'RA' lc rgb '#1f77b4', "
+      << "$r using 4 title 'RA-E' lc rgb '#d62728', $r using 5 title 'RA-R' lc rgb '#2ca02c'\n";
+    plots.push_back({"RA / RA-E / RA-R", "plot-ra-components.svg", s.str()});
+  }
+  // 5. α-sweep SA / RA curves of dual-models
+  {
+    std::ostringstream s;
+    std::string plot = "plot ";
+    for (size_t i = 0; i < attacks.size(); ++i) {
+      const auto& d = attacks[i].data;
+      if (!d.contains("alpha_sweep")) continue;
+      s << "$s" << i << " << EOD\n";
+      for (const auto& row : d["alpha_sweep"]) s << row["alpha"] << " " << row["sa"] << " " << row["ra"] << "\n";
+      s << "EOD\n";
+      const std::string c = colours[i % 6];
+      plot += "$s" + std::to_string(i) + " using 1:2 with linespoints dt 1 pt 7 lc rgb '" + c + "' title '" +
+              labels[i] + ": SA', $s" + std::to_string(i) + " using 1:3 with linespoints dt 2 pt 6 lc rgb '" + c +
+              "' title '" + labels[i] + ": RA', ";
+    }
+    if (plot.size() > 5) {
+      plot.resize(plot.size() - 2);
+      std::ostringstream head;
+      head << "set title 'Dual-model α-sweep: F_D = (1 − α) F_S + α F_R'\nset xlabel 'α'\nset ylabel 'accuracy'\n"
+           << "set yrange [0:1]\nset key outside right\nset grid\n";
+      plots.push_back({"α-sweep SA / RA", "plot-alpha-sweep.svg", head.str() + s.str() + plot + "\n"});
     }
   }
   if (!have_gnuplot()) {
@@ -218,12 +282,50 @@ std::vector<Plot> make_plots(const std::vector<nlohmann::json>& runs, const std:
 
 }  // namespace
 
+AttackResult attack_validate(const nlohmann::json& data, const std::string& name) {
+  auto fail = [&](const std::string& what) -> void { throw ConfigError(name + ": " + what); };
+  if (!data.is_object()) fail("not an attack result (the JSON object of `moecert attack --json`)");
+  auto unit = [&](const nlohmann::json& o, const char* key, bool required, const std::string& where) {
+    if (!o.contains(key)) {
+      if (required) fail("missing field '" + where + key + "'");
+      return;
+    }
+    const auto& v = o[key];
+    if (!v.is_number() || !(v.get<double>() >= 0 && v.get<double>() <= 1))
+      fail("field '" + where + key + "' must be a number in [0, 1], got " + v.dump());
+  };
+  for (const char* key : {"sa", "ra"}) unit(data, key, true, "");
+  for (const char* key : {"ra_e", "ra_r"}) unit(data, key, false, "");
+  if (data.contains("alpha_sweep")) {
+    const auto& sweep = data["alpha_sweep"];
+    if (!sweep.is_array() || sweep.empty()) fail("field 'alpha_sweep' must be a non-empty array");
+    for (size_t i = 0; i < sweep.size(); ++i) {
+      const std::string where = "alpha_sweep[" + std::to_string(i) + "].";
+      if (!sweep[i].is_object()) fail("field 'alpha_sweep[" + std::to_string(i) + "]' must be an object");
+      for (const char* key : {"alpha", "sa", "ra"}) unit(sweep[i], key, true, where);
+    }
+  }
+  return {name, data};
+}
+
+AttackResult attack_read(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw ConfigError("cannot open attack file " + path);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw ConfigError(path + ": not valid JSON (" + e.what() + ")");
+  }
+  return attack_validate(j, path);
+}
+
 void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std::string>& names,
-                  const std::vector<GateResult>& gates, const std::string& out_dir,
-                  const std::string& command) {
+                  const std::vector<AttackResult>& attacks, const std::vector<GateResult>& gates,
+                  const std::string& out_dir, const std::string& command) {
   if (runs.empty()) throw ConfigError("report: no results given");
   ::mkdir(out_dir.c_str(), 0755);
-  const auto plots = make_plots(runs, names, out_dir);
+  const auto plots = make_plots(runs, names, attacks, out_dir);
   std::ostringstream md, html;
   const bool compare = runs.size() > 1;
   md << "# moecert robustness report\n\n";
@@ -232,7 +334,8 @@ void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std
           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
           "text-align:right}th{background:#eee}td:first-child,th:first-child{text-align:left}"
           ".pass{color:#1a7f37;font-weight:bold}.fail{color:#cf222e;font-weight:bold}"
-          "code{background:#f4f4f4;padding:1px 4px}figure{margin:1em 0}</style></head><body>\n"
+          "code{background:#f4f4f4;padding:1px 4px;overflow-wrap:anywhere}figure{margin:1em 0}"
+          "svg{max-width:100%;height:auto}</style></head><body>\n"
        << "<h1>moecert robustness report</h1>\n";
   // model cards
   for (size_t i = 0; i < runs.size(); ++i) {
@@ -297,6 +400,47 @@ void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std
        << (t.is_null() ? "n/a" : fmt(t.get<double>())) << " over " << agg.value("tightness_samples", 0) << " samples\n";
     html << "<p>" << (compare ? html_escape(names[i]) + ": " : "") << "median tightness (certified / empirical): "
          << (t.is_null() ? "n/a" : fmt(t.get<double>())) << " over " << agg.value("tightness_samples", 0) << " samples</p>\n";
+  }
+  // attacks
+  if (!attacks.empty()) {
+    const auto labels = attack_labels(attacks);
+    md << "\n## Empirical robustness (attacks)\n\nRA: the whole model attacked; RA-E: the experts attacked with "
+          "the routing frozen at the clean input's choice; RA-R: the router attacked with the experts fed the "
+          "clean input.\n\n| attack | checkpoint | attack config | SA | RA | RA-E | RA-R |\n|---|---|---|---|---|---|---|\n";
+    html << "<h2>Empirical robustness (attacks)</h2><p>RA: the whole model attacked; RA-E: the experts attacked "
+            "with the routing frozen at the clean input's choice; RA-R: the router attacked with the experts fed "
+            "the clean input.</p><table><tr><th>attack</th><th>checkpoint</th><th>attack config</th><th>SA</th>"
+            "<th>RA</th><th>RA-E</th><th>RA-R</th></tr>\n";
+    auto cell = [](const nlohmann::json& d, const char* key) {
+      return d.contains(key) ? pct(d[key].get<double>()) : std::string("—");
+    };
+    for (size_t i = 0; i < attacks.size(); ++i) {
+      const auto& d = attacks[i].data;
+      std::ostringstream cfg;
+      cfg << "p = " << d.value("norm", "?") << ", ε = " << d.value("eps", nlohmann::json("?")).dump()
+          << ", PGD-" << d.value("steps", nlohmann::json("?")).dump() << ", " << d.value("samples", nlohmann::json("?")).dump()
+          << " samples";
+      if (d.contains("alpha")) cfg << ", α = " << d["alpha"].dump();
+      const std::string ckpt = d.value("checkpoint", "?");
+      md << "| " << labels[i] << " | `" << ckpt << "` | " << cfg.str() << " | " << cell(d, "sa") << " | "
+         << cell(d, "ra") << " | " << cell(d, "ra_e") << " | " << cell(d, "ra_r") << " |\n";
+      html << "<tr><td>" << html_escape(labels[i]) << "</td><td><code>" << html_escape(ckpt) << "</code></td><td>"
+           << html_escape(cfg.str()) << "</td><td>" << cell(d, "sa") << "</td><td>" << cell(d, "ra") << "</td><td>"
+           << cell(d, "ra_e") << "</td><td>" << cell(d, "ra_r") << "</td></tr>\n";
+    }
+    html << "</table>\n";
+    for (size_t i = 0; i < attacks.size(); ++i) {
+      const auto& d = attacks[i].data;
+      if (!d.contains("alpha_sweep")) continue;
+      md << "\nα-sweep of `" << labels[i] << "`:\n\n| α | SA | RA |\n|---|---|---|\n";
+      html << "<p>α-sweep of " << html_escape(labels[i]) << ":</p><table><tr><th>α</th><th>SA</th><th>RA</th></tr>\n";
+      for (const auto& row : d["alpha_sweep"]) {
+        md << "| " << fmt(row["alpha"], 2) << " | " << pct(row["sa"]) << " | " << pct(row["ra"]) << " |\n";
+        html << "<tr><td>" << fmt(row["alpha"], 2) << "</td><td>" << pct(row["sa"]) << "</td><td>" << pct(row["ra"])
+             << "</td></tr>\n";
+      }
+      html << "</table>\n";
+    }
   }
   // gates
   md << "\n## Gates\n\n";

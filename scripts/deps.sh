@@ -12,6 +12,9 @@ MOECERT_PACKAGES=(
 if [[ "${MOECERT_WITH_PYTHON:-0}" == 1 ]]; then
   MOECERT_PACKAGES+=(python3)         # scripts/results_table.py (the reproduction study's table)
 fi
+if [[ "${MOECERT_WITH_BROWSER:-0}" == 1 ]]; then
+  MOECERT_PACKAGES+=(python3 chromium) # the headless-Chromium check of report.html
+fi
 if [[ "${MOECERT_WITH_PYTORCH:-0}" == 1 ]]; then
   MOECERT_PACKAGES+=(python3-torch)   # for the torch.jit.load interoperability test and the peer
 fi

@@ -3,7 +3,7 @@
 # Extra arguments go to ctest (e.g. scripts/test.sh -R dispatch).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-MOECERT_WITH_PYTORCH=1 "$root/scripts/deps.sh"
+MOECERT_WITH_PYTORCH=1 MOECERT_WITH_BROWSER=1 "$root/scripts/deps.sh"
 "$root/scripts/build.sh"
 cd "${MOECERT_BUILD_DIR:-$root/build}"
 ctest --output-on-failure -j "$(nproc)" --timeout 1200 "$@"

@@ -46,10 +46,25 @@ std::vector<GateResult> baseline_gates(const nlohmann::json& results, const nloh
 /// when the shards come from different checkpoints or settings, or overlap.
 nlohmann::json results_merge(const std::vector<nlohmann::json>& shards);
 
+/// The numbers of one `moecert attack --json` run shown beside the certificates:
+/// SA, RA, and where present RA-E / RA-R and a dual-model's α-sweep.
+struct AttackResult {
+  std::string name;  ///< its label in tables and plots (the file path)
+  nlohmann::json data;
+};
+
+/// Checks an attack object: `sa` and `ra` in [0, 1]; `ra_e`, `ra_r` in [0, 1] when
+/// present; `alpha_sweep` an array of {alpha, sa, ra} in [0, 1]. Throws ConfigError
+/// naming `name` and the field.
+AttackResult attack_validate(const nlohmann::json& data, const std::string& name);
+/// Reads and validates an attack JSON file (ConfigError naming the file).
+AttackResult attack_read(const std::string& path);
+
 /// Writes report.md and a self-contained report.html (inline SVG plots made with
-/// gnuplot) for one run, or a comparison of several (`names` label them).
+/// gnuplot) for one run, or a comparison of several (`names` label them); attack
+/// results add an RA / RA-E / RA-R table and plot, and α-sweep curves when present.
 void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std::string>& names,
-                  const std::vector<GateResult>& gates, const std::string& out_dir,
-                  const std::string& command);
+                  const std::vector<AttackResult>& attacks, const std::vector<GateResult>& gates,
+                  const std::string& out_dir, const std::string& command);
 
 }  // namespace moecert

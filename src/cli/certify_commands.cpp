@@ -178,6 +178,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
   cmd->callback([&common, o, report, invocation] {
     std::vector<Gate> parsed;  // bad gates are usage errors before any work
     for (const auto& g : report->gates) parsed.push_back(gate_parse(g));
+    for (const auto& a : report->attacks) attack_read(a);  // and bad attack files
     runtime_threads(common.threads);
     runtime_seed(common.seed);
     const auto device = runtime_device(common.device);

@@ -35,7 +35,7 @@ void cli_register_merge(CLI::App& app, const CommonOptions& common);
 /// Report / gate options shared by `report` and `certify --report`.
 struct ReportOptions {
   std::string out, junit, baseline;
-  std::vector<std::string> gates;
+  std::vector<std::string> gates, attacks;
   double max_drop = 0.02;
 };
 void add_report_options(CLI::App* cmd, ReportOptions& o, bool for_certify);

@@ -45,8 +45,10 @@ int report_and_gate(const std::vector<nlohmann::json>& runs, const std::vector<s
     auto base = baseline_gates(runs[0], read_results(o.baseline), o.max_drop);
     results.insert(results.end(), base.begin(), base.end());
   }
+  std::vector<AttackResult> attacks;
+  for (const auto& a : o.attacks) attacks.push_back(attack_read(a));
   if (!o.out.empty()) {
-    report_write(runs, names, results, o.out, command);
+    report_write(runs, names, attacks, results, o.out, command);
     std::cout << "report: " << o.out << "/report.html (and report.md)\n";
   }
   if (!o.junit.empty()) write_file_atomic(o.junit, junit_xml(results, names[0]));
@@ -99,6 +101,8 @@ void add_report_options(CLI::App* cmd, ReportOptions& o, bool for_certify) {
   cmd->add_option(for_certify ? "--report" : "--out", o.out,
                   "write report.md and report.html into this directory");
   cmd->add_option("--gate", o.gates, "CI gate, e.g. 'certified_acc@0.02>=0.40' (repeatable)");
+  cmd->add_option("--attack", o.attacks,
+                  "JSON of `moecert attack --json` (repeatable): RA / RA-E / RA-R and alpha-sweep in the report");
   cmd->add_option("--junit", o.junit, "write the gates as JUnit XML");
   cmd->add_option("--baseline", o.baseline, "results.json of an earlier run: gate regressions against it");
   cmd->add_option("--max-drop", o.max_drop, "largest allowed accuracy drop vs --baseline")->capture_default_str();

@@ -141,7 +141,7 @@ TEST_CASE("report.md and a self-contained report.html with plots", "[reports]") 
   auto r = certify_indices(all);
   TempDir tmp;
   auto gates = gates_evaluate(r, {gate_parse("violations==0"), gate_parse("sa>1")});
-  report_write({r}, {"run"}, gates, tmp / "rep", "test");
+  report_write({r}, {"run"}, {}, gates, tmp / "rep", "test");
   auto md = read_text(tmp / "rep/report.md");
   auto html = read_text(tmp / "rep/report.html");
   CHECK(md.find("## Soundness violations") != std::string::npos);
@@ -157,8 +157,66 @@ TEST_CASE("report.md and a self-contained report.html with plots", "[reports]") 
   CHECK(html.find("src=\"http") == std::string::npos);
   CHECK(html.find("<img") == std::string::npos);
   // A comparison of two runs in one report.
-  report_write({r, r}, {"before", "after"}, {}, tmp / "cmp", "test");
+  report_write({r, r}, {"before", "after"}, {}, {}, tmp / "cmp", "test");
   auto cmp = read_text(tmp / "cmp/report.md");
   CHECK(cmp.find("| before | clean accuracy") != std::string::npos);
   CHECK(cmp.find("| after | clean accuracy") != std::string::npos);
+}
+
+TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alpha-sweep)", "[reports]") {
+  const nlohmann::json single = {{"sa", 0.84}, {"ra", 0.71}, {"ra_e", 0.52}, {"ra_r", 0.80}, {"eps", 0.1},
+                                 {"norm", "inf"}, {"steps", 20}, {"samples", 1000}, {"checkpoint", "runs/at"}};
+  nlohmann::json dual = {{"sa", 0.86}, {"ra", 0.58}, {"alpha", 0.8}, {"checkpoint", "runs/dual"}};
+  dual["alpha_sweep"] = nlohmann::json::array();
+  for (int a = 5; a <= 10; ++a)
+    dual["alpha_sweep"].push_back({{"alpha", a / 10.0}, {"sa", 0.9 - 0.01 * a}, {"ra", 0.05 * a}});
+  CHECK(attack_validate(single, "a.json").data == single);
+  CHECK(attack_validate(dual, "d.json").name == "d.json");
+  // Bad attack objects name the file and the field.
+  auto bad = [](nlohmann::json j, const char* message) {
+    INFO(message);
+    CHECK_THROWS_WITH(attack_validate(j, "x.json"), Catch::Contains("x.json") && Catch::Contains(message));
+  };
+  auto no_ra = single;
+  no_ra.erase("ra");
+  bad(no_ra, "missing field 'ra'");
+  auto big = single;
+  big["ra_e"] = 1.5;
+  bad(big, "'ra_e' must be a number in [0, 1]");
+  auto text = single;
+  text["sa"] = "high";
+  bad(text, "'sa' must be a number");
+  auto sweep = dual;
+  sweep["alpha_sweep"][2].erase("ra");
+  bad(sweep, "alpha_sweep[2].ra");
+  bad(nlohmann::json::array(), "not an attack result");
+  TempDir tmp;
+  {
+    std::ofstream f(tmp / "broken.json");
+    f << "{\"sa\": 0.5,";
+  }
+  CHECK_THROWS_WITH(attack_read(tmp / "broken.json"), Catch::Contains("broken.json") && Catch::Contains("not valid JSON"));
+  CHECK_THROWS_WITH(attack_read(tmp / "absent.json"), Catch::Contains("absent.json"));
+
+  std::vector<int64_t> all(8);
+  std::iota(all.begin(), all.end(), 0);
+  auto r = certify_indices(all);
+  report_write({r}, {"run"}, {attack_validate(single, "runs/at/attack.json"), attack_validate(dual, "runs/dual.json")},
+               {}, tmp / "rep", "test");
+  auto md = read_text(tmp / "rep/report.md");
+  auto html = read_text(tmp / "rep/report.html");
+  CHECK(md.find("## Empirical robustness (attacks)") != std::string::npos);
+  CHECK(md.find("| attack | `runs/at` | p = inf, ε = 0.1, PGD-20, 1000 samples | 84.00% | 71.00% | 52.00% | 80.00% |") !=
+        std::string::npos);
+  CHECK(md.find("| dual | `runs/dual` |") != std::string::npos);  // RA-E / RA-R absent: shown as —
+  CHECK(md.find("| 0.80 | 82.00% | 40.00% |") != std::string::npos);  // a row of the α-sweep table
+  // Five inline plots: radius, accuracy, Lipschitz, RA components, α-sweep.
+  size_t svgs = 0;
+  for (size_t pos = html.find("<svg"); pos != std::string::npos; pos = html.find("<svg", pos + 1)) ++svgs;
+  CHECK(svgs == 5);
+  CHECK(html.find("<figure id=\"plot-ra-components.svg\">") != std::string::npos);
+  CHECK(html.find("<figure id=\"plot-alpha-sweep.svg\">") != std::string::npos);
+  // Without a sweep there is no α-sweep plot.
+  report_write({r}, {"run"}, {attack_validate(single, "a.json")}, {}, tmp / "one", "test");
+  CHECK(read_text(tmp / "one/report.html").find("plot-alpha-sweep") == std::string::npos);
 }
