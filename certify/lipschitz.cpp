@@ -25,12 +25,6 @@ int64_t numel(const Shape& s) {
   return std::accumulate(s.begin(), s.end(), int64_t{1}, std::multiplies<int64_t>());
 }
 
-std::string shape_text(const Shape& s) {
-  std::string t = "[";
-  for (size_t i = 0; i < s.size(); ++i) t += (i ? ", " : "") + std::to_string(s[i]);
-  return t + "]";
-}
-
 /// The output shape of a layer (without batch dimension).
 Shape out_shape(const Layer& l, const Shape& in) {
   switch (l.kind) {
@@ -90,11 +84,11 @@ double max_spectral_norm_upper(torch::Tensor a, double slack) {
   // float32, and QR costs more than the product on the small matrices.
   for (int it = 1; it <= defaults::spectral_power_iterations; ++it) {
     v = torch::matmul(g32, v);
-    if (it % 3 == 0) v = std::get<0>(torch::linalg::qr(v, "reduced"));
+    if (it % 3 == 0) v = std::get<0>(at::linalg_qr(v, "reduced"));
   }
   // Rayleigh-Ritz in float64: a float32 quotient may sit ~1e-7 above λ_max.
-  v = std::get<0>(torch::linalg::qr(v.to(gram.scalar_type()), "reduced"));
-  auto ritz = torch::linalg::eigvalsh(torch::matmul(v.transpose(1, 2).conj(), torch::matmul(gram, v)), "L");
+  v = std::get<0>(at::linalg_qr(v.to(gram.scalar_type()), "reduced"));
+  auto ritz = at::linalg_eigvalsh(torch::matmul(v.transpose(1, 2).conj(), torch::matmul(gram, v)), "L");
   const double estimate = std::max(ritz.select(1, block - 1).max().item<double>(), 0.0);
   const double mu = estimate * (1.0 + slack) + std::numeric_limits<double>::min();
 
@@ -113,8 +107,8 @@ double max_spectral_norm_upper(torch::Tensor a, double slack) {
   auto failed = info.ne(0).nonzero().flatten();
   if (failed.numel() > 0) {
     auto gf = gram.index_select(0, failed);
-    auto top = torch::linalg::eigvalsh(gf, "L").select(1, n - 1).to(torch::kFloat64);
-    auto gfro = torch::linalg::matrix_norm(gf, "fro", {-2, -1}, false, c10::nullopt).to(torch::kFloat64);
+    auto top = at::linalg_eigvalsh(gf, "L").select(1, n - 1).to(torch::kFloat64);
+    auto gfro = at::linalg_matrix_norm(gf, "fro", {-2, -1}, false, c10::nullopt).to(torch::kFloat64);
     bound2 = bound2.index_copy(0, failed, torch::clamp_min(top, 0.0) + 10.0 * static_cast<double>(n * n) * u * gfro);
   }
   bound2 = bound2 + formation;

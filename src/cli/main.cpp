@@ -4,9 +4,27 @@
 
 #include <c10/util/Exception.h>
 
+#include <execinfo.h>
+#include <unistd.h>
+
+#include <csignal>
 #include <iostream>
 
+namespace {
+/// A crash is a bug: say so on stderr with a raw backtrace, then die of the same signal.
+void crash_handler(int sig) {
+  const char msg[] = "moecert: internal error (fatal signal); backtrace:\n";
+  (void)!::write(2, msg, sizeof msg - 1);
+  void* frames[64];
+  ::backtrace_symbols_fd(frames, ::backtrace(frames, 64), 2);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+}  // namespace
+
 int main(int argc, char** argv) {
+  std::signal(SIGSEGV, crash_handler);
+  std::signal(SIGBUS, crash_handler);
   CLI::App app{"moecert: train, attack and certify robust Mixture-of-Experts classifiers"};
   app.require_subcommand(1);
   app.set_version_flag("--version", MOECERT_VERSION);

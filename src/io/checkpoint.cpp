@@ -32,6 +32,7 @@
 #include <vector>
 
 #include <fcntl.h>
+#include <ftw.h>
 #include <signal.h>
 #include <stdio.h>  // renameat2, RENAME_EXCHANGE (glibc >= 2.28 with _GNU_SOURCE)
 #include <sys/stat.h>
@@ -49,6 +50,20 @@ namespace io_impl {
 
 CheckpointError os_error(const std::string& action, const std::string& path, int err) {
   return CheckpointError("cannot " + action + " " + path + ": " + std::strerror(err));
+}
+
+/// Removes a file or a directory tree, ignoring errors (like fs::remove_all with an
+/// error_code). POSIX nftw rather than std::filesystem: a LibTorch built with another
+/// GCC (PyTorch's manylinux wheels) exports its own std::filesystem::remove_all with a
+/// different path layout, and calls from our code then land there and crash.
+void remove_tree(const std::string& path) {
+  ::nftw(path.c_str(),
+         [](const char* p, const struct stat*, int, struct FTW*) {
+           ::remove(p);
+           return 0;  // keep going: remove what can be removed
+         },
+         16,
+         FTW_DEPTH | FTW_PHYS);
 }
 
 void fsync_path(const std::string& path, bool is_directory) {
@@ -122,23 +137,22 @@ bool path_exists(const std::string& path) {
 }  // namespace
 
 void commit_directory(const std::string& tmp, const std::string& dir, bool allow_exchange) {
-  std::error_code ec;
   if (!path_exists(dir)) {
     rename_or_throw(tmp, dir);
   } else if (allow_exchange && rename_exchange(tmp, dir) == 0) {
-    fs::remove_all(tmp, ec);  // the old checkpoint, now under the temp name
+    remove_tree(tmp);  // the old checkpoint, now under the temp name
   } else if (allow_exchange && errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) {
     throw os_error("exchange " + tmp + " with", dir, errno);
   } else {
     const std::string old = dir + ".old";
-    fs::remove_all(old, ec);  // left by a fallback save killed after its second rename
+    remove_tree(old);  // left by a fallback save killed after its second rename
     rename_or_throw(dir, old);
     if (::rename(tmp.c_str(), dir.c_str()) != 0) {
       const int err = errno;
       ::rename(old.c_str(), dir.c_str());  // put the previous checkpoint back
       throw os_error("rename " + tmp + " to", dir, err);
     }
-    fs::remove_all(old, ec);
+    remove_tree(old);
   }
   fsync_path(parent_dir(dir), /*is_directory=*/true);
 }
@@ -201,7 +215,7 @@ void remove_stale_temps(const std::string& dir) {
     const std::string path = (fs::path(dir).parent_path() / it->path().filename()).string();
     if (is_stale_temp(path, prefix)) stale.push_back(path);
   }
-  for (const std::string& path : stale) fs::remove_all(path, ec);
+  for (const std::string& path : stale) io_impl::remove_tree(path);
 }
 
 /// Refuses to replace something that is not a checkpoint: the old tree gets deleted.
@@ -373,7 +387,7 @@ void checkpoint_save(const std::string& dir_arg, const torch::nn::Module& module
     io_impl::fsync_path(tmp, /*is_directory=*/true);
     io_impl::commit_directory(tmp, dir);
   } catch (...) {
-    fs::remove_all(tmp, ec);  // the unfinished new checkpoint, or the replaced old one
+    io_impl::remove_tree(tmp);  // the unfinished new checkpoint, or the replaced old one
     set_in_flight(tmp, false);
     throw;
   }

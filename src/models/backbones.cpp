@@ -5,6 +5,7 @@
 #include "moecert/models.h"
 
 #include <torch/torch.h>
+#include <torch/version.h>
 
 namespace moecert {
 namespace {
@@ -51,7 +52,11 @@ torch::Tensor f64(const torch::Tensor& t) {
 /// A conv module as a graph layer; only square stride/padding, no dilation or groups.
 Layer conv_layer(const std::string& name, const nn::Conv2d& c) {
   const auto& o = c->options;
+#if TORCH_VERSION_MAJOR >= 2  // the padding variant became a std::variant
+  const auto* pad = std::get_if<torch::ExpandingArray<2>>(&o.padding());
+#else
   const auto* pad = c10::get_if<torch::ExpandingArray<2>>(&o.padding());
+#endif
   if (!pad || (*pad)->at(0) != (*pad)->at(1) || o.stride()->at(0) != o.stride()->at(1) ||
       o.dilation()->at(0) != 1 || o.dilation()->at(1) != 1 || o.groups() != 1)
     throw UnsupportedLayerError("certify: convolution '" + name +

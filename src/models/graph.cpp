@@ -7,28 +7,36 @@
 namespace moecert {
 
 Layer Layer::affine(std::string name, torch::Tensor scale, torch::Tensor shift) {
-  Layer l{Kind::channel_affine, std::move(name)};
+  Layer l;
+  l.kind = Kind::channel_affine, l.name = std::move(name);
   l.weight = std::move(scale), l.bias = std::move(shift);
   return l;
 }
 
 Layer Layer::conv2d(std::string name, torch::Tensor w, torch::Tensor b, int64_t stride,
                     int64_t padding) {
-  Layer l{Kind::conv, std::move(name)};
+  Layer l;
+  l.kind = Kind::conv, l.name = std::move(name);
   l.weight = std::move(w), l.bias = std::move(b), l.stride = stride, l.padding = padding;
   return l;
 }
 
 Layer Layer::dense(std::string name, torch::Tensor w, torch::Tensor b) {
-  Layer l{Kind::linear, std::move(name)};
+  Layer l;
+  l.kind = Kind::linear, l.name = std::move(name);
   l.weight = std::move(w), l.bias = std::move(b);
   return l;
 }
 
-Layer Layer::simple(Kind kind, std::string name) { return Layer{kind, std::move(name)}; }
+Layer Layer::simple(Kind kind, std::string name) {
+  Layer l;
+  l.kind = kind, l.name = std::move(name);
+  return l;
+}
 
 Layer Layer::residual_block(std::string name, std::vector<Layer> main, std::vector<Layer> shortcut) {
-  Layer l{Kind::residual, std::move(name)};
+  Layer l;
+  l.kind = Kind::residual, l.name = std::move(name);
   l.main = std::move(main), l.shortcut = std::move(shortcut);
   return l;
 }
