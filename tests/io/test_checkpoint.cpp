@@ -295,8 +295,12 @@ TEST_CASE("saving twice replaces the checkpoint and leaves no temp directories",
   torch::manual_seed(2);
   IoTestNet first, second, loaded;
   moecert::checkpoint_save(dir, *first, io_test_manifest(1));
+  // The replaced tree goes completely, nested directories included.
+  fs::create_directories(dir + "/notes/deeper");
+  write_bytes(dir + "/notes/deeper/x.txt", "x");
   moecert::checkpoint_save(dir, *second, io_test_manifest(2),
                            [](auto& a) { a.write("epoch", c10::IValue(int64_t(2))); });
+  CHECK_FALSE(fs::exists(dir + "/notes"));
   CHECK(moecert::checkpoint_read_manifest(dir)["metrics"]["step"] == 2);
   moecert::checkpoint_load_weights(dir, *loaded);
   CHECK(same_state(*second, *loaded));
@@ -321,8 +325,9 @@ TEST_CASE("stale temp directories are ignored and removed by the next save", "[u
   const std::string ours = dir + ".tmp-" + std::to_string(getpid()) + "-999999";
   const std::string live = dir + ".tmp-1-0";  // pid 1 always runs: maybe a save in progress
   for (const std::string& d : {stale, ours, live}) {
-    fs::create_directories(d);
+    fs::create_directories(d + "/nested");
     write_bytes(d + "/model.json", "garbage");
+    write_bytes(d + "/nested/weights.pt", "garbage");
   }
   CHECK(moecert::checkpoint_read_manifest(dir)["metrics"]["step"] == 1);
   CHECK_NOTHROW(moecert::checkpoint_load_weights(dir, *net));
