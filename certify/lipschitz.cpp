@@ -99,8 +99,8 @@ double max_spectral_norm_upper(torch::Tensor a, double slack) {
   auto b = eye * mu - gram;
   auto info = std::get<1>(at::linalg_cholesky_ex(b, false, false));
   const double gc = gamma_f64(2.0 * static_cast<double>(n) + 8.0);
-  auto trace_b = (mu - diag).sum(1);
-  auto verified = mu + u * (mu - diag).abs().amax(1) + gc * trace_b.abs() / (1.0 - gc);
+  auto b_diag = mu - diag;  // the diagonal of B (before its rounding)
+  auto verified = mu + u * b_diag.abs().amax(1) + gc * b_diag.sum(1).abs() / (1.0 - gc);
   auto bound2 = verified;  // [F], valid where info == 0
   // 3. the frequencies Cholesky could not verify: exact eigenvalues plus the error
   // bound of a backward-stable Hermitian solver, 10 n² u ‖Ĝ‖_F (generous over LAPACK's p(n)).

@@ -97,7 +97,8 @@ struct Plot {
 std::vector<std::string> attack_labels(const std::vector<AttackResult>& attacks) {
   std::vector<std::string> labels;
   for (const auto& a : attacks) {
-    std::string l = a.name.substr(a.name.find_last_of('/') == std::string::npos ? 0 : a.name.find_last_of('/') + 1);
+    const auto slash = a.name.find_last_of('/');
+    std::string l = slash == std::string::npos ? a.name : a.name.substr(slash + 1);
     if (l.size() > 5 && l.compare(l.size() - 5, 5, ".json") == 0) l.resize(l.size() - 5);
     labels.push_back(l.empty() ? a.name : l);
   }
@@ -116,7 +117,8 @@ std::string value_or_nan(const nlohmann::json& o, const char* key) {
 }
 
 std::vector<Plot> make_plots(const std::vector<nlohmann::json>& runs, const std::vector<std::string>& names,
-                             const std::vector<AttackResult>& attacks, const std::string& dir) {
+                             const std::vector<AttackResult>& attacks, const std::vector<std::string>& labels,
+                             const std::string& dir) {
   std::vector<Plot> plots;
   const char* colours[] = {"#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"};
   // 1. certified vs empirical radius
@@ -233,7 +235,6 @@ std::vector<Plot> make_plots(const std::vector<nlohmann::json>& runs, const std:
     }
   }
   // 4. RA / RA-E / RA-R bars, one cluster per attack result
-  const auto labels = attack_labels(attacks);
   if (!attacks.empty()) {
     std::ostringstream s;
     s << "set title 'Empirical robustness: whole model (RA), experts under frozen routing (RA-E), router (RA-R)'\n"
@@ -325,7 +326,8 @@ void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std
                   const std::string& out_dir, const std::string& command) {
   if (runs.empty()) throw ConfigError("report: no results given");
   ::mkdir(out_dir.c_str(), 0755);
-  const auto plots = make_plots(runs, names, attacks, out_dir);
+  const auto labels = attack_labels(attacks);
+  const auto plots = make_plots(runs, names, attacks, labels, out_dir);
   std::ostringstream md, html;
   const bool compare = runs.size() > 1;
   md << "# moecert robustness report\n\n";
@@ -403,7 +405,6 @@ void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std
   }
   // attacks
   if (!attacks.empty()) {
-    const auto labels = attack_labels(attacks);
     md << "\n## Empirical robustness (attacks)\n\nRA: the whole model attacked; RA-E: the experts attacked with "
           "the routing frozen at the clean input's choice; RA-R: the router attacked with the experts fed the "
           "clean input.\n\n| attack | checkpoint | attack config | SA | RA | RA-E | RA-R |\n|---|---|---|---|---|---|---|\n";
