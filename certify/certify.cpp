@@ -265,9 +265,7 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
           std::iota(all.begin(), all.end(), size_t{0});
           if (!m.router.empty()) {
             const bool has_relu = std::any_of(m.router.begin(), m.router.end(),
-                                              [](const Layer& l) { return l.kind != Layer::Kind::channel_affine &&
-                                                                          l.kind != Layer::Kind::linear &&
-                                                                          l.kind != Layer::Kind::flatten; });
+                                              [](const Layer& l) { return rule_for(l).relaxed() || !l.main.empty(); });
             if (has_relu || !cfg.global)  // an affine router's Jacobian is constant: local = global
               run(m.router, all, m.global.router, [&](size_t t, double v) { c[t].router = v; });
           }

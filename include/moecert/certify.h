@@ -8,6 +8,8 @@
 #include "moecert/defaults.h"
 #include "moecert/graph.h"
 #include "moecert/model_io.h"
+#include "moecert/rules.h"
+#include "moecert/spectral.h"
 
 #include <nlohmann/json.hpp>
 
@@ -19,27 +21,11 @@ namespace moecert {
 // --- Lipschitz constants of a logit map h: ‖·‖_p (pixels) -> ‖·‖_∞ (logits) --------
 
 /// One layer's operator norm ‖·‖_p -> ‖·‖_p, or ‖·‖_p -> ‖·‖_∞ with `to_inf`
-/// (used for a graph's last linear layer). in_shape: the layer input without the
-/// batch dimension ([C, H, W] or [F]). Throws UnsupportedLayerError for a residual.
+/// (used for a graph's last linear layer), from its rule. in_shape: the layer input
+/// without the batch dimension ([C, H, W] or [F]). Throws UnsupportedLayerError for a
+/// layer with branches (a residual block).
 double layer_operator_norm(const Layer& l, Norm p, const std::vector<int64_t>& in_shape,
                            bool to_inf = false);
-
-/// An upper bound on max_f σ_max(A_f) over a batch of matrices [F, m, n] (real or
-/// complex; float64 arithmetic). With G_f = A_f^H A_f on the smaller side:
-///  1. a float32 block power iteration estimates the largest λ_max(G_f) and sets
-///     μ = (1 + slack) · estimate (the estimate plays no part in soundness);
-///  2. a float64 Cholesky of μI − G_f that completes proves λ_max(G_f) <= μ up to
-///     Higham's backward error of Cholesky, which is added;
-///  3. each f whose Cholesky fails gets its exact top eigenvalue (LAPACK) plus the
-///     solver's backward-error bound instead.
-/// The rounding of forming G_f is added last. Throws NumericError on NaN/Inf input.
-double max_spectral_norm_upper(torch::Tensor a, double slack = defaults::spectral_slack);
-
-/// The p = 2 norm of a zero-padded, strided 2-D convolution on h x w inputs, bounded
-/// by that of the circular convolution on the (h + 2·padding) x (w + 2·padding) grid:
-/// max over frequencies of the spectral norm of the O x I kernel DFT (bounded by
-/// max_spectral_norm_upper). weight: [O, I, kh, kw].
-double conv_circular_norm(const torch::Tensor& weight, int64_t padding, int64_t h, int64_t w);
 
 struct GlobalBound {
   double value = 0;  ///< sound: L >= sup_x ‖J_h(x)‖_{p->∞}
@@ -47,7 +33,7 @@ struct GlobalBound {
 };
 
 /// `global`: the product of per-layer operator norms (residual: 1 + L_main or
-/// L_main + L_shortcut). input_shape: [C, H, W].
+/// L_main + L_shortcut), composed node by node by the rules. input_shape: [C, H, W].
 GlobalBound lipschitz_global(const LayerGraph& g, Norm p, const std::vector<int64_t>& input_shape);
 
 /// `local`: per sample b, a sound bound on sup over B_p(x_b, eps_b) of ‖J_h‖_{p->∞}:

@@ -1,8 +1,9 @@
 // The layer graph of a logit map, as the certifier sees it: every operator with
 // its weights in float64, detached from autograd. Built from a model by
 // BackboneImpl::graph() (and MoeImpl::component_graph, which prepends the input
-// normalisation). An operator the certifier cannot bound has no Layer kind: a
-// backbone that contains one throws UnsupportedLayerError naming it.
+// normalisation). How each kind is bounded lives in its rule (certify/rules/,
+// include/moecert/rules.h); a kind without a registered rule is an
+// UnsupportedLayerError naming the layer.
 #pragma once
 
 #include <torch/types.h>
@@ -25,10 +26,14 @@ struct Layer {
   Kind kind;
   std::string name;           ///< the parameter path it came from ("conv1", "layer2.0", ...)
   torch::Tensor weight, bias;  ///< conv/linear weights; channel_affine: scale, shift [C]
-  int64_t stride = 1, padding = 0;
+  /// channel_affine only: per-channel size of the terms the float32 model sums to
+  /// form its shift (eval BatchNorm: |β| + |μ·scale|); undefined means |shift|.
+  torch::Tensor shift_terms;
+  int64_t stride = 1, padding = 0;    ///< conv geometry
   std::vector<Layer> main, shortcut;  ///< residual branches
 
-  static Layer affine(std::string name, torch::Tensor scale, torch::Tensor shift);
+  static Layer affine(std::string name, torch::Tensor scale, torch::Tensor shift,
+                      torch::Tensor shift_terms = {});
   static Layer conv2d(std::string name, torch::Tensor w, torch::Tensor b, int64_t stride,
                       int64_t padding);
   static Layer dense(std::string name, torch::Tensor w, torch::Tensor b);
@@ -37,12 +42,5 @@ struct Layer {
 };
 
 using LayerGraph = std::vector<Layer>;
-
-/// Human-readable kind name ("conv", "relu", ...).
-std::string layer_kind_name(Layer::Kind k);
-
-/// Evaluates a graph in its tensors' dtype (float64 for certification).
-/// x: [B, C, H, W] -> logits [B, K]
-torch::Tensor graph_forward(const LayerGraph& g, const torch::Tensor& x);
 
 }  // namespace moecert

@@ -74,8 +74,9 @@ Layer batchnorm_layer(const std::string& name, const nn::BatchNorm2d& bn) {
   auto scale = torch::rsqrt(var + bn->options.eps());
   if (bn->weight.defined()) scale = scale * f64(bn->weight);
   auto shift = -mean * scale;
-  if (bn->bias.defined()) shift = shift + f64(bn->bias);
-  return Layer::affine(name, scale, shift);
+  auto terms = (mean * scale).abs();  // what the float32 model sums to form its shift
+  if (bn->bias.defined()) shift = shift + f64(bn->bias), terms = terms + f64(bn->bias).abs();
+  return Layer::affine(name, scale, shift, terms);
 }
 
 Layer relu_layer() { return Layer::simple(Layer::Kind::relu); }

@@ -1,15 +1,14 @@
-// Layer graph constructors and its float64 reference evaluation.
-#include "moecert/error.h"
+// Layer graph constructors. Evaluation and bounds of each kind are its rule's
+// (certify/rules/).
 #include "moecert/graph.h"
-
-#include <torch/torch.h>
 
 namespace moecert {
 
-Layer Layer::affine(std::string name, torch::Tensor scale, torch::Tensor shift) {
+Layer Layer::affine(std::string name, torch::Tensor scale, torch::Tensor shift,
+                    torch::Tensor shift_terms) {
   Layer l;
   l.kind = Kind::channel_affine, l.name = std::move(name);
-  l.weight = std::move(scale), l.bias = std::move(shift);
+  l.weight = std::move(scale), l.bias = std::move(shift), l.shift_terms = std::move(shift_terms);
   return l;
 }
 
@@ -39,42 +38,6 @@ Layer Layer::residual_block(std::string name, std::vector<Layer> main, std::vect
   l.kind = Kind::residual, l.name = std::move(name);
   l.main = std::move(main), l.shortcut = std::move(shortcut);
   return l;
-}
-
-std::string layer_kind_name(Layer::Kind k) {
-  switch (k) {
-    case Layer::Kind::channel_affine: return "channel_affine";
-    case Layer::Kind::conv: return "conv";
-    case Layer::Kind::linear: return "linear";
-    case Layer::Kind::relu: return "relu";
-    case Layer::Kind::flatten: return "flatten";
-    case Layer::Kind::global_avgpool: return "global_avgpool";
-    case Layer::Kind::residual: return "residual";
-  }
-  return "?";
-}
-
-torch::Tensor graph_forward(const LayerGraph& g, const torch::Tensor& input) {
-  torch::Tensor x = input;
-  for (const auto& l : g) {
-    switch (l.kind) {
-      case Layer::Kind::channel_affine: {
-        std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
-        shape[1] = -1;
-        x = x * l.weight.view(shape) + l.bias.view(shape);
-        break;
-      }
-      case Layer::Kind::conv: x = torch::conv2d(x, l.weight, l.bias, l.stride, l.padding); break;
-      case Layer::Kind::linear: x = torch::linear(x, l.weight, l.bias); break;
-      case Layer::Kind::relu: x = torch::relu(x); break;
-      case Layer::Kind::flatten: x = x.flatten(1); break;
-      case Layer::Kind::global_avgpool: x = x.mean({2, 3}); break;
-      case Layer::Kind::residual:
-        x = graph_forward(l.main, x) + (l.shortcut.empty() ? x : graph_forward(l.shortcut, x));
-        break;
-    }
-  }
-  return x;
 }
 
 }  // namespace moecert

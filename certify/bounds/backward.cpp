@@ -1,0 +1,170 @@
+// The backward (CROWN) walk: rows of linear coefficients stepped from a node back to
+// the graph input through each node's rule, summed where branches meet, and
+// concretised over the input region (L∞ box; L2 ball, with the pixel box by weak
+// duality) or, where a rule stops, over a node's interval. docs/certification.md §11–§12.
+#include "bounds-impl.h"
+
+#include "moecert/error.h"
+
+#include <cmath>
+#include <optional>
+
+namespace moecert::bp {
+namespace {
+
+namespace F = torch::nn::functional;
+
+/// Every site's window of a per-sample grid tensor t [B, C, H, W] in the geometry of
+/// `c`: -> [B·Ht·Wt, C, K, K] (zero outside the grid).
+torch::Tensor unfold_sites(const torch::Tensor& t, const Coeffs& c) {
+  const int64_t h = t.size(2), w = t.size(3), k = c.kernel, s = c.stride;
+  const int64_t eh = std::max<int64_t>(0, (c.Ht - 1) * s + k - h - c.pad);
+  const int64_t ew = std::max<int64_t>(0, (c.Wt - 1) * s + k - w - c.pad);
+  auto padded = F::pad(t, F::PadFuncOptions({c.pad, ew, c.pad, eh}));
+  auto cols = F::unfold(padded, F::UnfoldFuncOptions({k, k}).stride(s));  // [B, C·K·K, nh·nw]
+  const int64_t nh = (padded.size(2) - k) / s + 1, nw = (padded.size(3) - k) / s + 1;
+  cols = cols.view({t.size(0), -1, nh, nw}).narrow(2, 0, c.Ht).narrow(3, 0, c.Wt);
+  return cols.permute({0, 2, 3, 1}).reshape({-1, t.size(1), k, k});
+}
+
+/// Adds `more` into `into` (rows of the same bound rows at the same node): dense
+/// tensors add; patches of equal stride are padded to a common window first.
+void accumulate(std::optional<Coeffs>& into, const Coeffs& more) {
+  if (!into) {
+    into = more;
+    return;
+  }
+  if (into->patches != more.patches)
+    throw Error(ExitCode::internal, "certify: dense and patch rows meet at one node");
+  if (!more.patches) {
+    into->A = into->A + more.A;
+    return;
+  }
+  if (into->stride != more.stride)
+    throw Error(ExitCode::internal, "certify: patch rows of different strides meet at one node");
+  const int64_t pad = std::max(into->pad, more.pad);
+  const int64_t end = std::max(into->kernel - into->pad, more.kernel - more.pad);
+  auto widen = [&](const Coeffs& c) {
+    const int64_t before = pad - c.pad, after = pad + end - c.kernel - before;
+    return F::pad(c.A, F::PadFuncOptions({before, after, before, after}));
+  };
+  into->A = widen(*into) + widen(more);
+  into->pad = pad, into->kernel = pad + end;
+}
+
+/// b += min over the interval [lo, hi] of Σ A·z; mag += Σ |A|·max(|lo|, |hi|).
+void concretise_box(const Coeffs& c, const torch::Tensor& lo, const torch::Tensor& hi,
+                    torch::Tensor& b, torch::Tensor& mag) {
+  auto g = gatherer(c);
+  auto l = g(lo), h = g(hi);
+  b = b + (c.A.clamp_min(0) * l + c.A.clamp_max(0) * h).flatten(1).sum(1);
+  mag = mag + (c.A.abs() * torch::max(l.abs(), h.abs())).flatten(1).sum(1);
+}
+
+/// L2: b += min of Σ A·x over the ball (‖x − x0‖ <= ε) and, with the box, over
+/// ball ∩ [lo, hi]: max over λ of the dual D(λ) = Σ_i min_{x_i ∈ [lo_i, hi_i]}
+/// (A_i x_i + λ (x_i − x0_i)²) − λ ε², each D(λ) a lower bound (weak duality).
+void concretise_ball(const Coeffs& c, const BoundPass& pass, torch::Tensor& b, torch::Tensor& mag) {
+  auto g = gatherer(c);
+  auto x0 = g(pass.domain.x), A = c.A;
+  auto eps = pass.domain.eps.index_select(0, c.sample);
+  auto norm = A.flatten(1).norm(2, 1);
+  auto centre = (A * x0).flatten(1).sum(1);
+  mag = mag + (A.abs() * x0.abs()).flatten(1).sum(1) + eps * norm;
+  if (!pass.domain.box) {
+    b = b + centre - eps * norm;
+    return;
+  }
+  auto lo = g(pass.input.lo), hi = g(pass.input.hi);
+  auto best = (A.clamp_min(0) * lo + A.clamp_max(0) * hi).flatten(1).sum(1);  // D(0): the box alone
+  auto lam0 = (norm / (2 * eps.clamp_min(1e-300))).clamp_min(1e-300);       // the ball's optimum
+  auto dual = [&](const torch::Tensor& t) {  // t = log(λ / λ0) [R]
+    auto lam = (lam0 * torch::exp(t)).view({-1, 1});
+    auto a = A.flatten(1), xc = x0.flatten(1);
+    auto x = torch::max(torch::min(xc - a / (2 * lam), hi.flatten(1)), lo.flatten(1));
+    auto d = x - xc;
+    return (a * x + lam * d * d).sum(1) - lam.view({-1}) * eps * eps;
+  };
+  // Golden-section search on log λ over λ0·[e^-8, e^8] (D is concave in λ); every
+  // evaluated point is a valid bound, so the best of them is kept.
+  const double phi = (std::sqrt(5.0) - 1) / 2;
+  auto lo_t = torch::full_like(norm, -8.0), hi_t = torch::full_like(norm, 8.0);
+  auto t1 = hi_t - phi * (hi_t - lo_t), t2 = lo_t + phi * (hi_t - lo_t);
+  auto f1 = dual(t1), f2 = dual(t2);
+  best = torch::max(best, torch::max(f1, f2));
+  for (int it = 0; it < 18; ++it) {
+    auto left = f1.gt(f2);  // the maximum lies in [lo, t2]
+    hi_t = torch::where(left, t2, hi_t), lo_t = torch::where(left, lo_t, t1);
+    t1 = hi_t - phi * (hi_t - lo_t), t2 = lo_t + phi * (hi_t - lo_t);
+    f1 = dual(t1), f2 = dual(t2);
+    best = torch::max(best, torch::max(f1, f2));
+  }
+  b = b + best;
+  mag = mag + (A.abs() * torch::max(lo.abs(), hi.abs())).flatten(1).sum(1) + best.abs();
+}
+
+}  // namespace
+
+std::function<torch::Tensor(const torch::Tensor&)> gatherer(const Coeffs& c) {
+  if (!c.patches) return [sample = c.sample](const torch::Tensor& t) { return t.index_select(0, sample); };
+  return [c](const torch::Tensor& t) { return unfold_sites(t, c).index_select(0, c.site); };
+}
+
+Coeffs spec_rows(const torch::Tensor& C) {
+  const int64_t B = C.size(0), S = C.size(1);
+  Coeffs c;
+  c.A = C.reshape({B * S, C.size(2)});
+  c.sample = torch::arange(B, torch::TensorOptions().dtype(torch::kLong).device(C.device()))
+                 .repeat_interleave(S);
+  return c;
+}
+
+torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
+                         const Alphas* alphas, int max_steps) {
+  const auto& nodes = pass.graph->nodes();
+  std::vector<std::optional<Coeffs>> pending(static_cast<size_t>(start) + 1);
+  std::optional<Coeffs> at_input;
+  pending[static_cast<size_t>(start)] = std::move(c);
+  torch::Tensor b = b0, mag = b0.abs();
+  int steps = 0;
+  for (int m = start; m >= 0; --m) {
+    auto& slot = pending[static_cast<size_t>(m)];
+    if (!slot) continue;
+    const Coeffs cur = std::move(*slot);
+    slot.reset();
+    const auto& node = nodes[static_cast<size_t>(m)];
+    const NodeBounds& out = pass.nodes[static_cast<size_t>(m)];
+    auto gather = gatherer(cur);
+    mag = mag + (cur.A.abs() * gather(out.mag)).flatten(1).sum(1);  // this step's rounding
+    std::vector<Coeffs> ins;
+    if (max_steps < 0 || steps < max_steps) {
+      BackwardArgs args{*node.layer, node.in_shapes, node.out_shape, {}, gather, {}};
+      for (int i : node.inputs) args.in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
+      if (alphas && (*alphas)[static_cast<size_t>(m)].defined()) args.alpha = (*alphas)[static_cast<size_t>(m)];
+      ins = node.rule->backward(args, cur, b);
+      ++steps;
+    }
+    if (ins.empty()) {  // the rule stops here (or the step budget): use this node's interval
+      concretise_box(cur, out.lo, out.hi, b, mag);
+      continue;
+    }
+    for (size_t k = 0; k < ins.size(); ++k) {
+      if (!ins[k].A.defined()) continue;
+      const int i = node.inputs[k];
+      auto& target = i < 0 ? at_input : pending[static_cast<size_t>(i)];
+      if (target) {  // rows meet: the sum's rounding, u(|A1| + |A2|)·M
+        const NodeBounds& tb = i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)];
+        for (const Coeffs* part : {&*target, &ins[k]})
+          mag = mag + (part->A.abs() * gatherer(*part)(tb.mag)).flatten(1).sum(1);
+      }
+      accumulate(target, ins[k]);
+    }
+  }
+  if (at_input) {
+    if (pass.domain.norm == Norm::linf) concretise_box(*at_input, pass.input.lo, pass.input.hi, b, mag);
+    else concretise_ball(*at_input, pass, b, mag);
+  }
+  return b - rho * mag;
+}
+
+}  // namespace moecert::bp

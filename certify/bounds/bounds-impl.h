@@ -1,0 +1,35 @@
+// Private pieces of the bound-propagation engine shared by its files.
+#pragma once
+
+#include "moecert/bounds.h"
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <limits>
+
+namespace moecert::bp {
+
+/// Relative rounding allowance of every float64 sum the engine forms: ρ >= γ_n for
+/// every sum length n <= 9·10^5 that occurs (fan-ins, patch sizes, input sizes), times
+/// a margin of 2 for the few extra roundings per step (docs §12).
+inline constexpr double rho = 2e-10;
+inline constexpr int64_t max_sum_length = 900000;
+
+/// Per-node α-CROWN slopes (undefined where a node has none), dense [R, *shape].
+using Alphas = std::vector<torch::Tensor>;
+
+/// Gathers a per-sample tensor [B, *shape] of a node's grid into the layout of `c`.
+std::function<torch::Tensor(const torch::Tensor&)> gatherer(const Coeffs& c);
+
+/// Lower bounds of R rows whose coefficients `c` stand at the output of node `start`
+/// (constant `b0` [R]), walking back to the graph input (or, after `max_steps` rule
+/// steps or where a rule cannot take the layout, concretising with node intervals).
+/// Sound: the rounding allowance ρ·mag is subtracted. -> [R]
+torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
+                         const Alphas* alphas, int max_steps);
+
+/// Rows Σ_k C[b, s, k] h_k at the output node, dense. C: [B, S, K]
+Coeffs spec_rows(const torch::Tensor& C);
+
+}  // namespace moecert::bp

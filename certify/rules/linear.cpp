@@ -1,0 +1,69 @@
+// linear: y = W x + b, W [O, I]. docs/certification.md §2, §3, §10, §11.
+#include "rules-impl.h"
+
+#include "moecert/error.h"
+#include "moecert/spectral.h"
+
+namespace moecert::rules {
+namespace {
+
+class LinearRule final : public BoundRule {
+ public:
+  const char* name() const override { return "linear"; }
+
+  Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
+    const Shape& s = in.at(0);
+    if (s.size() != 1 || s[0] != l.weight.size(1))
+      throw ShapeError::unexpected("certify: input of linear '" + l.name + "'",
+                                   "[" + std::to_string(l.weight.size(1)) + "]", s);
+    return {l.weight.size(0)};
+  }
+
+  torch::Tensor forward(const Layer& l, const std::vector<torch::Tensor>& x) const override {
+    return torch::linear(x[0], l.weight, l.bias);
+  }
+
+  // IBP: c' = W c + b, r' = |W| r. Magnitude: |W| M + |b|. float32 (sums of n = I
+  // products and the bias, any order): |ŷ − y| <= |W| e + γ_{n+1}(|W|(M + e) + |b|).
+  NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
+    const auto& x = *in[0];
+    auto aw = l.weight.abs();
+    auto ab = l.bias.defined() ? l.bias.abs().view({1, -1}) : torch::zeros({1}, x.lo.options());
+    auto c = torch::linear((x.lo + x.hi) * 0.5, l.weight, l.bias);
+    auto r = torch::linear((x.hi - x.lo) * 0.5, aw);
+    NodeBounds y{c - r, c + r, torch::linear(magnitude(x), aw) + ab, {}};
+    auto spread = torch::linear(x.err32, aw);
+    y.err32 = spread + gamma(static_cast<double>(l.weight.size(1)) + 1, u32) * (y.mag + spread);
+    return y;
+  }
+
+  // CROWN: Σ A·y = (A W)·x + A·b exactly. Rows over a flat vector: dense only.
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+    if (c.patches) return {};
+    if (a.layer.bias.defined()) b = b + torch::mv(c.A, a.layer.bias);
+    Coeffs out = c;
+    out.A = torch::matmul(c.A, a.layer.weight);
+    return {out};
+  }
+
+  // p = ∞: max row ℓ1 (exact). p = 2: σ_max(W) (verified bound, spectral.h); as the
+  // last layer (-> ∞): max row ℓ2, exact by Cauchy–Schwarz.
+  double lipschitz(const Layer& l, Norm p, const std::vector<Shape>& in,
+                   const std::vector<double>& k, bool to_inf) const override {
+    double n;
+    if (p == Norm::linf) n = l.weight.abs().sum(1).max().item<double>();
+    else if (to_inf) n = l.weight.pow(2).sum(1).sqrt().max().item<double>();
+    else n = max_spectral_norm_upper(l.weight.unsqueeze(0));
+    return n * k.at(0);
+  }
+
+  std::vector<JacobianBox> jacobian(const BackwardArgs& a, const JacobianBox& j) const override {
+    return {{torch::matmul(j.c, a.layer.weight), torch::matmul(j.r, a.layer.weight.abs())}};
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<BoundRule> make_linear_rule() { return std::make_unique<LinearRule>(); }
+
+}  // namespace moecert::rules

@@ -1,0 +1,78 @@
+// The registry from layer kind to bound rule, and the graph-level helpers that
+// only dispatch through it. One line per rule.
+#include "rules-impl.h"
+
+#include "moecert/error.h"
+
+#include <map>
+
+namespace moecert {
+namespace {
+
+const std::map<Layer::Kind, std::unique_ptr<BoundRule>>& registry() {
+  static const auto table = [] {
+    std::map<Layer::Kind, std::unique_ptr<BoundRule>> t;
+    t[Layer::Kind::channel_affine] = rules::make_channel_affine_rule();
+    t[Layer::Kind::conv] = rules::make_conv2d_rule();
+    t[Layer::Kind::linear] = rules::make_linear_rule();
+    t[Layer::Kind::relu] = rules::make_relu_rule();
+    t[Layer::Kind::flatten] = rules::make_flatten_rule();
+    t[Layer::Kind::global_avgpool] = rules::make_global_avgpool_rule();
+    t[Layer::Kind::residual] = rules::make_residual_rule();
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace
+
+const BoundRule& rule_for(const Layer& l) {
+  const auto it = registry().find(l.kind);
+  if (it == registry().end())
+    throw UnsupportedLayerError("certify: layer '" + l.name + "' has kind #" +
+                                std::to_string(static_cast<int>(l.kind)) +
+                                ", which has no bound rule: add certify/rules/<kind>.cpp implementing "
+                                "BoundRule (include/moecert/rules.h) and register it in "
+                                "certify/rules/registry.cpp");
+  return *it->second;
+}
+
+Shape graph_out_shape(const LayerGraph& g, const Shape& in) {
+  Shape s = in;
+  for (const auto& l : g) {
+    if (l.kind == Layer::Kind::residual) {
+      const Shape m = graph_out_shape(l.main, s), t = graph_out_shape(l.shortcut, s);
+      s = rule_for(l).out_shape(l, {m, t});
+    } else {
+      s = rule_for(l).out_shape(l, {s});
+    }
+  }
+  return s;
+}
+
+torch::Tensor graph_forward(const LayerGraph& g, const torch::Tensor& input) {
+  torch::Tensor x = input;
+  for (const auto& l : g) {
+    if (!l.main.empty())  // a block with branches: evaluate them, then combine
+      x = rule_for(l).forward(l, {graph_forward(l.main, x), graph_forward(l.shortcut, x)});
+    else
+      x = rule_for(l).forward(l, {x});
+  }
+  return x;
+}
+
+namespace rules {
+
+torch::Tensor patch_valid(const Coeffs& c, int64_t h, int64_t w) {
+  auto opts = torch::TensorOptions().dtype(torch::kLong).device(c.A.device());
+  const int64_t sites = c.Ht * c.Wt;
+  auto local = c.site.remainder(sites);
+  auto i = torch::div(local, c.Wt, "floor"), j = local.remainder(c.Wt);
+  auto k = torch::arange(c.kernel, opts).view({1, -1});
+  auto rows = i.view({-1, 1}) * c.stride - c.pad + k, cols = j.view({-1, 1}) * c.stride - c.pad + k;
+  auto vr = (rows >= 0) & (rows < h), vc = (cols >= 0) & (cols < w);  // [R, K]
+  return (vr.unsqueeze(2) & vc.unsqueeze(1)).unsqueeze(1).to(c.A.options());
+}
+
+}  // namespace rules
+}  // namespace moecert

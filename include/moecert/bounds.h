@@ -1,0 +1,86 @@
+// Bound propagation over a layer graph (SPEC §4.6): IBP, CROWN (backward linear
+// relaxation with CROWN intermediate bounds) and α-CROWN (lower ReLU slopes
+// optimised by projected gradient), for any batch of linear specifications C·h(x)
+// over B_p(x, ε) ∩ [0, 1]^d (or the whole ball), batched over samples and rows, in
+// float64 with a rounding allowance, plus a bound on the float32 evaluation error of
+// the model over the same region. Built on the per-operator rules of rules.h.
+// Proofs: docs/certification.md §10–§12.
+#pragma once
+
+#include "moecert/defaults.h"
+#include "moecert/rules.h"
+
+#include <memory>
+
+namespace moecert {
+
+/// One node of a compiled graph: a layer with its rule, inputs and shapes.
+struct BoundNode {
+  const Layer* layer = nullptr;
+  const BoundRule* rule = nullptr;
+  std::vector<int> inputs;       ///< earlier node indices; -1 is the graph input
+  std::vector<Shape> in_shapes;
+  Shape out_shape;
+  bool feeds_relaxed = false;    ///< some consumer is a relaxed operator (ReLU)
+  bool after_relaxed = false;    ///< some ancestor is relaxed: not in the affine prefix
+};
+
+/// A layer graph compiled to nodes in topological order (residual blocks become
+/// their branches' nodes and a sum node). Throws UnsupportedLayerError / ShapeError.
+class BoundGraph {
+ public:
+  BoundGraph(LayerGraph g, Shape input_shape);
+  const std::vector<BoundNode>& nodes() const { return nodes_; }
+  const Shape& input_shape() const { return input_; }
+  const Shape& output_shape() const { return nodes_.back().out_shape; }
+  int output() const { return static_cast<int>(nodes_.size()) - 1; }
+
+ private:
+  int add_chain(const LayerGraph& g, int input, Shape& shape);
+  std::shared_ptr<const LayerGraph> layers_;  // the nodes point into it
+  std::vector<BoundNode> nodes_;
+  Shape input_;
+};
+
+enum class BoundMethod { ibp, crown, alpha_crown };
+
+/// The input region of each sample: B_p(x_b, ε_b), intersected with [0, 1]^d when `box`.
+struct InputDomain {
+  torch::Tensor x;    ///< [B, C, H, W] float64 centres (pixels)
+  torch::Tensor eps;  ///< [B] float64 radii
+  Norm norm = Norm::linf;
+  bool box = true;
+};
+
+struct BoundOptions {
+  BoundMethod method = BoundMethod::crown;
+  int alpha_steps = defaults::alpha_steps;       ///< α-CROWN iteration budget
+  double alpha_lr = defaults::alpha_lr;          ///< α-CROWN Adam step size
+  int64_t chunk_elements = defaults::bound_chunk_elements;  ///< row coefficients held at once
+};
+
+/// The forward sweep of one batch: the bounds of every node over every sample's
+/// region (with CROWN / α-CROWN: CROWN bounds on the input of every ReLU).
+struct BoundPass {
+  const BoundGraph* graph = nullptr;
+  InputDomain domain;
+  BoundOptions opt;
+  NodeBounds input;               ///< the region's coordinate box
+  std::vector<NodeBounds> nodes;  ///< one per graph node
+};
+BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt);
+
+/// Lower bounds of rows C·h(x) over each sample's region, sound for the exact-real
+/// graph (its float64 rounding subtracted), and a bound on |C·(ĥ − h)| where ĥ is the
+/// float32 model's output there. C: [B, S, K] -> lower, err32: [B, S]
+struct SpecBounds {
+  torch::Tensor lower, err32;
+};
+SpecBounds bound_specs(const BoundPass& pass, const torch::Tensor& C);
+
+/// Sound upper bound on sup over the region of ‖C·J_h‖_q (q the dual of the domain's
+/// norm) per row, from the backward interval Jacobian with the pass's ReLU states.
+/// C: [B, S, K] -> [B, S]
+torch::Tensor bound_jacobian_norms(const BoundPass& pass, const torch::Tensor& C);
+
+}  // namespace moecert
