@@ -65,6 +65,7 @@ int main(int argc, char** argv) {
   for (int64_t i = 0; i < std::min(samples, data.size()); ++i) idx.push_back(i);
   CertifyConfig cfg;
   cfg.empirical = false;
+  cfg.estimators = {Estimator::global, Estimator::local};
   auto t0 = std::chrono::steady_clock::now();
   auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
   const double wall = seconds_since(t0);

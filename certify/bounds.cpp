@@ -31,8 +31,9 @@ std::vector<double> softmax(const std::vector<double>& z) {
   return e;
 }
 
-/// A margin as an interval guaranteed to lie below the exact value: m - allowance.
-I margin_interval(double m) { return I(m) - I(defaults::margin_allowance); }
+/// A margin as an interval guaranteed to lie below the exact value: m − allowance,
+/// less `fp32` for the float32 evaluation of the model (docs §8, §14).
+I margin_interval(double m, double fp32 = 0) { return I(m) - I(defaults::margin_allowance) - I(fp32); }
 
 /// Lower end of num / den, rounded outward; den > 0. A non-positive numerator
 /// certifies nothing (0); a zero denominator certifies every radius (+inf).
@@ -79,7 +80,7 @@ MemberView member_view(const MemberEval& m, const MemberConstants& c) {
       // Each router logit moves by at most L_g·ε, so the top-k set cannot change
       // while the gap between the k-th and (k+1)-th logit exceeds 2·L_g·ε.
       const double gap = m.g[static_cast<size_t>(order[k - 1])] - m.g[static_cast<size_t>(order[k])];
-      v.stability = radius_lower(margin_interval(gap), I(2.0) * I(c.router));
+      v.stability = radius_lower(margin_interval(gap, m.fp32_gap), I(2.0) * I(c.router));
     }
   }
   // With one selected expert its weight is the constant 1 on the stable ball: no router term.
@@ -104,7 +105,7 @@ SingleRadii radii_single(const MemberEval& m, const MemberConstants& c, int64_t 
   const auto y = static_cast<size_t>(label);
   SingleRadii r;
   r.candidate = r.margin = kNaN;
-  const I margin = margin_interval(v.probs[y] - best_other(v.probs, label));
+  const I margin = margin_interval(v.probs[y] - best_other(v.probs, label), m.fp32_prob);
   r.tight = std::min(v.stability, radius_lower(margin, I(v.tight_den)));
   r.paper = std::min(v.stability, radius_lower(margin, I(v.paper_den)));
   const bool top1 = !m.g.empty() && m.routing == Routing::top_k && m.top_k == 1;
@@ -112,8 +113,9 @@ SingleRadii radii_single(const MemberEval& m, const MemberConstants& c, int64_t 
     // Expert j alone: f^y - f^k is 1-Lipschitz in the logits' ∞-norm, and each
     // logit difference moves by at most 2·L_h·ε; either certifies.
     auto f = softmax(m.h[j]);
-    const double by_prob = radius_lower(margin_interval(f[y] - best_other(f, label)), I(c.experts[j]));
-    const double by_logit = radius_lower(margin_interval(m.h[j][y] - best_other(m.h[j], label)),
+    const double by_prob = radius_lower(margin_interval(f[y] - best_other(f, label), m.fp32_prob),
+                                        I(c.experts[j]));
+    const double by_logit = radius_lower(margin_interval(m.h[j][y] - best_other(m.h[j], label), m.fp32_logit),
                                          I(2.0) * I(c.experts[j]));
     return std::max(by_prob, by_logit);
   };
@@ -123,13 +125,13 @@ SingleRadii radii_single(const MemberEval& m, const MemberConstants& c, int64_t 
     const double top = *std::max_element(m.g.begin(), m.g.end());
     double cand = kInf;
     for (size_t j = 0; j < m.h.size(); ++j) {
-      const double reach = radius_lower(margin_interval(top - m.g[j]), I(2.0) * I(c.router));
+      const double reach = radius_lower(margin_interval(top - m.g[j], m.fp32_gap), I(2.0) * I(c.router));
       cand = std::min(cand, std::max(expert_radius(j), reach));
     }
     r.candidate = v.probs[y] > best_other(v.probs, label) ? cand : 0.0;
   }
   if (m.g.empty()) r.margin = expert_radius(0) > 0 ? radius_lower(
-      margin_interval(m.h[0][y] - best_other(m.h[0], label)), I(2.0) * I(c.experts[0])) : 0.0;
+      margin_interval(m.h[0][y] - best_other(m.h[0], label), m.fp32_logit), I(2.0) * I(c.experts[0])) : 0.0;
   return r;
 }
 
@@ -150,13 +152,14 @@ DualRadii radii_dual(const MemberEval& standard, const MemberConstants& cs,
     const double ms = vs.probs[y] - vs.probs[k], mr = vr.probs[y] - vr.probs[k];
     if (!((1 - alpha) * ms + alpha * mr > 0)) correct = false;
     // (a) F_D is Lipschitz with constant (1-α) K_S + α K_R while both selections hold.
-    const I num_a = one_minus * margin_interval(ms) + a * margin_interval(mr);
+    const I num_a = one_minus * margin_interval(ms, standard.fp32_prob) + a * margin_interval(mr, robust.fp32_prob);
     const I den_a = one_minus * I(vs.tight_den) + a * I(vr.tight_den);
     const double ea = std::min({radius_lower(num_a, den_a), vs.stability, vr.stability});
     // (b) F_S can lower the pairwise margin to -1 at worst; only F_R must hold it.
     double eb = 0.0;
     if (alpha > 0) {
-      const I num_b = margin_interval(mr) - one_minus / a;
+      // F_S's float32 margin is >= −1 − its arithmetic allowance, whatever F_S is.
+      const I num_b = margin_interval(mr, robust.fp32_prob_alone) - one_minus * (I(1.0) + I(standard.fp32_const)) / a;
       eb = std::min(radius_lower(num_b, I(vr.tight_den)), vr.stability);
     }
     eps_a = std::min(eps_a, ea);

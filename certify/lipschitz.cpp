@@ -47,12 +47,12 @@ GlobalBound lipschitz_global(const LayerGraph& g, Norm p, const std::vector<int6
 }
 
 torch::Tensor lipschitz_local(const LayerGraph& g, Norm p, const torch::Tensor& x_in,
-                              const torch::Tensor& eps_in) {
+                              const torch::Tensor& eps_in, bool box) {
   torch::NoGradGuard no_grad;
   auto x = x_in.to(torch::kFloat64);
   const BoundGraph graph(g, {x.size(1), x.size(2), x.size(3)});
-  // The whole ball (no pixel box) and interval bounds: the constant of SPEC §4.1.
-  InputDomain d{x, eps_in.to(x.options()).view({-1}), p, /*box=*/false};
+  // Interval bounds on the ball (∩ the pixel box): the constant of SPEC §4.1.
+  InputDomain d{x, eps_in.to(x.options()).view({-1}), p, box};
   BoundOptions opt;
   opt.method = BoundMethod::ibp;
   const auto pass = bound_forward(graph, d, opt);

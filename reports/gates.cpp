@@ -53,7 +53,7 @@ bool compare(double a, const std::string& op, double b) {
 
 Gate gate_parse(const std::string& expr) {
   static const std::regex re(
-      R"(^\s*([a-z_]+)(\[([a-z0-9_]+)\])?(@([0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?))?\s*(>=|<=|==|!=|>|<)\s*(-?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)\s*$)");
+      R"(^\s*([a-z_]+)(\[([a-z0-9_-]+)\])?(@([0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?))?\s*(>=|<=|==|!=|>|<)\s*(-?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)\s*$)");
   std::smatch m;
   if (!std::regex_match(expr, m, re))
     throw ConfigError::invalid("--gate", expr, "METRIC[@EPS] OP VALUE, e.g. certified_acc@0.02>=0.40");
@@ -88,6 +88,15 @@ double gate_metric(const nlohmann::json& results, const Gate& g) {
     const auto* v = at_eps(agg["empirical_accuracy"], g.eps);
     if (!v) throw ConfigError("--gate '" + g.text + "': eps not in the grid (" + grid_text(agg["empirical_accuracy"]) + ")");
     return *v;
+  }
+  // Without [form]: the headline (per sample the best sound radius of any form), or, in
+  // results written before it existed, the best single form.
+  if (g.form.empty() && agg.contains("headline")) {
+    const auto& h = agg["headline"];
+    if (g.metric == "median_radius") return h.at("median_radius").is_null() ? INFINITY : h["median_radius"].get<double>();
+    const auto* e = at_eps(h.at("certified_accuracy"), g.eps);
+    if (!e) throw ConfigError("--gate '" + g.text + "': eps not in the grid (" + grid_text(h["certified_accuracy"]) + ")");
+    return *e;
   }
   const auto& table = g.metric == "certified_acc" ? agg.at("certified_accuracy") : agg.at("median_radius");
   if (!g.form.empty() && !table.contains(g.form))
@@ -135,6 +144,10 @@ std::vector<GateResult> baseline_gates(const nlohmann::json& results, const nloh
     r.passed = a >= b - max_drop - 1e-12;
     out.push_back(r);
   };
+  if (old.contains("headline") && now.contains("headline"))
+    for (const auto& [k, v] : old["headline"]["certified_accuracy"].items())
+      if (const auto* a = at_eps(now["headline"]["certified_accuracy"], std::stod(k)))
+        add("certified_acc", std::stod(k), *a, v);
   for (const auto& [form, per] : old.at("certified_accuracy").items()) {
     if (!now.at("certified_accuracy").contains(form)) continue;
     for (const auto& [k, v] : per.items())

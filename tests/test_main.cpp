@@ -2,8 +2,12 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include "moecert/runtime.h"
+#include "test_util.h"
+
 int main(int argc, char* argv[]) {
-  // Tests run on all cores like the tool itself; results must not depend on it.
-  torch::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  // The tool's thread and allocator settings (threads: see test_threads); results
+  // must not depend on the thread count.
+  moecert::runtime_threads(moecert_test::test_threads());
   return Catch::Session().run(argc, argv);
 }

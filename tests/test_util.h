@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -52,9 +53,17 @@ inline RunResult run_shell(const std::string& command) {
   return r;
 }
 
+/// Threads for each test process: MOECERT_TEST_THREADS (CTest sets 1, and runs as
+/// many tests at once as there are cores; OpenMP threads of two processes spinning on
+/// the same cores slow both by 10x or more), else all cores.
+inline int test_threads() {
+  const char* v = std::getenv("MOECERT_TEST_THREADS");
+  return v ? std::max(1, std::atoi(v)) : 0;
+}
+
 /// Runs the moecert binary built beside the tests with `args`.
 inline RunResult run_moecert(const std::string& args) {
-  return run_shell(std::string(MOECERT_BINARY) + " --threads 2 " + args);
+  return run_shell(std::string(MOECERT_BINARY) + " --threads " + std::to_string(test_threads()) + " " + args);
 }
 
 inline std::string read_text(const std::string& path) {

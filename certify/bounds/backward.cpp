@@ -4,6 +4,7 @@
 // duality) or, where a rule stops, over a node's interval. docs/certification.md §11–§12.
 #include "bounds-impl.h"
 
+#include "kernels.h"
 #include "moecert/error.h"
 
 #include <cmath>
@@ -27,15 +28,46 @@ torch::Tensor unfold_sites(const torch::Tensor& t, const Coeffs& c) {
   return cols.permute({0, 2, 3, 1}).reshape({-1, t.size(1), k, k});
 }
 
+/// An upper bound on Σ |A|·t per row (t >= 0 a per-sample tensor of the rows' node):
+/// ‖A_row‖_1 times the largest t of the row's sample. Only rounding allowances use it,
+/// which are ~1e-10 of it, so the looser product costs nothing and saves a gather.
+torch::Tensor abs_dot(const Coeffs& c, const torch::Tensor& t) {
+  auto peak = t.flatten(1).amax(1).index_select(0, c.sample);
+  return c.A.abs().flatten(1).sum(1) * peak;
+}
+
+/// Patch rows as dense rows over a node of shape [C, H, W] (each row's window placed at
+/// its site; entries outside the grid are zero by construction).
+Coeffs patches_to_dense(const Coeffs& c, const Shape& shape) {
+  const int64_t R = c.A.size(0), C = shape[0], H = shape[1], W = shape[2], K = c.kernel;
+  auto opts = torch::TensorOptions().dtype(torch::kLong).device(c.A.device());
+  auto local = c.site.remainder(c.Ht * c.Wt);
+  auto i0 = torch::div(local, c.Wt, "floor") * c.stride - c.pad, j0 = local.remainder(c.Wt) * c.stride - c.pad;
+  auto k = torch::arange(K, opts);
+  auto y = i0.view({-1, 1, 1, 1}) + k.view({1, 1, -1, 1}), x = j0.view({-1, 1, 1, 1}) + k.view({1, 1, 1, -1});
+  auto ch = torch::arange(C, opts).view({1, -1, 1, 1});
+  auto valid = (y >= 0) & (y < H) & (x >= 0) & (x < W);
+  auto flat = torch::where(valid, (ch * H + y.clamp(0, H - 1)) * W + x.clamp(0, W - 1), torch::zeros_like(y));
+  Coeffs d;
+  d.sample = c.sample;
+  d.A = torch::zeros({R, C * H * W}, c.A.options())
+            .scatter_add_(1, flat.expand({R, C, K, K}).reshape({R, -1}), (c.A * valid).reshape({R, -1}))
+            .view({R, C, H, W});
+  return d;
+}
+
 /// Adds `more` into `into` (rows of the same bound rows at the same node): dense
 /// tensors add; patches of equal stride are padded to a common window first.
-void accumulate(std::optional<Coeffs>& into, const Coeffs& more) {
+void accumulate(std::optional<Coeffs>& into, const Coeffs& more, const Shape& shape) {
   if (!into) {
     into = more;
     return;
   }
-  if (into->patches != more.patches)
-    throw Error(ExitCode::internal, "certify: dense and patch rows meet at one node");
+  if (into->patches != more.patches) {  // one branch went dense: both do
+    if (into->patches) *into = patches_to_dense(*into, shape);
+    into->A = into->A + (more.patches ? patches_to_dense(more, shape) : more).A;
+    return;
+  }
   if (!more.patches) {
     into->A = into->A + more.A;
     return;
@@ -55,6 +87,11 @@ void accumulate(std::optional<Coeffs>& into, const Coeffs& more) {
 /// b += min over the interval [lo, hi] of Σ A·z; mag += Σ |A|·max(|lo|, |hi|).
 void concretise_box(const Coeffs& c, const torch::Tensor& lo, const torch::Tensor& hi,
                     torch::Tensor& b, torch::Tensor& mag) {
+  if (rows_fusable(c)) {
+    auto [low, m] = rows_box(c, lo, hi);
+    b = b + low, mag = mag + m;
+    return;
+  }
   auto g = gatherer(c);
   auto l = g(lo), h = g(hi);
   b = b + (c.A.clamp_min(0) * l + c.A.clamp_max(0) * h).flatten(1).sum(1);
@@ -120,7 +157,7 @@ Coeffs spec_rows(const torch::Tensor& C) {
 }
 
 torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
-                         const Alphas* alphas, int max_steps) {
+                         const Alphas* alphas, int max_steps, int64_t* widest) {
   const auto& nodes = pass.graph->nodes();
   std::vector<std::optional<Coeffs>> pending(static_cast<size_t>(start) + 1);
   std::optional<Coeffs> at_input;
@@ -130,12 +167,16 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
   for (int m = start; m >= 0; --m) {
     auto& slot = pending[static_cast<size_t>(m)];
     if (!slot) continue;
-    const Coeffs cur = std::move(*slot);
+    Coeffs cur = std::move(*slot);
     slot.reset();
     const auto& node = nodes[static_cast<size_t>(m)];
+    // A window as large as the grid saves nothing: continue with dense rows.
+    if (cur.patches && cur.kernel * cur.kernel >= node.out_shape[1] * node.out_shape[2])
+      cur = patches_to_dense(cur, node.out_shape);
+    if (widest && cur.A.size(0) > 0) *widest = std::max(*widest, cur.A.numel() / cur.A.size(0));
     const NodeBounds& out = pass.nodes[static_cast<size_t>(m)];
     auto gather = gatherer(cur);
-    mag = mag + (cur.A.abs() * gather(out.mag)).flatten(1).sum(1);  // this step's rounding
+    mag = mag + abs_dot(cur, out.mag);  // this step's rounding
     std::vector<Coeffs> ins;
     if (max_steps < 0 || steps < max_steps) {
       BackwardArgs args{*node.layer, node.in_shapes, node.out_shape, {}, gather, {}};
@@ -154,10 +195,9 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
       auto& target = i < 0 ? at_input : pending[static_cast<size_t>(i)];
       if (target) {  // rows meet: the sum's rounding, u(|A1| + |A2|)·M
         const NodeBounds& tb = i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)];
-        for (const Coeffs* part : {&*target, &ins[k]})
-          mag = mag + (part->A.abs() * gatherer(*part)(tb.mag)).flatten(1).sum(1);
+        for (const Coeffs* part : {&*target, &ins[k]}) mag = mag + abs_dot(*part, tb.mag);
       }
-      accumulate(target, ins[k]);
+      accumulate(target, ins[k], i < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(i)].out_shape);
     }
   }
   if (at_input) {

@@ -25,9 +25,13 @@ std::function<torch::Tensor(const torch::Tensor&)> gatherer(const Coeffs& c);
 /// Lower bounds of R rows whose coefficients `c` stand at the output of node `start`
 /// (constant `b0` [R]), walking back to the graph input (or, after `max_steps` rule
 /// steps or where a rule cannot take the layout, concretising with node intervals).
-/// Sound: the rounding allowance ρ·mag is subtracted. -> [R]
+/// Sound: the rounding allowance ρ·mag is subtracted. With `widest`, records the
+/// largest number of coefficients a row reached. -> [R]
 torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
-                         const Alphas* alphas, int max_steps);
+                         const Alphas* alphas, int max_steps, int64_t* widest = nullptr);
+
+/// The coordinate box of a region: [x − ε, x + ε] (∩ [0, 1]), outward-rounded.
+NodeBounds region_box(const InputDomain& d);
 
 /// Rows Σ_k C[b, s, k] h_k at the output node, dense. C: [B, S, K]
 Coeffs spec_rows(const torch::Tensor& C);

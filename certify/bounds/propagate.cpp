@@ -5,6 +5,10 @@
 
 #include "moecert/error.h"
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
 namespace moecert {
 
 BoundGraph::BoundGraph(LayerGraph g, Shape input_shape)
@@ -51,8 +55,9 @@ namespace {
 
 using bp::rho;
 
-/// The coordinate box of the region: [x − ε, x + ε] (∩ [0, 1]), outward-rounded.
-NodeBounds input_bounds(const InputDomain& d) {
+}  // namespace
+
+NodeBounds bp::region_box(const InputDomain& d) {
   auto eps = d.eps.view({-1, 1, 1, 1});
   auto m = d.x.abs() + eps;
   NodeBounds in{d.x - eps - rho * m, d.x + eps + rho * m, {}, torch::zeros_like(d.x)};
@@ -60,6 +65,8 @@ NodeBounds input_bounds(const InputDomain& d) {
   in.mag = torch::max(in.lo.abs(), in.hi.abs());
   return in;
 }
+
+namespace {
 
 /// Whether a node's interval is worth tightening by a backward pass, and over which
 /// units: the inputs of ReLUs, for CROWN (unstable units: they decide the
@@ -76,7 +83,28 @@ bool refine_wanted(const BoundNode& n, const BoundPass& pass, bool& all_units) {
   return pass.opt.method != BoundMethod::ibp && !prefix;
 }
 
-/// Tightens node `k`'s interval by lower bounds of ±e_u for the chosen units.
+/// Rows ±e_u for the units `u` [m, 1 + dims] (sample, then coordinates) of a node of
+/// shape `shape`: lower bounds first, then upper bounds (negated). A unit of a grid is
+/// a one-entry patch (channel c at site (i, j)); a unit of a vector a one-hot row.
+Coeffs unit_rows(const torch::Tensor& u, const Shape& shape, const torch::TensorOptions& opts) {
+  const int64_t m = u.size(0);
+  auto sign = torch::cat({torch::ones({m}, opts), -torch::ones({m}, opts)}).view({-1, 1});
+  auto uu = torch::cat({u, u});
+  Coeffs c;
+  c.sample = uu.select(1, 0).contiguous();
+  if (shape.size() == 3) {
+    c.patches = true;
+    c.Ht = shape[1], c.Wt = shape[2];
+    c.site = (c.sample * shape[1] + uu.select(1, 2)) * shape[2] + uu.select(1, 3);
+    c.A = (torch::nn::functional::one_hot(uu.select(1, 1), shape[0]).to(opts) * sign).view({2 * m, shape[0], 1, 1});
+  } else {
+    c.A = torch::nn::functional::one_hot(uu.select(1, 1), shape.at(0)).to(opts) * sign;
+  }
+  return c;
+}
+
+/// Tightens node `k`'s interval by lower bounds of ±e_u for the chosen units, in
+/// chunks of rows (sized by a one-row dry run) processed in parallel.
 void refine(BoundPass& pass, int k, bool all_units) {
   auto& nb = pass.nodes[static_cast<size_t>(k)];
   const Shape& shape = pass.graph->nodes()[static_cast<size_t>(k)].out_shape;
@@ -84,39 +112,31 @@ void refine(BoundPass& pass, int k, bool all_units) {
   auto units = mask.nonzero();  // [n, 1 + dims]: sample, then the unit's coordinates
   const int64_t n = units.size(0);
   if (n == 0) return;
-  int64_t biggest = 1;
-  for (const auto& node : pass.graph->nodes()) {
-    int64_t e = 1;
-    for (auto v : node.out_shape) e *= v;
-    biggest = std::max(biggest, e);
-  }
-  const int64_t chunk = std::max<int64_t>(2, pass.opt.chunk_elements / biggest) / 2;
-  auto flat_lo = nb.lo.view({-1}), flat_hi = nb.hi.view({-1});
+  const auto opts = nb.lo.options();
+  auto bound = [&](const torch::Tensor& u, int64_t* widest) {
+    return bp::lower_rows(pass, k, unit_rows(u, shape, opts), torch::zeros({2 * u.size(0)}, opts), nullptr,
+                          -1, widest);
+  };
+  int64_t widest = 1;
+  bound(units.narrow(0, 0, 1), &widest);
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t chunk = std::clamp<int64_t>(pass.opt.chunk_elements / (2 * widest * threads), 1, (n + threads - 1) / threads);
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::vector<torch::Tensor> lows(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      lows[static_cast<size_t>(c)] = bound(units.narrow(0, c * chunk, std::min(chunk, n - c * chunk)), nullptr);
+  });
   auto strides = torch::tensor(nb.lo.strides().vec(), torch::kLong).to(units.device());
-  for (int64_t s = 0; s < n; s += chunk) {
-    auto u = units.narrow(0, s, std::min(chunk, n - s));
-    const int64_t m = u.size(0);
-    auto sign = torch::cat({torch::ones({m}, nb.lo.options()), -torch::ones({m}, nb.lo.options())});
-    auto uu = torch::cat({u, u});
-    Coeffs c;
-    c.sample = uu.select(1, 0);
-    if (shape.size() == 3) {  // a patch of one entry per unit: channel c at site (i, j)
-      c.patches = true;
-      c.Ht = shape[1], c.Wt = shape[2];
-      c.site = (c.sample * shape[1] + uu.select(1, 2)) * shape[2] + uu.select(1, 3);
-      c.A = torch::nn::functional::one_hot(uu.select(1, 1), shape[0]).to(nb.lo.options());
-      c.A = (c.A * sign.view({-1, 1})).view({2 * m, shape[0], 1, 1});
-    } else {
-      int64_t width = 1;
-      for (auto v : shape) width *= v;
-      auto flat = (uu.narrow(1, 1, uu.size(1) - 1) * strides.narrow(0, 1, strides.size(0) - 1)).sum(1);
-      c.A = torch::nn::functional::one_hot(flat, width).to(nb.lo.options()) * sign.view({-1, 1});
-    }
-    auto low = bp::lower_rows(pass, k, c, torch::zeros({2 * m}, nb.lo.options()), nullptr, -1);
-    auto pos = (u * strides).sum(1);
-    flat_lo.index_put_({pos}, torch::max(flat_lo.index({pos}), low.narrow(0, 0, m)));
-    flat_hi.index_put_({pos}, torch::min(flat_hi.index({pos}), -low.narrow(0, m, m)));
+  auto pos = (units * strides).sum(1);
+  std::vector<torch::Tensor> lo_parts, hi_parts;
+  for (auto& l : lows) {
+    const int64_t m = l.size(0) / 2;
+    lo_parts.push_back(l.narrow(0, 0, m)), hi_parts.push_back(-l.narrow(0, m, m));
   }
+  auto flat_lo = nb.lo.view({-1}), flat_hi = nb.hi.view({-1});
+  flat_lo.index_put_({pos}, torch::max(flat_lo.index({pos}), torch::cat(lo_parts)));
+  flat_hi.index_put_({pos}, torch::min(flat_hi.index({pos}), torch::cat(hi_parts)));
 }
 
 }  // namespace
@@ -125,7 +145,7 @@ BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOp
   torch::NoGradGuard no_grad;
   BoundPass pass;
   pass.graph = &g, pass.domain = d, pass.opt = opt;
-  pass.input = input_bounds(d);
+  pass.input = bp::region_box(d);
   for (size_t k = 0; k < g.nodes().size(); ++k) {
     const auto& n = g.nodes()[k];
     std::vector<const NodeBounds*> in;

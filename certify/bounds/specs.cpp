@@ -29,11 +29,8 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
   torch::optim::Adam opt(params, torch::optim::AdamOptions(pass.opt.alpha_lr));
   torch::Tensor best;
   for (int it = 0;; ++it) {
-    torch::Tensor low;
-    {
-      torch::AutoGradMode grad(true);
-      low = bp::lower_rows(pass, pass.graph->output(), rows, zeros, &alphas, -1);
-    }
+    torch::AutoGradMode grad(true);
+    auto low = bp::lower_rows(pass, pass.graph->output(), rows, zeros, &alphas, -1);
     best = best.defined() ? torch::max(best, low.detach()) : low.detach();
     if (it >= pass.opt.alpha_steps) break;
     opt.zero_grad();
@@ -47,8 +44,15 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
 
 }  // namespace
 
-SpecBounds bound_specs(const BoundPass& pass, const torch::Tensor& C) {
+SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C, const InputDomain* final_domain) {
   torch::NoGradGuard no_grad;
+  BoundPass narrowed;
+  if (final_domain) {  // the same intermediate bounds (valid on the larger region), a smaller final region
+    narrowed = pass_in;
+    narrowed.domain = *final_domain;
+    narrowed.input = bp::region_box(*final_domain);
+  }
+  const BoundPass& pass = final_domain ? narrowed : pass_in;
   const int64_t B = C.size(0), S = C.size(1);
   const auto rows = bp::spec_rows(C);
   auto zeros = torch::zeros({B * S}, C.options());

@@ -3,6 +3,8 @@
 // docs/certification.md §3, §10, §11.
 #include "rules-impl.h"
 
+#include "../bounds/kernels.h"
+
 namespace moecert::rules {
 namespace {
 
@@ -53,11 +55,16 @@ class ReluRule final : public BoundRule {
   // ones the upper line: A_in = A⁺ λ + A⁻ s, b += Σ A⁻ t (λ = α with α-CROWN).
   std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
     const Relaxation r = relax(*a.in[0]);
+    Coeffs out = c;
+    if (!a.alpha.defined() && bp::rows_fusable(c)) {  // the same arithmetic in one pass
+      auto [coef, icpt] = bp::rows_relu(c, r.low, r.up, r.icpt);
+      out.A = coef, b = b + icpt;
+      return {out};
+    }
     auto low = a.gather(r.low);
     if (a.alpha.defined()) low = torch::where(a.gather(r.unstable.to(r.low.dtype())).gt(0), a.alpha, low);
     auto pos = c.A.clamp_min(0), neg = c.A.clamp_max(0);
     b = b + row_sum(neg * a.gather(r.icpt));
-    Coeffs out = c;
     out.A = pos * low + neg * a.gather(r.up);
     return {out};
   }

@@ -32,13 +32,14 @@ struct PgdConfig {
   int restarts = 1;          ///< independent random starts; the strongest is kept per sample
   bool random_start = true;
   AttackLoss loss = AttackLoss::ce;
+  bool box = true;           ///< project onto [0, 1] too (false: the whole ball, as `certify --no-box`)
 };
 
 /// A differentiable map x [B, C, H, W] -> log-probabilities [B, K].
 using LogProbFn = std::function<torch::Tensor(const torch::Tensor& x)>;
 
 /// PGD: maximises the loss of `f` at (x, y) inside the ε-ball around x and the
-/// [0, 1] box. Per sample, keeps the first restart that misclassifies (or the
+/// [0, 1] box (unless cfg.box is false). Per sample, keeps the first restart that misclassifies (or the
 /// highest loss). x: [B, C, H, W], y: [B] -> x_adv [B, C, H, W] (detached)
 torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
                          const PgdConfig& cfg);

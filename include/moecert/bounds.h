@@ -76,7 +76,11 @@ BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOp
 struct SpecBounds {
   torch::Tensor lower, err32;
 };
-SpecBounds bound_specs(const BoundPass& pass, const torch::Tensor& C);
+/// With `final_domain` (each region inside the pass's), the rows are concretised over
+/// that smaller region while the intermediate bounds of the pass (valid on the larger
+/// one) are kept: a cheap bound for a smaller ε.
+SpecBounds bound_specs(const BoundPass& pass, const torch::Tensor& C,
+                       const InputDomain* final_domain = nullptr);
 
 /// Sound upper bound on sup over the region of ‖C·J_h‖_q (q the dual of the domain's
 /// norm) per row, from the backward interval Jacobian with the pass's ReLU states.

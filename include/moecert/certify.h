@@ -39,8 +39,9 @@ GlobalBound lipschitz_global(const LayerGraph& g, Norm p, const std::vector<int6
 /// `local`: per sample b, a sound bound on sup over B_p(x_b, eps_b) of ‖J_h‖_{p->∞}:
 /// interval bounds on the pre-activations (float64), then backward interval
 /// propagation of the Jacobian rows. x: [B, C, H, W] pixels, eps: [B] -> [B] float64.
+/// With `box`, over B_p(x_b, eps_b) ∩ [0, 1]^d (a convex subset: the same proof holds).
 torch::Tensor lipschitz_local(const LayerGraph& g, Norm p, const torch::Tensor& x,
-                              const torch::Tensor& eps);
+                              const torch::Tensor& eps, bool box = false);
 
 /// `lower`: the largest dual-norm gradient of any logit found at the given points
 /// and along signed-gradient ascent paths of each logit within `radius` (each is a
@@ -62,6 +63,14 @@ struct MemberEval {
   std::vector<std::vector<double>> h;  ///< expert logits [E][C]
   Routing routing = Routing::top_k;
   int64_t top_k = 1;
+  /// float32 allowances on the balls considered (docs §14; 0 = exact arithmetic),
+  /// subtracted from: this member's probability margins (fp32_prob: logit and router
+  /// errors plus the softmax arithmetic; fp32_const: the arithmetic alone), one
+  /// expert's logit margins (fp32_logit) and router-logit gaps (fp32_gap).
+  double fp32_prob = 0, fp32_const = 0, fp32_logit = 0, fp32_gap = 0;
+  /// fp32_prob over the balls of the certificates that involve this member alone
+  /// (a dual-model's ε_b), so that they do not depend on the other member.
+  double fp32_prob_alone = 0;
 };
 
 /// Lipschitz constants (‖·‖_p -> ‖·‖_∞ of the logits) valid on the ball considered.
@@ -103,13 +112,41 @@ DualRadii radii_dual(const MemberEval& standard, const MemberConstants& cs,
 
 // --- The certification run -------------------------------------------------------
 
+/// How the constants or bounds behind a radius are found.
+enum class Estimator {
+  global,       ///< Lipschitz: products of operator norms
+  local,        ///< Lipschitz: interval Jacobian over the ball
+  ibp,          ///< bound propagation: intervals
+  crown,        ///< bound propagation: CROWN (linear relaxation, CROWN intermediate bounds)
+  alpha_crown,  ///< bound propagation: α-CROWN (optimised lower ReLU slopes)
+};
+/// "global", "local", "ibp", "crown", "alpha-crown".
+std::string estimator_name(Estimator e);
+/// A comma-separated list of estimators and groups: lipschitz (= global,local), both
+/// (the same, kept from before), bp (= ibp,crown,alpha-crown), all. Throws ConfigError.
+std::vector<Estimator> estimators_parse(const std::string& text);
+
 struct CertifyConfig {
   Norm norm = Norm::linf;
-  bool global = true, local = true;  ///< estimators to run
+  std::vector<Estimator> estimators{Estimator::global, Estimator::local, Estimator::crown,
+                                    Estimator::alpha_crown};
+  bool box = true;                   ///< certify B_p(x, ε) ∩ [0, 1]^d (false: the whole ball)
+  bool exact_arithmetic = false;     ///< no float32 allowance: radii hold for the real-valued network only
   std::vector<double> eps_grid{0.01, 0.02, 0.05, 0.1};
-  int bisect_steps = 10;             ///< local radius bisection steps
+  int bisect_steps = 10;             ///< local Lipschitz radius bisection steps
+  int search_rounds = defaults::search_rounds;  ///< CROWN / IBP radius search: full passes per sample
+  double search_tol = defaults::search_tol;     ///< relative width at which the search stops
+  int alpha_rounds = defaults::alpha_rounds;    ///< α-CROWN radius search: full passes per sample
+  int alpha_steps = defaults::alpha_steps;      ///< α-CROWN optimisation steps per bound
   bool empirical = true;             ///< PGD-bisection cross-check
-  PgdConfig attack;                  ///< empirical attack (steps, restarts, loss, norm)
+  /// The empirical attack (steps, restarts, loss, norm). Its loss is the log-probability
+  /// margin: a confident float32 model's cross-entropy has no gradient left (softmax
+  /// saturates), its log-probability margin has.
+  PgdConfig attack = [] {
+    PgdConfig c;
+    c.loss = AttackLoss::margin;
+    return c;
+  }();
   double empirical_max = 0.5;        ///< upper end of the empirical bisection
   double empirical_tol = 1e-3;       ///< bisection tolerance (absolute, in ε)
   int64_t batch_size = 100;
@@ -118,13 +155,14 @@ struct CertifyConfig {
 };
 
 /// Certifies the samples `indices` of `data`. Returns results.json (schema
-/// "moecert.certify/1"): config, model fingerprint, per-sample rows, aggregates.
+/// "moecert.certify/2"): config, model fingerprint, per-sample rows (every form's
+/// radius with its estimator, and the headline: the best sound one), aggregates.
 nlohmann::json certify_run(LoadedModel& model, const Dataset& data,
                            const std::vector<int64_t>& indices, const CertifyConfig& cfg,
                            torch::Device device, bool progress);
 
-/// Recomputes the aggregates (certified / empirical accuracy per ε, medians,
-/// violations) of a results object from its rows, in place.
+/// Recomputes the aggregates (certified / empirical accuracy per ε for every form and
+/// for the headline, medians, violations) of a results object from its rows, in place.
 void certify_aggregate(nlohmann::json& results);
 
 }  // namespace moecert

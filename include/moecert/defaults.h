@@ -56,6 +56,12 @@ inline constexpr double constant_inflation = 1e-9;
 /// float64 evaluation error of the network (observed errors are ~1e-13).
 inline constexpr double margin_allowance = 1e-9;
 
+/// Radius search of the bound-propagation forms (certify/search.cpp): full bound
+/// passes per sample (each followed by cheap probes below it) and the relative width
+/// of the bracket at which a sample is done. α-CROWN starts from CROWN's radius.
+inline constexpr int search_rounds = 5;
+inline constexpr double search_tol = 0.01;
+inline constexpr int alpha_rounds = 2;
 /// α-CROWN (certify/bounds/specs.cpp): projected Adam steps on the lower ReLU slopes
 /// of every bound row, and their step size (slopes live in [0, 1]). Measured on the
 /// demo MoE: 20 steps reach most of what 100 do.

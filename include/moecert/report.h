@@ -10,9 +10,10 @@
 namespace moecert {
 
 /// `metric[@eps] op value`, e.g. `certified_acc@0.02>=0.40`, `violations==0`.
-/// Metrics: sa | clean_acc, certified_acc@E (best form; or certified_acc[form]@E),
-/// empirical_acc@E | ra@E, violations, median_tightness, median_radius (best form;
-/// or median_radius[form]). Ops: >= <= > < == !=.
+/// Metrics: sa | clean_acc, certified_acc@E (the headline: per sample the best sound
+/// radius of any form; or certified_acc[form]@E), empirical_acc@E | ra@E, violations,
+/// median_tightness, median_radius (the headline; or median_radius[form]).
+/// Ops: >= <= > < == !=.
 struct Gate {
   std::string text, metric, form, op;
   double eps = -1;  ///< < 0: none

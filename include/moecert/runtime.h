@@ -13,7 +13,8 @@ namespace moecert {
 /// "auto" | "cpu" | "cuda" | "cuda:N" -> device; "cuda" without CUDA is a ConfigError.
 torch::Device runtime_device(const std::string& name);
 
-/// Sets LibTorch's intra-op threads (0 = all cores) and returns the count in use.
+/// Sets LibTorch's intra-op threads (0 = all cores) and returns the count in use;
+/// also keeps freed memory blocks up to 32 MiB in the process heap (see runtime.cpp).
 int runtime_threads(int requested);
 
 /// Seeds LibTorch's global generators (CPU and, when present, CUDA).

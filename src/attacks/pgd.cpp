@@ -40,8 +40,8 @@ torch::Tensor l2_per_sample(const torch::Tensor& t) {
   return t.flatten(1).norm(2, /*dim=*/1).view(shape);
 }
 
-/// Projects x_adv onto the ε-ball around x and onto [0, 1].
-torch::Tensor project(const torch::Tensor& x_adv, const torch::Tensor& x, Norm norm, double eps) {
+/// Projects x_adv onto the ε-ball around x and (with `box`) onto [0, 1].
+torch::Tensor project(const torch::Tensor& x_adv, const torch::Tensor& x, Norm norm, double eps, bool box) {
   auto delta = x_adv - x;
   if (norm == Norm::linf) {
     delta = delta.clamp(-eps, eps);
@@ -49,7 +49,7 @@ torch::Tensor project(const torch::Tensor& x_adv, const torch::Tensor& x, Norm n
     auto n = l2_per_sample(delta);
     delta = delta * torch::clamp_max(eps / (n + 1e-12), 1.0);
   }
-  return (x + delta).clamp(0.0, 1.0);
+  return box ? (x + delta).clamp(0.0, 1.0) : x + delta;
 }
 
 torch::Tensor random_start(const torch::Tensor& x, Norm norm, double eps) {
@@ -68,7 +68,7 @@ torch::Tensor ascent_direction(const torch::Tensor& grad, Norm norm) {
 
 /// Per-sample radius versions: eps [B, 1, 1, 1].
 torch::Tensor project_each(const torch::Tensor& x_adv, const torch::Tensor& x, Norm norm,
-                           const torch::Tensor& eps) {
+                           const torch::Tensor& eps, bool box) {
   auto delta = x_adv - x;
   if (norm == Norm::linf) {
     delta = torch::max(torch::min(delta, eps), -eps);
@@ -76,7 +76,7 @@ torch::Tensor project_each(const torch::Tensor& x_adv, const torch::Tensor& x, N
     auto n = l2_per_sample(delta);
     delta = delta * torch::clamp_max(eps / (n + 1e-12), 1.0);
   }
-  return (x + delta).clamp(0.0, 1.0);
+  return box ? (x + delta).clamp(0.0, 1.0) : x + delta;
 }
 
 torch::Tensor random_start_each(const torch::Tensor& x, Norm norm, const torch::Tensor& eps) {
@@ -101,11 +101,11 @@ torch::Tensor attack_pgd_objective(const LogProbFn& f, const torch::Tensor& x,
   if (cfg.eps < 0) throw ConfigError::invalid("--eps", std::to_string(cfg.eps), ">= 0");
   torch::Tensor best, best_loss, best_wrong;
   for (int r = 0; r < std::max(1, cfg.restarts); ++r) {
-    auto x_adv = cfg.random_start ? project(random_start(x, cfg.norm, cfg.eps), x, cfg.norm, cfg.eps)
+    auto x_adv = cfg.random_start ? project(random_start(x, cfg.norm, cfg.eps), x, cfg.norm, cfg.eps, cfg.box)
                                   : x.clone();
     for (int s = 0; s < cfg.steps; ++s) {
       auto g = input_gradient(f, x_adv, loss);
-      x_adv = project(x_adv + cfg.step_size * ascent_direction(g, cfg.norm), x, cfg.norm, cfg.eps);
+      x_adv = project(x_adv + cfg.step_size * ascent_direction(g, cfg.norm), x, cfg.norm, cfg.eps, cfg.box);
     }
     if (cfg.restarts <= 1) return x_adv.detach();
     torch::Tensor lp;
@@ -165,11 +165,11 @@ torch::Tensor attack_pgd_each(const LogProbFn& f, const torch::Tensor& x, const 
       start = torch::cat(rows, 0).to(x.device());
     }
     auto x_adv = cfg.random_start
-                     ? project_each(start.defined() ? start : random_start_each(x, cfg.norm, e), x, cfg.norm, e)
+                     ? project_each(start.defined() ? start : random_start_each(x, cfg.norm, e), x, cfg.norm, e, cfg.box)
                      : x.clone();
     for (int s = 0; s < cfg.steps; ++s) {
       auto g = input_gradient(f, x_adv, loss);
-      x_adv = project_each(x_adv + step * ascent_direction(g, cfg.norm), x, cfg.norm, e);
+      x_adv = project_each(x_adv + step * ascent_direction(g, cfg.norm), x, cfg.norm, e, cfg.box);
     }
     torch::Tensor wrong;
     {
@@ -199,7 +199,7 @@ torch::Tensor attack_fgsm(const LogProbFn& f, const torch::Tensor& x, const torc
   auto g = input_gradient(f, x, [&y](const torch::Tensor& lp) {
     return attack_loss(lp, y, AttackLoss::ce);
   });
-  return project(x + eps * ascent_direction(g, norm), x, norm, eps).detach();
+  return project(x + eps * ascent_direction(g, norm), x, norm, eps, /*box=*/true).detach();
 }
 
 FrozenParameters::FrozenParameters(torch::nn::Module& module)

@@ -218,7 +218,10 @@ TEST_CASE("certify writes results.json with the documented fields; lipschitz pri
   REQUIRE(r.code == 0);
   CHECK(r.output.find("soundness violations: 0") != std::string::npos);
   auto j = nlohmann::json::parse(read_text(tmp / "c/results.json"));
-  CHECK(j["schema"] == "moecert.certify/1");
+  CHECK(j["schema"] == "moecert.certify/2");
+  CHECK(j["config"]["domain"]["box"] == true);
+  CHECK(j["config"]["float32"] == true);
+  CHECK(j["config"]["estimators"].size() == 5);  // the default: all
   CHECK(j["norm"] == "inf");
   CHECK(j["checkpoint"] == ckpt);
   CHECK(j["fingerprint"]["weights_sha256"].get<std::string>().size() == 64);
@@ -228,8 +231,15 @@ TEST_CASE("certify writes results.json with the documented fields; lipschitz pri
   for (const char* key : {"label", "pred", "radii", "empirical_radius", "router_weights", "margin"})
     CHECK(row.contains(key));
   for (const char* form : {"thm54_paper_global", "thm54_tight_global", "thm54_candidate_global",
-                           "thm54_paper_local", "thm54_tight_local", "thm54_candidate_local"})
+                           "thm54_paper_local", "thm54_tight_local", "thm54_candidate_local",
+                           "candidate_ibp", "candidate_crown", "candidate_alpha-crown"})
     CHECK(row["radii"].contains(form));
+  // The headline is the best sound radius of the row, named by form and estimator.
+  double best = 0;
+  for (const auto& [form, v] : row["radii"].items()) best = std::max(best, v.get<double>());
+  CHECK(row["headline"]["radius"].get<double>() == best);
+  CHECK(row["radii"][row["headline"]["form"].get<std::string>()].get<double>() == best);
+  CHECK(j["aggregates"]["headline"]["certified_accuracy"].contains("0.01"));
   CHECK(j["aggregates"]["violations"].is_array());
   CHECK(j["aggregates"]["violations"].empty());
   CHECK(j["aggregates"]["certified_accuracy"]["thm54_candidate_local"].contains("0.01"));
@@ -239,8 +249,9 @@ TEST_CASE("certify writes results.json with the documented fields; lipschitz pri
   CHECK(bad.code == 2);
   CHECK(bad.output.find("--eps-grid") != std::string::npos);
   auto bad_est = run_moecert("--dataset synthetic --samples 4 certify " + ckpt +
-                             " --estimator exact --out " + (tmp / "b"));
+                             " --estimator crown,exact --out " + (tmp / "b"));
   CHECK(bad_est.code == 2);
+  CHECK(bad_est.output.find("--estimator") != std::string::npos);
   auto bad_shard = run_moecert("--dataset synthetic --samples 4 certify " + ckpt +
                                " --shard 3/3 --out " + (tmp / "b"));
   CHECK(bad_shard.code == 2);
@@ -257,7 +268,7 @@ TEST_CASE("certify a dual-model end to end: Theorem 5.5 radii, sound, eps_b inde
   TempDir tmp;
   // One robust member F_R and two differently trained standard members F_S.
   const std::string data = "--dataset synthetic --samples 1000 --quiet ";
-  for (const std::string cmd :
+  for (const std::string& cmd :
        {data + "train --method at --experts 2 --epochs 8 --steps 2 --eps 0.03 --val-samples 64 "
                "--eval-steps 1 --out " + (tmp / "robust"),
         data + "--seed 7 train --method st --experts 2 --epochs 3 --val-samples 64 --eval-steps 1 --out " +
@@ -272,7 +283,8 @@ TEST_CASE("certify a dual-model end to end: Theorem 5.5 radii, sound, eps_b inde
     REQUIRE(run_moecert("dual --standard " + (tmp / ("st-" + name)) + " --robust " + (tmp / "robust") +
                         " --alpha 0.8 --out " + (tmp / ("dual-" + name))).code == 0);
     auto r = run_moecert("--dataset synthetic --samples 24 --quiet certify " + (tmp / ("dual-" + name)) +
-                         " --steps 5 --bisect-steps 20 --eps-grid 0.001,0.01 --out " + (tmp / ("c-" + name)));
+                         " --estimator lipschitz,crown --steps 5 --bisect-steps 20 --eps-grid 0.001,0.01 --out " +
+                         (tmp / ("c-" + name)));
     INFO(r.output);
     REQUIRE(r.code == 0);
     CHECK(r.output.find("soundness violations: 0") != std::string::npos);
@@ -286,7 +298,7 @@ TEST_CASE("certify a dual-model end to end: Theorem 5.5 radii, sound, eps_b inde
   CHECK(ja["aggregates"]["violations"].empty());
   REQUIRE(ja["rows"].size() == 24);
   REQUIRE(jb["rows"].size() == 24);
-  int eps_b_positive = 0, correct = 0;
+  int eps_b_positive = 0, dual_bp_positive = 0, correct = 0;
   for (size_t i = 0; i < 24; ++i) {
     const auto& row = ja["rows"][i];
     if (row["label"] == row["pred"]) ++correct;
@@ -306,7 +318,13 @@ TEST_CASE("certify a dual-model end to end: Theorem 5.5 radii, sound, eps_b inde
         CHECK(jb["rows"][i]["radii"]["thm55_b_" + est].get<double>() == Approx(b).margin(1e-7));
     }
     if (radii["thm55_b_local"].get<double>() > 0) ++eps_b_positive;
+    // The bound-propagation dual form, (1 − α)·max(−1, LB_S) + α·LB_R, cross-checked like
+    // the others (no violations above); the headline is the best of all of them.
+    if (radii["dual_crown"].get<double>() > 0) ++dual_bp_positive;
+    CHECK(row["headline"]["radius"].get<double>() >= radii["dual_crown"].get<double>());
+    CHECK(row["headline"]["radius"].get<double>() >= radii["thm55_tight_local"].get<double>());
   }
   CHECK(correct >= 18);
   CHECK(eps_b_positive >= correct / 2);  // the comparison above is not between zeros
+  CHECK(dual_bp_positive >= correct / 2);
 }

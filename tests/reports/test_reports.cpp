@@ -21,7 +21,7 @@ namespace {
 nlohmann::json certify_indices(const std::vector<int64_t>& indices, const std::string& shard = "") {
   static Dataset test = moecert_test::synthetic(30, 0, /*train=*/false);
   LoadedModel loaded;
-  // A fresh copy each time: certify_run converts the model to float64.
+  // A fresh copy each time: certify_run puts the model in eval mode.
   torch::manual_seed(0);
   auto& trained = moecert_test::trained_moe();
   Moe copy(trained->spec());
@@ -34,6 +34,7 @@ nlohmann::json certify_indices(const std::vector<int64_t>& indices, const std::s
   loaded.manifest = {{"architecture", copy->spec().to_json()}, {"weights_sha256", "test"}};
   loaded.dir = "trained_moe";
   CertifyConfig cfg;
+  cfg.estimators = {Estimator::global, Estimator::local, Estimator::crown};
   cfg.eps_grid = {0.001, 0.01, 0.05};
   cfg.attack.steps = 5;
   cfg.shard = shard;

@@ -1,0 +1,25 @@
+// Fused row kernels of the backward walk (no autograd): the hot loops of CROWN
+// written as one pass over a row's coefficients, reading the per-sample tensors in
+// place instead of gathering copies of them (dense rows: by sample; patch rows: by
+// the window's position). Same arithmetic as the tensor formulation in the rules,
+// which α-CROWN (autograd) uses.
+#pragma once
+
+#include "moecert/rules.h"
+
+#include <torch/types.h>
+
+namespace moecert::bp {
+
+/// min over [lo, hi] of Σ A·z per row, and Σ |A|·max(|lo|, |hi|). -> {[R], [R]}
+std::pair<torch::Tensor, torch::Tensor> rows_box(const Coeffs& c, const torch::Tensor& lo,
+                                                 const torch::Tensor& hi);
+
+/// The ReLU relaxation step: A_out = A⁺·low + A⁻·up and Σ A⁻·icpt per row.
+std::pair<torch::Tensor, torch::Tensor> rows_relu(const Coeffs& c, const torch::Tensor& low,
+                                                  const torch::Tensor& up, const torch::Tensor& icpt);
+
+/// Whether the fused kernels apply: CPU float64 rows with autograd off.
+bool rows_fusable(const Coeffs& c);
+
+}  // namespace moecert::bp

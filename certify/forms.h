@@ -1,0 +1,72 @@
+// MoE-aware certificate forms from bound propagation (SPEC §4.6), private to
+// certify/: for one member (an MoE or a dense model) over a batch of regions, the
+// router-logit differences, the experts that can be selected, logit-margin and
+// probability-margin lower bounds; the forms `margin` (dense), `candidate` (top-1),
+// `mixture` (soft and top-k > 1) and `dual`; and the float32 allowances that make
+// them hold for the model as LibTorch evaluates it. Proofs: docs/certification.md §13–§14.
+#pragma once
+
+#include "moecert/bounds.h"
+#include "moecert/models.h"
+
+#include <optional>
+
+namespace moecert::forms {
+
+/// The compiled graphs of one member.
+struct MemberGraphs {
+  int64_t experts = 1, classes = 0, top_k = 1;
+  Routing routing = Routing::top_k;
+  std::optional<BoundGraph> router;  ///< none for a dense model
+  std::vector<BoundGraph> nets;      ///< one per expert
+};
+MemberGraphs member_graphs(MoeImpl& m);
+
+/// Which form a member (or the dual pair) is certified with.
+enum class Form { margin, candidate, mixture, dual };
+const char* form_name(Form f);
+/// The form of a single member: margin (E = 1), candidate (top-1), mixture (else).
+Form member_form(const MemberGraphs& m);
+
+/// The intermediate bounds of one member over a batch of regions (a full pass):
+/// the router's pass and, for every expert that can be selected on some region, its
+/// pass over those samples. Probes at any ε <= the pass's ε per sample reuse them.
+struct MemberPass {
+  const MemberGraphs* m = nullptr;
+  InputDomain domain;  ///< the regions of the intermediate bounds
+  std::optional<BoundPass> router;
+  std::vector<std::optional<BoundPass>> experts;
+  std::vector<torch::Tensor> rows;  ///< [n_j] int64: the batch positions expert j's pass covers
+  bool fp32 = true;                 ///< apply the float32 allowances (false: exact arithmetic)
+};
+MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const torch::Tensor& labels,
+                          const BoundOptions& opt, bool fp32);
+
+/// Per-sample certificate slack of a form at regions inside the pass's (> 0 certifies
+/// the region). `labels` [n]. The dual form takes both members' passes and α.
+/// probs: also probability-margin bounds (the mixture and dual forms need them).
+struct Evaluation {
+  torch::Tensor slack;     ///< [n]
+  torch::Tensor possible;  ///< [n, E] bool: experts the router can select (of the form's member)
+};
+Evaluation member_evaluate(const MemberPass& pass, const InputDomain& d, const torch::Tensor& labels);
+Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, double alpha,
+                         const InputDomain& d, const torch::Tensor& labels);
+
+/// Lower bound of min over x' in [x − ε, x + ε] (∩ box) of a softmax probability margin
+/// f_y − f_k from bounds on the logit differences δ_j = h_j − h_y (exact over that box
+/// of δ). dlo, dhi: [n, K] (entry y ignored) -> [n, K] (entry y = +inf)
+torch::Tensor softmax_margin_lower(const torch::Tensor& dlo, const torch::Tensor& dhi,
+                                   const torch::Tensor& labels);
+
+/// min Σ_i a_i μ_i over {a : a_lo <= a <= a_hi, Σ a = 1} (exact; greedy on μ).
+/// a_lo, a_hi, mu: [n, E] -> [n]
+torch::Tensor simplex_min(const torch::Tensor& a_lo, const torch::Tensor& a_hi, const torch::Tensor& mu);
+
+/// The float32 allowances (docs §14): the tie allowance of an argmax over a
+/// log-softmax of logits bounded by `hmax` [n] (in logit units), and the constant C of
+/// the probability-domain error u32·C of a member's float32 probabilities.
+torch::Tensor fp32_tie(const torch::Tensor& hmax, int64_t classes);
+double fp32_prob_constant(const MemberGraphs& m);
+
+}  // namespace moecert::forms

@@ -1,0 +1,38 @@
+// The per-sample radius search of the bound-propagation forms (private to certify/).
+// A full pass (intermediate bounds at ε_I) is the expensive step; a probe at ε <= ε_I
+// reuses its intermediate bounds (valid on the larger region) and only concretises
+// the final rows, so it is cheap but a little looser. Every probe that certifies is a
+// certificate of its own ε, so the result is sound whatever path the search takes.
+#pragma once
+
+#include <torch/types.h>
+
+#include <functional>
+
+namespace moecert::search {
+
+struct Config {
+  int rounds = 3;       ///< full passes per sample at most
+  int inner = 7;        ///< probes per round below a failed full pass
+  double tol = 0.01;    ///< stop when the bracket is within this relative width
+  double step = 1.25;   ///< factor between full passes until the radius is bracketed
+  double cap = 1.0;     ///< never search above this radius
+};
+
+/// Slack of every prepared sample at radii `eps` [m] (each <= its prepared ε_I): > 0 certifies.
+using Prober = std::function<torch::Tensor(const torch::Tensor& eps)>;
+/// A full pass for the samples `rows` [m] (batch positions) at radii `eps_i` [m].
+using Prepare = std::function<Prober(const torch::Tensor& rows, const torch::Tensor& eps_i)>;
+
+struct Result {
+  torch::Tensor radius;  ///< [n] the largest certified probe (0 if none)
+  torch::Tensor failed;  ///< [n] the smallest ε whose full pass did not certify (+inf if none)
+  int64_t full_passes = 0, probes = 0;
+};
+
+/// Searches every sample with `todo` [n] set, starting from a first full pass at
+/// `guess` [n]; samples start certified at `lo` [n] (0, or a weaker method's radius).
+Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const torch::Tensor& guess,
+                     const torch::Tensor& lo, const Config& cfg);
+
+}  // namespace moecert::search

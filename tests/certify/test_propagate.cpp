@@ -1,0 +1,245 @@
+// Bound propagation over whole graphs: IBP, CROWN and α-CROWN lower bounds of
+// specifications lie below every value that sampling and projected descent find on
+// the ball ∩ box (and on the whole ball), for every backbone and router; patch rows
+// agree with dense rows; the L2 ∩ box concretisation is tight; float32 evaluations
+// stay within err32.
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include "certify/bounds/bounds-impl.h"
+#include "moecert/bounds.h"
+#include "moecert/models.h"
+
+using namespace moecert;
+
+namespace {
+
+auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+
+struct Net {
+  std::string name;
+  LayerGraph graph;
+  Shape input;
+};
+
+std::vector<Net> nets() {
+  torch::manual_seed(21);
+  std::vector<Net> out;
+  ModelSpec s;
+  s.experts = 2, s.router = "cnn";
+  Moe moe(s);
+  moe->eval();
+  out.push_back({"cnn-s expert", moe->component_graph(0), {1, 28, 28}});
+  out.push_back({"cnn router", moe->component_graph(-1), {1, 28, 28}});
+  ModelSpec m;
+  m.in_channels = 1, m.height = 4, m.width = 4, m.experts = 2, m.expert = "mlp", m.router = "mlp";
+  m.mean = {0.5}, m.std = {0.25};
+  Moe mlp(m);
+  out.push_back({"mlp expert", mlp->component_graph(1), {1, 4, 4}});
+  ModelSpec r;
+  r.kind = "moe-cnn", r.scale = 0.125, r.experts = 2, r.expert = "resnet18";
+  r.in_channels = 3, r.height = 8, r.width = 8, r.mean = {0.5, 0.5, 0.5}, r.std = {0.25, 0.25, 0.25};
+  Moe res(r);
+  res->eval();
+  {  // non-trivial BatchNorm statistics
+    torch::NoGradGuard ng;
+    for (auto& b : res->named_buffers())
+      if (b.key().find("running_var") != std::string::npos) b.value().uniform_(0.5, 2.0);
+      else if (b.key().find("running_mean") != std::string::npos) b.value().uniform_(-0.2, 0.2);
+  }
+  out.push_back({"resnet18 path (MoE-CNN)", res->component_graph(1), {3, 8, 8}});
+  ModelSpec c;
+  c.kind = "moe-cnn", c.experts = 2;
+  Moe cnn(c);
+  cnn->eval();
+  out.push_back({"cnn-s path (MoE-CNN)", cnn->component_graph(0), {1, 28, 28}});
+  return out;
+}
+
+/// Projects points onto B_p(x, eps) (∩ [0, 1]); L2 ∩ box by Dykstra's alternating projections.
+torch::Tensor project(const torch::Tensor& z, const torch::Tensor& x, double eps, Norm p, bool box) {
+  if (p == Norm::linf) {
+    auto y = torch::max(torch::min(z, x + eps), x - eps);
+    return box ? y.clamp(0, 1) : y;
+  }
+  auto ball = [&](const torch::Tensor& v) {
+    auto d = v - x;
+    auto n = d.flatten(1).norm(2, 1).view({-1, 1, 1, 1});
+    return x + d * torch::clamp_max(eps / (n + 1e-300), 1.0);
+  };
+  if (!box) return ball(z);
+  auto y = z.clone(), pp = torch::zeros_like(z), q = torch::zeros_like(z);
+  for (int i = 0; i < 60; ++i) {
+    auto t = ball(y + pp);
+    pp = y + pp - t;
+    y = (t + q).clamp(0, 1);
+    q = t + q - y;
+  }
+  return ball(y).clamp(0, 1);  // a point of the ball ∩ box (the ball projection of a box point stays in the box)
+}
+
+/// The smallest value of every row of C·h that random points and projected descent
+/// reach on each sample's region (all rows descend at once). -> [B, S]
+torch::Tensor sampled_min(const LayerGraph& g, const torch::Tensor& x, const torch::Tensor& C, double eps, Norm p,
+                          bool box) {
+  const int64_t B = x.size(0), S = C.size(1);
+  auto xr = x.repeat_interleave(S, 0);                 // one copy of x per row
+  auto cr = C.reshape({B * S, C.size(2)});
+  auto value = [&](const torch::Tensor& z) { return (graph_forward(g, z) * cr).sum(1); };
+  auto best = torch::full({B * S}, INFINITY, f64);
+  for (int t = 0; t < 30; ++t) {  // random points
+    auto z = project(xr + eps * (2 * torch::rand_like(xr) - 1) * (p == Norm::l2 ? 2.0 : 1.0), xr, eps, p, box);
+    best = torch::min(best, value(z).detach());
+  }
+  auto z = xr.clone();
+  for (int it = 0; it < 30; ++it) {  // projected descent on each row's own value
+    auto v = z.detach().requires_grad_(true);
+    auto grad = torch::autograd::grad({value(v).sum()}, {v})[0];
+    auto dir = p == Norm::linf ? grad.sign() : grad / (grad.flatten(1).norm(2, 1).view({-1, 1, 1, 1}) + 1e-12);
+    z = project(z - 0.2 * eps * dir, xr, eps, p, box);
+    best = torch::min(best, value(z).detach());
+  }
+  return best.view({B, S});
+}
+
+/// IBP, CROWN and α-CROWN lower bounds of random rows C·h below everything sampling
+/// and descent reach, over the ball ∩ box and the whole ball, L∞ and L2.
+void check_backbone(size_t which) {
+  const auto net = nets().at(which);
+  const BoundGraph g(net.graph, net.input);
+  const int64_t K = g.output_shape()[0], B = 2;
+  auto x = torch::rand(std::vector<int64_t>{B, net.input[0], net.input[1], net.input[2]}, f64);
+  x.index_put_({0}, x[0].round());  // a sample with pixels on the box's faces
+  auto C = torch::randn({B, 3, K}, f64);
+  for (auto p : {Norm::linf, Norm::l2}) {
+    for (bool box : {true, false}) {
+      const double eps = p == Norm::linf ? 0.01 : 0.2;
+      INFO(net.name << " p=" << norm_name(p) << " box=" << box);
+      InputDomain d{x, torch::full({B}, eps, f64), p, box};
+      auto truth = sampled_min(net.graph, x, C, eps, p, box);
+      torch::Tensor lows[3];
+      int i = 0;
+      for (auto m : {BoundMethod::ibp, BoundMethod::crown, BoundMethod::alpha_crown}) {
+        BoundOptions opt;
+        opt.method = m;
+        opt.alpha_steps = 5;
+        auto pass = bound_forward(g, d, opt);
+        auto sb = bound_specs(pass, C);
+        CHECK((sb.lower <= truth + 1e-9 * (1 + truth.abs())).all().item<bool>());
+        CHECK((sb.err32 >= 0).all().item<bool>());
+        lows[i++] = sb.lower;
+      }
+      CHECK((lows[2] >= lows[1] - 1e-12 * (1 + lows[1].abs())).all().item<bool>());  // α-CROWN starts at CROWN
+      CHECK(lows[1].mean().item<double>() >= lows[0].mean().item<double>());            // CROWN beats IBP
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("bound propagation is sound on a cnn-s expert", "[soundness][certify][bounds]") { check_backbone(0); }
+TEST_CASE("bound propagation is sound on a cnn router", "[soundness][certify][bounds]") { check_backbone(1); }
+TEST_CASE("bound propagation is sound on an mlp expert", "[soundness][certify][bounds]") { check_backbone(2); }
+TEST_CASE("bound propagation is sound on a ResNet-18 MoE-CNN path (residual sums, BatchNorm)",
+          "[soundness][certify][bounds]") {
+  check_backbone(3);
+}
+TEST_CASE("bound propagation is sound on a cnn-s MoE-CNN path", "[soundness][certify][bounds]") { check_backbone(4); }
+
+TEST_CASE("float32 evaluations of every backbone stay within err32", "[soundness][certify][bounds]") {
+  for (const auto& net : nets()) {
+    INFO(net.name);
+    const BoundGraph g(net.graph, net.input);
+    auto x = torch::rand(std::vector<int64_t>{2, net.input[0], net.input[1], net.input[2]}, f64);
+    const double eps = 0.05;
+    BoundOptions opt;
+    opt.method = BoundMethod::ibp;
+    auto pass = bound_forward(g, {x, torch::full({2}, eps, f64), Norm::linf, true}, opt);
+    LayerGraph g32 = net.graph;
+    std::function<void(LayerGraph&)> to32 = [&](LayerGraph& layers) {
+      for (auto& l : layers) {
+        for (auto* t : {&l.weight, &l.bias})
+          if (t->defined()) *t = t->to(torch::kFloat32);
+        to32(l.main), to32(l.shortcut);
+      }
+    };
+    to32(g32);
+    for (int t = 0; t < 20; ++t) {
+      auto z = (x + eps * (2 * torch::rand_like(x) - 1)).clamp(0, 1).to(torch::kFloat32);
+      auto exact = graph_forward(net.graph, z.to(torch::kFloat64));
+      auto fast = graph_forward(g32, z).to(torch::kFloat64);
+      CHECK(((fast - exact).abs() <= pass.nodes.back().err32).all().item<bool>());
+    }
+  }
+}
+
+TEST_CASE("patch rows give the same bounds as dense rows", "[unit][certify][bounds]") {
+  for (const auto& net : nets()) {
+    const BoundGraph g(net.graph, net.input);
+    auto x = torch::rand(std::vector<int64_t>{2, net.input[0], net.input[1], net.input[2]}, f64);
+    BoundOptions opt;
+    opt.method = BoundMethod::crown;
+    for (auto p : {Norm::linf, Norm::l2}) {
+      auto pass = bound_forward(g, {x, torch::full({2}, p == Norm::linf ? 0.01 : 0.2, f64), p, true}, opt);
+      // Every grid node feeding a ReLU: bounds of 6 of its units both ways.
+      for (size_t k = 0; k < g.nodes().size(); ++k) {
+        const auto& shape = g.nodes()[k].out_shape;
+        if (!g.nodes()[k].feeds_relaxed || shape.size() != 3) continue;
+        INFO(net.name << " node " << k << " p=" << norm_name(p));
+        const int64_t units = 6, C = shape[0], H = shape[1], W = shape[2];
+        auto ch = torch::randint(C, {units}, torch::kLong), i = torch::randint(H, {units}, torch::kLong),
+             j = torch::randint(W, {units}, torch::kLong), s = torch::randint(2, {units}, torch::kLong);
+        Coeffs patch, dense;
+        patch.patches = true, patch.Ht = H, patch.Wt = W;
+        patch.sample = dense.sample = s;
+        patch.site = (s * H + i) * W + j;
+        patch.A = torch::nn::functional::one_hot(ch, C).to(f64).view({units, C, 1, 1});
+        dense.A = torch::zeros({units, C, H, W}, f64);
+        for (int64_t u = 0; u < units; ++u) dense.A[u][ch[u]][i[u]][j[u]] = 1.0;
+        auto zero = torch::zeros({units}, f64);
+        auto a = bp::lower_rows(pass, static_cast<int>(k), patch, zero, nullptr, -1);
+        auto b = bp::lower_rows(pass, static_cast<int>(k), dense, zero, nullptr, -1);
+        CHECK((a - b).abs().max().item<double>() <= 1e-9 * (1 + b.abs().max().item<double>()));
+      }
+    }
+  }
+}
+
+TEST_CASE("L2 ball ∩ box: the dual bound of a linear function is tight", "[unit][certify][bounds]") {
+  torch::manual_seed(3);
+  const int64_t n = 12;
+  LayerGraph lin{Layer::simple(Layer::Kind::flatten), Layer::dense("fc", torch::randn({3, n}, f64), torch::zeros({3}, f64))};
+  const BoundGraph g(lin, {1, 1, n});
+  auto x = torch::rand({1, 1, 1, n}, f64);
+  x[0][0][0][0] = 0.0, x[0][0][0][1] = 1.0;  // on the faces
+  auto C = torch::eye(3, f64).unsqueeze(0);
+  for (double eps : {0.05, 0.4, 3.0}) {
+    INFO("eps " << eps);
+    auto pass = bound_forward(g, {x, torch::full({1}, eps, f64), Norm::l2, true}, {});
+    auto low = bound_specs(pass, C).lower[0];
+    // Feasible points of ball ∩ box: the box's own minimiser when it lies in the ball, and
+    // clip(x − a/(2λ)) at the λ where it reaches the sphere (bisection: its distance to x
+    // falls as λ grows). Their value is >= the minimum, so the bound must be below it, and
+    // a small gap shows the bound is tight (no duality gap).
+    auto x0 = x.flatten(), lo = (x0 - eps).clamp_min(0), hi = (x0 + eps).clamp_max(1);
+    auto W = lin[1].weight;
+    for (int64_t r = 0; r < 3; ++r) {
+      auto a = W[r];
+      double best = INFINITY;
+      auto consider = [&](const torch::Tensor& z) {
+        if ((z - x0).norm().item<double>() <= eps * (1 + 1e-12)) best = std::min(best, (a * z).sum().item<double>());
+      };
+      consider(torch::where(a.gt(0), lo, hi));
+      auto at = [&](double lam) { return torch::max(torch::min(x0 - a / (2 * lam), hi), lo); };
+      double l0 = 1e-12, l1 = 1e12;
+      for (int it = 0; it < 200; ++it) {
+        const double mid = std::sqrt(l0 * l1);
+        ((at(mid) - x0).norm().item<double>() > eps ? l0 : l1) = mid;
+      }
+      consider(at(l1));
+      REQUIRE(std::isfinite(best));
+      CHECK(low[r].item<double>() <= best + 1e-12);
+      CHECK(low[r].item<double>() >= best - 1e-6 * (1 + std::abs(best)));
+    }
+  }
+}

@@ -1,0 +1,279 @@
+// Per-rule soundness: every rule's interval bounds, CROWN step, operator norm,
+// Jacobian step and float32 error bound enclose what 10^4 sampled points of a random
+// small layer do; and a hand-worked example per rule with its numbers written out.
+#include <catch2/catch.hpp>
+#include <torch/torch.h>
+
+#include "moecert/rules.h"
+
+#include <functional>
+
+using namespace moecert;
+
+namespace {
+
+auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+constexpr int64_t kBatch = 4, kPerSample = 2500;  // 10^4 sampled points per check
+
+/// A random small layer of a kind, with the shape of its input.
+struct Case {
+  std::string name;
+  Layer layer;
+  Shape in;
+};
+
+std::vector<Case> cases() {
+  torch::manual_seed(11);
+  std::vector<Case> c;
+  c.push_back({"channel_affine", Layer::affine("bn", torch::randn({3}, f64), torch::randn({3}, f64),
+                                               torch::rand({3}, f64) + 1), {3, 5, 5}});
+  c.push_back({"conv s1", Layer::conv2d("conv", torch::randn({4, 3, 3, 3}, f64), torch::randn({4}, f64), 1, 1), {3, 6, 6}});
+  c.push_back({"conv s2", Layer::conv2d("conv", torch::randn({4, 2, 3, 3}, f64), torch::randn({4}, f64), 2, 1), {2, 7, 7}});
+  c.push_back({"linear", Layer::dense("fc", torch::randn({5, 7}, f64), torch::randn({5}, f64)), {7}});
+  c.push_back({"relu", Layer::simple(Layer::Kind::relu), {3, 4, 4}});
+  c.push_back({"flatten", Layer::simple(Layer::Kind::flatten), {2, 3, 3}});
+  c.push_back({"global_avgpool", Layer::simple(Layer::Kind::global_avgpool), {3, 4, 4}});
+  return c;
+}
+
+std::vector<int64_t> batched(int64_t n, const Shape& s) {
+  std::vector<int64_t> v{n};
+  v.insert(v.end(), s.begin(), s.end());
+  return v;
+}
+
+/// An input interval per sample (some entries of both signs) and points inside it.
+struct Region {
+  NodeBounds in;
+  torch::Tensor points;  // [kBatch * kPerSample, *in]
+};
+
+Region region(const Shape& shape) {
+  auto c = torch::randn(batched(kBatch, shape), f64), r = torch::rand(batched(kBatch, shape), f64);
+  Region g;
+  g.in = {c - r, c + r, (c.abs() + r), torch::zeros_like(c)};
+  auto u = torch::rand(batched(kBatch * kPerSample, shape), f64);
+  auto lo = g.in.lo.repeat_interleave(kPerSample, 0), hi = g.in.hi.repeat_interleave(kPerSample, 0);
+  // Half of the points on the interval's corners (where relaxations are tight).
+  auto corner = torch::rand({kBatch * kPerSample}, f64).lt(0.5);
+  auto t = torch::where(corner.view(batched(-1, Shape(shape.size(), 1))), u.round(), u);
+  g.points = lo + t * (hi - lo);
+  return g;
+}
+
+/// Dense coefficient rows over the output: `rows` per sample.
+Coeffs dense_rows(const Shape& out, int64_t rows) {
+  Coeffs c;
+  c.A = torch::randn(batched(kBatch * rows, out), f64);
+  c.sample = torch::arange(kBatch, torch::kLong).repeat_interleave(rows);
+  return c;
+}
+
+BackwardArgs args_for(const Case& k, const Shape& out, const NodeBounds& in, const Coeffs& c,
+                      const std::vector<Shape>& in_shapes) {
+  BackwardArgs a{k.layer, in_shapes, out, {&in}, {}, {}};
+  a.gather = [sample = c.sample](const torch::Tensor& t) { return t.index_select(0, sample); };
+  return a;
+}
+
+}  // namespace
+
+TEST_CASE("every rule's interval bounds enclose 10^4 sampled outputs", "[soundness][certify][rules]") {
+  for (const auto& k : cases()) {
+    INFO(k.name);
+    const auto& rule = rule_for(k.layer);
+    auto g = region(k.in);
+    auto y = rule.forward(k.layer, {g.points});
+    auto b = rule.bounds(k.layer, {&g.in});
+    auto lo = b.lo.repeat_interleave(kPerSample, 0), hi = b.hi.repeat_interleave(kPerSample, 0);
+    const double tol = 1e-12 * (1 + y.abs().max().item<double>());
+    CHECK((y >= lo - tol).all().item<bool>());
+    CHECK((y <= hi + tol).all().item<bool>());
+    CHECK((b.mag.repeat_interleave(kPerSample, 0) >= y.abs() - tol).all().item<bool>());
+  }
+}
+
+TEST_CASE("float32 evaluation stays within every rule's err32", "[soundness][certify][rules]") {
+  for (const auto& k : cases()) {
+    INFO(k.name);
+    // The layer as a float32 model holds it: float32 weights, float32 inputs.
+    Layer l = k.layer;
+    for (auto* t : {&l.weight, &l.bias, &l.shift_terms})
+      if (t->defined()) *t = t->to(torch::kFloat32).to(torch::kFloat64);
+    if (l.kind == Layer::Kind::channel_affine) l.shift_terms = l.bias.abs();
+    auto g = region(k.in);
+    g.in.lo = g.in.lo.to(torch::kFloat32).to(torch::kFloat64) - 1e-6;
+    g.in.hi = g.in.hi.to(torch::kFloat32).to(torch::kFloat64) + 1e-6;
+    auto pts = g.points.to(torch::kFloat32);
+    const auto& rule = rule_for(l);
+    auto b = rule.bounds(l, {&g.in});
+    Layer l32 = l;
+    for (auto* t : {&l32.weight, &l32.bias})
+      if (t->defined()) *t = t->to(torch::kFloat32);
+    auto exact = rule.forward(l, {pts.to(torch::kFloat64)});
+    auto fast = rule.forward(l32, {pts}).to(torch::kFloat64);
+    auto err = b.err32.repeat_interleave(kPerSample, 0);
+    CHECK(((fast - exact).abs() <= err + 1e-300).all().item<bool>());
+  }
+}
+
+TEST_CASE("every rule's CROWN step gives a lower bound at 10^4 sampled points", "[soundness][certify][rules]") {
+  for (const auto& k : cases()) {
+    INFO(k.name);
+    const auto& rule = rule_for(k.layer);
+    const Shape out = rule.out_shape(k.layer, {k.in});
+    auto g = region(k.in);
+    auto c = dense_rows(out, 3);
+    auto b = torch::zeros({c.A.size(0)}, f64);
+    const std::vector<Shape> in_shapes{k.in};
+    auto args = args_for(k, out, g.in, c, in_shapes);
+    auto ins = rule.backward(args, c, b);
+    REQUIRE(ins.size() == 1);
+    {  // without autograd the ReLU step runs as one fused pass: the same numbers
+      torch::NoGradGuard ng;
+      auto b2 = torch::zeros_like(b);
+      auto fused = rule.backward(args, c, b2).at(0);
+      CHECK((fused.A - ins[0].A).abs().max().item<double>() < 1e-12);
+      CHECK((b2 - b).abs().max().item<double>() < 1e-12);
+    }
+    // For every sampled z of sample s and row r of s: Σ A_r·f(z) >= Σ A_in,r·z + b_r.
+    auto y = rule.forward(k.layer, {g.points}).view({kBatch, kPerSample, -1});
+    auto z = g.points.view({kBatch, kPerSample, -1});
+    auto A = c.A.view({kBatch, 3, -1}), Ain = ins[0].A.reshape({kBatch, 3, -1});
+    auto lhs = torch::matmul(y, A.transpose(1, 2));                                   // [B, P, 3]
+    auto rhs = torch::matmul(z, Ain.transpose(1, 2)) + b.view({kBatch, 1, 3});
+    CHECK((lhs >= rhs - 1e-9 * (1 + lhs.abs())).all().item<bool>());
+    if (!rule.relaxed()) CHECK((lhs - rhs).abs().max().item<double>() < 1e-9 * (1 + lhs.abs().max().item<double>()));
+  }
+}
+
+TEST_CASE("operator norms bound every sampled difference quotient", "[soundness][certify][rules]") {
+  for (const auto& k : cases()) {
+    INFO(k.name);
+    const auto& rule = rule_for(k.layer);
+    auto x1 = torch::randn(batched(5000, k.in), f64), x2 = x1 + 0.01 * torch::randn(batched(5000, k.in), f64);
+    auto d_out = (rule.forward(k.layer, {x1}) - rule.forward(k.layer, {x2})).flatten(1);
+    auto d_in = (x1 - x2).flatten(1);
+    for (auto p : {Norm::linf, Norm::l2}) {
+      auto norm = [&](const torch::Tensor& t) { return p == Norm::linf ? t.abs().amax(1) : t.norm(2, 1); };
+      const double L = rule.lipschitz(k.layer, p, {k.in}, {1.0}, false);
+      CHECK((norm(d_out) <= L * norm(d_in) * (1 + 1e-9)).all().item<bool>());
+      // -> ∞ as a last layer
+      const double Li = rule.lipschitz(k.layer, p, {k.in}, {1.0}, true);
+      CHECK((d_out.abs().amax(1) <= Li * norm(d_in) * (1 + 1e-9)).all().item<bool>());
+    }
+  }
+}
+
+TEST_CASE("every rule's Jacobian step encloses sampled Jacobian rows", "[soundness][certify][rules]") {
+  for (const auto& k : cases()) {
+    INFO(k.name);
+    const auto& rule = rule_for(k.layer);
+    const Shape out = rule.out_shape(k.layer, {k.in});
+    auto g = region(k.in);
+    auto c = dense_rows(out, 2);
+    const std::vector<Shape> in_shapes{k.in};
+    auto args = args_for(k, out, g.in, c, in_shapes);
+    // Rows over the output as an interval c ± r (r > 0 on half the entries).
+    auto r = torch::rand_like(c.A) * torch::rand_like(c.A).lt(0.5);
+    auto box = rule.jacobian(args, {c.A, r}).at(0);
+    // A row v inside the output interval, pulled back by the true Jacobian at a point z.
+    for (int t = 0; t < 50; ++t) {
+      auto v = c.A + (2 * torch::rand_like(r) - 1) * r;
+      auto pick = torch::randint(kPerSample, {kBatch}, torch::kLong) + torch::arange(kBatch) * kPerSample;
+      auto z = g.points.index_select(0, pick).repeat_interleave(2, 0).requires_grad_(true);
+      auto y = rule.forward(k.layer, {z});
+      auto grad = torch::autograd::grad({(y * v).sum()}, {z})[0];
+      CHECK(((grad - box.c).abs() <= box.r + 1e-9).all().item<bool>());
+    }
+  }
+}
+
+TEST_CASE("residual sum: bounds, CROWN step, norm and Jacobian of a + b", "[soundness][certify][rules]") {
+  Layer res = Layer::residual_block("block", {Layer::simple(Layer::Kind::relu)}, {});
+  const auto& rule = rule_for(res);
+  REQUIRE(rule.arity() == 2);
+  auto a = region({2, 3, 3}), b = region({2, 3, 3});
+  auto y = rule.forward(res, {a.points, b.points});
+  auto nb = rule.bounds(res, {&a.in, &b.in});
+  CHECK((y >= nb.lo.repeat_interleave(kPerSample, 0) - 1e-12).all().item<bool>());
+  CHECK((y <= nb.hi.repeat_interleave(kPerSample, 0) + 1e-12).all().item<bool>());
+  auto c = dense_rows({2, 3, 3}, 2);
+  auto bias = torch::zeros({c.A.size(0)}, f64);
+  const std::vector<Shape> ins{{2, 3, 3}, {2, 3, 3}};
+  BackwardArgs args{res, ins, ins[0], {&a.in, &b.in}, {}, {}};
+  auto back = rule.backward(args, c, bias);
+  REQUIRE(back.size() == 2);
+  CHECK(torch::equal(back[0].A, c.A));
+  CHECK(torch::equal(back[1].A, c.A));
+  CHECK(rule.lipschitz(res, Norm::l2, ins, {2.5, 1.0}, false) == 3.5);
+  CHECK(rule_for(res).out_shape(res, ins) == ins[0]);
+}
+
+TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
+  SECTION("ReLU on [-1, 3]: the chord 0.75 x + 0.75, lower slope 1 (u >= -l)") {
+    Layer relu = Layer::simple(Layer::Kind::relu);
+    NodeBounds in{torch::tensor({{-1.0, -2.0, 0.5}}, f64), torch::tensor({{3.0, 1.0, 2.0}}, f64),
+                  torch::tensor({{3.0, 2.0, 2.0}}, f64), torch::zeros({1, 3}, f64)};
+    Coeffs c;
+    c.A = torch::tensor({{1.0, 1.0, 1.0}, {-2.0, -1.0, -1.0}}, f64);
+    c.sample = torch::zeros({2}, torch::kLong);
+    auto b = torch::zeros({2}, f64);
+    BackwardArgs a{relu, {{3}}, {3}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, c.sample); }, {}};
+    auto out = rule_for(relu).backward(a, c, b).at(0);
+    // Row 1 (positive): unit 0 slope 1 (3 >= 1), unit 1 slope 0 (1 < 2), unit 2 active: 1.
+    CHECK(out.A[0][0].item<double>() == 1.0);
+    CHECK(out.A[0][1].item<double>() == 0.0);
+    CHECK(out.A[0][2].item<double>() == 1.0);
+    CHECK(b[0].item<double>() == 0.0);
+    // Row 2 (negative): chords s = u/(u-l): 0.75 and 1/3, intercepts 0.75 and 2/3; active 1.
+    CHECK(out.A[1][0].item<double>() == Approx(-1.5));
+    CHECK(out.A[1][1].item<double>() == Approx(-1.0 / 3));
+    CHECK(out.A[1][2].item<double>() == -1.0);
+    CHECK(b[1].item<double>() == Approx(-2.0 * 0.75 - 1.0 * 2.0 / 3).epsilon(1e-12));
+    CHECK(b[1].item<double>() <= -2.0 * 0.75 - 1.0 * 2.0 / 3);  // the rounding margin only lowers it
+    auto nb = rule_for(relu).bounds(relu, {&in});
+    CHECK(torch::equal(nb.lo, torch::tensor({{0.0, 0.0, 0.5}}, f64)));
+    CHECK(torch::equal(nb.hi, torch::tensor({{3.0, 1.0, 2.0}}, f64)));
+  }
+  SECTION("linear [[1, -2], [3, 0.5]] + [1, -1] on x in [0, 1] x [-1, 1]") {
+    Layer fc = Layer::dense("fc", torch::tensor({{1.0, -2.0}, {3.0, 0.5}}, f64), torch::tensor({1.0, -1.0}, f64));
+    NodeBounds in{torch::tensor({{0.0, -1.0}}, f64), torch::tensor({{1.0, 1.0}}, f64),
+                  torch::tensor({{1.0, 1.0}}, f64), torch::zeros({1, 2}, f64)};
+    auto nb = rule_for(fc).bounds(fc, {&in});
+    // y1 = x1 - 2 x2 + 1 in [-1, 4]; y2 = 3 x1 + 0.5 x2 - 1 in [-1.5, 2.5]
+    CHECK(nb.lo[0][0].item<double>() == Approx(-1.0));
+    CHECK(nb.hi[0][0].item<double>() == Approx(4.0));
+    CHECK(nb.lo[0][1].item<double>() == Approx(-1.5));
+    CHECK(nb.hi[0][1].item<double>() == Approx(2.5));
+    CHECK(rule_for(fc).lipschitz(fc, Norm::linf, {{2}}, {1.0}, false) == 3.5);  // max row ℓ1
+    CHECK(rule_for(fc).lipschitz(fc, Norm::l2, {{2}}, {1.0}, true) == Approx(std::sqrt(9.25)));
+  }
+  SECTION("conv 1x1 kernel [[2]] with bias 1, and channel affine 0.5 x - 1") {
+    Layer conv = Layer::conv2d("c", torch::full({1, 1, 1, 1}, 2.0, f64), torch::ones({1}, f64), 1, 0);
+    Layer aff = Layer::affine("a", torch::full({1}, 0.5, f64), torch::full({1}, -1.0, f64));
+    NodeBounds in{torch::full({1, 1, 2, 2}, -1.0, f64), torch::full({1, 1, 2, 2}, 2.0, f64),
+                  torch::full({1, 1, 2, 2}, 2.0, f64), torch::zeros({1, 1, 2, 2}, f64)};
+    auto y = rule_for(conv).bounds(conv, {&in});
+    CHECK(y.lo.min().item<double>() == Approx(-1.0));
+    CHECK(y.hi.max().item<double>() == Approx(5.0));
+    auto z = rule_for(aff).bounds(aff, {&y});
+    CHECK(z.lo.min().item<double>() == Approx(-1.5));
+    CHECK(z.hi.max().item<double>() == Approx(1.5));
+  }
+  SECTION("global average pool of a 2x2 channel in [0, 4]: [0, 4]; p = 2 norm 1/2") {
+    Layer pool = Layer::simple(Layer::Kind::global_avgpool);
+    NodeBounds in{torch::zeros({1, 1, 2, 2}, f64), torch::full({1, 1, 2, 2}, 4.0, f64),
+                  torch::full({1, 1, 2, 2}, 4.0, f64), torch::zeros({1, 1, 2, 2}, f64)};
+    auto y = rule_for(pool).bounds(pool, {&in});
+    CHECK(y.lo.item<double>() == 0.0);
+    CHECK(y.hi.item<double>() == 4.0);
+    CHECK(rule_for(pool).lipschitz(pool, Norm::l2, {{1, 2, 2}}, {1.0}, false) == 0.5);
+  }
+}
+
+TEST_CASE("an unregistered layer kind is an error naming the layer and the fix", "[unit][certify][rules]") {
+  Layer odd = Layer::simple(Layer::Kind::relu, "mystery");
+  odd.kind = static_cast<Layer::Kind>(77);
+  CHECK_THROWS_WITH(rule_for(odd), Catch::Contains("mystery") && Catch::Contains("registry.cpp"));
+}
