@@ -170,8 +170,9 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
     Coeffs cur = std::move(*slot);
     slot.reset();
     const auto& node = nodes[static_cast<size_t>(m)];
-    // A window as large as the grid saves nothing: continue with dense rows.
-    if (cur.patches && cur.kernel * cur.kernel >= node.out_shape[1] * node.out_shape[2])
+    // A window as large as the grid saves nothing (and some rules take only dense
+    // rows): continue with dense rows.
+    if (cur.patches && (!node.rule->takes_patches() || cur.kernel * cur.kernel >= node.out_shape[1] * node.out_shape[2]))
       cur = patches_to_dense(cur, node.out_shape);
     if (widest && cur.A.size(0) > 0) *widest = std::max(*widest, cur.A.numel() / cur.A.size(0));
     const NodeBounds& out = pass.nodes[static_cast<size_t>(m)];

@@ -16,6 +16,9 @@ BoundGraph::BoundGraph(LayerGraph g, Shape input_shape)
   Shape s = input_;
   add_chain(*layers_, -1, s);
   if (nodes_.empty()) throw ConfigError("certify: an empty layer graph has nothing to bound");
+  for (size_t k = 0; k < nodes_.size(); ++k)
+    for (int i : nodes_[k].inputs)
+      if (i >= 0) nodes_[static_cast<size_t>(i)].consumers.push_back(static_cast<int>(k));
   for (auto& n : nodes_)
     for (int i : n.inputs)
       if (i >= 0) {
@@ -69,9 +72,9 @@ NodeBounds bp::region_box(const InputDomain& d) {
 namespace {
 
 /// Whether a node's interval is worth tightening by a backward pass, and over which
-/// units: the inputs of ReLUs, for CROWN (unstable units: they decide the
-/// relaxations) and, for p = 2, in the affine prefix (every unit: there IBP of the
-/// ball's box is loose where a backward pass is exact).
+/// units: the inputs of relaxed operators, for CROWN (the units that decide their
+/// relaxations: a ReLU's unstable ones) and, for p = 2, in the affine prefix (every
+/// unit: there IBP of the ball's box is loose where a backward pass is exact).
 bool refine_wanted(const BoundNode& n, const BoundPass& pass, bool& all_units) {
   if (!n.feeds_relaxed) return false;
   const bool prefix = !n.after_relaxed;
@@ -108,7 +111,12 @@ Coeffs unit_rows(const torch::Tensor& u, const Shape& shape, const torch::Tensor
 void refine(BoundPass& pass, int k, bool all_units) {
   auto& nb = pass.nodes[static_cast<size_t>(k)];
   const Shape& shape = pass.graph->nodes()[static_cast<size_t>(k)].out_shape;
-  auto mask = all_units ? torch::ones_like(nb.lo, torch::kBool) : (nb.lo.lt(0) & nb.hi.gt(0));
+  auto mask = torch::zeros_like(nb.lo, torch::kBool);
+  for (int c : pass.graph->nodes()[static_cast<size_t>(k)].consumers) {
+    const auto& rule = *pass.graph->nodes()[static_cast<size_t>(c)].rule;
+    if (all_units) mask = torch::ones_like(mask);
+    else if (rule.relaxed()) mask = mask | rule.relaxed_units(nb);
+  }
   auto units = mask.nonzero();  // [n, 1 + dims]: sample, then the unit's coordinates
   const int64_t n = units.size(0);
   if (n == 0) return;

@@ -43,5 +43,6 @@ std::unique_ptr<BoundRule> make_relu_rule();
 std::unique_ptr<BoundRule> make_flatten_rule();
 std::unique_ptr<BoundRule> make_global_avgpool_rule();
 std::unique_ptr<BoundRule> make_residual_rule();
+std::unique_ptr<BoundRule> make_maxpool_rule();
 
 }  // namespace moecert::rules

@@ -21,7 +21,8 @@ struct BoundNode {
   std::vector<int> inputs;       ///< earlier node indices; -1 is the graph input
   std::vector<Shape> in_shapes;
   Shape out_shape;
-  bool feeds_relaxed = false;    ///< some consumer is a relaxed operator (ReLU)
+  std::vector<int> consumers;    ///< later nodes that take this one as an input
+  bool feeds_relaxed = false;    ///< some consumer is a relaxed operator (ReLU, max-pool)
   bool after_relaxed = false;    ///< some ancestor is relaxed: not in the affine prefix
 };
 

@@ -22,6 +22,7 @@ struct Layer {
     flatten,         ///< [B, C, H, W] -> [B, C·H·W]
     global_avgpool,  ///< [B, C, H, W] -> [B, C] (mean over H·W)
     residual,        ///< main(x) + shortcut(x); an empty shortcut is the identity
+    maxpool,         ///< 2-D max pooling: kernel × kernel windows, stride, padding
   };
   Kind kind;
   std::string name;           ///< the parameter path it came from ("conv1", "layer2.0", ...)
@@ -29,14 +30,15 @@ struct Layer {
   /// channel_affine only: per-channel size of the terms the float32 model sums to
   /// form its shift (eval BatchNorm: |β| + |μ·scale|); undefined means |shift|.
   torch::Tensor shift_terms;
-  int64_t stride = 1, padding = 0;    ///< conv geometry
-  std::vector<Layer> main, shortcut;  ///< residual branches
+  int64_t stride = 1, padding = 0, kernel = 0;  ///< conv / max-pool geometry
+  std::vector<Layer> main, shortcut;           ///< residual branches
 
   static Layer affine(std::string name, torch::Tensor scale, torch::Tensor shift,
                       torch::Tensor shift_terms = {});
   static Layer conv2d(std::string name, torch::Tensor w, torch::Tensor b, int64_t stride,
                       int64_t padding);
   static Layer dense(std::string name, torch::Tensor w, torch::Tensor b);
+  static Layer max_pool(std::string name, int64_t kernel, int64_t stride, int64_t padding);
   static Layer simple(Kind kind, std::string name = "");
   static Layer residual_block(std::string name, std::vector<Layer> main, std::vector<Layer> shortcut);
 };

@@ -27,6 +27,13 @@ Layer Layer::dense(std::string name, torch::Tensor w, torch::Tensor b) {
   return l;
 }
 
+Layer Layer::max_pool(std::string name, int64_t kernel, int64_t stride, int64_t padding) {
+  Layer l;
+  l.kind = Kind::maxpool, l.name = std::move(name);
+  l.kernel = kernel, l.stride = stride, l.padding = padding;
+  return l;
+}
+
 Layer Layer::simple(Kind kind, std::string name) {
   Layer l;
   l.kind = kind, l.name = std::move(name);

@@ -53,6 +53,15 @@ std::vector<Net> nets() {
   Moe cnn(c);
   cnn->eval();
   out.push_back({"cnn-s path (MoE-CNN)", cnn->component_graph(0), {1, 28, 28}});
+  // A graph with max-pooling straight after a conv and after a ReLU.
+  out.push_back({"conv + max-pool",
+                 {Layer::affine("norm", torch::full({1}, 2.0, f64), torch::full({1}, -1.0, f64)),
+                  Layer::conv2d("c1", torch::randn({4, 1, 3, 3}, f64), torch::randn({4}, f64), 1, 1),
+                  Layer::max_pool("p1", 2, 2, 0), Layer::simple(Layer::Kind::relu),
+                  Layer::conv2d("c2", torch::randn({6, 4, 3, 3}, f64) * 0.5, torch::randn({6}, f64), 1, 1),
+                  Layer::simple(Layer::Kind::relu), Layer::max_pool("p2", 3, 2, 1),
+                  Layer::simple(Layer::Kind::flatten), Layer::dense("fc", torch::randn({5, 24}, f64) * 0.3, torch::randn({5}, f64))},
+                 {1, 8, 8}});
   return out;
 }
 
@@ -145,6 +154,7 @@ TEST_CASE("bound propagation is sound on a ResNet-18 MoE-CNN path (residual sums
   check_backbone(3);
 }
 TEST_CASE("bound propagation is sound on a cnn-s MoE-CNN path", "[soundness][certify][bounds]") { check_backbone(4); }
+TEST_CASE("bound propagation is sound through max-pooling", "[soundness][certify][bounds]") { check_backbone(5); }
 
 TEST_CASE("float32 evaluations of every backbone stay within err32", "[soundness][certify][bounds]") {
   for (const auto& net : nets()) {

@@ -33,6 +33,8 @@ std::vector<Case> cases() {
   c.push_back({"relu", Layer::simple(Layer::Kind::relu), {3, 4, 4}});
   c.push_back({"flatten", Layer::simple(Layer::Kind::flatten), {2, 3, 3}});
   c.push_back({"global_avgpool", Layer::simple(Layer::Kind::global_avgpool), {3, 4, 4}});
+  c.push_back({"maxpool 2/2", Layer::max_pool("pool", 2, 2, 0), {2, 6, 6}});
+  c.push_back({"maxpool 3/2 pad 1", Layer::max_pool("pool", 3, 2, 1), {2, 5, 5}});
   return c;
 }
 
@@ -260,6 +262,30 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
     auto z = rule_for(aff).bounds(aff, {&y});
     CHECK(z.lo.min().item<double>() == Approx(-1.5));
     CHECK(z.hi.max().item<double>() == Approx(1.5));
+  }
+  SECTION("max-pool 2x2 of [[-1..2, 0..1], [-3..-2, 1..4]]: [1, 4]; lower row takes x_3 (lower bound 1)") {
+    Layer pool = Layer::max_pool("pool", 2, 2, 0);
+    NodeBounds in{torch::tensor({-1.0, 0.0, -3.0, 1.0}, f64).view({1, 1, 2, 2}),
+                  torch::tensor({2.0, 1.0, -2.0, 4.0}, f64).view({1, 1, 2, 2}),
+                  torch::full({1, 1, 2, 2}, 4.0, f64), torch::zeros({1, 1, 2, 2}, f64)};
+    const auto& rule = rule_for(pool);
+    auto y = rule.bounds(pool, {&in});
+    CHECK(y.lo.item<double>() == 1.0);
+    CHECK(y.hi.item<double>() == 4.0);
+    Coeffs c;
+    c.A = torch::tensor({2.0, -3.0}, f64).view({2, 1, 1, 1});
+    c.sample = torch::zeros({2}, torch::kLong);
+    auto b = torch::zeros({2}, f64);
+    const std::vector<Shape> ins{{1, 2, 2}};
+    BackwardArgs a{pool, ins, {1, 1, 1}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, c.sample); }, {}};
+    auto out = rule.backward(a, c, b).at(0);
+    // 2·y >= 2·x_3 (the entry with the largest lower bound); −3·y >= −3·max u = −12.
+    CHECK(out.A[0].flatten()[3].item<double>() == 2.0);
+    CHECK(out.A[0].abs().sum().item<double>() == 2.0);
+    CHECK(out.A[1].abs().sum().item<double>() == 0.0);
+    CHECK(b[1].item<double>() == -12.0);
+    CHECK(rule.lipschitz(pool, Norm::l2, ins, {1.0}, false) == 1.0);
+    CHECK(rule.lipschitz(Layer::max_pool("p", 3, 2, 1), Norm::l2, {{1, 5, 5}}, {1.0}, false) == 2.0);
   }
   SECTION("global average pool of a 2x2 channel in [0, 4]: [0, 4]; p = 2 norm 1/2") {
     Layer pool = Layer::simple(Layer::Kind::global_avgpool);
