@@ -13,14 +13,26 @@
 
 namespace moecert {
 
+namespace {
+/// float32 means float32: TensorFloat-32 (10-bit mantissa) convolutions and matrix
+/// products would void the float32 error bounds of the certificates (docs §12).
+torch::Device full_float32(torch::Device d) {
+  if (d.is_cuda()) {
+    at::globalContext().setAllowTF32CuDNN(false);
+    at::globalContext().setAllowTF32CuBLAS(false);
+  }
+  return d;
+}
+}  // namespace
+
 torch::Device runtime_device(const std::string& name) {
-  if (name == "auto") return torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::kCPU;
+  if (name == "auto") return full_float32(torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::kCPU);
   if (name == "cpu") return torch::kCPU;
   if (name.rfind("cuda", 0) == 0) {
     if (!torch::cuda::is_available())
       throw ConfigError::invalid("--device", name, "auto | cpu (this build or machine has no CUDA)");
     try {
-      return torch::Device(name);
+      return full_float32(torch::Device(name));
     } catch (const c10::Error&) {
       throw ConfigError::invalid("--device", name, "cuda or cuda:N");
     }
