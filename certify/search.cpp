@@ -21,8 +21,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 //  - below a failed pass, two cheap probes reuse its slightly looser intermediate
 //    bounds at 0.97 b and 0.93 b, where they lose little (further below, bounds taken
 //    above the cliff certify next to nothing: measured);
-//  - nothing certified yet: the next pass goes to the root of the secant of the slack
-//    through ε = 0 and b, within [b/8, b/step].
+//  - nothing certified yet: the next pass goes to b / step.
 Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const torch::Tensor& guess,
                      const torch::Tensor& lo_in, const Config& cfg) {
   Result res;
@@ -64,13 +63,7 @@ Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const to
     auto l = torch::max(ra, sel(lo));
     auto kept = slack / sel(s0);
     auto stride = torch::where(kept.gt(0.99), torch::full_like(l, 2.0), torch::full_like(l, cfg.step));
-    // Nothing certified yet: the secant of the slack between ε = 0 and the failed pass
-    // (its root lies below the true one where the slack is concave), kept within
-    // [b/8, b/step]: the first guess can be far too large (p = 2, where the
-    // linearised distance says little).
-    auto secant = (rb * sel(s0) / (sel(s0) - slack)).nan_to_num(0.0, 0.0, 0.0);
-    auto down = torch::min(torch::max(secant, rb / 8), rb / cfg.step);
-    auto step = torch::where(rb.isinf(), l * stride, torch::where(l.gt(0), torch::sqrt(l * rb), down));
+    auto step = torch::where(rb.isinf(), l * stride, torch::where(l.gt(0), torch::sqrt(l * rb), rb / cfg.step));
     next.index_copy_(0, rows, step.clamp_max(cfg.cap));
   }
   res.radius = lo;
