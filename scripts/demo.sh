@@ -5,7 +5,7 @@
 # with a standardly trained MoE into a dual-model and sweep alpha, certify the
 # first test images (every estimator: CROWN, alpha-CROWN, IBP and the Lipschitz
 # theorems; PGD-bisection cross-check), and write the HTML report.
-# Budget: about 14 minutes on 2 cores after the build. Override with env vars:
+# Budget: about 10 minutes on 2 cores after the build. Override with env vars:
 #   MOECERT_DEMO_EPOCHS (default 10), MOECERT_DEMO_OUT (default runs/demo),
 #   MOECERT_DEMO_CERTIFY (test images certified, default 200),
 #   MOECERT_DEMO_SWEEP (test images of the alpha-sweep, default 1000).
