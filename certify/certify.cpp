@@ -106,8 +106,6 @@ using run::Context;
 using run::Member;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-/// JSON number, or null for +inf / NaN.
-nlohmann::json num(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(); }
 
 std::vector<double> row_of(const torch::Tensor& t, int64_t b) {
   auto r = t[b].contiguous();
@@ -125,7 +123,7 @@ Member member_setup(MoeImpl& m, Norm p, bool global) {
     if (!g.router.empty()) g.global.router = lipschitz_global(g.router, p, input).value;
     for (const auto& e : g.experts) g.global.experts.push_back(lipschitz_global(e, p, input).value);
   }
-  g.bp = forms::member_graphs(m);
+  g.bp = forms::member_graphs(s, g.router, g.experts);
   return g;
 }
 
@@ -150,10 +148,10 @@ void batch_evaluate(const Context& ctx, LoadedModel& loaded, Batch& batch) {
   }
   auto x32 = batch.x.to(torch::kFloat32);
   auto lp = loaded.is_dual() ? loaded.dual->forward(x32) : loaded.model->forward(x32);
-  batch.correct = lp.argmax(1).cpu().eq(batch.labels);
+  const auto pred = lp.argmax(1).cpu();
+  batch.correct = pred.eq(batch.labels);
   batch.radii.assign(static_cast<size_t>(B), {});
   batch.extra.assign(static_cast<size_t>(B), nlohmann::json::object());
-  auto pred = lp.argmax(1).cpu();
   for (int64_t b = 0; b < B; ++b) batch.extra[static_cast<size_t>(b)]["pred"] = pred[b].item<int64_t>();
 }
 
@@ -188,11 +186,11 @@ nlohmann::json row_json(const Context& ctx, const Batch& batch, int64_t b, int64
   std::string best_form;
   double best = -1;
   for (const auto& [form, r] : batch.radii[ub]) {
-    radii[form] = num(r);
+    radii[form] = run::json_number(r);
     if (r > best) best = r, best_form = form;
   }
   row["radii"] = radii;
-  row["headline"] = {{"form", best_form}, {"radius", num(best)}};
+  row["headline"] = {{"form", best_form}, {"radius", run::json_number(best)}};
   return row;
 }
 
@@ -339,7 +337,7 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data, const std::
     }
     for (int64_t b = 0; b < batch.size(); ++b) {
       auto row = row_json(ctx, batch, b, index[static_cast<size_t>(b)]);
-      if (cfg.empirical) row["empirical_radius"] = num(empirical[static_cast<size_t>(b)]);
+      if (cfg.empirical) row["empirical_radius"] = run::json_number(empirical[static_cast<size_t>(b)]);
       rows.push_back(std::move(row));
     }
     meter.advance(static_cast<int64_t>(n));

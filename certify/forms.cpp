@@ -53,6 +53,22 @@ std::pair<torch::Tensor, torch::Tensor> selection(const MemberGraphs& m, const t
   return {beaten.lt(static_cast<double>(k)), rivals.lt(static_cast<double>(k))};
 }
 
+/// The router's selection on each region: its difference bounds (undefined without a
+/// router) and the experts it can select / surely selects (docs §13.1).
+struct Selection {
+  torch::Tensor diff, possible, sure;
+};
+Selection select_experts(const MemberPass& p, const InputDomain& d) {
+  Selection s;
+  if (!p.m->router) {
+    s.possible = s.sure = torch::ones({d.x.size(0), p.m->experts}, torch::kBool);
+    return s;
+  }
+  s.diff = router_differences(p, d);
+  std::tie(s.possible, s.sure) = selection(*p.m, s.diff);
+  return s;
+}
+
 /// Bounds of one expert over the samples its pass covers.
 struct ExpertBounds {
   torch::Tensor rows;                // [n_j] batch positions
@@ -140,13 +156,12 @@ Form member_form(const MemberGraphs& m) {
   return Form::mixture;
 }
 
-MemberGraphs member_graphs(MoeImpl& model) {
-  const auto& s = model.spec();
+MemberGraphs member_graphs(const ModelSpec& s, const LayerGraph& router, const std::vector<LayerGraph>& experts) {
   MemberGraphs m;
   m.experts = s.experts, m.classes = s.num_classes, m.top_k = s.top_k, m.routing = s.routing;
   const Shape input{s.in_channels, s.height, s.width};
-  if (s.experts > 1) m.router.emplace(model.component_graph(-1), input);
-  for (int64_t i = 0; i < s.experts; ++i) m.nets.emplace_back(model.component_graph(i), input);
+  if (!router.empty()) m.router.emplace(router, input);
+  for (const auto& e : experts) m.nets.emplace_back(e, input);
   return m;
 }
 
@@ -154,12 +169,8 @@ MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const tor
                           const BoundOptions& opt, bool fp32) {
   MemberPass p;
   p.m = &m, p.domain = d, p.fp32 = fp32;
-  const int64_t n = d.x.size(0);
-  torch::Tensor possible = torch::ones({n, m.experts}, torch::kBool);
-  if (m.router) {
-    p.router = bound_forward(*m.router, d, opt);
-    possible = selection(m, router_differences(p, d)).first;
-  }
+  if (m.router) p.router = bound_forward(*m.router, d, opt);
+  const auto possible = select_experts(p, d).possible;
   for (int64_t j = 0; j < m.experts; ++j) {
     auto rows = possible.select(1, j).nonzero().flatten();
     p.rows.push_back(rows);
@@ -215,16 +226,12 @@ double fp32_prob_constant(const MemberGraphs& m) {
 namespace {
 
 /// Lower bounds of the member's probability margins F^y − F^k of its float32
-/// probabilities on each region (docs §13.2–13.3). [n, K], +inf at y.
-torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels) {
+/// probabilities on each region (docs §13.2–13.3), given its selection there. [n, K], +inf at y.
+torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
+                         const Selection& sel) {
   const auto& m = *p.m;
   const int64_t n = d.x.size(0), E = m.experts, K = m.classes;
   const auto o = d.x.options();
-  torch::Tensor possible = torch::ones({n, E}, torch::kBool), sure = possible, diff;
-  if (m.router) {
-    diff = router_differences(p, d);
-    std::tie(possible, sure) = selection(m, diff);
-  }
   auto mu = torch::full({n, E, K}, -1.0, o);  // expert margins; −1 (always valid) where no pass covers
   for (size_t j = 0; j < p.experts.size(); ++j) {
     if (!p.experts[j]) continue;
@@ -234,9 +241,10 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
   }
   torch::Tensor out;
   if (member_form(m) != Form::mixture) {  // the output is one expert's f: the worst possible one
-    out = mu.masked_fill(~possible.unsqueeze(2), kInf).amin(1);
+    out = mu.masked_fill(~sel.possible.unsqueeze(2), kInf).amin(1);
   } else {
-    auto [a_lo, a_hi] = weight_bounds(diff.defined() ? diff : torch::zeros({n, E, E}, o), possible, sure);
+    auto [a_lo, a_hi] =
+        weight_bounds(sel.diff.defined() ? sel.diff : torch::zeros({n, E, E}, o), sel.possible, sel.sure);
     std::vector<torch::Tensor> per;
     for (int64_t k = 0; k < K; ++k) per.push_back(simplex_min(a_lo, a_hi, mu.select(2, k)));
     out = torch::stack(per, 1);
@@ -245,20 +253,16 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
   return out.masked_fill(at_y, kInf);
 }
 
-torch::Tensor possible_of(const MemberPass& p, const InputDomain& d) {
-  if (!p.m->router) return torch::ones({d.x.size(0), 1}, torch::kBool);
-  return selection(*p.m, router_differences(p, d)).first;
-}
-
 }  // namespace
 
 Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels) {
   Evaluation ev;
-  ev.possible = possible_of(p, d);
+  const auto sel = select_experts(p, d);
+  ev.possible = sel.possible;
   if (member_form(*p.m) != Form::mixture) {
     ev.slack = logit_slack(p, d, labels, ev.possible);
   } else {
-    ev.slack = prob_lower(p, d, labels).amin(1) - (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);
+    ev.slack = prob_lower(p, d, labels, sel).amin(1) - (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);
   }
   return ev;
 }
@@ -266,8 +270,10 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
 Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, double alpha,
                          const InputDomain& d, const torch::Tensor& labels) {
   Evaluation ev;
-  ev.possible = possible_of(robust, d);
-  auto ls = prob_lower(standard, d, labels).clamp_min(-1.0), lr = prob_lower(robust, d, labels);
+  const auto sel = select_experts(robust, d);
+  ev.possible = sel.possible;
+  auto ls = prob_lower(standard, d, labels, select_experts(standard, d)).clamp_min(-1.0);
+  auto lr = prob_lower(robust, d, labels, sel);
   const double C = (1 - alpha) * fp32_prob_constant(*standard.m) + alpha * fp32_prob_constant(*robust.m) + 8.0;
   auto mixed = (1 - alpha) * ls + alpha * lr - 1e-12 * (ls.abs() + lr.abs());  // + the rounding of the sum
   mixed = mixed.masked_fill(lr.isinf(), kInf);  // the label's own column

@@ -20,7 +20,8 @@ struct MemberGraphs {
   std::optional<BoundGraph> router;  ///< none for a dense model
   std::vector<BoundGraph> nets;      ///< one per expert
 };
-MemberGraphs member_graphs(MoeImpl& m);
+/// From the member's spec and its float64 layer graphs (router: empty for a dense model).
+MemberGraphs member_graphs(const ModelSpec& s, const LayerGraph& router, const std::vector<LayerGraph>& experts);
 
 /// Which form a member (or the dual pair) is certified with.
 enum class Form { margin, candidate, mixture, dual };

@@ -1,7 +1,7 @@
 // Aggregates of a results object (SPEC §5): certified accuracy per form and ε, the
 // headline (per sample the best sound radius of any form and estimator), empirical
 // accuracy, medians, tightness and soundness violations.
-#include "moecert/certify.h"
+#include "run-impl.h"
 
 #include <algorithm>
 #include <cmath>
@@ -14,7 +14,6 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-nlohmann::json num(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(); }
 
 std::string eps_key(double e) {
   std::ostringstream s;
@@ -86,21 +85,21 @@ void certify_aggregate(nlohmann::json& results) {
   nlohmann::json cert = nlohmann::json::object(), med = nlohmann::json::object();
   for (const auto& [form, v] : radii) {
     cert[form] = accuracy(v, grid, N);
-    med[form] = num(median(v));
+    med[form] = run::json_number(median(v));
   }
   agg["certified_accuracy"] = cert;
   agg["median_radius"] = med;
   agg["headline"] = {{"certified_accuracy", accuracy(headline, grid, N)},
-                     {"median_radius", num(median(headline))},
+                     {"median_radius", run::json_number(median(headline))},
                      {"forms", headline_forms}};
   if (!empirical.empty()) {
     nlohmann::json emp = nlohmann::json::object();
     for (double eps : grid)
       emp[eps_key(eps)] = std::count_if(empirical.begin(), empirical.end(), [&](double r) { return r > eps; }) / N;
     agg["empirical_accuracy"] = emp;
-    agg["median_empirical_radius"] = num(median(empirical));
+    agg["median_empirical_radius"] = run::json_number(median(empirical));
   }
-  agg["median_tightness"] = num(median(tightness));
+  agg["median_tightness"] = run::json_number(median(tightness));
   agg["tightness_samples"] = tightness.size();
   agg["violations"] = violations;
   agg["violation_count"] = violations.size();

@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <map>
 #include <string>
 #include <vector>
@@ -14,6 +15,9 @@
 namespace moecert::run {
 
 using Radii = std::map<std::string, double>;
+
+/// A JSON number, or null for +inf / NaN (an unbounded or missing radius).
+inline nlohmann::json json_number(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(); }
 
 /// One member (MoE) of the model: its float64 graphs, global constants and the
 /// compiled graphs of bound propagation.

@@ -13,7 +13,6 @@ namespace moecert::search {
 
 struct Config {
   int rounds = 3;       ///< full passes per sample at most
-  int inner = 7;        ///< probes per round below a failed full pass
   double tol = 0.01;    ///< stop when the bracket is within this relative width
   double step = 1.25;   ///< factor between full passes until the radius is bracketed
   double cap = 1.0;     ///< never search above this radius

@@ -16,16 +16,16 @@ BoundGraph::BoundGraph(LayerGraph g, Shape input_shape)
   Shape s = input_;
   add_chain(*layers_, -1, s);
   if (nodes_.empty()) throw ConfigError("certify: an empty layer graph has nothing to bound");
-  for (size_t k = 0; k < nodes_.size(); ++k)
-    for (int i : nodes_[k].inputs)
-      if (i >= 0) nodes_[static_cast<size_t>(i)].consumers.push_back(static_cast<int>(k));
-  for (auto& n : nodes_)
+  for (size_t k = 0; k < nodes_.size(); ++k) {
+    auto& n = nodes_[k];
     for (int i : n.inputs)
       if (i >= 0) {
-        n.after_relaxed = n.after_relaxed || nodes_[static_cast<size_t>(i)].after_relaxed ||
-                          nodes_[static_cast<size_t>(i)].rule->relaxed();
-        if (n.rule->relaxed()) nodes_[static_cast<size_t>(i)].feeds_relaxed = true;
+        auto& in = nodes_[static_cast<size_t>(i)];
+        in.consumers.push_back(static_cast<int>(k));
+        n.after_relaxed = n.after_relaxed || in.after_relaxed || in.rule->relaxed();
+        if (n.rule->relaxed()) in.feeds_relaxed = true;
       }
+  }
   int64_t numel = 1;
   for (auto v : input_) numel *= v;
   if (numel > bp::max_sum_length)
@@ -111,12 +111,12 @@ Coeffs unit_rows(const torch::Tensor& u, const Shape& shape, const torch::Tensor
 void refine(BoundPass& pass, int k, bool all_units) {
   auto& nb = pass.nodes[static_cast<size_t>(k)];
   const Shape& shape = pass.graph->nodes()[static_cast<size_t>(k)].out_shape;
-  auto mask = torch::zeros_like(nb.lo, torch::kBool);
-  for (int c : pass.graph->nodes()[static_cast<size_t>(k)].consumers) {
-    const auto& rule = *pass.graph->nodes()[static_cast<size_t>(c)].rule;
-    if (all_units) mask = torch::ones_like(mask);
-    else if (rule.relaxed()) mask = mask | rule.relaxed_units(nb);
-  }
+  auto mask = torch::full_like(nb.lo, all_units, torch::kBool);
+  if (!all_units)
+    for (int c : pass.graph->nodes()[static_cast<size_t>(k)].consumers) {
+      const auto& rule = *pass.graph->nodes()[static_cast<size_t>(c)].rule;
+      if (rule.relaxed()) mask = mask | rule.relaxed_units(nb);
+    }
   auto units = mask.nonzero();  // [n, 1 + dims]: sample, then the unit's coordinates
   const int64_t n = units.size(0);
   if (n == 0) return;

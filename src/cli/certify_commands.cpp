@@ -252,23 +252,16 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     std::printf("%-26s", "certified accuracy at eps");
     for (double e : cfg.eps_grid) std::printf(" %8s", fmt_fixed(e, 3).c_str());
     std::printf(" %12s\n", "median r");
-    {
-      std::printf("%-26s", "headline (best per sample)");
-      for (const auto& [k, v] : agg["headline"]["certified_accuracy"].items()) std::printf(" %8.4f", v.get<double>());
-      const auto& m = agg["headline"]["median_radius"];
-      std::printf(" %12s\n", m.is_null() ? "inf" : fmt_fixed(m.get<double>(), 5).c_str());
-    }
-    for (const auto& [form, per] : agg["certified_accuracy"].items()) {
-      std::printf("%-26s", form.c_str());
-      for (const auto& [k, v] : per.items()) std::printf(" %8.4f", v.get<double>());
-      const auto& m = agg["median_radius"][form];
-      std::printf(" %12s\n", m.is_null() ? "inf" : fmt_fixed(m.get<double>(), 5).c_str());
-    }
+    // One line: accuracy per ε, then the median radius (null: inf).
+    auto line = [](const std::string& name, const nlohmann::json& per_eps, const nlohmann::json& median) {
+      std::printf("%-26s", name.c_str());
+      for (const auto& [k, v] : per_eps.items()) std::printf(" %8.4f", v.get<double>());
+      std::printf(" %12s\n", median.is_null() ? "inf" : fmt_fixed(median.get<double>(), 5).c_str());
+    };
+    line("headline (best per sample)", agg["headline"]["certified_accuracy"], agg["headline"]["median_radius"]);
+    for (const auto& [form, per] : agg["certified_accuracy"].items()) line(form, per, agg["median_radius"][form]);
     if (agg.contains("empirical_accuracy")) {
-      std::printf("%-26s", "empirical (PGD)");
-      for (const auto& [k, v] : agg["empirical_accuracy"].items()) std::printf(" %8.4f", v.get<double>());
-      const auto& m = agg["median_empirical_radius"];
-      std::printf(" %12s\n", m.is_null() ? "inf" : fmt_fixed(m.get<double>(), 5).c_str());
+      line("empirical (PGD)", agg["empirical_accuracy"], agg["median_empirical_radius"]);
       const auto& t = agg["median_tightness"];
       std::cout << "median tightness (certified / empirical) "
                 << (t.is_null() ? std::string("n/a") : fmt_fixed(t.get<double>(), 4)) << " over "

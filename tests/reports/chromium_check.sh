@@ -11,15 +11,17 @@ command -v chromium >/dev/null 2>&1 || { echo "chromium not installed: skipped";
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 data=(--dataset synthetic --samples 600 --quiet)
-"$bin" --threads "${MOECERT_TEST_THREADS:-0}" "${data[@]}" train --method at --experts 2 --epochs 2 --steps 2 --eps 0.03 --val-samples 64 \
+# The tool with the test's thread count (CTest sets MOECERT_TEST_THREADS=1).
+moecert() { "$bin" --threads "${MOECERT_TEST_THREADS:-0}" "$@"; }
+moecert "${data[@]}" train --method at --experts 2 --epochs 2 --steps 2 --eps 0.03 --val-samples 64 \
   --eval-steps 1 --out "$tmp/robust"
-"$bin" --threads "${MOECERT_TEST_THREADS:-0}" "${data[@]}" --seed 3 train --method st --experts 2 --epochs 2 --val-samples 64 --eval-steps 1 \
+moecert "${data[@]}" --seed 3 train --method st --experts 2 --epochs 2 --val-samples 64 --eval-steps 1 \
   --out "$tmp/standard"
-"$bin" --threads "${MOECERT_TEST_THREADS:-0}" dual --standard "$tmp/standard" --robust "$tmp/robust" --alpha 0.8 --out "$tmp/dual"
-"$bin" --threads "${MOECERT_TEST_THREADS:-0}" --dataset synthetic --samples 64 --quiet attack "$tmp/robust" --eps 0.03 --steps 2 --json "$tmp/robust.json"
-"$bin" --threads "${MOECERT_TEST_THREADS:-0}" --dataset synthetic --samples 64 --quiet attack "$tmp/dual" --eps 0.03 --steps 2 --alpha-sweep \
+moecert dual --standard "$tmp/standard" --robust "$tmp/robust" --alpha 0.8 --out "$tmp/dual"
+moecert --dataset synthetic --samples 64 --quiet attack "$tmp/robust" --eps 0.03 --steps 2 --json "$tmp/robust.json"
+moecert --dataset synthetic --samples 64 --quiet attack "$tmp/dual" --eps 0.03 --steps 2 --alpha-sweep \
   --json "$tmp/dual.json"
-"$bin" --threads "${MOECERT_TEST_THREADS:-0}" --dataset synthetic --samples 16 --quiet certify "$tmp/robust" --estimator lipschitz,crown --steps 3 --eps-grid 0.001,0.01 \
+moecert --dataset synthetic --samples 16 --quiet certify "$tmp/robust" --estimator lipschitz,crown --steps 3 --eps-grid 0.001,0.01 \
   --out "$tmp/cert" --report "$tmp/report" --attack "$tmp/robust.json" --attack "$tmp/dual.json" \
   --gate "violations==0"
 python3 "$root/scripts/check_report.py" "$tmp/report/report.html" --expect-plots 5 \
