@@ -19,12 +19,6 @@ InputDomain subset(const InputDomain& d, const torch::Tensor& rows) {
   return {d.x.index_select(0, rows), d.eps.index_select(0, rows), d.norm, d.box};
 }
 
-/// Rows e_y − e_k for every class k (row y is zero): C [n, K, K].
-torch::Tensor margin_rows(const torch::Tensor& labels, int64_t K, const torch::TensorOptions& o) {
-  auto ey = torch::nn::functional::one_hot(labels, K).to(o).unsqueeze(1);  // [n, 1, K]
-  return ey - torch::eye(K, o).unsqueeze(0);
-}
-
 /// Router-logit differences over the regions: lo[b, i, j] <= ĝ_i − ĝ_j for the float32
 /// router logits ĝ (a lower bound of g_i − g_j minus its float32 error). [n, E, E]
 torch::Tensor router_differences(const MemberPass& p, const InputDomain& d) {
@@ -85,15 +79,22 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d, 
   const int64_t K = p.m->classes;
   const auto dj = subset(d, e.rows);
   auto y = labels.index_select(0, e.rows);
-  auto C = margin_rows(y, K, d.x.options());
+  const int64_t n = y.size(0);
+  // Rows e_y − e_k for the classes k != y only ([n, K − 1], `others` their k).
+  auto at_y = torch::nn::functional::one_hot(y, K).to(torch::kBool);
+  auto others = torch::arange(K, y.options()).expand({n, K}).masked_select(~at_y).view({n, K - 1});
+  auto C = torch::nn::functional::one_hot(y, K).to(d.x.options()).unsqueeze(1) -
+           torch::nn::functional::one_hot(others, K).to(d.x.options());
   if (probs) C = torch::cat({C, -C}, 1);
   auto s = bound_specs(pass, C, &dj);
   auto low = p.fp32 ? s.lower - s.err32 : s.lower;  // bounds of the float32 logits' differences
-  auto at_y = torch::nn::functional::one_hot(y, K).to(torch::kBool);
-  e.margin = low.narrow(1, 0, K).masked_fill(at_y, kInf);
+  auto place = [&](const torch::Tensor& v, double at_label) {  // [n, K − 1] -> [n, K]
+    return torch::full({n, K}, at_label, v.options()).scatter_(1, others, v);
+  };
+  e.margin = place(low.narrow(1, 0, K - 1), kInf);
   if (probs) {
-    e.dhi = -e.margin;             // ĥ_k − ĥ_y <= −(lower bound of ĥ_y − ĥ_k)
-    e.dlo = low.narrow(1, K, K);   // lower bound of ĥ_k − ĥ_y
+    e.dhi = -e.margin.masked_fill(at_y, 0.0);   // ĥ_k − ĥ_y <= −(lower bound of ĥ_y − ĥ_k)
+    e.dlo = place(low.narrow(1, K - 1, K - 1), 0.0);  // lower bound of ĥ_k − ĥ_y
   }
   const auto& out = pass.nodes.back();
   e.hmax = (torch::max(out.lo.abs(), out.hi.abs()) + out.err32).amax(1);
@@ -166,16 +167,30 @@ MemberGraphs member_graphs(const ModelSpec& s, const LayerGraph& router, const s
 }
 
 MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const torch::Tensor& labels,
-                          const BoundOptions& opt, bool fp32) {
+                          const BoundOptions& opt, bool fp32, const MemberPass* seed, const torch::Tensor& seed_index) {
   MemberPass p;
   p.m = &m, p.domain = d, p.fp32 = fp32;
-  if (m.router) p.router = bound_forward(*m.router, d, opt);
+  if (m.router) {
+    std::optional<BoundPass> s;
+    if (seed) s = bound_subset(*seed->router, seed_index);
+    p.router = bound_forward(*m.router, d, opt, s ? &*s : nullptr);
+  }
   const auto possible = select_experts(p, d).possible;
   for (int64_t j = 0; j < m.experts; ++j) {
+    const auto uj = static_cast<size_t>(j);
     auto rows = possible.select(1, j).nonzero().flatten();
     p.rows.push_back(rows);
     p.experts.emplace_back();
-    if (rows.numel() > 0) p.experts.back() = bound_forward(m.nets[static_cast<size_t>(j)], subset(d, rows), opt);
+    if (rows.numel() == 0) continue;
+    std::optional<BoundPass> s;
+    if (seed && seed->experts[uj]) {  // this expert's samples as positions in the seed's expert pass
+      const auto& covered = seed->rows[uj];
+      auto at = torch::full({seed->domain.x.size(0)}, -1, covered.options());
+      at.index_copy_(0, covered, torch::arange(covered.size(0), covered.options()));
+      auto index = at.index_select(0, seed_index.index_select(0, rows));
+      if (index.ge(0).all().item<bool>()) s = bound_subset(*seed->experts[uj], index);
+    }
+    p.experts.back() = bound_forward(m.nets[uj], subset(d, rows), opt, s ? &*s : nullptr);
   }
   return p;
 }

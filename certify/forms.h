@@ -40,8 +40,13 @@ struct MemberPass {
   std::vector<torch::Tensor> rows;  ///< [n_j] int64: the batch positions expert j's pass covers
   bool fp32 = true;                 ///< apply the float32 allowances (false: exact arithmetic)
 };
+/// With `seed` (a pass of the same member whose regions contain these; `seed_index`
+/// [n] the positions of this batch's samples in its batch), the router's and every
+/// expert's pass start from what the seed's know (bound_forward's seed); an expert
+/// whose seed pass does not cover all its samples here starts afresh.
 MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const torch::Tensor& labels,
-                          const BoundOptions& opt, bool fp32);
+                          const BoundOptions& opt, bool fp32, const MemberPass* seed = nullptr,
+                          const torch::Tensor& seed_index = {});
 
 /// Per-sample certificate slack of a form at regions inside the pass's (> 0 certifies
 /// the region). `labels` [n]. The dual form takes both members' passes and α.

@@ -64,25 +64,31 @@ torch::Tensor linearised_distance(const Context& ctx, const Batch& batch) {
   return dist;
 }
 
-/// The full pass and probes of the model's form for the samples `rows`.
-search::Prober prepare(const Context& ctx, const Batch& batch, const BoundOptions& opt, const torch::Tensor& rows,
-                       const torch::Tensor& eps_i) {
+/// The full pass and probes of the model's form for the samples `rows`, seeded by an
+/// earlier pass of theirs over larger regions.
+search::Pass prepare(const Context& ctx, const Batch& batch, const BoundOptions& opt, const torch::Tensor& rows,
+                     const torch::Tensor& eps_i, const search::Pass* seed, const torch::Tensor& seed_index) {
+  using Passes = std::vector<forms::MemberPass>;
   auto x = batch.x.index_select(0, rows);
   auto labels = batch.labels.to(batch.x.device()).index_select(0, rows);
   const InputDomain di{x, eps_i, ctx.cfg.norm, ctx.cfg.box};
+  const bool fp32 = !ctx.cfg.exact_arithmetic;
+  const auto* from = seed ? static_cast<const Passes*>(seed->state.get()) : nullptr;
+  auto p = std::make_shared<Passes>();
+  for (size_t i = 0; i < ctx.members.size(); ++i)
+    p->push_back(forms::member_prepare(ctx.members[i].bp, di, labels, opt, fp32, from ? &(*from)[i] : nullptr,
+                                       seed_index));
+  search::Prober probe;
   if (ctx.dual) {
-    const bool fp32 = !ctx.cfg.exact_arithmetic;
-    auto s = std::make_shared<forms::MemberPass>(forms::member_prepare(ctx.members[0].bp, di, labels, opt, fp32));
-    auto r = std::make_shared<forms::MemberPass>(forms::member_prepare(ctx.members[1].bp, di, labels, opt, fp32));
-    return [&ctx, s, r, x, labels](const torch::Tensor& eps) {
-      return forms::dual_evaluate(*s, *r, ctx.alpha, {x, eps, ctx.cfg.norm, ctx.cfg.box}, labels).slack;
+    probe = [&ctx, p, x, labels](const torch::Tensor& eps) {
+      return forms::dual_evaluate((*p)[0], (*p)[1], ctx.alpha, {x, eps, ctx.cfg.norm, ctx.cfg.box}, labels).slack;
+    };
+  } else {
+    probe = [&ctx, p, x, labels](const torch::Tensor& eps) {
+      return forms::member_evaluate((*p)[0], {x, eps, ctx.cfg.norm, ctx.cfg.box}, labels).slack;
     };
   }
-  const auto& m = ctx.members[0].bp;
-  auto p = std::make_shared<forms::MemberPass>(forms::member_prepare(m, di, labels, opt, !ctx.cfg.exact_arithmetic));
-  return [&ctx, p, x, labels](const torch::Tensor& eps) {
-    return forms::member_evaluate(*p, {x, eps, ctx.cfg.norm, ctx.cfg.box}, labels).slack;
-  };
+  return {probe, p};
 }
 
 }  // namespace
@@ -100,6 +106,8 @@ void bound_stage(const Context& ctx, Batch& batch) {
     opt.alpha_steps = cfg.alpha_steps;
     search::Config sc;
     sc.rounds = e == Estimator::alpha_crown ? cfg.alpha_rounds : cfg.search_rounds;
+    // An α-CROWN probe is an optimisation of its own: two probes below a failed pass.
+    if (e == Estimator::alpha_crown) sc.scan = {0.97, 0.93}, sc.bisections = 0;
     sc.tol = cfg.search_tol;
     sc.cap = cfg.norm == Norm::linf && cfg.box ? 1.0 : cfg.empirical_max * 4;
     // The first full pass: a fixed share of the linearised distance (on the demo MoE the
@@ -119,7 +127,8 @@ void bound_stage(const Context& ctx, Batch& batch) {
     if (e == Estimator::alpha_crown && previous.defined())
       lo = previous, guess = torch::where(failed.isinf(), previous * 1.1, failed);
     auto res = search::radius_search(
-        [&](const torch::Tensor& rows, const torch::Tensor& eps_i) { return prepare(ctx, batch, opt, rows, eps_i); },
+        [&](const torch::Tensor& rows, const torch::Tensor& eps_i, const search::Pass* seed,
+            const torch::Tensor& seed_index) { return prepare(ctx, batch, opt, rows, eps_i, seed, seed_index); },
         todo, guess, lo, sc);
     auto r = torch::where(todo, res.radius, torch::zeros_like(res.radius)).cpu();
     for (int64_t b = 0; b < batch.size(); ++b) batch.radii[static_cast<size_t>(b)][radius_key(form, e)] = r[b].item<double>();

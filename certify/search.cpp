@@ -17,11 +17,14 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 //  - the first pass goes to `guess`;
 //  - no pass failed yet: up x2 while the slack keeps 99 % of its value at ε = 0 (the
 //    bound has hardly moved), else by `step`;
-//  - a pass failed at b and something certified at l: sqrt(l b);
-//  - below a failed pass, two cheap probes reuse its slightly looser intermediate
-//    bounds at 0.97 b and 0.93 b, where they lose little (further below, bounds taken
-//    above the cliff certify next to nothing: measured);
-//  - nothing certified yet: the next pass goes to b / step.
+//  - below a failed pass at b, cheap probes (the pass narrowed) at cfg.scan fractions
+//    of b (0.98, 0.95, 0.9) down to the first that certifies, then cfg.bisections
+//    between it and the failure above it (close below b they certify about what a
+//    full pass would; far below, bounds taken above the cliff lose most: measured);
+//  - a pass failed at b and something certified at l: the next pass at sqrt(l b);
+//  - nothing certified yet: the next pass below the lowest probe, by `step`.
+// Every pass below a failed one starts from the smallest failed pass above it (its
+// seed), so it walks back from the units its seed left unstable only.
 Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const torch::Tensor& guess,
                      const torch::Tensor& lo_in, const Config& cfg) {
   Result res;
@@ -34,37 +37,79 @@ Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const to
     auto rows = (todo & lo.le(0)).nonzero().flatten();
     if (rows.numel() > 0) {
       auto zero = torch::zeros({rows.numel()}, lo.options());
-      s0.index_copy_(0, rows, prepare(rows, zero)(zero));
+      s0.index_copy_(0, rows, prepare(rows, zero, nullptr, {}).probe(zero));
     }
   }
-  for (int round = 0; round < cfg.rounds; ++round) {
-    auto open = todo & lo.lt(cfg.cap) & (b.isinf() | b.gt(lo * (1 + cfg.tol)));
-    auto rows = open.nonzero().flatten();
-    if (rows.numel() == 0) break;
+  // The passes that may seed later ones, the rows each covered, and per sample the
+  // pass that failed at its b (-1: none).
+  std::vector<Pass> passes;
+  std::vector<torch::Tensor> covered;
+  auto seed_of = torch::full(lo.sizes(), -1, torch::kLong).to(lo.device());
+  // One full pass of `rows` with its probes; updates the search's state.
+  auto run = [&](const torch::Tensor& rows, int64_t seed) {
     auto sel = [&](const torch::Tensor& t) { return t.index_select(0, rows); };
     auto e = sel(next).clamp_min(1e-9);
-    auto probe = prepare(rows, e);
+    torch::Tensor seed_index;
+    if (seed >= 0) {
+      const auto& from = covered[static_cast<size_t>(seed)];
+      auto at = torch::full({lo.size(0)}, -1, torch::kLong).to(lo.device());
+      at.index_copy_(0, from, torch::arange(from.size(0), at.options()));
+      seed_index = at.index_select(0, rows);
+    }
+    auto pass = prepare(rows, e, seed >= 0 ? &passes[static_cast<size_t>(seed)] : nullptr, seed_index);
     ++res.full_passes;
-    auto slack = probe(e);
+    auto slack = pass.probe(e);
     auto ok = slack.gt(0);
     ++res.probes;
-    for (double f : {0.97, 0.93}) {
-      auto t = e * f;
-      auto try_it = ~ok & t.gt(sel(lo));
-      if (!try_it.any().item<bool>()) continue;
-      auto good = probe(torch::where(try_it, t, e)).gt(0) & try_it;
+    // Cheap probes below a failed pass: `good` the highest certified, `bad` the lowest
+    // failed above it (both start at the pass).
+    auto l_rows = sel(lo);
+    auto good = torch::zeros_like(e), bad = e.clone();
+    auto cheap = [&](const torch::Tensor& t, const torch::Tensor& want) {
+      auto pass_ok = pass.probe(torch::where(want, t, e)).gt(0) & want;
       ++res.probes;
-      lo.index_copy_(0, rows, torch::where(good, torch::max(sel(lo), t), sel(lo)));
+      good = torch::where(pass_ok, t, good);
+      bad = torch::where(want & ~pass_ok, t, bad);
+    };
+    for (double f : cfg.scan) {
+      auto t = e * f;
+      auto want = ~ok & good.le(0) & t.gt(l_rows);
+      if (!want.any().item<bool>()) break;
+      cheap(t, want);
     }
-    lo.index_copy_(0, rows, torch::where(ok, torch::max(sel(lo), e), sel(lo)));
+    for (int i = 0; i < cfg.bisections; ++i) {
+      auto t = torch::sqrt(good * bad);
+      auto want = ~ok & good.gt(0) & bad.gt(good * (1 + cfg.tol));
+      if (!want.any().item<bool>()) break;
+      cheap(t, want);
+    }
+    l_rows = torch::max(l_rows, torch::where(ok, e, good));
+    lo.index_copy_(0, rows, l_rows);
     auto ra = torch::where(ok, e, sel(a)), rb = torch::where(ok, sel(b), e);
     a.index_copy_(0, rows, ra);
     b.index_copy_(0, rows, rb);
-    auto l = torch::max(ra, sel(lo));
     auto kept = slack / sel(s0);
-    auto stride = torch::where(kept.gt(0.99), torch::full_like(l, 2.0), torch::full_like(l, cfg.step));
-    auto step = torch::where(rb.isinf(), l * stride, torch::where(l.gt(0), torch::sqrt(l * rb), rb / cfg.step));
+    auto stride = torch::where(kept.gt(0.99), torch::full_like(l_rows, 2.0), torch::full_like(l_rows, cfg.step));
+    auto down = torch::min(rb, bad) / cfg.step;
+    auto step = torch::where(rb.isinf(), l_rows * stride, torch::where(l_rows.gt(0), torch::sqrt(l_rows * rb), down));
     next.index_copy_(0, rows, step.clamp_max(cfg.cap));
+    const auto id = static_cast<int64_t>(passes.size());
+    passes.push_back(std::move(pass));
+    covered.push_back(rows);
+    seed_of.index_copy_(0, rows, torch::where(ok, sel(seed_of), torch::full_like(sel(seed_of), id)));
+  };
+  for (int round = 0; round < cfg.rounds; ++round) {
+    auto open = todo & lo.lt(cfg.cap) & (b.isinf() | b.gt(lo * (1 + cfg.tol)));
+    if (!open.any().item<bool>()) break;
+    // One pass per seed: the samples whose smallest failed pass is the same.
+    auto seeds = std::get<0>(torch::_unique(seed_of.masked_select(open))).cpu();
+    for (int64_t i = 0; i < seeds.size(0); ++i) {
+      const int64_t s = seeds[i].item<int64_t>();
+      run((open & seed_of.eq(s)).nonzero().flatten(), s);
+    }
+    // Passes no sample starts from any more: their bounds are dropped.
+    for (size_t i = 0; i < passes.size(); ++i)
+      if (passes[i].state && !seed_of.eq(static_cast<int64_t>(i)).any().item<bool>()) passes[i] = {};
   }
   res.radius = lo;
   res.failed = b;

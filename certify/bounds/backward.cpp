@@ -7,6 +7,9 @@
 #include "kernels.h"
 #include "moecert/error.h"
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -33,7 +36,7 @@ torch::Tensor unfold_sites(const torch::Tensor& t, const Coeffs& c) {
 /// which are ~1e-10 of it, so the looser product costs nothing and saves a gather.
 torch::Tensor abs_dot(const Coeffs& c, const torch::Tensor& t) {
   auto peak = t.flatten(1).amax(1).index_select(0, c.sample);
-  return c.A.abs().flatten(1).sum(1) * peak;
+  return (rows_fusable(c) ? rows_l1(c.A) : c.A.abs().flatten(1).sum(1)) * peak;
 }
 
 /// Patch rows as dense rows over a node of shape [C, H, W] (each row's window placed at
@@ -156,8 +159,13 @@ Coeffs spec_rows(const torch::Tensor& C) {
   return c;
 }
 
+void concretise_input(const Coeffs& c, const BoundPass& pass, torch::Tensor& b, torch::Tensor& mag) {
+  if (pass.domain.norm == Norm::linf) concretise_box(c, pass.input.lo, pass.input.hi, b, mag);
+  else concretise_ball(c, pass, b, mag);
+}
+
 torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
-                         const Alphas* alphas, int max_steps, int64_t* widest) {
+                         const Alphas* alphas, int max_steps, int64_t* widest, RefinedRows* keep) {
   const auto& nodes = pass.graph->nodes();
   std::vector<std::optional<Coeffs>> pending(static_cast<size_t>(start) + 1);
   std::optional<Coeffs> at_input;
@@ -201,11 +209,34 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
       accumulate(target, ins[k], i < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(i)].out_shape);
     }
   }
-  if (at_input) {
-    if (pass.domain.norm == Norm::linf) concretise_box(*at_input, pass.input.lo, pass.input.hi, b, mag);
-    else concretise_ball(*at_input, pass, b, mag);
+  if (keep) {
+    if (at_input) keep->at_input = *at_input;
+    keep->b = b, keep->mag = mag;
   }
+  if (at_input) concretise_input(*at_input, pass, b, mag);
   return b - rho * mag;
+}
+
+torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs& c, const torch::Tensor& b0,
+                                  int max_steps) {
+  const int64_t R = c.A.size(0), threads = std::max(1, at::get_num_threads());
+  if (threads == 1 || R < 2 * threads || !rows_fusable(c)) return lower_rows(pass, start, c, b0, nullptr, max_steps);
+  const int64_t chunk = (R + threads - 1) / threads;
+  std::vector<torch::Tensor> parts(static_cast<size_t>(threads));
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t from = t * chunk, len = std::min(chunk, R - from);
+      if (len <= 0) continue;
+      Coeffs part = c;
+      part.A = c.A.narrow(0, from, len), part.sample = c.sample.narrow(0, from, len);
+      if (c.site.defined()) part.site = c.site.narrow(0, from, len);
+      parts[static_cast<size_t>(t)] = lower_rows(pass, start, part, b0.narrow(0, from, len), nullptr, max_steps);
+    }
+  });
+  std::vector<torch::Tensor> done;
+  for (auto& p : parts)
+    if (p.defined()) done.push_back(p);
+  return torch::cat(done);
 }
 
 }  // namespace moecert::bp

@@ -27,8 +27,18 @@ std::function<torch::Tensor(const torch::Tensor&)> gatherer(const Coeffs& c);
 /// steps or where a rule cannot take the layout, concretising with node intervals).
 /// Sound: the rounding allowance ρ·mag is subtracted. With `widest`, records the
 /// largest number of coefficients a row reached. -> [R]
+/// With `keep`, the rows as they reached the input, before concretisation.
 torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
-                         const Alphas* alphas, int max_steps, int64_t* widest = nullptr);
+                         const Alphas* alphas, int max_steps, int64_t* widest = nullptr,
+                         RefinedRows* keep = nullptr);
+
+/// lower_rows without α, its rows split over the threads.
+torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs& c, const torch::Tensor& b0,
+                                  int max_steps);
+
+/// b += min over the pass's input region of Σ A·x for rows over the graph input; mag
+/// += the magnitudes of that sum (box for L∞; ball, with the box by duality, for L2).
+void concretise_input(const Coeffs& c, const BoundPass& pass, torch::Tensor& b, torch::Tensor& mag);
 
 /// The coordinate box of a region: [x − ε, x + ε] (∩ [0, 1]), outward-rounded.
 NodeBounds region_box(const InputDomain& d);

@@ -60,6 +60,23 @@ bool rows_fusable(const Coeffs& c) {
          !c.A.requires_grad();
 }
 
+torch::Tensor rows_l1(const torch::Tensor& A_in) {
+  auto A = A_in.contiguous();
+  const int64_t R = A.size(0), n = R ? A.numel() / R : 0;
+  auto out = torch::empty({R}, A.options());
+  const double* a = A.data_ptr<double>();
+  double* o = out.data_ptr<double>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      double s = 0;
+      const double* ar = a + r * n;
+      for (int64_t e = 0; e < n; ++e) s += std::abs(ar[e]);
+      o[r] = s;
+    }
+  });
+  return out;
+}
+
 std::pair<torch::Tensor, torch::Tensor> rows_box(const Coeffs& c, const torch::Tensor& lo_in,
                                                  const torch::Tensor& hi_in) {
   auto A = c.A.contiguous();

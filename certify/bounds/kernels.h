@@ -19,6 +19,9 @@ std::pair<torch::Tensor, torch::Tensor> rows_box(const Coeffs& c, const torch::T
 std::pair<torch::Tensor, torch::Tensor> rows_relu(const Coeffs& c, const torch::Tensor& low,
                                                   const torch::Tensor& up, const torch::Tensor& icpt);
 
+/// Σ |A| per row, in one read of the rows. -> [R]
+torch::Tensor rows_l1(const torch::Tensor& A);
+
 /// Whether the fused kernels apply: CPU float64 rows with autograd off.
 bool rows_fusable(const Coeffs& c);
 

@@ -106,65 +106,187 @@ Coeffs unit_rows(const torch::Tensor& u, const Shape& shape, const torch::Tensor
   return c;
 }
 
+/// The units of node `k` whose bounds decide the relaxation of a consumer.
+torch::Tensor relaxed_mask(const BoundPass& pass, size_t k) {
+  const auto& nb = pass.nodes[k];
+  auto mask = torch::zeros_like(nb.lo, torch::kBool);
+  for (int c : pass.graph->nodes()[k].consumers) {
+    const auto& rule = *pass.graph->nodes()[static_cast<size_t>(c)].rule;
+    if (rule.relaxed()) mask = mask | rule.relaxed_units(nb);
+  }
+  return mask;
+}
+
+/// The rows of the units `keep` [j] (indices into r.pos) of some kept rows.
+RefinedRows pick_rows(const RefinedRows& r, const torch::Tensor& keep) {
+  auto both = torch::cat({keep, keep + r.pos.size(0)});  // each unit's lower and upper row
+  RefinedRows t;
+  t.pos = r.pos.index_select(0, keep);
+  t.b = r.b.index_select(0, both), t.mag = r.mag.index_select(0, both);
+  if (r.at_input.A.defined()) {
+    t.at_input = r.at_input;
+    t.at_input.A = r.at_input.A.index_select(0, both);
+    t.at_input.sample = r.at_input.sample.index_select(0, both);
+    if (r.at_input.site.defined()) t.at_input.site = r.at_input.site.index_select(0, both);
+  }
+  return t;
+}
+
+/// Intersects a node's interval with bounds of some of its units: lo at `pos` from
+/// rows lower[0, m), hi from −lower[m, 2m).
+void tighten(NodeBounds& nb, const torch::Tensor& pos, const torch::Tensor& lower) {
+  const int64_t m = pos.size(0);
+  auto flat_lo = nb.lo.view({-1}), flat_hi = nb.hi.view({-1});
+  flat_lo.index_put_({pos}, torch::max(flat_lo.index({pos}), lower.narrow(0, 0, m)));
+  flat_hi.index_put_({pos}, torch::min(flat_hi.index({pos}), -lower.narrow(0, m, m)));
+}
+
 /// Tightens node `k`'s interval by lower bounds of ±e_u for the chosen units, in
-/// chunks of rows (sized by a one-row dry run) processed in parallel.
+/// chunks of rows (sized by a one-row dry run) processed in parallel; keeps the
+/// chunks' input-level rows while they fit in opt.keep_elements.
 void refine(BoundPass& pass, int k, bool all_units) {
   auto& nb = pass.nodes[static_cast<size_t>(k)];
   const Shape& shape = pass.graph->nodes()[static_cast<size_t>(k)].out_shape;
-  auto mask = torch::full_like(nb.lo, all_units, torch::kBool);
-  if (!all_units)
-    for (int c : pass.graph->nodes()[static_cast<size_t>(k)].consumers) {
-      const auto& rule = *pass.graph->nodes()[static_cast<size_t>(c)].rule;
-      if (rule.relaxed()) mask = mask | rule.relaxed_units(nb);
-    }
+  auto mask = all_units ? torch::ones_like(nb.lo, torch::kBool) : relaxed_mask(pass, k);
   auto units = mask.nonzero();  // [n, 1 + dims]: sample, then the unit's coordinates
   const int64_t n = units.size(0);
   if (n == 0) return;
   const auto opts = nb.lo.options();
-  auto bound = [&](const torch::Tensor& u, int64_t* widest) {
+  auto bound = [&](const torch::Tensor& u, int64_t* widest, RefinedRows* keep) {
     return bp::lower_rows(pass, k, unit_rows(u, shape, opts), torch::zeros({2 * u.size(0)}, opts), nullptr,
-                          -1, widest);
+                          -1, widest, keep);
   };
   int64_t widest = 1;
-  bound(units.narrow(0, 0, 1), &widest);
+  bound(units.narrow(0, 0, 1), &widest, nullptr);
   const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t chunk = std::clamp<int64_t>(pass.opt.chunk_elements / (2 * widest * threads), 1, (n + threads - 1) / threads);
   const int64_t chunks = (n + chunk - 1) / chunk;
-  std::vector<torch::Tensor> lows(static_cast<size_t>(chunks));
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      lows[static_cast<size_t>(c)] = bound(units.narrow(0, c * chunk, std::min(chunk, n - c * chunk)), nullptr);
-  });
+  std::vector<torch::Tensor> lows(static_cast<size_t>(chunks)), poss(lows.size());
+  std::vector<RefinedRows> kept(static_cast<size_t>(chunks));
+  int64_t held = 0;
+  for (const auto& per_node : pass.refined)
+    for (const auto& r : per_node)
+      if (r.at_input.A.defined()) held += r.at_input.A.numel();
+  const bool keep = held + 2 * n * widest <= pass.opt.keep_elements;
   auto strides = torch::tensor(nb.lo.strides().vec(), torch::kLong).to(units.device());
   auto pos = (units * strides).sum(1);
-  std::vector<torch::Tensor> lo_parts, hi_parts;
-  for (auto& l : lows) {
-    const int64_t m = l.size(0) / 2;
-    lo_parts.push_back(l.narrow(0, 0, m)), hi_parts.push_back(-l.narrow(0, m, m));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t from = c * chunk, len = std::min(chunk, n - from);
+      auto* kc = keep ? &kept[static_cast<size_t>(c)] : nullptr;
+      lows[static_cast<size_t>(c)] = bound(units.narrow(0, from, len), nullptr, kc);
+      poss[static_cast<size_t>(c)] = pos.narrow(0, from, len);
+      if (kc) kc->pos = poss[static_cast<size_t>(c)];
+    }
+  });
+  for (size_t c = 0; c < lows.size(); ++c) tighten(nb, poss[c], lows[c]);
+  if (keep)
+    for (auto& kc : kept) pass.refined[static_cast<size_t>(k)].push_back(std::move(kc));
+}
+
+/// The interval forward step of node `k` from its inputs' bounds in `pass`,
+/// outward-rounded for the float64 arithmetic.
+NodeBounds forward_step(const BoundPass& pass, size_t k) {
+  const auto& n = pass.graph->nodes()[k];
+  std::vector<const NodeBounds*> in;
+  for (int i : n.inputs) in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
+  NodeBounds nb = n.rule->bounds(*n.layer, in);
+  nb.lo = nb.lo - rho * nb.mag, nb.hi = nb.hi + rho * nb.mag;
+  return nb;
+}
+
+// Node k of `pass` (its regions inside those of `wide`, same samples) intersected with
+// what `wide` knows of it: every bound of `wide` holds over its larger regions, hence
+// over the smaller ones; its kept rows' walks used relaxations of the larger
+// intervals, valid on the smaller ones, so only their concretisation is redone — for
+// CROWN only where it can change a relaxation (the relaxed units: any valid interval
+// is sound, tighter ones elsewhere would change nothing but IBP further on).
+void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass) {
+  auto& nb = pass.nodes[k];
+  const auto& w = wide.nodes[k];
+  nb.lo = torch::max(nb.lo, w.lo), nb.hi = torch::min(nb.hi, w.hi);
+  nb.mag = torch::min(nb.mag, w.mag), nb.err32 = torch::min(nb.err32, w.err32);
+  if (wide.refined[k].empty()) return;
+  const bool all = pass.opt.method == BoundMethod::ibp;
+  auto wanted = all ? torch::Tensor() : relaxed_mask(pass, k).view({-1});
+  for (const auto& r : wide.refined[k]) {
+    RefinedRows picked;
+    if (!all) {
+      auto keep = wanted.index_select(0, r.pos).nonzero().flatten();
+      if (keep.numel() == 0) continue;
+      picked = pick_rows(r, keep);
+    }
+    const RefinedRows& u = all ? r : picked;
+    auto b = u.b.clone(), mag = u.mag.clone();
+    if (u.at_input.A.defined()) bp::concretise_input(u.at_input, pass, b, mag);
+    tighten(nb, u.pos, b - rho * mag);
   }
-  auto flat_lo = nb.lo.view({-1}), flat_hi = nb.hi.view({-1});
-  flat_lo.index_put_({pos}, torch::max(flat_lo.index({pos}), torch::cat(lo_parts)));
-  flat_hi.index_put_({pos}, torch::min(flat_hi.index({pos}), torch::cat(hi_parts)));
 }
 
 }  // namespace
 
-BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt) {
+BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt, const BoundPass* seed) {
   torch::NoGradGuard no_grad;
   BoundPass pass;
   pass.graph = &g, pass.domain = d, pass.opt = opt;
   pass.input = bp::region_box(d);
+  if (seed) pass.input.lo = torch::max(pass.input.lo, seed->input.lo), pass.input.hi = torch::min(pass.input.hi, seed->input.hi);
+  pass.refined.resize(g.nodes().size());
   for (size_t k = 0; k < g.nodes().size(); ++k) {
-    const auto& n = g.nodes()[k];
-    std::vector<const NodeBounds*> in;
-    for (int i : n.inputs) in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
-    NodeBounds nb = n.rule->bounds(*n.layer, in);
-    nb.lo = nb.lo - rho * nb.mag, nb.hi = nb.hi + rho * nb.mag;  // float64 rounding, outward
-    pass.nodes.push_back(std::move(nb));
+    pass.nodes.push_back(forward_step(pass, k));
+    if (seed) narrow_node(*seed, k, pass);
     bool all_units = false;
-    if (refine_wanted(n, pass, all_units)) refine(pass, static_cast<int>(k), all_units);
+    if (refine_wanted(g.nodes()[k], pass, all_units)) refine(pass, static_cast<int>(k), all_units);
   }
   return pass;
+}
+
+BoundPass bound_narrow(const BoundPass& wide, const InputDomain& d) {
+  torch::NoGradGuard no_grad;
+  BoundPass pass;
+  pass.graph = wide.graph, pass.domain = d, pass.opt = wide.opt;
+  pass.input = bp::region_box(d);
+  pass.input.lo = torch::max(pass.input.lo, wide.input.lo), pass.input.hi = torch::min(pass.input.hi, wide.input.hi);
+  pass.refined.resize(wide.nodes.size());
+  for (size_t k = 0; k < wide.nodes.size(); ++k) {
+    pass.nodes.push_back(forward_step(pass, k));
+    narrow_node(wide, k, pass);
+  }
+  return pass;
+}
+
+BoundPass bound_subset(const BoundPass& p, const torch::Tensor& index) {
+  torch::NoGradGuard no_grad;
+  auto pick = [&](const NodeBounds& nb) {
+    return NodeBounds{nb.lo.index_select(0, index), nb.hi.index_select(0, index), nb.mag.index_select(0, index),
+                      nb.err32.index_select(0, index)};
+  };
+  BoundPass s;
+  s.graph = p.graph, s.opt = p.opt;
+  s.domain = {p.domain.x.index_select(0, index), p.domain.eps.index_select(0, index), p.domain.norm, p.domain.box};
+  s.input = pick(p.input);
+  for (const auto& nb : p.nodes) s.nodes.push_back(pick(nb));
+  // Old sample -> new position (-1: dropped); kept rows follow their samples.
+  auto to_new = torch::full({p.domain.x.size(0)}, -1, index.options());
+  to_new.index_copy_(0, index, torch::arange(index.size(0), index.options()));
+  s.refined.resize(p.refined.size());
+  for (size_t k = 0; k < p.refined.size(); ++k) {
+    const int64_t per_sample = p.nodes[k].lo[0].numel();
+    for (const auto& r : p.refined[k]) {
+      auto owner = to_new.index_select(0, torch::div(r.pos, per_sample, "floor"));
+      auto keep = owner.ge(0).nonzero().flatten();
+      if (keep.numel() == 0) continue;
+      RefinedRows t = pick_rows(r, keep);
+      t.pos = owner.index_select(0, keep) * per_sample + t.pos.remainder(per_sample);
+      if (t.at_input.A.defined()) {
+        Coeffs& c = t.at_input;
+        c.sample = to_new.index_select(0, c.sample);
+        if (c.patches) c.site = c.sample * (c.Ht * c.Wt) + c.site.remainder(c.Ht * c.Wt);
+      }
+      s.refined[k].push_back(std::move(t));
+    }
+  }
+  return s;
 }
 
 }  // namespace moecert

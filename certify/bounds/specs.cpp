@@ -47,11 +47,7 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
 SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C, const InputDomain* final_domain) {
   torch::NoGradGuard no_grad;
   BoundPass narrowed;
-  if (final_domain) {  // the same intermediate bounds (valid on the larger region), a smaller final region
-    narrowed = pass_in;
-    narrowed.domain = *final_domain;
-    narrowed.input = bp::region_box(*final_domain);
-  }
+  if (final_domain) narrowed = bound_narrow(pass_in, *final_domain);
   const BoundPass& pass = final_domain ? narrowed : pass_in;
   const int64_t B = C.size(0), S = C.size(1);
   const auto rows = bp::spec_rows(C);
@@ -59,10 +55,10 @@ SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C, const I
   torch::Tensor low;
   switch (pass.opt.method) {
     case BoundMethod::ibp:  // C·(W z + b) over the interval of z: C folded into the last layer
-      low = bp::lower_rows(pass, pass.graph->output(), rows, zeros, nullptr, 1);
+      low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, 1);
       break;
     case BoundMethod::crown:
-      low = bp::lower_rows(pass, pass.graph->output(), rows, zeros, nullptr, -1);
+      low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, -1);
       break;
     case BoundMethod::alpha_crown:
       low = alpha_crown(pass, rows);

@@ -56,7 +56,11 @@ class Conv2dRule final : public BoundRule {
       out.A = transposed(c.A, l.weight, l, in);
       return {out};
     }
-    out.A = torch::conv_transpose2d(c.A, l.weight, {}, l.stride);
+    const auto& w = l.weight;
+    if (c.A.size(2) == 1 && c.A.size(3) == 1)  // a one-site window: the transpose is one product
+      out.A = torch::matmul(c.A.flatten(1), w.flatten(1)).view({c.A.size(0), w.size(1), w.size(2), w.size(3)});
+    else
+      out.A = torch::conv_transpose2d(c.A, w, {}, l.stride);
     out.stride = c.stride * l.stride;
     out.pad = c.pad * l.stride + l.padding;
     out.kernel = (c.kernel - 1) * l.stride + l.weight.size(2);

@@ -58,6 +58,18 @@ struct BoundOptions {
   int alpha_steps = defaults::alpha_steps;       ///< α-CROWN iteration budget
   double alpha_lr = defaults::alpha_lr;          ///< α-CROWN Adam step size
   int64_t chunk_elements = defaults::bound_chunk_elements;  ///< row coefficients held at once
+  /// Coefficients of refined units' input-level rows a pass keeps for narrowing.
+  int64_t keep_elements = defaults::bound_keep_elements;
+};
+
+/// The rows that refined some units of a node, as they stood at the graph input
+/// before concretisation: over any region inside the pass's, each unit's lower bound
+/// is b + min Σ A·x − ρ(mag + the concretisation's magnitude); the first half of the
+/// rows bound +z_u, the second −z_u (docs §11, §15).
+struct RefinedRows {
+  torch::Tensor pos;   ///< [m] flat positions of the units in the node's [B, *shape] tensor
+  Coeffs at_input;     ///< [2m] rows over the input (A undefined: none reached it)
+  torch::Tensor b, mag;  ///< [2m] constants and accumulated magnitudes of the walks
 };
 
 /// The forward sweep of one batch: the bounds of every node over every sample's
@@ -68,8 +80,24 @@ struct BoundPass {
   BoundOptions opt;
   NodeBounds input;               ///< the region's coordinate box
   std::vector<NodeBounds> nodes;  ///< one per graph node
+  /// Per node, the input-level rows of its refined units (within opt.keep_elements).
+  std::vector<std::vector<RefinedRows>> refined;
 };
-BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt);
+/// With `seed` (a pass over the same samples whose regions contain `d`'s), every
+/// interval starts from what the seed knows of it (as bound_narrow), so fewer units
+/// need a backward walk.
+BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt,
+                        const BoundPass* seed = nullptr);
+
+/// The pass of the samples `index` [m] (positions in the pass's batch, in that
+/// order), with their kept rows.
+BoundPass bound_subset(const BoundPass& pass, const torch::Tensor& index);
+
+/// The pass restricted to smaller regions `d` (same samples, each region inside the
+/// pass's): every node's interval is the intersection of the pass's, IBP over `d`,
+/// and the kept rows of its refined units concretised over `d`. No new backward walk:
+/// a cheap pass for a smaller ε, never looser than the pass itself (docs §15).
+BoundPass bound_narrow(const BoundPass& pass, const InputDomain& d);
 
 /// Lower bounds of rows C·h(x) over each sample's region, sound for the exact-real
 /// graph (its float64 rounding subtracted), and a bound on |C·(ĥ − h)| where ĥ is the
@@ -77,9 +105,9 @@ BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOp
 struct SpecBounds {
   torch::Tensor lower, err32;
 };
-/// With `final_domain` (each region inside the pass's), the rows are concretised over
-/// that smaller region while the intermediate bounds of the pass (valid on the larger
-/// one) are kept: a cheap bound for a smaller ε.
+/// With `final_domain` (each region inside the pass's), the rows are bounded over
+/// that smaller region with the pass narrowed to it (bound_narrow): a cheap bound
+/// for a smaller ε.
 SpecBounds bound_specs(const BoundPass& pass, const torch::Tensor& C,
                        const InputDomain* final_domain = nullptr);
 

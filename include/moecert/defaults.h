@@ -59,7 +59,7 @@ inline constexpr double margin_allowance = 1e-9;
 /// Radius search of the bound-propagation forms (certify/search.cpp): full bound
 /// passes per sample (each followed by cheap probes below it) and the relative width
 /// of the bracket at which a sample is done. α-CROWN starts from CROWN's radius.
-inline constexpr int search_rounds = 5;
+inline constexpr int search_rounds = 4;
 inline constexpr double search_tol = 0.01;
 inline constexpr int alpha_rounds = 2;
 /// α-CROWN (certify/bounds/specs.cpp): projected Adam steps on the lower ReLU slopes
@@ -70,6 +70,10 @@ inline constexpr double alpha_lr = 0.25;
 /// Bound propagation holds at most this many row coefficients (float64) at once:
 /// 2^25 = 256 MiB; rows beyond it are processed in chunks.
 inline constexpr int64_t bound_chunk_elements = int64_t{1} << 25;
+/// A bound pass keeps at most this many coefficients of its refined units' input-level
+/// rows (2^24 = 128 MiB), for cheap bounds at smaller radii; units beyond it keep only
+/// their intervals.
+inline constexpr int64_t bound_keep_elements = int64_t{1} << 24;
 
 // --- numerics ---------------------------------------------------------------
 /// Tolerance of the batched-vs-reference MoE equivalence (float32 sums).

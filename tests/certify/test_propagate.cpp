@@ -253,3 +253,98 @@ TEST_CASE("L2 ball ∩ box: the dual bound of a linear function is tight", "[uni
     }
   }
 }
+
+// A pass at ε_b narrowed to ε < ε_b (docs §15): its bounds hold on the smaller regions
+// (sampling), its intervals lie inside the pass's, and re-concretising the kept rows
+// of refined units makes it tighter than the pass's intervals alone.
+TEST_CASE("a pass narrowed to smaller regions is sound and uses its kept rows", "[soundness][certify][bounds]") {
+  const auto all = nets();
+  for (size_t which : {size_t{0}, size_t{2}, size_t{3}}) {
+    const auto& net = all.at(which);
+    const BoundGraph g(net.graph, net.input);
+    const int64_t K = g.output_shape()[0], B = 2;
+    auto x = torch::rand(std::vector<int64_t>{B, net.input[0], net.input[1], net.input[2]}, f64);
+    auto C = torch::randn({B, 3, K}, f64);
+    for (auto p : {Norm::linf, Norm::l2}) {
+      const double wide = p == Norm::linf ? 0.03 : 0.6;
+      BoundOptions opt;
+      opt.method = BoundMethod::crown;
+      auto pass = bound_forward(g, {x, torch::full({B}, wide, f64), p, true}, opt);
+      BoundOptions bare = opt;
+      bare.keep_elements = 0;  // the same pass without kept rows
+      auto stale = bound_forward(g, {x, torch::full({B}, wide, f64), p, true}, bare);
+      for (double f : {0.95, 0.5}) {
+        INFO(net.name << " p=" << norm_name(p) << " eps " << f * wide);
+        const InputDomain small{x, torch::full({B}, f * wide, f64), p, true};
+        auto truth = sampled_min(net.graph, x, C, f * wide, p, true);
+        auto low = bound_specs(pass, C, &small).lower;
+        CHECK((low <= truth + 1e-9 * (1 + truth.abs())).all().item<bool>());
+        CHECK((low >= bound_specs(pass, C).lower - 1e-12).all().item<bool>());  // never looser than the pass
+        auto narrowed = bound_narrow(pass, small);
+        for (size_t k = 0; k < pass.nodes.size(); ++k) {
+          CHECK((narrowed.nodes[k].lo >= pass.nodes[k].lo).all().item<bool>());
+          CHECK((narrowed.nodes[k].hi <= pass.nodes[k].hi).all().item<bool>());
+        }
+        if (which == 0 && f == 0.5) {  // the cnn-s expert has refined units whose rows tighten
+          auto loose = bound_narrow(stale, small);
+          double gained = 0;
+          for (size_t k = 0; k < pass.nodes.size(); ++k)
+            gained += (loose.nodes[k].hi - loose.nodes[k].lo - narrowed.nodes[k].hi + narrowed.nodes[k].lo).sum().item<double>();
+          CHECK(gained > 0);
+        }
+      }
+    }
+  }
+}
+
+// A pass seeded by one over larger regions (docs §15): sound, walks back from no more
+// units than a fresh pass, and bounds about as tight.
+TEST_CASE("a seeded pass is sound and refines fewer units", "[soundness][certify][bounds]") {
+  const auto net = nets().at(0);
+  const BoundGraph g(net.graph, net.input);
+  const int64_t K = g.output_shape()[0], B = 2;
+  auto x = torch::rand({B, 1, 28, 28}, f64);
+  auto C = torch::randn({B, 3, K}, f64);
+  BoundOptions opt;
+  opt.method = BoundMethod::crown;
+  auto units = [](const BoundPass& p) {
+    int64_t n = 0;
+    for (const auto& per_node : p.refined)
+      for (const auto& r : per_node) n += r.pos.size(0);
+    return n;
+  };
+  for (auto p : {Norm::linf, Norm::l2}) {
+    const double eps = p == Norm::linf ? 0.02 : 0.4;
+    INFO("p=" << norm_name(p));
+    const InputDomain d{x, torch::full({B}, eps, f64), p, true};
+    auto seed = bound_forward(g, {x, torch::full({B}, eps / 0.9, f64), p, true}, opt);
+    auto fresh = bound_forward(g, d, opt);
+    auto seeded = bound_forward(g, d, opt, &seed);
+    CHECK(units(seeded) < units(fresh));
+    auto truth = sampled_min(net.graph, x, C, eps, p, true);
+    auto ls = bound_specs(seeded, C).lower, lf = bound_specs(fresh, C).lower;
+    CHECK((ls <= truth + 1e-9 * (1 + truth.abs())).all().item<bool>());
+    CHECK(ls.mean().item<double>() >= lf.mean().item<double>() - 1e-6 * (1 + lf.abs().mean().item<double>()));
+  }
+}
+
+// bound_subset: the pass of some samples equals those samples' part of the pass, kept
+// rows included (narrowing the subset = the subset of the narrowed pass).
+TEST_CASE("a pass's subset is its samples' part of the pass", "[unit][certify][bounds]") {
+  const auto net = nets().at(0);
+  const BoundGraph g(net.graph, net.input);
+  const int64_t K = g.output_shape()[0], B = 3;
+  auto x = torch::rand({B, 1, 28, 28}, f64);
+  BoundOptions opt;
+  opt.method = BoundMethod::crown;
+  auto pass = bound_forward(g, {x, torch::full({B}, 0.02, f64), Norm::linf, true}, opt);
+  auto index = torch::tensor({2, 0}, torch::kLong);
+  auto sub = bound_subset(pass, index);
+  for (size_t k = 0; k < pass.nodes.size(); ++k) CHECK(torch::equal(sub.nodes[k].lo, pass.nodes[k].lo.index_select(0, index)));
+  const InputDomain small{x, torch::full({B}, 0.012, f64), Norm::linf, true};
+  const InputDomain small_sub{x.index_select(0, index), torch::full({2}, 0.012, f64), Norm::linf, true};
+  auto C = torch::randn({B, 4, K}, f64);
+  auto whole = bound_specs(pass, C, &small).lower.index_select(0, index);
+  auto part = bound_specs(sub, C.index_select(0, index), &small_sub).lower;
+  CHECK((whole - part).abs().max().item<double>() <= 1e-9 * (1 + whole.abs().max().item<double>()));
+}
