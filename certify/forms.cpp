@@ -81,10 +81,10 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d, 
   auto y = labels.index_select(0, e.rows);
   const int64_t n = y.size(0);
   // Rows e_y − e_k for the classes k != y only ([n, K − 1], `others` their k).
-  auto at_y = torch::nn::functional::one_hot(y, K).to(torch::kBool);
+  auto ey = torch::nn::functional::one_hot(y, K);
+  auto at_y = ey.to(torch::kBool);
   auto others = torch::arange(K, y.options()).expand({n, K}).masked_select(~at_y).view({n, K - 1});
-  auto C = torch::nn::functional::one_hot(y, K).to(d.x.options()).unsqueeze(1) -
-           torch::nn::functional::one_hot(others, K).to(d.x.options());
+  auto C = ey.to(d.x.options()).unsqueeze(1) - torch::nn::functional::one_hot(others, K).to(d.x.options());
   if (probs) C = torch::cat({C, -C}, 1);
   auto s = bound_specs(pass, C, &dj);
   auto low = p.fp32 ? s.lower - s.err32 : s.lower;  // bounds of the float32 logits' differences
@@ -184,9 +184,7 @@ MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const tor
     if (rows.numel() == 0) continue;
     std::optional<BoundPass> s;
     if (seed && seed->experts[uj]) {  // this expert's samples as positions in the seed's expert pass
-      const auto& covered = seed->rows[uj];
-      auto at = torch::full({seed->domain.x.size(0)}, -1, covered.options());
-      at.index_copy_(0, covered, torch::arange(covered.size(0), covered.options()));
+      auto at = positions_in(seed->rows[uj], seed->domain.x.size(0));
       auto index = at.index_select(0, seed_index.index_select(0, rows));
       if (index.ge(0).all().item<bool>()) s = bound_subset(*seed->experts[uj], index);
     }

@@ -1,6 +1,8 @@
 // The radius search (see search.h). All arithmetic on [n] float64 tensors of a batch.
 #include "search.h"
 
+#include "moecert/bounds.h"
+
 #include <torch/torch.h>
 
 #include <cmath>
@@ -29,7 +31,6 @@ Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const to
                      const torch::Tensor& lo_in, const Config& cfg) {
   Result res;
   auto lo = lo_in.clone();                // certified (by any probe)
-  auto a = lo.clone();                    // the largest certified full pass
   auto b = torch::full_like(lo, kInf);    // the smallest failed full pass
   auto next = torch::max(guess, lo * (1 + 4 * cfg.tol)).clamp_max(cfg.cap);
   auto s0 = torch::full_like(lo, kInf);   // the slack at ε = 0 (a cheap pass: no unstable unit)
@@ -51,10 +52,7 @@ Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const to
     auto e = sel(next).clamp_min(1e-9);
     torch::Tensor seed_index;
     if (seed >= 0) {
-      const auto& from = covered[static_cast<size_t>(seed)];
-      auto at = torch::full({lo.size(0)}, -1, torch::kLong).to(lo.device());
-      at.index_copy_(0, from, torch::arange(from.size(0), at.options()));
-      seed_index = at.index_select(0, rows);
+      seed_index = positions_in(covered[static_cast<size_t>(seed)], lo.size(0)).index_select(0, rows);
     }
     auto pass = prepare(rows, e, seed >= 0 ? &passes[static_cast<size_t>(seed)] : nullptr, seed_index);
     ++res.full_passes;
@@ -85,8 +83,7 @@ Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const to
     }
     l_rows = torch::max(l_rows, torch::where(ok, e, good));
     lo.index_copy_(0, rows, l_rows);
-    auto ra = torch::where(ok, e, sel(a)), rb = torch::where(ok, sel(b), e);
-    a.index_copy_(0, rows, ra);
+    auto rb = torch::where(ok, sel(b), e);
     b.index_copy_(0, rows, rb);
     auto kept = slack / sel(s0);
     auto stride = torch::where(kept.gt(0.99), torch::full_like(l_rows, 2.0), torch::full_like(l_rows, cfg.step));

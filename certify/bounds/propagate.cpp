@@ -184,6 +184,13 @@ void refine(BoundPass& pass, int k, bool all_units) {
     for (auto& kc : kept) pass.refined[static_cast<size_t>(k)].push_back(std::move(kc));
 }
 
+/// The coordinate box of regions `d`, inside those of `wide` (when given).
+NodeBounds input_box(const InputDomain& d, const BoundPass* wide) {
+  NodeBounds in = bp::region_box(d);
+  if (wide) in.lo = torch::max(in.lo, wide->input.lo), in.hi = torch::min(in.hi, wide->input.hi);
+  return in;
+}
+
 /// The interval forward step of node `k` from its inputs' bounds in `pass`,
 /// outward-rounded for the float64 arithmetic.
 NodeBounds forward_step(const BoundPass& pass, size_t k) {
@@ -229,8 +236,7 @@ BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOp
   torch::NoGradGuard no_grad;
   BoundPass pass;
   pass.graph = &g, pass.domain = d, pass.opt = opt;
-  pass.input = bp::region_box(d);
-  if (seed) pass.input.lo = torch::max(pass.input.lo, seed->input.lo), pass.input.hi = torch::min(pass.input.hi, seed->input.hi);
+  pass.input = input_box(d, seed);
   pass.refined.resize(g.nodes().size());
   for (size_t k = 0; k < g.nodes().size(); ++k) {
     pass.nodes.push_back(forward_step(pass, k));
@@ -245,14 +251,18 @@ BoundPass bound_narrow(const BoundPass& wide, const InputDomain& d) {
   torch::NoGradGuard no_grad;
   BoundPass pass;
   pass.graph = wide.graph, pass.domain = d, pass.opt = wide.opt;
-  pass.input = bp::region_box(d);
-  pass.input.lo = torch::max(pass.input.lo, wide.input.lo), pass.input.hi = torch::min(pass.input.hi, wide.input.hi);
+  pass.input = input_box(d, &wide);
   pass.refined.resize(wide.nodes.size());
   for (size_t k = 0; k < wide.nodes.size(); ++k) {
     pass.nodes.push_back(forward_step(pass, k));
     narrow_node(wide, k, pass);
   }
   return pass;
+}
+
+torch::Tensor positions_in(const torch::Tensor& index, int64_t size) {
+  auto at = torch::full({size}, -1, index.options());
+  return at.index_copy_(0, index, torch::arange(index.size(0), index.options()));
 }
 
 BoundPass bound_subset(const BoundPass& p, const torch::Tensor& index) {
@@ -267,8 +277,7 @@ BoundPass bound_subset(const BoundPass& p, const torch::Tensor& index) {
   s.input = pick(p.input);
   for (const auto& nb : p.nodes) s.nodes.push_back(pick(nb));
   // Old sample -> new position (-1: dropped); kept rows follow their samples.
-  auto to_new = torch::full({p.domain.x.size(0)}, -1, index.options());
-  to_new.index_copy_(0, index, torch::arange(index.size(0), index.options()));
+  auto to_new = positions_in(index, p.domain.x.size(0));
   s.refined.resize(p.refined.size());
   for (size_t k = 0; k < p.refined.size(); ++k) {
     const int64_t per_sample = p.nodes[k].lo[0].numel();

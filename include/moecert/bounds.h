@@ -89,6 +89,10 @@ struct BoundPass {
 BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt,
                         const BoundPass* seed = nullptr);
 
+/// For each of `size` slots, its position in `index` [m] (-1 where it does not occur):
+/// the inverse of a selection of batch positions. -> [size] int64
+torch::Tensor positions_in(const torch::Tensor& index, int64_t size);
+
 /// The pass of the samples `index` [m] (positions in the pass's batch, in that
 /// order), with their kept rows.
 BoundPass bound_subset(const BoundPass& pass, const torch::Tensor& index);
