@@ -1,14 +1,18 @@
 // Certification benchmark, all cores:
 //  1. certification of an E = 4 cnn-s MoE on Fashion-MNIST-shaped inputs, samples/s
 //     of certify_run, radius search included, PGD cross-check excluded, for
-//     a. the Lipschitz estimators local + global (target >= 10 samples/s),
+//     a. the Lipschitz estimators local + global (target >= 10 samples/s with the
+//        interval Jacobian; also with CROWN through the Jacobian's graph, the default),
 //     b. CROWN alone (target >= 20 samples/s),
 //     c. CROWN then α-CROWN: the α-CROWN part's rate is samples / (t_c − t_b)
 //        (target >= 2 samples/s);
 //  2. `global` constants (p = 2, 32x32 inputs) of an E = 4 ResNet-18 MoE: seconds
 //     for the router and all experts (target <= 60 s), and one CROWN-IBP bound pass
 //     of a ResNet-18 expert (that it runs, and its cost);
-//  3. the cost of one lipschitz_local call on a cnn-s expert (diagnostic).
+//  3. the cost of one lipschitz_local call on a cnn-s expert (diagnostic);
+//  4. Jacobian bounds of that expert (docs §16): the mean per-logit bound of the
+//     interval Jacobian and of the relaxed one (interval and CROWN intermediate
+//     bounds), the plain and the shift constant, and what each costs.
 // With --checkpoint the first part certifies that trained model on the real test set.
 #include "bench_util.h"
 #include "moecert/bounds.h"
@@ -36,12 +40,13 @@ int main(int argc, char** argv) {
   std::string out = "bench_certify.json", checkpoint;
   int threads = 0;
   int64_t samples = 200;
-  bool skip_resnet = false;
+  bool skip_resnet = false, skip_certify = false;
   app.add_option("--out", out, "JSON output file")->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores")->capture_default_str();
   app.add_option("--samples", samples, "samples certified in part 1")->capture_default_str();
   app.add_option("--checkpoint", checkpoint, "a trained E = 4 cnn-s MoE (default: random weights)");
   app.add_flag("--skip-resnet", skip_resnet, "skip part 2");
+  app.add_flag("--skip-certify", skip_certify, "skip part 1");
   CLI11_PARSE(app, argc, argv);
   threads = runtime_threads(threads);
   torch::manual_seed(0);
@@ -68,9 +73,11 @@ int main(int argc, char** argv) {
   }
   std::vector<int64_t> idx;
   for (int64_t i = 0; i < std::min(samples, data.size()); ++i) idx.push_back(i);
-  auto run_with = [&](std::vector<Estimator> est, const char* what, const char* key, double target) {
+  auto run_with = [&](std::vector<Estimator> est, const char* what, const char* key, double target,
+                      bool jacobian_crown = true) {
     CertifyConfig cfg;
     cfg.empirical = false;
+    cfg.jacobian_crown = jacobian_crown;
     cfg.estimators = std::move(est);
     auto t0 = std::chrono::steady_clock::now();
     auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
@@ -85,13 +92,16 @@ int main(int argc, char** argv) {
               {"checkpoint", checkpoint}, {"aggregates", res["aggregates"]}};
     return certify_s;
   };
-  run_with({Estimator::global, Estimator::local}, "local+global", "local_certify", 10);
-  const double t_crown = run_with({Estimator::crown}, "CROWN", "crown_certify", 20);
-  const double t_both = run_with({Estimator::crown, Estimator::alpha_crown}, "CROWN + alpha-CROWN", "alpha_crown_certify", 0);
-  const double alpha_rate = t_both > t_crown ? static_cast<double>(idx.size()) / (t_both - t_crown) : 0.0;
-  std::printf("alpha-CROWN part: %zu samples in %.1f s = %.1f samples/s (target >= 2)\n", idx.size(),
-              t_both - t_crown, alpha_rate);
-  j["alpha_crown_part"] = {{"samples", idx.size()}, {"seconds", t_both - t_crown}, {"samples_per_s", alpha_rate}};
+  if (!skip_certify) {
+    run_with({Estimator::global, Estimator::local}, "local+global (--jacobian interval)", "local_certify", 10, false);
+    run_with({Estimator::global, Estimator::local}, "local+global (--jacobian crown)", "local_crown_certify", 0);
+    const double t_crown = run_with({Estimator::crown}, "CROWN", "crown_certify", 20);
+    const double t_both = run_with({Estimator::crown, Estimator::alpha_crown}, "CROWN + alpha-CROWN", "alpha_crown_certify", 0);
+    const double alpha_rate = t_both > t_crown ? static_cast<double>(idx.size()) / (t_both - t_crown) : 0.0;
+    std::printf("alpha-CROWN part: %zu samples in %.1f s = %.1f samples/s (target >= 2)\n", idx.size(),
+                t_both - t_crown, alpha_rate);
+    j["alpha_crown_part"] = {{"samples", idx.size()}, {"seconds", t_both - t_crown}, {"samples_per_s", alpha_rate}};
+  }
 
   // 3. one lipschitz_local call
   {
@@ -104,6 +114,45 @@ int main(int argc, char** argv) {
     std::printf("lipschitz_local, one cnn-s expert, %lld samples: %.3f s (%.0f samples/s)\n",
                 static_cast<long long>(x.size(0)), s, x.size(0) / s);
     j["local_call"] = {{"samples", x.size(0)}, {"seconds", s}};
+  }
+
+  // 4. Jacobian bounds of the most used expert (expert 0 with random weights).
+  {
+    auto& m = *loaded.model;
+    m.to(torch::kFloat64);
+    auto x = data.batch_images(torch::arange(std::min<int64_t>(100, data.size()))).to(torch::kFloat64);
+    int64_t expert = 0;
+    if (m.router()) {
+      torch::NoGradGuard ng;
+      auto pick = std::get<1>(graph_forward(m.component_graph(-1), x).max(1));
+      expert = std::get<1>(torch::bincount(pick).max(0)).item<int64_t>();
+    }
+    auto graph = m.component_graph(expert);
+    const BoundGraph g(graph, {x.size(1), x.size(2), x.size(3)});
+    const int64_t K = g.output_shape()[0];
+    auto C = torch::eye(K, torch::kFloat64).unsqueeze(0).expand({x.size(0), K, K}).contiguous();
+    for (double e : {0.005, 0.02, 0.05}) {
+      auto eps = torch::full({x.size(0)}, e, torch::kFloat64);
+      BoundOptions opt;
+      opt.method = BoundMethod::ibp;
+      torch::Tensor interval, r_ibp, r_crown, plain, shift;
+      auto pass = bound_forward(g, {x, eps, Norm::linf, true}, opt);
+      const double t_int = moecert_bench::time_per_call([&] { interval = bound_jacobian_norms(pass, C); }, 0.5);
+      const double t_ibp = moecert_bench::time_per_call([&] { r_ibp = bound_jacobian_relaxed(pass, C, BoundMethod::ibp); }, 0.5);
+      const double t_crown = moecert_bench::time_per_call([&] { r_crown = bound_jacobian_relaxed(pass, C, BoundMethod::crown); }, 0.5);
+      plain = lipschitz_local(graph, Norm::linf, x, eps, true);
+      const double t_shift = moecert_bench::time_per_call([&] { shift = lipschitz_local_shift(graph, Norm::linf, x, eps, true); }, 0.5);
+      auto mean = [](const torch::Tensor& t) { return t.mean().item<double>(); };
+      std::printf("Jacobian bounds, expert %lld, %lld samples, L-inf eps = %.3g: mean per-logit bound interval %.3g "
+                  "(%.3f s), relaxed/IBP %.3g (%.3f s), relaxed/CROWN %.3g (%.3f s); mean local constant %.3g, "
+                  "shift constant %.3g (%.3f s)\n",
+                  static_cast<long long>(expert), static_cast<long long>(x.size(0)), e, mean(interval), t_int,
+                  mean(r_ibp), t_ibp, mean(r_crown), t_crown, mean(plain), mean(shift), t_shift);
+      j["jacobian"].push_back({{"eps", e}, {"expert", expert}, {"interval", mean(interval)}, {"interval_s", t_int},
+                               {"relaxed_ibp", mean(r_ibp)}, {"relaxed_ibp_s", t_ibp}, {"relaxed_crown", mean(r_crown)},
+                               {"relaxed_crown_s", t_crown}, {"local", mean(plain)}, {"shift", mean(shift)},
+                               {"shift_s", t_shift}});
+    }
   }
 
   // 2. global constants of an E = 4 ResNet-18 MoE, p = 2, 32x32

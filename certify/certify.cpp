@@ -276,6 +276,7 @@ nlohmann::json config_json(const CertifyConfig& cfg, size_t samples) {
           {"float32", !cfg.exact_arithmetic},
           {"eps_grid", cfg.eps_grid},
           {"bisect_steps", cfg.bisect_steps},
+          {"jacobian", cfg.jacobian_crown ? "crown" : "interval"},
           {"search", {{"rounds", cfg.search_rounds}, {"tol", cfg.search_tol}, {"alpha_rounds", cfg.alpha_rounds},
                       {"alpha_steps", cfg.alpha_steps}}},
           {"empirical", cfg.empirical},

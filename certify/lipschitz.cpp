@@ -46,20 +46,64 @@ GlobalBound lipschitz_global(const LayerGraph& g, Norm p, const std::vector<int6
   return b;
 }
 
-torch::Tensor lipschitz_local(const LayerGraph& g, Norm p, const torch::Tensor& x_in,
-                              const torch::Tensor& eps_in, bool box) {
+namespace {
+
+/// Per row of C [B, S, K], a sound bound on sup ‖C·J_h‖_q over each sample's region:
+/// the smaller of the backward interval Jacobian and linear bound propagation through
+/// the Jacobian graph (both over the ReLU states of interval bounds on the region).
+/// -> [B, S]
+torch::Tensor row_constants(const LayerGraph& g, Norm p, const torch::Tensor& x_in, const torch::Tensor& eps_in,
+                            bool box, const torch::Tensor& C, bool jacobian_crown) {
   torch::NoGradGuard no_grad;
   auto x = x_in.to(torch::kFloat64);
   const BoundGraph graph(g, {x.size(1), x.size(2), x.size(3)});
-  // Interval bounds on the ball (∩ the pixel box): the constant of SPEC §4.1.
   InputDomain d{x, eps_in.to(x.options()).view({-1}), p, box};
   BoundOptions opt;
   opt.method = BoundMethod::ibp;
   const auto pass = bound_forward(graph, d, opt);
-  const int64_t B = x.size(0), K = graph.output_shape().at(0);
-  auto rows = torch::eye(K, x.options()).unsqueeze(0).expand({B, K, K});  // one row per logit
-  auto per_row = bound_jacobian_norms(pass, rows);
+  auto rows = C.to(x.options()).expand({x.size(0), C.size(1), C.size(2)}).contiguous();
+  auto interval = bound_jacobian_norms(pass, rows);
+  if (!jacobian_crown) return interval;
+  // CROWN bounds on the gates' inputs: with interval ones the relaxed bound is looser
+  // than the interval Jacobian (measured, README).
+  auto relaxed = bound_jacobian_relaxed(pass, rows, BoundMethod::crown);
+  return relaxed.defined() ? torch::min(interval, relaxed) : interval;
+}
+
+/// The rows e_j (one per logit), then, with `reference` [B] (a class per sample), the
+/// rows e_j − e_r for j != r. -> [B or 1, S, K]
+torch::Tensor logit_rows(int64_t K, const torch::Tensor& reference, const torch::TensorOptions& o) {
+  auto eye = torch::eye(K, o).unsqueeze(0);
+  if (!reference.defined()) return eye;
+  const int64_t B = reference.size(0);
+  auto er = torch::nn::functional::one_hot(reference, K).to(o).unsqueeze(1);  // [B, 1, K]
+  auto others = torch::arange(K, reference.options()).expand({B, K}).masked_select(~er.squeeze(1).to(torch::kBool));
+  auto diff = torch::nn::functional::one_hot(others.view({B, K - 1}), K).to(o) - er;  // [B, K − 1, K]
+  return torch::cat({eye.expand({B, K, K}), diff}, 1);
+}
+
+}  // namespace
+
+torch::Tensor lipschitz_local(const LayerGraph& g, Norm p, const torch::Tensor& x, const torch::Tensor& eps,
+                              bool box, bool jacobian_crown) {
+  const int64_t K = graph_out_shape(g, {x.size(1), x.size(2), x.size(3)}).at(0);
+  auto per_row = row_constants(g, p, x, eps, box, logit_rows(K, {}, x.options().dtype(torch::kFloat64)), jacobian_crown);
   return std::get<0>(per_row.max(1)) * (1.0 + defaults::constant_inflation);
+}
+
+torch::Tensor lipschitz_local_shift(const LayerGraph& g, Norm p, const torch::Tensor& x, const torch::Tensor& eps,
+                                    bool box, bool jacobian_crown) {
+  const int64_t K = graph_out_shape(g, {x.size(1), x.size(2), x.size(3)}).at(0);
+  if (K < 2) return lipschitz_local(g, p, x, eps, box, jacobian_crown);
+  torch::Tensor reference;
+  {
+    torch::NoGradGuard ng;
+    reference = graph_forward(g, x.to(torch::kFloat64)).argmax(1);
+  }
+  auto per_row = row_constants(g, p, x, eps, box, logit_rows(K, reference, x.options().dtype(torch::kFloat64)), jacobian_crown);
+  auto single = std::get<0>(per_row.narrow(1, 0, K).max(1));
+  auto to_reference = std::get<0>(per_row.narrow(1, K, K - 1).max(1));
+  return torch::min(single, to_reference) * (1.0 + defaults::constant_inflation);
 }
 
 // ---------------------------------------------------------------------------------

@@ -24,23 +24,23 @@ const Member& leading(const Context& ctx) { return ctx.members.back(); }
 
 /// The linearised distance of every sample to its decision boundary (docs §15): for
 /// the expert the router picks at x, min_k (h_y − h_k) / ‖∇(h_y − h_k)‖_q, and for a
-/// top-k router the same for its logit gaps. [B]
+/// top-k router the same for its logit gaps. Only the search's first guess: gradients
+/// by autograd of the float64 graph. [B]
 torch::Tensor linearised_distance(const Context& ctx, const Batch& batch) {
   const Member& m = leading(ctx);
   const int64_t B = batch.size();
   const auto o = batch.x.options();
-  BoundOptions opt;
-  opt.method = BoundMethod::ibp;
   // min over j of (v_i − v_j) / ‖∇(v_i − v_j)‖_q for the outputs v of `net` at x, with
-  // i given by the one-hot rows `first` [n, 1, N]: the gradients from the Jacobian
-  // bound of a pass at ε = 0 (exact: no unstable unit). [n]
-  auto distance = [&](const BoundGraph& g, const LayerGraph& net, const torch::Tensor& x, const torch::Tensor& first) {
-    const InputDomain d{x, torch::zeros({x.size(0)}, o), ctx.cfg.norm, false};
-    auto pass = bound_forward(g, d, opt);
-    auto C = (first - torch::eye(first.size(2), o).unsqueeze(0)).contiguous();
-    auto grad = bound_jacobian_norms(pass, C);
-    auto gap = (graph_forward(net, x).unsqueeze(1) * C).sum(2);
-    return (gap / grad.clamp_min(1e-12)).masked_fill(grad.le(0), kInf).amin(1);
+  // i given by the one-hot rows `first` [n, 1, N]. [n]
+  auto distance = [&](const LayerGraph& net, const torch::Tensor& x, const torch::Tensor& first) {
+    const int64_t n = x.size(0), N = first.size(2);
+    auto C = (first - torch::eye(N, o).unsqueeze(0)).reshape({n * N, N});
+    torch::AutoGradMode grad_on(true);
+    auto xr = x.repeat_interleave(N, 0).detach().requires_grad_(true);
+    auto gap = (graph_forward(net, xr) * C).sum(1);
+    auto g = torch::autograd::grad({gap.sum()}, {xr})[0].flatten(1);
+    auto norm = (ctx.cfg.norm == Norm::linf ? g.abs().sum(1) : g.norm(2, 1)).view({n, N});
+    return (gap.detach().view({n, N}) / norm.clamp_min(1e-12)).masked_fill(norm.le(0), kInf).amin(1);
   };
   auto dist = torch::full({B}, kInf, o);
   std::vector<int64_t> top(static_cast<size_t>(B), 0);
@@ -54,12 +54,12 @@ torch::Tensor linearised_distance(const Context& ctx, const Batch& batch) {
     auto rows = tops.eq(j).nonzero().flatten();
     if (rows.numel() == 0) continue;
     const auto uj = static_cast<size_t>(j);
-    auto r = distance(m.bp.nets[uj], m.experts[uj], batch.x.index_select(0, rows), ey.index_select(0, rows));
+    auto r = distance(m.experts[uj], batch.x.index_select(0, rows), ey.index_select(0, rows));
     dist.index_copy_(0, rows, r.clamp_min(0));
   }
   if (m.bp.router && m.bp.routing == Routing::top_k && m.bp.top_k < m.bp.experts) {
     auto et = torch::nn::functional::one_hot(tops, m.bp.experts).to(o).unsqueeze(1);
-    dist = torch::min(dist, distance(*m.bp.router, m.router, batch.x, et));
+    dist = torch::min(dist, distance(m.router, batch.x, et));
   }
   return dist;
 }

@@ -37,7 +37,7 @@ Radii radii_of(const Context& ctx, const std::vector<MemberEval>& ev, const std:
   return r;
 }
 
-/// Local constants for requests (sample, ε). Equal requests are computed once, and an
+/// Local (shift) constants for requests (sample, ε), docs §5 (S4). Equal requests are computed once, and an
 /// expert that cannot matter on the ball keeps its (sound, larger) global constant:
 /// with top-k routing and global constants, expert i matters only if selected or if it
 /// could overtake a selected one, (g_top − g_i) / (2 L_g) < ε.
@@ -67,8 +67,9 @@ std::vector<std::vector<MemberConstants>> local_constants(const Context& ctx, co
       std::vector<double> eps;
       for (auto t : who) rows.push_back(todo[t].first), eps.push_back(todo[t].second);
       auto sel = torch::tensor(rows, torch::kLong).to(ctx.device);
-      auto l = lipschitz_local(g, cfg.norm, batch.x.index_select(0, sel),
-                               torch::tensor(eps, torch::kFloat64).to(ctx.device), cfg.box).cpu();
+      auto l = lipschitz_local_shift(g, cfg.norm, batch.x.index_select(0, sel),
+                                     torch::tensor(eps, torch::kFloat64).to(ctx.device), cfg.box,
+                                     cfg.jacobian_crown).cpu();
       for (size_t i = 0; i < who.size(); ++i) {
         double v = l[static_cast<int64_t>(i)].item<double>();
         if (bound > 0) v = std::min(v, bound);  // both sound; the local one can exceed for p = 2
@@ -77,12 +78,9 @@ std::vector<std::vector<MemberConstants>> local_constants(const Context& ctx, co
     };
     std::vector<size_t> all(todo.size());
     std::iota(all.begin(), all.end(), size_t{0});
-    if (!m.router.empty()) {
-      const bool nonlinear = std::any_of(m.router.begin(), m.router.end(),
-                                         [](const Layer& l) { return rule_for(l).relaxed() || !l.main.empty(); });
-      if (nonlinear || !global)  // an affine router's Jacobian is constant: local = global
-        run(m.router, all, m.global.router, [&](size_t t, double v) { c[t].router = v; });
-    }
+    // Every router, affine ones too: its shift constant (docs §5, S4) can be below the
+    // global constant even where its Jacobian is constant.
+    if (!m.router.empty()) run(m.router, all, m.global.router, [&](size_t t, double v) { c[t].router = v; });
     for (int64_t i = 0; i < E; ++i) {
       std::vector<size_t> who;
       for (size_t t = 0; t < todo.size(); ++t) {

@@ -6,6 +6,7 @@ set -euo pipefail
 MOECERT_PACKAGES=(
   build-essential cmake ccache pkg-config
   libtorch-dev libopenblas0-openmp   # LibTorch + an optimised BLAS (reference BLAS is ~17x slower)
+  libgoogle-perftools-dev            # tcmalloc: an allocator that keeps freed memory (certification 1.5x faster)
   libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev zlib1g-dev
   dataset-fashion-mnist gnuplot-nox
 )

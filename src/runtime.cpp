@@ -3,6 +3,9 @@
 #include "moecert/error.h"
 
 #include <dlfcn.h>
+#ifdef MOECERT_TCMALLOC
+#include <gperftools/malloc_extension.h>
+#endif
 #include <malloc.h>
 #include <torch/torch.h>
 
@@ -42,11 +45,16 @@ torch::Device runtime_device(const std::string& name) {
 
 int runtime_threads(int requested) {
   if (requested < 0) throw ConfigError::invalid("--threads", std::to_string(requested), ">= 0");
-  // Bound propagation allocates and frees blocks of many MiB in every step; glibc's
-  // defaults return them to the system and fault fresh zero pages in again each time
-  // (~20 % of certify's time, measured with perf). Keep blocks up to 32 MiB in the heap.
+  // Bound propagation allocates and frees blocks of many MiB in every step; an allocator
+  // that returns them to the system faults fresh zero pages in again each time (a third
+  // of certify's time on these VMs, measured with perf). With tcmalloc (CMakeLists.txt):
+  // never release; with glibc: keep blocks up to 32 MiB in the heap.
+#ifdef MOECERT_TCMALLOC
+  MallocExtension::instance()->SetMemoryReleaseRate(0);
+#else
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
   const int n = requested > 0 ? requested
                               : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   torch::set_num_threads(n);

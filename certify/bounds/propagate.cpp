@@ -111,8 +111,8 @@ torch::Tensor relaxed_mask(const BoundPass& pass, size_t k) {
   const auto& nb = pass.nodes[k];
   auto mask = torch::zeros_like(nb.lo, torch::kBool);
   for (int c : pass.graph->nodes()[k].consumers) {
-    const auto& rule = *pass.graph->nodes()[static_cast<size_t>(c)].rule;
-    if (rule.relaxed()) mask = mask | rule.relaxed_units(nb);
+    const auto& consumer = pass.graph->nodes()[static_cast<size_t>(c)];
+    if (consumer.rule->relaxed()) mask = mask | consumer.rule->relaxed_units(*consumer.layer, nb);
   }
   return mask;
 }
@@ -207,15 +207,23 @@ NodeBounds forward_step(const BoundPass& pass, size_t k) {
 // over the smaller ones; its kept rows' walks used relaxations of the larger
 // intervals, valid on the smaller ones, so only their concretisation is redone — for
 // CROWN only where it can change a relaxation (the relaxed units: any valid interval
-// is sound, tighter ones elsewhere would change nothing but IBP further on).
-void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass) {
+// is sound, tighter ones elsewhere would change nothing but IBP further on), and only
+// for the samples whose region changed (`changed` [B]; for the others the kept rows'
+// bounds over the same region are the pass's own, already in its interval).
+void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass, const torch::Tensor& changed) {
   auto& nb = pass.nodes[k];
   const auto& w = wide.nodes[k];
   nb.lo = torch::max(nb.lo, w.lo), nb.hi = torch::min(nb.hi, w.hi);
   nb.mag = torch::min(nb.mag, w.mag), nb.err32 = torch::min(nb.err32, w.err32);
   if (wide.refined[k].empty()) return;
-  const bool all = pass.opt.method == BoundMethod::ibp;
-  auto wanted = all ? torch::Tensor() : relaxed_mask(pass, k).view({-1});
+  const bool all = pass.opt.method == BoundMethod::ibp && changed.all().item<bool>();
+  torch::Tensor wanted;
+  if (!all) {
+    auto units = pass.opt.method == BoundMethod::ibp ? torch::ones_like(nb.lo, torch::kBool) : relaxed_mask(pass, k);
+    std::vector<int64_t> per_sample(static_cast<size_t>(nb.lo.dim()), 1);
+    per_sample[0] = -1;
+    wanted = (units & changed.view(per_sample)).view({-1});
+  }
   for (const auto& r : wide.refined[k]) {
     RefinedRows picked;
     if (!all) {
@@ -238,9 +246,11 @@ BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOp
   pass.graph = &g, pass.domain = d, pass.opt = opt;
   pass.input = input_box(d, seed);
   pass.refined.resize(g.nodes().size());
+  torch::Tensor changed;
+  if (seed) changed = d.eps.ne(seed->domain.eps);
   for (size_t k = 0; k < g.nodes().size(); ++k) {
     pass.nodes.push_back(forward_step(pass, k));
-    if (seed) narrow_node(*seed, k, pass);
+    if (seed) narrow_node(*seed, k, pass, changed);
     bool all_units = false;
     if (refine_wanted(g.nodes()[k], pass, all_units)) refine(pass, static_cast<int>(k), all_units);
   }
@@ -253,9 +263,10 @@ BoundPass bound_narrow(const BoundPass& wide, const InputDomain& d) {
   pass.graph = wide.graph, pass.domain = d, pass.opt = wide.opt;
   pass.input = input_box(d, &wide);
   pass.refined.resize(wide.nodes.size());
+  const auto changed = d.eps.ne(wide.domain.eps);
   for (size_t k = 0; k < wide.nodes.size(); ++k) {
     pass.nodes.push_back(forward_step(pass, k));
-    narrow_node(wide, k, pass);
+    narrow_node(wide, k, pass, changed);
   }
   return pass;
 }

@@ -46,9 +46,11 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
 
 SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C, const InputDomain* final_domain) {
   torch::NoGradGuard no_grad;
+  // The pass's own regions: narrowing would give the pass itself.
+  const bool narrow = final_domain && !torch::equal(final_domain->eps, pass_in.domain.eps);
   BoundPass narrowed;
-  if (final_domain) narrowed = bound_narrow(pass_in, *final_domain);
-  const BoundPass& pass = final_domain ? narrowed : pass_in;
+  if (narrow) narrowed = bound_narrow(pass_in, *final_domain);
+  const BoundPass& pass = narrow ? narrowed : pass_in;
   const int64_t B = C.size(0), S = C.size(1);
   const auto rows = bp::spec_rows(C);
   auto zeros = torch::zeros({B * S}, C.options());

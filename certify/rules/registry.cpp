@@ -20,6 +20,7 @@ const std::map<Layer::Kind, std::unique_ptr<BoundRule>>& registry() {
     t[Layer::Kind::global_avgpool] = rules::make_global_avgpool_rule();
     t[Layer::Kind::residual] = rules::make_residual_rule();
     t[Layer::Kind::maxpool] = rules::make_maxpool_rule();
+    t[Layer::Kind::gate] = rules::make_gate_rule();
     return t;
   }();
   return table;

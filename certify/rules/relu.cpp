@@ -39,7 +39,7 @@ class ReluRule final : public BoundRule {
   torch::Tensor alpha_init(const Layer& l, const NodeBounds& in) const override { return relax(in).low; }
 
   // Only unstable units (l < 0 < u) are relaxed; the others are exact whatever l, u are.
-  torch::Tensor relaxed_units(const NodeBounds& in) const override { return in.lo.lt(0) & in.hi.gt(0); }
+  torch::Tensor relaxed_units(const Layer& l, const NodeBounds& in) const override { return in.lo.lt(0) & in.hi.gt(0); }
 
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override { return in.at(0); }
 

@@ -44,5 +44,6 @@ std::unique_ptr<BoundRule> make_flatten_rule();
 std::unique_ptr<BoundRule> make_global_avgpool_rule();
 std::unique_ptr<BoundRule> make_residual_rule();
 std::unique_ptr<BoundRule> make_maxpool_rule();
+std::unique_ptr<BoundRule> make_gate_rule();
 
 }  // namespace moecert::rules

@@ -33,6 +33,7 @@ class BoundGraph {
   BoundGraph(LayerGraph g, Shape input_shape);
   const std::vector<BoundNode>& nodes() const { return nodes_; }
   const Shape& input_shape() const { return input_; }
+  const LayerGraph& layers() const { return *layers_; }  ///< what the nodes' layers point into
   const Shape& output_shape() const { return nodes_.back().out_shape; }
   int output() const { return static_cast<int>(nodes_.size()) - 1; }
 
@@ -119,5 +120,14 @@ SpecBounds bound_specs(const BoundPass& pass, const torch::Tensor& C,
 /// norm) per row, from the backward interval Jacobian with the pass's ReLU states.
 /// C: [B, S, K] -> [B, S]
 torch::Tensor bound_jacobian_norms(const BoundPass& pass, const torch::Tensor& C);
+
+/// The same quantity bounded by linear bound propagation through the Jacobian graph
+/// (Shi et al., NeurIPS 2022; docs §16): sup ‖C·J_h‖_q = sup over the unit p-ball of
+/// directions s of C·J_h·s, and J_h·s is the graph with every bias dropped and every
+/// ReLU replaced by its derivative gate δ (1 / 0 on the pass's stable units, [0, 1] on
+/// its unstable ones), a network in s that CROWN bounds; `intermediate` chooses CROWN
+/// or interval bounds on the gates' inputs. Undefined when the graph has an operator
+/// with no gate form (max-pool). C: [B, S, K] -> [B, S]
+torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor& C, BoundMethod intermediate);
 
 }  // namespace moecert

@@ -37,11 +37,21 @@ struct GlobalBound {
 GlobalBound lipschitz_global(const LayerGraph& g, Norm p, const std::vector<int64_t>& input_shape);
 
 /// `local`: per sample b, a sound bound on sup over B_p(x_b, eps_b) of ‖J_h‖_{p->∞}:
-/// interval bounds on the pre-activations (float64), then backward interval
-/// propagation of the Jacobian rows. x: [B, C, H, W] pixels, eps: [B] -> [B] float64.
-/// With `box`, over B_p(x_b, eps_b) ∩ [0, 1]^d (a convex subset: the same proof holds).
+/// interval bounds on the pre-activations (float64), then per logit the smaller of
+/// backward interval propagation of its Jacobian row and linear bound propagation
+/// through the Jacobian graph (bound_jacobian_relaxed). x: [B, C, H, W] pixels,
+/// eps: [B] -> [B] float64. With `box`, over B_p(x_b, eps_b) ∩ [0, 1]^d (a convex
+/// subset: the same proof holds).
 torch::Tensor lipschitz_local(const LayerGraph& g, Norm p, const torch::Tensor& x,
-                              const torch::Tensor& eps, bool box = false);
+                              const torch::Tensor& eps, bool box = false, bool jacobian_crown = true);
+
+/// The constant Theorems 5.4 / 5.5 need of a logit map (docs §6, §16): K >= sup over
+/// the region of min_t ‖Δh − t·1‖_∞ / ‖Δx‖_p, the change of the logits up to a common
+/// shift (softmax ignores one). K = min(lipschitz_local, max_{j} L(h_j − h_r)) with r
+/// the class h predicts at x, each difference's constant bounded like a logit's.
+/// Same arguments -> [B] float64.
+torch::Tensor lipschitz_local_shift(const LayerGraph& g, Norm p, const torch::Tensor& x,
+                                    const torch::Tensor& eps, bool box = false, bool jacobian_crown = true);
 
 /// `lower`: the largest dual-norm gradient of any logit found at the given points
 /// and along signed-gradient ascent paths of each logit within `radius` (each is a
@@ -134,6 +144,9 @@ struct CertifyConfig {
   bool exact_arithmetic = false;     ///< no float32 allowance: radii hold for the real-valued network only
   std::vector<double> eps_grid{0.01, 0.02, 0.05, 0.1};
   int bisect_steps = 10;             ///< local Lipschitz radius bisection steps
+  /// Local constants: also bound the Jacobian by CROWN through its graph (docs §16; a
+  /// few times tighter, a few times slower), or by the interval Jacobian alone.
+  bool jacobian_crown = true;
   int search_rounds = defaults::search_rounds;  ///< CROWN / IBP radius search: full passes per sample
   double search_tol = defaults::search_tol;     ///< relative width at which the search stops
   int alpha_rounds = defaults::alpha_rounds;    ///< α-CROWN radius search: full passes per sample

@@ -23,10 +23,12 @@ struct Layer {
     global_avgpool,  ///< [B, C, H, W] -> [B, C] (mean over H·W)
     residual,        ///< main(x) + shortcut(x); an empty shortcut is the identity
     maxpool,         ///< 2-D max pooling: kernel × kernel windows, stride, padding
+    gate,            ///< y = δ ⊙ x with δ in [weight, bias] per sample and unit ([B, *shape]):
+                     ///< a ReLU's derivative in a Jacobian graph (certify/jacobian.cpp)
   };
   Kind kind;
   std::string name;           ///< the parameter path it came from ("conv1", "layer2.0", ...)
-  torch::Tensor weight, bias;  ///< conv/linear weights; channel_affine: scale, shift [C]
+  torch::Tensor weight, bias;  ///< conv/linear weights; channel_affine: scale, shift [C]; gate: δ's bounds
   /// channel_affine only: per-channel size of the terms the float32 model sums to
   /// form its shift (eval BatchNorm: |β| + |μ·scale|); undefined means |shift|.
   torch::Tensor shift_terms;
@@ -39,6 +41,8 @@ struct Layer {
                       int64_t padding);
   static Layer dense(std::string name, torch::Tensor w, torch::Tensor b);
   static Layer max_pool(std::string name, int64_t kernel, int64_t stride, int64_t padding);
+  /// δ in [lo, hi] elementwise, per sample: lo, hi [B, *shape].
+  static Layer gate(std::string name, torch::Tensor lo, torch::Tensor hi);
   static Layer simple(Kind kind, std::string name = "");
   static Layer residual_block(std::string name, std::vector<Layer> main, std::vector<Layer> shortcut);
 };

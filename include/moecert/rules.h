@@ -74,7 +74,9 @@ class BoundRule {
   virtual bool relaxed() const { return false; }
   /// The units of a relaxed operator's input whose bounds decide its relaxation, as a
   /// mask over `in` [B, *shape] (the engine tightens only those). Default: all of them.
-  virtual torch::Tensor relaxed_units(const NodeBounds& in) const { return torch::ones_like(in.lo, torch::kBool); }
+  virtual torch::Tensor relaxed_units(const Layer& l, const NodeBounds& in) const {
+    return torch::ones_like(in.lo, torch::kBool);
+  }
   /// Whether backward() takes patch rows; if not, the engine hands it dense rows.
   virtual bool takes_patches() const { return true; }
   /// α-CROWN: the initial lower slopes in [0, 1] of a relaxed operator's units over

@@ -149,6 +149,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     std::string checkpoint, out, norm = "inf", estimator = "all", eps_grid = "0.01,0.02,0.05,0.1";
     std::string shard;
     int steps = 50, restarts = 1, bisect_steps = 10;
+    std::string jacobian = "crown";
     int search_rounds = defaults::search_rounds, alpha_rounds = defaults::alpha_rounds;
     int alpha_steps = defaults::alpha_steps;
     double empirical_max = 0.5, tolerance = 1e-3, search_tol = defaults::search_tol;
@@ -182,6 +183,10 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
   cmd->add_option("--steps", o->steps, "PGD steps of the empirical radius bisection")->capture_default_str();
   cmd->add_option("--restarts", o->restarts, "PGD restarts")->capture_default_str();
   cmd->add_option("--bisect-steps", o->bisect_steps, "local radius bisection steps")->capture_default_str();
+  cmd->add_option("--jacobian", o->jacobian,
+                  "local constants: crown (CROWN through the Jacobian's graph, and the interval Jacobian) | "
+                  "interval (the interval Jacobian alone: faster, looser)")
+      ->capture_default_str();
   cmd->add_option("--empirical-max", o->empirical_max, "upper end of the empirical bisection")->capture_default_str();
   cmd->add_option("--tolerance", o->tolerance, "empirical bisection tolerance")->capture_default_str();
   cmd->add_option("--batch-size", o->batch_size)->capture_default_str();
@@ -216,6 +221,9 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     cfg.attack.steps = o->steps;
     cfg.attack.restarts = o->restarts;
     cfg.bisect_steps = o->bisect_steps;
+    if (o->jacobian != "crown" && o->jacobian != "interval")
+      throw ConfigError::invalid("--jacobian", o->jacobian, "crown or interval");
+    cfg.jacobian_crown = o->jacobian == "crown";
     cfg.empirical = !o->no_empirical;
     cfg.empirical_max = o->empirical_max;
     cfg.empirical_tol = o->tolerance;

@@ -34,6 +34,13 @@ Layer Layer::max_pool(std::string name, int64_t kernel, int64_t stride, int64_t 
   return l;
 }
 
+Layer Layer::gate(std::string name, torch::Tensor lo, torch::Tensor hi) {
+  Layer l;
+  l.kind = Kind::gate, l.name = std::move(name);
+  l.weight = std::move(lo), l.bias = std::move(hi);
+  return l;
+}
+
 Layer Layer::simple(Kind kind, std::string name) {
   Layer l;
   l.kind = kind, l.name = std::move(name);

@@ -1,6 +1,7 @@
 // Regression: the Lipschitz forms (Theorems 5.4 / 5.5 with global and local
 // constants) keep the values they had before the per-operator rules and the
-// float32 allowance. tests/certify/golden/lipschitz_forms.json holds the radii
+// float32 allowance (global: equal; local: never smaller, most larger since the
+// local constants came from bound propagation of the Jacobian). tests/certify/golden/lipschitz_forms.json holds the radii
 // written by the code of commit 2561451 for fixed models (weights and images from
 // closed formulas, no training, no RNG); MOECERT_WRITE_GOLDEN=1 rewrites it.
 #include <catch2/catch.hpp>
@@ -128,7 +129,7 @@ TEST_CASE("the Lipschitz forms keep their values (golden radii)", "[soundness][c
   // The float32 allowance only lowers margins: every radius is at most the exact one.
   auto fp32 = all_cases(/*exact=*/false);
   REQUIRE(golden.size() == now.size());
-  int compared = 0, positive = 0, lowered = 0;
+  int compared = 0, positive = 0, lowered = 0, improved = 0;
   for (const auto& [name, rows] : golden.items()) {
     REQUIRE(now.contains(name));
     REQUIRE(now[name].size() == rows.size());
@@ -143,10 +144,13 @@ TEST_CASE("the Lipschitz forms keep their values (golden radii)", "[soundness][c
         }
         const double old = v.get<double>(), cur = w.get<double>();
         // A local radius is the end of a bisection, which can move by one of its steps
-        // when a probe sits on the edge of the (outward-rounded) interval bounds.
+        // when a probe sits on the edge of the (outward-rounded) interval bounds. Since
+        // the local constants are shift constants with CROWN through the Jacobian's
+        // graph (docs §5, §16) they are never larger, so no local radius is smaller.
         const bool local = form.size() > 6 && form.compare(form.size() - 6, 6, "_local") == 0;
         if (local) {
-          CHECK(std::abs(cur - old) <= 0.005 * old + 1e-12);
+          CHECK(cur >= old * (1 - 0.005) - 1e-12);
+          improved += cur > old * 1.01;
         } else {
           CHECK(cur <= old * (1 + 1e-9) + 1e-15);
           CHECK(cur >= old * 0.9999 - 1e-12);
@@ -162,4 +166,5 @@ TEST_CASE("the Lipschitz forms keep their values (golden radii)", "[soundness][c
   CHECK(compared >= 300);
   CHECK(positive >= 100);
   CHECK(lowered >= 50);  // the allowance is not zero
+  CHECK(improved >= 50);  // the tighter local constants show
 }

@@ -298,6 +298,22 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
   }
 }
 
+TEST_CASE("linear: one-hot rows (a unit's bound rows) step as the matrix product does", "[unit][certify][rules]") {
+  torch::manual_seed(4);
+  Layer fc = Layer::dense("fc", torch::randn({6, 9}, f64), torch::randn({6}, f64));
+  NodeBounds in{torch::zeros({2, 9}, f64), torch::ones({2, 9}, f64), torch::ones({2, 9}, f64), torch::zeros({2, 9}, f64)};
+  Coeffs rows;
+  rows.A = torch::zeros({4, 6}, f64);
+  rows.A.index_put_({0, 2}, 1.0), rows.A.index_put_({1, 5}, -1.0), rows.A.index_put_({2, 0}, 2.5), rows.A.index_put_({3, 2}, -0.5);
+  rows.sample = torch::tensor({0, 0, 1, 1}, torch::kLong);
+  auto b = torch::zeros({4}, f64);
+  BackwardArgs a{fc, {{9}}, {6}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, rows.sample); }, {}};
+  torch::NoGradGuard ng;
+  auto out = rule_for(fc).backward(a, rows, b).at(0);
+  CHECK(torch::equal(out.A, torch::matmul(rows.A, fc.weight)));
+  CHECK(torch::allclose(b, torch::mv(rows.A, fc.bias)));
+}
+
 TEST_CASE("an unregistered layer kind is an error naming the layer and the fix", "[unit][certify][rules]") {
   Layer odd = Layer::simple(Layer::Kind::relu, "mystery");
   odd.kind = static_cast<Layer::Kind>(77);

@@ -92,6 +92,9 @@ TEST_CASE("bad options are exit code 2", "[e2e][cli]") {
   CHECK(run_moecert("train --out /tmp/x --method bogus").code == 2);
   CHECK(run_moecert("attack " + trained_checkpoint() + " --norm 3").code == 2);
   CHECK(run_moecert("frobnicate").code == 2);
+  auto jac = run_moecert("certify " + trained_checkpoint() + " --jacobian exact --no-empirical --out /tmp/moecert-jac");
+  CHECK(jac.code == 2);
+  CHECK(jac.output.find("--jacobian") != std::string::npos);
   CHECK(run_moecert("--help").code == 0);
   auto exists = run_moecert("--dataset synthetic train --out " + trained_checkpoint());
   CHECK(exists.code == 2);

@@ -436,7 +436,10 @@ TEST_CASE("a save killed at random moments leaves the previous checkpoint loadab
       }
       _exit(1);
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(2000 + rng() % 20000));
+    // Random moments within a save or two, and every fifth round long enough for some
+    // saves to complete even when the disk is slow (CTest runs two tests at once).
+    const auto wait_us = 2000 + rng() % 20000 + (round % 5 == 4 ? 300000 : 0);
+    std::this_thread::sleep_for(std::chrono::microseconds(wait_us));
     kill(child, SIGKILL);
     int status = 0;
     waitpid(child, &status, 0);
