@@ -9,61 +9,14 @@
 #include "certify/bounds/bounds-impl.h"
 #include "moecert/bounds.h"
 #include "moecert/models.h"
+#include "test_nets.h"
 
 using namespace moecert;
+using moecert_test::nets;
 
 namespace {
 
 auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-
-struct Net {
-  std::string name;
-  LayerGraph graph;
-  Shape input;
-};
-
-std::vector<Net> nets() {
-  torch::manual_seed(21);
-  std::vector<Net> out;
-  ModelSpec s;
-  s.experts = 2, s.router = "cnn";
-  Moe moe(s);
-  moe->eval();
-  out.push_back({"cnn-s expert", moe->component_graph(0), {1, 28, 28}});
-  out.push_back({"cnn router", moe->component_graph(-1), {1, 28, 28}});
-  ModelSpec m;
-  m.in_channels = 1, m.height = 4, m.width = 4, m.experts = 2, m.expert = "mlp", m.router = "mlp";
-  m.mean = {0.5}, m.std = {0.25};
-  Moe mlp(m);
-  out.push_back({"mlp expert", mlp->component_graph(1), {1, 4, 4}});
-  ModelSpec r;
-  r.kind = "moe-cnn", r.scale = 0.125, r.experts = 2, r.expert = "resnet18";
-  r.in_channels = 3, r.height = 8, r.width = 8, r.mean = {0.5, 0.5, 0.5}, r.std = {0.25, 0.25, 0.25};
-  Moe res(r);
-  res->eval();
-  {  // non-trivial BatchNorm statistics
-    torch::NoGradGuard ng;
-    for (auto& b : res->named_buffers())
-      if (b.key().find("running_var") != std::string::npos) b.value().uniform_(0.5, 2.0);
-      else if (b.key().find("running_mean") != std::string::npos) b.value().uniform_(-0.2, 0.2);
-  }
-  out.push_back({"resnet18 path (MoE-CNN)", res->component_graph(1), {3, 8, 8}});
-  ModelSpec c;
-  c.kind = "moe-cnn", c.experts = 2;
-  Moe cnn(c);
-  cnn->eval();
-  out.push_back({"cnn-s path (MoE-CNN)", cnn->component_graph(0), {1, 28, 28}});
-  // A graph with max-pooling straight after a conv and after a ReLU.
-  out.push_back({"conv + max-pool",
-                 {Layer::affine("norm", torch::full({1}, 2.0, f64), torch::full({1}, -1.0, f64)),
-                  Layer::conv2d("c1", torch::randn({4, 1, 3, 3}, f64), torch::randn({4}, f64), 1, 1),
-                  Layer::max_pool("p1", 2, 2, 0), Layer::simple(Layer::Kind::relu),
-                  Layer::conv2d("c2", torch::randn({6, 4, 3, 3}, f64) * 0.5, torch::randn({6}, f64), 1, 1),
-                  Layer::simple(Layer::Kind::relu), Layer::max_pool("p2", 3, 2, 1),
-                  Layer::simple(Layer::Kind::flatten), Layer::dense("fc", torch::randn({5, 24}, f64) * 0.3, torch::randn({5}, f64))},
-                 {1, 8, 8}});
-  return out;
-}
 
 /// Projects points onto B_p(x, eps) (∩ [0, 1]); L2 ∩ box by Dykstra's alternating projections.
 torch::Tensor project(const torch::Tensor& z, const torch::Tensor& x, double eps, Norm p, bool box) {
