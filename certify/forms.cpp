@@ -81,10 +81,9 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d, 
   auto y = labels.index_select(0, e.rows);
   const int64_t n = y.size(0);
   // Rows e_y − e_k for the classes k != y only ([n, K − 1], `others` their k).
-  auto ey = torch::nn::functional::one_hot(y, K);
-  auto at_y = ey.to(torch::kBool);
-  auto others = torch::arange(K, y.options()).expand({n, K}).masked_select(~at_y).view({n, K - 1});
-  auto C = ey.to(d.x.options()).unsqueeze(1) - torch::nn::functional::one_hot(others, K).to(d.x.options());
+  auto at_y = torch::nn::functional::one_hot(y, K).to(torch::kBool);
+  auto others = other_classes(y, K);
+  auto C = margin_rows(y, K, d.x.options());
   if (probs) C = torch::cat({C, -C}, 1);
   auto s = bound_specs(pass, C, &dj);
   auto low = p.fp32 ? s.lower - s.err32 : s.lower;  // bounds of the float32 logits' differences

@@ -71,15 +71,12 @@ torch::Tensor row_constants(const LayerGraph& g, Norm p, const torch::Tensor& x_
 }
 
 /// The rows e_j (one per logit), then, with `reference` [B] (a class per sample), the
-/// rows e_j − e_r for j != r. -> [B or 1, S, K]
+/// rows e_r − e_j for j != r. -> [B or 1, S, K]
 torch::Tensor logit_rows(int64_t K, const torch::Tensor& reference, const torch::TensorOptions& o) {
   auto eye = torch::eye(K, o).unsqueeze(0);
   if (!reference.defined()) return eye;
   const int64_t B = reference.size(0);
-  auto er = torch::nn::functional::one_hot(reference, K).to(o).unsqueeze(1);  // [B, 1, K]
-  auto others = torch::arange(K, reference.options()).expand({B, K}).masked_select(~er.squeeze(1).to(torch::kBool));
-  auto diff = torch::nn::functional::one_hot(others.view({B, K - 1}), K).to(o) - er;  // [B, K − 1, K]
-  return torch::cat({eye.expand({B, K, K}), diff}, 1);
+  return torch::cat({eye.expand({B, K, K}), margin_rows(reference, K, o)}, 1);  // ‖∇(h_r − h_k)‖ = ‖∇(h_k − h_r)‖
 }
 
 }  // namespace

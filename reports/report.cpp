@@ -134,7 +134,7 @@ std::vector<Plot> make_plots(const std::vector<nlohmann::json>& runs, const std:
     std::ostringstream s;
     double hi = 0;
     s << "set title 'Certified vs empirical radius (best sound form per sample)'\n"
-      << "set xlabel 'empirical radius (PGD bisection)'\nset ylabel 'certified radius'\nset key top left\n"
+      << "set xlabel 'empirical radius (FMN, APGD bisection)'\nset ylabel 'certified radius'\nset key top left\n"
       << "set grid\n";
     std::string plot = "plot ";
     for (size_t i = 0; i < runs.size(); ++i) {
@@ -173,7 +173,7 @@ std::vector<Plot> make_plots(const std::vector<nlohmann::json>& runs, const std:
                 colours[i % 6] + "' title '" + label + "', ";
       };
       const std::string prefix = runs.size() > 1 ? names[i] + ": " : "";
-      if (agg.contains("empirical_accuracy")) series(agg["empirical_accuracy"], prefix + "empirical (PGD)", "dt 1 pt 7");
+      if (agg.contains("empirical_accuracy")) series(agg["empirical_accuracy"], prefix + "empirical (attacks)", "dt 1 pt 7");
       if (agg.contains("headline")) series(agg["headline"]["certified_accuracy"], prefix + "certified (headline)", "dt 1 pt 5 lw 2");
       int dash = 2;
       for (const auto& form : forms_of(runs[i]))
@@ -291,6 +291,14 @@ std::vector<Plot> make_plots(const std::vector<nlohmann::json>& runs, const std:
   return plots;
 }
 
+/// The attack of an attack file in one phrase: "PGD-20" (suite pgd or an older
+/// file without a suite), "standard suite", "fast suite".
+std::string attack_config_name(const nlohmann::json& d) {
+  const std::string suite = d.value("suite", "pgd");
+  if (suite == "pgd") return "PGD-" + d.value("steps", nlohmann::json("?")).dump();
+  return suite + " suite";
+}
+
 }  // namespace
 
 AttackResult attack_validate(const nlohmann::json& data, const std::string& name) {
@@ -395,7 +403,7 @@ void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std
     if (agg.contains("empirical_accuracy")) {
       std::vector<std::string> c;
       for (const auto& e : eps) c.push_back(pct(num_or(agg["empirical_accuracy"].value(e, nlohmann::json()), 0)));
-      row_out(names[i], "empirical accuracy (RA, PGD)", c);
+      row_out(names[i], "empirical accuracy (RA, FMN + APGD)", c);
     }
     if (agg.contains("headline")) {
       std::vector<std::string> c;
@@ -434,8 +442,7 @@ void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std
       const auto& d = attacks[i].data;
       std::ostringstream cfg;
       cfg << "p = " << d.value("norm", "?") << ", ε = " << d.value("eps", nlohmann::json("?")).dump()
-          << ", PGD-" << d.value("steps", nlohmann::json("?")).dump() << ", " << d.value("samples", nlohmann::json("?")).dump()
-          << " samples";
+          << ", " << attack_config_name(d) << ", " << d.value("samples", nlohmann::json("?")).dump() << " samples";
       if (d.contains("alpha")) cfg << ", α = " << d["alpha"].dump();
       const std::string ckpt = d.value("checkpoint", "?");
       md << "| " << labels[i] << " | `" << ckpt << "` | " << cfg.str() << " | " << cell(d, "sa") << " | "

@@ -13,43 +13,19 @@
 namespace moecert {
 namespace {
 
-using Inputs = std::map<const Layer*, const NodeBounds*>;  // each ReLU layer -> its input's bounds
+using Inputs = std::map<const Layer*, const NodeBounds*>;  // each layer -> its input's bounds
 
-/// The derivative graph of `g` (nullopt: a layer has no gate form).
-std::optional<LayerGraph> derivative_graph(const LayerGraph& g, const Inputs& relu_in) {
+/// The derivative graph of `g`, layer by layer from the rules (nullopt: a layer has
+/// none; max-pool's derivative selects within a window, no elementwise gate).
+std::optional<LayerGraph> derivative_graph(const LayerGraph& g, const Inputs& in) {
+  DerivativeArgs args;
+  args.input_bounds = [&in](const Layer& l) -> const NodeBounds& { return *in.at(&l); };
+  args.graph = [&in](const LayerGraph& sub) { return derivative_graph(sub, in); };
   LayerGraph d;
   for (const auto& l : g) {
-    switch (l.kind) {
-      case Layer::Kind::conv:
-        d.push_back(Layer::conv2d(l.name, l.weight, {}, l.stride, l.padding));
-        break;
-      case Layer::Kind::linear:
-        d.push_back(Layer::dense(l.name, l.weight, {}));
-        break;
-      case Layer::Kind::channel_affine:
-        d.push_back(Layer::affine(l.name, l.weight, torch::zeros_like(l.bias)));
-        break;
-      case Layer::Kind::relu: {
-        // relu' over the region: 1 where the input is >= 0 throughout (relu is the
-        // identity there), 0 where it is <= 0, anything in [0, 1] elsewhere (Clarke).
-        const NodeBounds& x = *relu_in.at(&l);
-        auto on = (x.lo.ge(0) & x.hi.gt(0)).to(x.lo.dtype()), may = x.hi.gt(0).to(x.lo.dtype());
-        d.push_back(Layer::gate(l.name, on, may));
-        break;
-      }
-      case Layer::Kind::flatten:
-      case Layer::Kind::global_avgpool:
-        d.push_back(l);
-        break;
-      case Layer::Kind::residual: {
-        auto main = derivative_graph(l.main, relu_in), shortcut = derivative_graph(l.shortcut, relu_in);
-        if (!main || !shortcut) return std::nullopt;
-        d.push_back(Layer::residual_block(l.name, std::move(*main), std::move(*shortcut)));
-        break;
-      }
-      default:  // max-pool's derivative selects within a window: no elementwise gate
-        return std::nullopt;
-    }
+    auto dl = rule_for(l).derivative(l, args);
+    if (!dl) return std::nullopt;
+    d.push_back(std::move(*dl));
   }
   return d;
 }
@@ -59,11 +35,10 @@ std::optional<LayerGraph> derivative_graph(const LayerGraph& g, const Inputs& re
 torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor& C, BoundMethod intermediate) {
   torch::NoGradGuard no_grad;
   const BoundGraph& g = *pass.graph;
-  Inputs relu_in;
+  Inputs in;
   for (const auto& n : g.nodes())
-    if (n.layer->kind == Layer::Kind::relu)
-      relu_in[n.layer] = n.inputs[0] < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(n.inputs[0])];
-  auto dg = derivative_graph(g.layers(), relu_in);
+    if (!n.inputs.empty()) in[n.layer] = n.inputs[0] < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(n.inputs[0])];
+  auto dg = derivative_graph(g.layers(), in);
   if (!dg) return {};
   const BoundGraph jg(std::move(*dg), g.input_shape());
   const auto& x = pass.domain.x;

@@ -143,7 +143,7 @@ void tighten(NodeBounds& nb, const torch::Tensor& pos, const torch::Tensor& lowe
 
 /// Tightens node `k`'s interval by lower bounds of ±e_u for the chosen units, in
 /// chunks of rows (sized by a one-row dry run) processed in parallel; keeps the
-/// chunks' input-level rows while they fit in opt.keep_elements.
+/// chunks' input-level rows of the samples whose kept rows fit in opt.keep_elements.
 void refine(BoundPass& pass, int k, bool all_units) {
   auto& nb = pass.nodes[static_cast<size_t>(k)];
   const Shape& shape = pass.graph->nodes()[static_cast<size_t>(k)].out_shape;
@@ -163,25 +163,38 @@ void refine(BoundPass& pass, int k, bool all_units) {
   const int64_t chunks = (n + chunk - 1) / chunk;
   std::vector<torch::Tensor> lows(static_cast<size_t>(chunks)), poss(lows.size());
   std::vector<RefinedRows> kept(static_cast<size_t>(chunks));
-  int64_t held = 0;
+  // Which samples keep this node's rows: those whose kept rows, these included, stay
+  // within opt.keep_elements each. Decided per sample, so that what a sample keeps (and
+  // so its narrowed bounds) never depends on the other samples of its batch.
+  const int64_t B = nb.lo.size(0);
+  auto held = torch::zeros({B}, torch::kLong);
   for (const auto& per_node : pass.refined)
     for (const auto& r : per_node)
-      if (r.at_input.A.defined()) held += r.at_input.A.numel();
-  const bool keep = held + 2 * n * widest <= pass.opt.keep_elements;
+      if (r.at_input.A.defined())
+        held += torch::bincount(r.at_input.sample.cpu(), {}, B) * (r.at_input.A.numel() / r.at_input.A.size(0));
+  auto sample_units = torch::bincount(units.select(1, 0).cpu(), {}, B);
+  const int64_t row_elements = pass.input.lo[0].numel();  // a dense input-level row, the most one holds
+  auto keeps = (held + 2 * row_elements * sample_units).le(pass.opt.keep_elements) & sample_units.gt(0);
+  const bool keep = keeps.any().item<bool>();
+  auto unit_keeps = keeps.to(units.device()).index_select(0, units.select(1, 0));
   auto strides = torch::tensor(nb.lo.strides().vec(), torch::kLong).to(units.device());
   auto pos = (units * strides).sum(1);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t from = c * chunk, len = std::min(chunk, n - from);
-      auto* kc = keep ? &kept[static_cast<size_t>(c)] : nullptr;
+      auto chosen = keep ? unit_keeps.narrow(0, from, len).nonzero().flatten() : torch::Tensor();
+      RefinedRows rows;
+      auto* kc = keep && chosen.numel() > 0 ? &rows : nullptr;
       lows[static_cast<size_t>(c)] = bound(units.narrow(0, from, len), nullptr, kc);
       poss[static_cast<size_t>(c)] = pos.narrow(0, from, len);
-      if (kc) kc->pos = poss[static_cast<size_t>(c)];
+      if (!kc) continue;
+      rows.pos = poss[static_cast<size_t>(c)];
+      kept[static_cast<size_t>(c)] = chosen.numel() == len ? std::move(rows) : pick_rows(rows, chosen);
     }
   });
   for (size_t c = 0; c < lows.size(); ++c) tighten(nb, poss[c], lows[c]);
-  if (keep)
-    for (auto& kc : kept) pass.refined[static_cast<size_t>(k)].push_back(std::move(kc));
+  for (auto& kc : kept)
+    if (kc.pos.defined()) pass.refined[static_cast<size_t>(k)].push_back(std::move(kc));
 }
 
 /// The coordinate box of regions `d`, inside those of `wide` (when given).

@@ -53,6 +53,11 @@ class ChannelAffineRule final : public BoundRule {
     auto s = channel_view(a.layer.weight, j.c.dim());
     return {{j.c * s, j.r * s.abs()}};
   }
+
+  // Derivative: the per-channel scale without the shift.
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override {
+    return Layer::affine(l.name, l.weight, torch::zeros_like(l.bias));
+  }
 };
 
 }  // namespace

@@ -82,6 +82,11 @@ class Conv2dRule final : public BoundRule {
     return {{transposed(j.c, a.layer.weight, a.layer, in), transposed(j.r, a.layer.weight.abs(), a.layer, in)}};
   }
 
+  // Derivative: the convolution without its bias.
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override {
+    return Layer::conv2d(l.name, l.weight, {}, l.stride, l.padding);
+  }
+
  private:
   static torch::Tensor transposed(const torch::Tensor& t, const torch::Tensor& w, const Layer& l,
                                   const Shape& in) {

@@ -42,6 +42,9 @@ class FlattenRule final : public BoundRule {
     return {{j.c.reshape(shape), j.r.reshape(shape)}};
   }
 
+  // Derivative: the layer itself (it is linear without a constant).
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override { return l; }
+
  private:
   static std::vector<int64_t> rows_shape(int64_t rows, const Shape& in) {
     std::vector<int64_t> s{rows};

@@ -47,6 +47,9 @@ class GlobalAvgPoolRule final : public BoundRule {
     return {{spread(j.c, a.in_shapes[0]), spread(j.r, a.in_shapes[0])}};
   }
 
+  // Derivative: the layer itself (it is linear without a constant).
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override { return l; }
+
  private:
   /// [R, C] -> [R, C, H, W], each entry divided by HW.
   static torch::Tensor spread(const torch::Tensor& t, const Shape& in) {

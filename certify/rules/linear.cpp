@@ -68,6 +68,11 @@ class LinearRule final : public BoundRule {
   std::vector<JacobianBox> jacobian(const BackwardArgs& a, const JacobianBox& j) const override {
     return {{torch::matmul(j.c, a.layer.weight), torch::matmul(j.r, a.layer.weight.abs())}};
   }
+
+  // Derivative: the matrix without its bias.
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override {
+    return Layer::dense(l.name, l.weight, {});
+  }
 };
 
 }  // namespace

@@ -90,6 +90,15 @@ class ReluRule final : public BoundRule {
     return {{torch::where(on, j.c, torch::where(unknown, cu, zero)),
              torch::where(on, j.r, torch::where(unknown, ru, zero))}};
   }
+
+  // Derivative: the gate δ ⊙ s with relu' over the region: 1 where the input is >= 0
+  // throughout (relu is the identity there), 0 where it is <= 0, anything in [0, 1]
+  // elsewhere (Clarke).
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs& a) const override {
+    const NodeBounds& x = a.input_bounds(l);
+    auto on = (x.lo.ge(0) & x.hi.gt(0)).to(x.lo.dtype()), may = x.hi.gt(0).to(x.lo.dtype());
+    return Layer::gate(l.name, on, may);
+  }
 };
 
 }  // namespace

@@ -47,6 +47,13 @@ class ResidualRule final : public BoundRule {
   std::vector<JacobianBox> jacobian(const BackwardArgs& a, const JacobianBox& j) const override {
     return {j, j};
   }
+
+  // Derivative: the sum of the branches' derivatives.
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs& a) const override {
+    auto main = a.graph(l.main), shortcut = a.graph(l.shortcut);
+    if (!main || !shortcut) return std::nullopt;
+    return Layer::residual_block(l.name, std::move(*main), std::move(*shortcut));
+  }
 };
 
 }  // namespace

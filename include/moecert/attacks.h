@@ -44,15 +44,6 @@ using LogProbFn = std::function<torch::Tensor(const torch::Tensor& x)>;
 torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
                          const PgdConfig& cfg);
 
-/// PGD with a radius per sample (eps: [B]); the step of sample b is
-/// defaults::step_scale·eps_b/steps (cfg.eps and cfg.step_size are not used). Keeps
-/// the first restart that misclassifies. With `row_seeds` (one per sample) each
-/// sample's random starts come from its own generator, independent of the batch.
-/// -> x_adv [B, C, H, W] (detached)
-torch::Tensor attack_pgd_each(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
-                              const torch::Tensor& eps, const PgdConfig& cfg,
-                              const std::vector<uint64_t>& row_seeds = {});
-
 /// A per-sample objective for PGD to maximise. log-probs [B, K] -> [B]
 using PerSampleLoss = std::function<torch::Tensor(const torch::Tensor& log_probs)>;
 
@@ -91,13 +82,31 @@ enum class AttackTarget {
 /// whose clean input is `x_clean` [B, C, H, W].
 LogProbFn attack_target_fn(MoeImpl& model, AttackTarget target, const torch::Tensor& x_clean);
 
+/// A named per-sample objective to maximise at x [B, ...] -> [B], built for a batch's
+/// labels, whose high values mean a misclassified point (MoE-aware attack runs).
+struct AwareObjective {
+  std::string name;
+  std::function<torch::Tensor(const torch::Tensor& x)> f;
+};
+
 /// What a robustness evaluation attacks: the module (for eval mode and frozen
-/// parameters), the log-prob map of each component attack, and whether it routes.
+/// parameters), the log-prob map of each component attack, whether it routes, and
+/// the MoE-aware objectives for labels y (route-aware per expert of a top-k router;
+/// per member of a dual-model; none for a dense model).
 struct AttackSubject {
   torch::nn::Module* module = nullptr;
   std::function<LogProbFn(AttackTarget, const torch::Tensor& x_clean)> target;
   bool has_router = false;
+  std::function<std::vector<AwareObjective>(const torch::Tensor& y)> aware;
 };
+
+/// Route-aware objectives of a MoE with top-k routing (k < E), one per expert j:
+/// while j is not among the selected, raise its router logit over the k-th largest
+/// other (g_j − g_(k), minus a constant 1e3 that ranks every routed point above every
+/// unrouted one); once it is, lower the class margin of `whole` (the model under
+/// attack, which then routes through j). Empty for other routings.
+std::vector<AwareObjective> route_aware_objectives(MoeImpl& model, const LogProbFn& whole, const torch::Tensor& y,
+                                                   const std::string& prefix);
 
 /// The attack subject of a single MoE (or dense model).
 AttackSubject attack_subject(MoeImpl& model);

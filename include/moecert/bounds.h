@@ -59,7 +59,7 @@ struct BoundOptions {
   int alpha_steps = defaults::alpha_steps;       ///< α-CROWN iteration budget
   double alpha_lr = defaults::alpha_lr;          ///< α-CROWN Adam step size
   int64_t chunk_elements = defaults::bound_chunk_elements;  ///< row coefficients held at once
-  /// Coefficients of refined units' input-level rows a pass keeps for narrowing.
+  /// Coefficients of refined units' input-level rows a pass keeps per sample for narrowing.
   int64_t keep_elements = defaults::bound_keep_elements;
 };
 
@@ -81,7 +81,7 @@ struct BoundPass {
   BoundOptions opt;
   NodeBounds input;               ///< the region's coordinate box
   std::vector<NodeBounds> nodes;  ///< one per graph node
-  /// Per node, the input-level rows of its refined units (within opt.keep_elements).
+  /// Per node, the input-level rows of its refined units (within opt.keep_elements per sample).
   std::vector<std::vector<RefinedRows>> refined;
 };
 /// With `seed` (a pass over the same samples whose regions contain `d`'s), every
@@ -103,6 +103,12 @@ BoundPass bound_subset(const BoundPass& pass, const torch::Tensor& index);
 /// and the kept rows of its refined units concretised over `d`. No new backward walk:
 /// a cheap pass for a smaller ε, never looser than the pass itself (docs §15).
 BoundPass bound_narrow(const BoundPass& pass, const InputDomain& d);
+
+/// The classes other than `ref` [n] among K, in increasing order: [n, K − 1] int64.
+torch::Tensor other_classes(const torch::Tensor& ref, int64_t K);
+/// The margin rows e_ref − e_k for those classes k (other_classes' order), as
+/// specifications for bound_specs: [n, K − 1, K] in the options `o`.
+torch::Tensor margin_rows(const torch::Tensor& ref, int64_t K, const torch::TensorOptions& o);
 
 /// Lower bounds of rows C·h(x) over each sample's region, sound for the exact-real
 /// graph (its float64 rounding subtracted), and a bound on |C·(ĥ − h)| where ĥ is the

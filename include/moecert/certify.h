@@ -151,18 +151,23 @@ struct CertifyConfig {
   double search_tol = defaults::search_tol;     ///< relative width at which the search stops
   int alpha_rounds = defaults::alpha_rounds;    ///< α-CROWN radius search: full passes per sample
   int alpha_steps = defaults::alpha_steps;      ///< α-CROWN optimisation steps per bound
-  bool empirical = true;             ///< PGD-bisection cross-check
-  /// The empirical attack (steps, restarts, loss, norm). Its loss is the log-probability
-  /// margin: a confident float32 model's cross-entropy has no gradient left (softmax
-  /// saturates), its log-probability margin has.
+  bool empirical = true;             ///< the attacks' cross-check (FMN, APGD bisection)
+  /// The empirical APGD bisection (steps, restarts, loss). Loss `margin` means APGD's
+  /// DLR loss (the default): a confident float32 model's cross-entropy has no gradient
+  /// left (softmax saturates), the scale-free logit-difference ratio has.
   PgdConfig attack = [] {
     PgdConfig c;
     c.loss = AttackLoss::margin;
     return c;
   }();
   double empirical_max = 0.5;        ///< upper end of the empirical bisection
+  int min_norm_steps = 100;          ///< FMN iterations of the empirical radius
   double empirical_tol = 1e-3;       ///< bisection tolerance (absolute, in ε)
   int64_t batch_size = 100;
+  /// Parts of a batch whose Lipschitz and bound stages run side by side, each on one
+  /// thread (0: as many as intra-op threads; 1: the whole batch, intra-op threads).
+  /// Radii do not depend on it; only the CPU splits.
+  int sample_parts = 0;
   std::string shard;                 ///< "i/n" label when this run is one shard
   uint64_t seed = 0;                 ///< with the sample index, seeds each sample's PGD starts
 };

@@ -13,6 +13,7 @@
 #include <torch/types.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,13 @@ struct BackwardArgs {
   torch::Tensor alpha;
 };
 
+/// What a rule's derivative step sees (docs §16): the bounds of a layer's input over
+/// the region, and the derivative of a sub-graph (a residual block's branches).
+struct DerivativeArgs {
+  std::function<const NodeBounds&(const Layer&)> input_bounds;
+  std::function<std::optional<LayerGraph>(const LayerGraph&)> graph;
+};
+
 /// One layer kind. The formula of each method sits above its code in the rule's
 /// file; every rule has a sampling soundness test (tests/certify/test_rules.cpp).
 class BoundRule {
@@ -100,6 +108,10 @@ class BoundRule {
   /// Jacobian bound step (local Lipschitz, Fast-Lip style): an interval enclosure of
   /// Jacobian rows over the output -> over each input. `sample` [R]: each row's sample.
   virtual std::vector<JacobianBox> jacobian(const BackwardArgs& a, const JacobianBox& j) const = 0;
+  /// The layer of the derivative graph (docs §16): the map s -> J·s of this layer at
+  /// any point of the region. nullopt: none in the form of a layer (the relaxed
+  /// Jacobian bound then falls back to the interval one).
+  virtual std::optional<Layer> derivative(const Layer& l, const DerivativeArgs& a) const { return std::nullopt; }
 };
 
 /// The rule of a layer's kind; UnsupportedLayerError naming the layer and saying

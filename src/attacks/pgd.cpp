@@ -1,10 +1,11 @@
 // PGD and FGSM over an arbitrary log-prob map, and the RA / RA-E / RA-R targets.
+#include "moecert/attack_suite.h"
 #include "moecert/attacks.h"
-#include "moecert/defaults.h"
 #include "moecert/error.h"
-#include "moecert/runtime.h"
 
 #include <torch/torch.h>
+
+#include <limits>
 
 namespace moecert {
 
@@ -26,64 +27,26 @@ namespace {
 
 /// Per-sample loss to maximise. log_probs: [B, K], y: [B] -> [B]
 torch::Tensor attack_loss(const torch::Tensor& log_probs, const torch::Tensor& y, AttackLoss loss) {
-  auto true_lp = log_probs.gather(1, y.unsqueeze(1)).squeeze(1);
-  if (loss == AttackLoss::ce) return -true_lp;
-  // Margin (CW on log-probabilities): best other class minus the true class.
-  auto others = log_probs.scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity());
-  return std::get<0>(others.max(/*dim=*/1)) - true_lp;
-}
-
-/// Euclidean norm per sample, kept broadcastable. [B, ...] -> [B, 1, 1, 1]
-torch::Tensor l2_per_sample(const torch::Tensor& t) {
-  std::vector<int64_t> shape(static_cast<size_t>(t.dim()), 1);
-  shape[0] = t.size(0);
-  return t.flatten(1).norm(2, /*dim=*/1).view(shape);
-}
-
-/// Projects x_adv onto the ε-ball around x and (with `box`) onto [0, 1].
-torch::Tensor project(const torch::Tensor& x_adv, const torch::Tensor& x, Norm norm, double eps, bool box) {
-  auto delta = x_adv - x;
-  if (norm == Norm::linf) {
-    delta = delta.clamp(-eps, eps);
-  } else {
-    auto n = l2_per_sample(delta);
-    delta = delta * torch::clamp_max(eps / (n + 1e-12), 1.0);
-  }
-  return box ? (x + delta).clamp(0.0, 1.0) : x + delta;
-}
-
-torch::Tensor random_start(const torch::Tensor& x, Norm norm, double eps) {
-  if (norm == Norm::linf) return x + torch::empty_like(x).uniform_(-eps, eps);
-  auto dir = torch::randn_like(x);
-  dir = dir / (l2_per_sample(dir) + 1e-12);
-  auto radius = torch::rand({x.size(0)}, x.options()).view({-1, 1, 1, 1}) * eps;
-  return x + dir * radius;
+  return loss == AttackLoss::ce ? loss_ce(log_probs, y) : -class_margin(log_probs, y);
 }
 
 /// Ascent direction of the given norm's steepest step. grad: [B, ...]
 torch::Tensor ascent_direction(const torch::Tensor& grad, Norm norm) {
   if (norm == Norm::linf) return grad.sign();
-  return grad / (l2_per_sample(grad) + 1e-12);
+  std::vector<int64_t> shape(static_cast<size_t>(grad.dim()), 1);
+  shape[0] = grad.size(0);
+  return grad / (grad.flatten(1).norm(2, 1).view(shape) + 1e-12);
 }
 
-/// Per-sample radius versions: eps [B, 1, 1, 1].
-torch::Tensor project_each(const torch::Tensor& x_adv, const torch::Tensor& x, Norm norm,
-                           const torch::Tensor& eps, bool box) {
-  auto delta = x_adv - x;
-  if (norm == Norm::linf) {
-    delta = torch::max(torch::min(delta, eps), -eps);
-  } else {
-    auto n = l2_per_sample(delta);
-    delta = delta * torch::clamp_max(eps / (n + 1e-12), 1.0);
-  }
-  return box ? (x + delta).clamp(0.0, 1.0) : x + delta;
-}
-
-torch::Tensor random_start_each(const torch::Tensor& x, Norm norm, const torch::Tensor& eps) {
-  if (norm == Norm::linf) return x + (torch::rand_like(x) * 2 - 1) * eps;
-  auto dir = torch::randn_like(x);
-  dir = dir / (l2_per_sample(dir) + 1e-12);
-  return x + dir * torch::rand_like(eps) * eps;
+/// A random point of each ball from the global generator (training's PGD).
+torch::Tensor random_start(const AttackBall& ball) {
+  std::vector<int64_t> shape(static_cast<size_t>(ball.x.dim()), 1);
+  shape[0] = ball.x.size(0);
+  auto e = ball.eps.view(shape);
+  if (ball.norm == Norm::linf) return ball.project(ball.x + (torch::rand_like(ball.x) * 2 - 1) * e);
+  auto dir = torch::randn_like(ball.x);
+  dir = dir / (dir.flatten(1).norm(2, 1).view(shape) + 1e-12);
+  return ball.project(ball.x + dir * torch::rand_like(e) * e);
 }
 
 torch::Tensor input_gradient(const LogProbFn& f, const torch::Tensor& x_adv,
@@ -95,17 +58,20 @@ torch::Tensor input_gradient(const LogProbFn& f, const torch::Tensor& x_adv,
 
 }  // namespace
 
+// PGD (Madry et al. 2018) on the engine's sets: random start, `steps` steps of
+// `step_size` along the norm's steepest-ascent direction, projection onto the ball ∩
+// box after each; restarts keep a misclassifying point, else the higher loss.
 torch::Tensor attack_pgd_objective(const LogProbFn& f, const torch::Tensor& x,
                                    const PerSampleLoss& loss, const PgdConfig& cfg,
                                    const torch::Tensor& y) {
   if (cfg.eps < 0) throw ConfigError::invalid("--eps", std::to_string(cfg.eps), ">= 0");
+  const AttackBall ball{x, torch::full({x.size(0)}, cfg.eps, x.options()), cfg.norm, cfg.box};
   torch::Tensor best, best_loss, best_wrong;
   for (int r = 0; r < std::max(1, cfg.restarts); ++r) {
-    auto x_adv = cfg.random_start ? project(random_start(x, cfg.norm, cfg.eps), x, cfg.norm, cfg.eps, cfg.box)
-                                  : x.clone();
+    auto x_adv = cfg.random_start ? random_start(ball) : x.clone();
     for (int s = 0; s < cfg.steps; ++s) {
       auto g = input_gradient(f, x_adv, loss);
-      x_adv = project(x_adv + cfg.step_size * ascent_direction(g, cfg.norm), x, cfg.norm, cfg.eps, cfg.box);
+      x_adv = ball.project(x_adv + cfg.step_size * ascent_direction(g, cfg.norm));
     }
     if (cfg.restarts <= 1) return x_adv.detach();
     torch::Tensor lp;
@@ -128,65 +94,6 @@ torch::Tensor attack_pgd_objective(const LogProbFn& f, const torch::Tensor& x,
   return best.detach();
 }
 
-torch::Tensor attack_pgd_each(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
-                              const torch::Tensor& eps, const PgdConfig& cfg,
-                              const std::vector<uint64_t>& row_seeds) {
-  if (eps.dim() != 1 || eps.size(0) != x.size(0))
-    throw ShapeError::unexpected("attack_pgd_each eps", "[B]", eps.sizes().vec());
-  auto e = eps.to(x.options()).view({-1, 1, 1, 1});
-  auto step = e * (cfg.steps > 0 ? defaults::step_scale / cfg.steps : 1.0);
-  const AttackLoss kind = cfg.loss;
-  PerSampleLoss loss = [&y, kind](const torch::Tensor& lp) { return attack_loss(lp, y, kind); };
-  if (!row_seeds.empty() && static_cast<int64_t>(row_seeds.size()) != x.size(0))
-    throw ShapeError::unexpected("attack_pgd_each row seeds", "one per sample", {static_cast<int64_t>(row_seeds.size())});
-  torch::Tensor best, found;
-  for (int r = 0; r < std::max(1, cfg.restarts); ++r) {
-    torch::Tensor start;
-    if (cfg.random_start && !row_seeds.empty()) {
-      // Each row's start depends only on its own seed (and the restart), not on
-      // which other rows share the batch: sharded runs reproduce unsharded ones.
-      std::vector<torch::Tensor> rows;
-      for (int64_t b = 0; b < x.size(0); ++b) {
-        auto gen = at::make_generator<at::CPUGeneratorImpl>(row_seeds[static_cast<size_t>(b)] * 1000003ULL +
-                                                            static_cast<uint64_t>(r));
-        auto opts = x.options().device(torch::kCPU);
-        auto xb = x[b].unsqueeze(0).cpu();
-        auto eb = e[b].unsqueeze(0).cpu();
-        torch::Tensor noise;
-        if (cfg.norm == Norm::linf) {
-          noise = (torch::rand(xb.sizes(), gen, opts) * 2 - 1) * eb;
-        } else {
-          auto dir = torch::randn(xb.sizes(), gen, opts);
-          dir = dir / (l2_per_sample(dir) + 1e-12);
-          noise = dir * torch::rand({1, 1, 1, 1}, gen, opts) * eb;
-        }
-        rows.push_back(xb + noise);
-      }
-      start = torch::cat(rows, 0).to(x.device());
-    }
-    auto x_adv = cfg.random_start
-                     ? project_each(start.defined() ? start : random_start_each(x, cfg.norm, e), x, cfg.norm, e, cfg.box)
-                     : x.clone();
-    for (int s = 0; s < cfg.steps; ++s) {
-      auto g = input_gradient(f, x_adv, loss);
-      x_adv = project_each(x_adv + step * ascent_direction(g, cfg.norm), x, cfg.norm, e, cfg.box);
-    }
-    torch::Tensor wrong;
-    {
-      torch::NoGradGuard no_grad;
-      wrong = f(x_adv).argmax(1).ne(y);
-    }
-    if (!best.defined()) {
-      best = x_adv, found = wrong;
-      continue;
-    }
-    auto take = wrong & ~found;  // keep the first restart that misclassifies
-    best = torch::where(take.view({-1, 1, 1, 1}), x_adv, best);
-    found = found | wrong;
-  }
-  return best.detach();
-}
-
 torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
                          const PgdConfig& cfg) {
   const AttackLoss kind = cfg.loss;
@@ -196,10 +103,9 @@ torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch
 
 torch::Tensor attack_fgsm(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
                           Norm norm, double eps) {
-  auto g = input_gradient(f, x, [&y](const torch::Tensor& lp) {
-    return attack_loss(lp, y, AttackLoss::ce);
-  });
-  return project(x + eps * ascent_direction(g, norm), x, norm, eps, /*box=*/true).detach();
+  auto g = input_gradient(f, x, [&y](const torch::Tensor& lp) { return loss_ce(lp, y); });
+  const AttackBall ball{x, torch::full({x.size(0)}, eps, x.options()), norm, true};
+  return ball.project(x + eps * ascent_direction(g, norm)).detach();
 }
 
 FrozenParameters::FrozenParameters(torch::nn::Module& module)
@@ -240,12 +146,37 @@ int64_t attack_count_correct(const torch::Tensor& log_probs, const torch::Tensor
   return log_probs.argmax(/*dim=*/1).eq(y).sum().item<int64_t>();
 }
 
+std::vector<AwareObjective> route_aware_objectives(MoeImpl& model, const LogProbFn& whole, const torch::Tensor& y,
+                                                   const std::string& prefix) {
+  const auto& spec = model.spec();
+  const int64_t E = model.num_experts(), k = spec.top_k;
+  std::vector<AwareObjective> out;
+  if (E < 2 || spec.routing != Routing::top_k || k >= E) return out;
+  for (int64_t j = 0; j < E; ++j) {
+    out.push_back({prefix + "route-" + std::to_string(j), [&model, whole, y, j, k](const torch::Tensor& x) {
+                     auto g = model.router_logits(x);
+                     auto others = g.index_fill(1, torch::tensor({j}, torch::kLong).to(g.device()),
+                                                -std::numeric_limits<float>::infinity());
+                     auto kth = std::get<0>(others.topk(k, 1)).select(1, k - 1);
+                     auto route = g.select(1, j) - kth;
+                     auto lp = whole(x);
+                     auto zy = lp.gather(1, y.unsqueeze(1)).squeeze(1);
+                     auto other = std::get<0>(lp.scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity()).max(1));
+                     return torch::where(route.gt(0), other - zy, route - 1e3);
+                   }});
+  }
+  return out;
+}
+
 AttackSubject attack_subject(MoeImpl& model) {
   AttackSubject s;
   s.module = &model;
   s.has_router = model.num_experts() > 1;
   s.target = [&model](AttackTarget t, const torch::Tensor& x) {
     return attack_target_fn(model, t, x);
+  };
+  s.aware = [&model](const torch::Tensor& y) {
+    return route_aware_objectives(model, [&model](const torch::Tensor& x) { return model.forward(x); }, y, "");
   };
   return s;
 }
@@ -257,46 +188,21 @@ RobustnessReport attack_evaluate(MoeImpl& model, const Dataset& data, const PgdC
                          progress);
 }
 
+// PGD through the suite's runner (`--suite pgd`): the same per-batch loop, guard and
+// bookkeeping as every other suite; each attack on the samples still robust.
 RobustnessReport attack_evaluate(const AttackSubject& subject, const Dataset& data,
                                  const PgdConfig& cfg, bool components, int64_t batch_size,
                                  torch::Device device, bool progress) {
-  auto& model = *subject.module;
-  const bool was_training = model.is_training();
-  model.eval();
-  const bool split = components && subject.has_router;
-  Progress meter("attack", data.size(), progress);
-  int64_t sa = 0, ra = 0, ra_e = 0, ra_r = 0;
-  for (int64_t start = 0; start < data.size(); start += batch_size) {
-    const int64_t n = std::min(batch_size, data.size() - start);
-    auto idx = torch::arange(start, start + n, torch::kLong);
-    auto x = data.batch_images(idx).to(device);
-    auto y = data.batch_labels(idx).to(device);
-    auto count = [&](AttackTarget t) {
-      FrozenParameters frozen(model);
-      auto f = subject.target(t, x);
-      auto x_adv = attack_pgd(f, x, y, cfg);
-      torch::NoGradGuard no_grad;
-      return attack_count_correct(f(x_adv), y);
-    };
-    {
-      torch::NoGradGuard no_grad;
-      sa += attack_count_correct(subject.target(AttackTarget::whole, x)(x), y);
-    }
-    const int64_t whole = count(AttackTarget::whole);
-    ra += whole;
-    ra_e += split ? count(AttackTarget::experts) : whole;
-    ra_r += split ? count(AttackTarget::router) : whole;
-    meter.advance(n, "RA " + fmt_fixed(static_cast<double>(ra) / static_cast<double>(start + n), 3));
-  }
-  if (was_training) model.train();
+  SuiteConfig sc;
+  sc.suite = Suite::pgd;
+  sc.norm = cfg.norm, sc.eps = cfg.eps, sc.box = cfg.box, sc.pgd = cfg, sc.components = components;
+  const auto s = attack_suite(subject, data, sc, batch_size, device, progress);
   RobustnessReport r;
-  const double N = static_cast<double>(std::max<int64_t>(1, data.size()));
-  r.samples = data.size();
-  r.sa = static_cast<double>(sa) / N;
-  r.ra = static_cast<double>(ra) / N;
-  r.ra_e = static_cast<double>(ra_e) / N;
-  r.ra_r = static_cast<double>(ra_r) / N;
-  r.seconds = meter.elapsed();
+  r.samples = s.samples;
+  r.sa = s.sa, r.ra = s.ra;
+  r.ra_e = components ? s.ra_e : s.ra;
+  r.ra_r = components ? s.ra_r : s.ra;
+  r.seconds = s.seconds;
   return r;
 }
 

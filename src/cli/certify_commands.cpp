@@ -161,7 +161,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
   std::string invocation;
   for (int i = 0; i < argc; ++i) invocation += (i ? " " : "") + std::string(argv[i]);
   auto* cmd = app.add_subcommand(
-      "certify", "per-sample certified radii (Theorem 5.4 / 5.5) cross-checked against PGD; "
+      "certify", "per-sample certified radii (Theorem 5.4 / 5.5) cross-checked against attacks (FMN, APGD); "
                  "writes DIR/results.json; exit 3 on a soundness violation");
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")->required();
   cmd->add_option("--out", o->out, "output directory (results.json)")->required();
@@ -180,8 +180,8 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
       ->capture_default_str();
   cmd->add_option("--alpha-steps", o->alpha_steps, "alpha-CROWN: optimisation steps per bound")->capture_default_str();
   cmd->add_option("--eps-grid", o->eps_grid, "radii for certified / empirical accuracy")->capture_default_str();
-  cmd->add_option("--steps", o->steps, "PGD steps of the empirical radius bisection")->capture_default_str();
-  cmd->add_option("--restarts", o->restarts, "PGD restarts")->capture_default_str();
+  cmd->add_option("--steps", o->steps, "APGD steps of the empirical radius bisection")->capture_default_str();
+  cmd->add_option("--restarts", o->restarts, "APGD random starts")->capture_default_str();
   cmd->add_option("--bisect-steps", o->bisect_steps, "local radius bisection steps")->capture_default_str();
   cmd->add_option("--jacobian", o->jacobian,
                   "local constants: crown (CROWN through the Jacobian's graph, and the interval Jacobian) | "
@@ -192,7 +192,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
   cmd->add_option("--batch-size", o->batch_size)->capture_default_str();
   cmd->add_option("--shard", o->shard,
                   "i/n (0-based): certify only the blocks of --batch-size samples whose number mod n is i");
-  cmd->add_flag("--no-empirical", o->no_empirical, "skip the PGD cross-check");
+  cmd->add_flag("--no-empirical", o->no_empirical, "skip the attacks' cross-check");
   add_report_options(cmd, *report, /*for_certify=*/true);
   cmd->callback([&common, o, report, invocation] {
     std::vector<Gate> parsed;  // bad gates are usage errors before any work
@@ -246,7 +246,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
               << (cfg.box ? " (ball ∩ [0,1]^d)" : " (whole ball)") << ", estimators " << o->estimator << ", "
               << indices.size() << " " << data.name
               << " test images" << (o->shard.empty() ? "" : " (shard " + o->shard + ")")
-              << (cfg.empirical ? ", PGD-" + std::to_string(cfg.attack.steps) + " bisection cross-check" : "")
+              << (cfg.empirical ? ", FMN + APGD-" + std::to_string(cfg.attack.steps) + " bisection cross-check" : "")
               << std::endl;
     auto results = certify_run(loaded, data, indices, cfg, device, !common.quiet);
     results["command"] = invocation;
@@ -269,7 +269,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     line("headline (best per sample)", agg["headline"]["certified_accuracy"], agg["headline"]["median_radius"]);
     for (const auto& [form, per] : agg["certified_accuracy"].items()) line(form, per, agg["median_radius"][form]);
     if (agg.contains("empirical_accuracy")) {
-      line("empirical (PGD)", agg["empirical_accuracy"], agg["median_empirical_radius"]);
+      line("empirical (FMN, APGD)", agg["empirical_accuracy"], agg["median_empirical_radius"]);
       const auto& t = agg["median_tightness"];
       std::cout << "median tightness (certified / empirical) "
                 << (t.is_null() ? std::string("n/a") : fmt_fixed(t.get<double>(), 4)) << " over "

@@ -1,6 +1,7 @@
 // `moecert train`, `moecert attack`, `moecert info`.
 #include "commands.h"
 
+#include "moecert/attack_suite.h"
 #include "moecert/attacks.h"
 #include "moecert/checkpoint.h"
 #include "moecert/defaults.h"
@@ -258,26 +259,47 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
 
 void cli_register_attack(CLI::App& app, const CommonOptions& common) {
   struct Options {
-    std::string checkpoint, json;
+    std::string checkpoint, json, suite = "standard", save_adv;
     AttackOptions attack;
     int64_t batch_size = 256;
-    bool no_components = false, alpha_sweep = false;
+    int apgd_steps = 100, square_queries = 5000, targets = 9, min_norm_steps = 100;
+    bool no_components = false, alpha_sweep = false, no_aware = false, no_box = false;
   };
   auto o = std::make_shared<Options>();
   auto* cmd = app.add_subcommand("attack", "measure SA, RA, RA-E and RA-R of a checkpoint");
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")
       ->required();
+  cmd->add_option("--suite", o->suite,
+                  "standard (APGD-CE, APGD-T, FMN, MoE-aware runs, Square) | fast (APGD-CE, APGD-T) | pgd (PGD "
+                  "with --steps/--restarts/--loss)")
+      ->capture_default_str();
   add_attack_options(cmd, o->attack, "", "attack");
+  cmd->add_option("--apgd-steps", o->apgd_steps, "iterations of each APGD run")->capture_default_str();
+  cmd->add_option("--targets", o->targets, "APGD-T target classes")->capture_default_str();
+  cmd->add_option("--square-queries", o->square_queries, "Square's queries per sample")->capture_default_str();
+  cmd->add_option("--min-norm-steps", o->min_norm_steps, "FMN iterations")->capture_default_str();
+  cmd->add_flag("--no-aware", o->no_aware, "standard suite without the MoE-aware runs");
+  cmd->add_flag("--no-box", o->no_box, "attack the whole ball, not its intersection with [0,1]^d");
   cmd->add_option("--batch-size", o->batch_size)->capture_default_str();
-  cmd->add_option("--json", o->json, "also write the numbers to this JSON file");
+  cmd->add_option("--json", o->json, "also write the numbers and per-sample results to this JSON file");
+  cmd->add_option("--save-adv", o->save_adv,
+                  "write the adversarial examples to this file (torch.load: x_adv, label, index, robust)");
   cmd->add_flag("--no-components", o->no_components, "skip RA-E and RA-R");
   cmd->add_flag("--alpha-sweep", o->alpha_sweep,
-                "dual-model: SA and RA for alpha = 0.5, 0.6, ..., 1.0");
+                "dual-model: SA and RA (PGD) for alpha = 0.5, 0.6, ..., 1.0");
   cmd->callback([&common, o] {
     runtime_threads(common.threads);
     const auto device = runtime_device(common.device);
     runtime_seed(common.seed);
-    const PgdConfig cfg = o->attack.config();
+    const PgdConfig pgd = o->attack.config();
+    SuiteConfig cfg;
+    cfg.suite = suite_parse(o->suite);
+    cfg.norm = pgd.norm, cfg.eps = pgd.eps, cfg.box = !o->no_box, cfg.pgd = pgd, cfg.pgd.box = cfg.box;
+    cfg.apgd_steps = o->apgd_steps, cfg.targets = o->targets, cfg.square_queries = o->square_queries;
+    cfg.min_norm_steps = o->min_norm_steps;
+    if (o->min_norm_steps < 1)
+      throw ConfigError::invalid("--min-norm-steps", std::to_string(o->min_norm_steps), ">= 1");
+    cfg.aware = !o->no_aware, cfg.components = !o->no_components, cfg.seed = common.seed;
     if (o->batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
     auto loaded = model_load(o->checkpoint, device);
     if (o->alpha_sweep && !loaded.is_dual())
@@ -286,36 +308,60 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     DataSpec ds = data_spec(common, ds_name, /*train=*/false);
     ds.samples = common.samples;
     Dataset test = data_load(ds);
-    std::cerr << "attack " << o->checkpoint << " (" << loaded.describe() << ") with "
-              << describe_attack(cfg) << " on " << test.size() << " " << test.name << " test images"
-              << std::endl;
-    nlohmann::json j = {{"eps", cfg.eps}, {"norm", norm_name(cfg.norm)}, {"steps", cfg.steps},
-                        {"step_size", cfg.step_size}, {"restarts", cfg.restarts},
-                        {"samples", test.size()}, {"checkpoint", o->checkpoint},
-                        {"dataset", test.name}, {"moecert_version", MOECERT_VERSION}};
-    auto r = attack_evaluate(loaded.subject(), test, cfg, !o->no_components, o->batch_size, device,
-                             !common.quiet);
+    const std::string what = cfg.suite == Suite::pgd ? describe_attack(pgd)
+                                                     : "the " + suite_name(cfg.suite) + " suite, eps " +
+                                                           fmt_fixed(cfg.eps, 4) + " (L" + norm_name(cfg.norm) + ")";
+    std::cerr << "attack " << o->checkpoint << " (" << loaded.describe() << ") with " << what << " on "
+              << test.size() << " " << test.name << " test images" << std::endl;
+    auto r = attack_suite(loaded.subject(), test, cfg, o->batch_size, device, !common.quiet);
     std::cout << "SA    " << fmt_fixed(r.sa, 4) << "\nRA    " << fmt_fixed(r.ra, 4) << "\n";
-    if (!o->no_components)
+    if (cfg.components)
       std::cout << "RA-E  " << fmt_fixed(r.ra_e, 4) << "\nRA-R  " << fmt_fixed(r.ra_r, 4) << "\n";
-    std::cout << "(" << r.samples << " samples, " << describe_attack(cfg) << ", "
-              << fmt_fixed(r.seconds, 1) << " s)\n";
+    std::cout << "(" << r.samples << " samples, " << what << ", " << fmt_fixed(r.seconds, 1) << " s)\n";
+    if (!r.runs.empty()) std::cout << "broken by:";
+    for (size_t i = 0; i < r.runs.size(); ++i)
+      std::cout << " " << r.runs[i] << " " << r.broken[i] << " (" << fmt_fixed(r.run_seconds[i], 1) << " s)"
+                << (i + 1 < r.runs.size() ? "," : "\n");
+    nlohmann::json j = {{"eps", cfg.eps}, {"norm", norm_name(cfg.norm)}, {"suite", suite_name(cfg.suite)},
+                        {"box", cfg.box}, {"samples", test.size()}, {"checkpoint", o->checkpoint},
+                        {"dataset", test.name}, {"moecert_version", MOECERT_VERSION}, {"seed", common.seed}};
+    if (cfg.suite == Suite::pgd)
+      j["steps"] = pgd.steps, j["step_size"] = pgd.step_size, j["restarts"] = pgd.restarts;
+    else
+      j["apgd_steps"] = cfg.apgd_steps, j["targets"] = cfg.targets, j["square_queries"] = cfg.square_queries,
+      j["min_norm_steps"] = cfg.min_norm_steps, j["aware"] = cfg.aware;
     j["sa"] = r.sa, j["ra"] = r.ra, j["seconds"] = r.seconds;
-    if (!o->no_components) j["ra_e"] = r.ra_e, j["ra_r"] = r.ra_r;
+    if (cfg.components) j["ra_e"] = r.ra_e, j["ra_r"] = r.ra_r;
+    j["runs"] = nlohmann::json::array();
+    for (size_t i = 0; i < r.runs.size(); ++i)
+      j["runs"].push_back({{"name", r.runs[i]}, {"broken", r.broken[i]}, {"seconds", r.run_seconds[i]}});
+    j["rows"] = nlohmann::json::array();
+    auto labels = test.labels.cpu();
+    for (size_t i = 0; i < r.rows.size(); ++i) {
+      const auto& row = r.rows[i];
+      j["rows"].push_back({{"index", static_cast<int64_t>(i)},
+                           {"label", labels[static_cast<int64_t>(i)].item<int64_t>()},
+                           {"clean_correct", row.clean_correct},
+                           {"robust", row.robust},
+                           {"broken_by", row.broken_by.empty() ? nlohmann::json() : nlohmann::json(row.broken_by)},
+                           {"norm", row.norm}});
+    }
     if (loaded.is_dual()) j["alpha"] = loaded.dual->alpha();
     if (o->alpha_sweep) {
       const double saved_alpha = loaded.dual->alpha();
       j["alpha_sweep"] = nlohmann::json::array();
-      std::cout << "\nalpha    SA      RA\n";
+      std::cout << "\nalpha    SA      RA (" << describe_attack(pgd) << ")\n";
       for (int step = 5; step <= 10; ++step) {
         loaded.dual->set_alpha(step / 10.0);
-        auto s = attack_evaluate(loaded.subject(), test, cfg, false, o->batch_size, device, false);
+        auto s = attack_evaluate(loaded.subject(), test, pgd, false, o->batch_size, device, false);
         std::cout << fmt_fixed(step / 10.0, 1) << "    " << fmt_fixed(s.sa, 4) << "  "
                   << fmt_fixed(s.ra, 4) << "\n";
         j["alpha_sweep"].push_back({{"alpha", step / 10.0}, {"sa", s.sa}, {"ra", s.ra}});
       }
       loaded.dual->set_alpha(saved_alpha);
     }
+    if (!o->save_adv.empty())
+      save_adversarial(o->save_adv, r, test.labels, torch::arange(test.size(), torch::kLong));
     if (!o->json.empty()) write_file_atomic(o->json, j.dump(2) + "\n");
   });
 }

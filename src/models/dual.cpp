@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 
 namespace moecert {
 
@@ -49,6 +50,21 @@ AttackSubject attack_subject(DualImpl& dual) {
       if (dual.alpha() == 0.0) return fs(xx);
       return dual.mix(fs(xx), fr(xx));
     };
+  };
+  // Each member's class margin (the mixture is the whole model), and route-aware runs
+  // through each member's router judged by the mixture.
+  s.aware = [&dual](const torch::Tensor& y) {
+    std::vector<AwareObjective> out;
+    auto margin_loss = [y](const torch::Tensor& lp) {
+      auto zy = lp.gather(1, y.unsqueeze(1)).squeeze(1);
+      return std::get<0>(lp.scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity()).max(1)) - zy;
+    };
+    out.push_back({"member-standard", [&dual, margin_loss](const torch::Tensor& x) { return margin_loss(dual.standard().forward(x)); }});
+    out.push_back({"member-robust", [&dual, margin_loss](const torch::Tensor& x) { return margin_loss(dual.robust().forward(x)); }});
+    LogProbFn whole = [&dual](const torch::Tensor& x) { return dual.forward(x); };
+    for (auto& o : route_aware_objectives(dual.standard(), whole, y, "standard-")) out.push_back(std::move(o));
+    for (auto& o : route_aware_objectives(dual.robust(), whole, y, "robust-")) out.push_back(std::move(o));
+    return out;
   };
   return s;
 }

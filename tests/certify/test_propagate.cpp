@@ -250,6 +250,45 @@ TEST_CASE("a pass narrowed to smaller regions is sound and uses its kept rows", 
   }
 }
 
+// The kept-rows budget is per sample (docs §15): a sample keeps the same rows, and so
+// narrows to the same bounds, alone or in a batch whose other samples need far more.
+TEST_CASE("what a sample keeps for narrowing does not depend on its batch", "[certify][bounds]") {
+  const auto net = nets().at(0);
+  const BoundGraph g(net.graph, net.input);
+  auto x = torch::rand({3, 1, 28, 28}, f64);
+  BoundOptions opt;
+  opt.method = BoundMethod::crown;
+  // Input-level row coefficients a pass holds for each of its samples.
+  auto held = [](const BoundPass& p, int64_t B) {
+    auto h = torch::zeros({B}, torch::kLong);
+    for (const auto& per_node : p.refined)
+      for (const auto& r : per_node)
+        if (r.at_input.A.defined())
+          h += torch::bincount(r.at_input.sample, {}, B) * (r.at_input.A.numel() / r.at_input.A.size(0));
+    return h;
+  };
+  const auto eps = torch::tensor({0.03, 0.08, 0.08}, f64);
+  const InputDomain first{x.narrow(0, 0, 1), eps.narrow(0, 0, 1), Norm::linf, true};
+  opt.keep_elements = int64_t{1} << 40;
+  const int64_t need = held(bound_forward(g, first, opt), 1)[0].item<int64_t>();
+  REQUIRE(need > 0);
+  opt.keep_elements = need;  // what the first sample needs: the others need more
+  auto alone = bound_forward(g, first, opt);
+  auto batch = bound_forward(g, {x, eps, Norm::linf, true}, opt);
+  auto kept = held(batch, 3);
+  CHECK(held(alone, 1)[0].item<int64_t>() > 0);
+  CHECK(kept[0].item<int64_t>() == held(alone, 1)[0].item<int64_t>());
+  CHECK((kept <= need).all().item<bool>());  // each sample within its own budget
+  // Narrowed to half the radius, the first sample's bounds are those it has alone.
+  auto small = eps * 0.5;
+  auto a = bound_narrow(alone, {x.narrow(0, 0, 1), small.narrow(0, 0, 1), Norm::linf, true});
+  auto b = bound_narrow(batch, {x, small, Norm::linf, true});
+  for (size_t k = 0; k < a.nodes.size(); ++k) {
+    CHECK(torch::allclose(a.nodes[k].lo, b.nodes[k].lo.narrow(0, 0, 1), 1e-12, 1e-12));
+    CHECK(torch::allclose(a.nodes[k].hi, b.nodes[k].hi.narrow(0, 0, 1), 1e-12, 1e-12));
+  }
+}
+
 // A pass seeded by one over larger regions (docs §15): sound, walks back from no more
 // units than a fresh pass, and bounds about as tight.
 TEST_CASE("a seeded pass is sound and refines fewer units", "[soundness][certify][bounds]") {
@@ -260,6 +299,7 @@ TEST_CASE("a seeded pass is sound and refines fewer units", "[soundness][certify
   auto C = torch::randn({B, 3, K}, f64);
   BoundOptions opt;
   opt.method = BoundMethod::crown;
+  opt.keep_elements = int64_t{1} << 40;  // every refined unit keeps its rows: they count them
   auto units = [](const BoundPass& p) {
     int64_t n = 0;
     for (const auto& per_node : p.refined)

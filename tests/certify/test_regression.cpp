@@ -12,6 +12,7 @@
 #include <fstream>
 
 #include "moecert/certify.h"
+#include "moecert/error.h"
 #include "moecert/model_io.h"
 #include "test_util.h"
 
@@ -167,4 +168,53 @@ TEST_CASE("the Lipschitz forms keep their values (golden radii)", "[soundness][c
   CHECK(positive >= 100);
   CHECK(lowered >= 50);  // the allowance is not zero
   CHECK(improved >= 50);  // the tighter local constants show
+}
+
+// A batch's stages may run in parts side by side (CertifyConfig::sample_parts), and
+// samples may be batched in any way: a sample's result depends on that sample alone,
+// so a split leaves every radius bit-identical, and so does another batching but for
+// the last digits of the Lipschitz forms (matrix products of other shapes).
+TEST_CASE("radii do not depend on how samples are batched or split", "[certify][regression]") {
+  for (const auto& spec : {small_spec(3, "cnn-s", "cnn", Routing::top_k, 2), small_spec(3, "mlp", "linear", Routing::top_k, 1)}) {
+    LoadedModel loaded;
+    loaded.model = formula_moe(spec);
+    loaded.manifest = nlohmann::json::object();
+    auto data = formula_images(12, spec.in_channels, spec.height, spec.width, spec.num_classes);
+    {
+      torch::NoGradGuard ng;
+      data.labels = loaded.model->forward(data.batch_images(torch::arange(12))).argmax(1);
+    }
+    CertifyConfig cfg;
+    cfg.estimators = {Estimator::local, Estimator::ibp, Estimator::crown};
+    cfg.empirical = false;
+    std::vector<int64_t> idx(12);
+    std::iota(idx.begin(), idx.end(), 0);
+    auto radii = [&](int64_t batch, int parts) {
+      cfg.batch_size = batch, cfg.sample_parts = parts;
+      auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
+      nlohmann::json out = nlohmann::json::array();
+      for (const auto& row : res["rows"]) out.push_back(row["radii"]);
+      return out;
+    };
+    const auto whole = radii(12, 1);
+    REQUIRE(whole.size() == 12);
+    CHECK(whole.dump().find("crown") != std::string::npos);
+    CHECK(radii(12, 3) == whole);
+    // Other batches: other matrix shapes, so the Lipschitz forms' last digits may move.
+    const auto five = radii(5, 2);
+    for (size_t i = 0; i < 12; ++i)
+      for (auto& [k, v] : whole[i].items()) {
+        INFO("sample " << i << " " << k);
+        REQUIRE(five[i].contains(k));
+        const double a = v.get<double>(), b = five[i][k].get<double>();
+        if (k.find("_local") == std::string::npos) CHECK(a == b);
+        CHECK(std::abs(a - b) <= 1e-12 * std::abs(a));
+      }
+  }
+  CertifyConfig bad;
+  bad.sample_parts = -1;
+  LoadedModel loaded;
+  loaded.model = formula_moe(small_spec(3, "mlp", "linear", Routing::top_k, 1));
+  auto data = formula_images(2, 1, 8, 8, 4);
+  CHECK_THROWS_AS(certify_run(loaded, data, {0, 1}, bad, torch::kCPU, false), ConfigError);
 }

@@ -2,6 +2,8 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
+
 #include "test_util.h"
 
 using moecert_test::read_text;
@@ -38,7 +40,7 @@ TEST_CASE("train, info and attack --json work end to end", "[e2e][cli]") {
 
   TempDir tmp;
   auto r = run_moecert("--dataset synthetic --samples 200 --quiet attack " + ckpt +
-                       " --eps 0.1 --steps 5 --json " + (tmp / "a.json"));
+                       " --suite pgd --eps 0.1 --steps 5 --json " + (tmp / "a.json"));
   INFO(r.output);
   REQUIRE(r.code == 0);
   CHECK(r.output.find("RA-E") != std::string::npos);
@@ -53,6 +55,54 @@ TEST_CASE("train, info and attack --json work end to end", "[e2e][cli]") {
   CHECK(j["steps"] == 5);
   CHECK(j["samples"] == 200);
   CHECK(j["ra"].get<double>() <= j["sa"].get<double>());
+}
+
+TEST_CASE("attack --suite standard: per-sample JSON, adversarial examples PyTorch opens", "[e2e][cli]") {
+  const auto& ckpt = trained_checkpoint();
+  TempDir tmp;
+  const std::string common = "--dataset synthetic --samples 40 --quiet attack " + ckpt + " --eps 0.1 ";
+  auto pgd = run_moecert(common + "--suite pgd --steps 20 --no-components --json " + (tmp / "pgd.json"));
+  auto r = run_moecert(common + "--square-queries 300 --json " + (tmp / "s.json") + " --save-adv " + (tmp / "adv.pt"));
+  INFO(r.output);
+  REQUIRE(pgd.code == 0);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("broken by: apgd-ce") != std::string::npos);
+  auto j = nlohmann::json::parse(read_text(tmp / "s.json"));
+  auto p = nlohmann::json::parse(read_text(tmp / "pgd.json"));
+  CHECK(j["suite"] == "standard");
+  CHECK(j["ra"].get<double>() <= p["ra"].get<double>());  // at least as strong as PGD-20
+  REQUIRE(j["rows"].size() == 40);
+  int robust = 0;
+  for (const auto& row : j["rows"]) {
+    if (row["robust"].get<bool>()) {
+      ++robust;
+      CHECK(row["broken_by"].is_null());
+      CHECK(row["norm"] == 0.0);
+    } else if (row["clean_correct"].get<bool>()) {
+      CHECK(row["broken_by"].is_string());
+      CHECK(row["norm"].get<double>() > 0.0);
+      CHECK(row["norm"].get<double>() <= 0.1 + 1e-6);
+    } else {
+      CHECK(row["broken_by"] == "clean");
+    }
+  }
+  CHECK(robust == static_cast<int>(std::lround(j["ra"].get<double>() * 40)));
+  int64_t broken = 0;
+  for (const auto& run : j["runs"]) broken += run["broken"].get<int64_t>();
+  CHECK(broken == static_cast<int64_t>(std::lround((j["sa"].get<double>() - j["ra"].get<double>()) * 40)));
+  CHECK(run_moecert(common + "--suite autoattack").code == 2);
+  CHECK(run_moecert(common + "--square-queries 0").code == 2);
+  if (run_shell("/usr/bin/python3 -c 'import torch'").code != 0) {
+    WARN("python3-torch is not installed; skipping the torch.load check");
+    return;
+  }
+  auto py = run_shell("/usr/bin/python3 -c \"import torch; d = torch.load('" + (tmp / "adv.pt") +
+                      "'); x = d['x_adv']; assert x.shape == (40, 1, 28, 28), x.shape; "
+                      "assert d['label'].shape == (40,) and d['robust'].dtype == torch.bool; "
+                      "assert float(x.min()) >= 0 and float(x.max()) <= 1; print('ok', int(d['robust'].sum()))\"");
+  INFO(py.output);
+  CHECK(py.code == 0);
+  CHECK(py.output.find("ok " + std::to_string(robust)) != std::string::npos);
 }
 
 TEST_CASE("a corrupt checkpoint is exit code 2 naming the problem", "[e2e][cli]") {
@@ -148,7 +198,7 @@ TEST_CASE("dual combines two checkpoints and attack sweeps alpha", "[e2e][cli]")
   CHECK(info.code == 0);
   CHECK(info.output.find("dual-model alpha=0.700") != std::string::npos);
   auto r = run_moecert("--dataset synthetic --samples 100 --quiet attack " + (tmp / "dual") +
-                       " --steps 2 --alpha-sweep --json " + (tmp / "sweep.json"));
+                       " --suite pgd --steps 2 --alpha-sweep --json " + (tmp / "sweep.json"));
   INFO(r.output);
   REQUIRE(r.code == 0);
   auto j = nlohmann::json::parse(read_text(tmp / "sweep.json"));
@@ -196,7 +246,7 @@ TEST_CASE("train --arch moe-cnn --method advmoe: defaults of paper 2 and a loada
   auto info = run_moecert("info " + (tmp / "m"));
   CHECK(info.output.find("MoE-CNN cnn-s with N=2 channel groups") != std::string::npos);
   auto a = run_moecert("--dataset synthetic --samples 64 --quiet attack " + (tmp / "m") +
-                       " --steps 2");
+                       " --suite pgd --steps 2");
   INFO(a.output);
   CHECK(a.code == 0);
   CHECK(a.output.find("RA-R") != std::string::npos);

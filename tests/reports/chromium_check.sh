@@ -18,8 +18,8 @@ moecert "${data[@]}" train --method at --experts 2 --epochs 2 --steps 2 --eps 0.
 moecert "${data[@]}" --seed 3 train --method st --experts 2 --epochs 2 --val-samples 64 --eval-steps 1 \
   --out "$tmp/standard"
 moecert dual --standard "$tmp/standard" --robust "$tmp/robust" --alpha 0.8 --out "$tmp/dual"
-moecert --dataset synthetic --samples 64 --quiet attack "$tmp/robust" --eps 0.03 --steps 2 --json "$tmp/robust.json"
-moecert --dataset synthetic --samples 64 --quiet attack "$tmp/dual" --eps 0.03 --steps 2 --alpha-sweep \
+moecert --dataset synthetic --samples 64 --quiet attack "$tmp/robust" --suite pgd --eps 0.03 --steps 2 --json "$tmp/robust.json"
+moecert --dataset synthetic --samples 64 --quiet attack "$tmp/dual" --suite pgd --eps 0.03 --steps 2 --alpha-sweep \
   --json "$tmp/dual.json"
 moecert --dataset synthetic --samples 16 --quiet certify "$tmp/robust" --estimator lipschitz,crown --steps 3 --eps-grid 0.001,0.01 \
   --out "$tmp/cert" --report "$tmp/report" --attack "$tmp/robust.json" --attack "$tmp/dual.json" \
