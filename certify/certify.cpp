@@ -286,22 +286,20 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
     for (auto b : who) seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(index[static_cast<size_t>(b)]));
     const AttackBall ball{xs, torch::tensor(radius, torch::kFloat32).to(ctx.device), cfg.norm, cfg.box};
     const RowSampler sampler(seeds);
-    Objective loss = cfg.attack.loss == AttackLoss::ce
-                         ? Objective([fs, ys](const torch::Tensor& v) { return loss_ce(fs(v), ys); })
-                         : Objective([fs, ys](const torch::Tensor& v) { return loss_dlr(fs(v), ys); });
-    auto found = attack_apgd(loss, fs, ball, ys, sampler, cfg.attack.steps, 0);
-    for (int r = 1; r < cfg.attack.restarts; ++r) {
+    // APGD with --restarts random starts, each on the samples the earlier ones left.
+    AttackFound found{xs.clone(), torch::zeros({xs.size(0)}, torch::kBool).to(xs.device())};
+    for (int r = 0; r < std::max(1, cfg.attack.restarts); ++r) {
       auto rows = (~found.success).nonzero().flatten();
       if (rows.numel() == 0) break;
       auto yr = ys.index_select(0, rows);
       auto fr = subject.target(AttackTarget::whole, xs.index_select(0, rows));
-      Objective lr = cfg.attack.loss == AttackLoss::ce
-                         ? Objective([fr, yr](const torch::Tensor& v) { return loss_ce(fr(v), yr); })
-                         : Objective([fr, yr](const torch::Tensor& v) { return loss_dlr(fr(v), yr); });
-      auto again = attack_apgd(lr, fr, ball.subset(rows), yr, sampler.subset(rows), cfg.attack.steps,
-                               static_cast<uint64_t>(r));
-      found.x_adv.index_copy_(0, rows, again.x_adv);
-      found.success.index_copy_(0, rows, again.success);
+      Objective loss = cfg.attack.loss == AttackLoss::ce
+                           ? Objective([fr, yr](const torch::Tensor& v) { return loss_ce(fr(v), yr); })
+                           : Objective([fr, yr](const torch::Tensor& v) { return loss_dlr(fr(v), yr); });
+      auto run = attack_apgd(loss, fr, ball.subset(rows), yr, sampler.subset(rows), cfg.attack.steps,
+                             static_cast<uint64_t>(r));
+      found.x_adv.index_copy_(0, rows, run.x_adv);
+      found.success.index_copy_(0, rows, run.success);
     }
     torch::NoGradGuard ng;
     auto wrong = fs(found.x_adv).argmax(1).ne(ys).cpu();
