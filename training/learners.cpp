@@ -17,6 +17,18 @@ std::unique_ptr<torch::optim::Optimizer> optimizer_make(std::vector<torch::Tenso
 
 namespace {
 
+/// Applies --router-train to a MoE: sets its router gradient, or (none) freezes its
+/// router for the whole run; returns the parameters its optimizer updates.
+std::vector<torch::Tensor> router_policy(MoeImpl& model, const TrainConfig& c,
+                                         std::vector<std::unique_ptr<FrozenParameters>>& hold) {
+  if (c.router_train != "none") {
+    model.set_router_gradient(router_gradient_parse(c.router_train));
+    return model.parameters();
+  }
+  hold.push_back(std::make_unique<FrozenParameters>(model.router_parameters()));
+  return model.expert_parameters();
+}
+
 void apply(torch::optim::Optimizer& opt, const StepStats& s) {
   opt.zero_grad();
   s.loss.backward();
@@ -27,7 +39,7 @@ class SingleLearner : public Learner {
  public:
   SingleLearner(MoeImpl& model, const TrainConfig& cfg)
       : model_(model), method_(train_method_make(cfg.method)),
-        opt_(optimizer_make(model.parameters(), cfg)) {}
+        opt_(optimizer_make(router_policy(model, cfg, frozen_), cfg)) {}
 
   torch::nn::Module& module() override { return model_; }
   std::vector<torch::optim::Optimizer*> optimizers() override { return {opt_.get()}; }
@@ -43,6 +55,7 @@ class SingleLearner : public Learner {
   int64_t num_experts() override { return model_.num_experts(); }
 
  private:
+  std::vector<std::unique_ptr<FrozenParameters>> frozen_;  // the router, with --router-train none
   MoeImpl& model_;
   std::unique_ptr<TrainMethod> method_;
   std::unique_ptr<torch::optim::Optimizer> opt_;
@@ -54,7 +67,9 @@ class AdvMoeLearner : public Learner {
  public:
   AdvMoeLearner(MoeImpl& model, const TrainConfig& cfg)
       : model_(model), opt_experts_(optimizer_make(model.expert_parameters(), cfg)),
-        opt_router_(optimizer_make(model.router_parameters(), cfg)) {}
+        opt_router_(optimizer_make(model.router_parameters(), cfg)) {
+    model.set_router_gradient(router_gradient_parse(cfg.router_train));
+  }
 
   torch::nn::Module& module() override { return model_; }
   std::vector<torch::optim::Optimizer*> optimizers() override {
@@ -82,8 +97,8 @@ class AdvMoeLearner : public Learner {
 class JtdLearner : public Learner {
  public:
   JtdLearner(DualImpl& dual, const TrainConfig& cfg)
-      : dual_(dual), opt_robust_(optimizer_make(dual.robust().parameters(), cfg)),
-        opt_standard_(optimizer_make(dual.standard().parameters(), cfg)) {}
+      : dual_(dual), opt_robust_(optimizer_make(router_policy(dual.robust(), cfg, frozen_), cfg)),
+        opt_standard_(optimizer_make(router_policy(dual.standard(), cfg, frozen_), cfg)) {}
 
   torch::nn::Module& module() override { return dual_; }
   std::vector<torch::optim::Optimizer*> optimizers() override {
@@ -113,6 +128,7 @@ class JtdLearner : public Learner {
   int64_t num_experts() override { return dual_.robust().num_experts(); }
 
  private:
+  std::vector<std::unique_ptr<FrozenParameters>> frozen_;  // routers, with --router-train none
   DualImpl& dual_;
   std::unique_ptr<torch::optim::Optimizer> opt_robust_, opt_standard_;
 };

@@ -30,30 +30,28 @@ torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const tor
                                const PgdConfig& attack) {
   const int64_t E = model.num_experts();
   if (E < 2) throw ConfigError("rt-er needs at least 2 experts (it regularises the second-ranked one)");
-  torch::Tensor second;
+  // One batched PGD for all experts: each sample is routed to its second-ranked
+  // expert (a fixed routing), so the attack on sample n is PGD against f_i alone,
+  // i = its second-ranked expert; PGD's steps are per sample, so this is the
+  // per-expert formulation of paper 1 run as one pass over the batch.
+  MoeRouting second;
   {
     torch::NoGradGuard no_grad;
-    second = std::get<1>(model.router_logits(x).topk(2, /*dim=*/1)).select(1, 1);  // [B]
+    second.selected = std::get<1>(model.router_logits(x).topk(2, /*dim=*/1)).narrow(1, 1, 1);  // [B, 1]
+    second.log_w = torch::zeros({x.size(0), 1}, x.options());
   }
-  auto total = torch::zeros({}, x.options());
-  for (int64_t i = 0; i < E; ++i) {
-    auto idx = second.eq(i).nonzero().flatten();
-    if (idx.numel() == 0) continue;
-    auto xs = x.index_select(0, idx), ys = y.index_select(0, idx);
-    LogProbFn f_i = [&model, i](const torch::Tensor& in) {
-      return torch::log_softmax(model.expert_logits(i, in), /*dim=*/1);
-    };
-    torch::Tensor xs_adv;
-    {
-      const bool training = model.is_training();
-      model.eval();
-      FrozenParameters frozen(model);
-      xs_adv = attack_pgd(f_i, xs, ys, attack);
-      if (training) model.train();
-    }
-    total = total + kl_rows(f_i(xs), f_i(xs_adv)).sum();
+  LogProbFn f_second = [&model, &second](const torch::Tensor& in) {
+    return model.forward_parts(in, in, &second).log_probs;
+  };
+  torch::Tensor x_adv;
+  {
+    const bool training = model.is_training();
+    model.eval();
+    FrozenParameters frozen(model);
+    x_adv = attack_pgd(f_second, x, y, attack);
+    if (training) model.train();
   }
-  return total;
+  return kl_rows(f_second(x), f_second(x_adv)).sum();
 }
 
 namespace {

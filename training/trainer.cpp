@@ -25,7 +25,9 @@ nlohmann::json TrainConfig::to_json() const {
           {"beta", beta},         {"balance", balance},       {"collapse_share", collapse_share},
           {"optimizer", optimizer}, {"lr", lr},               {"momentum", momentum},
           {"weight_decay", weight_decay}, {"schedule", schedule}, {"milestones", milestones},
-          {"gamma", gamma},       {"seed", seed},             {"jtd_gamma", jtd_gamma},             {"attack", attack_json(attack)},
+          {"gamma", gamma},       {"seed", seed},             {"jtd_gamma", jtd_gamma},
+          {"router_train", router_train}, {"max_expert_share", max_expert_share},
+          {"attack", attack_json(attack)},
           {"eval_attack", attack_json(eval_attack)}};
 }
 
@@ -47,6 +49,12 @@ void TrainConfig::validate() const {
   if (balance < 0) throw ConfigError::invalid("--balance", std::to_string(balance), ">= 0");
   if (!(collapse_share > 0 && collapse_share <= 1))
     throw ConfigError::invalid("--collapse-share", std::to_string(collapse_share), "in (0, 1]");
+  if (!(max_expert_share > 0 && max_expert_share <= 1))
+    throw ConfigError::invalid("--max-expert-share", std::to_string(max_expert_share), "in (0, 1]");
+  if (router_train != "none") router_gradient_parse(router_train);
+  if (router_train == "none" && method == "advmoe")
+    throw ConfigError("--router-train none: advmoe alternates expert and router updates; it cannot keep "
+                      "its router fixed");
 }
 
 namespace {
@@ -144,9 +152,26 @@ void warn_collapse(const std::vector<double>& shares, double limit, const std::s
       std::cerr << "warning: routing collapse in epoch " << epoch + 1 << ": expert " << i
                 << " takes " << fmt_fixed(100 * shares[i], 1) << "% of the " << what
                 << " samples (limit " << fmt_fixed(100 * limit, 0)
-                << "%); the MoE is acting as one small dense model. Consider --balance 0.01."
+                << "%); the MoE is acting as one small dense model (see docs/training.md \"Router gradient\")."
                 << std::endl;
 }
+
+}  // namespace
+
+void train_check_routing_health(const TrainSummary& summary, const TrainConfig& cfg) {
+  const auto& usage = summary.heldout_usage;
+  if (cfg.max_expert_share >= 1 || usage.clean.empty()) return;
+  const double top = usage.max_share();
+  if (top <= cfg.max_expert_share) return;
+  const auto [expert, set] = usage.argmax_share();
+  throw Error(ExitCode::gate_failed,
+              "routing health: expert " + std::to_string(expert) + " takes " + fmt_fixed(100 * top, 1) +
+                  "% of the held-out " + set + " samples, more than --max-expert-share " +
+                  fmt_fixed(100 * cfg.max_expert_share, 1) + "%" +
+                  (cfg.out_dir.empty() ? std::string() : " (the checkpoint in " + cfg.out_dir + " is written)"));
+}
+
+namespace {
 
 double best_heldout_ra(const nlohmann::json& history) {
   double best = -1;
@@ -175,6 +200,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
   const int64_t total_steps = steps_per_epoch * cfg.epochs;
   const auto t0 = std::chrono::steady_clock::now();
   int64_t images_this_run = 0, steps_this_run = 0;
+  ExpertUsage last_usage;
 
   for (int epoch = summary.start_epoch; epoch < cfg.epochs; ++epoch) {
     auto order = data_epoch_order(N, cfg.seed, epoch);
@@ -236,11 +262,20 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
       row["expert_usage_adv"] = shares_adv;
       warn_collapse(shares_adv, cfg.collapse_share, "adversarial", epoch);
     }
+    if (!eval.usage.clean.empty()) {
+      row["heldout_expert_usage_clean"] = ExpertUsage::shares(eval.usage.clean);
+      row["heldout_expert_usage_adv"] = ExpertUsage::shares(eval.usage.adversarial);
+    }
     const bool is_best = eval.ra > best_heldout_ra(summary.history);
     summary.history.push_back(row);
     std::cerr << "epoch " << epoch + 1 << "/" << cfg.epochs << " done: held-out sa "
               << fmt_fixed(eval.sa, 4) << "  ra " << fmt_fixed(eval.ra, 4) << " ("
-              << eval.samples << " samples, PGD-" << cfg.eval_attack.steps << ")" << std::endl;
+              << eval.samples << " samples, PGD-" << cfg.eval_attack.steps << ")";
+    if (!eval.usage.clean.empty())
+      std::cerr << "  experts " << usage_text(ExpertUsage::shares(eval.usage.clean)) << " (adversarial "
+                << usage_text(ExpertUsage::shares(eval.usage.adversarial)) << ")";
+    std::cerr << std::endl;
+    last_usage = eval.usage;
     if (!cfg.out_dir.empty()) {
       nlohmann::json manifest = manifest_base;
       manifest.update(learner.manifest_fields());
@@ -262,6 +297,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
   const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   summary.images_per_s = t > 0 ? images_this_run / t : 0;
   if (summary.epochs_done == 0) summary.epochs_done = summary.start_epoch;
+  summary.heldout_usage = last_usage;
   return summary;
 }
 

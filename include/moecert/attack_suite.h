@@ -142,6 +142,9 @@ struct SuiteResult {
   double sa = 0, ra = 0, seconds = 0;
   double ra_e = -1, ra_r = -1;  ///< with SuiteConfig::components (else -1)
   int64_t samples = 0;
+  /// Routing on the clean inputs and at the first run's points (every attacked
+  /// sample's point, broken or not; the clean input for misclassified samples).
+  ExpertUsage usage;
 };
 
 /// Runs the suite on a data set in batches (eval mode, frozen parameters, restored

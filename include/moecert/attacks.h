@@ -12,6 +12,7 @@
 #include <functional>
 #include <vector>
 #include <string>
+#include <utility>
 
 namespace moecert {
 
@@ -98,6 +99,10 @@ struct AttackSubject {
   std::function<LogProbFn(AttackTarget, const torch::Tensor& x_clean)> target;
   bool has_router = false;
   std::function<std::vector<AwareObjective>(const torch::Tensor& y)> aware;
+  /// The routing whose health is reported: x -> [B] int64 index of each sample's
+  /// top-ranked expert (a dual-model: its robust member's). Empty without a router.
+  std::function<torch::Tensor(const torch::Tensor& x)> route;
+  int64_t experts = 1;  ///< number of experts `route` chooses from
 };
 
 /// Route-aware objectives of a MoE with top-k routing (k < E), one per expert j:
@@ -114,11 +119,25 @@ AttackSubject attack_subject(MoeImpl& model);
 /// Accuracy of `f` on (x, y): fraction of argmax == y. x: [B, ...], y: [B]
 int64_t attack_count_correct(const torch::Tensor& log_probs, const torch::Tensor& y);
 
+/// Samples per expert (by top-ranked router expert) on clean inputs and at the
+/// attack's points; empty vectors for a model without a router.
+struct ExpertUsage {
+  std::vector<int64_t> clean, adversarial;
+  /// Largest share of one expert over both; 0 when empty.
+  double max_share() const;
+  /// Index of the expert with the largest share and which set it is in ("clean" or
+  /// "adversarial"); {-1, ""} when empty.
+  std::pair<int64_t, std::string> argmax_share() const;
+  /// Shares as fractions, per set.
+  static std::vector<double> shares(const std::vector<int64_t>& counts);
+};
+
 /// Robust accuracies on a data set.
 struct RobustnessReport {
   double sa = 0, ra = 0, ra_e = 0, ra_r = 0;  ///< fractions in [0, 1]
   int64_t samples = 0;
   double seconds = 0;
+  ExpertUsage usage;
 };
 
 /// Evaluates SA and RA (and RA-E, RA-R if `components` and the subject routes;

@@ -21,6 +21,23 @@ namespace moecert {
 /// How the router's weights pick experts.
 enum class Routing { soft, top_k };
 
+/// The router's gradient under top-1 routing in training mode (docs/training.md
+/// "Router gradient"). The forward value is the same for both: the selected expert's
+/// output with weight 1.
+enum class RouterGradient {
+  /// The weight's gradient is that of a_sel = softmax(g)_sel (AdvMoE's channel mask
+  /// for moe-cnn). For CE it always raises a_sel: collapse is its fixed point.
+  straight_through,
+  /// The gradient of the renormalised top-2 mixture log(ã1 f1 + ã2 f2) with the
+  /// experts' outputs held constant: raises the router logit of whichever of the two
+  /// best-ranked experts gives the better loss. Costs one forward of the
+  /// second-ranked expert per training sample, without gradients.
+  top2,
+};
+/// "straight-through" | "top2" -> RouterGradient; ConfigError otherwise.
+RouterGradient router_gradient_parse(const std::string& s);
+std::string router_gradient_name(RouterGradient g);
+
 /// Everything needed to rebuild a model; stored as "architecture" in model.json.
 struct ModelSpec {
   std::string kind = "moe";            ///< moe (model-level) | moe-cnn (channel groups)
@@ -111,6 +128,10 @@ class MoeImpl : public torch::nn::Module {
   torch::Tensor router_logits(const torch::Tensor& x);
 
   const ModelSpec& spec() const { return spec_; }
+  /// Used by top-1 forwards in training mode with grad mode on and a trainable router;
+  /// evaluation and attacks (eval mode) always use the straight-through weight.
+  void set_router_gradient(RouterGradient g) { router_gradient_ = g; }
+  RouterGradient router_gradient() const { return router_gradient_; }
   int64_t num_experts() const { return spec_.experts; }
   BackboneImpl& expert(int64_t i) { return *experts_[static_cast<size_t>(i)]; }
   BackboneImpl* router() { return router_.get(); }
@@ -131,8 +152,11 @@ class MoeImpl : public torch::nn::Module {
   torch::Tensor dispatch(const torch::Tensor& xn, const torch::Tensor& selected,
                          const torch::Tensor& gate);
   void check_input(const torch::Tensor& x, const char* what) const;
+  /// Whether this forward gives the router the top-2 mixture's gradient.
+  bool top2_router_gradient() const;
 
   ModelSpec spec_;
+  RouterGradient router_gradient_ = RouterGradient::top2;
   torch::Tensor mean_, std_;  // buffers [1, C, 1, 1]
   std::shared_ptr<BackboneImpl> router_;
   std::shared_ptr<ChannelGroupNetImpl> body_;  // moe-cnn only

@@ -19,8 +19,14 @@ struct TrainConfig {
   std::string method = "at";        ///< st | at | trades | rt-er | advmoe | jtdmoe (dual-model)
   double jtd_gamma = 0.0;           ///< JTDMoE: weight of CE(F_D(x_adv)) in the F_S step (0 = paper)
   double beta = 6.0;                ///< TRADES / RT-ER regulariser weight (papers' default)
-  double balance = 0.0;             ///< weight of the load-balancing loss (0 = off)
+  double balance = 0.01;            ///< weight of the load-balancing loss (0 = off)
   double collapse_share = 0.9;      ///< warn when one expert takes more of the samples
+  /// Health gate: after the last epoch, exit 1 when one expert takes more than this
+  /// share of the held-out samples, clean or adversarial (1 = off).
+  double max_expert_share = 1.0;
+  /// How the router learns: top2 | straight-through (RouterGradient) | none (kept at its
+  /// initialisation, as paper 1's code does).
+  std::string router_train = "top2";
   int epochs = 10;
   int64_t batch_size = 128;
   std::string optimizer = "adam";   ///< adam | sgd
@@ -110,7 +116,13 @@ struct TrainSummary {
   int epochs_done = 0;
   nlohmann::json history;        ///< one object per epoch (loss, train/held-out SA and RA, ...)
   double images_per_s = 0;       ///< training throughput of this process
+  ExpertUsage heldout_usage;     ///< the last epoch's held-out routing (clean and attacked)
 };
+
+/// The --max-expert-share gate on a finished run: throws Error(gate_failed) naming the
+/// expert and its share when one expert takes more than cfg.max_expert_share of the
+/// held-out samples, clean or adversarial. No-op at 1 or without a router.
+void train_check_routing_health(const TrainSummary& summary, const TrainConfig& cfg);
 
 /// Trains `model` on `train`, evaluates on `held_out` after every epoch, and (if
 /// cfg.out_dir is set) saves an atomic checkpoint after every epoch whose manifest

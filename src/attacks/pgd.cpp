@@ -178,6 +178,10 @@ AttackSubject attack_subject(MoeImpl& model) {
   s.aware = [&model](const torch::Tensor& y) {
     return route_aware_objectives(model, [&model](const torch::Tensor& x) { return model.forward(x); }, y, "");
   };
+  if (s.has_router) {
+    s.experts = model.num_experts();
+    s.route = [&model](const torch::Tensor& x) { return model.router_logits(x).argmax(/*dim=*/1); };
+  }
   return s;
 }
 
@@ -203,6 +207,7 @@ RobustnessReport attack_evaluate(const AttackSubject& subject, const Dataset& da
   r.ra_e = components ? s.ra_e : s.ra;
   r.ra_r = components ? s.ra_r : s.ra;
   r.seconds = s.seconds;
+  r.usage = s.usage;
   return r;
 }
 

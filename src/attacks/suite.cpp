@@ -183,6 +183,10 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
     res.broken[it->second] += broke, res.run_seconds[it->second] += s;
   };
   int64_t sa = 0, ra = 0, ra_e = 0, ra_r = 0;
+  if (subject.route) {
+    res.usage.clean.assign(static_cast<size_t>(subject.experts), 0);
+    res.usage.adversarial.assign(static_cast<size_t>(subject.experts), 0);
+  }
   for (int64_t start = 0; start < data.size(); start += batch_size) {
     const int64_t n = std::min(batch_size, data.size() - start);
     auto idx = torch::arange(start, start + n, torch::kLong);
@@ -201,7 +205,8 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
     const AttackBall whole_ball{x, torch::full({n}, cfg.eps, x.options()), cfg.norm, cfg.box};
     // The runs of `runs` against target t on the samples still robust; returns the
     // robust mask, and (for t = whole) fills x_adv and broken_by.
-    torch::Tensor x_adv = x.clone();
+    torch::Tensor x_adv = x.clone(), x_first = x.clone();
+    bool first_run = true;
     std::vector<std::string> broken_by(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i)
       if (!correct_cpu[i].item<bool>()) broken_by[static_cast<size_t>(i)] = "clean";
@@ -228,6 +233,7 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
             if (o.name == aware->name) obj = &o;
         }
         auto found = attack_for(run).run({fr, ball, ys, sub, cfg, obj});
+        if (whole && first_run) x_first.index_copy_(0, rows, found.x_adv.detach()), first_run = false;
         // Count only what the judge confirms inside the ball (the float32 model at a
         // point of the set).
         torch::NoGradGuard ng;
@@ -259,6 +265,15 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
         (t == AttackTarget::experts ? ra_e : ra_r) += r.sum().item<int64_t>();
       }
     }
+    if (subject.route) {
+      torch::NoGradGuard ng;
+      auto count = [&](const torch::Tensor& at, std::vector<int64_t>& into) {
+        auto c = torch::bincount(subject.route(at).cpu(), /*weights=*/{}, subject.experts);
+        for (int64_t e = 0; e < subject.experts; ++e) into[static_cast<size_t>(e)] += c[e].item<int64_t>();
+      };
+      count(x, res.usage.clean);
+      count(x_first, res.usage.adversarial);
+    }
     auto norms = whole_ball.distance(x_adv).to(torch::kFloat64).cpu();
     auto robust_cpu = robust.cpu();
     for (int64_t i = 0; i < n; ++i) {
@@ -278,6 +293,32 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
   res.x_adv = adv.empty() ? torch::empty({0}) : torch::cat(adv, 0);
   res.seconds = meter.elapsed();
   return res;
+}
+
+std::vector<double> ExpertUsage::shares(const std::vector<int64_t>& counts) {
+  int64_t total = 0;
+  for (auto c : counts) total += c;
+  std::vector<double> out;
+  for (auto c : counts) out.push_back(total > 0 ? static_cast<double>(c) / static_cast<double>(total) : 0.0);
+  return out;
+}
+
+std::pair<int64_t, std::string> ExpertUsage::argmax_share() const {
+  std::pair<int64_t, std::string> best{-1, ""};
+  double top = -1;
+  for (const auto* set : {&clean, &adversarial}) {
+    const auto sh = shares(*set);
+    for (size_t i = 0; i < sh.size(); ++i)
+      if (sh[i] > top) top = sh[i], best = {static_cast<int64_t>(i), set == &clean ? "clean" : "adversarial"};
+  }
+  return best;
+}
+
+double ExpertUsage::max_share() const {
+  double top = 0;
+  for (const auto* set : {&clean, &adversarial})
+    for (double v : shares(*set)) top = std::max(top, v);
+  return top;
 }
 
 void save_adversarial(const std::string& path, const SuiteResult& r, const torch::Tensor& labels,

@@ -105,11 +105,32 @@ Moe jtd_member(const std::string& dir, const ModelSpec& spec) {
   return loaded.model;
 }
 
+/// Shares per expert as "0.25/0.31/0.22/0.22".
+std::string usage_line(const std::vector<double>& shares) {
+  std::string out;
+  for (double v : shares) out += (out.empty() ? "" : "/") + fmt_fixed(v, 2);
+  return out;
+}
+std::string usage_line(const std::vector<int64_t>& counts) { return usage_line(ExpertUsage::shares(counts)); }
+
+/// Routing health gate of `attack --max-expert-share`: exit 1 naming the expert.
+void check_usage_gate(const ExpertUsage& u, double limit, const std::string& what) {
+  if (limit >= 1 || u.clean.empty() || u.max_share() <= limit) return;
+  const auto [expert, set] = u.argmax_share();
+  throw Error(ExitCode::gate_failed, "routing health: expert " + std::to_string(expert) + " takes " +
+                                         fmt_fixed(100 * u.max_share(), 1) + "% of the " + set + " " + what +
+                                         " samples, more than --max-expert-share " + fmt_fixed(100 * limit, 1) + "%");
+}
+
 void report_training(const TrainSummary& summary, const std::string& out_dir) {
   const auto& last = summary.history.back();
   std::cout << "trained " << summary.epochs_done << " epochs (" << fmt_fixed(summary.images_per_s, 0)
             << " img/s); held-out SA " << fmt_fixed(last.value("heldout_sa", 0.0), 4) << ", RA "
             << fmt_fixed(last.value("heldout_ra", 0.0), 4) << "; checkpoint " << out_dir << "\n";
+  const auto& u = summary.heldout_usage;
+  if (!u.clean.empty())
+    std::cout << "held-out expert usage: clean " << usage_line(u.clean) << ", adversarial "
+              << usage_line(u.adversarial) << "\n";
 }
 
 void run_train(const CommonOptions& common, TrainOptions& o) {
@@ -165,7 +186,9 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
               << model_describe(dual->robust().spec()) << " (robust); " << train.size()
               << " training / " << val.size() << " held-out images; " << threads << " threads on "
               << device << std::endl;
-    report_training(train_dual_run(*dual, train, val, o.cfg, base, device), o.cfg.out_dir);
+    const auto summary = train_dual_run(*dual, train, val, o.cfg, base, device);
+    report_training(summary, o.cfg.out_dir);
+    train_check_routing_health(summary, o.cfg);
     return;
   }
   Moe model(o.spec);
@@ -174,7 +197,9 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
             << module_parameter_count(*model) << " parameters; " << train.size() << " training / "
             << val.size() << " held-out " << train.name << " images; " << threads << " threads on "
             << device << "; training attack " << describe_attack(o.cfg.attack) << std::endl;
-  report_training(train_run(*model, train, val, o.cfg, base, device), o.cfg.out_dir);
+  const auto summary = train_run(*model, train, val, o.cfg, base, device);
+  report_training(summary, o.cfg.out_dir);
+  train_check_routing_health(summary, o.cfg);
 }
 
 void add_attack_options(CLI::App* cmd, AttackOptions& a, const std::string& prefix,
@@ -215,6 +240,14 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("--init-robust", o->init_robust, "jtdmoe: start F_R from this checkpoint");
   cmd->add_option("--beta", c.beta, "TRADES / RT-ER regulariser weight")->capture_default_str();
   cmd->add_option("--balance", c.balance, "load-balancing loss weight (0 = off)")
+      ->capture_default_str();
+  cmd->add_option("--router-train", c.router_train,
+                  "router gradient: top2 (renormalised top-2 mixture) | straight-through | none "
+                  "(router kept at its random initialisation, as paper 1's code)")
+      ->capture_default_str();
+  cmd->add_option("--max-expert-share", c.max_expert_share,
+                  "routing health gate: exit 1 after training when one expert takes more than this "
+                  "share of the held-out samples, clean or adversarial (1 = off)")
       ->capture_default_str();
   cmd->add_option("--collapse-share", c.collapse_share,
                   "warn when one expert takes more than this share of the samples")
@@ -263,6 +296,7 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     AttackOptions attack;
     int64_t batch_size = 256;
     int apgd_steps = 100, square_queries = 5000, targets = 9, min_norm_steps = 100;
+    double max_expert_share = 1.0;
     bool no_components = false, alpha_sweep = false, no_aware = false, no_box = false;
   };
   auto o = std::make_shared<Options>();
@@ -285,6 +319,10 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("--save-adv", o->save_adv,
                   "write the adversarial examples to this file (torch.load: x_adv, label, index, robust)");
   cmd->add_flag("--no-components", o->no_components, "skip RA-E and RA-R");
+  cmd->add_option("--max-expert-share", o->max_expert_share,
+                  "routing health gate: exit 1 when one expert takes more than this share of the clean or "
+                  "attacked test samples (1 = off)")
+      ->capture_default_str();
   cmd->add_flag("--alpha-sweep", o->alpha_sweep,
                 "dual-model: SA and RA (PGD) for alpha = 0.5, 0.6, ..., 1.0");
   cmd->callback([&common, o] {
@@ -301,6 +339,8 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
       throw ConfigError::invalid("--min-norm-steps", std::to_string(o->min_norm_steps), ">= 1");
     cfg.aware = !o->no_aware, cfg.components = !o->no_components, cfg.seed = common.seed;
     if (o->batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
+    if (!(o->max_expert_share > 0 && o->max_expert_share <= 1))
+      throw ConfigError::invalid("--max-expert-share", std::to_string(o->max_expert_share), "in (0, 1]");
     auto loaded = model_load(o->checkpoint, device);
     if (o->alpha_sweep && !loaded.is_dual())
       throw ConfigError("attack --alpha-sweep needs a dual-model checkpoint (see `moecert dual`)");
@@ -322,6 +362,9 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     for (size_t i = 0; i < r.runs.size(); ++i)
       std::cout << " " << r.runs[i] << " " << r.broken[i] << " (" << fmt_fixed(r.run_seconds[i], 1) << " s)"
                 << (i + 1 < r.runs.size() ? "," : "\n");
+    if (!r.usage.clean.empty())
+      std::cout << "experts: clean " << usage_line(r.usage.clean) << ", attacked " << usage_line(r.usage.adversarial)
+                << (loaded.is_dual() ? " (robust member's router)" : "") << "\n";
     nlohmann::json j = {{"eps", cfg.eps}, {"norm", norm_name(cfg.norm)}, {"suite", suite_name(cfg.suite)},
                         {"box", cfg.box}, {"samples", test.size()}, {"checkpoint", o->checkpoint},
                         {"dataset", test.name}, {"moecert_version", MOECERT_VERSION}, {"seed", common.seed}};
@@ -332,6 +375,12 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
       j["min_norm_steps"] = cfg.min_norm_steps, j["aware"] = cfg.aware;
     j["sa"] = r.sa, j["ra"] = r.ra, j["seconds"] = r.seconds;
     if (cfg.components) j["ra_e"] = r.ra_e, j["ra_r"] = r.ra_r;
+    if (!r.usage.clean.empty())
+      j["expert_usage"] = {{"clean", r.usage.clean},
+                           {"adversarial", r.usage.adversarial},
+                           {"clean_share", ExpertUsage::shares(r.usage.clean)},
+                           {"adversarial_share", ExpertUsage::shares(r.usage.adversarial)},
+                           {"max_share", r.usage.max_share()}};
     j["runs"] = nlohmann::json::array();
     for (size_t i = 0; i < r.runs.size(); ++i)
       j["runs"].push_back({{"name", r.runs[i]}, {"broken", r.broken[i]}, {"seconds", r.run_seconds[i]}});
@@ -363,6 +412,7 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     if (!o->save_adv.empty())
       save_adversarial(o->save_adv, r, test.labels, torch::arange(test.size(), torch::kLong));
     if (!o->json.empty()) write_file_atomic(o->json, j.dump(2) + "\n");
+    check_usage_gate(r.usage, o->max_expert_share, "test");
   });
 }
 
@@ -417,7 +467,15 @@ void cli_register_info(CLI::App& app, const CommonOptions& common) {
         std::cout << "epoch " << row.value("epoch", 0) << "      held-out SA "
                   << fmt_fixed(row.value("heldout_sa", 0.0), 4) << "  RA "
                   << fmt_fixed(row.value("heldout_ra", 0.0), 4) << "  train loss "
-                  << fmt_fixed(row.value("train_loss", 0.0), 4) << "\n";
+                  << fmt_fixed(row.value("train_loss", 0.0), 4)
+                  << (row.contains("heldout_expert_usage_clean")
+                          ? "  experts " + usage_line(row["heldout_expert_usage_clean"].get<std::vector<double>>()) +
+                                " (attacked " + usage_line(row["heldout_expert_usage_adv"].get<std::vector<double>>()) + ")"
+                          : row.contains("expert_usage_clean")
+                                ? "  experts (training batches) " +
+                                      usage_line(row["expert_usage_clean"].get<std::vector<double>>())
+                                : std::string())
+                  << "\n";
   });
 }
 

@@ -66,6 +66,12 @@ AttackSubject attack_subject(DualImpl& dual) {
     for (auto& o : route_aware_objectives(dual.robust(), whole, y, "robust-")) out.push_back(std::move(o));
     return out;
   };
+  MoeImpl* routed = dual.robust().num_experts() > 1 ? &dual.robust()
+                    : dual.standard().num_experts() > 1 ? &dual.standard() : nullptr;
+  if (routed) {
+    s.experts = routed->num_experts();
+    s.route = [routed](const torch::Tensor& x) { return routed->router_logits(x).argmax(/*dim=*/1); };
+  }
   return s;
 }
 

@@ -26,6 +26,16 @@ class ChannelGroupPathImpl : public BackboneImpl {
 };
 }  // namespace
 
+RouterGradient router_gradient_parse(const std::string& s) {
+  if (s == "top2") return RouterGradient::top2;
+  if (s == "straight-through") return RouterGradient::straight_through;
+  throw ConfigError::invalid("--router-train", s, "top2 | straight-through | none");
+}
+
+std::string router_gradient_name(RouterGradient g) {
+  return g == RouterGradient::top2 ? "top2" : "straight-through";
+}
+
 nlohmann::json ModelSpec::to_json() const {
   return {{"kind", kind},               {"scale", scale},
           {"in_channels", in_channels}, {"height", height},     {"width", width},
@@ -173,6 +183,15 @@ torch::Tensor MoeImpl::expert_logits(int64_t i, const torch::Tensor& x) {
   return experts_.at(static_cast<size_t>(i))->forward(normalise(x));
 }
 
+bool MoeImpl::top2_router_gradient() const {
+  if (router_gradient_ != RouterGradient::top2 || !is_training() || !torch::GradMode::is_enabled() ||
+      !router_ || spec_.routing != Routing::top_k || spec_.top_k != 1 || spec_.experts < 2)
+    return false;
+  for (const auto& p : router_->parameters())
+    if (p.requires_grad()) return true;
+  return false;
+}
+
 MoeRouting MoeImpl::route(const torch::Tensor& x) {
   const int64_t B = x.size(0), E = spec_.experts;
   MoeRouting r;
@@ -186,6 +205,11 @@ MoeRouting MoeImpl::route(const torch::Tensor& x) {
     r.selected = torch::arange(E, torch::TensorOptions().dtype(torch::kLong).device(x.device()))
                      .expand({B, E});
     r.log_w = torch::log_softmax(r.logits, /*dim=*/1);
+  } else if (spec_.top_k == 1 && top2_router_gradient()) {
+    // The router's gradient comes from the top-2 mixture in forward_parts; the
+    // selected expert's weight is exactly 1 and carries none.
+    r.selected = std::get<1>(r.logits.max(/*dim=*/1, /*keepdim=*/true));
+    r.log_w = torch::zeros({B, 1}, x.options());
   } else if (spec_.kind == "moe-cnn") {
     // AdvMoE's channel mask: the selected group's features are multiplied by a gate
     // that is 1 in value and carries the gradient of the router probability, so the
@@ -246,9 +270,27 @@ MoeOutput MoeImpl::forward_parts(const torch::Tensor& x_router, const torch::Ten
   out.routing = fixed ? *fixed : route(x_router);
   if (out.routing.selected.size(0) != x_experts.size(0))
     throw ShapeError::unexpected("routing", "one row per sample", out.routing.selected.sizes().vec());
-  auto lsm = dispatch(normalise(x_experts), out.routing.selected, out.routing.gate);  // [B, k, C]
+  auto xn = normalise(x_experts);
+  auto lsm = dispatch(xn, out.routing.selected, out.routing.gate);     // [B, k, C]
   if (lsm.size(1) == 1) {
     out.log_probs = lsm.select(1, 0) + out.routing.log_w;              // log w + log f
+    if (!fixed && top2_router_gradient()) {
+      // Router gradient of the renormalised top-2 mixture with the experts' outputs
+      // held constant (docs/training.md): log F2 = logsumexp_j(log ã_j + log f_j),
+      // ã = softmax over the two best router logits. Added as log F2 − log F2 (value
+      // 0), so the output stays the selected expert's and the experts' gradients stay
+      // those of the top-1 path.
+      auto best2 = out.routing.logits.topk(2, /*dim=*/1);
+      torch::Tensor lsm2;
+      {
+        torch::NoGradGuard no_grad;
+        lsm2 = dispatch(xn, std::get<1>(best2).narrow(1, 1, 1), {}).select(1, 0);
+      }
+      auto log_a = torch::log_softmax(std::get<0>(best2), /*dim=*/1);   // [B, 2]
+      auto pair = torch::stack({lsm.select(1, 0).detach(), lsm2}, /*dim=*/1);
+      auto mix = torch::logsumexp(pair + log_a.unsqueeze(-1), /*dim=*/1);  // [B, C]
+      out.log_probs = out.log_probs + (mix - mix.detach());
+    }
   } else {
     // log F = logsumexp_i(log a_i + log_softmax(h_i)): stable for tiny weights.
     out.log_probs = torch::logsumexp(lsm + out.routing.log_w.unsqueeze(-1), /*dim=*/1);

@@ -16,6 +16,7 @@ namespace {
 TrainConfig no_attack_config(const std::string& method) {
   TrainConfig cfg;
   cfg.method = method;
+  cfg.balance = 0;  // the method's own loss, without the load-balancing term
   cfg.attack.eps = 0, cfg.attack.steps = 0, cfg.attack.random_start = false;
   return cfg;
 }
