@@ -3,6 +3,7 @@
 #include "moecert/checkpoint.h"
 #include "moecert/error.h"
 #include "moecert/report.h"
+#include "moecert/runtime.h"
 
 #include <sys/stat.h>
 
@@ -315,6 +316,16 @@ AttackResult attack_validate(const nlohmann::json& data, const std::string& name
   };
   for (const char* key : {"sa", "ra"}) unit(data, key, true, "");
   for (const char* key : {"ra_e", "ra_r"}) unit(data, key, false, "");
+  if (data.contains("expert_usage")) {
+    const auto& u = data["expert_usage"];
+    if (!u.is_object()) fail("field 'expert_usage' must be an object");
+    for (const char* key : {"clean", "adversarial"}) {
+      if (!u.contains(key) || !u[key].is_array()) fail(std::string("field 'expert_usage.") + key + "' must be an array");
+      for (const auto& c : u[key])
+        if (!c.is_number_integer() || c.get<int64_t>() < 0)
+          fail(std::string("field 'expert_usage.") + key + "' must hold sample counts (integers >= 0), got " + c.dump());
+    }
+  }
   if (data.contains("alpha_sweep")) {
     const auto& sweep = data["alpha_sweep"];
     if (!sweep.is_array() || sweep.empty()) fail("field 'alpha_sweep' must be a non-empty array");
@@ -430,13 +441,27 @@ void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std
   if (!attacks.empty()) {
     md << "\n## Empirical robustness (attacks)\n\nRA: the whole model attacked; RA-E: the experts attacked with "
           "the routing frozen at the clean input's choice; RA-R: the router attacked with the experts fed the "
-          "clean input.\n\n| attack | checkpoint | attack config | SA | RA | RA-E | RA-R |\n|---|---|---|---|---|---|---|\n";
+          "clean input. Experts: share of the samples per top-ranked expert, on the clean inputs / at the first "
+          "attack run's points (a dual-model: its robust member's router).\n\n| attack | checkpoint | attack config | SA | RA | RA-E | RA-R | experts (clean / attacked) |\n|---|---|---|---|---|---|---|---|\n";
     html << "<h2>Empirical robustness (attacks)</h2><p>RA: the whole model attacked; RA-E: the experts attacked "
             "with the routing frozen at the clean input's choice; RA-R: the router attacked with the experts fed "
-            "the clean input.</p><table><tr><th>attack</th><th>checkpoint</th><th>attack config</th><th>SA</th>"
-            "<th>RA</th><th>RA-E</th><th>RA-R</th></tr>\n";
+            "the clean input. Experts: share of the samples per top-ranked expert, on the clean inputs / at the first "
+            "attack run's points.</p><table><tr><th>attack</th><th>checkpoint</th><th>attack config</th><th>SA</th>"
+            "<th>RA</th><th>RA-E</th><th>RA-R</th><th>experts (clean / attacked)</th></tr>\n";
     auto cell = [](const nlohmann::json& d, const char* key) {
       return d.contains(key) ? pct(d[key].get<double>()) : std::string("—");
+    };
+    auto usage = [](const nlohmann::json& d) {
+      if (!d.contains("expert_usage")) return std::string("—");
+      auto shares = [](const nlohmann::json& counts) {
+        int64_t total = 0;
+        for (const auto& c : counts) total += c.get<int64_t>();
+        std::string out;
+        for (const auto& c : counts)
+          out += (out.empty() ? "" : "/") + fmt_fixed(total > 0 ? c.get<double>() / static_cast<double>(total) : 0.0, 2);
+        return out;
+      };
+      return shares(d["expert_usage"]["clean"]) + " / " + shares(d["expert_usage"]["adversarial"]);
     };
     for (size_t i = 0; i < attacks.size(); ++i) {
       const auto& d = attacks[i].data;
@@ -446,10 +471,10 @@ void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std
       if (d.contains("alpha")) cfg << ", α = " << d["alpha"].dump();
       const std::string ckpt = d.value("checkpoint", "?");
       md << "| " << labels[i] << " | `" << ckpt << "` | " << cfg.str() << " | " << cell(d, "sa") << " | "
-         << cell(d, "ra") << " | " << cell(d, "ra_e") << " | " << cell(d, "ra_r") << " |\n";
+         << cell(d, "ra") << " | " << cell(d, "ra_e") << " | " << cell(d, "ra_r") << " | " << usage(d) << " |\n";
       html << "<tr><td>" << html_escape(labels[i]) << "</td><td><code>" << html_escape(ckpt) << "</code></td><td>"
            << html_escape(cfg.str()) << "</td><td>" << cell(d, "sa") << "</td><td>" << cell(d, "ra") << "</td><td>"
-           << cell(d, "ra_e") << "</td><td>" << cell(d, "ra_r") << "</td></tr>\n";
+           << cell(d, "ra_e") << "</td><td>" << cell(d, "ra_r") << "</td><td>" << html_escape(usage(d)) << "</td></tr>\n";
     }
     html << "</table>\n";
     for (size_t i = 0; i < attacks.size(); ++i) {

@@ -166,7 +166,8 @@ TEST_CASE("report.md and a self-contained report.html with plots", "[reports]") 
 
 TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alpha-sweep)", "[reports]") {
   const nlohmann::json single = {{"sa", 0.84}, {"ra", 0.71}, {"ra_e", 0.52}, {"ra_r", 0.80}, {"eps", 0.1},
-                                 {"norm", "inf"}, {"steps", 20}, {"samples", 1000}, {"checkpoint", "runs/at"}};
+                                 {"norm", "inf"}, {"steps", 20}, {"samples", 1000}, {"checkpoint", "runs/at"},
+                                 {"expert_usage", {{"clean", {3, 1}}, {"adversarial", {2, 2}}}}};
   nlohmann::json dual = {{"sa", 0.86}, {"ra", 0.58}, {"alpha", 0.8}, {"checkpoint", "runs/dual"}};
   dual["alpha_sweep"] = nlohmann::json::array();
   for (int a = 5; a <= 10; ++a)
@@ -190,6 +191,12 @@ TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alph
   auto sweep = dual;
   sweep["alpha_sweep"][2].erase("ra");
   bad(sweep, "alpha_sweep[2].ra");
+  auto usage = single;
+  usage["expert_usage"]["clean"][1] = -1;
+  bad(usage, "'expert_usage.clean' must hold sample counts");
+  usage.erase("expert_usage");
+  usage["expert_usage"] = {{"clean", {1}}};
+  bad(usage, "'expert_usage.adversarial' must be an array");
   bad(nlohmann::json::array(), "not an attack result");
   TempDir tmp;
   {
@@ -207,8 +214,8 @@ TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alph
   auto md = read_text(tmp / "rep/report.md");
   auto html = read_text(tmp / "rep/report.html");
   CHECK(md.find("## Empirical robustness (attacks)") != std::string::npos);
-  CHECK(md.find("| attack | `runs/at` | p = inf, ε = 0.1, PGD-20, 1000 samples | 84.00% | 71.00% | 52.00% | 80.00% |") !=
-        std::string::npos);
+  CHECK(md.find("| attack | `runs/at` | p = inf, ε = 0.1, PGD-20, 1000 samples | 84.00% | 71.00% | 52.00% | 80.00% "
+                "| 0.75/0.25 / 0.50/0.50 |") != std::string::npos);
   CHECK(md.find("| dual | `runs/dual` |") != std::string::npos);  // RA-E / RA-R absent: shown as —
   CHECK(md.find("| 0.80 | 82.00% | 40.00% |") != std::string::npos);  // a row of the α-sweep table
   // Five inline plots: radius, accuracy, Lipschitz, RA components, α-sweep.
