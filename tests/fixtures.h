@@ -19,7 +19,7 @@ inline moecert::Dataset synthetic(int64_t n, uint64_t seed, bool train = true) {
 
 /// Trains a small model with `method` on the synthetic set (no checkpoint).
 inline moecert::Moe train_small(int64_t experts, const std::string& method, int epochs,
-                                uint64_t seed = 0) {
+                                uint64_t seed = 0, const std::string& router_train = "top2") {
   torch::manual_seed(seed);
   // One distribution (data seed 0) for every test: the seed varies the init only.
   auto train = synthetic(1500, 0);
@@ -33,6 +33,7 @@ inline moecert::Moe train_small(int64_t experts, const std::string& method, int 
   cfg.epochs = epochs;
   cfg.batch_size = 64;
   cfg.seed = seed;
+  cfg.router_train = router_train;
   cfg.log_every = 0;
   cfg.attack.eps = 0.1, cfg.attack.steps = 3, cfg.attack.step_size = 0.05;
   cfg.eval_attack = cfg.attack;

@@ -67,11 +67,17 @@ void finish(StepStats& s, const MoeOutput& out, const TrainConfig& cfg, const st
   }
 }
 
-/// PGD on the whole model, in eval mode with frozen parameters.
+/// PGD on the whole model, in eval mode with frozen parameters. With the top2 router
+/// gradient the attack sees the top-2 mixture's router gradient (docs/training.md).
 torch::Tensor whole_model_pgd(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                               const PgdConfig& attack) {
   model.eval();
   FrozenParameters frozen(model);
+  struct Relaxed {
+    MoeImpl& m;
+    ~Relaxed() { m.set_attack_relaxation(false); }
+  } relaxed{model};
+  model.set_attack_relaxation(true);
   return attack_pgd(attack_target_fn(model, AttackTarget::whole, x), x, y, attack);
 }
 

@@ -132,6 +132,10 @@ class MoeImpl : public torch::nn::Module {
   /// evaluation and attacks (eval mode) always use the straight-through weight.
   void set_router_gradient(RouterGradient g) { router_gradient_ = g; }
   RouterGradient router_gradient() const { return router_gradient_; }
+  /// Training attacks: while on (and the router gradient is top2), forwards use the
+  /// top-2 mixture's gradient in eval mode too, so that the attack's input gradient
+  /// sees which of the two best-ranked experts is worse for the label.
+  void set_attack_relaxation(bool on) { attack_relaxation_ = on; }
   int64_t num_experts() const { return spec_.experts; }
   BackboneImpl& expert(int64_t i) { return *experts_[static_cast<size_t>(i)]; }
   BackboneImpl* router() { return router_.get(); }
@@ -157,6 +161,7 @@ class MoeImpl : public torch::nn::Module {
 
   ModelSpec spec_;
   RouterGradient router_gradient_ = RouterGradient::top2;
+  bool attack_relaxation_ = false;
   torch::Tensor mean_, std_;  // buffers [1, C, 1, 1]
   std::shared_ptr<BackboneImpl> router_;
   std::shared_ptr<ChannelGroupNetImpl> body_;  // moe-cnn only

@@ -184,9 +184,11 @@ torch::Tensor MoeImpl::expert_logits(int64_t i, const torch::Tensor& x) {
 }
 
 bool MoeImpl::top2_router_gradient() const {
-  if (router_gradient_ != RouterGradient::top2 || !is_training() || !torch::GradMode::is_enabled() ||
-      !router_ || spec_.routing != Routing::top_k || spec_.top_k != 1 || spec_.experts < 2)
+  if (router_gradient_ != RouterGradient::top2 || !torch::GradMode::is_enabled() || !router_ ||
+      spec_.routing != Routing::top_k || spec_.top_k != 1 || spec_.experts < 2)
     return false;
+  if (attack_relaxation_) return true;
+  if (!is_training()) return false;
   for (const auto& p : router_->parameters())
     if (p.requires_grad()) return true;
   return false;

@@ -97,6 +97,40 @@ TEST_CASE("the top-2 router gradient favours the expert with the lower loss, not
   CHECK(model->router()->named_parameters()["fc.bias"].grad()[0].item<double>() == Approx(-a0 * a1).epsilon(1e-5));
 }
 
+TEST_CASE("a training attack under top2 sees which of the two best experts is worse", "[unit][training]") {
+  // Constant experts, so an input gradient can only come from the router; g0 = 1 + c·Σx,
+  // g1 = 0. The selected expert 0 is the worse one for y = 0 (as above).
+  auto model = constant_moe({1.0f, 0.0f}, {{0.0f, 1.0f}, {2.0f, 0.0f}});
+  {
+    torch::NoGradGuard g;
+    auto p = model->router()->named_parameters();
+    p["fc.weight"][0].fill_(0.01f);  // on normalised pixels 2x − 1
+    p["fc.bias"][0] = 1.0f + 0.01f * 784;
+  }
+  auto x = torch::full({2, 1, 28, 28}, 0.0f);  // g = (1, 0) at x = 0, as in the hand computation
+  auto y = torch::zeros({2}, torch::kLong);
+  model->eval();
+  FrozenParameters frozen(*model);
+  auto input_grad = [&](bool relaxed) {
+    model->set_attack_relaxation(relaxed);
+    auto xr = x.clone().requires_grad_(true);
+    torch::nll_loss(model->forward(xr), y).backward();
+    model->set_attack_relaxation(false);
+    return xr.grad().sum().item<double>();
+  };
+  // Relaxed: raising g0 keeps the sample on the worse expert, so the loss grows with Σx.
+  CHECK(input_grad(true) > 0);
+  // Straight-through always points the attack away from the selected expert — here
+  // towards the better one: the direction that masks a healthy MoE from PGD.
+  CHECK(input_grad(false) < 0);
+  // The forward value does not change.
+  model->set_attack_relaxation(true);
+  torch::NoGradGuard ng;
+  auto relaxed = model->forward(x);
+  model->set_attack_relaxation(false);
+  CHECK(torch::equal(relaxed, model->forward(x)));
+}
+
 TEST_CASE("load balancing drives a collapsed router back to mixed usage", "[unit][training]") {
   auto train = synthetic(1500, 0), val = synthetic(300, 0, false);
   auto run = [&](double balance) {

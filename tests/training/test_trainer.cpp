@@ -41,7 +41,10 @@ TEST_CASE("st and at learn the synthetic set", "[unit][training]") {
   clean.eps = 0, clean.steps = 0;
   CHECK(attack_evaluate(*dense, test, clean, false, 128, torch::kCPU, false).sa > 0.9);
   CHECK(attack_evaluate(*moe, test, clean, false, 128, torch::kCPU, false).sa > 0.9);
-  auto at = moecert_test::train_small(2, "at", 2);
+  // Straight-through here: with the top-2 relaxation a 2-expert MoE's AT needs many more
+  // epochs on this set (held-out SA 0.33 after 2, 0.53 after 4; docs/training.md), while
+  // the 4-expert Fashion-MNIST demo is where the relaxation is measured.
+  auto at = moecert_test::train_small(2, "at", 2, 0, "straight-through");
   PgdConfig pgd;
   pgd.eps = 0.1, pgd.steps = 5, pgd.step_size = 0.03;
   auto st_r = attack_evaluate(*dense, test, pgd, false, 128, torch::kCPU, false);
