@@ -1,9 +1,9 @@
 // report.md and a self-contained report.html (SPEC §5). Plots are drawn by gnuplot's
 // SVG terminal and inlined into the HTML, so the page needs no other file.
+#include "moecert/attacks.h"
 #include "moecert/checkpoint.h"
 #include "moecert/error.h"
 #include "moecert/report.h"
-#include "moecert/runtime.h"
 
 #include <sys/stat.h>
 
@@ -454,12 +454,7 @@ void report_write(const std::vector<nlohmann::json>& runs, const std::vector<std
     auto usage = [](const nlohmann::json& d) {
       if (!d.contains("expert_usage")) return std::string("—");
       auto shares = [](const nlohmann::json& counts) {
-        int64_t total = 0;
-        for (const auto& c : counts) total += c.get<int64_t>();
-        std::string out;
-        for (const auto& c : counts)
-          out += (out.empty() ? "" : "/") + fmt_fixed(total > 0 ? c.get<double>() / static_cast<double>(total) : 0.0, 2);
-        return out;
+        return ExpertUsage::text(ExpertUsage::shares(counts.get<std::vector<int64_t>>()));
       };
       return shares(d["expert_usage"]["clean"]) + " / " + shares(d["expert_usage"]["adversarial"]);
     };

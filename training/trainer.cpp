@@ -131,17 +131,8 @@ void check_finite(const StepStats& st, int epoch, int64_t step) {
 
 /// Share of samples per expert as fractions. counts: [E] int64
 std::vector<double> usage_shares(const torch::Tensor& counts) {
-  std::vector<double> out;
-  const double total = std::max<double>(1.0, static_cast<double>(counts.sum().item<int64_t>()));
-  for (int64_t i = 0; i < counts.size(0); ++i)
-    out.push_back(static_cast<double>(counts[i].item<int64_t>()) / total);
-  return out;
-}
-
-std::string usage_text(const std::vector<double>& shares) {
-  std::string s;
-  for (double v : shares) s += (s.empty() ? "" : "/") + fmt_fixed(v, 2);
-  return s;
+  auto c = counts.to(torch::kLong).contiguous().cpu();
+  return ExpertUsage::shares(std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel()));
 }
 
 /// Warns on stderr when one expert takes more than `limit` of the samples.
@@ -159,16 +150,10 @@ void warn_collapse(const std::vector<double>& shares, double limit, const std::s
 }  // namespace
 
 void train_check_routing_health(const TrainSummary& summary, const TrainConfig& cfg) {
-  const auto& usage = summary.heldout_usage;
-  if (cfg.max_expert_share >= 1 || usage.clean.empty()) return;
-  const double top = usage.max_share();
-  if (top <= cfg.max_expert_share) return;
-  const auto [expert, set] = usage.argmax_share();
+  const auto violation = summary.heldout_usage.share_violation(cfg.max_expert_share, "held-out");
+  if (violation.empty()) return;
   throw Error(ExitCode::gate_failed,
-              "routing health: expert " + std::to_string(expert) + " takes " + fmt_fixed(100 * top, 1) +
-                  "% of the held-out " + set + " samples, more than --max-expert-share " +
-                  fmt_fixed(100 * cfg.max_expert_share, 1) + "%" +
-                  (cfg.out_dir.empty() ? std::string() : " (the checkpoint in " + cfg.out_dir + " is written)"));
+              violation + (cfg.out_dir.empty() ? std::string() : " (the checkpoint in " + cfg.out_dir + " is written)"));
 }
 
 namespace {
@@ -200,7 +185,6 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
   const int64_t total_steps = steps_per_epoch * cfg.epochs;
   const auto t0 = std::chrono::steady_clock::now();
   int64_t images_this_run = 0, steps_this_run = 0;
-  ExpertUsage last_usage;
 
   for (int epoch = summary.start_epoch; epoch < cfg.epochs; ++epoch) {
     auto order = data_epoch_order(N, cfg.seed, epoch);
@@ -233,7 +217,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
              << steps_per_epoch << "  loss " << fmt_fixed(win_loss / win_seen, 4) << "  sa "
              << fmt_fixed(static_cast<double>(win_clean) / win_seen, 3) << "  ra "
              << (st.adv_correct >= 0 ? fmt_fixed(static_cast<double>(win_adv) / win_seen, 3) : "-")
-             << "  experts " << usage_text(usage_shares(usage_clean))
+             << "  experts " << ExpertUsage::text(usage_shares(usage_clean))
              << "  " << fmt_fixed(images_this_run / t, 0) << " img/s  eta "
              << fmt_duration(t / steps_this_run * steps_left);
         std::cerr << line.str() << std::endl;
@@ -272,10 +256,10 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
               << fmt_fixed(eval.sa, 4) << "  ra " << fmt_fixed(eval.ra, 4) << " ("
               << eval.samples << " samples, PGD-" << cfg.eval_attack.steps << ")";
     if (!eval.usage.clean.empty())
-      std::cerr << "  experts " << usage_text(ExpertUsage::shares(eval.usage.clean)) << " (adversarial "
-                << usage_text(ExpertUsage::shares(eval.usage.adversarial)) << ")";
+      std::cerr << "  experts " << ExpertUsage::text(ExpertUsage::shares(eval.usage.clean)) << " (adversarial "
+                << ExpertUsage::text(ExpertUsage::shares(eval.usage.adversarial)) << ")";
     std::cerr << std::endl;
-    last_usage = eval.usage;
+    summary.heldout_usage = eval.usage;
     if (!cfg.out_dir.empty()) {
       nlohmann::json manifest = manifest_base;
       manifest.update(learner.manifest_fields());
@@ -297,7 +281,6 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
   const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   summary.images_per_s = t > 0 ? images_this_run / t : 0;
   if (summary.epochs_done == 0) summary.epochs_done = summary.start_epoch;
-  summary.heldout_usage = last_usage;
   return summary;
 }
 

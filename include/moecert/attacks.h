@@ -130,6 +130,12 @@ struct ExpertUsage {
   std::pair<int64_t, std::string> argmax_share() const;
   /// Shares as fractions, per set.
   static std::vector<double> shares(const std::vector<int64_t>& counts);
+  /// Shares as text, "0.25/0.31/0.22/0.22".
+  static std::string text(const std::vector<double>& shares);
+  /// The routing health gate: "" when no expert takes more than `limit` (or limit >= 1
+  /// or no router), else "routing health: expert i takes X% of the <where> <set>
+  /// samples, more than --max-expert-share L%".
+  std::string share_violation(double limit, const std::string& where) const;
 };
 
 /// Robust accuracies on a data set.

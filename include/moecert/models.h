@@ -36,7 +36,6 @@ enum class RouterGradient {
 };
 /// "straight-through" | "top2" -> RouterGradient; ConfigError otherwise.
 RouterGradient router_gradient_parse(const std::string& s);
-std::string router_gradient_name(RouterGradient g);
 
 /// Everything needed to rebuild a model; stored as "architecture" in model.json.
 struct ModelSpec {

@@ -314,6 +314,19 @@ std::pair<int64_t, std::string> ExpertUsage::argmax_share() const {
   return best;
 }
 
+std::string ExpertUsage::text(const std::vector<double>& shares) {
+  std::string s;
+  for (double v : shares) s += (s.empty() ? "" : "/") + fmt_fixed(v, 2);
+  return s;
+}
+
+std::string ExpertUsage::share_violation(double limit, const std::string& where) const {
+  if (limit >= 1 || clean.empty() || max_share() <= limit) return "";
+  const auto [expert, set] = argmax_share();
+  return "routing health: expert " + std::to_string(expert) + " takes " + fmt_fixed(100 * max_share(), 1) +
+         "% of the " + where + " " + set + " samples, more than --max-expert-share " + fmt_fixed(100 * limit, 1) + "%";
+}
+
 double ExpertUsage::max_share() const {
   double top = 0;
   for (const auto* set : {&clean, &adversarial})

@@ -106,21 +106,8 @@ Moe jtd_member(const std::string& dir, const ModelSpec& spec) {
 }
 
 /// Shares per expert as "0.25/0.31/0.22/0.22".
-std::string usage_line(const std::vector<double>& shares) {
-  std::string out;
-  for (double v : shares) out += (out.empty() ? "" : "/") + fmt_fixed(v, 2);
-  return out;
-}
-std::string usage_line(const std::vector<int64_t>& counts) { return usage_line(ExpertUsage::shares(counts)); }
-
-/// Routing health gate of `attack --max-expert-share`: exit 1 naming the expert.
-void check_usage_gate(const ExpertUsage& u, double limit, const std::string& what) {
-  if (limit >= 1 || u.clean.empty() || u.max_share() <= limit) return;
-  const auto [expert, set] = u.argmax_share();
-  throw Error(ExitCode::gate_failed, "routing health: expert " + std::to_string(expert) + " takes " +
-                                         fmt_fixed(100 * u.max_share(), 1) + "% of the " + set + " " + what +
-                                         " samples, more than --max-expert-share " + fmt_fixed(100 * limit, 1) + "%");
-}
+std::string usage_line(const std::vector<double>& shares) { return ExpertUsage::text(shares); }
+std::string usage_line(const std::vector<int64_t>& counts) { return ExpertUsage::text(ExpertUsage::shares(counts)); }
 
 void report_training(const TrainSummary& summary, const std::string& out_dir) {
   const auto& last = summary.history.back();
@@ -412,7 +399,8 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     if (!o->save_adv.empty())
       save_adversarial(o->save_adv, r, test.labels, torch::arange(test.size(), torch::kLong));
     if (!o->json.empty()) write_file_atomic(o->json, j.dump(2) + "\n");
-    check_usage_gate(r.usage, o->max_expert_share, "test");
+    const auto violation = r.usage.share_violation(o->max_expert_share, "test");
+    if (!violation.empty()) throw Error(ExitCode::gate_failed, violation);
   });
 }
 

@@ -32,10 +32,6 @@ RouterGradient router_gradient_parse(const std::string& s) {
   throw ConfigError::invalid("--router-train", s, "top2 | straight-through | none");
 }
 
-std::string router_gradient_name(RouterGradient g) {
-  return g == RouterGradient::top2 ? "top2" : "straight-through";
-}
-
 nlohmann::json ModelSpec::to_json() const {
   return {{"kind", kind},               {"scale", scale},
           {"in_channels", in_channels}, {"height", height},     {"width", width},
@@ -207,7 +203,7 @@ MoeRouting MoeImpl::route(const torch::Tensor& x) {
     r.selected = torch::arange(E, torch::TensorOptions().dtype(torch::kLong).device(x.device()))
                      .expand({B, E});
     r.log_w = torch::log_softmax(r.logits, /*dim=*/1);
-  } else if (spec_.top_k == 1 && top2_router_gradient()) {
+  } else if (top2_router_gradient()) {
     // The router's gradient comes from the top-2 mixture in forward_parts; the
     // selected expert's weight is exactly 1 and carries none.
     r.selected = std::get<1>(r.logits.max(/*dim=*/1, /*keepdim=*/true));
