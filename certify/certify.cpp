@@ -278,6 +278,11 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
     else active.push_back(b);
   }
   FrozenParameters frozen(module);
+  // The distance of a found point, in float64 (the radii it is compared with are float64).
+  auto distance = [&](const torch::Tensor& x_adv, const torch::Tensor& xs) {
+    auto d = (x_adv.to(torch::kFloat64) - xs.to(torch::kFloat64)).flatten(1);
+    return (cfg.norm == Norm::linf ? d.abs().amax(1) : d.norm(2, 1)).cpu();
+  };
   auto probe = [&](const std::vector<int64_t>& who, const std::vector<double>& radius) {
     auto sel = torch::tensor(who, torch::kLong).to(ctx.device);
     auto xs = x.index_select(0, sel), ys = y.index_select(0, sel);
@@ -303,8 +308,7 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
     }
     torch::NoGradGuard ng;
     auto wrong = fs(found.x_adv).argmax(1).ne(ys).cpu();
-    auto d = (found.x_adv.to(torch::kFloat64) - xs.to(torch::kFloat64)).flatten(1);
-    auto dist = (cfg.norm == Norm::linf ? d.abs().amax(1) : d.norm(2, 1)).cpu();
+    auto dist = distance(found.x_adv, xs);
     std::vector<std::pair<bool, double>> res;
     for (size_t i = 0; i < who.size(); ++i)
       res.emplace_back(wrong[static_cast<int64_t>(i)].item<bool>(), dist[static_cast<int64_t>(i)].item<double>());
@@ -318,7 +322,7 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
     auto mn = attack_min_norm(fs, fs, xs, ys, cfg.norm, cfg.box, cfg.min_norm_steps);
     torch::NoGradGuard ng;
     auto wrong = fs(mn.x_adv).argmax(1).ne(ys).cpu();
-    auto r = mn.radius.cpu();
+    auto r = distance(mn.x_adv, xs);  // the point's own distance, not FMN's float32 estimate
     for (size_t i = 0; i < active.size(); ++i)
       if (wrong[static_cast<int64_t>(i)].item<bool>())
         hi[static_cast<size_t>(active[i])] = std::min(cfg.empirical_max, r[static_cast<int64_t>(i)].item<double>());

@@ -51,6 +51,31 @@ nlohmann::json accuracy(const std::vector<double>& radii, const std::vector<doub
   return per;
 }
 
+/// Expert usage at the clean points from the rows' router weights: each sample counts
+/// for its top expert (the largest weight). A dual-model's rows hold one weight vector
+/// per routed member; the last one (the robust member's router, as `attack` reports) is
+/// used. Null when the model has no router.
+nlohmann::json usage_of(const nlohmann::json& rows) {
+  std::vector<int64_t> counts;
+  for (const auto& row : rows) {
+    if (!row.contains("router_weights") || row["router_weights"].is_null()) return nullptr;
+    const auto& w = row["router_weights"];
+    if (w.empty()) return nullptr;
+    const auto& v = w[0].is_array() ? w.back() : w;
+    if (v.empty()) return nullptr;
+    if (counts.empty()) counts.assign(v.size(), 0);
+    if (counts.size() != v.size()) return nullptr;
+    size_t top = 0;
+    for (size_t i = 1; i < v.size(); ++i)
+      if (v[i].get<double>() > v[top].get<double>()) top = i;
+    ++counts[top];
+  }
+  if (counts.empty()) return nullptr;
+  ExpertUsage u;
+  u.clean = counts;
+  return {{"clean", counts}, {"clean_share", ExpertUsage::shares(counts)}, {"max_share", u.max_share()}};
+}
+
 }  // namespace
 
 void certify_aggregate(nlohmann::json& results) {
@@ -103,6 +128,7 @@ void certify_aggregate(nlohmann::json& results) {
   agg["tightness_samples"] = tightness.size();
   agg["violations"] = violations;
   agg["violation_count"] = violations.size();
+  if (auto usage = usage_of(rows); !usage.is_null()) agg["expert_usage"] = usage;
   results["aggregates"] = agg;
 }
 

@@ -23,13 +23,14 @@ sweep_n="${MOECERT_DEMO_SWEEP:-1000}"
 suite_n="${MOECERT_DEMO_SUITE:-1000}"
 mkdir -p "$out"
 
-echo "== train: at, E=4 cnn-s experts, top-1 linear router (top-2 router gradient, load balancing 0.01), $epochs epochs (progress on stderr)"
+echo "== train: at, E=4 cnn-s experts, top-1 linear router (top-2 router gradient, load balancing 0.3), $epochs epochs (progress on stderr)"
 "$bin" train --method at --experts 4 --expert cnn-s --router linear --routing top-k --top-k 1 \
   --epochs "$epochs" --eps 0.1 --steps 5 --lr 1e-3 --schedule cosine \
   --out "$out/checkpoint" --force --log-every 100
 
-echo "== attack: test set, L-inf eps=0.1, PGD-20; routing health gate: no expert above 50 % of the test samples"
-"$bin" attack "$out/checkpoint" --suite pgd --eps 0.1 --steps 20 --json "$out/attack.json" --max-expert-share 0.5
+echo "== attack: test set, L-inf eps=0.1, PGD-20; routing health gates: no expert above 50 % or below 10 % of the test samples"
+"$bin" attack "$out/checkpoint" --suite pgd --eps 0.1 --steps 20 --json "$out/attack.json" \
+  --max-expert-share 0.5 --min-expert-share 0.1
 echo "== attack: first $suite_n test images, the standard suite (APGD-CE, APGD-T, FMN, route-aware, Square)"
 "$bin" --samples "$suite_n" attack "$out/checkpoint" --suite standard --eps 0.1 --no-components \
   --json "$out/attack-standard.json"

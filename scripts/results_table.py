@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Writes docs/results.md from a reproduction-study directory (scripts/reproduce.sh).
 
-Reads attack-<name>.json (moecert attack --json) and <name>/model.json (training
-manifest) for every model, renders the tables, and checks each claim of the two
-papers mechanically (agree / disagree). Text below the DISCUSSION marker of an
+Reads attack-<name>.json (PGD-50, moecert attack --json), standard-<name>.json
+(the standard suite), certify-<name>/results.json and <name>/model.json (training
+manifest) for every model, and <name>-s<k> for further seeds; renders the tables
+and checks each claim of the two papers mechanically on the seed means (agrees /
+disagrees / a tie within the seed-to-seed spread). Text below the DISCUSSION marker of an
 existing output file is kept across reruns.
 """
 import argparse
@@ -20,17 +22,24 @@ ROWS = [  # name, method, model
     ("at", "AT", "MoE E=4 cnn-s, top-1"),
     ("trades", "TRADES (β=6)", "MoE E=4 cnn-s, top-1"),
     ("rt-er", "RT-ER (β=6)", "MoE E=4 cnn-s, top-1"),
+    ("at-fixed", "AT, fixed random router", "MoE E=4 cnn-s, top-1"),
+    ("rt-er-fixed", "RT-ER (β=6), fixed random router", "MoE E=4 cnn-s, top-1"),
     ("advmoe-moecnn", "AdvMoE (β=6)", "MoE-CNN cnn-s, N=2, r=0.5"),
     ("at-moecnn", "AT", "MoE-CNN cnn-s, N=2, r=0.5"),
     ("at-dense", "AT", "dense cnn-s (same total width)"),
     ("dual", "dual ST + RT-ER (separate)", "α = {alpha}"),
     ("jtdmoe", "JTDMoE (γ=0)", "dual, α = {alpha}"),
 ]
+SEEDED = ["at", "rt-er", "advmoe-moecnn", "at-moecnn", "jtdmoe", "dual"]  # rows with more seeds
 
 
 def load(path):
     with open(path) as f:
         return json.load(f)
+
+
+def load_opt(path):
+    return load(path) if os.path.exists(path) else None
 
 
 def pct(v):
@@ -43,27 +52,79 @@ def train_rate(manifest):
     return sum(rates) / len(rates) if rates else None
 
 
+def usage(attack):
+    u = attack.get("expert_usage")
+    if not u:
+        return "–"
+    return "/".join(f"{v:.2f}" for v in u["clean_share"])
+
+
+def certified(cert, eps):
+    if cert is None:
+        return None
+    return cert["aggregates"]["headline"]["certified_accuracy"].get(eps)
+
+
+class Row:
+    """One model's numbers: PGD-50 attack, standard suite, certify, manifest."""
+
+    def __init__(self, d, name):
+        p = os.path.join(d, f"attack-{name}.json")
+        if not os.path.exists(p):
+            sys.exit(f"results_table: missing {p} (run scripts/reproduce.sh to the end)")
+        self.name = name
+        self.pgd = load(p)
+        self.std = load_opt(os.path.join(d, f"standard-{name}.json"))
+        self.cert = load_opt(os.path.join(d, f"certify-{name}", "results.json"))
+        self.man = load_opt(os.path.join(d, name, "model.json")) or {}
+
+    @property
+    def sa(self):
+        return self.pgd["sa"]
+
+    @property
+    def ra(self):
+        return self.pgd["ra"]
+
+    @property
+    def ra_std(self):
+        return None if self.std is None else self.std["ra"]
+
+
+def mean(vals):
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def spread(vals):
+    vals = [v for v in vals if v is not None]
+    return max(vals) - min(vals) if len(vals) > 1 else 0.0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--command", required=True)
     ap.add_argument("--elapsed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1)
     a = ap.parse_args()
 
-    res, man = {}, {}
-    for name, _, _ in ROWS:
-        p = os.path.join(a.dir, f"attack-{name}.json")
-        if not os.path.exists(p):
-            sys.exit(f"results_table: missing {p} (run scripts/reproduce.sh to the end)")
-        res[name] = load(p)
-        m = os.path.join(a.dir, name, "model.json")
-        man[name] = load(m) if os.path.exists(m) else {}
-    alpha = res["dual"].get("alpha", 0.8)
-    first = res["st"]
-    epochs = man["st"].get("training", {}).get("epochs", "?")
-    train_n = man["st"].get("dataset", {}).get("train_samples", "?")
-    val_n = man["st"].get("dataset", {}).get("val_samples", "?")
+    rows = {name: Row(a.dir, name) for name, _, _ in ROWS}
+    seeds = {name: [rows[name]] for name in SEEDED}
+    for name in SEEDED:
+        for k in range(1, a.seeds):
+            if os.path.exists(os.path.join(a.dir, f"attack-{name}-s{k}.json")):
+                seeds[name].append(Row(a.dir, f"{name}-s{k}"))
+    alpha = rows["dual"].pgd.get("alpha", 0.8)
+    first = rows["st"].pgd
+    std_first = rows["st"].std
+    cert_first = rows["st"].cert
+    st_man = rows["st"].man
+    epochs = st_man.get("training", {}).get("epochs", "?")
+    train_n = st_man.get("dataset", {}).get("train_samples", "?")
+    balance = st_man.get("training", {}).get("balance", "?")
+    router_train = st_man.get("training", {}).get("router_train", "?")
 
     out = []
     w = out.append
@@ -73,22 +134,50 @@ def main():
       f"{a.elapsed // 60} min {a.elapsed % 60} s).\n")
     w(f"Same budget for every model: {epochs} epochs over {train_n} Fashion-MNIST training images "
       "(1000 more held out), batch 128, Adam lr 1e-3 with a cosine schedule, seed 0, "
-      "L∞ ε = 0.1. Training attack: PGD-5 (AdvMoE: PGD-2, its paper's default, on two "
-      "attacks per batch). Evaluation: "
-      f"{first['samples']} test images, PGD-{first['steps']} (step {first['step_size']:.4f}, "
-      f"{first['restarts']} start, CE loss) at ε = {first['eps']}. RA-E attacks the experts with "
-      "the routing frozen at the clean choice; RA-R attacks the router with the experts fed the "
-      "clean input (for a dense model both equal RA). Accuracies in %.\n")
-    w("| method | model | SA | RA (PGD-50) | RA-E | RA-R | training img/s |")
-    w("|---|---|---|---|---|---|---|")
+      f"L∞ ε = 0.1, router gradient `{router_train}`, load balancing {balance} (the defaults; "
+      "the fixed-router rows use `--router-train none`, paper 1's random router). "
+      "Training attack: PGD-5 (AdvMoE: PGD-2, its paper's default, on two attacks per batch).\n")
+    w("Evaluation at ε = 0.1 (L∞, inside [0,1]):\n")
+    w(f"- **PGD-50**: the first {first['samples']} test images, step {first['step_size']:.4f}, "
+      f"{first['restarts']} start, CE loss. RA-E attacks the experts with the routing frozen at the "
+      "clean choice; RA-R attacks the router with the experts fed the clean input (for a dense "
+      "model both equal RA). Expert usage: shares of the clean test images per expert (a "
+      "dual-model: its robust member's router; MoE-CNN: per-layer routers, not shown).")
+    if std_first:
+        w(f"- **standard suite** (`attack --suite standard`): APGD-CE, APGD-T, FMN, Square and the "
+          f"route-/member-aware runs, on the first {std_first['samples']} test images.")
+    if cert_first:
+        w(f"- **certified**: `moecert certify --estimator all` (the best sound radius per sample), "
+          f"the first {cert_first['aggregates']['samples']} test images; fraction certified at ε = 0.02 "
+          "and 0.05 (seed-0 rows).")
+    w("\nAccuracies in %.\n")
+    w("| method | model | SA | RA (PGD-50) | RA (standard) | RA-E | RA-R | certified 0.02 | "
+      "certified 0.05 | expert usage | training img/s |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, method, model in ROWS:
-        r = res[name]
-        rate = train_rate(man[name])
-        w(f"| {method} | {model.format(alpha=alpha)} | {pct(r['sa'])} | {pct(r['ra'])} | "
-          f"{pct(r.get('ra_e'))} | {pct(r.get('ra_r'))} | "
+        r = rows[name]
+        rate = train_rate(r.man)
+        w(f"| {method} | {model.format(alpha=alpha)} | {pct(r.sa)} | {pct(r.ra)} | {pct(r.ra_std)} | "
+          f"{pct(r.pgd.get('ra_e'))} | {pct(r.pgd.get('ra_r'))} | {pct(certified(r.cert, '0.02'))} | "
+          f"{pct(certified(r.cert, '0.05'))} | {usage(r.pgd)} | "
           f"{'–' if rate is None else f'{rate:,.0f}'} |")
     w("")
-    sweep = res["dual"].get("alpha_sweep", [])
+    if any(len(v) > 1 for v in seeds.values()):
+        w("## Seed-to-seed spread (the claims' key rows)\n")
+        w("| model | seed | SA | RA (PGD-50) | RA (standard) | expert usage |")
+        w("|---|---|---|---|---|---|")
+        for name, method, model in ROWS:
+            if name not in seeds:
+                continue
+            for k, r in enumerate(seeds[name]):
+                w(f"| {method}, {model.format(alpha=alpha)} | {k} | {pct(r.sa)} | {pct(r.ra)} | "
+                  f"{pct(r.ra_std)} | {usage(r.pgd)} |")
+            rs = seeds[name]
+            w(f"| | mean (spread) | {pct(mean([r.sa for r in rs]))} ({pct(spread([r.sa for r in rs]))}) | "
+              f"{pct(mean([r.ra for r in rs]))} ({pct(spread([r.ra for r in rs]))}) | "
+              f"{pct(mean([r.ra_std for r in rs]))} ({pct(spread([r.ra_std for r in rs]))}) | |")
+        w("")
+    sweep = rows["dual"].pgd.get("alpha_sweep", [])
     w("## Dual-model α-sweep (ST + RT-ER, trained separately)\n")
     w("| α | SA | RA (PGD-50) |")
     w("|---|---|---|")
@@ -96,36 +185,55 @@ def main():
         w(f"| {s['alpha']:.1f} | {pct(s['sa'])} | {pct(s['ra'])} |")
     w("")
 
-    # The papers' claims, checked mechanically.
+    # The papers' claims, checked mechanically on the seed means; a difference smaller
+    # than the larger seed-to-seed spread of the two rows is a tie.
     claims = []
-    def claim(text, ok, detail):
-        claims.append((text, ok, detail))
-    claim("RT-ER ≥ AT in RA (paper 1)", res["rt-er"]["ra"] >= res["at"]["ra"],
-          f"RT-ER {pct(res['rt-er']['ra'])} vs AT {pct(res['at']['ra'])}")
+
+    def key(name):
+        return seeds.get(name, [rows[name]])
+
+    def compare(text, a_name, b_name, field, a_label, b_label):
+        ra, rb = key(a_name), key(b_name)
+        va = mean([getattr(r, field) for r in ra])
+        vb = mean([getattr(r, field) for r in rb])
+        if va is None or vb is None:
+            return
+        tol = max(spread([getattr(r, field) for r in ra]), spread([getattr(r, field) for r in rb]))
+        n = min(len(ra), len(rb))
+        if n > 1 and abs(va - vb) <= tol:
+            verdict = "tie (within the seed spread)"
+        else:
+            verdict = "agrees" if va >= vb else "**disagrees**"
+        what = "RA (PGD-50)" if field == "ra" else ("RA (standard)" if field == "ra_std" else "SA")
+        seeds_txt = f"mean of {n} seeds, spread {pct(tol)}" if n > 1 else "one seed"
+        claims.append((text + f" — {what}", verdict,
+                       f"{a_label} {pct(va)} vs {b_label} {pct(vb)} ({seeds_txt})"))
+
+    for field in ("ra", "ra_std"):
+        compare("RT-ER ≥ AT in RA (paper 1)", "rt-er", "at", field, "RT-ER", "AT")
     sas = [s["sa"] for s in sweep]
     ras = [s["ra"] for s in sweep]
     mono = all(x >= y for x, y in zip(sas, sas[1:])) and all(x <= y for x, y in zip(ras, ras[1:]))
-    claim("α trades SA for RA monotonically (paper 1, Fig. 3)", mono,
-          "SA " + " → ".join(pct(v) for v in sas) + "; RA " + " → ".join(pct(v) for v in ras))
-    j, d = res["jtdmoe"], res["dual"]
-    claim(f"JTDMoE ≥ the separately trained dual-model at α = {alpha} (paper 1)",
-          j["ra"] >= d["ra"] and j["sa"] >= d["sa"],
-          f"JTDMoE SA/RA {pct(j['sa'])}/{pct(j['ra'])} vs separate {pct(d['sa'])}/{pct(d['ra'])}")
-    claim("AdvMoE ≥ AT on the MoE-CNN in RA (paper 2)",
-          res["advmoe-moecnn"]["ra"] >= res["at-moecnn"]["ra"],
-          f"AdvMoE {pct(res['advmoe-moecnn']['ra'])} vs AT {pct(res['at-moecnn']['ra'])}")
-    claim("MoE-CNN + AdvMoE ≥ the dense counterpart trained by AT in RA (paper 2)",
-          res["advmoe-moecnn"]["ra"] >= res["at-dense"]["ra"],
-          f"AdvMoE MoE-CNN {pct(res['advmoe-moecnn']['ra'])} vs dense AT {pct(res['at-dense']['ra'])}")
+    claims.append(("α trades SA for RA monotonically (paper 1, Fig. 3)", "agrees" if mono else "**disagrees**",
+                   "SA " + " → ".join(pct(v) for v in sas) + "; RA " + " → ".join(pct(v) for v in ras)))
+    for field in ("sa", "ra", "ra_std"):
+        compare(f"JTDMoE ≥ the separately trained dual-model at α = {alpha} (paper 1)", "jtdmoe", "dual",
+                field, "JTDMoE", "separate")
+    for field in ("ra", "ra_std"):
+        compare("AdvMoE ≥ AT on the MoE-CNN in RA (paper 2)", "advmoe-moecnn", "at-moecnn", field,
+                "AdvMoE", "AT")
+        compare("MoE-CNN + AdvMoE ≥ the dense counterpart trained by AT in RA (paper 2)", "advmoe-moecnn",
+                "at-dense", field, "AdvMoE MoE-CNN", "dense AT")
     for name in ("st", "at", "trades", "rt-er"):
-        r = res[name]
-        claim(f"experts weaker than the router, RA-E < RA-R ({name}; paper 1)",
-              r["ra_e"] < r["ra_r"], f"RA-E {pct(r['ra_e'])} vs RA-R {pct(r['ra_r'])}")
+        r = rows[name].pgd
+        claims.append((f"experts weaker than the router, RA-E < RA-R ({name}; paper 1)",
+                       "agrees" if r["ra_e"] < r["ra_r"] else "**disagrees**",
+                       f"RA-E {pct(r['ra_e'])} vs RA-R {pct(r['ra_r'])}"))
     w("## The papers' claims on these numbers\n")
     w("| claim | here | numbers |")
     w("|---|---|---|")
-    for text, ok, detail in claims:
-        w(f"| {text} | {'agrees' if ok else '**disagrees**'} | {detail} |")
+    for text, verdict, detail in claims:
+        w(f"| {text} | {verdict} | {detail} |")
     w("")
 
     kept = ""

@@ -19,7 +19,7 @@ struct TrainConfig {
   std::string method = "at";        ///< st | at | trades | rt-er | advmoe | jtdmoe (dual-model)
   double jtd_gamma = 0.0;           ///< JTDMoE: weight of CE(F_D(x_adv)) in the F_S step (0 = paper)
   double beta = 6.0;                ///< TRADES / RT-ER regulariser weight (papers' default)
-  double balance = 0.01;            ///< weight of the load-balancing loss (0 = off)
+  double balance = 0.3;             ///< weight of the load-balancing loss (0 = off; docs/training.md)
   double collapse_share = 0.9;      ///< warn when one expert takes more of the samples
   /// Health gate: after the last epoch, exit 1 when one expert takes more than this
   /// share of the held-out samples, clean or adversarial (1 = off).

@@ -275,6 +275,9 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
                 << (t.is_null() ? std::string("n/a") : fmt_fixed(t.get<double>(), 4)) << " over "
                 << agg["tightness_samples"] << " samples\n";
     }
+    if (agg.contains("expert_usage"))
+      std::cout << "expert usage (clean) "
+                << ExpertUsage::text(agg["expert_usage"]["clean_share"].get<std::vector<double>>()) << "\n";
     std::cout << "certify " << fmt_fixed(results["timing"]["certify_samples_per_s"].get<double>(), 1)
               << " samples/s; results " << path << "\n";
     const auto violations = agg["violation_count"].get<int64_t>();

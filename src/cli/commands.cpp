@@ -283,7 +283,7 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     AttackOptions attack;
     int64_t batch_size = 256;
     int apgd_steps = 100, square_queries = 5000, targets = 9, min_norm_steps = 100;
-    double max_expert_share = 1.0;
+    double max_expert_share = 1.0, min_expert_share = 0.0;
     bool no_components = false, alpha_sweep = false, no_aware = false, no_box = false;
   };
   auto o = std::make_shared<Options>();
@@ -310,6 +310,10 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
                   "routing health gate: exit 1 when one expert takes more than this share of the clean or "
                   "attacked test samples (1 = off)")
       ->capture_default_str();
+  cmd->add_option("--min-expert-share", o->min_expert_share,
+                  "routing health gate: exit 1 when an expert takes less than this share of the clean or "
+                  "attacked test samples (a dead expert; 0 = off)")
+      ->capture_default_str();
   cmd->add_flag("--alpha-sweep", o->alpha_sweep,
                 "dual-model: SA and RA (PGD) for alpha = 0.5, 0.6, ..., 1.0");
   cmd->callback([&common, o] {
@@ -328,6 +332,8 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     if (o->batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
     if (!(o->max_expert_share > 0 && o->max_expert_share <= 1))
       throw ConfigError::invalid("--max-expert-share", std::to_string(o->max_expert_share), "in (0, 1]");
+    if (!(o->min_expert_share >= 0 && o->min_expert_share < 1))
+      throw ConfigError::invalid("--min-expert-share", std::to_string(o->min_expert_share), "in [0, 1)");
     auto loaded = model_load(o->checkpoint, device);
     if (o->alpha_sweep && !loaded.is_dual())
       throw ConfigError("attack --alpha-sweep needs a dual-model checkpoint (see `moecert dual`)");
@@ -401,6 +407,15 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     if (!o->json.empty()) write_file_atomic(o->json, j.dump(2) + "\n");
     const auto violation = r.usage.share_violation(o->max_expert_share, "test");
     if (!violation.empty()) throw Error(ExitCode::gate_failed, violation);
+    for (const auto* set : {&r.usage.clean, &r.usage.adversarial}) {
+      const auto shares = ExpertUsage::shares(*set);
+      for (size_t i = 0; i < shares.size(); ++i)
+        if (shares[i] < o->min_expert_share)
+          throw Error(ExitCode::gate_failed,
+                      "routing health: expert " + std::to_string(i) + " takes " + fmt_fixed(100 * shares[i], 1) +
+                          "% of the test " + (set == &r.usage.clean ? "clean" : "adversarial") +
+                          " samples, less than --min-expert-share " + fmt_fixed(100 * o->min_expert_share, 1) + "%");
+    }
   });
 }
 

@@ -123,3 +123,25 @@ TEST_CASE("aggregates count certified accuracy and soundness violations", "[unit
   CHECK(agg["violations"][0]["index"] == 1);
   CHECK(agg["median_tightness"].get<double>() == Approx((0.25 + 1.5) / 2));
 }
+
+TEST_CASE("aggregates count expert usage from the rows' router weights", "[unit][certify]") {
+  auto row = [](int i, nlohmann::json w) {
+    return nlohmann::json{{"index", i}, {"correct", true}, {"radii", {{"a_local", 0.05}}}, {"router_weights", w}};
+  };
+  nlohmann::json r = {{"config", {{"eps_grid", {0.01}}}},
+                      {"rows", {row(0, {0, 1, 0}), row(1, {0, 1, 0}), row(2, {0.2, 0.1, 0.7}), row(3, {1, 0, 0})}}};
+  certify_aggregate(r);
+  const auto& u = r["aggregates"]["expert_usage"];
+  CHECK(u["clean"] == nlohmann::json({1, 2, 1}));
+  CHECK(u["clean_share"][1].get<double>() == Approx(0.5));
+  CHECK(u["max_share"].get<double>() == Approx(0.5));
+  // Dual-model rows: one vector per routed member; the last (robust) member counts.
+  nlohmann::json d = {{"config", {{"eps_grid", {0.01}}}},
+                      {"rows", {row(0, {{1, 0}, {0, 1}}), row(1, {{1, 0}, {0, 1}}), row(2, {{0, 1}, {1, 0}})}}};
+  certify_aggregate(d);
+  CHECK(d["aggregates"]["expert_usage"]["clean"] == nlohmann::json({1, 2}));
+  // No router (dense rows carry null weights): no usage.
+  nlohmann::json n = {{"config", {{"eps_grid", {0.01}}}}, {"rows", {row(0, nullptr)}}};
+  certify_aggregate(n);
+  CHECK_FALSE(n["aggregates"].contains("expert_usage"));
+}

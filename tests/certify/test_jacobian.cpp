@@ -13,6 +13,7 @@
 
 using namespace moecert;
 using moecert_test::nets;
+using moecert_test::random_probe;
 
 namespace {
 
@@ -119,8 +120,8 @@ TEST_CASE("the relaxed Jacobian bounds every sampled gradient, for every backbon
   for (const auto& net : all) {
     const BoundGraph g(net.graph, net.input);
     const int64_t K = g.output_shape()[0], B = 2;
-    auto x = torch::rand(std::vector<int64_t>{B, net.input[0], net.input[1], net.input[2]}, f64);
-    auto C = torch::randn({B, 3, K}, f64);
+    const auto probe = random_probe(net, K, B);
+    auto x = probe.x, C = probe.C;
     for (auto p : {Norm::linf, Norm::l2}) {
       const double eps = p == Norm::linf ? 0.02 : 0.3;
       INFO(net.name << " p=" << norm_name(p));

@@ -15,6 +15,17 @@ struct Net {
   moecert::Shape input;
 };
 
+/// A random batch for a net: B inputs in [0, 1]^input and B specifications C of
+/// `rows` random rows over its K outputs, in float64.
+struct Probe {
+  torch::Tensor x, C;
+};
+inline Probe random_probe(const Net& net, int64_t K, int64_t B, int64_t rows = 3) {
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  return {torch::rand(std::vector<int64_t>{B, net.input[0], net.input[1], net.input[2]}, f64),
+          torch::randn({B, rows, K}, f64)};
+}
+
 inline std::vector<Net> nets() {
   const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   torch::manual_seed(21);

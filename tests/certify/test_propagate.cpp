@@ -13,6 +13,7 @@
 
 using namespace moecert;
 using moecert_test::nets;
+using moecert_test::random_probe;
 
 namespace {
 
@@ -216,8 +217,8 @@ TEST_CASE("a pass narrowed to smaller regions is sound and uses its kept rows", 
     const auto& net = all.at(which);
     const BoundGraph g(net.graph, net.input);
     const int64_t K = g.output_shape()[0], B = 2;
-    auto x = torch::rand(std::vector<int64_t>{B, net.input[0], net.input[1], net.input[2]}, f64);
-    auto C = torch::randn({B, 3, K}, f64);
+    const auto probe = random_probe(net, K, B);
+    auto x = probe.x, C = probe.C;
     for (auto p : {Norm::linf, Norm::l2}) {
       const double wide = p == Norm::linf ? 0.03 : 0.6;
       BoundOptions opt;

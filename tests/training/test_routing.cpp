@@ -207,5 +207,11 @@ TEST_CASE("the routing health gate fails naming the expert and exits 1", "[e2e][
   CHECK(total == 40);
   CHECK(j["expert_usage"]["max_share"].get<double>() > 0.2);
   CHECK(moecert_test::run_moecert(attack + " --max-expert-share 1.5").code == 2);
+  // The dead-expert gate: of four experts one takes at most 25%, so a 26% floor fails.
+  auto floor = moecert_test::run_moecert(attack + " --min-expert-share 0.26");
+  CHECK(floor.code == 1);
+  CHECK(floor.output.find("less than --min-expert-share 26.0%") != std::string::npos);
+  CHECK(moecert_test::run_moecert(attack + " --min-expert-share 0").code == 0);
+  CHECK(moecert_test::run_moecert(attack + " --min-expert-share 1").code == 2);
   CHECK(moecert_test::run_moecert(train + " --force --router-train sometimes").code == 2);
 }
