@@ -133,7 +133,8 @@ def main():
       f"({platform.machine()}, {os.cpu_count()} cores; study wall time "
       f"{a.elapsed // 60} min {a.elapsed % 60} s).\n")
     w(f"Same budget for every model: {epochs} epochs over {train_n} Fashion-MNIST training images "
-      "(1000 more held out), batch 128, Adam lr 1e-3 with a cosine schedule, seed 0, "
+      "(1000 more held out), batch 128, Adam lr 1e-3 with a cosine schedule, seed 0 (the "
+      "claims' key rows also seed 1, …), "
       f"L∞ ε = 0.1, router gradient `{router_train}`, load balancing {balance} (the defaults; "
       "the fixed-router rows use `--router-train none`, paper 1's random router). "
       "Training attack: PGD-5 (AdvMoE: PGD-2, its paper's default, on two attacks per batch).\n")
@@ -142,7 +143,7 @@ def main():
       f"{first['restarts']} start, CE loss. RA-E attacks the experts with the routing frozen at the "
       "clean choice; RA-R attacks the router with the experts fed the clean input (for a dense "
       "model both equal RA). Expert usage: shares of the clean test images per expert (a "
-      "dual-model: its robust member's router; MoE-CNN: per-layer routers, not shown).")
+      "dual-model: its robust member's router; a MoE-CNN: the channel group its router selects).")
     if std_first:
         w(f"- **standard suite** (`attack --suite standard`): APGD-CE, APGD-T, FMN, Square and the "
           f"route-/member-aware runs, on the first {std_first['samples']} test images.")
