@@ -31,7 +31,7 @@ echo "== train: at, E=4 cnn-s experts, top-1 linear router (top-2 router gradien
 echo "== attack: test set, L-inf eps=0.1, PGD-20; routing health gates: no expert above 50 % or below 10 % of the test samples"
 "$bin" attack "$out/checkpoint" --suite pgd --eps 0.1 --steps 20 --json "$out/attack.json" \
   --max-expert-share 0.5 --min-expert-share 0.1
-echo "== attack: first $suite_n test images, the standard suite (APGD-CE, APGD-T, FMN, route-aware, Square)"
+echo "== attack: $suite_n test images (the seeded subset --samples draws), the standard suite (APGD-CE, APGD-T, FMN, route-aware, Square)"
 "$bin" --samples "$suite_n" attack "$out/checkpoint" --suite standard --eps 0.1 --no-components \
   --json "$out/attack-standard.json"
 

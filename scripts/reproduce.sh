@@ -11,10 +11,12 @@
 # the claims' key rows (ST, AT, RT-ER, AdvMoE, AT MoE-CNN, JTDMoE, the dual) with a
 # second seed; then evaluates every model on the test set:
 #   PGD-50 (RA, RA-E, RA-R, expert usage) on MOECERT_REPRO_TEST images,
-#   the standard suite (APGD-CE, APGD-T, FMN, Square, route/member-aware runs) on the
-#   first MOECERT_REPRO_STANDARD images,
-#   certify (every estimator, best sound form per sample) at eps 0.02 and 0.05 on the
-#   first MOECERT_REPRO_CERTIFY images (seed-0 rows);
+#   the standard suite (APGD-CE, APGD-T, FMN, Square, route/member-aware runs) and
+#   PGD-50 again on MOECERT_REPRO_STANDARD images,
+#   certify (every estimator, best sound form per sample) at eps 0.02 and 0.05 on
+#   MOECERT_REPRO_CERTIFY images (seed-0 rows);
+# each on the seeded subset `--samples N` draws (seed 0; a smaller subset lies inside
+# a larger one).
 # and writes the tables to docs/results.md (scripts/results_table.py).
 # Every stage is skipped when its output exists: rerunning resumes the study.
 # Budget: about 90 minutes on 2 cores after the build with the defaults. Env vars:
@@ -72,6 +74,10 @@ evaluate() {  # name, certify (0/1), then extra PGD options
     echo "== attack $name: standard suite on $standard_n test images"
     "$bin" --seed 0 --samples "$standard_n" attack "$ckpt" --suite standard --eps 0.1 \
       --no-components --json "$out/standard-$name.json" -q
+  fi
+  if [[ "$standard_n" != 0 && ! -f "$out/pgd-same-$name.json" ]]; then  # PGD-50 on the suite's images
+    "$bin" --seed 0 --samples "$standard_n" attack "$ckpt" --suite pgd --eps 0.1 --steps 50 \
+      --no-components --json "$out/pgd-same-$name.json" -q > /dev/null
   fi
   if [[ "$cert" == 1 && "$certify_n" != 0 && ! -f "$out/certify-$name/results.json" ]]; then
     echo "== certify $name: $certify_n test images, eps 0.02 and 0.05"

@@ -2,15 +2,16 @@
 """Writes docs/results.md from a reproduction-study directory (scripts/reproduce.sh).
 
 Reads attack-<name>.json (PGD-50, moecert attack --json), standard-<name>.json
-(the standard suite), certify-<name>/results.json and <name>/model.json (training
+(the standard suite), pgd-same-<name>.json (PGD-50 on the suite's images), certify-<name>/results.json and <name>/model.json (training
 manifest) for every model, and <name>-s<k> for further seeds; renders the tables
 and checks each claim of the two papers mechanically on the seed means (agrees /
-disagrees / a tie within the seed-to-seed spread). Text below the DISCUSSION marker of an
+disagrees / a tie within the seed-to-seed spread or the sampling error). Text below the DISCUSSION marker of an
 existing output file is kept across reruns.
 """
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -76,6 +77,7 @@ class Row:
         self.pgd = load(p)
         self.std = load_opt(os.path.join(d, f"standard-{name}.json"))
         self.cert = load_opt(os.path.join(d, f"certify-{name}", "results.json"))
+        self.pgd_same = load_opt(os.path.join(d, f"pgd-same-{name}.json"))  # PGD-50 on the suite's images
         self.man = load_opt(os.path.join(d, name, "model.json")) or {}
 
     @property
@@ -85,6 +87,9 @@ class Row:
     @property
     def ra(self):
         return self.pgd["ra"]
+
+    def samples(self, field):
+        return (self.std if field == "ra_std" else self.pgd)["samples"]
 
     @property
     def ra_std(self):
@@ -139,17 +144,18 @@ def main():
       "the fixed-router rows use `--router-train none`, paper 1's random router). "
       "Training attack: PGD-5 (AdvMoE: PGD-2, its paper's default, on two attacks per batch).\n")
     w("Evaluation at ε = 0.1 (L∞, inside [0,1]):\n")
-    w(f"- **PGD-50**: the first {first['samples']} test images, step {first['step_size']:.4f}, "
+    w(f"- **PGD-50**: {first['samples']} test images (`--samples`: a seeded subset, seed 0; the "
+      f"standard suite's smaller subset lies inside it), step {first['step_size']:.4f}, "
       f"{first['restarts']} start, CE loss. RA-E attacks the experts with the routing frozen at the "
       "clean choice; RA-R attacks the router with the experts fed the clean input (for a dense "
       "model both equal RA). Expert usage: shares of the clean test images per expert (a "
       "dual-model: its robust member's router; a MoE-CNN: the channel group its router selects).")
     if std_first:
         w(f"- **standard suite** (`attack --suite standard`): APGD-CE, APGD-T, FMN, Square and the "
-          f"route-/member-aware runs, on the first {std_first['samples']} test images.")
+          f"route-/member-aware runs, on {std_first['samples']} of those images.")
     if cert_first:
         w(f"- **certified**: `moecert certify --estimator all` (the best sound radius per sample), "
-          f"the first {cert_first['aggregates']['samples']} test images; fraction certified at ε = 0.02 "
+          f"the first {cert_first['aggregates']['samples']} test images (`certify --samples N` takes the first N); fraction certified at ε = 0.02 "
           "and 0.05 (seed-0 rows).")
     w("\nAccuracies in %.\n")
     w("| method | model | SA | RA (PGD-50) | RA (standard) | RA-E | RA-R | certified 0.02 | "
@@ -163,6 +169,18 @@ def main():
           f"{pct(certified(r.cert, '0.05'))} | {usage(r.pgd)} | "
           f"{'–' if rate is None else f'{rate:,.0f}'} |")
     w("")
+    if std_first and all(rows[n].std and rows[n].pgd_same for n, _, _ in ROWS):
+        w(f"## What PGD-50 misses (the standard suite's {std_first['samples']} images)\n")
+        w("PGD-50 and the standard suite on the same images; each run of the suite attacks the "
+          "points the earlier runs left robust, so its counts are the samples that run broke.\n")
+        w("| method | model | RA (PGD-50) | RA (standard) | PGD-50 overstates by | samples broken per run |")
+        w("|---|---|---|---|---|---|")
+        for name, method, model in ROWS:
+            r = rows[name]
+            runs = ", ".join(f"{x['name']} {x['broken']}" for x in r.std.get("runs", []) if x["broken"])
+            w(f"| {method} | {model.format(alpha=alpha)} | {pct(r.pgd_same['ra'])} | {pct(r.std['ra'])} | "
+              f"{pct(r.pgd_same['ra'] - r.std['ra'])} | {runs or '–'} |")
+        w("")
     if any(len(v) > 1 for v in seeds.values()):
         w("## Seed-to-seed spread (the claims' key rows)\n")
         w("| model | seed | SA | RA (PGD-50) | RA (standard) | expert usage |")
@@ -199,16 +217,25 @@ def main():
         vb = mean([getattr(r, field) for r in rb])
         if va is None or vb is None:
             return
-        tol = max(spread([getattr(r, field) for r in ra]), spread([getattr(r, field) for r in rb]))
+        # Two noise floors: the seed-to-seed spread, and the sampling error of the two
+        # means (95 %, as independent binomials over samples × seeds; the models share
+        # the test images, so this is conservative).
+        spread_ab = max(spread([getattr(r, field) for r in ra]), spread([getattr(r, field) for r in rb]))
+        na = sum(r.samples(field) for r in ra)
+        nb = sum(r.samples(field) for r in rb)
+        se = 1.96 * math.sqrt(va * (1 - va) / na + vb * (1 - vb) / nb)
         n = min(len(ra), len(rb))
-        if n > 1 and abs(va - vb) <= tol:
-            verdict = "tie (within the seed spread)"
+        if abs(va - vb) <= max(spread_ab, se):
+            verdict = "tie (within the seed spread)" if spread_ab >= se else "tie (within the sampling error)"
         else:
             verdict = "agrees" if va >= vb else "**disagrees**"
         what = "RA (PGD-50)" if field == "ra" else ("RA (standard)" if field == "ra_std" else "SA")
-        seeds_txt = f"mean of {n} seeds, spread {pct(tol)}" if n > 1 else "one seed"
+        if len(ra) == len(rb):
+            seeds_txt = f"mean of {n} seeds, spread {pct(spread_ab)}" if n > 1 else "one seed"
+        else:
+            seeds_txt = f"{len(ra)} vs {len(rb)} seeds"
         claims.append((text + f" — {what}", verdict,
-                       f"{a_label} {pct(va)} vs {b_label} {pct(vb)} ({seeds_txt})"))
+                       f"{a_label} {pct(va)} vs {b_label} {pct(vb)} ({seeds_txt}; sampling error ±{pct(se)})"))
 
     for field in ("ra", "ra_std"):
         compare("RT-ER ≥ AT in RA (paper 1)", "rt-er", "at", field, "RT-ER", "AT")
