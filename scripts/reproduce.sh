@@ -13,13 +13,12 @@
 #   PGD-50 (RA, RA-E, RA-R, expert usage) on MOECERT_REPRO_TEST images,
 #   the standard suite (APGD-CE, APGD-T, FMN, Square, route/member-aware runs) and
 #   PGD-50 again on MOECERT_REPRO_STANDARD images,
-#   certify (every estimator, best sound form per sample) at eps 0.02 and 0.05 on
-#   MOECERT_REPRO_CERTIFY images (seed-0 rows);
-# each on the seeded subset `--samples N` draws (seed 0; a smaller subset lies inside
-# a larger one).
+#   certify (every estimator, best sound form per sample) at eps 0.02 and 0.05 on the
+#   first MOECERT_REPRO_CERTIFY test images (seed-0 rows; certify --samples N takes the
+#   first N, attack the seeded subset --samples draws, a smaller one inside a larger);
 # and writes the tables to docs/results.md (scripts/results_table.py).
 # Every stage is skipped when its output exists: rerunning resumes the study.
-# Budget: about 90 minutes on 2 cores after the build with the defaults. Env vars:
+# Budget: 70 min 20 s on 2 cores after the build with the defaults (session 9). Env vars:
 #   MOECERT_REPRO_OUT (runs/reproduce), MOECERT_REPRO_EPOCHS (4),
 #   MOECERT_REPRO_TRAIN (0 = all 59,000 training images), MOECERT_REPRO_TEST (2000),
 #   MOECERT_REPRO_STANDARD (500), MOECERT_REPRO_CERTIFY (200), MOECERT_REPRO_SEEDS (2),

@@ -136,6 +136,10 @@ struct ExpertUsage {
   /// or no router), else "routing health: expert i takes X% of the <where> <set>
   /// samples, more than --max-expert-share L%".
   std::string share_violation(double limit, const std::string& where) const;
+  /// The dead-expert gate: "" when every expert takes at least `floor` of both sets (or
+  /// floor <= 0 or no router), else "routing health: expert i takes X% of the <where>
+  /// <set> samples, less than --min-expert-share F%" for the first expert below it.
+  std::string floor_violation(double floor, const std::string& where) const;
 };
 
 /// Robust accuracies on a data set.

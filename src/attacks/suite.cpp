@@ -327,6 +327,19 @@ std::string ExpertUsage::share_violation(double limit, const std::string& where)
          "% of the " + where + " " + set + " samples, more than --max-expert-share " + fmt_fixed(100 * limit, 1) + "%";
 }
 
+std::string ExpertUsage::floor_violation(double floor, const std::string& where) const {
+  if (floor <= 0) return "";
+  for (const auto* set : {&clean, &adversarial}) {
+    const auto sh = shares(*set);
+    for (size_t i = 0; i < sh.size(); ++i)
+      if (sh[i] < floor)
+        return "routing health: expert " + std::to_string(i) + " takes " + fmt_fixed(100 * sh[i], 1) + "% of the " +
+               where + " " + (set == &clean ? "clean" : "adversarial") + " samples, less than --min-expert-share " +
+               fmt_fixed(100 * floor, 1) + "%";
+  }
+  return "";
+}
+
 double ExpertUsage::max_share() const {
   double top = 0;
   for (const auto* set : {&clean, &adversarial})

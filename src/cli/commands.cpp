@@ -405,17 +405,9 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     if (!o->save_adv.empty())
       save_adversarial(o->save_adv, r, test.labels, torch::arange(test.size(), torch::kLong));
     if (!o->json.empty()) write_file_atomic(o->json, j.dump(2) + "\n");
-    const auto violation = r.usage.share_violation(o->max_expert_share, "test");
-    if (!violation.empty()) throw Error(ExitCode::gate_failed, violation);
-    for (const auto* set : {&r.usage.clean, &r.usage.adversarial}) {
-      const auto shares = ExpertUsage::shares(*set);
-      for (size_t i = 0; i < shares.size(); ++i)
-        if (shares[i] < o->min_expert_share)
-          throw Error(ExitCode::gate_failed,
-                      "routing health: expert " + std::to_string(i) + " takes " + fmt_fixed(100 * shares[i], 1) +
-                          "% of the test " + (set == &r.usage.clean ? "clean" : "adversarial") +
-                          " samples, less than --min-expert-share " + fmt_fixed(100 * o->min_expert_share, 1) + "%");
-    }
+    for (const auto& violation : {r.usage.share_violation(o->max_expert_share, "test"),
+                                  r.usage.floor_violation(o->min_expert_share, "test")})
+      if (!violation.empty()) throw Error(ExitCode::gate_failed, violation);
   });
 }
 
