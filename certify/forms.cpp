@@ -30,23 +30,6 @@ torch::Tensor router_differences(const MemberPass& p, const InputDomain& d) {
   return (p.fp32 ? s.lower - s.err32 : s.lower).view({-1, E, E});
 }
 
-/// Which experts the float32 router can select on each region (possible), and which
-/// it selects on all of it (sure), from the difference bounds (docs §13.1).
-std::pair<torch::Tensor, torch::Tensor> selection(const MemberGraphs& m, const torch::Tensor& diff) {
-  const int64_t E = m.experts;
-  if (m.routing == Routing::soft) {
-    auto all = torch::ones({diff.size(0), E}, torch::kBool);
-    return {all, all};
-  }
-  const int64_t k = m.top_k;
-  auto off = 1 - torch::eye(E, diff.options()).unsqueeze(0);
-  // j surely beats i: ĝ_j > ĝ_i everywhere, diff[j, i] > 0 (summed over j: dim 1).
-  auto beaten = (diff.gt(0).to(diff.dtype()) * off).sum(1);
-  // j may reach i (tie or beat): i does not surely beat j, diff[i, j] <= 0 (over j: dim 2).
-  auto rivals = (diff.le(0).to(diff.dtype()) * off).sum(2);
-  return {beaten.lt(static_cast<double>(k)), rivals.lt(static_cast<double>(k))};
-}
-
 /// The router's selection on each region: its difference bounds (undefined without a
 /// router) and the experts it can select / surely selects (docs §13.1).
 struct Selection {
@@ -59,7 +42,7 @@ Selection select_experts(const MemberPass& p, const InputDomain& d) {
     return s;
   }
   s.diff = router_differences(p, d);
-  std::tie(s.possible, s.sure) = selection(*p.m, s.diff);
+  std::tie(s.possible, s.sure) = router_selection(s.diff, p.m->routing, p.m->top_k);
   return s;
 }
 

@@ -5,6 +5,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -107,6 +108,17 @@ Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const to
     // Passes no sample starts from any more: their bounds are dropped.
     for (size_t i = 0; i < passes.size(); ++i)
       if (passes[i].state && !seed_of.eq(static_cast<int64_t>(i)).any().item<bool>()) passes[i] = {};
+  }
+  // The grid radii the rounds left open (lo < g < b): one full pass each, ascending,
+  // so that a sample's certified accuracy at g is a pass at g itself (docs §15).
+  auto grid = cfg.grid;
+  std::sort(grid.begin(), grid.end());
+  for (double g : grid) {
+    if (!(g > 0) || g > cfg.cap) continue;
+    auto open = todo & lo.lt(g) & b.gt(g);
+    if (!open.any().item<bool>()) continue;
+    next = torch::where(open, torch::full_like(next, g), next);
+    run(open.nonzero().flatten(), -1);
   }
   res.radius = lo;
   res.failed = b;

@@ -24,6 +24,10 @@ struct Config {
   /// that certifies, then this many bisections between it and the failure above it.
   std::vector<double> scan = {0.98, 0.95, 0.9};
   int bisections = 1;
+  /// Radii checked by a full pass of their own after the rounds wherever the search
+  /// left them open (certified below, not failed at or below): the certified accuracy
+  /// at these radii is then a direct check, not the reach of `rounds` passes.
+  std::vector<double> grid;
 };
 
 /// Slack of every prepared sample at radii `eps` [m] (each <= its prepared ε_I): > 0 certifies.

@@ -22,6 +22,8 @@ class Learner {
   /// and updates the parameters. x: [B, C, H, W], y: [B]
   virtual StepStats update(const torch::Tensor& x, const torch::Tensor& y, const TrainConfig& cfg,
                            const std::function<void(const StepStats&)>& check) = 0;
+  /// The run's global step (0-based) and total steps, before each update.
+  virtual void at_step(int64_t step, int64_t total) {}
   virtual AttackSubject subject() = 0;
   /// Manifest fields that describe the model ("architecture", and for a dual-model
   /// "kind" and "alpha").

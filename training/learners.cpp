@@ -50,6 +50,7 @@ class SingleLearner : public Learner {
     apply(*opt_, s);
     return s;
   }
+  void at_step(int64_t step, int64_t total) override { method_->at_step(step, total); }
   AttackSubject subject() override { return attack_subject(model_); }
   nlohmann::json manifest_fields() override { return {{"architecture", model_.spec().to_json()}}; }
   int64_t num_experts() override { return model_.num_experts(); }

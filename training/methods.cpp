@@ -237,12 +237,16 @@ StepStats advmoe_router_step(MoeImpl& model, const torch::Tensor& x, const torch
   return advmoe_trades(model, x, x_adv, y, cfg, std::move(s), /*balance=*/true);
 }
 
+std::unique_ptr<TrainMethod> certified_method_make(bool crown);  // training/certified.cpp
+
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name) {
   if (name == "st") return std::make_unique<StandardTraining>();
   if (name == "at") return std::make_unique<AdversarialTraining>(/*rter=*/false);
   if (name == "rt-er") return std::make_unique<AdversarialTraining>(/*rter=*/true);
   if (name == "trades") return std::make_unique<TradesTraining>();
-  throw ConfigError::invalid("--method", name, "st | at | trades | rt-er | advmoe | jtdmoe");
+  if (name == "ibp") return certified_method_make(/*crown=*/false);
+  if (name == "crown-ibp") return certified_method_make(/*crown=*/true);
+  throw ConfigError::invalid("--method", name, "st | at | trades | rt-er | advmoe | jtdmoe | ibp | crown-ibp");
 }
 
 }  // namespace moecert

@@ -12,6 +12,8 @@
 
 #include <cmath>
 #include <iostream>
+#include <algorithm>
+#include <cmath>
 #include <sstream>
 
 namespace moecert {
@@ -27,6 +29,9 @@ nlohmann::json TrainConfig::to_json() const {
           {"weight_decay", weight_decay}, {"schedule", schedule}, {"milestones", milestones},
           {"gamma", gamma},       {"seed", seed},             {"jtd_gamma", jtd_gamma},
           {"router_train", router_train}, {"max_expert_share", max_expert_share},
+          {"certified", {{"eps", certified.eps}, {"warmup", certified.warmup}, {"ramp", certified.ramp},
+                         {"kappa_start", certified.kappa_start}, {"kappa_end", certified.kappa_end},
+                         {"route_margin", certified.route_margin}, {"box", certified.box}}},
           {"attack", attack_json(attack)},
           {"eval_attack", attack_json(eval_attack)}};
 }
@@ -52,6 +57,18 @@ void TrainConfig::validate() const {
   if (!(max_expert_share > 0 && max_expert_share <= 1))
     throw ConfigError::invalid("--max-expert-share", std::to_string(max_expert_share), "in (0, 1]");
   if (router_train != "none") router_gradient_parse(router_train);
+  const auto& z = certified;
+  if ((method == "ibp" || method == "crown-ibp") && attack.norm != Norm::linf)
+    throw ConfigError("--method " + method + ": certified training bounds L-inf boxes; --norm 2 is not supported");
+  // A ramp may end after the run (a run to be resumed with more --epochs).
+  if (!(std::isfinite(z.warmup) && std::isfinite(z.ramp) && z.warmup <= 1e6 && z.ramp <= 1e6))
+    throw ConfigError::invalid("--eps-warmup/--eps-ramp", std::to_string(z.warmup) + ", " + std::to_string(z.ramp),
+                               "finite numbers of epochs (< 0: the defaults)");
+  if (!(std::isfinite(z.eps) && z.eps <= 1)) throw ConfigError::invalid("--train-eps", std::to_string(z.eps), "<= 1 (< 0: --eps)");
+  if (!(z.kappa_start >= 0 && z.kappa_start <= 1))
+    throw ConfigError::invalid("--kappa-start", std::to_string(z.kappa_start), "in [0, 1]");
+  if (z.kappa_end > 1) throw ConfigError::invalid("--kappa-end", std::to_string(z.kappa_end), "in [0, 1] (or < 0: the method's default)");
+  if (z.route_margin < 0) throw ConfigError::invalid("--route-margin", std::to_string(z.route_margin), ">= 0");
   if (router_train == "none" && method == "advmoe")
     throw ConfigError("--router-train none: advmoe alternates expert and router updates; it cannot keep "
                       "its router fixed");
@@ -200,6 +217,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
       auto idx = order.narrow(0, s * cfg.batch_size, std::min(cfg.batch_size, N - s * cfg.batch_size));
       auto x = train.batch_images(idx).to(device);
       auto y = train.batch_labels(idx).to(device);
+      learner.at_step(global, total_steps);
       StepStats st = learner.update(x, y, cfg, [&](const StepStats& t) { check_finite(t, epoch, s); });
       if (st.usage_clean.defined()) usage_clean = usage_clean + st.usage_clean;
       if (st.usage_adv.defined()) usage_adv = usage_adv + st.usage_adv;
@@ -218,6 +236,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
              << fmt_fixed(static_cast<double>(win_clean) / win_seen, 3) << "  ra "
              << (st.adv_correct >= 0 ? fmt_fixed(static_cast<double>(win_adv) / win_seen, 3) : "-")
              << "  experts " << ExpertUsage::text(usage_shares(usage_clean))
+             << (st.note.empty() ? "" : "  " + st.note)
              << "  " << fmt_fixed(images_this_run / t, 0) << " img/s  eta "
              << fmt_duration(t / steps_this_run * steps_left);
         std::cerr << line.str() << std::endl;

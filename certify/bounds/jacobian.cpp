@@ -4,7 +4,7 @@
 // output of the derivative graph — every bias dropped, every ReLU replaced by its
 // derivative gate δ — fed with s. Over the region δ is 1 or 0 on the units the pass
 // finds stable and lies in [0, 1] on the others, so CROWN over s in the unit ball,
-// with each gate relaxed (certify/rules/gate.cpp), bounds it. docs/certification.md §16.
+// with each gate relaxed (src/bounds/rules/gate.cpp), bounds it. docs/certification.md §16.
 #include "bounds-impl.h"
 
 #include <map>

@@ -100,15 +100,4 @@ torch::Tensor bound_jacobian_norms(const BoundPass& pass, const torch::Tensor& C
   return norms.view({B, S});
 }
 
-torch::Tensor other_classes(const torch::Tensor& ref, int64_t K) {
-  const int64_t n = ref.size(0);
-  auto at_ref = torch::nn::functional::one_hot(ref, K).to(torch::kBool);
-  return torch::arange(K, ref.options()).expand({n, K}).masked_select(~at_ref).view({n, K - 1});
-}
-
-torch::Tensor margin_rows(const torch::Tensor& ref, int64_t K, const torch::TensorOptions& o) {
-  auto e_ref = torch::nn::functional::one_hot(ref, K).to(o).unsqueeze(1);
-  return e_ref - torch::nn::functional::one_hot(other_classes(ref, K), K).to(o);
-}
-
 }  // namespace moecert

@@ -9,6 +9,7 @@
 
 #include "moecert/defaults.h"
 #include "moecert/rules.h"
+#include "moecert/train_bounds.h"  // other_classes, margin_rows, router_selection
 
 #include <memory>
 
@@ -103,12 +104,6 @@ BoundPass bound_subset(const BoundPass& pass, const torch::Tensor& index);
 /// and the kept rows of its refined units concretised over `d`. No new backward walk:
 /// a cheap pass for a smaller ε, never looser than the pass itself (docs §15).
 BoundPass bound_narrow(const BoundPass& pass, const InputDomain& d);
-
-/// The classes other than `ref` [n] among K, in increasing order: [n, K − 1] int64.
-torch::Tensor other_classes(const torch::Tensor& ref, int64_t K);
-/// The margin rows e_ref − e_k for those classes k (other_classes' order), as
-/// specifications for bound_specs: [n, K − 1, K] in the options `o`.
-torch::Tensor margin_rows(const torch::Tensor& ref, int64_t K, const torch::TensorOptions& o);
 
 /// Lower bounds of rows C·h(x) over each sample's region, sound for the exact-real
 /// graph (its float64 rounding subtracted), and a bound on |C·(ĥ − h)| where ĥ is the

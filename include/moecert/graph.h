@@ -1,7 +1,7 @@
 // The layer graph of a logit map, as the certifier sees it: every operator with
 // its weights in float64, detached from autograd. Built from a model by
 // BackboneImpl::graph() (and MoeImpl::component_graph, which prepends the input
-// normalisation). How each kind is bounded lives in its rule (certify/rules/,
+// normalisation). How each kind is bounded lives in its rule (src/bounds/rules/,
 // include/moecert/rules.h); a kind without a registered rule is an
 // UnsupportedLayerError naming the layer.
 #pragma once

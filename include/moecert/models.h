@@ -56,11 +56,29 @@ struct ModelSpec {
   void validate() const;
 };
 
+/// While one is alive (on this thread), graph(), path_graph() and component_graph()
+/// build layers that alias the live parameters and buffers (their dtype, autograd
+/// on) instead of float64 copies: the graphs certified training differentiates
+/// through (include/moecert/train_bounds.h). BatchNorm enters with its running
+/// statistics (its eval-mode map) either way.
+class LiveGraphs {
+ public:
+  LiveGraphs();
+  ~LiveGraphs();
+  LiveGraphs(const LiveGraphs&) = delete;
+  LiveGraphs& operator=(const LiveGraphs&) = delete;
+  static bool active();
+
+ private:
+  bool previous_;
+};
+
 /// A logit map x [B, C, H, W] (already normalised) -> logits [B, K].
 class BackboneImpl : public torch::nn::Module {
  public:
   virtual torch::Tensor forward(torch::Tensor x) = 0;
-  /// Its layer graph in float64 (eval mode: BatchNorm as a per-channel affine map).
+  /// Its layer graph in float64 (eval mode: BatchNorm as a per-channel affine map),
+  /// or on the live parameters under LiveGraphs.
   virtual LayerGraph graph() = 0;
 };
 

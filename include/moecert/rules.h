@@ -3,8 +3,8 @@
 // magnitudes and float32 error, backward linear-bound step, operator norm,
 // Jacobian bound step), and a registry from kind to rule. The engine that walks a
 // graph with them is include/moecert/bounds.h; the proofs are in
-// docs/certification.md. Adding a kind: one file in certify/rules/ and one line in
-// certify/rules/registry.cpp.
+// docs/certification.md. Adding a kind: one file in src/bounds/rules/ and one line in
+// src/bounds/rules/registry.cpp.
 #pragma once
 
 #include "moecert/attacks.h"

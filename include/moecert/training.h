@@ -15,8 +15,29 @@
 
 namespace moecert {
 
+/// Certified training's schedule (SPEC §2 `ibp`, `crown-ibp`; docs/training.md
+/// "Certified training"): ε stays 0 for the warm-up, then ε rises linearly to its
+/// target, κ from kappa_start to kappa_end and CROWN-IBP's β from 1 to 0 over the
+/// ramp; all three hold their end values after it. Lengths are in epochs (fractions
+/// allowed) counted in steps, so a run resumed with more --epochs sees the same
+/// values at the same step.
+struct CertifiedConfig {
+  double eps = -1;            ///< training radius (L∞); < 0: the attack's --eps
+  double warmup = -1;         ///< epochs at ε = 0; < 0: 5% of --epochs (Zhang et al.: 10 of 200)
+  double ramp = -1;           ///< epochs of the ramp; < 0: 25% of --epochs (Zhang et al.: 50 of 200)
+  double kappa_start = 1.0;   ///< weight of the clean loss at the ramp's start
+  double kappa_end = -1;      ///< and after it; < 0: the method's published value (ibp 0.5, crown-ibp 0)
+  double route_margin = 0;    ///< weight of the route-margin term mean(max(0, −route gap))
+  bool box = true;            ///< bound B_∞(x, ε) ∩ [0, 1]^d (false: the whole ball)
+};
+
+/// The schedule's values at one step.
+struct CertifiedPoint {
+  double eps = 0, kappa = 1, beta = 0;
+};
+
 struct TrainConfig {
-  std::string method = "at";        ///< st | at | trades | rt-er | advmoe | jtdmoe (dual-model)
+  std::string method = "at";        ///< st | at | trades | rt-er | advmoe | jtdmoe (dual-model) | ibp | crown-ibp
   double jtd_gamma = 0.0;           ///< JTDMoE: weight of CE(F_D(x_adv)) in the F_S step (0 = paper)
   double beta = 6.0;                ///< TRADES / RT-ER regulariser weight (papers' default)
   double balance = 0.3;             ///< weight of the load-balancing loss (0 = off; docs/training.md)
@@ -43,6 +64,7 @@ struct TrainConfig {
   std::string out_dir;              ///< checkpoint directory (empty = none)
   bool resume = false;              ///< continue from out_dir's train_state.pt
   bool keep_best = false;           ///< also keep the best-RA epoch in `<out_dir>-best`
+  CertifiedConfig certified;        ///< ibp / crown-ibp
 
   nlohmann::json to_json() const;
   void validate() const;  ///< throws ConfigError naming the option
@@ -57,6 +79,7 @@ struct StepStats {
   torch::Tensor usage_adv;       ///< [E] int64 the same on the adversarial input (if any)
   /// Tensors that must be finite (losses, logits, router scores), by name.
   std::vector<std::pair<std::string, torch::Tensor>> checked;
+  std::string note;              ///< appended to the progress line (certified training: ε, κ, β)
 };
 
 /// One training objective; `step` computes the loss of one batch.
@@ -67,7 +90,14 @@ class TrainMethod {
   /// x: [B, C, H, W] in [0, 1], y: [B] -> loss and counts. Leaves `model` in train mode.
   virtual StepStats step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                          const TrainConfig& cfg) = 0;
+  /// Called before each step with the run's global step (0-based) and total steps.
+  virtual void at_step(int64_t step, int64_t total) {}
 };
+
+/// The certified-training schedule at global step `step` of `total` = steps per
+/// epoch × cfg.epochs (method ibp or crown-ibp: κ's default end and whether β
+/// ramps). CertifiedConfig describes it.
+CertifiedPoint certified_schedule(const TrainConfig& cfg, int64_t step, int64_t total);
 
 /// KL(P || Q) per row from log-probabilities. log_p, log_q: [B, K] -> [B]
 torch::Tensor kl_rows(const torch::Tensor& log_p, const torch::Tensor& log_q);
@@ -107,7 +137,8 @@ StepStats advmoe_expert_step(MoeImpl& model, const torch::Tensor& x, const torch
 StepStats advmoe_router_step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                              const TrainConfig& cfg);
 
-/// "st" | "at" | "trades" | "rt-er" -> method; throws ConfigError naming the known methods.
+/// "st" | "at" | "trades" | "rt-er" | "ibp" | "crown-ibp" -> method; throws ConfigError
+/// naming the known methods.
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name);
 
 /// What a finished (or resumed-and-finished) run reports.

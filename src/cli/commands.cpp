@@ -218,7 +218,24 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   o->train_attack.steps = defaults::train_steps;
   auto* cmd = app.add_subcommand("train", "train an MoE (or dense) classifier and checkpoint it");
   auto& c = o->cfg;
-  cmd->add_option("--method", c.method, "st | at | trades | rt-er | advmoe | jtdmoe (dual-model)")
+  cmd->add_option("--method", c.method,
+                  "st | at | trades | rt-er | advmoe | jtdmoe (dual-model) | ibp | crown-ibp (certified training)")
+      ->capture_default_str();
+  auto& z = c.certified;
+  cmd->add_option("--train-eps", z.eps, "ibp / crown-ibp: training radius at the ramp's end (< 0: --eps)")
+      ->capture_default_str();
+  cmd->add_option("--eps-warmup", z.warmup, "ibp / crown-ibp: epochs at eps = 0 (< 0: 5% of --epochs)")
+      ->capture_default_str();
+  cmd->add_option("--eps-ramp", z.ramp,
+                  "ibp / crown-ibp: epochs over which eps, kappa (and crown-ibp's beta) ramp (< 0: 25% of --epochs)")
+      ->capture_default_str();
+  cmd->add_option("--kappa-start", z.kappa_start, "ibp / crown-ibp: weight of the clean loss at the ramp's start")
+      ->capture_default_str();
+  cmd->add_option("--kappa-end", z.kappa_end,
+                  "ibp / crown-ibp: weight of the clean loss after the ramp (< 0: ibp 0.5, crown-ibp 0)")
+      ->capture_default_str();
+  cmd->add_option("--route-margin", z.route_margin,
+                  "ibp / crown-ibp: weight of the route-margin term (the router's top-1 choice kept on the ball)")
       ->capture_default_str();
   cmd->add_option("--alpha", o->alpha, "jtdmoe: weight of the robust member")->capture_default_str();
   cmd->add_option("--jtd-gamma", c.jtd_gamma, "jtdmoe: weight of CE(F_D(x_adv)) in the F_S step")

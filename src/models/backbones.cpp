@@ -45,7 +45,12 @@ class StemConvFunction : public torch::autograd::Function<StemConvFunction> {
   }
 };
 
+thread_local bool live_graphs = false;
+
+/// A parameter or buffer as a graph layer holds it: a float64 copy, or (LiveGraphs)
+/// the tensor itself.
 torch::Tensor f64(const torch::Tensor& t) {
+  if (live_graphs) return t;
   return t.defined() ? t.detach().to(torch::kFloat64).clone() : torch::Tensor();
 }
 
@@ -392,5 +397,9 @@ int64_t module_parameter_count(const torch::nn::Module& module) {
   for (const auto& p : module.parameters()) n += p.numel();
   return n;
 }
+
+LiveGraphs::LiveGraphs() : previous_(live_graphs) { live_graphs = true; }
+LiveGraphs::~LiveGraphs() { live_graphs = previous_; }
+bool LiveGraphs::active() { return live_graphs; }
 
 }  // namespace moecert

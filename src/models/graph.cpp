@@ -1,5 +1,5 @@
 // Layer graph constructors. Evaluation and bounds of each kind are its rule's
-// (certify/rules/).
+// (src/bounds/rules/).
 #include "moecert/graph.h"
 
 namespace moecert {

@@ -160,7 +160,8 @@ LayerGraph MoeImpl::component_graph(int64_t expert) {
   BackboneImpl* net = expert < 0 ? router_.get() : experts_.at(static_cast<size_t>(expert)).get();
   if (!net) throw ConfigError("model has a single expert: there is no router");
   LayerGraph g;
-  auto mean = mean_.detach().to(torch::kFloat64).flatten(), sd = std_.detach().to(torch::kFloat64).flatten();
+  auto mean = mean_.flatten(), sd = std_.flatten();
+  if (!LiveGraphs::active()) mean = mean.detach().to(torch::kFloat64), sd = sd.detach().to(torch::kFloat64);
   g.push_back(Layer::affine("normalise", 1.0 / sd, -mean / sd));
   for (auto& l : net->graph()) g.push_back(std::move(l));
   return g;

@@ -95,6 +95,38 @@ TEST_CASE("every rule's interval bounds enclose 10^4 sampled outputs", "[soundne
   }
 }
 
+TEST_CASE("training's interval-only bounds: certification's interval, differentiable, in float32",
+          "[soundness][certify][rules][certified]") {
+  for (const auto& k : cases()) {
+    INFO(k.name);
+    const auto& rule = rule_for(k.layer);
+    auto g = region(k.in);
+    auto full = rule.bounds(k.layer, {&g.in});
+    NodeBounds bare{g.in.lo, g.in.hi, {}, {}};
+    auto b = rule.bounds(k.layer, {&bare});
+    CHECK(!b.mag.defined());
+    CHECK(!b.err32.defined());
+    CHECK(torch::equal(b.lo, full.lo));
+    CHECK(torch::equal(b.hi, full.hi));
+    // float32 layer with autograd on, as certified training holds it
+    Layer l = k.layer;
+    for (auto* t : {&l.weight, &l.bias})
+      if (t->defined()) *t = t->to(torch::kFloat32).detach().requires_grad_(true);
+    NodeBounds in32{g.in.lo.to(torch::kFloat32), g.in.hi.to(torch::kFloat32), {}, {}};
+    auto b32 = rule.bounds(l, {&in32});
+    auto y = rule.forward(l, {g.points.to(torch::kFloat32)}).detach();
+    auto lo = b32.lo.detach().repeat_interleave(kPerSample, 0), hi = b32.hi.detach().repeat_interleave(kPerSample, 0);
+    const double tol = 1e-5 * (1 + y.abs().max().item<double>());
+    CHECK((y >= lo - tol).all().item<bool>());
+    CHECK((y <= hi + tol).all().item<bool>());
+    if (l.weight.defined() && l.weight.requires_grad()) {
+      (b32.hi - b32.lo).sum().backward();
+      REQUIRE(l.weight.grad().defined());
+      CHECK(torch::isfinite(l.weight.grad()).all().item<bool>());
+    }
+  }
+}
+
 TEST_CASE("float32 evaluation stays within every rule's err32", "[soundness][certify][rules]") {
   for (const auto& k : cases()) {
     INFO(k.name);

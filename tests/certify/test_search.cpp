@@ -7,6 +7,7 @@
 
 #include "certify/search.h"
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -61,4 +62,36 @@ TEST_CASE("the radius search seeds passes only from failed passes over larger re
   CHECK((res.radius < root).all().item<bool>());                         // sound: only certified probes count
   CHECK((res.radius >= root * (1 - 3 * cfg.tol)).all().item<bool>());   // and close
   CHECK((res.failed >= root).all().item<bool>());
+}
+
+TEST_CASE("radii of the grid that the rounds leave open get a full pass of their own", "[unit][certify][search]") {
+  const int64_t n = 6;
+  // Roots far above a poor first guess: one round cannot reach them.
+  auto root = torch::tensor({0.3, 0.12, 0.09, 0.06, 0.04, 0.015}, f64);
+  auto guess = torch::full({n}, 0.005, f64);
+  std::vector<double> full_passes_at;
+  search::Prepare prepare = [&](const torch::Tensor& rows, const torch::Tensor& eps, const search::Pass*,
+                                const torch::Tensor&) {
+    for (int64_t i = 0; i < eps.size(0); ++i) full_passes_at.push_back(eps[i].item<double>());
+    auto r = root.index_select(0, rows);
+    search::Prober probe = [r](const torch::Tensor& t) { return r - t; };
+    return search::Pass{probe, nullptr};
+  };
+  search::Config cfg;
+  cfg.rounds = 1;
+  auto todo = torch::ones({n}, torch::kBool);
+  auto before = search::radius_search(prepare, todo, guess, torch::zeros({n}, f64), cfg);
+  CHECK((before.radius < 0.01).all().item<bool>());  // one round stops far below every root
+  cfg.grid = {0.1, 0.02, 0.05};                       // any order
+  full_passes_at.clear();
+  auto res = search::radius_search(prepare, todo, guess, torch::zeros({n}, f64), cfg);
+  CHECK((res.radius < root).all().item<bool>());  // sound
+  // certified at every grid radius below its root, and no grid pass above a failure
+  for (int64_t i = 0; i < n; ++i) {
+    const double r = root[i].item<double>(), got = res.radius[i].item<double>();
+    for (double g : {0.02, 0.05, 0.1})
+      if (g < r) CHECK(got >= g);
+  }
+  const auto passes_at_01 = std::count(full_passes_at.begin(), full_passes_at.end(), 0.1);
+  CHECK(passes_at_01 == 4);  // the samples certified at 0.05 (roots 0.3 to 0.06); the others failed below
 }

@@ -20,6 +20,7 @@ class FlattenRule final : public BoundRule {
 
   NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
     const auto& x = *in[0];
+    if (interval_only(x)) return {x.lo.flatten(1), x.hi.flatten(1), {}, {}};
     return {x.lo.flatten(1), x.hi.flatten(1), x.mag.flatten(1), x.err32.flatten(1)};
   }
 

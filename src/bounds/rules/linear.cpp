@@ -28,9 +28,10 @@ class LinearRule final : public BoundRule {
   NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
     const auto& x = *in[0];
     auto aw = l.weight.abs();
-    auto ab = l.bias.defined() ? l.bias.abs().view({1, -1}) : torch::zeros({1}, x.lo.options());
     auto c = torch::linear((x.lo + x.hi) * 0.5, l.weight, l.bias);
     auto r = torch::linear((x.hi - x.lo) * 0.5, aw);
+    if (interval_only(x)) return {c - r, c + r, {}, {}};
+    auto ab = l.bias.defined() ? l.bias.abs().view({1, -1}) : torch::zeros({1}, x.lo.options());
     NodeBounds y{c - r, c + r, torch::linear(magnitude(x), aw) + ab, {}};
     auto spread = torch::linear(x.err32, aw);
     y.err32 = spread + gamma(static_cast<double>(l.weight.size(1)) + 1, u32) * (y.mag + spread);

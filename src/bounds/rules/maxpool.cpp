@@ -36,6 +36,7 @@ class MaxPoolRule final : public BoundRule {
   // taking a maximum is exact, and |max x̂ − max x| <= max |x̂ − x|: e' = maxpool(e).
   NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
     const auto& x = *in[0];
+    if (interval_only(x)) return {pool(l, x.lo), pool(l, x.hi), {}, {}};
     return {pool(l, x.lo), pool(l, x.hi), pool(l, magnitude(x)), pool(l, x.err32)};
   }
 

@@ -29,6 +29,7 @@ class ResidualRule final : public BoundRule {
   // float32: one rounded addition, e' = e_a + e_b + u (M_a + M_b + e_a + e_b).
   NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
     const auto &a = *in[0], &b = *in[1];
+    if (interval_only(a) || interval_only(b)) return {a.lo + b.lo, a.hi + b.hi, {}, {}};
     auto m = magnitude(a) + magnitude(b), e = a.err32 + b.err32;
     return {a.lo + b.lo, a.hi + b.hi, m, e + u32 * (m + e)};
   }

@@ -26,6 +26,12 @@ inline torch::Tensor channel_view(const torch::Tensor& v, int64_t dim) {
   return v.view(shape);
 }
 
+/// Whether a node's bounds are training's (include/moecert/train_bounds.h): the
+/// interval alone, in the parameters' dtype, differentiable, without the rounding
+/// magnitude and float32 error that certification carries (mag, err32 undefined).
+/// Every rule's bounds() returns the same interval either way and skips those two.
+inline bool interval_only(const NodeBounds& x) { return !x.err32.defined(); }
+
 /// max(|lo|, |hi|): a bound on |value| over the interval.
 inline torch::Tensor magnitude(const NodeBounds& b) { return torch::max(b.lo.abs(), b.hi.abs()); }
 

@@ -75,6 +75,7 @@ class GateRule final : public BoundRule {
     auto p1 = l.weight * x.lo, p2 = l.weight * x.hi, p3 = l.bias * x.lo, p4 = l.bias * x.hi;
     auto lo = torch::min(torch::min(p1, p2), torch::min(p3, p4));
     auto hi = torch::max(torch::max(p1, p2), torch::max(p3, p4));
+    if (interval_only(x)) return {lo, hi, {}, {}};
     auto d = torch::max(l.weight.abs(), l.bias.abs());
     return {lo, hi, 2 * d * magnitude(x), torch::zeros_like(lo)};
   }

@@ -3,7 +3,7 @@
 // docs/certification.md §3, §10, §11.
 #include "rules-impl.h"
 
-#include "../bounds/kernels.h"
+#include "../kernels.h"
 
 namespace moecert::rules {
 namespace {
@@ -24,7 +24,10 @@ Relaxation relax(const NodeBounds& x) {
   r.active = l.ge(0);
   r.unstable = l.lt(0) & u.gt(0);
   auto ones = torch::ones_like(l), zeros = torch::zeros_like(l);
-  auto s = torch::where(r.unstable, u / (u - l).clamp_min(1e-300), zeros);
+  // The clamp only keeps stable units (where s is not used) finite, so that training's
+  // gradients through this where() stay finite when l = u (ε = 0): 1e-300 underflows in float32.
+  const double tiny = l.scalar_type() == torch::kDouble ? 1e-300 : 1e-30;
+  auto s = torch::where(r.unstable, u / (u - l).clamp_min(tiny), zeros);
   r.up = torch::where(r.active, ones, s);
   r.icpt = torch::where(r.unstable, -l * s + 4 * u64 * (l.abs() * s + u), zeros);
   r.low = torch::where(r.active, ones, torch::where(r.unstable & u.ge(-l), ones, zeros));
@@ -51,6 +54,7 @@ class ReluRule final : public BoundRule {
   // products and intercepts. float32: relu is exact and 1-Lipschitz, so e' = e.
   NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
     const auto& x = *in[0];
+    if (interval_only(x)) return {torch::relu(x.lo), torch::relu(x.hi), {}, {}};
     return {torch::relu(x.lo), torch::relu(x.hi), 2 * magnitude(x), x.err32};
   }
 

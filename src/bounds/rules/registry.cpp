@@ -33,9 +33,9 @@ const BoundRule& rule_for(const Layer& l) {
   if (it == registry().end())
     throw UnsupportedLayerError("certify: layer '" + l.name + "' has kind #" +
                                 std::to_string(static_cast<int>(l.kind)) +
-                                ", which has no bound rule: add certify/rules/<kind>.cpp implementing "
+                                ", which has no bound rule: add src/bounds/rules/<kind>.cpp implementing "
                                 "BoundRule (include/moecert/rules.h) and register it in "
-                                "certify/rules/registry.cpp");
+                                "src/bounds/rules/registry.cpp");
   return *it->second;
 }
 

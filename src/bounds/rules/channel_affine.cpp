@@ -28,6 +28,7 @@ class ChannelAffineRule final : public BoundRule {
     auto terms = channel_view(l.shift_terms.defined() ? l.shift_terms : l.bias.abs(), d);
     auto c = (x.lo + x.hi) * 0.5, r = (x.hi - x.lo) * 0.5;
     auto cy = c * s + t, ry = r * s.abs();
+    if (interval_only(x)) return {cy - ry, cy + ry, {}, {}};
     NodeBounds y{cy - ry, cy + ry, magnitude(x) * s.abs() + t.abs(), {}};
     y.err32 = x.err32 * s.abs() + gamma(8, u32) * ((magnitude(x) + x.err32) * s.abs() + terms);
     return y;

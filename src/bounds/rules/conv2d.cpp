@@ -36,6 +36,7 @@ class Conv2dRule final : public BoundRule {
     auto conv_abs = [&](const torch::Tensor& t) { return torch::conv2d(t, aw, {}, l.stride, l.padding); };
     auto c = torch::conv2d((x.lo + x.hi) * 0.5, l.weight, l.bias, l.stride, l.padding);
     auto r = conv_abs((x.hi - x.lo) * 0.5);
+    if (interval_only(x)) return {c - r, c + r, {}, {}};
     NodeBounds y{c - r, c + r, conv_abs(magnitude(x)) + ab, {}};
     const double n = static_cast<double>(l.weight[0].numel());
     auto spread = conv_abs(x.err32);

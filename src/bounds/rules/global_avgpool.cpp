@@ -21,6 +21,7 @@ class GlobalAvgPoolRule final : public BoundRule {
   // float32 (a sum of HW terms, then a division): e' = mean(e) + γ_{HW+1} mean(M + e).
   NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
     const auto& x = *in[0];
+    if (interval_only(x)) return {x.lo.mean({2, 3}), x.hi.mean({2, 3}), {}, {}};
     const double n = static_cast<double>(x.lo.size(2) * x.lo.size(3));
     auto m = magnitude(x).mean({2, 3});
     auto e = x.err32.mean({2, 3});

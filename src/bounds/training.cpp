@@ -1,0 +1,176 @@
+// Certified training's bounds (include/moecert/train_bounds.h): IBP and CROWN-IBP
+// through the certify rules on live parameters, and the MoE worst case over the
+// experts a top-1 router can select. docs/certification.md §19.
+#include "moecert/train_bounds.h"
+
+#include "moecert/error.h"
+
+#include <torch/torch.h>
+
+#include <limits>
+
+namespace moecert {
+namespace {
+
+/// The graph's own shape of a bound tensor: its sizes without the batch dimension.
+Shape unbatched(const torch::Tensor& t) {
+  auto s = t.sizes().vec();
+  return Shape(s.begin() + 1, s.end());
+}
+
+/// IBP of a chain, recording the interval at each layer's input (residual blocks
+/// enter as one step). -> the output's interval
+NodeBounds walk(const LayerGraph& g, const NodeBounds& in, std::vector<NodeBounds>* inputs) {
+  NodeBounds cur = in;
+  for (const auto& l : g) {
+    if (inputs) inputs->push_back(cur);
+    if (l.kind == Layer::Kind::residual) {
+      const NodeBounds m = train_interval(l.main, cur), s = train_interval(l.shortcut, cur);
+      cur = rule_for(l).bounds(l, {&m, &s});
+    } else {
+      cur = rule_for(l).bounds(l, {&cur});
+    }
+  }
+  return cur;
+}
+
+/// min over the box [lo, hi] of A·z per row: A·c − |A|·r. A: [B, S, n], box [B, n] -> [B, S]
+torch::Tensor box_min(const torch::Tensor& A, const torch::Tensor& lo, const torch::Tensor& hi) {
+  auto c = ((lo + hi) * 0.5).unsqueeze(2), r = ((hi - lo) * 0.5).unsqueeze(2);
+  return torch::matmul(A, c).squeeze(2) - torch::matmul(A.abs(), r).squeeze(2);
+}
+
+/// IBP bound of C·h: C folded into the last layer when it is linear (the same
+/// quantity as certify's IBP, docs §11), else the output's interval.
+torch::Tensor ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>& inputs, const NodeBounds& out,
+                        const torch::Tensor& C) {
+  const Layer& last = g.back();
+  if (last.kind == Layer::Kind::linear) {
+    const NodeBounds& z = inputs.back();
+    auto A = torch::matmul(C, last.weight);  // [B, S, I]
+    auto low = box_min(A, z.lo.flatten(1), z.hi.flatten(1));
+    if (last.bias.defined()) low = low + torch::matmul(C, last.bias);
+    return low;
+  }
+  return box_min(C, out.lo.flatten(1), out.hi.flatten(1));
+}
+
+/// CROWN-IBP: one backward walk of the rows C from the output, each relaxed operator
+/// relaxed over its IBP input interval, concretised over the input box.
+torch::Tensor crown_ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>& inputs, const NodeBounds& out,
+                              const torch::Tensor& C) {
+  const int64_t B = C.size(0), S = C.size(1);
+  Coeffs c;
+  c.A = C.reshape({B * S, C.size(2)});
+  c.sample = torch::arange(B, C.options().dtype(torch::kLong)).repeat_interleave(S);
+  auto gather = [&c](const torch::Tensor& t) { return t.index_select(0, c.sample); };
+  auto b = torch::zeros({B * S}, C.options());
+  for (size_t i = g.size(); i-- > 0;) {
+    const Layer& l = g[i];
+    if (l.kind == Layer::Kind::residual)
+      throw ConfigError("crown-ibp: layer '" + l.name +
+                        "' is a residual block; CROWN-IBP training takes chain graphs (use --method ibp)");
+    const Shape in_shape = unbatched(inputs[i].lo);
+    const Shape out_shape = i + 1 < g.size() ? unbatched(inputs[i + 1].lo) : unbatched(out.lo);
+    const std::vector<Shape> in_shapes{in_shape};
+    BackwardArgs args{l, in_shapes, out_shape, {&inputs[i]}, gather, {}};
+    auto next = rule_for(l).backward(args, c, b);
+    if (next.empty() || !next[0].A.defined())
+      throw ConfigError("crown-ibp: the rule of layer '" + l.name + "' has no dense backward step");
+    c.A = next[0].A;
+  }
+  const auto& x = inputs.front();
+  auto A = c.A.flatten(1);
+  auto lo = gather(x.lo).flatten(1), hi = gather(x.hi).flatten(1);
+  auto low = b + (A.clamp_min(0) * lo + A.clamp_max(0) * hi).sum(1);
+  return low.view({B, S});
+}
+
+}  // namespace
+
+NodeBounds train_interval(const LayerGraph& g, const NodeBounds& in) { return walk(g, in, nullptr); }
+
+torch::Tensor train_spec_lower(const LayerGraph& g, const NodeBounds& in, const torch::Tensor& C, double beta) {
+  if (g.empty()) return box_min(C, in.lo.flatten(1), in.hi.flatten(1));
+  std::vector<NodeBounds> inputs;
+  const NodeBounds out = walk(g, in, &inputs);
+  torch::Tensor low;
+  if (beta < 1) low = (1 - beta) * ibp_lower(g, inputs, out, C);
+  if (beta > 0) {
+    auto crown = beta * crown_ibp_lower(g, inputs, out, C);
+    low = low.defined() ? low + crown : crown;
+  }
+  return low;
+}
+
+std::pair<torch::Tensor, torch::Tensor> router_selection(const torch::Tensor& diff, Routing routing, int64_t k) {
+  const int64_t E = diff.size(1);
+  if (routing == Routing::soft) {
+    auto all = torch::ones({diff.size(0), E}, diff.options().dtype(torch::kBool));
+    return {all, all};
+  }
+  auto off = 1 - torch::eye(E, diff.options()).unsqueeze(0);
+  // j surely beats i: g_j > g_i everywhere, diff[j, i] > 0 (summed over j: dim 1).
+  auto beaten = (diff.gt(0).to(diff.dtype()) * off).sum(1);
+  // j may reach i (tie or beat): i does not surely beat j, diff[i, j] <= 0 (over j: dim 2).
+  auto rivals = (diff.le(0).to(diff.dtype()) * off).sum(2);
+  return {beaten.lt(static_cast<double>(k)), rivals.lt(static_cast<double>(k))};
+}
+
+torch::Tensor other_classes(const torch::Tensor& ref, int64_t K) {
+  const int64_t n = ref.size(0);
+  auto at_ref = torch::nn::functional::one_hot(ref, K).to(torch::kBool);
+  return torch::arange(K, ref.options()).expand({n, K}).masked_select(~at_ref).view({n, K - 1});
+}
+
+torch::Tensor margin_rows(const torch::Tensor& ref, int64_t K, const torch::TensorOptions& o) {
+  auto e_ref = torch::nn::functional::one_hot(ref, K).to(o).unsqueeze(1);
+  return e_ref - torch::nn::functional::one_hot(other_classes(ref, K), K).to(o);
+}
+
+CertifiedMargins moe_certified_margins(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                                       const torch::Tensor& eps, double beta, bool box) {
+  const ModelSpec& spec = model.spec();
+  const int64_t E = spec.experts, K = spec.num_classes, B = x.size(0);
+  if (E > 1 && (spec.routing != Routing::top_k || spec.top_k != 1))
+    throw ConfigError("certified training: the model routes " +
+                      std::string(spec.routing == Routing::soft ? "softly" : "to its top " + std::to_string(spec.top_k)) +
+                      "; ibp / crown-ibp train top-1 routing and dense models (E = 1)");
+  LiveGraphs live;
+  auto r = eps.to(x.dtype()).view({B, 1, 1, 1});
+  NodeBounds in{x - r, x + r, {}, {}};
+  if (box) in.lo = in.lo.clamp_min(0.0), in.hi = in.hi.clamp_max(1.0);
+  CertifiedMargins out;
+  const auto C = margin_rows(y, K, x.options());
+  if (E == 1) {
+    out.margin = train_spec_lower(model.component_graph(0), in, C, beta);
+    out.possible = torch::ones({B, 1}, x.options().dtype(torch::kBool));
+    return out;
+  }
+  // diff[i, j] <= g_i − g_j over the region: rows e_i − e_j of the router's logits.
+  auto eye = torch::eye(E, x.options());
+  auto Cr = (eye.unsqueeze(1) - eye.unsqueeze(0)).reshape({1, E * E, E}).expand({B, E * E, E}).contiguous();
+  auto diff = train_spec_lower(model.component_graph(-1), in, Cr, beta).view({B, E, E});
+  out.possible = router_selection(diff.detach(), spec.routing, 1).first;
+  torch::Tensor s;  // the clean top-1 expert
+  {
+    torch::NoGradGuard no_grad;
+    s = model.router_logits(x).argmax(1);
+  }
+  // min over j != s of diff[s, j] (the diagonal, 0, masked to +inf).
+  auto own = diff.gather(1, s.view({B, 1, 1}).expand({B, 1, E})).squeeze(1);  // [B, E]
+  out.route_gap = own.masked_fill(torch::nn::functional::one_hot(s, E).to(torch::kBool),
+                                  std::numeric_limits<double>::infinity()).amin(1);
+  out.margin = torch::full({B, K - 1}, std::numeric_limits<double>::infinity(), x.options());
+  for (int64_t e = 0; e < E; ++e) {
+    auto rows = out.possible.select(1, e).nonzero().flatten();
+    if (rows.numel() == 0) continue;
+    NodeBounds sub{in.lo.index_select(0, rows), in.hi.index_select(0, rows), {}, {}};
+    auto low = train_spec_lower(model.component_graph(e), sub, C.index_select(0, rows), beta);
+    auto worst = out.margin.index_select(0, rows);
+    out.margin = out.margin.index_copy(0, rows, torch::min(worst, low));
+  }
+  return out;
+}
+
+}  // namespace moecert
