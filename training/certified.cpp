@@ -50,6 +50,11 @@ class CertifiedTraining : public TrainMethod {
 
   StepStats step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                  const TrainConfig& cfg) override {
+    const ModelSpec& spec = model.spec();
+    if (spec.experts > 1 && (spec.routing != Routing::top_k || spec.top_k != 1))  // at step 1, not after the warm-up
+      throw ConfigError("certified training: the model routes " +
+                        std::string(spec.routing == Routing::soft ? "softly" : "to its top " + std::to_string(spec.top_k)) +
+                        "; ibp / crown-ibp train top-1 routing and dense models (E = 1)");
     const CertifiedPoint at = certified_schedule(cfg, step_, total_);
     model.train();
     auto out = model.forward_full(x);

@@ -209,6 +209,12 @@ TEST_CASE("certified training refuses soft and top-k > 1 routing with a clear er
   Moe m(s);
   auto eps = torch::full({8}, 0.1);
   CHECK_THROWS_WITH(moe_certified_margins(*m, images, labels, eps, 0.0), Catch::Contains("top-1"));
+  // and training stops at its first step, also inside the warm-up (ε = 0)
+  auto cfg = certified_config("ibp");
+  cfg.epochs = 4, cfg.log_every = 0, cfg.batch_size = 8;
+  const auto before = m->parameters()[0].clone();
+  CHECK_THROWS_AS(train_run(*m, data, data, cfg, nlohmann::json::object(), torch::kCPU), ConfigError);
+  CHECK(torch::equal(before, m->parameters()[0]));
 }
 
 TEST_CASE("ibp and crown-ibp raise the certified accuracy; resume mid-ramp equals the uninterrupted run",
