@@ -105,22 +105,6 @@ torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch
   return slack.masked_fill(uncovered, -kInf);
 }
 
-/// Router weight bounds a_lo <= a <= a_hi of the float32 model on each region
-/// (docs §13.3). diff [n, E, E]; possible, sure [n, E].
-std::pair<torch::Tensor, torch::Tensor> weight_bounds(const torch::Tensor& diff, const torch::Tensor& possible,
-                                                      const torch::Tensor& sure) {
-  const int64_t E = diff.size(1);
-  auto off = 1 - torch::eye(E, diff.options()).unsqueeze(0);
-  // ĝ_j − ĝ_i <= −diff[i, j] =: up[i, j]; >= diff[j, i] =: dn[i, j].
-  auto up = -diff, dn = diff.transpose(1, 2);
-  auto pos = possible.to(diff.dtype()).unsqueeze(1), sur = sure.to(diff.dtype()).unsqueeze(1);
-  auto lo = 1.0 / (1.0 + (torch::exp(up) * off * pos).sum(2));
-  auto hi = 1.0 / (1.0 + (torch::exp(dn) * off * sur).sum(2));
-  lo = torch::where(sure, lo * (1 - 1e-12), torch::zeros_like(lo));
-  hi = torch::where(possible, (hi * (1 + 1e-12)).clamp_max(1.0), torch::zeros_like(hi));
-  return {lo, hi};
-}
-
 }  // namespace
 
 const char* form_name(Form f) {
@@ -175,37 +159,6 @@ MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const tor
   return p;
 }
 
-torch::Tensor softmax_margin_lower(const torch::Tensor& dlo, const torch::Tensor& dhi, const torch::Tensor& labels) {
-  const int64_t K = dlo.size(1);
-  auto at_y = torch::nn::functional::one_hot(labels, K).to(torch::kBool);
-  constexpr double big = 700;  // exp(700) is finite; see the proof for the clamps
-  auto elo = torch::exp(dlo.clamp_max(big)).masked_fill(at_y, 0.0);
-  auto ehi = torch::exp(dhi.clamp_max(big)).masked_fill(at_y, 0.0);
-  auto r_lo = elo.sum(1, true) - elo, r_hi = ehi.sum(1, true) - ehi;  // Σ over j != y, k
-  auto num = 1.0 - ehi;
-  auto val = torch::where(num.ge(0), num / (1.0 + ehi + r_hi), num / (1.0 + ehi + r_lo));
-  val = val - 1e-12 * val.abs() - 1e-300;  // the rounding of exp and of the quotient
-  auto hi_over = dhi.ge(big);
-  val = torch::where(hi_over, torch::full_like(val, -1.0), val);                // f_y − f_k >= −1
-  auto others_over = (hi_over & ~at_y).any(1, true).expand_as(val) & num.ge(0);
-  val = torch::where(others_over & ~hi_over, torch::zeros_like(val), val);       // N >= 0: >= 0
-  return val.clamp_min(-1.0).masked_fill(at_y, kInf);
-}
-
-torch::Tensor simplex_min(const torch::Tensor& a_lo, const torch::Tensor& a_hi, const torch::Tensor& mu) {
-  auto [sorted, order] = mu.sort(1);
-  auto lo = a_lo.gather(1, order), room = (a_hi - a_lo).clamp_min(0).gather(1, order);
-  auto value = (lo * sorted).sum(1), left = (1.0 - lo.sum(1)).clamp_min(0);
-  for (int64_t i = 0; i < mu.size(1); ++i) {
-    auto add = torch::min(left, room.select(1, i));
-    value = value + add * sorted.select(1, i);
-    left = left - add;
-  }
-  // Mass the bounds could not place (only by rounding) goes to the smallest margin.
-  value = value + left * sorted.select(1, 0);
-  return value - 1e-12 * (a_hi * mu.abs()).sum(1) - 1e-300;
-}
-
 torch::Tensor fp32_tie(const torch::Tensor& hmax, int64_t classes) {
   return u32 * (10.0 * hmax + 2.0 * std::log(static_cast<double>(classes)) + 4.0);
 }
@@ -239,7 +192,7 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
     out = mu.masked_fill(~sel.possible.unsqueeze(2), kInf).amin(1);
   } else {
     auto [a_lo, a_hi] =
-        weight_bounds(sel.diff.defined() ? sel.diff : torch::zeros({n, E, E}, o), sel.possible, sel.sure);
+        router_weight_bounds(sel.diff.defined() ? sel.diff : torch::zeros({n, E, E}, o), sel.possible, sel.sure);
     std::vector<torch::Tensor> per;
     for (int64_t k = 0; k < K; ++k) per.push_back(simplex_min(a_lo, a_hi, mu.select(2, k)));
     out = torch::stack(per, 1);

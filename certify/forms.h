@@ -59,15 +59,10 @@ Evaluation member_evaluate(const MemberPass& pass, const InputDomain& d, const t
 Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, double alpha,
                          const InputDomain& d, const torch::Tensor& labels);
 
-/// Lower bound of min over x' in [x − ε, x + ε] (∩ box) of a softmax probability margin
-/// f_y − f_k from bounds on the logit differences δ_j = h_j − h_y (exact over that box
-/// of δ). dlo, dhi: [n, K] (entry y ignored) -> [n, K] (entry y = +inf)
-torch::Tensor softmax_margin_lower(const torch::Tensor& dlo, const torch::Tensor& dhi,
-                                   const torch::Tensor& labels);
-
-/// min Σ_i a_i μ_i over {a : a_lo <= a <= a_hi, Σ a = 1} (exact; greedy on μ).
-/// a_lo, a_hi, mu: [n, E] -> [n]
-torch::Tensor simplex_min(const torch::Tensor& a_lo, const torch::Tensor& a_hi, const torch::Tensor& mu);
+// The probability-domain pieces live in core (include/moecert/train_bounds.h), shared
+// with certified training.
+using moecert::simplex_min;
+using moecert::softmax_margin_lower;
 
 /// The float32 allowances (docs §14): the tie allowance of an argmax over a
 /// log-softmax of logits bounded by `hmax` [n] (in logit units), and the constant C of

@@ -4,7 +4,8 @@
 // For a top-1 MoE the bound is the worst case over every expert the router can
 // select on the ball (include/moecert/train_bounds.h); docs/training.md
 // "Certified training".
-#include "moecert/error.h"
+#include "learner.h"
+
 #include "moecert/train_bounds.h"
 #include "moecert/training.h"
 
@@ -18,7 +19,8 @@ namespace moecert {
 
 CertifiedPoint certified_schedule(const TrainConfig& cfg, int64_t step, int64_t total) {
   const auto& c = cfg.certified;
-  const bool crown = cfg.method == "crown-ibp";
+  // JTDMoE's robust member may be the one trained with crown-ibp (--jtd-robust).
+  const bool crown = cfg.method == "crown-ibp" || (cfg.method == "jtdmoe" && cfg.jtd_robust == "crown-ibp");
   const double target = c.eps >= 0 ? c.eps : cfg.attack.eps;
   const double kappa_end = c.kappa_end >= 0 ? c.kappa_end : (crown ? 0.0 : 0.5);
   const double epochs = static_cast<double>(cfg.epochs);
@@ -39,7 +41,17 @@ CertifiedPoint certified_schedule(const TrainConfig& cfg, int64_t step, int64_t 
   return out;
 }
 
+torch::Tensor mixture_loss(const torch::Tensor& prob_margin, int64_t classes) {
+  // F_y − F_k >= p_k for every k != y and Σ_k F_k = 1 give F_y >= q = (1 + Σ_k p_k)/K.
+  const double t = 0.05;  // below it, the tangent of −log at t (slope −1/t): finite for q <= 0
+  auto q = (1.0 + prob_margin.sum(1)) / static_cast<double>(classes);
+  return torch::where(q.ge(t), -torch::log(q.clamp_min(t)), std::log(1.0 / t) + (t - q) / t);
+}
+
 namespace {
+
+/// Soft or top-k > 1 routing: the output is a mixture, bounded by the mixture form.
+bool mixture(const ModelSpec& s) { return s.experts > 1 && (s.routing == Routing::soft || s.top_k > 1); }
 
 /// `ibp` / `crown-ibp`.
 class CertifiedTraining : public TrainMethod {
@@ -47,14 +59,10 @@ class CertifiedTraining : public TrainMethod {
   explicit CertifiedTraining(bool crown) : crown_(crown) {}
   std::string name() const override { return crown_ ? "crown-ibp" : "ibp"; }
   void at_step(int64_t step, int64_t total) override { step_ = step, total_ = total; }
+  double route_eps(const TrainConfig& cfg) const override { return certified_schedule(cfg, step_, total_).eps; }
 
   StepStats step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                  const TrainConfig& cfg) override {
-    const ModelSpec& spec = model.spec();
-    if (spec.experts > 1 && (spec.routing != Routing::top_k || spec.top_k != 1))  // at step 1, not after the warm-up
-      throw ConfigError("certified training: the model routes " +
-                        std::string(spec.routing == Routing::soft ? "softly" : "to its top " + std::to_string(spec.top_k)) +
-                        "; ibp / crown-ibp train top-1 routing and dense models (E = 1)");
     const CertifiedPoint at = certified_schedule(cfg, step_, total_);
     model.train();
     auto out = model.forward_full(x);
@@ -65,22 +73,24 @@ class CertifiedTraining : public TrainMethod {
     s.usage_clean = expert_usage(out.routing, model.num_experts());
     if (at.eps > 0) {
       auto eps = torch::full({x.size(0)}, at.eps, x.options());
-      auto m = moe_certified_margins(model, x, y, eps, at.beta, cfg.certified.box);
-      // CE of the worst-case logits z: z_y = 0, z_k = −(lower bound of h_y − h_k).
-      auto z = torch::cat({torch::zeros({x.size(0), 1}, m.margin.options()), -m.margin}, 1);
-      auto robust = (torch::logsumexp(z, 1)).mean();
+      torch::Tensor robust;
+      if (mixture(model.spec())) {
+        auto m = moe_mixture_margins(model, x, y, eps, at.beta, cfg.certified.box);
+        robust = mixture_loss(m.prob_margin, model.spec().num_classes).mean();
+        s.checked.emplace_back("certified probability margins", m.prob_margin.detach());
+        s.adv_correct = m.prob_margin.detach().amin(1).gt(0).sum().item<int64_t>();
+      } else {
+        auto m = moe_certified_margins(model, x, y, eps, at.beta, cfg.certified.box);
+        // CE of the worst-case logits z: z_y = 0, z_k = τ − (lower bound of h_y − h_k).
+        auto z = torch::cat({torch::zeros({x.size(0), 1}, m.margin.options()), cfg.certified.cert_margin - m.margin}, 1);
+        robust = torch::logsumexp(z, 1).mean();
+        s.checked.emplace_back("certified margins", m.margin.detach());
+        s.adv_correct = m.margin.detach().amin(1).gt(0).sum().item<int64_t>();
+      }
       s.loss = s.loss + (1 - at.kappa) * robust;
-      s.checked.emplace_back("certified margins", m.margin.detach());
-      if (cfg.certified.route_margin > 0 && m.route_gap.defined())
-        s.loss = s.loss + cfg.certified.route_margin * torch::relu(-m.route_gap).mean();
-      s.adv_correct = m.margin.detach().amin(1).gt(0).sum().item<int64_t>();
     }
     s.checked.emplace_back("training loss", s.loss.detach());
-    s.checked.emplace_back("log F (clean)", out.log_probs.detach());
-    if (out.routing.logits.defined()) {
-      s.checked.emplace_back("router logits (clean)", out.routing.logits.detach());
-      if (cfg.balance > 0) s.loss = s.loss + cfg.balance * load_balance_loss(out.routing.logits);
-    }
+    finish_step(s, out, cfg, "clean");
     std::ostringstream note;
     note << std::fixed << std::setprecision(4) << "eps " << at.eps << std::setprecision(3) << "  kappa "
          << at.kappa;

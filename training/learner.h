@@ -32,6 +32,15 @@ class Learner {
   virtual int64_t num_experts() = 0;
 };
 
+/// Ends a method's step on the output `out` (the "clean" or "adversarial" pass): adds
+/// the load-balancing term (when `balance` and cfg.balance > 0) and the tensors to
+/// check for NaN/Inf (log F, the router's logits).
+void finish_step(StepStats& s, const MoeOutput& out, const TrainConfig& cfg, const std::string& what,
+                 bool balance = true);
+
+/// `ibp` (crown = false) and `crown-ibp`: training/certified.cpp.
+std::unique_ptr<TrainMethod> certified_method_make(bool crown);
+
 /// Builds Adam or SGD over `params` from the config.
 std::unique_ptr<torch::optim::Optimizer> optimizer_make(std::vector<torch::Tensor> params,
                                                         const TrainConfig& cfg);

@@ -1,7 +1,9 @@
 // The two learners: a single MoE under one TrainMethod, and JTDMoE's bi-level
 // alternating updates of a dual-model (paper 1, SPEC §2).
 #include "learner.h"
+
 #include "moecert/error.h"
+#include "moecert/train_bounds.h"
 
 namespace moecert {
 
@@ -29,6 +31,17 @@ std::vector<torch::Tensor> router_policy(MoeImpl& model, const TrainConfig& c,
   return model.expert_parameters();
 }
 
+/// --route-margin: adds w·mean(max(0, −gap)) at the method's current radius (nothing
+/// while it is 0, as in certified training's warm-up).
+void add_route_margin(StepStats& s, MoeImpl& model, const torch::Tensor& x, const TrainConfig& cfg,
+                      const TrainMethod& method) {
+  const double eps = method.route_eps(cfg);
+  if (!(cfg.route_margin > 0 && eps > 0)) return;
+  auto gap = route_gap_lower(model, x, torch::full({x.size(0)}, eps, x.options()), cfg.certified.box);
+  s.checked.emplace_back("route gap", gap.detach());
+  s.loss = s.loss + cfg.route_margin * torch::relu(-gap).mean();
+}
+
 void apply(torch::optim::Optimizer& opt, const StepStats& s) {
   opt.zero_grad();
   s.loss.backward();
@@ -46,6 +59,7 @@ class SingleLearner : public Learner {
   StepStats update(const torch::Tensor& x, const torch::Tensor& y, const TrainConfig& cfg,
                    const std::function<void(const StepStats&)>& check) override {
     StepStats s = method_->step(model_, x, y, cfg);
+    add_route_margin(s, model_, x, cfg, *method_);
     check(s);
     apply(*opt_, s);
     return s;
@@ -98,7 +112,8 @@ class AdvMoeLearner : public Learner {
 class JtdLearner : public Learner {
  public:
   JtdLearner(DualImpl& dual, const TrainConfig& cfg)
-      : dual_(dual), opt_robust_(optimizer_make(router_policy(dual.robust(), cfg, frozen_), cfg)),
+      : dual_(dual), robust_method_(train_method_make(cfg.jtd_robust)),
+        opt_robust_(optimizer_make(router_policy(dual.robust(), cfg, frozen_), cfg)),
         opt_standard_(optimizer_make(router_policy(dual.standard(), cfg, frozen_), cfg)) {}
 
   torch::nn::Module& module() override { return dual_; }
@@ -107,7 +122,8 @@ class JtdLearner : public Learner {
   }
   StepStats update(const torch::Tensor& x, const torch::Tensor& y, const TrainConfig& cfg,
                    const std::function<void(const StepStats&)>& check) override {
-    StepStats robust = jtdmoe_robust_step(dual_, x, y, cfg);
+    StepStats robust = jtdmoe_robust_step(dual_, x, y, cfg, robust_method_.get());
+    add_route_margin(robust, dual_.robust(), x, cfg, *robust_method_);
     check(robust);
     apply(*opt_robust_, robust);
     StepStats standard = jtdmoe_standard_step(dual_, x, y, cfg);
@@ -118,6 +134,7 @@ class JtdLearner : public Learner {
     standard.usage_adv = robust.usage_adv;
     return standard;
   }
+  void at_step(int64_t step, int64_t total) override { robust_method_->at_step(step, total); }
   AttackSubject subject() override { return attack_subject(dual_); }
   nlohmann::json manifest_fields() override {
     return {{"kind", "dual"},
@@ -131,14 +148,16 @@ class JtdLearner : public Learner {
  private:
   std::vector<std::unique_ptr<FrozenParameters>> frozen_;  // routers, with --router-train none
   DualImpl& dual_;
+  std::unique_ptr<TrainMethod> robust_method_;  // --jtd-robust
   std::unique_ptr<torch::optim::Optimizer> opt_robust_, opt_standard_;
 };
 
 }  // namespace
 
 StepStats jtdmoe_robust_step(DualImpl& dual, const torch::Tensor& x, const torch::Tensor& y,
-                             const TrainConfig& cfg) {
-  // RT-ER on F_R alone: F_S takes no part in this loss, so it gets no gradient.
+                             const TrainConfig& cfg, TrainMethod* robust) {
+  // F_R alone: F_S takes no part in this loss, so it gets no gradient.
+  if (robust) return robust->step(dual.robust(), x, y, cfg);
   static const auto rter = train_method_make("rt-er");
   return rter->step(dual.robust(), x, y, cfg);
 }
@@ -184,8 +203,8 @@ std::unique_ptr<Learner> learner_single(MoeImpl& model, const TrainConfig& cfg) 
 
 std::unique_ptr<Learner> learner_jtdmoe(DualImpl& dual, const TrainConfig& cfg) {
   if (cfg.method != "jtdmoe") throw ConfigError("a dual-model is trained with --method jtdmoe");
-  if (dual.robust().num_experts() < 2)
-    throw ConfigError("jtdmoe: the robust member needs at least 2 experts (RT-ER)");
+  if (cfg.jtd_robust == "rt-er" && dual.robust().num_experts() < 2)
+    throw ConfigError("jtdmoe: the robust member needs at least 2 experts for RT-ER (--jtd-robust rt-er)");
   return std::make_unique<JtdLearner>(dual, cfg);
 }
 

@@ -1,6 +1,8 @@
 // The training objectives of SPEC §2. Each computes one batch's loss; attacks run
 // in eval mode with frozen parameters (BatchNorm statistics see only real batches,
 // and no weight-gradient kernel runs inside an attack).
+#include "learner.h"
+
 #include "moecert/error.h"
 #include "moecert/training.h"
 
@@ -54,11 +56,8 @@ torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const tor
   return kl_rows(f_second(x), f_second(x_adv)).sum();
 }
 
-namespace {
-
-/// Adds the optional load-balancing term and the tensors to check.
-void finish(StepStats& s, const MoeOutput& out, const TrainConfig& cfg, const std::string& what,
-            bool balance = true) {
+void finish_step(StepStats& s, const MoeOutput& out, const TrainConfig& cfg, const std::string& what,
+                 bool balance) {
   s.checked.emplace_back("log F (" + what + ")", out.log_probs.detach());
   if (out.routing.logits.defined()) {
     s.checked.emplace_back("router logits (" + what + ")", out.routing.logits.detach());
@@ -66,6 +65,8 @@ void finish(StepStats& s, const MoeOutput& out, const TrainConfig& cfg, const st
       s.loss = s.loss + cfg.balance * load_balance_loss(out.routing.logits);
   }
 }
+
+namespace {
 
 /// PGD on the whole model, in eval mode with frozen parameters. With the top2 router
 /// gradient the attack sees the top-2 mixture's router gradient (docs/training.md).
@@ -106,7 +107,7 @@ class StandardTraining : public TrainMethod {
     s.checked.emplace_back("training loss", s.loss.detach());
     s.clean_correct = attack_count_correct(out.log_probs.detach(), y);
     s.usage_clean = expert_usage(out.routing, model.num_experts());
-    finish(s, out, cfg, "clean");
+    finish_step(s, out, cfg, "clean");
     return s;
   }
 };
@@ -133,7 +134,7 @@ class AdversarialTraining : public TrainMethod {
     s.checked.emplace_back("training loss", s.loss.detach());
     s.adv_correct = attack_count_correct(out.log_probs.detach(), y);
     s.usage_adv = expert_usage(out.routing, model.num_experts());
-    finish(s, out, cfg, "adversarial");
+    finish_step(s, out, cfg, "adversarial");
     return s;
   }
 
@@ -164,8 +165,8 @@ class TradesTraining : public TrainMethod {
     s.checked.emplace_back("training loss", s.loss.detach());
     s.adv_correct = attack_count_correct(adv.log_probs.detach(), y);
     s.usage_adv = expert_usage(adv.routing, model.num_experts());
-    finish(s, clean, cfg, "clean");
-    finish(s, adv, cfg, "adversarial", /*balance=*/false);
+    finish_step(s, clean, cfg, "clean");
+    finish_step(s, adv, cfg, "adversarial", /*balance=*/false);
     return s;
   }
 };
@@ -182,8 +183,8 @@ StepStats advmoe_trades(MoeImpl& model, const torch::Tensor& x, const torch::Ten
   s.checked.emplace_back("training loss", s.loss.detach());
   s.adv_correct = attack_count_correct(adv.log_probs.detach(), y);
   s.usage_adv = expert_usage(adv.routing, model.num_experts());
-  finish(s, clean, cfg, "clean", balance);
-  finish(s, adv, cfg, "adversarial", /*balance=*/false);
+  finish_step(s, clean, cfg, "clean", balance);
+  finish_step(s, adv, cfg, "adversarial", /*balance=*/false);
   return s;
 }
 
@@ -236,8 +237,6 @@ StepStats advmoe_router_step(MoeImpl& model, const torch::Tensor& x, const torch
   FrozenParameters frozen_experts(model.expert_parameters());
   return advmoe_trades(model, x, x_adv, y, cfg, std::move(s), /*balance=*/true);
 }
-
-std::unique_ptr<TrainMethod> certified_method_make(bool crown);  // training/certified.cpp
 
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name) {
   if (name == "st") return std::make_unique<StandardTraining>();

@@ -27,11 +27,11 @@ nlohmann::json TrainConfig::to_json() const {
           {"beta", beta},         {"balance", balance},       {"collapse_share", collapse_share},
           {"optimizer", optimizer}, {"lr", lr},               {"momentum", momentum},
           {"weight_decay", weight_decay}, {"schedule", schedule}, {"milestones", milestones},
-          {"gamma", gamma},       {"seed", seed},             {"jtd_gamma", jtd_gamma},
+          {"gamma", gamma},       {"seed", seed},             {"jtd_gamma", jtd_gamma}, {"jtd_robust", jtd_robust}, {"route_margin", route_margin},
           {"router_train", router_train}, {"max_expert_share", max_expert_share},
           {"certified", {{"eps", certified.eps}, {"warmup", certified.warmup}, {"ramp", certified.ramp},
                          {"kappa_start", certified.kappa_start}, {"kappa_end", certified.kappa_end},
-                         {"route_margin", certified.route_margin}, {"box", certified.box}}},
+                         {"cert_margin", certified.cert_margin}, {"box", certified.box}}},
           {"attack", attack_json(attack)},
           {"eval_attack", attack_json(eval_attack)}};
 }
@@ -68,7 +68,26 @@ void TrainConfig::validate() const {
   if (!(z.kappa_start >= 0 && z.kappa_start <= 1))
     throw ConfigError::invalid("--kappa-start", std::to_string(z.kappa_start), "in [0, 1]");
   if (z.kappa_end > 1) throw ConfigError::invalid("--kappa-end", std::to_string(z.kappa_end), "in [0, 1] (or < 0: the method's default)");
-  if (z.route_margin < 0) throw ConfigError::invalid("--route-margin", std::to_string(z.route_margin), ">= 0");
+  if (!(z.cert_margin >= 0 && z.cert_margin <= 100))
+    throw ConfigError::invalid("--cert-margin", std::to_string(z.cert_margin), "in [0, 100] logits");
+  if (!(route_margin >= 0 && std::isfinite(route_margin)))
+    throw ConfigError::invalid("--route-margin", std::to_string(route_margin), ">= 0");
+  if (route_margin > 0) {
+    if (attack.norm != Norm::linf)
+      throw ConfigError("--route-margin bounds the router over an L-inf box; --norm 2 is not supported");
+    if (method == "advmoe")
+      throw ConfigError("--route-margin: advmoe's alternating router step does not take it (st | at | trades | "
+                        "rt-er | ibp | crown-ibp | jtdmoe's robust member do)");
+    if (router_train == "none")
+      throw ConfigError("--route-margin with --router-train none: the router is frozen, the term cannot move it");
+  }
+  if (method == "jtdmoe") {
+    const std::vector<std::string> robust_methods{"rt-er", "at", "trades", "ibp", "crown-ibp"};
+    if (std::find(robust_methods.begin(), robust_methods.end(), jtd_robust) == robust_methods.end())
+      throw ConfigError::invalid("--jtd-robust", jtd_robust, "rt-er | at | trades | ibp | crown-ibp");
+    if ((jtd_robust == "ibp" || jtd_robust == "crown-ibp") && attack.norm != Norm::linf)
+      throw ConfigError("--jtd-robust " + jtd_robust + ": certified training bounds L-inf boxes; --norm 2 is not supported");
+  }
   if (router_train == "none" && method == "advmoe")
     throw ConfigError("--router-train none: advmoe alternates expert and router updates; it cannot keep "
                       "its router fixed");

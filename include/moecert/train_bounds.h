@@ -32,6 +32,22 @@ torch::Tensor train_spec_lower(const LayerGraph& g, const NodeBounds& in, const 
 std::pair<torch::Tensor, torch::Tensor> router_selection(const torch::Tensor& diff, Routing routing,
                                                          int64_t k);
 
+/// Lower bound of min over x' in [x − ε, x + ε] (∩ box) of a softmax probability margin
+/// f_y − f_k from bounds on the logit differences δ_j = h_j − h_y (exact over that box
+/// of δ; docs/certification.md §13.3). dlo, dhi: [n, K] (entry y ignored) -> [n, K]
+/// (entry y = +inf). Differentiable.
+torch::Tensor softmax_margin_lower(const torch::Tensor& dlo, const torch::Tensor& dhi, const torch::Tensor& labels);
+
+/// min Σ_i a_i μ_i over {a : a_lo <= a <= a_hi, Σ a = 1} (exact; greedy on μ).
+/// a_lo, a_hi, mu: [n, E] -> [n]. Differentiable.
+torch::Tensor simplex_min(const torch::Tensor& a_lo, const torch::Tensor& a_hi, const torch::Tensor& mu);
+
+/// Bounds a_lo <= a <= a_hi of the router's softmax weights over the selected experts
+/// on each region (§13.3), from diff [n, E, E] (router_selection's) and the possible
+/// and sure experts [n, E]. -> {[n, E], [n, E]}. Differentiable.
+std::pair<torch::Tensor, torch::Tensor> router_weight_bounds(const torch::Tensor& diff, const torch::Tensor& possible,
+                                                             const torch::Tensor& sure);
+
 /// What certified training knows of a MoE (or dense model) over B_∞(x, ε) ∩ [0, 1]^d.
 struct CertifiedMargins {
   /// [B, K − 1]: lower bounds of h_y − h_k over the region for the classes k != y
@@ -43,11 +59,36 @@ struct CertifiedMargins {
   torch::Tensor route_gap;
 };
 
+/// The route-margin term's gap (`--route-margin`, every single-model method): a lower
+/// bound over B_∞(x, ε) (∩ [0, 1]^d with box) of min_{i in S, j not in S} g_i − g_j,
+/// S the clean top-k experts of x (> 0: the selection cannot change on the region).
+/// IBP through the router (exact for a linear router). ConfigError without a choice
+/// to keep (E = 1, soft routing, top-k = E). x: [B, C, H, W], eps: [B] -> [B].
+/// Differentiable in the router's parameters.
+torch::Tensor route_gap_lower(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& eps, bool box = true);
+
 /// Training's bound of a MoE with top-1 routing or of a dense model (ConfigError for
-/// soft or top-k > 1 routing). x: [B, C, H, W] in [0, 1], y: [B], eps: [B] L∞ radii;
+/// soft or top-k > 1 routing: moe_mixture_margins). x: [B, C, H, W] in [0, 1], y: [B], eps: [B] L∞ radii;
 /// beta as train_spec_lower. Differentiable in the model's parameters.
 CertifiedMargins moe_certified_margins(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                                        const torch::Tensor& eps, double beta, bool box = true);
+
+/// What certified training knows of a MoE with soft or top-k > 1 routing over
+/// B_∞(x, ε) ∩ [0, 1]^d: certify's mixture form (docs/certification.md §13.3) without
+/// its float32 allowance.
+struct MixtureMargins {
+  /// [B, K − 1]: lower bounds of F_y − F_k (probabilities, in [−1, 1]) over the region
+  /// for the classes k != y (other_classes order).
+  torch::Tensor prob_margin;
+  torch::Tensor possible;   ///< [B, E] bool: the experts the router can select
+  torch::Tensor route_gap;  ///< [B] (top-k routing; undefined for soft): as route_gap_lower
+};
+
+/// The mixture bound of a MoE with soft or top-k > 1 routing (ConfigError for a dense
+/// or top-1 model: moe_certified_margins). Arguments as moe_certified_margins.
+/// Differentiable in the model's parameters.
+MixtureMargins moe_mixture_margins(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                                   const torch::Tensor& eps, double beta, bool box = true);
 
 /// The classes other than `ref` [n] among K, in increasing order: [n, K − 1] int64.
 torch::Tensor other_classes(const torch::Tensor& ref, int64_t K);

@@ -27,7 +27,11 @@ struct CertifiedConfig {
   double ramp = -1;           ///< epochs of the ramp; < 0: 25% of --epochs (Zhang et al.: 50 of 200)
   double kappa_start = 1.0;   ///< weight of the clean loss at the ramp's start
   double kappa_end = -1;      ///< and after it; < 0: the method's published value (ibp 0.5, crown-ibp 0)
-  double route_margin = 0;    ///< weight of the route-margin term mean(max(0, −route gap))
+  /// The bound's margins are trained past this many logits: the robust term is
+  /// CE(z, y) with z_k = τ − m_k (0: Gowal et al.'s worst-case logits). A dual-model
+  /// at α certifies where F_R's probability margin exceeds c = (1 − α)/α; margins
+  /// above ln((1 + (K − 1)c) / (1 − c)) ensure it (1.47 for α = 0.8, K = 10).
+  double cert_margin = 0;
   bool box = true;            ///< bound B_∞(x, ε) ∩ [0, 1]^d (false: the whole ball)
 };
 
@@ -39,6 +43,13 @@ struct CertifiedPoint {
 struct TrainConfig {
   std::string method = "at";        ///< st | at | trades | rt-er | advmoe | jtdmoe (dual-model) | ibp | crown-ibp
   double jtd_gamma = 0.0;           ///< JTDMoE: weight of CE(F_D(x_adv)) in the F_S step (0 = paper)
+  /// JTDMoE: the method of the F_R step: rt-er (paper 1) | at | trades | ibp | crown-ibp
+  /// (certified training of the robust member, on its ε/κ schedule).
+  std::string jtd_robust = "rt-er";
+  /// Weight w of the route-margin term w·mean(max(0, −gap)), gap a lower bound of the
+  /// clean top-k choice's lead on the ball (train_bounds.h route_gap_lower) at the
+  /// method's radius: --eps, or certified training's scheduled ε. 0 = off.
+  double route_margin = 0;
   double beta = 6.0;                ///< TRADES / RT-ER regulariser weight (papers' default)
   double balance = 0.3;             ///< weight of the load-balancing loss (0 = off; docs/training.md)
   double collapse_share = 0.9;      ///< warn when one expert takes more of the samples
@@ -92,12 +103,21 @@ class TrainMethod {
                          const TrainConfig& cfg) = 0;
   /// Called before each step with the run's global step (0-based) and total steps.
   virtual void at_step(int64_t step, int64_t total) {}
+  /// The L∞ radius of the route-margin term at the current step (--route-margin).
+  virtual double route_eps(const TrainConfig& cfg) const { return cfg.attack.eps; }
 };
 
 /// The certified-training schedule at global step `step` of `total` = steps per
 /// epoch × cfg.epochs (method ibp or crown-ibp: κ's default end and whether β
 /// ramps). CertifiedConfig describes it.
 CertifiedPoint certified_schedule(const TrainConfig& cfg, int64_t step, int64_t total);
+
+/// Certified training's robust term for a mixture (soft or top-k > 1 routing): with
+/// p_k <= F_y − F_k on the ball (prob_margin [B, K − 1]), F_y >= q = (1 + Σ_k p_k)/K,
+/// so −log q bounds the CE of every point of the ball; below q = 0.05 the tangent of
+/// −log continues it (finite and decreasing for vacuous bounds). Equals CE(F(x), y) at
+/// ε = 0, where the bounds are exact. -> [B]
+torch::Tensor mixture_loss(const torch::Tensor& prob_margin, int64_t classes);
 
 /// KL(P || Q) per row from log-probabilities. log_p, log_q: [B, K] -> [B]
 torch::Tensor kl_rows(const torch::Tensor& log_p, const torch::Tensor& log_q);
@@ -116,9 +136,10 @@ torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const tor
 /// Samples per expert by top routing choice. routing.selected: [B, k] -> [E] int64
 torch::Tensor expert_usage(const MoeRouting& routing, int64_t experts);
 
-/// JTDMoE step (1): RT-ER loss of the robust member F_R (F_S takes no part).
+/// JTDMoE step (1): the loss of the robust member F_R under `robust` (F_S takes no
+/// part); nullptr: RT-ER, the paper's step.
 StepStats jtdmoe_robust_step(DualImpl& dual, const torch::Tensor& x, const torch::Tensor& y,
-                             const TrainConfig& cfg);
+                             const TrainConfig& cfg, TrainMethod* robust = nullptr);
 /// JTDMoE step (2): CE(F_D(x), y) + γ·CE(F_D(x_adv), y) with F_R frozen.
 StepStats jtdmoe_standard_step(DualImpl& dual, const torch::Tensor& x, const torch::Tensor& y,
                                const TrainConfig& cfg);

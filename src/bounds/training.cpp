@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include <limits>
+#include <tuple>
 
 namespace moecert {
 namespace {
@@ -128,18 +129,109 @@ torch::Tensor margin_rows(const torch::Tensor& ref, int64_t K, const torch::Tens
   return e_ref - torch::nn::functional::one_hot(other_classes(ref, K), K).to(o);
 }
 
+namespace {
+
+/// B_∞(x, ε) (∩ [0, 1]^d with box) as an interval without certification's extras.
+NodeBounds input_region(const torch::Tensor& x, const torch::Tensor& eps, bool box) {
+  auto r = eps.to(x.dtype()).view({x.size(0), 1, 1, 1});
+  NodeBounds in{x - r, x + r, {}, {}};
+  if (box) in.lo = in.lo.clamp_min(0.0), in.hi = in.hi.clamp_max(1.0);
+  return in;
+}
+
+/// diff[b, i, j] <= g_i − g_j over sample b's region: rows e_i − e_j of the router's
+/// logits. -> [B, E, E]
+torch::Tensor router_differences(MoeImpl& model, const NodeBounds& in, double beta) {
+  const int64_t E = model.num_experts(), B = in.lo.size(0);
+  auto eye = torch::eye(E, in.lo.options());
+  auto Cr = (eye.unsqueeze(1) - eye.unsqueeze(0)).reshape({1, E * E, E}).expand({B, E * E, E}).contiguous();
+  return train_spec_lower(model.component_graph(-1), in, Cr, beta).view({B, E, E});
+}
+
+/// min over i in S, j not in S of diff[i, j], S the clean top-k experts of x. -> [B]
+torch::Tensor gap_of(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& diff) {
+  const int64_t E = diff.size(1), B = diff.size(0);
+  torch::Tensor chosen;  // [B, E] bool: the clean top-k set
+  {
+    torch::NoGradGuard no_grad;
+    const int64_t k = model.spec().top_k;
+    auto top = std::get<1>(model.router_logits(x).topk(k, 1));
+    chosen = torch::zeros({B, E}, x.options().dtype(torch::kBool)).scatter(1, top, true);
+  }
+  // Pairs (i chosen, j not chosen); every other entry masked to +inf.
+  auto pair = chosen.unsqueeze(2).logical_and(chosen.logical_not().unsqueeze(1));
+  return diff.masked_fill(pair.logical_not(), std::numeric_limits<double>::infinity()).flatten(1).amin(1);
+}
+
+}  // namespace
+
+MixtureMargins moe_mixture_margins(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
+                                   const torch::Tensor& eps, double beta, bool box) {
+  const ModelSpec& spec = model.spec();
+  const int64_t E = spec.experts, K = spec.num_classes, B = x.size(0);
+  if (E < 2 || (spec.routing == Routing::top_k && spec.top_k == 1))
+    throw ConfigError("moe_mixture_margins: the model is dense or routes top-1 (moe_certified_margins bounds it)");
+  LiveGraphs live;
+  const NodeBounds in = input_region(x, eps, box);
+  MixtureMargins out;
+  auto diff = router_differences(model, in, beta);
+  torch::Tensor sure;
+  std::tie(out.possible, sure) = router_selection(diff.detach(), spec.routing, spec.top_k);
+  if (spec.routing == Routing::top_k) out.route_gap = gap_of(model, x, diff);
+  // Each possible expert's probability margins μ_e [B, K] (−1, always valid, elsewhere;
+  // 0 at y): from lower bounds of h_y − h_k and of h_k − h_y (rows ±(e_y − e_k)).
+  const auto C = margin_rows(y, K, x.options());
+  const auto others = other_classes(y, K);
+  const auto at_y = torch::nn::functional::one_hot(y, K).to(torch::kBool);
+  std::vector<torch::Tensor> mu;
+  for (int64_t e = 0; e < E; ++e) {
+    auto rows = out.possible.select(1, e).nonzero().flatten();
+    auto full = torch::full({B, K}, -1.0, x.options());
+    if (rows.numel() > 0) {
+      NodeBounds sub{in.lo.index_select(0, rows), in.hi.index_select(0, rows), {}, {}};
+      auto Ce = C.index_select(0, rows);
+      auto low = train_spec_lower(model.component_graph(e), sub, torch::cat({Ce, -Ce}, 1), beta);
+      auto idx = others.index_select(0, rows);
+      auto zero = torch::zeros({rows.size(0), K}, x.options());
+      auto dhi = zero.scatter(1, idx, -low.narrow(1, 0, K - 1));      // δ_k = h_k − h_y <= −LB(h_y − h_k)
+      auto dlo = zero.scatter(1, idx, low.narrow(1, K - 1, K - 1));   // δ_k >= LB(h_k − h_y)
+      auto yr = y.index_select(0, rows);
+      auto m = softmax_margin_lower(dlo, dhi, yr).masked_fill(at_y.index_select(0, rows), 0.0);
+      full = full.index_copy(0, rows, m);
+    }
+    mu.push_back(full);
+  }
+  auto mus = torch::stack(mu, 1);  // [B, E, K]
+  auto [a_lo, a_hi] = router_weight_bounds(diff, out.possible, sure);
+  std::vector<torch::Tensor> per;
+  for (int64_t k = 0; k < K; ++k) per.push_back(simplex_min(a_lo, a_hi, mus.select(2, k)));
+  out.prob_margin = torch::stack(per, 1).gather(1, others);
+  return out;
+}
+
+torch::Tensor route_gap_lower(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& eps, bool box) {
+  const ModelSpec& spec = model.spec();
+  if (spec.experts < 2 || spec.routing != Routing::top_k || spec.top_k >= spec.experts)
+    throw ConfigError("--route-margin: the model has " +
+                      std::string(spec.experts < 2 ? "no router (E = 1)"
+                                                   : spec.routing == Routing::soft ? "soft routing"
+                                                                                   : "top-k = E (no choice)") +
+                      "; the route-margin term keeps a top-k router's choice on the ball");
+  LiveGraphs live;
+  const NodeBounds in = input_region(x, eps, box);
+  return gap_of(model, x, router_differences(model, in, /*beta=*/0.0));
+}
+
 CertifiedMargins moe_certified_margins(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                                        const torch::Tensor& eps, double beta, bool box) {
   const ModelSpec& spec = model.spec();
   const int64_t E = spec.experts, K = spec.num_classes, B = x.size(0);
   if (E > 1 && (spec.routing != Routing::top_k || spec.top_k != 1))
-    throw ConfigError("certified training: the model routes " +
+    throw ConfigError("moe_certified_margins: the model routes " +
                       std::string(spec.routing == Routing::soft ? "softly" : "to its top " + std::to_string(spec.top_k)) +
-                      "; ibp / crown-ibp train top-1 routing and dense models (E = 1)");
+                      "; its bound is the mixture form (moe_mixture_margins)");
   LiveGraphs live;
-  auto r = eps.to(x.dtype()).view({B, 1, 1, 1});
-  NodeBounds in{x - r, x + r, {}, {}};
-  if (box) in.lo = in.lo.clamp_min(0.0), in.hi = in.hi.clamp_max(1.0);
+  const NodeBounds in = input_region(x, eps, box);
   CertifiedMargins out;
   const auto C = margin_rows(y, K, x.options());
   if (E == 1) {
@@ -147,20 +239,9 @@ CertifiedMargins moe_certified_margins(MoeImpl& model, const torch::Tensor& x, c
     out.possible = torch::ones({B, 1}, x.options().dtype(torch::kBool));
     return out;
   }
-  // diff[i, j] <= g_i − g_j over the region: rows e_i − e_j of the router's logits.
-  auto eye = torch::eye(E, x.options());
-  auto Cr = (eye.unsqueeze(1) - eye.unsqueeze(0)).reshape({1, E * E, E}).expand({B, E * E, E}).contiguous();
-  auto diff = train_spec_lower(model.component_graph(-1), in, Cr, beta).view({B, E, E});
+  auto diff = router_differences(model, in, beta);
   out.possible = router_selection(diff.detach(), spec.routing, 1).first;
-  torch::Tensor s;  // the clean top-1 expert
-  {
-    torch::NoGradGuard no_grad;
-    s = model.router_logits(x).argmax(1);
-  }
-  // min over j != s of diff[s, j] (the diagonal, 0, masked to +inf).
-  auto own = diff.gather(1, s.view({B, 1, 1}).expand({B, 1, E})).squeeze(1);  // [B, E]
-  out.route_gap = own.masked_fill(torch::nn::functional::one_hot(s, E).to(torch::kBool),
-                                  std::numeric_limits<double>::infinity()).amin(1);
+  out.route_gap = gap_of(model, x, diff);
   out.margin = torch::full({B, K - 1}, std::numeric_limits<double>::infinity(), x.options());
   for (int64_t e = 0; e < E; ++e) {
     auto rows = out.possible.select(1, e).nonzero().flatten();

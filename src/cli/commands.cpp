@@ -234,11 +234,19 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("--kappa-end", z.kappa_end,
                   "ibp / crown-ibp: weight of the clean loss after the ramp (< 0: ibp 0.5, crown-ibp 0)")
       ->capture_default_str();
-  cmd->add_option("--route-margin", z.route_margin,
-                  "ibp / crown-ibp: weight of the route-margin term (the router's top-1 choice kept on the ball)")
+  cmd->add_option("--cert-margin", z.cert_margin,
+                  "ibp / crown-ibp: train the bound's margins past this many logits (for a dual-model at alpha: "
+                  "ln((1 + (K-1)c)/(1-c)), c = (1-alpha)/alpha; 1.47 for alpha 0.8)")
+      ->capture_default_str();
+  cmd->add_option("--route-margin", c.route_margin,
+                  "weight of the route-margin term: the router's clean top-k choice kept on the L-inf ball of "
+                  "--eps (ibp / crown-ibp: the scheduled eps); 0 = off")
       ->capture_default_str();
   cmd->add_option("--alpha", o->alpha, "jtdmoe: weight of the robust member")->capture_default_str();
   cmd->add_option("--jtd-gamma", c.jtd_gamma, "jtdmoe: weight of CE(F_D(x_adv)) in the F_S step")
+      ->capture_default_str();
+  cmd->add_option("--jtd-robust", c.jtd_robust,
+                  "jtdmoe: the method of the F_R step: rt-er (paper 1) | at | trades | ibp | crown-ibp")
       ->capture_default_str();
   cmd->add_option("--init-standard", o->init_standard, "jtdmoe: start F_S from this checkpoint");
   cmd->add_option("--init-robust", o->init_robust, "jtdmoe: start F_R from this checkpoint");

@@ -4,10 +4,14 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <limits>
+
 #include "certify/forms.h"
 #include "fixtures.h"
+#include "moecert/dual.h"
 #include "moecert/error.h"
 #include "moecert/train_bounds.h"
+#include "moecert/training.h"
 #include "test_util.h"
 
 using namespace moecert;
@@ -200,21 +204,83 @@ TEST_CASE("certified training's schedule: warm-up, linear ramps of eps, kappa an
   CHECK_NOTHROW(c.validate());
 }
 
-TEST_CASE("certified training refuses soft and top-k > 1 routing with a clear error", "[unit][training][certified]") {
-  auto data = synthetic(8, 1, false);
-  auto [images, labels] = all_of(data);
-  ModelSpec s;
-  s.experts = 3, s.routing = Routing::soft;
-  s.mean = data.mean, s.std = data.std;
-  Moe m(s);
-  auto eps = torch::full({8}, 0.1);
-  CHECK_THROWS_WITH(moe_certified_margins(*m, images, labels, eps, 0.0), Catch::Contains("top-1"));
-  // and training stops at its first step, also inside the warm-up (ε = 0)
-  auto cfg = certified_config("ibp");
-  cfg.epochs = 4, cfg.log_every = 0, cfg.batch_size = 8;
-  const auto before = m->parameters()[0].clone();
-  CHECK_THROWS_AS(train_run(*m, data, data, cfg, nlohmann::json::object(), torch::kCPU), ConfigError);
-  CHECK(torch::equal(before, m->parameters()[0]));
+TEST_CASE("the mixture training bound equals certify's mixture form; it encloses sampled outputs and CE",
+          "[soundness][training][certified]") {
+  torch::manual_seed(57);
+  auto [x32, y] = all_of(synthetic(24, 6, false));
+  auto x = x32.to(torch::kFloat64);
+  const int64_t K = 10;
+  for (int64_t k : {0, 2}) {  // 0: soft routing over 3 experts; 2: top-2 of 4
+    INFO((k == 0 ? "soft" : "top-2"));
+    ModelSpec s;
+    s.experts = k == 0 ? 3 : 4, s.routing = k == 0 ? Routing::soft : Routing::top_k, s.top_k = k == 0 ? 1 : 2;
+    Moe f(s);
+    auto m = as_double(f);
+    // the top-1 bound refuses it, naming the mixture form
+    CHECK_THROWS_WITH(moe_certified_margins(*m, x, y, torch::full({x.size(0)}, 0.01, x.options()), 0.0),
+                      Catch::Contains("mixture"));
+    for (double e : {0.0, 0.01, 0.05}) {
+      INFO("eps " << e);
+      auto eps = torch::full({x.size(0)}, e, x.options());
+      auto train = moe_mixture_margins(*m, x, y, eps, /*beta=*/0.0);
+      REQUIRE(train.prob_margin.sizes() == torch::IntArrayRef{x.size(0), K - 1});
+      std::vector<LayerGraph> experts;
+      for (int64_t j = 0; j < m->num_experts(); ++j) experts.push_back(m->component_graph(j));
+      auto graphs = forms::member_graphs(m->spec(), m->component_graph(-1), experts);
+      InputDomain d{x, eps, Norm::linf, true};
+      BoundOptions opt;
+      opt.method = BoundMethod::ibp;
+      auto pass = forms::member_prepare(graphs, d, y, opt, /*fp32=*/false);
+      auto ev = forms::member_evaluate(pass, d, y);
+      CHECK(torch::equal(train.possible, ev.possible));
+      auto got = train.prob_margin.detach().amin(1);
+      CHECK((got - ev.slack).abs().max().item<double>() < 1e-6);  // certify's rounding allowance (docs §11)
+      CHECK((ev.slack <= got + 1e-12).all().item<bool>());
+      // sampled points of the ball ∩ box: F_y − F_k >= the bound, CE <= the robust term
+      const int64_t P = e == 0 ? 1 : 300;
+      auto xr = x.repeat_interleave(P, 0), yr = y.repeat_interleave(P, 0);
+      auto u = torch::rand_like(xr);
+      u = torch::where(torch::rand({xr.size(0), 1, 1, 1}, x.options()).lt(0.5), u.round(), u);
+      auto pts = ((xr - e) + u * 2 * e).clamp(0.0, 1.0);
+      torch::NoGradGuard ng;
+      auto lp = m->forward_full(pts).log_probs;
+      auto F = lp.exp();
+      auto margins = (F.gather(1, yr.view({-1, 1})) - F.gather(1, other_classes(yr, K))).view({x.size(0), P, K - 1});
+      CHECK((margins >= train.prob_margin.detach().unsqueeze(1) - 1e-9).all().item<bool>());
+      auto ce = (-lp.gather(1, yr.view({-1, 1}))).view({x.size(0), P});
+      auto loss = mixture_loss(train.prob_margin.detach(), K);
+      CHECK((ce <= loss.unsqueeze(1) + 1e-9).all().item<bool>());
+      if (e == 0) CHECK((loss - ce.squeeze(1)).abs().max().item<double>() < 1e-8);  // exact at ε = 0
+    }
+  }
+}
+
+TEST_CASE("ibp trains soft and top-2 MoEs through the mixture bound: it certifies more than st",
+          "[unit][training][certified]") {
+  auto train = synthetic(600, 0), val = synthetic(100, 0, false);
+  auto [vx, vy] = all_of(val);
+  for (int64_t k : {0, 2}) {
+    INFO((k == 0 ? "soft" : "top-2"));
+    auto run = [&](const std::string& method) {
+      torch::manual_seed(59);
+      ModelSpec s;
+      s.experts = 3, s.routing = k == 0 ? Routing::soft : Routing::top_k, s.top_k = k == 0 ? 1 : 2;
+      s.mean = train.mean, s.std = train.std;
+      Moe model(s);
+      auto cfg = certified_config(method);
+      cfg.epochs = 3, cfg.batch_size = 64, cfg.log_every = 0;
+      cfg.eval_attack.eps = 0.1, cfg.eval_attack.steps = 2, cfg.eval_attack.step_size = 0.05;
+      cfg.certified.eps = 0.01, cfg.certified.warmup = 0, cfg.certified.ramp = 1;
+      train_run(*model, train, val, cfg, nlohmann::json::object(), torch::kCPU);
+      model->eval();
+      torch::NoGradGuard ng;
+      auto m = moe_mixture_margins(*model, vx, vy, torch::full({vx.size(0)}, 0.002), 0.0);
+      return m.prob_margin.amin(1).gt(0).sum().item<int64_t>();
+    };
+    const int64_t ibp = run("ibp"), st = run("st");
+    INFO("certified at 0.002: ibp " << ibp << ", st " << st);
+    CHECK(ibp > st + 5);
+  }
 }
 
 TEST_CASE("ibp and crown-ibp raise the certified accuracy; resume mid-ramp equals the uninterrupted run",
@@ -259,4 +325,181 @@ TEST_CASE("ibp and crown-ibp raise the certified accuracy; resume mid-ramp equal
     auto a = full->named_parameters(), b = resumed->named_parameters();
     for (const auto& p : a) CHECK(torch::equal(p.value(), b[p.key()]));
   }
+}
+
+namespace {
+
+/// The exact minimum over the box [lo, hi] of (g_i − g_j)(x) for an affine router:
+/// (g_i − g_j)(x0) + Σ_d min(c_d (lo_d − x0_d), c_d (hi_d − x0_d)), c its gradient.
+/// x0: [1, C, H, W] -> scalar
+double affine_min(MoeImpl& m, const torch::Tensor& x0, const torch::Tensor& lo, const torch::Tensor& hi,
+                  int64_t i, int64_t j) {
+  auto x = x0.clone().requires_grad_(true);
+  auto g = m.router_logits(x);
+  auto d = g.select(1, i) - g.select(1, j);
+  auto c = torch::autograd::grad({d.sum()}, {x})[0];
+  auto low = torch::min(c * (lo - x0), c * (hi - x0)).sum();
+  return d.item<double>() + low.item<double>();
+}
+
+}  // namespace
+
+TEST_CASE("route_gap_lower is the exact minimum of a linear router's lead of its clean top-k choice",
+          "[unit][training][certified]") {
+  torch::manual_seed(41);
+  auto data = synthetic(6, 2, false);
+  auto [images, labels] = all_of(data);
+  const double r = 0.03;
+  const auto x64 = images.to(torch::kFloat64);
+  auto lo = (x64 - r).clamp_min(0.0), hi = (x64 + r).clamp_max(1.0);
+  for (int64_t k : {1, 2}) {
+    INFO("top-" << k);
+    ModelSpec s;
+    s.experts = 4, s.top_k = k;
+    s.mean = data.mean, s.std = data.std;
+    Moe f(s);
+    Moe m = as_double(f);
+    auto x = images.to(torch::kFloat64);
+    auto gap = route_gap_lower(*m, x, torch::full({x.size(0)}, r, x.options()));
+    REQUIRE(gap.sizes() == torch::IntArrayRef{x.size(0)});
+    auto top = std::get<1>(m->router_logits(x).detach().topk(k, 1));
+    for (int64_t b = 0; b < x.size(0); ++b) {
+      std::vector<bool> chosen(4, false);
+      for (int64_t t = 0; t < k; ++t) chosen[top[b][t].item<int64_t>()] = true;
+      double want = std::numeric_limits<double>::infinity();
+      for (int64_t i = 0; i < 4; ++i)
+        for (int64_t j = 0; j < 4; ++j)
+          if (chosen[i] && !chosen[j])
+            want = std::min(want, affine_min(*m, x.narrow(0, b, 1), lo.narrow(0, b, 1), hi.narrow(0, b, 1), i, j));
+      CHECK(gap[b].item<double>() == Approx(want).epsilon(1e-9).margin(1e-9));
+    }
+    // and it reaches the router's parameters
+    torch::relu(-gap).sum().backward();
+    for (const auto& p : m->router_parameters()) CHECK(p.grad().defined());
+  }
+  ModelSpec soft;
+  soft.experts = 3, soft.routing = Routing::soft;
+  Moe ms(soft), dense(ModelSpec{});
+  auto eps = torch::full({images.size(0)}, r);
+  CHECK_THROWS_WITH(route_gap_lower(*ms, images, eps), Catch::Contains("soft routing"));
+  ModelSpec one;
+  one.experts = 1;
+  Moe m1(one);
+  CHECK_THROWS_WITH(route_gap_lower(*m1, images, eps), Catch::Contains("E = 1"));
+}
+
+TEST_CASE("--route-margin: at training keeps more routes stable on the ball; bad uses are refused",
+          "[unit][training][certified]") {
+  auto train = synthetic(600, 0), val = synthetic(200, 0, false);
+  auto [vx, vy] = all_of(val);
+  const double eps = 0.01;
+  auto run = [&](double w) {
+    torch::manual_seed(43);
+    ModelSpec s;
+    s.experts = 3;
+    s.mean = train.mean, s.std = train.std;
+    Moe model(s);
+    TrainConfig cfg;
+    cfg.method = "at", cfg.epochs = 2, cfg.batch_size = 64, cfg.log_every = 0;
+    cfg.attack.eps = eps, cfg.attack.steps = 2, cfg.attack.step_size = eps / 2;
+    cfg.eval_attack = cfg.attack;
+    cfg.route_margin = w;
+    train_run(*model, train, val, cfg, nlohmann::json::object(), torch::kCPU);
+    model->eval();
+    torch::NoGradGuard ng;
+    auto gap = route_gap_lower(*model, vx, torch::full({vx.size(0)}, eps));
+    return std::make_pair(gap.gt(0).sum().item<int64_t>(), gap.mean().item<double>());
+  };
+  const auto [without, gap_without] = run(0.0);
+  const auto [with, gap_with] = run(10.0);
+  INFO("stable routes: without " << without << ", with " << with << "; mean gap " << gap_without << ", " << gap_with);
+  CHECK(gap_with > gap_without + 0.1);  // measured: 0.086 -> 0.251
+  CHECK(with > without + 8);  // measured: 93 -> 106 of 200
+
+  TrainConfig c;
+  c.route_margin = 1.0;
+  CHECK_NOTHROW(c.validate());
+  c.route_margin = -1;
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("--route-margin"));
+  c.route_margin = 1, c.method = "advmoe";
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("advmoe"));
+  c.method = "at", c.router_train = "none";
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("frozen"));
+  c.router_train = "top2", c.attack.norm = Norm::l2;
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("--norm 2"));
+}
+
+TEST_CASE("jtdmoe --jtd-robust ibp: the robust member takes certified training's step on its schedule",
+          "[unit][training][certified]") {
+  TrainConfig cfg;
+  cfg.method = "jtdmoe", cfg.jtd_robust = "crown-ibp", cfg.epochs = 4;
+  cfg.certified.warmup = 0, cfg.certified.ramp = 2;
+  // the member trained with crown-ibp gets crown-ibp's schedule (β ramps, κ ends at 0)
+  auto mid = certified_schedule(cfg, 1, 4);  // epoch 1 of a 2-epoch ramp
+  CHECK(mid.beta == Approx(0.5));
+  CHECK(mid.kappa == Approx(0.5));
+  cfg.jtd_robust = "ibp";  // ibp: no β, κ ends at 0.5
+  CHECK(certified_schedule(cfg, 1, 4).beta == 0.0);
+  CHECK(certified_schedule(cfg, 1, 4).kappa == Approx(0.75));
+  cfg.jtd_robust = "nope";
+  CHECK_THROWS_WITH(cfg.validate(), Catch::Contains("--jtd-robust"));
+  cfg.jtd_robust = "advmoe";
+  CHECK_THROWS_WITH(cfg.validate(), Catch::Contains("--jtd-robust"));
+
+  // A 2-epoch JTDMoE run whose robust step is IBP (ramp over epoch 1): F_R's bound
+  // certifies more of the held-out set than the same run with RT-ER.
+  auto train = synthetic(600, 0), val = synthetic(100, 0, false);
+  auto [vx, vy] = all_of(val);
+  auto certified = [&](const std::string& robust) {
+    torch::manual_seed(47);
+    ModelSpec s;
+    s.experts = 2;
+    s.mean = train.mean, s.std = train.std;
+    Dual dual(Moe{s}, Moe{s}, 0.8);
+    TrainConfig c;
+    c.method = "jtdmoe", c.jtd_robust = robust, c.epochs = 2, c.batch_size = 64, c.log_every = 0;
+    c.attack.eps = 0.1, c.attack.steps = 2, c.attack.step_size = 0.05;
+    c.eval_attack = c.attack;
+    c.certified.eps = 0.01, c.certified.warmup = 0, c.certified.ramp = 1;
+    const auto standard_before = dual->standard().parameters()[0].clone();
+    train_dual_run(*dual, train, val, c, nlohmann::json::object(), torch::kCPU);
+    CHECK_FALSE(torch::equal(standard_before, dual->standard().parameters()[0]));  // F_S still trained
+    dual->eval();
+    torch::NoGradGuard ng;
+    auto m = moe_certified_margins(dual->robust(), vx, vy, torch::full({vx.size(0)}, 0.002), 0.0);
+    return m.margin.amin(1).gt(0).sum().item<int64_t>();
+  };
+  const int64_t ibp = certified("ibp"), rter = certified("rt-er");
+  INFO("F_R certified at 0.002: ibp " << ibp << ", rt-er " << rter);
+  CHECK(ibp > rter + 5);
+}
+
+TEST_CASE("--cert-margin shifts the worst-case logits of the robust term by tau", "[unit][training][certified]") {
+  auto data = synthetic(32, 7, false);
+  auto [x, y] = all_of(data);
+  torch::manual_seed(61);
+  ModelSpec spec;  // MLP experts: no BatchNorm statistics for the train-mode steps to move
+  spec.experts = 2, spec.expert = "mlp";
+  spec.mean = data.mean, spec.std = data.std;
+  Moe model(spec);
+  auto cfg = certified_config("ibp");
+  cfg.balance = 0, cfg.epochs = 1;
+  cfg.certified.eps = 0.01, cfg.certified.warmup = 0, cfg.certified.ramp = 0;  // full ε, κ = 0.5 from step 0
+  auto method = train_method_make("ibp");
+  method->at_step(0, 1);
+  auto loss_at = [&](double tau) {
+    cfg.certified.cert_margin = tau;
+    return method->step(*model, x, y, cfg).loss.item<double>();
+  };
+  const double plain = loss_at(0.0), shifted = loss_at(1.5);
+  model->eval();
+  torch::NoGradGuard ng;
+  auto m = moe_certified_margins(*model, x, y, torch::full({x.size(0)}, 0.01), 0.0).margin;
+  auto zeros = torch::zeros({x.size(0), 1});
+  auto lse = [&](double tau) { return torch::logsumexp(torch::cat({zeros, tau - m}, 1), 1).mean().item<double>(); };
+  CHECK(shifted - plain == Approx(0.5 * (lse(1.5) - lse(0.0))).epsilon(1e-4));
+  CHECK(shifted > plain);
+  TrainConfig c;
+  c.certified.cert_margin = -1;
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("--cert-margin"));
 }
