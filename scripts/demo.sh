@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on Fashion-MNIST: install what is missing, build, adversarially
-# train an E = 4 cnn-s MoE (top-1, linear router) with PGD-5, measure SA, RA,
+# train an E = 4 cnn-s MoE (top-1, linear router) with PGD-5 and a route-margin term
+# (the router's choice kept on the eps-ball where it can be), measure SA, RA,
 # RA-E and RA-R of the whole test set at L-inf eps = 0.1 with PGD-20, blend it
 # with a standardly trained MoE into a dual-model and sweep alpha, certify the
 # first test images (every estimator: CROWN, alpha-CROWN, IBP and the Lipschitz
@@ -23,9 +24,9 @@ sweep_n="${MOECERT_DEMO_SWEEP:-1000}"
 suite_n="${MOECERT_DEMO_SUITE:-1000}"
 mkdir -p "$out"
 
-echo "== train: at, E=4 cnn-s experts, top-1 linear router (top-2 router gradient, load balancing 0.3), $epochs epochs (progress on stderr)"
+echo "== train: at, E=4 cnn-s experts, top-1 linear router (top-2 router gradient, load balancing 0.3, route margin 0.1), $epochs epochs (progress on stderr)"
 "$bin" train --method at --experts 4 --expert cnn-s --router linear --routing top-k --top-k 1 \
-  --epochs "$epochs" --eps 0.1 --steps 5 --lr 1e-3 --schedule cosine \
+  --epochs "$epochs" --eps 0.1 --steps 5 --lr 1e-3 --schedule cosine --route-margin 0.1 \
   --out "$out/checkpoint" --force --log-every 100
 
 echo "== attack: test set, L-inf eps=0.1, PGD-20; routing health gates: no expert above 50 % or below 10 % of the test samples"

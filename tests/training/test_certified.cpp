@@ -58,6 +58,19 @@ std::pair<torch::Tensor, torch::Tensor> all_of(const Dataset& d) {
   return {d.batch_images(idx), d.batch_labels(idx)};
 }
 
+/// certify's own evaluation of the model's form (candidate or mixture) over the
+/// L∞ ball ∩ box, IBP, float64 without the float32 allowances.
+forms::Evaluation certify_ibp(MoeImpl& m, const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& eps) {
+  std::vector<LayerGraph> experts;
+  for (int64_t j = 0; j < m.num_experts(); ++j) experts.push_back(m.component_graph(j));
+  auto graphs = forms::member_graphs(m.spec(), m.component_graph(-1), experts);
+  InputDomain d{x, eps, Norm::linf, true};
+  BoundOptions opt;
+  opt.method = BoundMethod::ibp;
+  auto pass = forms::member_prepare(graphs, d, y, opt, /*fp32=*/false);
+  return forms::member_evaluate(pass, d, y);
+}
+
 TrainConfig certified_config(const std::string& method) {
   TrainConfig c;
   c.method = method;
@@ -77,14 +90,7 @@ TEST_CASE("the IBP training bound equals the certificate's worst case (candidate
     auto eps = torch::full({x.size(0)}, e, x.options());
     auto train = moe_certified_margins(*m, x, y, eps, /*beta=*/0.0);
     // certify's candidate form over the same regions, IBP, exact arithmetic
-    std::vector<LayerGraph> experts;
-    for (int64_t j = 0; j < m->num_experts(); ++j) experts.push_back(m->component_graph(j));
-    auto graphs = forms::member_graphs(m->spec(), m->component_graph(-1), experts);
-    InputDomain d{x, eps, Norm::linf, true};
-    BoundOptions opt;
-    opt.method = BoundMethod::ibp;
-    auto pass = forms::member_prepare(graphs, d, y, opt, /*fp32=*/false);
-    auto ev = forms::member_evaluate(pass, d, y);
+    auto ev = certify_ibp(*m, x, y, eps);
     CHECK(torch::equal(train.possible, ev.possible));
     auto got = train.margin.detach().amin(1);
     auto diff = (got - ev.slack).abs() / (1 + ev.slack.abs());
@@ -224,14 +230,7 @@ TEST_CASE("the mixture training bound equals certify's mixture form; it encloses
       auto eps = torch::full({x.size(0)}, e, x.options());
       auto train = moe_mixture_margins(*m, x, y, eps, /*beta=*/0.0);
       REQUIRE(train.prob_margin.sizes() == torch::IntArrayRef{x.size(0), K - 1});
-      std::vector<LayerGraph> experts;
-      for (int64_t j = 0; j < m->num_experts(); ++j) experts.push_back(m->component_graph(j));
-      auto graphs = forms::member_graphs(m->spec(), m->component_graph(-1), experts);
-      InputDomain d{x, eps, Norm::linf, true};
-      BoundOptions opt;
-      opt.method = BoundMethod::ibp;
-      auto pass = forms::member_prepare(graphs, d, y, opt, /*fp32=*/false);
-      auto ev = forms::member_evaluate(pass, d, y);
+      auto ev = certify_ibp(*m, x, y, eps);
       CHECK(torch::equal(train.possible, ev.possible));
       auto got = train.prob_margin.detach().amin(1);
       CHECK((got - ev.slack).abs().max().item<double>() < 1e-6);  // certify's rounding allowance (docs §11)
