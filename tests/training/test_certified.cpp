@@ -387,7 +387,7 @@ TEST_CASE("route_gap_lower is the exact minimum of a linear router's lead of its
   CHECK_THROWS_WITH(route_gap_lower(*m1, images, eps), Catch::Contains("E = 1"));
 }
 
-TEST_CASE("--route-margin: at training keeps more routes stable on the ball; bad uses are refused",
+TEST_CASE("the route-margin term (--route-margin): at training keeps more routes stable on the ball; bad uses are refused",
           "[unit][training][certified]") {
   auto train = synthetic(600, 0), val = synthetic(200, 0, false);
   auto [vx, vy] = all_of(val);
@@ -473,7 +473,7 @@ TEST_CASE("jtdmoe --jtd-robust ibp: the robust member takes certified training's
   CHECK(ibp > rter + 5);
 }
 
-TEST_CASE("--cert-margin shifts the worst-case logits of the robust term by tau", "[unit][training][certified]") {
+TEST_CASE("certified training with --cert-margin shifts the worst-case logits of the robust term by tau", "[unit][training][certified]") {
   auto data = synthetic(32, 7, false);
   auto [x, y] = all_of(data);
   torch::manual_seed(61);
