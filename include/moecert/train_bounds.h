@@ -54,9 +54,6 @@ struct CertifiedMargins {
   /// (other_classes order), minimised over the experts the router can select there.
   torch::Tensor margin;
   torch::Tensor possible;  ///< [B, E] bool: the experts the router can select (all true for E = 1)
-  /// [B]: lower bound of g_s − max_{j != s} g_j over the region, s the clean top-1
-  /// expert (> 0: the route cannot change). Undefined without a router.
-  torch::Tensor route_gap;
 };
 
 /// The route-margin term's gap (`--route-margin`, every single-model method): a lower
@@ -80,8 +77,7 @@ struct MixtureMargins {
   /// [B, K − 1]: lower bounds of F_y − F_k (probabilities, in [−1, 1]) over the region
   /// for the classes k != y (other_classes order).
   torch::Tensor prob_margin;
-  torch::Tensor possible;   ///< [B, E] bool: the experts the router can select
-  torch::Tensor route_gap;  ///< [B] (top-k routing; undefined for soft): as route_gap_lower
+  torch::Tensor possible;  ///< [B, E] bool: the experts the router can select
 };
 
 /// The mixture bound of a MoE with soft or top-k > 1 routing (ConfigError for a dense

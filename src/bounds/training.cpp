@@ -177,7 +177,6 @@ MixtureMargins moe_mixture_margins(MoeImpl& model, const torch::Tensor& x, const
   auto diff = router_differences(model, in, beta);
   torch::Tensor sure;
   std::tie(out.possible, sure) = router_selection(diff.detach(), spec.routing, spec.top_k);
-  if (spec.routing == Routing::top_k) out.route_gap = gap_of(model, x, diff);
   // Each possible expert's probability margins μ_e [B, K] (−1, always valid, elsewhere;
   // 0 at y): from lower bounds of h_y − h_k and of h_k − h_y (rows ±(e_y − e_k)).
   const auto C = margin_rows(y, K, x.options());
@@ -241,7 +240,6 @@ CertifiedMargins moe_certified_margins(MoeImpl& model, const torch::Tensor& x, c
   }
   auto diff = router_differences(model, in, beta);
   out.possible = router_selection(diff.detach(), spec.routing, 1).first;
-  out.route_gap = gap_of(model, x, diff);
   out.margin = torch::full({B, K - 1}, std::numeric_limits<double>::infinity(), x.options());
   for (int64_t e = 0; e < E; ++e) {
     auto rows = out.possible.select(1, e).nonzero().flatten();
