@@ -2,12 +2,17 @@
 # The CUDA variant, checked on a GPU machine that has a CUDA PyTorch install but not
 # Debian's packages: builds moecert against that PyTorch's LibTorch with the headers
 # of devdeps/ (made beforehand by scripts/cuda_deps.py), then trains, attacks and
-# certifies on cuda and on cpu and prints the timings side by side.
-# Writes its log and results under $OUT (default /tmp/cuda-check).
+# certifies on cuda and on cpu and prints the timings side by side; then certified
+# training (ibp, crown-ibp, soft and top-2 routing through the mixture bound, MoE-CNN,
+# jtdmoe with an ibp robust step, resume mid-ramp) and certification of a certified-
+# trained checkpoint (devdeps/ckpt/ibp_b when present: full test set on cuda, first
+# 2,000 on cpu). Writes log.txt and a few JSON files under $OUT (default
+# /tmp/cuda-check), the rest under $WORK (default /tmp/cuda-work).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-/tmp/cuda-check}
-mkdir -p "$out"
+work=${WORK:-/tmp/cuda-work}
+mkdir -p "$out" "$work"
 exec > >(tee "$out/log.txt") 2>&1
 cd "$root"
 deps=$root/devdeps
@@ -21,11 +26,11 @@ echo "cmake $(cmake --version | head -1), g++ $(g++ -dumpfullversion), nvcc $($n
 t0=$(date +%s)
 if ! cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DMOECERT_TESTS=OFF -DCMAKE_PREFIX_PATH="$prefix" \
     -DCMAKE_INCLUDE_PATH="$deps/include" -DZLIB_ROOT="$deps" -DCMAKE_CUDA_COMPILER="$nvcc" \
-    >"$out/cmake.txt" 2>&1; then
-  tail -60 "$out/cmake.txt"; exit 1
+    >"$work/cmake.txt" 2>&1; then
+  tail -60 "$work/cmake.txt"; exit 1
 fi
-if ! cmake --build build-cuda -j "$(nproc)" --target moecert bench_certify >"$out/build.txt" 2>&1; then
-  grep -E "error" -A6 "$out/build.txt" | head -120; exit 1
+if ! cmake --build build-cuda -j "$(nproc)" --target moecert bench_certify >"$work/build.txt" 2>&1; then
+  grep -E "error" -A6 "$work/build.txt" | head -120; exit 1
 fi
 echo "== built in $(($(date +%s) - t0)) s"
 
@@ -34,20 +39,21 @@ data=(--dataset fashion-mnist --data "$deps/data/fashion-mnist")
 timed() {  # label, command...
   local label=$1; shift
   local s=$(date +%s%N)
-  "$@" >"$out/$label.txt" 2>&1
+  "$@" >"$work/$label.txt" 2>&1
   local rc=$?
   printf '%-24s rc=%d %8d ms\n' "$label" "$rc" $((($(date +%s%N) - s) / 1000000))
-  tail -3 "$out/$label.txt" | sed 's/^/    /'
+  grep -E "img/s|samples/s" "$work/$label.txt" | tail -2 | cut -c1-220 | sed 's/^/    /'
+  tail -3 "$work/$label.txt" | cut -c1-220 | sed 's/^/    /'
 }
 for dev in cuda cpu; do
   timed "train-at-$dev" "$bin" --device "$dev" "${data[@]}" --samples 20000 train --method at --experts 4 \
-    --epochs 1 --eps 0.1 --steps 5 --val-samples 500 --eval-steps 5 --out "$out/ckpt-$dev" --log-every 50
-  timed "attack-$dev" "$bin" --device "$dev" "${data[@]}" --samples 2000 attack "$out/ckpt-cuda" --eps 0.1 \
-    --steps 20 --json "$out/attack-$dev.json"
-  timed "certify-$dev" "$bin" --device "$dev" "${data[@]}" --samples 200 certify "$out/ckpt-cuda" \
-    --steps 20 --eps-grid 0.005,0.01,0.02 --out "$out/cert-$dev"
+    --epochs 1 --eps 0.1 --steps 5 --val-samples 500 --eval-steps 5 --out "$work/ckpt-$dev" --log-every 50
+  timed "attack-$dev" "$bin" --device "$dev" "${data[@]}" --samples 2000 attack "$work/ckpt-cuda" --eps 0.1 \
+    --steps 20 --json "$work/attack-$dev.json"
+  timed "certify-$dev" "$bin" --device "$dev" "${data[@]}" --samples 200 certify "$work/ckpt-cuda" \
+    --steps 20 --eps-grid 0.005,0.01,0.02 --out "$work/cert-$dev"
 done
-python3 - "$out" <<'EOF'
+python3 - "$work" <<'EOF'
 import json, sys
 out = sys.argv[1]
 a, b = (json.load(open("%s/cert-%s/results.json" % (out, d))) for d in ("cuda", "cpu"))
@@ -58,4 +64,77 @@ for ra, rb in zip(a["rows"], b["rows"]):
 print("certify cuda vs cpu: violations %d / %d, largest radius difference %.3g" %
       (len(a["aggregates"]["violations"]), len(b["aggregates"]["violations"]), worst))
 EOF
-timed "bench-certify-resnet" build-cuda/bench_certify --samples 50 --out "$out/bench_certify.json"
+timed "bench-certify-resnet" build-cuda/bench_certify --samples 50 --out "$work/bench_certify.json"
+
+# --- certified training on cuda and cpu ---------------------------------------------
+ct=(train --eps 0.1 --lr 1e-3 --val-samples 500 --eval-steps 5 --log-every 50)
+for dev in cuda cpu; do
+  timed "ibp-$dev" "$bin" --device "$dev" "${data[@]}" --samples 20000 "${ct[@]}" --experts 4 --method ibp \
+    --epochs 2 --eps-warmup 0.25 --eps-ramp 1 --route-margin 0.5 --cert-margin 6 --out "$work/ibp-$dev"
+done
+timed "crown-ibp-cuda" "$bin" --device cuda "${data[@]}" --samples 10000 "${ct[@]}" --experts 4 --method crown-ibp \
+  --epochs 1 --eps-warmup 0.1 --eps-ramp 0.9 --route-margin 0.5 --out "$work/cibp-cuda"
+timed "crown-ibp-cpu" "$bin" --device cpu "${data[@]}" --samples 3000 "${ct[@]}" --experts 4 --method crown-ibp \
+  --epochs 1 --eps-warmup 0.1 --eps-ramp 0.9 --route-margin 0.5 --out "$work/cibp-cpu"
+timed "ibp-soft-cuda" "$bin" --device cuda "${data[@]}" --samples 10000 "${ct[@]}" --experts 4 --method ibp \
+  --routing soft --epochs 1 --eps-warmup 0.1 --eps-ramp 0.9 --out "$work/ibp-soft"
+timed "ibp-top2-cuda" "$bin" --device cuda "${data[@]}" --samples 10000 "${ct[@]}" --experts 4 --method ibp \
+  --top-k 2 --epochs 1 --eps-warmup 0.1 --eps-ramp 0.9 --out "$work/ibp-top2"
+timed "ibp-moecnn-cuda" "$bin" --device cuda "${data[@]}" --samples 10000 "${ct[@]}" --experts 2 --method ibp \
+  --arch moe-cnn --epochs 1 --eps-warmup 0.1 --eps-ramp 0.9 --out "$work/ibp-moecnn"
+timed "jtdmoe-ibp-cuda" "$bin" --device cuda "${data[@]}" --samples 10000 "${ct[@]}" --experts 4 --method jtdmoe \
+  --jtd-robust ibp --epochs 1 --eps-warmup 0.1 --eps-ramp 0.9 --out "$work/jtd-ibp"
+# resume mid-ramp on cuda: a 2-epoch run (constant lr, ramp over epochs 2-3) resumed to 4
+rr=(--device cuda "${data[@]}" --samples 4000 "${ct[@]}" --experts 4 --method ibp --schedule constant --eps-warmup 1
+    --eps-ramp 2 --route-margin 0.5)
+timed "resume-full-cuda" "$bin" "${rr[@]}" --epochs 4 --out "$work/res-full"
+timed "resume-part-cuda" "$bin" "${rr[@]}" --epochs 2 --out "$work/res-part"
+timed "resume-rest-cuda" "$bin" "${rr[@]}" --epochs 4 --out "$work/res-part" --resume
+python3 - "$work" <<'PYEOF'
+import sys, torch
+w = sys.argv[1]
+try:
+    la = torch.jit.load(w + "/res-full/weights.pt", map_location="cpu")
+    lb = torch.jit.load(w + "/res-part/weights.pt", map_location="cpu")
+    pa, pb = dict(la.named_parameters()), dict(lb.named_parameters())
+    diff = max((pa[k].double() - pb[k].double()).abs().max().item() for k in pa)
+    print("resume mid-ramp on cuda: %d tensors, largest weight difference vs uninterrupted %.3g" % (len(pa), diff))
+except Exception as e:
+    print("resume comparison: could not read weights.pt with python:", repr(e)[:300])
+PYEOF
+cmp -s "$work/res-full/weights.pt" "$work/res-part/weights.pt" && echo "resume mid-ramp on cuda: weights.pt byte-identical" \
+  || echo "resume mid-ramp on cuda: weights.pt differs"
+
+# --- certify the certified-trained checkpoints: cuda vs cpu ---------------------------
+for dev in cuda cpu; do
+  timed "certify-ibp-$dev" "$bin" --device "$dev" "${data[@]}" --samples 200 certify "$work/ibp-cuda" \
+    --estimator ibp,crown,alpha-crown --steps 20 --eps-grid 0.01,0.05,0.1 --out "$work/certibp-$dev"
+done
+if [[ -d $deps/ckpt/ibp_b ]]; then
+  timed "certify-full-cuda" "$bin" --device cuda "${data[@]}" certify "$deps/ckpt/ibp_b" \
+    --estimator ibp,crown --no-empirical --out "$work/certfull-cuda"
+  timed "certify-2000-cpu" "$bin" --device cpu "${data[@]}" --samples 2000 certify "$deps/ckpt/ibp_b" \
+    --estimator ibp,crown --no-empirical --out "$work/certfull-cpu"
+  cp "$work/certfull-cuda/results.json" "$out/certfull-cuda.json" 2>/dev/null
+fi
+python3 - "$work" <<'PYEOF'
+import json, os, sys
+w = sys.argv[1]
+def cmp(a, b, label):
+    if not (os.path.exists(a) and os.path.exists(b)):
+        print(label, ": missing results"); return
+    a, b = json.load(open(a)), json.load(open(b))
+    worst, n = 0.0, 0
+    for ra, rb in zip(a["rows"], b["rows"]):
+        n += 1
+        for k, v in ra["radii"].items():
+            if v is not None and rb["radii"].get(k) is not None:
+                worst = max(worst, abs(v - rb["radii"][k]))
+    print("%s: %d rows compared, violations %d / %d, largest radius difference %.3g" %
+          (label, n, len(a["aggregates"]["violations"]), len(b["aggregates"]["violations"]), worst))
+    for name, r in (("cuda", a), ("cpu", b)):
+        print("   ", name, json.dumps({k: v for k, v in r["aggregates"].items() if k != "violations"})[:700])
+cmp(w + "/certibp-cuda/results.json", w + "/certibp-cpu/results.json", "certify ibp-trained (cuda ckpt), cuda vs cpu")
+cmp(w + "/certfull-cuda/results.json", w + "/certfull-cpu/results.json", "certify ibp_b full (cuda) vs first 2000 (cpu)")
+PYEOF
+echo "== done in $(($(date +%s) - t0)) s"

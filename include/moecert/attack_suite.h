@@ -88,9 +88,13 @@ AttackFound attack_apgd(const Objective& objective, const Judge& judge, const At
 /// Square (Andriushchenko et al., ECCV 2020): random search, no gradients. Random
 /// square patches of shrinking size, accepted when they lower the judge's margin.
 /// L∞ (vertical stripes start, ±ε patches) and L2 (the paper's windows of
-/// opposite-sign mass). `queries` judge evaluations per sample at most.
+/// opposite-sign mass). `queries` judge evaluations per sample at most. Each query
+/// judges only the samples still robust: through `on_rows(rows)` where given (a judge
+/// with per-sample state, e.g. a frozen routing, restricted to those rows), else
+/// through `judge`, which must then take any subset of the batch.
 AttackFound attack_square(const Judge& judge, const AttackBall& ball, const torch::Tensor& y,
-                          const RowSampler& sampler, int queries, uint64_t stream);
+                          const RowSampler& sampler, int queries, uint64_t stream,
+                          const std::function<Judge(const torch::Tensor& rows)>& on_rows = {});
 
 /// A minimum-norm attack: FMN (Pintor et al., NeurIPS 2021). Steps on the class
 /// margin of `f` inside a ball whose radius shrinks while the point is adversarial and

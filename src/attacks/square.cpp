@@ -31,7 +31,8 @@ double p_schedule(double p0, int i, int queries) {
 }  // namespace
 
 AttackFound attack_square(const Judge& judge, const AttackBall& ball, const torch::Tensor& y,
-                          const RowSampler& sampler, int queries, uint64_t stream) {
+                          const RowSampler& sampler, int queries, uint64_t stream,
+                          const std::function<Judge(const torch::Tensor& rows)>& on_rows) {
   torch::NoGradGuard ng;
   const auto& x = ball.x;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -74,7 +75,8 @@ AttackFound attack_square(const Judge& judge, const AttackBall& ball, const torc
     }
     auto sub = ball.subset(active);
     auto xa = sub.project(sub.x + cand);
-    auto m = margin_of(xa, y.index_select(0, active));
+    auto ya = y.index_select(0, active);
+    auto m = on_rows && active.numel() < B ? class_margin(on_rows(active)(xa), ya) : margin_of(xa, ya);
     auto better = m.lt(margin.index_select(0, active));
     auto keep = active.masked_select(better);
     if (keep.numel() == 0) continue;

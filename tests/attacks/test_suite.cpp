@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include "fixtures.h"
 #include "moecert/attack_suite.h"
 #include "moecert/error.h"
 #include "moecert/models.h"
@@ -126,6 +127,17 @@ TEST_CASE("Square breaks a model without using gradients", "[attacks]") {
   auto s = attack_square(opaque, ball, lin.y, seeds(n), 2000, 0);
   CHECK(s.success.all().item<bool>());
   CHECK((ball.distance(s.x_adv) <= 1.1 * r * (1 + 1e-5)).all().item<bool>());
+  // A judge with per-sample state (as RA-E's frozen routing): the even rows get +100 on
+  // their label and cannot break. It takes the whole batch only; each query's robust
+  // rows reach it through on_rows, so exactly the odd rows break.
+  auto bias = torch::zeros({n, 4});
+  for (int64_t i = 0; i < n; i += 2) bias[i][0] = 100.0f;
+  auto with_bias = [base](const torch::Tensor& b) {
+    return LogProbFn([base, b](const torch::Tensor& xx) { return torch::log_softmax(base(xx.detach()) + b, 1); });
+  };
+  auto on_rows = [&](const torch::Tensor& rows) { return with_bias(bias.index_select(0, rows)); };
+  auto stateful = attack_square(with_bias(bias), ball, lin.y, seeds(n), 2000, 0, on_rows);
+  for (int64_t i = 0; i < n; ++i) CHECK(stateful.success[i].item<bool>() == (i % 2 == 1));
 }
 
 namespace {
@@ -197,6 +209,29 @@ TEST_CASE("the route-aware run breaks a top-1 MoE that plain PGD cannot", "[atta
   CHECK(model->forward(strong.x_adv).argmax(1).eq(1).all().item<bool>());
   // RA-E: the experts attacked under the clean routing; they ignore the input.
   CHECK(strong.ra_e == 1.0);
+}
+
+TEST_CASE("RA-E and RA-R: APGD-T's later targets run on a subset under the subset's frozen routing", "[attacks]") {
+  // APGD-T attacks each target class on the samples the earlier targets left robust.
+  // The component targets hold per-sample state (RA-E: the clean routing; RA-R: the
+  // clean experts' input), so each subset needs its own target function: with the
+  // batch's, the second target failed with "routing: expected shape one row per
+  // sample" (found on 2,000 Fashion-MNIST images). A batch of one never takes a
+  // subset, and the attacks draw per sample, so both batchings count the same.
+  Moe& model = moecert_test::trained_moe();
+  auto data = moecert_test::synthetic(48, 0, /*train=*/false);
+  SuiteConfig cfg;
+  cfg.suite = Suite::fast;
+  cfg.components = true;
+  cfg.eps = 0.12, cfg.apgd_steps = 3, cfg.targets = 3;  // APGD-T breaks some here (measured)
+  auto batched = attack_suite(attack_subject(*model), data, cfg, 48, torch::kCPU, false);
+  auto single = attack_suite(attack_subject(*model), data, cfg, 1, torch::kCPU, false);
+  INFO("SA " << batched.sa << " RA " << batched.ra << " RA-E " << batched.ra_e << " RA-R " << batched.ra_r);
+  CHECK(batched.ra_e > 0.0);
+  CHECK(batched.ra_e < batched.sa);  // the experts' attack broke some samples, not all
+  CHECK(batched.ra_r <= batched.sa);
+  CHECK(std::abs(batched.ra_e - single.ra_e) <= 1.0 / 48 + 1e-9);
+  CHECK(std::abs(batched.ra_r - single.ra_r) <= 1.0 / 48 + 1e-9);
 }
 
 TEST_CASE("the suite refuses bad settings with the option's name", "[attacks][unit]") {
