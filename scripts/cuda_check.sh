@@ -42,8 +42,27 @@ timed() {  # label, command...
   "$@" >"$work/$label.txt" 2>&1
   local rc=$?
   printf '%-24s rc=%d %8d ms\n' "$label" "$rc" $((($(date +%s%N) - s) / 1000000))
-  grep -E "img/s|samples/s" "$work/$label.txt" | tail -2 | cut -c1-220 | sed 's/^/    /'
+  grep -E " eta " "$work/$label.txt" | tail -1 | cut -c1-220 | sed 's/^/    /'  # the last progress line
   tail -3 "$work/$label.txt" | cut -c1-220 | sed 's/^/    /'
+}
+compare_certs() {  # label, results.json A, results.json B: rows compared in order
+  python3 - "$@" <<'PYEOF'
+import json, os, sys
+label, pa, pb = sys.argv[1:4]
+if not (os.path.exists(pa) and os.path.exists(pb)):
+    sys.exit(print(label + ": missing results"))
+a, b = json.load(open(pa)), json.load(open(pb))
+worst, n = 0.0, 0
+for ra, rb in zip(a["rows"], b["rows"]):
+    n += 1
+    for k, v in ra["radii"].items():
+        if v is not None and rb["radii"].get(k) is not None:
+            worst = max(worst, abs(v - rb["radii"][k]))
+print("%s: %d rows compared, violations %d / %d, largest radius difference %.3g" %
+      (label, n, len(a["aggregates"]["violations"]), len(b["aggregates"]["violations"]), worst))
+for name, r in (("A", a), ("B", b)):
+    print("   ", name, json.dumps({k: v for k, v in r["aggregates"].items() if k != "violations"})[:700])
+PYEOF
 }
 for dev in cuda cpu; do
   timed "train-at-$dev" "$bin" --device "$dev" "${data[@]}" --samples 20000 train --method at --experts 4 \
@@ -53,17 +72,7 @@ for dev in cuda cpu; do
   timed "certify-$dev" "$bin" --device "$dev" "${data[@]}" --samples 200 certify "$work/ckpt-cuda" \
     --steps 20 --eps-grid 0.005,0.01,0.02 --out "$work/cert-$dev"
 done
-python3 - "$work" <<'EOF'
-import json, sys
-out = sys.argv[1]
-a, b = (json.load(open("%s/cert-%s/results.json" % (out, d))) for d in ("cuda", "cpu"))
-worst = 0.0
-for ra, rb in zip(a["rows"], b["rows"]):
-    for k, v in ra["radii"].items():
-        worst = max(worst, abs(v - rb["radii"][k]))
-print("certify cuda vs cpu: violations %d / %d, largest radius difference %.3g" %
-      (len(a["aggregates"]["violations"]), len(b["aggregates"]["violations"]), worst))
-EOF
+compare_certs "certify cuda (A) vs cpu (B)" "$work/cert-cuda/results.json" "$work/cert-cpu/results.json"
 timed "bench-certify-resnet" build-cuda/bench_certify --samples 50 --out "$work/bench_certify.json"
 
 # --- certified training on cuda and cpu ---------------------------------------------
@@ -117,24 +126,8 @@ if [[ -d $deps/ckpt/ibp_b ]]; then
     --estimator ibp,crown --no-empirical --out "$work/certfull-cpu"
   cp "$work/certfull-cuda/results.json" "$out/certfull-cuda.json" 2>/dev/null
 fi
-python3 - "$work" <<'PYEOF'
-import json, os, sys
-w = sys.argv[1]
-def cmp(a, b, label):
-    if not (os.path.exists(a) and os.path.exists(b)):
-        print(label, ": missing results"); return
-    a, b = json.load(open(a)), json.load(open(b))
-    worst, n = 0.0, 0
-    for ra, rb in zip(a["rows"], b["rows"]):
-        n += 1
-        for k, v in ra["radii"].items():
-            if v is not None and rb["radii"].get(k) is not None:
-                worst = max(worst, abs(v - rb["radii"][k]))
-    print("%s: %d rows compared, violations %d / %d, largest radius difference %.3g" %
-          (label, n, len(a["aggregates"]["violations"]), len(b["aggregates"]["violations"]), worst))
-    for name, r in (("cuda", a), ("cpu", b)):
-        print("   ", name, json.dumps({k: v for k, v in r["aggregates"].items() if k != "violations"})[:700])
-cmp(w + "/certibp-cuda/results.json", w + "/certibp-cpu/results.json", "certify ibp-trained (cuda ckpt), cuda vs cpu")
-cmp(w + "/certfull-cuda/results.json", w + "/certfull-cpu/results.json", "certify ibp_b full (cuda) vs first 2000 (cpu)")
-PYEOF
+compare_certs "certify ibp-trained (cuda ckpt), cuda (A) vs cpu (B)" "$work/certibp-cuda/results.json" \
+  "$work/certibp-cpu/results.json"
+compare_certs "certify ibp_b, full set on cuda (A) vs first 2000 on cpu (B)" "$work/certfull-cuda/results.json" \
+  "$work/certfull-cpu/results.json"
 echo "== done in $(($(date +%s) - t0)) s"

@@ -43,9 +43,10 @@ struct Problem {
   const RowSampler& sampler;
   const SuiteConfig& cfg;
   const AwareObjective* aware = nullptr;  ///< the objective of a MoE-aware run
-  /// The target restricted to some of these rows. An attack that narrows its samples
-  /// calls f only through this: the component targets hold per-sample state (RA-E the
-  /// clean routing, RA-R the clean experts' input), so f takes these rows alone.
+  /// The target restricted to some of these rows, for the component targets: they
+  /// hold per-sample state (RA-E the clean routing, RA-R the clean experts' input), so
+  /// their f takes these rows alone, and an attack that narrows its samples calls
+  /// this instead. Empty for the whole model, whose f takes any rows.
   std::function<LogProbFn(const torch::Tensor& rows)> on_rows;
 };
 
@@ -82,7 +83,7 @@ class ApgdT final : public Attack {
       if (rows.numel() == 0) break;
       auto ball = p.ball.subset(rows);
       auto y = p.y.index_select(0, rows), target = order.select(1, t).index_select(0, rows);
-      auto f = rows.numel() == p.ball.x.size(0) ? p.f : p.on_rows(rows);
+      auto f = p.on_rows && rows.numel() < p.ball.x.size(0) ? p.on_rows(rows) : p.f;
       auto r = attack_apgd([f, y, target](const torch::Tensor& x) { return loss_dlr_targeted(f(x), y, target); }, f,
                            ball, y, p.sampler.subset(rows), p.cfg.apgd_steps, 100 + static_cast<uint64_t>(t));
       out.x_adv.index_copy_(0, rows, r.x_adv);
@@ -236,7 +237,9 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
           for (const auto& o : rebuilt)
             if (o.name == aware->name) obj = &o;
         }
-        auto on_rows = [&subject, t, bx = ball.x](const torch::Tensor& r) { return subject.target(t, bx.index_select(0, r)); };
+        std::function<LogProbFn(const torch::Tensor&)> on_rows;
+        if (!whole)
+          on_rows = [&subject, t, bx = ball.x](const torch::Tensor& r) { return subject.target(t, bx.index_select(0, r)); };
         auto found = attack_for(run).run({fr, ball, ys, sub, cfg, obj, on_rows});
         if (whole && first_run) x_first.index_copy_(0, rows, found.x_adv.detach()), first_run = false;
         // Count only what the judge confirms inside the ball (the float32 model at a
