@@ -71,6 +71,19 @@ std::string describe_attack(const PgdConfig& c) {
          " restarts=" + std::to_string(c.restarts) + " loss=" + (c.loss == AttackLoss::ce ? "ce" : "margin");
 }
 
+/// What a training step of `cfg.method` optimises against, for the run's first line:
+/// certified training has no attack but a bound on its ε / κ schedule, `st` neither.
+std::string describe_training_step(const TrainConfig& cfg) {
+  if (cfg.method == "ibp" || cfg.method == "crown-ibp") {
+    const CertifiedPoint end = certified_schedule(cfg, 1, 1);  // the values at the last step
+    return "training bound " + std::string(cfg.method == "ibp" ? "IBP" : "CROWN-IBP") + " Linf eps 0 -> " +
+           fmt_fixed(end.eps, 4) + ", kappa " + fmt_fixed(cfg.certified.kappa_start, 2) + " -> " +
+           fmt_fixed(end.kappa, 2) + " (the current values on the progress line)";
+  }
+  if (cfg.method == "st") return "no training attack";
+  return "training attack " + describe_attack(cfg.attack);
+}
+
 }  // namespace
 
 DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train) {
@@ -183,7 +196,7 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
   std::cerr << "train " << o.cfg.method << ": " << model_describe(o.spec) << ", "
             << module_parameter_count(*model) << " parameters; " << train.size() << " training / "
             << val.size() << " held-out " << train.name << " images; " << threads << " threads on "
-            << device << "; training attack " << describe_attack(o.cfg.attack) << std::endl;
+            << device << "; " << describe_training_step(o.cfg) << std::endl;
   const auto summary = train_run(*model, train, val, o.cfg, base, device);
   report_training(summary, o.cfg.out_dir);
   train_check_routing_health(summary, o.cfg);

@@ -261,6 +261,30 @@ TEST_CASE("train --arch moe-cnn --method advmoe: defaults of paper 2 and a loada
   CHECK(bad_arch.output.find("--arch") != std::string::npos);
 }
 
+TEST_CASE("train --method ibp / crown-ibp / st names what a step trains against; progress shows eps and kappa",
+          "[e2e][cli]") {
+  TempDir tmp;
+  for (std::string method : {"ibp", "crown-ibp"}) {
+    auto r = run_moecert("--dataset synthetic --samples 300 train --method " + method +
+                         " --experts 2 --epochs 2 --val-samples 50 --eval-steps 1 --log-every 1 --eps 0.1"
+                         " --train-eps 0.05 --kappa-end 0.7 --out " + (tmp / method));
+    INFO(r.output);
+    REQUIRE(r.code == 0);
+    const std::string bound = method == "ibp" ? "IBP" : "CROWN-IBP";
+    CHECK(r.output.find("training bound " + bound + " Linf eps 0 -> 0.0500, kappa 1.00 -> 0.70") !=
+          std::string::npos);
+    CHECK(r.output.find("training attack") == std::string::npos);  // no attack trains it
+    CHECK(r.output.find("eps 0.0000  kappa 1.000") != std::string::npos);  // the warm-up
+    CHECK(r.output.find("eps 0.0500  kappa 0.700") != std::string::npos);  // after the ramp
+    CHECK((r.output.find("beta 0.000") != std::string::npos) == (method == "crown-ibp"));
+  }
+  auto st = run_moecert("--dataset synthetic --samples 300 train --method st --experts 2 --epochs 1 "
+                        "--val-samples 50 --eval-steps 1 --out " + (tmp / "st"));
+  INFO(st.output);
+  REQUIRE(st.code == 0);
+  CHECK(st.output.find("; no training attack") != std::string::npos);
+}
+
 TEST_CASE("certify writes results.json with the documented fields; lipschitz prints the table",
           "[e2e][cli][certify]") {
   const auto& ckpt = trained_checkpoint();
