@@ -14,18 +14,18 @@
 //     interval Jacobian and of the relaxed one (interval and CROWN intermediate
 //     bounds), the plain and the shift constant, and what each costs.
 // With --checkpoint the first part certifies that trained model on the real test set.
+#include <torch/torch.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
 #include "bench_util.h"
 #include "moecert/bounds.h"
 #include "moecert/certify.h"
 #include "moecert/checkpoint.h"
 #include "moecert/runtime.h"
-
-#include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
-#include <torch/torch.h>
-
-#include <chrono>
-#include <cstdio>
 
 using namespace moecert;
 
@@ -84,23 +84,30 @@ int main(int argc, char** argv) {
     const double wall = seconds_since(t0);
     const double certify_s = res["timing"]["certify_seconds"].get<double>();
     const double rate = res["timing"]["certify_samples_per_s"].get<double>();
-    std::printf("%s certification, E=4 cnn-s MoE (%s): %zu samples in %.1f s = %.1f samples/s", what,
-                checkpoint.empty() ? "random weights" : checkpoint.c_str(), idx.size(), certify_s, rate);
+    std::printf("%s certification, E=4 cnn-s MoE (%s): %zu samples in %.1f s = %.1f samples/s",
+                what, checkpoint.empty() ? "random weights" : checkpoint.c_str(), idx.size(),
+                certify_s, rate);
     if (target > 0) std::printf(" (target >= %.0f)", target);
     std::printf("\n");
-    j[key] = {{"samples", idx.size()}, {"seconds", certify_s}, {"wall_seconds", wall}, {"samples_per_s", rate},
+    j[key] = {{"samples", idx.size()},    {"seconds", certify_s},
+              {"wall_seconds", wall},     {"samples_per_s", rate},
               {"checkpoint", checkpoint}, {"aggregates", res["aggregates"]}};
     return certify_s;
   };
   if (!skip_certify) {
-    run_with({Estimator::global, Estimator::local}, "local+global (--jacobian interval)", "local_certify", 10, false);
-    run_with({Estimator::global, Estimator::local}, "local+global (--jacobian crown)", "local_crown_certify", 0);
+    run_with({Estimator::global, Estimator::local}, "local+global (--jacobian interval)",
+             "local_certify", 10, false);
+    run_with({Estimator::global, Estimator::local}, "local+global (--jacobian crown)",
+             "local_crown_certify", 0);
     const double t_crown = run_with({Estimator::crown}, "CROWN", "crown_certify", 20);
-    const double t_both = run_with({Estimator::crown, Estimator::alpha_crown}, "CROWN + alpha-CROWN", "alpha_crown_certify", 0);
-    const double alpha_rate = t_both > t_crown ? static_cast<double>(idx.size()) / (t_both - t_crown) : 0.0;
-    std::printf("alpha-CROWN part: %zu samples in %.1f s = %.1f samples/s (target >= 2)\n", idx.size(),
-                t_both - t_crown, alpha_rate);
-    j["alpha_crown_part"] = {{"samples", idx.size()}, {"seconds", t_both - t_crown}, {"samples_per_s", alpha_rate}};
+    const double t_both = run_with({Estimator::crown, Estimator::alpha_crown},
+                                   "CROWN + alpha-CROWN", "alpha_crown_certify", 0);
+    const double alpha_rate =
+        t_both > t_crown ? static_cast<double>(idx.size()) / (t_both - t_crown) : 0.0;
+    std::printf("alpha-CROWN part: %zu samples in %.1f s = %.1f samples/s (target >= 2)\n",
+                idx.size(), t_both - t_crown, alpha_rate);
+    j["alpha_crown_part"] = {
+        {"samples", idx.size()}, {"seconds", t_both - t_crown}, {"samples_per_s", alpha_rate}};
   }
 
   // 3. one lipschitz_local call
@@ -108,9 +115,11 @@ int main(int argc, char** argv) {
     auto& m = *loaded.model;
     m.to(torch::kFloat64);
     auto g = m.component_graph(0);
-    auto x = data.batch_images(torch::arange(std::min<int64_t>(100, data.size()))).to(torch::kFloat64);
+    auto x =
+        data.batch_images(torch::arange(std::min<int64_t>(100, data.size()))).to(torch::kFloat64);
     auto eps = torch::full({x.size(0)}, 0.005, torch::kFloat64);
-    const double s = moecert_bench::time_per_call([&] { lipschitz_local(g, Norm::linf, x, eps); }, 1.0);
+    const double s =
+        moecert_bench::time_per_call([&] { lipschitz_local(g, Norm::linf, x, eps); }, 1.0);
     std::printf("lipschitz_local, one cnn-s expert, %lld samples: %.3f s (%.0f samples/s)\n",
                 static_cast<long long>(x.size(0)), s, x.size(0) / s);
     j["local_call"] = {{"samples", x.size(0)}, {"seconds", s}};
@@ -120,7 +129,8 @@ int main(int argc, char** argv) {
   {
     auto& m = *loaded.model;
     m.to(torch::kFloat64);
-    auto x = data.batch_images(torch::arange(std::min<int64_t>(100, data.size()))).to(torch::kFloat64);
+    auto x =
+        data.batch_images(torch::arange(std::min<int64_t>(100, data.size()))).to(torch::kFloat64);
     int64_t expert = 0;
     if (m.router()) {
       torch::NoGradGuard ng;
@@ -137,20 +147,34 @@ int main(int argc, char** argv) {
       opt.method = BoundMethod::ibp;
       torch::Tensor interval, r_ibp, r_crown, plain, shift;
       auto pass = bound_forward(g, {x, eps, Norm::linf, true}, opt);
-      const double t_int = moecert_bench::time_per_call([&] { interval = bound_jacobian_norms(pass, C); }, 0.5);
-      const double t_ibp = moecert_bench::time_per_call([&] { r_ibp = bound_jacobian_relaxed(pass, C, BoundMethod::ibp); }, 0.5);
-      const double t_crown = moecert_bench::time_per_call([&] { r_crown = bound_jacobian_relaxed(pass, C, BoundMethod::crown); }, 0.5);
+      const double t_int =
+          moecert_bench::time_per_call([&] { interval = bound_jacobian_norms(pass, C); }, 0.5);
+      const double t_ibp = moecert_bench::time_per_call(
+          [&] { r_ibp = bound_jacobian_relaxed(pass, C, BoundMethod::ibp); }, 0.5);
+      const double t_crown = moecert_bench::time_per_call(
+          [&] { r_crown = bound_jacobian_relaxed(pass, C, BoundMethod::crown); }, 0.5);
       plain = lipschitz_local(graph, Norm::linf, x, eps, true);
-      const double t_shift = moecert_bench::time_per_call([&] { shift = lipschitz_local_shift(graph, Norm::linf, x, eps, true); }, 0.5);
+      const double t_shift = moecert_bench::time_per_call(
+          [&] { shift = lipschitz_local_shift(graph, Norm::linf, x, eps, true); }, 0.5);
       auto mean = [](const torch::Tensor& t) { return t.mean().item<double>(); };
-      std::printf("Jacobian bounds, expert %lld, %lld samples, L-inf eps = %.3g: mean per-logit bound interval %.3g "
-                  "(%.3f s), relaxed/IBP %.3g (%.3f s), relaxed/CROWN %.3g (%.3f s); mean local constant %.3g, "
-                  "shift constant %.3g (%.3f s)\n",
-                  static_cast<long long>(expert), static_cast<long long>(x.size(0)), e, mean(interval), t_int,
-                  mean(r_ibp), t_ibp, mean(r_crown), t_crown, mean(plain), mean(shift), t_shift);
-      j["jacobian"].push_back({{"eps", e}, {"expert", expert}, {"interval", mean(interval)}, {"interval_s", t_int},
-                               {"relaxed_ibp", mean(r_ibp)}, {"relaxed_ibp_s", t_ibp}, {"relaxed_crown", mean(r_crown)},
-                               {"relaxed_crown_s", t_crown}, {"local", mean(plain)}, {"shift", mean(shift)},
+      std::printf(
+          "Jacobian bounds, expert %lld, %lld samples, L-inf eps = %.3g: mean per-logit bound "
+          "interval %.3g "
+          "(%.3f s), relaxed/IBP %.3g (%.3f s), relaxed/CROWN %.3g (%.3f s); mean local constant "
+          "%.3g, "
+          "shift constant %.3g (%.3f s)\n",
+          static_cast<long long>(expert), static_cast<long long>(x.size(0)), e, mean(interval),
+          t_int, mean(r_ibp), t_ibp, mean(r_crown), t_crown, mean(plain), mean(shift), t_shift);
+      j["jacobian"].push_back({{"eps", e},
+                               {"expert", expert},
+                               {"interval", mean(interval)},
+                               {"interval_s", t_int},
+                               {"relaxed_ibp", mean(r_ibp)},
+                               {"relaxed_ibp_s", t_ibp},
+                               {"relaxed_crown", mean(r_crown)},
+                               {"relaxed_crown_s", t_crown},
+                               {"local", mean(plain)},
+                               {"shift", mean(shift)},
                                {"shift_s", t_shift}});
     }
   }
@@ -168,7 +192,8 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < 4; ++i)
       consts.push_back(lipschitz_global(moe->component_graph(i), Norm::l2, {3, 32, 32}).value);
     const double s = seconds_since(t1);
-    std::printf("global constants (p=2) of an E=4 ResNet-18 MoE + router: %.1f s (target <= 60)\n", s);
+    std::printf("global constants (p=2) of an E=4 ResNet-18 MoE + router: %.1f s (target <= 60)\n",
+                s);
     j["resnet18_global_p2"] = {{"seconds", s}, {"constants", consts}};
     // One bound pass of expert 0's path at L-inf eps = 1/255 around one random image,
     // bounding the 9 margins of class 0: IBP intermediate bounds, then a CROWN walk of
@@ -179,15 +204,23 @@ int main(int argc, char** argv) {
     opt.method = BoundMethod::ibp;
     auto x = torch::rand({1, 3, 32, 32}, torch::kFloat64);
     auto t2 = std::chrono::steady_clock::now();
-    auto pass = bound_forward(g, {x, torch::full({1}, 1.0 / 255, torch::kFloat64), Norm::linf, true}, opt);
+    auto pass =
+        bound_forward(g, {x, torch::full({1}, 1.0 / 255, torch::kFloat64), Norm::linf, true}, opt);
     pass.opt.method = BoundMethod::crown;
-    auto C = (torch::nn::functional::one_hot(torch::zeros({1}, torch::kLong), 10).to(torch::kFloat64).unsqueeze(1) -
-              torch::eye(10, torch::kFloat64).unsqueeze(0)).narrow(1, 1, 9).contiguous();
+    auto C = (torch::nn::functional::one_hot(torch::zeros({1}, torch::kLong), 10)
+                  .to(torch::kFloat64)
+                  .unsqueeze(1) -
+              torch::eye(10, torch::kFloat64).unsqueeze(0))
+                 .narrow(1, 1, 9)
+                 .contiguous();
     auto low = bound_specs(pass, C).lower;
     const double sc = seconds_since(t2);
-    std::printf("one CROWN-IBP pass of a ResNet-18 expert, 1 sample, eps = 1/255: %.1f s (min margin bound %.3g)\n",
-                sc, low.min().item<double>());
-    j["resnet18_crown_ibp_pass"] = {{"seconds", sc}, {"min_margin_lower", low.min().item<double>()}};
+    std::printf(
+        "one CROWN-IBP pass of a ResNet-18 expert, 1 sample, eps = 1/255: %.1f s (min margin bound "
+        "%.3g)\n",
+        sc, low.min().item<double>());
+    j["resnet18_crown_ibp_pass"] = {{"seconds", sc},
+                                    {"min_margin_lower", low.min().item<double>()}};
   }
   write_file_atomic(out, j.dump(2) + "\n");
   std::printf("wrote %s\n", out.c_str());

@@ -6,17 +6,9 @@
 // and, when --peer names it, the PyTorch peer (../shared/peer/peer_moe.py) run in
 // the same job on the same threads, with our/peer ratios. Prints a table and
 // writes JSON (--out).
-#include "bench_util.h"
-#include "moecert/attacks.h"
-#include "moecert/checkpoint.h"
-#include "moecert/models.h"
-#include "moecert/runtime.h"
-#include "moecert/training.h"
-
-#include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <CLI/CLI.hpp>
 #include <array>
 #include <chrono>
 #include <cstdio>
@@ -25,6 +17,14 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "bench_util.h"
+#include "moecert/attacks.h"
+#include "moecert/checkpoint.h"
+#include "moecert/models.h"
+#include "moecert/runtime.h"
+#include "moecert/training.h"
 
 using namespace moecert;
 
@@ -37,7 +37,7 @@ struct Variant {
   std::string name;
   Moe model{nullptr};
   std::function<torch::Tensor(const torch::Tensor&)> log_probs;  // [B,C,H,W] -> [B,K]
-  double mflop_forward;  // per image, forward only
+  double mflop_forward;                                          // per image, forward only
 };
 
 }  // namespace
@@ -56,7 +56,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "0 = all cores")->capture_default_str();
   app.add_option("--seconds", min_seconds, "minimum timing window per line")->capture_default_str();
   app.add_option("--batch", batch)->capture_default_str();
-  app.add_option("--rounds", rounds, "interleaved rounds; each line keeps its best")->capture_default_str();
+  app.add_option("--rounds", rounds, "interleaved rounds; each line keeps its best")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   threads = runtime_threads(threads);
@@ -79,7 +80,9 @@ int main(int argc, char** argv) {
     v.model->eval();
     auto m = v.model;
     if (loop)
-      v.log_probs = [m](const torch::Tensor& x) mutable { return torch::log(moe_reference_probs(*m, x)); };
+      v.log_probs = [m](const torch::Tensor& x) mutable {
+        return torch::log(moe_reference_probs(*m, x));
+      };
     else
       v.log_probs = [m](const torch::Tensor& x) mutable { return m->forward(x); };
     variants.push_back(v);
@@ -136,11 +139,16 @@ int main(int argc, char** argv) {
     const double r_fwd = best[i][0], r_fb = best[i][1], r_pgd = best[i][2];
     // FLOP model: backward (weights + input) ~ 2x forward; an input-only
     // backward ~ 1x forward; PGD-k = k x (forward + input backward).
-    auto pct = [&](double rate, double mult) { return 100.0 * rate * v.mflop_forward * mult / 1e3 / peak; };
-    std::printf("%-15s %12.0f %12.0f %12.0f   %7.1f%% %7.1f%% %7.1f%%\n", v.name.c_str(), r_fwd, r_fb,
-                r_pgd, pct(r_fwd, 1), pct(r_fb, 3), pct(r_pgd, 20));
-    rows.push_back({{"variant", v.name}, {"forward_img_s", r_fwd}, {"forward_backward_img_s", r_fb},
-                    {"pgd10_img_s", r_pgd}, {"mflop_forward_per_image", v.mflop_forward},
+    auto pct = [&](double rate, double mult) {
+      return 100.0 * rate * v.mflop_forward * mult / 1e3 / peak;
+    };
+    std::printf("%-15s %12.0f %12.0f %12.0f   %7.1f%% %7.1f%% %7.1f%%\n", v.name.c_str(), r_fwd,
+                r_fb, r_pgd, pct(r_fwd, 1), pct(r_fb, 3), pct(r_pgd, 20));
+    rows.push_back({{"variant", v.name},
+                    {"forward_img_s", r_fwd},
+                    {"forward_backward_img_s", r_fb},
+                    {"pgd10_img_s", r_pgd},
+                    {"mflop_forward_per_image", v.mflop_forward},
                     {"forward_peak_fraction", pct(r_fwd, 1) / 100},
                     {"forward_backward_peak_fraction", pct(r_fb, 3) / 100},
                     {"pgd10_peak_fraction", pct(r_pgd, 20) / 100}});
@@ -171,23 +179,36 @@ int main(int argc, char** argv) {
         r = std::max(r, static_cast<double>(batch) / time_per_call(fn, min_seconds));
       }
   }
-  std::printf("%-15s %12.0f img/s\n%-15s %12.0f img/s  (%.2fx AT; target >= 0.5)\n", "at-step", at_rate,
-              "rt-er-step", rter_rate, rter_rate / at_rate);
-  auto rate = [&](int i, const char* key) { return rows[static_cast<size_t>(i)][key].get<double>(); };
+  std::printf("%-15s %12.0f img/s\n%-15s %12.0f img/s  (%.2fx AT; target >= 0.5)\n", "at-step",
+              at_rate, "rt-er-step", rter_rate, rter_rate / at_rate);
+  auto rate = [&](int i, const char* key) {
+    return rows[static_cast<size_t>(i)][key].get<double>();
+  };
   const double vs_dense = rate(0, "forward_backward_img_s") / rate(2, "forward_backward_img_s");
   const double vs_loop = rate(0, "forward_backward_img_s") / rate(3, "forward_backward_img_s");
-  std::printf("\ntop-1 MoE fwd+bwd: %.2fx the dense expert (target >= 0.6), %.1fx the per-sample loop "
-              "(target >= 3)\n", vs_dense, vs_loop);
-  nlohmann::json j = {{"benchmark", "bench_moe"}, {"threads", threads}, {"blas", blas},
-                      {"batch", batch}, {"rounds", rounds}, {"experts", 4}, {"gemm_peak_gflops", peak}, {"rows", rows},
-                      {"top1_vs_dense_fwd_bwd", vs_dense}, {"top1_vs_loop_fwd_bwd", vs_loop},
-                      {"at_step_img_s", at_rate}, {"rter_step_img_s", rter_rate},
+  std::printf(
+      "\ntop-1 MoE fwd+bwd: %.2fx the dense expert (target >= 0.6), %.1fx the per-sample loop "
+      "(target >= 3)\n",
+      vs_dense, vs_loop);
+  nlohmann::json j = {{"benchmark", "bench_moe"},
+                      {"threads", threads},
+                      {"blas", blas},
+                      {"batch", batch},
+                      {"rounds", rounds},
+                      {"experts", 4},
+                      {"gemm_peak_gflops", peak},
+                      {"rows", rows},
+                      {"top1_vs_dense_fwd_bwd", vs_dense},
+                      {"top1_vs_loop_fwd_bwd", vs_loop},
+                      {"at_step_img_s", at_rate},
+                      {"rter_step_img_s", rter_rate},
                       {"rter_vs_at", rter_rate / at_rate}};
   // The peer, in the same job, on the same number of threads.
   if (!peer.empty() && std::filesystem::exists(peer)) {
     const std::string peer_json = out + ".peer.json";
-    const std::string cmd = "python3 '" + peer + "' --quick --no-gemm --threads " + std::to_string(threads) +
-                            " --out '" + peer_json + "' > '" + out + ".peer.log' 2>&1";
+    const std::string cmd = "python3 '" + peer + "' --quick --no-gemm --threads " +
+                            std::to_string(threads) + " --out '" + peer_json + "' > '" + out +
+                            ".peer.log' 2>&1";
     std::printf("\nrunning the peer: %s\n", cmd.c_str());
     std::fflush(stdout);
     if (std::system(cmd.c_str()) == 0) {
@@ -196,14 +217,22 @@ int main(int argc, char** argv) {
       const auto& ps = pj["summary_images_per_s"]["batched|threads=" + std::to_string(threads)];
       const double p_fwd = ps["forward"], p_fb = ps["forward_backward"], p_pgd = ps["pgd10"],
                    p_rter = ps["rter_step"];
-      const double r_fwd = rate(0, "forward_img_s") / p_fwd, r_fb = rate(0, "forward_backward_img_s") / p_fb,
+      const double r_fwd = rate(0, "forward_img_s") / p_fwd,
+                   r_fb = rate(0, "forward_backward_img_s") / p_fb,
                    r_pgd = rate(0, "pgd10_img_s") / p_pgd, r_rter = rter_rate / p_rter;
-      std::printf("peer (batched PyTorch, %d threads): fwd %.0f, fwd+bwd %.0f, PGD-10 %.0f, RT-ER step %.0f img/s\n"
-                  "ours / peer: fwd %.2fx, fwd+bwd %.2fx, PGD-10 %.2fx (targets >= 1.2), RT-ER step %.2fx\n",
-                  threads, p_fwd, p_fb, p_pgd, p_rter, r_fwd, r_fb, r_pgd, r_rter);
-      j["peer"] = {{"script", peer}, {"forward_img_s", p_fwd}, {"forward_backward_img_s", p_fb},
-                   {"pgd10_img_s", p_pgd}, {"rter_step_img_s", p_rter}};
-      j["vs_peer"] = {{"forward", r_fwd}, {"forward_backward", r_fb}, {"pgd10", r_pgd}, {"rter_step", r_rter}};
+      std::printf(
+          "peer (batched PyTorch, %d threads): fwd %.0f, fwd+bwd %.0f, PGD-10 %.0f, RT-ER step "
+          "%.0f img/s\n"
+          "ours / peer: fwd %.2fx, fwd+bwd %.2fx, PGD-10 %.2fx (targets >= 1.2), RT-ER step "
+          "%.2fx\n",
+          threads, p_fwd, p_fb, p_pgd, p_rter, r_fwd, r_fb, r_pgd, r_rter);
+      j["peer"] = {{"script", peer},
+                   {"forward_img_s", p_fwd},
+                   {"forward_backward_img_s", p_fb},
+                   {"pgd10_img_s", p_pgd},
+                   {"rter_step_img_s", p_rter}};
+      j["vs_peer"] = {
+          {"forward", r_fwd}, {"forward_backward", r_fb}, {"pgd10", r_pgd}, {"rter_step", r_rter}};
     } else {
       std::printf("the peer failed (see %s.peer.log); no ratios\n", out.c_str());
     }

@@ -3,16 +3,16 @@
 // the dense backbone of the same total width, forward at B = 128, all cores; also
 // forward+backward. cnn-s on 28x28 (Fashion-MNIST) and ResNet-18 on 32x32 (CIFAR).
 // Prints a table and writes JSON (--out).
+#include <torch/torch.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
 #include "bench_util.h"
 #include "moecert/checkpoint.h"
 #include "moecert/models.h"
 #include "moecert/runtime.h"
-
-#include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
-#include <torch/torch.h>
-
-#include <cstdio>
 
 using namespace moecert;
 using moecert_bench::time_per_call;
@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
   app.add_option("--batch", batch)->capture_default_str();
   app.add_option("--groups", groups, "N channel groups")->capture_default_str();
   app.add_option("--scale", scale, "group width r")->capture_default_str();
-  app.add_option("--rounds", rounds, "interleaved rounds; each line keeps its best")->capture_default_str();
+  app.add_option("--rounds", rounds, "interleaved rounds; each line keeps its best")
+      ->capture_default_str();
   app.add_flag("--skip-resnet", skip_resnet, "cnn-s only");
   CLI11_PARSE(app, argc, argv);
   threads = runtime_threads(threads);
@@ -77,32 +78,45 @@ int main(int argc, char** argv) {
       for (int m = 0; m < 2; ++m) {
         auto& model = models[m];
         const double b = static_cast<double>(batch);
-        best[m][0] = std::max(best[m][0], b / time_per_call([&] {
-                                             torch::NoGradGuard g;
-                                             model->forward(x);
-                                           }, min_seconds));
-        best[m][1] = std::max(best[m][1], b / time_per_call([&] {
-                                             model->zero_grad(true);
-                                             torch::nll_loss(model->forward(x), y).backward();
-                                           }, min_seconds));
+        best[m][0] = std::max(best[m][0], b / time_per_call(
+                                                  [&] {
+                                                    torch::NoGradGuard g;
+                                                    model->forward(x);
+                                                  },
+                                                  min_seconds));
+        best[m][1] =
+            std::max(best[m][1], b / time_per_call(
+                                         [&] {
+                                           model->zero_grad(true);
+                                           torch::nll_loss(model->forward(x), y).backward();
+                                         },
+                                         min_seconds));
       }
     const char* names[2] = {"moe-cnn", "dense"};
     for (int m = 0; m < 2; ++m)
       std::printf("%-10s %-8s %12lld %12.0f %12.0f\n", p.backbone.c_str(), names[m],
-                  static_cast<long long>(module_parameter_count(*models[m])), best[m][0], best[m][1]);
+                  static_cast<long long>(module_parameter_count(*models[m])), best[m][0],
+                  best[m][1]);
     const double fwd = best[0][0] / best[1][0], fb = best[0][1] / best[1][1];
     std::printf("%-10s MoE-CNN / dense: forward %.2fx (target >= 1.5), fwd+bwd %.2fx\n\n",
                 p.backbone.c_str(), fwd, fb);
     rows.push_back({{"backbone", p.backbone},
-                    {"moe_cnn_forward_img_s", best[0][0]}, {"dense_forward_img_s", best[1][0]},
+                    {"moe_cnn_forward_img_s", best[0][0]},
+                    {"dense_forward_img_s", best[1][0]},
                     {"moe_cnn_forward_backward_img_s", best[0][1]},
                     {"dense_forward_backward_img_s", best[1][1]},
-                    {"forward_speedup", fwd}, {"forward_backward_speedup", fb},
+                    {"forward_speedup", fwd},
+                    {"forward_backward_speedup", fb},
                     {"moe_cnn_parameters", module_parameter_count(*models[0])},
                     {"dense_parameters", module_parameter_count(*models[1])}});
   }
-  nlohmann::json j = {{"benchmark", "bench_moe_cnn"}, {"threads", threads}, {"batch", batch},
-                      {"groups", groups}, {"scale", scale}, {"rounds", rounds}, {"rows", rows}};
+  nlohmann::json j = {{"benchmark", "bench_moe_cnn"},
+                      {"threads", threads},
+                      {"batch", batch},
+                      {"groups", groups},
+                      {"scale", scale},
+                      {"rounds", rounds},
+                      {"rows", rows}};
   write_file_atomic(out, j.dump(2) + "\n");
   std::printf("wrote %s\n", out.c_str());
   return 0;

@@ -4,16 +4,15 @@
 // Boost.Interval with outward rounding and takes the lower end, after reducing
 // each margin by defaults::margin_allowance: the printed radius never exceeds the
 // exact-real value of the formula. Proofs: docs/certification.md.
-#include "moecert/certify.h"
-#include "moecert/defaults.h"
-#include "moecert/error.h"
-
-#include <boost/numeric/interval.hpp>
-
 #include <algorithm>
+#include <boost/numeric/interval.hpp>
 #include <cmath>
 #include <limits>
 #include <numeric>
+
+#include "moecert/certify.h"
+#include "moecert/defaults.h"
+#include "moecert/error.h"
 
 namespace moecert {
 namespace {
@@ -33,7 +32,9 @@ std::vector<double> softmax(const std::vector<double>& z) {
 
 /// A margin as an interval guaranteed to lie below the exact value: m − allowance,
 /// less `fp32` for the float32 evaluation of the model (docs §8, §14).
-I margin_interval(double m, double fp32 = 0) { return I(m) - I(defaults::margin_allowance) - I(fp32); }
+I margin_interval(double m, double fp32 = 0) {
+  return I(m) - I(defaults::margin_allowance) - I(fp32);
+}
 
 /// Lower end of num / den, rounded outward; den > 0. A non-positive numerator
 /// certifies nothing (0); a zero denominator certifies every radius (+inf).
@@ -70,7 +71,8 @@ MemberView member_view(const MemberEval& m, const MemberConstants& c) {
   } else {
     std::vector<int64_t> order(static_cast<size_t>(E));
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return m.g[a] > m.g[b]; });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return m.g[a] > m.g[b]; });
     const int64_t k = m.routing == Routing::soft ? E : std::min(m.top_k, E);
     v.selected.assign(order.begin(), order.begin() + k);
     std::vector<double> gs;
@@ -79,7 +81,8 @@ MemberView member_view(const MemberEval& m, const MemberConstants& c) {
     if (k < E) {
       // Each router logit moves by at most L_g·ε, so the top-k set cannot change
       // while the gap between the k-th and (k+1)-th logit exceeds 2·L_g·ε.
-      const double gap = m.g[static_cast<size_t>(order[k - 1])] - m.g[static_cast<size_t>(order[k])];
+      const double gap =
+          m.g[static_cast<size_t>(order[k - 1])] - m.g[static_cast<size_t>(order[k])];
       v.stability = radius_lower(margin_interval(gap, m.fp32_gap), I(2.0) * I(c.router));
     }
   }
@@ -113,10 +116,11 @@ SingleRadii radii_single(const MemberEval& m, const MemberConstants& c, int64_t 
     // Expert j alone: f^y - f^k is 1-Lipschitz in the logits' ∞-norm, and each
     // logit difference moves by at most 2·L_h·ε; either certifies.
     auto f = softmax(m.h[j]);
-    const double by_prob = radius_lower(margin_interval(f[y] - best_other(f, label), m.fp32_prob),
-                                        I(c.experts[j]));
-    const double by_logit = radius_lower(margin_interval(m.h[j][y] - best_other(m.h[j], label), m.fp32_logit),
-                                         I(2.0) * I(c.experts[j]));
+    const double by_prob =
+        radius_lower(margin_interval(f[y] - best_other(f, label), m.fp32_prob), I(c.experts[j]));
+    const double by_logit =
+        radius_lower(margin_interval(m.h[j][y] - best_other(m.h[j], label), m.fp32_logit),
+                     I(2.0) * I(c.experts[j]));
     return std::max(by_prob, by_logit);
   };
   if (top1) {
@@ -125,13 +129,18 @@ SingleRadii radii_single(const MemberEval& m, const MemberConstants& c, int64_t 
     const double top = *std::max_element(m.g.begin(), m.g.end());
     double cand = kInf;
     for (size_t j = 0; j < m.h.size(); ++j) {
-      const double reach = radius_lower(margin_interval(top - m.g[j], m.fp32_gap), I(2.0) * I(c.router));
+      const double reach =
+          radius_lower(margin_interval(top - m.g[j], m.fp32_gap), I(2.0) * I(c.router));
       cand = std::min(cand, std::max(expert_radius(j), reach));
     }
     r.candidate = v.probs[y] > best_other(v.probs, label) ? cand : 0.0;
   }
-  if (m.g.empty()) r.margin = expert_radius(0) > 0 ? radius_lower(
-      margin_interval(m.h[0][y] - best_other(m.h[0], label), m.fp32_logit), I(2.0) * I(c.experts[0])) : 0.0;
+  if (m.g.empty())
+    r.margin =
+        expert_radius(0) > 0
+            ? radius_lower(margin_interval(m.h[0][y] - best_other(m.h[0], label), m.fp32_logit),
+                           I(2.0) * I(c.experts[0]))
+            : 0.0;
   return r;
 }
 
@@ -152,14 +161,16 @@ DualRadii radii_dual(const MemberEval& standard, const MemberConstants& cs,
     const double ms = vs.probs[y] - vs.probs[k], mr = vr.probs[y] - vr.probs[k];
     if (!((1 - alpha) * ms + alpha * mr > 0)) correct = false;
     // (a) F_D is Lipschitz with constant (1-α) K_S + α K_R while both selections hold.
-    const I num_a = one_minus * margin_interval(ms, standard.fp32_prob) + a * margin_interval(mr, robust.fp32_prob);
+    const I num_a = one_minus * margin_interval(ms, standard.fp32_prob) +
+                    a * margin_interval(mr, robust.fp32_prob);
     const I den_a = one_minus * I(vs.tight_den) + a * I(vr.tight_den);
     const double ea = std::min({radius_lower(num_a, den_a), vs.stability, vr.stability});
     // (b) F_S can lower the pairwise margin to -1 at worst; only F_R must hold it.
     double eb = 0.0;
     if (alpha > 0) {
       // F_S's float32 margin is >= −1 − its arithmetic allowance, whatever F_S is.
-      const I num_b = margin_interval(mr, robust.fp32_prob_alone) - one_minus * (I(1.0) + I(standard.fp32_const)) / a;
+      const I num_b = margin_interval(mr, robust.fp32_prob_alone) -
+                      one_minus * (I(1.0) + I(standard.fp32_const)) / a;
       eb = std::min(radius_lower(num_b, I(vr.tight_den)), vr.stability);
     }
     eps_a = std::min(eps_a, ea);

@@ -3,17 +3,8 @@
 // forms (run_lipschitz.cpp), bound-propagation forms (run_bounds.cpp), the empirical
 // cross-check (PGD bisection on the float32 model, over the same domain) — and
 // results.json with every form's radius and the headline per sample.
-#include "run-impl.h"
-
-#include "moecert/attack_suite.h"
-#include "moecert/checkpoint.h"
-#include "moecert/defaults.h"
-#include "moecert/error.h"
-#include "moecert/runtime.h"
-
-#include <torch/torch.h>
-
 #include <ATen/Parallel.h>
+#include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
@@ -23,22 +14,34 @@
 #include <sstream>
 #include <thread>
 
+#include "moecert/attack_suite.h"
+#include "moecert/checkpoint.h"
+#include "moecert/defaults.h"
+#include "moecert/error.h"
+#include "moecert/runtime.h"
+#include "run-impl.h"
+
 namespace moecert {
 
 std::string estimator_name(Estimator e) {
   switch (e) {
-    case Estimator::global: return "global";
-    case Estimator::local: return "local";
-    case Estimator::ibp: return "ibp";
-    case Estimator::crown: return "crown";
-    case Estimator::alpha_crown: return "alpha-crown";
+    case Estimator::global:
+      return "global";
+    case Estimator::local:
+      return "local";
+    case Estimator::ibp:
+      return "ibp";
+    case Estimator::crown:
+      return "crown";
+    case Estimator::alpha_crown:
+      return "alpha-crown";
   }
   return "?";
 }
 
 std::vector<Estimator> estimators_parse(const std::string& text) {
-  const std::vector<Estimator> all{Estimator::global, Estimator::local, Estimator::ibp, Estimator::crown,
-                                   Estimator::alpha_crown};
+  const std::vector<Estimator> all{Estimator::global, Estimator::local, Estimator::ibp,
+                                   Estimator::crown, Estimator::alpha_crown};
   std::vector<Estimator> out;
   auto add = [&](Estimator e) {
     if (std::find(out.begin(), out.end(), e) == out.end()) out.push_back(e);
@@ -49,13 +52,16 @@ std::vector<Estimator> estimators_parse(const std::string& text) {
     bool known = false;
     for (Estimator e : all)
       if (item == estimator_name(e)) add(e), known = true;
-    if (item == "lipschitz" || item == "both") add(Estimator::global), add(Estimator::local), known = true;
-    if (item == "bp") add(Estimator::ibp), add(Estimator::crown), add(Estimator::alpha_crown), known = true;
+    if (item == "lipschitz" || item == "both")
+      add(Estimator::global), add(Estimator::local), known = true;
+    if (item == "bp")
+      add(Estimator::ibp), add(Estimator::crown), add(Estimator::alpha_crown), known = true;
     if (item == "all") out = all, known = true;
     if (!known)
-      throw ConfigError::invalid("--estimator", text,
-                                 "a comma-separated list of global, local, ibp, crown, alpha-crown, "
-                                 "lipschitz (= global,local), bp (= ibp,crown,alpha-crown), all");
+      throw ConfigError::invalid(
+          "--estimator", text,
+          "a comma-separated list of global, local, ibp, crown, alpha-crown, "
+          "lipschitz (= global,local), bp (= ibp,crown,alpha-crown), all");
   }
   if (out.empty()) throw ConfigError::invalid("--estimator", text, "at least one estimator");
   std::sort(out.begin(), out.end());
@@ -68,7 +74,9 @@ bool Context::uses(Estimator e) const {
   return std::find(cfg.estimators.begin(), cfg.estimators.end(), e) != cfg.estimators.end();
 }
 
-std::string radius_key(const std::string& form, Estimator e) { return form + "_" + estimator_name(e); }
+std::string radius_key(const std::string& form, Estimator e) {
+  return form + "_" + estimator_name(e);
+}
 
 namespace {
 
@@ -81,7 +89,9 @@ nlohmann::json member_constants_json(const MemberConstants& c) {
 }  // namespace
 
 nlohmann::json constants_json(bool dual, const std::vector<MemberConstants>& c) {
-  if (dual) return {{"standard", member_constants_json(c.at(0))}, {"robust", member_constants_json(c.at(1))}};
+  if (dual)
+    return {{"standard", member_constants_json(c.at(0))},
+            {"robust", member_constants_json(c.at(1))}};
   return member_constants_json(c.at(0));
 }
 
@@ -110,7 +120,6 @@ using run::Batch;
 using run::Context;
 using run::Member;
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
 
 std::vector<double> row_of(const torch::Tensor& t, int64_t b) {
   auto r = t[b].contiguous();
@@ -157,7 +166,8 @@ void batch_evaluate(const Context& ctx, LoadedModel& loaded, Batch& batch) {
   batch.correct = pred.eq(batch.labels);
   batch.radii.assign(static_cast<size_t>(B), {});
   batch.extra.assign(static_cast<size_t>(B), nlohmann::json::object());
-  for (int64_t b = 0; b < B; ++b) batch.extra[static_cast<size_t>(b)]["pred"] = pred[b].item<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    batch.extra[static_cast<size_t>(b)]["pred"] = pred[b].item<int64_t>();
 }
 
 /// Runs the sample-wise stages on `batch` in `parts` contiguous parts at once, each
@@ -183,7 +193,8 @@ void run_stages_split(const run::Context& ctx, run::Batch& batch, int parts) {
   std::vector<int64_t> cut{0};
   for (int i = 1; i < parts; ++i) {
     const int64_t share = work * i / parts;
-    cut.push_back(torch::searchsorted(cum, torch::tensor({share}, torch::kLong)).item<int64_t>() + 1);
+    cut.push_back(torch::searchsorted(cum, torch::tensor({share}, torch::kLong)).item<int64_t>() +
+                  1);
   }
   cut.push_back(B);
   std::vector<run::Batch> sub(static_cast<size_t>(parts));
@@ -235,7 +246,8 @@ nlohmann::json row_json(const Context& ctx, const Batch& batch, int64_t b, int64
     for (size_t c = 0; c < v.probs.size(); ++c) probs[c] += w * v.probs[c];
     if (ev.g.empty()) continue;
     std::vector<double> a(ev.h.size(), 0.0);
-    for (size_t j = 0; j < v.selected.size(); ++j) a[static_cast<size_t>(v.selected[j])] = v.weights[j];
+    for (size_t j = 0; j < v.selected.size(); ++j)
+      a[static_cast<size_t>(v.selected[j])] = v.weights[j];
     weights.push_back(a);
   }
   const int64_t label = batch.labels[b].item<int64_t>();
@@ -274,8 +286,10 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
   std::vector<double> lo(static_cast<size_t>(B), 0.0), hi(static_cast<size_t>(B), kInf);
   std::vector<int64_t> active;
   for (int64_t b = 0; b < B; ++b) {
-    if (!batch.correct[b].item<bool>()) hi[static_cast<size_t>(b)] = 0.0;
-    else active.push_back(b);
+    if (!batch.correct[b].item<bool>())
+      hi[static_cast<size_t>(b)] = 0.0;
+    else
+      active.push_back(b);
   }
   FrozenParameters frozen(module);
   // The distance of a found point, in float64 (the radii it is compared with are float64).
@@ -288,8 +302,10 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
     auto xs = x.index_select(0, sel), ys = y.index_select(0, sel);
     auto fs = subject.target(AttackTarget::whole, xs);
     std::vector<uint64_t> seeds;
-    for (auto b : who) seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(index[static_cast<size_t>(b)]));
-    const AttackBall ball{xs, torch::tensor(radius, torch::kFloat32).to(ctx.device), cfg.norm, cfg.box};
+    for (auto b : who)
+      seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(index[static_cast<size_t>(b)]));
+    const AttackBall ball{xs, torch::tensor(radius, torch::kFloat32).to(ctx.device), cfg.norm,
+                          cfg.box};
     const RowSampler sampler(seeds);
     // APGD with --restarts random starts, each on the samples the earlier ones left.
     AttackFound found{xs.clone(), torch::zeros({xs.size(0)}, torch::kBool).to(xs.device())};
@@ -298,11 +314,12 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
       if (rows.numel() == 0) break;
       auto yr = ys.index_select(0, rows);
       auto fr = subject.target(AttackTarget::whole, xs.index_select(0, rows));
-      Objective loss = cfg.attack.loss == AttackLoss::ce
-                           ? Objective([fr, yr](const torch::Tensor& v) { return loss_ce(fr(v), yr); })
-                           : Objective([fr, yr](const torch::Tensor& v) { return loss_dlr(fr(v), yr); });
-      auto run = attack_apgd(loss, fr, ball.subset(rows), yr, sampler.subset(rows), cfg.attack.steps,
-                             static_cast<uint64_t>(r));
+      Objective loss =
+          cfg.attack.loss == AttackLoss::ce
+              ? Objective([fr, yr](const torch::Tensor& v) { return loss_ce(fr(v), yr); })
+              : Objective([fr, yr](const torch::Tensor& v) { return loss_dlr(fr(v), yr); });
+      auto run = attack_apgd(loss, fr, ball.subset(rows), yr, sampler.subset(rows),
+                             cfg.attack.steps, static_cast<uint64_t>(r));
       found.x_adv.index_copy_(0, rows, run.x_adv);
       found.success.index_copy_(0, rows, run.success);
     }
@@ -311,7 +328,8 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
     auto dist = distance(found.x_adv, xs);
     std::vector<std::pair<bool, double>> res;
     for (size_t i = 0; i < who.size(); ++i)
-      res.emplace_back(wrong[static_cast<int64_t>(i)].item<bool>(), dist[static_cast<int64_t>(i)].item<double>());
+      res.emplace_back(wrong[static_cast<int64_t>(i)].item<bool>(),
+                       dist[static_cast<int64_t>(i)].item<double>());
     return res;
   };
   if (active.empty()) return hi;
@@ -325,7 +343,8 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
     auto r = distance(mn.x_adv, xs);  // the point's own distance, not FMN's float32 estimate
     for (size_t i = 0; i < active.size(); ++i)
       if (wrong[static_cast<int64_t>(i)].item<bool>())
-        hi[static_cast<size_t>(active[i])] = std::min(cfg.empirical_max, r[static_cast<int64_t>(i)].item<double>());
+        hi[static_cast<size_t>(active[i])] =
+            std::min(cfg.empirical_max, r[static_cast<int64_t>(i)].item<double>());
   }
   if (active.empty()) return hi;
   std::vector<double> top;
@@ -342,34 +361,43 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
     std::vector<double> mids;
     for (auto b : found) {
       const auto ub = static_cast<size_t>(b);
-      if (hi[ub] - lo[ub] > cfg.empirical_tol) who.push_back(b), mids.push_back(0.5 * (lo[ub] + hi[ub]));
+      if (hi[ub] - lo[ub] > cfg.empirical_tol)
+        who.push_back(b), mids.push_back(0.5 * (lo[ub] + hi[ub]));
     }
     if (who.empty()) break;
     auto res = probe(who, mids);
     for (size_t i = 0; i < who.size(); ++i) {
       const auto ub = static_cast<size_t>(who[i]);
-      if (res[i].first) hi[ub] = std::min(hi[ub], std::max(res[i].second, lo[ub]));
-      else lo[ub] = mids[i];
+      if (res[i].first)
+        hi[ub] = std::min(hi[ub], std::max(res[i].second, lo[ub]));
+      else
+        lo[ub] = mids[i];
     }
   }
   return hi;
 }
 
-void check_config(const CertifyConfig& cfg, const Dataset& data, const std::vector<int64_t>& indices) {
+void check_config(const CertifyConfig& cfg, const Dataset& data,
+                  const std::vector<int64_t>& indices) {
   if (cfg.estimators.empty()) throw ConfigError("certify: choose at least one estimator");
   for (double e : cfg.eps_grid)
     if (!(e >= 0)) throw ConfigError::invalid("--eps-grid", std::to_string(e), "values >= 0");
-  if (cfg.bisect_steps < 1) throw ConfigError::invalid("--bisect-steps", std::to_string(cfg.bisect_steps), ">= 1");
-  if (cfg.search_rounds < 1) throw ConfigError::invalid("--search-rounds", std::to_string(cfg.search_rounds), ">= 1");
-  if (cfg.alpha_rounds < 1) throw ConfigError::invalid("--alpha-rounds", std::to_string(cfg.alpha_rounds), ">= 1");
-  if (cfg.alpha_steps < 0) throw ConfigError::invalid("--alpha-steps", std::to_string(cfg.alpha_steps), ">= 0");
-  if (cfg.sample_parts < 0) throw ConfigError::invalid("sample_parts", std::to_string(cfg.sample_parts), ">= 0");
+  if (cfg.bisect_steps < 1)
+    throw ConfigError::invalid("--bisect-steps", std::to_string(cfg.bisect_steps), ">= 1");
+  if (cfg.search_rounds < 1)
+    throw ConfigError::invalid("--search-rounds", std::to_string(cfg.search_rounds), ">= 1");
+  if (cfg.alpha_rounds < 1)
+    throw ConfigError::invalid("--alpha-rounds", std::to_string(cfg.alpha_rounds), ">= 1");
+  if (cfg.alpha_steps < 0)
+    throw ConfigError::invalid("--alpha-steps", std::to_string(cfg.alpha_steps), ">= 0");
+  if (cfg.sample_parts < 0)
+    throw ConfigError::invalid("sample_parts", std::to_string(cfg.sample_parts), ">= 0");
   if (!(cfg.search_tol > 0 && cfg.search_tol < 1))
     throw ConfigError::invalid("--search-tol", std::to_string(cfg.search_tol), "in (0, 1)");
   for (auto i : indices)
     if (i < 0 || i >= data.size())
-      throw ConfigError("certify: sample index " + std::to_string(i) + " is outside the data set (" +
-                        std::to_string(data.size()) + " images)");
+      throw ConfigError("certify: sample index " + std::to_string(i) +
+                        " is outside the data set (" + std::to_string(data.size()) + " images)");
 }
 
 nlohmann::json config_json(const CertifyConfig& cfg, size_t samples) {
@@ -381,12 +409,18 @@ nlohmann::json config_json(const CertifyConfig& cfg, size_t samples) {
           {"eps_grid", cfg.eps_grid},
           {"bisect_steps", cfg.bisect_steps},
           {"jacobian", cfg.jacobian_crown ? "crown" : "interval"},
-          {"search", {{"rounds", cfg.search_rounds}, {"tol", cfg.search_tol}, {"alpha_rounds", cfg.alpha_rounds},
-                      {"alpha_steps", cfg.alpha_steps}}},
+          {"search",
+           {{"rounds", cfg.search_rounds},
+            {"tol", cfg.search_tol},
+            {"alpha_rounds", cfg.alpha_rounds},
+            {"alpha_steps", cfg.alpha_steps}}},
           {"empirical", cfg.empirical},
-          {"attack", {{"attack", "fmn + apgd bisection"}, {"steps", cfg.attack.steps},
-                      {"restarts", cfg.attack.restarts}, {"min_norm_steps", cfg.min_norm_steps},
-                      {"loss", cfg.attack.loss == AttackLoss::ce ? "ce" : "dlr"}}},
+          {"attack",
+           {{"attack", "fmn + apgd bisection"},
+            {"steps", cfg.attack.steps},
+            {"restarts", cfg.attack.restarts},
+            {"min_norm_steps", cfg.min_norm_steps},
+            {"loss", cfg.attack.loss == AttackLoss::ce ? "ce" : "dlr"}}},
           {"empirical_max", cfg.empirical_max},
           {"empirical_tol", cfg.empirical_tol},
           {"margin_allowance", defaults::margin_allowance},
@@ -401,8 +435,9 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 
 }  // namespace
 
-nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data, const std::vector<int64_t>& indices,
-                           const CertifyConfig& cfg, torch::Device device, bool progress) {
+nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
+                           const std::vector<int64_t>& indices, const CertifyConfig& cfg,
+                           torch::Device device, bool progress) {
   check_config(cfg, data, indices);
   torch::nn::Module& module = loaded.is_dual() ? static_cast<torch::nn::Module&>(*loaded.dual)
                                                : static_cast<torch::nn::Module&>(*loaded.model);
@@ -431,9 +466,10 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data, const std::
     batch.x = data.batch_images(idx).to(torch::kFloat64).to(device);
     batch.labels = data.batch_labels(idx);
     batch_evaluate(ctx, loaded, batch);
-    run_stages_split(ctx, batch, !device.is_cpu()       ? 1
-                                 : cfg.sample_parts > 0 ? cfg.sample_parts
-                                                        : at::get_num_threads());
+    run_stages_split(ctx, batch,
+                     !device.is_cpu()       ? 1
+                     : cfg.sample_parts > 0 ? cfg.sample_parts
+                                            : at::get_num_threads());
     certify_seconds += seconds_since(tb);
     std::vector<double> empirical;
     if (cfg.empirical) {
@@ -443,7 +479,8 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data, const std::
     }
     for (int64_t b = 0; b < batch.size(); ++b) {
       auto row = row_json(ctx, batch, b, index[static_cast<size_t>(b)]);
-      if (cfg.empirical) row["empirical_radius"] = run::json_number(empirical[static_cast<size_t>(b)]);
+      if (cfg.empirical)
+        row["empirical_radius"] = run::json_number(empirical[static_cast<size_t>(b)]);
       rows.push_back(std::move(row));
     }
     meter.advance(static_cast<int64_t>(n));
@@ -466,10 +503,12 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data, const std::
     auto member_lower = [&](const Member& mg) {
       nlohmann::json j = {{"experts", nlohmann::json::array()}};
       if (!mg.router.empty()) j["router"] = lipschitz_lower(mg.router, cfg.norm, xl, 2, radius);
-      for (const auto& e : mg.experts) j["experts"].push_back(lipschitz_lower(e, cfg.norm, xl, 2, radius));
+      for (const auto& e : mg.experts)
+        j["experts"].push_back(lipschitz_lower(e, cfg.norm, xl, 2, radius));
       return j;
     };
-    lower = ctx.dual ? nlohmann::json{{"standard", member_lower(ctx.members[0])}, {"robust", member_lower(ctx.members[1])}}
+    lower = ctx.dual ? nlohmann::json{{"standard", member_lower(ctx.members[0])},
+                                      {"robust", member_lower(ctx.members[1])}}
                      : member_lower(ctx.members[0]);
   }
   nlohmann::json results = {

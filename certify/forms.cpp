@@ -2,12 +2,12 @@
 // docs/certification.md §13 (forms) and §14 (float32).
 #include "forms.h"
 
-#include "moecert/error.h"
-
 #include <torch/torch.h>
 
 #include <cmath>
 #include <limits>
+
+#include "moecert/error.h"
 
 namespace moecert::forms {
 namespace {
@@ -25,7 +25,8 @@ torch::Tensor router_differences(const MemberPass& p, const InputDomain& d) {
   const int64_t E = p.m->experts;
   const auto o = d.x.options();
   auto eye = torch::eye(E, o);
-  auto C = (eye.unsqueeze(1) - eye.unsqueeze(0)).reshape({1, E * E, E}).expand({d.x.size(0), E * E, E});
+  auto C =
+      (eye.unsqueeze(1) - eye.unsqueeze(0)).reshape({1, E * E, E}).expand({d.x.size(0), E * E, E});
   auto s = bound_specs(*p.router, C.contiguous(), &d);
   return (p.fp32 ? s.lower - s.err32 : s.lower).view({-1, E, E});
 }
@@ -48,14 +49,14 @@ Selection select_experts(const MemberPass& p, const InputDomain& d) {
 
 /// Bounds of one expert over the samples its pass covers.
 struct ExpertBounds {
-  torch::Tensor rows;                // [n_j] batch positions
-  torch::Tensor margin;              // [n_j, K]: <= ĥ_y − ĥ_k (+inf at y)
-  torch::Tensor dlo, dhi;            // [n_j, K]: ĥ_k − ĥ_y in [dlo, dhi] (probability forms)
-  torch::Tensor hmax;                // [n_j]: >= max_c |ĥ_c| over the region
+  torch::Tensor rows;      // [n_j] batch positions
+  torch::Tensor margin;    // [n_j, K]: <= ĥ_y − ĥ_k (+inf at y)
+  torch::Tensor dlo, dhi;  // [n_j, K]: ĥ_k − ĥ_y in [dlo, dhi] (probability forms)
+  torch::Tensor hmax;      // [n_j]: >= max_c |ĥ_c| over the region
 };
 
-ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d, const torch::Tensor& labels,
-                           bool probs) {
+ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
+                           const torch::Tensor& labels, bool probs) {
   ExpertBounds e;
   e.rows = p.rows[j];
   const auto& pass = *p.experts[j];
@@ -75,7 +76,7 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d, 
   };
   e.margin = place(low.narrow(1, 0, K - 1), kInf);
   if (probs) {
-    e.dhi = -e.margin.masked_fill(at_y, 0.0);   // ĥ_k − ĥ_y <= −(lower bound of ĥ_y − ĥ_k)
+    e.dhi = -e.margin.masked_fill(at_y, 0.0);  // ĥ_k − ĥ_y <= −(lower bound of ĥ_y − ĥ_k)
     e.dlo = place(low.narrow(1, K - 1, K - 1), 0.0);  // lower bound of ĥ_k − ĥ_y
   }
   const auto& out = pass.nodes.back();
@@ -94,7 +95,8 @@ torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch
     if (!p.experts[j]) continue;
     covered.select(1, static_cast<int64_t>(j)).index_fill_(0, p.rows[j], true);
     auto e = expert_bounds(p, j, d, labels, false);
-    auto s = e.margin.amin(1) - (p.fp32 ? fp32_tie(e.hmax, p.m->classes) : torch::zeros_like(e.hmax));
+    auto s =
+        e.margin.amin(1) - (p.fp32 ? fp32_tie(e.hmax, p.m->classes) : torch::zeros_like(e.hmax));
     auto needed = possible.select(1, static_cast<int64_t>(j)).index_select(0, e.rows);
     s = torch::where(needed, s, torch::full_like(s, kInf));
     slack.index_copy_(0, e.rows, torch::min(slack.index_select(0, e.rows), s));
@@ -109,10 +111,14 @@ torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch
 
 const char* form_name(Form f) {
   switch (f) {
-    case Form::margin: return "margin";
-    case Form::candidate: return "candidate";
-    case Form::mixture: return "mixture";
-    case Form::dual: return "dual";
+    case Form::margin:
+      return "margin";
+    case Form::candidate:
+      return "candidate";
+    case Form::mixture:
+      return "mixture";
+    case Form::dual:
+      return "dual";
   }
   return "?";
 }
@@ -123,7 +129,8 @@ Form member_form(const MemberGraphs& m) {
   return Form::mixture;
 }
 
-MemberGraphs member_graphs(const ModelSpec& s, const LayerGraph& router, const std::vector<LayerGraph>& experts) {
+MemberGraphs member_graphs(const ModelSpec& s, const LayerGraph& router,
+                           const std::vector<LayerGraph>& experts) {
   MemberGraphs m;
   m.experts = s.experts, m.classes = s.num_classes, m.top_k = s.top_k, m.routing = s.routing;
   const Shape input{s.in_channels, s.height, s.width};
@@ -133,7 +140,8 @@ MemberGraphs member_graphs(const ModelSpec& s, const LayerGraph& router, const s
 }
 
 MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const torch::Tensor& labels,
-                          const BoundOptions& opt, bool fp32, const MemberPass* seed, const torch::Tensor& seed_index) {
+                          const BoundOptions& opt, bool fp32, const MemberPass* seed,
+                          const torch::Tensor& seed_index) {
   MemberPass p;
   p.m = &m, p.domain = d, p.fp32 = fp32;
   if (m.router) {
@@ -149,7 +157,8 @@ MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const tor
     p.experts.emplace_back();
     if (rows.numel() == 0) continue;
     std::optional<BoundPass> s;
-    if (seed && seed->experts[uj]) {  // this expert's samples as positions in the seed's expert pass
+    if (seed &&
+        seed->experts[uj]) {  // this expert's samples as positions in the seed's expert pass
       auto at = positions_in(seed->rows[uj], seed->domain.x.size(0));
       auto index = at.index_select(0, seed_index.index_select(0, rows));
       if (index.ge(0).all().item<bool>()) s = bound_subset(*seed->experts[uj], index);
@@ -167,7 +176,8 @@ double fp32_prob_constant(const MemberGraphs& m) {
   auto lsm = [](double n) { return n + 10.0 * std::log(n) + 12.0; };
   const double K = static_cast<double>(m.classes);
   if (member_form(m) != Form::mixture) return lsm(K);
-  const double k = m.routing == Routing::soft ? static_cast<double>(m.experts) : static_cast<double>(m.top_k);
+  const double k =
+      m.routing == Routing::soft ? static_cast<double>(m.experts) : static_cast<double>(m.top_k);
   return lsm(K) + lsm(k) + 2.0 * k + 16.0;
 }
 
@@ -180,7 +190,8 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
   const auto& m = *p.m;
   const int64_t n = d.x.size(0), E = m.experts, K = m.classes;
   const auto o = d.x.options();
-  auto mu = torch::full({n, E, K}, -1.0, o);  // expert margins; −1 (always valid) where no pass covers
+  auto mu =
+      torch::full({n, E, K}, -1.0, o);  // expert margins; −1 (always valid) where no pass covers
   for (size_t j = 0; j < p.experts.size(); ++j) {
     if (!p.experts[j]) continue;
     auto e = expert_bounds(p, j, d, labels, true);
@@ -191,8 +202,8 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
   if (member_form(m) != Form::mixture) {  // the output is one expert's f: the worst possible one
     out = mu.masked_fill(~sel.possible.unsqueeze(2), kInf).amin(1);
   } else {
-    auto [a_lo, a_hi] =
-        router_weight_bounds(sel.diff.defined() ? sel.diff : torch::zeros({n, E, E}, o), sel.possible, sel.sure);
+    auto [a_lo, a_hi] = router_weight_bounds(
+        sel.diff.defined() ? sel.diff : torch::zeros({n, E, E}, o), sel.possible, sel.sure);
     std::vector<torch::Tensor> per;
     for (int64_t k = 0; k < K; ++k) per.push_back(simplex_min(a_lo, a_hi, mu.select(2, k)));
     out = torch::stack(per, 1);
@@ -210,7 +221,8 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
   if (member_form(*p.m) != Form::mixture) {
     ev.slack = logit_slack(p, d, labels, ev.possible);
   } else {
-    ev.slack = prob_lower(p, d, labels, sel).amin(1) - (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);
+    ev.slack = prob_lower(p, d, labels, sel).amin(1) -
+               (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);
   }
   return ev;
 }
@@ -222,9 +234,11 @@ Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, d
   ev.possible = sel.possible;
   auto ls = prob_lower(standard, d, labels, select_experts(standard, d)).clamp_min(-1.0);
   auto lr = prob_lower(robust, d, labels, sel);
-  const double C = (1 - alpha) * fp32_prob_constant(*standard.m) + alpha * fp32_prob_constant(*robust.m) + 8.0;
-  auto mixed = (1 - alpha) * ls + alpha * lr - 1e-12 * (ls.abs() + lr.abs());  // + the rounding of the sum
-  mixed = mixed.masked_fill(lr.isinf(), kInf);  // the label's own column
+  const double C =
+      (1 - alpha) * fp32_prob_constant(*standard.m) + alpha * fp32_prob_constant(*robust.m) + 8.0;
+  auto mixed =
+      (1 - alpha) * ls + alpha * lr - 1e-12 * (ls.abs() + lr.abs());  // + the rounding of the sum
+  mixed = mixed.masked_fill(lr.isinf(), kInf);                        // the label's own column
   ev.slack = mixed.amin(1) - (robust.fp32 ? 2.0 * u32 * C * 1.05 : 0.0);
   return ev;
 }

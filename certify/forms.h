@@ -6,10 +6,10 @@
 // them hold for the model as LibTorch evaluates it. Proofs: docs/certification.md §13–§14.
 #pragma once
 
+#include <optional>
+
 #include "moecert/bounds.h"
 #include "moecert/models.h"
-
-#include <optional>
 
 namespace moecert::forms {
 
@@ -21,7 +21,8 @@ struct MemberGraphs {
   std::vector<BoundGraph> nets;      ///< one per expert
 };
 /// From the member's spec and its float64 layer graphs (router: empty for a dense model).
-MemberGraphs member_graphs(const ModelSpec& s, const LayerGraph& router, const std::vector<LayerGraph>& experts);
+MemberGraphs member_graphs(const ModelSpec& s, const LayerGraph& router,
+                           const std::vector<LayerGraph>& experts);
 
 /// Which form a member (or the dual pair) is certified with.
 enum class Form { margin, candidate, mixture, dual };
@@ -55,7 +56,8 @@ struct Evaluation {
   torch::Tensor slack;     ///< [n]
   torch::Tensor possible;  ///< [n, E] bool: experts the router can select (of the form's member)
 };
-Evaluation member_evaluate(const MemberPass& pass, const InputDomain& d, const torch::Tensor& labels);
+Evaluation member_evaluate(const MemberPass& pass, const InputDomain& d,
+                           const torch::Tensor& labels);
 Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, double alpha,
                          const InputDomain& d, const torch::Tensor& labels);
 

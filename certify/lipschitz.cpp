@@ -2,11 +2,6 @@
 // over the graph's nodes by their rules), local (the backward interval Jacobian over
 // the ball), lower and clever. Every constant is of the map ‖·‖_p (pixels) -> ‖·‖_∞
 // (logits); proofs in docs/certification.md.
-#include "moecert/bounds.h"
-#include "moecert/certify.h"
-#include "moecert/defaults.h"
-#include "moecert/error.h"
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
@@ -15,9 +10,15 @@
 #include <limits>
 #include <random>
 
+#include "moecert/bounds.h"
+#include "moecert/certify.h"
+#include "moecert/defaults.h"
+#include "moecert/error.h"
+
 namespace moecert {
 
-double layer_operator_norm(const Layer& l, Norm p, const std::vector<int64_t>& in_shape, bool to_inf) {
+double layer_operator_norm(const Layer& l, Norm p, const std::vector<int64_t>& in_shape,
+                           bool to_inf) {
   const BoundRule& r = rule_for(l);
   if (r.arity() != 1)
     throw UnsupportedLayerError("certify: layer '" + l.name + "' (" + r.name() +
@@ -42,7 +43,8 @@ GlobalBound lipschitz_global(const LayerGraph& g, Norm p, const std::vector<int6
     b.layers.emplace_back(n.layer->name.empty() ? n.rule->name() : n.layer->name,
                           before > 0 ? L[k] / before : L[k]);
   }
-  b.value = L.back() * (1.0 + defaults::constant_inflation);  // float64 rounding of the products and norms
+  b.value = L.back() *
+            (1.0 + defaults::constant_inflation);  // float64 rounding of the products and norms
   return b;
 }
 
@@ -52,8 +54,9 @@ namespace {
 /// the smaller of the backward interval Jacobian and linear bound propagation through
 /// the Jacobian graph (both over the ReLU states of interval bounds on the region).
 /// -> [B, S]
-torch::Tensor row_constants(const LayerGraph& g, Norm p, const torch::Tensor& x_in, const torch::Tensor& eps_in,
-                            bool box, const torch::Tensor& C, bool jacobian_crown) {
+torch::Tensor row_constants(const LayerGraph& g, Norm p, const torch::Tensor& x_in,
+                            const torch::Tensor& eps_in, bool box, const torch::Tensor& C,
+                            bool jacobian_crown) {
   torch::NoGradGuard no_grad;
   auto x = x_in.to(torch::kFloat64);
   const BoundGraph graph(g, {x.size(1), x.size(2), x.size(3)});
@@ -76,20 +79,22 @@ torch::Tensor logit_rows(int64_t K, const torch::Tensor& reference, const torch:
   auto eye = torch::eye(K, o).unsqueeze(0);
   if (!reference.defined()) return eye;
   const int64_t B = reference.size(0);
-  return torch::cat({eye.expand({B, K, K}), margin_rows(reference, K, o)}, 1);  // ‖∇(h_r − h_k)‖ = ‖∇(h_k − h_r)‖
+  return torch::cat({eye.expand({B, K, K}), margin_rows(reference, K, o)},
+                    1);  // ‖∇(h_r − h_k)‖ = ‖∇(h_k − h_r)‖
 }
 
 }  // namespace
 
-torch::Tensor lipschitz_local(const LayerGraph& g, Norm p, const torch::Tensor& x, const torch::Tensor& eps,
-                              bool box, bool jacobian_crown) {
+torch::Tensor lipschitz_local(const LayerGraph& g, Norm p, const torch::Tensor& x,
+                              const torch::Tensor& eps, bool box, bool jacobian_crown) {
   const int64_t K = graph_out_shape(g, {x.size(1), x.size(2), x.size(3)}).at(0);
-  auto per_row = row_constants(g, p, x, eps, box, logit_rows(K, {}, x.options().dtype(torch::kFloat64)), jacobian_crown);
+  auto per_row = row_constants(
+      g, p, x, eps, box, logit_rows(K, {}, x.options().dtype(torch::kFloat64)), jacobian_crown);
   return std::get<0>(per_row.max(1)) * (1.0 + defaults::constant_inflation);
 }
 
-torch::Tensor lipschitz_local_shift(const LayerGraph& g, Norm p, const torch::Tensor& x, const torch::Tensor& eps,
-                                    bool box, bool jacobian_crown) {
+torch::Tensor lipschitz_local_shift(const LayerGraph& g, Norm p, const torch::Tensor& x,
+                                    const torch::Tensor& eps, bool box, bool jacobian_crown) {
   const int64_t K = graph_out_shape(g, {x.size(1), x.size(2), x.size(3)}).at(0);
   if (K < 2) return lipschitz_local(g, p, x, eps, box, jacobian_crown);
   torch::Tensor reference;
@@ -97,7 +102,9 @@ torch::Tensor lipschitz_local_shift(const LayerGraph& g, Norm p, const torch::Te
     torch::NoGradGuard ng;
     reference = graph_forward(g, x.to(torch::kFloat64)).argmax(1);
   }
-  auto per_row = row_constants(g, p, x, eps, box, logit_rows(K, reference, x.options().dtype(torch::kFloat64)), jacobian_crown);
+  auto per_row =
+      row_constants(g, p, x, eps, box, logit_rows(K, reference, x.options().dtype(torch::kFloat64)),
+                    jacobian_crown);
   auto single = std::get<0>(per_row.narrow(1, 0, K).max(1));
   auto to_reference = std::get<0>(per_row.narrow(1, K, K - 1).max(1));
   return torch::min(single, to_reference) * (1.0 + defaults::constant_inflation);
@@ -120,7 +127,8 @@ torch::Tensor gradient_norms(const LayerGraph& g, Norm p, const torch::Tensor& x
   auto logits = graph_forward(g, xa);
   torch::Tensor best;
   for (int64_t j = 0; j < logits.size(1); ++j) {
-    auto grad = torch::autograd::grad({logits.select(1, j).sum()}, {xa}, {}, /*retain_graph=*/true)[0];
+    auto grad =
+        torch::autograd::grad({logits.select(1, j).sum()}, {xa}, {}, /*retain_graph=*/true)[0];
     auto n = dual_norm(grad, p);
     best = best.defined() ? torch::max(best, n) : n;
   }
@@ -160,7 +168,8 @@ namespace {
 /// sample maxima by profile maximum likelihood over a grid of locations.
 double reverse_weibull_location(const std::vector<double>& maxima) {
   const double top = *std::max_element(maxima.begin(), maxima.end());
-  const double spread = std::max(top - *std::min_element(maxima.begin(), maxima.end()), 1e-12 * top);
+  const double spread =
+      std::max(top - *std::min_element(maxima.begin(), maxima.end()), 1e-12 * top);
   double best_mu = top, best_ll = -std::numeric_limits<double>::infinity();
   for (int i = 0; i <= 60; ++i) {
     const double mu = top + spread * std::pow(10.0, -4.0 + 5.0 * i / 60.0);

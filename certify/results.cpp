@@ -1,19 +1,18 @@
 // Aggregates of a results object (SPEC §5): certified accuracy per form and ε, the
 // headline (per sample the best sound radius of any form and estimator), empirical
 // accuracy, medians, tightness and soundness violations.
-#include "run-impl.h"
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <map>
 #include <sstream>
 
+#include "run-impl.h"
+
 namespace moecert {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
 
 std::string eps_key(double e) {
   std::ostringstream s;
@@ -44,10 +43,12 @@ std::pair<std::string, double> headline_of(const nlohmann::json& row) {
 }
 
 /// Fraction of radii >= ε (and > 0) for every ε of the grid.
-nlohmann::json accuracy(const std::vector<double>& radii, const std::vector<double>& grid, double n) {
+nlohmann::json accuracy(const std::vector<double>& radii, const std::vector<double>& grid,
+                        double n) {
   nlohmann::json per = nlohmann::json::object();
   for (double eps : grid)
-    per[eps_key(eps)] = std::count_if(radii.begin(), radii.end(), [&](double r) { return r >= eps && r > 0; }) / n;
+    per[eps_key(eps)] =
+        std::count_if(radii.begin(), radii.end(), [&](double r) { return r >= eps && r > 0; }) / n;
   return per;
 }
 
@@ -73,7 +74,9 @@ nlohmann::json usage_of(const nlohmann::json& rows) {
   if (counts.empty()) return nullptr;
   ExpertUsage u;
   u.clean = counts;
-  return {{"clean", counts}, {"clean_share", ExpertUsage::shares(counts)}, {"max_share", u.max_share()}};
+  return {{"clean", counts},
+          {"clean_share", ExpertUsage::shares(counts)},
+          {"max_share", u.max_share()}};
 }
 
 }  // namespace
@@ -96,7 +99,8 @@ void certify_aggregate(nlohmann::json& results) {
       const double r = radius_of(v);
       radii[form].push_back(ok ? r : 0.0);
       if (row.contains("empirical_radius") && ok && e < r)
-        violations.push_back({{"index", row.at("index")}, {"form", form}, {"certified", v}, {"empirical", emp}});
+        violations.push_back(
+            {{"index", row.at("index")}, {"form", form}, {"certified", v}, {"empirical", emp}});
     }
     const auto [form, best] = headline_of(row);
     headline.push_back(ok ? best : 0.0);
@@ -120,7 +124,8 @@ void certify_aggregate(nlohmann::json& results) {
   if (!empirical.empty()) {
     nlohmann::json emp = nlohmann::json::object();
     for (double eps : grid)
-      emp[eps_key(eps)] = std::count_if(empirical.begin(), empirical.end(), [&](double r) { return r > eps; }) / N;
+      emp[eps_key(eps)] =
+          std::count_if(empirical.begin(), empirical.end(), [&](double r) { return r > eps; }) / N;
     agg["empirical_accuracy"] = emp;
     agg["median_empirical_radius"] = run::json_number(median(empirical));
   }

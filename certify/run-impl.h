@@ -2,22 +2,23 @@
 // between them, and the stages themselves.
 #pragma once
 
-#include "forms.h"
-#include "moecert/certify.h"
-
-#include <nlohmann/json.hpp>
-
 #include <cmath>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
+
+#include "forms.h"
+#include "moecert/certify.h"
 
 namespace moecert::run {
 
 using Radii = std::map<std::string, double>;
 
 /// A JSON number, or null for +inf / NaN (an unbounded or missing radius).
-inline nlohmann::json json_number(double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(); }
+inline nlohmann::json json_number(double v) {
+  return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json();
+}
 
 /// One member (MoE) of the model: its float64 graphs, global constants and the
 /// compiled graphs of bound propagation.
@@ -41,12 +42,12 @@ struct Context {
 
 /// One batch of samples between the stages.
 struct Batch {
-  torch::Tensor x;                            ///< [B, C, H, W] float64 pixels
-  torch::Tensor labels;                       ///< [B] int64 (CPU)
-  torch::Tensor correct;                      ///< [B] bool: the float32 model predicts the label
+  torch::Tensor x;                             ///< [B, C, H, W] float64 pixels
+  torch::Tensor labels;                        ///< [B] int64 (CPU)
+  torch::Tensor correct;                       ///< [B] bool: the float32 model predicts the label
   std::vector<std::vector<MemberEval>> evals;  ///< [sample][member], float64 at x
-  std::vector<Radii> radii;                   ///< [sample] form_estimator -> radius
-  std::vector<nlohmann::json> extra;          ///< [sample] more row fields of the stages
+  std::vector<Radii> radii;                    ///< [sample] form_estimator -> radius
+  std::vector<nlohmann::json> extra;           ///< [sample] more row fields of the stages
   int64_t size() const { return labels.size(0); }
 };
 

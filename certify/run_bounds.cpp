@@ -1,14 +1,14 @@
 // The bound-propagation stage of a certification run: for IBP, CROWN and α-CROWN in
 // turn, the radius search of the model's form (margin, candidate, mixture or dual).
 // docs/certification.md §10–§14.
-#include "run-impl.h"
-#include "search.h"
-
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+
+#include "run-impl.h"
+#include "search.h"
 
 namespace moecert::run {
 namespace {
@@ -16,7 +16,9 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 BoundMethod method_of(Estimator e) {
-  return e == Estimator::ibp ? BoundMethod::ibp : e == Estimator::crown ? BoundMethod::crown : BoundMethod::alpha_crown;
+  return e == Estimator::ibp     ? BoundMethod::ibp
+         : e == Estimator::crown ? BoundMethod::crown
+                                 : BoundMethod::alpha_crown;
 }
 
 /// The member whose form sets the guess: the robust one of a dual-model.
@@ -40,7 +42,9 @@ torch::Tensor linearised_distance(const Context& ctx, const Batch& batch) {
     auto gap = (graph_forward(net, xr) * C).sum(1);
     auto g = torch::autograd::grad({gap.sum()}, {xr})[0].flatten(1);
     auto norm = (ctx.cfg.norm == Norm::linf ? g.abs().sum(1) : g.norm(2, 1)).view({n, N});
-    return (gap.detach().view({n, N}) / norm.clamp_min(1e-12)).masked_fill(norm.le(0), kInf).amin(1);
+    return (gap.detach().view({n, N}) / norm.clamp_min(1e-12))
+        .masked_fill(norm.le(0), kInf)
+        .amin(1);
   };
   auto dist = torch::full({B}, kInf, o);
   std::vector<int64_t> top(static_cast<size_t>(B), 0);
@@ -49,7 +53,9 @@ torch::Tensor linearised_distance(const Context& ctx, const Batch& batch) {
     if (!g.empty()) top[static_cast<size_t>(b)] = std::max_element(g.begin(), g.end()) - g.begin();
   }
   auto tops = torch::tensor(top, torch::kLong).to(batch.x.device());
-  auto ey = torch::nn::functional::one_hot(batch.labels.to(batch.x.device()), m.bp.classes).to(o).unsqueeze(1);
+  auto ey = torch::nn::functional::one_hot(batch.labels.to(batch.x.device()), m.bp.classes)
+                .to(o)
+                .unsqueeze(1);
   for (int64_t j = 0; j < m.bp.experts; ++j) {
     auto rows = tops.eq(j).nonzero().flatten();
     if (rows.numel() == 0) continue;
@@ -66,8 +72,9 @@ torch::Tensor linearised_distance(const Context& ctx, const Batch& batch) {
 
 /// The full pass and probes of the model's form for the samples `rows`, seeded by an
 /// earlier pass of theirs over larger regions.
-search::Pass prepare(const Context& ctx, const Batch& batch, const BoundOptions& opt, const torch::Tensor& rows,
-                     const torch::Tensor& eps_i, const search::Pass* seed, const torch::Tensor& seed_index) {
+search::Pass prepare(const Context& ctx, const Batch& batch, const BoundOptions& opt,
+                     const torch::Tensor& rows, const torch::Tensor& eps_i,
+                     const search::Pass* seed, const torch::Tensor& seed_index) {
   using Passes = std::vector<forms::MemberPass>;
   auto x = batch.x.index_select(0, rows);
   auto labels = batch.labels.to(batch.x.device()).index_select(0, rows);
@@ -76,12 +83,14 @@ search::Pass prepare(const Context& ctx, const Batch& batch, const BoundOptions&
   const auto* from = seed ? static_cast<const Passes*>(seed->state.get()) : nullptr;
   auto p = std::make_shared<Passes>();
   for (size_t i = 0; i < ctx.members.size(); ++i)
-    p->push_back(forms::member_prepare(ctx.members[i].bp, di, labels, opt, fp32, from ? &(*from)[i] : nullptr,
-                                       seed_index));
+    p->push_back(forms::member_prepare(ctx.members[i].bp, di, labels, opt, fp32,
+                                       from ? &(*from)[i] : nullptr, seed_index));
   search::Prober probe;
   if (ctx.dual) {
     probe = [&ctx, p, x, labels](const torch::Tensor& eps) {
-      return forms::dual_evaluate((*p)[0], (*p)[1], ctx.alpha, {x, eps, ctx.cfg.norm, ctx.cfg.box}, labels).slack;
+      return forms::dual_evaluate((*p)[0], (*p)[1], ctx.alpha, {x, eps, ctx.cfg.norm, ctx.cfg.box},
+                                  labels)
+          .slack;
     };
   } else {
     probe = [&ctx, p, x, labels](const torch::Tensor& eps) {
@@ -95,7 +104,8 @@ search::Pass prepare(const Context& ctx, const Batch& batch, const BoundOptions&
 
 void bound_stage(const Context& ctx, Batch& batch) {
   const auto& cfg = ctx.cfg;
-  const std::string form = ctx.dual ? "dual" : forms::form_name(forms::member_form(ctx.members[0].bp));
+  const std::string form =
+      ctx.dual ? "dual" : forms::form_name(forms::member_form(ctx.members[0].bp));
   const auto todo = batch.correct.to(batch.x.device());
   torch::Tensor linear, previous, failed;
   for (Estimator e : {Estimator::ibp, Estimator::crown, Estimator::alpha_crown}) {
@@ -129,10 +139,13 @@ void bound_stage(const Context& ctx, Batch& batch) {
       lo = previous, guess = torch::where(failed.isinf(), previous * 1.1, failed);
     auto res = search::radius_search(
         [&](const torch::Tensor& rows, const torch::Tensor& eps_i, const search::Pass* seed,
-            const torch::Tensor& seed_index) { return prepare(ctx, batch, opt, rows, eps_i, seed, seed_index); },
+            const torch::Tensor& seed_index) {
+          return prepare(ctx, batch, opt, rows, eps_i, seed, seed_index);
+        },
         todo, guess, lo, sc);
     auto r = torch::where(todo, res.radius, torch::zeros_like(res.radius)).cpu();
-    for (int64_t b = 0; b < batch.size(); ++b) batch.radii[static_cast<size_t>(b)][radius_key(form, e)] = r[b].item<double>();
+    for (int64_t b = 0; b < batch.size(); ++b)
+      batch.radii[static_cast<size_t>(b)][radius_key(form, e)] = r[b].item<double>();
     if (e == Estimator::crown) previous = res.radius, failed = res.failed;
   }
 }

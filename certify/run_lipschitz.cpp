@@ -1,10 +1,6 @@
 // The Lipschitz stage of a certification run: Theorems 5.4 / 5.5 with global
 // constants and with local constants found by bisection on ε, their margins reduced
 // by the float32 allowances of the balls they certify. docs/certification.md §6–§8, §14.
-#include "run-impl.h"
-
-#include "moecert/error.h"
-
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -13,21 +9,25 @@
 #include <limits>
 #include <numeric>
 
+#include "moecert/error.h"
+#include "run-impl.h"
+
 namespace moecert::run {
 namespace {
 
-using Request = std::pair<int64_t, double>;  // (sample, ε)
+using Request = std::pair<int64_t, double>;                       // (sample, ε)
 using Selected = std::vector<std::vector<std::vector<int64_t>>>;  // [sample][member] experts
 
 double finite_or(double v, double fallback) { return std::isfinite(v) ? v : fallback; }
 
 /// All Lipschitz radii of one sample from its evaluations and constants (one per member).
-Radii radii_of(const Context& ctx, const std::vector<MemberEval>& ev, const std::vector<MemberConstants>& c,
-               int64_t label) {
+Radii radii_of(const Context& ctx, const std::vector<MemberEval>& ev,
+               const std::vector<MemberConstants>& c, int64_t label) {
   Radii r;
   if (ctx.dual) {
     auto d = radii_dual(ev[0], c[0], ev[1], c[1], ctx.alpha, label);
-    r["thm55_a"] = d.eps_a, r["thm55_b"] = d.eps_b, r["thm55"] = d.thm55, r["thm55_tight"] = d.tight;
+    r["thm55_a"] = d.eps_a, r["thm55_b"] = d.eps_b, r["thm55"] = d.thm55,
+    r["thm55_tight"] = d.tight;
   } else {
     auto s = radii_single(ev[0], c[0], label);
     r["thm54_paper"] = s.paper, r["thm54_tight"] = s.tight;
@@ -37,8 +37,8 @@ Radii radii_of(const Context& ctx, const std::vector<MemberEval>& ev, const std:
   return r;
 }
 
-/// Local (shift) constants for requests (sample, ε), docs §5 (S4). Equal requests are computed once, and an
-/// expert that cannot matter on the ball keeps its (sound, larger) global constant:
+/// Local (shift) constants for requests (sample, ε), docs §5 (S4). Equal requests are computed
+/// once, and an expert that cannot matter on the ball keeps its (sound, larger) global constant:
 /// with top-k routing and global constants, expert i matters only if selected or if it
 /// could overtake a selected one, (g_top − g_i) / (2 L_g) < ε.
 std::vector<std::vector<MemberConstants>> local_constants(const Context& ctx, const Batch& batch,
@@ -51,7 +51,8 @@ std::vector<std::vector<MemberConstants>> local_constants(const Context& ctx, co
   std::vector<size_t> slot(requests.size());
   for (size_t r = 0; r < requests.size(); ++r) {
     auto it = unique.find(requests[r]);
-    if (it == unique.end()) it = unique.emplace(requests[r], todo.size()).first, todo.push_back(requests[r]);
+    if (it == unique.end())
+      it = unique.emplace(requests[r], todo.size()).first, todo.push_back(requests[r]);
     slot[r] = it->second;
   }
   std::vector<std::vector<MemberConstants>> done(todo.size());
@@ -69,7 +70,8 @@ std::vector<std::vector<MemberConstants>> local_constants(const Context& ctx, co
       auto sel = torch::tensor(rows, torch::kLong).to(ctx.device);
       auto l = lipschitz_local_shift(g, cfg.norm, batch.x.index_select(0, sel),
                                      torch::tensor(eps, torch::kFloat64).to(ctx.device), cfg.box,
-                                     cfg.jacobian_crown).cpu();
+                                     cfg.jacobian_crown)
+                   .cpu();
       for (size_t i = 0; i < who.size(); ++i) {
         double v = l[static_cast<int64_t>(i)].item<double>();
         if (bound > 0) v = std::min(v, bound);  // both sound; the local one can exceed for p = 2
@@ -80,7 +82,8 @@ std::vector<std::vector<MemberConstants>> local_constants(const Context& ctx, co
     std::iota(all.begin(), all.end(), size_t{0});
     // Every router, affine ones too: its shift constant (docs §5, S4) can be below the
     // global constant even where its Jacobian is constant.
-    if (!m.router.empty()) run(m.router, all, m.global.router, [&](size_t t, double v) { c[t].router = v; });
+    if (!m.router.empty())
+      run(m.router, all, m.global.router, [&](size_t t, double v) { c[t].router = v; });
     for (int64_t i = 0; i < E; ++i) {
       std::vector<size_t> who;
       for (size_t t = 0; t < todo.size(); ++t) {
@@ -90,10 +93,13 @@ std::vector<std::vector<MemberConstants>> local_constants(const Context& ctx, co
           const auto& sel = selected[static_cast<size_t>(todo[t].first)][k];
           need = std::find(sel.begin(), sel.end(), i) != sel.end();
           const double top = *std::max_element(ev.g.begin(), ev.g.end());
-          need = need || (top - ev.g[static_cast<size_t>(i)]) / (2 * m.global.router) < todo[t].second;
+          need =
+              need || (top - ev.g[static_cast<size_t>(i)]) / (2 * m.global.router) < todo[t].second;
         }
-        if (need) who.push_back(t);
-        else c[t].experts[static_cast<size_t>(i)] = m.global.experts[static_cast<size_t>(i)];
+        if (need)
+          who.push_back(t);
+        else
+          c[t].experts[static_cast<size_t>(i)] = m.global.experts[static_cast<size_t>(i)];
       }
       run(m.experts[static_cast<size_t>(i)], who,
           m.global.experts.empty() ? 0.0 : m.global.experts[static_cast<size_t>(i)],
@@ -108,14 +114,16 @@ std::vector<std::vector<MemberConstants>> local_constants(const Context& ctx, co
 
 /// Sets every sample's float32 allowances for balls of radius up to r_up[b], and the
 /// robust member's alone-allowance for balls up to r_alone[b] (docs §14).
-void set_fp32(const Context& ctx, Batch& batch, const std::vector<double>& r_up, const std::vector<double>& r_alone) {
+void set_fp32(const Context& ctx, Batch& batch, const std::vector<double>& r_up,
+              const std::vector<double>& r_alone) {
   if (ctx.cfg.exact_arithmetic) return;
   const double u32 = std::numeric_limits<float>::epsilon() / 2;
   for (size_t k = 0; k < ctx.members.size(); ++k) {
     const auto& m = ctx.members[k];
     const double arith = 2.0 * u32 * (forms::fp32_prob_constant(m.bp) + 8.0) * 1.05;
     auto at = [&](const std::vector<double>& r) {
-      return member_fp32_errors(m, batch.x, torch::tensor(r, torch::kFloat64).to(ctx.device), ctx.cfg);
+      return member_fp32_errors(m, batch.x, torch::tensor(r, torch::kFloat64).to(ctx.device),
+                                ctx.cfg);
     };
     const auto err = at(r_up);
     const auto alone = ctx.dual && k == 1 ? at(r_alone) : err;
@@ -136,19 +144,22 @@ void set_fp32(const Context& ctx, Batch& batch, const std::vector<double>& r_up,
 
 /// Local radii: per form, the largest probe ε whose ball's constants certify ε
 /// (docs §6, "With local constants"). Writes "<form>_local" and constants_local.
-void bisect_local(const Context& ctx, Batch& batch, const Selected& selected, const std::vector<Radii>& global_radii,
+void bisect_local(const Context& ctx, Batch& batch, const Selected& selected,
+                  const std::vector<Radii>& global_radii,
                   const std::vector<std::vector<MemberConstants>>& at0) {
   const auto& cfg = ctx.cfg;
   const int64_t B = batch.size();
   auto label = [&](int64_t b) { return batch.labels[b].item<int64_t>(); };
   std::vector<std::string> forms;
-  for (const auto& [form, r] : radii_of(ctx, batch.evals[0], at0[0], label(0))) forms.push_back(form);
+  for (const auto& [form, r] : radii_of(ctx, batch.evals[0], at0[0], label(0)))
+    forms.push_back(form);
   // Every probe (ε, constants valid on B_p(x, ε)) at which any form certifies ε is a
   // certificate of radius ε for that form, so each form keeps the largest such probe.
   // At equal constants the tight form certifies whenever the paper form does.
   const std::string main_form =
       ctx.dual ? "thm55_tight"
-               : (std::count(forms.begin(), forms.end(), "thm54_candidate") ? "thm54_candidate" : "thm54_tight");
+               : (std::count(forms.begin(), forms.end(), "thm54_candidate") ? "thm54_candidate"
+                                                                            : "thm54_tight");
   const auto F = static_cast<int64_t>(forms.size());
   std::vector<double> lo(static_cast<size_t>(F * B), 0.0), hi(static_cast<size_t>(F * B), 0.0);
   std::vector<Radii> best(static_cast<size_t>(B));
@@ -161,7 +172,9 @@ void bisect_local(const Context& ctx, Batch& batch, const Selected& selected, co
       const auto u = static_cast<size_t>(f * B + b);
       hi[u] = finite_or(r0[form], cfg.empirical_max * 4);
       // Global constants bound the local ones: the global radius is certified locally too.
-      best[ub][form] = ctx.uses(Estimator::global) ? std::min(hi[u], finite_or(global_radii[ub].at(form), 0.0)) : 0.0;
+      best[ub][form] = ctx.uses(Estimator::global)
+                           ? std::min(hi[u], finite_or(global_radii[ub].at(form), 0.0))
+                           : 0.0;
       lo[u] = best[ub][form];
     }
   }
@@ -191,13 +204,16 @@ void bisect_local(const Context& ctx, Batch& batch, const Selected& selected, co
   // The constants behind the main local certificate, at its radius.
   std::vector<Request> main_req;
   for (int64_t b = 0; b < B; ++b)
-    if (main_consts[static_cast<size_t>(b)].empty()) main_req.emplace_back(b, best[static_cast<size_t>(b)][main_form]);
+    if (main_consts[static_cast<size_t>(b)].empty())
+      main_req.emplace_back(b, best[static_cast<size_t>(b)][main_form]);
   auto missing = local_constants(ctx, batch, selected, main_req);
-  for (size_t r = 0; r < main_req.size(); ++r) main_consts[static_cast<size_t>(main_req[r].first)] = missing[r];
+  for (size_t r = 0; r < main_req.size(); ++r)
+    main_consts[static_cast<size_t>(main_req[r].first)] = missing[r];
   for (int64_t b = 0; b < B; ++b) {
     const auto ub = static_cast<size_t>(b);
     for (const auto& f : forms) batch.radii[ub][f + "_local"] = best[ub][f];
-    batch.extra[ub]["constants_local"] = {{"eps", best[ub][main_form]}, {"form", main_form},
+    batch.extra[ub]["constants_local"] = {{"eps", best[ub][main_form]},
+                                          {"form", main_form},
                                           {"constants", constants_json(ctx.dual, main_consts[ub])}};
   }
 }
@@ -227,14 +243,18 @@ void lipschitz_stage(const Context& ctx, Batch& batch) {
       selected[b].push_back(global ? member_view(batch.evals[b][k], ctx.members[k].global).selected
                                    : std::vector<int64_t>{});
   if (global)
-    for (int64_t b = 0; b < B; ++b) widen(static_cast<size_t>(b), radii_of(ctx, batch.evals[static_cast<size_t>(b)], gc, label(b)));
+    for (int64_t b = 0; b < B; ++b)
+      widen(static_cast<size_t>(b),
+            radii_of(ctx, batch.evals[static_cast<size_t>(b)], gc, label(b)));
   std::vector<std::vector<MemberConstants>> at0;
   if (local) {
     // ε = 0: the exact gradient at x bounds every certifiable ε from above.
     std::vector<Request> zero;
     for (int64_t b = 0; b < B; ++b) zero.emplace_back(b, 0.0);
     at0 = local_constants(ctx, batch, selected, zero);
-    for (int64_t b = 0; b < B; ++b) widen(static_cast<size_t>(b), radii_of(ctx, batch.evals[static_cast<size_t>(b)], at0[static_cast<size_t>(b)], label(b)));
+    for (int64_t b = 0; b < B; ++b)
+      widen(static_cast<size_t>(b), radii_of(ctx, batch.evals[static_cast<size_t>(b)],
+                                             at0[static_cast<size_t>(b)], label(b)));
   }
   set_fp32(ctx, batch, r_up, r_alone);
   std::vector<Radii> global_radii(static_cast<size_t>(B));

@@ -1,13 +1,13 @@
 // The radius search (see search.h). All arithmetic on [n] float64 tensors of a batch.
 #include "search.h"
 
-#include "moecert/bounds.h"
-
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+
+#include "moecert/bounds.h"
 
 namespace moecert::search {
 namespace {
@@ -31,10 +31,10 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const torch::Tensor& guess,
                      const torch::Tensor& lo_in, const Config& cfg) {
   Result res;
-  auto lo = lo_in.clone();                // certified (by any probe)
-  auto b = torch::full_like(lo, kInf);    // the smallest failed full pass
+  auto lo = lo_in.clone();              // certified (by any probe)
+  auto b = torch::full_like(lo, kInf);  // the smallest failed full pass
   auto next = torch::max(guess, lo * (1 + 4 * cfg.tol)).clamp_max(cfg.cap);
-  auto s0 = torch::full_like(lo, kInf);   // the slack at ε = 0 (a cheap pass: no unstable unit)
+  auto s0 = torch::full_like(lo, kInf);  // the slack at ε = 0 (a cheap pass: no unstable unit)
   {
     auto rows = (todo & lo.le(0)).nonzero().flatten();
     if (rows.numel() > 0) {
@@ -53,9 +53,11 @@ Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const to
     auto e = sel(next).clamp_min(1e-9);
     torch::Tensor seed_index;
     if (seed >= 0) {
-      seed_index = positions_in(covered[static_cast<size_t>(seed)], lo.size(0)).index_select(0, rows);
+      seed_index =
+          positions_in(covered[static_cast<size_t>(seed)], lo.size(0)).index_select(0, rows);
     }
-    auto pass = prepare(rows, e, seed >= 0 ? &passes[static_cast<size_t>(seed)] : nullptr, seed_index);
+    auto pass =
+        prepare(rows, e, seed >= 0 ? &passes[static_cast<size_t>(seed)] : nullptr, seed_index);
     ++res.full_passes;
     auto slack = pass.probe(e);
     auto ok = slack.gt(0);
@@ -87,14 +89,17 @@ Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const to
     auto rb = torch::where(ok, sel(b), e);
     b.index_copy_(0, rows, rb);
     auto kept = slack / sel(s0);
-    auto stride = torch::where(kept.gt(0.99), torch::full_like(l_rows, 2.0), torch::full_like(l_rows, cfg.step));
+    auto stride = torch::where(kept.gt(0.99), torch::full_like(l_rows, 2.0),
+                               torch::full_like(l_rows, cfg.step));
     auto down = torch::min(rb, bad) / cfg.step;
-    auto step = torch::where(rb.isinf(), l_rows * stride, torch::where(l_rows.gt(0), torch::sqrt(l_rows * rb), down));
+    auto step = torch::where(rb.isinf(), l_rows * stride,
+                             torch::where(l_rows.gt(0), torch::sqrt(l_rows * rb), down));
     next.index_copy_(0, rows, step.clamp_max(cfg.cap));
     const auto id = static_cast<int64_t>(passes.size());
     passes.push_back(std::move(pass));
     covered.push_back(rows);
-    seed_of.index_copy_(0, rows, torch::where(ok, sel(seed_of), torch::full_like(sel(seed_of), id)));
+    seed_of.index_copy_(0, rows,
+                        torch::where(ok, sel(seed_of), torch::full_like(sel(seed_of), id)));
   };
   for (int round = 0; round < cfg.rounds; ++round) {
     auto open = todo & lo.lt(cfg.cap) & (b.isinf() | b.gt(lo * (1 + cfg.tol)));
@@ -107,7 +112,8 @@ Result radius_search(const Prepare& prepare, const torch::Tensor& todo, const to
     }
     // Passes no sample starts from any more: their bounds are dropped.
     for (size_t i = 0; i < passes.size(); ++i)
-      if (passes[i].state && !seed_of.eq(static_cast<int64_t>(i)).any().item<bool>()) passes[i] = {};
+      if (passes[i].state && !seed_of.eq(static_cast<int64_t>(i)).any().item<bool>())
+        passes[i] = {};
   }
   // The grid radii the rounds left open (lo < g < b): one full pass each, ascending,
   // so that a sample's certified accuracy at g is a pass at g itself (docs §15).

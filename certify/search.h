@@ -16,10 +16,10 @@
 namespace moecert::search {
 
 struct Config {
-  int rounds = 3;       ///< full passes per sample at most
-  double tol = 0.01;    ///< stop when the bracket is within this relative width
-  double step = 1.25;   ///< factor between full passes until the radius is bracketed
-  double cap = 1.0;     ///< never search above this radius
+  int rounds = 3;      ///< full passes per sample at most
+  double tol = 0.01;   ///< stop when the bracket is within this relative width
+  double step = 1.25;  ///< factor between full passes until the radius is bracketed
+  double cap = 1.0;    ///< never search above this radius
   /// Cheap probes below a failed pass at b: at these fractions of b down to the first
   /// that certifies, then this many bisections between it and the failure above it.
   std::vector<double> scan = {0.98, 0.95, 0.9};
@@ -41,8 +41,8 @@ struct Pass {
 /// A full pass for the samples `rows` [m] (batch positions) at radii `eps_i` [m]; with
 /// `seed` a pass whose regions contain these, `seed_index` [m] the samples' positions
 /// in it (the order of the rows it was prepared for).
-using Prepare = std::function<Pass(const torch::Tensor& rows, const torch::Tensor& eps_i, const Pass* seed,
-                                   const torch::Tensor& seed_index)>;
+using Prepare = std::function<Pass(const torch::Tensor& rows, const torch::Tensor& eps_i,
+                                   const Pass* seed, const torch::Tensor& seed_index)>;
 
 struct Result {
   torch::Tensor radius;  ///< [n] the largest certified probe (0 if none)

@@ -1,10 +1,10 @@
 // Merging the results of certification shards.
+#include <algorithm>
+#include <set>
+
 #include "moecert/certify.h"
 #include "moecert/error.h"
 #include "moecert/report.h"
-
-#include <algorithm>
-#include <set>
 
 namespace moecert {
 
@@ -24,9 +24,11 @@ nlohmann::json results_merge(const std::vector<nlohmann::json>& shards) {
   for (size_t i = 0; i < shards.size(); ++i) {
     const auto& s = shards[i];
     if (s.value("schema", "") != shards[0].value("schema", ""))
-      throw ConfigError("merge: shard " + std::to_string(i) + " has schema " + s.value("schema", "?"));
+      throw ConfigError("merge: shard " + std::to_string(i) + " has schema " +
+                        s.value("schema", "?"));
     if (s.at("fingerprint") != shards[0].at("fingerprint"))
-      throw ConfigError("merge: shard " + std::to_string(i) + " certifies a different checkpoint (fingerprint differs)");
+      throw ConfigError("merge: shard " + std::to_string(i) +
+                        " certifies a different checkpoint (fingerprint differs)");
     if (s.at("norm") != shards[0].at("norm") || config_of(s) != config)
       throw ConfigError("merge: shard " + std::to_string(i) + " was run with different settings");
     for (const auto& row : s.at("rows")) {
@@ -46,7 +48,8 @@ nlohmann::json results_merge(const std::vector<nlohmann::json>& shards) {
   merged["config"]["shard"] = nullptr;
   merged["timing"]["certify_seconds"] = certify_s;
   merged["timing"]["empirical_seconds"] = empirical_s;
-  merged["timing"]["certify_samples_per_s"] = certify_s > 0 ? static_cast<double>(rows.size()) / certify_s : 0.0;
+  merged["timing"]["certify_samples_per_s"] =
+      certify_s > 0 ? static_cast<double>(rows.size()) / certify_s : 0.0;
   merged["merged_from"] = shards.size();
   certify_aggregate(merged);
   return merged;

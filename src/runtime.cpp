@@ -1,8 +1,8 @@
 #include "moecert/runtime.h"
 
-#include "moecert/error.h"
-
 #include <dlfcn.h>
+
+#include "moecert/error.h"
 #ifdef MOECERT_TCMALLOC
 #include <gperftools/malloc_extension.h>
 #endif
@@ -29,11 +29,13 @@ torch::Device full_float32(torch::Device d) {
 }  // namespace
 
 torch::Device runtime_device(const std::string& name) {
-  if (name == "auto") return full_float32(torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::kCPU);
+  if (name == "auto")
+    return full_float32(torch::cuda::is_available() ? torch::Device(torch::kCUDA) : torch::kCPU);
   if (name == "cpu") return torch::kCPU;
   if (name.rfind("cuda", 0) == 0) {
     if (!torch::cuda::is_available())
-      throw ConfigError::invalid("--device", name, "auto | cpu (this build or machine has no CUDA)");
+      throw ConfigError::invalid("--device", name,
+                                 "auto | cpu (this build or machine has no CUDA)");
     try {
       return full_float32(torch::Device(name));
     } catch (const c10::Error&) {
@@ -45,10 +47,10 @@ torch::Device runtime_device(const std::string& name) {
 
 int runtime_threads(int requested) {
   if (requested < 0) throw ConfigError::invalid("--threads", std::to_string(requested), ">= 0");
-  // Bound propagation allocates and frees blocks of many MiB in every step; an allocator
-  // that returns them to the system faults fresh zero pages in again each time (a third
-  // of certify's time on these VMs, measured with perf). With tcmalloc (CMakeLists.txt):
-  // never release; with glibc: keep blocks up to 32 MiB in the heap.
+    // Bound propagation allocates and frees blocks of many MiB in every step; an allocator
+    // that returns them to the system faults fresh zero pages in again each time (a third
+    // of certify's time on these VMs, measured with perf). With tcmalloc (CMakeLists.txt):
+    // never release; with glibc: keep blocks up to 32 MiB in the heap.
 #ifdef MOECERT_TCMALLOC
   MallocExtension::instance()->SetMemoryReleaseRate(0);
 #else
@@ -83,15 +85,21 @@ std::string fmt_fixed(double value, int digits) {
 std::string fmt_duration(double seconds) {
   const auto s = static_cast<int64_t>(seconds + 0.5);
   char buf[32];
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", (long)(s / 3600), (long)(s % 3600 / 60));
-  else if (s >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", (long)(s / 60), (long)(s % 60));
-  else std::snprintf(buf, sizeof buf, "%lds", (long)s);
+  if (s >= 3600)
+    std::snprintf(buf, sizeof buf, "%ldh%02ldm", (long)(s / 3600), (long)(s % 3600 / 60));
+  else if (s >= 60)
+    std::snprintf(buf, sizeof buf, "%ldm%02lds", (long)(s / 60), (long)(s % 60));
+  else
+    std::snprintf(buf, sizeof buf, "%lds", (long)s);
   return buf;
 }
 
 Progress::Progress(std::string what, int64_t total, bool enabled)
-    : what_(std::move(what)), total_(total), enabled_(enabled),
-      start_(std::chrono::steady_clock::now()), last_print_(start_) {}
+    : what_(std::move(what)),
+      total_(total),
+      enabled_(enabled),
+      start_(std::chrono::steady_clock::now()),
+      last_print_(start_) {}
 
 double Progress::elapsed() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();

@@ -1,10 +1,10 @@
 // Small trained models shared by several tests (trained once per process).
 #pragma once
 
+#include <torch/torch.h>
+
 #include "moecert/data.h"
 #include "moecert/training.h"
-
-#include <torch/torch.h>
 
 namespace moecert_test {
 

@@ -4,8 +4,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <cstdio>
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -63,7 +63,8 @@ inline int test_threads() {
 
 /// Runs the moecert binary built beside the tests with `args`.
 inline RunResult run_moecert(const std::string& args) {
-  return run_shell(std::string(MOECERT_BINARY) + " --threads " + std::to_string(test_threads()) + " " + args);
+  return run_shell(std::string(MOECERT_BINARY) + " --threads " + std::to_string(test_threads()) +
+                   " " + args);
 }
 
 inline std::string read_text(const std::string& path) {

@@ -4,32 +4,36 @@
 // For a top-1 MoE the bound is the worst case over every expert the router can
 // select on the ball (include/moecert/train_bounds.h); docs/training.md
 // "Certified training".
-#include "learner.h"
-
-#include "moecert/train_bounds.h"
-#include "moecert/training.h"
-
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <iomanip>
 #include <sstream>
 
+#include "learner.h"
+#include "moecert/train_bounds.h"
+#include "moecert/training.h"
+
 namespace moecert {
 
 CertifiedPoint certified_schedule(const TrainConfig& cfg, int64_t step, int64_t total) {
   const auto& c = cfg.certified;
   // JTDMoE's robust member may be the one trained with crown-ibp (--jtd-robust).
-  const bool crown = cfg.method == "crown-ibp" || (cfg.method == "jtdmoe" && cfg.jtd_robust == "crown-ibp");
+  const bool crown =
+      cfg.method == "crown-ibp" || (cfg.method == "jtdmoe" && cfg.jtd_robust == "crown-ibp");
   const double target = c.eps >= 0 ? c.eps : cfg.attack.eps;
   const double kappa_end = c.kappa_end >= 0 ? c.kappa_end : (crown ? 0.0 : 0.5);
   const double epochs = static_cast<double>(cfg.epochs);
-  const double warmup = c.warmup >= 0 ? c.warmup : 0.05 * epochs, ramp = c.ramp >= 0 ? c.ramp : 0.25 * epochs;
+  const double warmup = c.warmup >= 0 ? c.warmup : 0.05 * epochs,
+               ramp = c.ramp >= 0 ? c.ramp : 0.25 * epochs;
   // The step in epochs, and the progress through the ramp in [0, 1] (0 at its first step).
-  const double t = total > 0 ? static_cast<double>(step) * epochs / static_cast<double>(total) : epochs;
+  const double t =
+      total > 0 ? static_cast<double>(step) * epochs / static_cast<double>(total) : epochs;
   double p = 1.0;
-  if (t < warmup) p = -1.0;  // warm-up: ε = 0
-  else if (ramp > 0) p = std::min(1.0, (t - warmup) / ramp);
+  if (t < warmup)
+    p = -1.0;  // warm-up: ε = 0
+  else if (ramp > 0)
+    p = std::min(1.0, (t - warmup) / ramp);
   CertifiedPoint out;
   if (p < 0) {
     out.eps = 0, out.kappa = c.kappa_start, out.beta = crown ? 1.0 : 0.0;
@@ -51,7 +55,9 @@ torch::Tensor mixture_loss(const torch::Tensor& prob_margin, int64_t classes) {
 namespace {
 
 /// Soft or top-k > 1 routing: the output is a mixture, bounded by the mixture form.
-bool mixture(const ModelSpec& s) { return s.experts > 1 && (s.routing == Routing::soft || s.top_k > 1); }
+bool mixture(const ModelSpec& s) {
+  return s.experts > 1 && (s.routing == Routing::soft || s.top_k > 1);
+}
 
 /// `ibp` / `crown-ibp`.
 class CertifiedTraining : public TrainMethod {
@@ -59,7 +65,9 @@ class CertifiedTraining : public TrainMethod {
   explicit CertifiedTraining(bool crown) : crown_(crown) {}
   std::string name() const override { return crown_ ? "crown-ibp" : "ibp"; }
   void at_step(int64_t step, int64_t total) override { step_ = step, total_ = total; }
-  double route_eps(const TrainConfig& cfg) const override { return certified_schedule(cfg, step_, total_).eps; }
+  double route_eps(const TrainConfig& cfg) const override {
+    return certified_schedule(cfg, step_, total_).eps;
+  }
 
   StepStats step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                  const TrainConfig& cfg) override {
@@ -82,7 +90,9 @@ class CertifiedTraining : public TrainMethod {
       } else {
         auto m = moe_certified_margins(model, x, y, eps, at.beta, cfg.certified.box);
         // CE of the worst-case logits z: z_y = 0, z_k = τ − (lower bound of h_y − h_k).
-        auto z = torch::cat({torch::zeros({x.size(0), 1}, m.margin.options()), cfg.certified.cert_margin - m.margin}, 1);
+        auto z = torch::cat({torch::zeros({x.size(0), 1}, m.margin.options()),
+                             cfg.certified.cert_margin - m.margin},
+                            1);
         robust = torch::logsumexp(z, 1).mean();
         s.checked.emplace_back("certified margins", m.margin.detach());
         s.adv_correct = m.margin.detach().amin(1).gt(0).sum().item<int64_t>();
@@ -92,8 +102,8 @@ class CertifiedTraining : public TrainMethod {
     s.checked.emplace_back("training loss", s.loss.detach());
     finish_step(s, out, cfg, "clean");
     std::ostringstream note;
-    note << std::fixed << std::setprecision(4) << "eps " << at.eps << std::setprecision(3) << "  kappa "
-         << at.kappa;
+    note << std::fixed << std::setprecision(4) << "eps " << at.eps << std::setprecision(3)
+         << "  kappa " << at.kappa;
     if (crown_) note << "  beta " << at.beta;
     s.note = note.str();
     return s;

@@ -2,14 +2,14 @@
 // JTDMoE's alternating scheme. Private to training/.
 #pragma once
 
-#include "moecert/dual.h"
-#include "moecert/training.h"
-
 #include <torch/torch.h>
 
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "moecert/dual.h"
+#include "moecert/training.h"
 
 namespace moecert {
 
@@ -35,8 +35,8 @@ class Learner {
 /// Ends a method's step on the output `out` (the "clean" or "adversarial" pass): adds
 /// the load-balancing term (when `balance` and cfg.balance > 0) and the tensors to
 /// check for NaN/Inf (log F, the router's logits).
-void finish_step(StepStats& s, const MoeOutput& out, const TrainConfig& cfg, const std::string& what,
-                 bool balance = true);
+void finish_step(StepStats& s, const MoeOutput& out, const TrainConfig& cfg,
+                 const std::string& what, bool balance = true);
 
 /// `ibp` (crown = false) and `crown-ibp`: training/certified.cpp.
 std::unique_ptr<TrainMethod> certified_method_make(bool crown);

@@ -1,7 +1,6 @@
 // The two learners: a single MoE under one TrainMethod, and JTDMoE's bi-level
 // alternating updates of a dual-model (paper 1, SPEC §2).
 #include "learner.h"
-
 #include "moecert/error.h"
 #include "moecert/train_bounds.h"
 
@@ -37,7 +36,8 @@ void add_route_margin(StepStats& s, MoeImpl& model, const torch::Tensor& x, cons
                       const TrainMethod& method) {
   const double eps = method.route_eps(cfg);
   if (!(cfg.route_margin > 0 && eps > 0)) return;
-  auto gap = route_gap_lower(model, x, torch::full({x.size(0)}, eps, x.options()), cfg.certified.box);
+  auto gap =
+      route_gap_lower(model, x, torch::full({x.size(0)}, eps, x.options()), cfg.certified.box);
   s.checked.emplace_back("route gap", gap.detach());
   s.loss = s.loss + cfg.route_margin * torch::relu(-gap).mean();
 }
@@ -51,7 +51,8 @@ void apply(torch::optim::Optimizer& opt, const StepStats& s) {
 class SingleLearner : public Learner {
  public:
   SingleLearner(MoeImpl& model, const TrainConfig& cfg)
-      : model_(model), method_(train_method_make(cfg.method)),
+      : model_(model),
+        method_(train_method_make(cfg.method)),
         opt_(optimizer_make(router_policy(model, cfg, frozen_), cfg)) {}
 
   torch::nn::Module& module() override { return model_; }
@@ -81,7 +82,8 @@ class SingleLearner : public Learner {
 class AdvMoeLearner : public Learner {
  public:
   AdvMoeLearner(MoeImpl& model, const TrainConfig& cfg)
-      : model_(model), opt_experts_(optimizer_make(model.expert_parameters(), cfg)),
+      : model_(model),
+        opt_experts_(optimizer_make(model.expert_parameters(), cfg)),
         opt_router_(optimizer_make(model.router_parameters(), cfg)) {
     model.set_router_gradient(router_gradient_parse(cfg.router_train));
   }
@@ -112,7 +114,8 @@ class AdvMoeLearner : public Learner {
 class JtdLearner : public Learner {
  public:
   JtdLearner(DualImpl& dual, const TrainConfig& cfg)
-      : dual_(dual), robust_method_(train_method_make(cfg.jtd_robust)),
+      : dual_(dual),
+        robust_method_(train_method_make(cfg.jtd_robust)),
         opt_robust_(optimizer_make(router_policy(dual.robust(), cfg, frozen_), cfg)),
         opt_standard_(optimizer_make(router_policy(dual.standard(), cfg, frozen_), cfg)) {}
 
@@ -194,8 +197,9 @@ std::unique_ptr<Learner> learner_single(MoeImpl& model, const TrainConfig& cfg) 
     throw ConfigError("--method jtdmoe trains a dual-model: it needs two members, not one MoE");
   if (cfg.method == "advmoe") {
     if (model.num_experts() < 2)
-      throw ConfigError("--method advmoe alternates router and expert updates: it needs "
-                        "--experts >= 2 (a router)");
+      throw ConfigError(
+          "--method advmoe alternates router and expert updates: it needs "
+          "--experts >= 2 (a router)");
     return std::make_unique<AdvMoeLearner>(model, cfg);
   }
   return std::make_unique<SingleLearner>(model, cfg);
@@ -204,7 +208,8 @@ std::unique_ptr<Learner> learner_single(MoeImpl& model, const TrainConfig& cfg) 
 std::unique_ptr<Learner> learner_jtdmoe(DualImpl& dual, const TrainConfig& cfg) {
   if (cfg.method != "jtdmoe") throw ConfigError("a dual-model is trained with --method jtdmoe");
   if (cfg.jtd_robust == "rt-er" && dual.robust().num_experts() < 2)
-    throw ConfigError("jtdmoe: the robust member needs at least 2 experts for RT-ER (--jtd-robust rt-er)");
+    throw ConfigError(
+        "jtdmoe: the robust member needs at least 2 experts for RT-ER (--jtd-robust rt-er)");
   return std::make_unique<JtdLearner>(dual, cfg);
 }
 

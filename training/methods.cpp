@@ -1,12 +1,11 @@
 // The training objectives of SPEC §2. Each computes one batch's loss; attacks run
 // in eval mode with frozen parameters (BatchNorm statistics see only real batches,
 // and no weight-gradient kernel runs inside an attack).
-#include "learner.h"
+#include <torch/torch.h>
 
+#include "learner.h"
 #include "moecert/error.h"
 #include "moecert/training.h"
-
-#include <torch/torch.h>
 
 namespace moecert {
 
@@ -31,7 +30,8 @@ torch::Tensor expert_usage(const MoeRouting& routing, int64_t experts) {
 torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                                const PgdConfig& attack) {
   const int64_t E = model.num_experts();
-  if (E < 2) throw ConfigError("rt-er needs at least 2 experts (it regularises the second-ranked one)");
+  if (E < 2)
+    throw ConfigError("rt-er needs at least 2 experts (it regularises the second-ranked one)");
   // One batched PGD for all experts: each sample is routed to its second-ranked
   // expert (a fixed routing), so the attack on sample n is PGD against f_i alone,
   // i = its second-ranked expert; PGD's steps are per sample, so this is the
@@ -39,7 +39,8 @@ torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const tor
   MoeRouting second;
   {
     torch::NoGradGuard no_grad;
-    second.selected = std::get<1>(model.router_logits(x).topk(2, /*dim=*/1)).narrow(1, 1, 1);  // [B, 1]
+    second.selected =
+        std::get<1>(model.router_logits(x).topk(2, /*dim=*/1)).narrow(1, 1, 1);  // [B, 1]
     second.log_w = torch::zeros({x.size(0), 1}, x.options());
   }
   LogProbFn f_second = [&model, &second](const torch::Tensor& in) {
@@ -56,8 +57,8 @@ torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const tor
   return kl_rows(f_second(x), f_second(x_adv)).sum();
 }
 
-void finish_step(StepStats& s, const MoeOutput& out, const TrainConfig& cfg, const std::string& what,
-                 bool balance) {
+void finish_step(StepStats& s, const MoeOutput& out, const TrainConfig& cfg,
+                 const std::string& what, bool balance) {
   s.checked.emplace_back("log F (" + what + ")", out.log_probs.detach());
   if (out.routing.logits.defined()) {
     s.checked.emplace_back("router logits (" + what + ")", out.routing.logits.detach());
@@ -173,8 +174,7 @@ class TradesTraining : public TrainMethod {
 
 /// The TRADES loss CE(F(x), y) + β·KL(F(x) || F(x_adv)) of one AdvMoE step.
 StepStats advmoe_trades(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& x_adv,
-                        const torch::Tensor& y, const TrainConfig& cfg, StepStats s,
-                        bool balance) {
+                        const torch::Tensor& y, const TrainConfig& cfg, StepStats s, bool balance) {
   model.train();
   auto clean = model.forward_full(x);
   auto adv = model.forward_full(x_adv);
@@ -190,8 +190,9 @@ StepStats advmoe_trades(MoeImpl& model, const torch::Tensor& x, const torch::Ten
 
 void advmoe_require_router(MoeImpl& model) {
   if (model.num_experts() < 2)
-    throw ConfigError("advmoe alternates router and expert updates: it needs a model with a router "
-                      "(--experts >= 2)");
+    throw ConfigError(
+        "advmoe alternates router and expert updates: it needs a model with a router "
+        "(--experts >= 2)");
 }
 
 }  // namespace
@@ -245,7 +246,8 @@ std::unique_ptr<TrainMethod> train_method_make(const std::string& name) {
   if (name == "trades") return std::make_unique<TradesTraining>();
   if (name == "ibp") return certified_method_make(/*crown=*/false);
   if (name == "crown-ibp") return certified_method_make(/*crown=*/true);
-  throw ConfigError::invalid("--method", name, "st | at | trades | rt-er | advmoe | jtdmoe | ibp | crown-ibp");
+  throw ConfigError::invalid("--method", name,
+                             "st | at | trades | rt-er | advmoe | jtdmoe | ibp | crown-ibp");
 }
 
 }  // namespace moecert

@@ -1,37 +1,56 @@
 // The epoch loop: schedule, progress on stderr, held-out evaluation, atomic
 // checkpoints, and exact resume (optimizer, epoch, RNG and history restored; the
 // data order depends only on (seed, epoch), so a resumed run sees the same batches).
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <iostream>
+#include <sstream>
+
+#include "learner.h"
 #include "moecert/checkpoint.h"
 #include "moecert/error.h"
 #include "moecert/runtime.h"
 #include "moecert/training.h"
 
-#include "learner.h"
-
-#include <torch/torch.h>
-
-#include <cmath>
-#include <iostream>
-#include <algorithm>
-#include <cmath>
-#include <sstream>
-
 namespace moecert {
 
 nlohmann::json TrainConfig::to_json() const {
   auto attack_json = [](const PgdConfig& a) {
-    return nlohmann::json{{"norm", norm_name(a.norm)}, {"eps", a.eps},   {"step_size", a.step_size},
-                          {"steps", a.steps},          {"restarts", a.restarts}};
+    return nlohmann::json{{"norm", norm_name(a.norm)},
+                          {"eps", a.eps},
+                          {"step_size", a.step_size},
+                          {"steps", a.steps},
+                          {"restarts", a.restarts}};
   };
-  return {{"method", method},     {"epochs", epochs},         {"batch_size", batch_size},
-          {"beta", beta},         {"balance", balance},       {"collapse_share", collapse_share},
-          {"optimizer", optimizer}, {"lr", lr},               {"momentum", momentum},
-          {"weight_decay", weight_decay}, {"schedule", schedule}, {"milestones", milestones},
-          {"gamma", gamma},       {"seed", seed},             {"jtd_gamma", jtd_gamma}, {"jtd_robust", jtd_robust}, {"route_margin", route_margin},
-          {"router_train", router_train}, {"max_expert_share", max_expert_share},
-          {"certified", {{"eps", certified.eps}, {"warmup", certified.warmup}, {"ramp", certified.ramp},
-                         {"kappa_start", certified.kappa_start}, {"kappa_end", certified.kappa_end},
-                         {"cert_margin", certified.cert_margin}, {"box", certified.box}}},
+  return {{"method", method},
+          {"epochs", epochs},
+          {"batch_size", batch_size},
+          {"beta", beta},
+          {"balance", balance},
+          {"collapse_share", collapse_share},
+          {"optimizer", optimizer},
+          {"lr", lr},
+          {"momentum", momentum},
+          {"weight_decay", weight_decay},
+          {"schedule", schedule},
+          {"milestones", milestones},
+          {"gamma", gamma},
+          {"seed", seed},
+          {"jtd_gamma", jtd_gamma},
+          {"jtd_robust", jtd_robust},
+          {"route_margin", route_margin},
+          {"router_train", router_train},
+          {"max_expert_share", max_expert_share},
+          {"certified",
+           {{"eps", certified.eps},
+            {"warmup", certified.warmup},
+            {"ramp", certified.ramp},
+            {"kappa_start", certified.kappa_start},
+            {"kappa_end", certified.kappa_end},
+            {"cert_margin", certified.cert_margin},
+            {"box", certified.box}}},
           {"attack", attack_json(attack)},
           {"eval_attack", attack_json(eval_attack)}};
 }
@@ -41,14 +60,17 @@ void TrainConfig::validate() const {
   if (method != "jtdmoe" && method != "advmoe") train_method_make(method);
   if (jtd_gamma < 0) throw ConfigError::invalid("--jtd-gamma", std::to_string(jtd_gamma), ">= 0");
   if (epochs < 1) throw ConfigError::invalid("--epochs", std::to_string(epochs), ">= 1");
-  if (batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(batch_size), ">= 1");
+  if (batch_size < 1)
+    throw ConfigError::invalid("--batch-size", std::to_string(batch_size), ">= 1");
   if (optimizer != "adam" && optimizer != "sgd")
     throw ConfigError::invalid("--optimizer", optimizer, "adam | sgd");
   if (schedule != "cosine" && schedule != "step" && schedule != "constant")
     throw ConfigError::invalid("--schedule", schedule, "cosine | step | constant");
   if (!(lr > 0)) throw ConfigError::invalid("--lr", std::to_string(lr), "> 0");
-  if (weight_decay < 0) throw ConfigError::invalid("--weight-decay", std::to_string(weight_decay), ">= 0");
-  if (resume && out_dir.empty()) throw ConfigError("--resume needs --out (the checkpoint to continue)");
+  if (weight_decay < 0)
+    throw ConfigError::invalid("--weight-decay", std::to_string(weight_decay), ">= 0");
+  if (resume && out_dir.empty())
+    throw ConfigError("--resume needs --out (the checkpoint to continue)");
   if (keep_best && out_dir.empty()) throw ConfigError("--keep-best needs --out");
   if (beta < 0) throw ConfigError::invalid("--beta", std::to_string(beta), ">= 0");
   if (balance < 0) throw ConfigError::invalid("--balance", std::to_string(balance), ">= 0");
@@ -59,38 +81,50 @@ void TrainConfig::validate() const {
   if (router_train != "none") router_gradient_parse(router_train);
   const auto& z = certified;
   if ((method == "ibp" || method == "crown-ibp") && attack.norm != Norm::linf)
-    throw ConfigError("--method " + method + ": certified training bounds L-inf boxes; --norm 2 is not supported");
+    throw ConfigError("--method " + method +
+                      ": certified training bounds L-inf boxes; --norm 2 is not supported");
   // A ramp may end after the run (a run to be resumed with more --epochs).
   if (!(std::isfinite(z.warmup) && std::isfinite(z.ramp) && z.warmup <= 1e6 && z.ramp <= 1e6))
-    throw ConfigError::invalid("--eps-warmup/--eps-ramp", std::to_string(z.warmup) + ", " + std::to_string(z.ramp),
+    throw ConfigError::invalid("--eps-warmup/--eps-ramp",
+                               std::to_string(z.warmup) + ", " + std::to_string(z.ramp),
                                "finite numbers of epochs (< 0: the defaults)");
-  if (!(std::isfinite(z.eps) && z.eps <= 1)) throw ConfigError::invalid("--train-eps", std::to_string(z.eps), "<= 1 (< 0: --eps)");
+  if (!(std::isfinite(z.eps) && z.eps <= 1))
+    throw ConfigError::invalid("--train-eps", std::to_string(z.eps), "<= 1 (< 0: --eps)");
   if (!(z.kappa_start >= 0 && z.kappa_start <= 1))
     throw ConfigError::invalid("--kappa-start", std::to_string(z.kappa_start), "in [0, 1]");
-  if (z.kappa_end > 1) throw ConfigError::invalid("--kappa-end", std::to_string(z.kappa_end), "in [0, 1] (or < 0: the method's default)");
+  if (z.kappa_end > 1)
+    throw ConfigError::invalid("--kappa-end", std::to_string(z.kappa_end),
+                               "in [0, 1] (or < 0: the method's default)");
   if (!(z.cert_margin >= 0 && z.cert_margin <= 100))
-    throw ConfigError::invalid("--cert-margin", std::to_string(z.cert_margin), "in [0, 100] logits");
+    throw ConfigError::invalid("--cert-margin", std::to_string(z.cert_margin),
+                               "in [0, 100] logits");
   if (!(route_margin >= 0 && std::isfinite(route_margin)))
     throw ConfigError::invalid("--route-margin", std::to_string(route_margin), ">= 0");
   if (route_margin > 0) {
     if (attack.norm != Norm::linf)
-      throw ConfigError("--route-margin bounds the router over an L-inf box; --norm 2 is not supported");
+      throw ConfigError(
+          "--route-margin bounds the router over an L-inf box; --norm 2 is not supported");
     if (method == "advmoe")
-      throw ConfigError("--route-margin: advmoe's alternating router step does not take it (st | at | trades | "
-                        "rt-er | ibp | crown-ibp | jtdmoe's robust member do)");
+      throw ConfigError(
+          "--route-margin: advmoe's alternating router step does not take it (st | at | trades | "
+          "rt-er | ibp | crown-ibp | jtdmoe's robust member do)");
     if (router_train == "none")
-      throw ConfigError("--route-margin with --router-train none: the router is frozen, the term cannot move it");
+      throw ConfigError(
+          "--route-margin with --router-train none: the router is frozen, the term cannot move it");
   }
   if (method == "jtdmoe") {
     const std::vector<std::string> robust_methods{"rt-er", "at", "trades", "ibp", "crown-ibp"};
     if (std::find(robust_methods.begin(), robust_methods.end(), jtd_robust) == robust_methods.end())
-      throw ConfigError::invalid("--jtd-robust", jtd_robust, "rt-er | at | trades | ibp | crown-ibp");
+      throw ConfigError::invalid("--jtd-robust", jtd_robust,
+                                 "rt-er | at | trades | ibp | crown-ibp");
     if ((jtd_robust == "ibp" || jtd_robust == "crown-ibp") && attack.norm != Norm::linf)
-      throw ConfigError("--jtd-robust " + jtd_robust + ": certified training bounds L-inf boxes; --norm 2 is not supported");
+      throw ConfigError("--jtd-robust " + jtd_robust +
+                        ": certified training bounds L-inf boxes; --norm 2 is not supported");
   }
   if (router_train == "none" && method == "advmoe")
-    throw ConfigError("--router-train none: advmoe alternates expert and router updates; it cannot keep "
-                      "its router fixed");
+    throw ConfigError(
+        "--router-train none: advmoe alternates expert and router updates; it cannot keep "
+        "its router fixed");
 }
 
 namespace {
@@ -98,10 +132,12 @@ namespace {
 /// Learning rate at global step `t` of `total` (cosine) or at `epoch` (step).
 double scheduled_lr(const TrainConfig& c, int epoch, int64_t t, int64_t total) {
   if (c.schedule == "cosine")
-    return c.lr * 0.5 * (1.0 + std::cos(M_PI * static_cast<double>(t) / static_cast<double>(total)));
+    return c.lr * 0.5 *
+           (1.0 + std::cos(M_PI * static_cast<double>(t) / static_cast<double>(total)));
   if (c.schedule == "step") {
     double lr = c.lr;
-    for (int m : c.milestones) if (epoch >= m) lr *= c.gamma;
+    for (int m : c.milestones)
+      if (epoch >= m) lr *= c.gamma;
     return lr;
   }
   return c.lr;
@@ -113,7 +149,9 @@ void set_lr(torch::optim::Optimizer& opt, double lr) {
 
 /// Training state written beside the weights for --resume.
 /// Optimizer i is stored as "optimizer" (i = 0) or "optimizer_<i>".
-std::string optimizer_key(size_t i) { return i == 0 ? "optimizer" : "optimizer_" + std::to_string(i); }
+std::string optimizer_key(size_t i) {
+  return i == 0 ? "optimizer" : "optimizer_" + std::to_string(i);
+}
 
 void write_state(torch::serialize::OutputArchive& ar,
                  const std::vector<torch::optim::Optimizer*>& opts, int epoch,
@@ -168,7 +206,8 @@ void check_finite(const StepStats& st, int epoch, int64_t step) {
 /// Share of samples per expert as fractions. counts: [E] int64
 std::vector<double> usage_shares(const torch::Tensor& counts) {
   auto c = counts.to(torch::kLong).contiguous().cpu();
-  return ExpertUsage::shares(std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel()));
+  return ExpertUsage::shares(
+      std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel()));
 }
 
 /// Warns on stderr when one expert takes more than `limit` of the samples.
@@ -179,7 +218,8 @@ void warn_collapse(const std::vector<double>& shares, double limit, const std::s
       std::cerr << "warning: routing collapse in epoch " << epoch + 1 << ": expert " << i
                 << " takes " << fmt_fixed(100 * shares[i], 1) << "% of the " << what
                 << " samples (limit " << fmt_fixed(100 * limit, 0)
-                << "%); the MoE is acting as one small dense model (see docs/training.md \"Router gradient\")."
+                << "%); the MoE is acting as one small dense model (see docs/training.md \"Router "
+                   "gradient\")."
                 << std::endl;
 }
 
@@ -188,8 +228,10 @@ void warn_collapse(const std::vector<double>& shares, double limit, const std::s
 void train_check_routing_health(const TrainSummary& summary, const TrainConfig& cfg) {
   const auto violation = summary.heldout_usage.share_violation(cfg.max_expert_share, "held-out");
   if (violation.empty()) return;
-  throw Error(ExitCode::gate_failed,
-              violation + (cfg.out_dir.empty() ? std::string() : " (the checkpoint in " + cfg.out_dir + " is written)"));
+  throw Error(
+      ExitCode::gate_failed,
+      violation + (cfg.out_dir.empty() ? std::string()
+                                       : " (the checkpoint in " + cfg.out_dir + " is written)"));
 }
 
 namespace {
@@ -226,18 +268,21 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
     auto order = data_epoch_order(N, cfg.seed, epoch);
     const auto epoch_t0 = std::chrono::steady_clock::now();
     double loss_sum = 0;
-    int64_t seen = 0, clean_ok = 0, adv_ok = 0, adv_seen = 0, win_seen = 0, win_clean = 0, win_adv = 0;
+    int64_t seen = 0, clean_ok = 0, adv_ok = 0, adv_seen = 0, win_seen = 0, win_clean = 0,
+            win_adv = 0;
     double win_loss = 0;
     torch::Tensor usage_clean = torch::zeros({learner.num_experts()}, torch::kLong);
     torch::Tensor usage_adv = torch::zeros({learner.num_experts()}, torch::kLong);
     for (int64_t s = 0; s < steps_per_epoch; ++s) {
       const int64_t global = epoch * steps_per_epoch + s;
       for (auto* opt : opts) set_lr(*opt, scheduled_lr(cfg, epoch, global, total_steps));
-      auto idx = order.narrow(0, s * cfg.batch_size, std::min(cfg.batch_size, N - s * cfg.batch_size));
+      auto idx =
+          order.narrow(0, s * cfg.batch_size, std::min(cfg.batch_size, N - s * cfg.batch_size));
       auto x = train.batch_images(idx).to(device);
       auto y = train.batch_labels(idx).to(device);
       learner.at_step(global, total_steps);
-      StepStats st = learner.update(x, y, cfg, [&](const StepStats& t) { check_finite(t, epoch, s); });
+      StepStats st =
+          learner.update(x, y, cfg, [&](const StepStats& t) { check_finite(t, epoch, s); });
       if (st.usage_clean.defined()) usage_clean = usage_clean + st.usage_clean;
       if (st.usage_adv.defined()) usage_adv = usage_adv + st.usage_adv;
       const int64_t b = idx.size(0);
@@ -247,7 +292,8 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
       if (st.adv_correct >= 0) adv_ok += st.adv_correct, win_adv += st.adv_correct, adv_seen += b;
       images_this_run += b, ++steps_this_run;
       if (cfg.log_every > 0 && ((s + 1) % cfg.log_every == 0 || s + 1 == steps_per_epoch)) {
-        const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const double t =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         const double steps_left = static_cast<double>(total_steps - global - 1);
         std::ostringstream line;
         line << "epoch " << epoch + 1 << "/" << cfg.epochs << "  step " << s + 1 << "/"
@@ -255,9 +301,8 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
              << fmt_fixed(static_cast<double>(win_clean) / win_seen, 3) << "  ra "
              << (st.adv_correct >= 0 ? fmt_fixed(static_cast<double>(win_adv) / win_seen, 3) : "-")
              << "  experts " << ExpertUsage::text(usage_shares(usage_clean))
-             << (st.note.empty() ? "" : "  " + st.note)
-             << "  " << fmt_fixed(images_this_run / t, 0) << " img/s  eta "
-             << fmt_duration(t / steps_this_run * steps_left);
+             << (st.note.empty() ? "" : "  " + st.note) << "  " << fmt_fixed(images_this_run / t, 0)
+             << " img/s  eta " << fmt_duration(t / steps_this_run * steps_left);
         std::cerr << line.str() << std::endl;
         win_seen = win_clean = win_adv = 0, win_loss = 0;
       }
@@ -291,10 +336,11 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
     const bool is_best = eval.ra > best_heldout_ra(summary.history);
     summary.history.push_back(row);
     std::cerr << "epoch " << epoch + 1 << "/" << cfg.epochs << " done: held-out sa "
-              << fmt_fixed(eval.sa, 4) << "  ra " << fmt_fixed(eval.ra, 4) << " ("
-              << eval.samples << " samples, PGD-" << cfg.eval_attack.steps << ")";
+              << fmt_fixed(eval.sa, 4) << "  ra " << fmt_fixed(eval.ra, 4) << " (" << eval.samples
+              << " samples, PGD-" << cfg.eval_attack.steps << ")";
     if (!eval.usage.clean.empty())
-      std::cerr << "  experts " << ExpertUsage::text(ExpertUsage::shares(eval.usage.clean)) << " (adversarial "
+      std::cerr << "  experts " << ExpertUsage::text(ExpertUsage::shares(eval.usage.clean))
+                << " (adversarial "
                 << ExpertUsage::text(ExpertUsage::shares(eval.usage.adversarial)) << ")";
     std::cerr << std::endl;
     summary.heldout_usage = eval.usage;
@@ -303,10 +349,9 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
       manifest.update(learner.manifest_fields());
       manifest["training"] = cfg.to_json();
       manifest["metrics"] = {{"history", summary.history}, {"epochs_done", epoch + 1}};
-      checkpoint_save(cfg.out_dir, model, manifest,
-                      [&](torch::serialize::OutputArchive& ar) {
-                        write_state(ar, opts, epoch + 1, summary.history);
-                      });
+      checkpoint_save(cfg.out_dir, model, manifest, [&](torch::serialize::OutputArchive& ar) {
+        write_state(ar, opts, epoch + 1, summary.history);
+      });
       if (cfg.keep_best && is_best) {
         manifest["metrics"]["best_epoch"] = epoch + 1;
         checkpoint_save(cfg.out_dir + "-best", model, manifest);

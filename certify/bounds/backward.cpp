@@ -2,16 +2,15 @@
 // the graph input through each node's rule, summed where branches meet, and
 // concretised over the input region (L∞ box; L2 ball, with the pixel box by weak
 // duality) or, where a rule stops, over a node's interval. docs/certification.md §11–§12.
-#include "bounds-impl.h"
-
-#include "kernels.h"
-#include "moecert/error.h"
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <optional>
+
+#include "bounds-impl.h"
+#include "kernels.h"
+#include "moecert/error.h"
 
 namespace moecert::bp {
 namespace {
@@ -45,16 +44,20 @@ Coeffs patches_to_dense(const Coeffs& c, const Shape& shape) {
   const int64_t R = c.A.size(0), C = shape[0], H = shape[1], W = shape[2], K = c.kernel;
   auto opts = torch::TensorOptions().dtype(torch::kLong).device(c.A.device());
   auto local = c.site.remainder(c.Ht * c.Wt);
-  auto i0 = torch::div(local, c.Wt, "floor") * c.stride - c.pad, j0 = local.remainder(c.Wt) * c.stride - c.pad;
+  auto i0 = torch::div(local, c.Wt, "floor") * c.stride - c.pad,
+       j0 = local.remainder(c.Wt) * c.stride - c.pad;
   auto k = torch::arange(K, opts);
-  auto y = i0.view({-1, 1, 1, 1}) + k.view({1, 1, -1, 1}), x = j0.view({-1, 1, 1, 1}) + k.view({1, 1, 1, -1});
+  auto y = i0.view({-1, 1, 1, 1}) + k.view({1, 1, -1, 1}),
+       x = j0.view({-1, 1, 1, 1}) + k.view({1, 1, 1, -1});
   auto ch = torch::arange(C, opts).view({1, -1, 1, 1});
   auto valid = (y >= 0) & (y < H) & (x >= 0) & (x < W);
-  auto flat = torch::where(valid, (ch * H + y.clamp(0, H - 1)) * W + x.clamp(0, W - 1), torch::zeros_like(y));
+  auto flat = torch::where(valid, (ch * H + y.clamp(0, H - 1)) * W + x.clamp(0, W - 1),
+                           torch::zeros_like(y));
   Coeffs d;
   d.sample = c.sample;
   d.A = torch::zeros({R, C * H * W}, c.A.options())
-            .scatter_add_(1, flat.expand({R, C, K, K}).reshape({R, -1}), (c.A * valid).reshape({R, -1}))
+            .scatter_add_(1, flat.expand({R, C, K, K}).reshape({R, -1}),
+                          (c.A * valid).reshape({R, -1}))
             .view({R, C, H, W});
   return d;
 }
@@ -117,7 +120,7 @@ void concretise_ball(const Coeffs& c, const BoundPass& pass, torch::Tensor& b, t
   }
   auto lo = g(pass.input.lo), hi = g(pass.input.hi);
   auto best = (A.clamp_min(0) * lo + A.clamp_max(0) * hi).flatten(1).sum(1);  // D(0): the box alone
-  auto lam0 = (norm / (2 * eps.clamp_min(1e-300))).clamp_min(1e-300);       // the ball's optimum
+  auto lam0 = (norm / (2 * eps.clamp_min(1e-300))).clamp_min(1e-300);         // the ball's optimum
   auto dual = [&](const torch::Tensor& t) {  // t = log(λ / λ0) [R]
     auto lam = (lam0 * torch::exp(t)).view({-1, 1});
     auto a = A.flatten(1), xc = x0.flatten(1);
@@ -146,7 +149,8 @@ void concretise_ball(const Coeffs& c, const BoundPass& pass, torch::Tensor& b, t
 }  // namespace
 
 std::function<torch::Tensor(const torch::Tensor&)> gatherer(const Coeffs& c) {
-  if (!c.patches) return [sample = c.sample](const torch::Tensor& t) { return t.index_select(0, sample); };
+  if (!c.patches)
+    return [sample = c.sample](const torch::Tensor& t) { return t.index_select(0, sample); };
   return [c](const torch::Tensor& t) { return unfold_sites(t, c).index_select(0, c.site); };
 }
 
@@ -159,9 +163,12 @@ Coeffs spec_rows(const torch::Tensor& C) {
   return c;
 }
 
-void concretise_input(const Coeffs& c, const BoundPass& pass, torch::Tensor& b, torch::Tensor& mag) {
-  if (pass.domain.norm == Norm::linf) concretise_box(c, pass.input.lo, pass.input.hi, b, mag);
-  else concretise_ball(c, pass, b, mag);
+void concretise_input(const Coeffs& c, const BoundPass& pass, torch::Tensor& b,
+                      torch::Tensor& mag) {
+  if (pass.domain.norm == Norm::linf)
+    concretise_box(c, pass.input.lo, pass.input.hi, b, mag);
+  else
+    concretise_ball(c, pass, b, mag);
 }
 
 torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
@@ -180,7 +187,8 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
     const auto& node = nodes[static_cast<size_t>(m)];
     // A window as large as the grid saves nothing (and some rules take only dense
     // rows): continue with dense rows.
-    if (cur.patches && (!node.rule->takes_patches() || cur.kernel * cur.kernel >= node.out_shape[1] * node.out_shape[2]))
+    if (cur.patches && (!node.rule->takes_patches() ||
+                        cur.kernel * cur.kernel >= node.out_shape[1] * node.out_shape[2]))
       cur = patches_to_dense(cur, node.out_shape);
     if (widest && cur.A.size(0) > 0) *widest = std::max(*widest, cur.A.numel() / cur.A.size(0));
     const NodeBounds& out = pass.nodes[static_cast<size_t>(m)];
@@ -189,8 +197,10 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
     std::vector<Coeffs> ins;
     if (max_steps < 0 || steps < max_steps) {
       BackwardArgs args{*node.layer, node.in_shapes, node.out_shape, {}, gather, {}};
-      for (int i : node.inputs) args.in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
-      if (alphas && (*alphas)[static_cast<size_t>(m)].defined()) args.alpha = (*alphas)[static_cast<size_t>(m)];
+      for (int i : node.inputs)
+        args.in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
+      if (alphas && (*alphas)[static_cast<size_t>(m)].defined())
+        args.alpha = (*alphas)[static_cast<size_t>(m)];
       ins = node.rule->backward(args, cur, b);
       ++steps;
     }
@@ -206,7 +216,8 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
         const NodeBounds& tb = i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)];
         for (const Coeffs* part : {&*target, &ins[k]}) mag = mag + abs_dot(*part, tb.mag);
       }
-      accumulate(target, ins[k], i < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(i)].out_shape);
+      accumulate(target, ins[k],
+                 i < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(i)].out_shape);
     }
   }
   if (keep) {
@@ -217,10 +228,11 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
   return b - rho * mag;
 }
 
-torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs& c, const torch::Tensor& b0,
-                                  int max_steps) {
+torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs& c,
+                                  const torch::Tensor& b0, int max_steps) {
   const int64_t R = c.A.size(0), threads = std::max(1, at::get_num_threads());
-  if (threads == 1 || R < 2 * threads || !rows_fusable(c)) return lower_rows(pass, start, c, b0, nullptr, max_steps);
+  if (threads == 1 || R < 2 * threads || !rows_fusable(c))
+    return lower_rows(pass, start, c, b0, nullptr, max_steps);
   const int64_t chunk = (R + threads - 1) / threads;
   std::vector<torch::Tensor> parts(static_cast<size_t>(threads));
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
@@ -230,7 +242,8 @@ torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs
       Coeffs part = c;
       part.A = c.A.narrow(0, from, len), part.sample = c.sample.narrow(0, from, len);
       if (c.site.defined()) part.site = c.site.narrow(0, from, len);
-      parts[static_cast<size_t>(t)] = lower_rows(pass, start, part, b0.narrow(0, from, len), nullptr, max_steps);
+      parts[static_cast<size_t>(t)] =
+          lower_rows(pass, start, part, b0.narrow(0, from, len), nullptr, max_steps);
     }
   });
   std::vector<torch::Tensor> done;

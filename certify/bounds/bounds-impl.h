@@ -1,12 +1,12 @@
 // Private pieces of the bound-propagation engine shared by its files.
 #pragma once
 
-#include "moecert/bounds.h"
-
 #include <torch/torch.h>
 
 #include <functional>
 #include <limits>
+
+#include "moecert/bounds.h"
 
 namespace moecert::bp {
 
@@ -33,8 +33,8 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
                          RefinedRows* keep = nullptr);
 
 /// lower_rows without α, its rows split over the threads.
-torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs& c, const torch::Tensor& b0,
-                                  int max_steps);
+torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs& c,
+                                  const torch::Tensor& b0, int max_steps);
 
 /// b += min over the pass's input region of Σ A·x for rows over the graph input; mag
 /// += the magnitudes of that sum (box for L∞; ball, with the box by duality, for L2).

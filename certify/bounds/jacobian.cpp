@@ -5,10 +5,10 @@
 // derivative gate δ — fed with s. Over the region δ is 1 or 0 on the units the pass
 // finds stable and lies in [0, 1] on the others, so CROWN over s in the unit ball,
 // with each gate relaxed (src/bounds/rules/gate.cpp), bounds it. docs/certification.md §16.
-#include "bounds-impl.h"
-
 #include <map>
 #include <optional>
+
+#include "bounds-impl.h"
 
 namespace moecert {
 namespace {
@@ -32,17 +32,20 @@ std::optional<LayerGraph> derivative_graph(const LayerGraph& g, const Inputs& in
 
 }  // namespace
 
-torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor& C, BoundMethod intermediate) {
+torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor& C,
+                                     BoundMethod intermediate) {
   torch::NoGradGuard no_grad;
   const BoundGraph& g = *pass.graph;
   Inputs in;
   for (const auto& n : g.nodes())
-    if (!n.inputs.empty()) in[n.layer] = n.inputs[0] < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(n.inputs[0])];
+    if (!n.inputs.empty())
+      in[n.layer] = n.inputs[0] < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(n.inputs[0])];
   auto dg = derivative_graph(g.layers(), in);
   if (!dg) return {};
   const BoundGraph jg(std::move(*dg), g.input_shape());
   const auto& x = pass.domain.x;
-  const InputDomain directions{torch::zeros_like(x), torch::ones({x.size(0)}, x.options()), pass.domain.norm, false};
+  const InputDomain directions{torch::zeros_like(x), torch::ones({x.size(0)}, x.options()),
+                               pass.domain.norm, false};
   BoundOptions opt = pass.opt;
   opt.method = intermediate == BoundMethod::ibp ? BoundMethod::ibp : BoundMethod::crown;
   opt.keep_elements = 0;  // nothing narrows this pass
@@ -50,7 +53,8 @@ torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor&
   // The relation is symmetric (s -> −s maps it to itself), but the bound is taken
   // directly: an upper bound of C·J·s is minus a lower bound of −C·J·s.
   const int64_t B = C.size(0), S = C.size(1);
-  auto low = bp::lower_rows_parallel(jp, jg.output(), bp::spec_rows(-C), torch::zeros({B * S}, C.options()), -1);
+  auto low = bp::lower_rows_parallel(jp, jg.output(), bp::spec_rows(-C),
+                                     torch::zeros({B * S}, C.options()), -1);
   return (-low).clamp_min(0).view({B, S});
 }
 

@@ -1,13 +1,12 @@
 // Compiling layer graphs to nodes, and the forward sweep: interval bounds of every
 // node, CROWN bounds on the inputs of relaxed nodes, float32 error bounds.
 // docs/certification.md §10–§12.
-#include "bounds-impl.h"
-
-#include "moecert/error.h"
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+
+#include "bounds-impl.h"
+#include "moecert/error.h"
 
 namespace moecert {
 
@@ -99,7 +98,8 @@ Coeffs unit_rows(const torch::Tensor& u, const Shape& shape, const torch::Tensor
     c.patches = true;
     c.Ht = shape[1], c.Wt = shape[2];
     c.site = (c.sample * shape[1] + uu.select(1, 2)) * shape[2] + uu.select(1, 3);
-    c.A = (torch::nn::functional::one_hot(uu.select(1, 1), shape[0]).to(opts) * sign).view({2 * m, shape[0], 1, 1});
+    c.A = (torch::nn::functional::one_hot(uu.select(1, 1), shape[0]).to(opts) * sign)
+              .view({2 * m, shape[0], 1, 1});
   } else {
     c.A = torch::nn::functional::one_hot(uu.select(1, 1), shape.at(0)).to(opts) * sign;
   }
@@ -153,13 +153,14 @@ void refine(BoundPass& pass, int k, bool all_units) {
   if (n == 0) return;
   const auto opts = nb.lo.options();
   auto bound = [&](const torch::Tensor& u, int64_t* widest, RefinedRows* keep) {
-    return bp::lower_rows(pass, k, unit_rows(u, shape, opts), torch::zeros({2 * u.size(0)}, opts), nullptr,
-                          -1, widest, keep);
+    return bp::lower_rows(pass, k, unit_rows(u, shape, opts), torch::zeros({2 * u.size(0)}, opts),
+                          nullptr, -1, widest, keep);
   };
   int64_t widest = 1;
   bound(units.narrow(0, 0, 1), &widest, nullptr);
   const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t chunk = std::clamp<int64_t>(pass.opt.chunk_elements / (2 * widest * threads), 1, (n + threads - 1) / threads);
+  const int64_t chunk = std::clamp<int64_t>(pass.opt.chunk_elements / (2 * widest * threads), 1,
+                                            (n + threads - 1) / threads);
   const int64_t chunks = (n + chunk - 1) / chunk;
   std::vector<torch::Tensor> lows(static_cast<size_t>(chunks)), poss(lows.size());
   std::vector<RefinedRows> kept(static_cast<size_t>(chunks));
@@ -171,10 +172,13 @@ void refine(BoundPass& pass, int k, bool all_units) {
   for (const auto& per_node : pass.refined)
     for (const auto& r : per_node)
       if (r.at_input.A.defined())
-        held += torch::bincount(r.at_input.sample.cpu(), {}, B) * (r.at_input.A.numel() / r.at_input.A.size(0));
+        held += torch::bincount(r.at_input.sample.cpu(), {}, B) *
+                (r.at_input.A.numel() / r.at_input.A.size(0));
   auto sample_units = torch::bincount(units.select(1, 0).cpu(), {}, B);
-  const int64_t row_elements = pass.input.lo[0].numel();  // a dense input-level row, the most one holds
-  auto keeps = (held + 2 * row_elements * sample_units).le(pass.opt.keep_elements) & sample_units.gt(0);
+  const int64_t row_elements =
+      pass.input.lo[0].numel();  // a dense input-level row, the most one holds
+  auto keeps =
+      (held + 2 * row_elements * sample_units).le(pass.opt.keep_elements) & sample_units.gt(0);
   const bool keep = keeps.any().item<bool>();
   auto unit_keeps = keeps.to(units.device()).index_select(0, units.select(1, 0));
   auto strides = torch::tensor(nb.lo.strides().vec(), torch::kLong).to(units.device());
@@ -189,7 +193,8 @@ void refine(BoundPass& pass, int k, bool all_units) {
       poss[static_cast<size_t>(c)] = pos.narrow(0, from, len);
       if (!kc) continue;
       rows.pos = poss[static_cast<size_t>(c)];
-      kept[static_cast<size_t>(c)] = chosen.numel() == len ? std::move(rows) : pick_rows(rows, chosen);
+      kept[static_cast<size_t>(c)] =
+          chosen.numel() == len ? std::move(rows) : pick_rows(rows, chosen);
     }
   });
   for (size_t c = 0; c < lows.size(); ++c) tighten(nb, poss[c], lows[c]);
@@ -232,7 +237,8 @@ void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass, const torch::
   const bool all = pass.opt.method == BoundMethod::ibp && changed.all().item<bool>();
   torch::Tensor wanted;
   if (!all) {
-    auto units = pass.opt.method == BoundMethod::ibp ? torch::ones_like(nb.lo, torch::kBool) : relaxed_mask(pass, k);
+    auto units = pass.opt.method == BoundMethod::ibp ? torch::ones_like(nb.lo, torch::kBool)
+                                                     : relaxed_mask(pass, k);
     std::vector<int64_t> per_sample(static_cast<size_t>(nb.lo.dim()), 1);
     per_sample[0] = -1;
     wanted = (units & changed.view(per_sample)).view({-1});
@@ -253,7 +259,8 @@ void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass, const torch::
 
 }  // namespace
 
-BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt, const BoundPass* seed) {
+BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt,
+                        const BoundPass* seed) {
   torch::NoGradGuard no_grad;
   BoundPass pass;
   pass.graph = &g, pass.domain = d, pass.opt = opt;
@@ -292,12 +299,13 @@ torch::Tensor positions_in(const torch::Tensor& index, int64_t size) {
 BoundPass bound_subset(const BoundPass& p, const torch::Tensor& index) {
   torch::NoGradGuard no_grad;
   auto pick = [&](const NodeBounds& nb) {
-    return NodeBounds{nb.lo.index_select(0, index), nb.hi.index_select(0, index), nb.mag.index_select(0, index),
-                      nb.err32.index_select(0, index)};
+    return NodeBounds{nb.lo.index_select(0, index), nb.hi.index_select(0, index),
+                      nb.mag.index_select(0, index), nb.err32.index_select(0, index)};
   };
   BoundPass s;
   s.graph = p.graph, s.opt = p.opt;
-  s.domain = {p.domain.x.index_select(0, index), p.domain.eps.index_select(0, index), p.domain.norm, p.domain.box};
+  s.domain = {p.domain.x.index_select(0, index), p.domain.eps.index_select(0, index), p.domain.norm,
+              p.domain.box};
   s.input = pick(p.input);
   for (const auto& nb : p.nodes) s.nodes.push_back(pick(nb));
   // Old sample -> new position (-1: dropped); kept rows follow their samples.

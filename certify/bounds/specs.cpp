@@ -2,9 +2,9 @@
 // intervals), CROWN (one backward walk), α-CROWN (the lower ReLU slopes of every row
 // optimised by projected Adam steps, the best bound of any step kept); the float32
 // error of each row; the interval Jacobian of rows. docs/certification.md §11–§13.
-#include "bounds-impl.h"
-
 #include <optional>
+
+#include "bounds-impl.h"
 
 namespace moecert {
 namespace {
@@ -19,7 +19,8 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
   std::vector<torch::Tensor> params;
   for (size_t m = 0; m < nodes.size(); ++m) {
     const int i = nodes[m].inputs[0];
-    const auto init = nodes[m].rule->alpha_init(*nodes[m].layer, i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)]);
+    const auto init = nodes[m].rule->alpha_init(
+        *nodes[m].layer, i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)]);
     if (!init.defined()) continue;
     alphas[m] = init.index_select(0, rows.sample).clone().requires_grad_(true);
     params.push_back(alphas[m]);
@@ -44,7 +45,8 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
 
 }  // namespace
 
-SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C, const InputDomain* final_domain) {
+SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C,
+                       const InputDomain* final_domain) {
   torch::NoGradGuard no_grad;
   // The pass's own regions: narrowing would give the pass itself.
   const bool narrow = final_domain && !torch::equal(final_domain->eps, pass_in.domain.eps);
@@ -85,14 +87,17 @@ torch::Tensor bound_jacobian_norms(const BoundPass& pass, const torch::Tensor& C
     if (!slot) continue;
     const auto& node = nodes[static_cast<size_t>(m)];
     BackwardArgs args{*node.layer, node.in_shapes, node.out_shape, {}, gather, {}};
-    for (int i : node.inputs) args.in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
+    for (int i : node.inputs)
+      args.in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
     auto ins = node.rule->jacobian(args, *slot);
     slot.reset();
     for (size_t k = 0; k < ins.size(); ++k) {
       const int i = node.inputs[k];
       auto& target = i < 0 ? at_input : pending[static_cast<size_t>(i)];
-      if (target) target = JacobianBox{target->c + ins[k].c, target->r + ins[k].r};
-      else target = ins[k];
+      if (target)
+        target = JacobianBox{target->c + ins[k].c, target->r + ins[k].r};
+      else
+        target = ins[k];
     }
   }
   auto magnitude = (at_input->c.abs() + at_input->r).flatten(1);  // max |J| over the interval

@@ -6,8 +6,6 @@
 // `--suite pgd`.
 #pragma once
 
-#include "moecert/attacks.h"
-
 #include <torch/types.h>
 
 #include <cstdint>
@@ -15,6 +13,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "moecert/attacks.h"
 
 namespace moecert {
 
@@ -67,7 +67,8 @@ torch::Tensor loss_ce(const torch::Tensor& lp, const torch::Tensor& y);
 /// Difference of logits ratio (Croce & Hein 2020): −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3).
 torch::Tensor loss_dlr(const torch::Tensor& lp, const torch::Tensor& y);
 /// Targeted DLR: −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2).
-torch::Tensor loss_dlr_targeted(const torch::Tensor& lp, const torch::Tensor& y, const torch::Tensor& t);
+torch::Tensor loss_dlr_targeted(const torch::Tensor& lp, const torch::Tensor& y,
+                                const torch::Tensor& t);
 /// The margin z_y − max_{i≠y} z_i (> 0: classified as y). -> [B]
 torch::Tensor class_margin(const torch::Tensor& lp, const torch::Tensor& y);
 
@@ -83,7 +84,8 @@ struct AttackFound {
 /// restarts from the best point. Maximises `objective`; stops a sample once `judge`
 /// misclassifies it.
 AttackFound attack_apgd(const Objective& objective, const Judge& judge, const AttackBall& ball,
-                        const torch::Tensor& y, const RowSampler& sampler, int steps, uint64_t stream);
+                        const torch::Tensor& y, const RowSampler& sampler, int steps,
+                        uint64_t stream);
 
 /// Square (Andriushchenko et al., ECCV 2020): random search, no gradients. Random
 /// square patches of shrinking size, accepted when they lower the judge's margin.
@@ -105,8 +107,8 @@ struct MinNormFound {
   torch::Tensor x_adv;   ///< [B, C, H, W]
   torch::Tensor radius;  ///< [B] float64: ‖x_adv − x‖, +inf if not adversarial
 };
-MinNormFound attack_min_norm(const LogProbFn& f, const Judge& judge, const torch::Tensor& x, const torch::Tensor& y,
-                             Norm norm, bool box, int steps);
+MinNormFound attack_min_norm(const LogProbFn& f, const Judge& judge, const torch::Tensor& x,
+                             const torch::Tensor& y, Norm norm, bool box, int steps);
 
 /// The suites of `moecert attack --suite`.
 enum class Suite { standard, fast, pgd };
@@ -125,24 +127,24 @@ struct SuiteConfig {
   bool aware = true;          ///< MoE-aware runs (route-aware, members) in `standard`
   /// RA-E and RA-R too: the fast suite (PGD with `pgd`) against the component targets.
   bool components = false;
-  PgdConfig pgd;              ///< `--suite pgd`
+  PgdConfig pgd;  ///< `--suite pgd`
   uint64_t seed = 0;
 };
 
 /// Per-sample outcome of a suite.
 struct SuiteRow {
   bool clean_correct = false;
-  bool robust = false;       ///< no attack found a misclassified point within eps
-  std::string broken_by;     ///< the run that broke it ("" if robust or misclassified clean: "clean")
-  double norm = 0;           ///< ‖x_adv − x‖ of the point found (0 when not broken)
+  bool robust = false;    ///< no attack found a misclassified point within eps
+  std::string broken_by;  ///< the run that broke it ("" if robust or misclassified clean: "clean")
+  double norm = 0;        ///< ‖x_adv − x‖ of the point found (0 when not broken)
 };
 
 struct SuiteResult {
   std::vector<SuiteRow> rows;
   torch::Tensor x_adv;  ///< [N, C, H, W] float32 on the CPU: the adversarial points (x where none)
-  std::vector<std::string> runs;                ///< the runs in the order they were tried
-  std::vector<int64_t> broken;                  ///< per run, samples it broke
-  std::vector<double> run_seconds;              ///< per run
+  std::vector<std::string> runs;    ///< the runs in the order they were tried
+  std::vector<int64_t> broken;      ///< per run, samples it broke
+  std::vector<double> run_seconds;  ///< per run
   double sa = 0, ra = 0, seconds = 0;
   double ra_e = -1, ra_r = -1;  ///< with SuiteConfig::components (else -1)
   int64_t samples = 0;

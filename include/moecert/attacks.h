@@ -3,16 +3,16 @@
 // choice, experts attacked) and RA-R (router attacked, experts see the clean input).
 #pragma once
 
-#include "moecert/data.h"
-#include "moecert/models.h"
-
 #include <torch/types.h>
 
 #include <cstdint>
 #include <functional>
-#include <vector>
 #include <string>
 #include <utility>
+#include <vector>
+
+#include "moecert/data.h"
+#include "moecert/models.h"
 
 namespace moecert {
 
@@ -33,15 +33,15 @@ struct PgdConfig {
   int restarts = 1;          ///< independent random starts; the strongest is kept per sample
   bool random_start = true;
   AttackLoss loss = AttackLoss::ce;
-  bool box = true;           ///< project onto [0, 1] too (false: the whole ball, as `certify --no-box`)
+  bool box = true;  ///< project onto [0, 1] too (false: the whole ball, as `certify --no-box`)
 };
 
 /// A differentiable map x [B, C, H, W] -> log-probabilities [B, K].
 using LogProbFn = std::function<torch::Tensor(const torch::Tensor& x)>;
 
 /// PGD: maximises the loss of `f` at (x, y) inside the ε-ball around x and the
-/// [0, 1] box (unless cfg.box is false). Per sample, keeps the first restart that misclassifies (or the
-/// highest loss). x: [B, C, H, W], y: [B] -> x_adv [B, C, H, W] (detached)
+/// [0, 1] box (unless cfg.box is false). Per sample, keeps the first restart that misclassifies (or
+/// the highest loss). x: [B, C, H, W], y: [B] -> x_adv [B, C, H, W] (detached)
 torch::Tensor attack_pgd(const LogProbFn& f, const torch::Tensor& x, const torch::Tensor& y,
                          const PgdConfig& cfg);
 
@@ -110,7 +110,8 @@ struct AttackSubject {
 /// other (g_j − g_(k), minus a constant 1e3 that ranks every routed point above every
 /// unrouted one); once it is, lower the class margin of `whole` (the model under
 /// attack, which then routes through j). Empty for other routings.
-std::vector<AwareObjective> route_aware_objectives(MoeImpl& model, const LogProbFn& whole, const torch::Tensor& y,
+std::vector<AwareObjective> route_aware_objectives(MoeImpl& model, const LogProbFn& whole,
+                                                   const torch::Tensor& y,
                                                    const std::string& prefix);
 
 /// The attack subject of a single MoE (or dense model).

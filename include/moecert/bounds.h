@@ -7,11 +7,11 @@
 // Proofs: docs/certification.md §10–§12.
 #pragma once
 
+#include <memory>
+
 #include "moecert/defaults.h"
 #include "moecert/rules.h"
 #include "moecert/train_bounds.h"  // other_classes, margin_rows, router_selection
-
-#include <memory>
 
 namespace moecert {
 
@@ -19,12 +19,12 @@ namespace moecert {
 struct BoundNode {
   const Layer* layer = nullptr;
   const BoundRule* rule = nullptr;
-  std::vector<int> inputs;       ///< earlier node indices; -1 is the graph input
+  std::vector<int> inputs;  ///< earlier node indices; -1 is the graph input
   std::vector<Shape> in_shapes;
   Shape out_shape;
-  std::vector<int> consumers;    ///< later nodes that take this one as an input
-  bool feeds_relaxed = false;    ///< some consumer is a relaxed operator (ReLU, max-pool)
-  bool after_relaxed = false;    ///< some ancestor is relaxed: not in the affine prefix
+  std::vector<int> consumers;  ///< later nodes that take this one as an input
+  bool feeds_relaxed = false;  ///< some consumer is a relaxed operator (ReLU, max-pool)
+  bool after_relaxed = false;  ///< some ancestor is relaxed: not in the affine prefix
 };
 
 /// A layer graph compiled to nodes in topological order (residual blocks become
@@ -57,8 +57,8 @@ struct InputDomain {
 
 struct BoundOptions {
   BoundMethod method = BoundMethod::crown;
-  int alpha_steps = defaults::alpha_steps;       ///< α-CROWN iteration budget
-  double alpha_lr = defaults::alpha_lr;          ///< α-CROWN Adam step size
+  int alpha_steps = defaults::alpha_steps;                  ///< α-CROWN iteration budget
+  double alpha_lr = defaults::alpha_lr;                     ///< α-CROWN Adam step size
   int64_t chunk_elements = defaults::bound_chunk_elements;  ///< row coefficients held at once
   /// Coefficients of refined units' input-level rows a pass keeps per sample for narrowing.
   int64_t keep_elements = defaults::bound_keep_elements;
@@ -69,8 +69,8 @@ struct BoundOptions {
 /// is b + min Σ A·x − ρ(mag + the concretisation's magnitude); the first half of the
 /// rows bound +z_u, the second −z_u (docs §11, §15).
 struct RefinedRows {
-  torch::Tensor pos;   ///< [m] flat positions of the units in the node's [B, *shape] tensor
-  Coeffs at_input;     ///< [2m] rows over the input (A undefined: none reached it)
+  torch::Tensor pos;     ///< [m] flat positions of the units in the node's [B, *shape] tensor
+  Coeffs at_input;       ///< [2m] rows over the input (A undefined: none reached it)
   torch::Tensor b, mag;  ///< [2m] constants and accumulated magnitudes of the walks
 };
 
@@ -129,6 +129,7 @@ torch::Tensor bound_jacobian_norms(const BoundPass& pass, const torch::Tensor& C
 /// its unstable ones), a network in s that CROWN bounds; `intermediate` chooses CROWN
 /// or interval bounds on the gates' inputs. Undefined when the graph has an operator
 /// with no gate form (max-pool). C: [B, S, K] -> [B, S]
-torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor& C, BoundMethod intermediate);
+torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor& C,
+                                     BoundMethod intermediate);
 
 }  // namespace moecert

@@ -3,6 +3,10 @@
 // cross-check against PGD. The proofs of every bound are in docs/certification.md.
 #pragma once
 
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
 #include "moecert/attacks.h"
 #include "moecert/data.h"
 #include "moecert/defaults.h"
@@ -10,11 +14,6 @@
 #include "moecert/model_io.h"
 #include "moecert/rules.h"
 #include "moecert/spectral.h"
-
-#include <nlohmann/json.hpp>
-
-#include <string>
-#include <vector>
 
 namespace moecert {
 
@@ -28,7 +27,7 @@ double layer_operator_norm(const Layer& l, Norm p, const std::vector<int64_t>& i
                            bool to_inf = false);
 
 struct GlobalBound {
-  double value = 0;  ///< sound: L >= sup_x ‖J_h(x)‖_{p->∞}
+  double value = 0;                                    ///< sound: L >= sup_x ‖J_h(x)‖_{p->∞}
   std::vector<std::pair<std::string, double>> layers;  ///< per-layer factors (top level)
 };
 
@@ -43,7 +42,8 @@ GlobalBound lipschitz_global(const LayerGraph& g, Norm p, const std::vector<int6
 /// eps: [B] -> [B] float64. With `box`, over B_p(x_b, eps_b) ∩ [0, 1]^d (a convex
 /// subset: the same proof holds).
 torch::Tensor lipschitz_local(const LayerGraph& g, Norm p, const torch::Tensor& x,
-                              const torch::Tensor& eps, bool box = false, bool jacobian_crown = true);
+                              const torch::Tensor& eps, bool box = false,
+                              bool jacobian_crown = true);
 
 /// The constant Theorems 5.4 / 5.5 need of a logit map (docs §6, §16): K >= sup over
 /// the region of min_t ‖Δh − t·1‖_∞ / ‖Δx‖_p, the change of the logits up to a common
@@ -51,7 +51,8 @@ torch::Tensor lipschitz_local(const LayerGraph& g, Norm p, const torch::Tensor& 
 /// the class h predicts at x, each difference's constant bounded like a logit's.
 /// Same arguments -> [B] float64.
 torch::Tensor lipschitz_local_shift(const LayerGraph& g, Norm p, const torch::Tensor& x,
-                                    const torch::Tensor& eps, bool box = false, bool jacobian_crown = true);
+                                    const torch::Tensor& eps, bool box = false,
+                                    bool jacobian_crown = true);
 
 /// `lower`: the largest dual-norm gradient of any logit found at the given points
 /// and along signed-gradient ascent paths of each logit within `radius` (each is a
@@ -104,10 +105,11 @@ MemberView member_view(const MemberEval& m, const MemberConstants& c);
 /// Radii of a single MoE; NaN where a form does not apply. All are lower bounds of the
 /// exact-real formula (outward-rounded intervals, margins reduced by the allowance).
 struct SingleRadii {
-  double paper = 0;      ///< Theorem 5.4, paper form
-  double tight = 0;      ///< Theorem 5.4, tight form
-  double candidate = 0;  ///< top-1: every expert that could be selected classifies y (NaN otherwise)
-  double margin = 0;     ///< dense: min_k (h_y - h_k) / (2 L_h) (NaN for E > 1)
+  double paper = 0;  ///< Theorem 5.4, paper form
+  double tight = 0;  ///< Theorem 5.4, tight form
+  double candidate =
+      0;              ///< top-1: every expert that could be selected classifies y (NaN otherwise)
+  double margin = 0;  ///< dense: min_k (h_y - h_k) / (2 L_h) (NaN for E > 1)
 };
 SingleRadii radii_single(const MemberEval& m, const MemberConstants& c, int64_t label);
 
@@ -140,18 +142,20 @@ struct CertifyConfig {
   Norm norm = Norm::linf;
   std::vector<Estimator> estimators{Estimator::global, Estimator::local, Estimator::crown,
                                     Estimator::alpha_crown};
-  bool box = true;                   ///< certify B_p(x, ε) ∩ [0, 1]^d (false: the whole ball)
-  bool exact_arithmetic = false;     ///< no float32 allowance: radii hold for the real-valued network only
+  bool box = true;  ///< certify B_p(x, ε) ∩ [0, 1]^d (false: the whole ball)
+  bool exact_arithmetic =
+      false;  ///< no float32 allowance: radii hold for the real-valued network only
   std::vector<double> eps_grid{0.01, 0.02, 0.05, 0.1};
-  int bisect_steps = 10;             ///< local Lipschitz radius bisection steps
+  int bisect_steps = 10;  ///< local Lipschitz radius bisection steps
   /// Local constants: also bound the Jacobian by CROWN through its graph (docs §16; a
   /// few times tighter, a few times slower), or by the interval Jacobian alone.
   bool jacobian_crown = true;
-  int search_rounds = defaults::search_rounds;  ///< CROWN / IBP radius search: full passes per sample
-  double search_tol = defaults::search_tol;     ///< relative width at which the search stops
-  int alpha_rounds = defaults::alpha_rounds;    ///< α-CROWN radius search: full passes per sample
-  int alpha_steps = defaults::alpha_steps;      ///< α-CROWN optimisation steps per bound
-  bool empirical = true;             ///< the attacks' cross-check (FMN, APGD bisection)
+  int search_rounds =
+      defaults::search_rounds;                ///< CROWN / IBP radius search: full passes per sample
+  double search_tol = defaults::search_tol;   ///< relative width at which the search stops
+  int alpha_rounds = defaults::alpha_rounds;  ///< α-CROWN radius search: full passes per sample
+  int alpha_steps = defaults::alpha_steps;    ///< α-CROWN optimisation steps per bound
+  bool empirical = true;                      ///< the attacks' cross-check (FMN, APGD bisection)
   /// The empirical APGD bisection (steps, restarts, loss). Loss `margin` means APGD's
   /// DLR loss (the default): a confident float32 model's cross-entropy has no gradient
   /// left (softmax saturates), the scale-free logit-difference ratio has.
@@ -160,16 +164,16 @@ struct CertifyConfig {
     c.loss = AttackLoss::margin;
     return c;
   }();
-  double empirical_max = 0.5;        ///< upper end of the empirical bisection
-  int min_norm_steps = 100;          ///< FMN iterations of the empirical radius
-  double empirical_tol = 1e-3;       ///< bisection tolerance (absolute, in ε)
+  double empirical_max = 0.5;   ///< upper end of the empirical bisection
+  int min_norm_steps = 100;     ///< FMN iterations of the empirical radius
+  double empirical_tol = 1e-3;  ///< bisection tolerance (absolute, in ε)
   int64_t batch_size = 100;
   /// Parts of a batch whose Lipschitz and bound stages run side by side, each on one
   /// thread (0: as many as intra-op threads; 1: the whole batch, intra-op threads).
   /// Radii do not depend on it; only the CPU splits.
   int sample_parts = 0;
-  std::string shard;                 ///< "i/n" label when this run is one shard
-  uint64_t seed = 0;                 ///< with the sample index, seeds each sample's PGD starts
+  std::string shard;  ///< "i/n" label when this run is one shard
+  uint64_t seed = 0;  ///< with the sample index, seeds each sample's PGD starts
 };
 
 /// Certifies the samples `indices` of `data`. Returns results.json (schema

@@ -4,11 +4,11 @@
 // killed at any moment leaves the previous checkpoint loadable.
 #pragma once
 
-#include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 #include <torch/serialize/archive.h>
 
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 

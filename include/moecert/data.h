@@ -13,9 +13,9 @@ namespace moecert {
 
 /// An in-memory labelled image set.
 struct Dataset {
-  std::string name;          ///< "fashion-mnist", "cifar10", "synthetic"
-  torch::Tensor images;      ///< [N, C, H, W] uint8
-  torch::Tensor labels;      ///< [N] int64, values in [0, num_classes)
+  std::string name;      ///< "fashion-mnist", "cifar10", "synthetic"
+  torch::Tensor images;  ///< [N, C, H, W] uint8
+  torch::Tensor labels;  ///< [N] int64, values in [0, num_classes)
   int64_t num_classes = 0;
   std::vector<double> mean;  ///< per-channel normalisation mean (pixels in [0,1])
   std::vector<double> std;   ///< per-channel normalisation std

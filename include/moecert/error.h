@@ -13,11 +13,11 @@ namespace moecert {
 /// Documented process exit codes (README "Exit codes").
 enum class ExitCode : int {
   ok = 0,
-  gate_failed = 1,   ///< a CI gate evaluated to false
-  bad_input = 2,     ///< bad usage, unreadable/corrupt data or checkpoint, wrong shape
-  soundness = 3,     ///< a certificate was violated by an attack
-  numeric = 4,       ///< NaN/Inf during training or evaluation
-  internal = 5,      ///< a bug: an invariant that cannot fail did
+  gate_failed = 1,  ///< a CI gate evaluated to false
+  bad_input = 2,    ///< bad usage, unreadable/corrupt data or checkpoint, wrong shape
+  soundness = 3,    ///< a certificate was violated by an attack
+  numeric = 4,      ///< NaN/Inf during training or evaluation
+  internal = 5,     ///< a bug: an invariant that cannot fail did
 };
 
 /// Root of every error moecert throws on purpose.

@@ -27,13 +27,14 @@ struct Layer {
                      ///< a ReLU's derivative in a Jacobian graph (certify/jacobian.cpp)
   };
   Kind kind;
-  std::string name;           ///< the parameter path it came from ("conv1", "layer2.0", ...)
-  torch::Tensor weight, bias;  ///< conv/linear weights; channel_affine: scale, shift [C]; gate: δ's bounds
+  std::string name;  ///< the parameter path it came from ("conv1", "layer2.0", ...)
+  torch::Tensor weight,
+      bias;  ///< conv/linear weights; channel_affine: scale, shift [C]; gate: δ's bounds
   /// channel_affine only: per-channel size of the terms the float32 model sums to
   /// form its shift (eval BatchNorm: |β| + |μ·scale|); undefined means |shift|.
   torch::Tensor shift_terms;
   int64_t stride = 1, padding = 0, kernel = 0;  ///< conv / max-pool geometry
-  std::vector<Layer> main, shortcut;           ///< residual branches
+  std::vector<Layer> main, shortcut;            ///< residual branches
 
   static Layer affine(std::string name, torch::Tensor scale, torch::Tensor shift,
                       torch::Tensor shift_terms = {});
@@ -44,7 +45,8 @@ struct Layer {
   /// δ in [lo, hi] elementwise, per sample: lo, hi [B, *shape].
   static Layer gate(std::string name, torch::Tensor lo, torch::Tensor hi);
   static Layer simple(Kind kind, std::string name = "");
-  static Layer residual_block(std::string name, std::vector<Layer> main, std::vector<Layer> shortcut);
+  static Layer residual_block(std::string name, std::vector<Layer> main,
+                              std::vector<Layer> shortcut);
 };
 
 using LayerGraph = std::vector<Layer>;

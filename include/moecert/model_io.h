@@ -3,14 +3,14 @@
 // dual-model of two MoEs.
 #pragma once
 
+#include <torch/types.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+
 #include "moecert/attacks.h"
 #include "moecert/dual.h"
 #include "moecert/models.h"
-
-#include <nlohmann/json.hpp>
-#include <torch/types.h>
-
-#include <string>
 
 namespace moecert {
 

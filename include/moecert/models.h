@@ -6,15 +6,15 @@
 // (paths share the head). All maps take x: [B, C, H, W] with pixels in [0, 1].
 #pragma once
 
-#include "moecert/graph.h"
-
-#include <nlohmann/json.hpp>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
+
+#include "moecert/graph.h"
 
 namespace moecert {
 
@@ -39,14 +39,14 @@ RouterGradient router_gradient_parse(const std::string& s);
 
 /// Everything needed to rebuild a model; stored as "architecture" in model.json.
 struct ModelSpec {
-  std::string kind = "moe";            ///< moe (model-level) | moe-cnn (channel groups)
-  double scale = 0.5;                  ///< moe-cnn: group width r as a share of C_out
+  std::string kind = "moe";  ///< moe (model-level) | moe-cnn (channel groups)
+  double scale = 0.5;        ///< moe-cnn: group width r as a share of C_out
   int64_t in_channels = 1, height = 28, width = 28, num_classes = 10;
-  int64_t experts = 4;                 ///< E (moe-cnn: N groups); 1 = dense, no router
-  std::string expert = "cnn-s";        ///< cnn-s | resnet18
-  std::string router = "linear";       ///< linear | cnn
+  int64_t experts = 4;            ///< E (moe-cnn: N groups); 1 = dense, no router
+  std::string expert = "cnn-s";   ///< cnn-s | resnet18
+  std::string router = "linear";  ///< linear | cnn
   Routing routing = Routing::top_k;
-  int64_t top_k = 1;                   ///< k of top-k routing (1 <= k <= E)
+  int64_t top_k = 1;                        ///< k of top-k routing (1 <= k <= E)
   std::vector<double> mean{0.5}, std{0.5};  ///< input normalisation, per channel
 
   nlohmann::json to_json() const;
@@ -103,10 +103,10 @@ class ChannelGroupNetImpl : public torch::nn::Module {
 };
 
 /// Builds the MoE-CNN body of backbone `kind` (cnn-s | resnet18). Throws ConfigError.
-std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind, int64_t in_channels,
-                                                        int64_t height, int64_t width,
-                                                        int64_t outputs, int64_t groups,
-                                                        double scale);
+std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind,
+                                                        int64_t in_channels, int64_t height,
+                                                        int64_t width, int64_t outputs,
+                                                        int64_t groups, double scale);
 
 /// The routing of a batch: which experts each sample uses and with what weight.
 struct MoeRouting {

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <nlohmann/json.hpp>
-
 #include <string>
 #include <vector>
 
@@ -32,15 +31,16 @@ struct GateResult {
   double actual = 0;
   bool passed = false;
 };
-std::vector<GateResult> gates_evaluate(const nlohmann::json& results, const std::vector<Gate>& gates);
+std::vector<GateResult> gates_evaluate(const nlohmann::json& results,
+                                       const std::vector<Gate>& gates);
 
 /// One JUnit <testcase> per gate, failures with the actual value. Valid XML.
 std::string junit_xml(const std::vector<GateResult>& results, const std::string& suite);
 
 /// Regression gates against a baseline: for every certified and empirical accuracy
 /// at every ε of both grids, fails when the value dropped by more than max_drop.
-std::vector<GateResult> baseline_gates(const nlohmann::json& results, const nlohmann::json& baseline,
-                                       double max_drop);
+std::vector<GateResult> baseline_gates(const nlohmann::json& results,
+                                       const nlohmann::json& baseline, double max_drop);
 
 /// Combines shard results (`certify --shard i/n`) into one results object: rows in
 /// index order, aggregates recomputed. Throws ConfigError naming the disagreement

@@ -7,15 +7,15 @@
 // src/bounds/rules/registry.cpp.
 #pragma once
 
-#include "moecert/attacks.h"
-#include "moecert/graph.h"
-
 #include <torch/types.h>
 
 #include <functional>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "moecert/attacks.h"
+#include "moecert/graph.h"
 
 namespace moecert {
 
@@ -25,8 +25,10 @@ using Shape = std::vector<int64_t>;  ///< a node's shape without the batch dimen
 /// region. All [B, *shape], float64.
 struct NodeBounds {
   torch::Tensor lo, hi;  ///< encloses the exact-real output (outward-rounded by the engine)
-  torch::Tensor mag;     ///< >= |output| and >= the sum of |terms| its arithmetic adds (rounding allowances)
-  torch::Tensor err32;   ///< >= |float32 output − exact output| of the model as LibTorch evaluates it
+  torch::Tensor
+      mag;  ///< >= |output| and >= the sum of |terms| its arithmetic adds (rounding allowances)
+  torch::Tensor
+      err32;  ///< >= |float32 output − exact output| of the model as LibTorch evaluates it
 };
 
 /// Linear coefficients of R bound rows over one node's output. Row r stands for
@@ -100,7 +102,8 @@ class BoundRule {
   /// input (one per input, undefined A = no contribution); the rows' constant terms are
   /// added to `b` [R]. Returns {} when this layout (patches) is not handled: the engine
   /// then concretises the rows with this node's interval instead.
-  virtual std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const = 0;
+  virtual std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                                       torch::Tensor& b) const = 0;
   /// Global Lipschitz step: the constant of this node's output (‖·‖_p of the graph
   /// input -> ‖·‖_p, or ‖·‖_∞ with `to_inf`) from its inputs' constants.
   virtual double lipschitz(const Layer& l, Norm p, const std::vector<Shape>& in,
@@ -111,7 +114,9 @@ class BoundRule {
   /// The layer of the derivative graph (docs §16): the map s -> J·s of this layer at
   /// any point of the region. nullopt: none in the form of a layer (the relaxed
   /// Jacobian bound then falls back to the interval one).
-  virtual std::optional<Layer> derivative(const Layer& l, const DerivativeArgs& a) const { return std::nullopt; }
+  virtual std::optional<Layer> derivative(const Layer& l, const DerivativeArgs& a) const {
+    return std::nullopt;
+  }
 };
 
 /// The rule of a layer's kind; UnsupportedLayerError naming the layer and saying

@@ -2,9 +2,9 @@
 // Lipschitz factors of the linear and conv2d rules). Proof: docs/certification.md §2.
 #pragma once
 
-#include "moecert/defaults.h"
-
 #include <torch/types.h>
+
+#include "moecert/defaults.h"
 
 namespace moecert {
 

@@ -8,10 +8,10 @@
 // as certify's candidate form. Proofs: docs/certification.md §19.
 #pragma once
 
+#include <utility>
+
 #include "moecert/models.h"
 #include "moecert/rules.h"
-
-#include <utility>
 
 namespace moecert {
 
@@ -36,16 +36,19 @@ std::pair<torch::Tensor, torch::Tensor> router_selection(const torch::Tensor& di
 /// f_y − f_k from bounds on the logit differences δ_j = h_j − h_y (exact over that box
 /// of δ; docs/certification.md §13.3). dlo, dhi: [n, K] (entry y ignored) -> [n, K]
 /// (entry y = +inf). Differentiable.
-torch::Tensor softmax_margin_lower(const torch::Tensor& dlo, const torch::Tensor& dhi, const torch::Tensor& labels);
+torch::Tensor softmax_margin_lower(const torch::Tensor& dlo, const torch::Tensor& dhi,
+                                   const torch::Tensor& labels);
 
 /// min Σ_i a_i μ_i over {a : a_lo <= a <= a_hi, Σ a = 1} (exact; greedy on μ).
 /// a_lo, a_hi, mu: [n, E] -> [n]. Differentiable.
-torch::Tensor simplex_min(const torch::Tensor& a_lo, const torch::Tensor& a_hi, const torch::Tensor& mu);
+torch::Tensor simplex_min(const torch::Tensor& a_lo, const torch::Tensor& a_hi,
+                          const torch::Tensor& mu);
 
 /// Bounds a_lo <= a <= a_hi of the router's softmax weights over the selected experts
 /// on each region (§13.3), from diff [n, E, E] (router_selection's) and the possible
 /// and sure experts [n, E]. -> {[n, E], [n, E]}. Differentiable.
-std::pair<torch::Tensor, torch::Tensor> router_weight_bounds(const torch::Tensor& diff, const torch::Tensor& possible,
+std::pair<torch::Tensor, torch::Tensor> router_weight_bounds(const torch::Tensor& diff,
+                                                             const torch::Tensor& possible,
                                                              const torch::Tensor& sure);
 
 /// What certified training knows of a MoE (or dense model) over B_∞(x, ε) ∩ [0, 1]^d.
@@ -62,13 +65,15 @@ struct CertifiedMargins {
 /// IBP through the router (exact for a linear router). ConfigError without a choice
 /// to keep (E = 1, soft routing, top-k = E). x: [B, C, H, W], eps: [B] -> [B].
 /// Differentiable in the router's parameters.
-torch::Tensor route_gap_lower(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& eps, bool box = true);
+torch::Tensor route_gap_lower(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& eps,
+                              bool box = true);
 
 /// Training's bound of a MoE with top-1 routing or of a dense model (ConfigError for
-/// soft or top-k > 1 routing: moe_mixture_margins). x: [B, C, H, W] in [0, 1], y: [B], eps: [B] L∞ radii;
-/// beta as train_spec_lower. Differentiable in the model's parameters.
-CertifiedMargins moe_certified_margins(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
-                                       const torch::Tensor& eps, double beta, bool box = true);
+/// soft or top-k > 1 routing: moe_mixture_margins). x: [B, C, H, W] in [0, 1], y: [B], eps: [B] L∞
+/// radii; beta as train_spec_lower. Differentiable in the model's parameters.
+CertifiedMargins moe_certified_margins(MoeImpl& model, const torch::Tensor& x,
+                                       const torch::Tensor& y, const torch::Tensor& eps,
+                                       double beta, bool box = true);
 
 /// What certified training knows of a MoE with soft or top-k > 1 routing over
 /// B_∞(x, ε) ∩ [0, 1]^d: certify's mixture form (docs/certification.md §13.3) without

@@ -2,16 +2,15 @@
 // evaluation, atomic checkpoints and exact resume.
 #pragma once
 
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
 #include "moecert/attacks.h"
 #include "moecert/data.h"
 #include "moecert/dual.h"
 #include "moecert/models.h"
-
-#include <nlohmann/json.hpp>
-
-#include <memory>
-#include <string>
-#include <vector>
 
 namespace moecert {
 
@@ -22,17 +21,18 @@ namespace moecert {
 /// allowed) counted in steps, so a run resumed with more --epochs sees the same
 /// values at the same step.
 struct CertifiedConfig {
-  double eps = -1;            ///< training radius (L∞); < 0: the attack's --eps
-  double warmup = -1;         ///< epochs at ε = 0; < 0: 5% of --epochs (Zhang et al.: 10 of 200)
-  double ramp = -1;           ///< epochs of the ramp; < 0: 25% of --epochs (Zhang et al.: 50 of 200)
-  double kappa_start = 1.0;   ///< weight of the clean loss at the ramp's start
-  double kappa_end = -1;      ///< and after it; < 0: the method's published value (ibp 0.5, crown-ibp 0)
+  double eps = -1;           ///< training radius (L∞); < 0: the attack's --eps
+  double warmup = -1;        ///< epochs at ε = 0; < 0: 5% of --epochs (Zhang et al.: 10 of 200)
+  double ramp = -1;          ///< epochs of the ramp; < 0: 25% of --epochs (Zhang et al.: 50 of 200)
+  double kappa_start = 1.0;  ///< weight of the clean loss at the ramp's start
+  double kappa_end =
+      -1;  ///< and after it; < 0: the method's published value (ibp 0.5, crown-ibp 0)
   /// The bound's margins are trained past this many logits: the robust term is
   /// CE(z, y) with z_k = τ − m_k (0: Gowal et al.'s worst-case logits). A dual-model
   /// at α certifies where F_R's probability margin exceeds c = (1 − α)/α; margins
   /// above ln((1 + (K − 1)c) / (1 − c)) ensure it (1.47 for α = 0.8, K = 10).
   double cert_margin = 0;
-  bool box = true;            ///< bound B_∞(x, ε) ∩ [0, 1]^d (false: the whole ball)
+  bool box = true;  ///< bound B_∞(x, ε) ∩ [0, 1]^d (false: the whole ball)
 };
 
 /// The schedule's values at one step.
@@ -41,8 +41,9 @@ struct CertifiedPoint {
 };
 
 struct TrainConfig {
-  std::string method = "at";        ///< st | at | trades | rt-er | advmoe | jtdmoe (dual-model) | ibp | crown-ibp
-  double jtd_gamma = 0.0;           ///< JTDMoE: weight of CE(F_D(x_adv)) in the F_S step (0 = paper)
+  std::string method =
+      "at";  ///< st | at | trades | rt-er | advmoe | jtdmoe (dual-model) | ibp | crown-ibp
+  double jtd_gamma = 0.0;  ///< JTDMoE: weight of CE(F_D(x_adv)) in the F_S step (0 = paper)
   /// JTDMoE: the method of the F_R step: rt-er (paper 1) | at | trades | ibp | crown-ibp
   /// (certified training of the robust member, on its ε/κ schedule).
   std::string jtd_robust = "rt-er";
@@ -50,9 +51,9 @@ struct TrainConfig {
   /// clean top-k choice's lead on the ball (train_bounds.h route_gap_lower) at the
   /// method's radius: --eps, or certified training's scheduled ε. 0 = off.
   double route_margin = 0;
-  double beta = 6.0;                ///< TRADES / RT-ER regulariser weight (papers' default)
-  double balance = 0.3;             ///< weight of the load-balancing loss (0 = off; docs/training.md)
-  double collapse_share = 0.9;      ///< warn when one expert takes more of the samples
+  double beta = 6.0;            ///< TRADES / RT-ER regulariser weight (papers' default)
+  double balance = 0.3;         ///< weight of the load-balancing loss (0 = off; docs/training.md)
+  double collapse_share = 0.9;  ///< warn when one expert takes more of the samples
   /// Health gate: after the last epoch, exit 1 when one expert takes more than this
   /// share of the held-out samples, clean or adversarial (1 = off).
   double max_expert_share = 1.0;
@@ -61,21 +62,21 @@ struct TrainConfig {
   std::string router_train = "top2";
   int epochs = 10;
   int64_t batch_size = 128;
-  std::string optimizer = "adam";   ///< adam | sgd
+  std::string optimizer = "adam";  ///< adam | sgd
   double lr = 1e-3;
-  double momentum = 0.9;            ///< SGD only
+  double momentum = 0.9;  ///< SGD only
   double weight_decay = 0.0;
   std::string schedule = "cosine";  ///< cosine (per step) | step (per epoch) | constant
   std::vector<int> milestones;      ///< epochs at which `step` multiplies lr by gamma
   double gamma = 0.1;
   uint64_t seed = 0;
-  PgdConfig attack;                 ///< the training attack (at)
-  PgdConfig eval_attack;            ///< the per-epoch held-out attack
-  int log_every = 50;               ///< progress line every N steps (0 = never)
-  std::string out_dir;              ///< checkpoint directory (empty = none)
-  bool resume = false;              ///< continue from out_dir's train_state.pt
-  bool keep_best = false;           ///< also keep the best-RA epoch in `<out_dir>-best`
-  CertifiedConfig certified;        ///< ibp / crown-ibp
+  PgdConfig attack;           ///< the training attack (at)
+  PgdConfig eval_attack;      ///< the per-epoch held-out attack
+  int log_every = 50;         ///< progress line every N steps (0 = never)
+  std::string out_dir;        ///< checkpoint directory (empty = none)
+  bool resume = false;        ///< continue from out_dir's train_state.pt
+  bool keep_best = false;     ///< also keep the best-RA epoch in `<out_dir>-best`
+  CertifiedConfig certified;  ///< ibp / crown-ibp
 
   nlohmann::json to_json() const;
   void validate() const;  ///< throws ConfigError naming the option
@@ -83,14 +84,14 @@ struct TrainConfig {
 
 /// Statistics of one training step.
 struct StepStats {
-  torch::Tensor loss;            ///< scalar, differentiable
-  int64_t clean_correct = 0;     ///< -1 if not measured
-  int64_t adv_correct = -1;      ///< -1 if the method has no adversarial pass
-  torch::Tensor usage_clean;     ///< [E] int64 samples whose top expert is i (clean input)
-  torch::Tensor usage_adv;       ///< [E] int64 the same on the adversarial input (if any)
+  torch::Tensor loss;         ///< scalar, differentiable
+  int64_t clean_correct = 0;  ///< -1 if not measured
+  int64_t adv_correct = -1;   ///< -1 if the method has no adversarial pass
+  torch::Tensor usage_clean;  ///< [E] int64 samples whose top expert is i (clean input)
+  torch::Tensor usage_adv;    ///< [E] int64 the same on the adversarial input (if any)
   /// Tensors that must be finite (losses, logits, router scores), by name.
   std::vector<std::pair<std::string, torch::Tensor>> checked;
-  std::string note;              ///< appended to the progress line (certified training: ε, κ, β)
+  std::string note;  ///< appended to the progress line (certified training: ε, κ, β)
 };
 
 /// One training objective; `step` computes the loss of one batch.
@@ -164,11 +165,11 @@ std::unique_ptr<TrainMethod> train_method_make(const std::string& name);
 
 /// What a finished (or resumed-and-finished) run reports.
 struct TrainSummary {
-  int start_epoch = 0;           ///< 0, or the epoch a resume continued from
+  int start_epoch = 0;  ///< 0, or the epoch a resume continued from
   int epochs_done = 0;
-  nlohmann::json history;        ///< one object per epoch (loss, train/held-out SA and RA, ...)
-  double images_per_s = 0;       ///< training throughput of this process
-  ExpertUsage heldout_usage;     ///< the last epoch's held-out routing (clean and attacked)
+  nlohmann::json history;     ///< one object per epoch (loss, train/held-out SA and RA, ...)
+  double images_per_s = 0;    ///< training throughput of this process
+  ExpertUsage heldout_usage;  ///< the last epoch's held-out routing (clean and attacked)
 };
 
 /// The --max-expert-share gate on a finished run: throws Error(gate_failed) naming the

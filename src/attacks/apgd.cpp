@@ -9,11 +9,11 @@
 // restarts from its best point when (1) the objective rose in fewer than ρ = 0.75 of
 // the steps since the last checkpoint, or (2) neither η nor the best objective changed
 // since then.
-#include "moecert/attack_suite.h"
-
 #include <torch/torch.h>
 
 #include <cmath>
+
+#include "moecert/attack_suite.h"
 
 namespace moecert {
 
@@ -21,7 +21,8 @@ namespace {
 
 std::vector<int> checkpoints(int steps) {
   std::vector<double> p{0.0, 0.22};
-  while (p.back() < 1.0) p.push_back(p.back() + std::max(p[p.size() - 1] - p[p.size() - 2] - 0.03, 0.06));
+  while (p.back() < 1.0)
+    p.push_back(p.back() + std::max(p[p.size() - 1] - p[p.size() - 2] - 0.03, 0.06));
   std::vector<int> w;
   for (size_t i = 1; i < p.size(); ++i) {
     const int c = static_cast<int>(std::ceil(std::min(p[i], 1.0) * steps));
@@ -39,7 +40,8 @@ torch::Tensor as_image(const torch::Tensor& v, const torch::Tensor& like) {
 }  // namespace
 
 AttackFound attack_apgd(const Objective& objective, const Judge& judge, const AttackBall& ball,
-                        const torch::Tensor& y, const RowSampler& sampler, int steps, uint64_t stream) {
+                        const torch::Tensor& y, const RowSampler& sampler, int steps,
+                        uint64_t stream) {
   const auto& x = ball.x;
   auto value_and_grad = [&](const torch::Tensor& xa) {
     auto v = xa.detach().requires_grad_(true);

@@ -1,12 +1,12 @@
 // The projected-step engine of the attack suite: per-sample balls (L∞, L2, the [0,1]
 // box), the per-sample seeded sampler, and the losses (CE, DLR, targeted DLR, margin).
-#include "moecert/attack_suite.h"
-#include "moecert/error.h"
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <limits>
+
+#include "moecert/attack_suite.h"
+#include "moecert/error.h"
 
 namespace moecert {
 
@@ -47,9 +47,11 @@ namespace {
 
 /// One draw per row, each from the row's own generator (seed, stream).
 template <class Draw>
-torch::Tensor rows_of(const std::vector<uint64_t>& seeds, const torch::Tensor& like, uint64_t stream, Draw draw) {
+torch::Tensor rows_of(const std::vector<uint64_t>& seeds, const torch::Tensor& like,
+                      uint64_t stream, Draw draw) {
   if (static_cast<int64_t>(seeds.size()) != like.size(0))
-    throw ShapeError::unexpected("attack sampler", "one seed per sample", {static_cast<int64_t>(seeds.size())});
+    throw ShapeError::unexpected("attack sampler", "one seed per sample",
+                                 {static_cast<int64_t>(seeds.size())});
   auto shape = like.sizes().vec();
   shape[0] = 1;
   const auto opts = like.options().device(torch::kCPU);
@@ -66,11 +68,13 @@ torch::Tensor rows_of(const std::vector<uint64_t>& seeds, const torch::Tensor& l
 }  // namespace
 
 torch::Tensor RowSampler::uniform(const torch::Tensor& like, uint64_t stream) const {
-  return rows_of(seeds_, like, stream, [](auto& shape, auto& gen, auto& opts) { return torch::rand(shape, gen, opts); });
+  return rows_of(seeds_, like, stream,
+                 [](auto& shape, auto& gen, auto& opts) { return torch::rand(shape, gen, opts); });
 }
 
 torch::Tensor RowSampler::normal(const torch::Tensor& like, uint64_t stream) const {
-  return rows_of(seeds_, like, stream, [](auto& shape, auto& gen, auto& opts) { return torch::randn(shape, gen, opts); });
+  return rows_of(seeds_, like, stream,
+                 [](auto& shape, auto& gen, auto& opts) { return torch::randn(shape, gen, opts); });
 }
 
 torch::Tensor RowSampler::start(const AttackBall& ball, uint64_t stream) const {
@@ -85,7 +89,8 @@ torch::Tensor RowSampler::start(const AttackBall& ball, uint64_t stream) const {
 RowSampler RowSampler::subset(const torch::Tensor& rows) const {
   auto r = rows.cpu().to(torch::kLong);
   std::vector<uint64_t> out;
-  for (int64_t i = 0; i < r.size(0); ++i) out.push_back(seeds_.at(static_cast<size_t>(r[i].item<int64_t>())));
+  for (int64_t i = 0; i < r.size(0); ++i)
+    out.push_back(seeds_.at(static_cast<size_t>(r[i].item<int64_t>())));
   return RowSampler(std::move(out));
 }
 
@@ -112,10 +117,12 @@ torch::Tensor loss_dlr(const torch::Tensor& lp, const torch::Tensor& y) {
 }
 
 // Targeted DLR (ibid., eq. 6): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12).
-torch::Tensor loss_dlr_targeted(const torch::Tensor& lp, const torch::Tensor& y, const torch::Tensor& t) {
+torch::Tensor loss_dlr_targeted(const torch::Tensor& lp, const torch::Tensor& y,
+                                const torch::Tensor& t) {
   auto sorted = std::get<0>(lp.sort(1, /*descending=*/true));
   const int64_t K = lp.size(1);
-  auto third = sorted.select(1, std::min<int64_t>(2, K - 1)), fourth = sorted.select(1, std::min<int64_t>(3, K - 1));
+  auto third = sorted.select(1, std::min<int64_t>(2, K - 1)),
+       fourth = sorted.select(1, std::min<int64_t>(3, K - 1));
   auto zy = lp.gather(1, y.unsqueeze(1)).squeeze(1), zt = lp.gather(1, t.unsqueeze(1)).squeeze(1);
   return -(zy - zt) / (sorted.select(1, 0) - (third + fourth) / 2 + 1e-12);
 }

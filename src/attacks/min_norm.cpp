@@ -10,17 +10,17 @@
 // direction of the norm, ε̄ = max(ε_k, 1e-3) the step's scale. δ* is the smallest
 // perturbation whose point the judge (the float32 model) misclassifies; its norm is
 // an upper bound on the sample's minimal adversarial radius.
-#include "moecert/attack_suite.h"
-
 #include <torch/torch.h>
 
 #include <cmath>
 #include <limits>
 
+#include "moecert/attack_suite.h"
+
 namespace moecert {
 
-MinNormFound attack_min_norm(const LogProbFn& f, const Judge& judge, const torch::Tensor& x, const torch::Tensor& y,
-                             Norm norm, bool box, int steps) {
+MinNormFound attack_min_norm(const LogProbFn& f, const Judge& judge, const torch::Tensor& x,
+                             const torch::Tensor& y, Norm norm, bool box, int steps) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   const int64_t B = x.size(0);
   auto img = [&](const torch::Tensor& v) { return v.to(x.options()).view({-1, 1, 1, 1}); };

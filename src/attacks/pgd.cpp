@@ -1,11 +1,11 @@
 // PGD and FGSM over an arbitrary log-prob map, and the RA / RA-E / RA-R targets.
-#include "moecert/attack_suite.h"
-#include "moecert/attacks.h"
-#include "moecert/error.h"
-
 #include <torch/torch.h>
 
 #include <limits>
+
+#include "moecert/attack_suite.h"
+#include "moecert/attacks.h"
+#include "moecert/error.h"
 
 namespace moecert {
 
@@ -146,24 +146,27 @@ int64_t attack_count_correct(const torch::Tensor& log_probs, const torch::Tensor
   return log_probs.argmax(/*dim=*/1).eq(y).sum().item<int64_t>();
 }
 
-std::vector<AwareObjective> route_aware_objectives(MoeImpl& model, const LogProbFn& whole, const torch::Tensor& y,
+std::vector<AwareObjective> route_aware_objectives(MoeImpl& model, const LogProbFn& whole,
+                                                   const torch::Tensor& y,
                                                    const std::string& prefix) {
   const auto& spec = model.spec();
   const int64_t E = model.num_experts(), k = spec.top_k;
   std::vector<AwareObjective> out;
   if (E < 2 || spec.routing != Routing::top_k || k >= E) return out;
   for (int64_t j = 0; j < E; ++j) {
-    out.push_back({prefix + "route-" + std::to_string(j), [&model, whole, y, j, k](const torch::Tensor& x) {
-                     auto g = model.router_logits(x);
-                     auto others = g.index_fill(1, torch::tensor({j}, torch::kLong).to(g.device()),
-                                                -std::numeric_limits<float>::infinity());
-                     auto kth = std::get<0>(others.topk(k, 1)).select(1, k - 1);
-                     auto route = g.select(1, j) - kth;
-                     auto lp = whole(x);
-                     auto zy = lp.gather(1, y.unsqueeze(1)).squeeze(1);
-                     auto other = std::get<0>(lp.scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity()).max(1));
-                     return torch::where(route.gt(0), other - zy, route - 1e3);
-                   }});
+    out.push_back(
+        {prefix + "route-" + std::to_string(j), [&model, whole, y, j, k](const torch::Tensor& x) {
+           auto g = model.router_logits(x);
+           auto others = g.index_fill(1, torch::tensor({j}, torch::kLong).to(g.device()),
+                                      -std::numeric_limits<float>::infinity());
+           auto kth = std::get<0>(others.topk(k, 1)).select(1, k - 1);
+           auto route = g.select(1, j) - kth;
+           auto lp = whole(x);
+           auto zy = lp.gather(1, y.unsqueeze(1)).squeeze(1);
+           auto other = std::get<0>(
+               lp.scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity()).max(1));
+           return torch::where(route.gt(0), other - zy, route - 1e3);
+         }});
   }
   return out;
 }
@@ -176,7 +179,8 @@ AttackSubject attack_subject(MoeImpl& model) {
     return attack_target_fn(model, t, x);
   };
   s.aware = [&model](const torch::Tensor& y) {
-    return route_aware_objectives(model, [&model](const torch::Tensor& x) { return model.forward(x); }, y, "");
+    return route_aware_objectives(
+        model, [&model](const torch::Tensor& x) { return model.forward(x); }, y, "");
   };
   if (s.has_router) {
     s.experts = model.num_experts();

@@ -9,11 +9,11 @@
 //      ±(its share of ε) per channel and the whole perturbation is rescaled to norm ε.
 // Samples stop once their margin is negative; each query evaluates only the samples
 // still searching.
-#include "moecert/attack_suite.h"
-
 #include <torch/torch.h>
 
 #include <cmath>
+
+#include "moecert/attack_suite.h"
 
 namespace moecert {
 
@@ -37,13 +37,19 @@ AttackFound attack_square(const Judge& judge, const AttackBall& ball, const torc
   const auto& x = ball.x;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   auto e = ball.eps.to(x.options()).view({-1, 1, 1, 1});
-  auto margin_of = [&](const torch::Tensor& xa, const torch::Tensor& ya) { return class_margin(judge(xa), ya); };
-  auto signs = [](const torch::Tensor& u) { return torch::where(u.lt(0.5), -torch::ones_like(u), torch::ones_like(u)); };
+  auto margin_of = [&](const torch::Tensor& xa, const torch::Tensor& ya) {
+    return class_margin(judge(xa), ya);
+  };
+  auto signs = [](const torch::Tensor& u) {
+    return torch::where(u.lt(0.5), -torch::ones_like(u), torch::ones_like(u));
+  };
   // Random numbers of every query, per sample from its own stream: [B, queries, 2 + C].
   auto draws = sampler.uniform(torch::empty({B, std::max(queries, 1), 2 + C}, x.options()), stream);
   torch::Tensor delta;
   if (ball.norm == Norm::linf) {
-    delta = signs(sampler.uniform(torch::empty({B, C, 1, W}, x.options()), stream + 1)).expand({B, C, H, W}) * e;
+    delta = signs(sampler.uniform(torch::empty({B, C, 1, W}, x.options()), stream + 1))
+                .expand({B, C, H, W}) *
+            e;
   } else {
     delta = sampler.normal(x, stream + 1);
     delta = delta / delta.flatten(1).norm(2, 1).clamp_min(1e-12).view({-1, 1, 1, 1}) * e;
@@ -51,17 +57,20 @@ AttackFound attack_square(const Judge& judge, const AttackBall& ball, const torc
   auto x_best = ball.project(x + delta);
   delta = x_best - x;
   auto margin = margin_of(x_best, y);
-  auto rows_h = torch::arange(H, x.options()).view({1, 1, H, 1}), rows_w = torch::arange(W, x.options()).view({1, 1, 1, W});
+  auto rows_h = torch::arange(H, x.options()).view({1, 1, H, 1}),
+       rows_w = torch::arange(W, x.options()).view({1, 1, 1, W});
   const double p0 = ball.norm == Norm::linf ? 0.8 : 0.1;
   for (int i = 0; i < queries - 1; ++i) {
     auto active = margin.gt(0).nonzero().flatten();
     if (active.numel() == 0) break;
     const double p = p_schedule(p0, i, queries);
-    const int64_t s = std::clamp<int64_t>(static_cast<int64_t>(std::lround(std::sqrt(p * H * W))), 1, std::min(H, W));
+    const int64_t s = std::clamp<int64_t>(static_cast<int64_t>(std::lround(std::sqrt(p * H * W))),
+                                          1, std::min(H, W));
     auto d = draws.index_select(0, active).select(1, i);  // [m, 2 + C]
     auto top = (d.select(1, 0) * static_cast<double>(H - s + 1)).floor().view({-1, 1, 1, 1});
     auto left = (d.select(1, 1) * static_cast<double>(W - s + 1)).floor().view({-1, 1, 1, 1});
-    auto window = rows_h.ge(top) & rows_h.lt(top + s) & rows_w.ge(left) & rows_w.lt(left + s);  // [m, 1, H, W]
+    auto window = rows_h.ge(top) & rows_h.lt(top + s) & rows_w.ge(left) &
+                  rows_w.lt(left + s);  // [m, 1, H, W]
     auto sign = signs(d.narrow(1, 2, C)).view({-1, C, 1, 1});
     auto ea = e.index_select(0, active);
     auto old = delta.index_select(0, active);
@@ -76,7 +85,8 @@ AttackFound attack_square(const Judge& judge, const AttackBall& ball, const torc
     auto sub = ball.subset(active);
     auto xa = sub.project(sub.x + cand);
     auto ya = y.index_select(0, active);
-    auto m = on_rows && active.numel() < B ? class_margin(on_rows(active)(xa), ya) : margin_of(xa, ya);
+    auto m =
+        on_rows && active.numel() < B ? class_margin(on_rows(active)(xa), ya) : margin_of(xa, ya);
     auto better = m.lt(margin.index_select(0, active));
     auto keep = active.masked_select(better);
     if (keep.numel() == 0) continue;

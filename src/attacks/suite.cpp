@@ -5,15 +5,15 @@
 //             each route-aware / member objective), Square (5,000 queries);
 //   fast:     APGD-CE, APGD-T;
 //   pgd:      PGD as `--steps/--restarts/--loss` say (moecert's former attack).
-#include "moecert/attack_suite.h"
-#include "moecert/checkpoint.h"
-#include "moecert/error.h"
-#include "moecert/runtime.h"
-
 #include <torch/torch.h>
 
 #include <chrono>
 #include <map>
+
+#include "moecert/attack_suite.h"
+#include "moecert/checkpoint.h"
+#include "moecert/error.h"
+#include "moecert/runtime.h"
 
 namespace moecert {
 
@@ -26,9 +26,12 @@ Suite suite_parse(const std::string& s) {
 
 std::string suite_name(Suite s) {
   switch (s) {
-    case Suite::standard: return "standard";
-    case Suite::fast: return "fast";
-    case Suite::pgd: return "pgd";
+    case Suite::standard:
+      return "standard";
+    case Suite::fast:
+      return "fast";
+    case Suite::pgd:
+      return "pgd";
   }
   return "?";
 }
@@ -61,8 +64,8 @@ class ApgdCe final : public Attack {
   AttackFound run(const Problem& p) const override {
     auto y = p.y;
     auto f = p.f;
-    return attack_apgd([f, y](const torch::Tensor& x) { return loss_ce(f(x), y); }, p.f, p.ball, p.y, p.sampler,
-                       p.cfg.apgd_steps, 1);
+    return attack_apgd([f, y](const torch::Tensor& x) { return loss_ce(f(x), y); }, p.f, p.ball,
+                       p.y, p.sampler, p.cfg.apgd_steps, 1);
   }
 };
 
@@ -77,15 +80,17 @@ class ApgdT final : public Attack {
       order = std::get<1>(lp.sort(1, /*descending=*/true));
     }
     const int64_t targets = std::min<int64_t>(p.cfg.targets, order.size(1) - 1);
-    AttackFound out{p.ball.x.clone(), torch::zeros({p.ball.x.size(0)}, torch::kBool).to(p.ball.x.device())};
+    AttackFound out{p.ball.x.clone(),
+                    torch::zeros({p.ball.x.size(0)}, torch::kBool).to(p.ball.x.device())};
     for (int64_t t = 0; t < targets; ++t) {
       auto rows = (~out.success).nonzero().flatten();
       if (rows.numel() == 0) break;
       auto ball = p.ball.subset(rows);
       auto y = p.y.index_select(0, rows), target = order.select(1, t).index_select(0, rows);
       auto f = p.on_rows && rows.numel() < p.ball.x.size(0) ? p.on_rows(rows) : p.f;
-      auto r = attack_apgd([f, y, target](const torch::Tensor& x) { return loss_dlr_targeted(f(x), y, target); }, f,
-                           ball, y, p.sampler.subset(rows), p.cfg.apgd_steps, 100 + static_cast<uint64_t>(t));
+      auto r = attack_apgd(
+          [f, y, target](const torch::Tensor& x) { return loss_dlr_targeted(f(x), y, target); }, f,
+          ball, y, p.sampler.subset(rows), p.cfg.apgd_steps, 100 + static_cast<uint64_t>(t));
       out.x_adv.index_copy_(0, rows, r.x_adv);
       out.success.index_copy_(0, rows, r.success);
     }
@@ -95,7 +100,8 @@ class ApgdT final : public Attack {
 
 class MinNorm final : public Attack {
   AttackFound run(const Problem& p) const override {
-    auto r = attack_min_norm(p.f, p.f, p.ball.x, p.y, p.ball.norm, p.ball.box, p.cfg.min_norm_steps);
+    auto r =
+        attack_min_norm(p.f, p.f, p.ball.x, p.y, p.ball.norm, p.ball.box, p.cfg.min_norm_steps);
     return {r.x_adv, r.radius.le(p.ball.eps.to(torch::kFloat64)).to(p.ball.x.device())};
   }
 };
@@ -128,16 +134,20 @@ const Attack& attack_for(const std::string& name) {
       {"fmn", std::make_shared<MinNorm>()},    {"square", std::make_shared<Square>()},
       {"aware", std::make_shared<Aware>()},    {"pgd", std::make_shared<Pgd>()}};
   auto it = registry.find(name);
-  if (it == registry.end()) throw Error(ExitCode::internal, "attack suite: no attack '" + name + "' registered");
+  if (it == registry.end())
+    throw Error(ExitCode::internal, "attack suite: no attack '" + name + "' registered");
   return *it->second;
 }
 
 /// The runs of a suite; "aware" stands for one run per MoE-aware objective.
 std::vector<std::string> suite_runs(Suite s) {
   switch (s) {
-    case Suite::standard: return {"apgd-ce", "apgd-t", "fmn", "aware", "square"};
-    case Suite::fast: return {"apgd-ce", "apgd-t"};
-    case Suite::pgd: return {"pgd"};
+    case Suite::standard:
+      return {"apgd-ce", "apgd-t", "fmn", "aware", "square"};
+    case Suite::fast:
+      return {"apgd-ce", "apgd-t"};
+    case Suite::pgd:
+      return {"pgd"};
   }
   return {};
 }
@@ -166,8 +176,10 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, const SuiteConfig& cfg,
                          int64_t batch_size, torch::Device device, bool progress) {
   if (!(cfg.eps >= 0)) throw ConfigError::invalid("--eps", std::to_string(cfg.eps), ">= 0");
-  if (batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(batch_size), ">= 1");
-  if (cfg.apgd_steps < 1) throw ConfigError::invalid("--apgd-steps", std::to_string(cfg.apgd_steps), ">= 1");
+  if (batch_size < 1)
+    throw ConfigError::invalid("--batch-size", std::to_string(batch_size), ">= 1");
+  if (cfg.apgd_steps < 1)
+    throw ConfigError::invalid("--apgd-steps", std::to_string(cfg.apgd_steps), ">= 1");
   if (cfg.square_queries < 1)
     throw ConfigError::invalid("--square-queries", std::to_string(cfg.square_queries), ">= 1");
   if (cfg.targets < 1) throw ConfigError::invalid("--targets", std::to_string(cfg.targets), ">= 1");
@@ -198,7 +210,8 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
     auto x = data.batch_images(idx).to(device);
     auto y = data.batch_labels(idx).to(device);
     std::vector<uint64_t> seeds;
-    for (int64_t i = 0; i < n; ++i) seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(start + i));
+    for (int64_t i = 0; i < n; ++i)
+      seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(start + i));
     const RowSampler sampler(seeds);
     auto f = subject.target(AttackTarget::whole, x);
     torch::Tensor correct;
@@ -222,7 +235,8 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
         torch::NoGradGuard ng;
         robust = whole ? correct.clone() : subject.target(t, x)(x).argmax(1).eq(y);
       }
-      auto attempt = [&](const std::string& run, const std::string& label, const AwareObjective* aware) {
+      auto attempt = [&](const std::string& run, const std::string& label,
+                         const AwareObjective* aware) {
         auto rows = robust.nonzero().flatten();
         if (rows.numel() == 0) return;
         const auto t0 = std::chrono::steady_clock::now();
@@ -239,9 +253,12 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
         }
         std::function<LogProbFn(const torch::Tensor&)> on_rows;
         if (!whole)
-          on_rows = [&subject, t, bx = ball.x](const torch::Tensor& r) { return subject.target(t, bx.index_select(0, r)); };
+          on_rows = [&subject, t, bx = ball.x](const torch::Tensor& r) {
+            return subject.target(t, bx.index_select(0, r));
+          };
         auto found = attack_for(run).run({fr, ball, ys, sub, cfg, obj, on_rows});
-        if (whole && first_run) x_first.index_copy_(0, rows, found.x_adv.detach()), first_run = false;
+        if (whole && first_run)
+          x_first.index_copy_(0, rows, found.x_adv.detach()), first_run = false;
         // Count only what the judge confirms inside the ball (the float32 model at a
         // point of the set).
         torch::NoGradGuard ng;
@@ -252,7 +269,8 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
         if (!whole) return;
         x_adv.index_copy_(0, hit, found.x_adv.index_select(0, wrong.nonzero().flatten()));
         auto hit_cpu = hit.cpu();
-        for (int64_t i = 0; i < hit_cpu.size(0); ++i) broken_by[static_cast<size_t>(hit_cpu[i].item<int64_t>())] = label;
+        for (int64_t i = 0; i < hit_cpu.size(0); ++i)
+          broken_by[static_cast<size_t>(hit_cpu[i].item<int64_t>())] = label;
         count_run(label, hit.numel(), seconds_since(t0));
       };
       for (const auto& run : runs) {
@@ -267,7 +285,8 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
     };
     auto robust = attack_target(AttackTarget::whole, suite_runs(cfg.suite));
     if (cfg.components) {
-      const std::vector<std::string> runs = cfg.suite == Suite::pgd ? suite_runs(Suite::pgd) : suite_runs(Suite::fast);
+      const std::vector<std::string> runs =
+          cfg.suite == Suite::pgd ? suite_runs(Suite::pgd) : suite_runs(Suite::fast);
       for (auto t : {AttackTarget::experts, AttackTarget::router}) {
         auto r = subject.has_router ? attack_target(t, runs) : robust;
         (t == AttackTarget::experts ? ra_e : ra_r) += r.sum().item<int64_t>();
@@ -277,7 +296,8 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
       torch::NoGradGuard ng;
       auto count = [&](const torch::Tensor& at, std::vector<int64_t>& into) {
         auto c = torch::bincount(subject.route(at).cpu(), /*weights=*/{}, subject.experts);
-        for (int64_t e = 0; e < subject.experts; ++e) into[static_cast<size_t>(e)] += c[e].item<int64_t>();
+        for (int64_t e = 0; e < subject.experts; ++e)
+          into[static_cast<size_t>(e)] += c[e].item<int64_t>();
       };
       count(x, res.usage.clean);
       count(x_first, res.usage.adversarial);
@@ -293,11 +313,13 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
     }
     sa += correct_cpu.sum().item<int64_t>(), ra += robust_cpu.sum().item<int64_t>();
     adv.push_back(x_adv.to(torch::kFloat32).cpu());
-    meter.advance(n, "RA " + fmt_fixed(static_cast<double>(ra) / static_cast<double>(start + n), 3));
+    meter.advance(n,
+                  "RA " + fmt_fixed(static_cast<double>(ra) / static_cast<double>(start + n), 3));
   }
   const double N = static_cast<double>(std::max<int64_t>(1, data.size()));
   res.sa = static_cast<double>(sa) / N, res.ra = static_cast<double>(ra) / N;
-  if (cfg.components) res.ra_e = static_cast<double>(ra_e) / N, res.ra_r = static_cast<double>(ra_r) / N;
+  if (cfg.components)
+    res.ra_e = static_cast<double>(ra_e) / N, res.ra_r = static_cast<double>(ra_r) / N;
   res.x_adv = adv.empty() ? torch::empty({0}) : torch::cat(adv, 0);
   res.seconds = meter.elapsed();
   return res;
@@ -307,7 +329,8 @@ std::vector<double> ExpertUsage::shares(const std::vector<int64_t>& counts) {
   int64_t total = 0;
   for (auto c : counts) total += c;
   std::vector<double> out;
-  for (auto c : counts) out.push_back(total > 0 ? static_cast<double>(c) / static_cast<double>(total) : 0.0);
+  for (auto c : counts)
+    out.push_back(total > 0 ? static_cast<double>(c) / static_cast<double>(total) : 0.0);
   return out;
 }
 
@@ -317,7 +340,8 @@ std::pair<int64_t, std::string> ExpertUsage::argmax_share() const {
   for (const auto* set : {&clean, &adversarial}) {
     const auto sh = shares(*set);
     for (size_t i = 0; i < sh.size(); ++i)
-      if (sh[i] > top) top = sh[i], best = {static_cast<int64_t>(i), set == &clean ? "clean" : "adversarial"};
+      if (sh[i] > top)
+        top = sh[i], best = {static_cast<int64_t>(i), set == &clean ? "clean" : "adversarial"};
   }
   return best;
 }
@@ -331,8 +355,9 @@ std::string ExpertUsage::text(const std::vector<double>& shares) {
 std::string ExpertUsage::share_violation(double limit, const std::string& where) const {
   if (limit >= 1 || clean.empty() || max_share() <= limit) return "";
   const auto [expert, set] = argmax_share();
-  return "routing health: expert " + std::to_string(expert) + " takes " + fmt_fixed(100 * max_share(), 1) +
-         "% of the " + where + " " + set + " samples, more than --max-expert-share " + fmt_fixed(100 * limit, 1) + "%";
+  return "routing health: expert " + std::to_string(expert) + " takes " +
+         fmt_fixed(100 * max_share(), 1) + "% of the " + where + " " + set +
+         " samples, more than --max-expert-share " + fmt_fixed(100 * limit, 1) + "%";
 }
 
 std::string ExpertUsage::floor_violation(double floor, const std::string& where) const {
@@ -341,9 +366,10 @@ std::string ExpertUsage::floor_violation(double floor, const std::string& where)
     const auto sh = shares(*set);
     for (size_t i = 0; i < sh.size(); ++i)
       if (sh[i] < floor)
-        return "routing health: expert " + std::to_string(i) + " takes " + fmt_fixed(100 * sh[i], 1) + "% of the " +
-               where + " " + (set == &clean ? "clean" : "adversarial") + " samples, less than --min-expert-share " +
-               fmt_fixed(100 * floor, 1) + "%";
+        return "routing health: expert " + std::to_string(i) + " takes " +
+               fmt_fixed(100 * sh[i], 1) + "% of the " + where + " " +
+               (set == &clean ? "clean" : "adversarial") +
+               " samples, less than --min-expert-share " + fmt_fixed(100 * floor, 1) + "%";
   }
   return "";
 }
@@ -363,7 +389,8 @@ void save_adversarial(const std::string& path, const SuiteResult& r, const torch
   d.insert("index", index.to(torch::kLong).cpu().contiguous());
   std::vector<uint8_t> robust;
   for (const auto& row : r.rows) robust.push_back(row.robust ? 1 : 0);
-  d.insert("robust", torch::tensor(std::vector<int64_t>(robust.begin(), robust.end()), torch::kLong).to(torch::kBool));
+  d.insert("robust", torch::tensor(std::vector<int64_t>(robust.begin(), robust.end()), torch::kLong)
+                         .to(torch::kBool));
   auto bytes = torch::pickle_save(c10::IValue(d));
   write_file_atomic(path, std::string(bytes.begin(), bytes.end()));
 }

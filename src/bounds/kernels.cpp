@@ -56,8 +56,8 @@ torch::Tensor contiguous_f64(const torch::Tensor& t) { return t.to(torch::kFloat
 }  // namespace
 
 bool rows_fusable(const Coeffs& c) {
-  return !torch::GradMode::is_enabled() && c.A.device().is_cpu() && c.A.scalar_type() == torch::kFloat64 &&
-         !c.A.requires_grad();
+  return !torch::GradMode::is_enabled() && c.A.device().is_cpu() &&
+         c.A.scalar_type() == torch::kFloat64 && !c.A.requires_grad();
 }
 
 torch::Tensor rows_l1(const torch::Tensor& A_in) {
@@ -98,7 +98,9 @@ std::pair<torch::Tensor, torch::Tensor> rows_box(const Coeffs& c, const torch::T
         const int64_t b = map.base(r);
         for (int64_t e = 0; e < n; ++e) entry(ar[e], l[b + e], h[b + e]);
       } else {
-        map.row(r, n, [&](int64_t e, int64_t i) { if (i >= 0) entry(ar[e], l[i], h[i]); });
+        map.row(r, n, [&](int64_t e, int64_t i) {
+          if (i >= 0) entry(ar[e], l[i], h[i]);
+        });
       }
       bo[r] = s, mo[r] = m;
     }
@@ -107,7 +109,8 @@ std::pair<torch::Tensor, torch::Tensor> rows_box(const Coeffs& c, const torch::T
 }
 
 std::pair<torch::Tensor, torch::Tensor> rows_relu(const Coeffs& c, const torch::Tensor& low_in,
-                                                  const torch::Tensor& up_in, const torch::Tensor& icpt_in) {
+                                                  const torch::Tensor& up_in,
+                                                  const torch::Tensor& icpt_in) {
   auto A = c.A.contiguous();
   auto low = contiguous_f64(low_in), up = contiguous_f64(up_in), icpt = contiguous_f64(icpt_in);
   const int64_t R = A.size(0), n = R ? A.numel() / R : 0;
@@ -131,8 +134,10 @@ std::pair<torch::Tensor, torch::Tensor> rows_relu(const Coeffs& c, const torch::
         for (int64_t e = 0; e < n; ++e) entry(e, b + e);
       } else {
         map.row(r, n, [&](int64_t e, int64_t i) {
-          if (i < 0) orow[e] = 0;
-          else entry(e, i);
+          if (i < 0)
+            orow[e] = 0;
+          else
+            entry(e, i);
         });
       }
       bo[r] = s;

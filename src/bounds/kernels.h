@@ -5,9 +5,9 @@
 // which α-CROWN (autograd) uses.
 #pragma once
 
-#include "moecert/rules.h"
-
 #include <torch/types.h>
+
+#include "moecert/rules.h"
 
 namespace moecert::bp {
 
@@ -17,7 +17,8 @@ std::pair<torch::Tensor, torch::Tensor> rows_box(const Coeffs& c, const torch::T
 
 /// The ReLU relaxation step: A_out = A⁺·low + A⁻·up and Σ A⁻·icpt per row.
 std::pair<torch::Tensor, torch::Tensor> rows_relu(const Coeffs& c, const torch::Tensor& low,
-                                                  const torch::Tensor& up, const torch::Tensor& icpt);
+                                                  const torch::Tensor& up,
+                                                  const torch::Tensor& icpt);
 
 /// Σ |A| per row, in one read of the rows. -> [R]
 torch::Tensor rows_l1(const torch::Tensor& A);

@@ -3,13 +3,13 @@
 // docs/certification.md §2.
 #include "moecert/spectral.h"
 
-#include "moecert/error.h"
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <cmath>
 #include <limits>
+
+#include "moecert/error.h"
 
 namespace moecert {
 namespace {
@@ -50,7 +50,8 @@ double max_spectral_norm_upper(torch::Tensor a, double slack) {
   }
   // Rayleigh-Ritz in float64: a float32 quotient may sit ~1e-7 above λ_max.
   v = std::get<0>(at::linalg_qr(v.to(gram.scalar_type()), "reduced"));
-  auto ritz = at::linalg_eigvalsh(torch::matmul(v.transpose(1, 2).conj(), torch::matmul(gram, v)), "L");
+  auto ritz =
+      at::linalg_eigvalsh(torch::matmul(v.transpose(1, 2).conj(), torch::matmul(gram, v)), "L");
   const double estimate = std::max(ritz.select(1, block - 1).max().item<double>(), 0.0);
   const double mu = estimate * (1.0 + slack) + std::numeric_limits<double>::min();
 
@@ -70,17 +71,21 @@ double max_spectral_norm_upper(torch::Tensor a, double slack) {
   if (failed.numel() > 0) {
     auto gf = gram.index_select(0, failed);
     auto top = at::linalg_eigvalsh(gf, "L").select(1, n - 1).to(torch::kFloat64);
-    auto gfro = at::linalg_matrix_norm(gf, "fro", {-2, -1}, false, c10::nullopt).to(torch::kFloat64);
-    bound2 = bound2.index_copy(0, failed, torch::clamp_min(top, 0.0) + 10.0 * static_cast<double>(n * n) * u * gfro);
+    auto gfro =
+        at::linalg_matrix_norm(gf, "fro", {-2, -1}, false, c10::nullopt).to(torch::kFloat64);
+    bound2 = bound2.index_copy(
+        0, failed, torch::clamp_min(top, 0.0) + 10.0 * static_cast<double>(n * n) * u * gfro);
   }
   bound2 = bound2 + formation;
-  return std::sqrt(bound2.max().item<double>()) * (1.0 + 4.0 * u);  // the sum and the root round too
+  return std::sqrt(bound2.max().item<double>()) *
+         (1.0 + 4.0 * u);  // the sum and the root round too
 }
 
 double conv_circular_norm(const torch::Tensor& weight, int64_t padding, int64_t h, int64_t w) {
   const int64_t out = weight.size(0), in = weight.size(1), kh = weight.size(2), kw = weight.size(3);
   const int64_t nh = h + 2 * padding, nw = w + 2 * padding;
-  if (nh < kh || nw < kw) throw ShapeError::unexpected("conv_circular_norm grid", ">= kernel", {nh, nw});
+  if (nh < kh || nw < kw)
+    throw ShapeError::unexpected("conv_circular_norm grid", ">= kernel", {nh, nw});
   auto wt = weight.to(torch::kFloat64).cpu();
   // A 1x1 kernel has the same matrix W at every frequency.
   if (kh == 1 && kw == 1) return max_spectral_norm_upper(wt.flatten(1).unsqueeze(0));
@@ -92,8 +97,9 @@ double conv_circular_norm(const torch::Tensor& weight, int64_t padding, int64_t 
   auto fv = torch::arange(fw, torch::kFloat64).view({1, fw}).expand({nh, fw}).reshape({-1, 1});
   auto tu = torch::arange(kh, torch::kFloat64).view({kh, 1}).expand({kh, kw}).reshape({1, -1});
   auto tv = torch::arange(kw, torch::kFloat64).view({1, kw}).expand({kh, kw}).reshape({1, -1});
-  auto angle = -2.0 * M_PI * (fu * tu / static_cast<double>(nh) + fv * tv / static_cast<double>(nw));
-  auto phase = torch::complex(torch::cos(angle), torch::sin(angle));                // [F, taps]
+  auto angle =
+      -2.0 * M_PI * (fu * tu / static_cast<double>(nh) + fv * tv / static_cast<double>(nw));
+  auto phase = torch::complex(torch::cos(angle), torch::sin(angle));  // [F, taps]
   auto taps = torch::complex(wt.reshape({out * in, kh * kw}).t().contiguous(),
                              torch::zeros({kh * kw, out * in}, torch::kFloat64));  // [taps, O·I]
   return max_spectral_norm_upper(torch::matmul(phase, taps).view({-1, out, in}));

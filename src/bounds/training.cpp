@@ -1,14 +1,13 @@
 // Certified training's bounds (include/moecert/train_bounds.h): IBP and CROWN-IBP
 // through the certify rules on live parameters, and the MoE worst case over the
 // experts a top-1 router can select. docs/certification.md §19.
-#include "moecert/train_bounds.h"
-
-#include "moecert/error.h"
-
 #include <torch/torch.h>
 
 #include <limits>
 #include <tuple>
+
+#include "moecert/error.h"
+#include "moecert/train_bounds.h"
 
 namespace moecert {
 namespace {
@@ -43,8 +42,8 @@ torch::Tensor box_min(const torch::Tensor& A, const torch::Tensor& lo, const tor
 
 /// IBP bound of C·h: C folded into the last layer when it is linear (the same
 /// quantity as certify's IBP, docs §11), else the output's interval.
-torch::Tensor ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>& inputs, const NodeBounds& out,
-                        const torch::Tensor& C) {
+torch::Tensor ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>& inputs,
+                        const NodeBounds& out, const torch::Tensor& C) {
   const Layer& last = g.back();
   if (last.kind == Layer::Kind::linear) {
     const NodeBounds& z = inputs.back();
@@ -58,8 +57,8 @@ torch::Tensor ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>& inpu
 
 /// CROWN-IBP: one backward walk of the rows C from the output, each relaxed operator
 /// relaxed over its IBP input interval, concretised over the input box.
-torch::Tensor crown_ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>& inputs, const NodeBounds& out,
-                              const torch::Tensor& C) {
+torch::Tensor crown_ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>& inputs,
+                              const NodeBounds& out, const torch::Tensor& C) {
   const int64_t B = C.size(0), S = C.size(1);
   Coeffs c;
   c.A = C.reshape({B * S, C.size(2)});
@@ -69,8 +68,9 @@ torch::Tensor crown_ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>
   for (size_t i = g.size(); i-- > 0;) {
     const Layer& l = g[i];
     if (l.kind == Layer::Kind::residual)
-      throw ConfigError("crown-ibp: layer '" + l.name +
-                        "' is a residual block; CROWN-IBP training takes chain graphs (use --method ibp)");
+      throw ConfigError(
+          "crown-ibp: layer '" + l.name +
+          "' is a residual block; CROWN-IBP training takes chain graphs (use --method ibp)");
     const Shape in_shape = unbatched(inputs[i].lo);
     const Shape out_shape = i + 1 < g.size() ? unbatched(inputs[i + 1].lo) : unbatched(out.lo);
     const std::vector<Shape> in_shapes{in_shape};
@@ -89,9 +89,12 @@ torch::Tensor crown_ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>
 
 }  // namespace
 
-NodeBounds train_interval(const LayerGraph& g, const NodeBounds& in) { return walk(g, in, nullptr); }
+NodeBounds train_interval(const LayerGraph& g, const NodeBounds& in) {
+  return walk(g, in, nullptr);
+}
 
-torch::Tensor train_spec_lower(const LayerGraph& g, const NodeBounds& in, const torch::Tensor& C, double beta) {
+torch::Tensor train_spec_lower(const LayerGraph& g, const NodeBounds& in, const torch::Tensor& C,
+                               double beta) {
   if (g.empty()) return box_min(C, in.lo.flatten(1), in.hi.flatten(1));
   std::vector<NodeBounds> inputs;
   const NodeBounds out = walk(g, in, &inputs);
@@ -104,7 +107,8 @@ torch::Tensor train_spec_lower(const LayerGraph& g, const NodeBounds& in, const 
   return low;
 }
 
-std::pair<torch::Tensor, torch::Tensor> router_selection(const torch::Tensor& diff, Routing routing, int64_t k) {
+std::pair<torch::Tensor, torch::Tensor> router_selection(const torch::Tensor& diff, Routing routing,
+                                                         int64_t k) {
   const int64_t E = diff.size(1);
   if (routing == Routing::soft) {
     auto all = torch::ones({diff.size(0), E}, diff.options().dtype(torch::kBool));
@@ -144,7 +148,10 @@ NodeBounds input_region(const torch::Tensor& x, const torch::Tensor& eps, bool b
 torch::Tensor router_differences(MoeImpl& model, const NodeBounds& in, double beta) {
   const int64_t E = model.num_experts(), B = in.lo.size(0);
   auto eye = torch::eye(E, in.lo.options());
-  auto Cr = (eye.unsqueeze(1) - eye.unsqueeze(0)).reshape({1, E * E, E}).expand({B, E * E, E}).contiguous();
+  auto Cr = (eye.unsqueeze(1) - eye.unsqueeze(0))
+                .reshape({1, E * E, E})
+                .expand({B, E * E, E})
+                .contiguous();
   return train_spec_lower(model.component_graph(-1), in, Cr, beta).view({B, E, E});
 }
 
@@ -160,7 +167,9 @@ torch::Tensor gap_of(MoeImpl& model, const torch::Tensor& x, const torch::Tensor
   }
   // Pairs (i chosen, j not chosen); every other entry masked to +inf.
   auto pair = chosen.unsqueeze(2).logical_and(chosen.logical_not().unsqueeze(1));
-  return diff.masked_fill(pair.logical_not(), std::numeric_limits<double>::infinity()).flatten(1).amin(1);
+  return diff.masked_fill(pair.logical_not(), std::numeric_limits<double>::infinity())
+      .flatten(1)
+      .amin(1);
 }
 
 }  // namespace
@@ -170,7 +179,9 @@ MixtureMargins moe_mixture_margins(MoeImpl& model, const torch::Tensor& x, const
   const ModelSpec& spec = model.spec();
   const int64_t E = spec.experts, K = spec.num_classes, B = x.size(0);
   if (E < 2 || (spec.routing == Routing::top_k && spec.top_k == 1))
-    throw ConfigError("moe_mixture_margins: the model is dense or routes top-1 (moe_certified_margins bounds it)");
+    throw ConfigError(
+        "moe_mixture_margins: the model is dense or routes top-1 (moe_certified_margins bounds "
+        "it)");
   LiveGraphs live;
   const NodeBounds in = input_region(x, eps, box);
   MixtureMargins out;
@@ -192,8 +203,9 @@ MixtureMargins moe_mixture_margins(MoeImpl& model, const torch::Tensor& x, const
       auto low = train_spec_lower(model.component_graph(e), sub, torch::cat({Ce, -Ce}, 1), beta);
       auto idx = others.index_select(0, rows);
       auto zero = torch::zeros({rows.size(0), K}, x.options());
-      auto dhi = zero.scatter(1, idx, -low.narrow(1, 0, K - 1));      // δ_k = h_k − h_y <= −LB(h_y − h_k)
-      auto dlo = zero.scatter(1, idx, low.narrow(1, K - 1, K - 1));   // δ_k >= LB(h_k − h_y)
+      auto dhi =
+          zero.scatter(1, idx, -low.narrow(1, 0, K - 1));  // δ_k = h_k − h_y <= −LB(h_y − h_k)
+      auto dlo = zero.scatter(1, idx, low.narrow(1, K - 1, K - 1));  // δ_k >= LB(h_k − h_y)
       auto yr = y.index_select(0, rows);
       auto m = softmax_margin_lower(dlo, dhi, yr).masked_fill(at_y.index_select(0, rows), 0.0);
       full = full.index_copy(0, rows, m);
@@ -208,26 +220,30 @@ MixtureMargins moe_mixture_margins(MoeImpl& model, const torch::Tensor& x, const
   return out;
 }
 
-torch::Tensor route_gap_lower(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& eps, bool box) {
+torch::Tensor route_gap_lower(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& eps,
+                              bool box) {
   const ModelSpec& spec = model.spec();
   if (spec.experts < 2 || spec.routing != Routing::top_k || spec.top_k >= spec.experts)
     throw ConfigError("--route-margin: the model has " +
-                      std::string(spec.experts < 2 ? "no router (E = 1)"
-                                                   : spec.routing == Routing::soft ? "soft routing"
-                                                                                   : "top-k = E (no choice)") +
+                      std::string(spec.experts < 2                ? "no router (E = 1)"
+                                  : spec.routing == Routing::soft ? "soft routing"
+                                                                  : "top-k = E (no choice)") +
                       "; the route-margin term keeps a top-k router's choice on the ball");
   LiveGraphs live;
   const NodeBounds in = input_region(x, eps, box);
   return gap_of(model, x, router_differences(model, in, /*beta=*/0.0));
 }
 
-CertifiedMargins moe_certified_margins(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
-                                       const torch::Tensor& eps, double beta, bool box) {
+CertifiedMargins moe_certified_margins(MoeImpl& model, const torch::Tensor& x,
+                                       const torch::Tensor& y, const torch::Tensor& eps,
+                                       double beta, bool box) {
   const ModelSpec& spec = model.spec();
   const int64_t E = spec.experts, K = spec.num_classes, B = x.size(0);
   if (E > 1 && (spec.routing != Routing::top_k || spec.top_k != 1))
     throw ConfigError("moe_certified_margins: the model routes " +
-                      std::string(spec.routing == Routing::soft ? "softly" : "to its top " + std::to_string(spec.top_k)) +
+                      std::string(spec.routing == Routing::soft
+                                      ? "softly"
+                                      : "to its top " + std::to_string(spec.top_k)) +
                       "; its bound is the mixture form (moe_mixture_margins)");
   LiveGraphs live;
   const NodeBounds in = input_region(x, eps, box);

@@ -1,6 +1,12 @@
 // `moecert lipschitz` and `moecert certify`.
-#include "commands.h"
+#include <sys/stat.h>
+#include <torch/torch.h>
 
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+
+#include "commands.h"
 #include "moecert/certify.h"
 #include "moecert/checkpoint.h"
 #include "moecert/defaults.h"
@@ -9,19 +15,13 @@
 #include "moecert/report.h"
 #include "moecert/runtime.h"
 
-#include <sys/stat.h>
-#include <torch/torch.h>
-
-#include <cstdio>
-#include <iostream>
-#include <sstream>
-
 namespace moecert {
 namespace {
 
 /// The test split of the checkpoint's data set (first `samples` images, 0 = all).
 Dataset test_data(const CommonOptions& common, const LoadedModel& loaded) {
-  const auto name = loaded.manifest.value("dataset", nlohmann::json::object()).value("name", "fashion-mnist");
+  const auto name =
+      loaded.manifest.value("dataset", nlohmann::json::object()).value("name", "fashion-mnist");
   return data_load(data_spec(common, name, /*train=*/false));
 }
 
@@ -36,7 +36,8 @@ std::vector<double> parse_grid(const std::string& text) {
       if (used != item.size() || !(v >= 0)) throw std::invalid_argument(item);
       grid.push_back(v);
     } catch (const std::exception&) {
-      throw ConfigError::invalid("--eps-grid", text, "comma-separated numbers >= 0, e.g. 0.01,0.02,0.05");
+      throw ConfigError::invalid("--eps-grid", text,
+                                 "comma-separated numbers >= 0, e.g. 0.01,0.02,0.05");
     }
   }
   if (grid.empty()) throw ConfigError::invalid("--eps-grid", text, "at least one radius");
@@ -50,7 +51,8 @@ std::pair<int64_t, int64_t> parse_shard(const std::string& s) {
     if (slash == std::string::npos) throw std::invalid_argument(s);
     size_t a = 0, b = 0;
     const int64_t i = std::stoll(s.substr(0, slash), &a), n = std::stoll(s.substr(slash + 1), &b);
-    if (a != slash || b != s.size() - slash - 1 || n < 1 || i < 0 || i >= n) throw std::invalid_argument(s);
+    if (a != slash || b != s.size() - slash - 1 || n < 1 || i < 0 || i >= n)
+      throw std::invalid_argument(s);
     return {i, n};
   } catch (const std::exception&) {
     throw ConfigError::invalid("--shard", s, "i/n with 0 <= i < n, e.g. 0/4");
@@ -90,12 +92,15 @@ void cli_register_lipschitz(CLI::App& app, const CommonOptions& common) {
   };
   auto o = std::make_shared<Options>();
   auto* cmd = app.add_subcommand(
-      "lipschitz", "Lipschitz constants of every router and expert: lower bound, CLEVER estimate, "
-                   "global bound, and (with --eps) the mean local bound");
-  cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")->required();
+      "lipschitz",
+      "Lipschitz constants of every router and expert: lower bound, CLEVER estimate, "
+      "global bound, and (with --eps) the mean local bound");
+  cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")
+      ->required();
   cmd->add_option("--norm", o->norm, "input norm p: inf | 2")->capture_default_str();
   cmd->add_option("--eps", o->eps, "also the mean local bound over B_p(x, eps) of the test points");
-  cmd->add_option("--points", o->points, "test images used by lower, clever and local")->capture_default_str();
+  cmd->add_option("--points", o->points, "test images used by lower, clever and local")
+      ->capture_default_str();
   cmd->add_option("--radius", o->radius, "lower/clever sampling radius")->capture_default_str();
   cmd->add_option("--json", o->json, "also write the table as JSON");
   cmd->callback([&common, o] {
@@ -107,7 +112,8 @@ void cli_register_lipschitz(CLI::App& app, const CommonOptions& common) {
     if (!(o->eps >= 0)) throw ConfigError::invalid("--eps", std::to_string(o->eps), ">= 0");
     auto loaded = model_load(o->checkpoint, device);
     (loaded.is_dual() ? static_cast<torch::nn::Module&>(*loaded.dual)
-                      : static_cast<torch::nn::Module&>(*loaded.model)).eval();
+                      : static_cast<torch::nn::Module&>(*loaded.model))
+        .eval();
     auto data = test_data(common, loaded);
     const int64_t n = std::min(o->points, data.size());
     auto x = data.batch_images(torch::arange(n)).to(torch::kFloat64).to(device);
@@ -124,23 +130,30 @@ void cli_register_lipschitz(CLI::App& app, const CommonOptions& common) {
       const double lower = lipschitz_lower(c.graph, p, x, o->lower_steps, o->radius);
       const double clever = lipschitz_clever(c.graph, p, x, o->radius, o->clever_batches,
                                              o->clever_per_batch, common.seed);
-      nlohmann::json row = {{"component", c.name}, {"lower", lower}, {"clever", clever},
-                            {"global", global}};
+      nlohmann::json row = {
+          {"component", c.name}, {"lower", lower}, {"clever", clever}, {"global", global}};
       std::printf("%-20s %12.4g %12.4g %12.4g", c.name.c_str(), lower, clever, global);
       if (o->eps > 0) {
         const double local =
-            lipschitz_local(c.graph, p, x, torch::full({n}, o->eps, torch::kFloat64)).mean().item<double>();
+            lipschitz_local(c.graph, p, x, torch::full({n}, o->eps, torch::kFloat64))
+                .mean()
+                .item<double>();
         row["local_mean"] = std::min(local, global);
         std::printf(" %14.4g", std::min(local, global));
       }
       std::printf("\n");
       rows.push_back(row);
     }
-    std::printf("(* clever is a sampling estimate, not a bound; the true constant lies in [lower, global])\n");
+    std::printf(
+        "(* clever is a sampling estimate, not a bound; the true constant lies in [lower, "
+        "global])\n");
     if (!o->json.empty())
-      write_file_atomic(o->json, nlohmann::json({{"checkpoint", o->checkpoint}, {"norm", o->norm},
-                                                 {"eps", o->eps}, {"components", rows}})
-                                         .dump(2) + "\n");
+      write_file_atomic(o->json, nlohmann::json({{"checkpoint", o->checkpoint},
+                                                 {"norm", o->norm},
+                                                 {"eps", o->eps},
+                                                 {"components", rows}})
+                                         .dump(2) +
+                                     "\n");
   });
 }
 
@@ -161,37 +174,54 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
   std::string invocation;
   for (int i = 0; i < argc; ++i) invocation += (i ? " " : "") + std::string(argv[i]);
   auto* cmd = app.add_subcommand(
-      "certify", "per-sample certified radii (Theorem 5.4 / 5.5) cross-checked against attacks (FMN, APGD); "
-                 "writes DIR/results.json; exit 3 on a soundness violation");
-  cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")->required();
+      "certify",
+      "per-sample certified radii (Theorem 5.4 / 5.5) cross-checked against attacks (FMN, APGD); "
+      "writes DIR/results.json; exit 3 on a soundness violation");
+  cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")
+      ->required();
   cmd->add_option("--out", o->out, "output directory (results.json)")->required();
   cmd->add_option("--norm", o->norm, "perturbation norm p: inf | 2")->capture_default_str();
-  cmd->add_option("--estimator", o->estimator,
-                  "comma-separated: global, local, ibp, crown, alpha-crown, lipschitz (= global,local), "
-                  "bp (= ibp,crown,alpha-crown), all")->capture_default_str();
-  cmd->add_flag("--no-box", o->no_box, "certify the whole ball, not its intersection with the pixel box [0,1]^d");
+  cmd->add_option(
+         "--estimator", o->estimator,
+         "comma-separated: global, local, ibp, crown, alpha-crown, lipschitz (= global,local), "
+         "bp (= ibp,crown,alpha-crown), all")
+      ->capture_default_str();
+  cmd->add_flag("--no-box", o->no_box,
+                "certify the whole ball, not its intersection with the pixel box [0,1]^d");
   cmd->add_flag("--exact-arithmetic", o->exact_arithmetic,
-                "no float32 allowance: the radii then hold for the real-valued network, not the float32 model");
-  cmd->add_option("--search-rounds", o->search_rounds, "IBP/CROWN radius search: full bound passes per sample")
+                "no float32 allowance: the radii then hold for the real-valued network, not the "
+                "float32 model");
+  cmd->add_option("--search-rounds", o->search_rounds,
+                  "IBP/CROWN radius search: full bound passes per sample")
       ->capture_default_str();
-  cmd->add_option("--search-tol", o->search_tol, "radius search: relative bracket width at which to stop")
+  cmd->add_option("--search-tol", o->search_tol,
+                  "radius search: relative bracket width at which to stop")
       ->capture_default_str();
-  cmd->add_option("--alpha-rounds", o->alpha_rounds, "alpha-CROWN radius search: full bound passes per sample")
+  cmd->add_option("--alpha-rounds", o->alpha_rounds,
+                  "alpha-CROWN radius search: full bound passes per sample")
       ->capture_default_str();
-  cmd->add_option("--alpha-steps", o->alpha_steps, "alpha-CROWN: optimisation steps per bound")->capture_default_str();
-  cmd->add_option("--eps-grid", o->eps_grid, "radii for certified / empirical accuracy")->capture_default_str();
-  cmd->add_option("--steps", o->steps, "APGD steps of the empirical radius bisection")->capture_default_str();
+  cmd->add_option("--alpha-steps", o->alpha_steps, "alpha-CROWN: optimisation steps per bound")
+      ->capture_default_str();
+  cmd->add_option("--eps-grid", o->eps_grid, "radii for certified / empirical accuracy")
+      ->capture_default_str();
+  cmd->add_option("--steps", o->steps, "APGD steps of the empirical radius bisection")
+      ->capture_default_str();
   cmd->add_option("--restarts", o->restarts, "APGD random starts")->capture_default_str();
-  cmd->add_option("--bisect-steps", o->bisect_steps, "local radius bisection steps")->capture_default_str();
-  cmd->add_option("--jacobian", o->jacobian,
-                  "local constants: crown (CROWN through the Jacobian's graph, and the interval Jacobian) | "
-                  "interval (the interval Jacobian alone: faster, looser)")
+  cmd->add_option("--bisect-steps", o->bisect_steps, "local radius bisection steps")
       ->capture_default_str();
-  cmd->add_option("--empirical-max", o->empirical_max, "upper end of the empirical bisection")->capture_default_str();
-  cmd->add_option("--tolerance", o->tolerance, "empirical bisection tolerance")->capture_default_str();
+  cmd->add_option(
+         "--jacobian", o->jacobian,
+         "local constants: crown (CROWN through the Jacobian's graph, and the interval Jacobian) | "
+         "interval (the interval Jacobian alone: faster, looser)")
+      ->capture_default_str();
+  cmd->add_option("--empirical-max", o->empirical_max, "upper end of the empirical bisection")
+      ->capture_default_str();
+  cmd->add_option("--tolerance", o->tolerance, "empirical bisection tolerance")
+      ->capture_default_str();
   cmd->add_option("--batch-size", o->batch_size)->capture_default_str();
-  cmd->add_option("--shard", o->shard,
-                  "i/n (0-based): certify only the blocks of --batch-size samples whose number mod n is i");
+  cmd->add_option(
+      "--shard", o->shard,
+      "i/n (0-based): certify only the blocks of --batch-size samples whose number mod n is i");
   cmd->add_flag("--no-empirical", o->no_empirical, "skip the attacks' cross-check");
   add_report_options(cmd, *report, /*for_certify=*/true);
   cmd->callback([&common, o, report, invocation] {
@@ -212,10 +242,14 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     cfg.alpha_steps = o->alpha_steps;
     cfg.eps_grid = parse_grid(o->eps_grid);
     if (o->steps < 1) throw ConfigError::invalid("--steps", std::to_string(o->steps), ">= 1");
-    if (o->restarts < 1) throw ConfigError::invalid("--restarts", std::to_string(o->restarts), ">= 1");
-    if (!(o->empirical_max > 0)) throw ConfigError::invalid("--empirical-max", std::to_string(o->empirical_max), "> 0");
-    if (!(o->tolerance > 0)) throw ConfigError::invalid("--tolerance", std::to_string(o->tolerance), "> 0");
-    if (o->batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
+    if (o->restarts < 1)
+      throw ConfigError::invalid("--restarts", std::to_string(o->restarts), ">= 1");
+    if (!(o->empirical_max > 0))
+      throw ConfigError::invalid("--empirical-max", std::to_string(o->empirical_max), "> 0");
+    if (!(o->tolerance > 0))
+      throw ConfigError::invalid("--tolerance", std::to_string(o->tolerance), "> 0");
+    if (o->batch_size < 1)
+      throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
     cfg.attack.norm = cfg.norm;
     cfg.attack.box = cfg.box;
     cfg.attack.steps = o->steps;
@@ -243,10 +277,12 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
       for (int64_t i = block * o->batch_size; i < std::min(total, (block + 1) * o->batch_size); ++i)
         indices.push_back(i);
     std::cerr << "certify " << o->checkpoint << " (" << loaded.describe() << "), p = " << o->norm
-              << (cfg.box ? " (ball ∩ [0,1]^d)" : " (whole ball)") << ", estimators " << o->estimator << ", "
-              << indices.size() << " " << data.name
-              << " test images" << (o->shard.empty() ? "" : " (shard " + o->shard + ")")
-              << (cfg.empirical ? ", FMN + APGD-" + std::to_string(cfg.attack.steps) + " bisection cross-check" : "")
+              << (cfg.box ? " (ball ∩ [0,1]^d)" : " (whole ball)") << ", estimators "
+              << o->estimator << ", " << indices.size() << " " << data.name << " test images"
+              << (o->shard.empty() ? "" : " (shard " + o->shard + ")")
+              << (cfg.empirical ? ", FMN + APGD-" + std::to_string(cfg.attack.steps) +
+                                      " bisection cross-check"
+                                : "")
               << std::endl;
     auto results = certify_run(loaded, data, indices, cfg, device, !common.quiet);
     results["command"] = invocation;
@@ -261,13 +297,16 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     for (double e : cfg.eps_grid) std::printf(" %8s", fmt_fixed(e, 3).c_str());
     std::printf(" %12s\n", "median r");
     // One line: accuracy per ε, then the median radius (null: inf).
-    auto line = [](const std::string& name, const nlohmann::json& per_eps, const nlohmann::json& median) {
+    auto line = [](const std::string& name, const nlohmann::json& per_eps,
+                   const nlohmann::json& median) {
       std::printf("%-26s", name.c_str());
       for (const auto& [k, v] : per_eps.items()) std::printf(" %8.4f", v.get<double>());
       std::printf(" %12s\n", median.is_null() ? "inf" : fmt_fixed(median.get<double>(), 5).c_str());
     };
-    line("headline (best per sample)", agg["headline"]["certified_accuracy"], agg["headline"]["median_radius"]);
-    for (const auto& [form, per] : agg["certified_accuracy"].items()) line(form, per, agg["median_radius"][form]);
+    line("headline (best per sample)", agg["headline"]["certified_accuracy"],
+         agg["headline"]["median_radius"]);
+    for (const auto& [form, per] : agg["certified_accuracy"].items())
+      line(form, per, agg["median_radius"][form]);
     if (agg.contains("empirical_accuracy")) {
       line("empirical (FMN, APGD)", agg["empirical_accuracy"], agg["median_empirical_radius"]);
       const auto& t = agg["median_tightness"];
@@ -277,13 +316,16 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     }
     if (agg.contains("expert_usage"))
       std::cout << "expert usage (clean) "
-                << ExpertUsage::text(agg["expert_usage"]["clean_share"].get<std::vector<double>>()) << "\n";
-    std::cout << "certify " << fmt_fixed(results["timing"]["certify_samples_per_s"].get<double>(), 1)
+                << ExpertUsage::text(agg["expert_usage"]["clean_share"].get<std::vector<double>>())
+                << "\n";
+    std::cout << "certify "
+              << fmt_fixed(results["timing"]["certify_samples_per_s"].get<double>(), 1)
               << " samples/s; results " << path << "\n";
     const auto violations = agg["violation_count"].get<int64_t>();
     std::cout << "soundness violations: " << violations << "\n";
     int failed_gates = 0;
-    if (!report->out.empty() || !report->gates.empty() || !report->junit.empty() || !report->baseline.empty())
+    if (!report->out.empty() || !report->gates.empty() || !report->junit.empty() ||
+        !report->baseline.empty())
       failed_gates = report_and_gate({results}, {o->checkpoint}, *report, invocation);
     if (violations > 0) {
       for (const auto& v : agg["violations"])
@@ -291,9 +333,11 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
                   << ": certified " << v["certified"] << " > empirical " << v["empirical"] << "\n";
       throw Error(ExitCode::soundness, "certify: " + std::to_string(violations) +
                                            " soundness violation(s): an attack succeeded inside a "
-                                           "certified radius (listed above and in " + path + ")");
+                                           "certified radius (listed above and in " +
+                                           path + ")");
     }
-    if (failed_gates > 0) throw Error(ExitCode::gate_failed, std::to_string(failed_gates) + " gate(s) failed");
+    if (failed_gates > 0)
+      throw Error(ExitCode::gate_failed, std::to_string(failed_gates) + " gate(s) failed");
   });
 }
 

@@ -1,6 +1,11 @@
 // `moecert train`, `moecert attack`, `moecert info`.
 #include "commands.h"
 
+#include <sys/stat.h>
+#include <torch/torch.h>
+
+#include <iostream>
+
 #include "moecert/attack_suite.h"
 #include "moecert/attacks.h"
 #include "moecert/checkpoint.h"
@@ -9,11 +14,6 @@
 #include "moecert/model_io.h"
 #include "moecert/runtime.h"
 #include "moecert/training.h"
-
-#include <sys/stat.h>
-#include <torch/torch.h>
-
-#include <iostream>
 
 namespace moecert {
 namespace {
@@ -34,9 +34,9 @@ Dataset dataset_rows(const Dataset& d, const torch::Tensor& index) {
 /// Splits a seeded held-out set of `n_val` rows off the training split.
 std::pair<Dataset, Dataset> split_holdout(const Dataset& d, int64_t n_val, uint64_t seed) {
   if (n_val <= 0 || n_val >= d.size())
-    throw ConfigError::invalid("--val-samples", std::to_string(n_val),
-                               "between 1 and the training set size - 1 (" +
-                                   std::to_string(d.size() - 1) + ")");
+    throw ConfigError::invalid(
+        "--val-samples", std::to_string(n_val),
+        "between 1 and the training set size - 1 (" + std::to_string(d.size() - 1) + ")");
   auto perm = data_epoch_order(d.size(), seed, /*epoch=*/-1);
   return {dataset_rows(d, perm.narrow(0, n_val, d.size() - n_val)),
           dataset_rows(d, perm.narrow(0, 0, n_val))};
@@ -68,7 +68,8 @@ struct AttackOptions {
 std::string describe_attack(const PgdConfig& c) {
   return "PGD-" + std::to_string(c.steps) + " L" + (c.norm == Norm::linf ? "inf" : "2") +
          " eps=" + fmt_fixed(c.eps, 4) + " step=" + fmt_fixed(c.step_size, 4) +
-         " restarts=" + std::to_string(c.restarts) + " loss=" + (c.loss == AttackLoss::ce ? "ce" : "margin");
+         " restarts=" + std::to_string(c.restarts) +
+         " loss=" + (c.loss == AttackLoss::ce ? "ce" : "margin");
 }
 
 /// What a training step of `cfg.method` optimises against, for the run's first line:
@@ -76,9 +77,10 @@ std::string describe_attack(const PgdConfig& c) {
 std::string describe_training_step(const TrainConfig& cfg) {
   if (cfg.method == "ibp" || cfg.method == "crown-ibp") {
     const CertifiedPoint end = certified_schedule(cfg, 1, 1);  // the values at the last step
-    return "training bound " + std::string(cfg.method == "ibp" ? "IBP" : "CROWN-IBP") + " Linf eps 0 -> " +
-           fmt_fixed(end.eps, 4) + ", kappa " + fmt_fixed(cfg.certified.kappa_start, 2) + " -> " +
-           fmt_fixed(end.kappa, 2) + " (the current values on the progress line)";
+    return "training bound " + std::string(cfg.method == "ibp" ? "IBP" : "CROWN-IBP") +
+           " Linf eps 0 -> " + fmt_fixed(end.eps, 4) + ", kappa " +
+           fmt_fixed(cfg.certified.kappa_start, 2) + " -> " + fmt_fixed(end.kappa, 2) +
+           " (the current values on the progress line)";
   }
   if (cfg.method == "st") return "no training attack";
   return "training attack " + describe_attack(cfg.attack);
@@ -106,8 +108,8 @@ struct TrainOptions {
   AttackOptions train_attack, eval_attack;
   int64_t val_samples = defaults::val_samples;
   bool force = false;
-  double alpha = 0.8;                       ///< jtdmoe: weight of the robust member
-  std::string init_standard, init_robust;   ///< jtdmoe: optional starting checkpoints
+  double alpha = 0.8;                      ///< jtdmoe: weight of the robust member
+  std::string init_standard, init_robust;  ///< jtdmoe: optional starting checkpoints
 };
 
 /// Loads a starting member for jtdmoe, or builds a fresh one from `spec`.
@@ -120,12 +122,15 @@ Moe jtd_member(const std::string& dir, const ModelSpec& spec) {
 
 /// Shares per expert as "0.25/0.31/0.22/0.22".
 std::string usage_line(const std::vector<double>& shares) { return ExpertUsage::text(shares); }
-std::string usage_line(const std::vector<int64_t>& counts) { return ExpertUsage::text(ExpertUsage::shares(counts)); }
+std::string usage_line(const std::vector<int64_t>& counts) {
+  return ExpertUsage::text(ExpertUsage::shares(counts));
+}
 
 void report_training(const TrainSummary& summary, const std::string& out_dir) {
   const auto& last = summary.history.back();
-  std::cout << "trained " << summary.epochs_done << " epochs (" << fmt_fixed(summary.images_per_s, 0)
-            << " img/s); held-out SA " << fmt_fixed(last.value("heldout_sa", 0.0), 4) << ", RA "
+  std::cout << "trained " << summary.epochs_done << " epochs ("
+            << fmt_fixed(summary.images_per_s, 0) << " img/s); held-out SA "
+            << fmt_fixed(last.value("heldout_sa", 0.0), 4) << ", RA "
             << fmt_fixed(last.value("heldout_ra", 0.0), 4) << "; checkpoint " << out_dir << "\n";
   const auto& u = summary.heldout_usage;
   if (!u.clean.empty())
@@ -144,8 +149,9 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
   o.cfg.validate();
   if (o.cfg.out_dir.empty()) throw ConfigError("train: --out DIR is required");
   if (!o.cfg.resume && !o.force && path_exists(o.cfg.out_dir + "/" + checkpoint_manifest_file))
-    throw ConfigError("train: " + o.cfg.out_dir +
-                      " already holds a checkpoint; pass --resume to continue it or --force to replace it");
+    throw ConfigError(
+        "train: " + o.cfg.out_dir +
+        " already holds a checkpoint; pass --resume to continue it or --force to replace it");
 
   Dataset full = data_load(data_spec(common, "fashion-mnist", /*train=*/true));
   auto [train, val] = split_holdout(full, o.val_samples, common.seed);
@@ -165,11 +171,13 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
     o.spec.routing = o.routing == "soft" ? Routing::soft : Routing::top_k;
     if (o.routing != "soft" && o.routing != "top-k")
       throw ConfigError::invalid("--routing", o.routing, "soft | top-k");
-    o.spec.in_channels = train.channels(), o.spec.height = train.height(), o.spec.width = train.width();
+    o.spec.in_channels = train.channels(), o.spec.height = train.height(),
+    o.spec.width = train.width();
     o.spec.num_classes = train.num_classes, o.spec.mean = train.mean, o.spec.std = train.std;
   }
   nlohmann::json base = {
-      {"dataset", {{"name", train.name}, {"train_samples", train.size()}, {"val_samples", val.size()}}},
+      {"dataset",
+       {{"name", train.name}, {"train_samples", train.size()}, {"val_samples", val.size()}}},
       {"threads", threads}};
   if (o.cfg.method == "jtdmoe") {
     Dual dual{nullptr};
@@ -209,8 +217,10 @@ void add_attack_options(CLI::App* cmd, AttackOptions& a, const std::string& pref
   cmd->add_option("--" + prefix + "steps", a.steps, what + " PGD steps")->capture_default_str();
   cmd->add_option("--" + prefix + "step-size", a.step_size,
                   what + " step size (default 2.5*eps/steps)");
-  cmd->add_option("--" + prefix + "restarts", a.restarts, what + " random restarts")->capture_default_str();
-  cmd->add_option("--" + prefix + "loss", a.loss, what + " loss: ce | margin")->capture_default_str();
+  cmd->add_option("--" + prefix + "restarts", a.restarts, what + " random restarts")
+      ->capture_default_str();
+  cmd->add_option("--" + prefix + "loss", a.loss, what + " loss: ce | margin")
+      ->capture_default_str();
 }
 
 }  // namespace
@@ -219,7 +229,8 @@ void cli_register_common(CLI::App& app, CommonOptions& c) {
   app.fallthrough();
   app.add_option("--device", c.device, "auto | cpu | cuda | cuda:N")->capture_default_str();
   app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->capture_default_str();
-  app.add_option("--seed", c.seed, "global seed (data order, init, attacks)")->capture_default_str();
+  app.add_option("--seed", c.seed, "global seed (data order, init, attacks)")
+      ->capture_default_str();
   app.add_option("--dataset", c.dataset, "fashion-mnist | cifar10 | synthetic");
   app.add_option("--data", c.data_dir, "data directory (default: the data set's standard place)");
   app.add_option("--samples", c.samples, "use a seeded subset of N samples (0 = all)");
@@ -232,34 +243,44 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   auto* cmd = app.add_subcommand("train", "train an MoE (or dense) classifier and checkpoint it");
   auto& c = o->cfg;
   cmd->add_option("--method", c.method,
-                  "st | at | trades | rt-er | advmoe | jtdmoe (dual-model) | ibp | crown-ibp (certified training)")
+                  "st | at | trades | rt-er | advmoe | jtdmoe (dual-model) | ibp | crown-ibp "
+                  "(certified training)")
       ->capture_default_str();
   auto& z = c.certified;
-  cmd->add_option("--train-eps", z.eps, "ibp / crown-ibp: training radius at the ramp's end (< 0: --eps)")
+  cmd->add_option("--train-eps", z.eps,
+                  "ibp / crown-ibp: training radius at the ramp's end (< 0: --eps)")
       ->capture_default_str();
-  cmd->add_option("--eps-warmup", z.warmup, "ibp / crown-ibp: epochs at eps = 0 (< 0: 5% of --epochs)")
+  cmd->add_option("--eps-warmup", z.warmup,
+                  "ibp / crown-ibp: epochs at eps = 0 (< 0: 5% of --epochs)")
       ->capture_default_str();
   cmd->add_option("--eps-ramp", z.ramp,
-                  "ibp / crown-ibp: epochs over which eps, kappa (and crown-ibp's beta) ramp (< 0: 25% of --epochs)")
+                  "ibp / crown-ibp: epochs over which eps, kappa (and crown-ibp's beta) ramp (< 0: "
+                  "25% of --epochs)")
       ->capture_default_str();
-  cmd->add_option("--kappa-start", z.kappa_start, "ibp / crown-ibp: weight of the clean loss at the ramp's start")
+  cmd->add_option("--kappa-start", z.kappa_start,
+                  "ibp / crown-ibp: weight of the clean loss at the ramp's start")
       ->capture_default_str();
-  cmd->add_option("--kappa-end", z.kappa_end,
-                  "ibp / crown-ibp: weight of the clean loss after the ramp (< 0: ibp 0.5, crown-ibp 0)")
+  cmd->add_option(
+         "--kappa-end", z.kappa_end,
+         "ibp / crown-ibp: weight of the clean loss after the ramp (< 0: ibp 0.5, crown-ibp 0)")
       ->capture_default_str();
   cmd->add_option("--cert-margin", z.cert_margin,
-                  "ibp / crown-ibp: train the bound's margins past this many logits (for a dual-model at alpha: "
+                  "ibp / crown-ibp: train the bound's margins past this many logits (for a "
+                  "dual-model at alpha: "
                   "ln((1 + (K-1)c)/(1-c)), c = (1-alpha)/alpha; 1.47 for alpha 0.8)")
       ->capture_default_str();
   cmd->add_option("--route-margin", c.route_margin,
-                  "weight of the route-margin term: the router's clean top-k choice kept on the L-inf ball of "
+                  "weight of the route-margin term: the router's clean top-k choice kept on the "
+                  "L-inf ball of "
                   "--eps (ibp / crown-ibp: the scheduled eps); 0 = off")
       ->capture_default_str();
-  cmd->add_option("--alpha", o->alpha, "jtdmoe: weight of the robust member")->capture_default_str();
+  cmd->add_option("--alpha", o->alpha, "jtdmoe: weight of the robust member")
+      ->capture_default_str();
   cmd->add_option("--jtd-gamma", c.jtd_gamma, "jtdmoe: weight of CE(F_D(x_adv)) in the F_S step")
       ->capture_default_str();
-  cmd->add_option("--jtd-robust", c.jtd_robust,
-                  "jtdmoe: the method of the F_R step: rt-er (paper 1) | at | trades | ibp | crown-ibp")
+  cmd->add_option(
+         "--jtd-robust", c.jtd_robust,
+         "jtdmoe: the method of the F_R step: rt-er (paper 1) | at | trades | ibp | crown-ibp")
       ->capture_default_str();
   cmd->add_option("--init-standard", o->init_standard, "jtdmoe: start F_S from this checkpoint");
   cmd->add_option("--init-robust", o->init_robust, "jtdmoe: start F_R from this checkpoint");
@@ -282,8 +303,11 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
       ->capture_default_str();
   cmd->add_option("--scale", o->spec.scale, "moe-cnn: channel-group width r as a share of C_out")
       ->capture_default_str();
-  cmd->add_option("--experts", o->spec.experts, "number of experts E (1 = dense; moe-cnn: groups N)")->capture_default_str();
-  cmd->add_option("--expert", o->spec.expert, "expert backbone: cnn-s | resnet18")->capture_default_str();
+  cmd->add_option("--experts", o->spec.experts,
+                  "number of experts E (1 = dense; moe-cnn: groups N)")
+      ->capture_default_str();
+  cmd->add_option("--expert", o->spec.expert, "expert backbone: cnn-s | resnet18")
+      ->capture_default_str();
   cmd->add_option("--router", o->spec.router, "router: linear | cnn")->capture_default_str();
   cmd->add_option("--routing", o->routing, "soft | top-k")->capture_default_str();
   cmd->add_option("--top-k", o->spec.top_k, "k of top-k routing")->capture_default_str();
@@ -329,28 +353,35 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("checkpoint", o->checkpoint, "checkpoint directory (single or dual-model)")
       ->required();
   cmd->add_option("--suite", o->suite,
-                  "standard (APGD-CE, APGD-T, FMN, MoE-aware runs, Square) | fast (APGD-CE, APGD-T) | pgd (PGD "
+                  "standard (APGD-CE, APGD-T, FMN, MoE-aware runs, Square) | fast (APGD-CE, "
+                  "APGD-T) | pgd (PGD "
                   "with --steps/--restarts/--loss)")
       ->capture_default_str();
   add_attack_options(cmd, o->attack, "", "attack");
-  cmd->add_option("--apgd-steps", o->apgd_steps, "iterations of each APGD run")->capture_default_str();
+  cmd->add_option("--apgd-steps", o->apgd_steps, "iterations of each APGD run")
+      ->capture_default_str();
   cmd->add_option("--targets", o->targets, "APGD-T target classes")->capture_default_str();
-  cmd->add_option("--square-queries", o->square_queries, "Square's queries per sample")->capture_default_str();
+  cmd->add_option("--square-queries", o->square_queries, "Square's queries per sample")
+      ->capture_default_str();
   cmd->add_option("--min-norm-steps", o->min_norm_steps, "FMN iterations")->capture_default_str();
   cmd->add_flag("--no-aware", o->no_aware, "standard suite without the MoE-aware runs");
   cmd->add_flag("--no-box", o->no_box, "attack the whole ball, not its intersection with [0,1]^d");
   cmd->add_option("--batch-size", o->batch_size)->capture_default_str();
-  cmd->add_option("--json", o->json, "also write the numbers and per-sample results to this JSON file");
-  cmd->add_option("--save-adv", o->save_adv,
-                  "write the adversarial examples to this file (torch.load: x_adv, label, index, robust)");
+  cmd->add_option("--json", o->json,
+                  "also write the numbers and per-sample results to this JSON file");
+  cmd->add_option(
+      "--save-adv", o->save_adv,
+      "write the adversarial examples to this file (torch.load: x_adv, label, index, robust)");
   cmd->add_flag("--no-components", o->no_components, "skip RA-E and RA-R");
-  cmd->add_option("--max-expert-share", o->max_expert_share,
-                  "routing health gate: exit 1 when one expert takes more than this share of the clean or "
-                  "attacked test samples (1 = off)")
+  cmd->add_option(
+         "--max-expert-share", o->max_expert_share,
+         "routing health gate: exit 1 when one expert takes more than this share of the clean or "
+         "attacked test samples (1 = off)")
       ->capture_default_str();
-  cmd->add_option("--min-expert-share", o->min_expert_share,
-                  "routing health gate: exit 1 when an expert takes less than this share of the clean or "
-                  "attacked test samples (a dead expert; 0 = off)")
+  cmd->add_option(
+         "--min-expert-share", o->min_expert_share,
+         "routing health gate: exit 1 when an expert takes less than this share of the clean or "
+         "attacked test samples (a dead expert; 0 = off)")
       ->capture_default_str();
   cmd->add_flag("--alpha-sweep", o->alpha_sweep,
                 "dual-model: SA and RA (PGD) for alpha = 0.5, 0.6, ..., 1.0");
@@ -361,49 +392,65 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     const PgdConfig pgd = o->attack.config();
     SuiteConfig cfg;
     cfg.suite = suite_parse(o->suite);
-    cfg.norm = pgd.norm, cfg.eps = pgd.eps, cfg.box = !o->no_box, cfg.pgd = pgd, cfg.pgd.box = cfg.box;
-    cfg.apgd_steps = o->apgd_steps, cfg.targets = o->targets, cfg.square_queries = o->square_queries;
+    cfg.norm = pgd.norm, cfg.eps = pgd.eps, cfg.box = !o->no_box, cfg.pgd = pgd,
+    cfg.pgd.box = cfg.box;
+    cfg.apgd_steps = o->apgd_steps, cfg.targets = o->targets,
+    cfg.square_queries = o->square_queries;
     cfg.min_norm_steps = o->min_norm_steps;
     if (o->min_norm_steps < 1)
       throw ConfigError::invalid("--min-norm-steps", std::to_string(o->min_norm_steps), ">= 1");
     cfg.aware = !o->no_aware, cfg.components = !o->no_components, cfg.seed = common.seed;
-    if (o->batch_size < 1) throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
+    if (o->batch_size < 1)
+      throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
     if (!(o->max_expert_share > 0 && o->max_expert_share <= 1))
-      throw ConfigError::invalid("--max-expert-share", std::to_string(o->max_expert_share), "in (0, 1]");
+      throw ConfigError::invalid("--max-expert-share", std::to_string(o->max_expert_share),
+                                 "in (0, 1]");
     if (!(o->min_expert_share >= 0 && o->min_expert_share < 1))
-      throw ConfigError::invalid("--min-expert-share", std::to_string(o->min_expert_share), "in [0, 1)");
+      throw ConfigError::invalid("--min-expert-share", std::to_string(o->min_expert_share),
+                                 "in [0, 1)");
     auto loaded = model_load(o->checkpoint, device);
     if (o->alpha_sweep && !loaded.is_dual())
       throw ConfigError("attack --alpha-sweep needs a dual-model checkpoint (see `moecert dual`)");
-    const auto ds_name = loaded.manifest.value("dataset", nlohmann::json::object()).value("name", "fashion-mnist");
+    const auto ds_name =
+        loaded.manifest.value("dataset", nlohmann::json::object()).value("name", "fashion-mnist");
     DataSpec ds = data_spec(common, ds_name, /*train=*/false);
     ds.samples = common.samples;
     Dataset test = data_load(ds);
-    const std::string what = cfg.suite == Suite::pgd ? describe_attack(pgd)
-                                                     : "the " + suite_name(cfg.suite) + " suite, eps " +
-                                                           fmt_fixed(cfg.eps, 4) + " (L" + norm_name(cfg.norm) + ")";
-    std::cerr << "attack " << o->checkpoint << " (" << loaded.describe() << ") with " << what << " on "
-              << test.size() << " " << test.name << " test images" << std::endl;
+    const std::string what = cfg.suite == Suite::pgd
+                                 ? describe_attack(pgd)
+                                 : "the " + suite_name(cfg.suite) + " suite, eps " +
+                                       fmt_fixed(cfg.eps, 4) + " (L" + norm_name(cfg.norm) + ")";
+    std::cerr << "attack " << o->checkpoint << " (" << loaded.describe() << ") with " << what
+              << " on " << test.size() << " " << test.name << " test images" << std::endl;
     auto r = attack_suite(loaded.subject(), test, cfg, o->batch_size, device, !common.quiet);
     std::cout << "SA    " << fmt_fixed(r.sa, 4) << "\nRA    " << fmt_fixed(r.ra, 4) << "\n";
     if (cfg.components)
       std::cout << "RA-E  " << fmt_fixed(r.ra_e, 4) << "\nRA-R  " << fmt_fixed(r.ra_r, 4) << "\n";
-    std::cout << "(" << r.samples << " samples, " << what << ", " << fmt_fixed(r.seconds, 1) << " s)\n";
+    std::cout << "(" << r.samples << " samples, " << what << ", " << fmt_fixed(r.seconds, 1)
+              << " s)\n";
     if (!r.runs.empty()) std::cout << "broken by:";
     for (size_t i = 0; i < r.runs.size(); ++i)
-      std::cout << " " << r.runs[i] << " " << r.broken[i] << " (" << fmt_fixed(r.run_seconds[i], 1) << " s)"
-                << (i + 1 < r.runs.size() ? "," : "\n");
+      std::cout << " " << r.runs[i] << " " << r.broken[i] << " (" << fmt_fixed(r.run_seconds[i], 1)
+                << " s)" << (i + 1 < r.runs.size() ? "," : "\n");
     if (!r.usage.clean.empty())
-      std::cout << "experts: clean " << usage_line(r.usage.clean) << ", attacked " << usage_line(r.usage.adversarial)
+      std::cout << "experts: clean " << usage_line(r.usage.clean) << ", attacked "
+                << usage_line(r.usage.adversarial)
                 << (loaded.is_dual() ? " (robust member's router)" : "") << "\n";
-    nlohmann::json j = {{"eps", cfg.eps}, {"norm", norm_name(cfg.norm)}, {"suite", suite_name(cfg.suite)},
-                        {"box", cfg.box}, {"samples", test.size()}, {"checkpoint", o->checkpoint},
-                        {"dataset", test.name}, {"moecert_version", MOECERT_VERSION}, {"seed", common.seed}};
+    nlohmann::json j = {{"eps", cfg.eps},
+                        {"norm", norm_name(cfg.norm)},
+                        {"suite", suite_name(cfg.suite)},
+                        {"box", cfg.box},
+                        {"samples", test.size()},
+                        {"checkpoint", o->checkpoint},
+                        {"dataset", test.name},
+                        {"moecert_version", MOECERT_VERSION},
+                        {"seed", common.seed}};
     if (cfg.suite == Suite::pgd)
       j["steps"] = pgd.steps, j["step_size"] = pgd.step_size, j["restarts"] = pgd.restarts;
     else
-      j["apgd_steps"] = cfg.apgd_steps, j["targets"] = cfg.targets, j["square_queries"] = cfg.square_queries,
-      j["min_norm_steps"] = cfg.min_norm_steps, j["aware"] = cfg.aware;
+      j["apgd_steps"] = cfg.apgd_steps, j["targets"] = cfg.targets,
+      j["square_queries"] = cfg.square_queries, j["min_norm_steps"] = cfg.min_norm_steps,
+      j["aware"] = cfg.aware;
     j["sa"] = r.sa, j["ra"] = r.ra, j["seconds"] = r.seconds;
     if (cfg.components) j["ra_e"] = r.ra_e, j["ra_r"] = r.ra_r;
     if (!r.usage.clean.empty())
@@ -414,17 +461,19 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
                            {"max_share", r.usage.max_share()}};
     j["runs"] = nlohmann::json::array();
     for (size_t i = 0; i < r.runs.size(); ++i)
-      j["runs"].push_back({{"name", r.runs[i]}, {"broken", r.broken[i]}, {"seconds", r.run_seconds[i]}});
+      j["runs"].push_back(
+          {{"name", r.runs[i]}, {"broken", r.broken[i]}, {"seconds", r.run_seconds[i]}});
     j["rows"] = nlohmann::json::array();
     auto labels = test.labels.cpu();
     for (size_t i = 0; i < r.rows.size(); ++i) {
       const auto& row = r.rows[i];
-      j["rows"].push_back({{"index", static_cast<int64_t>(i)},
-                           {"label", labels[static_cast<int64_t>(i)].item<int64_t>()},
-                           {"clean_correct", row.clean_correct},
-                           {"robust", row.robust},
-                           {"broken_by", row.broken_by.empty() ? nlohmann::json() : nlohmann::json(row.broken_by)},
-                           {"norm", row.norm}});
+      j["rows"].push_back(
+          {{"index", static_cast<int64_t>(i)},
+           {"label", labels[static_cast<int64_t>(i)].item<int64_t>()},
+           {"clean_correct", row.clean_correct},
+           {"robust", row.robust},
+           {"broken_by", row.broken_by.empty() ? nlohmann::json() : nlohmann::json(row.broken_by)},
+           {"norm", row.norm}});
     }
     if (loaded.is_dual()) j["alpha"] = loaded.dual->alpha();
     if (o->alpha_sweep) {
@@ -460,12 +509,14 @@ void cli_register_dual(CLI::App& app, const CommonOptions& common) {
       "dual", "combine a standard and a robust checkpoint into a dual-model (1-a) F_S + a F_R");
   cmd->add_option("--standard", o->standard, "checkpoint of the standard model F_S")->required();
   cmd->add_option("--robust", o->robust, "checkpoint of the robust model F_R")->required();
-  cmd->add_option("--alpha", o->alpha, "weight of the robust model, in [0, 1]")->capture_default_str();
+  cmd->add_option("--alpha", o->alpha, "weight of the robust model, in [0, 1]")
+      ->capture_default_str();
   cmd->add_option("--out", o->out, "dual-model checkpoint directory")->required();
   cmd->add_flag("--force", o->force, "replace an existing checkpoint in --out");
   cmd->callback([o] {
     if (!o->force && path_exists(o->out + "/" + checkpoint_manifest_file))
-      throw ConfigError("dual: " + o->out + " already holds a checkpoint; pass --force to replace it");
+      throw ConfigError("dual: " + o->out +
+                        " already holds a checkpoint; pass --force to replace it");
     auto standard = model_load(o->standard, torch::kCPU);
     auto robust = model_load(o->robust, torch::kCPU);
     dual_save(o->out, standard, robust, o->alpha);
@@ -490,25 +541,31 @@ void cli_register_info(CLI::App& app, const CommonOptions& common) {
               << m.value("format_version", 0) << ")\n";
     if (m.contains("members"))
       for (const char* role : {"standard", "robust"})
-        std::cout << role << (role[0] == 's' ? "     " : "       ") << m["members"][role].value("path", "?")
-                  << " (" << m["members"][role].value("training", nlohmann::json::object()).value("method", "?")
-                  << ")\n";
+        std::cout
+            << role << (role[0] == 's' ? "     " : "       ")
+            << m["members"][role].value("path", "?") << " ("
+            << m["members"][role].value("training", nlohmann::json::object()).value("method", "?")
+            << ")\n";
     if (m.contains("training")) std::cout << "training     " << m["training"].dump() << "\n";
     if (m.contains("dataset")) std::cout << "dataset      " << m["dataset"].dump() << "\n";
     if (m.contains("metrics") && m["metrics"].contains("history"))
       for (const auto& row : m["metrics"]["history"])
-        std::cout << "epoch " << row.value("epoch", 0) << "      held-out SA "
-                  << fmt_fixed(row.value("heldout_sa", 0.0), 4) << "  RA "
-                  << fmt_fixed(row.value("heldout_ra", 0.0), 4) << "  train loss "
-                  << fmt_fixed(row.value("train_loss", 0.0), 4)
-                  << (row.contains("heldout_expert_usage_clean")
-                          ? "  experts " + usage_line(row["heldout_expert_usage_clean"].get<std::vector<double>>()) +
-                                " (attacked " + usage_line(row["heldout_expert_usage_adv"].get<std::vector<double>>()) + ")"
-                          : row.contains("expert_usage_clean")
-                                ? "  experts (training batches) " +
-                                      usage_line(row["expert_usage_clean"].get<std::vector<double>>())
-                                : std::string())
-                  << "\n";
+        std::cout
+            << "epoch " << row.value("epoch", 0) << "      held-out SA "
+            << fmt_fixed(row.value("heldout_sa", 0.0), 4) << "  RA "
+            << fmt_fixed(row.value("heldout_ra", 0.0), 4) << "  train loss "
+            << fmt_fixed(row.value("train_loss", 0.0), 4)
+            << (row.contains("heldout_expert_usage_clean")
+                    ? "  experts " +
+                          usage_line(row["heldout_expert_usage_clean"].get<std::vector<double>>()) +
+                          " (attacked " +
+                          usage_line(row["heldout_expert_usage_adv"].get<std::vector<double>>()) +
+                          ")"
+                : row.contains("expert_usage_clean")
+                    ? "  experts (training batches) " +
+                          usage_line(row["expert_usage_clean"].get<std::vector<double>>())
+                    : std::string())
+            << "\n";
   });
 }
 

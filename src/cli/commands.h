@@ -1,21 +1,21 @@
 // Each pipeline stage registers its own `moecert` subcommand.
 #pragma once
 
-#include "moecert/data.h"
-
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+
+#include "moecert/data.h"
 
 namespace moecert {
 
 /// Options every subcommand shares (device, threads, seed, data).
 struct CommonOptions {
   std::string device = "auto";
-  int threads = 0;         ///< 0 = all cores
+  int threads = 0;  ///< 0 = all cores
   uint64_t seed = 0;
-  std::string dataset;     ///< empty: the checkpoint's data set, or fashion-mnist
-  std::string data_dir;    ///< empty: the reader's default location
-  int64_t samples = 0;     ///< 0 = the whole split
+  std::string dataset;   ///< empty: the checkpoint's data set, or fashion-mnist
+  std::string data_dir;  ///< empty: the reader's default location
+  int64_t samples = 0;   ///< 0 = the whole split
   bool quiet = false;
 };
 

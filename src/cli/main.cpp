@@ -1,14 +1,13 @@
 // moecert: one CLI11 app, each stage registers its subcommand, one catch.
-#include "commands.h"
-#include "moecert/error.h"
-
 #include <c10/util/Exception.h>
-
 #include <execinfo.h>
 #include <unistd.h>
 
 #include <csignal>
 #include <iostream>
+
+#include "commands.h"
+#include "moecert/error.h"
 
 namespace {
 /// A crash is a bug: say so on stderr with a raw backtrace, then die of the same signal.

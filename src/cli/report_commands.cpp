@@ -1,13 +1,12 @@
 // `moecert report` and `moecert merge`.
-#include "commands.h"
-
-#include "moecert/checkpoint.h"
-#include "moecert/error.h"
-#include "moecert/report.h"
-
 #include <fstream>
 #include <iostream>
 #include <sstream>
+
+#include "commands.h"
+#include "moecert/checkpoint.h"
+#include "moecert/error.h"
+#include "moecert/report.h"
 
 namespace moecert {
 namespace {
@@ -63,8 +62,9 @@ int report_and_gate(const std::vector<nlohmann::json>& runs, const std::vector<s
 void cli_register_report(CLI::App& app, const CommonOptions& common, int argc, char** argv) {
   auto o = std::make_shared<ReportOptions>();
   auto files = std::make_shared<std::vector<std::string>>();
-  auto* cmd = app.add_subcommand("report", "Markdown/HTML report of one results.json, or a comparison of "
-                                           "several; CI gates (exit 1 on a failed gate)");
+  auto* cmd = app.add_subcommand("report",
+                                 "Markdown/HTML report of one results.json, or a comparison of "
+                                 "several; CI gates (exit 1 on a failed gate)");
   cmd->add_option("results", *files, "results.json files (the first is gated)")->required();
   add_report_options(cmd, *o, /*out_required=*/false);
   const std::string command = join_args(argc, argv);
@@ -83,7 +83,8 @@ void cli_register_report(CLI::App& app, const CommonOptions& common, int argc, c
 void cli_register_merge(CLI::App& app, const CommonOptions& common) {
   auto files = std::make_shared<std::vector<std::string>>();
   auto out = std::make_shared<std::string>();
-  auto* cmd = app.add_subcommand("merge", "combine the results.json of certify --shard runs into one");
+  auto* cmd =
+      app.add_subcommand("merge", "combine the results.json of certify --shard runs into one");
   cmd->add_option("results", *files, "shard results.json files")->required();
   cmd->add_option("--out", *out, "merged results.json")->required();
   cmd->callback([files, out] {
@@ -102,10 +103,13 @@ void add_report_options(CLI::App* cmd, ReportOptions& o, bool for_certify) {
                   "write report.md and report.html into this directory");
   cmd->add_option("--gate", o.gates, "CI gate, e.g. 'certified_acc@0.02>=0.40' (repeatable)");
   cmd->add_option("--attack", o.attacks,
-                  "JSON of `moecert attack --json` (repeatable): RA / RA-E / RA-R and alpha-sweep in the report");
+                  "JSON of `moecert attack --json` (repeatable): RA / RA-E / RA-R and alpha-sweep "
+                  "in the report");
   cmd->add_option("--junit", o.junit, "write the gates as JUnit XML");
-  cmd->add_option("--baseline", o.baseline, "results.json of an earlier run: gate regressions against it");
-  cmd->add_option("--max-drop", o.max_drop, "largest allowed accuracy drop vs --baseline")->capture_default_str();
+  cmd->add_option("--baseline", o.baseline,
+                  "results.json of an earlier run: gate regressions against it");
+  cmd->add_option("--max-drop", o.max_drop, "largest allowed accuracy drop vs --baseline")
+      ->capture_default_str();
 }
 
 }  // namespace moecert

@@ -195,8 +195,7 @@ Dataset data_load(const DataSpec& spec) {
     data = fashion_mnist_load(spec.dir, spec.train);
   } else if (spec.name == "cifar10") {
     if (spec.dir.empty())
-      throw ConfigError::invalid("--data", "",
-                                 "the directory holding the CIFAR-10 .bin batches");
+      throw ConfigError::invalid("--data", "", "the directory holding the CIFAR-10 .bin batches");
     data = data_load_cifar10(spec.dir, spec.train);
   } else if (spec.name == "synthetic") {
     const int64_t n = spec.samples > 0 ? spec.samples : 2000;

@@ -11,12 +11,18 @@
 // Filesystems without RENAME_EXCHANGE (EINVAL/ENOSYS, e.g. some network filesystems)
 // get two renames, dir -> dir.old and tmp -> dir. Between them only `<dir>.old` exists;
 // readers therefore fall back to `<dir>.old` when `dir` itself is missing.
-#include "io-impl.h"
 #include "moecert/checkpoint.h"
 
+#include <fcntl.h>
+#include <ftw.h>
+#include <signal.h>
+#include <stdio.h>  // renameat2, RENAME_EXCHANGE (glibc >= 2.28 with _GNU_SOURCE)
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 #include <torch/utils.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cctype>
@@ -31,13 +37,7 @@
 #include <utility>
 #include <vector>
 
-#include <fcntl.h>
-#include <ftw.h>
-#include <signal.h>
-#include <stdio.h>  // renameat2, RENAME_EXCHANGE (glibc >= 2.28 with _GNU_SOURCE)
-#include <sys/stat.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "io-impl.h"
 
 #ifndef MOECERT_VERSION
 #define MOECERT_VERSION "0.0.0-dev"
@@ -57,13 +57,13 @@ CheckpointError os_error(const std::string& action, const std::string& path, int
 /// GCC (PyTorch's manylinux wheels) exports its own std::filesystem::remove_all with a
 /// different path layout, and calls from our code then land there and crash.
 void remove_tree(const std::string& path) {
-  ::nftw(path.c_str(),
-         [](const char* p, const struct stat*, int, struct FTW*) {
-           ::remove(p);
-           return 0;  // keep going: remove what can be removed
-         },
-         16,
-         FTW_DEPTH | FTW_PHYS);
+  ::nftw(
+      path.c_str(),
+      [](const char* p, const struct stat*, int, struct FTW*) {
+        ::remove(p);
+        return 0;  // keep going: remove what can be removed
+      },
+      16, FTW_DEPTH | FTW_PHYS);
 }
 
 void fsync_path(const std::string& path, bool is_directory) {

@@ -3,12 +3,12 @@
 // Not part of the public API (tests include it to reach the rename fallback).
 #pragma once
 
-#include "moecert/error.h"
-
 #include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string>
+
+#include "moecert/error.h"
 
 namespace moecert::io_impl {
 

@@ -1,9 +1,9 @@
+#include <torch/torch.h>
+
 #include "moecert/checkpoint.h"
 #include "moecert/error.h"
 #include "moecert/model_io.h"
 #include "moecert/runtime.h"
-
-#include <torch/torch.h>
 
 namespace moecert {
 
@@ -22,8 +22,9 @@ ModelSpec spec_from(const nlohmann::json& arch, const std::string& dir, const st
 std::string model_describe(const ModelSpec& s) {
   if (s.experts == 1) return "dense " + s.expert;
   if (s.kind == "moe-cnn")
-    return "MoE-CNN " + s.expert + " with N=" + std::to_string(s.experts) + " channel groups of r=" +
-           fmt_fixed(s.scale, 3) + ", " + s.router + " router, top-1 routing";
+    return "MoE-CNN " + s.expert + " with N=" + std::to_string(s.experts) +
+           " channel groups of r=" + fmt_fixed(s.scale, 3) + ", " + s.router +
+           " router, top-1 routing";
   return "MoE E=" + std::to_string(s.experts) + " " + s.expert + " experts, " + s.router +
          " router, " + (s.routing == Routing::soft ? "soft" : "top-" + std::to_string(s.top_k)) +
          " routing";
@@ -70,7 +71,8 @@ void dual_save(const std::string& out_dir, LoadedModel& standard, LoadedModel& r
     throw ConfigError("dual: --standard and --robust must be single-model checkpoints");
   Dual dual(standard.model, robust.model, alpha);
   auto member = [](const LoadedModel& m) {
-    nlohmann::json j = {{"path", m.dir}, {"weights_sha256", m.manifest.value("weights_sha256", "")}};
+    nlohmann::json j = {{"path", m.dir},
+                        {"weights_sha256", m.manifest.value("weights_sha256", "")}};
     for (const char* key : {"training", "dataset", "metrics"})
       if (m.manifest.contains(key)) j[key] = m.manifest[key];
     return j;
@@ -79,7 +81,8 @@ void dual_save(const std::string& out_dir, LoadedModel& standard, LoadedModel& r
       {"kind", "dual"},
       {"alpha", alpha},
       {"architecture",
-       {{"standard", standard.model->spec().to_json()}, {"robust", robust.model->spec().to_json()}}},
+       {{"standard", standard.model->spec().to_json()},
+        {"robust", robust.model->spec().to_json()}}},
       {"members", {{"standard", member(standard)}, {"robust", member(robust)}}}};
   if (standard.manifest.contains("dataset")) manifest["dataset"] = standard.manifest["dataset"];
   checkpoint_save(out_dir, *dual, manifest);

@@ -1,16 +1,16 @@
 // SHA-256 as specified in FIPS 180-4 (sections 4.1.2, 4.2.2, 5.1.1, 6.2), written
 // out here so that checkpoint hashing needs no crypto library. Files are hashed in
 // fixed-size chunks so that a 100 MB weights file costs 1 MiB of memory.
-#include "io-impl.h"
-#include "moecert/checkpoint.h"
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <vector>
 
-#include <fcntl.h>
-#include <unistd.h>
+#include "io-impl.h"
+#include "moecert/checkpoint.h"
 
 namespace moecert {
 namespace io_impl {

@@ -1,11 +1,11 @@
 // Expert backbones and routers. Child names are checkpoint keys: treat them as API.
 // `resnet18` uses the names of the common PyTorch CIFAR code (conv1, bn1,
 // layer1.0.conv1, ..., layer2.0.shortcut.0, linear) so state dicts map 1:1.
-#include "moecert/error.h"
-#include "moecert/models.h"
-
 #include <torch/torch.h>
 #include <torch/version.h>
+
+#include "moecert/error.h"
+#include "moecert/models.h"
 
 namespace moecert {
 namespace {
@@ -101,8 +101,8 @@ class CnnSImpl : public BackboneImpl {
       : conv1(register_module("conv1", conv3x3(c, 16, 2, true))),
         conv2(register_module("conv2", conv3x3(16, 32, 2, true))),
         fc1(register_module(
-            "fc1", nn::Linear(32 * conv_s2_size(conv_s2_size(h)) * conv_s2_size(conv_s2_size(w)),
-                              128))),
+            "fc1",
+            nn::Linear(32 * conv_s2_size(conv_s2_size(h)) * conv_s2_size(conv_s2_size(w)), 128))),
         fc2(register_module("fc2", nn::Linear(128, outputs))) {}
 
   torch::Tensor forward(torch::Tensor x) override {
@@ -112,8 +112,13 @@ class CnnSImpl : public BackboneImpl {
     return fc2(x);
   }
   LayerGraph graph() override {
-    return {conv_layer("conv1", conv1), relu_layer(), conv_layer("conv2", conv2), relu_layer(),
-            Layer::simple(Layer::Kind::flatten), linear_layer("fc1", fc1), relu_layer(),
+    return {conv_layer("conv1", conv1),
+            relu_layer(),
+            conv_layer("conv2", conv2),
+            relu_layer(),
+            Layer::simple(Layer::Kind::flatten),
+            linear_layer("fc1", fc1),
+            relu_layer(),
             linear_layer("fc2", fc2)};
   }
 
@@ -137,7 +142,8 @@ class CnnRouterImpl : public BackboneImpl {
     return fc(x.flatten(/*start_dim=*/1));
   }
   LayerGraph graph() override {
-    return {conv_layer("conv1", conv1), relu_layer(), conv_layer("conv2", conv2), relu_layer(),
+    return {conv_layer("conv1", conv1),          relu_layer(),
+            conv_layer("conv2", conv2),          relu_layer(),
             Layer::simple(Layer::Kind::flatten), linear_layer("fc", fc)};
   }
 
@@ -157,8 +163,12 @@ class MlpImpl : public BackboneImpl {
     return fc3(torch::relu(fc2(torch::relu(fc1(x.flatten(/*start_dim=*/1))))));
   }
   LayerGraph graph() override {
-    return {Layer::simple(Layer::Kind::flatten), linear_layer("fc1", fc1), relu_layer(),
-            linear_layer("fc2", fc2), relu_layer(), linear_layer("fc3", fc3)};
+    return {Layer::simple(Layer::Kind::flatten),
+            linear_layer("fc1", fc1),
+            relu_layer(),
+            linear_layer("fc2", fc2),
+            relu_layer(),
+            linear_layer("fc3", fc3)};
   }
   nn::Linear fc1, fc2, fc3;
 };
@@ -187,8 +197,7 @@ class BasicBlockImpl : public nn::Module {
         bn2(register_module("bn2", nn::BatchNorm2d(out))),
         shortcut(register_module("shortcut", nn::Sequential())) {
     if (stride != 1 || in != out) {
-      shortcut->push_back(
-          nn::Conv2d(nn::Conv2dOptions(in, out, 1).stride(stride).bias(false)));
+      shortcut->push_back(nn::Conv2d(nn::Conv2dOptions(in, out, 1).stride(stride).bias(false)));
       shortcut->push_back(nn::BatchNorm2d(out));
     }
   }
@@ -206,8 +215,9 @@ class BasicBlockImpl : public nn::Module {
                        batchnorm_layer(prefix + ".bn2", bn2)};
     LayerGraph sc;
     if (!shortcut->is_empty()) {
-      sc.push_back(conv_layer(prefix + ".shortcut.0",
-                              nn::Conv2d(std::dynamic_pointer_cast<nn::Conv2dImpl>(shortcut->ptr(0)))));
+      sc.push_back(
+          conv_layer(prefix + ".shortcut.0",
+                     nn::Conv2d(std::dynamic_pointer_cast<nn::Conv2dImpl>(shortcut->ptr(0)))));
       sc.push_back(batchnorm_layer(
           prefix + ".shortcut.1",
           nn::BatchNorm2d(std::dynamic_pointer_cast<nn::BatchNorm2dImpl>(shortcut->ptr(1)))));
@@ -308,7 +318,8 @@ class ChannelGroupCnnSImpl : public ChannelGroupNetImpl {
       groups->push_back(trunks_.back());
     }
   }
-  torch::Tensor forward_path(int64_t g, const torch::Tensor& x, const torch::Tensor& gate) override {
+  torch::Tensor forward_path(int64_t g, const torch::Tensor& x,
+                             const torch::Tensor& gate) override {
     auto f = trunks_.at(static_cast<size_t>(g))->forward(x);
     if (gate.defined()) f = f * gate.view({-1, 1});
     auto h = torch::linear(f, fc1->weight.narrow(1, g * features_, features_), fc1->bias);
@@ -317,7 +328,8 @@ class ChannelGroupCnnSImpl : public ChannelGroupNetImpl {
   LayerGraph path_graph(int64_t g) override {
     auto graph = trunks_.at(static_cast<size_t>(g))->graph("groups." + std::to_string(g) + ".");
     graph.push_back(Layer::dense("fc1[group " + std::to_string(g) + "]",
-                                 f64(fc1->weight.narrow(1, g * features_, features_)), f64(fc1->bias)));
+                                 f64(fc1->weight.narrow(1, g * features_, features_)),
+                                 f64(fc1->bias)));
     graph.push_back(relu_layer());
     graph.push_back(linear_layer("fc2", fc2));
     return graph;
@@ -346,7 +358,8 @@ class ChannelGroupResNetImpl : public ChannelGroupNetImpl {
       groups->push_back(trunks_.back());
     }
   }
-  torch::Tensor forward_path(int64_t g, const torch::Tensor& x, const torch::Tensor& gate) override {
+  torch::Tensor forward_path(int64_t g, const torch::Tensor& x,
+                             const torch::Tensor& gate) override {
     auto f = trunks_.at(static_cast<size_t>(g))->forward(x);
     if (gate.defined()) f = f * gate.view({-1, 1});
     return torch::linear(f, linear->weight.narrow(1, g * features_, features_), linear->bias);
@@ -378,15 +391,17 @@ std::shared_ptr<BackboneImpl> backbone_make(const std::string& kind, int64_t in_
     return std::make_shared<LinearRouterImpl>(in_channels, height, width, outputs);
   if (kind == "cnn") return std::make_shared<CnnRouterImpl>(in_channels, height, width, outputs);
   if (kind == "mlp") return std::make_shared<MlpImpl>(in_channels, height, width, outputs);
-  throw ConfigError::invalid("backbone", kind, "cnn-s | resnet18 | mlp (experts), linear | cnn | mlp (routers)");
+  throw ConfigError::invalid("backbone", kind,
+                             "cnn-s | resnet18 | mlp (experts), linear | cnn | mlp (routers)");
 }
 
-std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind, int64_t in_channels,
-                                                        int64_t height, int64_t width,
-                                                        int64_t outputs, int64_t groups,
-                                                        double scale) {
+std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind,
+                                                        int64_t in_channels, int64_t height,
+                                                        int64_t width, int64_t outputs,
+                                                        int64_t groups, double scale) {
   if (kind == "cnn-s")
-    return std::make_shared<ChannelGroupCnnSImpl>(in_channels, height, width, outputs, groups, scale);
+    return std::make_shared<ChannelGroupCnnSImpl>(in_channels, height, width, outputs, groups,
+                                                  scale);
   if (kind == "resnet18")
     return std::make_shared<ChannelGroupResNetImpl>(in_channels, outputs, groups, scale);
   throw ConfigError::invalid("--expert", kind, "cnn-s | resnet18 (MoE-CNN backbones)");

@@ -1,11 +1,11 @@
 #include "moecert/dual.h"
 
-#include "moecert/error.h"
-
 #include <torch/torch.h>
 
 #include <cmath>
 #include <limits>
+
+#include "moecert/error.h"
 
 namespace moecert {
 
@@ -57,20 +57,31 @@ AttackSubject attack_subject(DualImpl& dual) {
     std::vector<AwareObjective> out;
     auto margin_loss = [y](const torch::Tensor& lp) {
       auto zy = lp.gather(1, y.unsqueeze(1)).squeeze(1);
-      return std::get<0>(lp.scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity()).max(1)) - zy;
+      return std::get<0>(
+                 lp.scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity()).max(1)) -
+             zy;
     };
-    out.push_back({"member-standard", [&dual, margin_loss](const torch::Tensor& x) { return margin_loss(dual.standard().forward(x)); }});
-    out.push_back({"member-robust", [&dual, margin_loss](const torch::Tensor& x) { return margin_loss(dual.robust().forward(x)); }});
+    out.push_back({"member-standard", [&dual, margin_loss](const torch::Tensor& x) {
+                     return margin_loss(dual.standard().forward(x));
+                   }});
+    out.push_back({"member-robust", [&dual, margin_loss](const torch::Tensor& x) {
+                     return margin_loss(dual.robust().forward(x));
+                   }});
     LogProbFn whole = [&dual](const torch::Tensor& x) { return dual.forward(x); };
-    for (auto& o : route_aware_objectives(dual.standard(), whole, y, "standard-")) out.push_back(std::move(o));
-    for (auto& o : route_aware_objectives(dual.robust(), whole, y, "robust-")) out.push_back(std::move(o));
+    for (auto& o : route_aware_objectives(dual.standard(), whole, y, "standard-"))
+      out.push_back(std::move(o));
+    for (auto& o : route_aware_objectives(dual.robust(), whole, y, "robust-"))
+      out.push_back(std::move(o));
     return out;
   };
-  MoeImpl* routed = dual.robust().num_experts() > 1 ? &dual.robust()
-                    : dual.standard().num_experts() > 1 ? &dual.standard() : nullptr;
+  MoeImpl* routed = dual.robust().num_experts() > 1     ? &dual.robust()
+                    : dual.standard().num_experts() > 1 ? &dual.standard()
+                                                        : nullptr;
   if (routed) {
     s.experts = routed->num_experts();
-    s.route = [routed](const torch::Tensor& x) { return routed->router_logits(x).argmax(/*dim=*/1); };
+    s.route = [routed](const torch::Tensor& x) {
+      return routed->router_logits(x).argmax(/*dim=*/1);
+    };
   }
   return s;
 }

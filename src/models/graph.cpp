@@ -47,7 +47,8 @@ Layer Layer::simple(Kind kind, std::string name) {
   return l;
 }
 
-Layer Layer::residual_block(std::string name, std::vector<Layer> main, std::vector<Layer> shortcut) {
+Layer Layer::residual_block(std::string name, std::vector<Layer> main,
+                            std::vector<Layer> shortcut) {
   Layer l;
   l.kind = Kind::residual, l.name = std::move(name);
   l.main = std::move(main), l.shortcut = std::move(shortcut);

@@ -1,10 +1,10 @@
 // Batched MoE dispatch (SPEC §1). The batch is grouped by expert; each selected
 // expert runs once on its group; the results are scattered back by the inverse
 // permutation. No per-sample loop, and an unselected expert is never computed.
+#include <torch/torch.h>
+
 #include "moecert/error.h"
 #include "moecert/models.h"
-
-#include <torch/torch.h>
 
 namespace moecert {
 
@@ -33,17 +33,26 @@ RouterGradient router_gradient_parse(const std::string& s) {
 }
 
 nlohmann::json ModelSpec::to_json() const {
-  return {{"kind", kind},               {"scale", scale},
-          {"in_channels", in_channels}, {"height", height},     {"width", width},
-          {"num_classes", num_classes}, {"experts", experts},   {"expert", expert},
-          {"router", router},           {"routing", routing_name(routing)},
-          {"top_k", top_k},             {"mean", mean},         {"std", std}};
+  return {{"kind", kind},
+          {"scale", scale},
+          {"in_channels", in_channels},
+          {"height", height},
+          {"width", width},
+          {"num_classes", num_classes},
+          {"experts", experts},
+          {"expert", expert},
+          {"router", router},
+          {"routing", routing_name(routing)},
+          {"top_k", top_k},
+          {"mean", mean},
+          {"std", std}};
 }
 
 ModelSpec ModelSpec::from_json(const nlohmann::json& j) {
   ModelSpec s;
   auto field = [&](const char* name, auto& out) {
-    if (!j.contains(name)) throw ConfigError("architecture: missing field '" + std::string(name) + "'");
+    if (!j.contains(name))
+      throw ConfigError("architecture: missing field '" + std::string(name) + "'");
     try {
       j.at(name).get_to(out);
     } catch (const nlohmann::json::exception& e) {
@@ -66,9 +75,12 @@ ModelSpec ModelSpec::from_json(const nlohmann::json& j) {
   field("top_k", s.top_k);
   field("mean", s.mean);
   field("std", s.std);
-  if (routing == "soft") s.routing = Routing::soft;
-  else if (routing == "top-k") s.routing = Routing::top_k;
-  else throw ConfigError::invalid("architecture.routing", routing, "soft | top-k");
+  if (routing == "soft")
+    s.routing = Routing::soft;
+  else if (routing == "top-k")
+    s.routing = Routing::top_k;
+  else
+    throw ConfigError::invalid("architecture.routing", routing, "soft | top-k");
   s.validate();
   return s;
 }
@@ -81,7 +93,8 @@ void ModelSpec::validate() const {
   positive("height", height);
   positive("width", width);
   positive("experts", experts);
-  if (num_classes < 2) throw ConfigError::invalid("num_classes", std::to_string(num_classes), ">= 2");
+  if (num_classes < 2)
+    throw ConfigError::invalid("num_classes", std::to_string(num_classes), ">= 2");
   if (expert != "cnn-s" && expert != "resnet18" && expert != "mlp")
     throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18 | mlp");
   if (router != "linear" && router != "cnn" && router != "mlp")
@@ -95,16 +108,19 @@ void ModelSpec::validate() const {
                       std::to_string(in_channels) + ")");
   for (double s : std)
     if (!(s > 0)) throw ConfigError::invalid("std", std::to_string(s), "a positive number");
-  if (kind != "moe" && kind != "moe-cnn") throw ConfigError::invalid("--arch", kind, "moe | moe-cnn");
+  if (kind != "moe" && kind != "moe-cnn")
+    throw ConfigError::invalid("--arch", kind, "moe | moe-cnn");
   if (kind == "moe-cnn") {
     if (experts < 2)
       throw ConfigError::invalid("--experts", std::to_string(experts),
                                  ">= 2 channel groups for --arch moe-cnn (the dense baseline is "
                                  "--arch moe --experts 1)");
-    if (expert == "mlp") throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18 for --arch moe-cnn");
+    if (expert == "mlp")
+      throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18 for --arch moe-cnn");
     if (routing != Routing::top_k || top_k != 1)
-      throw ConfigError("--arch moe-cnn routes top-1 (one channel group per sample): use "
-                        "--routing top-k --top-k 1");
+      throw ConfigError(
+          "--arch moe-cnn routes top-1 (one channel group per sample): use "
+          "--routing top-k --top-k 1");
     // The narrowest layer (16 channels in cnn-s's first conv) must keep >= 1 channel.
     if (!(scale > 0 && scale <= 1) || static_cast<int64_t>(scale * 16.0 + 0.5) < 1)
       throw ConfigError::invalid("--scale", std::to_string(scale), "in [1/32, 1]");
@@ -122,9 +138,9 @@ MoeImpl::MoeImpl(ModelSpec spec) : spec_(std::move(spec)) {
     router_ = register_module("router", backbone_make(spec_.router, spec_.in_channels, spec_.height,
                                                       spec_.width, spec_.experts));
   if (spec_.kind == "moe-cnn") {
-    body_ = register_module("body", channel_group_make(spec_.expert, spec_.in_channels, spec_.height,
-                                                       spec_.width, spec_.num_classes,
-                                                       spec_.experts, spec_.scale));
+    body_ = register_module(
+        "body", channel_group_make(spec_.expert, spec_.in_channels, spec_.height, spec_.width,
+                                   spec_.num_classes, spec_.experts, spec_.scale));
     for (int64_t i = 0; i < spec_.experts; ++i)
       experts_.push_back(std::make_shared<ChannelGroupPathImpl>(body_.get(), i));
     return;
@@ -149,11 +165,11 @@ std::vector<torch::Tensor> MoeImpl::expert_parameters() {
 void MoeImpl::check_input(const torch::Tensor& x, const char* what) const {
   if (x.dim() != 4 || x.size(1) != spec_.in_channels || x.size(2) != spec_.height ||
       x.size(3) != spec_.width)
-    throw ShapeError::unexpected(
-        std::string("model input (") + what + ")",
-        "[B, " + std::to_string(spec_.in_channels) + ", " + std::to_string(spec_.height) + ", " +
-            std::to_string(spec_.width) + "]",
-        x.sizes().vec());
+    throw ShapeError::unexpected(std::string("model input (") + what + ")",
+                                 "[B, " + std::to_string(spec_.in_channels) + ", " +
+                                     std::to_string(spec_.height) + ", " +
+                                     std::to_string(spec_.width) + "]",
+                                 x.sizes().vec());
 }
 
 LayerGraph MoeImpl::component_graph(int64_t expert) {
@@ -161,7 +177,8 @@ LayerGraph MoeImpl::component_graph(int64_t expert) {
   if (!net) throw ConfigError("model has a single expert: there is no router");
   LayerGraph g;
   auto mean = mean_.flatten(), sd = std_.flatten();
-  if (!LiveGraphs::active()) mean = mean.detach().to(torch::kFloat64), sd = sd.detach().to(torch::kFloat64);
+  if (!LiveGraphs::active())
+    mean = mean.detach().to(torch::kFloat64), sd = sd.detach().to(torch::kFloat64);
   g.push_back(Layer::affine("normalise", 1.0 / sd, -mean / sd));
   for (auto& l : net->graph()) g.push_back(std::move(l));
   return g;
@@ -195,7 +212,8 @@ MoeRouting MoeImpl::route(const torch::Tensor& x) {
   const int64_t B = x.size(0), E = spec_.experts;
   MoeRouting r;
   if (E == 1) {
-    r.selected = torch::zeros({B, 1}, torch::TensorOptions().dtype(torch::kLong).device(x.device()));
+    r.selected =
+        torch::zeros({B, 1}, torch::TensorOptions().dtype(torch::kLong).device(x.device()));
     r.log_w = torch::zeros({B, 1}, x.options());
     return r;
   }
@@ -239,10 +257,10 @@ torch::Tensor MoeImpl::dispatch(const torch::Tensor& xn, const torch::Tensor& se
     for (auto& e : experts_) outs.push_back(torch::log_softmax(e->forward(xn), /*dim=*/1));
     return torch::stack(outs, /*dim=*/1);
   }
-  auto flat = selected.reshape({-1});                                   // [B*k]
+  auto flat = selected.reshape({-1});  // [B*k]
   auto order = std::get<1>(flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   auto counts = torch::bincount(flat, /*weights=*/{}, /*minlength=*/E).cpu();
-  auto samples = torch::div(order, k, /*rounding_mode=*/"floor");       // row of each entry
+  auto samples = torch::div(order, k, /*rounding_mode=*/"floor");  // row of each entry
   std::vector<torch::Tensor> parts;
   int64_t offset = 0;
   for (int64_t e = 0; e < E; ++e) {
@@ -256,7 +274,7 @@ torch::Tensor MoeImpl::dispatch(const torch::Tensor& xn, const torch::Tensor& se
     parts.push_back(torch::log_softmax(logits, 1));
     offset += n;
   }
-  auto sorted = torch::cat(parts, /*dim=*/0);                           // [B*k, classes]
+  auto sorted = torch::cat(parts, /*dim=*/0);  // [B*k, classes]
   auto inverse = torch::empty_like(order);
   inverse.scatter_(0, order, torch::arange(B * k, order.options()));
   return sorted.index_select(0, inverse).view({B, k, -1});
@@ -268,11 +286,12 @@ MoeOutput MoeImpl::forward_parts(const torch::Tensor& x_router, const torch::Ten
   MoeOutput out;
   out.routing = fixed ? *fixed : route(x_router);
   if (out.routing.selected.size(0) != x_experts.size(0))
-    throw ShapeError::unexpected("routing", "one row per sample", out.routing.selected.sizes().vec());
+    throw ShapeError::unexpected("routing", "one row per sample",
+                                 out.routing.selected.sizes().vec());
   auto xn = normalise(x_experts);
-  auto lsm = dispatch(xn, out.routing.selected, out.routing.gate);     // [B, k, C]
+  auto lsm = dispatch(xn, out.routing.selected, out.routing.gate);  // [B, k, C]
   if (lsm.size(1) == 1) {
-    out.log_probs = lsm.select(1, 0) + out.routing.log_w;              // log w + log f
+    out.log_probs = lsm.select(1, 0) + out.routing.log_w;  // log w + log f
     if (!fixed && top2_router_gradient()) {
       // Router gradient of the renormalised top-2 mixture with the experts' outputs
       // held constant (docs/training.md): log F2 = logsumexp_j(log ã_j + log f_j),
@@ -285,7 +304,7 @@ MoeOutput MoeImpl::forward_parts(const torch::Tensor& x_router, const torch::Ten
         torch::NoGradGuard no_grad;
         lsm2 = dispatch(xn, std::get<1>(best2).narrow(1, 1, 1), {}).select(1, 0);
       }
-      auto log_a = torch::log_softmax(std::get<0>(best2), /*dim=*/1);   // [B, 2]
+      auto log_a = torch::log_softmax(std::get<0>(best2), /*dim=*/1);  // [B, 2]
       auto pair = torch::stack({lsm.select(1, 0).detach(), lsm2}, /*dim=*/1);
       auto mix = torch::logsumexp(pair + log_a.unsqueeze(-1), /*dim=*/1);  // [B, C]
       out.log_probs = out.log_probs + (mix - mix.detach());

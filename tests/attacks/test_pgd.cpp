@@ -1,5 +1,6 @@
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <catch2/catch.hpp>
 
 #include "fixtures.h"
 #include "moecert/attacks.h"
@@ -38,7 +39,8 @@ TEST_CASE("PGD stays in the eps-ball and in [0,1]", "[unit][attacks]") {
       CHECK(max_norm(x_adv - x, norm) > cfg.eps * 0.5);  // it did move
     }
   }
-  auto x_fgsm = attack_fgsm(attack_target_fn(*model, AttackTarget::whole, x), x, y, Norm::linf, 0.05);
+  auto x_fgsm =
+      attack_fgsm(attack_target_fn(*model, AttackTarget::whole, x), x, y, Norm::linf, 0.05);
   CHECK(max_norm(x_fgsm - x, Norm::linf) <= 0.05 + 1e-6);
 }
 

@@ -2,16 +2,16 @@
 // a linear classifier; APGD's DLR loss breaks a gradient-masked model that PGD cannot;
 // Square breaks a model without gradients; the route-aware run breaks a top-1 MoE that
 // plain PGD cannot; FMN never reports a radius below the exact one.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <cmath>
 
 #include "fixtures.h"
 #include "moecert/attack_suite.h"
 #include "moecert/error.h"
 #include "moecert/models.h"
-
-#include <algorithm>
-#include <cmath>
 
 using namespace moecert;
 
@@ -38,7 +38,9 @@ struct Linear {
   }
   LogProbFn fn() const {
     auto w = W, bb = b;
-    return [w, bb](const torch::Tensor& xx) { return torch::log_softmax(torch::linear(xx.flatten(1), w, bb), 1); };
+    return [w, bb](const torch::Tensor& xx) {
+      return torch::log_softmax(torch::linear(xx.flatten(1), w, bb), 1);
+    };
   }
   double radius(Norm p) const {
     return m / (p == Norm::linf ? v.abs().sum().item<double>() : v.norm().item<double>());
@@ -66,8 +68,11 @@ TEST_CASE("every attack reaches the minimal perturbation of a linear classifier"
       const AttackBall ball{lin.x, torch::full({n}, r * scale), p, true};
       INFO("eps = " << scale << " x exact");
       auto a = attack_apgd(ce, f, ball, lin.y, seeds(n), 100, 0);
-      auto t = attack_apgd([&](const torch::Tensor& xx) { return loss_dlr_targeted(f(xx), lin.y, torch::ones({n}, torch::kLong)); },
-                           f, ball, lin.y, seeds(n), 100, 1);
+      auto t = attack_apgd(
+          [&](const torch::Tensor& xx) {
+            return loss_dlr_targeted(f(xx), lin.y, torch::ones({n}, torch::kLong));
+          },
+          f, ball, lin.y, seeds(n), 100, 1);
       auto s = attack_square(f, ball, lin.y, seeds(n), 3000, 2);
       for (const auto* found : {&a, &t, &s}) {
         // Every point stays in the set.
@@ -90,7 +95,9 @@ TEST_CASE("every attack reaches the minimal perturbation of a linear classifier"
       CHECK(attack_square(f, ball, lin.y, seeds(n), 3000, 2).success.all().item<bool>());
     }
     auto mn = attack_min_norm(f, f, lin.x, lin.y, p, true, 100);
-    CHECK((mn.radius >= r * (1 - 1e-4)).all().item<bool>());  // a real point: never below the exact radius
+    CHECK((mn.radius >= r * (1 - 1e-4))
+              .all()
+              .item<bool>());  // a real point: never below the exact radius
     CHECK((mn.radius <= r * 1.05).all().item<bool>());
     CHECK(f(mn.x_adv).argmax(1).ne(lin.y).all().item<bool>());
   }
@@ -109,9 +116,11 @@ TEST_CASE("APGD's DLR loss breaks a gradient-masked model that PGD-20 cannot", "
   auto xp = attack_pgd(f, lin.x, lin.y, pgd);
   CHECK(f(xp).argmax(1).eq(lin.y).all().item<bool>());  // PGD: no gradient, no progress
   const AttackBall ball{lin.x, torch::full({n}, 1.5 * r), Norm::linf, true};
-  auto ce = attack_apgd([&](const torch::Tensor& xx) { return loss_ce(f(xx), lin.y); }, f, ball, lin.y, seeds(n), 50, 0);
+  auto ce = attack_apgd([&](const torch::Tensor& xx) { return loss_ce(f(xx), lin.y); }, f, ball,
+                        lin.y, seeds(n), 50, 0);
   CHECK_FALSE(ce.success.any().item<bool>());  // APGD-CE is masked too
-  auto dlr = attack_apgd([&](const torch::Tensor& xx) { return loss_dlr(f(xx), lin.y); }, f, ball, lin.y, seeds(n), 50, 0);
+  auto dlr = attack_apgd([&](const torch::Tensor& xx) { return loss_dlr(f(xx), lin.y); }, f, ball,
+                         lin.y, seeds(n), 50, 0);
   CHECK(dlr.success.all().item<bool>());
 }
 
@@ -133,7 +142,9 @@ TEST_CASE("Square breaks a model without using gradients", "[attacks]") {
   auto bias = torch::zeros({n, 4});
   for (int64_t i = 0; i < n; i += 2) bias[i][0] = 100.0f;
   auto with_bias = [base](const torch::Tensor& b) {
-    return LogProbFn([base, b](const torch::Tensor& xx) { return torch::log_softmax(base(xx.detach()) + b, 1); });
+    return LogProbFn([base, b](const torch::Tensor& xx) {
+      return torch::log_softmax(base(xx.detach()) + b, 1);
+    });
   };
   auto on_rows = [&](const torch::Tensor& rows) { return with_bias(bias.index_select(0, rows)); };
   auto stateful = attack_square(with_bias(bias), ball, lin.y, seeds(n), 2000, 0, on_rows);
@@ -164,7 +175,8 @@ Moe trap_moe() {
   set(m->expert(1), "fc3.bias", torch::tensor({-10.0f, 10.0f}));
   // g1 − g0 = 1000·(mean of the normalised pixels − 0.32): 0.08 of pixel mean = 0.32
   // normalised. (A random start in the L∞ ball of 0.1 gets there with probability ~1e-8.)
-  set(*m->router(), "fc.weight", torch::cat({torch::zeros({1, 16}), torch::full({1, 16}, 1000.0f / 16)}));
+  set(*m->router(), "fc.weight",
+      torch::cat({torch::zeros({1, 16}), torch::full({1, 16}, 1000.0f / 16)}));
   set(*m->router(), "fc.bias", torch::tensor({0.0f, -320.0f}));
   m->eval();
   return m;
@@ -204,14 +216,16 @@ TEST_CASE("the route-aware run breaks a top-1 MoE that plain PGD cannot", "[atta
     CHECK(row.norm <= 0.1 + 1e-6);
     CHECK(row.norm > 0.07);  // the route only flips once the mean pixel rose by 0.08
   }
-  CHECK(std::count_if(strong.rows.begin(), strong.rows.end(), [](const SuiteRow& r) { return r.broken_by == "route-1"; }) >= 10);
+  CHECK(std::count_if(strong.rows.begin(), strong.rows.end(),
+                      [](const SuiteRow& r) { return r.broken_by == "route-1"; }) >= 10);
   REQUIRE(strong.x_adv.size(0) == 12);
   CHECK(model->forward(strong.x_adv).argmax(1).eq(1).all().item<bool>());
   // RA-E: the experts attacked under the clean routing; they ignore the input.
   CHECK(strong.ra_e == 1.0);
 }
 
-TEST_CASE("RA-E and RA-R: APGD-T's later targets run on a subset under the subset's frozen routing", "[attacks]") {
+TEST_CASE("RA-E and RA-R: APGD-T's later targets run on a subset under the subset's frozen routing",
+          "[attacks]") {
   // APGD-T attacks each target class on the samples the earlier targets left robust.
   // The component targets hold per-sample state (RA-E: the clean routing; RA-R: the
   // clean experts' input), so each subset needs its own target function: with the
@@ -226,7 +240,8 @@ TEST_CASE("RA-E and RA-R: APGD-T's later targets run on a subset under the subse
   cfg.eps = 0.12, cfg.apgd_steps = 3, cfg.targets = 3;  // APGD-T breaks some here (measured)
   auto batched = attack_suite(attack_subject(*model), data, cfg, 48, torch::kCPU, false);
   auto single = attack_suite(attack_subject(*model), data, cfg, 1, torch::kCPU, false);
-  INFO("SA " << batched.sa << " RA " << batched.ra << " RA-E " << batched.ra_e << " RA-R " << batched.ra_r);
+  INFO("SA " << batched.sa << " RA " << batched.ra << " RA-E " << batched.ra_e << " RA-R "
+             << batched.ra_r);
   CHECK(batched.ra_e > 0.0);
   CHECK(batched.ra_e < batched.sa);  // the experts' attack broke some samples, not all
   CHECK(batched.ra_r <= batched.sa);
@@ -239,7 +254,8 @@ TEST_CASE("the suite refuses bad settings with the option's name", "[attacks][un
   auto data = half_grey(2);
   SuiteConfig cfg;
   cfg.eps = -1;
-  CHECK_THROWS_WITH(attack_suite(attack_subject(*model), data, cfg, 2, torch::kCPU, false), Catch::Contains("--eps"));
+  CHECK_THROWS_WITH(attack_suite(attack_subject(*model), data, cfg, 2, torch::kCPU, false),
+                    Catch::Contains("--eps"));
   cfg.eps = 0.1, cfg.square_queries = 0;
   CHECK_THROWS_WITH(attack_suite(attack_subject(*model), data, cfg, 2, torch::kCPU, false),
                     Catch::Contains("--square-queries"));

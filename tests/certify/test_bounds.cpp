@@ -1,6 +1,6 @@
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <cmath>
 
 #include "moecert/certify.h"
@@ -57,7 +57,8 @@ TEST_CASE("top-1 radii: routing stability and candidate experts", "[unit][certif
   CHECK(r.tight == Approx(std::min(stability, own / 4.0)).epsilon(1e-8));
   // candidate: min over experts of max(own radius, reach); expert 1 classifies 0 too.
   auto f1 = softmax(m.h[1]);
-  const double r0 = std::max(own / 4.0, 3.0 / (2 * 4.0)), r1 = std::max((f1[0] - f1[1]) / 6.0, 1.0 / (2 * 6.0));
+  const double r0 = std::max(own / 4.0, 3.0 / (2 * 4.0)),
+               r1 = std::max((f1[0] - f1[1]) / 6.0, 1.0 / (2 * 6.0));
   CHECK(r.candidate == Approx(std::min(r0, std::max(r1, stability))).epsilon(1e-8));
   CHECK(r.candidate >= r.tight);
   // If the runner-up expert misclassifies, the candidate radius stops at its reach.
@@ -75,7 +76,8 @@ TEST_CASE("dense margin radius", "[unit][certify]") {
   CHECK(r.tight == Approx((f[0] - f[1]) / 3.0).epsilon(1e-8));
 }
 
-TEST_CASE("Theorem 5.5: eps_b does not depend on F_S, tight >= max(eps_a, eps_b)", "[unit][certify]") {
+TEST_CASE("Theorem 5.5: eps_b does not depend on F_S, tight >= max(eps_a, eps_b)",
+          "[unit][certify]") {
   auto robust = two_experts(Routing::soft);
   MemberConstants cr{1.0, {1.5, 2.0}};
   MemberEval standard;
@@ -101,18 +103,24 @@ TEST_CASE("Theorem 5.5: eps_b does not depend on F_S, tight >= max(eps_a, eps_b)
   auto a = softmax(robust.g);
   auto f0 = softmax(robust.h[0]), f1 = softmax(robust.h[1]);
   double mr = 1e9;
-  for (int k = 1; k < 3; ++k)
-    mr = std::min(mr, a[0] * (f0[0] - f0[k]) + a[1] * (f1[0] - f1[k]));
+  for (int k = 1; k < 3; ++k) mr = std::min(mr, a[0] * (f0[0] - f0[k]) + a[1] * (f1[0] - f1[k]));
   const double KR = 1.0 + a[0] * 1.5 + a[1] * 2.0;
   CHECK(eps_b == Approx((mr - 0.1 / 0.9) / KR).epsilon(1e-7));
 }
 
 TEST_CASE("aggregates count certified accuracy and soundness violations", "[unit][certify]") {
-  nlohmann::json r = {{"config", {{"eps_grid", {0.01, 0.1}}}},
-                      {"rows",
-                       {{{"index", 0}, {"correct", true}, {"radii", {{"a_local", 0.05}}}, {"empirical_radius", 0.2}},
-                        {{"index", 1}, {"correct", true}, {"radii", {{"a_local", 0.3}}}, {"empirical_radius", 0.2}},
-                        {{"index", 2}, {"correct", false}, {"radii", {{"a_local", 0.0}}}, {"empirical_radius", 0.0}}}}};
+  nlohmann::json r = {
+      {"config", {{"eps_grid", {0.01, 0.1}}}},
+      {"rows",
+       {{{"index", 0},
+         {"correct", true},
+         {"radii", {{"a_local", 0.05}}},
+         {"empirical_radius", 0.2}},
+        {{"index", 1}, {"correct", true}, {"radii", {{"a_local", 0.3}}}, {"empirical_radius", 0.2}},
+        {{"index", 2},
+         {"correct", false},
+         {"radii", {{"a_local", 0.0}}},
+         {"empirical_radius", 0.0}}}}};
   certify_aggregate(r);
   const auto& agg = r["aggregates"];
   CHECK(agg["clean_accuracy"].get<double>() == Approx(2.0 / 3));
@@ -126,18 +134,21 @@ TEST_CASE("aggregates count certified accuracy and soundness violations", "[unit
 
 TEST_CASE("aggregates count expert usage from the rows' router weights", "[unit][certify]") {
   auto row = [](int i, nlohmann::json w) {
-    return nlohmann::json{{"index", i}, {"correct", true}, {"radii", {{"a_local", 0.05}}}, {"router_weights", w}};
+    return nlohmann::json{
+        {"index", i}, {"correct", true}, {"radii", {{"a_local", 0.05}}}, {"router_weights", w}};
   };
-  nlohmann::json r = {{"config", {{"eps_grid", {0.01}}}},
-                      {"rows", {row(0, {0, 1, 0}), row(1, {0, 1, 0}), row(2, {0.2, 0.1, 0.7}), row(3, {1, 0, 0})}}};
+  nlohmann::json r = {
+      {"config", {{"eps_grid", {0.01}}}},
+      {"rows", {row(0, {0, 1, 0}), row(1, {0, 1, 0}), row(2, {0.2, 0.1, 0.7}), row(3, {1, 0, 0})}}};
   certify_aggregate(r);
   const auto& u = r["aggregates"]["expert_usage"];
   CHECK(u["clean"] == nlohmann::json({1, 2, 1}));
   CHECK(u["clean_share"][1].get<double>() == Approx(0.5));
   CHECK(u["max_share"].get<double>() == Approx(0.5));
   // Dual-model rows: one vector per routed member; the last (robust) member counts.
-  nlohmann::json d = {{"config", {{"eps_grid", {0.01}}}},
-                      {"rows", {row(0, {{1, 0}, {0, 1}}), row(1, {{1, 0}, {0, 1}}), row(2, {{0, 1}, {1, 0}})}}};
+  nlohmann::json d = {
+      {"config", {{"eps_grid", {0.01}}}},
+      {"rows", {row(0, {{1, 0}, {0, 1}}), row(1, {{1, 0}, {0, 1}}), row(2, {{0, 1}, {1, 0}})}}};
   certify_aggregate(d);
   CHECK(d["aggregates"]["expert_usage"]["clean"] == nlohmann::json({1, 2}));
   // No router (dense rows carry null weights): no usage.

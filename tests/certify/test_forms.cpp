@@ -1,8 +1,9 @@
 // The pieces of the MoE-aware certificate forms: the softmax margin bound over a box
 // of logit differences, the simplex LP of router weights, the router's selection
 // logic, and the float32 allowance on a constructed near-tie.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <catch2/catch.hpp>
 
 #include "certify/forms.h"
 #include "moecert/certify.h"
@@ -31,7 +32,8 @@ TEST_CASE("softmax margin bound: exact minimum of f_y - f_k over a box of logit 
       double exact = INFINITY;
       for (int mask = 0; mask < (1 << K); ++mask) {
         std::vector<double> d(K);
-        for (int64_t j = 0; j < K; ++j) d[j] = j == y ? 0.0 : ((mask >> j) & 1 ? hi : lo)[b][j].item<double>();
+        for (int64_t j = 0; j < K; ++j)
+          d[j] = j == y ? 0.0 : ((mask >> j) & 1 ? hi : lo)[b][j].item<double>();
         double den = 1;
         for (int64_t j = 0; j < K; ++j)
           if (j != y) den += std::exp(d[j]);
@@ -67,7 +69,8 @@ TEST_CASE("router-weight LP: the greedy minimum equals the best vertex", "[unit]
           s += aj, v += aj * mu[r][j].item<double>();
         }
         const double af = 1 - s;
-        if (af < lo[r][free].item<double>() - 1e-12 || af > hi[r][free].item<double>() + 1e-12) continue;
+        if (af < lo[r][free].item<double>() - 1e-12 || af > hi[r][free].item<double>() + 1e-12)
+          continue;
         best = std::min(best, v + af * mu[r][free].item<double>());
       }
     REQUIRE(std::isfinite(best));
@@ -76,7 +79,8 @@ TEST_CASE("router-weight LP: the greedy minimum equals the best vertex", "[unit]
   }
 }
 
-TEST_CASE("the float32 allowance refuses a near-tie that float32 rounding breaks", "[soundness][certify][forms]") {
+TEST_CASE("the float32 allowance refuses a near-tie that float32 rounding breaks",
+          "[soundness][certify][forms]") {
   // A dense model on 2 pixels whose class 1 beats class 0 by δ = 2e-5 in exact
   // arithmetic everywhere, while both logits are 3000·(x_a + x_b) + c: away from x = 0
   // float32 rounds them to the same value (the spacing of floats at 600 is 6e-5) and
@@ -89,7 +93,8 @@ TEST_CASE("the float32 allowance refuses a near-tie that float32 rounding breaks
     torch::NoGradGuard ng;
     for (auto& p : model->parameters()) p.zero_();
     auto params = model->named_parameters();
-    auto w1 = params["experts.0.fc1.weight"], w2 = params["experts.0.fc2.weight"], w3 = params["experts.0.fc3.weight"];
+    auto w1 = params["experts.0.fc1.weight"], w2 = params["experts.0.fc2.weight"],
+         w3 = params["experts.0.fc3.weight"];
     w1[0][0] = 1, w1[1][1] = 1, w2[0][0] = 1, w2[1][1] = 1;
     w3[0][0] = w3[0][1] = w3[1][0] = w3[1][1] = 3000;
     params["experts.0.fc3.bias"][1] = 2e-5f;

@@ -3,8 +3,9 @@
 // Jacobian bounds every sampled gradient of every backbone, L∞ and L2, and beats the
 // interval Jacobian; the theorem constant (logits up to a common shift) bounds every
 // sampled softmax change and never exceeds the plain local constant.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <catch2/catch.hpp>
 
 #include "moecert/bounds.h"
 #include "moecert/certify.h"
@@ -28,14 +29,15 @@ torch::Tensor dual_norm(const torch::Tensor& v, Norm p) {
 /// A point of B_p(x, eps) ∩ [0, 1] per copy of x: random, scaled into the ball.
 torch::Tensor random_point(const torch::Tensor& x, double eps, Norm p) {
   auto d = 2 * torch::rand_like(x) - 1;
-  if (p == Norm::l2) d = d / d.flatten(1).norm(2, 1).view({-1, 1, 1, 1}) * torch::rand({x.size(0), 1, 1, 1}, f64);
+  if (p == Norm::l2)
+    d = d / d.flatten(1).norm(2, 1).view({-1, 1, 1, 1}) * torch::rand({x.size(0), 1, 1, 1}, f64);
   return (x + eps * d).clamp(0, 1);
 }
 
 /// The largest ‖C_s·J_h(z)‖_q over sampled z of each sample's region, and along
 /// ascent of that norm. x: [B, ...], C: [B, S, K] -> [B, S]
-torch::Tensor sampled_gradient_norms(const LayerGraph& g, const torch::Tensor& x, const torch::Tensor& C, double eps,
-                                     Norm p) {
+torch::Tensor sampled_gradient_norms(const LayerGraph& g, const torch::Tensor& x,
+                                     const torch::Tensor& C, double eps, Norm p) {
   const int64_t B = x.size(0), S = C.size(1);
   auto xr = x.repeat_interleave(S, 0);
   auto cr = C.reshape({B * S, -1});
@@ -51,7 +53,8 @@ torch::Tensor sampled_gradient_norms(const LayerGraph& g, const torch::Tensor& x
 
 }  // namespace
 
-TEST_CASE("gate: interval bounds and CROWN step enclose 10^4 sampled (δ, x)", "[soundness][certify][rules]") {
+TEST_CASE("gate: interval bounds and CROWN step enclose 10^4 sampled (δ, x)",
+          "[soundness][certify][rules]") {
   torch::manual_seed(3);
   const int64_t B = 4, P = 2500, U = 6;
   // Per unit: δ in {1}, {0} or [0, 1], and also a general [a, b] with negative a.
@@ -79,14 +82,21 @@ TEST_CASE("gate: interval bounds and CROWN step enclose 10^4 sampled (δ, x)", "
   rows.A = torch::randn({B * 3, U}, f64);
   rows.sample = torch::arange(B, torch::kLong).repeat_interleave(3);
   auto bias = torch::zeros({B * 3}, f64);
-  BackwardArgs args{gate, {{U}}, {U}, {&in}, [&](const torch::Tensor& v) { return v.index_select(0, rows.sample); }, {}};
+  BackwardArgs args{gate,
+                    {{U}},
+                    {U},
+                    {&in},
+                    [&](const torch::Tensor& v) { return v.index_select(0, rows.sample); },
+                    {}};
   auto back = rule.backward(args, rows, bias).at(0);
   auto A = rows.A.view({B, 3, U}), Ain = back.A.view({B, 3, U});
-  auto lhs = torch::matmul(y, A.transpose(1, 2)), rhs = torch::matmul(x, Ain.transpose(1, 2)) + bias.view({B, 1, 3});
+  auto lhs = torch::matmul(y, A.transpose(1, 2)),
+       rhs = torch::matmul(x, Ain.transpose(1, 2)) + bias.view({B, 1, 3});
   CHECK((lhs >= rhs - 1e-12 * (1 + lhs.abs())).all().item<bool>());
   // Exact units (a = b) pass the rows through unchanged.
   auto exact = a.eq(b).index_select(0, rows.sample);
-  CHECK(torch::equal(back.A.masked_select(exact), (rows.A * a.index_select(0, rows.sample)).masked_select(exact)));
+  CHECK(torch::equal(back.A.masked_select(exact),
+                     (rows.A * a.index_select(0, rows.sample)).masked_select(exact)));
 }
 
 TEST_CASE("gate: hand-worked chords of δ·x, δ in [0, 1], x in [-1, 3]", "[unit][certify][rules]") {
@@ -94,13 +104,18 @@ TEST_CASE("gate: hand-worked chords of δ·x, δ in [0, 1], x in [-1, 3]", "[uni
   //   upper chord through (-1, 0) and (3, 3): y <= 0.75 x + 0.75
   //   lower chord through (-1, -1) and (3, 0): y >= 0.25 x - 0.75
   Layer gate = Layer::gate("g", torch::zeros({1, 1}, f64), torch::ones({1, 1}, f64));
-  NodeBounds in{torch::full({1, 1}, -1.0, f64), torch::full({1, 1}, 3.0, f64), torch::full({1, 1}, 3.0, f64),
-                torch::zeros({1, 1}, f64)};
+  NodeBounds in{torch::full({1, 1}, -1.0, f64), torch::full({1, 1}, 3.0, f64),
+                torch::full({1, 1}, 3.0, f64), torch::zeros({1, 1}, f64)};
   Coeffs rows;
   rows.A = torch::tensor({{2.0}, {-1.0}}, f64);
   rows.sample = torch::zeros({2}, torch::kLong);
   auto b = torch::zeros({2}, f64);
-  BackwardArgs args{gate, {{1}}, {1}, {&in}, [&](const torch::Tensor& v) { return v.index_select(0, rows.sample); }, {}};
+  BackwardArgs args{gate,
+                    {{1}},
+                    {1},
+                    {&in},
+                    [&](const torch::Tensor& v) { return v.index_select(0, rows.sample); },
+                    {}};
   auto out = rule_for(gate).backward(args, rows, b).at(0);
   CHECK(out.A[0][0].item<double>() == Approx(0.5));    // 2 · 0.25
   CHECK(b[0].item<double>() == Approx(-1.5));          // 2 · (-0.75)
@@ -140,7 +155,8 @@ TEST_CASE("the relaxed Jacobian bounds every sampled gradient, for every backbon
   }
 }
 
-TEST_CASE("the relaxed Jacobian is tighter than the interval one on a cnn-s expert", "[unit][certify][bounds]") {
+TEST_CASE("the relaxed Jacobian is tighter than the interval one on a cnn-s expert",
+          "[unit][certify][bounds]") {
   const auto net = nets().at(0);
   const BoundGraph g(net.graph, net.input);
   auto x = torch::rand({4, 1, 28, 28}, f64);
@@ -148,7 +164,8 @@ TEST_CASE("the relaxed Jacobian is tighter than the interval one on a cnn-s expe
   BoundOptions opt;
   opt.method = BoundMethod::ibp;
   auto pass = bound_forward(g, {x, torch::full({4}, 0.02, f64), Norm::linf, true}, opt);
-  auto interval = bound_jacobian_norms(pass, C), relaxed = bound_jacobian_relaxed(pass, C, BoundMethod::crown);
+  auto interval = bound_jacobian_norms(pass, C),
+       relaxed = bound_jacobian_relaxed(pass, C, BoundMethod::crown);
   CHECK(relaxed.sum().item<double>() < 0.95 * interval.sum().item<double>());
   // At ε = 0 no unit is unstable: both are the exact gradient norm.
   auto at0 = bound_forward(g, {x, torch::zeros({4}, f64), Norm::linf, true}, opt);
@@ -156,7 +173,8 @@ TEST_CASE("the relaxed Jacobian is tighter than the interval one on a cnn-s expe
   CHECK(((e1 - e2).abs() <= 1e-6 * e1).all().item<bool>());
 }
 
-TEST_CASE("a graph with max-pooling has no relaxed Jacobian (the interval one stays)", "[unit][certify][bounds]") {
+TEST_CASE("a graph with max-pooling has no relaxed Jacobian (the interval one stays)",
+          "[unit][certify][bounds]") {
   LayerGraph g{Layer::conv2d("c", torch::randn({2, 1, 3, 3}, f64), torch::randn({2}, f64), 1, 1),
                Layer::max_pool("p", 2, 2, 0), Layer::simple(Layer::Kind::flatten),
                Layer::dense("fc", torch::randn({3, 8}, f64), torch::randn({3}, f64))};
@@ -165,13 +183,15 @@ TEST_CASE("a graph with max-pooling has no relaxed Jacobian (the interval one st
   opt.method = BoundMethod::ibp;
   auto x = torch::rand({1, 1, 4, 4}, f64);
   auto pass = bound_forward(bg, {x, torch::full({1}, 0.1, f64), Norm::linf, true}, opt);
-  CHECK_FALSE(bound_jacobian_relaxed(pass, torch::randn({1, 2, 3}, f64), BoundMethod::crown).defined());
+  CHECK_FALSE(
+      bound_jacobian_relaxed(pass, torch::randn({1, 2, 3}, f64), BoundMethod::crown).defined());
   auto L = lipschitz_local(g, Norm::linf, x, torch::full({1}, 0.1, f64), true);
   CHECK(L.item<double>() > 0);
 }
 
-TEST_CASE("the theorem constant bounds sampled softmax changes and never exceeds the local constant",
-          "[soundness][certify]") {
+TEST_CASE(
+    "the theorem constant bounds sampled softmax changes and never exceeds the local constant",
+    "[soundness][certify]") {
   const auto net = nets().at(0);
   torch::manual_seed(8);
   auto x = torch::rand({3, 1, 28, 28}, f64);
@@ -187,7 +207,8 @@ TEST_CASE("the theorem constant bounds sampled softmax changes and never exceeds
     for (int t = 0; t < 20; ++t) {
       auto z1 = random_point(x, eps, p), z2 = random_point(x, eps, p);
       auto h1 = graph_forward(net.graph, z1), h2 = graph_forward(net.graph, z2);
-      auto dx = p == Norm::linf ? (z1 - z2).flatten(1).abs().amax(1) : (z1 - z2).flatten(1).norm(2, 1);
+      auto dx =
+          p == Norm::linf ? (z1 - z2).flatten(1).abs().amax(1) : (z1 - z2).flatten(1).norm(2, 1);
       auto dh = h2 - h1;
       auto half_range = 0.5 * (std::get<0>(dh.max(1)) - std::get<0>(dh.min(1)));
       CHECK((half_range <= K * dx * (1 + 1e-9) + 1e-12).all().item<bool>());

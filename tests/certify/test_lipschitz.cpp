@@ -1,6 +1,7 @@
-#include <catch2/catch.hpp>
-#include <Eigen/Dense>
 #include <torch/torch.h>
+
+#include <Eigen/Dense>
+#include <catch2/catch.hpp>
 
 #include "moecert/certify.h"
 #include "moecert/error.h"
@@ -61,7 +62,8 @@ TEST_CASE("global bound of a linear layer equals its exact operator norm", "[uni
   CHECK(lipschitz_global(g, Norm::linf, {1, 1, 11}).value == Approx(inf_norm(w)).epsilon(1e-8));
 }
 
-TEST_CASE("the batched spectral bound is sound and tight through both of its paths", "[unit][certify]") {
+TEST_CASE("the batched spectral bound is sound and tight through both of its paths",
+          "[unit][certify]") {
   torch::manual_seed(5);
   // Complex frequency-like matrices, tall and wide, with one clear maximum and near ties.
   for (auto shape : std::vector<std::vector<int64_t>>{{6, 9, 5}, {4, 5, 9}, {3, 12, 12}}) {
@@ -103,9 +105,10 @@ TEST_CASE("global bound of a conv layer: exact for p = inf, the circular norm fo
     auto w = torch::randn({3, 2, 3, 3}, f64);
     Layer l = Layer::conv2d("conv", w, {}, stride, 1);
     const int64_t n = 6;
-    auto zero_padded = materialise([&](const torch::Tensor& x) { return torch::conv2d(x, w, {}, stride, 1); },
-                                   {2, n, n});
-    CHECK(layer_operator_norm(l, Norm::linf, {2, n, n}) == Approx(inf_norm(zero_padded)).epsilon(1e-12));
+    auto zero_padded = materialise(
+        [&](const torch::Tensor& x) { return torch::conv2d(x, w, {}, stride, 1); }, {2, n, n});
+    CHECK(layer_operator_norm(l, Norm::linf, {2, n, n}) ==
+          Approx(inf_norm(zero_padded)).epsilon(1e-12));
     // The circular convolution on the (n + 2)-grid, materialised: its norm is what the
     // FFT/Gram bound computes, and it bounds the zero-padded, strided conv.
     const int64_t N = n + 2;
@@ -192,7 +195,8 @@ TEST_CASE("local bounds: sound over the ball, between lower and global, growing 
         pts = x + (torch::rand_like(x) * 2 - 1) * eps;
       } else {
         auto d = torch::randn_like(x);
-        pts = x + d / d.flatten(1).norm(2, 1).view({-1, 1, 1, 1}) * eps * torch::rand({8, 1, 1, 1}, f64);
+        pts = x + d / d.flatten(1).norm(2, 1).view({-1, 1, 1, 1}) * eps *
+                      torch::rand({8, 1, 1, 1}, f64);
       }
       CHECK((grad_norms(g, p, pts) <= local * (1 + 1e-9)).all().item<bool>());
     }

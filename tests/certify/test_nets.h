@@ -43,14 +43,17 @@ inline std::vector<Net> nets() {
   out.push_back({"mlp expert", mlp->component_graph(1), {1, 4, 4}});
   moecert::ModelSpec r;
   r.kind = "moe-cnn", r.scale = 0.125, r.experts = 2, r.expert = "resnet18";
-  r.in_channels = 3, r.height = 8, r.width = 8, r.mean = {0.5, 0.5, 0.5}, r.std = {0.25, 0.25, 0.25};
+  r.in_channels = 3, r.height = 8, r.width = 8, r.mean = {0.5, 0.5, 0.5},
+  r.std = {0.25, 0.25, 0.25};
   moecert::Moe res(r);
   res->eval();
   {  // non-trivial BatchNorm statistics
     torch::NoGradGuard ng;
     for (auto& b : res->named_buffers())
-      if (b.key().find("running_var") != std::string::npos) b.value().uniform_(0.5, 2.0);
-      else if (b.key().find("running_mean") != std::string::npos) b.value().uniform_(-0.2, 0.2);
+      if (b.key().find("running_var") != std::string::npos)
+        b.value().uniform_(0.5, 2.0);
+      else if (b.key().find("running_mean") != std::string::npos)
+        b.value().uniform_(-0.2, 0.2);
   }
   out.push_back({"resnet18 path (MoE-CNN)", res->component_graph(1), {3, 8, 8}});
   moecert::ModelSpec c;
@@ -59,14 +62,17 @@ inline std::vector<Net> nets() {
   cnn->eval();
   out.push_back({"cnn-s path (MoE-CNN)", cnn->component_graph(0), {1, 28, 28}});
   // A graph with max-pooling straight after a conv and after a ReLU.
-  out.push_back({"conv + max-pool",
-                 {moecert::Layer::affine("norm", torch::full({1}, 2.0, f64), torch::full({1}, -1.0, f64)),
-                  moecert::Layer::conv2d("c1", torch::randn({4, 1, 3, 3}, f64), torch::randn({4}, f64), 1, 1),
-                  moecert::Layer::max_pool("p1", 2, 2, 0), moecert::Layer::simple(moecert::Layer::Kind::relu),
-                  moecert::Layer::conv2d("c2", torch::randn({6, 4, 3, 3}, f64) * 0.5, torch::randn({6}, f64), 1, 1),
-                  moecert::Layer::simple(moecert::Layer::Kind::relu), moecert::Layer::max_pool("p2", 3, 2, 1),
-                  moecert::Layer::simple(moecert::Layer::Kind::flatten), moecert::Layer::dense("fc", torch::randn({5, 24}, f64) * 0.3, torch::randn({5}, f64))},
-                 {1, 8, 8}});
+  out.push_back(
+      {"conv + max-pool",
+       {moecert::Layer::affine("norm", torch::full({1}, 2.0, f64), torch::full({1}, -1.0, f64)),
+        moecert::Layer::conv2d("c1", torch::randn({4, 1, 3, 3}, f64), torch::randn({4}, f64), 1, 1),
+        moecert::Layer::max_pool("p1", 2, 2, 0), moecert::Layer::simple(moecert::Layer::Kind::relu),
+        moecert::Layer::conv2d("c2", torch::randn({6, 4, 3, 3}, f64) * 0.5, torch::randn({6}, f64),
+                               1, 1),
+        moecert::Layer::simple(moecert::Layer::Kind::relu), moecert::Layer::max_pool("p2", 3, 2, 1),
+        moecert::Layer::simple(moecert::Layer::Kind::flatten),
+        moecert::Layer::dense("fc", torch::randn({5, 24}, f64) * 0.3, torch::randn({5}, f64))},
+       {1, 8, 8}});
   return out;
 }
 

@@ -3,8 +3,9 @@
 // the ball ∩ box (and on the whole ball), for every backbone and router; patch rows
 // agree with dense rows; the L2 ∩ box concretisation is tight; float32 evaluations
 // stay within err32.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <catch2/catch.hpp>
 
 #include "certify/bounds/bounds-impl.h"
 #include "moecert/bounds.h"
@@ -20,7 +21,8 @@ namespace {
 auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
 
 /// Projects points onto B_p(x, eps) (∩ [0, 1]); L2 ∩ box by Dykstra's alternating projections.
-torch::Tensor project(const torch::Tensor& z, const torch::Tensor& x, double eps, Norm p, bool box) {
+torch::Tensor project(const torch::Tensor& z, const torch::Tensor& x, double eps, Norm p,
+                      bool box) {
   if (p == Norm::linf) {
     auto y = torch::max(torch::min(z, x + eps), x - eps);
     return box ? y.clamp(0, 1) : y;
@@ -38,27 +40,30 @@ torch::Tensor project(const torch::Tensor& z, const torch::Tensor& x, double eps
     y = (t + q).clamp(0, 1);
     q = t + q - y;
   }
-  return ball(y).clamp(0, 1);  // a point of the ball ∩ box (the ball projection of a box point stays in the box)
+  return ball(y).clamp(
+      0, 1);  // a point of the ball ∩ box (the ball projection of a box point stays in the box)
 }
 
 /// The smallest value of every row of C·h that random points and projected descent
 /// reach on each sample's region (all rows descend at once). -> [B, S]
-torch::Tensor sampled_min(const LayerGraph& g, const torch::Tensor& x, const torch::Tensor& C, double eps, Norm p,
-                          bool box) {
+torch::Tensor sampled_min(const LayerGraph& g, const torch::Tensor& x, const torch::Tensor& C,
+                          double eps, Norm p, bool box) {
   const int64_t B = x.size(0), S = C.size(1);
-  auto xr = x.repeat_interleave(S, 0);                 // one copy of x per row
+  auto xr = x.repeat_interleave(S, 0);  // one copy of x per row
   auto cr = C.reshape({B * S, C.size(2)});
   auto value = [&](const torch::Tensor& z) { return (graph_forward(g, z) * cr).sum(1); };
   auto best = torch::full({B * S}, INFINITY, f64);
   for (int t = 0; t < 30; ++t) {  // random points
-    auto z = project(xr + eps * (2 * torch::rand_like(xr) - 1) * (p == Norm::l2 ? 2.0 : 1.0), xr, eps, p, box);
+    auto z = project(xr + eps * (2 * torch::rand_like(xr) - 1) * (p == Norm::l2 ? 2.0 : 1.0), xr,
+                     eps, p, box);
     best = torch::min(best, value(z).detach());
   }
   auto z = xr.clone();
   for (int it = 0; it < 30; ++it) {  // projected descent on each row's own value
     auto v = z.detach().requires_grad_(true);
     auto grad = torch::autograd::grad({value(v).sum()}, {v})[0];
-    auto dir = p == Norm::linf ? grad.sign() : grad / (grad.flatten(1).norm(2, 1).view({-1, 1, 1, 1}) + 1e-12);
+    auto dir = p == Norm::linf ? grad.sign()
+                               : grad / (grad.flatten(1).norm(2, 1).view({-1, 1, 1, 1}) + 1e-12);
     z = project(z - 0.2 * eps * dir, xr, eps, p, box);
     best = torch::min(best, value(z).detach());
   }
@@ -92,25 +97,38 @@ void check_backbone(size_t which) {
         CHECK((sb.err32 >= 0).all().item<bool>());
         lows[i++] = sb.lower;
       }
-      CHECK((lows[2] >= lows[1] - 1e-12 * (1 + lows[1].abs())).all().item<bool>());  // α-CROWN starts at CROWN
-      CHECK(lows[1].mean().item<double>() >= lows[0].mean().item<double>());            // CROWN beats IBP
+      CHECK((lows[2] >= lows[1] - 1e-12 * (1 + lows[1].abs()))
+                .all()
+                .item<bool>());  // α-CROWN starts at CROWN
+      CHECK(lows[1].mean().item<double>() >= lows[0].mean().item<double>());  // CROWN beats IBP
     }
   }
 }
 
 }  // namespace
 
-TEST_CASE("bound propagation is sound on a cnn-s expert", "[soundness][certify][bounds]") { check_backbone(0); }
-TEST_CASE("bound propagation is sound on a cnn router", "[soundness][certify][bounds]") { check_backbone(1); }
-TEST_CASE("bound propagation is sound on an mlp expert", "[soundness][certify][bounds]") { check_backbone(2); }
+TEST_CASE("bound propagation is sound on a cnn-s expert", "[soundness][certify][bounds]") {
+  check_backbone(0);
+}
+TEST_CASE("bound propagation is sound on a cnn router", "[soundness][certify][bounds]") {
+  check_backbone(1);
+}
+TEST_CASE("bound propagation is sound on an mlp expert", "[soundness][certify][bounds]") {
+  check_backbone(2);
+}
 TEST_CASE("bound propagation is sound on a ResNet-18 MoE-CNN path (residual sums, BatchNorm)",
           "[soundness][certify][bounds]") {
   check_backbone(3);
 }
-TEST_CASE("bound propagation is sound on a cnn-s MoE-CNN path", "[soundness][certify][bounds]") { check_backbone(4); }
-TEST_CASE("bound propagation is sound through max-pooling", "[soundness][certify][bounds]") { check_backbone(5); }
+TEST_CASE("bound propagation is sound on a cnn-s MoE-CNN path", "[soundness][certify][bounds]") {
+  check_backbone(4);
+}
+TEST_CASE("bound propagation is sound through max-pooling", "[soundness][certify][bounds]") {
+  check_backbone(5);
+}
 
-TEST_CASE("float32 evaluations of every backbone stay within err32", "[soundness][certify][bounds]") {
+TEST_CASE("float32 evaluations of every backbone stay within err32",
+          "[soundness][certify][bounds]") {
   for (const auto& net : nets()) {
     INFO(net.name);
     const BoundGraph g(net.graph, net.input);
@@ -144,15 +162,18 @@ TEST_CASE("patch rows give the same bounds as dense rows", "[unit][certify][boun
     BoundOptions opt;
     opt.method = BoundMethod::crown;
     for (auto p : {Norm::linf, Norm::l2}) {
-      auto pass = bound_forward(g, {x, torch::full({2}, p == Norm::linf ? 0.01 : 0.2, f64), p, true}, opt);
+      auto pass =
+          bound_forward(g, {x, torch::full({2}, p == Norm::linf ? 0.01 : 0.2, f64), p, true}, opt);
       // Every grid node feeding a ReLU: bounds of 6 of its units both ways.
       for (size_t k = 0; k < g.nodes().size(); ++k) {
         const auto& shape = g.nodes()[k].out_shape;
         if (!g.nodes()[k].feeds_relaxed || shape.size() != 3) continue;
         INFO(net.name << " node " << k << " p=" << norm_name(p));
         const int64_t units = 6, C = shape[0], H = shape[1], W = shape[2];
-        auto ch = torch::randint(C, {units}, torch::kLong), i = torch::randint(H, {units}, torch::kLong),
-             j = torch::randint(W, {units}, torch::kLong), s = torch::randint(2, {units}, torch::kLong);
+        auto ch = torch::randint(C, {units}, torch::kLong),
+             i = torch::randint(H, {units}, torch::kLong),
+             j = torch::randint(W, {units}, torch::kLong),
+             s = torch::randint(2, {units}, torch::kLong);
         Coeffs patch, dense;
         patch.patches = true, patch.Ht = H, patch.Wt = W;
         patch.sample = dense.sample = s;
@@ -169,10 +190,12 @@ TEST_CASE("patch rows give the same bounds as dense rows", "[unit][certify][boun
   }
 }
 
-TEST_CASE("L2 ball ∩ box: the dual bound of a linear function is tight", "[unit][certify][bounds]") {
+TEST_CASE("L2 ball ∩ box: the dual bound of a linear function is tight",
+          "[unit][certify][bounds]") {
   torch::manual_seed(3);
   const int64_t n = 12;
-  LayerGraph lin{Layer::simple(Layer::Kind::flatten), Layer::dense("fc", torch::randn({3, n}, f64), torch::zeros({3}, f64))};
+  LayerGraph lin{Layer::simple(Layer::Kind::flatten),
+                 Layer::dense("fc", torch::randn({3, n}, f64), torch::zeros({3}, f64))};
   const BoundGraph g(lin, {1, 1, n});
   auto x = torch::rand({1, 1, 1, n}, f64);
   x[0][0][0][0] = 0.0, x[0][0][0][1] = 1.0;  // on the faces
@@ -191,7 +214,8 @@ TEST_CASE("L2 ball ∩ box: the dual bound of a linear function is tight", "[uni
       auto a = W[r];
       double best = INFINITY;
       auto consider = [&](const torch::Tensor& z) {
-        if ((z - x0).norm().item<double>() <= eps * (1 + 1e-12)) best = std::min(best, (a * z).sum().item<double>());
+        if ((z - x0).norm().item<double>() <= eps * (1 + 1e-12))
+          best = std::min(best, (a * z).sum().item<double>());
       };
       consider(torch::where(a.gt(0), lo, hi));
       auto at = [&](double lam) { return torch::max(torch::min(x0 - a / (2 * lam), hi), lo); };
@@ -211,7 +235,8 @@ TEST_CASE("L2 ball ∩ box: the dual bound of a linear function is tight", "[uni
 // A pass at ε_b narrowed to ε < ε_b (docs §15): its bounds hold on the smaller regions
 // (sampling), its intervals lie inside the pass's, and re-concretising the kept rows
 // of refined units makes it tighter than the pass's intervals alone.
-TEST_CASE("a pass narrowed to smaller regions is sound and uses its kept rows", "[soundness][certify][bounds]") {
+TEST_CASE("a pass narrowed to smaller regions is sound and uses its kept rows",
+          "[soundness][certify][bounds]") {
   const auto all = nets();
   for (size_t which : {size_t{0}, size_t{2}, size_t{3}}) {
     const auto& net = all.at(which);
@@ -233,7 +258,9 @@ TEST_CASE("a pass narrowed to smaller regions is sound and uses its kept rows", 
         auto truth = sampled_min(net.graph, x, C, f * wide, p, true);
         auto low = bound_specs(pass, C, &small).lower;
         CHECK((low <= truth + 1e-9 * (1 + truth.abs())).all().item<bool>());
-        CHECK((low >= bound_specs(pass, C).lower - 1e-12).all().item<bool>());  // never looser than the pass
+        CHECK((low >= bound_specs(pass, C).lower - 1e-12)
+                  .all()
+                  .item<bool>());  // never looser than the pass
         auto narrowed = bound_narrow(pass, small);
         for (size_t k = 0; k < pass.nodes.size(); ++k) {
           CHECK((narrowed.nodes[k].lo >= pass.nodes[k].lo).all().item<bool>());
@@ -243,7 +270,10 @@ TEST_CASE("a pass narrowed to smaller regions is sound and uses its kept rows", 
           auto loose = bound_narrow(stale, small);
           double gained = 0;
           for (size_t k = 0; k < pass.nodes.size(); ++k)
-            gained += (loose.nodes[k].hi - loose.nodes[k].lo - narrowed.nodes[k].hi + narrowed.nodes[k].lo).sum().item<double>();
+            gained += (loose.nodes[k].hi - loose.nodes[k].lo - narrowed.nodes[k].hi +
+                       narrowed.nodes[k].lo)
+                          .sum()
+                          .item<double>();
           CHECK(gained > 0);
         }
       }
@@ -265,7 +295,8 @@ TEST_CASE("what a sample keeps for narrowing does not depend on its batch", "[ce
     for (const auto& per_node : p.refined)
       for (const auto& r : per_node)
         if (r.at_input.A.defined())
-          h += torch::bincount(r.at_input.sample, {}, B) * (r.at_input.A.numel() / r.at_input.A.size(0));
+          h += torch::bincount(r.at_input.sample, {}, B) *
+               (r.at_input.A.numel() / r.at_input.A.size(0));
     return h;
   };
   const auto eps = torch::tensor({0.03, 0.08, 0.08}, f64);
@@ -318,7 +349,8 @@ TEST_CASE("a seeded pass is sound and refines fewer units", "[soundness][certify
     auto truth = sampled_min(net.graph, x, C, eps, p, true);
     auto ls = bound_specs(seeded, C).lower, lf = bound_specs(fresh, C).lower;
     CHECK((ls <= truth + 1e-9 * (1 + truth.abs())).all().item<bool>());
-    CHECK(ls.mean().item<double>() >= lf.mean().item<double>() - 1e-6 * (1 + lf.abs().mean().item<double>()));
+    CHECK(ls.mean().item<double>() >=
+          lf.mean().item<double>() - 1e-6 * (1 + lf.abs().mean().item<double>()));
   }
 }
 
@@ -334,9 +366,11 @@ TEST_CASE("a pass's subset is its samples' part of the pass", "[unit][certify][b
   auto pass = bound_forward(g, {x, torch::full({B}, 0.02, f64), Norm::linf, true}, opt);
   auto index = torch::tensor({2, 0}, torch::kLong);
   auto sub = bound_subset(pass, index);
-  for (size_t k = 0; k < pass.nodes.size(); ++k) CHECK(torch::equal(sub.nodes[k].lo, pass.nodes[k].lo.index_select(0, index)));
+  for (size_t k = 0; k < pass.nodes.size(); ++k)
+    CHECK(torch::equal(sub.nodes[k].lo, pass.nodes[k].lo.index_select(0, index)));
   const InputDomain small{x, torch::full({B}, 0.012, f64), Norm::linf, true};
-  const InputDomain small_sub{x.index_select(0, index), torch::full({2}, 0.012, f64), Norm::linf, true};
+  const InputDomain small_sub{x.index_select(0, index), torch::full({2}, 0.012, f64), Norm::linf,
+                              true};
   auto C = torch::randn({B, 4, K}, f64);
   auto whole = bound_specs(pass, C, &small).lower.index_select(0, index);
   auto part = bound_specs(sub, C.index_select(0, index), &small_sub).lower;

@@ -1,12 +1,13 @@
 // Regression: the Lipschitz forms (Theorems 5.4 / 5.5 with global and local
 // constants) keep the values they had before the per-operator rules and the
 // float32 allowance (global: equal; local: never smaller, most larger since the
-// local constants came from bound propagation of the Jacobian). tests/certify/golden/lipschitz_forms.json holds the radii
-// written by the code of commit 2561451 for fixed models (weights and images from
-// closed formulas, no training, no RNG); MOECERT_WRITE_GOLDEN=1 rewrites it.
-#include <catch2/catch.hpp>
+// local constants came from bound propagation of the Jacobian).
+// tests/certify/golden/lipschitz_forms.json holds the radii written by the code of commit 2561451
+// for fixed models (weights and images from closed formulas, no training, no RNG);
+// MOECERT_WRITE_GOLDEN=1 rewrites it.
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -20,7 +21,8 @@ using namespace moecert;
 
 namespace {
 
-const std::string kGolden = std::string(MOECERT_SOURCE_DIR) + "/tests/certify/golden/lipschitz_forms.json";
+const std::string kGolden =
+    std::string(MOECERT_SOURCE_DIR) + "/tests/certify/golden/lipschitz_forms.json";
 
 /// Sets every parameter of `m` from a closed formula: value k of tensor t is
 /// 1.2·sin(0.77·k + 1.3·t) / sqrt(fan-in), so the model is the same on any machine.
@@ -117,7 +119,8 @@ nlohmann::json all_cases(bool exact) {
 
 }  // namespace
 
-TEST_CASE("the Lipschitz forms keep their values (golden radii)", "[soundness][certify][regression]") {
+TEST_CASE("the Lipschitz forms keep their values (golden radii)",
+          "[soundness][certify][regression]") {
   // With exact arithmetic (no float32 allowance) and the whole ball (no pixel box): the
   // semantics the golden values were written with.
   auto now = all_cases(/*exact=*/true);
@@ -156,7 +159,8 @@ TEST_CASE("the Lipschitz forms keep their values (golden radii)", "[soundness][c
           CHECK(cur <= old * (1 + 1e-9) + 1e-15);
           CHECK(cur >= old * 0.9999 - 1e-12);
         }
-        const double f32 = fp32[name][i][form].is_null() ? INFINITY : fp32[name][i][form].get<double>();
+        const double f32 =
+            fp32[name][i][form].is_null() ? INFINITY : fp32[name][i][form].get<double>();
         CHECK(f32 <= cur * (1 + (local ? 0.005 : 1e-9)) + 1e-15);
         lowered += f32 < cur;
         ++compared;
@@ -166,7 +170,7 @@ TEST_CASE("the Lipschitz forms keep their values (golden radii)", "[soundness][c
   }
   CHECK(compared >= 300);
   CHECK(positive >= 100);
-  CHECK(lowered >= 50);  // the allowance is not zero
+  CHECK(lowered >= 50);   // the allowance is not zero
   CHECK(improved >= 50);  // the tighter local constants show
 }
 
@@ -175,7 +179,8 @@ TEST_CASE("the Lipschitz forms keep their values (golden radii)", "[soundness][c
 // so a split leaves every radius bit-identical, and so does another batching but for
 // the last digits of the Lipschitz forms (matrix products of other shapes).
 TEST_CASE("radii do not depend on how samples are batched or split", "[certify][regression]") {
-  for (const auto& spec : {small_spec(3, "cnn-s", "cnn", Routing::top_k, 2), small_spec(3, "mlp", "linear", Routing::top_k, 1)}) {
+  for (const auto& spec : {small_spec(3, "cnn-s", "cnn", Routing::top_k, 2),
+                           small_spec(3, "mlp", "linear", Routing::top_k, 1)}) {
     LoadedModel loaded;
     loaded.model = formula_moe(spec);
     loaded.manifest = nlohmann::json::object();

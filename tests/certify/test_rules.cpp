@@ -1,12 +1,12 @@
 // Per-rule soundness: every rule's interval bounds, CROWN step, operator norm,
 // Jacobian step and float32 error bound enclose what 10^4 sampled points of a random
 // small layer do; and a hand-worked example per rule with its numbers written out.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
-#include "moecert/rules.h"
-
+#include <catch2/catch.hpp>
 #include <functional>
+
+#include "moecert/rules.h"
 
 using namespace moecert;
 
@@ -25,11 +25,18 @@ struct Case {
 std::vector<Case> cases() {
   torch::manual_seed(11);
   std::vector<Case> c;
-  c.push_back({"channel_affine", Layer::affine("bn", torch::randn({3}, f64), torch::randn({3}, f64),
-                                               torch::rand({3}, f64) + 1), {3, 5, 5}});
-  c.push_back({"conv s1", Layer::conv2d("conv", torch::randn({4, 3, 3, 3}, f64), torch::randn({4}, f64), 1, 1), {3, 6, 6}});
-  c.push_back({"conv s2", Layer::conv2d("conv", torch::randn({4, 2, 3, 3}, f64), torch::randn({4}, f64), 2, 1), {2, 7, 7}});
-  c.push_back({"linear", Layer::dense("fc", torch::randn({5, 7}, f64), torch::randn({5}, f64)), {7}});
+  c.push_back({"channel_affine",
+               Layer::affine("bn", torch::randn({3}, f64), torch::randn({3}, f64),
+                             torch::rand({3}, f64) + 1),
+               {3, 5, 5}});
+  c.push_back({"conv s1",
+               Layer::conv2d("conv", torch::randn({4, 3, 3, 3}, f64), torch::randn({4}, f64), 1, 1),
+               {3, 6, 6}});
+  c.push_back({"conv s2",
+               Layer::conv2d("conv", torch::randn({4, 2, 3, 3}, f64), torch::randn({4}, f64), 2, 1),
+               {2, 7, 7}});
+  c.push_back(
+      {"linear", Layer::dense("fc", torch::randn({5, 7}, f64), torch::randn({5}, f64)), {7}});
   c.push_back({"relu", Layer::simple(Layer::Kind::relu), {3, 4, 4}});
   c.push_back({"flatten", Layer::simple(Layer::Kind::flatten), {2, 3, 3}});
   c.push_back({"global_avgpool", Layer::simple(Layer::Kind::global_avgpool), {3, 4, 4}});
@@ -80,7 +87,8 @@ BackwardArgs args_for(const Case& k, const Shape& out, const NodeBounds& in, con
 
 }  // namespace
 
-TEST_CASE("every rule's interval bounds enclose 10^4 sampled outputs", "[soundness][certify][rules]") {
+TEST_CASE("every rule's interval bounds enclose 10^4 sampled outputs",
+          "[soundness][certify][rules]") {
   for (const auto& k : cases()) {
     INFO(k.name);
     const auto& rule = rule_for(k.layer);
@@ -115,7 +123,8 @@ TEST_CASE("training's interval-only bounds: certification's interval, differenti
     NodeBounds in32{g.in.lo.to(torch::kFloat32), g.in.hi.to(torch::kFloat32), {}, {}};
     auto b32 = rule.bounds(l, {&in32});
     auto y = rule.forward(l, {g.points.to(torch::kFloat32)}).detach();
-    auto lo = b32.lo.detach().repeat_interleave(kPerSample, 0), hi = b32.hi.detach().repeat_interleave(kPerSample, 0);
+    auto lo = b32.lo.detach().repeat_interleave(kPerSample, 0),
+         hi = b32.hi.detach().repeat_interleave(kPerSample, 0);
     const double tol = 1e-5 * (1 + y.abs().max().item<double>());
     CHECK((y >= lo - tol).all().item<bool>());
     CHECK((y <= hi + tol).all().item<bool>());
@@ -151,7 +160,8 @@ TEST_CASE("float32 evaluation stays within every rule's err32", "[soundness][cer
   }
 }
 
-TEST_CASE("every rule's CROWN step gives a lower bound at 10^4 sampled points", "[soundness][certify][rules]") {
+TEST_CASE("every rule's CROWN step gives a lower bound at 10^4 sampled points",
+          "[soundness][certify][rules]") {
   for (const auto& k : cases()) {
     INFO(k.name);
     const auto& rule = rule_for(k.layer);
@@ -174,10 +184,11 @@ TEST_CASE("every rule's CROWN step gives a lower bound at 10^4 sampled points", 
     auto y = rule.forward(k.layer, {g.points}).view({kBatch, kPerSample, -1});
     auto z = g.points.view({kBatch, kPerSample, -1});
     auto A = c.A.view({kBatch, 3, -1}), Ain = ins[0].A.reshape({kBatch, 3, -1});
-    auto lhs = torch::matmul(y, A.transpose(1, 2));                                   // [B, P, 3]
+    auto lhs = torch::matmul(y, A.transpose(1, 2));  // [B, P, 3]
     auto rhs = torch::matmul(z, Ain.transpose(1, 2)) + b.view({kBatch, 1, 3});
     CHECK((lhs >= rhs - 1e-9 * (1 + lhs.abs())).all().item<bool>());
-    if (!rule.relaxed()) CHECK((lhs - rhs).abs().max().item<double>() < 1e-9 * (1 + lhs.abs().max().item<double>()));
+    if (!rule.relaxed())
+      CHECK((lhs - rhs).abs().max().item<double>() < 1e-9 * (1 + lhs.abs().max().item<double>()));
   }
 }
 
@@ -185,11 +196,14 @@ TEST_CASE("operator norms bound every sampled difference quotient", "[soundness]
   for (const auto& k : cases()) {
     INFO(k.name);
     const auto& rule = rule_for(k.layer);
-    auto x1 = torch::randn(batched(5000, k.in), f64), x2 = x1 + 0.01 * torch::randn(batched(5000, k.in), f64);
+    auto x1 = torch::randn(batched(5000, k.in), f64),
+         x2 = x1 + 0.01 * torch::randn(batched(5000, k.in), f64);
     auto d_out = (rule.forward(k.layer, {x1}) - rule.forward(k.layer, {x2})).flatten(1);
     auto d_in = (x1 - x2).flatten(1);
     for (auto p : {Norm::linf, Norm::l2}) {
-      auto norm = [&](const torch::Tensor& t) { return p == Norm::linf ? t.abs().amax(1) : t.norm(2, 1); };
+      auto norm = [&](const torch::Tensor& t) {
+        return p == Norm::linf ? t.abs().amax(1) : t.norm(2, 1);
+      };
       const double L = rule.lipschitz(k.layer, p, {k.in}, {1.0}, false);
       CHECK((norm(d_out) <= L * norm(d_in) * (1 + 1e-9)).all().item<bool>());
       // -> ∞ as a last layer
@@ -199,7 +213,8 @@ TEST_CASE("operator norms bound every sampled difference quotient", "[soundness]
   }
 }
 
-TEST_CASE("every rule's Jacobian step encloses sampled Jacobian rows", "[soundness][certify][rules]") {
+TEST_CASE("every rule's Jacobian step encloses sampled Jacobian rows",
+          "[soundness][certify][rules]") {
   for (const auto& k : cases()) {
     INFO(k.name);
     const auto& rule = rule_for(k.layer);
@@ -214,7 +229,8 @@ TEST_CASE("every rule's Jacobian step encloses sampled Jacobian rows", "[soundne
     // A row v inside the output interval, pulled back by the true Jacobian at a point z.
     for (int t = 0; t < 50; ++t) {
       auto v = c.A + (2 * torch::rand_like(r) - 1) * r;
-      auto pick = torch::randint(kPerSample, {kBatch}, torch::kLong) + torch::arange(kBatch) * kPerSample;
+      auto pick =
+          torch::randint(kPerSample, {kBatch}, torch::kLong) + torch::arange(kBatch) * kPerSample;
       auto z = g.points.index_select(0, pick).repeat_interleave(2, 0).requires_grad_(true);
       auto y = rule.forward(k.layer, {z});
       auto grad = torch::autograd::grad({(y * v).sum()}, {z})[0];
@@ -223,7 +239,8 @@ TEST_CASE("every rule's Jacobian step encloses sampled Jacobian rows", "[soundne
   }
 }
 
-TEST_CASE("residual sum: bounds, CROWN step, norm and Jacobian of a + b", "[soundness][certify][rules]") {
+TEST_CASE("residual sum: bounds, CROWN step, norm and Jacobian of a + b",
+          "[soundness][certify][rules]") {
   Layer res = Layer::residual_block("block", {Layer::simple(Layer::Kind::relu)}, {});
   const auto& rule = rule_for(res);
   REQUIRE(rule.arity() == 2);
@@ -253,7 +270,12 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
     c.A = torch::tensor({{1.0, 1.0, 1.0}, {-2.0, -1.0, -1.0}}, f64);
     c.sample = torch::zeros({2}, torch::kLong);
     auto b = torch::zeros({2}, f64);
-    BackwardArgs a{relu, {{3}}, {3}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, c.sample); }, {}};
+    BackwardArgs a{relu,
+                   {{3}},
+                   {3},
+                   {&in},
+                   [&](const torch::Tensor& t) { return t.index_select(0, c.sample); },
+                   {}};
     auto out = rule_for(relu).backward(a, c, b).at(0);
     // Row 1 (positive): unit 0 slope 1 (3 >= 1), unit 1 slope 0 (1 < 2), unit 2 active: 1.
     CHECK(out.A[0][0].item<double>() == 1.0);
@@ -265,13 +287,15 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
     CHECK(out.A[1][1].item<double>() == Approx(-1.0 / 3));
     CHECK(out.A[1][2].item<double>() == -1.0);
     CHECK(b[1].item<double>() == Approx(-2.0 * 0.75 - 1.0 * 2.0 / 3).epsilon(1e-12));
-    CHECK(b[1].item<double>() <= -2.0 * 0.75 - 1.0 * 2.0 / 3);  // the rounding margin only lowers it
+    CHECK(b[1].item<double>() <=
+          -2.0 * 0.75 - 1.0 * 2.0 / 3);  // the rounding margin only lowers it
     auto nb = rule_for(relu).bounds(relu, {&in});
     CHECK(torch::equal(nb.lo, torch::tensor({{0.0, 0.0, 0.5}}, f64)));
     CHECK(torch::equal(nb.hi, torch::tensor({{3.0, 1.0, 2.0}}, f64)));
   }
   SECTION("linear [[1, -2], [3, 0.5]] + [1, -1] on x in [0, 1] x [-1, 1]") {
-    Layer fc = Layer::dense("fc", torch::tensor({{1.0, -2.0}, {3.0, 0.5}}, f64), torch::tensor({1.0, -1.0}, f64));
+    Layer fc = Layer::dense("fc", torch::tensor({{1.0, -2.0}, {3.0, 0.5}}, f64),
+                            torch::tensor({1.0, -1.0}, f64));
     NodeBounds in{torch::tensor({{0.0, -1.0}}, f64), torch::tensor({{1.0, 1.0}}, f64),
                   torch::tensor({{1.0, 1.0}}, f64), torch::zeros({1, 2}, f64)};
     auto nb = rule_for(fc).bounds(fc, {&in});
@@ -284,7 +308,8 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
     CHECK(rule_for(fc).lipschitz(fc, Norm::l2, {{2}}, {1.0}, true) == Approx(std::sqrt(9.25)));
   }
   SECTION("conv 1x1 kernel [[2]] with bias 1, and channel affine 0.5 x - 1") {
-    Layer conv = Layer::conv2d("c", torch::full({1, 1, 1, 1}, 2.0, f64), torch::ones({1}, f64), 1, 0);
+    Layer conv =
+        Layer::conv2d("c", torch::full({1, 1, 1, 1}, 2.0, f64), torch::ones({1}, f64), 1, 0);
     Layer aff = Layer::affine("a", torch::full({1}, 0.5, f64), torch::full({1}, -1.0, f64));
     NodeBounds in{torch::full({1, 1, 2, 2}, -1.0, f64), torch::full({1, 1, 2, 2}, 2.0, f64),
                   torch::full({1, 1, 2, 2}, 2.0, f64), torch::zeros({1, 1, 2, 2}, f64)};
@@ -295,7 +320,9 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
     CHECK(z.lo.min().item<double>() == Approx(-1.5));
     CHECK(z.hi.max().item<double>() == Approx(1.5));
   }
-  SECTION("max-pool 2x2 of [[-1..2, 0..1], [-3..-2, 1..4]]: [1, 4]; lower row takes x_3 (lower bound 1)") {
+  SECTION(
+      "max-pool 2x2 of [[-1..2, 0..1], [-3..-2, 1..4]]: [1, 4]; lower row takes x_3 (lower bound "
+      "1)") {
     Layer pool = Layer::max_pool("pool", 2, 2, 0);
     NodeBounds in{torch::tensor({-1.0, 0.0, -3.0, 1.0}, f64).view({1, 1, 2, 2}),
                   torch::tensor({2.0, 1.0, -2.0, 4.0}, f64).view({1, 1, 2, 2}),
@@ -309,7 +336,12 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
     c.sample = torch::zeros({2}, torch::kLong);
     auto b = torch::zeros({2}, f64);
     const std::vector<Shape> ins{{1, 2, 2}};
-    BackwardArgs a{pool, ins, {1, 1, 1}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, c.sample); }, {}};
+    BackwardArgs a{pool,
+                   ins,
+                   {1, 1, 1},
+                   {&in},
+                   [&](const torch::Tensor& t) { return t.index_select(0, c.sample); },
+                   {}};
     auto out = rule.backward(a, c, b).at(0);
     // 2·y >= 2·x_3 (the entry with the largest lower bound); −3·y >= −3·max u = −12.
     CHECK(out.A[0].flatten()[3].item<double>() == 2.0);
@@ -317,7 +349,8 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
     CHECK(out.A[1].abs().sum().item<double>() == 0.0);
     CHECK(b[1].item<double>() == -12.0);
     CHECK(rule.lipschitz(pool, Norm::l2, ins, {1.0}, false) == 1.0);
-    CHECK(rule.lipschitz(Layer::max_pool("p", 3, 2, 1), Norm::l2, {{1, 5, 5}}, {1.0}, false) == 2.0);
+    CHECK(rule.lipschitz(Layer::max_pool("p", 3, 2, 1), Norm::l2, {{1, 5, 5}}, {1.0}, false) ==
+          2.0);
   }
   SECTION("global average pool of a 2x2 channel in [0, 4]: [0, 4]; p = 2 norm 1/2") {
     Layer pool = Layer::simple(Layer::Kind::global_avgpool);
@@ -330,23 +363,29 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
   }
 }
 
-TEST_CASE("linear: one-hot rows (a unit's bound rows) step as the matrix product does", "[unit][certify][rules]") {
+TEST_CASE("linear: one-hot rows (a unit's bound rows) step as the matrix product does",
+          "[unit][certify][rules]") {
   torch::manual_seed(4);
   Layer fc = Layer::dense("fc", torch::randn({6, 9}, f64), torch::randn({6}, f64));
-  NodeBounds in{torch::zeros({2, 9}, f64), torch::ones({2, 9}, f64), torch::ones({2, 9}, f64), torch::zeros({2, 9}, f64)};
+  NodeBounds in{torch::zeros({2, 9}, f64), torch::ones({2, 9}, f64), torch::ones({2, 9}, f64),
+                torch::zeros({2, 9}, f64)};
   Coeffs rows;
   rows.A = torch::zeros({4, 6}, f64);
-  rows.A.index_put_({0, 2}, 1.0), rows.A.index_put_({1, 5}, -1.0), rows.A.index_put_({2, 0}, 2.5), rows.A.index_put_({3, 2}, -0.5);
+  rows.A.index_put_({0, 2}, 1.0), rows.A.index_put_({1, 5}, -1.0), rows.A.index_put_({2, 0}, 2.5),
+      rows.A.index_put_({3, 2}, -0.5);
   rows.sample = torch::tensor({0, 0, 1, 1}, torch::kLong);
   auto b = torch::zeros({4}, f64);
-  BackwardArgs a{fc, {{9}}, {6}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, rows.sample); }, {}};
+  BackwardArgs a{
+      fc, {{9}}, {6}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, rows.sample); },
+      {}};
   torch::NoGradGuard ng;
   auto out = rule_for(fc).backward(a, rows, b).at(0);
   CHECK(torch::equal(out.A, torch::matmul(rows.A, fc.weight)));
   CHECK(torch::allclose(b, torch::mv(rows.A, fc.bias)));
 }
 
-TEST_CASE("an unregistered layer kind is an error naming the layer and the fix", "[unit][certify][rules]") {
+TEST_CASE("an unregistered layer kind is an error naming the layer and the fix",
+          "[unit][certify][rules]") {
   Layer odd = Layer::simple(Layer::Kind::relu, "mystery");
   odd.kind = static_cast<Layer::Kind>(77);
   CHECK_THROWS_WITH(rule_for(odd), Catch::Contains("mystery") && Catch::Contains("registry.cpp"));

@@ -2,14 +2,14 @@
 // sample: every pass it seeds starts from a pass that failed over larger regions of
 // the same samples (the soundness condition of seeding, docs §15), the radius never
 // exceeds the root, and the search gets within the tolerance of it.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
-#include "certify/search.h"
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <memory>
 #include <vector>
+
+#include "certify/search.h"
 
 using namespace moecert;
 
@@ -25,15 +25,16 @@ struct Remembered {
 
 }  // namespace
 
-TEST_CASE("the radius search seeds passes only from failed passes over larger regions", "[unit][certify][search]") {
+TEST_CASE("the radius search seeds passes only from failed passes over larger regions",
+          "[unit][certify][search]") {
   torch::manual_seed(5);
   const int64_t n = 40;
-  auto root = torch::rand({n}, f64) * 0.2 + 0.01;  // the largest ε a full pass certifies
+  auto root = torch::rand({n}, f64) * 0.2 + 0.01;           // the largest ε a full pass certifies
   auto guess = root * (torch::rand({n}, f64) * 1.6 + 0.4);  // off by up to x2 either way
   int64_t seeded = 0;
   std::vector<double> seen_eps;
-  search::Prepare prepare = [&](const torch::Tensor& rows, const torch::Tensor& eps, const search::Pass* seed,
-                                const torch::Tensor& seed_index) {
+  search::Prepare prepare = [&](const torch::Tensor& rows, const torch::Tensor& eps,
+                                const search::Pass* seed, const torch::Tensor& seed_index) {
     auto mine = std::make_shared<Remembered>();
     for (int64_t i = 0; i < rows.size(0); ++i) {
       const double e = eps[i].item<double>(), r = root[rows[i].item<int64_t>()].item<double>();
@@ -51,7 +52,9 @@ TEST_CASE("the radius search seeds passes only from failed passes over larger re
     // distance below the pass (narrowed bounds), never above the true slack.
     auto r = root.index_select(0, rows);
     auto e0 = eps.clone();
-    search::Prober probe = [r, e0](const torch::Tensor& t) { return (r - t) - 2.0 * (e0 - t).clamp_min(0); };
+    search::Prober probe = [r, e0](const torch::Tensor& t) {
+      return (r - t) - 2.0 * (e0 - t).clamp_min(0);
+    };
     return search::Pass{probe, mine};
   };
   search::Config cfg;
@@ -59,19 +62,20 @@ TEST_CASE("the radius search seeds passes only from failed passes over larger re
   auto todo = torch::ones({n}, torch::kBool);
   auto res = search::radius_search(prepare, todo, guess, torch::zeros({n}, f64), cfg);
   CHECK(seeded > 0);
-  CHECK((res.radius < root).all().item<bool>());                         // sound: only certified probes count
-  CHECK((res.radius >= root * (1 - 3 * cfg.tol)).all().item<bool>());   // and close
+  CHECK((res.radius < root).all().item<bool>());  // sound: only certified probes count
+  CHECK((res.radius >= root * (1 - 3 * cfg.tol)).all().item<bool>());  // and close
   CHECK((res.failed >= root).all().item<bool>());
 }
 
-TEST_CASE("radii of the grid that the rounds leave open get a full pass of their own", "[unit][certify][search]") {
+TEST_CASE("radii of the grid that the rounds leave open get a full pass of their own",
+          "[unit][certify][search]") {
   const int64_t n = 6;
   // Roots far above a poor first guess: one round cannot reach them.
   auto root = torch::tensor({0.3, 0.12, 0.09, 0.06, 0.04, 0.015}, f64);
   auto guess = torch::full({n}, 0.005, f64);
   std::vector<double> full_passes_at;
-  search::Prepare prepare = [&](const torch::Tensor& rows, const torch::Tensor& eps, const search::Pass*,
-                                const torch::Tensor&) {
+  search::Prepare prepare = [&](const torch::Tensor& rows, const torch::Tensor& eps,
+                                const search::Pass*, const torch::Tensor&) {
     for (int64_t i = 0; i < eps.size(0); ++i) full_passes_at.push_back(eps[i].item<double>());
     auto r = root.index_select(0, rows);
     search::Prober probe = [r](const torch::Tensor& t) { return r - t; };
@@ -82,7 +86,7 @@ TEST_CASE("radii of the grid that the rounds leave open get a full pass of their
   auto todo = torch::ones({n}, torch::kBool);
   auto before = search::radius_search(prepare, todo, guess, torch::zeros({n}, f64), cfg);
   CHECK((before.radius < 0.01).all().item<bool>());  // one round stops far below every root
-  cfg.grid = {0.1, 0.02, 0.05};                       // any order
+  cfg.grid = {0.1, 0.02, 0.05};                      // any order
   full_passes_at.clear();
   auto res = search::radius_search(prepare, todo, guess, torch::zeros({n}, f64), cfg);
   CHECK((res.radius < root).all().item<bool>());  // sound
@@ -93,5 +97,6 @@ TEST_CASE("radii of the grid that the rounds leave open get a full pass of their
       if (g < r) CHECK(got >= g);
   }
   const auto passes_at_01 = std::count(full_passes_at.begin(), full_passes_at.end(), 0.1);
-  CHECK(passes_at_01 == 4);  // the samples certified at 0.05 (roots 0.3 to 0.06); the others failed below
+  CHECK(passes_at_01 ==
+        4);  // the samples certified at 0.05 (roots 0.3 to 0.06); the others failed below
 }

@@ -1,7 +1,8 @@
 // Ground truth (SPEC §4.5): a toy MoE on 2-D inputs, where the exact minimal
 // adversarial radius is found by dense search. certified <= exact <= empirical.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <catch2/catch.hpp>
 
 #include "moecert/certify.h"
 #include "moecert/model_io.h"
@@ -39,7 +40,8 @@ struct Toy {
 Moe train_toy(const Toy& t, const Dataset& train) {
   ModelSpec s;
   s.in_channels = 1, s.height = 1, s.width = 2, s.num_classes = 3;
-  s.experts = t.experts, s.expert = "mlp", s.router = t.router, s.routing = t.routing, s.top_k = t.top_k;
+  s.experts = t.experts, s.expert = "mlp", s.router = t.router, s.routing = t.routing,
+  s.top_k = t.top_k;
   s.mean = {0.5}, s.std = {0.25};
   torch::manual_seed(t.seed);
   Moe model(s);
@@ -60,12 +62,13 @@ struct Exact {
 };
 
 /// Dense search around x on a grid of spacing h within radius R.
-Exact exact_radius(const std::function<torch::Tensor(const torch::Tensor&)>& forward, const torch::Tensor& x,
-                   int64_t pred, Norm p, double h, double R) {
+Exact exact_radius(const std::function<torch::Tensor(const torch::Tensor&)>& forward,
+                   const torch::Tensor& x, int64_t pred, Norm p, double h, double R) {
   torch::NoGradGuard ng;
   const auto n = static_cast<int64_t>(2 * R / h) + 1;
   auto axis = torch::linspace(-R, R, n, f64);
-  auto dx = axis.view({-1, 1}).expand({n, n}).reshape({-1}), dy = axis.view({1, -1}).expand({n, n}).reshape({-1});
+  auto dx = axis.view({-1, 1}).expand({n, n}).reshape({-1}),
+       dy = axis.view({1, -1}).expand({n, n}).reshape({-1});
   auto px = x[0][0][0][0].item<double>() + dx, py = x[0][0][0][1].item<double>() + dy;
   auto pts = torch::stack({px, py}, 1).view({-1, 1, 1, 2});
   auto cls = forward(pts.to(torch::kFloat32)).argmax(1);  // the float32 model people run
@@ -110,7 +113,8 @@ void check_ground_truth(LoadedModel& loaded, const Dataset& test, Norm p, bool b
       INFO("form " << form);
       if (truth < R) CHECK(r <= truth + 1e-12);  // certified <= exact
       best = std::max(best, r);
-      const bool lipschitz = form.find("_global") != std::string::npos || form.find("_local") != std::string::npos;
+      const bool lipschitz =
+          form.find("_global") != std::string::npos || form.find("_local") != std::string::npos;
       (lipschitz ? best_lipschitz : best_bp) = std::max(lipschitz ? best_lipschitz : best_bp, r);
     }
     CHECK(row["headline"]["radius"].get<double>() == best);
@@ -125,8 +129,8 @@ void check_ground_truth(LoadedModel& loaded, const Dataset& test, Norm p, bool b
       CHECK(reachable <= emp.get<double>() + 2 * h + 1e-4);
     }
   }
-  CHECK(certified >= 10);                            // the certificates are non-trivial on this toy
-  CHECK(bp_beats_lipschitz * 10 >= compared * 9);    // bound propagation is the tighter family
+  CHECK(certified >= 10);                          // the certificates are non-trivial on this toy
+  CHECK(bp_beats_lipschitz * 10 >= compared * 9);  // bound propagation is the tighter family
 }
 
 void check_toy(const Toy& t, Norm p, bool box) {
@@ -135,7 +139,8 @@ void check_toy(const Toy& t, Norm p, bool box) {
   LoadedModel loaded;
   loaded.model = model;
   loaded.manifest = {{"architecture", model->spec().to_json()}};
-  check_ground_truth(loaded, test, p, box, [&](const torch::Tensor& x) { return model->forward(x); });
+  check_ground_truth(loaded, test, p, box,
+                     [&](const torch::Tensor& x) { return model->forward(x); });
 }
 
 }  // namespace
@@ -166,7 +171,8 @@ TEST_CASE("toy 2-D dense model (margin form): certified <= exact <= empirical (L
   check_toy(t, Norm::l2, false);
 }
 
-TEST_CASE("toy 2-D dual-model (dual form): certified <= exact <= empirical (L-inf, box)", "[soundness][certify]") {
+TEST_CASE("toy 2-D dual-model (dual form): certified <= exact <= empirical (L-inf, box)",
+          "[soundness][certify]") {
   auto train = blobs(600, 1), test = blobs(30, 2);
   Toy weak;
   weak.seed = 3, weak.steps = 60;  // a less fitted standard member
@@ -175,5 +181,6 @@ TEST_CASE("toy 2-D dual-model (dual form): certified <= exact <= empirical (L-in
   loaded.dual = Dual(standard, robust, 0.8);
   loaded.dual->eval();
   loaded.manifest = nlohmann::json::object();
-  check_ground_truth(loaded, test, Norm::linf, true, [&](const torch::Tensor& x) { return loaded.dual->forward(x); });
+  check_ground_truth(loaded, test, Norm::linf, true,
+                     [&](const torch::Tensor& x) { return loaded.dual->forward(x); });
 }

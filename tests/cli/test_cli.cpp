@@ -1,8 +1,7 @@
 // End-to-end: the moecert binary, its exit codes and its files.
 #include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
-
 #include <cmath>
+#include <nlohmann/json.hpp>
 
 #include "test_util.h"
 
@@ -19,8 +18,10 @@ const char* kFashion = "/usr/share/datasets/fashion-mnist";
 const std::string& trained_checkpoint() {
   static TempDir dir;
   static std::string ckpt = [] {
-    auto r = run_moecert("--dataset synthetic --samples 800 --quiet train --experts 2 --epochs 1 "
-                         "--val-samples 100 --steps 2 --eval-steps 2 --out " + (dir / "ckpt"));
+    auto r = run_moecert(
+        "--dataset synthetic --samples 800 --quiet train --experts 2 --epochs 1 "
+        "--val-samples 100 --steps 2 --eval-steps 2 --out " +
+        (dir / "ckpt"));
     INFO(r.output);
     REQUIRE(r.code == 0);
     return dir / "ckpt";
@@ -57,12 +58,16 @@ TEST_CASE("train, info and attack --json work end to end", "[e2e][cli]") {
   CHECK(j["ra"].get<double>() <= j["sa"].get<double>());
 }
 
-TEST_CASE("attack --suite standard: per-sample JSON, adversarial examples PyTorch opens", "[e2e][cli]") {
+TEST_CASE("attack --suite standard: per-sample JSON, adversarial examples PyTorch opens",
+          "[e2e][cli]") {
   const auto& ckpt = trained_checkpoint();
   TempDir tmp;
-  const std::string common = "--dataset synthetic --samples 40 --quiet attack " + ckpt + " --eps 0.1 ";
-  auto pgd = run_moecert(common + "--suite pgd --steps 20 --no-components --json " + (tmp / "pgd.json"));
-  auto r = run_moecert(common + "--square-queries 300 --json " + (tmp / "s.json") + " --save-adv " + (tmp / "adv.pt"));
+  const std::string common =
+      "--dataset synthetic --samples 40 --quiet attack " + ckpt + " --eps 0.1 ";
+  auto pgd =
+      run_moecert(common + "--suite pgd --steps 20 --no-components --json " + (tmp / "pgd.json"));
+  auto r = run_moecert(common + "--square-queries 300 --json " + (tmp / "s.json") + " --save-adv " +
+                       (tmp / "adv.pt"));
   INFO(r.output);
   REQUIRE(pgd.code == 0);
   REQUIRE(r.code == 0);
@@ -89,17 +94,19 @@ TEST_CASE("attack --suite standard: per-sample JSON, adversarial examples PyTorc
   CHECK(robust == static_cast<int>(std::lround(j["ra"].get<double>() * 40)));
   int64_t broken = 0;
   for (const auto& run : j["runs"]) broken += run["broken"].get<int64_t>();
-  CHECK(broken == static_cast<int64_t>(std::lround((j["sa"].get<double>() - j["ra"].get<double>()) * 40)));
+  CHECK(broken ==
+        static_cast<int64_t>(std::lround((j["sa"].get<double>() - j["ra"].get<double>()) * 40)));
   CHECK(run_moecert(common + "--suite autoattack").code == 2);
   CHECK(run_moecert(common + "--square-queries 0").code == 2);
   if (run_shell("/usr/bin/python3 -c 'import torch'").code != 0) {
     WARN("python3-torch is not installed; skipping the torch.load check");
     return;
   }
-  auto py = run_shell("/usr/bin/python3 -c \"import torch; d = torch.load('" + (tmp / "adv.pt") +
-                      "'); x = d['x_adv']; assert x.shape == (40, 1, 28, 28), x.shape; "
-                      "assert d['label'].shape == (40,) and d['robust'].dtype == torch.bool; "
-                      "assert float(x.min()) >= 0 and float(x.max()) <= 1; print('ok', int(d['robust'].sum()))\"");
+  auto py = run_shell(
+      "/usr/bin/python3 -c \"import torch; d = torch.load('" + (tmp / "adv.pt") +
+      "'); x = d['x_adv']; assert x.shape == (40, 1, 28, 28), x.shape; "
+      "assert d['label'].shape == (40,) and d['robust'].dtype == torch.bool; "
+      "assert float(x.min()) >= 0 and float(x.max()) <= 1; print('ok', int(d['robust'].sum()))\"");
   INFO(py.output);
   CHECK(py.code == 0);
   CHECK(py.output.find("ok " + std::to_string(robust)) != std::string::npos);
@@ -120,8 +127,10 @@ TEST_CASE("a corrupt checkpoint is exit code 2 naming the problem", "[e2e][cli]"
 TEST_CASE("a truncated IDX file is exit code 2 naming the file", "[e2e][cli]") {
   TempDir tmp;
   const std::string d = tmp.path();
-  REQUIRE(run_shell("zcat " + std::string(kFashion) + "/t10k-images-idx3-ubyte.gz | head -c 100000 | gzip > " +
-                    d + "/t10k-images-idx3-ubyte.gz && cp " + kFashion + "/t10k-labels-idx1-ubyte.gz " + d)
+  REQUIRE(run_shell("zcat " + std::string(kFashion) +
+                    "/t10k-images-idx3-ubyte.gz | head -c 100000 | gzip > " + d +
+                    "/t10k-images-idx3-ubyte.gz && cp " + kFashion + "/t10k-labels-idx1-ubyte.gz " +
+                    d)
               .code == 0);
   auto r = run_moecert("--dataset fashion-mnist --data " + d + " attack " + trained_checkpoint());
   CHECK(r.code == 2);
@@ -133,7 +142,8 @@ TEST_CASE("a wrong-shape input is exit code 2 naming the shapes", "[e2e][cli]") 
   TempDir tmp;
   // Two CIFAR-10 records (label 0, black 3x32x32 image) against a 1x28x28 model.
   REQUIRE(run_shell("head -c 6146 /dev/zero > " + (tmp / "test_batch.bin")).code == 0);
-  auto r = run_moecert("--dataset cifar10 --data " + tmp.path() + " attack " + trained_checkpoint());
+  auto r =
+      run_moecert("--dataset cifar10 --data " + tmp.path() + " attack " + trained_checkpoint());
   CHECK(r.code == 2);
   CHECK(r.output.find("expected shape [B, 1, 28, 28]") != std::string::npos);
 }
@@ -142,7 +152,8 @@ TEST_CASE("bad options are exit code 2", "[e2e][cli]") {
   CHECK(run_moecert("train --out /tmp/x --method bogus").code == 2);
   CHECK(run_moecert("attack " + trained_checkpoint() + " --norm 3").code == 2);
   CHECK(run_moecert("frobnicate").code == 2);
-  auto jac = run_moecert("certify " + trained_checkpoint() + " --jacobian exact --no-empirical --out /tmp/moecert-jac");
+  auto jac = run_moecert("certify " + trained_checkpoint() +
+                         " --jacobian exact --no-empirical --out /tmp/moecert-jac");
   CHECK(jac.code == 2);
   CHECK(jac.output.find("--jacobian") != std::string::npos);
   CHECK(run_moecert("--help").code == 0);
@@ -153,8 +164,10 @@ TEST_CASE("bad options are exit code 2", "[e2e][cli]") {
 
 TEST_CASE("a killed training run resumes from its last epoch", "[e2e][cli]") {
   TempDir tmp;
-  const std::string args = "--dataset synthetic --samples 1500 --quiet train --experts 2 --epochs 8 "
-                           "--val-samples 100 --steps 3 --eval-steps 1 --out " + (tmp / "run");
+  const std::string args =
+      "--dataset synthetic --samples 1500 --quiet train --experts 2 --epochs 8 "
+      "--val-samples 100 --steps 3 --eval-steps 1 --out " +
+      (tmp / "run");
   // Start, wait for the first checkpoint, then SIGKILL the process mid-run.
   auto killed = run_shell("(" + std::string(MOECERT_BINARY) + " " + args + " & pid=$!; " +
                           "while [ ! -f " + (tmp / "run/model.json") + " ]; do sleep 0.05; done; " +
@@ -179,10 +192,11 @@ TEST_CASE("weights.pt opens in PyTorch with the registered names", "[e2e][cli]")
     WARN("python3-torch is not installed; skipping the torch.jit.load check");
     return;
   }
-  auto r = run_shell("/usr/bin/python3 -c \"import torch; m = torch.jit.load('" + trained_checkpoint() +
-                     "/weights.pt'); names = dict(m.named_parameters()); "
-                     "print(sorted(names)); assert 'router.fc.weight' in names; "
-                     "assert names['experts.1.fc2.weight'].shape == (10, 128); print('ok')\"");
+  auto r =
+      run_shell("/usr/bin/python3 -c \"import torch; m = torch.jit.load('" + trained_checkpoint() +
+                "/weights.pt'); names = dict(m.named_parameters()); "
+                "print(sorted(names)); assert 'router.fc.weight' in names; "
+                "assert names['experts.1.fc2.weight'].shape == (10, 128); print('ok')\"");
   INFO(r.output);
   CHECK(r.code == 0);
   CHECK(r.output.find("ok") != std::string::npos);
@@ -190,8 +204,8 @@ TEST_CASE("weights.pt opens in PyTorch with the registered names", "[e2e][cli]")
 
 TEST_CASE("dual combines two checkpoints and attack sweeps alpha", "[e2e][cli]") {
   TempDir tmp;
-  auto made = run_moecert("dual --standard " + trained_checkpoint() + " --robust " + trained_checkpoint() +
-                          " --alpha 0.7 --out " + (tmp / "dual"));
+  auto made = run_moecert("dual --standard " + trained_checkpoint() + " --robust " +
+                          trained_checkpoint() + " --alpha 0.7 --out " + (tmp / "dual"));
   INFO(made.output);
   REQUIRE(made.code == 0);
   auto info = run_moecert("info " + (tmp / "dual"));
@@ -208,22 +222,27 @@ TEST_CASE("dual combines two checkpoints and attack sweeps alpha", "[e2e][cli]")
   CHECK(j["alpha_sweep"][5]["alpha"] == 1.0);
   // Both members are the same model here, so every alpha gives the same SA.
   for (const auto& row : j["alpha_sweep"]) CHECK(row["sa"] == j["sa"]);
-  CHECK(run_moecert("dual --standard " + trained_checkpoint() + " --robust " + trained_checkpoint() +
-                    " --alpha 1.5 --out " + (tmp / "bad")).code == 2);
+  CHECK(run_moecert("dual --standard " + trained_checkpoint() + " --robust " +
+                    trained_checkpoint() + " --alpha 1.5 --out " + (tmp / "bad"))
+            .code == 2);
   CHECK(run_moecert("attack " + trained_checkpoint() + " --alpha-sweep").code == 2);
 }
 
 TEST_CASE("train --method jtdmoe writes a dual-model checkpoint", "[e2e][cli]") {
   TempDir tmp;
-  auto r = run_moecert("--dataset synthetic --samples 400 --quiet train --method jtdmoe --experts 2 "
-                       "--epochs 1 --val-samples 64 --steps 1 --eval-steps 1 --alpha 0.9 "
-                       "--init-robust " + trained_checkpoint() + " --out " + (tmp / "jtd"));
+  auto r = run_moecert(
+      "--dataset synthetic --samples 400 --quiet train --method jtdmoe --experts 2 "
+      "--epochs 1 --val-samples 64 --steps 1 --eval-steps 1 --alpha 0.9 "
+      "--init-robust " +
+      trained_checkpoint() + " --out " + (tmp / "jtd"));
   INFO(r.output);
   REQUIRE(r.code == 0);
   auto info = run_moecert("info " + (tmp / "jtd"));
   CHECK(info.output.find("dual-model alpha=0.900") != std::string::npos);
-  auto resumed = run_moecert("--dataset synthetic --samples 400 --quiet train --method jtdmoe --experts 2 "
-                             "--epochs 2 --val-samples 64 --steps 1 --eval-steps 1 --resume --out " + (tmp / "jtd"));
+  auto resumed = run_moecert(
+      "--dataset synthetic --samples 400 --quiet train --method jtdmoe --experts 2 "
+      "--epochs 2 --val-samples 64 --steps 1 --eval-steps 1 --resume --out " +
+      (tmp / "jtd"));
   INFO(resumed.output);
   CHECK(resumed.code == 0);
   CHECK(resumed.output.find("after epoch 1") != std::string::npos);
@@ -232,9 +251,10 @@ TEST_CASE("train --method jtdmoe writes a dual-model checkpoint", "[e2e][cli]") 
 TEST_CASE("train --arch moe-cnn --method advmoe: defaults of paper 2 and a loadable checkpoint",
           "[e2e][cli]") {
   TempDir tmp;
-  auto r = run_moecert("--dataset synthetic --samples 300 train --arch moe-cnn --method advmoe "
-                       "--epochs 1 --val-samples 50 --eval-steps 2 --log-every 1 --out " +
-                       (tmp / "m"));
+  auto r = run_moecert(
+      "--dataset synthetic --samples 300 train --arch moe-cnn --method advmoe "
+      "--epochs 1 --val-samples 50 --eval-steps 2 --log-every 1 --out " +
+      (tmp / "m"));
   INFO(r.output);
   REQUIRE(r.code == 0);
   CHECK(r.output.find("training attack PGD-2 ") != std::string::npos);  // paper 2: 2 steps
@@ -251,35 +271,45 @@ TEST_CASE("train --arch moe-cnn --method advmoe: defaults of paper 2 and a loada
   CHECK(a.code == 0);
   CHECK(a.output.find("RA-R") != std::string::npos);
 
-  auto bad = run_moecert("--dataset synthetic --samples 64 train --arch moe-cnn --routing soft "
-                         "--epochs 1 --out " + (tmp / "b"));
+  auto bad = run_moecert(
+      "--dataset synthetic --samples 64 train --arch moe-cnn --routing soft "
+      "--epochs 1 --out " +
+      (tmp / "b"));
   CHECK(bad.code == 2);
   CHECK(bad.output.find("top-1") != std::string::npos);
-  auto bad_arch = run_moecert("--dataset synthetic --samples 64 train --arch moe-vit --epochs 1 "
-                              "--out " + (tmp / "b"));
+  auto bad_arch = run_moecert(
+      "--dataset synthetic --samples 64 train --arch moe-vit --epochs 1 "
+      "--out " +
+      (tmp / "b"));
   CHECK(bad_arch.code == 2);
   CHECK(bad_arch.output.find("--arch") != std::string::npos);
 }
 
-TEST_CASE("train --method ibp / crown-ibp / st names what a step trains against; progress shows eps and kappa",
-          "[e2e][cli]") {
+TEST_CASE(
+    "train --method ibp / crown-ibp / st names what a step trains against; progress shows eps and "
+    "kappa",
+    "[e2e][cli]") {
   TempDir tmp;
   for (std::string method : {"ibp", "crown-ibp"}) {
-    auto r = run_moecert("--dataset synthetic --samples 300 train --method " + method +
-                         " --experts 2 --epochs 2 --val-samples 50 --eval-steps 1 --log-every 1 --eps 0.1"
-                         " --train-eps 0.05 --kappa-end 0.7 --out " + (tmp / method));
+    auto r = run_moecert(
+        "--dataset synthetic --samples 300 train --method " + method +
+        " --experts 2 --epochs 2 --val-samples 50 --eval-steps 1 --log-every 1 --eps 0.1"
+        " --train-eps 0.05 --kappa-end 0.7 --out " +
+        (tmp / method));
     INFO(r.output);
     REQUIRE(r.code == 0);
     const std::string bound = method == "ibp" ? "IBP" : "CROWN-IBP";
     CHECK(r.output.find("training bound " + bound + " Linf eps 0 -> 0.0500, kappa 1.00 -> 0.70") !=
           std::string::npos);
-    CHECK(r.output.find("training attack") == std::string::npos);  // no attack trains it
+    CHECK(r.output.find("training attack") == std::string::npos);          // no attack trains it
     CHECK(r.output.find("eps 0.0000  kappa 1.000") != std::string::npos);  // the warm-up
     CHECK(r.output.find("eps 0.0500  kappa 0.700") != std::string::npos);  // after the ramp
     CHECK((r.output.find("beta 0.000") != std::string::npos) == (method == "crown-ibp"));
   }
-  auto st = run_moecert("--dataset synthetic --samples 300 train --method st --experts 2 --epochs 1 "
-                        "--val-samples 50 --eval-steps 1 --out " + (tmp / "st"));
+  auto st = run_moecert(
+      "--dataset synthetic --samples 300 train --method st --experts 2 --epochs 1 "
+      "--val-samples 50 --eval-steps 1 --out " +
+      (tmp / "st"));
   INFO(st.output);
   REQUIRE(st.code == 0);
   CHECK(st.output.find("; no training attack") != std::string::npos);
@@ -346,22 +376,30 @@ TEST_CASE("certify a dual-model end to end: Theorem 5.5 radii, sound, eps_b inde
   // One robust member F_R and two differently trained standard members F_S.
   const std::string data = "--dataset synthetic --samples 1000 --quiet ";
   for (const std::string& cmd :
-       {data + "train --method at --experts 2 --epochs 8 --steps 2 --eps 0.03 --val-samples 64 "
-               "--eval-steps 1 --out " + (tmp / "robust"),
-        data + "--seed 7 train --method st --experts 2 --epochs 3 --val-samples 64 --eval-steps 1 --out " +
+       {data +
+            "train --method at --experts 2 --epochs 8 --steps 2 --eps 0.03 --val-samples 64 "
+            "--eval-steps 1 --out " +
+            (tmp / "robust"),
+        data +
+            "--seed 7 train --method st --experts 2 --epochs 3 --val-samples 64 --eval-steps 1 "
+            "--out " +
             (tmp / "st-a"),
-        data + "--seed 8 train --method st --experts 2 --epochs 2 --val-samples 64 --eval-steps 1 --out " +
+        data +
+            "--seed 8 train --method st --experts 2 --epochs 2 --val-samples 64 --eval-steps 1 "
+            "--out " +
             (tmp / "st-b")}) {
     auto r = run_moecert(cmd);
     INFO(r.output);
     REQUIRE(r.code == 0);
   }
   for (const std::string name : {"a", "b"}) {
-    REQUIRE(run_moecert("dual --standard " + (tmp / ("st-" + name)) + " --robust " + (tmp / "robust") +
-                        " --alpha 0.8 --out " + (tmp / ("dual-" + name))).code == 0);
-    auto r = run_moecert("--dataset synthetic --samples 24 --quiet certify " + (tmp / ("dual-" + name)) +
-                         " --estimator lipschitz,crown --steps 5 --bisect-steps 20 --eps-grid 0.001,0.01 --out " +
-                         (tmp / ("c-" + name)));
+    REQUIRE(run_moecert("dual --standard " + (tmp / ("st-" + name)) + " --robust " +
+                        (tmp / "robust") + " --alpha 0.8 --out " + (tmp / ("dual-" + name)))
+                .code == 0);
+    auto r = run_moecert(
+        "--dataset synthetic --samples 24 --quiet certify " + (tmp / ("dual-" + name)) +
+        " --estimator lipschitz,crown --steps 5 --bisect-steps 20 --eps-grid 0.001,0.01 --out " +
+        (tmp / ("c-" + name)));
     INFO(r.output);
     REQUIRE(r.code == 0);
     CHECK(r.output.find("soundness violations: 0") != std::string::npos);

@@ -1,12 +1,12 @@
 // Checkpoint save/load: bit-exact round trips, every corruption and mismatch as a
 // CheckpointError naming what is wrong, and atomic replacement (also under SIGKILL).
-#include <catch2/catch.hpp>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
-#include "../../src/io/io-impl.h"
-#include "moecert/checkpoint.h"
-#include "moecert/error.h"
-
+#include <catch2/catch.hpp>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -15,10 +15,9 @@
 #include <sstream>
 #include <thread>
 
-#include <signal.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include "../../src/io/io-impl.h"
+#include "moecert/checkpoint.h"
+#include "moecert/error.h"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;

@@ -1,16 +1,16 @@
 // SHA-256 against the FIPS 180-2 / NIST example vectors, plus the streaming paths
 // (arbitrary update splits, files larger than the read chunk).
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
-
-#include "../../src/io/io-impl.h"
-#include "moecert/checkpoint.h"
-#include "moecert/error.h"
-
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
-#include <unistd.h>
+
+#include "../../src/io/io-impl.h"
+#include "moecert/checkpoint.h"
+#include "moecert/error.h"
 
 namespace fs = std::filesystem;
 using moecert::sha256_file;

@@ -1,5 +1,6 @@
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <catch2/catch.hpp>
 
 #include "moecert/error.h"
 #include "moecert/models.h"
@@ -145,14 +146,19 @@ TEST_CASE("the cnn-s stem's custom backward equals LibTorch's convolution gradie
   // Reference: the same network written with plain torch::conv2d / linear.
   auto reference = [&](const torch::Tensor& in) {
     auto h = model->normalise(in);
-    h = torch::relu(torch::conv2d(h, params["experts.0.conv1.weight"], params["experts.0.conv1.bias"], 2, 1));
-    h = torch::relu(torch::conv2d(h, params["experts.0.conv2.weight"], params["experts.0.conv2.bias"], 2, 1));
-    h = torch::relu(torch::linear(h.flatten(1), params["experts.0.fc1.weight"], params["experts.0.fc1.bias"]));
-    return torch::log_softmax(torch::linear(h, params["experts.0.fc2.weight"], params["experts.0.fc2.bias"]), 1);
+    h = torch::relu(
+        torch::conv2d(h, params["experts.0.conv1.weight"], params["experts.0.conv1.bias"], 2, 1));
+    h = torch::relu(
+        torch::conv2d(h, params["experts.0.conv2.weight"], params["experts.0.conv2.bias"], 2, 1));
+    h = torch::relu(
+        torch::linear(h.flatten(1), params["experts.0.fc1.weight"], params["experts.0.fc1.bias"]));
+    return torch::log_softmax(
+        torch::linear(h, params["experts.0.fc2.weight"], params["experts.0.fc2.bias"]), 1);
   };
   auto grads = [&](const std::function<torch::Tensor(const torch::Tensor&)>& f) {
     auto xr = x.clone().requires_grad_(true);
-    std::vector<torch::Tensor> inputs{xr, params["experts.0.conv1.weight"], params["experts.0.conv1.bias"]};
+    std::vector<torch::Tensor> inputs{xr, params["experts.0.conv1.weight"],
+                                      params["experts.0.conv1.bias"]};
     return torch::autograd::grad({torch::nll_loss(f(xr), y)}, inputs);
   };
   auto ours = grads([&](const torch::Tensor& in) { return model->forward(in); });

@@ -1,5 +1,6 @@
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <catch2/catch.hpp>
 
 #include "moecert/error.h"
 #include "moecert/models.h"
@@ -8,7 +9,8 @@ using namespace moecert;
 
 namespace {
 
-ModelSpec moe_cnn_spec(const std::string& backbone = "cnn-s", int64_t groups = 2, double scale = 0.5) {
+ModelSpec moe_cnn_spec(const std::string& backbone = "cnn-s", int64_t groups = 2,
+                       double scale = 0.5) {
   ModelSpec s;
   s.kind = "moe-cnn", s.expert = backbone, s.experts = groups, s.scale = scale;
   s.routing = Routing::top_k, s.top_k = 1;

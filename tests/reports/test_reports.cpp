@@ -1,6 +1,6 @@
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <fstream>
 
 #include "fixtures.h"
@@ -62,8 +62,8 @@ TEST_CASE("gate expressions parse, and malformed ones are usage errors", "[unit]
   CHECK(gate_parse("violations==0").op == "==");
   CHECK(gate_parse("median_tightness>=0.05").value == Approx(0.05));
   CHECK(gate_parse("ra@0.1>=0.6").metric == "ra");
-  for (const char* bad : {"certified_acc>=0.4", "accuracy@0.1>=0.5", "violations@0.1==0", "ra@0.1=>0.6",
-                          "ra@0.1>=", "", "sa>=0.5 extra", "violations[x]==0"}) {
+  for (const char* bad : {"certified_acc>=0.4", "accuracy@0.1>=0.5", "violations@0.1==0",
+                          "ra@0.1=>0.6", "ra@0.1>=", "", "sa>=0.5 extra", "violations[x]==0"}) {
     INFO(bad);
     CHECK_THROWS_AS(gate_parse(bad), ConfigError);
   }
@@ -75,8 +75,9 @@ TEST_CASE("gates evaluate on results, and JUnit XML parses back", "[reports]") {
   std::iota(all.begin(), all.end(), 0);
   auto r = certify_indices(all);
   const double sa = r["aggregates"]["clean_accuracy"];
-  auto results = gates_evaluate(r, {gate_parse("sa>=0"), gate_parse("sa>1"), gate_parse("violations==0"),
-                                    gate_parse("certified_acc@0.001>=0"), gate_parse("ra@0.05<=1")});
+  auto results =
+      gates_evaluate(r, {gate_parse("sa>=0"), gate_parse("sa>1"), gate_parse("violations==0"),
+                         gate_parse("certified_acc@0.001>=0"), gate_parse("ra@0.05<=1")});
   REQUIRE(results.size() == 5);
   CHECK(results[0].passed);
   CHECK(results[0].actual == Approx(sa));
@@ -89,13 +90,12 @@ TEST_CASE("gates evaluate on results, and JUnit XML parses back", "[reports]") {
   CHECK_THROWS_AS(gates_evaluate(r, {gate_parse("certified_acc[nope]@0.01>=0")}), ConfigError);
 
   TempDir tmp;
-  {
-    std::ofstream(tmp / "junit.xml") << junit_xml(results, "suite <&> \"x\"");
-  }
+  { std::ofstream(tmp / "junit.xml") << junit_xml(results, "suite <&> \"x\""); }
   auto check = run_shell(
       "python3 -c \"import sys,xml.etree.ElementTree as E; r=E.parse(sys.argv[1]).getroot(); "
       "s=r.find('testsuite'); cs=s.findall('testcase'); "
-      "print(len(cs), s.get('failures'), len([c for c in cs if c.find('failure') is not None]))\" " +
+      "print(len(cs), s.get('failures'), len([c for c in cs if c.find('failure') is not "
+      "None]))\" " +
       (tmp / "junit.xml"));
   INFO(check.output);
   REQUIRE(check.code == 0);
@@ -127,7 +127,8 @@ TEST_CASE("merging 3 shards equals the unsharded run", "[reports]") {
   std::swap(shards[0], shards[2]);
   auto merged = results_merge(shards);
   CHECK(merged["rows"].size() == 22);
-  INFO("differences: " << nlohmann::json::diff(without_timing(whole), without_timing(merged)).dump());
+  INFO("differences: "
+       << nlohmann::json::diff(without_timing(whole), without_timing(merged)).dump());
   CHECK(without_timing(merged) == without_timing(whole));
   // Overlapping or foreign shards are refused.
   CHECK_THROWS_AS(results_merge({shards[0], shards[0]}), ConfigError);
@@ -151,7 +152,8 @@ TEST_CASE("report.md and a self-contained report.html with plots", "[reports]") 
   CHECK(md.find("thm54_candidate_local") != std::string::npos);
   // Self-contained: three inline SVG plots, no external references, no scripts.
   size_t svgs = 0;
-  for (size_t pos = html.find("<svg"); pos != std::string::npos; pos = html.find("<svg", pos + 1)) ++svgs;
+  for (size_t pos = html.find("<svg"); pos != std::string::npos; pos = html.find("<svg", pos + 1))
+    ++svgs;
   CHECK(svgs == 3);
   CHECK(html.find("not drawn") == std::string::npos);
   CHECK(html.find("<script") == std::string::npos);
@@ -164,9 +166,17 @@ TEST_CASE("report.md and a self-contained report.html with plots", "[reports]") 
   CHECK(cmp.find("| after | clean accuracy") != std::string::npos);
 }
 
-TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alpha-sweep)", "[reports]") {
-  const nlohmann::json single = {{"sa", 0.84}, {"ra", 0.71}, {"ra_e", 0.52}, {"ra_r", 0.80}, {"eps", 0.1},
-                                 {"norm", "inf"}, {"steps", 20}, {"samples", 1000}, {"checkpoint", "runs/at"},
+TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alpha-sweep)",
+          "[reports]") {
+  const nlohmann::json single = {{"sa", 0.84},
+                                 {"ra", 0.71},
+                                 {"ra_e", 0.52},
+                                 {"ra_r", 0.80},
+                                 {"eps", 0.1},
+                                 {"norm", "inf"},
+                                 {"steps", 20},
+                                 {"samples", 1000},
+                                 {"checkpoint", "runs/at"},
                                  {"expert_usage", {{"clean", {3, 1}}, {"adversarial", {2, 2}}}}};
   nlohmann::json dual = {{"sa", 0.86}, {"ra", 0.58}, {"alpha", 0.8}, {"checkpoint", "runs/dual"}};
   dual["alpha_sweep"] = nlohmann::json::array();
@@ -177,7 +187,8 @@ TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alph
   // Bad attack objects name the file and the field.
   auto bad = [](nlohmann::json j, const char* message) {
     INFO(message);
-    CHECK_THROWS_WITH(attack_validate(j, "x.json"), Catch::Contains("x.json") && Catch::Contains(message));
+    CHECK_THROWS_WITH(attack_validate(j, "x.json"),
+                      Catch::Contains("x.json") && Catch::Contains(message));
   };
   auto no_ra = single;
   no_ra.erase("ra");
@@ -203,24 +214,29 @@ TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alph
     std::ofstream f(tmp / "broken.json");
     f << "{\"sa\": 0.5,";
   }
-  CHECK_THROWS_WITH(attack_read(tmp / "broken.json"), Catch::Contains("broken.json") && Catch::Contains("not valid JSON"));
+  CHECK_THROWS_WITH(attack_read(tmp / "broken.json"),
+                    Catch::Contains("broken.json") && Catch::Contains("not valid JSON"));
   CHECK_THROWS_WITH(attack_read(tmp / "absent.json"), Catch::Contains("absent.json"));
 
   std::vector<int64_t> all(8);
   std::iota(all.begin(), all.end(), 0);
   auto r = certify_indices(all);
-  report_write({r}, {"run"}, {attack_validate(single, "runs/at/attack.json"), attack_validate(dual, "runs/dual.json")},
-               {}, tmp / "rep", "test");
+  report_write(
+      {r}, {"run"},
+      {attack_validate(single, "runs/at/attack.json"), attack_validate(dual, "runs/dual.json")}, {},
+      tmp / "rep", "test");
   auto md = read_text(tmp / "rep/report.md");
   auto html = read_text(tmp / "rep/report.html");
   CHECK(md.find("## Empirical robustness (attacks)") != std::string::npos);
-  CHECK(md.find("| attack | `runs/at` | p = inf, ε = 0.1, PGD-20, 1000 samples | 84.00% | 71.00% | 52.00% | 80.00% "
+  CHECK(md.find("| attack | `runs/at` | p = inf, ε = 0.1, PGD-20, 1000 samples | 84.00% | 71.00% | "
+                "52.00% | 80.00% "
                 "| 0.75/0.25 / 0.50/0.50 |") != std::string::npos);
   CHECK(md.find("| dual | `runs/dual` |") != std::string::npos);  // RA-E / RA-R absent: shown as —
   CHECK(md.find("| 0.80 | 82.00% | 40.00% |") != std::string::npos);  // a row of the α-sweep table
   // Five inline plots: radius, accuracy, Lipschitz, RA components, α-sweep.
   size_t svgs = 0;
-  for (size_t pos = html.find("<svg"); pos != std::string::npos; pos = html.find("<svg", pos + 1)) ++svgs;
+  for (size_t pos = html.find("<svg"); pos != std::string::npos; pos = html.find("<svg", pos + 1))
+    ++svgs;
   CHECK(svgs == 5);
   CHECK(html.find("<figure id=\"plot-ra-components.svg\">") != std::string::npos);
   CHECK(html.find("<figure id=\"plot-alpha-sweep.svg\">") != std::string::npos);

@@ -1,9 +1,9 @@
 // Certified training (ibp, crown-ibp): the training bound is the certificate's worst
 // case, it encloses sampled MoE margins, the ε/κ/β schedule, gradients, and resume
 // mid-ramp.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <limits>
 
 #include "certify/forms.h"
@@ -60,7 +60,8 @@ std::pair<torch::Tensor, torch::Tensor> all_of(const Dataset& d) {
 
 /// certify's own evaluation of the model's form (candidate or mixture) over the
 /// L∞ ball ∩ box, IBP, float64 without the float32 allowances.
-forms::Evaluation certify_ibp(MoeImpl& m, const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& eps) {
+forms::Evaluation certify_ibp(MoeImpl& m, const torch::Tensor& x, const torch::Tensor& y,
+                              const torch::Tensor& eps) {
   std::vector<LayerGraph> experts;
   for (int64_t j = 0; j < m.num_experts(); ++j) experts.push_back(m.component_graph(j));
   auto graphs = forms::member_graphs(m.spec(), m.component_graph(-1), experts);
@@ -124,7 +125,8 @@ TEST_CASE("IBP and CROWN-IBP training bounds enclose sampled margins of the rout
       CHECK((got >= low - 1e-9 * (1 + got.abs())).all().item<bool>());
     }
     // CROWN-IBP and IBP differ (else the CROWN walk would not be exercised)
-    auto a = moe_certified_margins(*m, x, y, eps, 0.0).margin, b = moe_certified_margins(*m, x, y, eps, 1.0).margin;
+    auto a = moe_certified_margins(*m, x, y, eps, 0.0).margin,
+         b = moe_certified_margins(*m, x, y, eps, 1.0).margin;
     CHECK((a - b).abs().max().item<double>() > 1e-6);
   }
 }
@@ -146,7 +148,8 @@ TEST_CASE("the training bound's loss has finite gradients for every expert it bo
       auto eps = torch::full({images.size(0)}, e);
       auto r = moe_certified_margins(*m, images, labels, eps, beta);
       auto z = torch::cat({torch::zeros({images.size(0), 1}), -r.margin}, 1);
-      (torch::logsumexp(z, 1).mean() + torch::relu(-route_gap_lower(*m, images, eps)).mean()).backward();
+      (torch::logsumexp(z, 1).mean() + torch::relu(-route_gap_lower(*m, images, eps)).mean())
+          .backward();
       for (int64_t j = 0; j < 3; ++j) {
         if (!r.possible.select(1, j).any().item<bool>()) continue;
         for (const auto& p : m->expert(j).parameters()) {
@@ -156,13 +159,15 @@ TEST_CASE("the training bound's loss has finite gradients for every expert it bo
         CHECK(m->expert(j).parameters()[0].grad().abs().sum().item<double>() > 0);
       }
       // the route-margin term reaches the router
-      for (const auto& p : m->router_parameters()) CHECK(torch::isfinite(p.grad()).all().item<bool>());
+      for (const auto& p : m->router_parameters())
+        CHECK(torch::isfinite(p.grad()).all().item<bool>());
     }
   }
 }
 
-TEST_CASE("certified training's schedule: warm-up, linear ramps of eps, kappa and beta, then constant",
-          "[unit][training][certified]") {
+TEST_CASE(
+    "certified training's schedule: warm-up, linear ramps of eps, kappa and beta, then constant",
+    "[unit][training][certified]") {
   auto c = certified_config("ibp");
   c.epochs = 10;  // 10 steps per epoch below
   c.certified.warmup = 1, c.certified.ramp = 4;
@@ -210,8 +215,9 @@ TEST_CASE("certified training's schedule: warm-up, linear ramps of eps, kappa an
   CHECK_NOTHROW(c.validate());
 }
 
-TEST_CASE("the mixture training bound equals certify's mixture form; it encloses sampled outputs and CE",
-          "[soundness][training][certified]") {
+TEST_CASE(
+    "the mixture training bound equals certify's mixture form; it encloses sampled outputs and CE",
+    "[soundness][training][certified]") {
   torch::manual_seed(57);
   auto [x32, y] = all_of(synthetic(24, 6, false));
   auto x = x32.to(torch::kFloat64);
@@ -219,12 +225,14 @@ TEST_CASE("the mixture training bound equals certify's mixture form; it encloses
   for (int64_t k : {0, 2}) {  // 0: soft routing over 3 experts; 2: top-2 of 4
     INFO((k == 0 ? "soft" : "top-2"));
     ModelSpec s;
-    s.experts = k == 0 ? 3 : 4, s.routing = k == 0 ? Routing::soft : Routing::top_k, s.top_k = k == 0 ? 1 : 2;
+    s.experts = k == 0 ? 3 : 4, s.routing = k == 0 ? Routing::soft : Routing::top_k,
+    s.top_k = k == 0 ? 1 : 2;
     Moe f(s);
     auto m = as_double(f);
     // the top-1 bound refuses it, naming the mixture form
-    CHECK_THROWS_WITH(moe_certified_margins(*m, x, y, torch::full({x.size(0)}, 0.01, x.options()), 0.0),
-                      Catch::Contains("mixture"));
+    CHECK_THROWS_WITH(
+        moe_certified_margins(*m, x, y, torch::full({x.size(0)}, 0.01, x.options()), 0.0),
+        Catch::Contains("mixture"));
     for (double e : {0.0, 0.01, 0.05}) {
       INFO("eps " << e);
       auto eps = torch::full({x.size(0)}, e, x.options());
@@ -233,7 +241,8 @@ TEST_CASE("the mixture training bound equals certify's mixture form; it encloses
       auto ev = certify_ibp(*m, x, y, eps);
       CHECK(torch::equal(train.possible, ev.possible));
       auto got = train.prob_margin.detach().amin(1);
-      CHECK((got - ev.slack).abs().max().item<double>() < 1e-6);  // certify's rounding allowance (docs §11)
+      CHECK((got - ev.slack).abs().max().item<double>() <
+            1e-6);  // certify's rounding allowance (docs §11)
       CHECK((ev.slack <= got + 1e-12).all().item<bool>());
       // sampled points of the ball ∩ box: F_y − F_k >= the bound, CE <= the robust term
       const int64_t P = e == 0 ? 1 : 300;
@@ -244,12 +253,14 @@ TEST_CASE("the mixture training bound equals certify's mixture form; it encloses
       torch::NoGradGuard ng;
       auto lp = m->forward_full(pts).log_probs;
       auto F = lp.exp();
-      auto margins = (F.gather(1, yr.view({-1, 1})) - F.gather(1, other_classes(yr, K))).view({x.size(0), P, K - 1});
+      auto margins = (F.gather(1, yr.view({-1, 1})) - F.gather(1, other_classes(yr, K)))
+                         .view({x.size(0), P, K - 1});
       CHECK((margins >= train.prob_margin.detach().unsqueeze(1) - 1e-9).all().item<bool>());
       auto ce = (-lp.gather(1, yr.view({-1, 1}))).view({x.size(0), P});
       auto loss = mixture_loss(train.prob_margin.detach(), K);
       CHECK((ce <= loss.unsqueeze(1) + 1e-9).all().item<bool>());
-      if (e == 0) CHECK((loss - ce.squeeze(1)).abs().max().item<double>() < 1e-8);  // exact at ε = 0
+      if (e == 0)
+        CHECK((loss - ce.squeeze(1)).abs().max().item<double>() < 1e-8);  // exact at ε = 0
     }
   }
 }
@@ -282,8 +293,9 @@ TEST_CASE("ibp trains soft and top-2 MoEs through the mixture bound: it certifie
   }
 }
 
-TEST_CASE("ibp and crown-ibp raise the certified accuracy; resume mid-ramp equals the uninterrupted run",
-          "[unit][training][certified]") {
+TEST_CASE(
+    "ibp and crown-ibp raise the certified accuracy; resume mid-ramp equals the uninterrupted run",
+    "[unit][training][certified]") {
   moecert_test::TempDir tmp;
   auto train = synthetic(1000, 0), val = synthetic(100, 0, false);
   auto run = [&](const std::string& method, const std::string& dir, int epochs, bool resume) {
@@ -317,7 +329,8 @@ TEST_CASE("ibp and crown-ibp raise the certified accuracy; resume mid-ramp equal
     INFO(method);
     auto [full, summary] = run(method, tmp / (method + "-full"), 4, false);
     CHECK(summary.epochs_done == 4);
-    CHECK(certified_count(full) > st_certified + 5);  // certified training certifies what st does not
+    CHECK(certified_count(full) >
+          st_certified + 5);  // certified training certifies what st does not
     run(method, tmp / (method + "-part"), 2, false);  // "killed" after epoch 2, mid-ramp
     auto [resumed, rs] = run(method, tmp / (method + "-part"), 4, true);
     CHECK(rs.start_epoch == 2);
@@ -331,8 +344,8 @@ namespace {
 /// The exact minimum over the box [lo, hi] of (g_i − g_j)(x) for an affine router:
 /// (g_i − g_j)(x0) + Σ_d min(c_d (lo_d − x0_d), c_d (hi_d − x0_d)), c its gradient.
 /// x0: [1, C, H, W] -> scalar
-double affine_min(MoeImpl& m, const torch::Tensor& x0, const torch::Tensor& lo, const torch::Tensor& hi,
-                  int64_t i, int64_t j) {
+double affine_min(MoeImpl& m, const torch::Tensor& x0, const torch::Tensor& lo,
+                  const torch::Tensor& hi, int64_t i, int64_t j) {
   auto x = x0.clone().requires_grad_(true);
   auto g = m.router_logits(x);
   auto d = g.select(1, i) - g.select(1, j);
@@ -343,8 +356,9 @@ double affine_min(MoeImpl& m, const torch::Tensor& x0, const torch::Tensor& lo, 
 
 }  // namespace
 
-TEST_CASE("route_gap_lower is the exact minimum of a linear router's lead of its clean top-k choice",
-          "[unit][training][certified]") {
+TEST_CASE(
+    "route_gap_lower is the exact minimum of a linear router's lead of its clean top-k choice",
+    "[unit][training][certified]") {
   torch::manual_seed(41);
   auto data = synthetic(6, 2, false);
   auto [images, labels] = all_of(data);
@@ -369,7 +383,8 @@ TEST_CASE("route_gap_lower is the exact minimum of a linear router's lead of its
       for (int64_t i = 0; i < 4; ++i)
         for (int64_t j = 0; j < 4; ++j)
           if (chosen[i] && !chosen[j])
-            want = std::min(want, affine_min(*m, x.narrow(0, b, 1), lo.narrow(0, b, 1), hi.narrow(0, b, 1), i, j));
+            want = std::min(want, affine_min(*m, x.narrow(0, b, 1), lo.narrow(0, b, 1),
+                                             hi.narrow(0, b, 1), i, j));
       CHECK(gap[b].item<double>() == Approx(want).epsilon(1e-9).margin(1e-9));
     }
     // and it reaches the router's parameters
@@ -387,8 +402,10 @@ TEST_CASE("route_gap_lower is the exact minimum of a linear router's lead of its
   CHECK_THROWS_WITH(route_gap_lower(*m1, images, eps), Catch::Contains("E = 1"));
 }
 
-TEST_CASE("the route-margin term (--route-margin): at training keeps more routes stable on the ball; bad uses are refused",
-          "[unit][training][certified]") {
+TEST_CASE(
+    "the route-margin term (--route-margin): at training keeps more routes stable on the ball; bad "
+    "uses are refused",
+    "[unit][training][certified]") {
   auto train = synthetic(600, 0), val = synthetic(200, 0, false);
   auto [vx, vy] = all_of(val);
   const double eps = 0.01;
@@ -411,9 +428,10 @@ TEST_CASE("the route-margin term (--route-margin): at training keeps more routes
   };
   const auto [without, gap_without] = run(0.0);
   const auto [with, gap_with] = run(10.0);
-  INFO("stable routes: without " << without << ", with " << with << "; mean gap " << gap_without << ", " << gap_with);
+  INFO("stable routes: without " << without << ", with " << with << "; mean gap " << gap_without
+                                 << ", " << gap_with);
   CHECK(gap_with > gap_without + 0.1);  // measured: 0.086 -> 0.251
-  CHECK(with > without + 8);  // measured: 93 -> 106 of 200
+  CHECK(with > without + 8);            // measured: 93 -> 106 of 200
 
   TrainConfig c;
   c.route_margin = 1.0;
@@ -428,8 +446,9 @@ TEST_CASE("the route-margin term (--route-margin): at training keeps more routes
   CHECK_THROWS_WITH(c.validate(), Catch::Contains("--norm 2"));
 }
 
-TEST_CASE("jtdmoe --jtd-robust ibp: the robust member takes certified training's step on its schedule",
-          "[unit][training][certified]") {
+TEST_CASE(
+    "jtdmoe --jtd-robust ibp: the robust member takes certified training's step on its schedule",
+    "[unit][training][certified]") {
   TrainConfig cfg;
   cfg.method = "jtdmoe", cfg.jtd_robust = "crown-ibp", cfg.epochs = 4;
   cfg.certified.warmup = 0, cfg.certified.ramp = 2;
@@ -462,7 +481,8 @@ TEST_CASE("jtdmoe --jtd-robust ibp: the robust member takes certified training's
     c.certified.eps = 0.01, c.certified.warmup = 0, c.certified.ramp = 1;
     const auto standard_before = dual->standard().parameters()[0].clone();
     train_dual_run(*dual, train, val, c, nlohmann::json::object(), torch::kCPU);
-    CHECK_FALSE(torch::equal(standard_before, dual->standard().parameters()[0]));  // F_S still trained
+    CHECK_FALSE(
+        torch::equal(standard_before, dual->standard().parameters()[0]));  // F_S still trained
     dual->eval();
     torch::NoGradGuard ng;
     auto m = moe_certified_margins(dual->robust(), vx, vy, torch::full({vx.size(0)}, 0.002), 0.0);
@@ -473,7 +493,9 @@ TEST_CASE("jtdmoe --jtd-robust ibp: the robust member takes certified training's
   CHECK(ibp > rter + 5);
 }
 
-TEST_CASE("certified training with --cert-margin shifts the worst-case logits of the robust term by tau", "[unit][training][certified]") {
+TEST_CASE(
+    "certified training with --cert-margin shifts the worst-case logits of the robust term by tau",
+    "[unit][training][certified]") {
   auto data = synthetic(32, 7, false);
   auto [x, y] = all_of(data);
   torch::manual_seed(61);
@@ -483,7 +505,8 @@ TEST_CASE("certified training with --cert-margin shifts the worst-case logits of
   Moe model(spec);
   auto cfg = certified_config("ibp");
   cfg.balance = 0, cfg.epochs = 1;
-  cfg.certified.eps = 0.01, cfg.certified.warmup = 0, cfg.certified.ramp = 0;  // full ε, κ = 0.5 from step 0
+  cfg.certified.eps = 0.01, cfg.certified.warmup = 0,
+  cfg.certified.ramp = 0;  // full ε, κ = 0.5 from step 0
   auto method = train_method_make("ibp");
   method->at_step(0, 1);
   auto loss_at = [&](double tau) {
@@ -495,7 +518,9 @@ TEST_CASE("certified training with --cert-margin shifts the worst-case logits of
   torch::NoGradGuard ng;
   auto m = moe_certified_margins(*model, x, y, torch::full({x.size(0)}, 0.01), 0.0).margin;
   auto zeros = torch::zeros({x.size(0), 1});
-  auto lse = [&](double tau) { return torch::logsumexp(torch::cat({zeros, tau - m}, 1), 1).mean().item<double>(); };
+  auto lse = [&](double tau) {
+    return torch::logsumexp(torch::cat({zeros, tau - m}, 1), 1).mean().item<double>();
+  };
   CHECK(shifted - plain == Approx(0.5 * (lse(1.5) - lse(0.0))).epsilon(1e-4));
   CHECK(shifted > plain);
   TrainConfig c;

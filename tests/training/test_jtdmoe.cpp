@@ -1,5 +1,6 @@
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
+
+#include <catch2/catch.hpp>
 
 #include "fixtures.h"
 #include "moecert/checkpoint.h"
@@ -52,7 +53,8 @@ TEST_CASE("JTDMoE's steps each move only their own member", "[unit][training]") 
   for (double gamma : {0.0, 1.0}) {
     auto cfg = jtd_config();
     cfg.jtd_gamma = gamma;
-    torch::optim::SGD opt_r(dual->robust().parameters(), 0.1), opt_s(dual->standard().parameters(), 0.1);
+    torch::optim::SGD opt_r(dual->robust().parameters(), 0.1),
+        opt_s(dual->standard().parameters(), 0.1);
 
     auto standard_before = snapshot(dual->standard()), robust_before = snapshot(dual->robust());
     auto r = jtdmoe_robust_step(*dual, x, y, cfg);

@@ -1,6 +1,6 @@
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <cmath>
 
 #include "fixtures.h"
@@ -68,7 +68,7 @@ TEST_CASE("RT-ER's KL term involves only each sample's second-ranked expert", "[
       if (p.grad().defined()) n += p.grad().abs().sum().item<double>();
     return n;
   };
-  CHECK(grad_norm(2) > 0.0);   // expert 2 is everyone's second choice
+  CHECK(grad_norm(2) > 0.0);  // expert 2 is everyone's second choice
   CHECK(grad_norm(0) == 0.0);
   CHECK(grad_norm(1) == 0.0);  // the top expert is not regularised
   CHECK(grad_norm(3) == 0.0);

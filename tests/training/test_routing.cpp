@@ -1,8 +1,8 @@
 // Router training (issue: MoEs that use their experts): the top-2 router gradient,
 // load balancing against collapse, a fixed router, and the routing health gate.
-#include <catch2/catch.hpp>
 #include <torch/torch.h>
 
+#include <catch2/catch.hpp>
 #include <cmath>
 
 #include "fixtures.h"
@@ -16,7 +16,8 @@ namespace {
 
 /// Two cnn-s experts whose outputs do not depend on the input (zero weights, logits
 /// = their last bias) and a linear router with zero weights and biases g.
-Moe constant_moe(const std::vector<float>& g, const std::vector<std::vector<float>>& expert_logits) {
+Moe constant_moe(const std::vector<float>& g,
+                 const std::vector<std::vector<float>>& expert_logits) {
   ModelSpec spec;
   spec.experts = static_cast<int64_t>(g.size());
   spec.num_classes = static_cast<int64_t>(expert_logits[0].size());
@@ -76,14 +77,16 @@ TEST_CASE("the top-2 router gradient favours the expert with the lower loss, not
     torch::nll_loss(lp, y).backward();
     return model->router()->named_parameters()["fc.bias"].grad().clone();
   };
-  // L = −log F_y; ∂L/∂g0 = −ã0 ã1 (f0_y − f1_y) / F2_y, ∂L/∂g1 = −∂L/∂g0 (mean over identical samples).
+  // L = −log F_y; ∂L/∂g0 = −ã0 ã1 (f0_y − f1_y) / F2_y, ∂L/∂g1 = −∂L/∂g0 (mean over identical
+  // samples).
   auto top2 = router_bias_grad(RouterGradient::top2);
   const double expected = -a0 * a1 * (f0 - f1) / F2;
   CHECK(expected > 0);  // gradient descent lowers the selected expert's logit
   CHECK(top2[0].item<double>() == Approx(expected).epsilon(1e-5));
   CHECK(top2[1].item<double>() == Approx(-expected).epsilon(1e-5));
   // The unselected expert's parameters get no gradient: it only informs the router.
-  for (auto& p : model->expert(1).parameters()) CHECK((!p.grad().defined() || p.grad().abs().sum().item<double>() == 0));
+  for (auto& p : model->expert(1).parameters())
+    CHECK((!p.grad().defined() || p.grad().abs().sum().item<double>() == 0));
   // The straight-through weight raises the selected expert whatever its quality:
   // ∂L/∂g0 = −a0 (1 − a0) < 0.
   auto st = router_bias_grad(RouterGradient::straight_through);
@@ -94,10 +97,12 @@ TEST_CASE("the top-2 router gradient favours the expert with the lower loss, not
   model->eval();
   model->zero_grad();
   torch::nll_loss(model->forward(x), y).backward();
-  CHECK(model->router()->named_parameters()["fc.bias"].grad()[0].item<double>() == Approx(-a0 * a1).epsilon(1e-5));
+  CHECK(model->router()->named_parameters()["fc.bias"].grad()[0].item<double>() ==
+        Approx(-a0 * a1).epsilon(1e-5));
 }
 
-TEST_CASE("a training attack under top2 sees which of the two best experts is worse", "[unit][training]") {
+TEST_CASE("a training attack under top2 sees which of the two best experts is worse",
+          "[unit][training]") {
   // Constant experts, so an input gradient can only come from the router; g0 = 1 + c·Σx,
   // g1 = 0. The selected expert 0 is the worse one for y = 0 (as above).
   auto model = constant_moe({1.0f, 0.0f}, {{0.0f, 1.0f}, {2.0f, 0.0f}});
@@ -155,7 +160,8 @@ TEST_CASE("load balancing drives a collapsed router back to mixed usage", "[unit
   for (auto share : ExpertUsage::shares(balanced.clean)) CHECK(share > 0.05);
 }
 
-TEST_CASE("a fixed router (router-train none) keeps its parameters bit-identical", "[unit][training]") {
+TEST_CASE("a fixed router (router-train none) keeps its parameters bit-identical",
+          "[unit][training]") {
   auto train = synthetic(400, 0), val = synthetic(64, 0, false);
   torch::manual_seed(5);
   ModelSpec spec;
@@ -183,8 +189,10 @@ TEST_CASE("the routing health gate fails naming the expert and exits 1", "[e2e][
   moecert_test::TempDir tmp;
   // Four experts cannot all stay under a 20% share: the gate must fail, after the
   // checkpoint is written; at 100% it is off.
-  const std::string train = "--dataset synthetic --samples 300 --quiet train --experts 4 --epochs 1 --steps 1 "
-                            "--eval-steps 1 --val-samples 64 --out " + (tmp / "m");
+  const std::string train =
+      "--dataset synthetic --samples 300 --quiet train --experts 4 --epochs 1 --steps 1 "
+      "--eval-steps 1 --val-samples 64 --out " +
+      (tmp / "m");
   auto fail = moecert_test::run_moecert(train + " --max-expert-share 0.2");
   CHECK(fail.code == 1);
   CHECK(fail.output.find("routing health: expert") != std::string::npos);
@@ -201,7 +209,8 @@ TEST_CASE("the routing health gate fails naming the expert and exits 1", "[e2e][
   auto gate = moecert_test::run_moecert(attack + " --max-expert-share 0.2");
   CHECK(gate.code == 1);
   CHECK(gate.output.find("of the") != std::string::npos);
-  auto j = nlohmann::json::parse(moecert_test::read_text(tmp / "a.json"));  // written before the gate
+  auto j =
+      nlohmann::json::parse(moecert_test::read_text(tmp / "a.json"));  // written before the gate
   int64_t total = 0;
   for (auto c : j["expert_usage"]["clean"]) total += c.get<int64_t>();
   CHECK(total == 40);

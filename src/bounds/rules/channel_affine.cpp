@@ -35,7 +35,8 @@ class ChannelAffineRule final : public BoundRule {
   }
 
   // CROWN: Σ A·y = Σ (A s)·x + Σ A t, exactly: A_in = A ⊙ s per channel, b += Σ A t.
-  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
     const int64_t d = c.A.dim();
     Coeffs out = c;
     out.A = c.A * channel_view(a.layer.weight, d);
@@ -63,6 +64,8 @@ class ChannelAffineRule final : public BoundRule {
 
 }  // namespace
 
-std::unique_ptr<BoundRule> make_channel_affine_rule() { return std::make_unique<ChannelAffineRule>(); }
+std::unique_ptr<BoundRule> make_channel_affine_rule() {
+  return std::make_unique<ChannelAffineRule>();
+}
 
 }  // namespace moecert::rules

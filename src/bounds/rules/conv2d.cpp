@@ -1,9 +1,8 @@
 // conv2d: y = W ⋆ x + b, W [O, I, k, k], stride s, zero padding p (square only;
 // the model side refuses anything else). docs/certification.md §2, §3, §10, §11.
-#include "rules-impl.h"
-
 #include "moecert/error.h"
 #include "moecert/spectral.h"
+#include "rules-impl.h"
 
 namespace moecert::rules {
 namespace {
@@ -33,7 +32,9 @@ class Conv2dRule final : public BoundRule {
     const auto& x = *in[0];
     auto aw = l.weight.abs();
     auto ab = l.bias.defined() ? channel_view(l.bias.abs(), 4) : torch::zeros({1}, x.lo.options());
-    auto conv_abs = [&](const torch::Tensor& t) { return torch::conv2d(t, aw, {}, l.stride, l.padding); };
+    auto conv_abs = [&](const torch::Tensor& t) {
+      return torch::conv2d(t, aw, {}, l.stride, l.padding);
+    };
     auto c = torch::conv2d((x.lo + x.hi) * 0.5, l.weight, l.bias, l.stride, l.padding);
     auto r = conv_abs((x.hi - x.lo) * 0.5);
     if (interval_only(x)) return {c - r, c + r, {}, {}};
@@ -48,7 +49,8 @@ class Conv2dRule final : public BoundRule {
   //  dense: A_in = conv_transpose(A, W, s, p) with the output padding of the input size;
   //  patches: the window of a row grows to (K−1)s + k at stride S·s and offset P·s + p,
   //  A_in = conv_transpose(A, W, s) on the window; entries on the padding are dropped.
-  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
     const Layer& l = a.layer;
     if (l.bias.defined()) b = b + (c.A.sum({2, 3}) * l.bias.view({1, -1})).sum(1);
     const Shape& in = a.in_shapes[0];
@@ -59,7 +61,8 @@ class Conv2dRule final : public BoundRule {
     }
     const auto& w = l.weight;
     if (c.A.size(2) == 1 && c.A.size(3) == 1)  // a one-site window: the transpose is one product
-      out.A = torch::matmul(c.A.flatten(1), w.flatten(1)).view({c.A.size(0), w.size(1), w.size(2), w.size(3)});
+      out.A = torch::matmul(c.A.flatten(1), w.flatten(1))
+                  .view({c.A.size(0), w.size(1), w.size(2), w.size(3)});
     else
       out.A = torch::conv_transpose2d(c.A, w, {}, l.stride);
     out.stride = c.stride * l.stride;
@@ -80,7 +83,8 @@ class Conv2dRule final : public BoundRule {
   // Jacobian rows: c' = c W (conv_transpose), r' = r |W|.
   std::vector<JacobianBox> jacobian(const BackwardArgs& a, const JacobianBox& j) const override {
     const auto& in = a.in_shapes[0];
-    return {{transposed(j.c, a.layer.weight, a.layer, in), transposed(j.r, a.layer.weight.abs(), a.layer, in)}};
+    return {{transposed(j.c, a.layer.weight, a.layer, in),
+             transposed(j.r, a.layer.weight.abs(), a.layer, in)}};
   }
 
   // Derivative: the convolution without its bias.

@@ -26,7 +26,8 @@ class FlattenRule final : public BoundRule {
 
   // Dense rows are reshaped back; rows in patches never reach a flatten (it ends the
   // conv part), so that layout is not handled.
-  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
     if (c.patches) return {};
     Coeffs out = c;
     out.A = c.A.reshape(rows_shape(c.A.size(0), a.in_shapes[0]));
@@ -44,7 +45,9 @@ class FlattenRule final : public BoundRule {
   }
 
   // Derivative: the layer itself (it is linear without a constant).
-  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override { return l; }
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override {
+    return l;
+  }
 
  private:
   static std::vector<int64_t> rows_shape(int64_t rows, const Shape& in) {

@@ -3,9 +3,8 @@
 // Shi et al., NeurIPS 2022): a = b = 1 on active units, 0 on inactive ones, [0, 1]
 // on unstable ones. With x in [l, u], the graph of the relation {(x, δx)} is a
 // "bowtie" whose convex hull the two chords below span.
-#include "rules-impl.h"
-
 #include "moecert/error.h"
+#include "rules-impl.h"
 
 namespace moecert::rules {
 namespace {
@@ -43,7 +42,8 @@ void check_gate(const Layer& g, const Shape& in) {
   if (!g.weight.defined() || !g.bias.defined() || g.weight.sizes() != g.bias.sizes() ||
       g.weight.dim() != static_cast<int64_t>(in.size()) + 1 ||
       !std::equal(in.begin(), in.end(), g.weight.sizes().begin() + 1))
-    throw ShapeError::unexpected("certify: input of gate '" + g.name + "'", "the gate's [*shape]", in);
+    throw ShapeError::unexpected("certify: input of gate '" + g.name + "'", "the gate's [*shape]",
+                                 in);
 }
 
 class GateRule final : public BoundRule {
@@ -82,7 +82,8 @@ class GateRule final : public BoundRule {
 
   // CROWN lower bound of Σ A·y: positive coefficients take the lower chord, negative
   // ones the upper: A_in = A⁺ sl + A⁻ su, b += Σ (A⁺ tl + A⁻ tu).
-  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
     const Lines r = chords(a.layer, *a.in[0]);
     auto pos = c.A.clamp_min(0), neg = c.A.clamp_max(0);
     b = b + row_sum(pos * a.gather(r.tl) + neg * a.gather(r.tu));

@@ -1,8 +1,8 @@
 // global_avgpool: y_c = (1 / HW) Σ_{h,w} x_{c,h,w}, [C, H, W] -> [C].
 // docs/certification.md §2, §3, §10.
-#include "rules-impl.h"
-
 #include <cmath>
+
+#include "rules-impl.h"
 
 namespace moecert::rules {
 namespace {
@@ -11,7 +11,9 @@ class GlobalAvgPoolRule final : public BoundRule {
  public:
   const char* name() const override { return "global_avgpool"; }
 
-  Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override { return {in.at(0).at(0)}; }
+  Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
+    return {in.at(0).at(0)};
+  }
 
   torch::Tensor forward(const Layer& l, const std::vector<torch::Tensor>& x) const override {
     return x[0].mean({2, 3});
@@ -29,7 +31,8 @@ class GlobalAvgPoolRule final : public BoundRule {
   }
 
   // CROWN: Σ_c A_c y_c = Σ_{c,h,w} (A_c / HW) x_{c,h,w}. Dense only (the output is flat).
-  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
     if (c.patches) return {};
     Coeffs out = c;
     out.A = spread(c.A, a.in_shapes[0]);
@@ -49,7 +52,9 @@ class GlobalAvgPoolRule final : public BoundRule {
   }
 
   // Derivative: the layer itself (it is linear without a constant).
-  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override { return l; }
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override {
+    return l;
+  }
 
  private:
   /// [R, C] -> [R, C, H, W], each entry divided by HW.
@@ -61,6 +66,8 @@ class GlobalAvgPoolRule final : public BoundRule {
 
 }  // namespace
 
-std::unique_ptr<BoundRule> make_global_avgpool_rule() { return std::make_unique<GlobalAvgPoolRule>(); }
+std::unique_ptr<BoundRule> make_global_avgpool_rule() {
+  return std::make_unique<GlobalAvgPoolRule>();
+}
 
 }  // namespace moecert::rules

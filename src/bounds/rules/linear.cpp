@@ -1,8 +1,7 @@
 // linear: y = W x + b, W [O, I]. docs/certification.md §2, §3, §10, §11.
-#include "rules-impl.h"
-
 #include "moecert/error.h"
 #include "moecert/spectral.h"
+#include "rules-impl.h"
 
 namespace moecert::rules {
 namespace {
@@ -42,7 +41,8 @@ class LinearRule final : public BoundRule {
   // with one non-zero entry v at u (a unit's bound rows, in the intermediate bounds of
   // the next relaxation) are v·W[u]: the same single product per entry that the matrix
   // product forms, without its O(R·O·I) work.
-  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
     if (c.patches) return {};
     if (a.layer.bias.defined()) b = b + torch::mv(c.A, a.layer.bias);
     Coeffs out = c;
@@ -60,9 +60,12 @@ class LinearRule final : public BoundRule {
   double lipschitz(const Layer& l, Norm p, const std::vector<Shape>& in,
                    const std::vector<double>& k, bool to_inf) const override {
     double n;
-    if (p == Norm::linf) n = l.weight.abs().sum(1).max().item<double>();
-    else if (to_inf) n = l.weight.pow(2).sum(1).sqrt().max().item<double>();
-    else n = max_spectral_norm_upper(l.weight.unsqueeze(0));
+    if (p == Norm::linf)
+      n = l.weight.abs().sum(1).max().item<double>();
+    else if (to_inf)
+      n = l.weight.pow(2).sum(1).sqrt().max().item<double>();
+    else
+      n = max_spectral_norm_upper(l.weight.unsqueeze(0));
     return n * k.at(0);
   }
 

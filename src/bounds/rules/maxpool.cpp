@@ -1,11 +1,10 @@
 // maxpool: y = max of x over k × k windows, stride s, padding p (padded positions
 // never win, as in PyTorch). docs/certification.md §2, §3, §10, §11.
-#include "rules-impl.h"
-
-#include "moecert/error.h"
-
 #include <cmath>
 #include <stdexcept>
+
+#include "moecert/error.h"
+#include "rules-impl.h"
 
 namespace moecert::rules {
 namespace {
@@ -21,11 +20,12 @@ class MaxPoolRule final : public BoundRule {
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
     const Shape& s = in.at(0);
     if (s.size() != 3 || l.kernel < 1 || l.stride < 1 || 2 * l.padding > l.kernel)
-      throw ShapeError::unexpected("certify: max-pool '" + l.name + "' (kernel " + std::to_string(l.kernel) +
-                                       ", stride " + std::to_string(l.stride) + ", padding " +
-                                       std::to_string(l.padding) + ") input",
-                                   "[C, H, W] and padding <= kernel / 2", s);
-    return {s[0], (s[1] + 2 * l.padding - l.kernel) / l.stride + 1, (s[2] + 2 * l.padding - l.kernel) / l.stride + 1};
+      throw ShapeError::unexpected(
+          "certify: max-pool '" + l.name + "' (kernel " + std::to_string(l.kernel) + ", stride " +
+              std::to_string(l.stride) + ", padding " + std::to_string(l.padding) + ") input",
+          "[C, H, W] and padding <= kernel / 2", s);
+    return {s[0], (s[1] + 2 * l.padding - l.kernel) / l.stride + 1,
+            (s[2] + 2 * l.padding - l.kernel) / l.stride + 1};
   }
 
   torch::Tensor forward(const Layer& l, const std::vector<torch::Tensor>& x) const override {
@@ -43,17 +43,20 @@ class MaxPoolRule final : public BoundRule {
   // CROWN lower bound of Σ a·y (DeepPoly's relaxation): y >= x_j for the window's j with
   // the largest lower bound (a >= 0), and y <= max_j u_j, a constant (a < 0):
   // A_in = scatter of A⁺ to those j, b += Σ A⁻ · max u. Dense rows only.
-  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
     if (c.patches) throw std::logic_error("certify: the max-pool rule takes dense rows only");
     const auto& x = *a.in[0];
     const Shape& in = a.in_shapes[0];
-    auto [low, where] = F::max_pool2d_with_indices(x.lo, options(a.layer));  // argmax of the lower bounds
+    auto [low, where] =
+        F::max_pool2d_with_indices(x.lo, options(a.layer));  // argmax of the lower bounds
     auto top = pool(a.layer, x.hi);
     const int64_t R = c.A.size(0), C = in[0], HW = in[1] * in[2];
     b = b + row_sum(c.A.clamp_max(0) * a.gather(top));
     auto idx = where.index_select(0, c.sample).view({R, C, -1});
     Coeffs out = c;
-    out.A = torch::zeros({R, C, HW}, c.A.options()).scatter_add_(2, idx, c.A.clamp_min(0).view({R, C, -1}))
+    out.A = torch::zeros({R, C, HW}, c.A.options())
+                .scatter_add_(2, idx, c.A.clamp_min(0).view({R, C, -1}))
                 .view({R, C, in[1], in[2]});
     return {out};
   }
@@ -75,14 +78,17 @@ class MaxPoolRule final : public BoundRule {
     const Layer& l = a.layer;
     const Shape& in = a.in_shapes[0];
     const int64_t k = l.kernel, C = in[0];
-    auto win_lo = pool(l, x.lo);                                                     // [B, C, Ho, Wo]
-    auto hi_cols = F::unfold(x.hi, F::UnfoldFuncOptions({k, k}).stride(l.stride).padding(l.padding));
+    auto win_lo = pool(l, x.lo);  // [B, C, Ho, Wo]
+    auto hi_cols =
+        F::unfold(x.hi, F::UnfoldFuncOptions({k, k}).stride(l.stride).padding(l.padding));
     auto can_win = hi_cols.view({x.hi.size(0), C, k * k, -1}).ge(win_lo.flatten(2).unsqueeze(2));
     auto mask = a.gather(can_win.to(j.c.dtype()));  // per row: [R, C, k·k, L]
-    auto lo = (j.c - j.r).clamp_max(0).flatten(2).unsqueeze(2), hi = (j.c + j.r).clamp_min(0).flatten(2).unsqueeze(2);
+    auto lo = (j.c - j.r).clamp_max(0).flatten(2).unsqueeze(2),
+         hi = (j.c + j.r).clamp_min(0).flatten(2).unsqueeze(2);
     auto spread = [&](const torch::Tensor& v) {  // [R, C, k·k, L] -> [R, C, H, W]
-      return F::fold(v.reshape({v.size(0), C * k * k, -1}),
-                     F::FoldFuncOptions({in[1], in[2]}, {k, k}).stride(l.stride).padding(l.padding));
+      return F::fold(
+          v.reshape({v.size(0), C * k * k, -1}),
+          F::FoldFuncOptions({in[1], in[2]}, {k, k}).stride(l.stride).padding(l.padding));
     };
     auto cl = spread((lo * mask)), ch = spread((hi * mask));
     return {{(cl + ch) * 0.5, (ch - cl) * 0.5}};
@@ -92,7 +98,9 @@ class MaxPoolRule final : public BoundRule {
   static F::MaxPool2dFuncOptions options(const Layer& l) {
     return F::MaxPool2dFuncOptions(l.kernel).stride(l.stride).padding(l.padding);
   }
-  static torch::Tensor pool(const Layer& l, const torch::Tensor& t) { return F::max_pool2d(t, options(l)); }
+  static torch::Tensor pool(const Layer& l, const torch::Tensor& t) {
+    return F::max_pool2d(t, options(l));
+  }
 };
 
 }  // namespace

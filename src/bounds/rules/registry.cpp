@@ -1,10 +1,9 @@
 // The registry from layer kind to bound rule, and the graph-level helpers that
 // only dispatch through it. One line per rule.
-#include "rules-impl.h"
+#include <map>
 
 #include "moecert/error.h"
-
-#include <map>
+#include "rules-impl.h"
 
 namespace moecert {
 namespace {
@@ -31,11 +30,11 @@ const std::map<Layer::Kind, std::unique_ptr<BoundRule>>& registry() {
 const BoundRule& rule_for(const Layer& l) {
   const auto it = registry().find(l.kind);
   if (it == registry().end())
-    throw UnsupportedLayerError("certify: layer '" + l.name + "' has kind #" +
-                                std::to_string(static_cast<int>(l.kind)) +
-                                ", which has no bound rule: add src/bounds/rules/<kind>.cpp implementing "
-                                "BoundRule (include/moecert/rules.h) and register it in "
-                                "src/bounds/rules/registry.cpp");
+    throw UnsupportedLayerError(
+        "certify: layer '" + l.name + "' has kind #" + std::to_string(static_cast<int>(l.kind)) +
+        ", which has no bound rule: add src/bounds/rules/<kind>.cpp implementing "
+        "BoundRule (include/moecert/rules.h) and register it in "
+        "src/bounds/rules/registry.cpp");
   return *it->second;
 }
 

@@ -1,9 +1,8 @@
 // relu: y = max(x, 0), with x in [l, u] over the region. The linear relaxation of
 // CROWN (Zhang et al., NeurIPS 2018) and α-CROWN (Xu et al., ICLR 2021).
 // docs/certification.md §3, §10, §11.
-#include "rules-impl.h"
-
 #include "../kernels.h"
+#include "rules-impl.h"
 
 namespace moecert::rules {
 namespace {
@@ -39,10 +38,14 @@ class ReluRule final : public BoundRule {
   const char* name() const override { return "relu"; }
   bool relaxed() const override { return true; }
 
-  torch::Tensor alpha_init(const Layer& l, const NodeBounds& in) const override { return relax(in).low; }
+  torch::Tensor alpha_init(const Layer& l, const NodeBounds& in) const override {
+    return relax(in).low;
+  }
 
   // Only unstable units (l < 0 < u) are relaxed; the others are exact whatever l, u are.
-  torch::Tensor relaxed_units(const Layer& l, const NodeBounds& in) const override { return in.lo.lt(0) & in.hi.gt(0); }
+  torch::Tensor relaxed_units(const Layer& l, const NodeBounds& in) const override {
+    return in.lo.lt(0) & in.hi.gt(0);
+  }
 
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override { return in.at(0); }
 
@@ -60,7 +63,8 @@ class ReluRule final : public BoundRule {
 
   // CROWN lower bound of Σ A·y: positive coefficients take the lower line, negative
   // ones the upper line: A_in = A⁺ λ + A⁻ s, b += Σ A⁻ t (λ = α with α-CROWN).
-  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
     const Relaxation r = relax(*a.in[0]);
     Coeffs out = c;
     if (!a.alpha.defined() && bp::rows_fusable(c)) {  // the same arithmetic in one pass
@@ -69,7 +73,8 @@ class ReluRule final : public BoundRule {
       return {out};
     }
     auto low = a.gather(r.low);
-    if (a.alpha.defined()) low = torch::where(a.gather(r.unstable.to(r.low.dtype())).gt(0), a.alpha, low);
+    if (a.alpha.defined())
+      low = torch::where(a.gather(r.unstable.to(r.low.dtype())).gt(0), a.alpha, low);
     auto pos = c.A.clamp_min(0), neg = c.A.clamp_max(0);
     b = b + row_sum(neg * a.gather(r.icpt));
     out.A = pos * low + neg * a.gather(r.up);

@@ -1,9 +1,8 @@
 // residual: y = main(x) + shortcut(x), the sum node of a residual block (its
 // branches are compiled as nodes of their own; an empty shortcut is the identity).
 // docs/certification.md §2, §3, §10.
-#include "rules-impl.h"
-
 #include "moecert/error.h"
+#include "rules-impl.h"
 
 namespace moecert::rules {
 namespace {
@@ -15,8 +14,8 @@ class ResidualRule final : public BoundRule {
 
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
     if (in.size() != 2 || in[0] != in[1])
-      throw ShapeError::unexpected("certify: residual block '" + l.name + "' adds branches of shapes " +
-                                       shape_str(in.at(0)) + " and",
+      throw ShapeError::unexpected("certify: residual block '" + l.name +
+                                       "' adds branches of shapes " + shape_str(in.at(0)) + " and",
                                    "equal shapes", in.size() > 1 ? in[1] : Shape{});
     return in[0];
   }
@@ -35,7 +34,8 @@ class ResidualRule final : public BoundRule {
   }
 
   // CROWN: Σ A·(a + b) = Σ A·a + Σ A·b, exactly: the same rows to both branches.
-  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c, torch::Tensor& b) const override {
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
     return {c, c};
   }
 

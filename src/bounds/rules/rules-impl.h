@@ -2,12 +2,12 @@
 // the patch validity mask, and the rule factories the registry lists.
 #pragma once
 
-#include "moecert/rules.h"
-
 #include <torch/torch.h>
 
 #include <limits>
 #include <memory>
+
+#include "moecert/rules.h"
 
 namespace moecert::rules {
 
