@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
     cfg.jacobian_crown = jacobian_crown;
     cfg.estimators = std::move(est);
     auto t0 = std::chrono::steady_clock::now();
-    auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
+    auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false).to_json();
     const double wall = seconds_since(t0);
     const double certify_s = res["timing"]["certify_seconds"].get<double>();
     const double rate = res["timing"]["certify_samples_per_s"].get<double>();

@@ -23,59 +23,10 @@
 
 namespace moecert {
 
-std::string estimator_name(Estimator e) {
-  switch (e) {
-    case Estimator::global:
-      return "global";
-    case Estimator::local:
-      return "local";
-    case Estimator::ibp:
-      return "ibp";
-    case Estimator::crown:
-      return "crown";
-    case Estimator::alpha_crown:
-      return "alpha-crown";
-  }
-  return "?";
-}
-
-std::vector<Estimator> estimators_parse(const std::string& text) {
-  const std::vector<Estimator> all{Estimator::global, Estimator::local, Estimator::ibp,
-                                   Estimator::crown, Estimator::alpha_crown};
-  std::vector<Estimator> out;
-  auto add = [&](Estimator e) {
-    if (std::find(out.begin(), out.end(), e) == out.end()) out.push_back(e);
-  };
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    bool known = false;
-    for (Estimator e : all)
-      if (item == estimator_name(e)) add(e), known = true;
-    if (item == "lipschitz" || item == "both")
-      add(Estimator::global), add(Estimator::local), known = true;
-    if (item == "bp")
-      add(Estimator::ibp), add(Estimator::crown), add(Estimator::alpha_crown), known = true;
-    if (item == "all") out = all, known = true;
-    if (!known)
-      throw ConfigError::invalid(
-          "--estimator", text,
-          "a comma-separated list of global, local, ibp, crown, alpha-crown, "
-          "lipschitz (= global,local), bp (= ibp,crown,alpha-crown), all");
-  }
-  if (out.empty()) throw ConfigError::invalid("--estimator", text, "at least one estimator");
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
 namespace run {
 
 bool Context::uses(Estimator e) const {
   return std::find(cfg.estimators.begin(), cfg.estimators.end(), e) != cfg.estimators.end();
-}
-
-std::string radius_key(const std::string& form, Estimator e) {
-  return form + "_" + estimator_name(e);
 }
 
 namespace {
@@ -232,10 +183,10 @@ void run_stages_split(const run::Context& ctx, run::Batch& batch, int parts) {
 
 /// The row of one sample: label, the float32 prediction, F's margin at x (float64),
 /// the router weights of each member, every radius and the headline.
-nlohmann::json row_json(const Context& ctx, const Batch& batch, int64_t b, int64_t index) {
+ResultRow row_of(const Context& ctx, const Batch& batch, int64_t b, int64_t index) {
   const auto ub = static_cast<size_t>(b);
+  ResultRow row;
   std::vector<double> probs;
-  nlohmann::json weights = nlohmann::json::array();
   for (size_t k = 0; k < ctx.members.size(); ++k) {
     const auto& ev = batch.evals[ub][k];
     MemberConstants unit;
@@ -248,25 +199,22 @@ nlohmann::json row_json(const Context& ctx, const Batch& batch, int64_t b, int64
     std::vector<double> a(ev.h.size(), 0.0);
     for (size_t j = 0; j < v.selected.size(); ++j)
       a[static_cast<size_t>(v.selected[j])] = v.weights[j];
-    weights.push_back(a);
+    row.router_weights.push_back(a);
   }
-  const int64_t label = batch.labels[b].item<int64_t>();
+  row.dual_weights = ctx.dual;
+  row.index = index;
+  row.label = batch.labels[b].item<int64_t>();
+  row.correct = batch.correct[b].item<bool>();
   double other = -kInf;
   for (size_t c = 0; c < probs.size(); ++c)
-    if (static_cast<int64_t>(c) != label) other = std::max(other, probs[c]);
-  nlohmann::json row = batch.extra[ub];
-  row["index"] = index, row["label"] = label, row["correct"] = batch.correct[b].item<bool>();
-  row["margin"] = probs[static_cast<size_t>(label)] - other;
-  row["router_weights"] = ctx.dual ? weights : (weights.empty() ? nlohmann::json() : weights[0]);
-  nlohmann::json radii = nlohmann::json::object();
-  std::string best_form;
-  double best = -1;
-  for (const auto& [form, r] : batch.radii[ub]) {
-    radii[form] = run::json_number(r);
-    if (r > best) best = r, best_form = form;
-  }
-  row["radii"] = radii;
-  row["headline"] = {{"form", best_form}, {"radius", run::json_number(best)}};
+    if (static_cast<int64_t>(c) != row.label) other = std::max(other, probs[c]);
+  row.extra = batch.extra[ub];
+  row.pred = row.extra.at("pred").get<int64_t>();
+  row.extra.erase("pred");
+  row.extra["margin"] = probs[static_cast<size_t>(row.label)] - other;
+  row.radii = batch.radii[ub];
+  for (const auto& [key, r] : row.radii)
+    if (!row.headline_key || r > row.headline) row.headline = r, row.headline_key = key;
   return row;
 }
 
@@ -380,8 +328,6 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
 void check_config(const CertifyConfig& cfg, const Dataset& data,
                   const std::vector<int64_t>& indices) {
   if (cfg.estimators.empty()) throw ConfigError("certify: choose at least one estimator");
-  for (double e : cfg.eps_grid)
-    if (!(e >= 0)) throw ConfigError::invalid("--eps-grid", std::to_string(e), "values >= 0");
   if (cfg.bisect_steps < 1)
     throw ConfigError::invalid("--bisect-steps", std::to_string(cfg.bisect_steps), ">= 1");
   if (cfg.search_rounds < 1)
@@ -400,33 +346,34 @@ void check_config(const CertifyConfig& cfg, const Dataset& data,
                         " is outside the data set (" + std::to_string(data.size()) + " images)");
 }
 
-nlohmann::json config_json(const CertifyConfig& cfg, size_t samples) {
-  nlohmann::json est = nlohmann::json::array();
-  for (auto e : cfg.estimators) est.push_back(estimator_name(e));
-  return {{"estimators", est},
-          {"domain", {{"norm", norm_name(cfg.norm)}, {"box", cfg.box}}},
-          {"float32", !cfg.exact_arithmetic},
-          {"eps_grid", cfg.eps_grid},
-          {"bisect_steps", cfg.bisect_steps},
-          {"jacobian", cfg.jacobian_crown ? "crown" : "interval"},
-          {"search",
-           {{"rounds", cfg.search_rounds},
-            {"tol", cfg.search_tol},
-            {"alpha_rounds", cfg.alpha_rounds},
-            {"alpha_steps", cfg.alpha_steps}}},
-          {"empirical", cfg.empirical},
-          {"attack",
-           {{"attack", "fmn + apgd bisection"},
-            {"steps", cfg.attack.steps},
-            {"restarts", cfg.attack.restarts},
-            {"min_norm_steps", cfg.min_norm_steps},
-            {"loss", cfg.attack.loss == AttackLoss::ce ? "ce" : "dlr"}}},
-          {"empirical_max", cfg.empirical_max},
-          {"empirical_tol", cfg.empirical_tol},
-          {"margin_allowance", defaults::margin_allowance},
-          {"constant_inflation", defaults::constant_inflation},
-          {"samples", samples},
-          {"shard", cfg.shard.empty() ? nlohmann::json() : nlohmann::json(cfg.shard)}};
+ResultsConfig config_of(const CertifyConfig& cfg) {
+  ResultsConfig c;
+  c.grid = cfg.eps_grid;
+  c.estimators = cfg.estimators;
+  c.norm = norm_name(cfg.norm);
+  c.box = cfg.box;
+  c.empirical = cfg.empirical;
+  c.shard = cfg.shard;
+  c.raw = {{"float32", !cfg.exact_arithmetic},
+           {"bisect_steps", cfg.bisect_steps},
+           {"jacobian", cfg.jacobian_crown ? "crown" : "interval"},
+           {"search",
+            {{"rounds", cfg.search_rounds},
+             {"tol", cfg.search_tol},
+             {"alpha_rounds", cfg.alpha_rounds},
+             {"alpha_steps", cfg.alpha_steps}}},
+           {"attack",
+            {{"attack", "fmn + apgd bisection"},
+             {"steps", cfg.attack.steps},
+             {"restarts", cfg.attack.restarts},
+             {"min_norm_steps", cfg.min_norm_steps},
+             {"loss", cfg.attack.loss == AttackLoss::ce ? "ce" : "dlr"}}},
+           {"empirical_max", cfg.empirical_max},
+           {"empirical_tol", cfg.empirical_tol},
+           {"margin_allowance", defaults::margin_allowance},
+           {"constant_inflation", defaults::constant_inflation},
+           {"seed", cfg.seed}};
+  return c;
 }
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
@@ -435,9 +382,8 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 
 }  // namespace
 
-nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
-                           const std::vector<int64_t>& indices, const CertifyConfig& cfg,
-                           torch::Device device, bool progress) {
+Results certify_run(LoadedModel& loaded, const Dataset& data, const std::vector<int64_t>& indices,
+                    const CertifyConfig& cfg, torch::Device device, bool progress) {
   check_config(cfg, data, indices);
   torch::nn::Module& module = loaded.is_dual() ? static_cast<torch::nn::Module&>(*loaded.dual)
                                                : static_cast<torch::nn::Module&>(*loaded.model);
@@ -453,7 +399,7 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
     ctx.members.push_back(member_setup(*loaded.model, cfg.norm, global));
   }
   const double global_seconds = seconds_since(t0);
-  nlohmann::json rows = nlohmann::json::array();
+  Results results;
   Progress meter("certify", static_cast<int64_t>(indices.size()), progress);
   double certify_seconds = 0, empirical_seconds = 0;
   for (size_t start = 0; start < indices.size(); start += static_cast<size_t>(cfg.batch_size)) {
@@ -462,6 +408,8 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
     const std::vector<int64_t> index(indices.begin() + static_cast<long>(start),
                                      indices.begin() + static_cast<long>(start + n));
     auto idx = torch::tensor(index, torch::kLong);
+    std::vector<int64_t> ids;  // the images' split indices: rows and attack seeds use them
+    for (auto i : index) ids.push_back(data.source_index(i));
     Batch batch;
     batch.x = data.batch_images(idx).to(torch::kFloat64).to(device);
     batch.labels = data.batch_labels(idx);
@@ -474,14 +422,13 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
     std::vector<double> empirical;
     if (cfg.empirical) {
       const auto te = std::chrono::steady_clock::now();
-      empirical = empirical_radii(ctx, loaded, batch, index);
+      empirical = empirical_radii(ctx, loaded, batch, ids);
       empirical_seconds += seconds_since(te);
     }
     for (int64_t b = 0; b < batch.size(); ++b) {
-      auto row = row_json(ctx, batch, b, index[static_cast<size_t>(b)]);
-      if (cfg.empirical)
-        row["empirical_radius"] = run::json_number(empirical[static_cast<size_t>(b)]);
-      rows.push_back(std::move(row));
+      auto row = row_of(ctx, batch, b, ids[static_cast<size_t>(b)]);
+      if (cfg.empirical) row.empirical = empirical[static_cast<size_t>(b)];
+      results.rows.push_back(std::move(row));
     }
     meter.advance(static_cast<int64_t>(n));
   }
@@ -499,7 +446,7 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
   if (data.size() > 0) {
     const int64_t m = std::min<int64_t>(8, data.size());
     auto xl = data.batch_images(torch::arange(m)).to(torch::kFloat64).to(device);
-    const double radius = *std::max_element(cfg.eps_grid.begin(), cfg.eps_grid.end());
+    const double radius = cfg.eps_grid.values().back();
     auto member_lower = [&](const Member& mg) {
       nlohmann::json j = {{"experts", nlohmann::json::array()}};
       if (!mg.router.empty()) j["router"] = lipschitz_lower(mg.router, cfg.norm, xl, 2, radius);
@@ -511,30 +458,25 @@ nlohmann::json certify_run(LoadedModel& loaded, const Dataset& data,
                                       {"robust", member_lower(ctx.members[1])}}
                      : member_lower(ctx.members[0]);
   }
-  nlohmann::json results = {
-      {"schema", "moecert.certify/2"},
-      {"moecert_version", MOECERT_VERSION},
-      {"checkpoint", loaded.dir},
-      {"fingerprint",
-       {{"weights_sha256", loaded.manifest.value("weights_sha256", "")},
-        {"architecture", loaded.manifest.value("architecture", nlohmann::json())},
-        {"training", loaded.manifest.value("training", nlohmann::json())}}},
-      {"model", loaded.describe()},
-      {"kind", ctx.dual ? "dual" : "moe"},
-      {"norm", norm_name(cfg.norm)},
-      {"dataset", {{"name", data.name}, {"split", "test"}, {"size", data.size()}}},
-      {"config", config_json(cfg, indices.size())},
-      {"alpha", ctx.dual ? nlohmann::json(ctx.alpha) : nlohmann::json()},
-      {"constants_global", constants},
-      {"constants_lower", lower},
-      {"rows", rows},
-      {"timing",
-       {{"global_constants_seconds", global_seconds},
-        {"certify_seconds", certify_seconds},
-        {"empirical_seconds", empirical_seconds},
-        {"certify_samples_per_s",
-         certify_seconds > 0 ? static_cast<double>(indices.size()) / certify_seconds : 0.0}}}};
-  certify_aggregate(results);
+  results.moecert_version = MOECERT_VERSION;
+  results.checkpoint = loaded.dir;
+  results.fingerprint = {{"weights_sha256", loaded.manifest.value("weights_sha256", "")},
+                         {"architecture", loaded.manifest.value("architecture", nlohmann::json())},
+                         {"training", loaded.manifest.value("training", nlohmann::json())}};
+  results.model = loaded.describe();
+  results.kind = ctx.dual ? "dual" : "moe";
+  if (ctx.dual) results.alpha = ctx.alpha;
+  results.data = {data.name, "test", data.size()};
+  results.config = config_of(cfg);
+  results.constants_global = constants;
+  results.constants_lower = lower;
+  results.timing = {
+      {"global_constants_seconds", global_seconds},
+      {"certify_seconds", certify_seconds},
+      {"empirical_seconds", empirical_seconds},
+      {"certify_samples_per_s",
+       certify_seconds > 0 ? static_cast<double>(indices.size()) / certify_seconds : 0.0}};
+  results.aggregate();
   return results;
 }
 

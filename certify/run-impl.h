@@ -13,12 +13,8 @@
 
 namespace moecert::run {
 
+/// Radii by form ("thm54_tight"): what the theorems give for one set of constants.
 using Radii = std::map<std::string, double>;
-
-/// A JSON number, or null for +inf / NaN (an unbounded or missing radius).
-inline nlohmann::json json_number(double v) {
-  return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json();
-}
 
 /// One member (MoE) of the model: its float64 graphs, global constants and the
 /// compiled graphs of bound propagation.
@@ -46,8 +42,8 @@ struct Batch {
   torch::Tensor labels;                        ///< [B] int64 (CPU)
   torch::Tensor correct;                       ///< [B] bool: the float32 model predicts the label
   std::vector<std::vector<MemberEval>> evals;  ///< [sample][member], float64 at x
-  std::vector<Radii> radii;                    ///< [sample] form_estimator -> radius
-  std::vector<nlohmann::json> extra;           ///< [sample] more row fields of the stages
+  std::vector<std::map<RadiusKey, double>> radii;  ///< [sample] {form, estimator} -> radius
+  std::vector<nlohmann::json> extra;               ///< [sample] more row fields of the stages
   int64_t size() const { return labels.size(0); }
 };
 
@@ -56,9 +52,6 @@ void lipschitz_stage(const Context& ctx, Batch& batch);
 
 /// The bound-propagation forms for every requested method (docs §10–§14).
 void bound_stage(const Context& ctx, Batch& batch);
-
-/// The key of a form's radius: "<form>_<estimator>".
-std::string radius_key(const std::string& form, Estimator e);
 
 /// The constants of one sample's members as results.json writes them.
 nlohmann::json constants_json(bool dual, const std::vector<MemberConstants>& c);

@@ -119,7 +119,7 @@ void bound_stage(const Context& ctx, Batch& batch) {
     // An α-CROWN probe is an optimisation of its own: two probes below a failed pass.
     if (e == Estimator::alpha_crown) sc.scan = {0.97, 0.93}, sc.bisections = 0;
     sc.tol = cfg.search_tol;
-    sc.grid = cfg.eps_grid;
+    sc.grid = cfg.eps_grid.values();
     sc.cap = cfg.norm == Norm::linf && cfg.box ? 1.0 : cfg.empirical_max * 4;
     // The first full pass: a fixed share of the linearised distance (on the demo MoE the
     // median ratio of the CROWN radius to it is 0.59 for p = ∞ and 0.10 for p = 2, of the
@@ -145,7 +145,7 @@ void bound_stage(const Context& ctx, Batch& batch) {
         todo, guess, lo, sc);
     auto r = torch::where(todo, res.radius, torch::zeros_like(res.radius)).cpu();
     for (int64_t b = 0; b < batch.size(); ++b)
-      batch.radii[static_cast<size_t>(b)][radius_key(form, e)] = r[b].item<double>();
+      batch.radii[static_cast<size_t>(b)][RadiusKey{form, e}] = r[b].item<double>();
     if (e == Estimator::crown) previous = res.radius, failed = res.failed;
   }
 }

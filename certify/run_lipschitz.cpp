@@ -211,7 +211,7 @@ void bisect_local(const Context& ctx, Batch& batch, const Selected& selected,
     main_consts[static_cast<size_t>(main_req[r].first)] = missing[r];
   for (int64_t b = 0; b < B; ++b) {
     const auto ub = static_cast<size_t>(b);
-    for (const auto& f : forms) batch.radii[ub][f + "_local"] = best[ub][f];
+    for (const auto& f : forms) batch.radii[ub][RadiusKey{f, Estimator::local}] = best[ub][f];
     batch.extra[ub]["constants_local"] = {{"eps", best[ub][main_form]},
                                           {"form", main_form},
                                           {"constants", constants_json(ctx.dual, main_consts[ub])}};
@@ -262,7 +262,8 @@ void lipschitz_stage(const Context& ctx, Batch& batch) {
     for (int64_t b = 0; b < B; ++b) {
       const auto ub = static_cast<size_t>(b);
       global_radii[ub] = radii_of(ctx, batch.evals[ub], gc, label(b));
-      for (const auto& [form, r] : global_radii[ub]) batch.radii[ub][form + "_global"] = r;
+      for (const auto& [form, r] : global_radii[ub])
+        batch.radii[ub][RadiusKey{form, Estimator::global}] = r;
     }
   if (local) bisect_local(ctx, batch, selected, global_radii, at0);
 }

@@ -1,5 +1,6 @@
-// Gate expressions, their evaluation, JUnit XML, baseline regression gates.
+// Gate expressions, their evaluation on typed results, JUnit XML, baseline gates.
 #include <cmath>
+#include <limits>
 #include <regex>
 #include <sstream>
 
@@ -9,22 +10,11 @@
 namespace moecert {
 namespace {
 
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
 const char* kMetrics =
-    "sa | clean_acc | certified_acc@E | certified_acc[form]@E | empirical_acc@E | "
-    "ra@E | violations | median_tightness | median_radius | median_radius[form]";
-
-/// The value of `per[eps]` where the key parses to eps.
-const nlohmann::json* at_eps(const nlohmann::json& per, double eps) {
-  for (const auto& [k, v] : per.items())
-    if (std::abs(std::stod(k) - eps) <= 1e-12 * std::max(1.0, eps)) return &v;
-  return nullptr;
-}
-
-std::string grid_text(const nlohmann::json& per) {
-  std::string t;
-  for (const auto& [k, v] : per.items()) t += (t.empty() ? "" : ", ") + k;
-  return t;
-}
+    "sa | clean_acc | certified_acc@E | certified_acc[FORM_ESTIMATOR]@E | empirical_acc@E | "
+    "ra@E | violations | median_tightness | median_radius | median_radius[FORM_ESTIMATOR]";
 
 std::string xml_escape(const std::string& s) {
   std::string o;
@@ -53,6 +43,7 @@ std::string xml_escape(const std::string& s) {
 }
 
 bool compare(double a, const std::string& op, double b) {
+  if (std::isnan(a)) return false;  // a value the run does not have passes no gate
   if (op == ">=") return a >= b;
   if (op == "<=") return a <= b;
   if (op == ">") return a > b;
@@ -61,85 +52,115 @@ bool compare(double a, const std::string& op, double b) {
   return a != b;
 }
 
+std::string number_text(double v) {
+  if (std::isnan(v)) return "n/a";
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
 }  // namespace
+
+std::string gate_metric_name(GateMetric m) {
+  switch (m) {
+    case GateMetric::clean_acc:
+      return "clean_acc";
+    case GateMetric::certified_acc:
+      return "certified_acc";
+    case GateMetric::empirical_acc:
+      return "empirical_acc";
+    case GateMetric::violations:
+      return "violations";
+    case GateMetric::median_tightness:
+      return "median_tightness";
+    case GateMetric::median_radius:
+      return "median_radius";
+  }
+  return "?";
+}
 
 Gate gate_parse(const std::string& expr) {
   static const std::regex re(
-      R"(^\s*([a-z_]+)(\[([a-z0-9_-]+)\])?(@([0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?))?\s*(>=|<=|==|!=|>|<)\s*(-?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)\s*$)");
+      R"(^\s*([a-z_]+)(\[([^\]]*)\])?(@([^\s<>=!]*))?\s*(>=|<=|==|!=|>|<)\s*([-+0-9.eE]+)\s*$)");
   std::smatch m;
-  if (!std::regex_match(expr, m, re))
+  if (expr.size() > 1000 || !std::regex_match(expr, m, re))
     throw ConfigError::invalid("--gate", expr,
                                "METRIC[@EPS] OP VALUE, e.g. certified_acc@0.02>=0.40");
   Gate g;
-  g.text = expr, g.metric = m[1], g.form = m[3], g.op = m[7];
-  g.value = std::stod(m[8]);
-  if (m[5].matched) g.eps = std::stod(m[5]);
-  static const std::vector<std::string> with_eps{"certified_acc", "empirical_acc", "ra"};
-  static const std::vector<std::string> without{"sa", "clean_acc", "violations", "median_tightness",
-                                                "median_radius"};
-  const bool needs = std::find(with_eps.begin(), with_eps.end(), g.metric) != with_eps.end();
-  const bool plain = std::find(without.begin(), without.end(), g.metric) != without.end();
-  if (!needs && !plain) throw ConfigError::invalid("--gate metric", g.metric, kMetrics);
-  if (needs && g.eps < 0) throw ConfigError("--gate '" + expr + "': " + g.metric + " needs @EPS");
-  if (plain && g.eps >= 0)
-    throw ConfigError("--gate '" + expr + "': " + g.metric + " takes no @EPS");
-  if (!g.form.empty() && g.metric != "certified_acc" && g.metric != "median_radius")
-    throw ConfigError("--gate '" + expr + "': only certified_acc and median_radius take [form]");
+  g.text = expr, g.op = m[6];
+  const std::string metric = m[1];
+  const std::vector<std::pair<std::string, GateMetric>> names{
+      {"sa", GateMetric::clean_acc},
+      {"clean_acc", GateMetric::clean_acc},
+      {"certified_acc", GateMetric::certified_acc},
+      {"empirical_acc", GateMetric::empirical_acc},
+      {"ra", GateMetric::empirical_acc},
+      {"violations", GateMetric::violations},
+      {"median_tightness", GateMetric::median_tightness},
+      {"median_radius", GateMetric::median_radius}};
+  bool known = false;
+  for (const auto& [name, metric_of] : names)
+    if (name == metric) g.metric = metric_of, known = true;
+  if (!known) throw ConfigError::invalid("--gate metric", metric, kMetrics);
+  try {
+    size_t used = 0;
+    g.value = std::stod(m[7], &used);
+    if (used != m[7].length() || !std::isfinite(g.value)) throw std::invalid_argument(m[7]);
+  } catch (const std::exception&) {
+    throw ConfigError::invalid("--gate '" + expr + "' value", m[7], "a number");
+  }
+  if (m[4].matched) g.eps = eps_parse(m[5], "--gate '" + expr + "' ε");
+  if (m[2].matched) g.key = RadiusKey::parse(m[3], "--gate '" + expr + "' key");
+  const bool needs_eps =
+      g.metric == GateMetric::certified_acc || g.metric == GateMetric::empirical_acc;
+  if (needs_eps && !g.eps) throw ConfigError("--gate '" + expr + "': " + metric + " needs @EPS");
+  if (!needs_eps && g.eps) throw ConfigError("--gate '" + expr + "': " + metric + " takes no @EPS");
+  if (g.key && g.metric != GateMetric::certified_acc && g.metric != GateMetric::median_radius)
+    throw ConfigError("--gate '" + expr +
+                      "': only certified_acc and median_radius take [FORM_ESTIMATOR]");
   return g;
 }
 
-double gate_metric(const nlohmann::json& results, const Gate& g) {
-  const auto& agg = results.at("aggregates");
-  if (g.metric == "sa" || g.metric == "clean_acc") return agg.at("clean_accuracy");
-  if (g.metric == "violations") return agg.at("violation_count");
-  if (g.metric == "median_tightness") {
-    const auto& t = agg.at("median_tightness");
-    return t.is_null() ? 0.0 : t.get<double>();
-  }
-  if (g.metric == "empirical_acc" || g.metric == "ra") {
-    if (!agg.contains("empirical_accuracy"))
-      throw ConfigError("--gate '" + g.text + "': the results have no empirical cross-check");
-    const auto* v = at_eps(agg["empirical_accuracy"], g.eps);
-    if (!v)
-      throw ConfigError("--gate '" + g.text + "': eps not in the grid (" +
-                        grid_text(agg["empirical_accuracy"]) + ")");
-    return *v;
-  }
-  // Without [form]: the headline (per sample the best sound radius of any form), or, in
-  // results written before it existed, the best single form.
-  if (g.form.empty() && agg.contains("headline")) {
-    const auto& h = agg["headline"];
-    if (g.metric == "median_radius")
-      return h.at("median_radius").is_null() ? INFINITY : h["median_radius"].get<double>();
-    const auto* e = at_eps(h.at("certified_accuracy"), g.eps);
-    if (!e)
-      throw ConfigError("--gate '" + g.text + "': eps not in the grid (" +
-                        grid_text(h["certified_accuracy"]) + ")");
-    return *e;
-  }
-  const auto& table =
-      g.metric == "certified_acc" ? agg.at("certified_accuracy") : agg.at("median_radius");
-  if (!g.form.empty() && !table.contains(g.form))
-    throw ConfigError("--gate '" + g.text + "': no form '" + g.form + "' in the results");
-  double best = -1;
-  for (const auto& [form, v] : table.items()) {
-    if (!g.form.empty() && form != g.form) continue;
-    double x;
-    if (g.metric == "certified_acc") {
-      const auto* e = at_eps(v, g.eps);
-      if (!e)
-        throw ConfigError("--gate '" + g.text + "': eps not in the grid (" + grid_text(v) + ")");
-      x = *e;
-    } else {
-      x = v.is_null() ? INFINITY : v.get<double>();
+double gate_metric(const Results& results, const Gate& g) {
+  const auto& agg = results.aggregates;
+  const auto& grid = results.config.grid;
+  auto missing_eps = [&](const std::string& why = "") -> double {
+    throw ConfigError("--gate '" + g.text + "': ε " + eps_key(*g.eps) +
+                      " is not in the run's grid (" + grid.text() + ")" + why);
+  };
+  switch (g.metric) {
+    case GateMetric::clean_acc:
+      return agg.clean_accuracy;
+    case GateMetric::violations:
+      return static_cast<double>(agg.violations.size());
+    case GateMetric::median_tightness:
+      return std::isnan(agg.median_tightness) ? 0.0 : agg.median_tightness;
+    case GateMetric::empirical_acc: {
+      if (!agg.empirical)
+        throw ConfigError("--gate '" + g.text + "': the results have no empirical cross-check");
+      const auto v = results.empirical_at(*g.eps);
+      return v ? *v : missing_eps();
     }
-    best = std::max(best, x);
+    case GateMetric::certified_acc: {
+      if (g.key && !agg.certified.count(*g.key))
+        throw ConfigError("--gate '" + g.text + "': no radius '" + g.key->text() +
+                          "' in the results");
+      const auto v = results.certified_at(*g.eps, g.key);
+      return v ? *v : missing_eps();
+    }
+    case GateMetric::median_radius: {
+      if (!g.key) return agg.headline_median;
+      const auto it = agg.median_radius.find(*g.key);
+      if (it == agg.median_radius.end())
+        throw ConfigError("--gate '" + g.text + "': no radius '" + g.key->text() +
+                          "' in the results");
+      return it->second;
+    }
   }
-  return best;
+  return kNaN;
 }
 
-std::vector<GateResult> gates_evaluate(const nlohmann::json& results,
-                                       const std::vector<Gate>& gates) {
+std::vector<GateResult> gates_evaluate(const Results& results, const std::vector<Gate>& gates) {
   std::vector<GateResult> out;
   for (const auto& g : gates) {
     GateResult r;
@@ -151,35 +172,35 @@ std::vector<GateResult> gates_evaluate(const nlohmann::json& results,
   return out;
 }
 
-std::vector<GateResult> baseline_gates(const nlohmann::json& results,
-                                       const nlohmann::json& baseline, double max_drop) {
+std::vector<GateResult> baseline_gates(const Results& results, const Results& baseline,
+                                       double max_drop) {
   std::vector<GateResult> out;
-  const auto& now = results.at("aggregates");
-  const auto& old = baseline.at("aggregates");
-  auto add = [&](const std::string& name, double eps, double a, double b) {
+  auto add = [&](const std::string& name, double eps, std::optional<double> now, double before) {
     GateResult r;
-    std::ostringstream text;
-    text << name << "@" << eps << " >= baseline " << b << " - " << max_drop;
-    r.gate.text = text.str(), r.gate.metric = name, r.gate.eps = eps, r.gate.op = ">=";
-    r.gate.value = b - max_drop;
-    r.actual = a;
-    r.passed = a >= b - max_drop - 1e-12;
+    r.gate.text = name + "@" + eps_key(eps) + " >= baseline " + number_text(before) + " - " +
+                  number_text(max_drop);
+    r.gate.metric = GateMetric::certified_acc, r.gate.eps = eps, r.gate.op = ">=";
+    r.gate.value = before - max_drop;
+    r.actual = now ? *now : kNaN;
+    r.passed = now && *now >= before - max_drop - 1e-12;
     out.push_back(r);
   };
-  if (old.contains("headline") && now.contains("headline"))
-    for (const auto& [k, v] : old["headline"]["certified_accuracy"].items())
-      if (const auto* a = at_eps(now["headline"]["certified_accuracy"], std::stod(k)))
-        add("certified_acc", std::stod(k), *a, v);
-  for (const auto& [form, per] : old.at("certified_accuracy").items()) {
-    if (!now.at("certified_accuracy").contains(form)) continue;
-    for (const auto& [k, v] : per.items())
-      if (const auto* a = at_eps(now["certified_accuracy"][form], std::stod(k)))
-        add("certified_acc[" + form + "]", std::stod(k), *a, v);
+  const auto& grid = baseline.config.grid;
+  for (size_t i = 0; i < grid.size(); ++i)
+    add("certified_acc", grid[i], results.certified_at(grid[i]),
+        baseline.aggregates.headline_certified[i]);
+  for (const auto& [key, per] : baseline.aggregates.certified) {
+    if (!results.aggregates.certified.count(key))
+      continue;  // another estimator set: nothing to compare
+    for (size_t i = 0; i < grid.size(); ++i)
+      add("certified_acc[" + key.text() + "]", grid[i], results.certified_at(grid[i], key), per[i]);
   }
-  if (old.contains("empirical_accuracy") && now.contains("empirical_accuracy"))
-    for (const auto& [k, v] : old["empirical_accuracy"].items())
-      if (const auto* a = at_eps(now["empirical_accuracy"], std::stod(k)))
-        add("empirical_acc", std::stod(k), *a, v);
+  if (baseline.aggregates.empirical && results.aggregates.empirical)
+    for (size_t i = 0; i < grid.size(); ++i) {
+      add("empirical_acc", grid[i], results.empirical_at(grid[i]),
+          (*baseline.aggregates.empirical)[i]);
+      out.back().gate.metric = GateMetric::empirical_acc;
+    }
   return out;
 }
 
@@ -197,11 +218,11 @@ std::string junit_xml(const std::vector<GateResult>& results, const std::string&
     if (r.passed) {
       x << "/>\n";
     } else {
-      std::ostringstream msg;
-      msg << r.gate.metric << " = " << r.actual << ", required " << r.gate.op << " "
-          << r.gate.value;
-      x << ">\n      <failure message=\"" << xml_escape(msg.str()) << "\" type=\"gate\">"
-        << xml_escape(msg.str()) << "</failure>\n    </testcase>\n";
+      const std::string msg = gate_metric_name(r.gate.metric) + " = " + number_text(r.actual) +
+                              (std::isnan(r.actual) ? " (not in this run)" : "") + ", required " +
+                              r.gate.op + " " + number_text(r.gate.value);
+      x << ">\n      <failure message=\"" << xml_escape(msg) << "\" type=\"gate\">"
+        << xml_escape(msg) << "</failure>\n    </testcase>\n";
     }
   }
   x << "  </testsuite>\n</testsuites>\n";

@@ -6,12 +6,12 @@
 # training (ibp, crown-ibp, soft and top-2 routing through the mixture bound, MoE-CNN,
 # jtdmoe with an ibp robust step, resume mid-ramp) and certification of a certified-
 # trained checkpoint (devdeps/ckpt/ibp_b when present: full test set on cuda, first
-# 2,000 on cpu). Writes log.txt and a few JSON files under $OUT (default
-# /tmp/cuda-check), the rest under $WORK (default /tmp/cuda-work).
+# 2,000 on cpu). Writes log.txt and a few JSON files under $OUT (default: a new
+# temporary directory), the rest under $WORK (default: another).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-out=${OUT:-/tmp/cuda-check}
-work=${WORK:-/tmp/cuda-work}
+out=${OUT:-$(mktemp -d)}
+work=${WORK:-$(mktemp -d)}
 mkdir -p "$out" "$work"
 exec > >(tee "$out/log.txt") 2>&1
 cd "$root"

@@ -16,6 +16,12 @@ fi
 if [[ "${MOECERT_WITH_BROWSER:-0}" == 1 ]]; then
   MOECERT_PACKAGES+=(python3 chromium) # the headless-Chromium check of report.html
 fi
+if [[ "${MOECERT_FUZZ_PACKAGES:-0}" == 1 ]]; then
+  MOECERT_PACKAGES+=(clang libclang-rt-dev) # scripts/fuzz.sh: libFuzzer, ASan, UBSan
+fi
+if [[ "${MOECERT_WITH_FORMAT:-0}" == 1 ]]; then
+  MOECERT_PACKAGES+=(clang-format)       # scripts/test.sh checks the committed .clang-format
+fi
 if [[ "${MOECERT_WITH_PYTORCH:-0}" == 1 ]]; then
   MOECERT_PACKAGES+=(python3-torch)   # for the torch.jit.load interoperability test and the peer
 fi

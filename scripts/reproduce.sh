@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduction study (docs/results.md). On Fashion-MNIST, with the same budget for
+# Reproduction study (docs/study.md). On Fashion-MNIST, with the same budget for
 # every method (cnn-s experts, E = 4, L-inf eps = 0.1, the same epochs, data and
 # optimizer; healthy routers: top-2 router gradient and load balancing, the defaults),
 # trains:
@@ -15,14 +15,14 @@
 #   PGD-50 again on MOECERT_REPRO_STANDARD images,
 #   certify (every estimator, best sound form per sample) at eps 0.02 and 0.05 on the
 #   first MOECERT_REPRO_CERTIFY test images (seed-0 rows; certify --samples N takes the
-#   first N, attack the seeded subset --samples draws, a smaller one inside a larger);
-# and writes the tables to docs/results.md (scripts/results_table.py).
+#   first N, attack a seeded subset: --subset random, a smaller one inside a larger);
+# and writes the tables to docs/study.md (scripts/results_table.py).
 # Every stage is skipped when its output exists: rerunning resumes the study.
-# Budget: 70 min 20 s on 2 cores after the build with the defaults (session 9). Env vars:
+# Budget: 70 min 20 s on 2 cores after the build with the defaults. Env vars:
 #   MOECERT_REPRO_OUT (runs/reproduce), MOECERT_REPRO_EPOCHS (4),
 #   MOECERT_REPRO_TRAIN (0 = all 59,000 training images), MOECERT_REPRO_TEST (2000),
 #   MOECERT_REPRO_STANDARD (500), MOECERT_REPRO_CERTIFY (200), MOECERT_REPRO_SEEDS (2),
-#   MOECERT_REPRO_ALPHA (0.8), MOECERT_REPRO_DOC (docs/results.md), MOECERT_BIN.
+#   MOECERT_REPRO_ALPHA (0.8), MOECERT_REPRO_DOC (docs/study.md), MOECERT_BIN.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 MOECERT_WITH_PYTHON=1 "$root/scripts/deps.sh"
@@ -36,7 +36,7 @@ standard_n="${MOECERT_REPRO_STANDARD:-500}"
 certify_n="${MOECERT_REPRO_CERTIFY:-200}"
 seeds="${MOECERT_REPRO_SEEDS:-2}"
 alpha="${MOECERT_REPRO_ALPHA:-0.8}"
-doc="${MOECERT_REPRO_DOC:-$root/docs/results.md}"
+doc="${MOECERT_REPRO_DOC:-$root/docs/study.md}"
 mkdir -p "$out"
 start=$(date +%s)
 
@@ -66,16 +66,16 @@ evaluate() {  # name, certify (0/1), then extra PGD options
   local ckpt="$out/$name"
   if [[ ! -f "$out/attack-$name.json" ]]; then
     echo "== attack $name: PGD-50 on $test_n test images"
-    "$bin" --seed 0 --samples "$test_n" attack "$ckpt" --suite pgd --eps 0.1 --steps 50 \
+    "$bin" --seed 0 --samples "$test_n" --subset random attack "$ckpt" --suite pgd --eps 0.1 --steps 50 \
       --json "$out/attack-$name.json" -q "$@"
   fi
   if [[ "$standard_n" != 0 && ! -f "$out/standard-$name.json" ]]; then
     echo "== attack $name: standard suite on $standard_n test images"
-    "$bin" --seed 0 --samples "$standard_n" attack "$ckpt" --suite standard --eps 0.1 \
+    "$bin" --seed 0 --samples "$standard_n" --subset random attack "$ckpt" --suite standard --eps 0.1 \
       --no-components --json "$out/standard-$name.json" -q
   fi
   if [[ "$standard_n" != 0 && ! -f "$out/pgd-same-$name.json" ]]; then  # PGD-50 on the suite's images
-    "$bin" --seed 0 --samples "$standard_n" attack "$ckpt" --suite pgd --eps 0.1 --steps 50 \
+    "$bin" --seed 0 --samples "$standard_n" --subset random attack "$ckpt" --suite pgd --eps 0.1 --steps 50 \
       --no-components --json "$out/pgd-same-$name.json" -q > /dev/null
   fi
   if [[ "$cert" == 1 && "$certify_n" != 0 && ! -f "$out/certify-$name/results.json" ]]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes docs/results.md from a reproduction-study directory (scripts/reproduce.sh).
+"""Writes docs/study.md from a reproduction-study directory (scripts/reproduce.sh).
 
 Reads attack-<name>.json (PGD-50, moecert attack --json), standard-<name>.json
 (the standard suite), pgd-same-<name>.json (PGD-50 on the suite's images), certify-<name>/results.json and <name>/model.json (training
@@ -144,7 +144,7 @@ def main():
       "the fixed-router rows use `--router-train none`, paper 1's random router). "
       "Training attack: PGD-5 (AdvMoE: PGD-2, its paper's default, on two attacks per batch).\n")
     w("Evaluation at ε = 0.1 (L∞, inside [0,1]):\n")
-    w(f"- **PGD-50**: {first['samples']} test images (`--samples`: a seeded subset, seed 0; the "
+    w(f"- **PGD-50**: {first['samples']} test images (`--samples N --subset random`: a seeded subset, seed 0; the "
       f"standard suite's smaller subset lies inside it), step {first['step_size']:.4f}, "
       f"{first['restarts']} start, CE loss. RA-E attacks the experts with the routing frozen at the "
       "clean choice; RA-R attacks the router with the experts fed the clean input (for a dense "

@@ -57,8 +57,15 @@ int runtime_threads(int requested) {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
 #endif
-  const int n = requested > 0 ? requested
-                              : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int n = requested > 0 ? requested : cores;
+  if (n > cores) {
+    // More threads than cores only contend (and 100,000 of them would take minutes to
+    // start): cap, and say so.
+    std::cerr << "moecert: warning: --threads " << requested << " is more than the " << cores
+              << " hardware threads; using " << cores << std::endl;
+    n = cores;
+  }
   torch::set_num_threads(n);
   return n;
 }

@@ -11,6 +11,7 @@
 #include "learner.h"
 #include "moecert/checkpoint.h"
 #include "moecert/error.h"
+#include "moecert/limits.h"
 #include "moecert/runtime.h"
 #include "moecert/training.h"
 
@@ -59,9 +60,9 @@ void TrainConfig::validate() const {
   // advmoe and jtdmoe alternate two updates per batch: they are learners, not methods.
   if (method != "jtdmoe" && method != "advmoe") train_method_make(method);
   if (jtd_gamma < 0) throw ConfigError::invalid("--jtd-gamma", std::to_string(jtd_gamma), ">= 0");
-  if (epochs < 1) throw ConfigError::invalid("--epochs", std::to_string(epochs), ">= 1");
-  if (batch_size < 1)
-    throw ConfigError::invalid("--batch-size", std::to_string(batch_size), ">= 1");
+  limits::check_range("--epochs", epochs, 1, limits::max_epochs);
+  limits::check_range("--batch-size", batch_size, 1, limits::max_batch);
+  limits::check_range("--log-every", log_every, 0, limits::max_steps);
   if (optimizer != "adam" && optimizer != "sgd")
     throw ConfigError::invalid("--optimizer", optimizer, "adam | sgd");
   if (schedule != "cosine" && schedule != "step" && schedule != "constant")

@@ -12,6 +12,7 @@
 #include "moecert/defaults.h"
 #include "moecert/graph.h"
 #include "moecert/model_io.h"
+#include "moecert/results.h"
 #include "moecert/rules.h"
 #include "moecert/spectral.h"
 
@@ -124,20 +125,6 @@ DualRadii radii_dual(const MemberEval& standard, const MemberConstants& cs,
 
 // --- The certification run -------------------------------------------------------
 
-/// How the constants or bounds behind a radius are found.
-enum class Estimator {
-  global,       ///< Lipschitz: products of operator norms
-  local,        ///< Lipschitz: interval Jacobian over the ball
-  ibp,          ///< bound propagation: intervals
-  crown,        ///< bound propagation: CROWN (linear relaxation, CROWN intermediate bounds)
-  alpha_crown,  ///< bound propagation: α-CROWN (optimised lower ReLU slopes)
-};
-/// "global", "local", "ibp", "crown", "alpha-crown".
-std::string estimator_name(Estimator e);
-/// A comma-separated list of estimators and groups: lipschitz (= global,local), both
-/// (the same, kept from before), bp (= ibp,crown,alpha-crown), all. Throws ConfigError.
-std::vector<Estimator> estimators_parse(const std::string& text);
-
 struct CertifyConfig {
   Norm norm = Norm::linf;
   std::vector<Estimator> estimators{Estimator::global, Estimator::local, Estimator::crown,
@@ -145,7 +132,7 @@ struct CertifyConfig {
   bool box = true;  ///< certify B_p(x, ε) ∩ [0, 1]^d (false: the whole ball)
   bool exact_arithmetic =
       false;  ///< no float32 allowance: radii hold for the real-valued network only
-  std::vector<double> eps_grid{0.01, 0.02, 0.05, 0.1};
+  EpsGrid eps_grid{std::vector<double>{0.01, 0.02, 0.05, 0.1}};
   int bisect_steps = 10;  ///< local Lipschitz radius bisection steps
   /// Local constants: also bound the Jacobian by CROWN through its graph (docs §16; a
   /// few times tighter, a few times slower), or by the interval Jacobian alone.
@@ -176,15 +163,10 @@ struct CertifyConfig {
   uint64_t seed = 0;  ///< with the sample index, seeds each sample's PGD starts
 };
 
-/// Certifies the samples `indices` of `data`. Returns results.json (schema
-/// "moecert.certify/2"): config, model fingerprint, per-sample rows (every form's
-/// radius with its estimator, and the headline: the best sound one), aggregates.
-nlohmann::json certify_run(LoadedModel& model, const Dataset& data,
-                           const std::vector<int64_t>& indices, const CertifyConfig& cfg,
-                           torch::Device device, bool progress);
-
-/// Recomputes the aggregates (certified / empirical accuracy per ε for every form and
-/// for the headline, medians, violations) of a results object from its rows, in place.
-void certify_aggregate(nlohmann::json& results);
+/// Certifies the rows `indices` of `data`: config, model fingerprint, per-sample rows
+/// (each with its image's split index, every form's radius with its estimator, and the
+/// headline: the best sound one) and the aggregates.
+Results certify_run(LoadedModel& model, const Dataset& data, const std::vector<int64_t>& indices,
+                    const CertifyConfig& cfg, torch::Device device, bool progress);
 
 }  // namespace moecert

@@ -19,6 +19,9 @@ struct Dataset {
   int64_t num_classes = 0;
   std::vector<double> mean;  ///< per-channel normalisation mean (pixels in [0,1])
   std::vector<double> std;   ///< per-channel normalisation std
+  /// [N] int64: each row's index in the split it was read from (undefined: the row's
+  /// own position). Per-sample results report it, so rows of different commands join.
+  torch::Tensor index;
 
   int64_t size() const { return labels.defined() ? labels.size(0) : 0; }
   int64_t channels() const { return images.size(1); }
@@ -28,6 +31,11 @@ struct Dataset {
   torch::Tensor batch_images(const torch::Tensor& index) const;
   /// Labels of the given rows. index: [b] int64 -> [b] int64
   torch::Tensor batch_labels(const torch::Tensor& index) const;
+  /// The split index of row `row` (see `index`).
+  int64_t source_index(int64_t row) const;
+  /// The data set of the given rows, in that order, with their split indices.
+  /// rows: [n] int64
+  Dataset select(const torch::Tensor& rows) const;
 };
 
 /// What to load: `name` picks the reader, `dir` overrides its default location.
@@ -35,11 +43,16 @@ struct DataSpec {
   std::string name = "fashion-mnist";  ///< fashion-mnist | cifar10 | synthetic
   std::string dir;                     ///< empty: the reader's default directory
   bool train = true;                   ///< training split or test split
-  int64_t samples = 0;                 ///< >0: keep a seeded random subset of this size
-  uint64_t seed = 0;                   ///< seed of the subset choice (and synthetic data)
+  /// >0: keep this many rows: a seeded random subset, or with `first` the first ones
+  /// (what evaluation commands use, as AutoAttack and RobustBench do).
+  int64_t samples = 0;
+  bool first = false;
+  uint64_t seed = 0;  ///< seed of the subset choice (and synthetic data)
 };
 
-/// Loads a data set; throws DataError (exit 2) naming the file and the problem.
+/// Loads a data set; throws DataError (exit 2) naming the file and the problem. The
+/// synthetic set's splits have fixed sizes (synthetic_train_size, synthetic_test_size),
+/// so that an index names the same image whatever `samples` is.
 Dataset data_load(const DataSpec& spec);
 
 /// Reads a pair of IDX files (gzip or plain): images u8 [N, H, W] (magic 0x803)
@@ -55,7 +68,10 @@ Dataset data_load_cifar10(const std::string& dir, bool train);
 Dataset data_synthetic(int64_t n, int64_t channels, int64_t height, int64_t width,
                        int64_t num_classes, uint64_t seed);
 
-/// A seeded random subset of `n` rows (n >= size: the set unchanged).
+/// The first `n` rows (n >= size: the set unchanged).
+Dataset data_first(const Dataset& data, int64_t n);
+
+/// A seeded random subset of `n` rows, in split order (n >= size: the set unchanged).
 Dataset data_subset(const Dataset& data, int64_t n, uint64_t seed);
 
 /// The rows of epoch `epoch` in training order: a permutation that depends only on

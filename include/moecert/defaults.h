@@ -11,6 +11,10 @@ inline constexpr const char* fashion_mnist_dir = "/usr/share/datasets/fashion-mn
 /// Per-channel statistics of the Fashion-MNIST training images (pixels in [0,1]).
 inline constexpr double fashion_mnist_mean = 0.2860;
 inline constexpr double fashion_mnist_std = 0.3530;
+/// The synthetic set's split sizes: fixed, so that --samples picks images of one set
+/// (an index names the same image in every command), as it does for real data.
+inline constexpr int64_t synthetic_train_size = 2000;
+inline constexpr int64_t synthetic_test_size = 2000;
 /// Global seed when the user gives none; every run is reproducible by default.
 inline constexpr uint64_t seed = 0;
 

@@ -26,6 +26,10 @@ struct LoadedModel {
   AttackSubject subject();
   /// One line: "MoE E=4 cnn-s experts, ..." or "dual-model alpha=0.8 of ...".
   std::string describe() const;
+  /// Refuses (ConfigError, exit 2) batches of `batch` samples through every member
+  /// that would not fit the memory budget (ModelSpec::check_memory); `option` names
+  /// the option that set the batch size.
+  void check_batch(int64_t batch, const std::string& option) const;
 };
 
 /// "MoE E=4 cnn-s experts, linear router, top-1 routing" or "dense cnn-s".

@@ -37,6 +37,12 @@ enum class RouterGradient {
 /// "straight-through" | "top2" -> RouterGradient; ConfigError otherwise.
 RouterGradient router_gradient_parse(const std::string& s);
 
+/// What a model or backbone costs, computed from its shape alone (before anything is
+/// built): its parameters, and the float32 values its forward pass keeps per sample.
+struct BackboneCost {
+  double parameters = 0, activations = 0;
+};
+
 /// Everything needed to rebuild a model; stored as "architecture" in model.json.
 struct ModelSpec {
   std::string kind = "moe";  ///< moe (model-level) | moe-cnn (channel groups)
@@ -52,8 +58,17 @@ struct ModelSpec {
   nlohmann::json to_json() const;
   /// Parses and validates; throws ConfigError naming the bad field.
   static ModelSpec from_json(const nlohmann::json& j);
-  /// Throws ConfigError if fields are inconsistent (k > E, unknown kinds, ...).
+  /// Throws ConfigError if fields are inconsistent (k > E, unknown kinds, ...) or
+  /// outside their limits (include/moecert/limits.h).
   void validate() const;
+  /// The model's parameters (router and every expert) and per-sample activations
+  /// (router and the experts one sample runs through).
+  BackboneCost cost() const;
+  /// Refuses (ConfigError, exit 2) a model whose parameters, with their gradients and
+  /// optimizer state (16 bytes each), or a batch of `batch` samples through it (16
+  /// bytes per activation) exceed limits::memory_budget(). `batch_option` names the
+  /// option that set the batch size.
+  void check_memory(int64_t batch = 0, const std::string& batch_option = "--batch-size") const;
 };
 
 /// While one is alive (on this thread), graph(), path_graph() and component_graph()
@@ -193,5 +208,11 @@ torch::Tensor moe_reference_probs(MoeImpl& model, const torch::Tensor& x);
 
 /// Number of parameters of a module.
 int64_t module_parameter_count(const torch::nn::Module& module);
+/// The cost of backbone_make(kind, c, h, w, outputs). Throws ConfigError for an unknown kind.
+BackboneCost backbone_cost(const std::string& kind, int64_t c, int64_t h, int64_t w,
+                           int64_t outputs);
+/// The cost of channel_group_make(...) (all groups' parameters; one path's activations).
+BackboneCost channel_group_cost(const std::string& kind, int64_t c, int64_t h, int64_t w,
+                                int64_t outputs, int64_t groups, double scale);
 
 }  // namespace moecert

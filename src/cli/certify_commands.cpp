@@ -2,6 +2,7 @@
 #include <sys/stat.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
@@ -11,6 +12,7 @@
 #include "moecert/checkpoint.h"
 #include "moecert/defaults.h"
 #include "moecert/error.h"
+#include "moecert/limits.h"
 #include "moecert/model_io.h"
 #include "moecert/report.h"
 #include "moecert/runtime.h"
@@ -25,25 +27,6 @@ Dataset test_data(const CommonOptions& common, const LoadedModel& loaded) {
   return data_load(data_spec(common, name, /*train=*/false));
 }
 
-std::vector<double> parse_grid(const std::string& text) {
-  std::vector<double> grid;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t used = 0;
-      const double v = std::stod(item, &used);
-      if (used != item.size() || !(v >= 0)) throw std::invalid_argument(item);
-      grid.push_back(v);
-    } catch (const std::exception&) {
-      throw ConfigError::invalid("--eps-grid", text,
-                                 "comma-separated numbers >= 0, e.g. 0.01,0.02,0.05");
-    }
-  }
-  if (grid.empty()) throw ConfigError::invalid("--eps-grid", text, "at least one radius");
-  return grid;
-}
-
 /// "i/n" (0 <= i < n) -> (i, n).
 std::pair<int64_t, int64_t> parse_shard(const std::string& s) {
   const auto slash = s.find('/');
@@ -51,11 +34,14 @@ std::pair<int64_t, int64_t> parse_shard(const std::string& s) {
     if (slash == std::string::npos) throw std::invalid_argument(s);
     size_t a = 0, b = 0;
     const int64_t i = std::stoll(s.substr(0, slash), &a), n = std::stoll(s.substr(slash + 1), &b);
-    if (a != slash || b != s.size() - slash - 1 || n < 1 || i < 0 || i >= n)
+    if (a != slash || b != s.size() - slash - 1 || n < 1 || i < 0 || i >= n ||
+        n > limits::max_shards)
       throw std::invalid_argument(s);
     return {i, n};
   } catch (const std::exception&) {
-    throw ConfigError::invalid("--shard", s, "i/n with 0 <= i < n, e.g. 0/4");
+    throw ConfigError::invalid(
+        "--shard", s,
+        "i/n with 0 <= i < n <= " + std::to_string(limits::max_shards) + ", e.g. 0/4");
   }
 }
 
@@ -79,6 +65,41 @@ std::vector<Component> components(LoadedModel& loaded) {
     add(*loaded.model, "");
   }
   return out;
+}
+
+/// The console summary: accuracy per ε of the grid (headers and values from the same
+/// grid), the median radius, the cross-check and the expert usage.
+void print_summary(const Results& r, const std::string& path) {
+  const auto& a = r.aggregates;
+  const auto& grid = r.config.grid;
+  std::cout << "clean accuracy " << fmt_fixed(a.clean_accuracy, 4) << " on " << a.samples
+            << " samples\n";
+  std::vector<int> width;
+  for (double e : grid.values())
+    width.push_back(std::max<int>(8, static_cast<int>(eps_key(e).size())));
+  std::printf("%-28s", "certified accuracy at eps");
+  for (size_t i = 0; i < grid.size(); ++i) std::printf(" %*s", width[i], eps_key(grid[i]).c_str());
+  std::printf(" %12s\n", "median r");
+  auto line = [&](const std::string& name, const std::vector<double>& per_eps, double median) {
+    std::printf("%-28s", name.c_str());
+    for (size_t i = 0; i < grid.size(); ++i) std::printf(" %*.4f", width[i], per_eps[i]);
+    std::printf(" %12s\n", std::isfinite(median) ? fmt_fixed(median, 5).c_str() : "inf");
+  };
+  line("headline (best per sample)", a.headline_certified, a.headline_median);
+  for (const auto& key : r.keys()) line(key.text(), a.certified.at(key), a.median_radius.at(key));
+  if (a.empirical) {
+    line("empirical (FMN, APGD)", *a.empirical, a.median_empirical);
+    std::cout << "median tightness (certified / empirical) "
+              << (std::isnan(a.median_tightness) ? std::string("n/a")
+                                                 : fmt_fixed(a.median_tightness, 4))
+              << " over " << a.tightness_samples << " samples\n";
+  }
+  if (!a.expert_usage.empty())
+    std::cout << "expert usage (clean) " << ExpertUsage::text(ExpertUsage::shares(a.expert_usage))
+              << "\n";
+  std::cout << "certify " << fmt_fixed(r.timing.value("certify_samples_per_s", 0.0), 1)
+            << " samples/s; results " << path << "\n";
+  std::cout << "soundness violations: " << a.violations.size() << "\n";
 }
 
 }  // namespace
@@ -108,7 +129,7 @@ void cli_register_lipschitz(CLI::App& app, const CommonOptions& common) {
     runtime_seed(common.seed);
     const auto device = runtime_device(common.device);
     const Norm p = norm_parse(o->norm);
-    if (o->points < 1) throw ConfigError::invalid("--points", std::to_string(o->points), ">= 1");
+    limits::check_range("--points", o->points, 1, limits::max_samples);
     if (!(o->eps >= 0)) throw ConfigError::invalid("--eps", std::to_string(o->eps), ">= 0");
     auto loaded = model_load(o->checkpoint, device);
     (loaded.is_dual() ? static_cast<torch::nn::Module&>(*loaded.dual)
@@ -225,9 +246,14 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
   cmd->add_flag("--no-empirical", o->no_empirical, "skip the attacks' cross-check");
   add_report_options(cmd, *report, /*for_certify=*/true);
   cmd->callback([&common, o, report, invocation] {
-    std::vector<Gate> parsed;  // bad gates are usage errors before any work
-    for (const auto& g : report->gates) parsed.push_back(gate_parse(g));
-    for (const auto& a : report->attacks) attack_read(a);  // and bad attack files
+    // Bad gates, attack files and baselines are usage errors before any work.
+    const EpsGrid grid = EpsGrid::parse(o->eps_grid);
+    for (const auto& text : report->gates)
+      if (const auto g = gate_parse(text); g.eps && !grid.find(*g.eps))
+        throw ConfigError("--gate '" + text + "': ε " + eps_key(*g.eps) +
+                          " is not in --eps-grid (" + grid.text() + ")");
+    for (const auto& a : report->attacks) attack_read(a);
+    if (!report->baseline.empty()) Results::read(report->baseline);
     runtime_threads(common.threads);
     runtime_seed(common.seed);
     const auto device = runtime_device(common.device);
@@ -240,16 +266,18 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     cfg.search_tol = o->search_tol;
     cfg.alpha_rounds = o->alpha_rounds;
     cfg.alpha_steps = o->alpha_steps;
-    cfg.eps_grid = parse_grid(o->eps_grid);
-    if (o->steps < 1) throw ConfigError::invalid("--steps", std::to_string(o->steps), ">= 1");
-    if (o->restarts < 1)
-      throw ConfigError::invalid("--restarts", std::to_string(o->restarts), ">= 1");
+    cfg.eps_grid = grid;
+    limits::check_range("--steps", o->steps, 1, limits::max_steps);
+    limits::check_range("--restarts", o->restarts, 1, limits::max_restarts);
+    limits::check_range("--search-rounds", o->search_rounds, 1, limits::max_steps);
+    limits::check_range("--alpha-rounds", o->alpha_rounds, 1, limits::max_steps);
+    limits::check_range("--alpha-steps", o->alpha_steps, 0, limits::max_steps);
+    limits::check_range("--bisect-steps", o->bisect_steps, 1, limits::max_steps);
     if (!(o->empirical_max > 0))
       throw ConfigError::invalid("--empirical-max", std::to_string(o->empirical_max), "> 0");
     if (!(o->tolerance > 0))
       throw ConfigError::invalid("--tolerance", std::to_string(o->tolerance), "> 0");
-    if (o->batch_size < 1)
-      throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
+    limits::check_range("--batch-size", o->batch_size, 1, limits::max_batch);
     cfg.attack.norm = cfg.norm;
     cfg.attack.box = cfg.box;
     cfg.attack.steps = o->steps;
@@ -266,6 +294,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     cfg.seed = common.seed;
 
     auto loaded = model_load(o->checkpoint, device);
+    loaded.check_batch(o->batch_size, "--batch-size");
     auto data = test_data(common, loaded);
     const int64_t total = common.samples > 0 ? std::min(common.samples, data.size()) : data.size();
     std::vector<int64_t> indices;
@@ -285,52 +314,21 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
                                 : "")
               << std::endl;
     auto results = certify_run(loaded, data, indices, cfg, device, !common.quiet);
-    results["command"] = invocation;
+    results.command = invocation;
+    results.config.raw["selection"] = selection_json(common, total);
     ::mkdir(o->out.c_str(), 0755);
     const std::string path = o->out + "/results.json";
-    write_file_atomic(path, results.dump(1) + "\n");
-
-    const auto& agg = results["aggregates"];
-    std::cout << "clean accuracy " << fmt_fixed(agg["clean_accuracy"].get<double>(), 4) << " on "
-              << agg["samples"] << " samples\n";
-    std::printf("%-26s", "certified accuracy at eps");
-    for (double e : cfg.eps_grid) std::printf(" %8s", fmt_fixed(e, 3).c_str());
-    std::printf(" %12s\n", "median r");
-    // One line: accuracy per ε, then the median radius (null: inf).
-    auto line = [](const std::string& name, const nlohmann::json& per_eps,
-                   const nlohmann::json& median) {
-      std::printf("%-26s", name.c_str());
-      for (const auto& [k, v] : per_eps.items()) std::printf(" %8.4f", v.get<double>());
-      std::printf(" %12s\n", median.is_null() ? "inf" : fmt_fixed(median.get<double>(), 5).c_str());
-    };
-    line("headline (best per sample)", agg["headline"]["certified_accuracy"],
-         agg["headline"]["median_radius"]);
-    for (const auto& [form, per] : agg["certified_accuracy"].items())
-      line(form, per, agg["median_radius"][form]);
-    if (agg.contains("empirical_accuracy")) {
-      line("empirical (FMN, APGD)", agg["empirical_accuracy"], agg["median_empirical_radius"]);
-      const auto& t = agg["median_tightness"];
-      std::cout << "median tightness (certified / empirical) "
-                << (t.is_null() ? std::string("n/a") : fmt_fixed(t.get<double>(), 4)) << " over "
-                << agg["tightness_samples"] << " samples\n";
-    }
-    if (agg.contains("expert_usage"))
-      std::cout << "expert usage (clean) "
-                << ExpertUsage::text(agg["expert_usage"]["clean_share"].get<std::vector<double>>())
-                << "\n";
-    std::cout << "certify "
-              << fmt_fixed(results["timing"]["certify_samples_per_s"].get<double>(), 1)
-              << " samples/s; results " << path << "\n";
-    const auto violations = agg["violation_count"].get<int64_t>();
-    std::cout << "soundness violations: " << violations << "\n";
+    results.write(path);
+    print_summary(results, path);
+    const auto violations = static_cast<int64_t>(results.aggregates.violations.size());
     int failed_gates = 0;
     if (!report->out.empty() || !report->gates.empty() || !report->junit.empty() ||
         !report->baseline.empty())
       failed_gates = report_and_gate({results}, {o->checkpoint}, *report, invocation);
     if (violations > 0) {
-      for (const auto& v : agg["violations"])
-        std::cerr << "VIOLATION sample " << v["index"] << " form " << v["form"].get<std::string>()
-                  << ": certified " << v["certified"] << " > empirical " << v["empirical"] << "\n";
+      for (const auto& v : results.aggregates.violations)
+        std::cerr << "VIOLATION sample " << v.index << " radius " << v.key.text() << ": certified "
+                  << v.certified << " > empirical " << v.empirical << "\n";
       throw Error(ExitCode::soundness, "certify: " + std::to_string(violations) +
                                            " soundness violation(s): an attack succeeded inside a "
                                            "certified radius (listed above and in " +

@@ -1,4 +1,4 @@
-// `moecert train`, `moecert attack`, `moecert info`.
+// `moecert train` and `moecert attack`, and the options every subcommand shares.
 #include "commands.h"
 
 #include <sys/stat.h>
@@ -11,6 +11,7 @@
 #include "moecert/checkpoint.h"
 #include "moecert/defaults.h"
 #include "moecert/error.h"
+#include "moecert/limits.h"
 #include "moecert/model_io.h"
 #include "moecert/runtime.h"
 #include "moecert/training.h"
@@ -23,14 +24,6 @@ bool path_exists(const std::string& p) {
   return ::stat(p.c_str(), &st) == 0;
 }
 
-/// Rows `index` of a data set. index: [n] int64
-Dataset dataset_rows(const Dataset& d, const torch::Tensor& index) {
-  Dataset out = d;
-  out.images = d.images.index_select(0, index).contiguous();
-  out.labels = d.labels.index_select(0, index).contiguous();
-  return out;
-}
-
 /// Splits a seeded held-out set of `n_val` rows off the training split.
 std::pair<Dataset, Dataset> split_holdout(const Dataset& d, int64_t n_val, uint64_t seed) {
   if (n_val <= 0 || n_val >= d.size())
@@ -38,8 +31,7 @@ std::pair<Dataset, Dataset> split_holdout(const Dataset& d, int64_t n_val, uint6
         "--val-samples", std::to_string(n_val),
         "between 1 and the training set size - 1 (" + std::to_string(d.size() - 1) + ")");
   auto perm = data_epoch_order(d.size(), seed, /*epoch=*/-1);
-  return {dataset_rows(d, perm.narrow(0, n_val, d.size() - n_val)),
-          dataset_rows(d, perm.narrow(0, 0, n_val))};
+  return {d.select(perm.narrow(0, n_val, d.size() - n_val)), d.select(perm.narrow(0, 0, n_val))};
 }
 
 double default_step(double eps, int steps) {
@@ -57,8 +49,8 @@ struct AttackOptions {
     c.norm = norm_parse(norm);
     c.loss = attack_loss_parse(loss);
     if (!(eps >= 0)) throw ConfigError::invalid("--eps", std::to_string(eps), ">= 0");
-    if (steps < 0) throw ConfigError::invalid("--steps", std::to_string(steps), ">= 0");
-    if (restarts < 1) throw ConfigError::invalid("--restarts", std::to_string(restarts), ">= 1");
+    limits::check_range("--steps", steps, 0, limits::max_steps);
+    limits::check_range("--restarts", restarts, 1, limits::max_restarts);
     c.eps = eps, c.steps = steps, c.restarts = restarts;
     c.step_size = step_size > 0 ? step_size : default_step(eps, steps);
     return c;
@@ -88,12 +80,36 @@ std::string describe_training_step(const TrainConfig& cfg) {
 
 }  // namespace
 
+int64_t samples_parse(const std::string& text) {
+  if (text == "all") return 0;
+  try {
+    size_t used = 0;
+    const long long n = std::stoll(text, &used);
+    if (used == text.size() && n >= 1 && n <= limits::max_samples) return n;
+  } catch (const std::exception&) {
+  }
+  throw ConfigError::invalid(
+      "--samples", text,
+      "a number of images in [1, " + std::to_string(limits::max_samples) + "], or 'all'");
+}
+
+nlohmann::json selection_json(const CommonOptions& c, int64_t images) {
+  if (c.samples == 0) return {{"rule", "all"}, {"samples", images}};
+  const bool first = c.subset != "random";
+  nlohmann::json j = {{"rule", first ? "first" : "random"}, {"samples", images}};
+  if (!first) j["seed"] = c.seed;
+  return j;
+}
+
 DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train) {
   DataSpec d;
   d.name = c.dataset.empty() ? fallback : c.dataset;
   d.dir = c.data_dir;
   d.train = train;
   d.seed = c.seed;
+  d.samples = c.samples;
+  // Evaluation takes the first N test images, training a seeded subset, unless --subset says.
+  d.first = c.subset.empty() ? !train : c.subset == "first";
   return d;
 }
 
@@ -147,15 +163,22 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
   o.cfg.eval_attack = o.eval_attack.config();
   o.cfg.log_every = common.quiet ? 0 : o.cfg.log_every;
   o.cfg.validate();
+  // Sizes first, before the data loads (the full check follows once the input shape is known).
+  limits::check_range("--experts", o.spec.experts, 1, limits::max_experts);
+  limits::check_range("--top-k", o.spec.top_k, 1, limits::max_experts);
   if (o.cfg.out_dir.empty()) throw ConfigError("train: --out DIR is required");
   if (!o.cfg.resume && !o.force && path_exists(o.cfg.out_dir + "/" + checkpoint_manifest_file))
     throw ConfigError(
         "train: " + o.cfg.out_dir +
         " already holds a checkpoint; pass --resume to continue it or --force to replace it");
 
-  Dataset full = data_load(data_spec(common, "fashion-mnist", /*train=*/true));
+  DataSpec spec = data_spec(common, "fashion-mnist", /*train=*/true);
+  spec.samples = 0;  // held-out images come from the whole split; --samples thins the rest
+  Dataset full = data_load(spec);
   auto [train, val] = split_holdout(full, o.val_samples, common.seed);
-  if (common.samples > 0) train = data_subset(train, common.samples, common.seed);
+  if (common.samples > 0)
+    train = common.subset == "first" ? data_first(train, common.samples)
+                                     : data_subset(train, common.samples, common.seed);
 
   nlohmann::json resumed;
   if (o.cfg.resume) {
@@ -179,6 +202,8 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
       {"dataset",
        {{"name", train.name}, {"train_samples", train.size()}, {"val_samples", val.size()}}},
       {"threads", threads}};
+  o.spec.validate();  // limits first: their message names the option
+  o.spec.check_memory(o.cfg.batch_size, "--batch-size");
   if (o.cfg.method == "jtdmoe") {
     Dual dual{nullptr};
     if (o.cfg.resume) {
@@ -233,7 +258,16 @@ void cli_register_common(CLI::App& app, CommonOptions& c) {
       ->capture_default_str();
   app.add_option("--dataset", c.dataset, "fashion-mnist | cifar10 | synthetic");
   app.add_option("--data", c.data_dir, "data directory (default: the data set's standard place)");
-  app.add_option("--samples", c.samples, "use a seeded subset of N samples (0 = all)");
+  app.add_option_function<std::string>(
+      "--samples", [&c](const std::string& v) { c.samples = samples_parse(v); },
+      "N images: the first N of the test split (attack, certify, lipschitz), a seeded subset of "
+      "the "
+      "training split (train); 'all' (default) for the whole split");
+  app.add_option(
+         "--subset", c.subset,
+         "which N images --samples takes: first | random (seeded by --seed); default: first "
+         "for evaluation, random for train")
+      ->check(CLI::IsMember({"first", "random"}));
   app.add_flag("--quiet,-q", c.quiet, "no progress lines on stderr");
 }
 
@@ -397,11 +431,12 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     cfg.apgd_steps = o->apgd_steps, cfg.targets = o->targets,
     cfg.square_queries = o->square_queries;
     cfg.min_norm_steps = o->min_norm_steps;
-    if (o->min_norm_steps < 1)
-      throw ConfigError::invalid("--min-norm-steps", std::to_string(o->min_norm_steps), ">= 1");
+    limits::check_range("--min-norm-steps", o->min_norm_steps, 1, limits::max_steps);
+    limits::check_range("--apgd-steps", o->apgd_steps, 1, limits::max_steps);
+    limits::check_range("--square-queries", o->square_queries, 0, limits::max_queries);
+    limits::check_range("--targets", o->targets, 1, limits::max_classes);
     cfg.aware = !o->no_aware, cfg.components = !o->no_components, cfg.seed = common.seed;
-    if (o->batch_size < 1)
-      throw ConfigError::invalid("--batch-size", std::to_string(o->batch_size), ">= 1");
+    limits::check_range("--batch-size", o->batch_size, 1, limits::max_batch);
     if (!(o->max_expert_share > 0 && o->max_expert_share <= 1))
       throw ConfigError::invalid("--max-expert-share", std::to_string(o->max_expert_share),
                                  "in (0, 1]");
@@ -409,13 +444,12 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
       throw ConfigError::invalid("--min-expert-share", std::to_string(o->min_expert_share),
                                  "in [0, 1)");
     auto loaded = model_load(o->checkpoint, device);
+    loaded.check_batch(o->batch_size, "--batch-size");
     if (o->alpha_sweep && !loaded.is_dual())
       throw ConfigError("attack --alpha-sweep needs a dual-model checkpoint (see `moecert dual`)");
     const auto ds_name =
         loaded.manifest.value("dataset", nlohmann::json::object()).value("name", "fashion-mnist");
-    DataSpec ds = data_spec(common, ds_name, /*train=*/false);
-    ds.samples = common.samples;
-    Dataset test = data_load(ds);
+    Dataset test = data_load(data_spec(common, ds_name, /*train=*/false));
     const std::string what = cfg.suite == Suite::pgd
                                  ? describe_attack(pgd)
                                  : "the " + suite_name(cfg.suite) + " suite, eps " +
@@ -441,6 +475,7 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
                         {"suite", suite_name(cfg.suite)},
                         {"box", cfg.box},
                         {"samples", test.size()},
+                        {"selection", selection_json(common, test.size())},
                         {"checkpoint", o->checkpoint},
                         {"dataset", test.name},
                         {"moecert_version", MOECERT_VERSION},
@@ -468,7 +503,7 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     for (size_t i = 0; i < r.rows.size(); ++i) {
       const auto& row = r.rows[i];
       j["rows"].push_back(
-          {{"index", static_cast<int64_t>(i)},
+          {{"index", test.source_index(static_cast<int64_t>(i))},
            {"label", labels[static_cast<int64_t>(i)].item<int64_t>()},
            {"clean_correct", row.clean_correct},
            {"robust", row.robust},
@@ -489,83 +524,11 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
       }
       loaded.dual->set_alpha(saved_alpha);
     }
-    if (!o->save_adv.empty())
-      save_adversarial(o->save_adv, r, test.labels, torch::arange(test.size(), torch::kLong));
+    if (!o->save_adv.empty()) save_adversarial(o->save_adv, r, test.labels, test.index);
     if (!o->json.empty()) write_file_atomic(o->json, j.dump(2) + "\n");
     for (const auto& violation : {r.usage.share_violation(o->max_expert_share, "test"),
                                   r.usage.floor_violation(o->min_expert_share, "test")})
       if (!violation.empty()) throw Error(ExitCode::gate_failed, violation);
-  });
-}
-
-void cli_register_dual(CLI::App& app, const CommonOptions& common) {
-  struct Options {
-    std::string standard, robust, out;
-    double alpha = 0.8;
-    bool force = false;
-  };
-  auto o = std::make_shared<Options>();
-  auto* cmd = app.add_subcommand(
-      "dual", "combine a standard and a robust checkpoint into a dual-model (1-a) F_S + a F_R");
-  cmd->add_option("--standard", o->standard, "checkpoint of the standard model F_S")->required();
-  cmd->add_option("--robust", o->robust, "checkpoint of the robust model F_R")->required();
-  cmd->add_option("--alpha", o->alpha, "weight of the robust model, in [0, 1]")
-      ->capture_default_str();
-  cmd->add_option("--out", o->out, "dual-model checkpoint directory")->required();
-  cmd->add_flag("--force", o->force, "replace an existing checkpoint in --out");
-  cmd->callback([o] {
-    if (!o->force && path_exists(o->out + "/" + checkpoint_manifest_file))
-      throw ConfigError("dual: " + o->out +
-                        " already holds a checkpoint; pass --force to replace it");
-    auto standard = model_load(o->standard, torch::kCPU);
-    auto robust = model_load(o->robust, torch::kCPU);
-    dual_save(o->out, standard, robust, o->alpha);
-    std::cout << "dual-model alpha=" << o->alpha << " of " << o->standard << " and " << o->robust
-              << " -> " << o->out << "\n";
-  });
-}
-
-void cli_register_info(CLI::App& app, const CommonOptions& common) {
-  auto dir = std::make_shared<std::string>();
-  auto* cmd = app.add_subcommand("info", "describe a checkpoint (architecture, training, metrics)");
-  cmd->add_option("checkpoint", *dir, "checkpoint directory")->required();
-  cmd->callback([dir] {
-    auto loaded = model_load(*dir, torch::kCPU);
-    const auto& m = loaded.manifest;
-    std::cout << "checkpoint   " << *dir << "\nmodel        " << loaded.describe()
-              << "\nparameters   "
-              << (loaded.is_dual() ? module_parameter_count(*loaded.dual)
-                                   : module_parameter_count(*loaded.model))
-              << "\nweights      sha256 " << m.value("weights_sha256", "?")
-              << "\nversion      moecert " << m.value("moecert_version", "?") << " (format "
-              << m.value("format_version", 0) << ")\n";
-    if (m.contains("members"))
-      for (const char* role : {"standard", "robust"})
-        std::cout
-            << role << (role[0] == 's' ? "     " : "       ")
-            << m["members"][role].value("path", "?") << " ("
-            << m["members"][role].value("training", nlohmann::json::object()).value("method", "?")
-            << ")\n";
-    if (m.contains("training")) std::cout << "training     " << m["training"].dump() << "\n";
-    if (m.contains("dataset")) std::cout << "dataset      " << m["dataset"].dump() << "\n";
-    if (m.contains("metrics") && m["metrics"].contains("history"))
-      for (const auto& row : m["metrics"]["history"])
-        std::cout
-            << "epoch " << row.value("epoch", 0) << "      held-out SA "
-            << fmt_fixed(row.value("heldout_sa", 0.0), 4) << "  RA "
-            << fmt_fixed(row.value("heldout_ra", 0.0), 4) << "  train loss "
-            << fmt_fixed(row.value("train_loss", 0.0), 4)
-            << (row.contains("heldout_expert_usage_clean")
-                    ? "  experts " +
-                          usage_line(row["heldout_expert_usage_clean"].get<std::vector<double>>()) +
-                          " (attacked " +
-                          usage_line(row["heldout_expert_usage_adv"].get<std::vector<double>>()) +
-                          ")"
-                : row.contains("expert_usage_clean")
-                    ? "  experts (training batches) " +
-                          usage_line(row["expert_usage_clean"].get<std::vector<double>>())
-                    : std::string())
-            << "\n";
   });
 }
 

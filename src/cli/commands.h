@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moecert/data.h"
+#include "moecert/results.h"
 
 namespace moecert {
 
@@ -15,9 +16,17 @@ struct CommonOptions {
   uint64_t seed = 0;
   std::string dataset;   ///< empty: the checkpoint's data set, or fashion-mnist
   std::string data_dir;  ///< empty: the reader's default location
-  int64_t samples = 0;   ///< 0 = the whole split
+  int64_t samples = 0;   ///< 0 = the whole split (--samples all)
+  std::string subset;    ///< "first" | "random" | "" (the command's default)
   bool quiet = false;
 };
+
+/// --samples: "all" -> 0, else a number in [1, limits::max_samples]; ConfigError otherwise.
+int64_t samples_parse(const std::string& text);
+
+/// How an evaluation command chose its test images, as results files record it:
+/// {"rule": "all" | "first" | "random", "samples": N[, "seed": S]}.
+nlohmann::json selection_json(const CommonOptions& c, int64_t images);
 
 /// The data set a command reads: --dataset or `fallback`, --data, the split, the seed.
 DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train);
@@ -42,7 +51,7 @@ void add_report_options(CLI::App* cmd, ReportOptions& o, bool for_certify);
 
 /// Writes the report (if o.out), the JUnit file (if o.junit), prints every gate;
 /// returns the number of failed gates. runs[0] is gated.
-int report_and_gate(const std::vector<nlohmann::json>& runs, const std::vector<std::string>& names,
+int report_and_gate(const std::vector<Results>& runs, const std::vector<std::string>& names,
                     const ReportOptions& o, const std::string& command);
 
 }  // namespace moecert

@@ -11,22 +11,6 @@
 namespace moecert {
 namespace {
 
-nlohmann::json read_results(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw ConfigError("cannot open results file " + path);
-  try {
-    auto j = nlohmann::json::parse(in);
-    if (j.value("schema", "") != "moecert.certify/1")
-      throw ConfigError(path + ": not a moecert results file (schema '" + j.value("schema", "") +
-                        "', expected 'moecert.certify/1')");
-    if (!j.contains("rows") || !j.contains("aggregates"))
-      throw ConfigError(path + ": missing 'rows' or 'aggregates'");
-    return j;
-  } catch (const nlohmann::json::exception& e) {
-    throw ConfigError(path + ": not valid JSON (" + e.what() + ")");
-  }
-}
-
 std::string join_args(int argc, char** argv) {
   std::string s;
   for (int i = 0; i < argc; ++i) s += (i ? " " : "") + std::string(argv[i]);
@@ -35,13 +19,13 @@ std::string join_args(int argc, char** argv) {
 
 }  // namespace
 
-int report_and_gate(const std::vector<nlohmann::json>& runs, const std::vector<std::string>& names,
+int report_and_gate(const std::vector<Results>& runs, const std::vector<std::string>& names,
                     const ReportOptions& o, const std::string& command) {
   std::vector<Gate> gates;
   for (const auto& g : o.gates) gates.push_back(gate_parse(g));
   auto results = gates_evaluate(runs[0], gates);
   if (!o.baseline.empty()) {
-    auto base = baseline_gates(runs[0], read_results(o.baseline), o.max_drop);
+    auto base = baseline_gates(runs[0], Results::read(o.baseline), o.max_drop);
     results.insert(results.end(), base.begin(), base.end());
   }
   std::vector<AttackResult> attacks;
@@ -69,9 +53,9 @@ void cli_register_report(CLI::App& app, const CommonOptions& common, int argc, c
   add_report_options(cmd, *o, /*out_required=*/false);
   const std::string command = join_args(argc, argv);
   cmd->callback([o, files, command] {
-    std::vector<nlohmann::json> runs;
+    std::vector<Results> runs;
     std::vector<std::string> names;
-    for (const auto& f : *files) runs.push_back(read_results(f)), names.push_back(f);
+    for (const auto& f : *files) runs.push_back(Results::read(f)), names.push_back(f);
     if (o->out.empty() && o->gates.empty() && o->baseline.empty())
       throw ConfigError("report: give --out DIR, --gate EXPR or --baseline FILE");
     const int failed = report_and_gate(runs, names, *o, command);
@@ -88,12 +72,12 @@ void cli_register_merge(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("results", *files, "shard results.json files")->required();
   cmd->add_option("--out", *out, "merged results.json")->required();
   cmd->callback([files, out] {
-    std::vector<nlohmann::json> shards;
-    for (const auto& f : *files) shards.push_back(read_results(f));
-    auto merged = results_merge(shards);
-    write_file_atomic(*out, merged.dump(1) + "\n");
-    std::cout << "merged " << shards.size() << " shards, " << merged["rows"].size() << " samples, "
-              << merged["aggregates"]["violation_count"] << " violations: " << *out << "\n";
+    std::vector<Results> shards;
+    for (const auto& f : *files) shards.push_back(Results::read(f));
+    const auto merged = results_merge(shards);
+    merged.write(*out);
+    std::cout << "merged " << shards.size() << " shards, " << merged.rows.size() << " samples, "
+              << merged.aggregates.violations.size() << " violations: " << *out << "\n";
   });
   (void)common;
 }

@@ -10,6 +10,7 @@
 
 #include "data-impl.h"
 #include "moecert/error.h"
+#include "moecert/limits.h"
 
 namespace moecert {
 namespace {
@@ -33,6 +34,9 @@ torch::Tensor cifar_read_batch(const std::string& path) {
     const int64_t expected = (size / kRecordBytes + 1) * kRecordBytes;
     throw DataError::truncated(path, expected, size);
   }
+  if (!limits::fits(static_cast<double>(size)))
+    throw DataError::corrupt(path, "a " + limits::bytes_text(static_cast<double>(size)) +
+                                       " file, more than the memory available");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw DataError::cannot_open(path, std::strerror(errno));
   auto records = torch::empty({size / kRecordBytes, kRecordBytes}, torch::kUInt8);

@@ -58,6 +58,19 @@ torch::Tensor Dataset::batch_labels(const torch::Tensor& index) const {
   return labels.index_select(0, index.to(labels.device()));
 }
 
+int64_t Dataset::source_index(int64_t row) const {
+  return index.defined() ? index[row].item<int64_t>() : row;
+}
+
+Dataset Dataset::select(const torch::Tensor& rows) const {
+  Dataset out = *this;
+  out.images = images.index_select(0, rows.to(images.device())).contiguous();
+  out.labels = labels.index_select(0, rows.to(labels.device())).contiguous();
+  out.index = index.defined() ? index.index_select(0, rows.to(index.device()))
+                              : rows.to(torch::kCPU).clone();
+  return out;
+}
+
 // --- synthetic ------------------------------------------------------------------
 
 namespace {
@@ -198,13 +211,21 @@ Dataset data_load(const DataSpec& spec) {
       throw ConfigError::invalid("--data", "", "the directory holding the CIFAR-10 .bin batches");
     data = data_load_cifar10(spec.dir, spec.train);
   } else if (spec.name == "synthetic") {
-    const int64_t n = spec.samples > 0 ? spec.samples : 2000;
+    const int64_t n = spec.train ? defaults::synthetic_train_size : defaults::synthetic_test_size;
     data = synthetic_generate(n, 1, 28, 28, 10, spec.seed, spec.train ? kTrainStream : kTestStream);
   } else {
     throw ConfigError::invalid("--dataset", spec.name, "fashion-mnist | cifar10 | synthetic");
   }
-  if (spec.samples > 0) data = data_subset(data, spec.samples, spec.seed);
+  data.index = torch::arange(data.size(), torch::kInt64);
+  if (spec.samples > 0)
+    data = spec.first ? data_first(data, spec.samples) : data_subset(data, spec.samples, spec.seed);
   return data;
+}
+
+Dataset data_first(const Dataset& data, int64_t n) {
+  TORCH_CHECK(n >= 0, "data_first: negative size ", n);
+  if (n >= data.size()) return data;
+  return data.select(torch::arange(n, torch::kInt64));
 }
 
 Dataset data_subset(const Dataset& data, int64_t n, uint64_t seed) {
@@ -221,11 +242,7 @@ Dataset data_subset(const Dataset& data, int64_t n, uint64_t seed) {
     std::swap(index[i], index[i + data_impl::rng_below(rng, size - i)]);
   index.resize(n);
   std::sort(index.begin(), index.end());
-  auto rows = torch::tensor(index, torch::kInt64);
-  Dataset subset = data;
-  subset.images = data.images.index_select(0, rows.to(data.images.device()));
-  subset.labels = data.labels.index_select(0, rows.to(data.labels.device()));
-  return subset;
+  return data.select(torch::tensor(index, torch::kInt64));
 }
 
 torch::Tensor data_epoch_order(int64_t n, uint64_t seed, int64_t epoch) {

@@ -14,15 +14,16 @@
 
 #include "data-impl.h"
 #include "moecert/error.h"
+#include "moecert/limits.h"
 
 namespace moecert {
 namespace {
 
 constexpr uint32_t kImagesMagic = 0x00000803;  // u8, 3 dims: N, H, W
 constexpr uint32_t kLabelsMagic = 0x00000801;  // u8, 1 dim: N
-// A corrupt header must not make us try to allocate terabytes before the
-// payload read would notice; no real IDX file is anywhere near this.
-constexpr int64_t kMaxPayloadBytes = int64_t{1} << 34;
+// The payload arrives in chunks of this size: a header that promises more than the
+// file holds costs at most one chunk beyond what the file really has.
+constexpr int64_t kChunkBytes = int64_t{64} << 20;
 
 /// Owns a gzFile and turns every zlib failure into a DataError naming the file.
 class GzReader {
@@ -109,18 +110,37 @@ torch::Tensor idx_read(const std::string& path, uint32_t magic, int ndims) {
   in.read_exact(header.data() + 4, 4 * ndims);
 
   std::vector<int64_t> sizes;
-  int64_t payload = 1;
-  for (int d = 0; d < ndims; ++d) {
-    sizes.push_back(be32(header.data() + 4 * (d + 1)));
-    if (sizes.back() > kMaxPayloadBytes / payload)  // checked before multiplying: no overflow
-      throw DataError::corrupt(path, "implausible dimensions " + shape_str(sizes) + " in header");
-    payload *= std::max<int64_t>(sizes.back(), 1);
+  for (int d = 0; d < ndims; ++d) sizes.push_back(be32(header.data() + 4 * (d + 1)));
+  // Every size within its limit before any product: at most 2^31 · 8192 · 8192 bytes.
+  const char* what[] = {"images", "height", "width"};
+  for (int d = 0; d < ndims; ++d)
+    if (sizes[d] > (d == 0 ? limits::max_samples : limits::max_side))
+      throw DataError::corrupt(
+          path, "implausible dimensions " + shape_str(sizes) + " in header (" + what[d] +
+                    " above " + std::to_string(d == 0 ? limits::max_samples : limits::max_side) +
+                    ")");
+  int64_t bytes = 1;
+  for (int64_t s : sizes) bytes *= s;
+  if (!limits::fits(static_cast<double>(bytes)))
+    throw DataError::corrupt(
+        path, "header dimensions " + shape_str(sizes) + " promise " +
+                  limits::bytes_text(static_cast<double>(bytes)) +
+                  ", more than the memory available (" +
+                  limits::bytes_text(static_cast<double>(limits::memory_budget())) + ")");
+  // Read in chunks into a buffer that grows with what arrives: a header that promises
+  // more than the file holds is truncation, found before allocating the promise.
+  auto buffer = std::make_shared<std::vector<uint8_t>>();
+  for (int64_t done = 0; done < bytes;) {
+    const int64_t n = std::min(kChunkBytes, bytes - done);
+    buffer->resize(static_cast<size_t>(done + n));
+    const int64_t got = in.read(buffer->data() + done, n);
+    done += got;
+    if (got < n) throw DataError::truncated(path, bytes, done);
   }
-  auto data = torch::empty(sizes, torch::kUInt8);
-  const int64_t bytes = data.numel();
-  in.read_exact(data.data_ptr<uint8_t>(), bytes);  // one big read straight into the tensor
   in.expect_end(bytes);
-  return data;
+  // The tensor owns the buffer (the deleter holds it): no copy.
+  return torch::from_blob(
+      buffer->data(), sizes, [buffer](void*) {}, torch::kUInt8);
 }
 
 }  // namespace

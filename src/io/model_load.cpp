@@ -41,6 +41,15 @@ std::string LoadedModel::describe() const {
          model_describe(dual->robust().spec()) + "]";
 }
 
+void LoadedModel::check_batch(int64_t batch, const std::string& option) const {
+  if (is_dual()) {
+    dual->standard().spec().check_memory(batch, option);
+    dual->robust().spec().check_memory(batch, option);
+  } else {
+    model->spec().check_memory(batch, option);
+  }
+}
+
 LoadedModel model_load(const std::string& dir, torch::Device device) {
   LoadedModel out;
   out.dir = dir;

@@ -407,6 +407,70 @@ std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind,
   throw ConfigError::invalid("--expert", kind, "cnn-s | resnet18 (MoE-CNN backbones)");
 }
 
+namespace {
+
+/// ResNet-18 of base width b (a trunk without head when outputs == 0).
+BackboneCost resnet18_cost(int64_t c, int64_t h, int64_t w, int64_t outputs, int64_t b) {
+  auto block = [](int64_t in, int64_t out, int64_t stride) {
+    int64_t p = in * out * 9 + 2 * out + out * out * 9 + 2 * out;
+    if (stride != 1 || in != out) p += in * out + 2 * out;
+    return p;
+  };
+  double params = static_cast<double>(c * b * 9 + 2 * b);
+  const int64_t widths[] = {b, 2 * b, 4 * b, 8 * b};
+  int64_t in = b;
+  for (int i = 0; i < 4; ++i) {
+    params +=
+        static_cast<double>(block(in, widths[i], i == 0 ? 1 : 2) + block(widths[i], widths[i], 1));
+    in = widths[i];
+  }
+  if (outputs > 0) params += static_cast<double>(8 * b * outputs + outputs);
+  // Conv, BatchNorm and ReLU outputs of each stage: 5 maps at full size, 4 at 1/4, ...
+  const double hw = static_cast<double>(h) * static_cast<double>(w);
+  return {params, 3.0 * static_cast<double>(b) * hw * (5 + 2 + 1 + 0.5)};
+}
+
+}  // namespace
+
+BackboneCost backbone_cost(const std::string& kind, int64_t c, int64_t h, int64_t w,
+                           int64_t outputs) {
+  const double hw4 =
+      static_cast<double>(conv_s2_size(conv_s2_size(h)) * conv_s2_size(conv_s2_size(w)));
+  const double hw2 = static_cast<double>(conv_s2_size(h) * conv_s2_size(w));
+  const double in = static_cast<double>(c) * static_cast<double>(h) * static_cast<double>(w);
+  const double k = static_cast<double>(outputs), ch = static_cast<double>(c);
+  if (kind == "cnn-s")
+    return {ch * 16 * 9 + 16 + 16 * 32 * 9 + 32 + 32 * hw4 * 128 + 128 + 128 * k + k,
+            2 * (16 * hw2 + 32 * hw4 + 128) + k};
+  if (kind == "resnet18") return resnet18_cost(c, h, w, outputs, 64);
+  if (kind == "linear") return {in * k + k, k};
+  if (kind == "cnn")
+    return {ch * 8 * 9 + 8 + 8 * 16 * 9 + 16 + 16 * hw4 * k + k, 2 * (8 * hw2 + 16 * hw4) + k};
+  if (kind == "mlp") return {in * 32 + 32 + 32 * 32 + 32 + 32 * k + k, 4 * 32 + k};
+  throw ConfigError::invalid("backbone", kind,
+                             "cnn-s | resnet18 | mlp (experts), linear | cnn | mlp (routers)");
+}
+
+BackboneCost channel_group_cost(const std::string& kind, int64_t c, int64_t h, int64_t w,
+                                int64_t outputs, int64_t groups, double scale) {
+  const double n = static_cast<double>(groups), k = static_cast<double>(outputs);
+  if (kind == "cnn-s") {
+    const int64_t w1 = group_width(16, scale), w2 = group_width(32, scale);
+    const double f =
+        static_cast<double>(w2 * conv_s2_size(conv_s2_size(h)) * conv_s2_size(conv_s2_size(w)));
+    const double trunk = static_cast<double>(c * w1 * 9 + w1 + w1 * w2 * 9 + w2);
+    const double hw2 = static_cast<double>(conv_s2_size(h) * conv_s2_size(w));
+    return {n * trunk + n * f * 128 + 128 + 128 * k + k,
+            2 * (static_cast<double>(w1) * hw2 + f + 128) + k};
+  }
+  if (kind == "resnet18") {
+    const int64_t b = group_width(64, scale);
+    const auto trunk = resnet18_cost(c, h, w, 0, b);
+    return {n * trunk.parameters + n * 8 * static_cast<double>(b) * k + k, trunk.activations + k};
+  }
+  throw ConfigError::invalid("--expert", kind, "cnn-s | resnet18 (MoE-CNN backbones)");
+}
+
 int64_t module_parameter_count(const torch::nn::Module& module) {
   int64_t n = 0;
   for (const auto& p : module.parameters()) n += p.numel();

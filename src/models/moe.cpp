@@ -3,7 +3,11 @@
 // permutation. No per-sample loop, and an unselected expert is never computed.
 #include <torch/torch.h>
 
+#include <cmath>
+#include <type_traits>
+
 #include "moecert/error.h"
+#include "moecert/limits.h"
 #include "moecert/models.h"
 
 namespace moecert {
@@ -50,9 +54,17 @@ nlohmann::json ModelSpec::to_json() const {
 
 ModelSpec ModelSpec::from_json(const nlohmann::json& j) {
   ModelSpec s;
+  if (!j.is_object())
+    throw ConfigError("architecture: must be an object, got " + std::string(j.type_name()));
   auto field = [&](const char* name, auto& out) {
     if (!j.contains(name))
       throw ConfigError("architecture: missing field '" + std::string(name) + "'");
+    // An integer field takes integers only: a float such as 1e300 has no int64 value.
+    if constexpr (std::is_same_v<std::decay_t<decltype(out)>, int64_t>)
+      if (!j.at(name).is_number_integer() ||
+          (j.at(name).is_number_unsigned() && j.at(name).get<uint64_t>() > uint64_t(INT64_MAX)))
+        throw ConfigError("architecture: field '" + std::string(name) +
+                          "' must be an integer, got " + j.at(name).dump().substr(0, 40));
     try {
       j.at(name).get_to(out);
     } catch (const nlohmann::json::exception& e) {
@@ -86,15 +98,11 @@ ModelSpec ModelSpec::from_json(const nlohmann::json& j) {
 }
 
 void ModelSpec::validate() const {
-  auto positive = [](const char* name, int64_t v) {
-    if (v <= 0) throw ConfigError::invalid(name, std::to_string(v), "a positive integer");
-  };
-  positive("in_channels", in_channels);
-  positive("height", height);
-  positive("width", width);
-  positive("experts", experts);
-  if (num_classes < 2)
-    throw ConfigError::invalid("num_classes", std::to_string(num_classes), ">= 2");
+  limits::check_range("in_channels", in_channels, 1, limits::max_channels);
+  limits::check_range("height", height, 1, limits::max_side);
+  limits::check_range("width", width, 1, limits::max_side);
+  limits::check_range("experts", experts, 1, limits::max_experts);
+  limits::check_range("num_classes", num_classes, 2, limits::max_classes);
   if (expert != "cnn-s" && expert != "resnet18" && expert != "mlp")
     throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18 | mlp");
   if (router != "linear" && router != "cnn" && router != "mlp")
@@ -107,7 +115,10 @@ void ModelSpec::validate() const {
     throw ConfigError("architecture: mean/std need one value per input channel (" +
                       std::to_string(in_channels) + ")");
   for (double s : std)
-    if (!(s > 0)) throw ConfigError::invalid("std", std::to_string(s), "a positive number");
+    if (!(s > 0 && std::isfinite(s)))
+      throw ConfigError::invalid("std", std::to_string(s), "a positive number");
+  for (double m : mean)
+    if (!std::isfinite(m)) throw ConfigError::invalid("mean", std::to_string(m), "a finite number");
   if (kind != "moe" && kind != "moe-cnn")
     throw ConfigError::invalid("--arch", kind, "moe | moe-cnn");
   if (kind == "moe-cnn") {
@@ -127,8 +138,40 @@ void ModelSpec::validate() const {
   }
 }
 
+BackboneCost ModelSpec::cost() const {
+  if (kind == "moe-cnn") {
+    auto c = channel_group_cost(expert, in_channels, height, width, num_classes, experts, scale);
+    const auto r = backbone_cost(router, in_channels, height, width, experts);
+    return {c.parameters + r.parameters, c.activations + r.activations};
+  }
+  const auto e = backbone_cost(expert, in_channels, height, width, num_classes);
+  BackboneCost c{static_cast<double>(experts) * e.parameters, e.activations};
+  if (experts > 1) {
+    const auto r = backbone_cost(router, in_channels, height, width, experts);
+    const double used =
+        routing == Routing::soft ? static_cast<double>(experts) : static_cast<double>(top_k);
+    c.parameters += r.parameters;
+    c.activations = r.activations + used * e.activations;
+  }
+  return c;
+}
+
+void ModelSpec::check_memory(int64_t batch, const std::string& batch_option) const {
+  const auto c = cost();
+  const std::string shape =
+      std::to_string(in_channels) + "x" + std::to_string(height) + "x" + std::to_string(width);
+  limits::check_memory(
+      "the model (" + std::to_string(static_cast<int64_t>(c.parameters)) + " parameters)",
+      "architecture", std::to_string(experts) + " " + expert + " experts on " + shape + " inputs",
+      16.0 * c.parameters);
+  if (batch > 0)
+    limits::check_memory("a batch through the model", batch_option, std::to_string(batch),
+                         16.0 * c.parameters + 16.0 * static_cast<double>(batch) * c.activations);
+}
+
 MoeImpl::MoeImpl(ModelSpec spec) : spec_(std::move(spec)) {
   spec_.validate();
+  spec_.check_memory();
   auto channel_buffer = [&](const std::vector<double>& v) {
     return torch::tensor(v, torch::kFloat32).view({1, spec_.in_channels, 1, 1});
   };

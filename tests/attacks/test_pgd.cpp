@@ -18,7 +18,7 @@ double max_norm(const torch::Tensor& d, Norm norm) {
 
 }  // namespace
 
-TEST_CASE("PGD stays in the eps-ball and in [0,1]", "[unit][attacks]") {
+TEST_CASE("PGD stays in the eps-ball and in [0,1]", "[integration][attacks]") {
   auto& model = moecert_test::trained_moe();
   auto data = synthetic(64, 0, false);
   auto idx = torch::arange(64);

@@ -55,7 +55,8 @@ RowSampler seeds(int64_t n) {
 
 }  // namespace
 
-TEST_CASE("every attack reaches the minimal perturbation of a linear classifier", "[attacks]") {
+TEST_CASE("every attack reaches the minimal perturbation of a linear classifier",
+          "[unit][attacks]") {
   const int64_t n = 8;
   const Linear lin(n);
   auto f = lin.fn();
@@ -103,7 +104,7 @@ TEST_CASE("every attack reaches the minimal perturbation of a linear classifier"
   }
 }
 
-TEST_CASE("APGD's DLR loss breaks a gradient-masked model that PGD-20 cannot", "[attacks]") {
+TEST_CASE("APGD's DLR loss breaks a gradient-masked model that PGD-20 cannot", "[unit][attacks]") {
   // A temperature of 10^4 saturates the softmax: the cross-entropy of a correct point
   // is exactly 0 in float32, and so is its gradient. DLR is scale-free.
   const int64_t n = 8;
@@ -124,7 +125,7 @@ TEST_CASE("APGD's DLR loss breaks a gradient-masked model that PGD-20 cannot", "
   CHECK(dlr.success.all().item<bool>());
 }
 
-TEST_CASE("Square breaks a model without using gradients", "[attacks]") {
+TEST_CASE("Square breaks a model without using gradients", "[unit][attacks]") {
   const int64_t n = 8;
   const Linear lin(n);
   auto base = lin.fn();
@@ -194,7 +195,7 @@ Dataset half_grey(int64_t n) {
 
 }  // namespace
 
-TEST_CASE("the route-aware run breaks a top-1 MoE that plain PGD cannot", "[attacks]") {
+TEST_CASE("the route-aware run breaks a top-1 MoE that plain PGD cannot", "[unit][attacks]") {
   Moe model = trap_moe();
   auto data = half_grey(12);
   SuiteConfig cfg;
@@ -225,7 +226,7 @@ TEST_CASE("the route-aware run breaks a top-1 MoE that plain PGD cannot", "[atta
 }
 
 TEST_CASE("RA-E and RA-R: APGD-T's later targets run on a subset under the subset's frozen routing",
-          "[attacks]") {
+          "[integration][attacks]") {
   // APGD-T attacks each target class on the samples the earlier targets left robust.
   // The component targets hold per-sample state (RA-E: the clean routing; RA-R: the
   // clean experts' input), so each subset needs its own target function: with the

@@ -121,12 +121,12 @@ TEST_CASE("the float32 allowance refuses a near-tie that float32 rounding breaks
   loaded.manifest = nlohmann::json::object();
   CertifyConfig cfg;
   cfg.estimators = {Estimator::global, Estimator::local, Estimator::crown};
-  cfg.eps_grid = {0.1};
+  cfg.eps_grid = EpsGrid({0.1});
   cfg.empirical = false;
   cfg.search_rounds = 10;
   auto radii_of = [&](bool exact) {
     cfg.exact_arithmetic = exact;
-    auto res = certify_run(loaded, d, {0}, cfg, torch::kCPU, false);
+    auto res = certify_run(loaded, d, {0}, cfg, torch::kCPU, false).to_json();
     REQUIRE(res["rows"][0]["correct"].get<bool>());
     return res["rows"][0]["radii"];
   };

@@ -162,7 +162,7 @@ TEST_CASE("global bounds of whole backbones bound every attained gradient", "[un
 }
 
 TEST_CASE("local bounds: sound over the ball, between lower and global, growing with eps",
-          "[unit][certify]") {
+          "[soundness][certify]") {
   torch::manual_seed(3);
   ModelSpec spec;
   spec.experts = 2;

@@ -88,13 +88,13 @@ void check_ground_truth(LoadedModel& loaded, const Dataset& test, Norm p, bool b
   cfg.box = box;
   cfg.estimators = estimators_parse("all");
   cfg.alpha_steps = 10;
-  cfg.eps_grid = {0.01, 0.05};
+  cfg.eps_grid = EpsGrid({0.01, 0.05});
   cfg.attack.norm = p, cfg.attack.steps = 30, cfg.attack.restarts = 2;
   cfg.empirical_max = 1.0, cfg.empirical_tol = 1e-4;
   cfg.bisect_steps = 14;
   std::vector<int64_t> idx(static_cast<size_t>(test.size()));
   std::iota(idx.begin(), idx.end(), 0);
-  auto res = certify_run(loaded, test, idx, cfg, torch::kCPU, false);
+  auto res = certify_run(loaded, test, idx, cfg, torch::kCPU, false).to_json();
   CHECK(res["aggregates"]["violation_count"] == 0);
   // The grid search gives an upper bound on the exact radius; it can miss the exact
   // boundary point by about a grid step, so "exact <= empirical" allows 2h.

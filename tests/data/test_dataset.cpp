@@ -264,3 +264,34 @@ TEST_CASE("batches are float32 scaled to the unit interval with their labels", "
   CHECK(x[2].item<float>() == 1.0f);
   CHECK(torch::equal(data.batch_labels(index), index));
 }
+
+TEST_CASE("subsets and selections keep each row's index in its split", "[unit][data]") {
+  DataSpec spec;
+  spec.name = "synthetic";
+  spec.train = false;
+  const Dataset full = moecert::data_load(spec);
+  REQUIRE(torch::equal(full.index, torch::arange(full.size(), torch::kInt64)));
+  // The first N (what evaluation commands take) and a seeded subset (training).
+  spec.samples = 7;
+  spec.first = true;
+  const Dataset first = moecert::data_load(spec);
+  CHECK(torch::equal(first.index, torch::arange(7, torch::kInt64)));
+  spec.first = false;
+  const Dataset seeded = moecert::data_load(spec);
+  REQUIRE(seeded.size() == 7);
+  CHECK_FALSE(torch::equal(seeded.index, torch::arange(7, torch::kInt64)));
+  for (const Dataset* d : {&first, &seeded})
+    for (int64_t i = 0; i < d->size(); ++i) {
+      const int64_t at = d->source_index(i);
+      CHECK(torch::equal(d->images[i], full.images[at]));
+      CHECK(d->labels[i].item<int64_t>() == full.labels[at].item<int64_t>());
+    }
+  // A selection of a selection still names the split's rows.
+  const Dataset two = seeded.select(torch::tensor({3, 1}, torch::kInt64));
+  CHECK(two.source_index(0) == seeded.source_index(3));
+  CHECK(two.source_index(1) == seeded.source_index(1));
+  // The synthetic splits have fixed sizes: an index names one image whatever --samples is.
+  spec.samples = 3;
+  spec.first = true;
+  CHECK(torch::equal(moecert::data_load(spec).images, first.images.narrow(0, 0, 3)));
+}

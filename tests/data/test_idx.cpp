@@ -143,6 +143,26 @@ TEST_CASE_METHOD(IdxFixture, "data_load_idx names a truncated images file", "[un
   }
 }
 
+TEST_CASE_METHOD(IdxFixture, "data_load_idx refuses header sizes before allocating them",
+                 "[unit][data]") {
+  write_plain(path("lbl"), labels_file());
+  auto error_for = [&](const std::vector<uint32_t>& sizes) {
+    write_gz(path("img"), idx_bytes(0x803, sizes, pixels));
+    return data_error_of([&] { moecert::data_load_idx(path("img"), path("lbl"), 10); });
+  };
+  // Past a size limit: named before any product of sizes is formed.
+  CHECK_THAT(error_for({5, 4, 100000}), Catch::Contains(path("img")) &&
+                                            Catch::Contains("[5, 4, 100000]") &&
+                                            Catch::Contains("width above 8192"));
+  // Within the limits but past the memory there is (2^31 images of 8192 x 8192: 128 PiB).
+  CHECK_THAT(error_for({0x80000000u, 8192, 8192}),
+             Catch::Contains("more than the memory available"));
+  // A header that promises 1 GB over 60 bytes of payload: truncation, found after at
+  // most one 64 MiB chunk, not a 1 GB allocation.
+  CHECK_THAT(error_for({1000000, 1000, 1}),
+             Catch::Contains("truncated") && Catch::Contains("expected 1000000000 bytes"));
+}
+
 TEST_CASE_METHOD(IdxFixture, "data_load_idx rejects a bad magic number", "[unit][data]") {
   write_gz(path("img.gz"), images_file());
   write_gz(path("lbl.gz"), labels_file());

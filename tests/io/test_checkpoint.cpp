@@ -418,7 +418,8 @@ TEST_CASE("write_file_atomic replaces files and reports unwritable paths", "[uni
   }
 }
 
-TEST_CASE("a save killed at random moments leaves the previous checkpoint loadable", "[unit][io]") {
+TEST_CASE("a save killed at random moments leaves the previous checkpoint loadable",
+          "[integration][io]") {
   CkptScratch scratch;
   const std::string dir = scratch.path("ckpt");
   IoTestNet net;

@@ -18,7 +18,7 @@ using moecert_test::TempDir;
 namespace {
 
 /// A small real results object: the cached synthetic MoE, certified on `indices`.
-nlohmann::json certify_indices(const std::vector<int64_t>& indices, const std::string& shard = "") {
+Results certify_indices(const std::vector<int64_t>& indices, const std::string& shard = "") {
   static Dataset test = moecert_test::synthetic(30, 0, /*train=*/false);
   LoadedModel loaded;
   // A fresh copy each time: certify_run puts the model in eval mode.
@@ -35,14 +35,16 @@ nlohmann::json certify_indices(const std::vector<int64_t>& indices, const std::s
   loaded.dir = "trained_moe";
   CertifyConfig cfg;
   cfg.estimators = {Estimator::global, Estimator::local, Estimator::crown};
-  cfg.eps_grid = {0.001, 0.01, 0.05};
+  cfg.eps_grid = EpsGrid({0.001, 0.01, 0.05});
+  cfg.jacobian_crown = false;  // the interval Jacobian: what reports read, a third of the time
   cfg.attack.steps = 5;
   cfg.shard = shard;
   cfg.batch_size = 4;
   return certify_run(loaded, test, indices, cfg, torch::kCPU, false);
 }
 
-nlohmann::json without_timing(nlohmann::json j) {
+nlohmann::json without_timing(const Results& r) {
+  auto j = r.to_json();
   j.erase("timing");
   j.erase("merged_from");
   j["config"].erase("shard");
@@ -53,28 +55,32 @@ nlohmann::json without_timing(nlohmann::json j) {
 
 TEST_CASE("gate expressions parse, and malformed ones are usage errors", "[unit][reports]") {
   auto g = gate_parse("certified_acc@0.02>=0.40");
-  CHECK(g.metric == "certified_acc");
-  CHECK(g.eps == Approx(0.02));
+  CHECK(g.metric == GateMetric::certified_acc);
+  CHECK(g.eps.value() == 0.02);
   CHECK(g.op == ">=");
   CHECK(g.value == Approx(0.40));
   auto f = gate_parse(" certified_acc[thm54_tight_local]@0.05 > 0.1 ");
-  CHECK(f.form == "thm54_tight_local");
+  CHECK(f.key->text() == "thm54_tight_local");
   CHECK(gate_parse("violations==0").op == "==");
   CHECK(gate_parse("median_tightness>=0.05").value == Approx(0.05));
-  CHECK(gate_parse("ra@0.1>=0.6").metric == "ra");
+  CHECK(gate_parse("ra@0.1>=0.6").metric == GateMetric::empirical_acc);
+  CHECK(gate_parse("certified_acc@1e-5>=0").eps.value() == 0.00001);
+  CHECK(gate_parse("certified_acc@0.0123456789>=0").eps.value() == 0.0123456789);
   for (const char* bad : {"certified_acc>=0.4", "accuracy@0.1>=0.5", "violations@0.1==0",
-                          "ra@0.1=>0.6", "ra@0.1>=", "", "sa>=0.5 extra", "violations[x]==0"}) {
+                          "ra@0.1=>0.6", "ra@0.1>=", "", "sa>=0.5 extra", "violations[x]==0",
+                          "certified_acc[nope]@0.01>=0", "certified_acc@-1>=0",
+                          "certified_acc@x>=0", "sa>=1e999", "median_radius[candidate_exact]>0"}) {
     INFO(bad);
     CHECK_THROWS_AS(gate_parse(bad), ConfigError);
   }
   CHECK(ConfigError("x").exit_code() == 2);
 }
 
-TEST_CASE("gates evaluate on results, and JUnit XML parses back", "[reports]") {
+TEST_CASE("gates evaluate on results, and JUnit XML parses back", "[integration][reports]") {
   std::vector<int64_t> all(12);
   std::iota(all.begin(), all.end(), 0);
   auto r = certify_indices(all);
-  const double sa = r["aggregates"]["clean_accuracy"];
+  const double sa = r.aggregates.clean_accuracy;
   auto results =
       gates_evaluate(r, {gate_parse("sa>=0"), gate_parse("sa>1"), gate_parse("violations==0"),
                          gate_parse("certified_acc@0.001>=0"), gate_parse("ra@0.05<=1")});
@@ -87,7 +93,10 @@ TEST_CASE("gates evaluate on results, and JUnit XML parses back", "[reports]") {
   CHECK(results[4].passed);
   // A metric the results do not carry is a usage error, not a silent pass.
   CHECK_THROWS_AS(gates_evaluate(r, {gate_parse("certified_acc@0.5>=0")}), ConfigError);
-  CHECK_THROWS_AS(gates_evaluate(r, {gate_parse("certified_acc[nope]@0.01>=0")}), ConfigError);
+  CHECK_THROWS_AS(gates_evaluate(r, {gate_parse("certified_acc[nope_crown]@0.01>=0")}),
+                  ConfigError);
+  CHECK_THROWS_AS(gates_evaluate(r, {gate_parse("certified_acc[candidate_alpha-crown]@0.01>=0")}),
+                  ConfigError);
 
   TempDir tmp;
   { std::ofstream(tmp / "junit.xml") << junit_xml(results, "suite <&> \"x\""); }
@@ -106,16 +115,28 @@ TEST_CASE("gates evaluate on results, and JUnit XML parses back", "[reports]") {
   CHECK(!same.empty());
   for (const auto& b : same) CHECK(b.passed);
   auto better = r;
-  better["aggregates"]["empirical_accuracy"]["0.001"] = sa + 0.5;
+  (*better.aggregates.empirical)[0] = sa + 0.5;
   auto worse = baseline_gates(r, better, 0.02);
   CHECK(std::any_of(worse.begin(), worse.end(), [](const GateResult& g) { return !g.passed; }));
+  // A baseline with an ε this run lacks fails that gate ("n/a"), never passes silently.
+  auto wider = r;
+  wider.config.grid = EpsGrid({0.001, 0.01, 0.05, 0.2});
+  wider.aggregate();
+  auto missing = baseline_gates(r, wider, 0.02);
+  const auto at = std::find_if(missing.begin(), missing.end(), [](const GateResult& g) {
+    return g.gate.text.find("@0.2 ") != std::string::npos;
+  });
+  REQUIRE(at != missing.end());
+  CHECK_FALSE(at->passed);
+  CHECK(std::isnan(at->actual));
+  CHECK(junit_xml(missing, "s").find("n/a (not in this run)") != std::string::npos);
 }
 
-TEST_CASE("merging 3 shards equals the unsharded run", "[reports]") {
+TEST_CASE("merging 3 shards equals the unsharded run", "[integration][reports]") {
   std::vector<int64_t> all(22);
   std::iota(all.begin(), all.end(), 0);
   auto whole = certify_indices(all);
-  std::vector<nlohmann::json> shards;
+  std::vector<Results> shards;
   for (int i = 0; i < 3; ++i) {
     // `certify --shard i/3`: blocks of --batch-size (4) samples, block numbers i, i+3, ...
     std::vector<int64_t> part;
@@ -126,18 +147,18 @@ TEST_CASE("merging 3 shards equals the unsharded run", "[reports]") {
   // Shard order does not matter.
   std::swap(shards[0], shards[2]);
   auto merged = results_merge(shards);
-  CHECK(merged["rows"].size() == 22);
+  CHECK(merged.rows.size() == 22);
   INFO("differences: "
        << nlohmann::json::diff(without_timing(whole), without_timing(merged)).dump());
   CHECK(without_timing(merged) == without_timing(whole));
   // Overlapping or foreign shards are refused.
   CHECK_THROWS_AS(results_merge({shards[0], shards[0]}), ConfigError);
   auto foreign = shards[1];
-  foreign["fingerprint"]["weights_sha256"] = "other";
+  foreign.fingerprint["weights_sha256"] = "other";
   CHECK_THROWS_WITH(results_merge({shards[0], foreign}), Catch::Contains("different checkpoint"));
 }
 
-TEST_CASE("report.md and a self-contained report.html with plots", "[reports]") {
+TEST_CASE("report.md and a self-contained report.html with plots", "[integration][reports]") {
   std::vector<int64_t> all(12);
   std::iota(all.begin(), all.end(), 0);
   auto r = certify_indices(all);
@@ -164,10 +185,27 @@ TEST_CASE("report.md and a self-contained report.html with plots", "[reports]") 
   auto cmp = read_text(tmp / "cmp/report.md");
   CHECK(cmp.find("| before | clean accuracy") != std::string::npos);
   CHECK(cmp.find("| after | clean accuracy") != std::string::npos);
+  // Runs with different grids: one column per ε of either, "n/a" where a run lacks it.
+  auto other = r;
+  other.config.grid = EpsGrid({0.001, 0.2});
+  other.aggregate();
+  report_write({r, other}, {"a", "b"}, {}, {}, tmp / "grids", "test");
+  auto grids = read_text(tmp / "grids/report.md");
+  CHECK(grids.find("| ε = 0.001 | ε = 0.01 | ε = 0.05 | ε = 0.2 |") != std::string::npos);
+  const auto line_b = grids.substr(grids.find("| b | certified (headline"));
+  const auto cells = line_b.substr(0, line_b.find('\n'));
+  INFO(cells);
+  CHECK(cells.find("| n/a | n/a |") != std::string::npos);  // b has no 0.01, 0.05
+  auto line_a = grids.substr(grids.find("| a | certified (headline"));
+  line_a = line_a.substr(0, line_a.find('\n'));
+  INFO(line_a);
+  CHECK(line_a.size() > 8);
+  CHECK(line_a.compare(line_a.size() - 7, 7, "| n/a |") == 0);  // a has no 0.2
+  CHECK(line_a.find("| n/a | n/a |") == std::string::npos);
 }
 
 TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alpha-sweep)",
-          "[reports]") {
+          "[integration][reports]") {
   const nlohmann::json single = {{"sa", 0.84},
                                  {"ra", 0.71},
                                  {"ra_e", 0.52},

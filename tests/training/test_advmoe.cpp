@@ -117,7 +117,7 @@ TEST_CASE("AdvMoE needs a router", "[unit][training]") {
                     Catch::Contains("--experts >= 2"));
 }
 
-TEST_CASE("AdvMoE trains a MoE-CNN on the synthetic set", "[training]") {
+TEST_CASE("AdvMoE trains a MoE-CNN on the synthetic set", "[integration][training]") {
   auto model = moe_cnn(4);
   auto train = synthetic(1500, 0), val = synthetic(200, 0, false);
   auto cfg = advmoe_config();

@@ -82,7 +82,7 @@ TrainConfig certified_config(const std::string& method) {
 }  // namespace
 
 TEST_CASE("the IBP training bound equals the certificate's worst case (candidate form, IBP)",
-          "[unit][training][certified]") {
+          "[integration][training][certified]") {
   auto m = as_double(moecert_test::trained_moe());
   auto [x32, y] = all_of(synthetic(64, 3, false));
   auto x = x32.to(torch::kFloat64);
@@ -216,7 +216,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "the mixture training bound equals certify's mixture form; it encloses sampled outputs and CE",
+    "the mixture training bound equals certify's mixture form and encloses sampled outputs and CE",
     "[soundness][training][certified]") {
   torch::manual_seed(57);
   auto [x32, y] = all_of(synthetic(24, 6, false));
@@ -266,8 +266,11 @@ TEST_CASE(
 }
 
 TEST_CASE("ibp trains soft and top-2 MoEs through the mixture bound: it certifies more than st",
-          "[unit][training][certified]") {
-  auto train = synthetic(600, 0), val = synthetic(100, 0, false);
+          "[integration][training][certified]") {
+  // Certified at the training radius: over data seeds 0-3 ibp certified 62-114 of these
+  // 200 images and st at most 1 (a smaller radius than the training one does not
+  // separate them: st's accuracy certifies as much there).
+  auto train = synthetic(1200, 0), val = synthetic(200, 0, false);
   auto [vx, vy] = all_of(val);
   for (int64_t k : {0, 2}) {
     INFO((k == 0 ? "soft" : "top-2"));
@@ -278,24 +281,24 @@ TEST_CASE("ibp trains soft and top-2 MoEs through the mixture bound: it certifie
       s.mean = train.mean, s.std = train.std;
       Moe model(s);
       auto cfg = certified_config(method);
-      cfg.epochs = 3, cfg.batch_size = 64, cfg.log_every = 0;
+      cfg.epochs = 4, cfg.batch_size = 64, cfg.log_every = 0;
       cfg.eval_attack.eps = 0.1, cfg.eval_attack.steps = 2, cfg.eval_attack.step_size = 0.05;
       cfg.certified.eps = 0.01, cfg.certified.warmup = 0, cfg.certified.ramp = 1;
       train_run(*model, train, val, cfg, nlohmann::json::object(), torch::kCPU);
       model->eval();
       torch::NoGradGuard ng;
-      auto m = moe_mixture_margins(*model, vx, vy, torch::full({vx.size(0)}, 0.002), 0.0);
+      auto m = moe_mixture_margins(*model, vx, vy, torch::full({vx.size(0)}, 0.01), 0.0);
       return m.prob_margin.amin(1).gt(0).sum().item<int64_t>();
     };
     const int64_t ibp = run("ibp"), st = run("st");
-    INFO("certified at 0.002: ibp " << ibp << ", st " << st);
-    CHECK(ibp > st + 5);
+    INFO("certified at 0.01: ibp " << ibp << ", st " << st);
+    CHECK(ibp > st + 20);
   }
 }
 
 TEST_CASE(
-    "ibp and crown-ibp raise the certified accuracy; resume mid-ramp equals the uninterrupted run",
-    "[unit][training][certified]") {
+    "ibp and crown-ibp raise the certified accuracy, resume mid-ramp equals the uninterrupted run",
+    "[integration][training][certified]") {
   moecert_test::TempDir tmp;
   auto train = synthetic(1000, 0), val = synthetic(100, 0, false);
   auto run = [&](const std::string& method, const std::string& dir, int epochs, bool resume) {
@@ -403,9 +406,9 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "the route-margin term (--route-margin): at training keeps more routes stable on the ball; bad "
+    "the route-margin term (--route-margin): at training keeps more routes stable on the ball, bad "
     "uses are refused",
-    "[unit][training][certified]") {
+    "[integration][training][certified]") {
   auto train = synthetic(600, 0), val = synthetic(200, 0, false);
   auto [vx, vy] = all_of(val);
   const double eps = 0.01;
@@ -448,7 +451,7 @@ TEST_CASE(
 
 TEST_CASE(
     "jtdmoe --jtd-robust ibp: the robust member takes certified training's step on its schedule",
-    "[unit][training][certified]") {
+    "[integration][training][certified]") {
   TrainConfig cfg;
   cfg.method = "jtdmoe", cfg.jtd_robust = "crown-ibp", cfg.epochs = 4;
   cfg.certified.warmup = 0, cfg.certified.ramp = 2;
@@ -465,8 +468,9 @@ TEST_CASE(
   CHECK_THROWS_WITH(cfg.validate(), Catch::Contains("--jtd-robust"));
 
   // A 2-epoch JTDMoE run whose robust step is IBP (ramp over epoch 1): F_R's bound
-  // certifies more of the held-out set than the same run with RT-ER.
-  auto train = synthetic(600, 0), val = synthetic(100, 0, false);
+  // certifies more of the held-out set than the same run with RT-ER (over data seeds
+  // 0-3: 94-133 of these 200 images against 4-32).
+  auto train = synthetic(1200, 0), val = synthetic(200, 0, false);
   auto [vx, vy] = all_of(val);
   auto certified = [&](const std::string& robust) {
     torch::manual_seed(47);
@@ -490,7 +494,7 @@ TEST_CASE(
   };
   const int64_t ibp = certified("ibp"), rter = certified("rt-er");
   INFO("F_R certified at 0.002: ibp " << ibp << ", rt-er " << rter);
-  CHECK(ibp > rter + 5);
+  CHECK(ibp > rter + 20);
 }
 
 TEST_CASE(

@@ -96,7 +96,7 @@ TEST_CASE("with a zero-radius attack every method's loss is the clean CE", "[uni
   }
 }
 
-TEST_CASE("TRADES' attack raises the KL term", "[unit][training]") {
+TEST_CASE("TRADES' attack raises the KL term", "[integration][training]") {
   auto& model = moecert_test::trained_moe();
   auto data = synthetic(64, 0, false);
   auto x = data.batch_images(torch::arange(64)), y = data.batch_labels(torch::arange(64));

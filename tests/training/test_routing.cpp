@@ -136,7 +136,8 @@ TEST_CASE("a training attack under top2 sees which of the two best experts is wo
   CHECK(torch::equal(relaxed, model->forward(x)));
 }
 
-TEST_CASE("load balancing drives a collapsed router back to mixed usage", "[unit][training]") {
+TEST_CASE("load balancing drives a collapsed router back to mixed usage",
+          "[integration][training]") {
   auto train = synthetic(1500, 0), val = synthetic(300, 0, false);
   auto run = [&](double balance) {
     torch::manual_seed(3);

@@ -34,7 +34,7 @@ ModelSpec tiny_spec(const Dataset& d) {
 
 }  // namespace
 
-TEST_CASE("st and at learn the synthetic set", "[unit][training]") {
+TEST_CASE("st and at learn the synthetic set", "[integration][training]") {
   auto& dense = moecert_test::trained_dense();
   auto& moe = moecert_test::trained_moe();
   auto test = synthetic(300, 0, false);
@@ -54,7 +54,7 @@ TEST_CASE("st and at learn the synthetic set", "[unit][training]") {
   CHECK(at_r.ra > st_r.ra);  // adversarial training buys robustness
 }
 
-TEST_CASE("resume after an interruption equals the uninterrupted run", "[unit][training]") {
+TEST_CASE("resume after an interruption equals the uninterrupted run", "[integration][training]") {
   moecert_test::TempDir tmp;
   auto train = synthetic(400, 0), val = synthetic(64, 0, false);
   auto run = [&](const std::string& dir, int epochs, bool resume) {

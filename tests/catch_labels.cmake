@@ -1,0 +1,90 @@
+# Run after the test binary is built (POST_BUILD): lists its Catch2 test cases, their tags
+# and their source files, and writes CTEST_FILE:
+# - every case tagged [unit] joins one CTest test per source file ("unit: test_results"),
+#   so that the quick tier pays LibTorch's start-up once per file, not once per case;
+# - every other case is a CTest test of its own.
+# Each CTest test is labelled with the tags of its cases, so `ctest -L unit`,
+# `-L soundness`, `-L integration` and `-L e2e` select the tiers and `-L certify` an area.
+# (Catch2 v2's own discovery adds no labels.)
+#   -D TEST_EXECUTABLE=... -D CTEST_FILE=... -D TEST_TIMEOUT=900
+#   -D "TEST_ENVIRONMENT=A=1|B=2"   ('|' separates the variables)
+
+cmake_minimum_required(VERSION 3.18)  # IN_LIST, list(FILTER)
+
+function(list_names out)
+  execute_process(COMMAND "${TEST_EXECUTABLE}" ${ARGN} --list-test-names-only
+                  OUTPUT_VARIABLE text RESULT_VARIABLE rc)
+  if(rc LESS 0)
+    message(FATAL_ERROR "${TEST_EXECUTABLE} --list-test-names-only failed: ${rc}")
+  endif()
+  if(text MATCHES ";")
+    string(REGEX MATCH "[^\n]*;[^\n]*" bad "${text}")
+    message(FATAL_ERROR "test name '${bad}': a ';' in a Catch2 test name breaks CTest lists; use ','")
+  endif()
+  string(REPLACE "\n" ";" lines "${text}")
+  set(names "")
+  foreach(line IN LISTS lines)
+    if(NOT line STREQUAL "")
+      list(APPEND names "${line}")
+    endif()
+  endforeach()
+  set(${out} "${names}" PARENT_SCOPE)
+endfunction()
+
+# The tags the binary lists (with -#, also the file tags "[#test_results]").
+function(list_tags out)
+  execute_process(COMMAND "${TEST_EXECUTABLE}" ${ARGN} --list-tags OUTPUT_VARIABLE text)
+  string(REGEX MATCHALL "\\[[^]]+\\]" tags "${text}")
+  list(REMOVE_DUPLICATES tags)
+  set(${out} "${tags}" PARENT_SCOPE)
+endfunction()
+
+list_names(all)
+list_tags(tags)
+foreach(tag IN LISTS tags)
+  string(REGEX REPLACE "^\\[(.*)\\]$" "\\1" label "${tag}")
+  list_names(tagged "${tag}")
+  foreach(name IN LISTS tagged)
+    string(MD5 key "${name}")
+    list(APPEND labels_${key} "${label}")
+  endforeach()
+endforeach()
+list_tags(file_tags "-#")
+list(FILTER file_tags INCLUDE REGEX "^\\[#")
+foreach(tag IN LISTS file_tags)
+  string(REGEX REPLACE "^\\[#(.*)\\]$" "\\1" file "${tag}")
+  list_names(tagged "-#" "${tag}")
+  foreach(name IN LISTS tagged)
+    string(MD5 key "${name}")
+    set(file_${key} "${file}")
+  endforeach()
+endforeach()
+
+string(REPLACE "|" ";" environment "${TEST_ENVIRONMENT}")
+set(properties "TIMEOUT ${TEST_TIMEOUT} ENVIRONMENT \"${environment}\"")
+set(script "")
+set(unit_files "")
+foreach(name IN LISTS all)
+  string(MD5 key "${name}")
+  if("unit" IN_LIST labels_${key})
+    set(file "${file_${key}}")
+    list(APPEND unit_files "${file}")
+    list(APPEND unit_labels_${file} ${labels_${key}})
+    continue()
+  endif()
+  # The name as a Catch2 test spec: ',' '[' ']' are spec syntax, escaped.
+  set(spec "${name}")
+  foreach(char , [ ])
+    string(REPLACE "${char}" "\\${char}" spec "${spec}")
+  endforeach()
+  # --warn NoTests: a spec that matches no test fails instead of passing silently.
+  string(APPEND script "add_test([==[${name}]==] [==[${TEST_EXECUTABLE}]==] [==[${spec}]==] --warn NoTests)\n")
+  string(APPEND script "set_tests_properties([==[${name}]==] PROPERTIES LABELS \"${labels_${key}}\" ${properties})\n")
+endforeach()
+list(REMOVE_DUPLICATES unit_files)
+foreach(file IN LISTS unit_files)
+  list(REMOVE_DUPLICATES unit_labels_${file})
+  string(APPEND script "add_test([==[unit: ${file}]==] [==[${TEST_EXECUTABLE}]==] \"-#\" [==[[unit][#${file}]]==] --warn NoTests)\n")
+  string(APPEND script "set_tests_properties([==[unit: ${file}]==] PROPERTIES LABELS \"${unit_labels_${file}}\" ${properties})\n")
+endforeach()
+file(WRITE "${CTEST_FILE}" "${script}")
