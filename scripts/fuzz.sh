@@ -24,7 +24,7 @@ for t in "${targets[@]}"; do
   echo "== fuzz_$t for ${seconds}s" >&2
   # rss_limit: a refused input must stay small; detect_leaks=0: LibTorch keeps caches.
   if ! ASAN_OPTIONS=detect_leaks=0:detect_odr_violation=0 UBSAN_OPTIONS=print_stacktrace=1 \
-      "$build/fuzz_$t" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=30 \
+      "$build/tests/fuzz/fuzz_$t" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=30 \
       -artifact_prefix="$build/crashes/$t-" -print_final_stats=1 \
       "$build/corpus/$t" "$root/tests/fuzz/corpus/$t" 2>"$build/fuzz_$t.log"; then
     status=1

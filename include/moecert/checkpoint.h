@@ -8,8 +8,8 @@
 #include <torch/serialize/archive.h>
 
 #include <functional>
+#include <memory>
 #include <nlohmann/json.hpp>
-#include <optional>
 #include <string>
 
 namespace moecert {
@@ -39,8 +39,10 @@ nlohmann::json checkpoint_read_manifest(const std::string& dir);
 /// differs, is a CheckpointError naming the parameter.
 void checkpoint_load_weights(const std::string& dir, torch::nn::Module& module);
 
-/// Opens train_state.pt if present (for --resume).
-std::optional<torch::serialize::InputArchive> checkpoint_load_state(const std::string& dir);
+/// Opens train_state.pt if present (for --resume); null when there is none. (A pointer,
+/// not std::optional: InputArchive's copy constructor takes a non-const reference,
+/// which clang's std::optional refuses.)
+std::unique_ptr<torch::serialize::InputArchive> checkpoint_load_state(const std::string& dir);
 
 /// SHA-256 of a file as 64 lowercase hex digits. Throws CheckpointError if unreadable.
 std::string sha256_file(const std::string& path);

@@ -72,22 +72,24 @@ void cli_register_info(CLI::App& app, const CommonOptions& common) {
     if (m.contains("dataset")) std::cout << "dataset      " << m["dataset"].dump() << "\n";
     if (m.contains("metrics") && m["metrics"].contains("history"))
       for (const auto& row : m["metrics"]["history"])
-        std::cout
-            << "epoch " << row.value("epoch", 0) << "      held-out SA "
-            << fmt_fixed(row.value("heldout_sa", 0.0), 4) << "  RA "
-            << fmt_fixed(row.value("heldout_ra", 0.0), 4) << "  train loss "
-            << fmt_fixed(row.value("train_loss", 0.0), 4)
-            << (row.contains("heldout_expert_usage_clean")
-                    ? "  experts " +
-                          ExpertUsage::text(row["heldout_expert_usage_clean"].get<std::vector<double>>()) +
-                          " (attacked " +
-                          ExpertUsage::text(row["heldout_expert_usage_adv"].get<std::vector<double>>()) +
-                          ")"
-                : row.contains("expert_usage_clean")
-                    ? "  experts (training batches) " +
-                          ExpertUsage::text(row["expert_usage_clean"].get<std::vector<double>>())
-                    : std::string())
-            << "\n";
+        std::cout << "epoch " << row.value("epoch", 0) << "      held-out SA "
+                  << fmt_fixed(row.value("heldout_sa", 0.0), 4) << "  RA "
+                  << fmt_fixed(row.value("heldout_ra", 0.0), 4) << "  train loss "
+                  << fmt_fixed(row.value("train_loss", 0.0), 4)
+                  << (row.contains("heldout_expert_usage_clean")
+                          ? "  experts " +
+                                ExpertUsage::text(
+                                    row["heldout_expert_usage_clean"].get<std::vector<double>>()) +
+                                " (attacked " +
+                                ExpertUsage::text(
+                                    row["heldout_expert_usage_adv"].get<std::vector<double>>()) +
+                                ")"
+                      : row.contains("expert_usage_clean")
+                          ? "  experts (training batches) " +
+                                ExpertUsage::text(
+                                    row["expert_usage_clean"].get<std::vector<double>>())
+                          : std::string())
+                  << "\n";
   });
 }
 

@@ -268,7 +268,7 @@ nlohmann::json parse_manifest(const std::string& path) {
   text << in.rdbuf();
   try {
     return nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // a syntax error, or a number out of range
     throw CheckpointError::bad_manifest(path, "<root>",
                                         std::string("is not valid JSON: ") + e.what());
   }
@@ -295,6 +295,69 @@ void check_format_version(const std::string& path, const nlohmann::json& manifes
                                       "is " + version.dump() + written_by + " but this moecert " +
                                           MOECERT_VERSION + " reads format version " +
                                           std::to_string(checkpoint_format_version));
+}
+
+/// The optional fields moecert reads besides the architecture, each of the type it reads
+/// (so that no reader meets a number where it expects text): kind, alpha, dataset,
+/// training, members, metrics and its per-epoch history.
+void check_field_types(const std::string& path, const nlohmann::json& m) {
+  using Type = bool (nlohmann::json::*)() const noexcept;
+  auto expect = [&](const nlohmann::json& j, const std::string& field, Type is, const char* what) {
+    if (!(j.*is)())
+      throw CheckpointError::bad_manifest(
+          path, field, std::string("must be ") + what + ", got " + j.dump().substr(0, 60));
+  };
+  auto optional = [&](const nlohmann::json& o, const std::string& key, const std::string& field,
+                      Type is, const char* what) -> const nlohmann::json* {
+    if (!o.contains(key) || o[key].is_null()) return nullptr;
+    expect(o[key], field, is, what);
+    return &o[key];
+  };
+  const auto* kind = optional(m, "kind", "kind", &nlohmann::json::is_string, "a string");
+  if (kind && *kind != "moe" && *kind != "dual")
+    throw CheckpointError::bad_manifest(path, "kind",
+                                        "must be 'moe' or 'dual', got " + kind->dump());
+  if (kind && *kind == "dual")
+    for (const char* member : {"standard", "robust"}) {
+      const auto& arch = m.at("architecture");
+      if (!arch.contains(member))
+        throw CheckpointError::bad_manifest(
+            path, std::string("architecture.") + member,
+            "is missing (a dual-model has 'standard' and 'robust')");
+      expect(arch[member], std::string("architecture.") + member, &nlohmann::json::is_object,
+             "an object");
+    }
+  optional(m, "alpha", "alpha", &nlohmann::json::is_number, "a number");
+  if (const auto* d = optional(m, "dataset", "dataset", &nlohmann::json::is_object, "an object"))
+    optional(*d, "name", "dataset.name", &nlohmann::json::is_string, "a string");
+  if (const auto* t = optional(m, "training", "training", &nlohmann::json::is_object, "an object"))
+    optional(*t, "method", "training.method", &nlohmann::json::is_string, "a string");
+  if (const auto* members =
+          optional(m, "members", "members", &nlohmann::json::is_object, "an object"))
+    for (const auto& [role, member] : members->items()) {
+      const std::string field = "members." + role;
+      expect(member, field, &nlohmann::json::is_object, "an object");
+      optional(member, "path", field + ".path", &nlohmann::json::is_string, "a string");
+      if (const auto* t = optional(member, "training", field + ".training",
+                                   &nlohmann::json::is_object, "an object"))
+        optional(*t, "method", field + ".training.method", &nlohmann::json::is_string, "a string");
+    }
+  const auto* metrics = optional(m, "metrics", "metrics", &nlohmann::json::is_object, "an object");
+  const auto* history = metrics ? optional(*metrics, "history", "metrics.history",
+                                           &nlohmann::json::is_array, "an array")
+                                : nullptr;
+  for (size_t i = 0; history && i < history->size(); ++i) {
+    const auto& row = (*history)[i];
+    const std::string field = "metrics.history[" + std::to_string(i) + "]";
+    expect(row, field, &nlohmann::json::is_object, "an object");
+    for (const auto& [key, v] : row.items()) {
+      if (v.is_array()) {
+        for (const auto& x : v) expect(x, field + "." + key, &nlohmann::json::is_number, "numbers");
+      } else if (!v.is_null()) {
+        expect(v, field + "." + key, &nlohmann::json::is_number, "a number or an array of numbers");
+      }
+    }
+  }
 }
 
 /// The recorded weights hash in lowercase; must be 64 hex digits.
@@ -329,6 +392,23 @@ void match_tensor(torch::serialize::InputArchive& archive, const std::string& ke
         path, kind + " '" + name + "' has dtype " + c10::toString(src.scalar_type()) +
                   " in the file but " + c10::toString(dst.scalar_type()) + " in the model");
   plan.emplace_back(dst, std::move(src));
+}
+
+/// Runs `read` on the archive at `path`; whatever LibTorch throws on a corrupt or hostile
+/// file (c10::Error, and from its TorchScript importer torch::jit::ErrorReport and
+/// others) becomes a CheckpointError naming the file. Our own errors pass unchanged.
+template <typename Read>
+void reading_archive(const std::string& path, Read&& read) {
+  try {
+    read();
+  } catch (const Error&) {
+    throw;
+  } catch (const c10::Error& e) {
+    throw CheckpointError::bad_weights(path, first_line(e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    const std::string why = first_line(e.what());
+    throw CheckpointError::bad_weights(path, why.empty() ? "not an archive moecert can read" : why);
+  }
 }
 
 /// Mirrors Module::load: parameters, buffers, then each serializable child as a nested
@@ -406,6 +486,7 @@ nlohmann::json checkpoint_read_manifest(const std::string& dir_arg) {
   if (!architecture.is_object())
     throw CheckpointError::bad_manifest(path, "architecture",
                                         "must be an object, got " + architecture.dump());
+  check_field_types(path, manifest);
   const std::string weights = dir + "/" + checkpoint_weights_file;
   const std::string got = sha256_file(weights);
   if (got != expected) throw CheckpointError::hash_mismatch(weights, expected, got);
@@ -417,29 +498,26 @@ void checkpoint_load_weights(const std::string& dir_arg, torch::nn::Module& modu
   checkpoint_read_manifest(dir);
   const std::string path = dir + "/" + checkpoint_weights_file;
   CopyPlan plan;
-  try {
+  io_impl::archive_check(path);
+  reading_archive(path, [&] {
     torch::serialize::InputArchive archive;
     // Read onto the CPU so a GPU-saved checkpoint opens anywhere; copy_ below moves
     // each value to the device of the module's own tensor.
     archive.load_from(path, torch::Device(torch::kCPU));
     match_module(archive, module, "", path, plan);
-  } catch (const c10::Error& e) {
-    throw CheckpointError::bad_weights(path, first_line(e.what_without_backtrace()));
-  }
+  });
   torch::NoGradGuard no_grad;
   for (auto& [dst, src] : plan) dst.copy_(src);
 }
 
-std::optional<torch::serialize::InputArchive> checkpoint_load_state(const std::string& dir_arg) {
+std::unique_ptr<torch::serialize::InputArchive> checkpoint_load_state(const std::string& dir_arg) {
   const std::string path = resolve_dir(dir_arg) + "/" + checkpoint_state_file;
-  if (!io_impl::path_exists(path)) return std::nullopt;
-  torch::serialize::InputArchive archive;
-  try {
-    archive.load_from(path);  // tensors return to the device they were saved from
-  } catch (const c10::Error& e) {
-    throw CheckpointError::bad_weights(path, first_line(e.what_without_backtrace()));
-  }
-  return std::optional<torch::serialize::InputArchive>(std::move(archive));
+  if (!io_impl::path_exists(path)) return nullptr;
+  io_impl::archive_check(path);
+  auto archive = std::make_unique<torch::serialize::InputArchive>();
+  // Tensors return to the device they were saved from.
+  reading_archive(path, [&] { archive->load_from(path); });
+  return archive;
 }
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {

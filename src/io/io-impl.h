@@ -29,6 +29,11 @@ class Sha256 {
   uint64_t total_bytes_ = 0;
 };
 
+/// Checks a LibTorch archive (weights.pt, train_state.pt) before LibTorch opens it
+/// (archive_check.cpp): a zip of stored entries that lie inside the file, whose class
+/// files declare attributes only. Throws CheckpointError::bad_weights naming the file.
+void archive_check(const std::string& path);
+
 /// A CheckpointError "cannot <action> <path>: <strerror(err)>".
 CheckpointError os_error(const std::string& action, const std::string& path, int err);
 

@@ -231,6 +231,9 @@ TEST_CASE("hostile results files are refused naming the file and field", "[unit]
                     Catch::Contains("x.json"));
   moecert_test::TempDir tmp;
   { std::ofstream(tmp / "cut.json") << good.dump().substr(0, 100); }
+  { std::ofstream(tmp / "huge.json") << "{\"schema\": 1e809}"; }  // found by fuzzing
+  CHECK_THROWS_WITH(Results::read(tmp / "huge.json"),
+                    Catch::Contains("huge.json") && Catch::Contains("not valid JSON"));
   CHECK_THROWS_WITH(Results::read(tmp / "cut.json"),
                     Catch::Contains("cut.json") && Catch::Contains("not valid JSON"));
   CHECK_THROWS_WITH(Results::read(tmp / "absent.json"), Catch::Contains("absent.json"));

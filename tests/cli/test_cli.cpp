@@ -3,6 +3,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
+#include "cli/cli_fixtures.h"
 #include "moecert/results.h"
 #include "test_util.h"
 
@@ -10,25 +11,11 @@ using moecert_test::read_text;
 using moecert_test::run_moecert;
 using moecert_test::run_shell;
 using moecert_test::TempDir;
+using moecert_test::trained_checkpoint;
 
 namespace {
 
 const char* kFashion = "/usr/share/datasets/fashion-mnist";
-
-/// A small checkpoint trained on the synthetic set, shared by the tests below.
-const std::string& trained_checkpoint() {
-  static TempDir dir;
-  static std::string ckpt = [] {
-    auto r = run_moecert(
-        "--dataset synthetic --samples 800 --quiet train --experts 2 --epochs 1 "
-        "--val-samples 100 --steps 2 --eval-steps 2 --out " +
-        (dir / "ckpt"));
-    INFO(r.output);
-    REQUIRE(r.code == 0);
-    return dir / "ckpt";
-  }();
-  return ckpt;
-}
 
 }  // namespace
 

@@ -8,6 +8,7 @@
 #include <regex>
 #include <sstream>
 
+#include "cli/cli_fixtures.h"
 #include "moecert/data.h"
 #include "moecert/results.h"
 #include "test_util.h"
@@ -16,23 +17,9 @@ using moecert_test::read_text;
 using moecert_test::run_moecert;
 using moecert_test::run_shell;
 using moecert_test::TempDir;
+using moecert_test::trained_checkpoint;
 
 namespace {
-
-/// A small checkpoint trained on the synthetic set, shared by the tests of a process.
-const std::string& checkpoint() {
-  static TempDir dir;
-  static std::string ckpt = [] {
-    auto r = run_moecert(
-        "--dataset synthetic --samples 800 --quiet train --experts 2 --epochs 1 "
-        "--val-samples 100 --steps 2 --eval-steps 2 --out " +
-        (dir / "ckpt"));
-    INFO(r.output);
-    REQUIRE(r.code == 0);
-    return dir / "ckpt";
-  }();
-  return ckpt;
-}
 
 /// The README's CI recipe: the lines between "# ci-recipe: begin" and "# ci-recipe: end",
 /// with the values of its settings (lines `name=value`) replaced by `settings`.
@@ -82,7 +69,7 @@ TEST_CASE("the README's CI recipe: shards, merge, gates, JUnit, baseline regress
       std::string(MOECERT_BINARY) + " --threads " + std::to_string(moecert_test::test_threads());
   TempDir tmp;
   std::map<std::string, std::string> settings{{"moecert", "'" + bin + "'"},
-                                              {"ckpt", checkpoint()},
+                                              {"ckpt", trained_checkpoint()},
                                               {"n", "120"},
                                               {"grid", "0.1,0.001,0.01"},
                                               {"gate", "'certified_acc@0.001>=0'"}};
@@ -92,7 +79,7 @@ TEST_CASE("the README's CI recipe: shards, merge, gates, JUnit, baseline regress
   REQUIRE(pass.code == 0);
   // Blocks of --batch-size (100): shard 0 holds 100 images, shard 1 the other 20.
   CHECK(moecert::Results::read(tmp / "cert-1/results.json").rows.size() == 20);
-  auto whole = run_moecert("--samples 120 --quiet certify " + checkpoint() +
+  auto whole = run_moecert("--samples 120 --quiet certify " + trained_checkpoint() +
                            " --estimator crown --eps-grid 0.1,0.001,0.01 --out " + (tmp / "whole"));
   REQUIRE(whole.code == 0);
   CHECK(comparable(tmp / "results.json") == comparable(tmp / "whole/results.json"));
@@ -133,7 +120,7 @@ TEST_CASE("any grid order and any eps: console, results.json and gates agree",
   TempDir tmp;
   const std::string grid = "0.1,0.05,0.5,1,0.0123456789,1e-5";
   auto r =
-      run_moecert("--samples 12 --quiet certify " + checkpoint() +
+      run_moecert("--samples 12 --quiet certify " + trained_checkpoint() +
                   " --estimator ibp,crown --eps-grid " + grid + " --steps 3 --out " + (tmp / "c"));
   INFO(r.output);
   REQUIRE(r.code == 0);
@@ -165,7 +152,7 @@ TEST_CASE("any grid order and any eps: console, results.json and gates agree",
             .value() == json);
   }
   // Gates at every ε, written as the grid was: the value results.json has (== passes).
-  for (const std::string eps : {"0.0123456789", "1e-5", "0.1", "1"}) {
+  for (const char* eps : {"0.0123456789", "1e-5", "0.1", "1"}) {
     const double v = results.certified_at(moecert::eps_parse(eps, "test")).value();
     std::ostringstream gate;
     gate.precision(17);
@@ -179,7 +166,7 @@ TEST_CASE("any grid order and any eps: console, results.json and gates agree",
   CHECK(missing.code == 2);
   CHECK(missing.output.find("0.2 is not in the run's grid") != std::string::npos);
   // certify refuses a gate at an ε outside its grid before any work.
-  auto early = run_moecert("--samples 12 certify " + checkpoint() +
+  auto early = run_moecert("--samples 12 certify " + trained_checkpoint() +
                            " --eps-grid 0.1 --gate "
                            "'certified_acc@0.05>=0' --out " +
                            (tmp / "d"));
@@ -190,12 +177,12 @@ TEST_CASE("any grid order and any eps: console, results.json and gates agree",
 TEST_CASE("attack, certify and --save-adv rows carry the image's index and join on it",
           "[e2e][cli]") {
   TempDir tmp;
-  auto a = run_moecert("--samples 12 --quiet attack " + checkpoint() +
+  auto a = run_moecert("--samples 12 --quiet attack " + trained_checkpoint() +
                        " --suite pgd --eps 0.05 --steps 3 --no-components --json " +
                        (tmp / "a.json") + " --save-adv " + (tmp / "adv.pt"));
   INFO(a.output);
   REQUIRE(a.code == 0);
-  auto c = run_moecert("--samples 12 --quiet certify " + checkpoint() +
+  auto c = run_moecert("--samples 12 --quiet certify " + trained_checkpoint() +
                        " --estimator crown --steps 3 --eps-grid 0.05 --out " + (tmp / "c"));
   INFO(c.output);
   REQUIRE(c.code == 0);
@@ -233,7 +220,8 @@ TEST_CASE("hostile manifests and options are refused with exit 2 before any allo
           "[e2e][cli]") {
   TempDir tmp;
   // A manifest asking for a billion experts: the field is named, nothing is built.
-  std::filesystem::copy(checkpoint(), tmp / "ckpt", std::filesystem::copy_options::recursive);
+  std::filesystem::copy(trained_checkpoint(), tmp / "ckpt",
+                        std::filesystem::copy_options::recursive);
   auto manifest = nlohmann::json::parse(read_text(tmp / "ckpt/model.json"));
   for (const auto& [field, value] :
        std::vector<std::pair<std::string, nlohmann::json>>{{"experts", 1000000000},
@@ -252,7 +240,7 @@ TEST_CASE("hostile manifests and options are refused with exit 2 before any allo
   }
   { std::ofstream(tmp / "ckpt/model.json") << manifest.dump(); }
   // Options: sizes past their limits, and --samples that is not a count.
-  for (const std::string args :
+  for (const std::string& args :
        {"train --experts 1000000 --out " + (tmp / "x"), "train --top-k 100000 --out " + (tmp / "x"),
         "train --epochs 100000000 --out " + (tmp / "x"),
         "train --batch-size 1000000000 --out " + (tmp / "x"),

@@ -65,16 +65,27 @@ static const bool seeds =
 #if defined(MOECERT_FUZZ_MANIFEST) || !defined(MOECERT_LIBFUZZER)
 MOECERT_FUZZ_TARGET(manifest) {
   const std::string base = base_checkpoint();
+  const std::string weights = base + "/" + moecert::checkpoint_weights_file;
+  // The input as it is: the reader's JSON, format and hash checks.
+  const std::string raw = moecert_fuzz::scratch_dir() + "/raw";
+  std::filesystem::create_directories(raw);
+  std::filesystem::copy_file(weights, raw + "/" + moecert::checkpoint_weights_file,
+                             std::filesystem::copy_options::overwrite_existing);
+  moecert_fuzz::write_bytes(raw + "/" + moecert::checkpoint_manifest_file, data, size);
+  try {
+    moecert::model_load(raw, torch::kCPU);
+  } catch (const moecert::Error&) {
+  }
+  // With the weights' true hash, when it is a JSON object: the architecture and the model.
   nlohmann::json m;
   try {
     m = nlohmann::json::parse(data, data + size);
-  } catch (const nlohmann::json::parse_error&) {
-    return 0;  // the reader names the file: a CheckpointError (tested)
+  } catch (const nlohmann::json::exception&) {
+    return 0;
   }
   if (!m.is_object()) return 0;
   try {
-    moecert::model_load(write_checkpoint("m", m, base + "/" + moecert::checkpoint_weights_file),
-                        torch::kCPU);
+    moecert::model_load(write_checkpoint("m", m, weights), torch::kCPU);
   } catch (const moecert::Error&) {
   }
   return 0;

@@ -11,7 +11,7 @@ MOECERT_FUZZ_TARGET(results) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(data, data + size);
-  } catch (const nlohmann::json::parse_error&) {
+  } catch (const nlohmann::json::exception&) {
     return 0;  // Results::read turns this into a ConfigError naming the file
   }
   try {

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -138,7 +139,7 @@ TEST_CASE("checkpoint round trip is bit-identical", "[unit][io]") {
   const torch::Tensor x = torch::randn({4, 1, 6, 6});
   CHECK(torch::equal(saved->forward(x), loaded->forward(x)));
   CHECK(loaded->fc->weight.requires_grad());  // still the module's own parameter
-  CHECK_FALSE(moecert::checkpoint_load_state(dir).has_value());
+  CHECK(moecert::checkpoint_load_state(dir) == nullptr);
 }
 
 TEST_CASE("checkpoint manifest round-trips and records the weights hash", "[unit][io]") {
@@ -185,6 +186,60 @@ TEST_CASE("a truncated weights.pt is a CheckpointError, even with a matching has
       checkpoint_error_of([&] { moecert::checkpoint_load_weights(dir, *net); });
   CHECK_THAT(e.what(), Contains("weights.pt"));
   CHECK(std::string(e.what()).find('\n') == std::string::npos);
+  // An archive whose pickle names a type LibTorch's TorchScript parser rejects: it throws
+  // torch::jit::ErrorReport, not c10::Error, and must not escape either (found by fuzzing).
+  write_bytes(dir + "/weights.pt",
+              read_bytes(std::string(MOECERT_SOURCE_DIR) +
+                         "/tests/fuzz/corpus/weights/crash-torchscript-type-error.pt"));
+  edit_manifest(dir, [&](nlohmann::json& m) {
+    m["weights_sha256"] = moecert::sha256_file(dir + "/weights.pt");
+  });
+  const CheckpointError hostile =
+      checkpoint_error_of([&] { moecert::checkpoint_load_weights(dir, *net); });
+  CHECK_THAT(hostile.what(), Contains("weights.pt") && Contains("not an archive moecert can read"));
+}
+
+TEST_CASE("a weights archive is checked before LibTorch opens it", "[unit][io]") {
+  CkptScratch scratch;
+  const std::string dir = scratch.path("ckpt");
+  IoTestNet net;
+  moecert::checkpoint_save(dir, *net, io_test_manifest());
+  const std::string good = read_bytes(dir + "/weights.pt");
+  auto error_with = [&](const std::string& bytes) {
+    write_bytes(dir + "/weights.pt", bytes);
+    edit_manifest(dir, [&](nlohmann::json& m) {
+      m["weights_sha256"] = moecert::sha256_file(dir + "/weights.pt");
+    });
+    return std::string(
+        checkpoint_error_of([&] { moecert::checkpoint_load_weights(dir, *net); }).what());
+  };
+  // moecert's own archive passes (and loads).
+  moecert::io_impl::archive_check(dir + "/weights.pt");
+  // A fuzzed archive whose class file made LibTorch's TorchScript importer crash
+  // (SIGSEGV in its class-constant parser): refused before LibTorch sees it.
+  CHECK_THAT(error_with(read_bytes(std::string(MOECERT_SOURCE_DIR) +
+                                   "/tests/fuzz/corpus/weights/crash-class-constant-segv.pt")),
+             Contains("weights.pt") && Contains("not a weights archive moecert writes"));
+  // A fuzzed archive whose class file's debug pickle made LibTorch allocate 28 GB.
+  CHECK_THAT(error_with(read_bytes(std::string(MOECERT_SOURCE_DIR) +
+                                   "/tests/fuzz/corpus/weights/crash-memo-index-oom.pt")),
+             Contains("pickle") && Contains("is malformed"));
+  // An entry compressed another way than deflate (method 12, bzip2): refused by name.
+  std::string packed = good;
+  const auto entry = packed.find(std::string("PK\x01\x02", 4));
+  REQUIRE(entry != std::string::npos);
+  packed[entry + 10] = 12;
+  CHECK_THAT(error_with(packed), Contains("has method 12"));
+  // A stored entry that claims more bytes than it holds.
+  std::string claim = good;
+  claim[entry + 24 + 3] = 0x40;  // uncompressed size += 1 GiB
+  CHECK_THAT(error_with(claim), Contains("has method 0 and sizes"));
+  // A directory that claims more entries than it has bytes for.
+  std::string lying = good;
+  const auto end = lying.rfind(std::string("PK\x05\x06", 4));
+  REQUIRE(end != std::string::npos);
+  lying[end + 10] = '\xfe', lying[end + 11] = '\x7f';
+  CHECK_THAT(error_with(lying), Contains("not a weights archive moecert writes"));
 }
 
 TEST_CASE("missing checkpoint pieces are CheckpointError::missing", "[unit][io]") {
@@ -214,6 +269,10 @@ TEST_CASE("invalid JSON in model.json is a bad manifest", "[unit][io]") {
                     Contains("'<root>'") && Contains("is not valid JSON"));
   write_bytes(dir + "/model.json", "[1, 2]");
   CHECK_THROWS_WITH(moecert::checkpoint_read_manifest(dir), Contains("not a JSON object"));
+  // A number JSON cannot hold is invalid JSON too, not an internal error (found by fuzzing).
+  write_bytes(dir + "/model.json", "{\"format_version\": 0.5e100611}");
+  const CheckpointError e = checkpoint_error_of([&] { moecert::checkpoint_read_manifest(dir); });
+  CHECK_THAT(e.what(), Contains("is not valid JSON") && Contains("number overflow"));
 }
 
 TEST_CASE("manifest fields are checked by name", "[unit][io]") {
@@ -241,6 +300,34 @@ TEST_CASE("manifest fields are checked by name", "[unit][io]") {
              Contains("'architecture' is missing"));
   CHECK_THAT(error_after([](nlohmann::json& m) { m["architecture"] = 3; }),
              Contains("'architecture'") && Contains("object"));
+  // The optional fields readers use have their types checked too (fuzzing found a
+  // number as "kind" escaping as an internal error).
+  const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> typed{
+      {[](nlohmann::json& m) { m["kind"] = 5; }, "'kind' must be a string"},
+      {[](nlohmann::json& m) { m["kind"] = "triple"; }, "'kind' must be 'moe' or 'dual'"},
+      {[](nlohmann::json& m) { m["kind"] = "dual"; }, "'architecture.standard' is missing"},
+      {[](nlohmann::json& m) { m["alpha"] = "high"; }, "'alpha' must be a number"},
+      {[](nlohmann::json& m) {
+         m["dataset"] = {{"name", 3}};
+       },
+       "'dataset.name' must be a string"},
+      {[](nlohmann::json& m) {
+         m["training"] = {{"method", {1}}};
+       },
+       "'training.method'"},
+      {[](nlohmann::json& m) {
+         m["members"] = {{"standard", 1}};
+       },
+       "'members.standard'"},
+      {[](nlohmann::json& m) {
+         m["metrics"] = {{"history", {{{"epoch", "one"}}}}};
+       },
+       "'metrics.history[0].epoch'"},
+  };
+  for (const auto& [edit, message] : typed) {
+    INFO(message);
+    CHECK_THAT(error_after(edit), Contains(message));
+  }
   // An upper-case but otherwise equal hash is accepted.
   write_bytes(dir + "/model.json", good);
   edit_manifest(dir, [](nlohmann::json& m) {
@@ -307,7 +394,7 @@ TEST_CASE("saving twice replaces the checkpoint and leaves no temp directories",
   CHECK(entries_with(scratch.root, ".old").empty());
   // A save without train state drops the previous one (the whole directory is replaced).
   moecert::checkpoint_save(dir, *first, io_test_manifest(3));
-  CHECK_FALSE(moecert::checkpoint_load_state(dir).has_value());
+  CHECK(moecert::checkpoint_load_state(dir) == nullptr);
   CHECK(entries_with(scratch.root, "ckpt") == std::vector<std::string>{"ckpt"});
 }
 
@@ -365,8 +452,8 @@ TEST_CASE("train state round-trips through train_state.pt", "[unit][io]") {
     a.write("epoch", c10::IValue(int64_t(17)));
     a.write("momentum", momentum, /*is_buffer=*/true);
   });
-  std::optional<torch::serialize::InputArchive> state = moecert::checkpoint_load_state(dir);
-  REQUIRE(state.has_value());
+  auto state = moecert::checkpoint_load_state(dir);
+  REQUIRE(state != nullptr);
   c10::IValue epoch;
   state->read("epoch", epoch);
   CHECK(epoch.toInt() == 17);
