@@ -53,7 +53,8 @@ class ZipFile {
     std::vector<unsigned char> b(n);
     in_.seekg(static_cast<std::streamoff>(offset));
     in_.read(reinterpret_cast<char*>(b.data()), static_cast<std::streamsize>(n));
-    if (static_cast<uint64_t>(in_.gcount()) != n) fail("cannot read " + std::to_string(n) + " bytes");
+    if (static_cast<uint64_t>(in_.gcount()) != n)
+      fail("cannot read " + std::to_string(n) + " bytes");
     return b;
   }
 
@@ -101,7 +102,8 @@ std::vector<Entry> read_directory(ZipFile& zip) {
     const unsigned char* d = &dir[at];
     const uint64_t method = le(d + 10, 2), name_len = le(d + 28, 2), extra_len = le(d + 30, 2);
     const uint64_t comment_len = le(d + 32, 2);
-    if (at + 46 + name_len + extra_len + comment_len > bytes) zip.fail("a directory entry past its end");
+    if (at + 46 + name_len + extra_len + comment_len > bytes)
+      zip.fail("a directory entry past its end");
     Entry e;
     e.name.assign(reinterpret_cast<const char*>(d + 46), name_len);
     e.packed = le(d + 20, 4), e.size = le(d + 24, 4), e.offset = le(d + 42, 4);
@@ -141,7 +143,8 @@ std::string entry_data(ZipFile& zip, const Entry& e) {
   const int rc = inflate(&s, Z_FINISH);
   const uint64_t got = s.total_out;
   inflateEnd(&s);
-  if (rc != Z_STREAM_END || got != e.size) zip.fail("entry '" + e.name + "' does not inflate to its size");
+  if (rc != Z_STREAM_END || got != e.size)
+    zip.fail("entry '" + e.name + "' does not inflate to its size");
   return out;
 }
 
@@ -170,33 +173,86 @@ bool pickle_ok(const std::string& p) {
     const unsigned char op = b[at++];
     uint64_t v = 0;
     switch (op) {
-      case '.': return at == n;  // STOP ends the stream
-      case 0x80: case 'K': case 'q': case 'h': if (!arg(1, v)) return false; break;
-      case 'M': if (!arg(2, v)) return false; break;
-      case 'J': case 'r': case 'j': if (!arg(4, v)) return false; break;
-      case 'G': case 0x95: if (!arg(8, v)) return false; break;
-      case 0x8a: case 0x8c: case 'U': case 'C':  // 1-byte length, then the bytes
+      case '.':
+        return at == n;  // STOP ends the stream
+      case 0x80:
+      case 'K':
+      case 'q':
+      case 'h':
+        if (!arg(1, v)) return false;
+        break;
+      case 'M':
+        if (!arg(2, v)) return false;
+        break;
+      case 'J':
+      case 'r':
+      case 'j':
+        if (!arg(4, v)) return false;
+        break;
+      case 'G':
+      case 0x95:
+        if (!arg(8, v)) return false;
+        break;
+      case 0x8a:
+      case 0x8c:
+      case 'U':
+      case 'C':  // 1-byte length, then the bytes
         if (!arg(1, v) || v > left()) return false;
         at += v;
         break;
-      case 0x8b: case 'X': case 'T': case 'B':  // 4-byte length
+      case 0x8b:
+      case 'X':
+      case 'T':
+      case 'B':  // 4-byte length
         if (!arg(4, v) || v > left()) return false;
         at += v;
         break;
-      case 0x8d: case 0x8e:  // 8-byte length
+      case 0x8d:
+      case 0x8e:  // 8-byte length
         if (!arg(8, v) || v > left()) return false;
         at += v;
         break;
-      case 'c': if (!line() || !line()) return false; break;  // GLOBAL module\nname\n
-      case 'p': case 'g': case 'I': case 'L': case 'F': case 'V': case 'S': case 'P':
+      case 'c':
+        if (!line() || !line()) return false;
+        break;  // GLOBAL module\nname\n
+      case 'p':
+      case 'g':
+      case 'I':
+      case 'L':
+      case 'F':
+      case 'V':
+      case 'S':
+      case 'P':
         if (!line()) return false;
         break;
-      case '}': case ']': case ')': case '(': case 't': case 0x85: case 0x86: case 0x87:
-      case 'R': case 'b': case 's': case 'u': case 'a': case 'e': case 0x88: case 0x89:
-      case 'N': case 'Q': case '0': case '1': case '2': case 'l': case 'd': case 0x81:
+      case '}':
+      case ']':
+      case ')':
+      case '(':
+      case 't':
+      case 0x85:
+      case 0x86:
+      case 0x87:
+      case 'R':
+      case 'b':
+      case 's':
+      case 'u':
+      case 'a':
+      case 'e':
+      case 0x88:
+      case 0x89:
+      case 'N':
+      case 'Q':
+      case '0':
+      case '1':
+      case '2':
+      case 'l':
+      case 'd':
+      case 0x81:
       case 0x94:
         break;
-      default: return false;
+      default:
+        return false;
     }
     // A memo index (BINPUT, LONG_BINPUT, BINGET, LONG_BINGET) sizes the memo table.
     if ((op == 'q' || op == 'r' || op == 'h' || op == 'j') && v > n) return false;
@@ -213,8 +269,8 @@ bool declarations_only(const std::string& code) {
   static const std::regex line(
       R"(|class [A-Za-z_][A-Za-z0-9_]*\([A-Za-z_][A-Za-z0-9_.]*\):)"
       R"(|  __(?:parameters|buffers|annotations)__ = \[(?:"[A-Za-z0-9_.]*", )*\])"
-      R"(|  __annotations__\["[A-Za-z0-9_.]*"\] = )" + type +
-      R"(|  [A-Za-z_][A-Za-z0-9_]* : )" + type);
+      R"(|  __annotations__\["[A-Za-z0-9_.]*"\] = )" +
+      type + R"(|  [A-Za-z_][A-Za-z0-9_]* : )" + type);
   std::istringstream in(code);
   for (std::string l; std::getline(in, l);)
     if (l.size() > 4096 || !std::regex_match(l, line)) return false;
