@@ -268,8 +268,8 @@ bool declarations_only(const std::string& code) {
       R"((?:[A-Za-z_][A-Za-z0-9_]*)(?:\.[A-Za-z_][A-Za-z0-9_]*)*(?:\[[A-Za-z0-9_., \[\]]*\])?)";
   static const std::regex line(
       R"(|class [A-Za-z_][A-Za-z0-9_]*\([A-Za-z_][A-Za-z0-9_.]*\):)"
-      R"(|  __(?:parameters|buffers|annotations)__ = \[(?:"[A-Za-z0-9_.]*", )*\])"
-      R"(|  __annotations__\["[A-Za-z0-9_.]*"\] = )" +
+      R"(|  __(?:parameters|buffers|annotations)__ = \[(?:"[A-Za-z0-9_./]*", )*\])"
+      R"(|  __annotations__\["[A-Za-z0-9_./]*"\] = )" +
       type + R"(|  [A-Za-z_][A-Za-z0-9_]* : )" + type);
   std::istringstream in(code);
   for (std::string l; std::getline(in, l);)
