@@ -137,7 +137,6 @@ Moe jtd_member(const std::string& dir, const ModelSpec& spec) {
 }
 
 /// Shares per expert as "0.25/0.31/0.22/0.22".
-std::string usage_line(const std::vector<double>& shares) { return ExpertUsage::text(shares); }
 std::string usage_line(const std::vector<int64_t>& counts) {
   return ExpertUsage::text(ExpertUsage::shares(counts));
 }
@@ -260,9 +259,8 @@ void cli_register_common(CLI::App& app, CommonOptions& c) {
   app.add_option("--data", c.data_dir, "data directory (default: the data set's standard place)");
   app.add_option_function<std::string>(
       "--samples", [&c](const std::string& v) { c.samples = samples_parse(v); },
-      "N images: the first N of the test split (attack, certify, lipschitz), a seeded subset of "
-      "the "
-      "training split (train); 'all' (default) for the whole split");
+      "N images: the first N of the test split (attack, certify, lipschitz), a seeded "
+      "subset of the training split (train); 'all' (default) for the whole split");
   app.add_option(
          "--subset", c.subset,
          "which N images --samples takes: first | random (seeded by --seed); default: first "

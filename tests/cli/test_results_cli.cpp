@@ -214,6 +214,27 @@ TEST_CASE("attack, certify and --save-adv rows carry the image's index and join 
   REQUIRE(index.numel() == 12);
   for (int64_t i = 0; i < 12; ++i)
     CHECK(index[i].item<int64_t>() == attack["rows"][i]["index"].get<int64_t>());
+
+  // A seeded random subset: the rows name data-set indices, not positions in the subset.
+  auto r = run_moecert("--samples 12 --subset random --seed 5 --quiet attack " +
+                       trained_checkpoint() + " --suite pgd --eps 0.05 --steps 1 " +
+                       "--no-components --json " + (tmp / "r.json"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  const auto random = nlohmann::json::parse(read_text(tmp / "r.json"));
+  CHECK(random["selection"]["rule"] == "random");
+  CHECK(random["selection"]["seed"] == 5);
+  spec.seed = 5;  // the synthetic set is generated from --seed too
+  const auto split5 = moecert::data_load(spec);
+  int64_t beyond = 0;
+  for (const auto& row : random["rows"]) {
+    const int64_t i = row["index"].get<int64_t>();
+    REQUIRE(i >= 0);
+    REQUIRE(i < split5.labels.size(0));
+    CHECK(split5.labels[i].item<int64_t>() == row["label"].get<int64_t>());
+    beyond += i >= 12;
+  }
+  CHECK(beyond > 0);  // 12 of 2,000 drawn uniformly are not the first 12
 }
 
 TEST_CASE("hostile manifests and options are refused with exit 2 before any allocation",
