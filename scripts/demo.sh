@@ -33,11 +33,11 @@ echo "== train: ibp (certified training: eps ramp 0 -> 0.11, kappa 1 -> 0.8, rou
 echo "== attack: test set, L-inf eps=0.1, PGD-20; routing health gates: no expert above 50 % or below 10 % of the test samples"
 "$bin" attack "$out/checkpoint" --suite pgd --eps 0.1 --steps 20 --json "$out/attack.json" \
   --max-expert-share 0.5 --min-expert-share 0.1
-echo "== attack: $suite_n test images (the seeded subset --samples draws), the standard suite (APGD-CE, APGD-T, FMN, route-aware, Square)"
+echo "== attack: $suite_n test images (the first ones, as --samples takes them), the standard suite (APGD-CE, APGD-T, FMN, route-aware, Square)"
 "$bin" --samples "$suite_n" attack "$out/checkpoint" --suite standard --eps 0.1 --no-components \
   --json "$out/attack-standard.json"
 
-echo "== dual-model: a standardly trained MoE (3 epochs) blended with it, alpha = 0.8; alpha-sweep on $sweep_n test images"
+echo "== dual-model: a standardly trained MoE (3 epochs) blended with it, alpha = 0.8; alpha-sweep on the first $sweep_n test images"
 "$bin" train --method st --experts 4 --expert cnn-s --router linear --routing top-k --top-k 1 \
   --epochs 3 --lr 1e-3 --schedule cosine --out "$out/standard" --force --log-every 100
 "$bin" dual --standard "$out/standard" --robust "$out/checkpoint" --alpha 0.8 --out "$out/dual" --force
