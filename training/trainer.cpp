@@ -185,14 +185,7 @@ int read_state(torch::serialize::InputArchive& ar,
     at::Generator gen = at::detail::getDefaultCPUGenerator();  // a handle to the global one
     gen.set_state(rng);
     history = nlohmann::json::parse(hist.toStringRef());
-    // What resuming reads of it: per-epoch objects with numbers.
-    bool rows_ok = history.is_array();
-    for (const auto& row : history)
-      rows_ok = rows_ok && row.is_object() &&
-                (!row.contains("heldout_ra") || row["heldout_ra"].is_number());
-    if (!rows_ok)
-      throw CheckpointError::bad_weights(dir + "/" + checkpoint_state_file,
-                                         "its history is not a list of per-epoch metrics");
+    checkpoint_check_history(dir + "/" + checkpoint_state_file, "history", history);
     return static_cast<int>(epoch.toInt());
   } catch (const c10::Error& e) {
     throw CheckpointError::bad_weights(dir + "/" + checkpoint_state_file,

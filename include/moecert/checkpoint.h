@@ -34,6 +34,13 @@ void checkpoint_save(const std::string& dir, const torch::nn::Module& module,
 /// checks the SHA-256 of weights.pt against it. Throws CheckpointError.
 nlohmann::json checkpoint_read_manifest(const std::string& dir);
 
+/// Checks a per-epoch training history, as model.json's metrics.history and
+/// train_state.pt's history hold one: an array of objects whose values are numbers,
+/// arrays of numbers or null. Throws CheckpointError::bad_manifest naming `path` and the
+/// first bad place (`field`[i].key).
+void checkpoint_check_history(const std::string& path, const std::string& field,
+                              const nlohmann::json& history);
+
 /// Loads weights.pt of a checkpoint into `module` (which must have been built from
 /// the manifest). Verifies the hash first; a missing or extra key, or a shape that
 /// differs, is a CheckpointError naming the parameter.

@@ -163,6 +163,12 @@ bool pickle_ok(const std::string& p) {
     v = le(b + at, bytes), at += static_cast<uint64_t>(bytes);
     return true;
   };
+  auto counted = [&](int bytes) {  // a length of `bytes` bytes, then that many bytes
+    uint64_t len = 0;
+    if (!arg(bytes, len) || len > left()) return false;
+    at += len;
+    return true;
+  };
   auto line = [&] {
     const void* nl = std::memchr(b + at, '\n', left());
     if (!nl) return false;
@@ -197,20 +203,17 @@ bool pickle_ok(const std::string& p) {
       case 0x8c:
       case 'U':
       case 'C':  // 1-byte length, then the bytes
-        if (!arg(1, v) || v > left()) return false;
-        at += v;
+        if (!counted(1)) return false;
         break;
       case 0x8b:
       case 'X':
       case 'T':
       case 'B':  // 4-byte length
-        if (!arg(4, v) || v > left()) return false;
-        at += v;
+        if (!counted(4)) return false;
         break;
       case 0x8d:
       case 0x8e:  // 8-byte length
-        if (!arg(8, v) || v > left()) return false;
-        at += v;
+        if (!counted(8)) return false;
         break;
       case 'c':
         if (!line() || !line()) return false;

@@ -297,18 +297,24 @@ void check_format_version(const std::string& path, const nlohmann::json& manifes
                                           std::to_string(checkpoint_format_version));
 }
 
+using JsonType = bool (nlohmann::json::*)() const noexcept;
+
+/// Throws a bad_manifest naming `field` unless `j` is of the type `is` tests.
+void expect_type(const std::string& path, const nlohmann::json& j, const std::string& field,
+                 JsonType is, const char* what) {
+  if (!(j.*is)())
+    throw CheckpointError::bad_manifest(
+        path, field, std::string("must be ") + what + ", got " + j.dump().substr(0, 60));
+}
+
 /// The optional fields moecert reads besides the architecture, each of the type it reads
 /// (so that no reader meets a number where it expects text): kind, alpha, dataset,
 /// training, members, metrics and its per-epoch history.
 void check_field_types(const std::string& path, const nlohmann::json& m) {
-  using Type = bool (nlohmann::json::*)() const noexcept;
-  auto expect = [&](const nlohmann::json& j, const std::string& field, Type is, const char* what) {
-    if (!(j.*is)())
-      throw CheckpointError::bad_manifest(
-          path, field, std::string("must be ") + what + ", got " + j.dump().substr(0, 60));
-  };
+  auto expect = [&](const nlohmann::json& j, const std::string& field, JsonType is,
+                    const char* what) { expect_type(path, j, field, is, what); };
   auto optional = [&](const nlohmann::json& o, const std::string& key, const std::string& field,
-                      Type is, const char* what) -> const nlohmann::json* {
+                      JsonType is, const char* what) -> const nlohmann::json* {
     if (!o.contains(key) || o[key].is_null()) return nullptr;
     expect(o[key], field, is, what);
     return &o[key];
@@ -343,22 +349,32 @@ void check_field_types(const std::string& path, const nlohmann::json& m) {
         optional(*t, "method", field + ".training.method", &nlohmann::json::is_string, "a string");
     }
   const auto* metrics = optional(m, "metrics", "metrics", &nlohmann::json::is_object, "an object");
-  const auto* history = metrics ? optional(*metrics, "history", "metrics.history",
-                                           &nlohmann::json::is_array, "an array")
-                                : nullptr;
-  for (size_t i = 0; history && i < history->size(); ++i) {
-    const auto& row = (*history)[i];
-    const std::string field = "metrics.history[" + std::to_string(i) + "]";
-    expect(row, field, &nlohmann::json::is_object, "an object");
+  if (metrics && metrics->contains("history") && !(*metrics)["history"].is_null())
+    checkpoint_check_history(path, "metrics.history", (*metrics)["history"]);
+}
+
+}  // namespace
+
+void checkpoint_check_history(const std::string& path, const std::string& field,
+                              const nlohmann::json& history) {
+  expect_type(path, history, field, &nlohmann::json::is_array, "an array");
+  for (size_t i = 0; i < history.size(); ++i) {
+    const auto& row = history[i];
+    const std::string at = field + "[" + std::to_string(i) + "]";
+    expect_type(path, row, at, &nlohmann::json::is_object, "an object");
     for (const auto& [key, v] : row.items()) {
       if (v.is_array()) {
-        for (const auto& x : v) expect(x, field + "." + key, &nlohmann::json::is_number, "numbers");
+        for (const auto& x : v)
+          expect_type(path, x, at + "." + key, &nlohmann::json::is_number, "numbers");
       } else if (!v.is_null()) {
-        expect(v, field + "." + key, &nlohmann::json::is_number, "a number or an array of numbers");
+        expect_type(path, v, at + "." + key, &nlohmann::json::is_number,
+                    "a number or an array of numbers");
       }
     }
   }
 }
+
+namespace {
 
 /// The recorded weights hash in lowercase; must be 64 hex digits.
 std::string check_weights_hash(const std::string& path, const nlohmann::json& manifest) {

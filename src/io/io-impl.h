@@ -30,8 +30,9 @@ class Sha256 {
 };
 
 /// Checks a LibTorch archive (weights.pt, train_state.pt) before LibTorch opens it
-/// (archive_check.cpp): a zip of stored entries that lie inside the file, whose class
-/// files declare attributes only. Throws CheckpointError::bad_weights naming the file.
+/// (archive_check.cpp): a zip of stored or deflated entries that lie inside the file,
+/// whose class files declare attributes only and whose pickles are well-formed opcode
+/// streams. Throws CheckpointError::bad_weights naming the file.
 void archive_check(const std::string& path);
 
 /// A CheckpointError "cannot <action> <path>: <strerror(err)>".

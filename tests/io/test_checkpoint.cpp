@@ -115,6 +115,20 @@ void edit_manifest(const std::string& dir, Edit edit) {
   write_bytes(dir + "/model.json", manifest.dump(2));
 }
 
+/// Replaces weights.pt with `bytes` and records their hash, so that loading gets past the
+/// hash check to the archive itself.
+void replace_weights(const std::string& dir, const std::string& bytes) {
+  write_bytes(dir + "/weights.pt", bytes);
+  edit_manifest(dir, [&](nlohmann::json& m) {
+    m["weights_sha256"] = moecert::sha256_file(dir + "/weights.pt");
+  });
+}
+
+/// A committed fuzz input of the weights harness (tests/fuzz/corpus/weights/).
+std::string weights_corpus(const std::string& name) {
+  return read_bytes(std::string(MOECERT_SOURCE_DIR) + "/tests/fuzz/corpus/weights/" + name);
+}
+
 std::vector<std::string> entries_with(const fs::path& root, const std::string& needle) {
   std::vector<std::string> found;
   for (const auto& entry : fs::directory_iterator(root)) {
@@ -179,21 +193,14 @@ TEST_CASE("a truncated weights.pt is a CheckpointError, even with a matching has
   write_bytes(dir + "/weights.pt", bytes.substr(0, bytes.size() / 2));
   CHECK_THROWS_WITH(moecert::checkpoint_load_weights(dir, *net), Contains("SHA-256"));
   // Past the hash check, the archive reader's own c10::Error must not escape.
-  edit_manifest(dir, [&](nlohmann::json& m) {
-    m["weights_sha256"] = moecert::sha256_file(dir + "/weights.pt");
-  });
+  replace_weights(dir, bytes.substr(0, bytes.size() / 2));
   const CheckpointError e =
       checkpoint_error_of([&] { moecert::checkpoint_load_weights(dir, *net); });
   CHECK_THAT(e.what(), Contains("weights.pt"));
   CHECK(std::string(e.what()).find('\n') == std::string::npos);
   // An archive whose pickle names a type LibTorch's TorchScript parser rejects: it throws
   // torch::jit::ErrorReport, not c10::Error, and must not escape either (found by fuzzing).
-  write_bytes(dir + "/weights.pt",
-              read_bytes(std::string(MOECERT_SOURCE_DIR) +
-                         "/tests/fuzz/corpus/weights/crash-torchscript-type-error.pt"));
-  edit_manifest(dir, [&](nlohmann::json& m) {
-    m["weights_sha256"] = moecert::sha256_file(dir + "/weights.pt");
-  });
+  replace_weights(dir, weights_corpus("crash-torchscript-type-error.pt"));
   const CheckpointError hostile =
       checkpoint_error_of([&] { moecert::checkpoint_load_weights(dir, *net); });
   CHECK_THAT(hostile.what(), Contains("weights.pt") && Contains("not an archive moecert can read"));
@@ -206,10 +213,7 @@ TEST_CASE("a weights archive is checked before LibTorch opens it", "[unit][io]")
   moecert::checkpoint_save(dir, *net, io_test_manifest());
   const std::string good = read_bytes(dir + "/weights.pt");
   auto error_with = [&](const std::string& bytes) {
-    write_bytes(dir + "/weights.pt", bytes);
-    edit_manifest(dir, [&](nlohmann::json& m) {
-      m["weights_sha256"] = moecert::sha256_file(dir + "/weights.pt");
-    });
+    replace_weights(dir, bytes);
     return std::string(
         checkpoint_error_of([&] { moecert::checkpoint_load_weights(dir, *net); }).what());
   };
@@ -217,12 +221,10 @@ TEST_CASE("a weights archive is checked before LibTorch opens it", "[unit][io]")
   moecert::io_impl::archive_check(dir + "/weights.pt");
   // A fuzzed archive whose class file made LibTorch's TorchScript importer crash
   // (SIGSEGV in its class-constant parser): refused before LibTorch sees it.
-  CHECK_THAT(error_with(read_bytes(std::string(MOECERT_SOURCE_DIR) +
-                                   "/tests/fuzz/corpus/weights/crash-class-constant-segv.pt")),
+  CHECK_THAT(error_with(weights_corpus("crash-class-constant-segv.pt")),
              Contains("weights.pt") && Contains("not a weights archive moecert writes"));
   // A fuzzed archive whose class file's debug pickle made LibTorch allocate 28 GB.
-  CHECK_THAT(error_with(read_bytes(std::string(MOECERT_SOURCE_DIR) +
-                                   "/tests/fuzz/corpus/weights/crash-memo-index-oom.pt")),
+  CHECK_THAT(error_with(weights_corpus("crash-memo-index-oom.pt")),
              Contains("pickle") && Contains("is malformed"));
   // An entry compressed another way than deflate (method 12, bzip2): refused by name.
   std::string packed = good;
@@ -336,6 +338,28 @@ TEST_CASE("manifest fields are checked by name", "[unit][io]") {
     m["weights_sha256"] = hex;
   });
   CHECK_NOTHROW(moecert::checkpoint_read_manifest(dir));
+}
+
+TEST_CASE("a training history is checked where model.json and train_state.pt hold one",
+          "[unit][io]") {
+  using moecert::checkpoint_check_history;
+  const auto good = nlohmann::json::parse(
+      R"([{"epoch": 1, "heldout_ra": 0.5, "expert_usage_clean": [0.5, 0.5], "lr": null}])");
+  checkpoint_check_history("run/train_state.pt", "history", good);
+  checkpoint_check_history("run/train_state.pt", "history", nlohmann::json::array());
+  auto error_of = [](const nlohmann::json& history) {
+    return std::string(checkpoint_error_of([&] {
+                         checkpoint_check_history("run/train_state.pt", "history", history);
+                       }).what());
+  };
+  CHECK_THAT(error_of({{"epoch", 1}}),
+             Contains("train_state.pt") && Contains("'history'") && Contains("must be an array"));
+  CHECK_THAT(error_of(nlohmann::json::parse(R"([{"epoch": 1}, 2])")),
+             Contains("'history[1]'") && Contains("must be an object"));
+  CHECK_THAT(error_of(nlohmann::json::parse(R"([{"epoch": 1}, {"heldout_ra": "high"}])")),
+             Contains("'history[1].heldout_ra'") && Contains("a number or an array of numbers"));
+  CHECK_THAT(error_of(nlohmann::json::parse(R"([{"expert_usage_clean": [0.5, "x"]}])")),
+             Contains("'history[0].expert_usage_clean'") && Contains("must be numbers"));
 }
 
 TEST_CASE("loading into a differently shaped module names the parameter", "[unit][io]") {
