@@ -6,7 +6,8 @@
 # training (ibp, crown-ibp, soft and top-2 routing through the mixture bound, MoE-CNN,
 # jtdmoe with an ibp robust step, resume mid-ramp) and certification of a certified-
 # trained checkpoint (devdeps/ckpt/ibp_b when present: full test set on cuda, first
-# 2,000 on cpu). Writes log.txt and a few JSON files under $OUT (default: a new
+# 2,000 on cpu); then a few epochs of RT-ER / AdvMoE on the papers' CIFAR backbones
+# (ResNet-18 MoE, WRN and VGG MoE-CNNs) with their images/s. Writes log.txt and a few JSON files under $OUT (default: a new
 # temporary directory), the rest under $WORK (default: another).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -130,4 +131,15 @@ compare_certs "certify ibp-trained (cuda ckpt), cuda (A) vs cpu (B)" "$work/cert
   "$work/certibp-cpu/results.json"
 compare_certs "certify ibp_b, full set on cuda (A) vs first 2000 on cpu (B)" "$work/certfull-cuda/results.json" \
   "$work/certfull-cpu/results.json"
+
+# --- the papers' backbones on the device: paper 1's RT-ER on a ResNet-18 MoE and paper 2's
+# AdvMoE on WRN / VGG MoE-CNNs, CIFAR-10-shaped data (synthetic-cifar), crop + flip; the
+# last progress line of each shows images/s ----------------------------------------------
+cifar=(--device cuda --dataset synthetic-cifar)
+timed "rter-resnet18-cuda" "$bin" "${cifar[@]}" train --method rt-er --expert resnet18 --experts 4 \
+  --epochs 3 --crop-pad 4 --flip --val-samples 200 --eval-steps 5 --log-every 5 --out "$work/r18"
+timed "advmoe-wrn-16-4-cuda" "$bin" "${cifar[@]}" train --arch moe-cnn --method advmoe --expert wrn-16-4 \
+  --router resnet20 --epochs 3 --crop-pad 4 --flip --val-samples 200 --eval-steps 5 --log-every 5 --out "$work/wrn"
+timed "advmoe-vgg16-cuda" "$bin" "${cifar[@]}" train --arch moe-cnn --method advmoe --expert vgg16-bn \
+  --router resnet20 --epochs 3 --crop-pad 4 --flip --val-samples 200 --eval-steps 5 --log-every 5 --out "$work/vgg"
 echo "== done in $(($(date +%s) - t0)) s"

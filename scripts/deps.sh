@@ -8,6 +8,7 @@ MOECERT_PACKAGES=(
   libtorch-dev libopenblas0-openmp   # LibTorch + an optimised BLAS (reference BLAS is ~17x slower)
   libgoogle-perftools-dev            # tcmalloc: an allocator that keeps freed memory (certification 1.5x faster)
   libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev zlib1g-dev
+  libjpeg62-turbo-dev                # TinyImageNet's JPEGs (libjpeg-turbo)
   dataset-fashion-mnist gnuplot-nox
 )
 if [[ "${MOECERT_WITH_PYTHON:-0}" == 1 ]]; then

@@ -239,15 +239,48 @@ StepStats advmoe_router_step(MoeImpl& model, const torch::Tensor& x, const torch
   return advmoe_trades(model, x, x_adv, y, cfg, std::move(s), /*balance=*/true);
 }
 
+const std::vector<MethodEntry>& train_method_registry() {
+  static const std::vector<MethodEntry> table{
+      {"st", "standard training (clean cross-entropy)", false, false,
+       [] { return std::unique_ptr<TrainMethod>(std::make_unique<StandardTraining>()); }},
+      {"at", "adversarial training on PGD examples (Madry et al.)", false, true,
+       [] { return std::unique_ptr<TrainMethod>(std::make_unique<AdversarialTraining>(false)); }},
+      {"trades", "TRADES: clean CE + beta KL(clean || adversarial)", false, true,
+       [] { return std::unique_ptr<TrainMethod>(std::make_unique<TradesTraining>()); }},
+      {"rt-er", "paper 1's robust training with expert regularisation", false, true,
+       [] { return std::unique_ptr<TrainMethod>(std::make_unique<AdversarialTraining>(true)); }},
+      {"advmoe", "paper 2's AdvMoE: alternating TRADES steps of experts and router", false, false,
+       nullptr},
+      {"jtdmoe", "paper 1's joint training of a dual-model (standard + robust member)", false,
+       false, nullptr},
+      {"ibp", "certified training with IBP bounds (Gowal et al.)", true, true,
+       [] { return certified_method_make(/*crown=*/false); }},
+      {"crown-ibp", "certified training with CROWN-IBP bounds (Zhang et al.)", true, true,
+       [] { return certified_method_make(/*crown=*/true); }},
+  };
+  return table;
+}
+
+std::string train_method_names(bool members_only) {
+  std::string out;
+  for (const auto& m : train_method_registry())
+    if (!members_only || m.jtd_member) out += (out.empty() ? "" : " | ") + std::string(m.name);
+  return out;
+}
+
+const MethodEntry& train_method_find(const std::string& name, const char* option) {
+  for (const auto& m : train_method_registry())
+    if (name == m.name) return m;
+  throw ConfigError::invalid(option, name, train_method_names());
+}
+
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name) {
-  if (name == "st") return std::make_unique<StandardTraining>();
-  if (name == "at") return std::make_unique<AdversarialTraining>(/*rter=*/false);
-  if (name == "rt-er") return std::make_unique<AdversarialTraining>(/*rter=*/true);
-  if (name == "trades") return std::make_unique<TradesTraining>();
-  if (name == "ibp") return certified_method_make(/*crown=*/false);
-  if (name == "crown-ibp") return certified_method_make(/*crown=*/true);
-  throw ConfigError::invalid("--method", name,
-                             "st | at | trades | rt-er | advmoe | jtdmoe | ibp | crown-ibp");
+  const auto& m = train_method_find(name, "--method");
+  if (!m.make)
+    throw ConfigError::invalid("--method", name,
+                               "a per-batch method (" + train_method_names(true) + " | st); " +
+                                   name + " runs its own loop");
+  return m.make();
 }
 
 }  // namespace moecert

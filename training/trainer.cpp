@@ -39,6 +39,7 @@ nlohmann::json TrainConfig::to_json() const {
           {"milestones", milestones},
           {"gamma", gamma},
           {"seed", seed},
+          {"augment", {{"crop_pad", augment.crop_pad}, {"flip", augment.flip}}},
           {"jtd_gamma", jtd_gamma},
           {"jtd_robust", jtd_robust},
           {"route_margin", route_margin},
@@ -58,11 +59,12 @@ nlohmann::json TrainConfig::to_json() const {
 
 void TrainConfig::validate() const {
   // advmoe and jtdmoe alternate two updates per batch: they are learners, not methods.
-  if (method != "jtdmoe" && method != "advmoe") train_method_make(method);
+  train_method_find(method, "--method");
   if (jtd_gamma < 0) throw ConfigError::invalid("--jtd-gamma", std::to_string(jtd_gamma), ">= 0");
   limits::check_range("--epochs", epochs, 1, limits::max_epochs);
   limits::check_range("--batch-size", batch_size, 1, limits::max_batch);
   limits::check_range("--log-every", log_every, 0, limits::max_steps);
+  limits::check_range("--crop-pad", augment.crop_pad, 0, 64);
   if (optimizer != "adam" && optimizer != "sgd")
     throw ConfigError::invalid("--optimizer", optimizer, "adam | sgd");
   if (schedule != "cosine" && schedule != "step" && schedule != "constant")
@@ -81,7 +83,7 @@ void TrainConfig::validate() const {
     throw ConfigError::invalid("--max-expert-share", std::to_string(max_expert_share), "in (0, 1]");
   if (router_train != "none") router_gradient_parse(router_train);
   const auto& z = certified;
-  if ((method == "ibp" || method == "crown-ibp") && attack.norm != Norm::linf)
+  if (train_method_find(method, "--method").certified && attack.norm != Norm::linf)
     throw ConfigError("--method " + method +
                       ": certified training bounds L-inf boxes; --norm 2 is not supported");
   // A ramp may end after the run (a run to be resumed with more --epochs).
@@ -114,11 +116,10 @@ void TrainConfig::validate() const {
           "--route-margin with --router-train none: the router is frozen, the term cannot move it");
   }
   if (method == "jtdmoe") {
-    const std::vector<std::string> robust_methods{"rt-er", "at", "trades", "ibp", "crown-ibp"};
-    if (std::find(robust_methods.begin(), robust_methods.end(), jtd_robust) == robust_methods.end())
-      throw ConfigError::invalid("--jtd-robust", jtd_robust,
-                                 "rt-er | at | trades | ibp | crown-ibp");
-    if ((jtd_robust == "ibp" || jtd_robust == "crown-ibp") && attack.norm != Norm::linf)
+    const auto& robust = train_method_find(jtd_robust, "--jtd-robust");
+    if (!robust.jtd_member)
+      throw ConfigError::invalid("--jtd-robust", jtd_robust, train_method_names(true));
+    if (robust.certified && attack.norm != Norm::linf)
       throw ConfigError("--jtd-robust " + jtd_robust +
                         ": certified training bounds L-inf boxes; --norm 2 is not supported");
   }
@@ -283,7 +284,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
       for (auto* opt : opts) set_lr(*opt, scheduled_lr(cfg, epoch, global, total_steps));
       auto idx =
           order.narrow(0, s * cfg.batch_size, std::min(cfg.batch_size, N - s * cfg.batch_size));
-      auto x = train.batch_images(idx).to(device);
+      auto x = data_augment(train.batch_images(idx), idx, cfg.augment, cfg.seed, epoch).to(device);
       auto y = train.batch_labels(idx).to(device);
       learner.at_step(global, total_steps);
       StepStats st =

@@ -5,7 +5,6 @@
 // derivative gate δ — fed with s. Over the region δ is 1 or 0 on the units the pass
 // finds stable and lies in [0, 1] on the others, so CROWN over s in the unit ball,
 // with each gate relaxed (src/bounds/rules/gate.cpp), bounds it. docs/certification.md §16.
-#include <map>
 #include <optional>
 
 #include "bounds-impl.h"
@@ -13,19 +12,17 @@
 namespace moecert {
 namespace {
 
-using Inputs = std::map<const Layer*, const NodeBounds*>;  // each layer -> its input's bounds
-
-/// The derivative graph of `g`, layer by layer from the rules (nullopt: a layer has
-/// none; max-pool's derivative selects within a window, no elementwise gate).
-std::optional<LayerGraph> derivative_graph(const LayerGraph& g, const Inputs& in) {
-  DerivativeArgs args;
-  args.input_bounds = [&in](const Layer& l) -> const NodeBounds& { return *in.at(&l); };
-  args.graph = [&in](const LayerGraph& sub) { return derivative_graph(sub, in); };
+/// The derivative graph of the pass's graph, node by node from the rules, with the
+/// same inputs (nullopt: a node has none; max-pool's derivative selects within a
+/// window, no elementwise gate).
+std::optional<LayerGraph> derivative_graph(const BoundPass& pass) {
   LayerGraph d;
-  for (const auto& l : g) {
-    auto dl = rule_for(l).derivative(l, args);
+  for (const auto& n : pass.graph->nodes()) {
+    const int first = n.inputs.at(0);
+    const DerivativeArgs args{first < 0 ? pass.input : pass.nodes[static_cast<size_t>(first)]};
+    auto dl = n.rule->derivative(*n.layer, args);
     if (!dl) return std::nullopt;
-    d.push_back(std::move(*dl));
+    d.add(std::move(*dl), n.inputs);
   }
   return d;
 }
@@ -36,11 +33,7 @@ torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor&
                                      BoundMethod intermediate) {
   torch::NoGradGuard no_grad;
   const BoundGraph& g = *pass.graph;
-  Inputs in;
-  for (const auto& n : g.nodes())
-    if (!n.inputs.empty())
-      in[n.layer] = n.inputs[0] < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(n.inputs[0])];
-  auto dg = derivative_graph(g.layers(), in);
+  auto dg = derivative_graph(pass);
   if (!dg) return {};
   const BoundGraph jg(std::move(*dg), g.input_shape());
   const auto& x = pass.domain.x;

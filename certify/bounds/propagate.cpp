@@ -1,4 +1,4 @@
-// Compiling layer graphs to nodes, and the forward sweep: interval bounds of every
+// The forward sweep: interval bounds of every
 // node, CROWN bounds on the inputs of relaxed nodes, float32 error bounds.
 // docs/certification.md §10–§12.
 #include <ATen/Parallel.h>
@@ -9,49 +9,6 @@
 #include "moecert/error.h"
 
 namespace moecert {
-
-BoundGraph::BoundGraph(LayerGraph g, Shape input_shape)
-    : layers_(std::make_shared<const LayerGraph>(std::move(g))), input_(std::move(input_shape)) {
-  Shape s = input_;
-  add_chain(*layers_, -1, s);
-  if (nodes_.empty()) throw ConfigError("certify: an empty layer graph has nothing to bound");
-  for (size_t k = 0; k < nodes_.size(); ++k) {
-    auto& n = nodes_[k];
-    for (int i : n.inputs)
-      if (i >= 0) {
-        auto& in = nodes_[static_cast<size_t>(i)];
-        in.consumers.push_back(static_cast<int>(k));
-        n.after_relaxed = n.after_relaxed || in.after_relaxed || in.rule->relaxed();
-        if (n.rule->relaxed()) in.feeds_relaxed = true;
-      }
-  }
-  int64_t numel = 1;
-  for (auto v : input_) numel *= v;
-  if (numel > bp::max_sum_length)
-    throw ConfigError("certify: inputs of " + std::to_string(numel) + " values exceed the " +
-                      std::to_string(bp::max_sum_length) + " the rounding allowance covers");
-}
-
-int BoundGraph::add_chain(const LayerGraph& g, int input, Shape& shape) {
-  for (const auto& l : g) {
-    const BoundRule& r = rule_for(l);
-    BoundNode n;
-    n.layer = &l, n.rule = &r;
-    if (r.arity() == 2) {  // a block: its branches first, then the node that joins them
-      Shape a = shape, b = shape;
-      n.inputs = {add_chain(l.main, input, a), add_chain(l.shortcut, input, b)};
-      n.in_shapes = {a, b};
-    } else {
-      n.inputs = {input};
-      n.in_shapes = {shape};
-    }
-    n.out_shape = r.out_shape(l, n.in_shapes);
-    shape = n.out_shape;
-    nodes_.push_back(std::move(n));
-    input = static_cast<int>(nodes_.size()) - 1;
-  }
-  return input;
-}
 
 namespace {
 
@@ -262,6 +219,11 @@ void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass, const torch::
 BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt,
                         const BoundPass* seed) {
   torch::NoGradGuard no_grad;
+  int64_t numel = 1;
+  for (auto v : g.input_shape()) numel *= v;
+  if (numel > bp::max_sum_length)
+    throw ConfigError("certify: inputs of " + std::to_string(numel) + " values exceed the " +
+                      std::to_string(bp::max_sum_length) + " the rounding allowance covers");
   BoundPass pass;
   pass.graph = &g, pass.domain = d, pass.opt = opt;
   pass.input = input_box(d, seed);

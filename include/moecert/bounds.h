@@ -9,41 +9,16 @@
 
 #include <memory>
 
+#include "moecert/compiled_graph.h"
 #include "moecert/defaults.h"
 #include "moecert/rules.h"
 #include "moecert/train_bounds.h"  // other_classes, margin_rows, router_selection
 
 namespace moecert {
 
-/// One node of a compiled graph: a layer with its rule, inputs and shapes.
-struct BoundNode {
-  const Layer* layer = nullptr;
-  const BoundRule* rule = nullptr;
-  std::vector<int> inputs;  ///< earlier node indices; -1 is the graph input
-  std::vector<Shape> in_shapes;
-  Shape out_shape;
-  std::vector<int> consumers;  ///< later nodes that take this one as an input
-  bool feeds_relaxed = false;  ///< some consumer is a relaxed operator (ReLU, max-pool)
-  bool after_relaxed = false;  ///< some ancestor is relaxed: not in the affine prefix
-};
-
-/// A layer graph compiled to nodes in topological order (residual blocks become
-/// their branches' nodes and a sum node). Throws UnsupportedLayerError / ShapeError.
-class BoundGraph {
- public:
-  BoundGraph(LayerGraph g, Shape input_shape);
-  const std::vector<BoundNode>& nodes() const { return nodes_; }
-  const Shape& input_shape() const { return input_; }
-  const LayerGraph& layers() const { return *layers_; }  ///< what the nodes' layers point into
-  const Shape& output_shape() const { return nodes_.back().out_shape; }
-  int output() const { return static_cast<int>(nodes_.size()) - 1; }
-
- private:
-  int add_chain(const LayerGraph& g, int input, Shape& shape);
-  std::shared_ptr<const LayerGraph> layers_;  // the nodes point into it
-  std::vector<BoundNode> nodes_;
-  Shape input_;
-};
+/// Bound propagation walks the core's compiled graph (include/moecert/compiled_graph.h).
+using BoundNode = CompiledNode;
+using BoundGraph = CompiledGraph;
 
 enum class BoundMethod { ibp, crown, alpha_crown };
 

@@ -63,11 +63,10 @@ struct BackwardArgs {
   torch::Tensor alpha;
 };
 
-/// What a rule's derivative step sees (docs §16): the bounds of a layer's input over
-/// the region, and the derivative of a sub-graph (a residual block's branches).
+/// What a rule's derivative step sees (docs §16): the bounds of the layer's first
+/// input over the region.
 struct DerivativeArgs {
-  std::function<const NodeBounds&(const Layer&)> input_bounds;
-  std::function<std::optional<LayerGraph>(const LayerGraph&)> graph;
+  const NodeBounds& input;
 };
 
 /// One layer kind. The formula of each method sits above its code in the rule's
@@ -77,7 +76,8 @@ class BoundRule {
   virtual ~BoundRule() = default;
   /// The kind's name in messages ("conv", "relu", ...).
   virtual const char* name() const = 0;
-  /// Number of inputs: 1, or 2 for the residual sum (main, shortcut).
+  /// Number of inputs: 1, 2 for the residual sum (main, shortcut), 0 for any
+  /// number >= 1 (concatenation).
   virtual int arity() const { return 1; }
   /// Whether the engine needs tight bounds on this node's input (a piecewise-linear
   /// operator that is relaxed: ReLU, max-pool).
@@ -112,8 +112,9 @@ class BoundRule {
   /// Jacobian rows over the output -> over each input. `sample` [R]: each row's sample.
   virtual std::vector<JacobianBox> jacobian(const BackwardArgs& a, const JacobianBox& j) const = 0;
   /// The layer of the derivative graph (docs §16): the map s -> J·s of this layer at
-  /// any point of the region. nullopt: none in the form of a layer (the relaxed
-  /// Jacobian bound then falls back to the interval one).
+  /// any point of the region, reading the derivatives of the layer's inputs in the
+  /// same order. nullopt: none in the form of a layer (the relaxed Jacobian bound then
+  /// falls back to the interval one).
   virtual std::optional<Layer> derivative(const Layer& l, const DerivativeArgs& a) const {
     return std::nullopt;
   }
@@ -123,7 +124,7 @@ class BoundRule {
 /// what to add when there is none.
 const BoundRule& rule_for(const Layer& l);
 
-/// Output shape of a whole graph. in: [C, H, W]
+/// Output shape of a whole graph. in: [C, H, W]; throws as CompiledGraph does.
 Shape graph_out_shape(const LayerGraph& g, const Shape& in);
 
 /// Evaluates a graph in its tensors' dtype (float64 for certification).

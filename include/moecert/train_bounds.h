@@ -15,13 +15,14 @@
 
 namespace moecert {
 
-/// IBP through a layer graph (chains and residual blocks). in: the input box, lo/hi
+/// IBP through a layer graph. in: the input box, lo/hi
 /// [B, *shape] (mag, err32 undefined) -> the output's interval. Differentiable.
 NodeBounds train_interval(const LayerGraph& g, const NodeBounds& in);
 
 /// Lower bounds of rows C·h(x) over each sample's input box: β·CROWN-IBP + (1 − β)·IBP,
 /// the IBP bound with C folded into the last layer when it is linear (as certify's IBP).
-/// β > 0 needs a chain graph (no residual block): ConfigError otherwise.
+/// CROWN-IBP walks the graph's nodes in reverse, summing the rows of a node read by
+/// several (a residual block's input).
 /// C: [B, S, K] -> [B, S]. Differentiable.
 torch::Tensor train_spec_lower(const LayerGraph& g, const NodeBounds& in, const torch::Tensor& C,
                                double beta);

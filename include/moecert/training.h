@@ -70,6 +70,7 @@ struct TrainConfig {
   std::vector<int> milestones;      ///< epochs at which `step` multiplies lr by gamma
   double gamma = 0.1;
   uint64_t seed = 0;
+  Augment augment;            ///< random crop / flip of training images (none by default)
   PgdConfig attack;           ///< the training attack (at)
   PgdConfig eval_attack;      ///< the per-epoch held-out attack
   int log_every = 50;         ///< progress line every N steps (0 = never)
@@ -159,8 +160,21 @@ StepStats advmoe_expert_step(MoeImpl& model, const torch::Tensor& x, const torch
 StepStats advmoe_router_step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                              const TrainConfig& cfg);
 
-/// "st" | "at" | "trades" | "rt-er" | "ibp" | "crown-ibp" -> method; throws ConfigError
-/// naming the known methods.
+/// The training-method registry: every name --method takes, with its help.
+struct MethodEntry {
+  const char* name;
+  const char* help;
+  bool certified;   ///< trains against interval bounds of L∞ boxes (not --norm 2)
+  bool jtd_member;  ///< may train a dual-model's robust member (--jtd-robust)
+  /// The per-batch method; null for those with a loop of their own (advmoe, jtdmoe).
+  std::unique_ptr<TrainMethod> (*make)();
+};
+const std::vector<MethodEntry>& train_method_registry();
+/// "name | name | ..." of all methods, or of those that may be a --jtd-robust member.
+std::string train_method_names(bool members_only = false);
+/// The entry of `name`; ConfigError naming `option` and the known methods otherwise.
+const MethodEntry& train_method_find(const std::string& name, const char* option);
+/// A per-batch method by name; throws ConfigError naming the known methods.
 std::unique_ptr<TrainMethod> train_method_make(const std::string& name);
 
 /// What a finished (or resumed-and-finished) run reports.

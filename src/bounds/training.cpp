@@ -6,32 +6,34 @@
 #include <limits>
 #include <tuple>
 
+#include "moecert/compiled_graph.h"
 #include "moecert/error.h"
 #include "moecert/train_bounds.h"
 
 namespace moecert {
 namespace {
 
-/// The graph's own shape of a bound tensor: its sizes without the batch dimension.
-Shape unbatched(const torch::Tensor& t) {
-  auto s = t.sizes().vec();
-  return Shape(s.begin() + 1, s.end());
+/// The graph compiled for inputs shaped like `in` (its sizes without the batch).
+CompiledGraph compile(const LayerGraph& g, const NodeBounds& in) {
+  auto s = in.lo.sizes().vec();
+  return CompiledGraph(g, Shape(s.begin() + 1, s.end()));
 }
 
-/// IBP of a chain, recording the interval at each layer's input (residual blocks
-/// enter as one step). -> the output's interval
-NodeBounds walk(const LayerGraph& g, const NodeBounds& in, std::vector<NodeBounds>* inputs) {
-  NodeBounds cur = in;
-  for (const auto& l : g) {
-    if (inputs) inputs->push_back(cur);
-    if (l.kind == Layer::Kind::residual) {
-      const NodeBounds m = train_interval(l.main, cur), s = train_interval(l.shortcut, cur);
-      cur = rule_for(l).bounds(l, {&m, &s});
-    } else {
-      cur = rule_for(l).bounds(l, {&cur});
-    }
+/// IBP of every node, in node order. -> one interval per node
+std::vector<NodeBounds> walk(const CompiledGraph& g, const NodeBounds& in) {
+  std::vector<NodeBounds> out;
+  out.reserve(g.nodes().size());
+  for (const auto& n : g.nodes()) {
+    std::vector<const NodeBounds*> x;
+    for (int i : n.inputs) x.push_back(i < 0 ? &in : &out[static_cast<size_t>(i)]);
+    out.push_back(n.rule->bounds(*n.layer, x));
   }
-  return cur;
+  return out;
+}
+
+/// The interval of node `i` (-1: the input).
+const NodeBounds& at(const std::vector<NodeBounds>& nodes, const NodeBounds& in, int i) {
+  return i < 0 ? in : nodes[static_cast<size_t>(i)];
 }
 
 /// min over the box [lo, hi] of A·z per row: A·c − |A|·r. A: [B, S, n], box [B, n] -> [B, S]
@@ -42,47 +44,54 @@ torch::Tensor box_min(const torch::Tensor& A, const torch::Tensor& lo, const tor
 
 /// IBP bound of C·h: C folded into the last layer when it is linear (the same
 /// quantity as certify's IBP, docs §11), else the output's interval.
-torch::Tensor ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>& inputs,
-                        const NodeBounds& out, const torch::Tensor& C) {
-  const Layer& last = g.back();
-  if (last.kind == Layer::Kind::linear) {
-    const NodeBounds& z = inputs.back();
-    auto A = torch::matmul(C, last.weight);  // [B, S, I]
+torch::Tensor ibp_lower(const CompiledGraph& g, const std::vector<NodeBounds>& nodes,
+                        const NodeBounds& in, const torch::Tensor& C) {
+  const auto& last = g.nodes().back();
+  if (last.layer->kind == Layer::Kind::linear) {
+    const NodeBounds& z = at(nodes, in, last.inputs[0]);
+    auto A = torch::matmul(C, last.layer->weight);  // [B, S, I]
     auto low = box_min(A, z.lo.flatten(1), z.hi.flatten(1));
-    if (last.bias.defined()) low = low + torch::matmul(C, last.bias);
+    if (last.layer->bias.defined()) low = low + torch::matmul(C, last.layer->bias);
     return low;
   }
-  return box_min(C, out.lo.flatten(1), out.hi.flatten(1));
+  return box_min(C, nodes.back().lo.flatten(1), nodes.back().hi.flatten(1));
 }
 
-/// CROWN-IBP: one backward walk of the rows C from the output, each relaxed operator
-/// relaxed over its IBP input interval, concretised over the input box.
-torch::Tensor crown_ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>& inputs,
-                              const NodeBounds& out, const torch::Tensor& C) {
+/// CROWN-IBP: one backward walk of the rows C from the output through the nodes in
+/// reverse order (a node with several consumers sums their rows), each relaxed
+/// operator relaxed over its IBP input interval, concretised over the input box.
+torch::Tensor crown_ibp_lower(const CompiledGraph& g, const std::vector<NodeBounds>& nodes,
+                              const NodeBounds& in, const torch::Tensor& C) {
   const int64_t B = C.size(0), S = C.size(1);
-  Coeffs c;
-  c.A = C.reshape({B * S, C.size(2)});
-  c.sample = torch::arange(B, C.options().dtype(torch::kLong)).repeat_interleave(S);
-  auto gather = [&c](const torch::Tensor& t) { return t.index_select(0, c.sample); };
+  const auto sample = torch::arange(B, C.options().dtype(torch::kLong)).repeat_interleave(S);
+  auto gather = [&sample](const torch::Tensor& t) { return t.index_select(0, sample); };
   auto b = torch::zeros({B * S}, C.options());
-  for (size_t i = g.size(); i-- > 0;) {
-    const Layer& l = g[i];
-    if (l.kind == Layer::Kind::residual)
-      throw ConfigError(
-          "crown-ibp: layer '" + l.name +
-          "' is a residual block; CROWN-IBP training takes chain graphs (use --method ibp)");
-    const Shape in_shape = unbatched(inputs[i].lo);
-    const Shape out_shape = i + 1 < g.size() ? unbatched(inputs[i + 1].lo) : unbatched(out.lo);
-    const std::vector<Shape> in_shapes{in_shape};
-    BackwardArgs args{l, in_shapes, out_shape, {&inputs[i]}, gather, {}};
-    auto next = rule_for(l).backward(args, c, b);
-    if (next.empty() || !next[0].A.defined())
-      throw ConfigError("crown-ibp: the rule of layer '" + l.name + "' has no dense backward step");
-    c.A = next[0].A;
+  std::vector<torch::Tensor> rows(g.nodes().size());  // dense rows over each node's output
+  rows.back() = C.reshape({B * S, C.size(2)});
+  torch::Tensor at_input;
+  auto add_to = [](torch::Tensor& acc, const torch::Tensor& A) {
+    acc = acc.defined() ? acc + A : A;
+  };
+  for (size_t k = g.nodes().size(); k-- > 0;) {
+    if (!rows[k].defined()) continue;
+    const auto& n = g.nodes()[k];
+    std::vector<const NodeBounds*> x;
+    for (int i : n.inputs) x.push_back(&at(nodes, in, i));
+    BackwardArgs args{*n.layer, n.in_shapes, n.out_shape, x, gather, {}};
+    Coeffs c;
+    c.A = rows[k], c.sample = sample;
+    auto next = n.rule->backward(args, c, b);
+    if (next.size() != n.inputs.size())
+      throw ConfigError("crown-ibp: the rule of layer '" + n.layer->name +
+                        "' has no dense backward step");
+    for (size_t j = 0; j < next.size(); ++j)
+      if (next[j].A.defined())
+        add_to(n.inputs[j] < 0 ? at_input : rows[static_cast<size_t>(n.inputs[j])], next[j].A);
+    rows[k] = torch::Tensor();
   }
-  const auto& x = inputs.front();
-  auto A = c.A.flatten(1);
-  auto lo = gather(x.lo).flatten(1), hi = gather(x.hi).flatten(1);
+  if (!at_input.defined()) return b.view({B, S});
+  auto A = at_input.flatten(1);
+  auto lo = gather(in.lo).flatten(1), hi = gather(in.hi).flatten(1);
   auto low = b + (A.clamp_min(0) * lo + A.clamp_max(0) * hi).sum(1);
   return low.view({B, S});
 }
@@ -90,18 +99,19 @@ torch::Tensor crown_ibp_lower(const LayerGraph& g, const std::vector<NodeBounds>
 }  // namespace
 
 NodeBounds train_interval(const LayerGraph& g, const NodeBounds& in) {
-  return walk(g, in, nullptr);
+  if (g.empty()) return in;
+  return walk(compile(g, in), in).back();
 }
 
 torch::Tensor train_spec_lower(const LayerGraph& g, const NodeBounds& in, const torch::Tensor& C,
                                double beta) {
   if (g.empty()) return box_min(C, in.lo.flatten(1), in.hi.flatten(1));
-  std::vector<NodeBounds> inputs;
-  const NodeBounds out = walk(g, in, &inputs);
+  const CompiledGraph cg = compile(g, in);
+  const auto nodes = walk(cg, in);
   torch::Tensor low;
-  if (beta < 1) low = (1 - beta) * ibp_lower(g, inputs, out, C);
+  if (beta < 1) low = (1 - beta) * ibp_lower(cg, nodes, in, C);
   if (beta > 0) {
-    auto crown = beta * crown_ibp_lower(g, inputs, out, C);
+    auto crown = beta * crown_ibp_lower(cg, nodes, in, C);
     low = low.defined() ? low + crown : crown;
   }
   return low;

@@ -8,6 +8,7 @@
 
 #include "moecert/attack_suite.h"
 #include "moecert/attacks.h"
+#include "moecert/backbones.h"
 #include "moecert/checkpoint.h"
 #include "moecert/defaults.h"
 #include "moecert/error.h"
@@ -255,7 +256,7 @@ void cli_register_common(CLI::App& app, CommonOptions& c) {
   app.add_option("--threads", c.threads, "CPU threads (0 = all cores)")->capture_default_str();
   app.add_option("--seed", c.seed, "global seed (data order, init, attacks)")
       ->capture_default_str();
-  app.add_option("--dataset", c.dataset, "fashion-mnist | cifar10 | synthetic");
+  app.add_option("--dataset", c.dataset, data_names());
   app.add_option("--data", c.data_dir, "data directory (default: the data set's standard place)");
   app.add_option_function<std::string>(
       "--samples", [&c](const std::string& v) { c.samples = samples_parse(v); },
@@ -274,10 +275,10 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   o->train_attack.steps = defaults::train_steps;
   auto* cmd = app.add_subcommand("train", "train an MoE (or dense) classifier and checkpoint it");
   auto& c = o->cfg;
-  cmd->add_option("--method", c.method,
-                  "st | at | trades | rt-er | advmoe | jtdmoe (dual-model) | ibp | crown-ibp "
-                  "(certified training)")
-      ->capture_default_str();
+  std::string methods;
+  for (const auto& m : train_method_registry())
+    methods += "\n  " + std::string(m.name) + ": " + m.help;
+  cmd->add_option("--method", c.method, "training method:" + methods)->capture_default_str();
   auto& z = c.certified;
   cmd->add_option("--train-eps", z.eps,
                   "ibp / crown-ibp: training radius at the ramp's end (< 0: --eps)")
@@ -310,9 +311,9 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
       ->capture_default_str();
   cmd->add_option("--jtd-gamma", c.jtd_gamma, "jtdmoe: weight of CE(F_D(x_adv)) in the F_S step")
       ->capture_default_str();
-  cmd->add_option(
-         "--jtd-robust", c.jtd_robust,
-         "jtdmoe: the method of the F_R step: rt-er (paper 1) | at | trades | ibp | crown-ibp")
+  cmd->add_option("--jtd-robust", c.jtd_robust,
+                  "jtdmoe: the method of the F_R step (rt-er: paper 1): " +
+                      train_method_names(/*members_only=*/true))
       ->capture_default_str();
   cmd->add_option("--init-standard", o->init_standard, "jtdmoe: start F_S from this checkpoint");
   cmd->add_option("--init-robust", o->init_robust, "jtdmoe: start F_R from this checkpoint");
@@ -338,9 +339,12 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("--experts", o->spec.experts,
                   "number of experts E (1 = dense; moe-cnn: groups N)")
       ->capture_default_str();
-  cmd->add_option("--expert", o->spec.expert, "expert backbone: cnn-s | resnet18")
+  cmd->add_option("--expert", o->spec.expert,
+                  "expert backbone:" + backbone_help(BackboneRole::expert) +
+                      "\n  (--arch moe-cnn: " + backbone_names(BackboneRole::channel_groups) + ")")
       ->capture_default_str();
-  cmd->add_option("--router", o->spec.router, "router: linear | cnn")->capture_default_str();
+  cmd->add_option("--router", o->spec.router, "router:" + backbone_help(BackboneRole::router))
+      ->capture_default_str();
   cmd->add_option("--routing", o->routing, "soft | top-k")->capture_default_str();
   cmd->add_option("--top-k", o->spec.top_k, "k of top-k routing")->capture_default_str();
   cmd->add_option("--epochs", c.epochs)->capture_default_str();
@@ -352,6 +356,11 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("--schedule", c.schedule, "cosine | step | constant")->capture_default_str();
   cmd->add_option("--milestones", c.milestones, "epochs where `step` multiplies lr by --gamma");
   cmd->add_option("--gamma", c.gamma)->capture_default_str();
+  cmd->add_option("--crop-pad", c.augment.crop_pad,
+                  "augment: random crop after padding with N zero pixels (the papers: 4 on "
+                  "CIFAR; 0 = off)")
+      ->capture_default_str();
+  cmd->add_flag("--flip", c.augment.flip, "augment: random horizontal flip");
   add_attack_options(cmd, o->train_attack, "", "training attack");
   add_attack_options(cmd, o->eval_attack, "eval-", "held-out attack");
   cmd->add_option("--val-samples", o->val_samples, "held-out images split off the training set")

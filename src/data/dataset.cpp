@@ -94,8 +94,10 @@ constexpr double kStd = 0.25;
 constexpr uint64_t kTemplateStream = 0;
 constexpr uint64_t kTrainStream = 1;
 constexpr uint64_t kTestStream = 2;
-constexpr uint64_t kSubsetStream = 3;  // data_subset: independent of the synthetic samples
-constexpr uint64_t kEpochStream = 4;   // data_epoch_order, mixed with the epoch afterwards
+constexpr uint64_t kSubsetStream = 3;
+constexpr uint64_t kAugmentStream = 4;  // data_augment: crop offsets and flips  // data_subset:
+                                        // independent of the synthetic samples
+constexpr uint64_t kEpochStream = 4;    // data_epoch_order, mixed with the epoch afterwards
 
 /// Per-class smooth templates in [0, 1]: a kGrid x kGrid random grid, bilinearly
 /// upsampled. -> [classes][C * H * W]
@@ -202,24 +204,98 @@ Dataset data_synthetic(int64_t n, int64_t channels, int64_t height, int64_t widt
 
 // --- loading, subsets, epochs -----------------------------------------------------
 
+namespace {
+
+/// A directory the reader cannot default: ConfigError naming what it must hold.
+const std::string& required_dir(const DataSpec& spec, const char* holds) {
+  if (spec.dir.empty()) throw ConfigError::invalid("--data", "", holds);
+  return spec.dir;
+}
+
+Dataset synthetic_split(const DataSpec& spec, int64_t c, int64_t side) {
+  const int64_t n = spec.train ? defaults::synthetic_train_size : defaults::synthetic_test_size;
+  return synthetic_generate(n, c, side, side, 10, spec.seed,
+                            spec.train ? kTrainStream : kTestStream);
+}
+
+}  // namespace
+
+const std::vector<DataEntry>& data_registry() {
+  static const std::vector<DataEntry> table{
+      {"fashion-mnist", "Fashion-MNIST IDX files (default: the Debian package's)",
+       [](const DataSpec& s) { return fashion_mnist_load(s.dir, s.train); }},
+      {"cifar10", "CIFAR-10 binary batches (data_batch_1..5.bin, test_batch.bin) in --data",
+       [](const DataSpec& s) {
+         return data_load_cifar10(
+             required_dir(s, "the directory holding the CIFAR-10 .bin batches"), s.train);
+       }},
+      {"cifar100", "CIFAR-100 binary (train.bin, test.bin) in --data, fine labels (100 classes)",
+       [](const DataSpec& s) {
+         return data_load_cifar100(
+             required_dir(s, "the directory holding CIFAR-100's train.bin and test.bin"), s.train,
+             false);
+       }},
+      {"cifar100-coarse", "CIFAR-100 with its coarse labels (20 superclasses)",
+       [](const DataSpec& s) {
+         return data_load_cifar100(
+             required_dir(s, "the directory holding CIFAR-100's train.bin and test.bin"), s.train,
+             true);
+       }},
+      {"tiny-imagenet",
+       "TinyImageNet: the tiny-imagenet-200 folder in --data (64x64, 200 "
+       "classes; val is the test split; decoded once, cached beside it)",
+       [](const DataSpec& s) {
+         return data_load_tiny_imagenet(
+             required_dir(s, "the tiny-imagenet-200 folder (wnids.txt, train/, val/)"), s.train);
+       }},
+      {"synthetic", "generated 1x28x28 set of 10 classes (tests, demos; --seed)",
+       [](const DataSpec& s) { return synthetic_split(s, 1, 28); }},
+      {"synthetic-cifar", "generated 3x32x32 set of 10 classes (tests of the CIFAR backbones)",
+       [](const DataSpec& s) { return synthetic_split(s, 3, 32); }},
+  };
+  return table;
+}
+
+std::string data_names() {
+  std::string out;
+  for (const auto& e : data_registry()) out += (out.empty() ? "" : " | ") + std::string(e.name);
+  return out;
+}
+
 Dataset data_load(const DataSpec& spec) {
-  Dataset data;
-  if (spec.name == "fashion-mnist") {
-    data = fashion_mnist_load(spec.dir, spec.train);
-  } else if (spec.name == "cifar10") {
-    if (spec.dir.empty())
-      throw ConfigError::invalid("--data", "", "the directory holding the CIFAR-10 .bin batches");
-    data = data_load_cifar10(spec.dir, spec.train);
-  } else if (spec.name == "synthetic") {
-    const int64_t n = spec.train ? defaults::synthetic_train_size : defaults::synthetic_test_size;
-    data = synthetic_generate(n, 1, 28, 28, 10, spec.seed, spec.train ? kTrainStream : kTestStream);
-  } else {
-    throw ConfigError::invalid("--dataset", spec.name, "fashion-mnist | cifar10 | synthetic");
-  }
+  const auto& table = data_registry();
+  auto it = std::find_if(table.begin(), table.end(),
+                         [&](const DataEntry& e) { return spec.name == e.name; });
+  if (it == table.end()) throw ConfigError::invalid("--dataset", spec.name, data_names());
+  Dataset data = it->load(spec);
   data.index = torch::arange(data.size(), torch::kInt64);
   if (spec.samples > 0)
     data = spec.first ? data_first(data, spec.samples) : data_subset(data, spec.samples, spec.seed);
   return data;
+}
+
+torch::Tensor data_augment(const torch::Tensor& x, const torch::Tensor& rows, const Augment& a,
+                           uint64_t seed, int64_t epoch) {
+  if (!a.active()) return x;
+  const int64_t B = x.size(0), H = x.size(2), W = x.size(3), p = a.crop_pad;
+  auto padded = p > 0 ? torch::constant_pad_nd(x, {p, p, p, p}) : x;
+  auto rows_cpu = rows.to(torch::kCPU).contiguous();
+  const auto* r = rows_cpu.data_ptr<int64_t>();
+  std::vector<torch::Tensor> out;
+  out.reserve(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    std::mt19937_64 rng(data_impl::seed_mix(
+        data_impl::seed_mix(seed, kAugmentStream),
+        static_cast<uint64_t>(epoch) * 0x100000000ULL + static_cast<uint64_t>(r[b])));
+    const auto dy =
+        static_cast<int64_t>(data_impl::rng_below(rng, static_cast<uint64_t>(2 * p + 1)));
+    const auto dx =
+        static_cast<int64_t>(data_impl::rng_below(rng, static_cast<uint64_t>(2 * p + 1)));
+    const bool mirror = a.flip && data_impl::rng_below(rng, 2) == 1;
+    auto img = padded[b].narrow(1, dy, H).narrow(2, dx, W);
+    out.push_back(mirror ? img.flip({2}) : img);
+  }
+  return torch::stack(out);
 }
 
 Dataset data_first(const Dataset& data, int64_t n) {

@@ -1,6 +1,8 @@
-// Layer graph constructors. Evaluation and bounds of each kind are its rule's
-// (src/bounds/rules/).
+// Layer and graph constructors. Evaluation and bounds of each operator are its
+// rule's (src/bounds/rules/).
 #include "moecert/graph.h"
+
+#include "moecert/error.h"
 
 namespace moecert {
 
@@ -47,12 +49,35 @@ Layer Layer::simple(Kind kind, std::string name) {
   return l;
 }
 
-Layer Layer::residual_block(std::string name, std::vector<Layer> main,
-                            std::vector<Layer> shortcut) {
-  Layer l;
-  l.kind = Kind::residual, l.name = std::move(name);
-  l.main = std::move(main), l.shortcut = std::move(shortcut);
-  return l;
+LayerGraph::LayerGraph(std::initializer_list<Layer> chain) {
+  for (const auto& l : chain) add(l);
+}
+
+int LayerGraph::add(Layer l, std::vector<int> inputs) {
+  for (int i : inputs)
+    if (i < -1 || i > output())
+      throw ShapeError("graph: node '" + l.name + "' reads node " + std::to_string(i) +
+                       ", but only the input (-1) and nodes 0.." + std::to_string(output()) +
+                       " come before it");
+  nodes_.push_back({std::move(l), std::move(inputs)});
+  return output();
+}
+
+int LayerGraph::append(const LayerGraph& sub, int input) {
+  const int offset = static_cast<int>(nodes_.size());
+  for (const auto& n : sub.nodes_) {
+    std::vector<int> in;
+    for (int i : n.inputs) in.push_back(i < 0 ? input : i + offset);
+    add(n.layer, std::move(in));
+  }
+  return sub.empty() ? input : output();
+}
+
+int LayerGraph::add_residual(const std::string& name, const LayerGraph& main,
+                             const LayerGraph& shortcut, int input) {
+  const int m = append(main, input);
+  const int s = append(shortcut, input);
+  return add(Layer::simple(Layer::Kind::residual, name), {m, s});
 }
 
 }  // namespace moecert

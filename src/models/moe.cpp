@@ -6,6 +6,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "moecert/backbones.h"
 #include "moecert/error.h"
 #include "moecert/limits.h"
 #include "moecert/models.h"
@@ -103,10 +104,13 @@ void ModelSpec::validate() const {
   limits::check_range("width", width, 1, limits::max_side);
   limits::check_range("experts", experts, 1, limits::max_experts);
   limits::check_range("num_classes", num_classes, 2, limits::max_classes);
-  if (expert != "cnn-s" && expert != "resnet18" && expert != "mlp")
-    throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18 | mlp");
-  if (router != "linear" && router != "cnn" && router != "mlp")
-    throw ConfigError::invalid("--router", router, "linear | cnn | mlp");
+  BackboneArgs a;
+  a.in_channels = in_channels, a.height = height, a.width_px = width, a.outputs = num_classes;
+  a.kind = expert;
+  backbone_find(a, kind == "moe-cnn" ? BackboneRole::channel_groups : BackboneRole::expert,
+                "--expert");
+  a.kind = router, a.outputs = experts;
+  if (experts > 1) backbone_find(a, BackboneRole::router, "--router");
   if (routing == Routing::top_k && (top_k < 1 || top_k > experts))
     throw ConfigError::invalid("--top-k", std::to_string(top_k),
                                "1 <= k <= experts (" + std::to_string(experts) + ")");
@@ -126,15 +130,13 @@ void ModelSpec::validate() const {
       throw ConfigError::invalid("--experts", std::to_string(experts),
                                  ">= 2 channel groups for --arch moe-cnn (the dense baseline is "
                                  "--arch moe --experts 1)");
-    if (expert == "mlp")
-      throw ConfigError::invalid("--expert", expert, "cnn-s | resnet18 for --arch moe-cnn");
     if (routing != Routing::top_k || top_k != 1)
       throw ConfigError(
           "--arch moe-cnn routes top-1 (one channel group per sample): use "
           "--routing top-k --top-k 1");
-    // The narrowest layer (16 channels in cnn-s's first conv) must keep >= 1 channel.
-    if (!(scale > 0 && scale <= 1) || static_cast<int64_t>(scale * 16.0 + 0.5) < 1)
-      throw ConfigError::invalid("--scale", std::to_string(scale), "in [1/32, 1]");
+    // Every layer keeps at least one channel (round(r·C) >= 1 is enforced per layer).
+    if (!(scale >= 1.0 / 64 && scale <= 1))
+      throw ConfigError::invalid("--scale", std::to_string(scale), "in [1/64, 1]");
   }
 }
 
@@ -222,8 +224,8 @@ LayerGraph MoeImpl::component_graph(int64_t expert) {
   auto mean = mean_.flatten(), sd = std_.flatten();
   if (!LiveGraphs::active())
     mean = mean.detach().to(torch::kFloat64), sd = sd.detach().to(torch::kFloat64);
-  g.push_back(Layer::affine("normalise", 1.0 / sd, -mean / sd));
-  for (auto& l : net->graph()) g.push_back(std::move(l));
+  g.add(Layer::affine("normalise", 1.0 / sd, -mean / sd));
+  g.append(net->graph());
   return g;
 }
 

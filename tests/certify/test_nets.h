@@ -1,9 +1,12 @@
 // The backbones and routers the whole-graph certification tests bound: a cnn-s expert,
 // a cnn router, an mlp expert, a ResNet-18 MoE-CNN path with BatchNorm statistics, a
-// cnn-s MoE-CNN path, and a graph with max-pooling (always last). Fixed seed.
+// cnn-s MoE-CNN path, WRN and DenseNet-BC MoE-CNN paths, and a graph with max-pooling
+// (always last). Fixed seed.
 #pragma once
 
 #include <torch/torch.h>
+
+#include <tuple>
 
 #include "moecert/models.h"
 
@@ -61,6 +64,23 @@ inline std::vector<Net> nets() {
   moecert::Moe cnn(c);
   cnn->eval();
   out.push_back({"cnn-s path (MoE-CNN)", cnn->component_graph(0), {1, 28, 28}});
+  // Pre-activation residual blocks with 1x1 shortcuts (WRN) and dense concatenations
+  // with average-pool transitions (DenseNet-BC), as narrow MoE-CNN paths.
+  for (auto [name, expert, scale] :
+       {std::tuple{"wrn-10-1 path (MoE-CNN)", "wrn-10-1", 0.25},
+        std::tuple{"densenet-bc-16-4 path (MoE-CNN)", "densenet-bc-16-4", 0.5}}) {
+    moecert::ModelSpec w = r;
+    w.expert = expert, w.scale = scale;
+    moecert::Moe m(w);
+    m->eval();
+    torch::NoGradGuard ng;
+    for (auto& b : m->named_buffers())
+      if (b.key().find("running_var") != std::string::npos)
+        b.value().uniform_(0.5, 2.0);
+      else if (b.key().find("running_mean") != std::string::npos)
+        b.value().uniform_(-0.2, 0.2);
+    out.push_back({name, m->component_graph(1), {3, 8, 8}});
+  }
   // A graph with max-pooling straight after a conv and after a ReLU.
   out.push_back(
       {"conv + max-pool",

@@ -123,8 +123,16 @@ TEST_CASE("bound propagation is sound on a ResNet-18 MoE-CNN path (residual sums
 TEST_CASE("bound propagation is sound on a cnn-s MoE-CNN path", "[soundness][certify][bounds]") {
   check_backbone(4);
 }
-TEST_CASE("bound propagation is sound through max-pooling", "[soundness][certify][bounds]") {
+TEST_CASE("bound propagation is sound on a WRN MoE-CNN path (pre-activation, 1x1 shortcuts)",
+          "[soundness][certify][bounds]") {
   check_backbone(5);
+}
+TEST_CASE("bound propagation is sound on a DenseNet-BC MoE-CNN path (concatenation)",
+          "[soundness][certify][bounds]") {
+  check_backbone(6);
+}
+TEST_CASE("bound propagation is sound through max-pooling", "[soundness][certify][bounds]") {
+  check_backbone(7);
 }
 
 TEST_CASE("float32 evaluations of every backbone stay within err32",
@@ -137,15 +145,13 @@ TEST_CASE("float32 evaluations of every backbone stay within err32",
     BoundOptions opt;
     opt.method = BoundMethod::ibp;
     auto pass = bound_forward(g, {x, torch::full({2}, eps, f64), Norm::linf, true}, opt);
-    LayerGraph g32 = net.graph;
-    std::function<void(LayerGraph&)> to32 = [&](LayerGraph& layers) {
-      for (auto& l : layers) {
-        for (auto* t : {&l.weight, &l.bias})
-          if (t->defined()) *t = t->to(torch::kFloat32);
-        to32(l.main), to32(l.shortcut);
-      }
-    };
-    to32(g32);
+    LayerGraph g32;
+    for (const auto& n : net.graph) {
+      Layer l = n.layer;
+      for (auto* t : {&l.weight, &l.bias})
+        if (t->defined()) *t = t->to(torch::kFloat32);
+      g32.add(l, n.inputs);
+    }
     for (int t = 0; t < 20; ++t) {
       auto z = (x + eps * (2 * torch::rand_like(x) - 1)).clamp(0, 1).to(torch::kFloat32);
       auto exact = graph_forward(net.graph, z.to(torch::kFloat64));
@@ -209,7 +215,7 @@ TEST_CASE("L2 ball ∩ box: the dual bound of a linear function is tight",
     // falls as λ grows). Their value is >= the minimum, so the bound must be below it, and
     // a small gap shows the bound is tight (no duality gap).
     auto x0 = x.flatten(), lo = (x0 - eps).clamp_min(0), hi = (x0 + eps).clamp_max(1);
-    auto W = lin[1].weight;
+    auto W = lin[1].layer.weight;
     for (int64_t r = 0; r < 3; ++r) {
       auto a = W[r];
       double best = INFINITY;

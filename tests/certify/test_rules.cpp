@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 #include <functional>
 
+#include "moecert/error.h"
 #include "moecert/rules.h"
 
 using namespace moecert;
@@ -241,7 +242,7 @@ TEST_CASE("every rule's Jacobian step encloses sampled Jacobian rows",
 
 TEST_CASE("residual sum: bounds, CROWN step, norm and Jacobian of a + b",
           "[soundness][certify][rules]") {
-  Layer res = Layer::residual_block("block", {Layer::simple(Layer::Kind::relu)}, {});
+  Layer res = Layer::simple(Layer::Kind::residual, "block");
   const auto& rule = rule_for(res);
   REQUIRE(rule.arity() == 2);
   auto a = region({2, 3, 3}), b = region({2, 3, 3});
@@ -259,6 +260,58 @@ TEST_CASE("residual sum: bounds, CROWN step, norm and Jacobian of a + b",
   CHECK(torch::equal(back[1].A, c.A));
   CHECK(rule.lipschitz(res, Norm::l2, ins, {2.5, 1.0}, false) == 3.5);
   CHECK(rule_for(res).out_shape(res, ins) == ins[0]);
+}
+
+TEST_CASE("concat: bounds, CROWN step (dense and patches), norm and Jacobian of (a, b)",
+          "[soundness][certify][rules]") {
+  Layer cat = Layer::simple(Layer::Kind::concat, "dense1.0");
+  const auto& rule = rule_for(cat);
+  REQUIRE(rule.arity() == 0);
+  const std::vector<Shape> ins{{2, 3, 3}, {3, 3, 3}};
+  REQUIRE(rule.out_shape(cat, ins) == Shape{5, 3, 3});
+  CHECK_THROWS_AS(rule.out_shape(cat, {{2, 3, 3}, {3, 4, 3}}), ShapeError);
+  auto a = region(ins[0]), b = region(ins[1]);
+  auto y = rule.forward(cat, {a.points, b.points});
+  auto nb = rule.bounds(cat, {&a.in, &b.in});
+  // (the points lie in their input boxes up to the rounding of lo + t·(hi − lo))
+  CHECK((y >= nb.lo.repeat_interleave(kPerSample, 0) - 1e-12).all().item<bool>());
+  CHECK((y <= nb.hi.repeat_interleave(kPerSample, 0) + 1e-12).all().item<bool>());
+  CHECK((nb.mag.repeat_interleave(kPerSample, 0) >= y.abs() - 1e-12).all().item<bool>());
+  // CROWN: Σ A·y = Σ A_a·a + Σ A_b·b exactly, at every sampled point.
+  auto c = dense_rows({5, 3, 3}, 2);
+  auto bias = torch::zeros({c.A.size(0)}, f64);
+  BackwardArgs args{cat, ins, {5, 3, 3}, {&a.in, &b.in}, {}, {}};
+  auto back = rule.backward(args, c, bias);
+  REQUIRE(back.size() == 2);
+  CHECK(back[0].A.sizes() == torch::IntArrayRef{c.A.size(0), 2, 3, 3});
+  auto pick = torch::arange(kBatch).repeat_interleave(2) * kPerSample;  // one point per sample
+  auto ya = y.index_select(0, pick), pa = a.points.index_select(0, pick),
+       pb = b.points.index_select(0, pick);
+  auto lhs = (c.A * ya).flatten(1).sum(1);
+  auto rhs = (back[0].A * pa).flatten(1).sum(1) + (back[1].A * pb).flatten(1).sum(1);
+  CHECK((lhs - rhs).abs().max().item<double>() < 1e-12);
+  // Patch rows keep their geometry and split their channels.
+  Coeffs p = c;
+  p.patches = true, p.A = torch::randn({4, 5, 3, 3}, f64), p.kernel = 3, p.Ht = 3, p.Wt = 3;
+  p.sample = torch::zeros({4}, torch::kLong), p.site = torch::arange(4);
+  auto pb2 = rule.backward(args, p, bias);
+  CHECK(torch::equal(torch::cat({pb2[0].A, pb2[1].A}, 1), p.A));
+  CHECK(pb2[1].patches);
+  CHECK(torch::equal(pb2[1].site, p.site));
+  // ‖(a, b)‖_2 <= sqrt(k_a² + k_b²)·‖x‖, ‖(a, b)‖_∞ <= max(k_a, k_b)·‖x‖.
+  CHECK(rule.lipschitz(cat, Norm::l2, ins, {3.0, 4.0}, false) == Approx(5.0));
+  CHECK(rule.lipschitz(cat, Norm::linf, ins, {3.0, 4.0}, false) == 4.0);
+  CHECK(rule.lipschitz(cat, Norm::l2, ins, {3.0, 4.0}, true) == 4.0);
+  JacobianBox j{torch::randn({2, 5, 3, 3}, f64), torch::rand({2, 5, 3, 3}, f64)};
+  auto jb = rule.jacobian(args, j);
+  REQUIRE(jb.size() == 2);
+  CHECK(torch::equal(torch::cat({jb[0].c, jb[1].c}, 1), j.c));
+  CHECK(torch::equal(torch::cat({jb[0].r, jb[1].r}, 1), j.r));
+  CHECK(rule.derivative(cat, DerivativeArgs{a.in}).has_value());
+  // Three inputs, vectors: the features side by side.
+  auto v = rule.forward(
+      cat, {torch::ones({1, 2}, f64), torch::zeros({1, 1}, f64), torch::full({1, 2}, 2.0, f64)});
+  CHECK(torch::equal(v, torch::tensor({{1.0, 1.0, 0.0, 2.0, 2.0}}, f64)));
 }
 
 TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {

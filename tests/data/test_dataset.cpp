@@ -36,11 +36,14 @@ struct TempDir {
   std::string path(const std::string& name) const { return (dir / name).string(); }
 };
 
-/// CIFAR-10 records whose pixel (c, y, x) of record r is (r + 3c + 5y + 7x) % 256.
-std::vector<char> cifar_records(const std::vector<int>& labels, int first_record) {
+/// CIFAR-10 records whose pixel (c, y, x) of record r is (r + 3c + 5y + 7x) % 256;
+/// with `coarse`, CIFAR-100 records (coarse label byte, then the fine label byte).
+std::vector<char> cifar_records(const std::vector<int>& labels, int first_record,
+                                const std::vector<int>* coarse = nullptr) {
   std::vector<char> out;
   for (size_t i = 0; i < labels.size(); ++i) {
     const int r = first_record + static_cast<int>(i);
+    if (coarse) out.push_back(static_cast<char>(coarse->at(i)));
     out.push_back(static_cast<char>(labels[i]));
     for (int c = 0; c < 3; ++c)
       for (int y = 0; y < 32; ++y)
@@ -118,6 +121,58 @@ TEST_CASE("data_load_cifar10 reads batches channel-major", "[unit][data]") {
   REQUIRE(train.size() == 5);  // data_batch_1..5 in order
   CHECK(torch::equal(train.labels, torch::tensor({1, 2, 3, 4, 5}, torch::kInt64)));
   CHECK(train.images[3][0][0][1].item<int>() == (40 + 7) % 256);
+}
+
+TEST_CASE("CIFAR-100: fine labels by default, coarse on request, 3074-byte records",
+          "[unit][data]") {
+  TempDir tmp;
+  const std::vector<int> fine{99, 0, 42}, coarse{19, 0, 7};
+  write_file(tmp.path("train.bin"), cifar_records(fine, 0, &coarse));
+  write_file(tmp.path("test.bin"), cifar_records({5}, 7, &coarse));
+  DataSpec spec;
+  spec.name = "cifar100";
+  spec.dir = tmp.dir.string();
+  const Dataset train = moecert::data_load(spec);
+  CHECK(train.name == "cifar100");
+  CHECK(train.num_classes == 100);
+  CHECK(torch::equal(train.labels, torch::tensor({99, 0, 42}, torch::kInt64)));
+  REQUIRE(train.images.sizes() == torch::IntArrayRef({3, 3, 32, 32}));
+  CHECK(train.images[2][1][4][5].item<int>() == (2 + 3 * 1 + 5 * 4 + 7 * 5) % 256);
+  CHECK(train.mean.size() == 3);
+  spec.name = "cifar100-coarse";
+  const Dataset c = moecert::data_load(spec);
+  CHECK(c.num_classes == 20);
+  CHECK(torch::equal(c.labels, torch::tensor({19, 0, 7}, torch::kInt64)));
+  CHECK(torch::equal(c.images, train.images));
+  spec.train = false;
+  CHECK(moecert::data_load(spec).size() == 1);
+  // A CIFAR-10 batch is not a CIFAR-100 file: 3073-byte records do not divide it.
+  write_file(tmp.path("test.bin"), cifar_records({1, 2, 3}, 0));
+  CHECK_THROWS_WITH(moecert::data_load(spec),
+                    Catch::Contains(tmp.path("test.bin")) && Catch::Contains("truncated"));
+  // A fine label of 100 is out of range, named with its index.
+  std::vector<int> bad_fine{3, 100}, bad_coarse{1, 1};
+  write_file(tmp.path("test.bin"), cifar_records(bad_fine, 0, &bad_coarse));
+  spec.name = "cifar100";
+  CHECK_THROWS_WITH(moecert::data_load(spec), Catch::Contains("label 100 at index 1"));
+  spec.dir.clear();
+  CHECK_THROWS_WITH(moecert::data_load(spec), Catch::Contains("--data"));
+}
+
+TEST_CASE("every registered data set is named in the --dataset error", "[unit][data]") {
+  DataSpec spec;
+  spec.name = "imagenet";
+  try {
+    moecert::data_load(spec);
+    FAIL("expected a ConfigError");
+  } catch (const moecert::ConfigError& e) {
+    for (const auto& d : moecert::data_registry()) CHECK_THAT(e.what(), Catch::Contains(d.name));
+  }
+  spec.name = "synthetic-cifar";
+  spec.train = false;
+  const Dataset d = moecert::data_load(spec);
+  CHECK(d.images.sizes() == torch::IntArrayRef({d.size(), 3, 32, 32}));
+  CHECK(d.num_classes == 10);
 }
 
 TEST_CASE("data_load_cifar10 rejects broken batches", "[unit][data]") {
@@ -294,4 +349,40 @@ TEST_CASE("subsets and selections keep each row's index in its split", "[unit][d
   spec.samples = 3;
   spec.first = true;
   CHECK(torch::equal(moecert::data_load(spec).images, first.images.narrow(0, 0, 3)));
+}
+
+TEST_CASE("data_augment: a crop of the padded image, maybe mirrored, fixed by seed, epoch, row",
+          "[unit][data]") {
+  const int64_t B = 24;
+  auto x = torch::rand({B, 3, 8, 8});
+  auto rows = torch::arange(100, 100 + B, torch::kLong);
+  moecert::Augment a;
+  CHECK(torch::equal(moecert::data_augment(x, rows, a, 1, 0), x));  // inactive: unchanged
+  a.crop_pad = 2, a.flip = true;
+  auto y = moecert::data_augment(x, rows, a, 1, 0);
+  REQUIRE(y.sizes() == x.sizes());
+  auto padded = torch::constant_pad_nd(x, {2, 2, 2, 2});
+  int mirrored = 0, shifted = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    bool found = false;
+    for (int64_t dy = 0; dy <= 4 && !found; ++dy)
+      for (int64_t dx = 0; dx <= 4 && !found; ++dx)
+        for (bool m : {false, true}) {
+          auto w = padded[b].narrow(1, dy, 8).narrow(2, dx, 8);
+          if (torch::equal(m ? w.flip({2}) : w, y[b])) {
+            found = true, mirrored += m, shifted += (dy != 2 || dx != 2);
+            break;
+          }
+        }
+    CHECK(found);
+  }
+  CHECK(mirrored > 0);
+  CHECK(mirrored < B);
+  CHECK(shifted > 0);
+  // The same row gets the same image whatever batch it is in; another epoch or seed
+  // draws again.
+  auto alone = moecert::data_augment(x.narrow(0, 5, 1), rows.narrow(0, 5, 1), a, 1, 0);
+  CHECK(torch::equal(alone[0], y[5]));
+  CHECK(!torch::equal(moecert::data_augment(x, rows, a, 1, 1), y));
+  CHECK(!torch::equal(moecert::data_augment(x, rows, a, 2, 0), y));
 }

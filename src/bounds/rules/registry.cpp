@@ -2,6 +2,7 @@
 // only dispatch through it. One line per rule.
 #include <map>
 
+#include "moecert/compiled_graph.h"
 #include "moecert/error.h"
 #include "rules-impl.h"
 
@@ -20,6 +21,7 @@ const std::map<Layer::Kind, std::unique_ptr<BoundRule>>& registry() {
     t[Layer::Kind::residual] = rules::make_residual_rule();
     t[Layer::Kind::maxpool] = rules::make_maxpool_rule();
     t[Layer::Kind::gate] = rules::make_gate_rule();
+    t[Layer::Kind::concat] = rules::make_concat_rule();
     return t;
   }();
   return table;
@@ -39,27 +41,18 @@ const BoundRule& rule_for(const Layer& l) {
 }
 
 Shape graph_out_shape(const LayerGraph& g, const Shape& in) {
-  Shape s = in;
-  for (const auto& l : g) {
-    if (l.kind == Layer::Kind::residual) {
-      const Shape m = graph_out_shape(l.main, s), t = graph_out_shape(l.shortcut, s);
-      s = rule_for(l).out_shape(l, {m, t});
-    } else {
-      s = rule_for(l).out_shape(l, {s});
-    }
-  }
-  return s;
+  return CompiledGraph(g, in).output_shape();
 }
 
 torch::Tensor graph_forward(const LayerGraph& g, const torch::Tensor& input) {
-  torch::Tensor x = input;
-  for (const auto& l : g) {
-    if (!l.main.empty())  // a block with branches: evaluate them, then combine
-      x = rule_for(l).forward(l, {graph_forward(l.main, x), graph_forward(l.shortcut, x)});
-    else
-      x = rule_for(l).forward(l, {x});
+  std::vector<torch::Tensor> value;
+  value.reserve(g.size());
+  for (const auto& n : g) {
+    std::vector<torch::Tensor> x;
+    for (int i : n.inputs) x.push_back(i < 0 ? input : value[static_cast<size_t>(i)]);
+    value.push_back(rule_for(n.layer).forward(n.layer, x));
   }
-  return x;
+  return g.empty() ? input : value.back();
 }
 
 namespace rules {

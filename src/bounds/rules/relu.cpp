@@ -104,7 +104,7 @@ class ReluRule final : public BoundRule {
   // throughout (relu is the identity there), 0 where it is <= 0, anything in [0, 1]
   // elsewhere (Clarke).
   std::optional<Layer> derivative(const Layer& l, const DerivativeArgs& a) const override {
-    const NodeBounds& x = a.input_bounds(l);
+    const NodeBounds& x = a.input;
     auto on = (x.lo.ge(0) & x.hi.gt(0)).to(x.lo.dtype()), may = x.hi.gt(0).to(x.lo.dtype());
     return Layer::gate(l.name, on, may);
   }

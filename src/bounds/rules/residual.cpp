@@ -1,5 +1,5 @@
-// residual: y = main(x) + shortcut(x), the sum node of a residual block (its
-// branches are compiled as nodes of their own; an empty shortcut is the identity).
+// residual: y = a + b, the sum node of a residual block (its inputs: the main
+// path's last node and the shortcut's, or the block's input for an identity).
 // docs/certification.md §2, §3, §10.
 #include "moecert/error.h"
 #include "rules-impl.h"
@@ -49,11 +49,9 @@ class ResidualRule final : public BoundRule {
     return {j, j};
   }
 
-  // Derivative: the sum of the branches' derivatives.
-  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs& a) const override {
-    auto main = a.graph(l.main), shortcut = a.graph(l.shortcut);
-    if (!main || !shortcut) return std::nullopt;
-    return Layer::residual_block(l.name, std::move(*main), std::move(*shortcut));
+  // Derivative: the sum of the inputs' derivatives.
+  std::optional<Layer> derivative(const Layer& l, const DerivativeArgs&) const override {
+    return l;
   }
 };
 

@@ -51,5 +51,6 @@ std::unique_ptr<BoundRule> make_global_avgpool_rule();
 std::unique_ptr<BoundRule> make_residual_rule();
 std::unique_ptr<BoundRule> make_maxpool_rule();
 std::unique_ptr<BoundRule> make_gate_rule();
+std::unique_ptr<BoundRule> make_concat_rule();
 
 }  // namespace moecert::rules
