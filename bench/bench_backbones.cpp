@@ -72,8 +72,8 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   threads = runtime_threads(threads);
   torch::manual_seed(0);
-  std::printf("threads %d, BLAS %s, B = %lld, 3x32x32\n\n", threads,
-              runtime_blas_library().c_str(), static_cast<long long>(batch));
+  std::printf("threads %d, BLAS %s, B = %lld, 3x32x32\n\n", threads, runtime_blas_library().c_str(),
+              static_cast<long long>(batch));
 
   nlohmann::json rows = nlohmann::json::array();
   std::printf("%-18s %-8s %12s %12s %12s\n", "backbone", "model", "params", "fwd+bwd/s",
@@ -95,16 +95,17 @@ int main(int argc, char** argv) {
         auto& model = models[m];
         model->train();
         const double b = static_cast<double>(batch);
-        best[m][0] = std::max(best[m][0], b / time_per_call(
-                                                  [&] {
-                                                    model->zero_grad(true);
-                                                    torch::nll_loss(model->forward(x), y).backward();
-                                                  },
-                                                  min_seconds));
+        best[m][0] =
+            std::max(best[m][0], b / time_per_call(
+                                         [&] {
+                                           model->zero_grad(true);
+                                           torch::nll_loss(model->forward(x), y).backward();
+                                         },
+                                         min_seconds));
         model->eval();
         auto f = [&](const torch::Tensor& v) { return model->forward(v); };
-        best[m][1] = std::max(
-            best[m][1], b / time_per_call([&] { attack_pgd(f, x, y, pgd); }, min_seconds));
+        best[m][1] =
+            std::max(best[m][1], b / time_per_call([&] { attack_pgd(f, x, y, pgd); }, min_seconds));
       }
     nlohmann::json row = {{"backbone", name}};
     for (int m = 0; m < 3; ++m) {
@@ -143,16 +144,15 @@ int main(int argc, char** argv) {
       const char* mname = method == BoundMethod::ibp ? "ibp" : "crown";
       std::printf("%-18s certify %-5s r=%.2f: %.3f s/sample, peak RSS %.0f MB\n", name.c_str(),
                   mname, cert_scale, s, peak_rss_mb());
-      row["certify"][mname] = {{"seconds_per_sample", s},
-                               {"peak_rss_mb", peak_rss_mb()},
-                               {"scale", cert_scale}};
+      row["certify"][mname] = {
+          {"seconds_per_sample", s}, {"peak_rss_mb", peak_rss_mb()}, {"scale", cert_scale}};
     }
     std::printf("\n");
     rows.push_back(row);
   }
-  nlohmann::json j = {{"benchmark", "bench_backbones"}, {"threads", threads},
-                      {"batch", batch},                 {"rounds", rounds},
-                      {"blas", runtime_blas_library()}, {"rows", rows}};
+  nlohmann::json j = {
+      {"benchmark", "bench_backbones"}, {"threads", threads}, {"batch", batch}, {"rounds", rounds},
+      {"blas", runtime_blas_library()}, {"rows", rows}};
   write_file_atomic(out, j.dump(2) + "\n");
   std::printf("wrote %s\n", out.c_str());
   return 0;

@@ -24,9 +24,9 @@ struct BackboneArgs {
 };
 
 struct BackboneEntry {
-  const char* name;   ///< as in --expert / --router; a family: "wrn-<depth>-<k>"
-  const char* help;   ///< one line for --help and docs
-  bool expert = true;  ///< may be an expert of `moe`
+  const char* name;     ///< as in --expert / --router; a family: "wrn-<depth>-<k>"
+  const char* help;     ///< one line for --help and docs
+  bool expert = true;   ///< may be an expert of `moe`
   bool router = false;  ///< may be a router
   /// A small concrete member of a family ("wrn-10-1"), built by the registry-wide
   /// tests (forward ≡ graph, MoE-CNN dispatch); null: `name` itself.

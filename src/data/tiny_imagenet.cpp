@@ -94,7 +94,8 @@ struct Item {
 std::vector<std::string> read_wnids(const std::string& dir) {
   const std::string path = dir + "/wnids.txt";
   std::ifstream in(path);
-  if (!in) throw DataError::cannot_open(path, "no such file (is --data the tiny-imagenet-200 folder?)");
+  if (!in)
+    throw DataError::cannot_open(path, "no such file (is --data the tiny-imagenet-200 folder?)");
   std::vector<std::string> wnids;
   for (std::string line; std::getline(in, line);) {
     while (!line.empty() && std::isspace(static_cast<unsigned char>(line.back()))) line.pop_back();
@@ -154,7 +155,7 @@ std::vector<Item> list_split(const std::string& dir, const std::vector<std::stri
 std::string source_key(const std::vector<Item>& items) {
   std::string all;
   for (const auto& it : items) {
-    struct stat st{};
+    struct stat st {};
     if (::stat(it.path.c_str(), &st) != 0) throw DataError::cannot_open(it.path, "no such file");
     all += it.path + '\t' + std::to_string(st.st_size) + '\t' + std::to_string(st.st_mtime) + '\n';
   }
@@ -218,14 +219,17 @@ Dataset data_load_tiny_imagenet(const std::string& dir, bool train) {
   const auto wnids = read_wnids(dir);
   const auto items = list_split(dir, wnids, train);
   const int64_t n = static_cast<int64_t>(items.size());
-  if (n == 0) throw DataError::corrupt(dir, "no images in the " + std::string(train ? "train" : "val") + " split");
+  if (n == 0)
+    throw DataError::corrupt(dir,
+                             "no images in the " + std::string(train ? "train" : "val") + " split");
   const std::string split = train ? "train" : "val";
   const std::string bin = dir + "/.moecert-cache/" + split + ".bin", sum = bin + ".sha256";
   const std::string key = source_key(items);
   Dataset d = read_cache(bin, sum, key);
   if (!d.labels.defined()) {
     if (!limits::fits(static_cast<double>(n) * kImage))
-      throw DataError::corrupt(dir, std::to_string(n) + " images of 64x64x3 exceed the memory available");
+      throw DataError::corrupt(
+          dir, std::to_string(n) + " images of 64x64x3 exceed the memory available");
     d.images = torch::empty({n, kChannels, kSide, kSide}, torch::kUInt8);
     d.labels = torch::empty({n}, torch::kInt64);
     d.num_classes = static_cast<int64_t>(wnids.size());

@@ -25,11 +25,10 @@ class BottleneckImpl : public nn::Module {
   }
   void append_graph(LayerGraph& g, const std::string& p) {
     const int x = g.output();
-    const int out = g.append(LayerGraph{batchnorm_layer(p + ".bn1", bn1), relu_layer(),
-                                        conv_layer(p + ".conv1", conv1),
-                                        batchnorm_layer(p + ".bn2", bn2), relu_layer(),
-                                        conv_layer(p + ".conv2", conv2)},
-                             x);
+    const int out = g.append(
+        LayerGraph{batchnorm_layer(p + ".bn1", bn1), relu_layer(), conv_layer(p + ".conv1", conv1),
+                   batchnorm_layer(p + ".bn2", bn2), relu_layer(), conv_layer(p + ".conv2", conv2)},
+        x);
     g.add(Layer::simple(Layer::Kind::concat, p), {out, x});
   }
   nn::BatchNorm2d bn1;
@@ -145,8 +144,8 @@ BackboneEntry densenet_backbone() {
                                  "densenet | densenet-bc-<depth>-<k> with depth = 6n + 4 "
                                  "(10 <= depth <= 400) and 1 <= k <= 128, e.g. densenet-bc-100-12");
     if (a.height < 4 || a.width_px < 4)
-      throw ConfigError::invalid("input size", std::to_string(a.height) + "x" +
-                                                   std::to_string(a.width_px),
+      throw ConfigError::invalid("input size",
+                                 std::to_string(a.height) + "x" + std::to_string(a.width_px),
                                  "at least 4x4 for " + a.kind + " (two 2x2 average pools)");
   };
   e.example = "densenet-bc-10-2";
@@ -155,7 +154,8 @@ BackboneEntry densenet_backbone() {
   };
   e.cost = [](const BackboneArgs& a) -> BackboneCost {
     const auto p = densenet_params(a.kind);
-    const double n = static_cast<double>((p[0] - 4) / 6), k = static_cast<double>(scaled(p[1], a.width));
+    const double n = static_cast<double>((p[0] - 4) / 6),
+                 k = static_cast<double>(scaled(p[1], a.width));
     const auto c = densenet_channels(a);
     double params = static_cast<double>(a.in_channels) * 9 * 2 * k, acts = 0;
     double hw = static_cast<double>(a.height) * static_cast<double>(a.width_px);

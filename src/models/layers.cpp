@@ -80,7 +80,8 @@ Layer batchnorm_layer(const std::string& name, const nn::BatchNorm2d& bn) {
 
 Layer avgpool2_layer(const std::string& name, int64_t channels, const torch::Tensor& like) {
   auto opts = like.options().dtype(live_graphs ? like.scalar_type() : torch::kFloat64);
-  auto w = torch::eye(channels, opts).view({channels, channels, 1, 1}).expand({-1, -1, 2, 2}) * 0.25;
+  auto w =
+      torch::eye(channels, opts).view({channels, channels, 1, 1}).expand({-1, -1, 2, 2}) * 0.25;
   return Layer::conv2d(name, w.contiguous(), {}, 2, 0);
 }
 
@@ -91,7 +92,8 @@ std::vector<int64_t> family_params(const std::string& kind, const std::string& p
   while (pos <= kind.size()) {
     const size_t dash = std::min(kind.find('-', pos), kind.size());
     const std::string part = kind.substr(pos, dash - pos);
-    if (part.empty() || part.size() > 6 || part.find_first_not_of("0123456789") != std::string::npos)
+    if (part.empty() || part.size() > 6 ||
+        part.find_first_not_of("0123456789") != std::string::npos)
       return {};
     out.push_back(std::stoll(part));
     pos = dash + 1;

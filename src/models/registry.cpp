@@ -95,8 +95,9 @@ std::shared_ptr<BackboneImpl> backbone_make(const std::string& kind, int64_t in_
       if (entry.validate) entry.validate(a);
       return entry.make(a);
     }
-  throw ConfigError::invalid("backbone", kind, backbone_names(BackboneRole::expert) + " | " +
-                                                   backbone_names(BackboneRole::router));
+  throw ConfigError::invalid(
+      "backbone", kind,
+      backbone_names(BackboneRole::expert) + " | " + backbone_names(BackboneRole::router));
 }
 
 std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind,
@@ -117,8 +118,9 @@ BackboneCost backbone_cost(const std::string& kind, int64_t c, int64_t h, int64_
       if (entry.validate) entry.validate(a);
       return entry.cost(a);
     }
-  throw ConfigError::invalid("backbone", kind, backbone_names(BackboneRole::expert) + " | " +
-                                                   backbone_names(BackboneRole::router));
+  throw ConfigError::invalid(
+      "backbone", kind,
+      backbone_names(BackboneRole::expert) + " | " + backbone_names(BackboneRole::router));
 }
 
 BackboneCost channel_group_cost(const std::string& kind, int64_t c, int64_t h, int64_t w,

@@ -45,15 +45,16 @@ class BasicBlockImpl : public nn::Module {
     if (shortcut) {
       sc.add(conv_layer(prefix + ".shortcut.0",
                         nn::Conv2d(std::dynamic_pointer_cast<nn::Conv2dImpl>(shortcut->ptr(0)))));
-      sc.add(batchnorm_layer(prefix + ".shortcut.1", nn::BatchNorm2d(std::dynamic_pointer_cast<
-                                                                     nn::BatchNorm2dImpl>(
-                                                         shortcut->ptr(1)))));
+      sc.add(batchnorm_layer(
+          prefix + ".shortcut.1",
+          nn::BatchNorm2d(std::dynamic_pointer_cast<nn::BatchNorm2dImpl>(shortcut->ptr(1)))));
     } else if (pad_) {
       // x[:, :, ::s, ::s] placed at channels [p, p + in): a 1x1 stride-s conv with a
       // 0/1 weight, exactly.
-      auto w = torch::zeros({out_, in_, 1, 1}, conv1->weight.options().dtype(
-                                                   LiveGraphs::active() ? conv1->weight.scalar_type()
-                                                                        : torch::kFloat64));
+      auto w =
+          torch::zeros({out_, in_, 1, 1},
+                       conv1->weight.options().dtype(
+                           LiveGraphs::active() ? conv1->weight.scalar_type() : torch::kFloat64));
       w.narrow(0, (out_ - in_) / 2, in_).view({in_, in_}).copy_(torch::eye(in_, w.options()));
       sc.add(Layer::conv2d(prefix + ".shortcut", w, {}, stride_, 0));
     }
@@ -85,8 +86,8 @@ TORCH_MODULE(BasicBlock);
 /// `head`. outputs = 0 leaves out the head: forward then returns the pooled features.
 class ResNetImpl : public BackboneImpl {
  public:
-  ResNetImpl(int64_t c, int64_t outputs, std::vector<int64_t> widths, int64_t blocks,
-             Shortcut mode, const std::string& head)
+  ResNetImpl(int64_t c, int64_t outputs, std::vector<int64_t> widths, int64_t blocks, Shortcut mode,
+             const std::string& head)
       : conv1(register_module("conv1", conv3x3(c, widths[0], 1, false))),
         bn1(register_module("bn1", nn::BatchNorm2d(widths[0]))),
         head_(head) {
@@ -94,8 +95,8 @@ class ResNetImpl : public BackboneImpl {
     for (size_t s = 0; s < widths.size(); ++s) {
       nn::Sequential stage;
       for (int64_t b = 0; b < blocks; ++b)
-        stage->push_back(BasicBlock(b == 0 ? in : widths[s], widths[s], b == 0 && s > 0 ? 2 : 1,
-                                    mode));
+        stage->push_back(
+            BasicBlock(b == 0 ? in : widths[s], widths[s], b == 0 && s > 0 ? 2 : 1, mode));
       stages_.push_back(register_module("layer" + std::to_string(s + 1), stage));
       in = widths[s];
     }
@@ -137,8 +138,8 @@ std::vector<int64_t> resnet20_widths(double width) {
 }
 
 /// Parameters and activations of a CIFAR ResNet of these stage widths.
-BackboneCost resnet_cost(const BackboneArgs& a, const std::vector<int64_t>& widths,
-                         int64_t blocks, bool conv_shortcut) {
+BackboneCost resnet_cost(const BackboneArgs& a, const std::vector<int64_t>& widths, int64_t blocks,
+                         bool conv_shortcut) {
   auto block = [&](int64_t in, int64_t out, int64_t stride) {
     int64_t p = in * out * 9 + 2 * out + out * out * 9 + 2 * out;
     if (conv_shortcut && (stride != 1 || in != out)) p += in * out + 2 * out;
@@ -150,7 +151,8 @@ BackboneCost resnet_cost(const BackboneArgs& a, const std::vector<int64_t>& widt
   for (size_t s = 0; s < widths.size(); ++s) {
     if (s > 0) hw /= 4;
     for (int64_t b = 0; b < blocks; ++b) {
-      params += static_cast<double>(block(b == 0 ? in : widths[s], widths[s], b == 0 && s > 0 ? 2 : 1));
+      params +=
+          static_cast<double>(block(b == 0 ? in : widths[s], widths[s], b == 0 && s > 0 ? 2 : 1));
       acts += 7 * static_cast<double>(widths[s]) * hw;  // conv, BN, ReLU x2, sum, ReLU, skip
     }
     in = widths[s];
@@ -163,8 +165,9 @@ BackboneCost resnet_cost(const BackboneArgs& a, const std::vector<int64_t>& widt
 }  // namespace
 
 BackboneEntry resnet18_backbone() {
-  BackboneEntry e{"resnet18", "CIFAR ResNet-18 (paper 1, paper 2; state-dict names of the common "
-                              "PyTorch CIFAR code)"};
+  BackboneEntry e{"resnet18",
+                  "CIFAR ResNet-18 (paper 1, paper 2; state-dict names of the common "
+                  "PyTorch CIFAR code)"};
   e.matches = [](const std::string& k) { return k == "resnet18"; };
   e.make = [](const BackboneArgs& a) -> std::shared_ptr<BackboneImpl> {
     return std::make_shared<ResNetImpl>(a.in_channels, a.outputs, resnet18_widths(a.width), 2,

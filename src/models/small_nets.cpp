@@ -45,8 +45,8 @@ class CnnRouterImpl : public BackboneImpl {
       : conv1(register_module("conv1", conv3x3(a.in_channels, 8, 2, true))),
         conv2(register_module("conv2", conv3x3(8, 16, 2, true))),
         fc(register_module("fc", nn::Linear(16 * conv_s2_size(conv_s2_size(a.height)) *
-                                                 conv_s2_size(conv_s2_size(a.width_px)),
-                                             a.outputs))) {}
+                                                conv_s2_size(conv_s2_size(a.width_px)),
+                                            a.outputs))) {}
 
   torch::Tensor forward(torch::Tensor x) override {
     x = torch::relu(conv3x3_apply(conv1, x));
@@ -214,8 +214,7 @@ BackboneEntry linear_router_backbone() {
 }
 
 BackboneEntry cnn_router_backbone() {
-  BackboneEntry e{"cnn", "small conv net (2 stride-2 convs of 8 and 16 channels, fc)", false,
-                  true};
+  BackboneEntry e{"cnn", "small conv net (2 stride-2 convs of 8 and 16 channels, fc)", false, true};
   e.matches = [](const std::string& k) { return named(k, "cnn"); };
   e.make = [](const BackboneArgs& a) -> std::shared_ptr<BackboneImpl> {
     return std::make_shared<CnnRouterImpl>(a);

@@ -26,7 +26,8 @@ int64_t pooled(int64_t n) { return n / 32; }
 
 class VggImpl : public BackboneImpl {
  public:
-  explicit VggImpl(const BackboneArgs& a) : features(register_module("features", nn::Sequential())) {
+  explicit VggImpl(const BackboneArgs& a)
+      : features(register_module("features", nn::Sequential())) {
     int64_t in = a.in_channels;
     for (int64_t v : vgg_config(a.kind)) {
       if (v == M) {
@@ -55,8 +56,8 @@ class VggImpl : public BackboneImpl {
       if (kinds_[i] == 'C')
         g.add(conv_layer(name, features->ptr<nn::Conv2dImpl>(i)));
       else if (kinds_[i] == 'B')
-        g.add(batchnorm_layer(
-            name, std::dynamic_pointer_cast<nn::BatchNorm2dImpl>(features->ptr(i))));
+        g.add(batchnorm_layer(name,
+                              std::dynamic_pointer_cast<nn::BatchNorm2dImpl>(features->ptr(i))));
       else if (kinds_[i] == 'R')
         g.add(relu_layer());
       else
@@ -85,8 +86,8 @@ BackboneEntry vgg_backbone() {
     if (vgg_config(a.kind).empty())
       throw ConfigError::invalid("backbone", a.kind, "vgg11-bn | vgg13-bn | vgg16-bn | vgg19-bn");
     if (a.height < 32 || a.width_px < 32)
-      throw ConfigError::invalid("input size", std::to_string(a.height) + "x" +
-                                                   std::to_string(a.width_px),
+      throw ConfigError::invalid("input size",
+                                 std::to_string(a.height) + "x" + std::to_string(a.width_px),
                                  "at least 32x32 for " + a.kind + " (five 2x2 max-pools)");
   };
   e.example = "vgg11-bn";
@@ -108,7 +109,8 @@ BackboneEntry vgg_backbone() {
       in = out;
     }
     const double f = static_cast<double>(in * pooled(a.height) * pooled(a.width_px));
-    if (a.outputs > 0) params += f * static_cast<double>(a.outputs) + static_cast<double>(a.outputs);
+    if (a.outputs > 0)
+      params += f * static_cast<double>(a.outputs) + static_cast<double>(a.outputs);
     return {params, acts + f + static_cast<double>(a.outputs)};
   };
   e.trunk_features = [](const BackboneArgs& a) {

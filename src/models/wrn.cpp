@@ -29,10 +29,10 @@ class WideBlockImpl : public nn::Module {
     const int x = g.output();
     g.add(batchnorm_layer(p + ".bn1", bn1));
     const int a = g.add(relu_layer());
-    const int m = g.append(LayerGraph{conv_layer(p + ".conv1", conv1),
-                                      batchnorm_layer(p + ".bn2", bn2), relu_layer(),
-                                      conv_layer(p + ".conv2", conv2)},
-                           a);
+    const int m =
+        g.append(LayerGraph{conv_layer(p + ".conv1", conv1), batchnorm_layer(p + ".bn2", bn2),
+                            relu_layer(), conv_layer(p + ".conv2", conv2)},
+                 a);
     const int s = shortcut ? g.add(conv_layer(p + ".convShortcut", shortcut), {a}) : x;
     g.add(Layer::simple(Layer::Kind::residual, p), {m, s});
   }

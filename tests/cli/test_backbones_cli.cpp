@@ -53,9 +53,11 @@ TEST_CASE("train --help lists every registered backbone, method and data set",
           "[e2e][cli][backbones]") {
   auto h = run_moecert("train --help");
   REQUIRE(h.code == 0);
-  for (const auto& e : moecert::backbone_registry()) CHECK(h.output.find(e.name) != std::string::npos);
+  for (const auto& e : moecert::backbone_registry())
+    CHECK(h.output.find(e.name) != std::string::npos);
   auto top = run_moecert("--help");  // --dataset is a global option
-  for (const auto& d : moecert::data_registry()) CHECK(top.output.find(d.name) != std::string::npos);
+  for (const auto& d : moecert::data_registry())
+    CHECK(top.output.find(d.name) != std::string::npos);
   for (const char* m : {"st", "trades", "rt-er", "advmoe", "jtdmoe", "crown-ibp"})
     CHECK(h.output.find(m) != std::string::npos);
   auto bad = run_moecert("--dataset synthetic-cifar train --expert wrn-27-10 --out x");

@@ -69,8 +69,7 @@ void make_folder(const std::string& d) {
 
 }  // namespace
 
-TEST_CASE("TinyImageNet: sorted wnids, train and val splits, a checksummed cache",
-          "[unit][data]") {
+TEST_CASE("TinyImageNet: sorted wnids, train and val splits, a checksummed cache", "[unit][data]") {
   TempDir tmp;
   const std::string d = tmp / "tiny-imagenet-200";
   fs::create_directories(d);

@@ -29,7 +29,8 @@ void randomise_batchnorm(torch::nn::Module& m) {
 
 /// Input sizes [C, H, W] the tests try: MNIST-, CIFAR- and TinyImageNet-shaped, and
 /// an odd size.
-const std::vector<std::vector<int64_t>> kSizes = {{1, 28, 28}, {3, 32, 32}, {3, 36, 36}, {3, 64, 64}};
+const std::vector<std::vector<int64_t>> kSizes = {
+    {1, 28, 28}, {3, 32, 32}, {3, 36, 36}, {3, 64, 64}};
 
 /// Whether `kind` accepts inputs of `size` (its validation passes).
 bool accepts(const BackboneEntry& e, const BackboneArgs& a) {

@@ -19,8 +19,7 @@ class ConcatRule final : public BoundRule {
     Shape out = in.at(0);
     for (size_t i = 1; i < in.size(); ++i) {
       Shape a = in[i], b = out;
-      if (a.empty() || a.size() != b.size() ||
-          !std::equal(a.begin() + 1, a.end(), b.begin() + 1))
+      if (a.empty() || a.size() != b.size() || !std::equal(a.begin() + 1, a.end(), b.begin() + 1))
         throw ShapeError::unexpected("concat '" + l.name + "': input " + std::to_string(i),
                                      "[*, " + shape_str(Shape(b.begin() + 1, b.end())) + "]", a);
       out[0] += a[0];
