@@ -4,21 +4,25 @@
 //     4 top-1 experts, and as a MoE-CNN of N = 2 groups at r = 0.5 (AdvMoE), measured
 //     in the same run with interleaved rounds (each line keeps its best); paper 2's
 //     claim is that a MoE-CNN at r = 0.5 costs about half the dense network's FLOPs,
-//     so the ratio MoE-CNN / dense of achieved img/s is the number to read;
-//  2. certification cost: IBP and CROWN bounds of one MoE-CNN path (r = --cert-scale)
-//     at ε = 1/255 (L∞, box), seconds per sample and the peak resident memory after
-//     each (the process's maximum so far, so read the increase).
+//     so the ratio MoE-CNN / dense of achieved img/s is the number to read (backbones
+//     without a MoE-CNN body, the ViT, have the first two lines only);
+//  2. certification cost: bounds (--cert-methods) of one MoE-CNN path (r =
+//     --cert-scale; the dense backbone when it has no MoE-CNN body) at ε = 1/255 (L∞,
+//     box), seconds per sample and the peak resident memory after each (the
+//     process's maximum so far, so read the increase).
 // Prints a table and writes JSON (--out).
 #include <sys/resource.h>
 #include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "bench_util.h"
 #include "moecert/attacks.h"
+#include "moecert/backbones.h"
 #include "moecert/bounds.h"
 #include "moecert/checkpoint.h"
 #include "moecert/models.h"
@@ -54,10 +58,12 @@ std::vector<std::string> split(const std::string& s) {
 
 int main(int argc, char** argv) {
   CLI::App app{"bench_backbones: training and certification cost of the papers' backbones"};
-  std::string out = "bench_backbones.json", list = "resnet18,wrn-16-4,vgg16-bn,densenet-bc-40-12";
+  std::string out = "bench_backbones.json",
+              list = "resnet18,wrn-16-4,vgg16-bn,densenet-bc-40-12,vit-small";
   int threads = 0, rounds = 2;
   double min_seconds = 1.0, cert_scale = 0.25;
   int64_t batch = 64, cert_samples = 2;
+  std::string cert_methods = "ibp,crown";
   app.add_option("--out", out, "JSON output file")->capture_default_str();
   app.add_option("--backbones", list, "comma-separated backbone names")->capture_default_str();
   app.add_option("--threads", threads, "0 = all cores")->capture_default_str();
@@ -68,6 +74,8 @@ int main(int argc, char** argv) {
   app.add_option("--cert-scale", cert_scale, "group width r of the certified MoE-CNN path")
       ->capture_default_str();
   app.add_option("--cert-samples", cert_samples, "samples per certification timing")
+      ->capture_default_str();
+  app.add_option("--cert-methods", cert_methods, "comma-separated: ibp, crown (empty: none)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   threads = runtime_threads(threads);
@@ -83,7 +91,12 @@ int main(int argc, char** argv) {
     dense.experts = 1;
     moe.experts = 4;
     cnn.kind = "moe-cnn", cnn.experts = 2, cnn.scale = 0.5;
-    Moe models[3] = {Moe(dense), Moe(moe), Moe(cnn)};
+    bool groups = false;  // whether the backbone has a MoE-CNN body
+    for (const auto& e : backbone_registry())
+      if (e.matches(name)) groups = e.make_groups || e.trunk_features;
+    std::vector<Moe> models{Moe(dense), Moe(moe)};
+    if (groups) models.push_back(Moe(cnn));
+    const int count = static_cast<int>(models.size());
     const char* kinds[3] = {"dense", "moe-4", "moe-cnn"};
     auto x = torch::rand({batch, 3, 32, 32});
     auto y = torch::randint(10, {batch}, torch::kLong);
@@ -91,7 +104,7 @@ int main(int argc, char** argv) {
     pgd.eps = 8.0 / 255, pgd.steps = 10, pgd.step_size = 2.0 / 255;
     double best[3][2] = {};
     for (int round = 0; round < rounds; ++round)
-      for (int m = 0; m < 3; ++m) {
+      for (int m = 0; m < count; ++m) {
         auto& model = models[m];
         model->train();
         const double b = static_cast<double>(batch);
@@ -108,7 +121,7 @@ int main(int argc, char** argv) {
             std::max(best[m][1], b / time_per_call([&] { attack_pgd(f, x, y, pgd); }, min_seconds));
       }
     nlohmann::json row = {{"backbone", name}};
-    for (int m = 0; m < 3; ++m) {
+    for (int m = 0; m < count; ++m) {
       const auto params = module_parameter_count(*models[m]);
       std::printf("%-18s %-8s %12lld %12.1f %12.1f\n", name.c_str(), kinds[m],
                   static_cast<long long>(params), best[m][0], best[m][1]);
@@ -116,23 +129,29 @@ int main(int argc, char** argv) {
                        {"forward_backward_img_s", best[m][0]},
                        {"pgd10_img_s", best[m][1]}};
     }
-    const double ratio = best[2][0] / best[0][0], pgd_ratio = best[2][1] / best[0][1];
-    std::printf("%-18s MoE-CNN / dense img/s: fwd+bwd %.2fx, PGD-10 %.2fx (FLOP ratio ~2x)\n",
-                name.c_str(), ratio, pgd_ratio);
-    row["moe_cnn_over_dense_forward_backward"] = ratio;
-    row["moe_cnn_over_dense_pgd10"] = pgd_ratio;
+    if (groups) {
+      const double ratio = best[2][0] / best[0][0], pgd_ratio = best[2][1] / best[0][1];
+      std::printf("%-18s MoE-CNN / dense img/s: fwd+bwd %.2fx, PGD-10 %.2fx (FLOP ratio ~2x)\n",
+                  name.c_str(), ratio, pgd_ratio);
+      row["moe_cnn_over_dense_forward_backward"] = ratio;
+      row["moe_cnn_over_dense_pgd10"] = pgd_ratio;
+    }
 
-    // 2. certification of one MoE-CNN path
-    ModelSpec narrow = cnn;
+    // 2. certification of one MoE-CNN path (or of the dense backbone)
+    ModelSpec narrow = groups ? cnn : dense;
     narrow.scale = cert_scale;
     Moe path_model(narrow);
     path_model->eval();
     const BoundGraph g(path_model->component_graph(0), {3, 32, 32});
+    const double scale = groups ? cert_scale : 1.0;
     auto xs = torch::rand({cert_samples, 3, 32, 32}, torch::kFloat64);
     const InputDomain d{xs, torch::full({cert_samples}, 1.0 / 255, torch::kFloat64), Norm::linf,
                         true};
     auto C = torch::randn({cert_samples, 9, 10}, torch::kFloat64);
     for (auto method : {BoundMethod::ibp, BoundMethod::crown}) {
+      const char* mname = method == BoundMethod::ibp ? "ibp" : "crown";
+      const auto wanted = split(cert_methods);
+      if (std::find(wanted.begin(), wanted.end(), mname) == wanted.end()) continue;
       BoundOptions opt;
       opt.method = method;
       const auto t0 = std::chrono::steady_clock::now();
@@ -141,11 +160,10 @@ int main(int argc, char** argv) {
       const double s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
           static_cast<double>(cert_samples);
-      const char* mname = method == BoundMethod::ibp ? "ibp" : "crown";
       std::printf("%-18s certify %-5s r=%.2f: %.3f s/sample, peak RSS %.0f MB\n", name.c_str(),
-                  mname, cert_scale, s, peak_rss_mb());
+                  mname, scale, s, peak_rss_mb());
       row["certify"][mname] = {
-          {"seconds_per_sample", s}, {"peak_rss_mb", peak_rss_mb()}, {"scale", cert_scale}};
+          {"seconds_per_sample", s}, {"peak_rss_mb", peak_rss_mb()}, {"scale", scale}};
     }
     std::printf("\n");
     rows.push_back(row);

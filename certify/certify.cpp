@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <iostream>
 #include <limits>
 #include <sstream>
 #include <thread>
@@ -18,6 +19,7 @@
 #include "moecert/checkpoint.h"
 #include "moecert/defaults.h"
 #include "moecert/error.h"
+#include "moecert/rules.h"
 #include "moecert/runtime.h"
 #include "run-impl.h"
 
@@ -399,6 +401,22 @@ Results certify_run(LoadedModel& loaded, const Dataset& data, const std::vector<
     ctx.members.push_back(member_setup(*loaded.model, cfg.norm, global));
   }
   const double global_seconds = seconds_since(t0);
+  if (ctx.uses(Estimator::crown) || ctx.uses(Estimator::alpha_crown)) {
+    std::vector<std::string> ibp_only;
+    for (const auto& m : ctx.members)
+      for (size_t e = 0; e <= m.experts.size(); ++e) {
+        auto n = interval_only_nodes(e == 0 ? m.router : m.experts[e - 1]);
+        ibp_only.insert(ibp_only.end(), n.begin(), n.end());
+      }
+    if (!ibp_only.empty()) {
+      std::string list;
+      for (size_t i = 0; i < ibp_only.size() && i < 6; ++i) list += (i ? ", " : "") + ibp_only[i];
+      if (ibp_only.size() > 6) list += ", ... (" + std::to_string(ibp_only.size()) + " in all)";
+      std::cerr << "certify: CROWN has no linear relaxation for " << list
+                << "; their outputs enter CROWN and alpha-CROWN as IBP intervals (sound, "
+                   "looser)\n";
+    }
+  }
   Results results;
   Progress meter("certify", static_cast<int64_t>(indices.size()), progress);
   double certify_seconds = 0, empirical_seconds = 0;

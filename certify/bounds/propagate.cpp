@@ -44,7 +44,8 @@ bool refine_wanted(const BoundNode& n, const BoundPass& pass, bool& all_units) {
 
 /// Rows ±e_u for the units `u` [m, 1 + dims] (sample, then coordinates) of a node of
 /// shape `shape`: lower bounds first, then upper bounds (negated). A unit of a grid is
-/// a one-entry patch (channel c at site (i, j)); a unit of a vector a one-hot row.
+/// a one-entry patch (channel c at site (i, j)); a unit of a vector or of a token
+/// sequence a one-hot row.
 Coeffs unit_rows(const torch::Tensor& u, const Shape& shape, const torch::TensorOptions& opts) {
   const int64_t m = u.size(0);
   auto sign = torch::cat({torch::ones({m}, opts), -torch::ones({m}, opts)}).view({-1, 1});
@@ -57,8 +58,16 @@ Coeffs unit_rows(const torch::Tensor& u, const Shape& shape, const torch::Tensor
     c.site = (c.sample * shape[1] + uu.select(1, 2)) * shape[2] + uu.select(1, 3);
     c.A = (torch::nn::functional::one_hot(uu.select(1, 1), shape[0]).to(opts) * sign)
               .view({2 * m, shape[0], 1, 1});
-  } else {
-    c.A = torch::nn::functional::one_hot(uu.select(1, 1), shape.at(0)).to(opts) * sign;
+  } else {  // a one-hot row over the node's (row-major) coordinates: vectors, tokens
+    int64_t numel = 1;
+    auto flat = torch::zeros({2 * m}, uu.options());
+    for (size_t d = 0; d < shape.size(); ++d) {
+      flat = flat * shape[d] + uu.select(1, static_cast<int64_t>(d) + 1);
+      numel *= shape[d];
+    }
+    std::vector<int64_t> rows{2 * m};
+    rows.insert(rows.end(), shape.begin(), shape.end());
+    c.A = (torch::nn::functional::one_hot(flat, numel).to(opts) * sign).view(rows);
   }
   return c;
 }

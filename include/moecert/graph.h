@@ -32,6 +32,15 @@ struct Layer {
     gate,            ///< y = δ ⊙ x with δ in [weight, bias] per sample and unit ([B, *shape]):
                      ///< a ReLU's derivative in a Jacobian graph (certify/jacobian.cpp)
     concat,          ///< its inputs concatenated along the channels (DenseNet)
+    // Transformer operators (ViT); a token sequence is [N, D] without the batch.
+    tokens,        ///< [D, h, w] patch grid -> [1 + h·w, D]: class token `bias` [D] first,
+                   ///< position embedding `weight` [1 + h·w, D] added
+    token_select,  ///< [N, D] -> [D]: token `kernel` (the class token, 0)
+    layernorm,     ///< over the last dimension: weight γ, bias β [D], `eps`
+    gelu,          ///< x·Φ(x) (the exact, erf form)
+    softmax,       ///< over the last dimension
+    attn_scores,   ///< (q, k) [N, D] -> [heads, N, N]: scale·q_h k_hᵀ per head
+    attn_mix,      ///< (p [heads, N, N], v [N, D]) -> [N, D]: p_h v_h per head, heads side by side
   };
   Kind kind;
   std::string name;  ///< the parameter path it came from ("conv1", "layer2.0", ...)
@@ -41,6 +50,8 @@ struct Layer {
   /// form its shift (eval BatchNorm: |β| + |μ·scale|); undefined means |shift|.
   torch::Tensor shift_terms;
   int64_t stride = 1, padding = 0, kernel = 0;  ///< conv / max-pool geometry
+  int64_t heads = 1;                            ///< attention heads
+  double eps = 0, scale = 1;  ///< layernorm's ε; attention's score scale (float32 values)
 
   static Layer affine(std::string name, torch::Tensor scale, torch::Tensor shift,
                       torch::Tensor shift_terms = {});
@@ -51,6 +62,10 @@ struct Layer {
   /// δ in [lo, hi] elementwise, per sample: lo, hi [B, *shape].
   static Layer gate(std::string name, torch::Tensor lo, torch::Tensor hi);
   static Layer simple(Kind kind, std::string name = "");
+  static Layer layer_norm(std::string name, torch::Tensor gamma, torch::Tensor beta, double eps);
+  static Layer tokens_of(std::string name, torch::Tensor cls, torch::Tensor pos);
+  static Layer attention_scores(std::string name, int64_t heads, double scale);
+  static Layer attention_mix(std::string name, int64_t heads);
 };
 
 /// A layer and the earlier nodes it reads, in its rule's input order.

@@ -87,6 +87,10 @@ class BoundRule {
   virtual torch::Tensor relaxed_units(const Layer& l, const NodeBounds& in) const {
     return torch::ones_like(in.lo, torch::kBool);
   }
+  /// Whether backward() bounds rows linearly (CROWN). false: interval (IBP) only —
+  /// backward() returns {}, the engine concretises rows at this node's interval, and
+  /// CROWN runs name the node (interval_only_nodes).
+  virtual bool linear_relaxation() const { return true; }
   /// Whether backward() takes patch rows; if not, the engine hands it dense rows.
   virtual bool takes_patches() const { return true; }
   /// α-CROWN: the initial lower slopes in [0, 1] of a relaxed operator's units over
@@ -123,6 +127,10 @@ class BoundRule {
 /// The rule of a layer's kind; UnsupportedLayerError naming the layer and saying
 /// what to add when there is none.
 const BoundRule& rule_for(const Layer& l);
+
+/// "kind 'name'" of every node whose rule has no linear relaxation (IBP only), for
+/// the notice CROWN runs print; empty when CROWN relaxes every node.
+std::vector<std::string> interval_only_nodes(const LayerGraph& g);
 
 /// Output shape of a whole graph. in: [C, H, W]; throws as CompiledGraph does.
 Shape graph_out_shape(const LayerGraph& g, const Shape& in);

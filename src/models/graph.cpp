@@ -49,6 +49,30 @@ Layer Layer::simple(Kind kind, std::string name) {
   return l;
 }
 
+Layer Layer::layer_norm(std::string name, torch::Tensor gamma, torch::Tensor beta, double eps) {
+  Layer l = simple(Kind::layernorm, std::move(name));
+  l.weight = std::move(gamma), l.bias = std::move(beta), l.eps = eps;
+  return l;
+}
+
+Layer Layer::tokens_of(std::string name, torch::Tensor cls, torch::Tensor pos) {
+  Layer l = simple(Kind::tokens, std::move(name));
+  l.weight = std::move(pos), l.bias = std::move(cls);
+  return l;
+}
+
+Layer Layer::attention_scores(std::string name, int64_t heads, double scale) {
+  Layer l = simple(Kind::attn_scores, std::move(name));
+  l.heads = heads, l.scale = scale;
+  return l;
+}
+
+Layer Layer::attention_mix(std::string name, int64_t heads) {
+  Layer l = simple(Kind::attn_mix, std::move(name));
+  l.heads = heads;
+  return l;
+}
+
 LayerGraph::LayerGraph(std::initializer_list<Layer> chain) {
   for (const auto& l : chain) add(l);
 }

@@ -10,6 +10,7 @@
   X(wrn)                     \
   X(vgg)                     \
   X(densenet)                \
+  X(vit)                     \
   X(mlp)                     \
   X(linear_router)           \
   X(cnn_router)              \

@@ -43,6 +43,24 @@ std::vector<Case> cases() {
   c.push_back({"global_avgpool", Layer::simple(Layer::Kind::global_avgpool), {3, 4, 4}});
   c.push_back({"maxpool 2/2", Layer::max_pool("pool", 2, 2, 0), {2, 6, 6}});
   c.push_back({"maxpool 3/2 pad 1", Layer::max_pool("pool", 3, 2, 1), {2, 5, 5}});
+  // Transformer operators (single-input ones; the attention products are tested below).
+  c.push_back({"linear on tokens",
+               Layer::dense("fc", torch::randn({5, 7}, f64), torch::randn({5}, f64)),
+               {3, 7}});
+  c.push_back({"tokens",
+               Layer::tokens_of("pos", torch::randn({4}, f64), torch::randn({5, 4}, f64)),
+               {4, 2, 2}});
+  {
+    Layer sel = Layer::simple(Layer::Kind::token_select, "cls");
+    sel.kernel = 1;
+    c.push_back({"token_select", sel, {3, 4}});
+  }
+  c.push_back({"layernorm",
+               Layer::layer_norm("ln", torch::randn({6}, f64), torch::randn({6}, f64),
+                                 static_cast<float>(1e-5)),
+               {3, 6}});
+  c.push_back({"gelu", Layer::simple(Layer::Kind::gelu), {3, 5}});
+  c.push_back({"softmax", Layer::simple(Layer::Kind::softmax), {2, 5}});
   return c;
 }
 
@@ -161,6 +179,30 @@ TEST_CASE("float32 evaluation stays within every rule's err32", "[soundness][cer
   }
 }
 
+TEST_CASE("err32 also covers errors the input already carries", "[soundness][certify][rules]") {
+  for (const auto& k : cases()) {
+    INFO(k.name);
+    Layer l = k.layer;
+    for (auto* t : {&l.weight, &l.bias, &l.shift_terms})
+      if (t->defined()) *t = t->to(torch::kFloat32).to(torch::kFloat64);
+    if (l.kind == Layer::Kind::channel_affine) l.shift_terms = l.bias.abs();
+    auto g = region(k.in);
+    // Every input entry off by up to e (plus its float32 rounding).
+    const double e = 1e-3;
+    g.in.err32 = torch::full_like(g.in.lo, e + 1e-5);
+    g.in.mag = g.in.mag + 1e-5;
+    const auto& rule = rule_for(l);
+    auto b = rule.bounds(l, {&g.in});
+    Layer l32 = l;
+    for (auto* t : {&l32.weight, &l32.bias})
+      if (t->defined()) *t = t->to(torch::kFloat32);
+    auto off = g.points + e * (2 * torch::rand_like(g.points) - 1).sign();
+    auto exact = rule.forward(l, {g.points});
+    auto fast = rule.forward(l32, {off.to(torch::kFloat32)}).to(torch::kFloat64);
+    CHECK(((fast - exact).abs() <= b.err32.repeat_interleave(kPerSample, 0)).all().item<bool>());
+  }
+}
+
 TEST_CASE("every rule's CROWN step gives a lower bound at 10^4 sampled points",
           "[soundness][certify][rules]") {
   for (const auto& k : cases()) {
@@ -173,6 +215,10 @@ TEST_CASE("every rule's CROWN step gives a lower bound at 10^4 sampled points",
     const std::vector<Shape> in_shapes{k.in};
     auto args = args_for(k, out, g.in, c, in_shapes);
     auto ins = rule.backward(args, c, b);
+    if (!rule.linear_relaxation()) {  // IBP only: the engine concretises at the interval
+      CHECK(ins.empty());
+      continue;
+    }
     REQUIRE(ins.size() == 1);
     {  // without autograd the ReLU step runs as one fused pass: the same numbers
       torch::NoGradGuard ng;
@@ -226,6 +272,10 @@ TEST_CASE("every rule's Jacobian step encloses sampled Jacobian rows",
     auto args = args_for(k, out, g.in, c, in_shapes);
     // Rows over the output as an interval c ± r (r > 0 on half the entries).
     auto r = torch::rand_like(c.A) * torch::rand_like(c.A).lt(0.5);
+    if (!rule.linear_relaxation() && rule.relaxed()) {  // no Jacobian step: named refusal
+      CHECK_THROWS_AS(rule.jacobian(args, {c.A, r}), UnsupportedLayerError);
+      continue;
+    }
     auto box = rule.jacobian(args, {c.A, r}).at(0);
     // A row v inside the output interval, pulled back by the true Jacobian at a point z.
     for (int t = 0; t < 50; ++t) {
@@ -442,4 +492,148 @@ TEST_CASE("an unregistered layer kind is an error naming the layer and the fix",
   Layer odd = Layer::simple(Layer::Kind::relu, "mystery");
   odd.kind = static_cast<Layer::Kind>(77);
   CHECK_THROWS_WITH(rule_for(odd), Catch::Contains("mystery") && Catch::Contains("registry.cpp"));
+}
+
+TEST_CASE("attention products: bounds and float32 error enclose sampled q·kᵀ and p·v",
+          "[soundness][certify][rules]") {
+  torch::manual_seed(5);
+  const int64_t N = 3, D = 4, heads = 2;
+  const double scale = static_cast<float>(1 / std::sqrt(2.0));
+  Layer qk = Layer::attention_scores("attn.scores", heads, scale);
+  Layer pv = Layer::attention_mix("attn.mix", heads);
+  const auto &rs = rule_for(qk), &rm = rule_for(pv);
+  REQUIRE(rs.arity() == 2);
+  REQUIRE(rs.out_shape(qk, {{N, D}, {N, D}}) == Shape{heads, N, N});
+  REQUIRE(rm.out_shape(pv, {{heads, N, N}, {N, D}}) == Shape{N, D});
+  CHECK_THROWS_AS(rs.out_shape(qk, {{N, D}, {N, D + 1}}), ShapeError);
+  CHECK_THROWS_AS(rm.out_shape(pv, {{heads + 1, N, N}, {N, D}}), ShapeError);
+  CHECK_THROWS_AS(rs.out_shape(Layer::attention_scores("s", 3, scale), {{N, D}, {N, D}}),
+                  ShapeError);
+  const double e = 1e-4;
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool scores = pass == 0;
+    INFO((scores ? "attn_scores" : "attn_mix"));
+    const Layer& l = scores ? qk : pv;
+    const auto& rule = scores ? rs : rm;
+    auto a = region(scores ? Shape{N, D} : Shape{heads, N, N}), b = region({N, D});
+    auto y = rule.forward(l, {a.points, b.points});
+    for (auto* r : {&a, &b}) r->in.err32 = torch::full_like(r->in.lo, e + 1e-5), r->in.mag += 1e-5;
+    auto nb = rule.bounds(l, {&a.in, &b.in});
+    const double tol = 1e-12 * (1 + y.abs().max().item<double>());
+    CHECK((y >= nb.lo.repeat_interleave(kPerSample, 0) - tol).all().item<bool>());
+    CHECK((y <= nb.hi.repeat_interleave(kPerSample, 0) + tol).all().item<bool>());
+    CHECK((nb.mag.repeat_interleave(kPerSample, 0) >= y.abs() - tol).all().item<bool>());
+    auto off = [&](const torch::Tensor& t) {
+      return (t + e * (2 * torch::rand_like(t) - 1)).to(torch::kFloat32);
+    };
+    auto fast = rule.forward(l, {off(a.points), off(b.points)}).to(torch::kFloat64);
+    CHECK(((fast - y).abs() <= nb.err32.repeat_interleave(kPerSample, 0)).all().item<bool>());
+    // IBP only: CROWN concretises, the Jacobian step refuses by name, no global constant.
+    CHECK_FALSE(rule.linear_relaxation());
+    Coeffs c = dense_rows(rule.out_shape(l, {a.in.lo.sizes().slice(1).vec(), {N, D}}), 1);
+    auto bias = torch::zeros({c.A.size(0)}, f64);
+    BackwardArgs args{l, {}, {}, {&a.in, &b.in}, {}, {}};
+    CHECK(rule.backward(args, c, bias).empty());
+    CHECK_THROWS_WITH(rule.jacobian(args, {c.A, c.A.abs()}),
+                      Catch::Contains(l.name) && Catch::Contains("--estimator ibp"));
+    CHECK(std::isinf(rule.lipschitz(l, Norm::linf, {}, {1.0, 1.0}, false)));
+  }
+}
+
+TEST_CASE("hand-worked examples of the transformer rules", "[unit][certify][rules]") {
+  SECTION("softmax of x0 = 0, x1 in [0, ln 3]: p1 in [1/2, 3/4]") {
+    Layer sm = Layer::simple(Layer::Kind::softmax);
+    NodeBounds in{
+        torch::tensor({{0.0, 0.0}}, f64), torch::tensor({{0.0, std::log(3.0)}}, f64), {}, {}};
+    auto b = rule_for(sm).bounds(sm, {&in});
+    CHECK(b.lo[0][1].item<double>() == Approx(0.5).epsilon(1e-14));
+    CHECK(b.hi[0][1].item<double>() == Approx(0.75).epsilon(1e-14));
+    CHECK(b.lo[0][0].item<double>() == Approx(0.25).epsilon(1e-14));
+    CHECK(b.hi[0][0].item<double>() == Approx(0.5).epsilon(1e-14));
+  }
+  SECTION("layernorm of x0 in [0, 1], x1 in [2, 3]: variance >= 1/4, n0 in [-1, -1/sqrt(1+4eps)]") {
+    // The variance (x1 − x0)²/4 is smallest at x0 = 1, x1 = 2; n = ∓1·sqrt(v/(v + ε)).
+    const double eps = 1e-3;
+    Layer ln = Layer::layer_norm("ln", torch::ones({2}, f64), torch::zeros({2}, f64), eps);
+    NodeBounds in{torch::tensor({{0.0, 2.0}}, f64), torch::tensor({{1.0, 3.0}}, f64), {}, {}};
+    auto b = rule_for(ln).bounds(ln, {&in});
+    // d0 = (x0 − x1)/2 in [−3/2, −1/2]; v in [1/4, 9/4]: n0 >= −(3/2)/sqrt(1/4 + ε) clamps
+    // to −sqrt(D − 1) = −1, n0 <= −(1/2)/sqrt(9/4 + ε).
+    CHECK(b.lo[0][0].item<double>() == Approx(-1.0));
+    CHECK(b.hi[0][0].item<double>() == Approx(-0.5 / std::sqrt(2.25 + eps)).epsilon(1e-8));
+    CHECK(b.hi[0][1].item<double>() == Approx(1.0));
+    // At the box's closest pair x = (1, 2) the output is (−1, 1)·sqrt(0.25/(0.25 + ε)):
+    // inside the bounds.
+    auto y = rule_for(ln).forward(ln, {torch::tensor({{1.0, 2.0}}, f64)});
+    CHECK(y[0][0].item<double>() == Approx(-std::sqrt(0.25 / (0.25 + eps))));
+    CHECK(y[0][0].item<double>() >= b.lo[0][0].item<double>());
+  }
+  SECTION("gelu on [-1, 2]: the chord's slope (g(2) − g(−1))/3 and offsets around it") {
+    Layer gelu = Layer::simple(Layer::Kind::gelu);
+    const double g2 = 2 * 0.5 * (1 + std::erf(2 / std::sqrt(2.0))),
+                 gm1 = -0.5 * (1 + std::erf(-1 / std::sqrt(2.0)));
+    NodeBounds in{torch::tensor({{-1.0}}, f64), torch::tensor({{2.0}}, f64),
+                  torch::tensor({{2.0}}, f64), torch::zeros({1, 1}, f64)};
+    auto b = rule_for(gelu).bounds(gelu, {&in});
+    CHECK(b.lo.item<double>() == -0.17);  // the minimum −0.16997 at −0.75 lies inside
+    CHECK(b.hi.item<double>() == Approx(g2));
+    Coeffs c;
+    c.A = torch::tensor({{1.0}, {-1.0}}, f64);
+    c.sample = torch::zeros({2}, torch::kLong);
+    auto bias = torch::zeros({2}, f64);
+    BackwardArgs a{gelu,
+                   {{1}},
+                   {1},
+                   {&in},
+                   [&](const torch::Tensor& t) { return t.index_select(0, c.sample); },
+                   {}};
+    auto back = rule_for(gelu).backward(a, c, bias).at(0);
+    const double k = (g2 - gm1) / 3;
+    CHECK(back.A[0][0].item<double>() == Approx(k));
+    CHECK(back.A[1][0].item<double>() == Approx(-k));
+    // Both lines pass within the sampling slack of the chord's end points and stay
+    // below / above g at its minimum.
+    const double lo_off = bias[0].item<double>(), hi_off = -bias[1].item<double>();
+    CHECK(lo_off <= gm1 + k);     // below g(−1) = gm1 on the line k·x + lo_off at x = −1
+    CHECK(hi_off >= g2 - 2 * k);  // above g(2)
+    CHECK(k * -0.7518 + lo_off <= -0.16997);
+    // g − k·x is largest at the ends (0.5457) and about −0.027 near x = 0.3: the offsets
+    // are those, up to the sampling slack 0.1·(3/32)² < 0.001.
+    CHECK(hi_off == Approx(gm1 + k).margin(0.001));
+    CHECK(lo_off < -0.02);
+    CHECK(lo_off > -0.03);
+  }
+  SECTION("tokens: class token first, then the patches row by row, plus the position embedding") {
+    Layer t = Layer::tokens_of("pos", torch::tensor({9.0}, f64),
+                               torch::tensor({{0.5}, {0.0}, {0.0}, {1.0}}, f64));
+    auto x = torch::tensor({1.0, 2.0, 3.0}, f64).view({1, 1, 1, 3});
+    auto y = rule_for(t).forward(t, {x});
+    CHECK(torch::equal(y, torch::tensor({{{9.5}, {1.0}, {2.0}, {4.0}}}, f64)));
+  }
+}
+
+TEST_CASE("CROWN names the rules it only has intervals for", "[unit][certify][rules]") {
+  LayerGraph g;
+  g.add(Layer::layer_norm("blocks.0.norm1", torch::ones({4}, f64), torch::zeros({4}, f64), 1e-6));
+  g.add(Layer::simple(Layer::Kind::gelu, "blocks.0.mlp.act"));
+  g.add(Layer::simple(Layer::Kind::softmax, "blocks.0.attn.softmax"));
+  auto names = interval_only_nodes(g);
+  REQUIRE(names.size() == 2);
+  CHECK(names[0] == "layernorm 'blocks.0.norm1'");
+  CHECK(names[1] == "softmax 'blocks.0.attn.softmax'");
+  CHECK(interval_only_nodes(LayerGraph{Layer::simple(Layer::Kind::relu)}).empty());
+}
+
+// docs/certification.md §14, §20 assume LibTorch's float32 erf and exp within 4 ulp
+// (8u relative); this checks it on a dense grid of the ranges the models use.
+TEST_CASE("float32 erf and exp are within 8u of the exact values", "[unit][certify][rules]") {
+  const double u = std::ldexp(1.0, -24);
+  auto t = torch::linspace(-6, 6, 2000001, torch::kFloat32);
+  auto erf64 = torch::erf(t.to(torch::kFloat64));
+  auto erf_rel = (torch::erf(t).to(torch::kFloat64) - erf64).abs() / erf64.abs().clamp_min(1e-300);
+  CHECK(erf_rel.max().item<double>() <= 8 * u);
+  auto s = torch::linspace(-87, 0, 2000001, torch::kFloat32);
+  auto exp64 = torch::exp(s.to(torch::kFloat64));
+  auto exp_rel = (torch::exp(s).to(torch::kFloat64) - exp64).abs() / exp64;
+  CHECK(exp_rel.max().item<double>() <= 8 * u);
 }

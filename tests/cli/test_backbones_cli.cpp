@@ -1,5 +1,5 @@
 // End-to-end: train, attack and certify run with the papers' CIFAR backbones (WRN,
-// VGG, DenseNet-BC; ResNet-20 as paper 2's router) on CIFAR-shaped data, with the
+// VGG, DenseNet-BC, ViT; ResNet-20 as paper 2's router) on CIFAR-shaped data, with the
 // papers' augmentations; the help lists every registered backbone and data set.
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
@@ -22,6 +22,7 @@ TEST_CASE("train / attack / certify with WRN, VGG and DenseNet-BC MoEs on CIFAR-
       {"wrn-10-1", "--arch moe-cnn --experts 2 --scale 0.25 --router resnet20"},
       {"vgg11-bn", "--arch moe-cnn --experts 2 --scale 0.0625 --router linear"},
       {"densenet-bc-10-2", "--arch moe --experts 2 --router cnn"},
+      {"vit-1-16-2-p8", "--arch moe --experts 2 --router linear"},
   };
   for (const auto& a : archs) {
     INFO(a.expert);
@@ -46,6 +47,9 @@ TEST_CASE("train / attack / certify with WRN, VGG and DenseNet-BC MoEs on CIFAR-
     INFO(c.output);
     CHECK(c.code == 0);
     CHECK(c.output.find("soundness violations: 0") != std::string::npos);
+    if (std::string(a.expert).rfind("vit", 0) == 0)  // CROWN says which rules are IBP only
+      CHECK(c.output.find("no linear relaxation for layernorm 'blocks.0.norm1'") !=
+            std::string::npos);
   }
 }
 
@@ -66,4 +70,10 @@ TEST_CASE("train --help lists every registered backbone, method and data set",
   auto small = run_moecert("--dataset synthetic train --expert vgg16-bn --out x");
   CHECK(small.code == 2);
   CHECK(small.output.find("at least 32x32") != std::string::npos);
+  auto patch = run_moecert("--dataset synthetic-cifar train --expert vit-small-p5 --out x");
+  CHECK(patch.code == 2);
+  CHECK(patch.output.find("patch 5") != std::string::npos);
+  auto heads = run_moecert("--dataset synthetic-cifar train --expert vit-2-10-3 --out x");
+  CHECK(heads.code == 2);
+  CHECK(heads.output.find("multiple of heads") != std::string::npos);
 }

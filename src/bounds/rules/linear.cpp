@@ -1,4 +1,5 @@
-// linear: y = W x + b, W [O, I]. docs/certification.md §2, §3, §10, §11.
+// linear: y = W x + b, W [O, I], on the last dimension (a vector [I], or every
+// token of a sequence [N, I] alike). docs/certification.md §2, §3, §10, §11.
 #include "moecert/error.h"
 #include "moecert/spectral.h"
 #include "rules-impl.h"
@@ -11,11 +12,12 @@ class LinearRule final : public BoundRule {
   const char* name() const override { return "linear"; }
 
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
-    const Shape& s = in.at(0);
-    if (s.size() != 1 || s[0] != l.weight.size(1))
+    Shape s = in.at(0);
+    if (s.empty() || s.back() != l.weight.size(1))
       throw ShapeError::unexpected("certify: input of linear '" + l.name + "'",
-                                   "[" + std::to_string(l.weight.size(1)) + "]", s);
-    return {l.weight.size(0)};
+                                   "[..., " + std::to_string(l.weight.size(1)) + "]", s);
+    s.back() = l.weight.size(0);
+    return s;
   }
 
   torch::Tensor forward(const Layer& l, const std::vector<torch::Tensor>& x) const override {
@@ -30,7 +32,7 @@ class LinearRule final : public BoundRule {
     auto c = torch::linear((x.lo + x.hi) * 0.5, l.weight, l.bias);
     auto r = torch::linear((x.hi - x.lo) * 0.5, aw);
     if (interval_only(x)) return {c - r, c + r, {}, {}};
-    auto ab = l.bias.defined() ? l.bias.abs().view({1, -1}) : torch::zeros({1}, x.lo.options());
+    auto ab = l.bias.defined() ? l.bias.abs() : torch::zeros({1}, x.lo.options());
     NodeBounds y{c - r, c + r, torch::linear(magnitude(x), aw) + ab, {}};
     auto spread = torch::linear(x.err32, aw);
     y.err32 = spread + gamma(static_cast<double>(l.weight.size(1)) + 1, u32) * (y.mag + spread);
@@ -40,13 +42,14 @@ class LinearRule final : public BoundRule {
   // CROWN: Σ A·y = (A W)·x + A·b exactly. Rows over a flat vector: dense only. Rows
   // with one non-zero entry v at u (a unit's bound rows, in the intermediate bounds of
   // the next relaxation) are v·W[u]: the same single product per entry that the matrix
-  // product forms, without its O(R·O·I) work.
+  // product forms, without its O(R·O·I) work. Token rows [R, N, O] -> [R, N, I] alike.
   std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
                                torch::Tensor& b) const override {
     if (c.patches) return {};
-    if (a.layer.bias.defined()) b = b + torch::mv(c.A, a.layer.bias);
+    if (a.layer.bias.defined()) b = b + row_sum(c.A * a.layer.bias);
     Coeffs out = c;
-    if (!c.A.requires_grad() && c.A.size(0) > 0 && c.A.ne(0).sum(1).eq(1).all().item<bool>()) {
+    if (c.A.dim() == 2 && !c.A.requires_grad() && c.A.size(0) > 0 &&
+        c.A.ne(0).sum(1).eq(1).all().item<bool>()) {
       auto u = c.A.abs().argmax(1);
       out.A = a.layer.weight.index_select(0, u) * c.A.gather(1, u.view({-1, 1}));
       return {out};
@@ -56,7 +59,8 @@ class LinearRule final : public BoundRule {
   }
 
   // p = ∞: max row ℓ1 (exact). p = 2: σ_max(W) (verified bound, spectral.h); as the
-  // last layer (-> ∞): max row ℓ2, exact by Cauchy–Schwarz.
+  // last layer (-> ∞): max row ℓ2, exact by Cauchy–Schwarz. On tokens the map is
+  // block diagonal (W once per token): the same constants.
   double lipschitz(const Layer& l, Norm p, const std::vector<Shape>& in,
                    const std::vector<double>& k, bool to_inf) const override {
     double n;

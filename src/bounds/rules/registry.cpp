@@ -22,6 +22,13 @@ const std::map<Layer::Kind, std::unique_ptr<BoundRule>>& registry() {
     t[Layer::Kind::maxpool] = rules::make_maxpool_rule();
     t[Layer::Kind::gate] = rules::make_gate_rule();
     t[Layer::Kind::concat] = rules::make_concat_rule();
+    t[Layer::Kind::tokens] = rules::make_tokens_rule();
+    t[Layer::Kind::token_select] = rules::make_token_select_rule();
+    t[Layer::Kind::layernorm] = rules::make_layernorm_rule();
+    t[Layer::Kind::gelu] = rules::make_gelu_rule();
+    t[Layer::Kind::softmax] = rules::make_softmax_rule();
+    t[Layer::Kind::attn_scores] = rules::make_attn_scores_rule();
+    t[Layer::Kind::attn_mix] = rules::make_attn_mix_rule();
     return t;
   }();
   return table;
@@ -40,6 +47,15 @@ const BoundRule& rule_for(const Layer& l) {
   return *it->second;
 }
 
+std::vector<std::string> interval_only_nodes(const LayerGraph& g) {
+  std::vector<std::string> out;
+  for (const auto& n : g) {
+    const auto& r = rule_for(n.layer);
+    if (!r.linear_relaxation()) out.push_back(std::string(r.name()) + " '" + n.layer.name + "'");
+  }
+  return out;
+}
+
 Shape graph_out_shape(const LayerGraph& g, const Shape& in) {
   return CompiledGraph(g, in).output_shape();
 }
@@ -56,6 +72,17 @@ torch::Tensor graph_forward(const LayerGraph& g, const torch::Tensor& input) {
 }
 
 namespace rules {
+
+void no_jacobian(const char* rule, const Layer& l) {
+  throw UnsupportedLayerError("certify: " + std::string(rule) + " '" + l.name +
+                              "' has no Jacobian bound step, which the local Lipschitz "
+                              "estimator needs: use --estimator ibp, crown or alpha-crown");
+}
+
+JacobianBox interval_scale(const JacobianBox& j, const torch::Tensor& lo, const torch::Tensor& hi) {
+  auto m = (lo + hi) * 0.5, w = (hi - lo) * 0.5;
+  return {j.c * m, j.c.abs() * w + j.r * (m.abs() + w)};
+}
 
 torch::Tensor patch_valid(const Coeffs& c, int64_t h, int64_t w) {
   auto opts = torch::TensorOptions().dtype(torch::kLong).device(c.A.device());

@@ -36,6 +36,11 @@ inline bool interval_only(const NodeBounds& x) { return !x.err32.defined(); }
 inline torch::Tensor magnitude(const NodeBounds& b) { return torch::max(b.lo.abs(), b.hi.abs()); }
 
 /// Sums every dimension but the first: [R, ...] -> [R].
+/// The rows' bounds over the last dimension: max over it, kept as a size-1 dimension.
+inline torch::Tensor last_max(const torch::Tensor& t) {
+  return std::get<0>(t.max(-1, /*keepdim=*/true));
+}
+
 inline torch::Tensor row_sum(const torch::Tensor& t) { return t.flatten(1).sum(1); }
 
 /// Patches: 1 where entry (c, u, v) of a row lies inside an H x W grid, else 0.
@@ -52,5 +57,41 @@ std::unique_ptr<BoundRule> make_residual_rule();
 std::unique_ptr<BoundRule> make_maxpool_rule();
 std::unique_ptr<BoundRule> make_gate_rule();
 std::unique_ptr<BoundRule> make_concat_rule();
+std::unique_ptr<BoundRule> make_tokens_rule();
+std::unique_ptr<BoundRule> make_token_select_rule();
+std::unique_ptr<BoundRule> make_layernorm_rule();
+std::unique_ptr<BoundRule> make_gelu_rule();
+std::unique_ptr<BoundRule> make_softmax_rule();
+std::unique_ptr<BoundRule> make_attn_scores_rule();
+std::unique_ptr<BoundRule> make_attn_mix_rule();
+
+/// A rule without a Jacobian step: UnsupportedLayerError naming the layer and the
+/// bound methods that do handle it.
+[[noreturn]] void no_jacobian(const char* rule, const Layer& l);
+
+/// A rule with interval bounds only (no linear relaxation, no Jacobian step): the
+/// engine concretises CROWN rows at the node's interval and tightens its inputs first
+/// (relaxed). Its global Lipschitz constant is unbounded unless the rule says otherwise.
+class IntervalOnlyRule : public BoundRule {
+ public:
+  bool linear_relaxation() const override { return false; }
+  bool relaxed() const override { return true; }
+  bool takes_patches() const override { return false; }
+  std::vector<Coeffs> backward(const BackwardArgs&, const Coeffs&, torch::Tensor&) const override {
+    return {};
+  }
+  double lipschitz(const Layer&, Norm, const std::vector<Shape>&, const std::vector<double>&,
+                   bool) const override {
+    return std::numeric_limits<double>::infinity();
+  }
+  std::vector<JacobianBox> jacobian(const BackwardArgs& a, const JacobianBox&) const override {
+    no_jacobian(name(), a.layer);
+  }
+};
+
+/// Rows [R, *shape] of a per-sample [B, *shape] interval product: the midpoint-radius
+/// enclosure of {c ± r}·[lo, hi] (Rump): c·m ± (|c|·w + r·|m| + r·w), m, w the midpoint
+/// and radius of [lo, hi].
+JacobianBox interval_scale(const JacobianBox& j, const torch::Tensor& lo, const torch::Tensor& hi);
 
 }  // namespace moecert::rules
