@@ -91,6 +91,9 @@ class BoundRule {
   /// backward() returns {}, the engine concretises rows at this node's interval, and
   /// CROWN runs name the node (interval_only_nodes).
   virtual bool linear_relaxation() const { return true; }
+  /// Whether jacobian() bounds Jacobian rows; false: it throws UnsupportedLayerError
+  /// naming the layer, and certify leaves out the local Lipschitz estimator.
+  virtual bool has_jacobian() const { return true; }
   /// Whether backward() takes patch rows; if not, the engine hands it dense rows.
   virtual bool takes_patches() const { return true; }
   /// α-CROWN: the initial lower slopes in [0, 1] of a relaxed operator's units over
@@ -131,6 +134,9 @@ const BoundRule& rule_for(const Layer& l);
 /// "kind 'name'" of every node whose rule has no linear relaxation (IBP only), for
 /// the notice CROWN runs print; empty when CROWN relaxes every node.
 std::vector<std::string> interval_only_nodes(const LayerGraph& g);
+
+/// "kind 'name'" of every node whose rule has no Jacobian step (has_jacobian).
+std::vector<std::string> no_jacobian_nodes(const LayerGraph& g);
 
 /// Output shape of a whole graph. in: [C, H, W]; throws as CompiledGraph does.
 Shape graph_out_shape(const LayerGraph& g, const Shape& in);

@@ -272,7 +272,7 @@ TEST_CASE("every rule's Jacobian step encloses sampled Jacobian rows",
     auto args = args_for(k, out, g.in, c, in_shapes);
     // Rows over the output as an interval c ± r (r > 0 on half the entries).
     auto r = torch::rand_like(c.A) * torch::rand_like(c.A).lt(0.5);
-    if (!rule.linear_relaxation() && rule.relaxed()) {  // no Jacobian step: named refusal
+    if (!rule.has_jacobian()) {  // no Jacobian step: named refusal
       CHECK_THROWS_AS(rule.jacobian(args, {c.A, r}), UnsupportedLayerError);
       continue;
     }
@@ -568,6 +568,30 @@ TEST_CASE("hand-worked examples of the transformer rules", "[unit][certify][rule
     CHECK(y[0][0].item<double>() == Approx(-std::sqrt(0.25 / (0.25 + eps))));
     CHECK(y[0][0].item<double>() >= b.lo[0][0].item<double>());
   }
+  SECTION("layernorm CROWN on a narrow box: nearly the Jacobian, below n at sampled points") {
+    // x = (0, 1, 2, 3) ± 0.01: v = 1.25, n_0 = d_0/sqrt(v + ε) with ∂n_0/∂x ≈ (e_0 − 1/4)/σ
+    // (the n_0 n_j/D term is small next to it only in part: compare within 30%).
+    const double eps = 1e-5;
+    Layer ln = Layer::layer_norm("ln", torch::ones({4}, f64), torch::zeros({4}, f64), eps);
+    auto x0 = torch::tensor({{0.0, 1.0, 2.0, 3.0}}, f64);
+    NodeBounds in{x0 - 0.01, x0 + 0.01, x0.abs() + 0.01, torch::zeros_like(x0)};
+    Coeffs c;
+    c.A = torch::tensor({{1.0, 0.0, 0.0, 0.0}}, f64);
+    c.sample = torch::zeros({1}, torch::kLong);
+    auto bias = torch::zeros({1}, f64);
+    BackwardArgs a{
+        ln, {{4}}, {4}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, c.sample); },
+        {}};
+    auto back = rule_for(ln).backward(a, c, bias).at(0);
+    CHECK(back.A.sum().item<double>() == Approx(0.0).margin(1e-12));  // a shift changes nothing
+    const double sigma = std::sqrt(1.25 + eps);
+    CHECK(back.A[0][0].item<double>() == Approx(0.75 / sigma).epsilon(0.3));
+    auto pts = x0 + 0.01 * (2 * torch::rand({500, 4}, f64) - 1);
+    auto n0 = rule_for(ln).forward(ln, {pts}).select(1, 0);
+    auto line = (pts * back.A).sum(1) + bias;
+    CHECK((line <= n0 + 1e-12).all().item<bool>());
+    CHECK((n0 - line).max().item<double>() < 0.02);  // tight: the box is narrow
+  }
   SECTION("gelu on [-1, 2]: the chord's slope (g(2) − g(−1))/3 and offsets around it") {
     Layer gelu = Layer::simple(Layer::Kind::gelu);
     const double g2 = 2 * 0.5 * (1 + std::erf(2 / std::sqrt(2.0))),
@@ -612,16 +636,22 @@ TEST_CASE("hand-worked examples of the transformer rules", "[unit][certify][rule
   }
 }
 
-TEST_CASE("CROWN names the rules it only has intervals for", "[unit][certify][rules]") {
+TEST_CASE(
+    "CROWN names the rules it only has intervals for, the local estimator those without Jacobian",
+    "[unit][certify][rules]") {
   LayerGraph g;
   g.add(Layer::layer_norm("blocks.0.norm1", torch::ones({4}, f64), torch::zeros({4}, f64), 1e-6));
   g.add(Layer::simple(Layer::Kind::gelu, "blocks.0.mlp.act"));
   g.add(Layer::simple(Layer::Kind::softmax, "blocks.0.attn.softmax"));
   auto names = interval_only_nodes(g);
-  REQUIRE(names.size() == 2);
-  CHECK(names[0] == "layernorm 'blocks.0.norm1'");
-  CHECK(names[1] == "softmax 'blocks.0.attn.softmax'");
+  REQUIRE(names.size() == 1);
+  CHECK(names[0] == "softmax 'blocks.0.attn.softmax'");
+  auto no_jac = no_jacobian_nodes(g);  // LayerNorm has a CROWN step but no Jacobian one
+  REQUIRE(no_jac.size() == 2);
+  CHECK(no_jac[0] == "layernorm 'blocks.0.norm1'");
+  CHECK(no_jac[1] == "softmax 'blocks.0.attn.softmax'");
   CHECK(interval_only_nodes(LayerGraph{Layer::simple(Layer::Kind::relu)}).empty());
+  CHECK(no_jacobian_nodes(LayerGraph{Layer::simple(Layer::Kind::gelu)}).empty());
 }
 
 // docs/certification.md §14, §20 assume LibTorch's float32 erf and exp within 4 ulp

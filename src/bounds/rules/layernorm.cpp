@@ -1,6 +1,7 @@
-// layernorm over the last dimension (D values): y = γ·n + β, n = d/s, d = x − mean(x),
-// s = sqrt(v + ε), v = mean(d²). Interval bounds only (IBP); CROWN concretises its rows
-// at this node's interval and names it. docs/certification.md §10, §12, §20.
+// layernorm over the last dimension (D values): y = γ·n + β, n = d·r, d = x − mean(x)
+// (linear), r = 1/sqrt(v + ε), v = mean(d²). IBP; CROWN with n between two lines in d
+// over d's interval and r's (the product's corners); no Jacobian step.
+// docs/certification.md §10, §12, §20.
 #include <cmath>
 
 #include "moecert/error.h"
@@ -48,7 +49,7 @@ std::pair<torch::Tensor, torch::Tensor> deviation(const torch::Tensor& l, const 
 }
 
 struct Normalised {
-  torch::Tensor lo, hi, vlo, dmax;  // n's interval; v's lower bound [..., 1]; max |d_i|
+  torch::Tensor lo, hi, vlo, vhi, dmax;  // n's interval; v's bounds [..., 1]; max |d_i|
 };
 
 /// n = d/sqrt(v + ε) over the box, |n_i| <= sqrt(D − 1) (d_i² <= (D − 1)/D·Σ d_j²).
@@ -62,10 +63,44 @@ Normalised normalised(const torch::Tensor& l, const torch::Tensor& u, double eps
   const double cap = std::sqrt(static_cast<double>(D - 1));
   auto lo = torch::where(dl.ge(0), dl / shi, dl / slo).clamp(-cap, cap);
   auto hi = torch::where(du.ge(0), du / slo, du / shi).clamp(-cap, cap);
-  return {lo, hi, vlo, torch::max(dl.abs(), du.abs())};
+  return {lo, hi, vlo, vhi, torch::max(dl.abs(), du.abs())};
 }
 
-class LayerNormRule final : public IntervalOnlyRule {
+/// n = d·r >= a_lo·d + c_lo and <= a_hi·d + c_hi for every d in [dl, du], r in [rl, rh]:
+/// the slopes are the chords of min(d·rl, d·rh) (concave in d) and max(d·rl, d·rh)
+/// (convex), the intercepts the extremes of d·(r − a) over the four corners (a
+/// bilinear function of (d, r) takes them at corners), widened for float64.
+struct Lines {
+  torch::Tensor a_lo, c_lo, a_hi, c_hi;
+};
+Lines relax(const NodeBounds& x, double eps) {
+  auto [dl, du] = deviation(x.lo, x.hi);
+  const auto n = normalised(x.lo, x.hi, eps);
+  auto rl = 1 / torch::sqrt(n.vhi + eps), rh = 1 / torch::sqrt(n.vlo + eps);
+  auto w = du - dl;
+  auto wide = w.gt(1e-12 * (dl.abs() + du.abs()));
+  auto mid = ((rl + rh) * 0.5).expand_as(dl);
+  auto lower = [&](const torch::Tensor& d) { return torch::min(d * rl, d * rh); };
+  auto upper = [&](const torch::Tensor& d) { return torch::max(d * rl, d * rh); };
+  auto a_lo = torch::where(wide, (lower(du) - lower(dl)) / w.clamp_min(1e-300), mid);
+  auto a_hi = torch::where(wide, (upper(du) - upper(dl)) / w.clamp_min(1e-300), mid);
+  auto corners = [&](const torch::Tensor& a, bool lower) {
+    auto v = torch::stack({dl * (rl - a), dl * (rh - a), du * (rl - a), du * (rh - a)});
+    return lower ? std::get<0>(v.min(0)) : std::get<0>(v.max(0));
+  };
+  auto slack = 1e-12 * (dl.abs() + du.abs()) * (rh + a_lo.abs() + a_hi.abs());
+  Lines out{a_lo, corners(a_lo, true) - slack, a_hi, corners(a_hi, false) + slack};
+  // Where r's range is wide (v near 0) the lines lie further apart than n's interval
+  // is wide (it knows |n| < sqrt(D − 1)): the constant lines n.lo <= n <= n.hi instead.
+  auto gap =
+      torch::max((out.a_hi - out.a_lo) * dl, (out.a_hi - out.a_lo) * du) + out.c_hi - out.c_lo;
+  auto flat = gap.gt(n.hi - n.lo);
+  auto zero = torch::zeros_like(dl);
+  return {torch::where(flat, zero, out.a_lo), torch::where(flat, n.lo, out.c_lo),
+          torch::where(flat, zero, out.a_hi), torch::where(flat, n.hi, out.c_hi)};
+}
+
+class LayerNormRule final : public NoJacobianRule {
  public:
   const char* name() const override { return "layernorm"; }
 
@@ -119,6 +154,23 @@ class LayerNormRule final : public IntervalOnlyRule {
     auto round = (1 + 3 * u) * ag * dn + 2.01 * u * ag * N + 1.01 * u * ab;
     auto crude = ag * (N + 1.0001 * (2 * Mh + a) / std::sqrt(l.eps)) * 1.0001 + 2.0001 * ab;
     return {lo, hi, mag, prop + torch::where(safe, round, crude)};
+  }
+
+  // CROWN: Σ A·y = Σ (Aγ)·n + A·β; n by its lines (positive coefficients the lower,
+  // negative the upper) gives coefficients g over d and constants; and
+  // Σ_i g_i d_i = Σ_i (g_i − mean(g)) x_i.
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
+    if (c.patches) return {};
+    const Lines r = relax(*a.in[0], a.layer.eps);
+    b = b + row_sum(c.A * a.layer.bias);
+    auto An = c.A * a.layer.weight;
+    auto pos = An.clamp_min(0), neg = An.clamp_max(0);
+    b = b + row_sum(pos * a.gather(r.c_lo) + neg * a.gather(r.c_hi));
+    auto g = pos * a.gather(r.a_lo) + neg * a.gather(r.a_hi);
+    Coeffs out = c;
+    out.A = g - g.mean(-1, true);
+    return {out};
   }
 };
 

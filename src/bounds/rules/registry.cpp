@@ -47,13 +47,25 @@ const BoundRule& rule_for(const Layer& l) {
   return *it->second;
 }
 
-std::vector<std::string> interval_only_nodes(const LayerGraph& g) {
+namespace {
+
+std::vector<std::string> nodes_where(const LayerGraph& g, bool (BoundRule::*has)() const) {
   std::vector<std::string> out;
   for (const auto& n : g) {
     const auto& r = rule_for(n.layer);
-    if (!r.linear_relaxation()) out.push_back(std::string(r.name()) + " '" + n.layer.name + "'");
+    if (!(r.*has)()) out.push_back(std::string(r.name()) + " '" + n.layer.name + "'");
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<std::string> interval_only_nodes(const LayerGraph& g) {
+  return nodes_where(g, &BoundRule::linear_relaxation);
+}
+
+std::vector<std::string> no_jacobian_nodes(const LayerGraph& g) {
+  return nodes_where(g, &BoundRule::has_jacobian);
 }
 
 Shape graph_out_shape(const LayerGraph& g, const Shape& in) {

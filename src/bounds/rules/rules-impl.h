@@ -69,23 +69,30 @@ std::unique_ptr<BoundRule> make_attn_mix_rule();
 /// bound methods that do handle it.
 [[noreturn]] void no_jacobian(const char* rule, const Layer& l);
 
-/// A rule with interval bounds only (no linear relaxation, no Jacobian step): the
-/// engine concretises CROWN rows at the node's interval and tightens its inputs first
-/// (relaxed). Its global Lipschitz constant is unbounded unless the rule says otherwise.
-class IntervalOnlyRule : public BoundRule {
+/// A rule without a Jacobian step (has_jacobian false: the local estimator leaves the
+/// model out) that wants tight input intervals (relaxed), takes dense rows, and whose
+/// global Lipschitz constant is unbounded unless it says otherwise.
+class NoJacobianRule : public BoundRule {
  public:
-  bool linear_relaxation() const override { return false; }
+  bool has_jacobian() const override { return false; }
   bool relaxed() const override { return true; }
   bool takes_patches() const override { return false; }
-  std::vector<Coeffs> backward(const BackwardArgs&, const Coeffs&, torch::Tensor&) const override {
-    return {};
-  }
   double lipschitz(const Layer&, Norm, const std::vector<Shape>&, const std::vector<double>&,
                    bool) const override {
     return std::numeric_limits<double>::infinity();
   }
   std::vector<JacobianBox> jacobian(const BackwardArgs& a, const JacobianBox&) const override {
     no_jacobian(name(), a.layer);
+  }
+};
+
+/// ... and without a linear relaxation either (interval bounds only): the engine
+/// concretises CROWN rows at the node's interval, and CROWN runs name it.
+class IntervalOnlyRule : public NoJacobianRule {
+ public:
+  bool linear_relaxation() const override { return false; }
+  std::vector<Coeffs> backward(const BackwardArgs&, const Coeffs&, torch::Tensor&) const override {
+    return {};
   }
 };
 
