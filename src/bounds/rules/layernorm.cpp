@@ -49,7 +49,7 @@ std::pair<torch::Tensor, torch::Tensor> deviation(const torch::Tensor& l, const 
 }
 
 struct Normalised {
-  torch::Tensor lo, hi, vlo, vhi, dmax;  // n's interval; v's bounds [..., 1]; max |d_i|
+  torch::Tensor lo, hi, vlo, vhi, dl, du;  // n's interval; v's bounds [..., 1]; d's interval
 };
 
 /// n = d/sqrt(v + ε) over the box, |n_i| <= sqrt(D − 1) (d_i² <= (D − 1)/D·Σ d_j²).
@@ -63,7 +63,7 @@ Normalised normalised(const torch::Tensor& l, const torch::Tensor& u, double eps
   const double cap = std::sqrt(static_cast<double>(D - 1));
   auto lo = torch::where(dl.ge(0), dl / shi, dl / slo).clamp(-cap, cap);
   auto hi = torch::where(du.ge(0), du / slo, du / shi).clamp(-cap, cap);
-  return {lo, hi, vlo, vhi, torch::max(dl.abs(), du.abs())};
+  return {lo, hi, vlo, vhi, dl, du};
 }
 
 /// n = d·r >= a_lo·d + c_lo and <= a_hi·d + c_hi for every d in [dl, du], r in [rl, rh]:
@@ -74,8 +74,8 @@ struct Lines {
   torch::Tensor a_lo, c_lo, a_hi, c_hi;
 };
 Lines relax(const NodeBounds& x, double eps) {
-  auto [dl, du] = deviation(x.lo, x.hi);
   const auto n = normalised(x.lo, x.hi, eps);
+  const auto &dl = n.dl, &du = n.du;
   auto rl = 1 / torch::sqrt(n.vhi + eps), rh = 1 / torch::sqrt(n.vlo + eps);
   auto w = du - dl;
   auto wide = w.gt(1e-12 * (dl.abs() + du.abs()));
@@ -143,7 +143,7 @@ class LayerNormRule final : public NoJacobianRule {
     auto prop = torch::min(ag * (2 + root) * E / sw, 2 * root * ag);
     auto Mh = last_max(magnitude(x) + e);
     auto a = gamma(Dd + 2, u) * Mh;  // |computed mean − mean|
-    auto N = torch::clamp_max(w.dmax / sw, root);
+    auto N = torch::clamp_max(torch::max(w.dl.abs(), w.du.abs()) / sw, root);
     const double gv = gamma(Dd + 3, u);
     const double k1 = (2 * u + u * u) * (1 + gv) + gv;
     auto k2 = 2 * a * u * (2 + u) * (1 + gv), k3 = a * a * (1 + u) * (1 + u) * (1 + gv);
