@@ -9,6 +9,7 @@ MOECERT_PACKAGES=(
   libgoogle-perftools-dev            # tcmalloc: an allocator that keeps freed memory (certification 1.5x faster)
   libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev zlib1g-dev
   libjpeg62-turbo-dev                # TinyImageNet's JPEGs (libjpeg-turbo)
+  libonnx-dev                        # ONNX models (import, verify)
   dataset-fashion-mnist gnuplot-nox
 )
 if [[ "${MOECERT_WITH_PYTHON:-0}" == 1 ]]; then

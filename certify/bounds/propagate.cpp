@@ -17,6 +17,15 @@ using bp::rho;
 }  // namespace
 
 NodeBounds bp::region_box(const InputDomain& d) {
+  if (d.lower.defined()) {
+    // A given box: widened by the rounding allowance ρ·|·| like the ball's.
+    NodeBounds in{d.lower - rho * d.lower.abs(),
+                  d.upper + rho * d.upper.abs(),
+                  {},
+                  torch::zeros_like(d.lower)};
+    in.mag = torch::max(in.lo.abs(), in.hi.abs());
+    return in;
+  }
   auto eps = d.eps.view({-1, 1, 1, 1});
   auto m = d.x.abs() + eps;
   NodeBounds in{d.x - eps - rho * m, d.x + eps + rho * m, {}, torch::zeros_like(d.x)};
@@ -277,6 +286,9 @@ BoundPass bound_subset(const BoundPass& p, const torch::Tensor& index) {
   s.graph = p.graph, s.opt = p.opt;
   s.domain = {p.domain.x.index_select(0, index), p.domain.eps.index_select(0, index), p.domain.norm,
               p.domain.box};
+  if (p.domain.lower.defined())
+    s.domain.lower = p.domain.lower.index_select(0, index),
+    s.domain.upper = p.domain.upper.index_select(0, index);
   s.input = pick(p.input);
   for (const auto& nb : p.nodes) s.nodes.push_back(pick(nb));
   // Old sample -> new position (-1: dropped); kept rows follow their samples.

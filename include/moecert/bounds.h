@@ -28,6 +28,9 @@ struct InputDomain {
   torch::Tensor eps;  ///< [B] float64 radii
   Norm norm = Norm::linf;
   bool box = true;
+  /// When defined (L∞ only): the region is the box [lower, upper] ([B, C, H, W] float64)
+  /// instead, whatever x, eps and `box` say (`moecert verify`'s per-pixel input boxes).
+  torch::Tensor lower{}, upper{};
 };
 
 struct BoundOptions {

@@ -1,4 +1,4 @@
-// `moecert lipschitz` and `moecert certify`.
+// `moecert lipschitz`, `moecert certify` and `moecert verify`.
 #include <sys/stat.h>
 #include <torch/torch.h>
 
@@ -16,6 +16,7 @@
 #include "moecert/model_io.h"
 #include "moecert/report.h"
 #include "moecert/runtime.h"
+#include "moecert/verify.h"
 
 namespace moecert {
 namespace {
@@ -103,6 +104,41 @@ void print_summary(const Results& r, const std::string& path) {
 }
 
 }  // namespace
+
+void cli_register_verify(CLI::App& app, const CommonOptions& common) {
+  struct Options {
+    std::string model, property, results;
+    VerifyOptions v;
+  };
+  auto o = std::make_shared<Options>();
+  auto* cmd = app.add_subcommand(
+      "verify",
+      "check a VNN-COMP property (VNNLIB) on an ONNX model: unsat (holds) / sat with a "
+      "counterexample / unknown / timeout, in the competition's results format");
+  cmd->add_option("model", o->model, "ONNX model (.onnx)")->required();
+  cmd->add_option("property", o->property, "property (.vnnlib)")->required();
+  cmd->add_option("--timeout", o->v.timeout, "seconds for the property")->capture_default_str();
+  cmd->add_option("--results", o->results, "write the results file here too (atomically)");
+  cmd->add_option("--attack-steps", o->v.attack_steps, "PGD steps per attack round")
+      ->capture_default_str();
+  cmd->add_option("--restarts", o->v.restarts, "random starts per attack round")
+      ->capture_default_str();
+  cmd->callback([o, &common] {
+    if (!(o->v.timeout > 0))
+      throw ConfigError::invalid("--timeout", std::to_string(o->v.timeout), "> 0");
+    limits::check_range("--attack-steps", o->v.attack_steps, 1, limits::max_steps);
+    limits::check_range("--restarts", o->v.restarts, 1, limits::max_restarts);
+    o->v.seed = common.seed;
+    const auto model = onnx_load(o->model);
+    const auto property = vnnlib_parse(o->property);
+    const auto out = verify_property(model, property, o->v);
+    const auto text = vnnlib_result_text(out.result, out.x, out.y);
+    if (!o->results.empty()) write_file_atomic(o->results, text);
+    std::cout << text;
+    std::cerr << "verify: " << out.detail << " (" << out.refuted << " of " << out.cases
+              << " case(s) refuted by bounds, " << fmt_fixed(out.seconds, 2) << " s)\n";
+  });
+}
 
 void cli_register_lipschitz(CLI::App& app, const CommonOptions& common) {
   struct Options {

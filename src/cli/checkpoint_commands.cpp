@@ -1,4 +1,4 @@
-// `moecert dual` and `moecert info`: making and describing checkpoints.
+// `moecert dual`, `moecert import` and `moecert info`: making and describing checkpoints.
 #include <sys/stat.h>
 
 #include <iostream>
@@ -7,6 +7,7 @@
 #include "moecert/attacks.h"
 #include "moecert/checkpoint.h"
 #include "moecert/error.h"
+#include "moecert/import.h"
 #include "moecert/model_io.h"
 #include "moecert/runtime.h"
 
@@ -44,6 +45,67 @@ void cli_register_dual(CLI::App& app, const CommonOptions& common) {
     dual_save(o->out, standard, robust, o->alpha);
     std::cout << "dual-model alpha=" << o->alpha << " of " << o->standard << " and " << o->robust
               << " -> " << o->out << "\n";
+  });
+}
+
+void cli_register_import(CLI::App& app, const CommonOptions& common) {
+  struct Options {
+    ImportOptions opts;
+    bool force = false;
+  };
+  auto o = std::make_shared<Options>();
+  std::string presets;
+  for (const auto& [name, help] : import_presets()) presets += "\n  " + name + ": " + help;
+  auto* cmd = app.add_subcommand(
+      "import", "write a moecert checkpoint from a PyTorch torch.save file (read without Python)");
+  auto& i = o->opts;
+  cmd->add_option("source", i.source, "torch.save file (.t7, .pth, .pth.tar, .pt; zip format)")
+      ->required();
+  cmd->add_option("--preset", i.preset, "layout of one of the papers' codes:" + presets);
+  cmd->add_option("--key-map", i.key_map, "JSON key map for other layouts (docs/import.md)");
+  cmd->add_option("--member", i.member, "paper1-dual: the member to import, Smoe or Rmoe");
+  cmd->add_option("--out", i.out, "checkpoint directory to write")->required();
+  cmd->add_option("--mean", i.mean, "input normalisation of the source's data loader, per channel")
+      ->delimiter(',');
+  cmd->add_option("--std", i.std, "input normalisation's standard deviations, per channel")
+      ->delimiter(',');
+  cmd->add_option("--input-shape", i.input_shape, "C,H,W of the images")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--classes", i.classes, "classes (default: from the state dict)");
+  cmd->add_option("--experts", i.experts,
+                  "experts / channel groups (default: from the state dict)");
+  cmd->add_option("--reference", i.reference,
+                  "torch.save file {\"inputs\": [B,C,H,W] in [0,1], \"logits\": [B,K], "
+                  "\"routes\": [B]} from the source model: the import's self-check");
+  cmd->add_option("--tolerance", i.tolerance, "largest |logit difference| the self-check accepts")
+      ->capture_default_str();
+  cmd->add_flag("--allow-unchecked", i.allow_unchecked,
+                "write without --reference (the manifest records that nothing was compared)");
+  cmd->add_flag("--force", o->force, "replace an existing checkpoint in --out");
+  cmd->callback([o, &common] {
+    // The global --dataset names the data set the model was trained on: recorded, so that
+    // certify and attack read its test split.
+    o->opts.dataset = common.dataset;
+    if (!o->force && path_exists(o->opts.out + "/" + checkpoint_manifest_file))
+      throw ConfigError("import: " + o->opts.out +
+                        " already holds a checkpoint; pass --force to replace it");
+    const auto record = import_checkpoint(o->opts);
+    const auto& check = record["check"];
+    std::cout << "imported " << record["tensors"].get<int64_t>() << " tensors of " << o->opts.source
+              << " (layout " << record["layout"].get<std::string>() << ") -> " << o->opts.out
+              << "\n";
+    if (check.contains("max_abs_logit_diff"))
+      std::cout << "self-check   " << check["samples"].get<int64_t>()
+                << " reference inputs: max |logit difference| "
+                << check["max_abs_logit_diff"].get<double>()
+                << (check.contains("routes_agree")
+                        ? ", routes agree on " +
+                              std::to_string(check["routes_agree"].get<int64_t>())
+                        : std::string())
+                << "\n";
+    else
+      std::cout << "self-check   none (--allow-unchecked)\n";
   });
 }
 

@@ -33,6 +33,8 @@ DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool tra
 
 void cli_register_common(CLI::App& app, CommonOptions& common);
 void cli_register_train(CLI::App& app, const CommonOptions& common);
+void cli_register_import(CLI::App& app, const CommonOptions& common);
+void cli_register_verify(CLI::App& app, const CommonOptions& common);
 void cli_register_attack(CLI::App& app, const CommonOptions& common);
 void cli_register_dual(CLI::App& app, const CommonOptions& common);
 void cli_register_info(CLI::App& app, const CommonOptions& common);

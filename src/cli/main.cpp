@@ -32,9 +32,11 @@ int main(int argc, char** argv) {
   moecert::cli_register_train(app, common);
   moecert::cli_register_attack(app, common);
   moecert::cli_register_dual(app, common);
+  moecert::cli_register_import(app, common);
   moecert::cli_register_info(app, common);
   moecert::cli_register_lipschitz(app, common);
   moecert::cli_register_certify(app, common, argc, argv);
+  moecert::cli_register_verify(app, common);
   moecert::cli_register_report(app, common, argc, argv);
   moecert::cli_register_merge(app, common);
   try {

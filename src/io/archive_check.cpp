@@ -4,18 +4,13 @@
 // TorchScript class definitions, compiled while data.pkl is unpickled. On a hostile file
 // that importer can crash the process (fuzzing found a SIGSEGV in its class-constant
 // parser), and a zip entry may claim any size. So moecert first reads the zip's central
-// directory itself and accepts only what moecert's own archives hold: entries stored or
-// deflated (whose size deflate could reach from what the file holds) that lie inside the
-// file, and class files that declare attributes and nothing else (no methods, no
-// constants). What passes is what LibTorch's `torch::save` of a module writes.
-#include <sys/stat.h>
-#include <zlib.h>
-
+// directory itself (zip.cpp) and accepts only what moecert's own archives hold: entries
+// stored or deflated that lie inside the file, and class files that declare attributes and
+// nothing else (no methods, no constants). What passes is what LibTorch's `torch::save` of
+// a module writes.
 #include <cstring>
-#include <fstream>
 #include <regex>
 #include <sstream>
-#include <vector>
 
 #include "io-impl.h"
 #include "moecert/checkpoint.h"
@@ -23,129 +18,14 @@
 namespace moecert {
 namespace {
 
-constexpr uint32_t kEndOfDirectory = 0x06054b50, kEndOfDirectory64 = 0x06064b50;
-constexpr uint32_t kLocator64 = 0x07064b50, kDirectoryEntry = 0x02014b50, kLocalHeader = 0x04034b50;
-/// Bounds on what a moecert archive holds (a ResNet-18 MoE has a few thousand entries;
-/// a class file a few hundred bytes).
-constexpr uint64_t kMaxEntries = 1000000, kMaxCodeBytes = 1 << 20;
-constexpr uint64_t kMaxDirectoryBytes = uint64_t{256} << 20;
+/// Bounds on what a moecert archive holds (a class file is a few hundred bytes; a pickle
+/// of a ResNet-18 MoE's names a few hundred KiB).
+constexpr uint64_t kMaxCodeBytes = 1 << 20, kMaxPickleBytes = uint64_t{256} << 20;
 
 uint64_t le(const unsigned char* p, int bytes) {
   uint64_t v = 0;
   for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | p[i];
   return v;
-}
-
-class ZipFile {
- public:
-  explicit ZipFile(std::string path) : path_(std::move(path)), in_(path_, std::ios::binary) {
-    struct stat st {};
-    if (!in_ || ::stat(path_.c_str(), &st) != 0) throw CheckpointError::missing(path_);
-    size_ = static_cast<uint64_t>(st.st_size);
-  }
-  [[noreturn]] void fail(const std::string& why) const {
-    throw CheckpointError::bad_weights(path_, "not a weights archive moecert writes: " + why);
-  }
-  uint64_t size() const { return size_; }
-  /// `n` bytes at `offset`, or fail.
-  std::vector<unsigned char> read(uint64_t offset, uint64_t n) {
-    if (offset > size_ || n > size_ - offset) fail("a record lies outside the file");
-    std::vector<unsigned char> b(n);
-    in_.seekg(static_cast<std::streamoff>(offset));
-    in_.read(reinterpret_cast<char*>(b.data()), static_cast<std::streamsize>(n));
-    if (static_cast<uint64_t>(in_.gcount()) != n)
-      fail("cannot read " + std::to_string(n) + " bytes");
-    return b;
-  }
-
- private:
-  std::string path_;
-  std::ifstream in_;
-  uint64_t size_ = 0;
-};
-
-struct Entry {
-  std::string name;
-  uint64_t size = 0, packed = 0, offset = 0;  ///< sizes; the local header's offset
-  bool deflated = false;
-};
-/// Deflate's largest expansion is 1032:1; a claim above it cannot be true.
-constexpr uint64_t kMaxDeflateRatio = 1032;
-
-/// The central directory's offset, size and entry count (zip64 where the file says so).
-void find_directory(ZipFile& zip, uint64_t& offset, uint64_t& bytes, uint64_t& entries) {
-  const uint64_t tail = std::min<uint64_t>(zip.size(), 22 + 65535);
-  const auto end = zip.read(zip.size() - tail, tail);
-  int64_t at = -1;
-  for (int64_t i = static_cast<int64_t>(tail) - 22; i >= 0 && at < 0; --i)
-    if (le(&end[static_cast<size_t>(i)], 4) == kEndOfDirectory) at = i;
-  if (at < 0) zip.fail("no zip directory at its end");
-  const unsigned char* e = &end[static_cast<size_t>(at)];
-  entries = le(e + 10, 2), bytes = le(e + 12, 4), offset = le(e + 16, 4);
-  if (entries == 0xffff || bytes == 0xffffffff || offset == 0xffffffff) {
-    if (at < 20 || le(e - 20, 4) != kLocator64) zip.fail("a zip64 directory without its locator");
-    const auto z = zip.read(le(e - 20 + 8, 8), 56);
-    if (le(z.data(), 4) != kEndOfDirectory64) zip.fail("a broken zip64 directory record");
-    entries = le(z.data() + 32, 8), bytes = le(z.data() + 40, 8), offset = le(z.data() + 48, 8);
-  }
-  if (entries > kMaxEntries || bytes > kMaxDirectoryBytes || entries * 46 > bytes)
-    zip.fail("an implausible directory (" + std::to_string(entries) + " entries)");
-}
-
-std::vector<Entry> read_directory(ZipFile& zip) {
-  uint64_t offset = 0, bytes = 0, count = 0;
-  find_directory(zip, offset, bytes, count);
-  const auto dir = zip.read(offset, bytes);
-  std::vector<Entry> entries;
-  for (uint64_t k = 0, at = 0; k < count; ++k) {
-    if (at + 46 > bytes || le(&dir[at], 4) != kDirectoryEntry) zip.fail("a broken directory entry");
-    const unsigned char* d = &dir[at];
-    const uint64_t method = le(d + 10, 2), name_len = le(d + 28, 2), extra_len = le(d + 30, 2);
-    const uint64_t comment_len = le(d + 32, 2);
-    if (at + 46 + name_len + extra_len + comment_len > bytes)
-      zip.fail("a directory entry past its end");
-    Entry e;
-    e.name.assign(reinterpret_cast<const char*>(d + 46), name_len);
-    e.packed = le(d + 20, 4), e.size = le(d + 24, 4), e.offset = le(d + 42, 4);
-    // zip64: the sizes and the offset that do not fit 32 bits follow in extra field 1.
-    for (uint64_t x = 0; x + 4 <= extra_len;) {
-      const unsigned char* f = d + 46 + name_len + x;
-      const uint64_t id = le(f, 2), len = le(f + 2, 2);
-      if (x + 4 + len > extra_len) zip.fail("a broken extra field in '" + e.name + "'");
-      uint64_t* wide[] = {&e.size, &e.packed, &e.offset};
-      for (uint64_t i = 0, used = 0; id == 1 && i < 3; ++i)
-        if (*wide[i] == 0xffffffff && used + 8 <= len) *wide[i] = le(f + 4 + used, 8), used += 8;
-      x += 4 + len;
-    }
-    e.deflated = method == 8;
-    if ((method != 0 && method != 8) || (method == 0 && e.packed != e.size) ||
-        e.size > kMaxDeflateRatio * e.packed + 64 || e.offset > zip.size() || e.packed > zip.size())
-      zip.fail("entry '" + e.name + "' has method " + std::to_string(method) + " and sizes " +
-               std::to_string(e.packed) + " / " + std::to_string(e.size) +
-               " (moecert's archives store or deflate entries inside the file)");
-    entries.push_back(std::move(e));
-    at += 46 + name_len + extra_len + comment_len;
-  }
-  return entries;
-}
-
-/// The data of an entry (inflated when deflated); fails unless it has exactly e.size bytes.
-std::string entry_data(ZipFile& zip, const Entry& e) {
-  const auto h = zip.read(e.offset, 30);
-  if (le(h.data(), 4) != kLocalHeader) zip.fail("entry '" + e.name + "' has no local header");
-  auto data = zip.read(e.offset + 30 + le(&h[26], 2) + le(&h[28], 2), e.packed);
-  if (!e.deflated) return std::string(data.begin(), data.end());
-  std::string out(e.size, '\0');
-  z_stream s{};
-  if (inflateInit2(&s, -MAX_WBITS) != Z_OK) zip.fail("zlib cannot start");  // raw deflate
-  s.next_in = data.data(), s.avail_in = static_cast<uInt>(data.size());
-  s.next_out = reinterpret_cast<Bytef*>(out.data()), s.avail_out = static_cast<uInt>(out.size());
-  const int rc = inflate(&s, Z_FINISH);
-  const uint64_t got = s.total_out;
-  inflateEnd(&s);
-  if (rc != Z_STREAM_END || got != e.size)
-    zip.fail("entry '" + e.name + "' does not inflate to its size");
-  return out;
 }
 
 /// Whether a pickle (data.pkl, constants.pkl, a class file's debug_pkl) is a well-formed
@@ -283,22 +163,24 @@ bool declarations_only(const std::string& code) {
 }  // namespace
 
 void io_impl::archive_check(const std::string& path) {
-  ZipFile zip(path);
+  io_impl::ZipReader zip(path, [&](const std::string& why) {
+    throw CheckpointError::bad_weights(path, "not a weights archive moecert writes: " + why);
+  });
   bool pickle = false;
-  for (const auto& e : read_directory(zip)) {
+  for (const auto& e : zip.entries()) {
     const auto ends = [&](const char* s) {
       const size_t n = std::strlen(s);
       return e.name.size() >= n && e.name.compare(e.name.size() - n, n, s) == 0;
     };
     pickle = pickle || ends("/data.pkl");
     if (ends("pkl")) {  // data.pkl, constants.pkl and the class files' debug_pkl
-      if (e.size > kMaxDirectoryBytes) zip.fail("pickle '" + e.name + "' is implausibly large");
-      if (!pickle_ok(entry_data(zip, e))) zip.fail("pickle '" + e.name + "' is malformed");
+      if (e.size > kMaxPickleBytes) zip.fail("pickle '" + e.name + "' is implausibly large");
+      if (!pickle_ok(zip.data(e))) zip.fail("pickle '" + e.name + "' is malformed");
       continue;
     }
     if (!ends(".py")) continue;
     if (e.size > kMaxCodeBytes) zip.fail("class file '" + e.name + "' is implausibly large");
-    if (!declarations_only(entry_data(zip, e)))
+    if (!declarations_only(zip.data(e)))
       zip.fail("class file '" + e.name + "' holds more than attribute declarations");
   }
   if (!pickle) zip.fail("no data.pkl");

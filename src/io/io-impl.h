@@ -6,7 +6,10 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <fstream>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "moecert/error.h"
 
@@ -27,6 +30,40 @@ class Sha256 {
   std::array<uint8_t, 64> buffer_{};
   size_t buffered_ = 0;  // bytes waiting in buffer_
   uint64_t total_bytes_ = 0;
+};
+
+/// One entry of a zip directory.
+struct ZipEntry {
+  std::string name;
+  uint64_t size = 0, packed = 0, offset = 0;  ///< sizes; the local header's offset
+  bool deflated = false;
+};
+
+/// A zip archive whose directory has been read and bounded (zip.cpp): every entry is
+/// stored or deflated, lies inside the file and claims no more than deflate can expand
+/// its bytes to, so data(e) allocates at most e.size bytes, itself bounded by the file.
+class ZipReader {
+ public:
+  /// Called with the reason when the file is not such an archive; must throw.
+  using Fail = std::function<void(const std::string& why)>;
+  ZipReader(std::string path, Fail fail);
+  const std::vector<ZipEntry>& entries() const { return entries_; }
+  /// The entry called `name`, or nullptr.
+  const ZipEntry* find(const std::string& name) const;
+  /// Entry e's bytes (inflated when deflated); fails unless they are exactly e.size bytes.
+  std::string data(const ZipEntry& e);
+  [[noreturn]] void fail(const std::string& why) const;
+
+ private:
+  std::vector<unsigned char> read(uint64_t offset, uint64_t n);
+  void find_directory(uint64_t& offset, uint64_t& bytes, uint64_t& entries);
+  void read_directory();
+
+  std::string path_;
+  Fail fail_;
+  std::ifstream in_;
+  uint64_t size_ = 0;
+  std::vector<ZipEntry> entries_;
 };
 
 /// Checks a LibTorch archive (weights.pt, train_state.pt) before LibTorch opens it

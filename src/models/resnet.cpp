@@ -86,12 +86,12 @@ TORCH_MODULE(BasicBlock);
 /// `head`. outputs = 0 leaves out the head: forward then returns the pooled features.
 class ResNetImpl : public BackboneImpl {
  public:
-  ResNetImpl(int64_t c, int64_t outputs, std::vector<int64_t> widths, int64_t blocks, Shortcut mode,
-             const std::string& head)
-      : conv1(register_module("conv1", conv3x3(c, widths[0], 1, false))),
-        bn1(register_module("bn1", nn::BatchNorm2d(widths[0]))),
+  ResNetImpl(int64_t c, int64_t outputs, int64_t stem, std::vector<int64_t> widths, int64_t blocks,
+             Shortcut mode, const std::string& head)
+      : conv1(register_module("conv1", conv3x3(c, stem, 1, false))),
+        bn1(register_module("bn1", nn::BatchNorm2d(stem))),
         head_(head) {
-    int64_t in = widths[0];
+    int64_t in = stem;
     for (size_t s = 0; s < widths.size(); ++s) {
       nn::Sequential stage;
       for (int64_t b = 0; b < blocks; ++b)
@@ -133,21 +133,24 @@ std::vector<int64_t> resnet18_widths(double width) {
   const int64_t b = scaled(64, width);
   return {b, 2 * b, 4 * b, 8 * b};
 }
+/// ResNet-18's stem keeps 64 channels at every width: paper 2's MoE-CNN narrows only the
+/// blocks' convolutions (the first block then gets a 1x1 shortcut from 64 channels).
+constexpr int64_t kResnet18Stem = 64;
 std::vector<int64_t> resnet20_widths(double width) {
   return {scaled(16, width), scaled(32, width), scaled(64, width)};
 }
 
 /// Parameters and activations of a CIFAR ResNet of these stage widths.
-BackboneCost resnet_cost(const BackboneArgs& a, const std::vector<int64_t>& widths, int64_t blocks,
-                         bool conv_shortcut) {
+BackboneCost resnet_cost(const BackboneArgs& a, int64_t stem, const std::vector<int64_t>& widths,
+                         int64_t blocks, bool conv_shortcut) {
   auto block = [&](int64_t in, int64_t out, int64_t stride) {
     int64_t p = in * out * 9 + 2 * out + out * out * 9 + 2 * out;
     if (conv_shortcut && (stride != 1 || in != out)) p += in * out + 2 * out;
     return p;
   };
-  double params = static_cast<double>(a.in_channels * widths[0] * 9 + 2 * widths[0]);
+  double params = static_cast<double>(a.in_channels * stem * 9 + 2 * stem);
   double acts = 0, hw = static_cast<double>(a.height) * static_cast<double>(a.width_px);
-  int64_t in = widths[0];
+  int64_t in = stem;
   for (size_t s = 0; s < widths.size(); ++s) {
     if (s > 0) hw /= 4;
     for (int64_t b = 0; b < blocks; ++b) {
@@ -157,7 +160,7 @@ BackboneCost resnet_cost(const BackboneArgs& a, const std::vector<int64_t>& widt
     }
     in = widths[s];
   }
-  acts += 3 * static_cast<double>(widths[0]) * static_cast<double>(a.height * a.width_px);
+  acts += 3 * static_cast<double>(stem) * static_cast<double>(a.height * a.width_px);
   if (a.outputs > 0) params += static_cast<double>(in * a.outputs + a.outputs);
   return {params, acts + static_cast<double>(in + a.outputs)};
 }
@@ -170,10 +173,12 @@ BackboneEntry resnet18_backbone() {
                   "PyTorch CIFAR code)"};
   e.matches = [](const std::string& k) { return k == "resnet18"; };
   e.make = [](const BackboneArgs& a) -> std::shared_ptr<BackboneImpl> {
-    return std::make_shared<ResNetImpl>(a.in_channels, a.outputs, resnet18_widths(a.width), 2,
-                                        Shortcut::conv, "linear");
+    return std::make_shared<ResNetImpl>(a.in_channels, a.outputs, kResnet18Stem,
+                                        resnet18_widths(a.width), 2, Shortcut::conv, "linear");
   };
-  e.cost = [](const BackboneArgs& a) { return resnet_cost(a, resnet18_widths(a.width), 2, true); };
+  e.cost = [](const BackboneArgs& a) {
+    return resnet_cost(a, kResnet18Stem, resnet18_widths(a.width), 2, true);
+  };
   e.trunk_features = [](const BackboneArgs& a) { return resnet18_widths(a.width).back(); };
   return e;
 }
@@ -185,10 +190,14 @@ BackboneEntry resnet20_backbone() {
                   true, true};
   e.matches = [](const std::string& k) { return k == "resnet20"; };
   e.make = [](const BackboneArgs& a) -> std::shared_ptr<BackboneImpl> {
-    return std::make_shared<ResNetImpl>(a.in_channels, a.outputs, resnet20_widths(a.width), 3,
+    const auto widths = resnet20_widths(a.width);
+    return std::make_shared<ResNetImpl>(a.in_channels, a.outputs, widths[0], widths, 3,
                                         Shortcut::pad, "fc");
   };
-  e.cost = [](const BackboneArgs& a) { return resnet_cost(a, resnet20_widths(a.width), 3, false); };
+  e.cost = [](const BackboneArgs& a) {
+    const auto widths = resnet20_widths(a.width);
+    return resnet_cost(a, widths[0], widths, 3, false);
+  };
   e.trunk_features = [](const BackboneArgs& a) { return resnet20_widths(a.width).back(); };
   return e;
 }

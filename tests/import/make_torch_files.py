@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Writes the files the import tests read, as the papers' codes write them.
+
+The architectures are written here from the layouts the papers' public codes use
+(docs/import.md): paper 1's MOE_Resnet18 (experts.{i}.net.<CIFAR ResNet-18>,
+router.gate on the flattened normalised image, the argmax expert's logits) and paper 2's
+MoE-CNN ResNet-18 (block convs of N channel groups [W*N, in, 3, 3], BatchNorms of W
+channels shared by the groups, a dense 64-channel stem, dense shortcuts and head, one
+ResNet-20 router whose top-1 choice every MoE conv uses, saved again under every MoE
+conv). Weights and BatchNorm statistics are random; each model is saved with torch.save
+in its paper's checkpoint dictionary, with a reference file {"inputs", "logits", "routes"}
+of 100 random images. Malicious files are written next to them.
+
+usage: make_torch_files.py OUT_DIR [paper1|paper2|evil|all]
+"""
+import collections
+import io
+import os
+import sys
+import zipfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OUT = sys.argv[1] if __name__ == "__main__" else None
+WHAT = sys.argv[2] if len(sys.argv) > 2 else "all"
+
+
+def randomise_bn(model):
+    """Random affine parameters and running statistics, so that no BatchNorm is the identity."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+
+
+# --- paper 1 ---------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin, layers = 64, []
+        for i, (c, s) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
+            blocks = [Block(cin, c, s), Block(c, c, 1)]
+            cin = c
+            setattr(self, "layer%d" % (i + 1), nn.Sequential(*blocks))
+        self.linear = nn.Linear(512, classes)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.layer4(self.layer3(self.layer2(self.layer1(y))))
+        return self.linear(F.avg_pool2d(y, 4).flatten(1))
+
+
+class Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = ResNet18()
+
+
+class Router1(nn.Module):
+    def __init__(self, experts, size):
+        super().__init__()
+        self.gate = nn.Linear(3 * size * size, experts)
+
+
+class MoeResnet18(nn.Module):
+    def __init__(self, experts=4, size=32):
+        super().__init__()
+        self.experts = nn.ModuleList([Expert() for _ in range(experts)])
+        self.router = Router1(experts, size)
+
+    def forward(self, x):  # x normalised
+        routes = self.router.gate(x.flatten(1)).argmax(1)  # the argmax expert, no weight
+        out = torch.stack([self.experts[int(r)].net(x[i:i + 1])[0] for i, r in enumerate(routes)])
+        return out, routes
+
+
+PAPER1_MEAN = torch.tensor([125.307, 122.961, 113.8575]).view(1, 3, 1, 1) / 255
+PAPER1_STD = torch.tensor([51.5865, 50.847, 51.255]).view(1, 3, 1, 1) / 255
+
+
+def reference(model, name, normalise, x=None):
+    x = torch.rand(100, 3, 32, 32) if x is None else x
+    with torch.no_grad():
+        logits, routes = model(normalise(x))
+    assert len(set(routes.tolist())) >= 2, "the random router sends everything to one expert"
+    torch.save({"inputs": x, "logits": logits, "routes": routes}, os.path.join(OUT, name + "_reference.pt"))
+
+
+def paper1():
+    norm = lambda x: (x - PAPER1_MEAN) / PAPER1_STD
+    model = MoeResnet18().eval()
+    randomise_bn(model)
+    state = {"net": model.state_dict(), "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+             "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0}, "acc": 91.25, "epoch": 199}
+    torch.save(state, os.path.join(OUT, "res18_moe-RT_ER-6.t7"))
+    reference(model, "paper1", norm)
+    # Two-expert members: DataParallel's module. prefix, and a dual-model (Smoe./Rmoe.).
+    smoe, rmoe = MoeResnet18(experts=2).eval(), MoeResnet18(experts=2).eval()
+    randomise_bn(smoe)
+    randomise_bn(rmoe)
+    dp = collections.OrderedDict(("module." + k, v) for k, v in smoe.state_dict().items())
+    torch.save({"net": dp, "acc": 90.0, "epoch": 1}, os.path.join(OUT, "res18_moe_dp.t7"))
+    reference(smoe, "paper1_smoe", norm)
+    dual = collections.OrderedDict()
+    for prefix, m in (("Smoe.", smoe), ("Rmoe.", rmoe)):
+        for k, v in m.state_dict().items():
+            dual[prefix + k] = v
+    torch.save({"net": dual, "acc": 88.0, "epoch": 9}, os.path.join(OUT, "dual_model_res18-JTDMoE.t7"))
+    reference(rmoe, "paper1_rmoe", norm)
+
+
+# --- paper 2 ---------------------------------------------------------------------------
+class RouterBlock(nn.Module):
+    """ResNet-20 basic block with the option-A (parameter-free) shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = cout - cin
+        self.stride = stride
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        s = x
+        if self.stride != 1 or self.pad:
+            s = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(y + s)
+
+
+class Router2(nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin = 16
+        for i, (c, s) in enumerate([(16, 1), (32, 2), (64, 2)]):
+            setattr(self, "layer%d" % (i + 1), nn.Sequential(RouterBlock(cin, c, s), RouterBlock(c, c, 1),
+                                                              RouterBlock(c, c, 1)))
+            cin = c
+        self.fc = nn.Linear(64, experts)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.layer3(self.layer2(self.layer1(y)))
+        return self.fc(F.avg_pool2d(y, y.size(3)).flatten(1))
+
+
+class MoEConv(nn.Conv2d):
+    """N channel groups of width W in one weight [W*N, in, 3, 3]; group e = rows [eW, (e+1)W)."""
+
+    def __init__(self, cin, width, stride, experts):
+        super().__init__(cin, width * experts, 3, stride, 1, bias=False)
+        self.width = width
+        self.choice = None
+
+    def forward(self, x):
+        out = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        idx = (self.choice.view(-1, 1) * self.width + torch.arange(self.width)).view(-1, self.width, 1, 1)
+        return torch.gather(out, 1, idx.expand(-1, -1, out.size(2), out.size(3)))
+
+
+class MoeBlock(nn.Module):
+    def __init__(self, cin, width, stride, experts):
+        super().__init__()
+        self.conv1 = MoEConv(cin, width, stride, experts)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = MoEConv(width, width, 1, experts)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != width:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class MoeCnnResnet18(nn.Module):
+    def __init__(self, experts=2, ratio=0.5, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (c, s) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
+            w = int(ratio * c)
+            setattr(self, "layer%d" % (i + 1), nn.Sequential(MoeBlock(cin, w, s, experts), MoeBlock(w, w, 1, experts)))
+            cin = w
+        self.linear = nn.Linear(cin, classes)
+        self.router = Router2(experts)
+        # As the code's set_router does: the router also becomes a child of every MoE conv,
+        # so the state dict holds it once more under each of them.
+        for m in list(self.modules()):
+            if isinstance(m, MoEConv):
+                m.router = self.router
+
+    def forward(self, x):
+        choice = self.router(x).argmax(1)
+        for m in self.modules():
+            if isinstance(m, MoEConv):
+                m.choice = choice
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.layer4(self.layer3(self.layer2(self.layer1(y))))
+        return self.linear(F.adaptive_avg_pool2d(y, 1).flatten(1)), choice
+
+
+def paper2():
+    model = MoeCnnResnet18().eval()
+    randomise_bn(model)
+    x = torch.rand(100, 3, 32, 32)
+    with torch.no_grad():  # a router bias that splits these images between the two groups
+        g = model.router(x)
+        model.router.fc.bias[1] -= (g[:, 1] - g[:, 0]).median() + 1e-4
+    state = {"epoch": 100, "arch": "resnet18_moe", "state_dict": model.state_dict(),
+             "router": model.router.state_dict(), "best_acc": 52.5, "sa_record": [10.0, 20.5]}
+    torch.save(state, os.path.join(OUT, "checkpoint.pth.tar"))
+    reference(model, "paper2", lambda x: x, x)  # paper 2's default: no normalisation
+
+
+# --- malicious and broken files --------------------------------------------------------
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.path.join(OUT, "PWNED"),))
+
+
+class HugeShape:
+    def __reduce_ex__(self, protocol):
+        return (torch._utils._rebuild_tensor_v2,
+                (torch.zeros(4).storage(), 0, (10 ** 6, 10 ** 6), (10 ** 6, 1), False, collections.OrderedDict()))
+
+
+def evil():
+    torch.save({"net": collections.OrderedDict(w=torch.zeros(2)), "x": RunsCode()}, os.path.join(OUT, "evil.pt"))
+    torch.save({"w": HugeShape()}, os.path.join(OUT, "huge_shape.pt"))
+    good = io.BytesIO()
+    torch.save({"w": torch.arange(1000, dtype=torch.float32)}, good)
+    data = good.getvalue()
+    with open(os.path.join(OUT, "truncated.pt"), "wb") as f:
+        f.write(data[: len(data) // 2])
+    # The storage record rewritten shorter than its header says (the zip stays valid).
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(os.path.join(OUT, "short_storage.pt"), "w") as dst:
+        for item in src.infolist():
+            payload = src.read(item.filename)
+            if item.filename.endswith("/data/0"):
+                payload = payload[:100]
+            dst.writestr(item, payload)
+    torch.save({"w": torch.zeros(3)}, os.path.join(OUT, "legacy.pt"), _use_new_zipfile_serialization=False)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    if WHAT in ("paper1", "all"):
+        paper1()
+    if WHAT in ("paper2", "all"):
+        paper2()
+    if WHAT in ("evil", "all"):
+        evil()
