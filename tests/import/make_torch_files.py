@@ -41,11 +41,14 @@ def randomise_bn(model):
 
 # --- paper 1 ---------------------------------------------------------------------------
 class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
+    """The CIFAR ResNet's basic block; `conv(cin, cout, stride)` makes its 3x3 convolutions."""
+
+    def __init__(self, cin, cout, stride, conv=None):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        conv = conv or (lambda i, o, s: nn.Conv2d(i, o, 3, s, 1, bias=False))
+        self.conv1 = conv(cin, cout, stride)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = conv(cout, cout, 1)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
@@ -186,22 +189,6 @@ class MoEConv(nn.Conv2d):
         return torch.gather(out, 1, idx.expand(-1, -1, out.size(2), out.size(3)))
 
 
-class MoeBlock(nn.Module):
-    def __init__(self, cin, width, stride, experts):
-        super().__init__()
-        self.conv1 = MoEConv(cin, width, stride, experts)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = MoEConv(width, width, 1, experts)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != width:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-
 class MoeCnnResnet18(nn.Module):
     def __init__(self, experts=2, ratio=0.5, classes=10):
         super().__init__()
@@ -210,7 +197,8 @@ class MoeCnnResnet18(nn.Module):
         cin = 64
         for i, (c, s) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
             w = int(ratio * c)
-            setattr(self, "layer%d" % (i + 1), nn.Sequential(MoeBlock(cin, w, s, experts), MoeBlock(w, w, 1, experts)))
+            moe = lambda a, b, st: MoEConv(a, b, st, experts)  # noqa: E731
+            setattr(self, "layer%d" % (i + 1), nn.Sequential(Block(cin, w, s, moe), Block(w, w, 1, moe)))
             cin = w
         self.linear = nn.Linear(cin, classes)
         self.router = Router2(experts)
