@@ -190,6 +190,13 @@ KeyMap json_map(const ImportOptions& o) {
   auto arch = ModelSpec{}.to_json();
   try {
     arch.update(j["architecture"]);
+    // The normalisation comes from the options (set_normalisation); until then, the
+    // identity for the architecture's channel count.
+    if (!j["architecture"].contains("mean") && arch["in_channels"].is_number_integer()) {
+      const auto c = static_cast<size_t>(std::max<int64_t>(1, arch["in_channels"].get<int64_t>()));
+      arch["mean"] = std::vector<double>(std::min<size_t>(c, 4096), 0.0);
+      arch["std"] = std::vector<double>(std::min<size_t>(c, 4096), 1.0);
+    }
     m.architecture = ModelSpec::from_json(arch);
   } catch (const std::exception& e) {
     throw ConfigError(f + ": " + e.what());

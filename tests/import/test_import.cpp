@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 
 #include <catch2/catch.hpp>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -20,6 +21,8 @@ using moecert_test::run_shell;
 using moecert_test::TempDir;
 
 namespace {
+
+void write_text(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
 bool exists(const std::string& p) {
   struct stat st {};
@@ -106,6 +109,43 @@ TEST_CASE("paper 1's MoE ResNet-18 (torch.save .t7) imports bit-faithfully and c
     CHECK(wrong.code == 2);
     CHECK(wrong.output.find("does not reproduce") != std::string::npos);
     CHECK_FALSE(exists(tmp / "w"));
+  }
+  SECTION("a JSON key map imports the same file as the preset; a bad key map is refused") {
+    const nlohmann::json map = {
+        {"architecture",
+         {{"kind", "moe"},
+          {"experts", 2},
+          {"expert", "resnet18"},
+          {"router", "linear"},
+          {"in_channels", 3},
+          {"height", 32},
+          {"width", 32},
+          {"num_classes", 10}}},
+        {"state_dict", "net"},
+        {"rules",
+         {{{"to", R"(router\.fc\.(.+))"}, {"from", "router.gate.$1"}},
+          {{"to", R"(experts\.(\d+)\.(.+))"}, {"from", "experts.$1.net.$2"}}}}};
+    write_text(tmp / "map.json", map.dump());
+    auto r = run_moecert("import " + d + "/res18_moe_dp.t7 --key-map " + (tmp / "map.json") +
+                         kPaper1Norm + "--reference " + d + "/paper1_smoe_reference.pt --out " +
+                         (tmp / "km"));
+    INFO(r.output);
+    REQUIRE(r.code == 0);
+    CHECK(check_of(tmp / "km")["routes_agree"] == 100);
+    auto bad = map;
+    bad["rules"].erase(1);  // the experts' tensors now have no rule
+    write_text(tmp / "bad.json", bad.dump());
+    auto b = run_moecert("import " + d + "/res18_moe_dp.t7 --key-map " + (tmp / "bad.json") +
+                         kPaper1Norm + "--allow-unchecked --out " + (tmp / "kb"));
+    CHECK(b.code == 2);
+    CHECK(b.output.find("no rule of layout") != std::string::npos);
+    auto unknown = map;
+    unknown["rename"] = 1;
+    write_text(tmp / "unknown.json", unknown.dump());
+    auto u = run_moecert("import " + d + "/res18_moe_dp.t7 --key-map " + (tmp / "unknown.json") +
+                         kPaper1Norm + "--allow-unchecked --out " + (tmp / "ku"));
+    CHECK(u.code == 2);
+    CHECK(u.output.find("unknown field 'rename'") != std::string::npos);
   }
   SECTION("a wrong normalisation, layout or missing check is refused") {
     auto norm = run_moecert("import " + d +
