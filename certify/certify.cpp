@@ -382,17 +382,15 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
-/// Models with IBP-only operators (softmax, attention: rules without a linear
-/// relaxation): CROWN runs name them. Models with operators without a Jacobian step
-/// (those and LayerNorm): the local estimator, which needs Jacobian bounds, is
-/// dropped with a notice (an error when it was the only one asked for).
-void interval_only_notice(const Context& ctx, CertifyConfig& cfg) {
-  std::vector<std::string> ibp_only, no_jacobian;
+/// Models with operators without a Jacobian step (LayerNorm, softmax, attention): the
+/// local estimator, which needs Jacobian bounds, is dropped with a notice (an error
+/// when it was the only one asked for).
+void no_jacobian_notice(const Context& ctx, CertifyConfig& cfg) {
+  std::vector<std::string> no_jacobian;
   for (const auto& m : ctx.members)
     for (size_t e = 0; e <= m.experts.size(); ++e) {
       const auto& g = e == 0 ? m.router : m.experts[e - 1];
-      auto n = interval_only_nodes(g), j = no_jacobian_nodes(g);
-      ibp_only.insert(ibp_only.end(), n.begin(), n.end());
+      auto j = no_jacobian_nodes(g);
       no_jacobian.insert(no_jacobian.end(), j.begin(), j.end());
     }
   if (!no_jacobian.empty() && ctx.uses(Estimator::local)) {
@@ -404,14 +402,6 @@ void interval_only_notice(const Context& ctx, CertifyConfig& cfg) {
                                   "estimator needs: use --estimator ibp, crown or alpha-crown");
     std::cerr << "certify: the local estimator needs Jacobian bounds, which " << no_jacobian.front()
               << " has not: skipped\n";
-  }
-  if (!ibp_only.empty() && (ctx.uses(Estimator::crown) || ctx.uses(Estimator::alpha_crown))) {
-    std::string list;
-    for (size_t i = 0; i < ibp_only.size() && i < 6; ++i) list += (i ? ", " : "") + ibp_only[i];
-    if (ibp_only.size() > 6) list += ", ... (" + std::to_string(ibp_only.size()) + " in all)";
-    std::cerr << "certify: CROWN has no linear relaxation for " << list
-              << "; their outputs enter CROWN and alpha-CROWN as IBP intervals (sound, "
-                 "looser)\n";
   }
 }
 
@@ -435,7 +425,7 @@ Results certify_run(LoadedModel& loaded, const Dataset& data, const std::vector<
     ctx.members.push_back(member_setup(*loaded.model, cfg.norm, global));
   }
   const double global_seconds = seconds_since(t0);
-  interval_only_notice(ctx, cfg);
+  no_jacobian_notice(ctx, cfg);
   Results results;
   Progress meter("certify", static_cast<int64_t>(indices.size()), progress);
   double certify_seconds = 0, empirical_seconds = 0;

@@ -87,10 +87,6 @@ class BoundRule {
   virtual torch::Tensor relaxed_units(const Layer& l, const NodeBounds& in) const {
     return torch::ones_like(in.lo, torch::kBool);
   }
-  /// Whether backward() bounds rows linearly (CROWN). false: interval (IBP) only —
-  /// backward() returns {}, the engine concretises rows at this node's interval, and
-  /// CROWN runs name the node (interval_only_nodes).
-  virtual bool linear_relaxation() const { return true; }
   /// Whether jacobian() bounds Jacobian rows; false: it throws UnsupportedLayerError
   /// naming the layer, and certify leaves out the local Lipschitz estimator.
   virtual bool has_jacobian() const { return true; }
@@ -130,10 +126,6 @@ class BoundRule {
 /// The rule of a layer's kind; UnsupportedLayerError naming the layer and saying
 /// what to add when there is none.
 const BoundRule& rule_for(const Layer& l);
-
-/// "kind 'name'" of every node whose rule has no linear relaxation (IBP only), for
-/// the notice CROWN runs print; empty when CROWN relaxes every node.
-std::vector<std::string> interval_only_nodes(const LayerGraph& g);
 
 /// "kind 'name'" of every node whose rule has no Jacobian step (has_jacobian).
 std::vector<std::string> no_jacobian_nodes(const LayerGraph& g);

@@ -59,8 +59,7 @@ torch::Tensor ibp_lower(const CompiledGraph& g, const std::vector<NodeBounds>& n
 
 /// CROWN-IBP: one backward walk of the rows C from the output through the nodes in
 /// reverse order (a node with several consumers sums their rows), each relaxed
-/// operator relaxed over its IBP input interval, concretised over the input box; rows
-/// reaching an IBP-only operator (LayerNorm, softmax, attention) meet its interval.
+/// operator relaxed over its IBP input interval, concretised over the input box.
 torch::Tensor crown_ibp_lower(const CompiledGraph& g, const std::vector<NodeBounds>& nodes,
                               const NodeBounds& in, const torch::Tensor& C) {
   const int64_t B = C.size(0), S = C.size(1);
@@ -82,14 +81,6 @@ torch::Tensor crown_ibp_lower(const CompiledGraph& g, const std::vector<NodeBoun
     Coeffs c;
     c.A = rows[k], c.sample = sample;
     auto next = n.rule->backward(args, c, b);
-    if (next.empty() && !n.rule->linear_relaxation()) {  // IBP only: its interval
-      const auto& nb = nodes[k];
-      b = b + (rows[k].clamp_min(0) * gather(nb.lo) + rows[k].clamp_max(0) * gather(nb.hi))
-                  .flatten(1)
-                  .sum(1);
-      rows[k] = torch::Tensor();
-      continue;
-    }
     if (next.size() != n.inputs.size())
       throw ConfigError("crown-ibp: the rule of layer '" + n.layer->name +
                         "' has no dense backward step");

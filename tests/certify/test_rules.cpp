@@ -215,10 +215,6 @@ TEST_CASE("every rule's CROWN step gives a lower bound at 10^4 sampled points",
     const std::vector<Shape> in_shapes{k.in};
     auto args = args_for(k, out, g.in, c, in_shapes);
     auto ins = rule.backward(args, c, b);
-    if (!rule.linear_relaxation()) {  // IBP only: the engine concretises at the interval
-      CHECK(ins.empty());
-      continue;
-    }
     REQUIRE(ins.size() == 1);
     {  // without autograd the ReLU step runs as one fused pass: the same numbers
       torch::NoGradGuard ng;
@@ -528,12 +524,21 @@ TEST_CASE("attention products: bounds and float32 error enclose sampled q·kᵀ 
     };
     auto fast = rule.forward(l, {off(a.points), off(b.points)}).to(torch::kFloat64);
     CHECK(((fast - y).abs() <= nb.err32.repeat_interleave(kPerSample, 0)).all().item<bool>());
-    // IBP only: CROWN concretises, the Jacobian step refuses by name, no global constant.
-    CHECK_FALSE(rule.linear_relaxation());
-    Coeffs c = dense_rows(rule.out_shape(l, {a.in.lo.sizes().slice(1).vec(), {N, D}}), 1);
+    // CROWN (McCormick's planes): for every sampled (a, b) of sample s and row r of s,
+    // Σ A_r·y >= Σ A_a,r·a + Σ A_b,r·b + b_r. The Jacobian step refuses by name.
+    const Shape out = rule.out_shape(l, {a.in.lo.sizes().slice(1).vec(), {N, D}});
+    Coeffs c = dense_rows(out, 3);
     auto bias = torch::zeros({c.A.size(0)}, f64);
-    BackwardArgs args{l, {}, {}, {&a.in, &b.in}, {}, {}};
-    CHECK(rule.backward(args, c, bias).empty());
+    BackwardArgs args{l, {}, out, {&a.in, &b.in}, {}, {}};
+    args.gather = [sample = c.sample](const torch::Tensor& t) { return t.index_select(0, sample); };
+    auto ins = rule.backward(args, c, bias);
+    REQUIRE(ins.size() == 2);
+    auto per = [&](const torch::Tensor& t) { return t.reshape({kBatch, kPerSample, -1}); };
+    auto rows = [&](const torch::Tensor& t) { return t.reshape({kBatch, 3, -1}).transpose(1, 2); };
+    auto lhs = torch::matmul(per(y), rows(c.A));
+    auto rhs = torch::matmul(per(a.points), rows(ins[0].A)) +
+               torch::matmul(per(b.points), rows(ins[1].A)) + bias.view({kBatch, 1, 3});
+    CHECK((lhs >= rhs - 1e-9 * (1 + lhs.abs())).all().item<bool>());
     CHECK_THROWS_WITH(rule.jacobian(args, {c.A, c.A.abs()}),
                       Catch::Contains(l.name) && Catch::Contains("--estimator ibp"));
     CHECK(std::isinf(rule.lipschitz(l, Norm::linf, {}, {1.0, 1.0}, false)));
@@ -550,6 +555,45 @@ TEST_CASE("hand-worked examples of the transformer rules", "[unit][certify][rule
     CHECK(b.hi[0][1].item<double>() == Approx(0.75).epsilon(1e-14));
     CHECK(b.lo[0][0].item<double>() == Approx(0.25).epsilon(1e-14));
     CHECK(b.hi[0][0].item<double>() == Approx(0.5).epsilon(1e-14));
+  }
+  SECTION("softmax's CROWN lines for p0 on the same box (z = x1 − x0 in [0, ln 3])") {
+    // S = 1 + e^z in [2, 4]. Below: chord slope α = 2/ln 3, β = 1, tangent of 1/S at
+    // S0 = 3: p0 >= 2/3 − (2 + αz)/9. Above: tangent of e^z at t = ln 3/2 (E = √3), chord
+    // of 1/S: p0 <= (6 − 1 − √3(1 + z − t))/8.
+    Layer sm = Layer::simple(Layer::Kind::softmax);
+    NodeBounds in{
+        torch::tensor({{0.0, 0.0}}, f64), torch::tensor({{0.0, std::log(3.0)}}, f64), {}, {}};
+    Coeffs c;
+    c.A = torch::tensor({{1.0, 0.0}, {-1.0, 0.0}}, f64);
+    c.sample = torch::zeros({2}, torch::kLong);
+    auto bias = torch::zeros({2}, f64);
+    const std::vector<Shape> shapes{{2}};
+    BackwardArgs args{sm, shapes, {2}, {&in}, {}, {}};
+    args.gather = [sample = c.sample](const torch::Tensor& t) { return t.index_select(0, sample); };
+    auto out = rule_for(sm).backward(args, c, bias).at(0).A;
+    const double alpha = 2 / std::log(3.0), t = std::log(3.0) / 2, E = std::sqrt(3.0);
+    CHECK(out[0][0].item<double>() == Approx(alpha / 9).epsilon(1e-9));
+    CHECK(out[0][1].item<double>() == Approx(-alpha / 9).epsilon(1e-9));
+    CHECK(bias[0].item<double>() == Approx(4.0 / 9).epsilon(1e-9));
+    CHECK(out[1][0].item<double>() == Approx(-E / 8).epsilon(1e-9));
+    CHECK(out[1][1].item<double>() == Approx(E / 8).epsilon(1e-9));
+    CHECK(bias[1].item<double>() == Approx(-(5 - E * (1 - t)) / 8).epsilon(1e-9));
+    CHECK(bias[0].item<double>() <= 4.0 / 9);  // the rounding widening only lowers bounds
+  }
+  SECTION("attn_scores' planes on one product: q in [1, 2], k in [-1, 3], s = 1/2") {
+    // A = 1: q·k >= k_l q + q_l k − q_l k_l = −q + k + 1; A = −1: −q·k >= −(3q + k − 3).
+    Layer qk = Layer::attention_scores("s", 1, 0.5);
+    NodeBounds q{torch::tensor({{{1.0}}}, f64), torch::tensor({{{2.0}}}, f64), {}, {}};
+    NodeBounds k{torch::tensor({{{-1.0}}}, f64), torch::tensor({{{3.0}}}, f64), {}, {}};
+    Coeffs c;
+    c.A = torch::tensor({1.0, -1.0}, f64).view({2, 1, 1, 1});
+    c.sample = torch::zeros({2}, torch::kLong);
+    auto bias = torch::zeros({2}, f64);
+    BackwardArgs args{qk, {}, {1, 1, 1}, {&q, &k}, {}, {}};
+    auto ins = rule_for(qk).backward(args, c, bias);
+    CHECK(ins.at(0).A.flatten().allclose(torch::tensor({-0.5, -1.5}, f64)));
+    CHECK(ins.at(1).A.flatten().allclose(torch::tensor({0.5, -0.5}, f64)));
+    CHECK(bias.allclose(torch::tensor({0.5, 1.5}, f64)));
   }
   SECTION("layernorm of x0 in [0, 1], x1 in [2, 3]: variance >= 1/4, n0 in [-1, -1/sqrt(1+4eps)]") {
     // The variance (x1 − x0)²/4 is smallest at x0 = 1, x1 = 2; n = ∓1·sqrt(v/(v + ε)).
@@ -636,21 +680,15 @@ TEST_CASE("hand-worked examples of the transformer rules", "[unit][certify][rule
   }
 }
 
-TEST_CASE(
-    "CROWN names the rules it only has intervals for, the local estimator those without Jacobian",
-    "[unit][certify][rules]") {
+TEST_CASE("the local estimator names the rules without a Jacobian step", "[unit][certify][rules]") {
   LayerGraph g;
   g.add(Layer::layer_norm("blocks.0.norm1", torch::ones({4}, f64), torch::zeros({4}, f64), 1e-6));
   g.add(Layer::simple(Layer::Kind::gelu, "blocks.0.mlp.act"));
   g.add(Layer::simple(Layer::Kind::softmax, "blocks.0.attn.softmax"));
-  auto names = interval_only_nodes(g);
-  REQUIRE(names.size() == 1);
-  CHECK(names[0] == "softmax 'blocks.0.attn.softmax'");
   auto no_jac = no_jacobian_nodes(g);  // LayerNorm has a CROWN step but no Jacobian one
   REQUIRE(no_jac.size() == 2);
   CHECK(no_jac[0] == "layernorm 'blocks.0.norm1'");
   CHECK(no_jac[1] == "softmax 'blocks.0.attn.softmax'");
-  CHECK(interval_only_nodes(LayerGraph{Layer::simple(Layer::Kind::relu)}).empty());
   CHECK(no_jacobian_nodes(LayerGraph{Layer::simple(Layer::Kind::gelu)}).empty());
 }
 

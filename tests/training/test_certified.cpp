@@ -542,7 +542,7 @@ TEST_CASE(
   for (const auto& net : moecert_test::nets())
     if (net.name.find("path") != std::string::npos && net.name.find("cnn-s") == std::string::npos)
       graphs.push_back(net);  // the graphs with several-input nodes
-  {  // a ViT: IBP-only nodes (LayerNorm, softmax, attention) meet their intervals
+  {  // a ViT: LayerNorm, softmax and attention relaxed by their CROWN lines
     torch::manual_seed(4);
     BackboneArgs a;
     a.kind = "vit-1-8-2-p4", a.in_channels = 3, a.height = 8, a.width_px = 8, a.outputs = 5;

@@ -2,8 +2,9 @@
 // head h = columns [h·d, (h+1)·d):
 //   attn_scores (q, k [N, D]) -> S [heads, N, N], S_h = s·q_h k_hᵀ (s the scale);
 //   attn_mix (p [heads, N, N], v [N, D]) -> [N, D], p_h v_h side by side.
-// Interval bounds only (IBP, the midpoint-radius product of Rump); CROWN concretises
-// their rows at the node's interval and names them. docs/certification.md §10, §12, §20.
+// IBP: the midpoint-radius product of Rump. CROWN: each product of two bounded
+// quantities between McCormick's planes (as auto_LiRPA's bilinear product and Shi et
+// al. 2020 relax it). No Jacobian step. docs/certification.md §10, §12, §20.
 #include <limits>
 
 #include "moecert/error.h"
@@ -36,7 +37,20 @@ torch::Tensor product_err(const torch::Tensor& ma, const torch::Tensor& ea, cons
          gamma(static_cast<double>(n) + 1, u32) * torch::matmul(ma + ea, mb + eb);
 }
 
-class AttnScoresRule final : public IntervalOnlyRule {
+/// The planes of a product x·y over x ∈ [x_l, x_u], y ∈ [y_l, y_u] (McCormick):
+///   x·y >= y_l·x + x_l·y − x_l·y_l   ((x − x_l)(y − y_l) >= 0),
+///   x·y <= y_u·x + x_l·y − x_l·y_u   ((x − x_l)(y_u − y) >= 0).
+/// A row's positive coefficients take the lower plane, negative ones the upper: the
+/// coefficient of x is y_l or y_u by the sign, that of y is x_l either way.
+/// The step's float64 rounding: every product term |A|·(|y_·||x| + |x_l||y| + |x_l y_·|) is
+/// at most 3|A|·M_x M_y, and the nested sums (an inner product, then the row's sum)
+/// have `len` terms in all: γ_{len+4} of 3 Σ|A|·mag (docs §20).
+torch::Tensor rounding(const Coeffs& c, const torch::Tensor& mag, int64_t len) {
+  return 3 * gamma(static_cast<double>(len) + 4, u64) *
+         row_sum(c.A.abs() * mag.index_select(0, c.sample));
+}
+
+class AttnScoresRule final : public NoJacobianRule {
  public:
   const char* name() const override { return "attn_scores"; }
   int arity() const override { return 2; }
@@ -70,9 +84,36 @@ class AttnScoresRule final : public IntervalOnlyRule {
     auto e = product_err(mq, h(q.err32), mk, ht(k.err32), q.lo.size(-1) / l.heads) * l.scale;
     return {lo, hi, mag, e};
   }
+
+  // CROWN, per head h and row A [N, N] over S_h = s·Σ_t q_it k_jt (x = q, y = k):
+  // over q: s(A⁺ k_l + A⁻ k_u); over k: s·Aᵀ q_l; constant −s Σ A⁺∘(q_l k_lᵀ) + A⁻∘(q_l k_uᵀ).
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
+    if (c.patches) return {};
+    const auto &q = *a.in[0], &k = *a.in[1];
+    const int64_t H = a.layer.heads;
+    auto rows = [&](const torch::Tensor& t) {  // [B, N, D] -> per row [R, H, N, d]
+      return split_heads(t.index_select(0, c.sample), H);
+    };
+    auto ql = rows(q.lo), kl = rows(k.lo), ku = rows(k.hi);
+    auto pos = c.A.clamp_min(0) * a.layer.scale, neg = c.A.clamp_max(0) * a.layer.scale;
+    auto A = c.A * a.layer.scale;
+    b = b - row_sum(pos * torch::matmul(ql, kl.transpose(-2, -1)) +
+                    neg * torch::matmul(ql, ku.transpose(-2, -1)));
+    if (!interval_only(q) && !interval_only(k))
+      b = b - rounding(c,
+                       torch::matmul(split_heads(magnitude(q), H),
+                                     split_heads(magnitude(k), H).transpose(-2, -1)) *
+                           a.layer.scale,
+                       q.lo.size(-1) / H + H * q.lo.size(1) * q.lo.size(1) + q.lo.size(1));
+    Coeffs over_q = c, over_k = c;
+    over_q.A = merge_heads(torch::matmul(pos, kl) + torch::matmul(neg, ku));
+    over_k.A = merge_heads(torch::matmul(A.transpose(-2, -1), ql));
+    return {over_q, over_k};
+  }
 };
 
-class AttnMixRule final : public IntervalOnlyRule {
+class AttnMixRule final : public NoJacobianRule {
  public:
   const char* name() const override { return "attn_mix"; }
   int arity() const override { return 2; }
@@ -103,6 +144,27 @@ class AttnMixRule final : public IntervalOnlyRule {
     auto mag = torch::matmul(mp, mv);
     auto e = product_err(mp, p.err32, mv, h(v.err32), v.lo.size(1));
     return {merge_heads(lo), merge_heads(hi), merge_heads(mag), merge_heads(e)};
+  }
+
+  // CROWN, per head h and row A [N, d] over O_h = p_h v_h (x = p, y = v):
+  // over p: A⁺ v_lᵀ + A⁻ v_uᵀ; over v: p_lᵀ A; constant −Σ A⁺∘(p_l v_l) + A⁻∘(p_l v_u).
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
+    if (c.patches) return {};
+    const auto &p = *a.in[0], &v = *a.in[1];
+    const int64_t H = a.layer.heads;
+    auto pl = p.lo.index_select(0, c.sample);  // [R, H, N, N]
+    auto vl = split_heads(v.lo.index_select(0, c.sample), H),
+         vu = split_heads(v.hi.index_select(0, c.sample), H);
+    auto A = split_heads(c.A, H), pos = A.clamp_min(0), neg = A.clamp_max(0);
+    b = b - row_sum(pos * torch::matmul(pl, vl) + neg * torch::matmul(pl, vu));
+    if (!interval_only(p) && !interval_only(v))
+      b = b - rounding(c, merge_heads(torch::matmul(magnitude(p), split_heads(magnitude(v), H))),
+                       2 * v.lo.size(1) + v.lo.size(1) * v.lo.size(2));
+    Coeffs over_p = c, over_v = c;
+    over_p.A = torch::matmul(pos, vl.transpose(-2, -1)) + torch::matmul(neg, vu.transpose(-2, -1));
+    over_v.A = merge_heads(torch::matmul(pl.transpose(-2, -1), A));
+    return {over_p, over_v};
   }
 };
 

@@ -121,8 +121,8 @@ class LayerNormRule final : public NoJacobianRule {
   }
 
   // IBP: n's interval (normalised) times γ, plus β. float32 (§20): the input error
-  // through the Jacobian, |γ|(2 + sqrt(D − 1))·max e / sqrt(v_lo + ε) over the box
-  // widened by e, plus the rounding of the mean, the deviations, the variance, the
+  // through the Jacobian, |γ|(2 + N_i)·max e / sqrt(v_lo + ε) over the box widened by
+  // e (N_i >= |n_i| there), plus the rounding of the mean, the deviations, the variance, the
   // square root, the quotient, the product and the sum.
   NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
     const auto& x = *in[0];
@@ -139,8 +139,10 @@ class LayerNormRule final : public NoJacobianRule {
     auto e = x.err32, E = last_max(e);
     const auto w = normalised(x.lo - e, x.hi + e, l.eps);  // over the widened box
     auto sw = torch::sqrt(w.vlo + l.eps);
-    // ... and never more than |γ|·|n(x̂) − n(x)| <= 2|γ| sqrt(D − 1).
-    auto prop = torch::min(ag * (2 + root) * E / sw, 2 * root * ag);
+    // Per coordinate the Jacobian's row sum is at most (2 + |n_i|)/s, |n_i| <= N_i over
+    // the widened box; and never more than |γ|·|n_i(x̂) − n_i(x)| <= 2|γ| N_i.
+    auto Ni = torch::max(w.lo.abs(), w.hi.abs());
+    auto prop = torch::min(ag * (2 + Ni) * E / sw, 2 * Ni * ag);
     auto Mh = last_max(magnitude(x) + e);
     auto a = gamma(Dd + 2, u) * Mh;  // |computed mean − mean|
     auto N = torch::clamp_max(torch::max(w.dl.abs(), w.du.abs()) / sw, root);

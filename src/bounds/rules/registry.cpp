@@ -60,10 +60,6 @@ std::vector<std::string> nodes_where(const LayerGraph& g, bool (BoundRule::*has)
 
 }  // namespace
 
-std::vector<std::string> interval_only_nodes(const LayerGraph& g) {
-  return nodes_where(g, &BoundRule::linear_relaxation);
-}
-
 std::vector<std::string> no_jacobian_nodes(const LayerGraph& g) {
   return nodes_where(g, &BoundRule::has_jacobian);
 }

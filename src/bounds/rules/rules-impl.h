@@ -86,16 +86,6 @@ class NoJacobianRule : public BoundRule {
   }
 };
 
-/// ... and without a linear relaxation either (interval bounds only): the engine
-/// concretises CROWN rows at the node's interval, and CROWN runs name it.
-class IntervalOnlyRule : public NoJacobianRule {
- public:
-  bool linear_relaxation() const override { return false; }
-  std::vector<Coeffs> backward(const BackwardArgs&, const Coeffs&, torch::Tensor&) const override {
-    return {};
-  }
-};
-
 /// Rows [R, *shape] of a per-sample [B, *shape] interval product: the midpoint-radius
 /// enclosure of {c ± r}·[lo, hi] (Rump): c·m ± (|c|·w + r·|m| + r·w), m, w the midpoint
 /// and radius of [lo, hi].

@@ -1,6 +1,7 @@
 // softmax over the last dimension (n values): p_i = 1/(1 + Σ_{j≠i} exp(x_j − x_i)).
-// Interval bounds only (IBP); CROWN concretises its rows at this node's interval and
-// names it. docs/certification.md §10, §12, §20.
+// IBP; CROWN with p_i between two lines over the row's n inputs (exp and 1/S relaxed
+// by tangents and chords, as Shi et al. 2020 decompose softmax); no Jacobian step.
+// docs/certification.md §10, §12, §20.
 #include <cmath>
 
 #include "moecert/error.h"
@@ -27,7 +28,106 @@ torch::Tensor logsumexp_others(const torch::Tensor& x) {
   return torch::where(is_max, of_max.expand_as(x), others);
 }
 
-class SoftmaxRule final : public IntervalOnlyRule {
+/// The interval of p over the box (from bounds()), before outward rounding.
+std::pair<torch::Tensor, torch::Tensor> interval(const torch::Tensor& l, const torch::Tensor& u) {
+  return {torch::sigmoid(l - logsumexp_others(u)), torch::sigmoid(u - logsumexp_others(l))};
+}
+
+/// Lines of every output k of a row over the row's inputs j: for each row of the
+/// input (leading dimensions G, n values), p_k >= c_lo_k + Σ_j a_lo[k, j] x_j and
+/// p_k <= c_hi_k + Σ_j a_hi[k, j] x_j on the box. a: [..., n, n], c: [..., n].
+struct Lines {
+  torch::Tensor a_lo, c_lo, a_hi, c_hi;
+};
+
+// With z_kj = x_j − x_k ∈ [l_j − u_k, u_j − l_k] and S_k = 1 + Σ_{j≠k} e^{z_kj} ∈ [S_l, S_h]:
+// below p_k: e^z <= α z + β (the chord's slope α; β = max over the two ends of e^z − αz,
+// valid for any α as e^z is convex), and 1/S >= 2/S₀ − S/S₀² (tangent at S₀, the
+// middle of [S_l, S_h]), so p_k >= 2/S₀ − (1 + Σ_j α_j z_kj + β_j)/S₀²;
+// above p_k: e^z >= E(1 + z − t) (tangent at t, the middle of z's interval, E = e^t),
+// and 1/S <= (S_l + S_h − S)/(S_l S_h) on [S_l, S_h] (the chord), so
+// p_k <= (S_l + S_h − 1 − Σ_j E_j(1 + z_kj − t_j))/(S_l S_h).
+// The float64 evaluation is covered by widening z's interval, S's, β, the tangent's
+// offset and the lines' constants (docs §20). Rows whose lines are farther apart than
+// p's interval is wide, or not finite (e^z overflows), keep the interval's constants.
+Lines relax(const NodeBounds& x) {
+  const auto &l = x.lo, &u = x.hi;
+  const int64_t n = l.size(-1);
+  const double nn = static_cast<double>(n), u64r = u64;
+  auto eye = torch::eye(n, l.options().dtype(torch::kBool));
+  auto lj = l.unsqueeze(-2), uj = u.unsqueeze(-2), lk = l.unsqueeze(-1), uk = u.unsqueeze(-1);
+  auto zl = (lj - uk) - 2 * u64r * (lj.abs() + uk.abs());
+  auto zu = (uj - lk) + 2 * u64r * (uj.abs() + lk.abs());
+  // Beyond 600, e^z overflows the lines' arithmetic: such rows keep the interval.
+  auto overflow = zu.gt(600).masked_fill(eye, false).any(-1);
+  zl = zl.clamp_max(600), zu = zu.clamp_max(600);
+  auto off = [&](const torch::Tensor& t) { return t.masked_fill(eye, 0); };
+  auto el = off(torch::exp(zl)), eu = off(torch::exp(zu));
+  const double gs = 2 * gamma(nn + 8, u64r);
+  auto Sl = (1 + el.sum(-1)) * (1 - gs), Sh = (1 + eu.sum(-1)) * (1 + gs);
+  // Chord of e^z: α the slope (e^{z_u} where the interval is too narrow to divide).
+  auto w = zu - zl;
+  auto narrow = w.le(1e-6 * (1 + zl.abs() + zu.abs()));
+  auto alpha =
+      off(torch::where(narrow, eu, (eu - el) / torch::where(narrow, torch::ones_like(w), w)));
+  auto zm = torch::max(zl.abs(), zu.abs());
+  auto beta = off(torch::max(el - alpha * zl, eu - alpha * zu) + 8 * u64r * (eu + alpha * zm));
+  // Tangent of e^z at the middle t (its offset lowered for exp's and the products' rounding).
+  auto t = (zl + zu) * 0.5;
+  auto E = off(torch::exp(t));
+  auto tau = off(E * (1 - t) - 8 * u64r * E * (2 + t.abs() + zm));  // e^z >= E z + τ
+  // Coefficients over z_kj (j ≠ k) -> over x: a[k, j] = g_kj, a[k, k] = −Σ_j g_kj.
+  auto over_x = [&](const torch::Tensor& g) { return g - torch::diag_embed(g.sum(-1)); };
+  auto S0 = (Sl + Sh) * 0.5;
+  auto S02 = S0 * S0, SlSh = Sl * Sh;
+  auto g_lo = -alpha / S02.unsqueeze(-1);
+  auto c_lo = 2 / S0 - (1 + beta.sum(-1)) / S02;
+  auto g_hi = -E / SlSh.unsqueeze(-1);
+  auto c_hi = (Sl + Sh - 1 - tau.sum(-1)) / SlSh;
+  // The lines' own rounding (coefficients, sums, quotients): γ_{n+8} of their terms.
+  auto M = torch::max(l.abs(), u.abs());
+  auto Mk = M.unsqueeze(-1), Mj = M.unsqueeze(-2);
+  const double gl = 2 * gamma(nn + 8, u64r);
+  auto T_lo = 2 / S0 + (1 + beta.abs().sum(-1) + (alpha * (Mj + Mk)).sum(-1)) / S02;
+  auto T_hi = (Sl + Sh + 1 + tau.abs().sum(-1) + (E * (Mj + Mk)).sum(-1)) / SlSh;
+  Lines r{over_x(g_lo), c_lo - gl * T_lo, over_x(g_hi), c_hi + gl * T_hi};
+  // The constants of p's interval where the lines do worse (or are not finite).
+  auto [plo, phi] = interval(l, u);
+  auto slack = 1e-10 * (1 + std::get<0>(M.max(-1, true)));
+  plo = plo - slack, phi = (phi + slack).clamp_max(1);
+  auto da = r.a_hi - r.a_lo;
+  auto gap = (torch::max(da * lj, da * uj)).sum(-1) + r.c_hi - r.c_lo;
+  auto flat = overflow | ~torch::isfinite(gap) | gap.gt(phi - plo);
+  auto zero = torch::zeros_like(r.a_lo);
+  auto keep = [&](const torch::Tensor& a) {
+    return torch::where(flat.unsqueeze(-1), zero, torch::nan_to_num(a, 0, 0, 0));
+  };
+  return {keep(r.a_lo), torch::where(flat, plo, torch::nan_to_num(r.c_lo, 0, 0, 0)), keep(r.a_hi),
+          torch::where(flat, phi, torch::nan_to_num(r.c_hi, 0, 0, 0))};
+}
+
+/// Σ_k A⁺_k a_lo[s, k, :] + A⁻_k a_hi[s, k, :] for rows A [R, ..., n] of samples s,
+/// one batched product per sample present (the lines are per sample, [B, ..., n, n]).
+torch::Tensor through_lines(const Coeffs& c, const torch::Tensor& a_lo, const torch::Tensor& a_hi) {
+  const int64_t R = c.A.size(0), n = c.A.size(-1), G = c.A.numel() / std::max<int64_t>(R, 1) / n;
+  auto A = c.A.reshape({R, G, n});
+  auto lo = a_lo.reshape({a_lo.size(0), G, n, n}), hi = a_hi.reshape({a_hi.size(0), G, n, n});
+  std::vector<torch::Tensor> parts, where;
+  auto samples = std::get<0>(at::_unique(c.sample)).cpu();
+  for (int64_t i = 0; i < samples.numel(); ++i) {
+    const int64_t s = samples[i].item<int64_t>();
+    auto idx = c.sample.eq(s).nonzero().flatten();
+    auto As = A.index_select(0, idx);
+    parts.push_back(torch::einsum("rgk,gkj->rgj", {As.clamp_min(0), lo[s]}) +
+                    torch::einsum("rgk,gkj->rgj", {As.clamp_max(0), hi[s]}));
+    where.push_back(idx);
+  }
+  if (parts.empty()) return torch::zeros_like(c.A);
+  auto order = torch::argsort(torch::cat(where));
+  return torch::cat(parts).index_select(0, order).view(c.A.sizes());
+}
+
+class SoftmaxRule final : public NoJacobianRule {
  public:
   const char* name() const override { return "softmax"; }
 
@@ -50,8 +150,7 @@ class SoftmaxRule final : public IntervalOnlyRule {
   // at most 1.
   NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
     const auto& x = *in[0];
-    auto lo = torch::sigmoid(x.lo - logsumexp_others(x.hi));
-    auto hi = torch::sigmoid(x.hi - logsumexp_others(x.lo));
+    auto [lo, hi] = interval(x.lo, x.hi);
     if (interval_only(x)) return {lo, hi, {}, {}};
     const double n = static_cast<double>(x.lo.size(-1)), u = u32;
     auto half = 0.5 * last_max(x.err32);
@@ -67,6 +166,28 @@ class SoftmaxRule final : public IntervalOnlyRule {
   double lipschitz(const Layer& l, Norm p, const std::vector<Shape>& in,
                    const std::vector<double>& k, bool to_inf) const override {
     return 0.5 * k.at(0);
+  }
+
+  // CROWN: positive coefficients take each p_k's lower line, negative its upper one;
+  // the step's own float64 rounding, γ_{n+4}·Σ_k |A_k|(|c_k| + Σ_j |a_kj| M_j), is
+  // subtracted from the constant.
+  std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
+                               torch::Tensor& b) const override {
+    if (c.patches) return {};
+    const auto& x = *a.in[0];
+    const Lines r = relax(x);
+    auto pos = c.A.clamp_min(0), neg = c.A.clamp_max(0);
+    b = b + row_sum(pos * a.gather(r.c_lo) + neg * a.gather(r.c_hi));
+    if (!interval_only(x)) {
+      const double n = static_cast<double>(x.lo.size(-1));
+      auto M = magnitude(x).unsqueeze(-2);
+      auto t = torch::max(r.c_lo.abs() + (r.a_lo.abs() * M).sum(-1),
+                          r.c_hi.abs() + (r.a_hi.abs() * M).sum(-1));
+      b = b - 2 * gamma(n + 4, u64) * row_sum(c.A.abs() * a.gather(t));
+    }
+    Coeffs out = c;
+    out.A = through_lines(c, r.a_lo, r.a_hi);
+    return {out};
   }
 };
 
