@@ -123,12 +123,18 @@ void cli_register_verify(CLI::App& app, const CommonOptions& common) {
       ->capture_default_str();
   cmd->add_option("--restarts", o->v.restarts, "random starts per attack round")
       ->capture_default_str();
+  cmd->add_option("--split-max-inputs", o->v.split_max_inputs,
+                  "bisect the boxes of cases the bounds leave open when they have at most this "
+                  "many free inputs (0: no input splitting)")
+      ->capture_default_str();
   cmd->callback([o, &common] {
     if (!(o->v.timeout > 0))
       throw ConfigError::invalid("--timeout", std::to_string(o->v.timeout), "> 0");
     limits::check_range("--attack-steps", o->v.attack_steps, 1, limits::max_steps);
     limits::check_range("--restarts", o->v.restarts, 1, limits::max_restarts);
+    limits::check_range("--split-max-inputs", o->v.split_max_inputs, 0, 64);
     o->v.seed = common.seed;
+    o->v.progress = !common.quiet;
     const auto model = onnx_load(o->model);
     const auto property = vnnlib_parse(o->property);
     const auto out = verify_property(model, property, o->v);
@@ -136,7 +142,13 @@ void cli_register_verify(CLI::App& app, const CommonOptions& common) {
     if (!o->results.empty()) write_file_atomic(o->results, text);
     std::cout << text;
     std::cerr << "verify: " << out.detail << " (" << out.refuted << " of " << out.cases
-              << " case(s) refuted by bounds, " << fmt_fixed(out.seconds, 2) << " s)\n";
+              << " case(s) refuted by bounds";
+    if (out.boxes)
+      std::cerr << "; input splitting bounded " << out.boxes << " boxes, refuted "
+                << fmt_fixed(out.refuted_fraction, 4) << " of "
+                << fmt_fixed(out.refuted_fraction + out.open_fraction, 0)
+                << " split case(s) by volume";
+    std::cerr << ", " << fmt_fixed(out.seconds, 2) << " s)\n";
   });
 }
 
