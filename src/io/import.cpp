@@ -19,12 +19,6 @@
 namespace moecert {
 namespace {
 
-std::string shape_text(at::IntArrayRef s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 /// The state dict of a file: source key (prefix and "module." removed) -> tensor ref.
 struct Source {
   TorchFile& file;
@@ -119,7 +113,7 @@ KeyMap paper1_map(const ImportOptions& o, const Source& s) {
   if (a.experts > 1) {
     const auto& g = sizes_of(s, "router.gate.weight");
     if (g.size() != 2 || g[0] != a.experts || g[1] != a.in_channels * a.height * a.width)
-      s.fail("router.gate.weight has shape " + shape_text(g) + ", expected [" +
+      s.fail("router.gate.weight has shape " + shape_str(g) + ", expected [" +
              std::to_string(a.experts) + ", " + std::to_string(a.in_channels * a.height * a.width) +
              "] for --input-shape " + std::to_string(a.in_channels) + "," +
              std::to_string(a.height) + "," + std::to_string(a.width));
@@ -143,7 +137,7 @@ KeyMap paper2_map(const ImportOptions& o, const Source& s) {
   a.num_classes = o.classes ? o.classes : sizes_of(s, "linear.weight").at(0);
   const auto& c = sizes_of(s, "layer1.0.conv1.weight");
   if (c.size() != 4 || c[0] % a.experts != 0)
-    s.fail("layer1.0.conv1.weight has shape " + shape_text(c) +
+    s.fail("layer1.0.conv1.weight has shape " + shape_str(c) +
            ": its rows are not N = " + std::to_string(a.experts) + " channel groups");
   a.scale = o.scale ? o.scale : static_cast<double>(c[0] / a.experts) / 64.0;
   m.rules = {
@@ -253,8 +247,8 @@ torch::Tensor mapped(Source& s, const std::string& key, const torch::Tensor& our
     fits = fits && ref.sizes == want;
   }
   if (!fits)
-    s.fail("'" + from + "' has shape " + shape_text(ref.sizes) +
-           ", which cannot give model tensor '" + key + "' of shape " + shape_text(want) +
+    s.fail("'" + from + "' has shape " + shape_str(ref.sizes) +
+           ", which cannot give model tensor '" + key + "' of shape " + shape_str(want) +
            (rule.op == KeyOp::group_rows     ? " as its channel group " + std::to_string(g)
             : rule.op == KeyOp::tile_columns ? " by repeating its columns"
                                              : ""));
@@ -386,12 +380,12 @@ nlohmann::json self_check(MoeImpl& model, const ImportOptions& o) {
   const auto& in = t["inputs"].sizes;
   if (in.size() != 4 || in[1] != spec.in_channels || in[2] != spec.height || in[3] != spec.width ||
       in[0] < 1 || in[0] > 100000)
-    throw DataError(f + ": inputs have shape " + shape_text(in) + ", expected [B, " +
+    throw DataError(f + ": inputs have shape " + shape_str(in) + ", expected [B, " +
                     std::to_string(spec.in_channels) + ", " + std::to_string(spec.height) + ", " +
                     std::to_string(spec.width) + "]");
   const auto& lg = t["logits"].sizes;
   if (lg.size() != 2 || lg[0] != in[0] || lg[1] != spec.num_classes)
-    throw DataError(f + ": logits have shape " + shape_text(lg) + ", expected [" +
+    throw DataError(f + ": logits have shape " + shape_str(lg) + ", expected [" +
                     std::to_string(in[0]) + ", " + std::to_string(spec.num_classes) + "]");
   auto x = ref.load(t["inputs"]).to(torch::kFloat);
   if (x.min().item<double>() < 0 || x.max().item<double>() > 1)

@@ -259,15 +259,10 @@ class Unpickler {
       count *= n;
     }
     if (t->ref.offset < 0 || (!empty && last >= numel))
-      fail(op_at, "a tensor of size " + shape_text(t->ref.sizes) + " reaches element " +
+      fail(op_at, "a tensor of size " + shape_str(t->ref.sizes) + " reaches element " +
                       std::to_string(last) + " of storage '" + t->ref.storage + "', which has " +
                       std::to_string(numel));
     return t;
-  }
-  static std::string shape_text(const std::vector<int64_t>& s) {
-    std::string out = "[";
-    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + "]";
   }
   Value* reduce(Value* callable, Value* args, size_t op_at) {
     if (callable->kind != Value::global)
