@@ -545,6 +545,45 @@ TEST_CASE("attention products: bounds and float32 error enclose sampled q·kᵀ 
   }
 }
 
+TEST_CASE("softmax's CROWN lines hold on narrow, wide, overflowing and one-value rows",
+          "[soundness][certify][rules]") {
+  // Scales the generic test does not reach: widths of 1e-9 (the chord's narrow branch),
+  // logits of ±300 with widths up to 600 (e^z past float64: the interval fallback), and
+  // a row of one value (p = 1).
+  torch::manual_seed(17);
+  Layer sm = Layer::simple(Layer::Kind::softmax);
+  struct Scale {
+    double centre, width;
+    int64_t n;
+  };
+  for (auto sc : {Scale{1, 1e-9, 6}, Scale{3, 1e-3, 6}, Scale{300, 600, 5}, Scale{40, 10, 7},
+                  Scale{2, 1, 1}}) {
+    INFO("centre " << sc.centre << ", width " << sc.width << ", n " << sc.n);
+    const int64_t B = 3, P = 2000, R = 4;
+    auto c = sc.centre * torch::randn({B, 2, sc.n}, f64);
+    auto r = sc.width * torch::rand({B, 2, sc.n}, f64);
+    NodeBounds in{c - r, c + r, (c.abs() + r), torch::zeros_like(c)};
+    Coeffs rows;
+    rows.A = torch::randn({B * R, 2, sc.n}, f64);
+    rows.sample = torch::arange(B, torch::kLong).repeat_interleave(R);
+    auto bias = torch::zeros({B * R}, f64);
+    const std::vector<Shape> shapes{{2, sc.n}};
+    BackwardArgs args{sm, shapes, {2, sc.n}, {&in}, {}, {}};
+    args.gather = [&](const torch::Tensor& t) { return t.index_select(0, rows.sample); };
+    auto Ain = rule_for(sm).backward(args, rows, bias).at(0).A;
+    REQUIRE(torch::isfinite(Ain).all().item<bool>());
+    REQUIRE(torch::isfinite(bias).all().item<bool>());
+    auto t = torch::rand({B, P, 2, sc.n}, f64);
+    t = torch::where(torch::rand({B, P, 1, 1}, f64).lt(0.5), t.round(), t);
+    auto x = (in.lo.unsqueeze(1) + t * (in.hi - in.lo).unsqueeze(1)).view({B * P, 2, sc.n});
+    auto y = rule_for(sm).forward(sm, {x}).view({B, P, -1});
+    auto A = rows.A.view({B, R, -1}).transpose(1, 2), Ai = Ain.view({B, R, -1}).transpose(1, 2);
+    auto lhs = torch::matmul(y, A);
+    auto rhs = torch::matmul(x.view({B, P, -1}), Ai) + bias.view({B, 1, R});
+    CHECK((lhs >= rhs - 1e-12 * (1 + lhs.abs())).all().item<bool>());
+  }
+}
+
 TEST_CASE("hand-worked examples of the transformer rules", "[unit][certify][rules]") {
   SECTION("softmax of x0 = 0, x1 in [0, ln 3]: p1 in [1/2, 3/4]") {
     Layer sm = Layer::simple(Layer::Kind::softmax);
