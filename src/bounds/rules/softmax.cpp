@@ -145,17 +145,18 @@ class SoftmaxRule final : public NoJacobianRule {
 
   // IBP: p_i is increasing in x_i and decreasing in every other x_j, so
   // p_i >= σ(l_i − log Σ_{j≠i} e^{u_j}) and <= σ(u_i − log Σ_{j≠i} e^{l_j}) (σ the
-  // logistic function). Magnitude 1 + |x|. float32 (§20): ½·max e (the Jacobian's
-  // rows sum to 2p_i(1 − p_i) <= ½) + 1.05(u/e + p̄_i(17u + u·n/e + γ_{n−1})) + n·2⁻¹²⁵,
-  // at most 1.
+  // logistic function). Magnitude 1 + |x|. float32 (§20): min(½, 2p̄_i)·max e (row i
+  // of the Jacobian sums to 2p_i(1 − p_i) in absolute value, p_i <= p̄_i = p_hi + ½ max e
+  // on the segment) + 1.05(u/e + p̄_i(17u + u·n/e + γ_{n−1})) + n·2⁻¹²⁵, at most 1.
   NodeBounds bounds(const Layer& l, const std::vector<const NodeBounds*>& in) const override {
     const auto& x = *in[0];
     auto [lo, hi] = interval(x.lo, x.hi);
     if (interval_only(x)) return {lo, hi, {}, {}};
     const double n = static_cast<double>(x.lo.size(-1)), u = u32;
-    auto half = 0.5 * last_max(x.err32);
-    auto pbar = (hi + half).clamp_max(1);
-    auto e = half + 1.05 * (u / M_E + pbar * (17 * u + u * n / M_E + gamma(n - 1, u))) +
+    auto E = last_max(x.err32);
+    auto pbar = (hi + 0.5 * E).clamp_max(1);
+    auto e = E * torch::clamp_max(2 * pbar, 0.5) +
+             1.05 * (u / M_E + pbar * (17 * u + u * n / M_E + gamma(n - 1, u))) +
              n * std::ldexp(1.0, -125);
     // Both values lie in [0, 1] (the float32 quotient of z <= S rounds to at most 1).
     return {lo, hi, 1 + magnitude(x), e.clamp_max(1)};
