@@ -58,9 +58,10 @@ Lines relax(const NodeBounds& x) {
   auto lj = l.unsqueeze(-2), uj = u.unsqueeze(-2), lk = l.unsqueeze(-1), uk = u.unsqueeze(-1);
   auto zl = (lj - uk) - 2 * u64r * (lj.abs() + uk.abs());
   auto zu = (uj - lk) + 2 * u64r * (uj.abs() + lk.abs());
-  // Beyond 600, e^z overflows the lines' arithmetic: such rows keep the interval.
-  auto overflow = zu.gt(600).masked_fill(eye, false).any(-1);
-  zl = zl.clamp_max(600), zu = zu.clamp_max(600);
+  // Beyond 300, the lines' arithmetic (S² <= n²e^{2z}, n <= 65536) could overflow:
+  // such rows keep the interval.
+  auto overflow = zu.gt(300).masked_fill(eye, false).any(-1);
+  zl = zl.clamp_max(300), zu = zu.clamp_max(300);
   auto off = [&](const torch::Tensor& t) { return t.masked_fill(eye, 0); };
   auto el = off(torch::exp(zl)), eu = off(torch::exp(zu));
   const double gs = 2 * gamma(nn + 8, u64r);
@@ -97,7 +98,8 @@ Lines relax(const NodeBounds& x) {
   plo = plo - slack, phi = (phi + slack).clamp_max(1);
   auto da = r.a_hi - r.a_lo;
   auto gap = (torch::max(da * lj, da * uj)).sum(-1) + r.c_hi - r.c_lo;
-  auto flat = overflow | ~torch::isfinite(gap) | gap.gt(phi - plo);
+  auto flat = overflow | ~torch::isfinite(gap) | ~torch::isfinite(S02) | ~torch::isfinite(SlSh) |
+              gap.gt(phi - plo);
   auto zero = torch::zeros_like(r.a_lo);
   auto keep = [&](const torch::Tensor& a) {
     return torch::where(flat.unsqueeze(-1), zero, torch::nan_to_num(a, 0, 0, 0));
@@ -170,8 +172,8 @@ class SoftmaxRule final : public NoJacobianRule {
   }
 
   // CROWN: positive coefficients take each p_k's lower line, negative its upper one;
-  // the step's own float64 rounding, γ_{n+4}·Σ_k |A_k|(|c_k| + Σ_j |a_kj| M_j), is
-  // subtracted from the constant.
+  // the step's own float64 rounding, 2γ_{m+n+4}·Σ_k |A_k|(|c_k| + Σ_j |a_kj| M_j) (m the
+  // row's number of outputs, all summed into its constant), is subtracted.
   std::vector<Coeffs> backward(const BackwardArgs& a, const Coeffs& c,
                                torch::Tensor& b) const override {
     if (c.patches) return {};
@@ -180,11 +182,11 @@ class SoftmaxRule final : public NoJacobianRule {
     auto pos = c.A.clamp_min(0), neg = c.A.clamp_max(0);
     b = b + row_sum(pos * a.gather(r.c_lo) + neg * a.gather(r.c_hi));
     if (!interval_only(x)) {
-      const double n = static_cast<double>(x.lo.size(-1));
+      const double n = static_cast<double>(x.lo.size(-1)), m = static_cast<double>(c.A[0].numel());
       auto M = magnitude(x).unsqueeze(-2);
       auto t = torch::max(r.c_lo.abs() + (r.a_lo.abs() * M).sum(-1),
                           r.c_hi.abs() + (r.a_hi.abs() * M).sum(-1));
-      b = b - 2 * gamma(n + 4, u64) * row_sum(c.A.abs() * a.gather(t));
+      b = b - 2 * gamma(m + n + 4, u64) * row_sum(c.A.abs() * a.gather(t));
     }
     Coeffs out = c;
     out.A = through_lines(c, r.a_lo, r.a_hi);
