@@ -97,9 +97,11 @@ Coeffs dense_rows(const Shape& out, int64_t rows) {
   return c;
 }
 
-BackwardArgs args_for(const Case& k, const Shape& out, const NodeBounds& in, const Coeffs& c,
-                      const std::vector<Shape>& in_shapes) {
-  BackwardArgs a{k.layer, in_shapes, out, {&in}, {}, {}};
+/// What a backward step of `l` sees for dense rows `c` (gathered by their samples). The
+/// shapes are held by reference: they must outlive the result.
+BackwardArgs dense_args(const Layer& l, const std::vector<Shape>& in_shapes, const Shape& out,
+                        std::vector<const NodeBounds*> in, const Coeffs& c) {
+  BackwardArgs a{l, in_shapes, out, std::move(in), {}, {}};
   a.gather = [sample = c.sample](const torch::Tensor& t) { return t.index_select(0, sample); };
   return a;
 }
@@ -213,7 +215,7 @@ TEST_CASE("every rule's CROWN step gives a lower bound at 10^4 sampled points",
     auto c = dense_rows(out, 3);
     auto b = torch::zeros({c.A.size(0)}, f64);
     const std::vector<Shape> in_shapes{k.in};
-    auto args = args_for(k, out, g.in, c, in_shapes);
+    auto args = dense_args(k.layer, in_shapes, out, {&g.in}, c);
     auto ins = rule.backward(args, c, b);
     REQUIRE(ins.size() == 1);
     {  // without autograd the ReLU step runs as one fused pass: the same numbers
@@ -265,7 +267,7 @@ TEST_CASE("every rule's Jacobian step encloses sampled Jacobian rows",
     auto g = region(k.in);
     auto c = dense_rows(out, 2);
     const std::vector<Shape> in_shapes{k.in};
-    auto args = args_for(k, out, g.in, c, in_shapes);
+    auto args = dense_args(k.layer, in_shapes, out, {&g.in}, c);
     // Rows over the output as an interval c ± r (r > 0 on half the entries).
     auto r = torch::rand_like(c.A) * torch::rand_like(c.A).lt(0.5);
     if (!rule.has_jacobian()) {  // no Jacobian step: named refusal
@@ -369,12 +371,9 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
     c.A = torch::tensor({{1.0, 1.0, 1.0}, {-2.0, -1.0, -1.0}}, f64);
     c.sample = torch::zeros({2}, torch::kLong);
     auto b = torch::zeros({2}, f64);
-    BackwardArgs a{relu,
-                   {{3}},
-                   {3},
-                   {&in},
-                   [&](const torch::Tensor& t) { return t.index_select(0, c.sample); },
-                   {}};
+    const std::vector<Shape> ins{{3}};
+    const Shape out_shape{3};
+    auto a = dense_args(relu, ins, out_shape, {&in}, c);
     auto out = rule_for(relu).backward(a, c, b).at(0);
     // Row 1 (positive): unit 0 slope 1 (3 >= 1), unit 1 slope 0 (1 < 2), unit 2 active: 1.
     CHECK(out.A[0][0].item<double>() == 1.0);
@@ -435,12 +434,8 @@ TEST_CASE("hand-worked examples of each rule", "[unit][certify][rules]") {
     c.sample = torch::zeros({2}, torch::kLong);
     auto b = torch::zeros({2}, f64);
     const std::vector<Shape> ins{{1, 2, 2}};
-    BackwardArgs a{pool,
-                   ins,
-                   {1, 1, 1},
-                   {&in},
-                   [&](const torch::Tensor& t) { return t.index_select(0, c.sample); },
-                   {}};
+    const Shape out_shape{1, 1, 1};
+    auto a = dense_args(pool, ins, out_shape, {&in}, c);
     auto out = rule.backward(a, c, b).at(0);
     // 2·y >= 2·x_3 (the entry with the largest lower bound); −3·y >= −3·max u = −12.
     CHECK(out.A[0].flatten()[3].item<double>() == 2.0);
@@ -474,9 +469,9 @@ TEST_CASE("linear: one-hot rows (a unit's bound rows) step as the matrix product
       rows.A.index_put_({3, 2}, -0.5);
   rows.sample = torch::tensor({0, 0, 1, 1}, torch::kLong);
   auto b = torch::zeros({4}, f64);
-  BackwardArgs a{
-      fc, {{9}}, {6}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, rows.sample); },
-      {}};
+  const std::vector<Shape> ins{{9}};
+  const Shape out_shape{6};
+  auto a = dense_args(fc, ins, out_shape, {&in}, rows);
   torch::NoGradGuard ng;
   auto out = rule_for(fc).backward(a, rows, b).at(0);
   CHECK(torch::equal(out.A, torch::matmul(rows.A, fc.weight)));
@@ -529,8 +524,8 @@ TEST_CASE("attention products: bounds and float32 error enclose sampled q·kᵀ 
     const Shape out = rule.out_shape(l, {a.in.lo.sizes().slice(1).vec(), {N, D}});
     Coeffs c = dense_rows(out, 3);
     auto bias = torch::zeros({c.A.size(0)}, f64);
-    BackwardArgs args{l, {}, out, {&a.in, &b.in}, {}, {}};
-    args.gather = [sample = c.sample](const torch::Tensor& t) { return t.index_select(0, sample); };
+    const std::vector<Shape> in_shapes{a.in.lo.sizes().slice(1).vec(), {N, D}};
+    auto args = dense_args(l, in_shapes, out, {&a.in, &b.in}, c);
     auto ins = rule.backward(args, c, bias);
     REQUIRE(ins.size() == 2);
     auto per = [&](const torch::Tensor& t) { return t.reshape({kBatch, kPerSample, -1}); };
@@ -569,8 +564,8 @@ TEST_CASE("softmax's CROWN lines hold on narrow, wide, overflowing and one-value
     rows.sample = torch::arange(B, torch::kLong).repeat_interleave(R);
     auto bias = torch::zeros({B * R}, f64);
     const std::vector<Shape> shapes{{2, sc.n}};
-    BackwardArgs args{sm, shapes, {2, sc.n}, {&in}, {}, {}};
-    args.gather = [&](const torch::Tensor& t) { return t.index_select(0, rows.sample); };
+    const Shape out_shape{2, sc.n};
+    auto args = dense_args(sm, shapes, out_shape, {&in}, rows);
     auto Ain = rule_for(sm).backward(args, rows, bias).at(0).A;
     REQUIRE(torch::isfinite(Ain).all().item<bool>());
     REQUIRE(torch::isfinite(bias).all().item<bool>());
@@ -608,8 +603,8 @@ TEST_CASE("hand-worked examples of the transformer rules", "[unit][certify][rule
     c.sample = torch::zeros({2}, torch::kLong);
     auto bias = torch::zeros({2}, f64);
     const std::vector<Shape> shapes{{2}};
-    BackwardArgs args{sm, shapes, {2}, {&in}, {}, {}};
-    args.gather = [sample = c.sample](const torch::Tensor& t) { return t.index_select(0, sample); };
+    const Shape out_shape{2};
+    auto args = dense_args(sm, shapes, out_shape, {&in}, c);
     auto out = rule_for(sm).backward(args, c, bias).at(0).A;
     const double alpha = 2 / std::log(3.0), t = std::log(3.0) / 2, E = std::sqrt(3.0);
     CHECK(out[0][0].item<double>() == Approx(alpha / 9).epsilon(1e-9));
@@ -663,9 +658,9 @@ TEST_CASE("hand-worked examples of the transformer rules", "[unit][certify][rule
     c.A = torch::tensor({{1.0, 0.0, 0.0, 0.0}}, f64);
     c.sample = torch::zeros({1}, torch::kLong);
     auto bias = torch::zeros({1}, f64);
-    BackwardArgs a{
-        ln, {{4}}, {4}, {&in}, [&](const torch::Tensor& t) { return t.index_select(0, c.sample); },
-        {}};
+    const std::vector<Shape> ins{{4}};
+    const Shape out_shape{4};
+    auto a = dense_args(ln, ins, out_shape, {&in}, c);
     auto back = rule_for(ln).backward(a, c, bias).at(0);
     CHECK(back.A.sum().item<double>() == Approx(0.0).margin(1e-12));  // a shift changes nothing
     const double sigma = std::sqrt(1.25 + eps);
@@ -689,12 +684,9 @@ TEST_CASE("hand-worked examples of the transformer rules", "[unit][certify][rule
     c.A = torch::tensor({{1.0}, {-1.0}}, f64);
     c.sample = torch::zeros({2}, torch::kLong);
     auto bias = torch::zeros({2}, f64);
-    BackwardArgs a{gelu,
-                   {{1}},
-                   {1},
-                   {&in},
-                   [&](const torch::Tensor& t) { return t.index_select(0, c.sample); },
-                   {}};
+    const std::vector<Shape> ins{{1}};
+    const Shape out_shape{1};
+    auto a = dense_args(gelu, ins, out_shape, {&in}, c);
     auto back = rule_for(gelu).backward(a, c, bias).at(0);
     const double k = (g2 - gm1) / 3;
     CHECK(back.A[0][0].item<double>() == Approx(k));
