@@ -49,11 +49,14 @@ struct ModelSpec {
   double scale = 0.5;        ///< moe-cnn: group width r as a share of C_out
   int64_t in_channels = 1, height = 28, width = 28, num_classes = 10;
   int64_t experts = 4;            ///< E (moe-cnn: N groups); 1 = dense, no router
-  std::string expert = "cnn-s";   ///< cnn-s | resnet18
-  std::string router = "linear";  ///< linear | cnn
+  std::string expert = "cnn-s";   ///< a registered backbone, or "graph" (graphs)
+  std::string router = "linear";  ///< a registered router, or "graph" (graphs)
   Routing routing = Routing::top_k;
   int64_t top_k = 1;                        ///< k of top-k routing (1 <= k <= E)
   std::vector<double> mean{0.5}, std{0.5};  ///< input normalisation, per channel
+  /// Graph components (expert and/or router "graph", written by `moecert import`):
+  /// {"experts": [structure per expert], "router": structure}; see graph_structure.
+  nlohmann::json graphs;
 
   nlohmann::json to_json() const;
   /// Parses and validates; throws ConfigError naming the bad field.
@@ -208,6 +211,29 @@ torch::Tensor moe_reference_probs(MoeImpl& model, const torch::Tensor& x);
 
 /// Number of parameters of a module.
 int64_t module_parameter_count(const torch::nn::Module& module);
+/// Graph components (expert / router kind "graph", ModelSpec::graphs): the structure of
+/// a layer graph as JSON — operators, their inputs and geometry, tensor shapes; no
+/// values. Written by `moecert import` (ONNX files, other codes' state dicts).
+/// Throws UnsupportedLayerError for a gate layer (Jacobian graphs only).
+nlohmann::json graph_structure(const LayerGraph& g, const std::vector<int64_t>& input_shape);
+/// What a structure describes, checked without allocating its tensors.
+struct GraphInfo {
+  std::vector<int64_t> input_shape, output_shape;  ///< without the batch dimension
+  BackboneCost cost;
+};
+/// Checks a structure: known operators, tensors of the right ranks, inputs that are
+/// earlier nodes, a size within the memory budget, shapes that fit. Throws ConfigError
+/// naming `where` and the node.
+GraphInfo graph_structure_check(const nlohmann::json& structure, const std::string& where);
+/// A component evaluating the structure's operators with float32 parameters
+/// "n<node>_<tensor>" (zeros until loaded or filled); its graph() is the same graph
+/// in float64. Throws as graph_structure_check.
+std::shared_ptr<BackboneImpl> graph_net_make(const nlohmann::json& structure,
+                                             const std::string& where);
+/// Copies a graph of the component's structure (float64 values) into its parameters,
+/// rounded to float32. ConfigError when `net` is not a graph component or shapes differ.
+void graph_net_fill(BackboneImpl& net, const LayerGraph& values);
+
 /// The cost of backbone_make(kind, c, h, w, outputs). Throws ConfigError for an unknown kind.
 BackboneCost backbone_cost(const std::string& kind, int64_t c, int64_t h, int64_t w,
                            int64_t outputs);

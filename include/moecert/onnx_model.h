@@ -30,4 +30,11 @@ struct OnnxModel {
 /// fit, several inputs or outputs.
 OnnxModel onnx_load(const std::string& path);
 
+/// The reference evaluation of the file's graph, node by node with LibTorch's operators
+/// in float32 by the ONNX definitions — a path independent of onnx_load's conversion,
+/// which `moecert import` checks the converted model against. x: [B, *declared input
+/// shape] -> outputs [B, K]. Throws DataError as onnx_load (read it with onnx_load first:
+/// the evaluation assumes a file the conversion accepted).
+torch::Tensor onnx_evaluate(const std::string& path, const torch::Tensor& x);
+
 }  // namespace moecert

@@ -57,9 +57,13 @@ void cli_register_import(CLI::App& app, const CommonOptions& common) {
   std::string presets;
   for (const auto& [name, help] : import_presets()) presets += "\n  " + name + ": " + help;
   auto* cmd = app.add_subcommand(
-      "import", "write a moecert checkpoint from a PyTorch torch.save file (read without Python)");
+      "import",
+      "write a moecert checkpoint from a PyTorch torch.save file (read without Python), an ONNX "
+      "model or an MoE assembled from components");
   auto& i = o->opts;
-  cmd->add_option("source", i.source, "torch.save file (.t7, .pth, .pth.tar, .pt; zip format)")
+  cmd->add_option("source", i.source,
+                  "torch.save file (.t7, .pth, .pth.tar, .pt; zip format), ONNX model (.onnx) or "
+                  "assembly file (.json: router and experts, each ONNX or a state dict)")
       ->required();
   cmd->add_option("--preset", i.preset, "layout of one of the papers' codes:" + presets);
   cmd->add_option("--key-map", i.key_map, "JSON key map for other layouts (docs/import.md)");
@@ -69,7 +73,7 @@ void cli_register_import(CLI::App& app, const CommonOptions& common) {
       ->delimiter(',');
   cmd->add_option("--std", i.std, "input normalisation's standard deviations, per channel")
       ->delimiter(',');
-  cmd->add_option("--input-shape", i.input_shape, "C,H,W of the images")
+  cmd->add_option("--input-shape", i.input_shape, "C,H,W of the images (ONNX: from the file)")
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--classes", i.classes, "classes (default: from the state dict)");
@@ -77,7 +81,8 @@ void cli_register_import(CLI::App& app, const CommonOptions& common) {
                   "experts / channel groups (default: from the state dict)");
   cmd->add_option("--reference", i.reference,
                   "torch.save file {\"inputs\": [B,C,H,W] in [0,1], \"logits\": [B,K], "
-                  "\"routes\": [B]} from the source model: the import's self-check");
+                  "\"routes\": [B]} from the source model: the import's self-check (ONNX and "
+                  "assemblies: optional, every component is checked against its source)");
   cmd->add_option("--tolerance", i.tolerance, "largest |logit difference| the self-check accepts")
       ->capture_default_str();
   cmd->add_flag("--allow-unchecked", i.allow_unchecked,
@@ -95,16 +100,21 @@ void cli_register_import(CLI::App& app, const CommonOptions& common) {
     std::cout << "imported " << record["tensors"].get<int64_t>() << " tensors of " << o->opts.source
               << " (layout " << record["layout"].get<std::string>() << ") -> " << o->opts.out
               << "\n";
-    if (check.contains("max_abs_logit_diff"))
-      std::cout << "self-check   " << check["samples"].get<int64_t>()
+    for (const auto& c : check.value("components", nlohmann::json::array()))
+      std::cout << "self-check   " << c["component"].get<std::string>() << ": "
+                << c["check"]["samples"].get<int64_t>()
+                << " random inputs against its source, max |difference| "
+                << c["check"]["max_abs_diff"].get<double>() << "\n";
+    const auto& ref = check.contains("reference") ? check["reference"] : check;
+    if (ref.contains("max_abs_logit_diff"))
+      std::cout << "self-check   " << ref["samples"].get<int64_t>()
                 << " reference inputs: max |logit difference| "
-                << check["max_abs_logit_diff"].get<double>()
-                << (check.contains("routes_agree")
-                        ? ", routes agree on " +
-                              std::to_string(check["routes_agree"].get<int64_t>())
+                << ref["max_abs_logit_diff"].get<double>()
+                << (ref.contains("routes_agree")
+                        ? ", routes agree on " + std::to_string(ref["routes_agree"].get<int64_t>())
                         : std::string())
                 << "\n";
-    else
+    else if (!check.contains("components"))
       std::cout << "self-check   none (--allow-unchecked)\n";
   });
 }

@@ -10,6 +10,7 @@
 #include <regex>
 #include <set>
 
+#include "import-impl.h"
 #include "moecert/checkpoint.h"
 #include "moecert/error.h"
 #include "moecert/limits.h"
@@ -17,23 +18,7 @@
 #include "moecert/torch_file.h"
 
 namespace moecert {
-namespace {
-
-/// The state dict of a file: source key (prefix and "module." removed) -> tensor ref.
-struct Source {
-  TorchFile& file;
-  std::string where;  ///< the dotted path the state dict came from ("" = root)
-  std::map<std::string, TorchTensorRef> refs;
-  std::vector<std::string> order;  ///< keys in file order
-  std::set<std::string> used;
-
-  bool has(const std::string& k) const { return refs.count(k) > 0; }
-  const TorchTensorRef& ref(const std::string& k) const { return refs.at(k); }
-  torch::Tensor load(const std::string& k) { return file.load(refs.at(k)); }
-  [[noreturn]] void fail(const std::string& why) const {
-    throw DataError("import of " + file.path() + ": " + why);
-  }
-};
+namespace import_impl {
 
 /// The tensors under the first of `candidates` (dotted paths; "" = root) that holds any;
 /// `member` ("Smoe.") narrows to one sub-model.
@@ -69,6 +54,12 @@ Source source_of(TorchFile& file, const std::vector<std::string>& candidates,
       std::to_string(file.tensors().size()) + " tensors" +
       (file.tensors().empty() ? "" : ", the first '" + file.tensors().front().first + "'") + ")");
 }
+
+}  // namespace import_impl
+
+namespace {
+
+using import_impl::Source;
 
 const std::vector<int64_t>& sizes_of(const Source& s, const std::string& key) {
   if (!s.has(key)) s.fail("the layout needs key '" + key + "', which the state dict does not hold");
@@ -219,6 +210,10 @@ KeyMap json_map(const ImportOptions& o) {
   return m;
 }
 
+}  // namespace
+
+namespace import_impl {
+
 // --- mapping ------------------------------------------------------------------------
 
 /// Our tensor `key` from the source by `rule` (whose regex matched as `m`).
@@ -314,6 +309,12 @@ int64_t fill(torch::nn::Module& model, Source& s, const KeyMap& map) {
   return filled;
 }
 
+}  // namespace import_impl
+
+namespace {
+
+using import_impl::fill;
+
 /// The normalisation: the options', else the source's (mean_key / std_key), else none.
 void set_normalisation(ModelSpec& spec, const ImportOptions& o, Source& s, const KeyMap& map) {
   const bool given = !o.mean.empty() || !o.std.empty();
@@ -350,6 +351,10 @@ void set_normalisation(ModelSpec& spec, const ImportOptions& o, Source& s, const
     spec.std.assign(static_cast<size_t>(spec.in_channels), spec.std[0]);
   }
 }
+
+}  // namespace
+
+namespace import_impl {
 
 /// Logits of the expert each sample is routed to, and the route. x in [0, 1].
 std::pair<torch::Tensor, torch::Tensor> selected_logits(MoeImpl& model, const torch::Tensor& x) {
@@ -421,7 +426,7 @@ nlohmann::json self_check(MoeImpl& model, const ImportOptions& o) {
   return check;
 }
 
-}  // namespace
+}  // namespace import_impl
 
 std::vector<std::pair<std::string, std::string>> import_presets() {
   return {{"paper1-moe-resnet18",
@@ -437,6 +442,13 @@ std::vector<std::pair<std::string, std::string>> import_presets() {
 }
 
 nlohmann::json import_checkpoint(const ImportOptions& o) {
+  using namespace import_impl;
+  auto ends_with = [&](const char* ext) {
+    const std::string e(ext);
+    return o.source.size() > e.size() &&
+           o.source.compare(o.source.size() - e.size(), e.size(), e) == 0;
+  };
+  if (ends_with(".onnx") || ends_with(".json")) return import_graph(o);
   if (o.preset.empty() == o.key_map.empty())
     throw ConfigError("import: give exactly one of --preset and --key-map");
   if (!o.preset.empty()) {

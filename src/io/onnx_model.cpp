@@ -78,6 +78,94 @@ class Converter {
     return out;
   }
 
+  /// The reference evaluation of the ONNX graph: every node by its ONNX definition with
+  /// LibTorch's own operators in float32 (conv2d, batch_norm, max_pool2d, matmul with
+  /// broadcasting, ...), independent of the conversion to layers above.
+  torch::Tensor evaluate(const onnx::ModelProto& model, const torch::Tensor& x) {
+    const auto& g = model.graph();
+    std::map<std::string, torch::Tensor> v;
+    for (const auto& t : g.initializer()) v[t.name()] = tensor_of(t, "initializer " + t.name());
+    std::string in_name;
+    for (const auto& in : g.input())
+      if (!v.count(in.name())) in_name = in.name();
+    v[in_name] = x.to(torch::kFloat32);
+    auto get = [&](const onnx::NodeProto& n, int k) -> torch::Tensor {
+      if (k >= n.input_size() || n.input(k).empty()) return {};
+      const auto it = v.find(n.input(k));
+      if (it == v.end()) fail(label(n), "reads '" + n.input(k) + "', which nothing computed");
+      // Constants are read in float64; the graph computes in float32.
+      return it->second.scalar_type() == torch::kFloat64 ? it->second.to(torch::kFloat32)
+                                                         : it->second;
+    };
+    auto pads2 = [&](const onnx::NodeProto& n) {
+      const auto p = attr_ints(n, "pads");
+      if (p.empty()) return std::vector<int64_t>{0, 0};
+      if (p.size() != 4 || p[0] != p[2] || p[1] != p[3]) fail(label(n), "has asymmetric pads");
+      return std::vector<int64_t>{p[0], p[1]};
+    };
+    auto ints_or = [&](const onnx::NodeProto& n, const char* name, std::vector<int64_t> dflt) {
+      const auto p = attr_ints(n, name);
+      return p.empty() ? dflt : p;
+    };
+    for (const auto& n : g.node()) {
+      const std::string& op = n.op_type();
+      torch::Tensor y;
+      if (op == "Identity" || op == "Dropout") {
+        y = get(n, 0);
+      } else if (op == "Constant") {
+        y = tensor_of(attr(n, "value")->t(), "Constant " + label(n));
+      } else if (op == "Add" || op == "Sub" || op == "Mul" || op == "Div") {
+        const auto a = get(n, 0), b = get(n, 1);
+        y = op == "Add" ? a + b : op == "Sub" ? a - b : op == "Mul" ? a * b : a / b;
+      } else if (op == "Relu") {
+        y = torch::relu(get(n, 0));
+      } else if (op == "Conv") {
+        y = torch::conv2d(get(n, 0), get(n, 1), get(n, 2), ints_or(n, "strides", {1, 1}), pads2(n),
+                          ints_or(n, "dilations", {1, 1}), attr_int(n, "group", 1));
+      } else if (op == "Gemm") {
+        auto a = get(n, 0), b = get(n, 1);
+        if (attr_int(n, "transA", 0)) a = a.t();
+        if (attr_int(n, "transB", 0)) b = b.t();
+        y = torch::matmul(a, b) * attr_float(n, "alpha", 1.0);
+        if (auto c = get(n, 2); c.defined()) y = y + c * attr_float(n, "beta", 1.0);
+      } else if (op == "MatMul") {
+        y = torch::matmul(get(n, 0), get(n, 1));
+      } else if (op == "BatchNormalization") {
+        y = torch::batch_norm(get(n, 0), get(n, 1), get(n, 2), get(n, 3), get(n, 4), false, 0.0,
+                              attr_float(n, "epsilon", 1e-5), false);
+      } else if (op == "MaxPool") {
+        y = torch::max_pool2d(get(n, 0), attr_ints(n, "kernel_shape"),
+                              ints_or(n, "strides", {1, 1}), pads2(n),
+                              ints_or(n, "dilations", {1, 1}), attr_int(n, "ceil_mode", 0) != 0);
+      } else if (op == "AveragePool") {
+        y = torch::avg_pool2d(
+            get(n, 0), attr_ints(n, "kernel_shape"), ints_or(n, "strides", {1, 1}), pads2(n),
+            attr_int(n, "ceil_mode", 0) != 0, attr_int(n, "count_include_pad", 0) != 0);
+      } else if (op == "Pad") {
+        y = get(n, 0);  // the conversion accepts only empty pads
+      } else if (op == "GlobalAveragePool") {
+        y = get(n, 0).mean({2, 3}, true);
+      } else if (op == "Flatten") {
+        const auto a = get(n, 0);
+        int64_t lead = 1;
+        for (int64_t k = 0; k < attr_int(n, "axis", 1); ++k) lead *= a.size(k);
+        y = a.reshape({lead, -1});
+      } else if (op == "Reshape") {
+        const auto a = get(n, 0);
+        auto shape = get(n, 1).to(torch::kLong);
+        std::vector<int64_t> dims(shape.data_ptr<int64_t>(),
+                                  shape.data_ptr<int64_t>() + shape.numel());
+        for (size_t k = 0; k < dims.size(); ++k)
+          if (dims[k] == 0) dims[k] = a.size(static_cast<int64_t>(k));
+        y = a.reshape(dims);
+      } else {
+        fail(label(n), "has no reference evaluation (" + op + ")");
+      }
+      v[n.output(0)] = y;
+    }
+    return v.at(g.output(0).name());
+  }
+
  private:
   [[noreturn]] void fail(const std::string& node, const std::string& why) const {
     throw DataError("ONNX model " + path_ + (node.empty() ? "" : ": node " + node) + ": " + why);
@@ -385,7 +473,8 @@ class Converter {
 
 }  // namespace
 
-OnnxModel onnx_load(const std::string& path) {
+namespace {
+onnx::ModelProto onnx_read(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) throw DataError::cannot_open(path, "no such file");
   if (st.st_size > kMaxBytes)
@@ -400,7 +489,15 @@ OnnxModel onnx_load(const std::string& path) {
     throw DataError("ONNX model " + path +
                     ": not a valid ONNX protobuf (truncated or another format)");
   if (!model.has_graph()) throw DataError("ONNX model " + path + ": has no graph");
-  return Converter(path).run(model);
+  return model;
+}
+}  // namespace
+
+OnnxModel onnx_load(const std::string& path) { return Converter(path).run(onnx_read(path)); }
+
+torch::Tensor onnx_evaluate(const std::string& path, const torch::Tensor& x) {
+  torch::NoGradGuard no_grad;
+  return Converter(path).evaluate(onnx_read(path), x);
 }
 
 }  // namespace moecert

@@ -29,6 +29,22 @@ class ChannelGroupPathImpl : public BackboneImpl {
   ChannelGroupNetImpl* body_;
   int64_t group_;
 };
+constexpr const char* kGraph = "graph";
+
+/// A graph component's cost, after checking that it reads [C, H, W] images and gives
+/// `outputs` values.
+BackboneCost graph_component_check(const nlohmann::json& structure, const std::string& where,
+                                   const std::vector<int64_t>& image, int64_t outputs) {
+  const auto info = graph_structure_check(structure, where);
+  if (info.input_shape != image)
+    throw ConfigError(where + ": reads inputs of shape " + shape_str(info.input_shape) +
+                      ", the model's images are " + shape_str(image));
+  if (info.output_shape != std::vector<int64_t>{outputs})
+    throw ConfigError(where + ": gives outputs of shape " + shape_str(info.output_shape) + ", " +
+                      std::to_string(outputs) + " values expected");
+  return info.cost;
+}
+
 }  // namespace
 
 RouterGradient router_gradient_parse(const std::string& s) {
@@ -38,19 +54,21 @@ RouterGradient router_gradient_parse(const std::string& s) {
 }
 
 nlohmann::json ModelSpec::to_json() const {
-  return {{"kind", kind},
-          {"scale", scale},
-          {"in_channels", in_channels},
-          {"height", height},
-          {"width", width},
-          {"num_classes", num_classes},
-          {"experts", experts},
-          {"expert", expert},
-          {"router", router},
-          {"routing", routing_name(routing)},
-          {"top_k", top_k},
-          {"mean", mean},
-          {"std", std}};
+  nlohmann::json j = {{"kind", kind},
+                      {"scale", scale},
+                      {"in_channels", in_channels},
+                      {"height", height},
+                      {"width", width},
+                      {"num_classes", num_classes},
+                      {"experts", experts},
+                      {"expert", expert},
+                      {"router", router},
+                      {"routing", routing_name(routing)},
+                      {"top_k", top_k},
+                      {"mean", mean},
+                      {"std", std}};
+  if (!graphs.is_null()) j["graphs"] = graphs;
+  return j;
 }
 
 ModelSpec ModelSpec::from_json(const nlohmann::json& j) {
@@ -88,6 +106,7 @@ ModelSpec ModelSpec::from_json(const nlohmann::json& j) {
   field("top_k", s.top_k);
   field("mean", s.mean);
   field("std", s.std);
+  if (j.contains("graphs")) s.graphs = j.at("graphs");
   if (routing == "soft")
     s.routing = Routing::soft;
   else if (routing == "top-k")
@@ -107,10 +126,32 @@ void ModelSpec::validate() const {
   BackboneArgs a;
   a.in_channels = in_channels, a.height = height, a.width_px = width, a.outputs = num_classes;
   a.kind = expert;
-  backbone_find(a, kind == "moe-cnn" ? BackboneRole::channel_groups : BackboneRole::expert,
-                "--expert");
+  if (expert == kGraph) {
+    if (kind != "moe") throw ConfigError("architecture: graph experts need kind moe");
+    const auto& list =
+        graphs.is_object() && graphs.contains("experts") ? graphs.at("experts") : nlohmann::json();
+    if (!list.is_array() || static_cast<int64_t>(list.size()) != experts)
+      throw ConfigError(
+          "architecture: expert \"graph\" needs graphs.experts, one structure per "
+          "expert (" +
+          std::to_string(experts) + "), as `moecert import` writes");
+    for (size_t i = 0; i < list.size(); ++i)
+      graph_component_check(list[i], "architecture.graphs.experts[" + std::to_string(i) + "]",
+                            {in_channels, height, width}, num_classes);
+  } else {
+    backbone_find(a, kind == "moe-cnn" ? BackboneRole::channel_groups : BackboneRole::expert,
+                  "--expert");
+  }
   a.kind = router, a.outputs = experts;
-  if (experts > 1) backbone_find(a, BackboneRole::router, "--router");
+  if (experts > 1 && router == kGraph) {
+    if (!graphs.is_object() || !graphs.contains("router"))
+      throw ConfigError(
+          "architecture: router \"graph\" needs graphs.router, as `moecert import` writes");
+    graph_component_check(graphs.at("router"), "architecture.graphs.router",
+                          {in_channels, height, width}, experts);
+  } else if (experts > 1) {
+    backbone_find(a, BackboneRole::router, "--router");
+  }
   if (routing == Routing::top_k && (top_k < 1 || top_k > experts))
     throw ConfigError::invalid("--top-k", std::to_string(top_k),
                                "1 <= k <= experts (" + std::to_string(experts) + ")");
@@ -146,10 +187,24 @@ BackboneCost ModelSpec::cost() const {
     const auto r = backbone_cost(router, in_channels, height, width, experts);
     return {c.parameters + r.parameters, c.activations + r.activations};
   }
-  const auto e = backbone_cost(expert, in_channels, height, width, num_classes);
+  const std::vector<int64_t> image{in_channels, height, width};
+  BackboneCost e;
+  if (expert == kGraph) {  // validated: one structure per expert; the largest counts
+    for (size_t i = 0; i < graphs.at("experts").size(); ++i) {
+      const auto g = graph_component_check(graphs.at("experts")[i], "architecture.graphs.experts",
+                                           image, num_classes);
+      e.parameters = std::max(e.parameters, g.parameters);
+      e.activations = std::max(e.activations, g.activations);
+    }
+  } else {
+    e = backbone_cost(expert, in_channels, height, width, num_classes);
+  }
   BackboneCost c{static_cast<double>(experts) * e.parameters, e.activations};
   if (experts > 1) {
-    const auto r = backbone_cost(router, in_channels, height, width, experts);
+    const auto r = router == kGraph
+                       ? graph_component_check(graphs.at("router"), "architecture.graphs.router",
+                                               image, experts)
+                       : backbone_cost(router, in_channels, height, width, experts);
     const double used =
         routing == Routing::soft ? static_cast<double>(experts) : static_cast<double>(top_k);
     c.parameters += r.parameters;
@@ -180,8 +235,11 @@ MoeImpl::MoeImpl(ModelSpec spec) : spec_(std::move(spec)) {
   mean_ = register_buffer("mean", channel_buffer(spec_.mean));
   std_ = register_buffer("std", channel_buffer(spec_.std));
   if (spec_.experts > 1)
-    router_ = register_module("router", backbone_make(spec_.router, spec_.in_channels, spec_.height,
-                                                      spec_.width, spec_.experts));
+    router_ = register_module(
+        "router", spec_.router == kGraph
+                      ? graph_net_make(spec_.graphs.at("router"), "architecture.graphs.router")
+                      : backbone_make(spec_.router, spec_.in_channels, spec_.height, spec_.width,
+                                      spec_.experts));
   if (spec_.kind == "moe-cnn") {
     body_ = register_module(
         "body", channel_group_make(spec_.expert, spec_.in_channels, spec_.height, spec_.width,
@@ -192,8 +250,12 @@ MoeImpl::MoeImpl(ModelSpec spec) : spec_(std::move(spec)) {
   }
   experts_list_ = register_module("experts", torch::nn::ModuleList());
   for (int64_t i = 0; i < spec_.experts; ++i) {
-    experts_.push_back(backbone_make(spec_.expert, spec_.in_channels, spec_.height, spec_.width,
-                                     spec_.num_classes));
+    experts_.push_back(
+        spec_.expert == kGraph
+            ? graph_net_make(spec_.graphs.at("experts")[static_cast<size_t>(i)],
+                             "architecture.graphs.experts[" + std::to_string(i) + "]")
+            : backbone_make(spec_.expert, spec_.in_channels, spec_.height, spec_.width,
+                            spec_.num_classes));
     experts_list_->push_back(experts_.back());
   }
 }

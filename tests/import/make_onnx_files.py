@@ -9,7 +9,9 @@ inputs and PyTorch's float32 outputs). Properties on mlp.onnx: holds.vnnlib (a t
 around an input whose predicted class wins by a margin: no other class can reach it) and
 violated.vnnlib (a box around an input and the constraint that the outputs are what they
 are there, up to 1e-3: the centre itself is a counterexample); unsupported.onnx uses an
-operator without a bound rule (Sigmoid).
+operator without a bound rule (Sigmoid). moe.json assembles an MoE from moe_router.onnx,
+moe_expert{0,1}.onnx and the state dict moe_expert2.pt, with moe_reference.pt ({"inputs",
+"logits", "routes"}) from the PyTorch MoE.
 """
 import os
 import sys
@@ -150,3 +152,64 @@ vnnlib(os.path.join(OUT, "holds.vnnlib"), lower, upper, clauses)
 d = float(y0[0] - y0[1])
 vnnlib(os.path.join(OUT, "violated.vnnlib"), lower, upper,
        [[([1.0, -1.0, 0, 0, 0], d + 1e-3), ([-1.0, 1.0, 0, 0, 0], -d + 1e-3)]])
+
+# An MoE of paper 1's kind assembled from components (tests/import/test_onnx.cpp): a linear
+# router on the flattened normalised image (argmax), two ONNX experts and one expert as a
+# state dict of moecert's cnn-s layout (conv1, conv2, fc1, fc2). The data loader normalises,
+# so every component reads normalised images; the reference holds the selected expert's
+# logits and the routes.
+class Router(nn.Module):
+    def __init__(self, n_in, experts):
+        super().__init__()
+        self.gate = nn.Linear(n_in, experts)
+
+    def forward(self, x):
+        return self.gate(x.flatten(1))
+
+
+class CnnS3(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 2, 1)
+        self.conv2 = nn.Conv2d(16, 32, 3, 2, 1)
+        self.fc1 = nn.Linear(32 * 8 * 8, 128)
+        self.fc2 = nn.Linear(128, classes)
+
+    def forward(self, x):
+        y = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc2(F.relu(self.fc1(y.flatten(1))))
+
+
+import json  # noqa: E402
+
+mean = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)
+std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+router = Router(3 * 32 * 32, 3)
+with torch.no_grad():
+    router.gate.weight.mul_(20.0)  # routes that spread over the three experts
+expert0 = BnNet()  # BatchNorm, pooling and a residual sum, 10 classes
+expert0.w = nn.Parameter(torch.randn(8, 10) * 0.3)
+randomise_bn(expert0)
+experts = [expert0, CnnS3(), CnnS3()]
+for m in [router] + experts:
+    m.eval()
+x = torch.rand(40, 3, 32, 32)
+xn = (x - mean) / std
+with torch.no_grad():
+    routes = router(xn).argmax(1)
+    logits = torch.stack([experts[int(r)](xn[i:i + 1])[0] for i, r in enumerate(routes)])
+assert len(set(routes.tolist())) == 3, "the random router does not use all three experts"
+for name, m in [("moe_router", router), ("moe_expert0", experts[0]), ("moe_expert1", experts[1])]:
+    torch.onnx.export(m, xn[:1], os.path.join(OUT, name + ".onnx"), input_names=["input"],
+                      output_names=["output"], opset_version=13,
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+torch.save({"net": {"experts.2." + k: v for k, v in experts[2].state_dict().items()}},
+           os.path.join(OUT, "moe_expert2.pt"))
+torch.save({"inputs": x, "logits": logits, "routes": routes},
+           os.path.join(OUT, "moe_reference.pt"))
+with open(os.path.join(OUT, "moe.json"), "w") as f:
+    json.dump({"router": {"onnx": "moe_router.onnx"},
+               "experts": [{"onnx": "moe_expert0.onnx"}, {"onnx": "moe_expert1.onnx"},
+                           {"torch": "moe_expert2.pt", "backbone": "cnn-s", "state_dict": "net",
+                            "prefix": "experts.2."}],
+               "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3]}, f)
