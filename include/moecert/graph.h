@@ -55,6 +55,10 @@ struct Layer {
 
   static Layer affine(std::string name, torch::Tensor scale, torch::Tensor shift,
                       torch::Tensor shift_terms = {});
+  /// Eval-mode BatchNorm γ (x − μ) / sqrt(σ² + eps) + β as the affine map it is, with the
+  /// shift's terms |β| + |μ·scale| (what a float32 model sums). γ, β may be undefined (1, 0).
+  static Layer batch_norm(std::string name, const torch::Tensor& gamma, const torch::Tensor& beta,
+                          const torch::Tensor& mean, const torch::Tensor& var, double eps);
   static Layer conv2d(std::string name, torch::Tensor w, torch::Tensor b, int64_t stride,
                       int64_t padding);
   static Layer dense(std::string name, torch::Tensor w, torch::Tensor b);

@@ -101,10 +101,11 @@ void cli_register_import(CLI::App& app, const CommonOptions& common) {
               << " (layout " << record["layout"].get<std::string>() << ") -> " << o->opts.out
               << "\n";
     for (const auto& c : check.value("components", nlohmann::json::array()))
-      std::cout << "self-check   " << c["component"].get<std::string>() << ": "
-                << c["check"]["samples"].get<int64_t>()
-                << " random inputs against its source, max |difference| "
-                << c["check"]["max_abs_diff"].get<double>() << "\n";
+      if (c.contains("check"))
+        std::cout << "self-check   " << c["component"].get<std::string>() << ": "
+                  << c["check"]["samples"].get<int64_t>()
+                  << " random inputs against its source, max |difference| "
+                  << c["check"]["max_abs_diff"].get<double>() << "\n";
     const auto& ref = check.contains("reference") ? check["reference"] : check;
     if (ref.contains("max_abs_logit_diff"))
       std::cout << "self-check   " << ref["samples"].get<int64_t>()

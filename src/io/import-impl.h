@@ -3,13 +3,16 @@
 // components).
 #pragma once
 
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "moecert/error.h"
+#include "moecert/graph.h"
 #include "moecert/import.h"
+#include "moecert/models.h"
 #include "moecert/torch_file.h"
 
 namespace moecert::import_impl {
@@ -24,7 +27,17 @@ struct Source {
 
   bool has(const std::string& k) const { return refs.count(k) > 0; }
   const TorchTensorRef& ref(const std::string& k) const { return refs.at(k); }
+  /// Source tensors read more than once (a grouped convolution by each of its N groups,
+  /// the router its copies are compared with) stay here until fill() ends.
+  std::map<std::string, torch::Tensor> kept;
+
   torch::Tensor load(const std::string& k) { return file.load(refs.at(k)); }
+  /// load(), keeping the tensor for the next read of the same key.
+  torch::Tensor load_kept(const std::string& k) {
+    auto it = kept.find(k);
+    if (it == kept.end()) it = kept.emplace(k, load(k)).first;
+    return it->second;
+  }
   [[noreturn]] void fail(const std::string& why) const {
     throw DataError("import of " + file.path() + ": " + why);
   }
@@ -43,6 +56,25 @@ int64_t fill(torch::nn::Module& model, Source& s, const KeyMap& map);
 /// Compares `model` with the reference file o.reference ({"inputs", "logits"[,
 /// "routes"]}); throws DataError (exit 2) on a mismatch; returns the check's record.
 nlohmann::json self_check(MoeImpl& model, const ImportOptions& o);
+
+/// One router or expert of a graph-component model: its graph in float64 and how its
+/// source evaluates normalised images [B, C, H, W] (the reference of its check; empty:
+/// only the whole model's --reference checks it).
+struct GraphComponent {
+  std::string role;  ///< "router", "experts[2]"
+  std::string source;
+  LayerGraph graph;
+  std::function<torch::Tensor(const torch::Tensor&)> reference;
+  nlohmann::json record;
+};
+
+/// Whether `preset` is one import_graph builds (paper 2's WRN and VGG MoE-CNNs).
+bool graph_preset(const std::string& preset);
+
+/// Paper 2's WRN / VGG MoE-CNN as graph components: expert e is the path through
+/// channel group e of every MoE convolution (docs/import.md); the router a resnet20.
+/// Sets the spec's shape, classes, experts and normalisation.
+std::vector<GraphComponent> paper2_graph_components(const ImportOptions& o, ModelSpec& spec);
 
 /// `moecert import` of an ONNX file (SOURCE ending in .onnx) or an assembly file
 /// (.json): the model's components become graph components, each checked against its

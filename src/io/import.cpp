@@ -251,7 +251,7 @@ torch::Tensor mapped(Source& s, const std::string& key, const torch::Tensor& our
   if (floating != c10::isFloatingType(ref.dtype))
     s.fail("'" + from + "' holds " + std::string(c10::toString(ref.dtype)) + " values but '" + key +
            "' needs " + c10::toString(ours.scalar_type()));
-  auto t = s.load(from);
+  auto t = rule.op == KeyOp::group_rows ? s.load_kept(from) : s.load(from);
   if (rule.op == KeyOp::group_rows) t = t.narrow(0, g * want[0], want[0]);
   if (rule.op == KeyOp::tile_columns) t = t.repeat({1, want[1] / ref.sizes[1]});
   return t.to(ours.scalar_type());
@@ -284,7 +284,7 @@ int64_t fill(torch::nn::Module& model, Source& s, const KeyMap& map) {
       if (std::regex_match(k, m, re)) {
         const std::string other = m.format(target);
         if (!s.has(other)) s.fail("'" + k + "' has no original '" + other + "'");
-        if (!torch::equal(s.load(k), s.load(other)))
+        if (!torch::equal(s.load(k), s.load_kept(other)))
           s.fail("'" + k + "' differs from '" + other + "', which it must copy");
         s.used.insert(k);
       }
@@ -306,6 +306,7 @@ int64_t fill(torch::nn::Module& model, Source& s, const KeyMap& map) {
         map.name + "' (" + list + (unused.size() > 5 ? ", ..." : "") +
         "): the layout does not describe this file (wrong preset, expert count or architecture)");
   }
+  s.kept.clear();
   return filled;
 }
 
@@ -438,7 +439,13 @@ std::vector<std::pair<std::string, std::string>> import_presets() {
           {"paper2-moe-cnn-resnet18",
            "paper 2's ResNet-18 MoE-CNN (checkpoint.pth.tar {\"state_dict\": ...}): channel-group "
            "convs, "
-           "shared BatchNorms, ResNet-20 router"}};
+           "shared BatchNorms, ResNet-20 router"},
+          {"paper2-moe-cnn-wrn",
+           "paper 2's Wide ResNet MoE-CNN (wrn_28_10_cifar_moe; any depth and width): one graph "
+           "expert per channel group, ResNet-20 router"},
+          {"paper2-moe-cnn-vgg16",
+           "paper 2's VGG-16-BN MoE-CNN (vgg16_bn_moe): one graph expert per channel group, "
+           "ResNet-20 router"}};
 }
 
 nlohmann::json import_checkpoint(const ImportOptions& o) {
@@ -460,6 +467,7 @@ nlohmann::json import_checkpoint(const ImportOptions& o) {
       throw ConfigError::invalid("--preset", o.preset, "one of " + names);
     }
   }
+  if (graph_preset(o.preset)) return import_graph(o);
   if (o.preset == "paper1-dual" && o.member.empty())
     throw ConfigError(
         "--preset paper1-dual: paper 1's dual-model blends its members' logits, (1-α)·Smoe(x) + "

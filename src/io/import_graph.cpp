@@ -22,15 +22,7 @@ namespace {
 /// Samples of each component's check.
 constexpr int64_t kCheckSamples = 64;
 
-/// One router or expert: its graph in float64 and how its source evaluates normalised
-/// images [B, C, H, W] (the reference of the check).
-struct Component {
-  std::string role;  ///< "router", "experts[2]"
-  std::string source;
-  LayerGraph graph;
-  std::function<torch::Tensor(const torch::Tensor&)> reference;
-  nlohmann::json record;
-};
+using Component = GraphComponent;
 
 std::vector<int64_t> image_of(const ModelSpec& s) { return {s.in_channels, s.height, s.width}; }
 
@@ -65,9 +57,9 @@ Component onnx_component(const std::string& role, const std::string& path,
 
 /// A state dict of a registered backbone: {"torch": FILE, "backbone": KIND,
 /// "state_dict": "net", "prefix": "experts.0.net."}; `outputs` logits.
-Component torch_component(const std::string& role, const nlohmann::json& j,
-                          const std::string& path, const std::vector<int64_t>& image,
-                          int64_t outputs, const std::string& where) {
+Component torch_component(const std::string& role, const nlohmann::json& j, const std::string& path,
+                          const std::vector<int64_t>& image, int64_t outputs,
+                          const std::string& where) {
   if (!j.contains("backbone") || !j.at("backbone").is_string())
     throw ConfigError(where + ": a \"torch\" component needs \"backbone\" (a registered kind)");
   const std::string kind = j.at("backbone").get<std::string>();
@@ -83,14 +75,16 @@ Component torch_component(const std::string& role, const nlohmann::json& j,
   net->eval();
   Component c{role, path, net->graph(), {}, {}};
   c.reference = [net](const torch::Tensor& xn) { return net->forward(xn); };
-  c.record = {{"torch", path},       {"sha256", sha256_file(path)}, {"backbone", kind},
-              {"state_dict", state_dict}, {"prefix", prefix},     {"tensors", filled}};
+  c.record = {{"torch", path},    {"sha256", sha256_file(path)},
+              {"backbone", kind}, {"state_dict", state_dict},
+              {"prefix", prefix}, {"tensors", filled}};
   return c;
 }
 
 /// Compares the written model's component with its source on random images; throws
 /// DataError (exit 2) beyond the tolerance (relative to the outputs' scale).
 void check_component(Component& c, BackboneImpl& ours, const MoeImpl& model, double tolerance) {
+  if (!c.reference) return;  // checked with the whole model (--reference)
   torch::NoGradGuard no_grad;
   const auto& s = model.spec();
   auto gen = at::detail::createCPUGenerator(20261203);
@@ -109,14 +103,14 @@ void check_component(Component& c, BackboneImpl& ours, const MoeImpl& model, dou
                        {"output_scale", scale},
                        {"tolerance", tolerance * scale}};
   if (!(diff <= tolerance * scale))
-    throw DataError("import: " + c.role + " " + c.source + " is not reproduced: max |Δ| = " +
-                    fmt_fixed(diff, 6) + " on " + std::to_string(kCheckSamples) +
-                    " random inputs (tolerance " + fmt_fixed(tolerance * scale, 6) +
-                    "); nothing was written");
+    throw DataError("import: " + c.role + " " + c.source +
+                    " is not reproduced: max |Δ| = " + fmt_fixed(diff, 6) + " on " +
+                    std::to_string(kCheckSamples) + " random inputs (tolerance " +
+                    fmt_fixed(tolerance * scale, 6) + "); nothing was written");
 }
 
-std::vector<double> per_channel(const std::vector<double>& v, int64_t channels,
-                                const char* option, double dflt) {
+std::vector<double> per_channel(const std::vector<double>& v, int64_t channels, const char* option,
+                                double dflt) {
   if (v.empty()) return std::vector<double>(static_cast<size_t>(channels), dflt);
   if (v.size() == 1) return std::vector<double>(static_cast<size_t>(channels), v[0]);
   if (static_cast<int64_t>(v.size()) != channels)
@@ -145,8 +139,8 @@ std::string relative_to(const std::string& file, const std::string& path) {
 std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
   const auto j = read_json(o.source);
   const std::string f = "import: " + o.source;
-  static const std::set<std::string> known = {"experts", "router", "routing", "top_k",
-                                              "input_shape", "classes", "mean", "std"};
+  static const std::set<std::string> known = {"experts",     "router",  "routing", "top_k",
+                                              "input_shape", "classes", "mean",    "std"};
   if (!j.is_object()) throw ConfigError(f + ": must be a JSON object");
   for (const auto& [k, v] : j.items())
     if (!known.count(k)) throw ConfigError(f + ": unknown field '" + k + "'");
@@ -167,8 +161,7 @@ std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
   } catch (const nlohmann::json::exception& e) {
     throw ConfigError(f + ": " + e.what());
   }
-  if (!image.empty() && image.size() != 3)
-    throw ConfigError(f + ": \"input_shape\" is [C, H, W]");
+  if (!image.empty() && image.size() != 3) throw ConfigError(f + ": \"input_shape\" is [C, H, W]");
   spec.experts = static_cast<int64_t>(experts.size());
   if (spec.experts > 1 && !j.contains("router"))
     throw ConfigError(f + ": several experts need a \"router\" component");
@@ -185,11 +178,12 @@ std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
     const auto& p = parts[k];
     const std::string where = f + ": " + role_of(k);
     if (!p.is_object() || p.contains("onnx") == p.contains("torch"))
-      throw ConfigError(where + ": a component is {\"onnx\": FILE} or {\"torch\": FILE, "
-                                "\"backbone\": KIND, \"state_dict\", \"prefix\"}");
+      throw ConfigError(where +
+                        ": a component is {\"onnx\": FILE} or {\"torch\": FILE, "
+                        "\"backbone\": KIND, \"state_dict\", \"prefix\"}");
     if (p.contains("onnx")) {
-      out[k] = onnx_component(role_of(k), relative_to(o.source, p.at("onnx").get<std::string>()),
-                              image);
+      out[k] =
+          onnx_component(role_of(k), relative_to(o.source, p.at("onnx").get<std::string>()), image);
       const int64_t outputs = graph_out_shape(out[k].graph, image).at(0);
       if (k < experts.size() && spec.num_classes == 0) spec.num_classes = outputs;
     }
@@ -200,10 +194,9 @@ std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
     throw ConfigError(f + ": no ONNX expert fixes the class count: give \"classes\"");
   for (size_t k = 0; k < parts.size(); ++k)
     if (parts[k].contains("torch"))
-      out[k] = torch_component(role_of(k), parts[k],
-                               relative_to(o.source, parts[k].at("torch").get<std::string>()),
-                               image, k < experts.size() ? spec.num_classes : spec.experts,
-                               f + ": " + role_of(k));
+      out[k] = torch_component(
+          role_of(k), parts[k], relative_to(o.source, parts[k].at("torch").get<std::string>()),
+          image, k < experts.size() ? spec.num_classes : spec.experts, f + ": " + role_of(k));
   spec.in_channels = image[0], spec.height = image[1], spec.width = image[2];
   if (spec.routing == Routing::soft) spec.top_k = spec.experts;
   if (o.mean.empty() && j.contains("mean")) spec.mean = j.at("mean").get<std::vector<double>>();
@@ -214,7 +207,7 @@ std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
 }  // namespace
 
 nlohmann::json import_graph(const ImportOptions& o) {
-  if (!o.preset.empty() || !o.key_map.empty() || !o.member.empty())
+  if (!o.key_map.empty() || !o.member.empty() || (!o.preset.empty() && !graph_preset(o.preset)))
     throw ConfigError("import: --preset, --key-map and --member are for torch.save files; " +
                       o.source + " is " +
                       (o.source.size() > 5 && o.source.substr(o.source.size() - 5) == ".onnx"
@@ -227,7 +220,13 @@ nlohmann::json import_graph(const ImportOptions& o) {
   spec.kind = "moe", spec.expert = "graph", spec.router = "graph";
   spec.mean.clear(), spec.std.clear();
   std::vector<Component> parts;
-  if (is_onnx) {
+  if (!o.preset.empty()) {
+    if (o.reference.empty() && !o.allow_unchecked)
+      throw ConfigError("import: --preset " + o.preset +
+                        " needs --reference REF.pt (the logits and routes of the source model, "
+                        "docs/import.md); --allow-unchecked writes without that check");
+    parts = paper2_graph_components(o, spec);
+  } else if (is_onnx) {
     std::vector<int64_t> image;
     parts.push_back(onnx_component("model", o.source, image));
     spec.in_channels = image[0], spec.height = image[1], spec.width = image[2];
@@ -251,8 +250,9 @@ nlohmann::json import_graph(const ImportOptions& o) {
   int64_t tensors = 0;
   nlohmann::json components = nlohmann::json::array();
   for (size_t k = 0; k < parts.size(); ++k) {
-    BackboneImpl& net = k < static_cast<size_t>(spec.experts) ? model->expert(static_cast<int64_t>(k))
-                                                             : *model->router();
+    BackboneImpl& net = k < static_cast<size_t>(spec.experts)
+                            ? model->expert(static_cast<int64_t>(k))
+                            : *model->router();
     graph_net_fill(net, parts[k].graph);
     tensors += static_cast<int64_t>(net.parameters().size());
     check_component(parts[k], net, *model, o.tolerance);
@@ -260,16 +260,22 @@ nlohmann::json import_graph(const ImportOptions& o) {
     components.push_back(parts[k].record);
   }
   nlohmann::json check = {{"kind", "components"}, {"components", components}};
+  if (o.reference.empty() && !o.preset.empty())
+    check = {{"kind", "none"},
+             {"note", "written with --allow-unchecked: not compared with the source"},
+             {"components", components}};
   if (!o.reference.empty()) {
     check["reference"] = self_check(*model, o);
     check["kind"] = "components and reference logits";
   }
   nlohmann::json record = {{"source", o.source},
                            {"source_sha256", sha256_file(o.source)},
-                           {"layout", is_onnx ? "onnx" : "assembly"},
+                           {"layout", !o.preset.empty() ? o.preset
+                                      : is_onnx         ? "onnx"
+                                                        : "assembly"},
                            {"tensors", tensors},
                            {"check", check}};
-  if (!is_onnx) record["assembly"] = read_json(o.source);
+  if (!is_onnx && o.preset.empty()) record["assembly"] = read_json(o.source);
   nlohmann::json manifest = {
       {"architecture", spec.to_json()}, {"training", {{"method", "imported"}}}, {"import", record}};
   if (!o.dataset.empty()) manifest["dataset"] = {{"name", o.dataset}};

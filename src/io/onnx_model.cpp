@@ -401,9 +401,8 @@ class Converter {
            beta = constant_input(n, 2, "bias").flatten();
       auto mean = constant_input(n, 3, "mean").flatten(),
            var = constant_input(n, 4, "var").flatten();
-      const double eps = attr_float(n, "epsilon", 1e-5);
-      auto s = gamma / torch::sqrt(var + eps);
-      return output(n, Layer::affine("", s, beta - mean * s, beta.abs() + (mean * s).abs()),
+      return output(n,
+                    Layer::batch_norm("", gamma, beta, mean, var, attr_float(n, "epsilon", 1e-5)),
                     {x.node});
     }
     if (op == "MaxPool" || op == "AveragePool") {

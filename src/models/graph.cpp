@@ -14,6 +14,16 @@ Layer Layer::affine(std::string name, torch::Tensor scale, torch::Tensor shift,
   return l;
 }
 
+Layer Layer::batch_norm(std::string name, const torch::Tensor& gamma, const torch::Tensor& beta,
+                        const torch::Tensor& mean, const torch::Tensor& var, double eps) {
+  auto scale = torch::rsqrt(var + eps);
+  if (gamma.defined()) scale = scale * gamma;
+  auto shift = -mean * scale;
+  auto terms = (mean * scale).abs();
+  if (beta.defined()) shift = shift + beta, terms = terms + beta.abs();
+  return affine(std::move(name), scale, shift, terms);
+}
+
 Layer Layer::conv2d(std::string name, torch::Tensor w, torch::Tensor b, int64_t stride,
                     int64_t padding) {
   Layer l;

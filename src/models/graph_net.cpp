@@ -18,10 +18,10 @@ using Kind = Layer::Kind;
 
 /// Every kind a graph component may hold (gate exists only inside Jacobian graphs).
 constexpr std::array<Kind, 16> kStructureKinds{
-    Kind::channel_affine, Kind::conv,      Kind::linear,      Kind::relu,
-    Kind::flatten,        Kind::global_avgpool, Kind::residual, Kind::maxpool,
-    Kind::concat,         Kind::tokens,    Kind::token_select, Kind::layernorm,
-    Kind::gelu,           Kind::softmax,   Kind::attn_scores, Kind::attn_mix};
+    Kind::channel_affine, Kind::conv,           Kind::linear,       Kind::relu,
+    Kind::flatten,        Kind::global_avgpool, Kind::residual,     Kind::maxpool,
+    Kind::concat,         Kind::tokens,         Kind::token_select, Kind::layernorm,
+    Kind::gelu,           Kind::softmax,        Kind::attn_scores,  Kind::attn_mix};
 
 /// A tensor a layer may hold, by name.
 struct TensorSlot {
@@ -35,12 +35,18 @@ constexpr std::array<TensorSlot, 3> kSlots{TensorSlot{"weight", &Layer::weight},
 /// Which slots a kind must / may hold, as ranks (0: absent, -r: optional of rank r).
 std::array<int, 3> slot_ranks(Kind k) {
   switch (k) {
-    case Kind::channel_affine: return {1, 1, -1};
-    case Kind::conv: return {4, -1, 0};
-    case Kind::linear: return {2, -1, 0};
-    case Kind::layernorm: return {1, 1, 0};
-    case Kind::tokens: return {2, 1, 0};
-    default: return {0, 0, 0};
+    case Kind::channel_affine:
+      return {1, 1, -1};
+    case Kind::conv:
+      return {4, -1, 0};
+    case Kind::linear:
+      return {2, -1, 0};
+    case Kind::layernorm:
+      return {1, 1, 0};
+    case Kind::tokens:
+      return {2, 1, 0};
+    default:
+      return {0, 0, 0};
   }
 }
 
@@ -64,8 +70,8 @@ double double_field(const nlohmann::json& j, const char* name, const std::string
   if (!j.contains(name)) return dflt;
   const auto& v = j.at(name);
   if (!v.is_number() || !std::isfinite(v.get<double>()))
-    bad(where, "field '" + std::string(name) + "' must be a finite number, got " +
-                   v.dump().substr(0, 40));
+    bad(where,
+        "field '" + std::string(name) + "' must be a finite number, got " + v.dump().substr(0, 40));
   return v.get<double>();
 }
 
@@ -121,7 +127,8 @@ LayerGraph parse(const nlohmann::json& s, const std::string& where, Shape& input
       if (op == kind_name(c)) kind = &c;
     if (!kind) {
       std::string names;
-      for (Kind c : kStructureKinds) names += (names.empty() ? "" : ", ") + std::string(kind_name(c));
+      for (Kind c : kStructureKinds)
+        names += (names.empty() ? "" : ", ") + std::string(kind_name(c));
       bad(at, "op '" + op.substr(0, 40) + "' is not one of " + names);
     }
     Layer l = Layer::simple(*kind, n.value("name", std::string()));
@@ -135,7 +142,8 @@ LayerGraph parse(const nlohmann::json& s, const std::string& where, Shape& input
     const auto tensors = n.value("tensors", nlohmann::json::object());
     for (const auto& [name, shape] : tensors.items()) {
       bool known = false;
-      for (size_t t = 0; t < kSlots.size(); ++t) known = known || (name == kSlots[t].name && ranks[t]);
+      for (size_t t = 0; t < kSlots.size(); ++t)
+        known = known || (name == kSlots[t].name && ranks[t]);
       if (!known) bad(at, "op '" + op + "' holds no tensor '" + name.substr(0, 40) + "'");
     }
     for (size_t t = 0; t < kSlots.size(); ++t) {
@@ -209,8 +217,8 @@ class GraphNetImpl : public BackboneImpl {
         const auto& theirs = values[k].layer.*slot.member;
         if (ours.defined() != theirs.defined() ||
             (ours.defined() && ours.sizes() != theirs.sizes()))
-          throw ConfigError("graph component: node " + std::to_string(k) + " tensor " +
-                            slot.name + " does not match the structure");
+          throw ConfigError("graph component: node " + std::to_string(k) + " tensor " + slot.name +
+                            " does not match the structure");
         if (ours.defined()) ours.copy_(theirs.to(ours.device(), torch::kFloat32));
       }
   }
@@ -228,8 +236,8 @@ nlohmann::json graph_structure(const LayerGraph& g, const Shape& input_shape) {
     bool allowed = false;
     for (Kind c : kStructureKinds) allowed = allowed || c == k;
     if (!allowed)
-      throw UnsupportedLayerError("graph component: layer '" + n.layer.name + "' (" +
-                                  kind_name(k) + ") cannot be stored");
+      throw UnsupportedLayerError("graph component: layer '" + n.layer.name + "' (" + kind_name(k) +
+                                  ") cannot be stored");
     nlohmann::json j = {{"op", kind_name(k)}, {"name", n.layer.name}, {"inputs", n.inputs}};
     if (k == Kind::conv || k == Kind::maxpool) j["stride"] = n.layer.stride;
     if (k == Kind::conv || k == Kind::maxpool) j["padding"] = n.layer.padding;
@@ -239,7 +247,8 @@ nlohmann::json graph_structure(const LayerGraph& g, const Shape& input_shape) {
     if (k == Kind::attn_scores) j["scale"] = n.layer.scale;
     nlohmann::json tensors = nlohmann::json::object();
     for (const auto& slot : kSlots)
-      if ((n.layer.*slot.member).defined()) tensors[slot.name] = (n.layer.*slot.member).sizes().vec();
+      if ((n.layer.*slot.member).defined())
+        tensors[slot.name] = (n.layer.*slot.member).sizes().vec();
     if (!tensors.empty()) j["tensors"] = tensors;
     nodes.push_back(j);
   }

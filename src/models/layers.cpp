@@ -69,13 +69,8 @@ Layer linear_layer(const std::string& name, const nn::Linear& l) {
 }
 
 Layer batchnorm_layer(const std::string& name, const nn::BatchNorm2d& bn) {
-  auto var = f64(bn->running_var), mean = f64(bn->running_mean);
-  auto scale = torch::rsqrt(var + bn->options.eps());
-  if (bn->weight.defined()) scale = scale * f64(bn->weight);
-  auto shift = -mean * scale;
-  auto terms = (mean * scale).abs();  // what the float32 model sums to form its shift
-  if (bn->bias.defined()) shift = shift + f64(bn->bias), terms = terms + f64(bn->bias).abs();
-  return Layer::affine(name, scale, shift, terms);
+  return Layer::batch_norm(name, f64(bn->weight), f64(bn->bias), f64(bn->running_mean),
+                           f64(bn->running_var), bn->options.eps());
 }
 
 Layer avgpool2_layer(const std::string& name, int64_t channels, const torch::Tensor& like) {

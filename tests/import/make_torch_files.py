@@ -7,7 +7,10 @@ router.gate on the flattened normalised image, the argmax expert's logits) and p
 MoE-CNN ResNet-18 (block convs of N channel groups [W*N, in, 3, 3], BatchNorms of W
 channels shared by the groups, a dense 64-channel stem, dense shortcuts and head, one
 ResNet-20 router whose top-1 choice every MoE conv uses, saved again under every MoE
-conv). Weights and BatchNorm statistics are random; each model is saved with torch.save
+conv), and its Wide ResNet and VGG-16-BN MoE-CNNs (every MoE conv, including WRN's
+convShortcut, as N groups; WRN's first block of each stage reading its raw input; VGG's
+first conv dense, 2x2 adaptive pooling, a 256-256 classifier). Weights and BatchNorm
+statistics are random; each model is saved with torch.save
 in its paper's checkpoint dictionary, with a reference file {"inputs", "logits", "routes"}
 of 100 random images. Malicious files are written next to them.
 
@@ -176,10 +179,10 @@ class Router2(nn.Module):
 
 
 class MoEConv(nn.Conv2d):
-    """N channel groups of width W in one weight [W*N, in, 3, 3]; group e = rows [eW, (e+1)W)."""
+    """N channel groups of width W in one weight [W*N, in, k, k]; group e = rows [eW, (e+1)W)."""
 
-    def __init__(self, cin, width, stride, experts):
-        super().__init__(cin, width * experts, 3, stride, 1, bias=False)
+    def __init__(self, cin, width, stride, experts, kernel=3, padding=1):
+        super().__init__(cin, width * experts, kernel, stride, padding, bias=False)
         self.width = width
         self.choice = None
 
@@ -218,17 +221,121 @@ class MoeCnnResnet18(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(y, 1).flatten(1)), choice
 
 
-def paper2():
-    model = MoeCnnResnet18().eval()
+class MoeCnnBase(nn.Module):
+    """The router and its registration under every MoE conv (the code's set_router: the
+    state dict holds it once more under each of them); forward sets every conv's choice."""
+
+    def set_router(self, experts):
+        self.router = Router2(experts)
+        for m in list(self.modules()):
+            if isinstance(m, MoEConv):
+                m.router = self.router
+
+    def choose(self, x):
+        choice = self.router(x).argmax(1)
+        for m in self.modules():
+            if isinstance(m, MoEConv):
+                m.choice = choice
+        return choice
+
+
+class WrnBlock(nn.Module):
+    """Paper 2's WRN block: MoE conv1, conv2 and convShortcut; when the widths differ,
+    conv1 and convShortcut read the raw input (the code never reassigns x)."""
+
+    def __init__(self, cin, cout, stride, experts):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = MoEConv(cin, cout, stride, experts)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = MoEConv(cout, cout, 1, experts)
+        self.equal = cin == cout
+        self.convShortcut = None if self.equal else MoEConv(cin, cout, stride, experts, 1, 0)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        out = F.relu(self.bn2(self.conv1(out if self.equal else x)))
+        out = self.conv2(out)
+        return (x if self.equal else self.convShortcut(x)) + out
+
+
+class WrnGroup(nn.Module):
+    def __init__(self, n, cin, cout, stride, experts):
+        super().__init__()
+        self.layer = nn.Sequential(*[WrnBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1, experts)
+                                     for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class MoeCnnWrn(MoeCnnBase):
+    """wrn_28_10_cifar_moe's layout at depth 6n + 4, widen factor k, ratio r."""
+
+    def __init__(self, depth=16, k=2, experts=2, ratio=0.5, classes=10):
+        super().__init__()
+        n = (depth - 4) // 6
+        w = [int(16 * ratio), int(16 * k * ratio), int(32 * k * ratio), int(64 * k * ratio)]
+        self.conv1 = nn.Conv2d(3, w[0], 3, 1, 1, bias=False)
+        self.block1 = WrnGroup(n, w[0], w[1], 1, experts)
+        self.block2 = WrnGroup(n, w[1], w[2], 2, experts)
+        self.block3 = WrnGroup(n, w[2], w[3], 2, experts)
+        self.bn1 = nn.BatchNorm2d(w[3])
+        self.fc = nn.Linear(w[3], classes)
+        self.set_router(experts)
+
+    def forward(self, x):
+        choice = self.choose(x)
+        y = self.block3(self.block2(self.block1(self.conv1(x))))
+        y = F.adaptive_avg_pool2d(F.relu(self.bn1(y)), 1).flatten(1)
+        return self.fc(y), choice
+
+
+class MoeCnnVgg16(MoeCnnBase):
+    """vgg16_bn_moe's layout: features.<i> (conv, BN, ReLU; 'M' pools; the first conv dense),
+    AdaptiveAvgPool2d((2, 2)), classifier 4*int(512r) -> 256 -> 256 -> classes."""
+
+    def __init__(self, experts=2, ratio=0.125, classes=10):
+        super().__init__()
+        layers, cin = [], 3
+        for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            v = int(v * ratio)
+            conv = nn.Conv2d(cin, v, 3, padding=1, bias=False) if not layers else MoEConv(cin, v, 1, experts)
+            layers += [conv, nn.BatchNorm2d(v), nn.ReLU()]
+            cin = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        self.classifier = nn.Sequential(nn.Linear(cin * 4, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                        nn.Linear(256, classes))
+        self.set_router(experts)
+
+    def forward(self, x):
+        choice = self.choose(x)
+        return self.classifier(self.avgpool(self.features(x)).flatten(1)), choice
+
+
+def save_paper2(model, name, arch, x):
+    model.eval()
     randomise_bn(model)
-    x = torch.rand(100, 3, 32, 32)
-    with torch.no_grad():  # a router bias that splits these images between the two groups
+    with torch.no_grad():  # a router bias that splits these images between groups 0 and 1
         g = model.router(x)
         model.router.fc.bias[1] -= (g[:, 1] - g[:, 0]).median() + 1e-4
-    state = {"epoch": 100, "arch": "resnet18_moe", "state_dict": model.state_dict(),
+    state = {"epoch": 100, "arch": arch, "state_dict": model.state_dict(),
              "router": model.router.state_dict(), "best_acc": 52.5, "sa_record": [10.0, 20.5]}
-    torch.save(state, os.path.join(OUT, "checkpoint.pth.tar"))
+    torch.save(state, os.path.join(OUT, name + ".pth.tar"))
+
+
+def paper2():
+    model = MoeCnnResnet18().eval()
+    x = torch.rand(100, 3, 32, 32)
+    save_paper2(model, "checkpoint", "resnet18_moe", x)
     reference(model, "paper2", lambda x: x, x)  # paper 2's default: no normalisation
+    for name, m in (("wrn", MoeCnnWrn()), ("vgg16", MoeCnnVgg16())):
+        save_paper2(m, "paper2_" + name, name + "_moe", x)
+        reference(m, "paper2_" + name, lambda x: x, x)
 
 
 # --- malicious and broken files --------------------------------------------------------

@@ -24,7 +24,8 @@ Moe as_graph_components(MoeImpl& m) {
   spec.graphs = {{"experts", nlohmann::json::array()}};
   for (int64_t i = 0; i < spec.experts; ++i)
     spec.graphs["experts"].push_back(graph_structure(m.expert(i).graph(), image_of(spec)));
-  if (spec.experts > 1) spec.graphs["router"] = graph_structure(m.router()->graph(), image_of(spec));
+  if (spec.experts > 1)
+    spec.graphs["router"] = graph_structure(m.router()->graph(), image_of(spec));
   // Through JSON, as a checkpoint stores it.
   Moe g(ModelSpec::from_json(nlohmann::json::parse(spec.to_json().dump())));
   for (int64_t i = 0; i < spec.experts; ++i) graph_net_fill(g->expert(i), m.expert(i).graph());
@@ -74,8 +75,7 @@ TEST_CASE("a model rebuilt from its components' graphs computes and certifies as
   CHECK(certified > 0);  // the comparison is not between empty certificates
 }
 
-TEST_CASE("graph structures of every operator survive the JSON round trip",
-          "[unit][import]") {
+TEST_CASE("graph structures of every operator survive the JSON round trip", "[unit][import]") {
   torch::manual_seed(4);
   // A ViT (tokens, LayerNorm, GELU, softmax, both attention products), a DenseNet
   // (concatenation, BatchNorm as an affine map) and a ResNet (residual sums, global pooling).
@@ -119,7 +119,11 @@ TEST_CASE("malformed graph structures are refused naming the node", "[unit][impo
   };
   refused([](auto& s) { s["nodes"][1]["op"] = "sigmoid"; }, "node 1: op 'sigmoid' is not one of");
   refused([](auto& s) { s["nodes"][1]["inputs"] = {3}; }, "node 1: reads 3");
-  refused([](auto& s) { s["nodes"][0]["tensors"]["weight"] = {16, 1, 3}; }, "node 0: tensor 'weight'");
+  refused(
+      [](auto& s) {
+        s["nodes"][0]["tensors"]["weight"] = {16, 1, 3};
+      },
+      "node 0: tensor 'weight'");
   refused([](auto& s) { s["nodes"][0]["tensors"].erase("weight"); }, "node 0: op 'conv");
   refused([](auto& s) { s["nodes"][0]["tensors"]["gamma"] = {3}; }, "holds no tensor 'gamma'");
   refused([](auto& s) { s["nodes"][0]["stride"] = -2; }, "field 'stride'");

@@ -205,6 +205,43 @@ TEST_CASE("paper 2's MoE-CNN ResNet-18 (checkpoint.pth.tar) imports bit-faithful
   CHECK(c.output.find("soundness violations: 0") != std::string::npos);
 }
 
+TEST_CASE("paper 2's Wide ResNet and VGG-16 MoE-CNNs import as graph experts, one per group",
+          "[e2e][import]") {
+  TempDir tmp;
+  const std::string d = torch_files("paper2");
+  if (d.empty()) {
+    WARN("python3-torch is not installed; skipping the paper-2 WRN / VGG import test");
+    return;
+  }
+  for (const std::string name : {"wrn", "vgg16"}) {
+    INFO(name);
+    const std::string out = tmp / name;
+    auto r =
+        run_moecert("import " + d + "/paper2_" + name + ".pth.tar --preset paper2-moe-cnn-" + name +
+                    " --reference " + d + "/paper2_" + name + "_reference.pt --out " + out);
+    INFO(r.output);
+    REQUIRE(r.code == 0);
+    const auto m = nlohmann::json::parse(read_text(out + "/model.json"));
+    CHECK(m["architecture"]["expert"] == "graph");
+    CHECK(m["architecture"]["experts"] == 2);
+    CHECK(m["import"]["layout"] == "paper2-moe-cnn-" + name);
+    const auto& ref = m["import"]["check"]["reference"];
+    CHECK(ref["max_abs_logit_diff"].get<double>() <= 1e-4);
+    CHECK(ref["routes_agree"] == 100);
+    auto c = run_moecert("--dataset synthetic-cifar --quiet --samples 2 certify " + out +
+                         " --estimator ibp,crown --eps-grid 0.0001 --out " + (tmp / (name + "_c")));
+    INFO(c.output);
+    CHECK(c.code == 0);
+    CHECK(c.output.find("soundness violations: 0") != std::string::npos);
+  }
+  // The other preset does not describe the file; nothing is written.
+  auto wrong = run_moecert("import " + d + "/paper2_vgg16.pth.tar --preset paper2-moe-cnn-wrn " +
+                           "--allow-unchecked --out " + (tmp / "wrong"));
+  CHECK(wrong.code == 2);
+  CHECK(wrong.output.find("preset needs key 'fc.weight'") != std::string::npos);
+  CHECK_FALSE(std::ifstream(tmp / "wrong/model.json").good());
+}
+
 TEST_CASE("the torch.save reader runs nothing and allocates nothing a hostile file asks for",
           "[e2e][import][security]") {
   TempDir tmp;
