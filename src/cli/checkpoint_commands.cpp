@@ -106,7 +106,9 @@ void cli_register_import(CLI::App& app, const CommonOptions& common) {
                   << c["check"]["samples"].get<int64_t>()
                   << " random inputs against its source, max |difference| "
                   << c["check"]["max_abs_diff"].get<double>() << "\n";
-    const auto& ref = check.contains("reference") ? check["reference"] : check;
+    // torch.save imports: the reference check is the record; graph imports: check.reference.
+    const auto& ref =
+        check.contains("reference") && check["reference"].is_object() ? check["reference"] : check;
     if (ref.contains("max_abs_logit_diff"))
       std::cout << "self-check   " << ref["samples"].get<int64_t>()
                 << " reference inputs: max |logit difference| "

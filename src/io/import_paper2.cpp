@@ -35,8 +35,8 @@ class Reader {
     s_.used.insert(k);
     auto w = s_.load_kept(k);
     if (w.dim() < 1 || w.size(0) % groups_ != 0)
-      s_.fail("'" + k + "' has shape " + shape_str(w.sizes().vec()) + ": its rows are not N = " +
-              std::to_string(groups_) + " channel groups");
+      s_.fail("'" + k + "' has shape " + shape_str(w.sizes().vec()) +
+              ": its rows are not N = " + std::to_string(groups_) + " channel groups");
     const int64_t W = w.size(0) / groups_;
     return w.narrow(0, e * W, W).to(torch::kFloat64).contiguous();
   }
@@ -51,7 +51,8 @@ class Reader {
   }
   /// Marks a module the forward never reads (its keys exist all the same).
   void unused(const std::string& p) {
-    for (const char* t : {".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked"})
+    for (const char* t :
+         {".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked"})
       if (has(p + t)) s_.used.insert(p + t);
   }
   Source& source() { return s_; }
@@ -81,7 +82,8 @@ LayerGraph wrn_path(Reader& r, int64_t e) {
   g.add(r.conv("conv1", r.get("conv1.weight"), 1, 1));
   for (int G = 1; G <= 3; ++G) {
     const std::string block = "block" + std::to_string(G) + ".layer.";
-    const int64_t n = count_blocks(r.source(), "block" + std::to_string(G) + R"(\.layer\.(\d+)\..*)");
+    const int64_t n =
+        count_blocks(r.source(), "block" + std::to_string(G) + R"(\.layer\.(\d+)\..*)");
     if (n == 0) r.source().fail("preset needs keys 'block" + std::to_string(G) + ".layer.0.*'");
     for (int64_t i = 0; i < n; ++i) {
       const std::string p = block + std::to_string(i) + ".";
@@ -119,8 +121,8 @@ LayerGraph wrn_path(Reader& r, int64_t e) {
 /// adaptive average pooling to 2x2, classifier.{0,2,4} with ReLUs between.
 LayerGraph vgg_path(Reader& r, int64_t e, int64_t height, int64_t width) {
   constexpr int64_t M = 0;
-  const std::vector<int64_t> cfg{64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M,
-                                 512, 512, 512};
+  const std::vector<int64_t> cfg{64, 64,  M,   128, 128, M,   256, 256, 256,
+                                 M,  512, 512, 512, M,   512, 512, 512};
   LayerGraph g;
   int64_t idx = 0, channels = 0;
   for (int64_t v : cfg) {
@@ -140,9 +142,10 @@ LayerGraph vgg_path(Reader& r, int64_t e, int64_t height, int64_t width) {
   // AdaptiveAvgPool2d((2, 2)): the identity on 2x2 maps, a k x k average (as a
   // convolution) on 2k x 2k maps; other sizes pool unevenly and are refused.
   if (height != width || height % 2 != 0)
-    r.source().fail("the VGG preset reads images whose feature maps are 2k x 2k after four pools "
-                    "(e.g. 32x32, 64x64); these give " +
-                    std::to_string(height) + "x" + std::to_string(width));
+    r.source().fail(
+        "the VGG preset reads images whose feature maps are 2k x 2k after four pools "
+        "(e.g. 32x32, 64x64); these give " +
+        std::to_string(height) + "x" + std::to_string(width));
   if (height > 2) {
     const int64_t k = height / 2;
     auto w = torch::zeros({channels, channels, k, k}, torch::kFloat64);
@@ -172,8 +175,9 @@ std::vector<GraphComponent> paper2_graph_components(const ImportOptions& o, Mode
   spec.width = o.input_shape[2];
   const bool wrn = o.preset == kWrn;
   if (!s.has("router.fc.weight"))
-    s.fail("preset needs key 'router.fc.weight' (paper 2's router), which the state dict does "
-           "not hold");
+    s.fail(
+        "preset needs key 'router.fc.weight' (paper 2's router), which the state dict does "
+        "not hold");
   spec.experts = o.experts ? o.experts : s.ref("router.fc.weight").sizes.at(0);
   const std::string head = wrn ? "fc.weight" : "classifier.4.weight";
   if (!s.has(head)) s.fail("preset needs key '" + head + "', which the state dict does not hold");
@@ -186,8 +190,9 @@ std::vector<GraphComponent> paper2_graph_components(const ImportOptions& o, Mode
   if (has_norm) s.used.insert("normalize.mean"), s.used.insert("normalize.std");
   if (wrn && has_norm) {
     if (!o.mean.empty() || !o.std.empty())
-      s.fail("the model normalises its input itself (normalize.mean / normalize.std): "
-             "--mean/--std would normalise twice");
+      s.fail(
+          "the model normalises its input itself (normalize.mean / normalize.std): "
+          "--mean/--std would normalise twice");
     auto values = [&](const char* k) {
       auto t = s.load(k).to(torch::kDouble).flatten().contiguous();
       return std::vector<double>(t.data_ptr<double>(), t.data_ptr<double>() + t.numel());

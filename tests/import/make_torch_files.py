@@ -192,35 +192,6 @@ class MoEConv(nn.Conv2d):
         return torch.gather(out, 1, idx.expand(-1, -1, out.size(2), out.size(3)))
 
 
-class MoeCnnResnet18(nn.Module):
-    def __init__(self, experts=2, ratio=0.5, classes=10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        cin = 64
-        for i, (c, s) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
-            w = int(ratio * c)
-            moe = lambda a, b, st: MoEConv(a, b, st, experts)  # noqa: E731
-            setattr(self, "layer%d" % (i + 1), nn.Sequential(Block(cin, w, s, moe), Block(w, w, 1, moe)))
-            cin = w
-        self.linear = nn.Linear(cin, classes)
-        self.router = Router2(experts)
-        # As the code's set_router does: the router also becomes a child of every MoE conv,
-        # so the state dict holds it once more under each of them.
-        for m in list(self.modules()):
-            if isinstance(m, MoEConv):
-                m.router = self.router
-
-    def forward(self, x):
-        choice = self.router(x).argmax(1)
-        for m in self.modules():
-            if isinstance(m, MoEConv):
-                m.choice = choice
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.layer4(self.layer3(self.layer2(self.layer1(y))))
-        return self.linear(F.adaptive_avg_pool2d(y, 1).flatten(1)), choice
-
-
 class MoeCnnBase(nn.Module):
     """The router and its registration under every MoE conv (the code's set_router: the
     state dict holds it once more under each of them); forward sets every conv's choice."""
@@ -237,6 +208,27 @@ class MoeCnnBase(nn.Module):
             if isinstance(m, MoEConv):
                 m.choice = choice
         return choice
+
+
+class MoeCnnResnet18(MoeCnnBase):
+    def __init__(self, experts=2, ratio=0.5, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (c, s) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
+            w = int(ratio * c)
+            moe = lambda a, b, st: MoEConv(a, b, st, experts)  # noqa: E731
+            setattr(self, "layer%d" % (i + 1), nn.Sequential(Block(cin, w, s, moe), Block(w, w, 1, moe)))
+            cin = w
+        self.linear = nn.Linear(cin, classes)
+        self.set_router(experts)
+
+    def forward(self, x):
+        choice = self.choose(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.layer4(self.layer3(self.layer2(self.layer1(y))))
+        return self.linear(F.adaptive_avg_pool2d(y, 1).flatten(1)), choice
 
 
 class WrnBlock(nn.Module):

@@ -190,6 +190,8 @@ TEST_CASE("paper 2's MoE-CNN ResNet-18 (checkpoint.pth.tar) imports bit-faithful
                        "/paper2_reference.pt --out " + (tmp / "m"));
   INFO(r.output);
   REQUIRE(r.code == 0);
+  CHECK(r.output.find("self-check   100 reference inputs: max |logit difference|") !=
+        std::string::npos);
   const auto m = nlohmann::json::parse(read_text(tmp / "m/model.json"));
   CHECK(m["architecture"]["kind"] == "moe-cnn");
   CHECK(m["architecture"]["experts"] == 2);
@@ -221,6 +223,9 @@ TEST_CASE("paper 2's Wide ResNet and VGG-16 MoE-CNNs import as graph experts, on
                     " --reference " + d + "/paper2_" + name + "_reference.pt --out " + out);
     INFO(r.output);
     REQUIRE(r.code == 0);
+    CHECK(r.output.find("self-check   router: 64 random inputs against its source") !=
+          std::string::npos);
+    CHECK(r.output.find("self-check   100 reference inputs") != std::string::npos);
     const auto m = nlohmann::json::parse(read_text(out + "/model.json"));
     CHECK(m["architecture"]["expert"] == "graph");
     CHECK(m["architecture"]["experts"] == 2);

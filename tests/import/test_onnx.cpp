@@ -134,6 +134,8 @@ TEST_CASE("import writes checkpoints from ONNX exports and assembled MoEs that r
     REQUIRE(r.code == 0);
     CHECK(r.output.find("self-check   model: 64 random inputs against its source") !=
           std::string::npos);
+    CHECK(r.output.find("self-check   20 reference inputs: max |logit difference|") !=
+          std::string::npos);
     auto loaded = moecert::model_load(out, torch::kCPU);
     auto t = reference(std::string(name) + "_reference.pt");
     torch::NoGradGuard no_grad;
