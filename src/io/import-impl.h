@@ -48,6 +48,20 @@ struct Source {
 Source source_of(TorchFile& file, const std::vector<std::string>& candidates,
                  const std::vector<std::string>& strip, const std::string& member);
 
+/// A per-channel normalisation from the values given: none -> `dflt` everywhere, one ->
+/// broadcast, else exactly `channels` values (ConfigError naming `option` otherwise).
+std::vector<double> per_channel(const std::vector<double>& v, int64_t channels, const char* option,
+                                double dflt);
+
+/// Every source tensor whose key matches a pattern (a regex) must equal the tensor its
+/// target (a format of the match: "router.$1") names, exactly; they are marked used.
+void check_copies(Source& s, const std::vector<std::pair<std::string, std::string>>& must_equal);
+
+/// Fails (DataError) naming the source tensors neither used nor matching an `ignore`
+/// regex: `what` ("layout 'x'", "preset y") does not describe the file.
+void check_all_used(const Source& s, const std::vector<std::string>& ignore,
+                    const std::string& what);
+
 /// Fills every parameter and buffer of `model` (but "mean" / "std") from the source by
 /// the map's rules; every source tensor must be used, ignored or a checked copy.
 /// Returns the number of tensors filled.
@@ -67,6 +81,11 @@ struct GraphComponent {
   std::function<torch::Tensor(const torch::Tensor&)> reference;
   nlohmann::json record;
 };
+
+/// Whether a source path ends in `ext` (".onnx", ".json") and has a name before it.
+inline bool has_suffix(const std::string& path, const std::string& ext) {
+  return path.size() > ext.size() && path.compare(path.size() - ext.size(), ext.size(), ext) == 0;
+}
 
 /// Whether `preset` is one import_graph builds (paper 2's WRN and VGG MoE-CNNs).
 bool graph_preset(const std::string& preset);

@@ -257,6 +257,50 @@ torch::Tensor mapped(Source& s, const std::string& key, const torch::Tensor& our
   return t.to(ours.scalar_type());
 }
 
+std::vector<double> per_channel(const std::vector<double>& v, int64_t channels, const char* option,
+                                double dflt) {
+  if (v.empty()) return std::vector<double>(static_cast<size_t>(channels), dflt);
+  if (v.size() == 1) return std::vector<double>(static_cast<size_t>(channels), v[0]);
+  if (static_cast<int64_t>(v.size()) != channels)
+    throw ConfigError::invalid(option, std::to_string(v.size()) + " values",
+                               "1 or " + std::to_string(channels) + " (one per channel)");
+  return v;
+}
+
+void check_copies(Source& s, const std::vector<std::pair<std::string, std::string>>& must_equal) {
+  for (const auto& [pattern, target] : must_equal) {
+    const std::regex re(pattern);
+    std::smatch m;
+    for (const auto& k : s.order)
+      if (std::regex_match(k, m, re)) {
+        const std::string other = m.format(target);
+        if (!s.has(other)) s.fail("'" + k + "' has no original '" + other + "'");
+        if (!torch::equal(s.load(k), s.load_kept(other)))
+          s.fail("'" + k + "' differs from '" + other + "', which it must copy");
+        s.used.insert(k);
+      }
+  }
+}
+
+void check_all_used(const Source& s, const std::vector<std::string>& ignore,
+                    const std::string& what) {
+  std::vector<std::regex> res;
+  for (const auto& i : ignore) res.emplace_back(i);
+  std::vector<std::string> unused;
+  for (const auto& k : s.order) {
+    if (s.used.count(k)) continue;
+    bool ignored = false;
+    for (const auto& re : res) ignored = ignored || std::regex_match(k, re);
+    if (!ignored) unused.push_back(k);
+  }
+  if (unused.empty()) return;
+  std::string list;
+  for (size_t i = 0; i < unused.size() && i < 5; ++i) list += (i ? ", '" : "'") + unused[i] + "'";
+  s.fail(std::to_string(unused.size()) + " tensor(s) of the state dict are not part of " + what +
+         " (" + list + (unused.size() > 5 ? ", ..." : "") +
+         "): it does not describe this file (wrong preset, expert count or architecture)");
+}
+
 /// Fills every parameter and buffer of `model` (but the normalisation) from the source.
 int64_t fill(torch::nn::Module& model, Source& s, const KeyMap& map) {
   std::vector<std::pair<std::regex, const KeyRule*>> rules;
@@ -276,36 +320,8 @@ int64_t fill(torch::nn::Module& model, Source& s, const KeyMap& map) {
   };
   for (auto& p : model.named_parameters(true)) visit(p.key(), p.value());
   for (auto& b : model.named_buffers(true)) visit(b.key(), b.value());
-  // Copies that must agree (paper 2 saves its router under every MoE conv).
-  for (const auto& [pattern, target] : map.must_equal) {
-    const std::regex re(pattern);
-    std::smatch m;
-    for (const auto& k : s.order)
-      if (std::regex_match(k, m, re)) {
-        const std::string other = m.format(target);
-        if (!s.has(other)) s.fail("'" + k + "' has no original '" + other + "'");
-        if (!torch::equal(s.load(k), s.load_kept(other)))
-          s.fail("'" + k + "' differs from '" + other + "', which it must copy");
-        s.used.insert(k);
-      }
-  }
-  std::vector<std::regex> ignore;
-  for (const auto& i : map.ignore) ignore.emplace_back(i);
-  std::vector<std::string> unused;
-  for (const auto& k : s.order) {
-    if (s.used.count(k)) continue;
-    bool ignored = false;
-    for (const auto& re : ignore) ignored = ignored || std::regex_match(k, re);
-    if (!ignored) unused.push_back(k);
-  }
-  if (!unused.empty()) {
-    std::string list;
-    for (size_t i = 0; i < unused.size() && i < 5; ++i) list += (i ? ", '" : "'") + unused[i] + "'";
-    s.fail(
-        std::to_string(unused.size()) + " tensor(s) of the state dict are not part of layout '" +
-        map.name + "' (" + list + (unused.size() > 5 ? ", ..." : "") +
-        "): the layout does not describe this file (wrong preset, expert count or architecture)");
-  }
+  check_copies(s, map.must_equal);
+  check_all_used(s, map.ignore, "layout '" + map.name + "'");
   s.kept.clear();
   return filled;
 }
@@ -347,10 +363,8 @@ void set_normalisation(ModelSpec& spec, const ImportOptions& o, Source& s, const
     spec.mean.assign(static_cast<size_t>(spec.in_channels), 0.0);
     spec.std.assign(static_cast<size_t>(spec.in_channels), 1.0);
   }
-  if (spec.mean.size() == 1 && spec.in_channels > 1) {
-    spec.mean.assign(static_cast<size_t>(spec.in_channels), spec.mean[0]);
-    spec.std.assign(static_cast<size_t>(spec.in_channels), spec.std[0]);
-  }
+  spec.mean = import_impl::per_channel(spec.mean, spec.in_channels, "--mean", 0.0);
+  spec.std = import_impl::per_channel(spec.std, spec.in_channels, "--std", 1.0);
 }
 
 }  // namespace
@@ -450,12 +464,7 @@ std::vector<std::pair<std::string, std::string>> import_presets() {
 
 nlohmann::json import_checkpoint(const ImportOptions& o) {
   using namespace import_impl;
-  auto ends_with = [&](const char* ext) {
-    const std::string e(ext);
-    return o.source.size() > e.size() &&
-           o.source.compare(o.source.size() - e.size(), e.size(), e) == 0;
-  };
-  if (ends_with(".onnx") || ends_with(".json")) return import_graph(o);
+  if (has_suffix(o.source, ".onnx") || has_suffix(o.source, ".json")) return import_graph(o);
   if (o.preset.empty() == o.key_map.empty())
     throw ConfigError("import: give exactly one of --preset and --key-map");
   if (!o.preset.empty()) {

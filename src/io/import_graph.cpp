@@ -109,15 +109,6 @@ void check_component(Component& c, BackboneImpl& ours, const MoeImpl& model, dou
                     fmt_fixed(tolerance * scale, 6) + "); nothing was written");
 }
 
-std::vector<double> per_channel(const std::vector<double>& v, int64_t channels, const char* option,
-                                double dflt) {
-  if (v.empty()) return std::vector<double>(static_cast<size_t>(channels), dflt);
-  if (v.size() == 1) return std::vector<double>(static_cast<size_t>(channels), v[0]);
-  if (static_cast<int64_t>(v.size()) != channels)
-    throw ConfigError::invalid(option, std::to_string(v.size()) + " values",
-                               "1 or " + std::to_string(channels) + " (one per channel)");
-  return v;
-}
 
 nlohmann::json read_json(const std::string& path) {
   std::ifstream in(path);
@@ -207,15 +198,12 @@ std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
 }  // namespace
 
 nlohmann::json import_graph(const ImportOptions& o) {
+  const bool is_onnx = has_suffix(o.source, ".onnx");
   if (!o.key_map.empty() || !o.member.empty() || (!o.preset.empty() && !graph_preset(o.preset)))
     throw ConfigError("import: --preset, --key-map and --member are for torch.save files; " +
-                      o.source + " is " +
-                      (o.source.size() > 5 && o.source.substr(o.source.size() - 5) == ".onnx"
-                           ? "an ONNX model"
-                           : "an assembly file"));
+                      o.source + " is " + (is_onnx ? "an ONNX model" : "an assembly file"));
   if (!(o.tolerance > 0))
     throw ConfigError::invalid("--tolerance", std::to_string(o.tolerance), "> 0");
-  const bool is_onnx = o.source.size() > 5 && o.source.substr(o.source.size() - 5) == ".onnx";
   ModelSpec spec;
   spec.kind = "moe", spec.expert = "graph", spec.router = "graph";
   spec.mean.clear(), spec.std.clear();

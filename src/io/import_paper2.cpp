@@ -8,6 +8,7 @@
 // of each path is built here from the state dict, following the code's forward.
 #include <torch/torch.h>
 
+#include <array>
 #include <regex>
 
 #include "import-impl.h"
@@ -25,14 +26,12 @@ class Reader {
   Reader(Source& s, int64_t groups) : s_(s), groups_(groups) {}
   bool has(const std::string& k) const { return s_.has(k); }
   torch::Tensor get(const std::string& k) {
-    if (!s_.has(k)) s_.fail("preset needs key '" + k + "', which the state dict does not hold");
-    s_.used.insert(k);
+    take(k);
     return s_.load(k).to(torch::kFloat64);
   }
   /// Rows [eW, (e+1)W) of an MoE weight [N·W, ...].
   torch::Tensor group(const std::string& k, int64_t e) {
-    if (!s_.has(k)) s_.fail("preset needs key '" + k + "', which the state dict does not hold");
-    s_.used.insert(k);
+    take(k);
     auto w = s_.load_kept(k);
     if (w.dim() < 1 || w.size(0) % groups_ != 0)
       s_.fail("'" + k + "' has shape " + shape_str(w.sizes().vec()) +
@@ -49,25 +48,36 @@ class Reader {
     return Layer::batch_norm(p, get(p + ".weight"), get(p + ".bias"), get(p + ".running_mean"),
                              get(p + ".running_var"), 1e-5);
   }
+  [[noreturn]] void fail(const std::string& why) const { s_.fail(why); }
   /// Marks a module the forward never reads (its keys exist all the same).
   void unused(const std::string& p) {
     for (const char* t :
          {".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked"})
       if (has(p + t)) s_.used.insert(p + t);
   }
-  Source& source() { return s_; }
-
  private:
+  void take(const std::string& k) {
+    if (!s_.has(k)) s_.fail("preset needs key '" + k + "', which the state dict does not hold");
+    s_.used.insert(k);
+  }
+
   Source& s_;
   int64_t groups_;
 };
 
-int64_t count_blocks(const Source& s, const std::string& pattern) {
-  const std::regex re(pattern);
-  int64_t n = 0;
+/// The number of blocks of each of the WRN's three groups (block<G>.layer.<i>.*).
+std::array<int64_t, 3> wrn_blocks(const Source& s) {
+  const std::regex re(R"(block([123])\.layer\.(\d+)\..*)");
+  std::array<int64_t, 3> n{0, 0, 0};
   std::smatch m;
   for (const auto& k : s.order)
-    if (std::regex_match(k, m, re)) n = std::max<int64_t>(n, std::stoll(m[1].str()) + 1);
+    if (std::regex_match(k, m, re)) {
+      auto& c = n[static_cast<size_t>(std::stoi(m[1].str()) - 1)];
+      c = std::max<int64_t>(c, std::stoll(m[2].str()) + 1);
+    }
+  for (int G = 1; G <= 3; ++G)
+    if (n[static_cast<size_t>(G - 1)] == 0)
+      s.fail("preset needs keys 'block" + std::to_string(G) + ".layer.0.*'");
   return n;
 }
 
@@ -77,14 +87,12 @@ Layer relu() { return Layer::simple(Layer::Kind::relu); }
 /// block whose input and output widths differ (it has convShortcut) applies conv1 and
 /// convShortcut to its raw input — the code's forward never reassigns x, so that block's
 /// bn1 has no effect (its keys are there); the others are pre-activation blocks.
-LayerGraph wrn_path(Reader& r, int64_t e) {
+LayerGraph wrn_path(Reader& r, int64_t e, const std::array<int64_t, 3>& blocks) {
   LayerGraph g;
   g.add(r.conv("conv1", r.get("conv1.weight"), 1, 1));
   for (int G = 1; G <= 3; ++G) {
     const std::string block = "block" + std::to_string(G) + ".layer.";
-    const int64_t n =
-        count_blocks(r.source(), "block" + std::to_string(G) + R"(\.layer\.(\d+)\..*)");
-    if (n == 0) r.source().fail("preset needs keys 'block" + std::to_string(G) + ".layer.0.*'");
+    const int64_t n = blocks[static_cast<size_t>(G - 1)];
     for (int64_t i = 0; i < n; ++i) {
       const std::string p = block + std::to_string(i) + ".";
       const int64_t stride = i == 0 && G > 1 ? 2 : 1;
@@ -142,7 +150,7 @@ LayerGraph vgg_path(Reader& r, int64_t e, int64_t height, int64_t width) {
   // AdaptiveAvgPool2d((2, 2)): the identity on 2x2 maps, a k x k average (as a
   // convolution) on 2k x 2k maps; other sizes pool unevenly and are refused.
   if (height != width || height % 2 != 0)
-    r.source().fail(
+    r.fail(
         "the VGG preset reads images whose feature maps are 2k x 2k after four pools "
         "(e.g. 32x32, 64x64); these give " +
         std::to_string(height) + "x" + std::to_string(width));
@@ -204,11 +212,12 @@ std::vector<GraphComponent> paper2_graph_components(const ImportOptions& o, Mode
 
   std::vector<GraphComponent> parts;
   Reader r(s, spec.experts);
+  const auto blocks = wrn ? wrn_blocks(s) : std::array<int64_t, 3>{};
   for (int64_t e = 0; e < spec.experts; ++e) {
     GraphComponent c;
     c.role = "experts[" + std::to_string(e) + "]";
     c.source = o.source;
-    c.graph = wrn ? wrn_path(r, e) : vgg_path(r, e, spec.height, spec.width);
+    c.graph = wrn ? wrn_path(r, e, blocks) : vgg_path(r, e, spec.height, spec.width);
     c.record = {{"torch", o.source}, {"group", e}};
     parts.push_back(std::move(c));
   }
@@ -222,26 +231,10 @@ std::vector<GraphComponent> paper2_graph_components(const ImportOptions& o, Mode
   map.rules = {{"(.*)", "$1"}};
   fill(*router, rs, map);
   router->eval();
-  const std::regex copy(R"((.+)\.router\.(.+))");
-  std::smatch m;
-  for (const auto& k : s.order) {
-    if (k.compare(0, 7, "router.") == 0) {
-      s.used.insert(k);
-    } else if (std::regex_match(k, m, copy)) {
-      const std::string original = "router." + m[2].str();
-      if (!s.has(original)) s.fail("'" + k + "' has no original '" + original + "'");
-      if (!torch::equal(s.load(k), s.load_kept(original)))
-        s.fail("'" + k + "' differs from '" + original + "', which it must copy");
-      s.used.insert(k);
-    }
-  }
-  std::vector<std::string> left;
   for (const auto& k : s.order)
-    if (!s.used.count(k)) left.push_back(k);
-  if (!left.empty())
-    s.fail(std::to_string(left.size()) + " tensor(s) of the state dict are not part of preset " +
-           o.preset + " (the first '" + left[0] +
-           "'): the preset does not describe this file (wrong preset or architecture)");
+    if (k.compare(0, 7, "router.") == 0) s.used.insert(k);
+  check_copies(s, {{R"((.+)\.router\.(.+))", "router.$2"}});
+  check_all_used(s, {}, "preset " + o.preset);
   GraphComponent rc;
   rc.role = "router", rc.source = o.source;
   rc.graph = router->graph();
