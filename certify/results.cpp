@@ -127,6 +127,8 @@ std::string estimator_name(Estimator e) {
       return "local";
     case Estimator::ibp:
       return "ibp";
+    case Estimator::crown_ibp:
+      return "crown-ibp";
     case Estimator::crown:
       return "crown";
     case Estimator::alpha_crown:
@@ -136,15 +138,15 @@ std::string estimator_name(Estimator e) {
 }
 
 std::optional<Estimator> estimator_from_name(const std::string& name) {
-  for (Estimator e : {Estimator::global, Estimator::local, Estimator::ibp, Estimator::crown,
-                      Estimator::alpha_crown})
+  for (Estimator e : {Estimator::global, Estimator::local, Estimator::ibp, Estimator::crown_ibp,
+                      Estimator::crown, Estimator::alpha_crown})
     if (name == estimator_name(e)) return e;
   return std::nullopt;
 }
 
 std::vector<Estimator> estimators_parse(const std::string& text) {
-  const std::vector<Estimator> all{Estimator::global, Estimator::local, Estimator::ibp,
-                                   Estimator::crown, Estimator::alpha_crown};
+  const std::vector<Estimator> all{Estimator::global,    Estimator::local, Estimator::ibp,
+                                   Estimator::crown_ibp, Estimator::crown, Estimator::alpha_crown};
   std::vector<Estimator> out;
   auto add = [&](Estimator e) {
     if (std::find(out.begin(), out.end(), e) == out.end()) out.push_back(e);
@@ -157,13 +159,14 @@ std::vector<Estimator> estimators_parse(const std::string& text) {
     if (item == "lipschitz" || item == "both")
       add(Estimator::global), add(Estimator::local), known = true;
     if (item == "bp")
-      add(Estimator::ibp), add(Estimator::crown), add(Estimator::alpha_crown), known = true;
+      add(Estimator::ibp), add(Estimator::crown_ibp), add(Estimator::crown),
+          add(Estimator::alpha_crown), known = true;
     if (item == "all") out = all, known = true;
     if (!known)
       throw ConfigError::invalid(
           "--estimator", text,
-          "a comma-separated list of global, local, ibp, crown, alpha-crown, "
-          "lipschitz (= global,local), bp (= ibp,crown,alpha-crown), all");
+          "a comma-separated list of global, local, ibp, crown-ibp, crown, alpha-crown, "
+          "lipschitz (= global,local), bp (= ibp,crown-ibp,crown,alpha-crown), all");
   }
   if (out.empty()) throw ConfigError::invalid("--estimator", text, "at least one estimator");
   std::sort(out.begin(), out.end());

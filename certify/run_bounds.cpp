@@ -16,9 +16,10 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 BoundMethod method_of(Estimator e) {
-  return e == Estimator::ibp     ? BoundMethod::ibp
-         : e == Estimator::crown ? BoundMethod::crown
-                                 : BoundMethod::alpha_crown;
+  return e == Estimator::ibp         ? BoundMethod::ibp
+         : e == Estimator::crown_ibp ? BoundMethod::crown_ibp
+         : e == Estimator::crown     ? BoundMethod::crown
+                                     : BoundMethod::alpha_crown;
 }
 
 /// The member whose form sets the guess: the robust one of a dual-model.
@@ -108,7 +109,7 @@ void bound_stage(const Context& ctx, Batch& batch) {
       ctx.dual ? "dual" : forms::form_name(forms::member_form(ctx.members[0].bp));
   const auto todo = batch.correct.to(batch.x.device());
   torch::Tensor linear, previous, failed;
-  for (Estimator e : {Estimator::ibp, Estimator::crown, Estimator::alpha_crown}) {
+  for (Estimator e : {Estimator::ibp, Estimator::crown_ibp, Estimator::crown, Estimator::alpha_crown}) {
     if (!ctx.uses(e)) continue;
     if (!linear.defined()) linear = linearised_distance(ctx, batch);
     BoundOptions opt;
@@ -130,7 +131,12 @@ void bound_stage(const Context& ctx, Batch& batch) {
     // batches before it (shards merge exactly).
     const double d = static_cast<double>(batch.x[0].numel());
     const double p2 = cfg.norm == Norm::l2 ? std::min(1.0, 4.7 / std::sqrt(d)) : 1.0;
-    const double share = (e == Estimator::ibp ? 0.1 : ctx.dual ? 0.3 : 0.6) * p2;
+    // CROWN-IBP's share is IBP's and CROWN's geometric middle (not measured on its own).
+    const double crown_share = ctx.dual ? 0.3 : 0.6;
+    const double share = (e == Estimator::ibp         ? 0.1
+                          : e == Estimator::crown_ibp ? std::sqrt(0.1 * crown_share)
+                                                      : crown_share) *
+                         p2;
     auto guess = (linear * share).clamp_max(sc.cap);
     auto lo = torch::zeros_like(guess);
     // α-CROWN bounds are never below CROWN's (its first step is CROWN): start there,

@@ -40,7 +40,7 @@ torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor&
   const InputDomain directions{torch::zeros_like(x), torch::ones({x.size(0)}, x.options()),
                                pass.domain.norm, false};
   BoundOptions opt = pass.opt;
-  opt.method = intermediate == BoundMethod::ibp ? BoundMethod::ibp : BoundMethod::crown;
+  opt.method = interval_intermediates(intermediate) ? BoundMethod::crown_ibp : BoundMethod::crown;
   opt.keep_elements = 0;  // nothing narrows this pass
   const auto jp = bound_forward(jg, directions, opt);
   // The relation is symmetric (s -> −s maps it to itself), but the bound is taken

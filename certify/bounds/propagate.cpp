@@ -44,11 +44,11 @@ bool refine_wanted(const BoundNode& n, const BoundPass& pass, bool& all_units) {
   if (!n.feeds_relaxed) return false;
   const bool prefix = !n.after_relaxed;
   if (prefix && pass.domain.norm == Norm::l2) {
-    all_units = pass.opt.method == BoundMethod::ibp;
+    all_units = interval_intermediates(pass.opt.method);
     return true;
   }
   all_units = false;
-  return pass.opt.method != BoundMethod::ibp && !prefix;
+  return !interval_intermediates(pass.opt.method) && !prefix;
 }
 
 /// Rows ±e_u for the units `u` [m, 1 + dims] (sample, then coordinates) of a node of
@@ -209,11 +209,11 @@ void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass, const torch::
   nb.lo = torch::max(nb.lo, w.lo), nb.hi = torch::min(nb.hi, w.hi);
   nb.mag = torch::min(nb.mag, w.mag), nb.err32 = torch::min(nb.err32, w.err32);
   if (wide.refined[k].empty()) return;
-  const bool all = pass.opt.method == BoundMethod::ibp && changed.all().item<bool>();
+  const bool intervals = interval_intermediates(pass.opt.method);
+  const bool all = intervals && changed.all().item<bool>();
   torch::Tensor wanted;
   if (!all) {
-    auto units = pass.opt.method == BoundMethod::ibp ? torch::ones_like(nb.lo, torch::kBool)
-                                                     : relaxed_mask(pass, k);
+    auto units = intervals ? torch::ones_like(nb.lo, torch::kBool) : relaxed_mask(pass, k);
     std::vector<int64_t> per_sample(static_cast<size_t>(nb.lo.dim()), 1);
     per_sample[0] = -1;
     wanted = (units & changed.view(per_sample)).view({-1});

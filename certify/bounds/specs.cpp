@@ -61,6 +61,7 @@ SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C,
     case BoundMethod::ibp:  // C·(W z + b) over the interval of z: C folded into the last layer
       low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, 1);
       break;
+    case BoundMethod::crown_ibp:  // the same walk; the pass's intermediate bounds are IBP's
     case BoundMethod::crown:
       low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, -1);
       break;

@@ -20,7 +20,15 @@ namespace moecert {
 using BoundNode = CompiledNode;
 using BoundGraph = CompiledGraph;
 
-enum class BoundMethod { ibp, crown, alpha_crown };
+/// ibp: intervals throughout; crown_ibp: CROWN's backward walk for the specifications only,
+/// on the interval bounds of every intermediate node (Zhang et al., ICLR 2020: one walk
+/// per bound, so it scales to models where CROWN's per-unit walks do not); crown: CROWN
+/// bounds on every relaxed operator's input too; alpha_crown: CROWN with optimised slopes.
+enum class BoundMethod { ibp, crown_ibp, crown, alpha_crown };
+/// Whether a method's intermediate bounds are intervals (ibp, crown_ibp).
+inline bool interval_intermediates(BoundMethod m) {
+  return m == BoundMethod::ibp || m == BoundMethod::crown_ibp;
+}
 
 /// The input region of each sample: B_p(x_b, ε_b), intersected with [0, 1]^d when `box`.
 struct InputDomain {

@@ -64,15 +64,16 @@ enum class Estimator {
   global,       ///< Lipschitz: products of operator norms
   local,        ///< Lipschitz: interval Jacobian over the ball
   ibp,          ///< bound propagation: intervals
+  crown_ibp,    ///< bound propagation: CROWN walk of the specifications on IBP intermediate bounds
   crown,        ///< bound propagation: CROWN (linear relaxation, CROWN intermediate bounds)
   alpha_crown,  ///< bound propagation: α-CROWN (optimised lower ReLU slopes)
 };
-/// "global", "local", "ibp", "crown", "alpha-crown".
+/// "global", "local", "ibp", "crown-ibp", "crown", "alpha-crown".
 std::string estimator_name(Estimator e);
 /// One estimator's name -> Estimator, if it is one.
 std::optional<Estimator> estimator_from_name(const std::string& name);
 /// A comma-separated list of estimators and groups: lipschitz (= global,local), both
-/// (the same, kept from before), bp (= ibp,crown,alpha-crown), all. Throws ConfigError.
+/// (the same, kept from before), bp (= ibp,crown-ibp,crown,alpha-crown), all. Throws ConfigError.
 std::vector<Estimator> estimators_parse(const std::string& text);
 
 /// What a radius is the radius of: a bound form (the bound-propagation forms

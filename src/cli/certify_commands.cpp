@@ -252,8 +252,9 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
   cmd->add_option("--norm", o->norm, "perturbation norm p: inf | 2")->capture_default_str();
   cmd->add_option(
          "--estimator", o->estimator,
-         "comma-separated: global, local, ibp, crown, alpha-crown, lipschitz (= global,local), "
-         "bp (= ibp,crown,alpha-crown), all")
+         "comma-separated: global, local, ibp, crown-ibp, crown, alpha-crown, lipschitz (= "
+         "global,local), bp (= ibp,crown-ibp,crown,alpha-crown), all; crown-ibp scales to "
+         "ResNet-sized models where crown does not")
       ->capture_default_str();
   cmd->add_flag("--no-box", o->no_box,
                 "certify the whole ball, not its intersection with the pixel box [0,1]^d");

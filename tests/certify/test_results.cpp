@@ -118,6 +118,18 @@ TEST_CASE("radius keys split into form and estimator", "[unit][certify]") {
   CHECK(k.estimator == Estimator::alpha_crown);
   CHECK(k.text() == "candidate_alpha-crown");
   CHECK(RadiusKey::parse("thm54_tight_local", "x").form == "thm54_tight");
+  const auto c = RadiusKey::parse("margin_crown-ibp", "x");
+  CHECK(c.form == "margin");
+  CHECK(c.estimator == Estimator::crown_ibp);
+  auto names = [](const std::string& text) {
+    std::vector<std::string> out;
+    for (Estimator e : estimators_parse(text)) out.push_back(estimator_name(e));
+    return out;
+  };
+  CHECK(names("bp") == std::vector<std::string>{"ibp", "crown-ibp", "crown", "alpha-crown"});
+  CHECK(names("crown,crown-ibp") == std::vector<std::string>{"crown-ibp", "crown"});
+  CHECK(estimators_parse("all").size() == 6);
+  CHECK_THROWS_AS(estimators_parse("crown_ibp"), ConfigError);
   CHECK(k.is_main_form());
   CHECK_FALSE(RadiusKey::parse("thm54_paper_global", "x").is_main_form());
   for (const char* bad :

@@ -317,7 +317,7 @@ TEST_CASE("certify writes results.json with the documented fields, lipschitz pri
   CHECK(j["schema"] == moecert::results_schema_name(moecert::results_schema_version));
   CHECK(j["config"]["domain"]["box"] == true);
   CHECK(j["config"]["float32"] == true);
-  CHECK(j["config"]["estimators"].size() == 5);  // the default: all
+  CHECK(j["config"]["estimators"].size() == 6);  // the default: all
   CHECK(j["norm"] == "inf");
   CHECK(j["checkpoint"] == ckpt);
   CHECK(j["fingerprint"]["weights_sha256"].get<std::string>().size() == 64);
@@ -328,7 +328,8 @@ TEST_CASE("certify writes results.json with the documented fields, lipschitz pri
     CHECK(row.contains(key));
   for (const char* form : {"thm54_paper_global", "thm54_tight_global", "thm54_candidate_global",
                            "thm54_paper_local", "thm54_tight_local", "thm54_candidate_local",
-                           "candidate_ibp", "candidate_crown", "candidate_alpha-crown"})
+                           "candidate_ibp", "candidate_crown-ibp", "candidate_crown",
+                           "candidate_alpha-crown"})
     CHECK(row["radii"].contains(form));
   // The headline is the best sound radius of the row, named by form and estimator.
   double best = 0;
