@@ -83,6 +83,8 @@ TEST_CASE("the README's CI recipe: shards, merge, gates, JUnit, baseline regress
                            " --estimator crown --eps-grid 0.1,0.001,0.01 --out " + (tmp / "whole"));
   REQUIRE(whole.code == 0);
   CHECK(comparable(tmp / "results.json") == comparable(tmp / "whole/results.json"));
+  // Without the global estimator nothing brackets its constants: no lower bounds computed.
+  CHECK(moecert::Results::read(tmp / "whole/results.json").constants_lower.is_null());
   auto junit = read_text(tmp / "report/junit.xml");
   CHECK(junit.find("tests=\"2\" failures=\"0\"") != std::string::npos);
   CHECK(read_text(tmp / "report/report.html").find("<svg") != std::string::npos);
