@@ -239,6 +239,16 @@ void Results::aggregate() {
           std::count_if(empirical.begin(), empirical.end(), [&](double r) { return r > eps; }) / n);
     a.empirical = per;
     a.median_empirical = median(empirical);
+    std::vector<double> falsified, unknown;
+    for (double eps : grid.values()) {
+      int64_t f = 0, u = 0;
+      for (const auto& row : rows) {
+        if (!row.correct || row.headline >= eps) continue;  // misclassified or verified
+        ++(row.empirical.value_or(kInf) <= eps ? f : u);
+      }
+      falsified.push_back(static_cast<double>(f) / n), unknown.push_back(static_cast<double>(u) / n);
+    }
+    a.falsified = falsified, a.unknown = unknown;
   }
   a.median_tightness = median(tightness);
   a.tightness_samples = static_cast<int64_t>(tightness.size());

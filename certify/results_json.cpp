@@ -224,6 +224,13 @@ nlohmann::json aggregates_json(const Aggregates& a, const EpsGrid& grid) {
     j["empirical_accuracy"] = per_eps_json(*a.empirical, grid);
     j["median_empirical_radius"] = number_or_null(a.median_empirical);
   }
+  if (a.falsified && a.unknown)
+    j["verdicts"] = {
+        {"verified", per_eps_json(a.headline_certified, grid)},
+        {"falsified", per_eps_json(*a.falsified, grid)},
+        {"unknown", per_eps_json(*a.unknown, grid)},
+        {"misclassified",
+         per_eps_json(std::vector<double>(grid.size(), 1.0 - a.clean_accuracy), grid)}};
   j["median_tightness"] = number_or_null(a.median_tightness);
   j["tightness_samples"] = a.tightness_samples;
   nlohmann::json v = nlohmann::json::array();

@@ -13,8 +13,9 @@ namespace {
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 const char* kMetrics =
-    "sa | clean_acc | certified_acc@E | certified_acc[FORM_ESTIMATOR]@E | empirical_acc@E | "
-    "ra@E | violations | median_tightness | median_radius | median_radius[FORM_ESTIMATOR]";
+    "sa | clean_acc | certified_acc@E (= verified_acc@E) | certified_acc[FORM_ESTIMATOR]@E | "
+    "empirical_acc@E | ra@E | falsified@E | unknown@E | violations | median_tightness | "
+    "median_radius | median_radius[FORM_ESTIMATOR]";
 
 std::string xml_escape(const std::string& s) {
   std::string o;
@@ -75,6 +76,10 @@ std::string gate_metric_name(GateMetric m) {
       return "median_tightness";
     case GateMetric::median_radius:
       return "median_radius";
+    case GateMetric::falsified:
+      return "falsified";
+    case GateMetric::unknown:
+      return "unknown";
   }
   return "?";
 }
@@ -93,6 +98,9 @@ Gate gate_parse(const std::string& expr) {
       {"sa", GateMetric::clean_acc},
       {"clean_acc", GateMetric::clean_acc},
       {"certified_acc", GateMetric::certified_acc},
+      {"verified_acc", GateMetric::certified_acc},
+      {"falsified", GateMetric::falsified},
+      {"unknown", GateMetric::unknown},
       {"empirical_acc", GateMetric::empirical_acc},
       {"ra", GateMetric::empirical_acc},
       {"violations", GateMetric::violations},
@@ -111,8 +119,9 @@ Gate gate_parse(const std::string& expr) {
   }
   if (m[4].matched) g.eps = eps_parse(m[5], "--gate '" + expr + "' ε");
   if (m[2].matched) g.key = RadiusKey::parse(m[3], "--gate '" + expr + "' key");
-  const bool needs_eps =
-      g.metric == GateMetric::certified_acc || g.metric == GateMetric::empirical_acc;
+  const bool needs_eps = g.metric == GateMetric::certified_acc ||
+                         g.metric == GateMetric::empirical_acc ||
+                         g.metric == GateMetric::falsified || g.metric == GateMetric::unknown;
   if (needs_eps && !g.eps) throw ConfigError("--gate '" + expr + "': " + metric + " needs @EPS");
   if (!needs_eps && g.eps) throw ConfigError("--gate '" + expr + "': " + metric + " takes no @EPS");
   if (g.key && g.metric != GateMetric::certified_acc && g.metric != GateMetric::median_radius)
@@ -147,6 +156,15 @@ double gate_metric(const Results& results, const Gate& g) {
                           "' in the results");
       const auto v = results.certified_at(*g.eps, g.key);
       return v ? *v : missing_eps();
+    }
+    case GateMetric::falsified:
+    case GateMetric::unknown: {
+      const auto& per = g.metric == GateMetric::falsified ? agg.falsified : agg.unknown;
+      if (!per)
+        throw ConfigError("--gate '" + g.text +
+                          "': the results have no empirical cross-check, which decides it");
+      const auto i = grid.find(*g.eps);
+      return i ? per->at(*i) : missing_eps();
     }
     case GateMetric::median_radius: {
       if (!g.key) return agg.headline_median;

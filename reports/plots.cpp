@@ -138,6 +138,26 @@ std::string accuracy_plot(const std::vector<Results>& runs, const std::vector<st
   return s.str();
 }
 
+/// Per ε, the samples' verdicts as stacked bars: verified, unknown, falsified,
+/// misclassified; "" without the cross-check (which decides falsified and unknown).
+std::string verdict_plot(const Results& r, const std::string& name) {
+  const auto& a = r.aggregates;
+  if (!a.unknown || !a.falsified) return "";
+  std::ostringstream s;
+  s << "set title '" << quoted((name.empty() ? "" : name + ": ") + "Verdicts per ε") << "'\n"
+    << "set ylabel 'fraction of samples'\nset yrange [0:1]\nset style data histograms\n"
+    << "set style histogram rowstacked\nset style fill solid 0.8 border -1\nset boxwidth 0.6\n"
+    << "set key outside right\nset grid ytics\n$v << EOD\n";
+  for (size_t e = 0; e < r.config.grid.size(); ++e)
+    s << "\"" << eps_key(r.config.grid[e]) << "\" " << a.headline_certified[e] << " "
+      << (*a.unknown)[e] << " " << (*a.falsified)[e] << " " << 1.0 - a.clean_accuracy << "\n";
+  s << "EOD\nset xlabel 'ε'\n"
+    << "plot $v using 2:xtic(1) lc rgb '#2ca02c' title 'verified', '' using 3 lc rgb '#bbbbbb' "
+       "title 'unknown', '' using 4 lc rgb '#d62728' title 'falsified', '' using 5 lc rgb "
+       "'#555555' title 'misclassified'\n";
+  return s.str();
+}
+
 /// [lower, global] per component and the mean local constant over the rows; "" when
 /// the run has no global constants.
 std::string lipschitz_plot(const Results& r) {
@@ -250,6 +270,11 @@ std::vector<Plot> make_plots(const std::vector<Results>& runs,
   std::vector<Plot> plots{
       {"Certified vs empirical radius", "plot-radius.svg", radius_plot(runs, names)},
       {"Accuracy vs ε", "plot-accuracy.svg", accuracy_plot(runs, names)}};
+  for (size_t i = 0; i < runs.size(); ++i)
+    if (auto s = verdict_plot(runs[i], runs.size() > 1 ? names[i] : ""); !s.empty())
+      plots.push_back({(runs.size() > 1 ? names[i] + ": v" : std::string("V")) + "erdicts per ε",
+                       "plot-verdicts" + (runs.size() > 1 ? "-" + std::to_string(i) : "") + ".svg",
+                       s});
   if (auto s = lipschitz_plot(runs[0]); !s.empty())
     plots.push_back({"Lipschitz constants", "plot-lipschitz.svg", s});
   if (!attacks.empty())

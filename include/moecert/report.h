@@ -19,6 +19,8 @@ enum class GateMetric {
   violations,        ///< soundness violations
   median_tightness,  ///< median headline / empirical radius
   median_radius,     ///< `median_radius` (the headline) or `median_radius[FORM_ESTIMATOR]`
+  falsified,         ///< `falsified@E`: not verified, an attack succeeded within ε
+  unknown,           ///< `unknown@E`: neither verified nor falsified
 };
 
 /// `metric[[key]][@eps] op value`, e.g. `certified_acc@0.02>=0.40`, `violations==0`,

@@ -134,6 +134,11 @@ struct Aggregates {
   double headline_median = 0;
   std::map<RadiusKey, int64_t> headline_forms;   ///< how many samples each key headlines
   std::optional<std::vector<double>> empirical;  ///< per ε: fraction the attacks left robust
+  /// Per ε, with the cross-check, each sample's verdict: verified (the headline radius
+  /// reaches ε: headline_certified), falsified (not verified, and an attack found an
+  /// adversarial example within ε), unknown (neither), misclassified (1 − clean
+  /// accuracy); the four fractions sum to 1.
+  std::optional<std::vector<double>> falsified, unknown;
   double median_empirical = 0;
   double median_tightness = 0;  ///< headline / empirical radius; NaN when no sample has both
   int64_t tightness_samples = 0;

@@ -84,12 +84,16 @@ void print_summary(const Results& r, const std::string& path) {
   auto line = [&](const std::string& name, const std::vector<double>& per_eps, double median) {
     std::printf("%-28s", name.c_str());
     for (size_t i = 0; i < grid.size(); ++i) std::printf(" %*.4f", width[i], per_eps[i]);
-    std::printf(" %12s\n", std::isfinite(median) ? fmt_fixed(median, 5).c_str() : "inf");
+    std::printf(" %12s\n", std::isnan(median)      ? ""
+                           : std::isfinite(median) ? fmt_fixed(median, 5).c_str()
+                                                   : "inf");
   };
   line("headline (best per sample)", a.headline_certified, a.headline_median);
   for (const auto& key : r.keys()) line(key.text(), a.certified.at(key), a.median_radius.at(key));
   if (a.empirical) {
     line("empirical (FMN, APGD)", *a.empirical, a.median_empirical);
+    line("unknown (neither)", *a.unknown, NAN);
+    line("falsified (attack)", *a.falsified, NAN);
     std::cout << "median tightness (certified / empirical) "
               << (std::isnan(a.median_tightness) ? std::string("n/a")
                                                  : fmt_fixed(a.median_tightness, 4))

@@ -59,6 +59,44 @@ TEST_CASE("aggregates count certified accuracy and soundness violations", "[unit
   CHECK_FALSE(r.certified_at(0.01, RadiusKey{"b", Estimator::crown}).has_value());
 }
 
+TEST_CASE("verdicts per eps: verified, falsified, unknown, misclassified sum to one",
+          "[unit][certify][reports]") {
+  // Radii and attack distances against the grid {0.01, 0.1}: certified 0.05 attacked at
+  // 0.2; certified 0.005 attacked at 0.05; nothing certified, attacked at 0.005; certified
+  // 0.5, no attack succeeded; misclassified.
+  auto r = results_of({0.1, 0.01}, {row(0, true, 0.05, 0.2), row(1, true, 0.005, 0.05),
+                                     row(2, true, 0.0, 0.005), row(3, true, 0.5, kInf),
+                                     row(4, false, 0.0, 0.0)});
+  const auto& a = r.aggregates;
+  REQUIRE(a.falsified);
+  REQUIRE(a.unknown);
+  // ε = 0.01 (index 0): verified 0, 3; falsified 2; unknown 1; ε = 0.1: verified 3;
+  // falsified 1, 2; unknown 0.
+  CHECK(a.headline_certified[0] == Approx(2.0 / 5));
+  CHECK((*a.falsified)[0] == Approx(1.0 / 5));
+  CHECK((*a.unknown)[0] == Approx(1.0 / 5));
+  CHECK(a.headline_certified[1] == Approx(1.0 / 5));
+  CHECK((*a.falsified)[1] == Approx(2.0 / 5));
+  CHECK((*a.unknown)[1] == Approx(1.0 / 5));
+  for (size_t e = 0; e < 2; ++e)
+    CHECK(a.headline_certified[e] + (*a.falsified)[e] + (*a.unknown)[e] +
+              (1 - a.clean_accuracy) ==
+          Approx(1.0));
+  const auto j = nlohmann::json::parse(r.to_json().dump());
+  CHECK(j["aggregates"]["verdicts"]["unknown"]["0.1"].get<double>() == Approx(0.2));
+  CHECK(j["aggregates"]["verdicts"]["misclassified"]["0.01"].get<double>() == Approx(0.2));
+  CHECK(gate_metric(r, gate_parse("unknown@0.1<=0.2")) == Approx(0.2));
+  CHECK(gate_metric(r, gate_parse("falsified@0.1<=0.5")) == Approx(0.4));
+  CHECK(gate_metric(r, gate_parse("verified_acc@0.01>=0.4")) == Approx(0.4));
+  CHECK_THROWS_AS(gate_metric(r, gate_parse("unknown@0.05<=0.2")), ConfigError);  // not in grid
+  // Without the cross-check nothing is falsified or unknown: no verdicts, and gates on them
+  // are errors.
+  auto blind = results_of({0.1}, {row(0, true, 0.05, std::nullopt)});
+  CHECK_FALSE(blind.aggregates.unknown);
+  CHECK_FALSE(nlohmann::json::parse(blind.to_json().dump())["aggregates"].contains("verdicts"));
+  CHECK_THROWS_AS(gate_metric(blind, gate_parse("unknown@0.1<=0.2")), ConfigError);
+}
+
 TEST_CASE("aggregates count expert usage from the rows' router weights", "[unit][certify]") {
   auto weighted = [](int i, std::vector<std::vector<double>> w, bool dual) {
     auto r = row(i, true, 0.05, std::nullopt);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CTest: a real report (tiny synthetic MoE and dual-model, certified, attacked, with an
-# alpha-sweep) renders in headless Chromium with all five plots, no broken images and
+# alpha-sweep) renders in headless Chromium with all six plots, no broken images and
 # no script errors; scripts/check_report.py also takes a screenshot and checks that it
 # is not blank. Exit 77 (skipped) when Chromium is not installed.
 # Usage: chromium_check.sh MOECERT_BINARY REPO_ROOT
@@ -24,5 +24,5 @@ moecert --dataset synthetic --samples 64 --quiet attack "$tmp/dual" --suite pgd 
 moecert --dataset synthetic --samples 16 --quiet certify "$tmp/robust" --estimator lipschitz,crown --steps 3 --eps-grid 0.001,0.01 \
   --out "$tmp/cert" --report "$tmp/report" --attack "$tmp/robust.json" --attack "$tmp/dual.json" \
   --gate "violations==0"
-python3 "$root/scripts/check_report.py" "$tmp/report/report.html" --expect-plots 5 \
+python3 "$root/scripts/check_report.py" "$tmp/report/report.html" --expect-plots 6 \
   --screenshot "$tmp/report/screenshot.png"

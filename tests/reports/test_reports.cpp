@@ -64,12 +64,16 @@ TEST_CASE("gate expressions parse, and malformed ones are usage errors", "[unit]
   CHECK(gate_parse("violations==0").op == "==");
   CHECK(gate_parse("median_tightness>=0.05").value == Approx(0.05));
   CHECK(gate_parse("ra@0.1>=0.6").metric == GateMetric::empirical_acc);
+  CHECK(gate_parse("verified_acc@0.1>=0.6").metric == GateMetric::certified_acc);
+  CHECK(gate_parse("unknown@0.1<=0.3").metric == GateMetric::unknown);
+  CHECK(gate_parse("falsified@0.1<=0.3").metric == GateMetric::falsified);
   CHECK(gate_parse("certified_acc@1e-5>=0").eps.value() == 0.00001);
   CHECK(gate_parse("certified_acc@0.0123456789>=0").eps.value() == 0.0123456789);
   for (const char* bad : {"certified_acc>=0.4", "accuracy@0.1>=0.5", "violations@0.1==0",
                           "ra@0.1=>0.6", "ra@0.1>=", "", "sa>=0.5 extra", "violations[x]==0",
                           "certified_acc[nope]@0.01>=0", "certified_acc@-1>=0",
-                          "certified_acc@x>=0", "sa>=1e999", "median_radius[candidate_exact]>0"}) {
+                          "certified_acc@x>=0", "sa>=1e999", "median_radius[candidate_exact]>0",
+                          "unknown<=0.3", "falsified[margin_crown]@0.1<=0"}) {
     INFO(bad);
     CHECK_THROWS_AS(gate_parse(bad), ConfigError);
   }
@@ -171,11 +175,16 @@ TEST_CASE("report.md and a self-contained report.html with plots", "[integration
   CHECK(md.find("none: no attack succeeded") != std::string::npos);
   CHECK(md.find("**FAIL**") != std::string::npos);
   CHECK(md.find("thm54_candidate_local") != std::string::npos);
-  // Self-contained: three inline SVG plots, no external references, no scripts.
+  // Every sample's verdict per ε, in the table and as stacked bars.
+  REQUIRE(r.aggregates.unknown);
+  CHECK(md.find("| unknown (neither certified nor attacked) |") != std::string::npos);
+  CHECK(md.find("| falsified (attack succeeded, not certified) |") != std::string::npos);
+  CHECK(md.find("![Verdicts per ε](plot-verdicts.svg)") != std::string::npos);
+  // Self-contained: four inline SVG plots, no external references, no scripts.
   size_t svgs = 0;
   for (size_t pos = html.find("<svg"); pos != std::string::npos; pos = html.find("<svg", pos + 1))
     ++svgs;
-  CHECK(svgs == 3);
+  CHECK(svgs == 4);
   CHECK(html.find("not drawn") == std::string::npos);
   CHECK(html.find("<script") == std::string::npos);
   CHECK(html.find("src=\"http") == std::string::npos);
@@ -185,6 +194,7 @@ TEST_CASE("report.md and a self-contained report.html with plots", "[integration
   auto cmp = read_text(tmp / "cmp/report.md");
   CHECK(cmp.find("| before | clean accuracy") != std::string::npos);
   CHECK(cmp.find("| after | clean accuracy") != std::string::npos);
+  CHECK(cmp.find("(plot-verdicts-1.svg)") != std::string::npos);
   // Runs with different grids: one column per ε of either, "n/a" where a run lacks it.
   auto other = r;
   other.config.grid = EpsGrid({0.001, 0.2});
@@ -271,11 +281,11 @@ TEST_CASE("attack results: validated, tabled and plotted (RA / RA-E / RA-R, alph
                 "| 0.75/0.25 / 0.50/0.50 |") != std::string::npos);
   CHECK(md.find("| dual | `runs/dual` |") != std::string::npos);  // RA-E / RA-R absent: shown as —
   CHECK(md.find("| 0.80 | 82.00% | 40.00% |") != std::string::npos);  // a row of the α-sweep table
-  // Five inline plots: radius, accuracy, Lipschitz, RA components, α-sweep.
+  // Six inline plots: radius, accuracy, verdicts, Lipschitz, RA components, α-sweep.
   size_t svgs = 0;
   for (size_t pos = html.find("<svg"); pos != std::string::npos; pos = html.find("<svg", pos + 1))
     ++svgs;
-  CHECK(svgs == 5);
+  CHECK(svgs == 6);
   CHECK(html.find("<figure id=\"plot-ra-components.svg\">") != std::string::npos);
   CHECK(html.find("<figure id=\"plot-alpha-sweep.svg\">") != std::string::npos);
   // Without a sweep there is no α-sweep plot.
