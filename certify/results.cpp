@@ -246,7 +246,8 @@ void Results::aggregate() {
         if (!row.correct || row.headline >= eps) continue;  // misclassified or verified
         ++(row.empirical.value_or(kInf) <= eps ? f : u);
       }
-      falsified.push_back(static_cast<double>(f) / n), unknown.push_back(static_cast<double>(u) / n);
+      falsified.push_back(static_cast<double>(f) / n),
+          unknown.push_back(static_cast<double>(u) / n);
     }
     a.falsified = falsified, a.unknown = unknown;
   }

@@ -109,7 +109,8 @@ void bound_stage(const Context& ctx, Batch& batch) {
       ctx.dual ? "dual" : forms::form_name(forms::member_form(ctx.members[0].bp));
   const auto todo = batch.correct.to(batch.x.device());
   torch::Tensor linear, previous, failed;
-  for (Estimator e : {Estimator::ibp, Estimator::crown_ibp, Estimator::crown, Estimator::alpha_crown}) {
+  for (Estimator e :
+       {Estimator::ibp, Estimator::crown_ibp, Estimator::crown, Estimator::alpha_crown}) {
     if (!ctx.uses(e)) continue;
     if (!linear.defined()) linear = linearised_distance(ctx, batch);
     BoundOptions opt;

@@ -109,7 +109,6 @@ void check_component(Component& c, BackboneImpl& ours, const MoeImpl& model, dou
                     fmt_fixed(tolerance * scale, 6) + "); nothing was written");
 }
 
-
 nlohmann::json read_json(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw ConfigError("import: " + path + ": cannot be read");

@@ -55,6 +55,7 @@ class Reader {
          {".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked"})
       if (has(p + t)) s_.used.insert(p + t);
   }
+
  private:
   void take(const std::string& k) {
     if (!s_.has(k)) s_.fail("preset needs key '" + k + "', which the state dict does not hold");

@@ -197,7 +197,8 @@ TEST_CASE("CROWN-IBP walks the specifications on IBP's intermediate intervals",
     CHECK(torch::equal(cibp.nodes[k].lo, ibp.nodes[k].lo));
     CHECK(torch::equal(cibp.nodes[k].hi, ibp.nodes[k].hi));
     CHECK(cibp.refined[k].empty());
-    crown_tighter = crown_tighter || (crown.nodes[k].hi < ibp.nodes[k].hi - 1e-9).any().item<bool>();
+    crown_tighter =
+        crown_tighter || (crown.nodes[k].hi < ibp.nodes[k].hi - 1e-9).any().item<bool>();
   }
   CHECK(crown_tighter);
   // Its specification bounds are a backward walk: sound, and unlike IBP's.

@@ -64,9 +64,9 @@ TEST_CASE("verdicts per eps: verified, falsified, unknown, misclassified sum to 
   // Radii and attack distances against the grid {0.01, 0.1}: certified 0.05 attacked at
   // 0.2; certified 0.005 attacked at 0.05; nothing certified, attacked at 0.005; certified
   // 0.5, no attack succeeded; misclassified.
-  auto r = results_of({0.1, 0.01}, {row(0, true, 0.05, 0.2), row(1, true, 0.005, 0.05),
-                                     row(2, true, 0.0, 0.005), row(3, true, 0.5, kInf),
-                                     row(4, false, 0.0, 0.0)});
+  auto r = results_of({0.1, 0.01},
+                      {row(0, true, 0.05, 0.2), row(1, true, 0.005, 0.05), row(2, true, 0.0, 0.005),
+                       row(3, true, 0.5, kInf), row(4, false, 0.0, 0.0)});
   const auto& a = r.aggregates;
   REQUIRE(a.falsified);
   REQUIRE(a.unknown);
@@ -79,8 +79,7 @@ TEST_CASE("verdicts per eps: verified, falsified, unknown, misclassified sum to 
   CHECK((*a.falsified)[1] == Approx(2.0 / 5));
   CHECK((*a.unknown)[1] == Approx(1.0 / 5));
   for (size_t e = 0; e < 2; ++e)
-    CHECK(a.headline_certified[e] + (*a.falsified)[e] + (*a.unknown)[e] +
-              (1 - a.clean_accuracy) ==
+    CHECK(a.headline_certified[e] + (*a.falsified)[e] + (*a.unknown)[e] + (1 - a.clean_accuracy) ==
           Approx(1.0));
   const auto j = nlohmann::json::parse(r.to_json().dump());
   CHECK(j["aggregates"]["verdicts"]["unknown"]["0.1"].get<double>() == Approx(0.2));

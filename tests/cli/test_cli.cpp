@@ -326,10 +326,10 @@ TEST_CASE("certify writes results.json with the documented fields, lipschitz pri
   CHECK(row["index"] == 3);
   for (const char* key : {"label", "pred", "radii", "empirical_radius", "router_weights", "margin"})
     CHECK(row.contains(key));
-  for (const char* form : {"thm54_paper_global", "thm54_tight_global", "thm54_candidate_global",
-                           "thm54_paper_local", "thm54_tight_local", "thm54_candidate_local",
-                           "candidate_ibp", "candidate_crown-ibp", "candidate_crown",
-                           "candidate_alpha-crown"})
+  for (const char* form :
+       {"thm54_paper_global", "thm54_tight_global", "thm54_candidate_global", "thm54_paper_local",
+        "thm54_tight_local", "thm54_candidate_local", "candidate_ibp", "candidate_crown-ibp",
+        "candidate_crown", "candidate_alpha-crown"})
     CHECK(row["radii"].contains(form));
   // The headline is the best sound radius of the row, named by form and estimator.
   double best = 0;

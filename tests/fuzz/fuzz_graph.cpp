@@ -26,7 +26,8 @@ static const bool graph_seeds = moecert_fuzz::register_seeder("graph", [](const 
   write("cnn-s.json", cnn->component_graph(0), {1, 28, 28});
   moecert::ModelSpec r;
   r.kind = "moe-cnn", r.scale = 0.125, r.experts = 2, r.expert = "resnet18";
-  r.in_channels = 3, r.height = 8, r.width = 8, r.mean = {0.5, 0.5, 0.5}, r.std = {0.25, 0.25, 0.25};
+  r.in_channels = 3, r.height = 8, r.width = 8, r.mean = {0.5, 0.5, 0.5},
+  r.std = {0.25, 0.25, 0.25};
   moecert::Moe res(r);
   write("resnet18-path.json", res->component_graph(0), {3, 8, 8});
   moecert::ModelSpec v;

@@ -69,11 +69,11 @@ TEST_CASE("gate expressions parse, and malformed ones are usage errors", "[unit]
   CHECK(gate_parse("falsified@0.1<=0.3").metric == GateMetric::falsified);
   CHECK(gate_parse("certified_acc@1e-5>=0").eps.value() == 0.00001);
   CHECK(gate_parse("certified_acc@0.0123456789>=0").eps.value() == 0.0123456789);
-  for (const char* bad : {"certified_acc>=0.4", "accuracy@0.1>=0.5", "violations@0.1==0",
-                          "ra@0.1=>0.6", "ra@0.1>=", "", "sa>=0.5 extra", "violations[x]==0",
-                          "certified_acc[nope]@0.01>=0", "certified_acc@-1>=0",
-                          "certified_acc@x>=0", "sa>=1e999", "median_radius[candidate_exact]>0",
-                          "unknown<=0.3", "falsified[margin_crown]@0.1<=0"}) {
+  for (const char* bad :
+       {"certified_acc>=0.4", "accuracy@0.1>=0.5", "violations@0.1==0", "ra@0.1=>0.6",
+        "ra@0.1>=", "", "sa>=0.5 extra", "violations[x]==0", "certified_acc[nope]@0.01>=0",
+        "certified_acc@-1>=0", "certified_acc@x>=0", "sa>=1e999",
+        "median_radius[candidate_exact]>0", "unknown<=0.3", "falsified[margin_crown]@0.1<=0"}) {
     INFO(bad);
     CHECK_THROWS_AS(gate_parse(bad), ConfigError);
   }
