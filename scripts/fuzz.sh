@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Fuzzes moecert's readers with libFuzzer under AddressSanitizer and UBSan: the gate
 # parser, results.json, IDX and CIFAR-10 data files, the checkpoint manifest, the
-# weights archive, torch.save files, ONNX models, VNNLIB properties and graph-component
-# structures. Builds build-fuzz/ with clang, then runs each harness for SECONDS
+# weights archive, torch.save files, ONNX models, VNNLIB properties, graph-component
+# structures and import's assembly files. Builds build-fuzz/ with clang, then runs each harness for SECONDS
 # (default 60) from the committed corpus (tests/fuzz/corpus/<target>), growing a work
 # corpus in build-fuzz/corpus/<target>. A crash leaves its input in build-fuzz/crashes/:
 # add it to tests/fuzz/corpus/<target>/ (the suite replays every file there) and fix it.
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET...]
-#   (targets: gate results idx cifar manifest weights torchfile onnx vnnlib graph)
+#   (targets: gate results idx cifar manifest weights torchfile onnx vnnlib graph assembly)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-60}
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(gate results idx cifar manifest weights torchfile onnx vnnlib graph)
+((${#targets[@]})) || targets=(gate results idx cifar manifest weights torchfile onnx vnnlib graph assembly)
 MOECERT_FUZZ_PACKAGES=1 "$root/scripts/deps.sh"
 build="${MOECERT_FUZZ_BUILD_DIR:-$root/build-fuzz}"
 cmake -S "$root" -B "$build" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \

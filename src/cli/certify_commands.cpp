@@ -84,7 +84,7 @@ void print_summary(const Results& r, const std::string& path) {
   auto line = [&](const std::string& name, const std::vector<double>& per_eps, double median) {
     std::printf("%-28s", name.c_str());
     for (size_t i = 0; i < grid.size(); ++i) std::printf(" %*.4f", width[i], per_eps[i]);
-    std::printf(" %12s\n", std::isnan(median)      ? ""
+    std::printf(" %12s\n", std::isnan(median)      ? "-"
                            : std::isfinite(median) ? fmt_fixed(median, 5).c_str()
                                                    : "inf");
   };

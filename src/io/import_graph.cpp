@@ -65,6 +65,11 @@ Component torch_component(const std::string& role, const nlohmann::json& j, cons
   const std::string kind = j.at("backbone").get<std::string>();
   const std::string state_dict = j.value("state_dict", std::string());
   const std::string prefix = j.value("prefix", std::string());
+  // Sized before anything is allocated: the shape comes from the file.
+  const auto cost = backbone_cost(kind, image[0], image[1], image[2], outputs);
+  limits::check_memory(where + " (backbone " + kind + ")", "input_shape",
+                       shape_str(image) + ", " + std::to_string(outputs) + " outputs",
+                       16.0 * cost.parameters);
   auto net = backbone_make(kind, image[0], image[1], image[2], outputs);
   TorchFile file(path);
   Source src = source_of(file, {state_dict}, {"module."}, prefix);
@@ -126,9 +131,8 @@ std::string relative_to(const std::string& file, const std::string& path) {
 }
 
 /// The components of an assembly file (see docs/import.md) and the spec they make.
-std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
-  const auto j = read_json(o.source);
-  const std::string f = "import: " + o.source;
+std::vector<Component> assembly_parse(const ImportOptions& o, const nlohmann::json& j,
+                                      const std::string& f, ModelSpec& spec) {
   static const std::set<std::string> known = {"experts",     "router",  "routing", "top_k",
                                               "input_shape", "classes", "mean",    "std"};
   if (!j.is_object()) throw ConfigError(f + ": must be a JSON object");
@@ -152,6 +156,11 @@ std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
     throw ConfigError(f + ": " + e.what());
   }
   if (!image.empty() && image.size() != 3) throw ConfigError(f + ": \"input_shape\" is [C, H, W]");
+  if (!image.empty()) {
+    limits::check_range("input_shape[0] (channels)", image[0], 1, limits::max_channels);
+    limits::check_range("input_shape[1] (height)", image[1], 1, limits::max_side);
+    limits::check_range("input_shape[2] (width)", image[2], 1, limits::max_side);
+  }
   spec.experts = static_cast<int64_t>(experts.size());
   if (spec.experts > 1 && !j.contains("router"))
     throw ConfigError(f + ": several experts need a \"router\" component");
@@ -182,6 +191,7 @@ std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
     throw ConfigError(f + ": no ONNX component fixes the image shape: give \"input_shape\"");
   if (spec.num_classes == 0)
     throw ConfigError(f + ": no ONNX expert fixes the class count: give \"classes\"");
+  limits::check_range("classes", spec.num_classes, 2, limits::max_classes);
   for (size_t k = 0; k < parts.size(); ++k)
     if (parts[k].contains("torch"))
       out[k] = torch_component(
@@ -192,6 +202,16 @@ std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
   if (o.mean.empty() && j.contains("mean")) spec.mean = j.at("mean").get<std::vector<double>>();
   if (o.std.empty() && j.contains("std")) spec.std = j.at("std").get<std::vector<double>>();
   return out;
+}
+
+std::vector<Component> assembly(const ImportOptions& o, ModelSpec& spec) {
+  const auto j = read_json(o.source);
+  const std::string f = "import: " + o.source;
+  try {
+    return assembly_parse(o, j, f, spec);
+  } catch (const nlohmann::json::exception& e) {  // a field of the wrong type
+    throw ConfigError(f + ": " + e.what());
+  }
 }
 
 }  // namespace

@@ -132,7 +132,7 @@ LayerGraph parse(const nlohmann::json& s, const std::string& where, Shape& input
       bad(at, "op '" + op.substr(0, 40) + "' is not one of " + names);
     }
     Layer l = Layer::simple(*kind, n.value("name", std::string()));
-    l.stride = std::max<int64_t>(1, int_field(n, "stride", at));
+    l.stride = n.contains("stride") ? int_field(n, "stride", at) : 1;  // 0: refused by the rule
     l.padding = int_field(n, "padding", at);
     l.kernel = int_field(n, "kernel", at);
     l.heads = std::max<int64_t>(1, int_field(n, "heads", at));

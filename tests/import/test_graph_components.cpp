@@ -129,6 +129,14 @@ TEST_CASE("malformed graph structures are refused naming the node", "[unit][impo
   refused([](auto& s) { s["nodes"][0]["stride"] = -2; }, "field 'stride'");
   refused([](auto& s) { s.erase("nodes"); }, "\"input_shape\" and \"nodes\"");
   refused([](auto& s) { s["input_shape"] = {3, 28, 28}; }, "s:");  // channels do not fit
+  // Tensors that fit the ranks but not each other, and geometry the forward cannot run
+  // (found by the graph fuzz harness: they used to pass the check and crash the forward).
+  refused([](auto& s) { s["nodes"][7]["tensors"]["bias"] = {20}; }, "bias of linear");
+  refused([](auto& s) { s["nodes"][0]["tensors"]["bias"] = {15}; }, "bias of conv");
+  refused([](auto& s) { s["nodes"][0]["stride"] = 0; }, "stride >= 1");
+  refused([](auto& s) { s["nodes"][0]["tensors"]["weight"] = {16, 1, 3, 2}; }, "square kernel");
+  refused([](auto& s) { s["nodes"][0]["tensors"]["weight"] = {16, 1, 31, 31}; },
+          "no larger than the padded input");
   // 2^31 x 2^31 values: refused by the memory budget, before any allocation.
   auto huge = good;
   huge["nodes"][0]["tensors"]["weight"] = {int64_t{1} << 31, int64_t{1} << 31, 1, 1};

@@ -1,5 +1,6 @@
 // channel_affine: y[c] = s[c]·x[c] + t[c] — the input normalisation and eval-mode
 // BatchNorm (s = γ/sqrt(σ² + eps), t = β − μ s). docs/certification.md §1, §10.
+#include "moecert/error.h"
 #include "rules-impl.h"
 
 namespace moecert::rules {
@@ -9,7 +10,16 @@ class ChannelAffineRule final : public BoundRule {
  public:
   const char* name() const override { return "channel_affine"; }
 
-  Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override { return in.at(0); }
+  Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
+    const Shape& s = in.at(0);
+    const Shape channels{s.empty() ? 0 : s[0]};
+    for (const auto* t : {&l.weight, &l.bias, &l.shift_terms})
+      if (t->defined() && t->sizes().vec() != channels)
+        throw ShapeError::unexpected("certify: scale, shift or shift terms of channel_affine '" +
+                                         l.name + "' on input " + shape_str(s),
+                                     shape_str(channels), t->sizes().vec());
+    return s;
+  }
 
   torch::Tensor forward(const Layer& l, const std::vector<torch::Tensor>& x) const override {
     const int64_t d = x[0].dim();

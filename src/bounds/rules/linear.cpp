@@ -16,6 +16,10 @@ class LinearRule final : public BoundRule {
     if (s.empty() || s.back() != l.weight.size(1))
       throw ShapeError::unexpected("certify: input of linear '" + l.name + "'",
                                    "[..., " + std::to_string(l.weight.size(1)) + "]", s);
+    if (l.bias.defined() && l.bias.sizes().vec() != Shape{l.weight.size(0)})
+      throw ShapeError::unexpected("certify: bias of linear '" + l.name + "'",
+                                   "[" + std::to_string(l.weight.size(0)) + "]",
+                                   l.bias.sizes().vec());
     s.back() = l.weight.size(0);
     return s;
   }

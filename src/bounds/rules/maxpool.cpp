@@ -19,11 +19,12 @@ class MaxPoolRule final : public BoundRule {
 
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
     const Shape& s = in.at(0);
-    if (s.size() != 3 || l.kernel < 1 || l.stride < 1 || 2 * l.padding > l.kernel)
+    if (s.size() != 3 || l.kernel < 1 || l.stride < 1 || 2 * l.padding > l.kernel ||
+        s[1] + 2 * l.padding < l.kernel || s[2] + 2 * l.padding < l.kernel)
       throw ShapeError::unexpected(
           "certify: max-pool '" + l.name + "' (kernel " + std::to_string(l.kernel) + ", stride " +
               std::to_string(l.stride) + ", padding " + std::to_string(l.padding) + ") input",
-          "[C, H, W] and padding <= kernel / 2", s);
+          "[C, H, W] no smaller than the kernel and padding <= kernel / 2", s);
     return {s[0], (s[1] + 2 * l.padding - l.kernel) / l.stride + 1,
             (s[2] + 2 * l.padding - l.kernel) / l.stride + 1};
   }
