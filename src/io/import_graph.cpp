@@ -144,14 +144,23 @@ std::vector<Component> assembly_parse(const ImportOptions& o, const nlohmann::js
                       std::to_string(limits::max_experts) + " components");
   const auto& experts = j.at("experts");
   std::vector<int64_t> image;
+  // An integer field as an integer (a float's conversion could overflow).
+  auto integer = [&](const nlohmann::json& v, const std::string& field) {
+    if (!v.is_number_integer())
+      throw ConfigError(f + ": \"" + field + "\" must be an integer, got " + v.dump().substr(0, 40));
+    return v.get<int64_t>();
+  };
   try {
-    if (j.contains("input_shape")) image = j.at("input_shape").get<std::vector<int64_t>>();
-    spec.num_classes = j.value("classes", int64_t{0});
+    if (j.contains("input_shape")) {
+      if (!j.at("input_shape").is_array()) throw ConfigError(f + ": \"input_shape\" is [C, H, W]");
+      for (const auto& d : j.at("input_shape")) image.push_back(integer(d, "input_shape"));
+    }
+    spec.num_classes = j.contains("classes") ? integer(j.at("classes"), "classes") : 0;
     const std::string routing = j.value("routing", std::string("top-k"));
     if (routing != "top-k" && routing != "soft")
       throw ConfigError::invalid("routing", routing, "top-k | soft");
     spec.routing = routing == "soft" ? Routing::soft : Routing::top_k;
-    spec.top_k = j.value("top_k", int64_t{1});
+    spec.top_k = j.contains("top_k") ? integer(j.at("top_k"), "top_k") : 1;
   } catch (const nlohmann::json::exception& e) {
     throw ConfigError(f + ": " + e.what());
   }
