@@ -147,7 +147,8 @@ std::vector<Component> assembly_parse(const ImportOptions& o, const nlohmann::js
   // An integer field as an integer (a float's conversion could overflow).
   auto integer = [&](const nlohmann::json& v, const std::string& field) {
     if (!v.is_number_integer())
-      throw ConfigError(f + ": \"" + field + "\" must be an integer, got " + v.dump().substr(0, 40));
+      throw ConfigError(f + ": \"" + field + "\" must be an integer, got " +
+                        v.dump().substr(0, 40));
     return v.get<int64_t>();
   };
   try {

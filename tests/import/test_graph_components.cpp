@@ -135,8 +135,11 @@ TEST_CASE("malformed graph structures are refused naming the node", "[unit][impo
   refused([](auto& s) { s["nodes"][0]["tensors"]["bias"] = {15}; }, "bias of conv");
   refused([](auto& s) { s["nodes"][0]["stride"] = 0; }, "stride >= 1");
   refused([](auto& s) { s["nodes"][0]["tensors"]["weight"] = {16, 1, 3, 2}; }, "square kernel");
-  refused([](auto& s) { s["nodes"][0]["tensors"]["weight"] = {16, 1, 31, 31}; },
-          "no larger than the padded input");
+  refused(
+      [](auto& s) {
+        s["nodes"][0]["tensors"]["weight"] = {16, 1, 31, 31};
+      },
+      "no larger than the padded input");
   // 2^31 x 2^31 values: refused by the memory budget, before any allocation.
   auto huge = good;
   huge["nodes"][0]["tensors"]["weight"] = {int64_t{1} << 31, int64_t{1} << 31, 1, 1};

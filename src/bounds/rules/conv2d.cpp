@@ -19,11 +19,10 @@ class Conv2dRule final : public BoundRule {
     const int64_t k = l.weight.size(2);
     if (l.weight.size(3) != k || l.stride < 1 || s[1] + 2 * l.padding < k ||
         s[2] + 2 * l.padding < k)
-      throw ShapeError::unexpected("certify: conv '" + l.name + "' (stride " +
-                                       std::to_string(l.stride) + ", padding " +
-                                       std::to_string(l.padding) + ") weight",
-                                   "a square kernel no larger than the padded input, stride >= 1",
-                                   l.weight.sizes().vec());
+      throw ShapeError::unexpected(
+          "certify: conv '" + l.name + "' (stride " + std::to_string(l.stride) + ", padding " +
+              std::to_string(l.padding) + ") weight",
+          "a square kernel no larger than the padded input, stride >= 1", l.weight.sizes().vec());
     if (l.bias.defined() && l.bias.sizes().vec() != Shape{l.weight.size(0)})
       throw ShapeError::unexpected("certify: bias of conv '" + l.name + "'",
                                    "[" + std::to_string(l.weight.size(0)) + "]",
