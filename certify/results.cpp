@@ -266,10 +266,26 @@ std::optional<double> Results::certified_at(double eps, const std::optional<Radi
   return it->second.at(*i);
 }
 
+namespace {
+
+/// A per-ε aggregate of the run at ε (nullopt: no such aggregate, or no such ε).
+std::optional<double> per_eps_at(const Results& r, const std::optional<std::vector<double>>& per,
+                                 double eps) {
+  const auto i = r.config.grid.find(eps);
+  if (!i || !per) return std::nullopt;
+  return per->at(*i);
+}
+
+}  // namespace
+
 std::optional<double> Results::empirical_at(double eps) const {
-  const auto i = config.grid.find(eps);
-  if (!i || !aggregates.empirical) return std::nullopt;
-  return aggregates.empirical->at(*i);
+  return per_eps_at(*this, aggregates.empirical, eps);
+}
+std::optional<double> Results::falsified_at(double eps) const {
+  return per_eps_at(*this, aggregates.falsified, eps);
+}
+std::optional<double> Results::unknown_at(double eps) const {
+  return per_eps_at(*this, aggregates.unknown, eps);
 }
 
 std::vector<RadiusKey> Results::keys() const {

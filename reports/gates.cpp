@@ -159,12 +159,12 @@ double gate_metric(const Results& results, const Gate& g) {
     }
     case GateMetric::falsified:
     case GateMetric::unknown: {
-      const auto& per = g.metric == GateMetric::falsified ? agg.falsified : agg.unknown;
-      if (!per)
+      if (!agg.unknown)
         throw ConfigError("--gate '" + g.text +
                           "': the results have no empirical cross-check, which decides it");
-      const auto i = grid.find(*g.eps);
-      return i ? per->at(*i) : missing_eps();
+      const auto v = g.metric == GateMetric::falsified ? results.falsified_at(*g.eps)
+                                                       : results.unknown_at(*g.eps);
+      return v ? *v : missing_eps();
     }
     case GateMetric::median_radius: {
       if (!g.key) return agg.headline_median;

@@ -178,16 +178,10 @@ void headline_table(Page& page, const std::vector<Results>& runs,
       add(i, "empirical accuracy (RA, FMN + APGD)", [&](double e) { return r.empirical_at(e); });
     add(i, "certified (headline: best sound form per sample)",
         [&](double e) { return r.certified_at(e); });
-    auto verdict = [&](const std::optional<std::vector<double>>& per) {
-      return [&r, &per](double e) -> std::optional<double> {
-        const auto k = r.config.grid.find(e);
-        if (!k || !per) return std::nullopt;
-        return per->at(*k);
-      };
-    };
     if (r.aggregates.unknown) {
-      add(i, "unknown (neither certified nor attacked)", verdict(r.aggregates.unknown));
-      add(i, "falsified (attack succeeded, not certified)", verdict(r.aggregates.falsified));
+      add(i, "unknown (neither certified nor attacked)", [&](double e) { return r.unknown_at(e); });
+      add(i, "falsified (attack succeeded, not certified)",
+          [&](double e) { return r.falsified_at(e); });
     }
     for (const auto& key : r.keys())
       add(i, "certified: " + key.text(), [&](double e) { return r.certified_at(e, key); });

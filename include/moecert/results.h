@@ -197,6 +197,10 @@ struct Results {
   std::optional<double> certified_at(double eps, const std::optional<RadiusKey>& key = {}) const;
   /// Empirical accuracy at ε; nullopt without a cross-check or without that ε.
   std::optional<double> empirical_at(double eps) const;
+  /// The verdicts' fractions at ε (falsified: attacked, not certified; unknown:
+  /// neither); nullopt without a cross-check or without that ε.
+  std::optional<double> falsified_at(double eps) const;
+  std::optional<double> unknown_at(double eps) const;
   /// Every key of the run, main forms first, then by estimator (tightest first).
   std::vector<RadiusKey> keys() const;
 };

@@ -88,12 +88,16 @@ TEST_CASE("verdicts per eps: verified, falsified, unknown, misclassified sum to 
   CHECK(gate_metric(r, gate_parse("falsified@0.1<=0.5")) == Approx(0.4));
   CHECK(gate_metric(r, gate_parse("verified_acc@0.01>=0.4")) == Approx(0.4));
   CHECK_THROWS_AS(gate_metric(r, gate_parse("unknown@0.05<=0.2")), ConfigError);  // not in grid
+  CHECK(r.falsified_at(0.01).value_or(-1) == Approx(0.2));
+  CHECK(r.unknown_at(0.1).value_or(-1) == Approx(0.2));
+  CHECK_FALSE(r.unknown_at(0.05));
   // Without the cross-check nothing is falsified or unknown: no verdicts, and gates on them
   // are errors.
   auto blind = results_of({0.1}, {row(0, true, 0.05, std::nullopt)});
   CHECK_FALSE(blind.aggregates.unknown);
   CHECK_FALSE(nlohmann::json::parse(blind.to_json().dump())["aggregates"].contains("verdicts"));
   CHECK_THROWS_AS(gate_metric(blind, gate_parse("unknown@0.1<=0.2")), ConfigError);
+  CHECK_FALSE(blind.falsified_at(0.1));
 }
 
 TEST_CASE("aggregates count expert usage from the rows' router weights", "[unit][certify]") {
