@@ -75,7 +75,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--cert-samples", cert_samples, "samples per certification timing")
       ->capture_default_str();
-  app.add_option("--cert-methods", cert_methods, "comma-separated: ibp, crown (empty: none)")
+  app.add_option("--cert-methods", cert_methods,
+                 "comma-separated: ibp, crown-ibp, crown (empty: none)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   threads = runtime_threads(threads);
@@ -148,19 +149,22 @@ int main(int argc, char** argv) {
     const InputDomain d{xs, torch::full({cert_samples}, 1.0 / 255, torch::kFloat64), Norm::linf,
                         true};
     auto C = torch::randn({cert_samples, 9, 10}, torch::kFloat64);
-    for (auto method : {BoundMethod::ibp, BoundMethod::crown}) {
-      const char* mname = method == BoundMethod::ibp ? "ibp" : "crown";
+    for (auto method : {BoundMethod::ibp, BoundMethod::crown_ibp, BoundMethod::crown}) {
+      const char* mname = method == BoundMethod::ibp         ? "ibp"
+                          : method == BoundMethod::crown_ibp ? "crown-ibp"
+                                                             : "crown";
       const auto wanted = split(cert_methods);
       if (std::find(wanted.begin(), wanted.end(), mname) == wanted.end()) continue;
       BoundOptions opt;
       opt.method = method;
+      opt.fp32 = Float32Errors::automatic;  // as certify runs it
       const auto t0 = std::chrono::steady_clock::now();
       auto pass = bound_forward(g, d, opt);
       auto sb = bound_specs(pass, C);
       const double s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
           static_cast<double>(cert_samples);
-      std::printf("%-18s certify %-5s r=%.2f: %.3f s/sample, peak RSS %.0f MB\n", name.c_str(),
+      std::printf("%-18s certify %-9s r=%.2f: %.3f s/sample, peak RSS %.0f MB\n", name.c_str(),
                   mname, scale, s, peak_rss_mb());
       row["certify"][mname] = {
           {"seconds_per_sample", s}, {"peak_rss_mb", peak_rss_mb()}, {"scale", scale}};

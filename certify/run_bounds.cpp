@@ -116,6 +116,9 @@ void bound_stage(const Context& ctx, Batch& batch) {
     BoundOptions opt;
     opt.method = method_of(e);
     opt.alpha_steps = cfg.alpha_steps;
+    // Relational float32 errors where per-node worst cases compound (docs §12); an
+    // exact-arithmetic run reads no float32 error at all.
+    opt.fp32 = cfg.exact_arithmetic ? Float32Errors::per_node : Float32Errors::automatic;
     search::Config sc;
     sc.rounds = e == Estimator::alpha_crown ? cfg.alpha_rounds : cfg.search_rounds;
     // An α-CROWN probe is an optimisation of its own: two probes below a failed pass.

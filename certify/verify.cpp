@@ -70,6 +70,7 @@ BoundPass box_pass(const CompiledGraph& g, const torch::Tensor& lower, const tor
   d.lower = lower, d.upper = upper;
   BoundOptions opt;
   opt.method = method;
+  opt.fp32 = Float32Errors::automatic;
   return bound_forward(g, d, opt);
 }
 

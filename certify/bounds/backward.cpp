@@ -208,6 +208,10 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
       concretise_box(cur, out.lo, out.hi, b, mag);
       continue;
     }
+    if (pass.relational()) {  // the node's own float32 rounding δ, |δ| <= r: A·δ >= −Σ|A|·r
+      const auto& r = pass.round32[static_cast<size_t>(m)];
+      concretise_box(cur, -r, r, b, mag);
+    }
     for (size_t k = 0; k < ins.size(); ++k) {
       if (!ins[k].A.defined()) continue;
       const int i = node.inputs[k];

@@ -41,7 +41,8 @@ torch::Tensor bound_jacobian_relaxed(const BoundPass& pass, const torch::Tensor&
                                pass.domain.norm, false};
   BoundOptions opt = pass.opt;
   opt.method = interval_intermediates(intermediate) ? BoundMethod::crown_ibp : BoundMethod::crown;
-  opt.keep_elements = 0;  // nothing narrows this pass
+  opt.keep_elements = 0;               // nothing narrows this pass
+  opt.fp32 = Float32Errors::per_node;  // J·s is exact mathematics: its err32 is never read
   const auto jp = bound_forward(jg, directions, opt);
   // The relation is symmetric (s -> −s maps it to itself), but the bound is taken
   // directly: an upper bound of C·J·s is minus a lower bound of −C·J·s.

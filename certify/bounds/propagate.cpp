@@ -185,12 +185,22 @@ NodeBounds input_box(const InputDomain& d, const BoundPass* wide) {
 }
 
 /// The interval forward step of node `k` from its inputs' bounds in `pass`,
-/// outward-rounded for the float64 arithmetic.
-NodeBounds forward_step(const BoundPass& pass, size_t k) {
+/// outward-rounded for the float64 arithmetic. Relational (docs §12): the inputs'
+/// intervals enclose their float32 values and carry err32 = 0, so the rule's err32 is
+/// the node's own rounding r at any float32 input in them; the float32 output lies in
+/// the exact image widened by r, which becomes the node's interval, and r is kept in
+/// round32[k] for the backward walks.
+NodeBounds forward_step(BoundPass& pass, size_t k) {
   const auto& n = pass.graph->nodes()[k];
   std::vector<const NodeBounds*> in;
   for (int i : n.inputs) in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
   NodeBounds nb = n.rule->bounds(*n.layer, in);
+  if (pass.relational()) {
+    auto r = nb.err32;
+    nb.lo = nb.lo - r, nb.hi = nb.hi + r, nb.mag = nb.mag + r;
+    nb.err32 = torch::zeros_like(r);
+    pass.round32[k] = r;
+  }
   nb.lo = nb.lo - rho * nb.mag, nb.hi = nb.hi + rho * nb.mag;
   return nb;
 }
@@ -208,6 +218,9 @@ void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass, const torch::
   const auto& w = wide.nodes[k];
   nb.lo = torch::max(nb.lo, w.lo), nb.hi = torch::min(nb.hi, w.hi);
   nb.mag = torch::min(nb.mag, w.mag), nb.err32 = torch::min(nb.err32, w.err32);
+  // Both roundings bound the node's own at any float32 input in its inputs' intervals,
+  // and the narrow pass's inputs lie in both passes' intervals.
+  if (pass.relational()) pass.round32[k] = torch::min(pass.round32[k], wide.round32[k]);
   if (wide.refined[k].empty()) return;
   const bool intervals = interval_intermediates(pass.opt.method);
   const bool all = intervals && changed.all().item<bool>();
@@ -234,6 +247,14 @@ void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass, const torch::
 
 }  // namespace
 
+bool relational_errors(const BoundGraph& g, const BoundOptions& opt) {
+  if (opt.fp32 != Float32Errors::automatic) return opt.fp32 == Float32Errors::relational;
+  return std::any_of(g.nodes().begin(), g.nodes().end(), [](const BoundNode& n) {
+    const std::string kind = n.rule->name();
+    return kind == "layernorm" || kind == "softmax" || kind == "attn_scores" || kind == "attn_mix";
+  });
+}
+
 BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt,
                         const BoundPass* seed) {
   torch::NoGradGuard no_grad;
@@ -246,6 +267,9 @@ BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOp
   pass.graph = &g, pass.domain = d, pass.opt = opt;
   pass.input = input_box(d, seed);
   pass.refined.resize(g.nodes().size());
+  if (relational_errors(g, opt)) pass.round32.resize(g.nodes().size());
+  if (seed && seed->relational() != pass.relational())
+    throw Error(ExitCode::internal, "certify: a seed pass with another float32 error model");
   torch::Tensor changed;
   if (seed) changed = d.eps.ne(seed->domain.eps);
   for (size_t k = 0; k < g.nodes().size(); ++k) {
@@ -263,6 +287,7 @@ BoundPass bound_narrow(const BoundPass& wide, const InputDomain& d) {
   pass.graph = wide.graph, pass.domain = d, pass.opt = wide.opt;
   pass.input = input_box(d, &wide);
   pass.refined.resize(wide.nodes.size());
+  pass.round32.resize(wide.round32.size());
   const auto changed = d.eps.ne(wide.domain.eps);
   for (size_t k = 0; k < wide.nodes.size(); ++k) {
     pass.nodes.push_back(forward_step(pass, k));
@@ -291,6 +316,7 @@ BoundPass bound_subset(const BoundPass& p, const torch::Tensor& index) {
     s.domain.upper = p.domain.upper.index_select(0, index);
   s.input = pick(p.input);
   for (const auto& nb : p.nodes) s.nodes.push_back(pick(nb));
+  for (const auto& r : p.round32) s.round32.push_back(r.index_select(0, index));
   // Old sample -> new position (-1: dropped); kept rows follow their samples.
   auto to_new = positions_in(index, p.domain.x.size(0));
   s.refined.resize(p.refined.size());

@@ -41,8 +41,22 @@ struct InputDomain {
   torch::Tensor lower{}, upper{};
 };
 
+/// How the float32 evaluation error of the model enters the bounds (docs §12).
+/// per_node: every node carries a worst-case bound on |float32 − exact| (NodeBounds::err32,
+/// its input's error propagated by the operator's largest slope plus its own rounding), and
+/// bound_specs returns |C|·err32 of the output. relational: every interval encloses the
+/// float32 values as well as the exact ones, each node's own rounding r (BoundPass::round32)
+/// enters the backward walks as a bounded additive input (−Σ|A|·r at the node), so rows
+/// weigh it by their real sensitivity instead of compounding worst cases; bound_specs'
+/// lower bound then holds for the float32 model itself and its err32 is 0. automatic:
+/// relational on graphs with LayerNorm, softmax or attention nodes (where per-node worst
+/// cases compound by orders of magnitude), per_node elsewhere. err32 of a relational pass's
+/// nodes is 0: a caller that needs |ĥ − h| itself runs a per_node pass.
+enum class Float32Errors { per_node, relational, automatic };
+
 struct BoundOptions {
   BoundMethod method = BoundMethod::crown;
+  Float32Errors fp32 = Float32Errors::per_node;
   int alpha_steps = defaults::alpha_steps;                  ///< α-CROWN iteration budget
   double alpha_lr = defaults::alpha_lr;                     ///< α-CROWN Adam step size
   int64_t chunk_elements = defaults::bound_chunk_elements;  ///< row coefficients held at once
@@ -70,7 +84,13 @@ struct BoundPass {
   std::vector<NodeBounds> nodes;  ///< one per graph node
   /// Per node, the input-level rows of its refined units (within opt.keep_elements per sample).
   std::vector<std::vector<RefinedRows>> refined;
+  /// Relational float32 errors (Float32Errors): per node [B, *shape], a bound on its own
+  /// float32 rounding at any float32 input inside its inputs' intervals; empty otherwise.
+  std::vector<torch::Tensor> round32;
+  bool relational() const { return !round32.empty(); }
 };
+/// Whether `opt` makes a pass over `g` relational (Float32Errors::automatic resolved).
+bool relational_errors(const BoundGraph& g, const BoundOptions& opt);
 /// With `seed` (a pass over the same samples whose regions contain `d`'s), every
 /// interval starts from what the seed knows of it (as bound_narrow), so fewer units
 /// need a backward walk.
@@ -93,7 +113,8 @@ BoundPass bound_narrow(const BoundPass& pass, const InputDomain& d);
 
 /// Lower bounds of rows C·h(x) over each sample's region, sound for the exact-real
 /// graph (its float64 rounding subtracted), and a bound on |C·(ĥ − h)| where ĥ is the
-/// float32 model's output there. C: [B, S, K] -> lower, err32: [B, S]
+/// float32 model's output there; lower − err32 bounds C·ĥ. In a relational pass lower
+/// bounds both C·h and C·ĥ, and err32 is 0. C: [B, S, K] -> lower, err32: [B, S]
 struct SpecBounds {
   torch::Tensor lower, err32;
 };

@@ -98,6 +98,13 @@ void check_backbone(size_t which) {
         CHECK((sb.err32 >= 0).all().item<bool>());
         lows[i++] = sb.lower;
       }
+      {  // relational float32 errors (the rounding of every node in the walks, patches too)
+        BoundOptions opt;
+        opt.method = BoundMethod::crown, opt.fp32 = Float32Errors::relational;
+        auto sb = bound_specs(bound_forward(g, d, opt), C);
+        CHECK((sb.lower <= truth + 1e-9 * (1 + truth.abs())).all().item<bool>());
+        CHECK(sb.err32.abs().max().item<double>() == 0.0);
+      }
       CHECK((lows[2] >= lows[1] - 1e-12 * (1 + lows[1].abs()))
                 .all()
                 .item<bool>());  // α-CROWN starts at CROWN
@@ -146,6 +153,17 @@ TEST_CASE("float32 evaluations of every backbone stay within err32",
     BoundOptions opt;
     opt.method = BoundMethod::ibp;
     auto pass = bound_forward(g, {x, torch::full({2}, eps, f64), Norm::linf, true}, opt);
+    auto rel_opt = opt;  // relational: the output's interval itself encloses the float32 values
+    rel_opt.fp32 = Float32Errors::relational;
+    const auto rel_pass =
+        bound_forward(g, {x, torch::full({2}, eps, f64), Norm::linf, true}, rel_opt);
+    const auto& rel = rel_pass.nodes.back();
+    // Automatic keeps per-node errors on piecewise-linear networks.
+    CHECK_FALSE(relational_errors(g, [] {
+      BoundOptions o;
+      o.fp32 = Float32Errors::automatic;
+      return o;
+    }()));
     LayerGraph g32;
     for (const auto& n : net.graph) {
       Layer l = n.layer;
@@ -158,7 +176,55 @@ TEST_CASE("float32 evaluations of every backbone stay within err32",
       auto exact = graph_forward(net.graph, z.to(torch::kFloat64));
       auto fast = graph_forward(g32, z).to(torch::kFloat64);
       CHECK(((fast - exact).abs() <= pass.nodes.back().err32).all().item<bool>());
+      CHECK(((rel.lo <= fast) & (fast <= rel.hi)).all().item<bool>());
     }
+  }
+}
+
+TEST_CASE("relational float32 errors reach the rows through the walks (wide linear layers)",
+          "[soundness][certify][bounds]") {
+  // Linear layers relax exactly, so at ε = 0 a walk without the nodes' own roundings
+  // would return the exact value (less ρ·mag, ~10⁻¹⁰ of it), which the float32 model misses
+  // by ~10⁻⁷ of it on one sign of ±e_k: every row must bound the float32 logits.
+  torch::manual_seed(8);
+  LayerGraph g64, g32;
+  g64.add(Layer::simple(Layer::Kind::flatten));
+  g64.add(Layer::dense("l1", torch::randn({16, 1024}, f64), torch::randn({16}, f64)));
+  g64.add(Layer::dense("l2", torch::randn({4, 16}, f64), torch::randn({4}, f64)));
+  for (const auto& n : g64) {  // float32 weights, held exactly by the float64 graph
+    Layer l = n.layer;
+    for (auto* t : {&l.weight, &l.bias})
+      if (t->defined()) *t = t->to(torch::kFloat32);
+    g32.add(l, n.inputs);
+  }
+  LayerGraph exact;
+  for (const auto& n : g32) {
+    Layer l = n.layer;
+    for (auto* t : {&l.weight, &l.bias})
+      if (t->defined()) *t = t->to(torch::kFloat64);
+    exact.add(l, n.inputs);
+  }
+  const BoundGraph g(exact, {1, 32, 32});
+  const int64_t B = 8, K = 4;
+  auto x = torch::rand({B, 1, 32, 32}, f64).to(torch::kFloat32).to(f64);
+  auto I = torch::eye(K, f64);
+  auto C = torch::cat({I, -I}).unsqueeze(0).expand({B, 2 * K, K}).contiguous();
+  auto h = graph_forward(exact, x);
+  auto hat = graph_forward(g32, x.to(torch::kFloat32)).to(f64);
+  CHECK((hat - h).abs().max().item<double>() > 1e-6);  // float32 differs: the test has power
+  auto value = torch::matmul(C, hat.unsqueeze(2)).squeeze(2);
+  // The first layer's float32 values (as LibTorch computes them) lie in its interval.
+  const auto& l1 = g32[1].layer;
+  auto hat1 = torch::linear(x.to(torch::kFloat32).flatten(1), l1.weight, l1.bias).to(f64);
+  for (auto m : {BoundMethod::ibp, BoundMethod::crown}) {
+    BoundOptions opt;
+    opt.method = m, opt.fp32 = Float32Errors::relational;
+    auto pass = bound_forward(g, {x, torch::zeros({B}, f64), Norm::linf, true}, opt);
+    CHECK(((pass.nodes[1].lo <= hat1) & (hat1 <= pass.nodes[1].hi)).all().item<bool>());
+    auto sb = bound_specs(pass, C);
+    CHECK((sb.lower <= value).all().item<bool>());
+    // and not by a per-node worst case: within 10⁴ of the float32 error actually made
+    CHECK(((value - sb.lower).max() < 1e4 * (hat - h).abs().max()).item<bool>());
   }
 }
 

@@ -125,3 +125,83 @@ TEST_CASE("CROWN's lines through softmax and attention make a ViT's logit interv
   CHECK(crown > 0);
   CHECK(crown < ibp / 20);
 }
+
+TEST_CASE("relational float32 bounds hold for the float32 ViT module and the exact graph",
+          "[soundness][certify][bounds]") {
+  // Every interval of a relational pass encloses the float32 values, and each node's own
+  // rounding enters the walks: at ε = 0 (a single float32 image) rows ±e_k must bound
+  // both the module's float32 logits and the exact ones, which differ (checked), so a
+  // rounding left out anywhere fails one sign.
+  auto net = small_vit();
+  const auto graph = net->graph();
+  const BoundGraph g(graph, {3, 8, 8});
+  const int64_t K = 4, B = 2;
+  torch::manual_seed(5);
+  auto x = torch::rand({B, 3, 8, 8}, f64).to(torch::kFloat32).to(torch::kFloat64);
+  auto I = torch::eye(K, f64);
+  auto rows = torch::cat({I, -I, torch::randn({3, K}, f64)});
+  auto C = rows.unsqueeze(0).expand({B, rows.size(0), K}).contiguous();
+  auto net32 = small_vit();
+  net32->to(torch::kFloat32);
+  torch::NoGradGuard ng;
+  double spread = 0;
+  for (double eps : {0.0, 0.003}) {
+    for (auto m :
+         {BoundMethod::ibp, BoundMethod::crown_ibp, BoundMethod::crown, BoundMethod::alpha_crown}) {
+      INFO("eps " << eps << ", method " << static_cast<int>(m));
+      BoundOptions opt;
+      opt.method = m, opt.alpha_steps = 2, opt.fp32 = Float32Errors::relational;
+      auto pass = bound_forward(g, {x, torch::full({B}, eps, f64), Norm::linf, true}, opt);
+      REQUIRE(pass.relational());
+      auto sb = bound_specs(pass, C);
+      CHECK(sb.err32.abs().max().item<double>() == 0.0);
+      const auto& out = pass.nodes.back();
+      for (int t = 0; t < (eps == 0 ? 1 : 40); ++t) {
+        auto z = eps == 0 ? x : (x + eps * (2 * torch::rand_like(x) - 1)).clamp(0, 1);
+        z = z.to(torch::kFloat32);
+        auto exact = graph_forward(graph, z.to(torch::kFloat64));
+        auto fast = net32->forward(z).to(torch::kFloat64);
+        spread = std::max(spread, (fast - exact).abs().max().item<double>());
+        for (const auto& y : {exact, fast}) {
+          CHECK((out.lo <= y).all().item<bool>());
+          CHECK((y <= out.hi).all().item<bool>());
+          auto value = torch::matmul(C, y.unsqueeze(2)).squeeze(2);  // [B, S]
+          CHECK((sb.lower <= value + 1e-12 * (1 + value.abs())).all().item<bool>());
+        }
+      }
+    }
+  }
+  INFO("largest |float32 - exact| logit " << spread);
+  CHECK(spread > 1e-8);  // the float32 module differs from the exact graph: the test has power
+}
+
+TEST_CASE("relational float32 errors are far below per-node worst cases on a ViT",
+          "[certify][bounds]") {
+  // Per node, LayerNorm and the attention products multiply an incoming error bound by
+  // their largest slopes, so the logits' allowance compounds to ~4 on this model at
+  // ε = 0 (docs §20); carried through CROWN's rows, each node's rounding is weighed by
+  // the rows' real sensitivity. The allowance below is what a row gives away at a
+  // single image: C·h − (lower − err32).
+  auto net = small_vit();
+  const auto graph = net->graph();
+  const BoundGraph g(graph, {3, 8, 8});
+  const int64_t K = 4, B = 2;
+  torch::manual_seed(6);
+  auto x = torch::rand({B, 3, 8, 8}, f64).to(torch::kFloat32).to(torch::kFloat64);
+  auto I = torch::eye(K, f64);
+  auto C = torch::cat({I, -I}).unsqueeze(0).expand({B, 2 * K, K}).contiguous();
+  auto value = torch::matmul(C, graph_forward(graph, x).unsqueeze(2)).squeeze(2);
+  auto allowance = [&](Float32Errors e) {
+    BoundOptions opt;
+    opt.method = BoundMethod::crown, opt.fp32 = e;
+    auto sb = bound_specs(bound_forward(g, {x, torch::zeros({B}, f64), Norm::linf, true}, opt), C);
+    return (value - (sb.lower - sb.err32)).max().item<double>();
+  };
+  const double per_node = allowance(Float32Errors::per_node);
+  const double relational = allowance(Float32Errors::relational);
+  INFO("per node " << per_node << ", relational " << relational);
+  CHECK(relational > 0);
+  CHECK(relational < per_node / 100);
+  // automatic picks the relational model on a graph with LayerNorm / softmax / attention.
+  CHECK(allowance(Float32Errors::automatic) == relational);
+}
