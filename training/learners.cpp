@@ -24,7 +24,7 @@ std::vector<torch::Tensor> router_policy(MoeImpl& model, const TrainConfig& c,
                                          std::vector<std::unique_ptr<FrozenParameters>>& hold) {
   if (c.router_train != "none") {
     model.set_router_gradient(router_gradient_parse(c.router_train));
-    return model.parameters();
+    return unique_tensors(model.parameters());
   }
   hold.push_back(std::make_unique<FrozenParameters>(model.router_parameters()));
   return model.expert_parameters();

@@ -47,6 +47,11 @@ struct BackboneCost {
 struct ModelSpec {
   std::string kind = "moe";  ///< moe (model-level) | moe-cnn (channel groups)
   double scale = 0.5;        ///< moe-cnn: group width r as a share of C_out
+  /// moe-cnn over trunks: one BatchNorm per layer shared by every channel group (paper
+  /// 2's layout: γ, β and the running statistics are the same for all groups; in training
+  /// each path normalises its own samples with their batch statistics). false: each
+  /// group has its own (checkpoints written before the field existed).
+  bool shared_batch_norm = false;
   int64_t in_channels = 1, height = 28, width = 28, num_classes = 10;
   int64_t experts = 4;            ///< E (moe-cnn: N groups); 1 = dense, no router
   std::string expert = "cnn-s";   ///< a registered backbone, or "graph" (graphs)
@@ -124,7 +129,8 @@ class ChannelGroupNetImpl : public torch::nn::Module {
 std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind,
                                                         int64_t in_channels, int64_t height,
                                                         int64_t width, int64_t outputs,
-                                                        int64_t groups, double scale);
+                                                        int64_t groups, double scale,
+                                                        bool shared_batch_norm = false);
 
 /// The routing of a batch: which experts each sample uses and with what weight.
 struct MoeRouting {
@@ -209,8 +215,12 @@ TORCH_MODULE(Moe);
 /// exactly the SPEC formula, in probability space. -> F(x) [B, C]
 torch::Tensor moe_reference_probs(MoeImpl& model, const torch::Tensor& x);
 
-/// Number of parameters of a module.
+/// Number of parameters of a module (a module shared by several parents counted once).
 int64_t module_parameter_count(const torch::nn::Module& module);
+/// `params` without repeats of the same tensor, first occurrence kept: a module shared
+/// by several parents (a MoE-CNN's shared BatchNorm) appears once per parent in
+/// Module::parameters(), and an optimizer must step it once.
+std::vector<torch::Tensor> unique_tensors(const std::vector<torch::Tensor>& params);
 /// Graph components (expert / router kind "graph", ModelSpec::graphs): the structure of
 /// a layer graph as JSON — operators, their inputs and geometry, tensor shapes; no
 /// values. Written by `moecert import` (ONNX files, other codes' state dicts).
@@ -237,7 +247,8 @@ void graph_net_fill(BackboneImpl& net, const LayerGraph& values);
 /// The cost of backbone_make(kind, c, h, w, outputs). Throws ConfigError for an unknown kind.
 BackboneCost backbone_cost(const std::string& kind, int64_t c, int64_t h, int64_t w,
                            int64_t outputs);
-/// The cost of channel_group_make(...) (all groups' parameters; one path's activations).
+/// The cost of channel_group_make(...) (all groups' parameters; one path's activations;
+/// shared BatchNorm counted once per group, an upper bound).
 BackboneCost channel_group_cost(const std::string& kind, int64_t c, int64_t h, int64_t w,
                                 int64_t outputs, int64_t groups, double scale);
 

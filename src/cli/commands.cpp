@@ -122,6 +122,7 @@ struct TrainOptions {
   TrainConfig cfg;
   ModelSpec spec;
   std::string routing = "top-k";
+  std::string batch_norm = "shared";  ///< moe-cnn: shared | per-group
   AttackOptions train_attack, eval_attack;
   int64_t val_samples = defaults::val_samples;
   bool force = false;
@@ -194,6 +195,9 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
     o.spec.routing = o.routing == "soft" ? Routing::soft : Routing::top_k;
     if (o.routing != "soft" && o.routing != "top-k")
       throw ConfigError::invalid("--routing", o.routing, "soft | top-k");
+    if (o.batch_norm != "shared" && o.batch_norm != "per-group")
+      throw ConfigError::invalid("--batch-norm", o.batch_norm, "shared | per-group");
+    o.spec.shared_batch_norm = o.spec.kind == "moe-cnn" && o.batch_norm == "shared";
     o.spec.in_channels = train.channels(), o.spec.height = train.height(),
     o.spec.width = train.width();
     o.spec.num_classes = train.num_classes, o.spec.mean = train.mean, o.spec.std = train.std;
@@ -335,6 +339,10 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
                   "moe (model-level experts) | moe-cnn (AdvMoE channel-group conv layers)")
       ->capture_default_str();
   cmd->add_option("--scale", o->spec.scale, "moe-cnn: channel-group width r as a share of C_out")
+      ->capture_default_str();
+  cmd->add_option("--batch-norm", o->batch_norm,
+                  "moe-cnn: shared (one BatchNorm per layer for all channel groups, paper 2's "
+                  "layout) | per-group")
       ->capture_default_str();
   cmd->add_option("--experts", o->spec.experts,
                   "number of experts E (1 = dense; moe-cnn: groups N)")

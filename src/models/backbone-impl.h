@@ -40,6 +40,9 @@ Layer conv_layer(const std::string& name, const nn::Conv2d& c);
 Layer linear_layer(const std::string& name, const nn::Linear& l);
 /// BatchNorm in eval mode: y = γ (x − μ) / sqrt(σ² + eps) + β, a per-channel affine map.
 Layer batchnorm_layer(const std::string& name, const nn::BatchNorm2d& bn);
+/// A new BatchNorm over `channels`; inside a MoE-CNN with shared BatchNorm, the first
+/// trunk's module of the same position. Every backbone makes its BatchNorms with it.
+nn::BatchNorm2d batch_norm(int64_t channels);
 inline Layer relu_layer() { return Layer::simple(Layer::Kind::relu); }
 /// 2x2 average pooling, stride 2, as the convolution it is (weight 1/4 on the
 /// diagonal channel pairs): exact, and bounded by the conv rule. `like`: a tensor of
@@ -53,12 +56,13 @@ struct Trunk {
   int64_t features;
 };
 
-/// MoE-CNN body over trunks: per group a trunk of width `scale` (every conv and
-/// BatchNorm of the group is its own), the linear head shared, group g reading its
-/// column block of the N·F pooled features.
+/// MoE-CNN body over trunks: per group a trunk of width `scale` (every conv of the
+/// group is its own; every BatchNorm too, or with `shared_batch_norm` one module per
+/// layer shared by all groups, paper 2's layout), the linear head shared, group g
+/// reading its column block of the N·F pooled features.
 std::shared_ptr<ChannelGroupNetImpl> trunk_groups_make(const BackboneEntry& e,
                                                        const BackboneArgs& a, int64_t groups,
-                                                       double scale);
+                                                       double scale, bool shared_batch_norm);
 BackboneCost trunk_groups_cost(const BackboneEntry& e, const BackboneArgs& a, int64_t groups,
                                double scale);
 

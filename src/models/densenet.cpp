@@ -14,9 +14,9 @@ namespace {
 class BottleneckImpl : public nn::Module {
  public:
   BottleneckImpl(int64_t in, int64_t growth)
-      : bn1(register_module("bn1", nn::BatchNorm2d(in))),
+      : bn1(register_module("bn1", batch_norm(in))),
         conv1(register_module("conv1", conv1x1(in, 4 * growth, 1))),
-        bn2(register_module("bn2", nn::BatchNorm2d(4 * growth))),
+        bn2(register_module("bn2", batch_norm(4 * growth))),
         conv2(register_module("conv2", conv3x3(4 * growth, growth, 1, false))) {}
   torch::Tensor forward(const torch::Tensor& x) {
     auto out = conv1(torch::relu(bn1(x)));
@@ -42,7 +42,7 @@ TORCH_MODULE(Bottleneck);
 class TransitionImpl : public nn::Module {
  public:
   TransitionImpl(int64_t in, int64_t out)
-      : bn(register_module("bn", nn::BatchNorm2d(in))),
+      : bn(register_module("bn", batch_norm(in))),
         conv(register_module("conv", conv1x1(in, out, 1))) {}
   torch::Tensor forward(const torch::Tensor& x) {
     return torch::avg_pool2d(conv(torch::relu(bn(x))), 2);
@@ -96,7 +96,7 @@ class DenseNetImpl : public BackboneImpl {
         in /= 2;
       }
     }
-    bn = register_module("bn", nn::BatchNorm2d(in));
+    bn = register_module("bn", batch_norm(in));
     if (a.outputs > 0) linear = register_module("linear", nn::Linear(in, a.outputs));
   }
   torch::Tensor forward(torch::Tensor x) override {

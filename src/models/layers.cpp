@@ -2,12 +2,25 @@
 // choice, modules as graph layers, the MoE-CNN body over trunks, and LiveGraphs.
 #include <torch/version.h>
 
+#include <set>
+
 #include "backbone-impl.h"
 
 namespace moecert {
 namespace {
 
 thread_local bool live_graphs = false;
+
+/// BatchNorm modules shared across the trunks of a MoE-CNN (paper 2's layout): while
+/// one is installed, batch_norm() records every module it makes (the first trunk) or
+/// hands the recorded ones out in the same order (the other trunks, built by the same
+/// code, ask for the same sequence of channel counts).
+struct BatchNormSharing {
+  std::vector<torch::nn::BatchNorm2d> made;
+  size_t next = 0;
+  bool replay = false;
+};
+thread_local BatchNormSharing* bn_sharing = nullptr;
 
 /// Convolution whose backward pass uses LibTorch's im2col kernels instead of
 /// oneDNN's. For a stem with one to three input channels on the CPU oneDNN's
@@ -73,6 +86,16 @@ Layer batchnorm_layer(const std::string& name, const nn::BatchNorm2d& bn) {
                            f64(bn->running_var), bn->options.eps());
 }
 
+nn::BatchNorm2d batch_norm(int64_t channels) {
+  if (!bn_sharing) return nn::BatchNorm2d(channels);
+  auto& s = *bn_sharing;
+  if (!s.replay) return s.made.emplace_back(channels);
+  if (s.next >= s.made.size() || s.made[s.next]->options.num_features() != channels)
+    throw Error(ExitCode::internal,
+                "moe-cnn: the trunks of one MoE-CNN ask for different BatchNorm layers");
+  return s.made[s.next++];
+}
+
 Layer avgpool2_layer(const std::string& name, int64_t channels, const torch::Tensor& like) {
   auto opts = like.options().dtype(live_graphs ? like.scalar_type() : torch::kFloat64);
   auto w =
@@ -108,13 +131,23 @@ class TrunkGroupsImpl : public ChannelGroupNetImpl {
  public:
   // The head is initialised before the trunks (the order of the random draws that
   // earlier versions used, so a seed gives the same model).
-  TrunkGroupsImpl(const BackboneEntry& e, const BackboneArgs& a, int64_t n_groups, double scale)
+  TrunkGroupsImpl(const BackboneEntry& e, const BackboneArgs& a, int64_t n_groups, double scale,
+                  bool shared_batch_norm)
       : features_(e.trunk_features(trunk_args(a, scale))),
         groups(register_module("groups", nn::ModuleList())),
         linear(register_module("linear", nn::Linear(n_groups * features_, a.outputs))) {
+    BatchNormSharing sharing;
+    struct Install {  // uninstalled on every exit, exceptions included
+      explicit Install(BatchNormSharing* s) { bn_sharing = s; }
+      ~Install() { bn_sharing = nullptr; }
+    } install(shared_batch_norm ? &sharing : nullptr);
     for (int64_t g = 0; g < n_groups; ++g) {
+      sharing.replay = g > 0, sharing.next = 0;
       trunks_.push_back(e.make(trunk_args(a, scale)));
       groups->push_back(trunks_.back());
+      if (sharing.replay && sharing.next != sharing.made.size())
+        throw Error(ExitCode::internal,
+                    "moe-cnn: the trunks of one MoE-CNN have different BatchNorm layers");
     }
   }
   torch::Tensor forward_path(int64_t g, const torch::Tensor& x,
@@ -144,8 +177,8 @@ class TrunkGroupsImpl : public ChannelGroupNetImpl {
 
 std::shared_ptr<ChannelGroupNetImpl> trunk_groups_make(const BackboneEntry& e,
                                                        const BackboneArgs& a, int64_t groups,
-                                                       double scale) {
-  return std::make_shared<TrunkGroupsImpl>(e, a, groups, scale);
+                                                       double scale, bool shared_batch_norm) {
+  return std::make_shared<TrunkGroupsImpl>(e, a, groups, scale, shared_batch_norm);
 }
 
 BackboneCost trunk_groups_cost(const BackboneEntry& e, const BackboneArgs& a, int64_t groups,
@@ -160,9 +193,17 @@ BackboneCost trunk_groups_cost(const BackboneEntry& e, const BackboneArgs& a, in
 
 }  // namespace backbones
 
+std::vector<torch::Tensor> unique_tensors(const std::vector<torch::Tensor>& params) {
+  std::vector<torch::Tensor> out;
+  std::set<const void*> seen;
+  for (const auto& p : params)
+    if (seen.insert(p.unsafeGetTensorImpl()).second) out.push_back(p);
+  return out;
+}
+
 int64_t module_parameter_count(const torch::nn::Module& module) {
   int64_t n = 0;
-  for (const auto& p : module.parameters()) n += p.numel();
+  for (const auto& p : unique_tensors(module.parameters())) n += p.numel();
   return n;
 }
 

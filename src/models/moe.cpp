@@ -68,6 +68,7 @@ nlohmann::json ModelSpec::to_json() const {
                       {"mean", mean},
                       {"std", std}};
   if (!graphs.is_null()) j["graphs"] = graphs;
+  if (kind == "moe-cnn") j["batch_norm"] = shared_batch_norm ? "shared" : "per-group";
   return j;
 }
 
@@ -107,6 +108,13 @@ ModelSpec ModelSpec::from_json(const nlohmann::json& j) {
   field("mean", s.mean);
   field("std", s.std);
   if (j.contains("graphs")) s.graphs = j.at("graphs");
+  if (j.contains("batch_norm")) {
+    std::string bn;
+    field("batch_norm", bn);
+    if (bn != "shared" && bn != "per-group")
+      throw ConfigError::invalid("architecture.batch_norm", bn, "shared | per-group");
+    s.shared_batch_norm = bn == "shared";
+  }
   if (routing == "soft")
     s.routing = Routing::soft;
   else if (routing == "top-k")
@@ -166,6 +174,9 @@ void ModelSpec::validate() const {
     if (!std::isfinite(m)) throw ConfigError::invalid("mean", std::to_string(m), "a finite number");
   if (kind != "moe" && kind != "moe-cnn")
     throw ConfigError::invalid("--arch", kind, "moe | moe-cnn");
+  if (shared_batch_norm && kind != "moe-cnn")
+    throw ConfigError("architecture: batch_norm \"shared\" is a moe-cnn layout (kind is " + kind +
+                      ")");
   if (kind == "moe-cnn") {
     if (experts < 2)
       throw ConfigError::invalid("--experts", std::to_string(experts),
@@ -241,9 +252,10 @@ MoeImpl::MoeImpl(ModelSpec spec) : spec_(std::move(spec)) {
                       : backbone_make(spec_.router, spec_.in_channels, spec_.height, spec_.width,
                                       spec_.experts));
   if (spec_.kind == "moe-cnn") {
-    body_ = register_module(
-        "body", channel_group_make(spec_.expert, spec_.in_channels, spec_.height, spec_.width,
-                                   spec_.num_classes, spec_.experts, spec_.scale));
+    body_ =
+        register_module("body", channel_group_make(spec_.expert, spec_.in_channels, spec_.height,
+                                                   spec_.width, spec_.num_classes, spec_.experts,
+                                                   spec_.scale, spec_.shared_batch_norm));
     for (int64_t i = 0; i < spec_.experts; ++i)
       experts_.push_back(std::make_shared<ChannelGroupPathImpl>(body_.get(), i));
     return;
@@ -265,7 +277,7 @@ std::vector<torch::Tensor> MoeImpl::router_parameters() {
 }
 
 std::vector<torch::Tensor> MoeImpl::expert_parameters() {
-  if (body_) return body_->parameters();
+  if (body_) return unique_tensors(body_->parameters());
   return experts_list_->parameters();
 }
 

@@ -104,11 +104,12 @@ std::shared_ptr<BackboneImpl> backbone_make(const std::string& kind, int64_t in_
 std::shared_ptr<ChannelGroupNetImpl> channel_group_make(const std::string& kind,
                                                         int64_t in_channels, int64_t height,
                                                         int64_t width, int64_t outputs,
-                                                        int64_t groups, double scale) {
+                                                        int64_t groups, double scale,
+                                                        bool shared_batch_norm) {
   const auto a = args_of(kind, in_channels, height, width, outputs);
   const auto& e = backbone_find(a, BackboneRole::channel_groups, "--expert");
-  if (e.make_groups) return e.make_groups(a, groups, scale);
-  return backbones::trunk_groups_make(e, a, groups, scale);
+  if (e.make_groups) return e.make_groups(a, groups, scale);  // cnn-s: no BatchNorm
+  return backbones::trunk_groups_make(e, a, groups, scale, shared_batch_norm);
 }
 
 BackboneCost backbone_cost(const std::string& kind, int64_t c, int64_t h, int64_t w,

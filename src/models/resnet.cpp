@@ -16,9 +16,9 @@ class BasicBlockImpl : public nn::Module {
  public:
   BasicBlockImpl(int64_t in, int64_t out, int64_t stride, Shortcut mode)
       : conv1(register_module("conv1", conv3x3(in, out, stride, false))),
-        bn1(register_module("bn1", nn::BatchNorm2d(out))),
+        bn1(register_module("bn1", batch_norm(out))),
         conv2(register_module("conv2", conv3x3(out, out, 1, false))),
-        bn2(register_module("bn2", nn::BatchNorm2d(out))),
+        bn2(register_module("bn2", batch_norm(out))),
         in_(in),
         out_(out),
         stride_(stride),
@@ -26,7 +26,7 @@ class BasicBlockImpl : public nn::Module {
     if (mode == Shortcut::conv && (stride != 1 || in != out)) {
       shortcut = register_module("shortcut", nn::Sequential());
       shortcut->push_back(conv1x1(in, out, stride));
-      shortcut->push_back(nn::BatchNorm2d(out));
+      shortcut->push_back(batch_norm(out));
     }
   }
 
@@ -89,7 +89,7 @@ class ResNetImpl : public BackboneImpl {
   ResNetImpl(int64_t c, int64_t outputs, int64_t stem, std::vector<int64_t> widths, int64_t blocks,
              Shortcut mode, const std::string& head)
       : conv1(register_module("conv1", conv3x3(c, stem, 1, false))),
-        bn1(register_module("bn1", nn::BatchNorm2d(stem))),
+        bn1(register_module("bn1", batch_norm(stem))),
         head_(head) {
     int64_t in = stem;
     for (size_t s = 0; s < widths.size(); ++s) {

@@ -37,7 +37,7 @@ class VggImpl : public BackboneImpl {
       }
       const int64_t out = scaled(v, a.width);
       features->push_back(nn::Conv2d(nn::Conv2dOptions(in, out, 3).padding(1)));
-      features->push_back(nn::BatchNorm2d(out));
+      features->push_back(batch_norm(out));
       features->push_back(nn::Functional(torch::relu));
       kinds_.insert(kinds_.end(), {'C', 'B', 'R'});
       in = out;

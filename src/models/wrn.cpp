@@ -13,9 +13,9 @@ namespace {
 class WideBlockImpl : public nn::Module {
  public:
   WideBlockImpl(int64_t in, int64_t out, int64_t stride)
-      : bn1(register_module("bn1", nn::BatchNorm2d(in))),
+      : bn1(register_module("bn1", batch_norm(in))),
         conv1(register_module("conv1", conv3x3(in, out, stride, false))),
-        bn2(register_module("bn2", nn::BatchNorm2d(out))),
+        bn2(register_module("bn2", batch_norm(out))),
         conv2(register_module("conv2", conv3x3(out, out, 1, false))) {
     if (in != out || stride != 1)
       shortcut = register_module("convShortcut", conv1x1(in, out, stride));
@@ -71,7 +71,7 @@ class WideResNetImpl : public BackboneImpl {
       register_module("block" + std::to_string(s), block);
       stages_.push_back(layer);
     }
-    bn1 = register_module("bn1", nn::BatchNorm2d(w[3]));
+    bn1 = register_module("bn1", batch_norm(w[3]));
     if (a.outputs > 0) fc = register_module("fc", nn::Linear(w[3], a.outputs));
   }
   torch::Tensor forward(torch::Tensor x) override {

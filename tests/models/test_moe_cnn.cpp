@@ -4,6 +4,7 @@
 
 #include "moecert/error.h"
 #include "moecert/models.h"
+#include "moecert/rules.h"
 
 using namespace moecert;
 
@@ -131,4 +132,84 @@ TEST_CASE("MoE-CNN: the manifest round-trips and bad specs are rejected", "[unit
   CHECK_THROWS_AS(bad.validate(), ConfigError);
   bad = spec, bad.kind = "moe-vit";
   CHECK_THROWS_WITH(bad.validate(), Catch::Contains("moe-vit"));
+}
+
+TEST_CASE("MoE-CNN: BatchNorm shared across channel groups (paper 2's layout)", "[unit][models]") {
+  for (const auto& backbone : {std::string("resnet18"), std::string("wrn-10-1")}) {
+    INFO(backbone);
+    auto spec = moe_cnn_spec(backbone, 3, 0.25);
+    spec.in_channels = 3, spec.height = 32, spec.width = 32;
+    spec.mean = {0.5, 0.5, 0.5}, spec.std = {0.25, 0.25, 0.25};
+    auto per_group = spec;
+    spec.shared_batch_norm = true;
+    torch::manual_seed(4);
+    Moe model(spec);
+    Moe separate(per_group);
+    // Every BatchNorm tensor of group g is group 0's; every convolution is its own.
+    int64_t bn_values = 0, shared = 0;
+    auto params = model->named_parameters();
+    auto buffers = model->named_buffers();
+    for (const auto& p : params) {
+      const auto& k = p.key();
+      if (k.rfind("body.groups.0.", 0) != 0) continue;
+      const std::string rest = k.substr(std::string("body.groups.0.").size());
+      for (int g = 1; g < 3; ++g) {
+        const auto& other = params["body.groups." + std::to_string(g) + "." + rest];
+        const bool same = other.unsafeGetTensorImpl() == p.value().unsafeGetTensorImpl();
+        const bool is_bn =  // a parameter of a module with running statistics
+            buffers.contains("body.groups.0." + rest.substr(0, rest.rfind('.')) + ".running_mean");
+        CHECK(same == is_bn);
+        if (is_bn && g == 1) bn_values += p.value().numel(), ++shared;
+      }
+    }
+    CHECK(shared > 0);
+    for (const auto& b : buffers)
+      if (b.key().rfind("body.groups.0.", 0) == 0)
+        CHECK(buffers["body.groups.2." + b.key().substr(14)].unsafeGetTensorImpl() ==
+              b.value().unsafeGetTensorImpl());
+    // Counted once: the per-group model has N − 1 more copies of them.
+    CHECK(module_parameter_count(*separate) - module_parameter_count(*model) == 2 * bn_values);
+    auto experts = model->expert_parameters();
+    CHECK(unique_tensors(experts).size() == experts.size());
+    CHECK(experts.size() + model->router_parameters().size() ==
+          unique_tensors(model->parameters()).size());
+
+    // A training step moves the shared γ once, and every path sees it; its running
+    // statistics are the same tensor for every path too.
+    model->train();
+    torch::optim::SGD opt(experts, torch::optim::SGDOptions(0.1));
+    auto x = torch::rand({8, 3, 32, 32});
+    const auto& gamma = params["body.groups.0.bn1.weight"];
+    auto before = gamma.clone();
+    opt.zero_grad();
+    model->forward(x).mean().backward();
+    opt.step();
+    CHECK((gamma - before).abs().max().item<double>() > 0);
+    CHECK(torch::equal(params["body.groups.2.bn1.weight"], gamma));
+
+    // Eval: each path's certified graph is the float32 path with the shared BatchNorm.
+    model->eval();
+    torch::NoGradGuard ng;
+    auto xe = torch::rand({4, 3, 32, 32});
+    for (int64_t g = 0; g < 3; ++g) {
+      auto direct = model->expert_logits(g, xe).to(torch::kFloat64);
+      auto graph = graph_forward(model->component_graph(g), xe.to(torch::kFloat64));
+      CHECK((direct - graph).abs().max().item<double>() < 1e-4);
+    }
+    CHECK((model->forward(xe).exp() - moe_reference_probs(*model, xe)).abs().max().item<double>() <
+          1e-5);
+  }
+  // The manifest names the layout; a file without the field has per-group BatchNorm.
+  auto spec = moe_cnn_spec("resnet18", 2, 0.25);
+  spec.shared_batch_norm = true;
+  auto j = spec.to_json();
+  CHECK(j["batch_norm"] == "shared");
+  CHECK(ModelSpec::from_json(j).shared_batch_norm);
+  j.erase("batch_norm");
+  CHECK_FALSE(ModelSpec::from_json(j).shared_batch_norm);
+  j["batch_norm"] = "pooled";
+  CHECK_THROWS_WITH(ModelSpec::from_json(j), Catch::Contains("batch_norm"));
+  auto flat = ModelSpec();
+  flat.shared_batch_norm = true;
+  CHECK_THROWS_WITH(flat.validate(), Catch::Contains("moe-cnn"));
 }
