@@ -88,28 +88,33 @@ TEST_CASE("every registered backbone: forward equals its graph at every accepted
 
 TEST_CASE("every MoE-CNN backbone: each path's graph equals the model's own expert output",
           "[unit][models][backbones]") {
-  for (const auto& e : backbone_registry()) {
-    if (!e.make_groups && !e.trunk_features) continue;
-    ModelSpec s;
-    s.kind = "moe-cnn", s.expert = e.example ? e.example : e.name, s.experts = 2, s.scale = 0.125;
-    s.in_channels = 3, s.height = 32, s.width = 32, s.mean = {0.5, 0.4, 0.3},
-    s.std = {0.25, 0.2, 0.3};
-    INFO(s.expert);
-    torch::manual_seed(7);
-    Moe model(s);
-    randomise_batchnorm(*model);
-    model->eval();
-    torch::NoGradGuard ng;
-    auto x = torch::rand({4, 3, 32, 32});
-    for (int64_t g = 0; g < 2; ++g) {
-      auto h = model->expert_logits(g, x).to(torch::kFloat64);
-      auto graph = graph_forward(model->component_graph(g), x.to(torch::kFloat64));
-      CHECK(((h - graph).abs().max() / h.abs().max()).item<double>() < 1e-5);
+  for (const auto& e : backbone_registry())
+    for (bool shared : {false, true}) {  // BatchNorm per group, or shared (paper 2)
+      if (!e.make_groups && !e.trunk_features) continue;
+      ModelSpec s;
+      s.kind = "moe-cnn", s.expert = e.example ? e.example : e.name, s.experts = 2, s.scale = 0.125;
+      s.in_channels = 3, s.height = 32, s.width = 32, s.mean = {0.5, 0.4, 0.3},
+      s.std = {0.25, 0.2, 0.3};
+      s.shared_batch_norm = shared;
+      INFO(s.expert << (shared ? ", shared BatchNorm" : ""));
+      torch::manual_seed(7);
+      Moe model(s);
+      randomise_batchnorm(*model);
+      model->eval();
+      torch::NoGradGuard ng;
+      auto x = torch::rand({4, 3, 32, 32});
+      for (int64_t g = 0; g < 2; ++g) {
+        auto h = model->expert_logits(g, x).to(torch::kFloat64);
+        auto graph = graph_forward(model->component_graph(g), x.to(torch::kFloat64));
+        CHECK(((h - graph).abs().max() / h.abs().max()).item<double>() < 1e-5);
+      }
+      CHECK((model->forward(x).exp() - moe_reference_probs(*model, x)).abs().max().item<double>() <
+            1e-5);
+      if (shared)  // the cost counts a shared BatchNorm once per group: an upper bound
+        CHECK(s.cost().parameters >= module_parameter_count(*model));
+      else
+        CHECK(s.cost().parameters == Approx(module_parameter_count(*model)).epsilon(1e-12));
     }
-    CHECK((model->forward(x).exp() - moe_reference_probs(*model, x)).abs().max().item<double>() <
-          1e-5);
-    CHECK(s.cost().parameters == Approx(module_parameter_count(*model)).epsilon(1e-12));
-  }
 }
 
 TEST_CASE("family names parse, bad names and sizes are ConfigErrors naming the field",
