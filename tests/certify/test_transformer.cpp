@@ -36,6 +36,18 @@ torch::Tensor ball_points(const torch::Tensor& x, double eps, Norm p, int64_t n)
   return (x.unsqueeze(0) + d).clamp(0, 1);
 }
 
+/// B float32 images of the test ViT's shape (exact in float64), and the rows ±e_k of
+/// its K = 4 logits for each: C [B, 8, 4].
+struct Float32Images {
+  torch::Tensor x, C;
+};
+Float32Images float32_images(int64_t B, uint64_t seed) {
+  torch::manual_seed(seed);
+  auto x = torch::rand({B, 3, 8, 8}, f64).to(torch::kFloat32).to(torch::kFloat64);
+  auto I = torch::eye(4, f64);
+  return {x, torch::cat({I, -I}).unsqueeze(0).expand({B, 8, 4}).contiguous()};
+}
+
 }  // namespace
 
 TEST_CASE("bound propagation is sound on a ViT (LayerNorm, attention, softmax, GELU)",
@@ -136,11 +148,9 @@ TEST_CASE("relational float32 bounds hold for the float32 ViT module and the exa
   const auto graph = net->graph();
   const BoundGraph g(graph, {3, 8, 8});
   const int64_t K = 4, B = 2;
-  torch::manual_seed(5);
-  auto x = torch::rand({B, 3, 8, 8}, f64).to(torch::kFloat32).to(torch::kFloat64);
-  auto I = torch::eye(K, f64);
-  auto rows = torch::cat({I, -I, torch::randn({3, K}, f64)});
-  auto C = rows.unsqueeze(0).expand({B, rows.size(0), K}).contiguous();
+  const auto images = float32_images(B, 5);
+  const auto& x = images.x;
+  auto C = torch::cat({images.C, torch::randn({3, K}, f64).unsqueeze(0).expand({B, 3, K})}, 1);
   auto net32 = small_vit();
   net32->to(torch::kFloat32);
   torch::NoGradGuard ng;
@@ -185,11 +195,9 @@ TEST_CASE("relational float32 errors are far below per-node worst cases on a ViT
   auto net = small_vit();
   const auto graph = net->graph();
   const BoundGraph g(graph, {3, 8, 8});
-  const int64_t K = 4, B = 2;
-  torch::manual_seed(6);
-  auto x = torch::rand({B, 3, 8, 8}, f64).to(torch::kFloat32).to(torch::kFloat64);
-  auto I = torch::eye(K, f64);
-  auto C = torch::cat({I, -I}).unsqueeze(0).expand({B, 2 * K, K}).contiguous();
+  const int64_t B = 2;
+  const auto images = float32_images(B, 6);
+  const auto &x = images.x, &C = images.C;
   auto value = torch::matmul(C, graph_forward(graph, x).unsqueeze(2)).squeeze(2);
   auto allowance = [&](Float32Errors e) {
     BoundOptions opt;
