@@ -15,6 +15,7 @@
 #include <sstream>
 #include <thread>
 
+#include "bab.h"
 #include "moecert/attack_suite.h"
 #include "moecert/checkpoint.h"
 #include "moecert/defaults.h"
@@ -220,6 +221,38 @@ ResultRow row_of(const Context& ctx, const Batch& batch, int64_t b, int64_t inde
   return row;
 }
 
+/// APGD with the cross-check's loss and --restarts random starts (start r + `round`·1000
+/// of each row's sampler), each on the rows the earlier ones left, on the balls of
+/// `radius` around xs (float32): the points found and whether the float32 model
+/// misclassifies them (success, on the CPU).
+AttackFound apgd_points(const Context& ctx, const AttackSubject& subject, const torch::Tensor& xs,
+                        const torch::Tensor& ys, const std::vector<double>& radius,
+                        const std::vector<uint64_t>& seeds, int round) {
+  const auto& cfg = ctx.cfg;
+  auto fs = subject.target(AttackTarget::whole, xs);
+  const AttackBall ball{xs, torch::tensor(radius, torch::kFloat32).to(xs.device()), cfg.norm,
+                        cfg.box};
+  const RowSampler sampler(seeds);
+  AttackFound found{xs.clone(), torch::zeros({xs.size(0)}, torch::kBool).to(xs.device())};
+  for (int r = 0; r < std::max(1, cfg.attack.restarts); ++r) {
+    auto rows = (~found.success).nonzero().flatten();
+    if (rows.numel() == 0) break;
+    auto yr = ys.index_select(0, rows);
+    auto fr = subject.target(AttackTarget::whole, xs.index_select(0, rows));
+    Objective loss =
+        cfg.attack.loss == AttackLoss::ce
+            ? Objective([fr, yr](const torch::Tensor& v) { return loss_ce(fr(v), yr); })
+            : Objective([fr, yr](const torch::Tensor& v) { return loss_dlr(fr(v), yr); });
+    auto run = attack_apgd(loss, fr, ball.subset(rows), yr, sampler.subset(rows), cfg.attack.steps,
+                           static_cast<uint64_t>(r + 1000 * round));
+    found.x_adv.index_copy_(0, rows, run.x_adv);
+    found.success.index_copy_(0, rows, run.success);
+  }
+  torch::NoGradGuard ng;
+  found.success = fs(found.x_adv).argmax(1).ne(ys).cpu();
+  return found;
+}
+
 /// The empirical radius of each correct sample on the float32 model over the certified
 /// domain (the ball, ∩ the pixel box unless --no-box): the smaller of the FMN
 /// minimum-norm attack's radius and a bisection of APGD-CE (with --restarts random
@@ -250,35 +283,14 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
   auto probe = [&](const std::vector<int64_t>& who, const std::vector<double>& radius) {
     auto sel = torch::tensor(who, torch::kLong).to(ctx.device);
     auto xs = x.index_select(0, sel), ys = y.index_select(0, sel);
-    auto fs = subject.target(AttackTarget::whole, xs);
     std::vector<uint64_t> seeds;
     for (auto b : who)
       seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(index[static_cast<size_t>(b)]));
-    const AttackBall ball{xs, torch::tensor(radius, torch::kFloat32).to(ctx.device), cfg.norm,
-                          cfg.box};
-    const RowSampler sampler(seeds);
-    // APGD with --restarts random starts, each on the samples the earlier ones left.
-    AttackFound found{xs.clone(), torch::zeros({xs.size(0)}, torch::kBool).to(xs.device())};
-    for (int r = 0; r < std::max(1, cfg.attack.restarts); ++r) {
-      auto rows = (~found.success).nonzero().flatten();
-      if (rows.numel() == 0) break;
-      auto yr = ys.index_select(0, rows);
-      auto fr = subject.target(AttackTarget::whole, xs.index_select(0, rows));
-      Objective loss =
-          cfg.attack.loss == AttackLoss::ce
-              ? Objective([fr, yr](const torch::Tensor& v) { return loss_ce(fr(v), yr); })
-              : Objective([fr, yr](const torch::Tensor& v) { return loss_dlr(fr(v), yr); });
-      auto run = attack_apgd(loss, fr, ball.subset(rows), yr, sampler.subset(rows),
-                             cfg.attack.steps, static_cast<uint64_t>(r));
-      found.x_adv.index_copy_(0, rows, run.x_adv);
-      found.success.index_copy_(0, rows, run.success);
-    }
-    torch::NoGradGuard ng;
-    auto wrong = fs(found.x_adv).argmax(1).ne(ys).cpu();
+    auto found = apgd_points(ctx, subject, xs, ys, radius, seeds, 0);
     auto dist = distance(found.x_adv, xs);
     std::vector<std::pair<bool, double>> res;
     for (size_t i = 0; i < who.size(); ++i)
-      res.emplace_back(wrong[static_cast<int64_t>(i)].item<bool>(),
+      res.emplace_back(found.success[static_cast<int64_t>(i)].item<bool>(),
                        dist[static_cast<int64_t>(i)].item<double>());
     return res;
   };
@@ -327,6 +339,108 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
   return hi;
 }
 
+/// Branch and bound (docs §22) of every correct sample, ε by ε up the grid: an ε the
+/// sample's other radii reach is verified already, one its empirical radius reaches is
+/// falsified already; the others get branch and bound within the sample's budget
+/// (cfg.bab_timeout for the whole grid). A counterexample lowers the sample's empirical
+/// radius to its distance. Writes the radius {form, bab} (the largest verified ε of the
+/// grid) and the row field "bab" (verdict per ε, subproblems bounded, seconds).
+void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
+               const std::vector<int64_t>& ids, std::vector<double>& empirical, bool progress) {
+  using bab::Clock;
+  const auto& cfg = ctx.cfg;
+  auto subject = loaded.subject();
+  std::vector<const forms::MemberGraphs*> members;
+  for (const auto& m : ctx.members) members.push_back(&m.bp);
+  const std::string form =
+      ctx.dual ? "dual" : forms::form_name(forms::member_form(ctx.members[0].bp));
+  bab::Config bc;
+  bc.batch = cfg.bab_batch, bc.split = cfg.bab_split, bc.input_max_free = cfg.bab_input_max_free;
+  bc.alpha_steps = cfg.alpha_steps;
+  for (int64_t b = 0; b < batch.size(); ++b) {
+    const auto ub = static_cast<size_t>(b);
+    auto& radii = batch.radii[ub];
+    if (!batch.correct[b].item<bool>()) {
+      radii[RadiusKey{form, Estimator::bab}] = 0.0;
+      continue;
+    }
+    double known = 0;
+    for (const auto& [k, r] : radii) known = std::max(known, r);
+    const auto start = Clock::now();
+    const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
+                                      std::chrono::duration<double>(cfg.bab_timeout));
+    const auto x = batch.x.narrow(0, b, 1);
+    const auto x32 = x.to(torch::kFloat32);
+    const auto y = batch.labels.narrow(0, b, 1).to(ctx.device);
+    const uint64_t seed = cfg.seed * 1000003ULL + static_cast<uint64_t>(ids[ub]) + 7777;
+    const bab::Logits logits = [&subject](const torch::Tensor& v) {
+      torch::NoGradGuard ng;
+      return subject.target(AttackTarget::whole, v)(v);
+    };
+    double verified = 0;
+    int64_t bounded = 0;
+    bool stop = false;
+    nlohmann::json verdicts = nlohmann::json::object(), searches = nlohmann::json::array();
+    for (double eps : cfg.eps_grid.values()) {
+      const std::string key = eps_key(eps);
+      if (eps <= known) {
+        verified = eps, verdicts[key] = "verified";
+        continue;
+      }
+      if (cfg.empirical && empirical[ub] <= eps) {
+        verdicts[key] = "falsified";
+        continue;
+      }
+      if (stop || Clock::now() > deadline) {
+        verdicts[key] = "unknown";
+        continue;
+      }
+      const bab::Attack attack = [&](int round) {
+        auto f = apgd_points(ctx, subject, x32, y, {eps}, {seed}, round + 1);
+        return f.success[0].item<bool>() ? f.x_adv : torch::Tensor();
+      };
+      const bab::Problem pr{members, ctx.alpha, x,       batch.labels[b].item<int64_t>(),
+                            eps,     cfg.norm,  cfg.box, !cfg.exact_arithmetic};
+      if (progress)
+        bc.progress =
+            "certify: branch and bound, image " + std::to_string(ids[ub]) + ", eps " + key;
+      const auto out = bab::solve(pr, bc, logits, attack, deadline);
+      bounded += out.bounded;
+      const char* verdict = out.verdict == bab::Verdict::verified    ? "verified"
+                            : out.verdict == bab::Verdict::falsified ? "falsified"
+                                                                     : "unknown";
+      searches.push_back({{"eps", eps},
+                          {"verdict", verdict},
+                          {"subproblems", out.bounded},
+                          {"seconds", out.seconds},
+                          {"verified_share", out.verified_mass}});
+      if (progress)
+        std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "
+                  << verdict << " in " << fmt_fixed(out.seconds, 1) << " s, " << out.bounded
+                  << " subproblems ("
+                  << fmt_fixed(static_cast<double>(out.bounded) / std::max(out.seconds, 1e-9), 1)
+                  << "/s), " << fmt_fixed(100 * out.verified_mass, 1) << "% verified\n";
+      if (out.verdict == bab::Verdict::verified) {
+        verified = eps, verdicts[key] = "verified";
+      } else if (out.verdict == bab::Verdict::falsified) {
+        verdicts[key] = "falsified";
+        if (cfg.empirical) empirical[ub] = std::min(empirical[ub], out.distance);
+        batch.extra[ub]["bab_counterexample_distance"] = out.distance;
+        stop = true;
+      } else {
+        verdicts[key] = "unknown";
+        stop = true;  // larger regions are harder: their budget is left to the attacks
+      }
+    }
+    radii[RadiusKey{form, Estimator::bab}] = verified;
+    batch.extra[ub]["bab"] = {
+        {"verdicts", verdicts},
+        {"searches", searches},
+        {"subproblems", bounded},
+        {"seconds", std::chrono::duration<double>(Clock::now() - start).count()}};
+  }
+}
+
 void check_config(const CertifyConfig& cfg, const Dataset& data,
                   const std::vector<int64_t>& indices) {
   if (cfg.estimators.empty()) throw ConfigError("certify: choose at least one estimator");
@@ -338,6 +452,14 @@ void check_config(const CertifyConfig& cfg, const Dataset& data,
     throw ConfigError::invalid("--alpha-rounds", std::to_string(cfg.alpha_rounds), ">= 1");
   if (cfg.alpha_steps < 0)
     throw ConfigError::invalid("--alpha-steps", std::to_string(cfg.alpha_steps), ">= 0");
+  if (!(cfg.bab_timeout > 0 && cfg.bab_timeout <= 1e6))
+    throw ConfigError::invalid("--timeout-per-sample", std::to_string(cfg.bab_timeout),
+                               "in (0, 1e6] seconds");
+  if (cfg.bab_batch < 2 || cfg.bab_batch > 4096)
+    throw ConfigError::invalid("--bab-batch", std::to_string(cfg.bab_batch), "in [2, 4096]");
+  if (cfg.bab_input_max_free < 0)
+    throw ConfigError::invalid("--bab-input-max-free", std::to_string(cfg.bab_input_max_free),
+                               ">= 0");
   if (cfg.sample_parts < 0)
     throw ConfigError::invalid("sample_parts", std::to_string(cfg.sample_parts), ">= 0");
   if (!(cfg.search_tol > 0 && cfg.search_tol < 1))
@@ -372,6 +494,13 @@ ResultsConfig config_of(const CertifyConfig& cfg) {
              {"loss", cfg.attack.loss == AttackLoss::ce ? "ce" : "dlr"}}},
            {"empirical_max", cfg.empirical_max},
            {"empirical_tol", cfg.empirical_tol},
+           {"bab",
+            {{"timeout_per_sample", cfg.bab_timeout},
+             {"batch", cfg.bab_batch},
+             {"split", cfg.bab_split == BabSplit::relu    ? "relu"
+                       : cfg.bab_split == BabSplit::input ? "input"
+                                                          : "auto"},
+             {"input_max_free", cfg.bab_input_max_free}}},
            {"margin_allowance", defaults::margin_allowance},
            {"constant_inflation", defaults::constant_inflation},
            {"seed", cfg.seed}};
@@ -428,7 +557,7 @@ Results certify_run(LoadedModel& loaded, const Dataset& data, const std::vector<
   no_jacobian_notice(ctx, cfg);
   Results results;
   Progress meter("certify", static_cast<int64_t>(indices.size()), progress);
-  double certify_seconds = 0, empirical_seconds = 0;
+  double certify_seconds = 0, empirical_seconds = 0, bab_seconds = 0;
   for (size_t start = 0; start < indices.size(); start += static_cast<size_t>(cfg.batch_size)) {
     const auto tb = std::chrono::steady_clock::now();
     const size_t n = std::min(static_cast<size_t>(cfg.batch_size), indices.size() - start);
@@ -451,6 +580,11 @@ Results certify_run(LoadedModel& loaded, const Dataset& data, const std::vector<
       const auto te = std::chrono::steady_clock::now();
       empirical = empirical_radii(ctx, loaded, batch, ids);
       empirical_seconds += seconds_since(te);
+    }
+    if (ctx.uses(Estimator::bab)) {
+      const auto tb2 = std::chrono::steady_clock::now();
+      bab_stage(ctx, loaded, batch, ids, empirical, progress);
+      bab_seconds += seconds_since(tb2);
     }
     for (int64_t b = 0; b < batch.size(); ++b) {
       auto row = row_of(ctx, batch, b, ids[static_cast<size_t>(b)]);
@@ -503,6 +637,7 @@ Results certify_run(LoadedModel& loaded, const Dataset& data, const std::vector<
       {"global_constants_seconds", global_seconds + seconds_since(tl)},
       {"certify_seconds", certify_seconds},
       {"empirical_seconds", empirical_seconds},
+      {"bab_seconds", bab_seconds},
       {"certify_samples_per_s",
        certify_seconds > 0 ? static_cast<double>(indices.size()) / certify_seconds : 0.0}};
   results.aggregate();

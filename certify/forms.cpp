@@ -16,7 +16,16 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double u32 = std::numeric_limits<float>::epsilon() / 2;
 
 InputDomain subset(const InputDomain& d, const torch::Tensor& rows) {
-  return {d.x.index_select(0, rows), d.eps.index_select(0, rows), d.norm, d.box};
+  InputDomain s{d.x.index_select(0, rows), d.eps.index_select(0, rows), d.norm, d.box};
+  if (d.lower.defined())
+    s.lower = d.lower.index_select(0, rows), s.upper = d.upper.index_select(0, rows);
+  return s;
+}
+
+/// Constraints of the samples `rows` (undefined stays undefined).
+InputConstraints subset(const InputConstraints& c, const torch::Tensor& rows) {
+  if (!c.D.defined()) return c;
+  return {c.D.index_select(0, rows), c.e.index_select(0, rows)};
 }
 
 /// Router-logit differences over the regions: lo[b, i, j] <= ĝ_i − ĝ_j for the float32
@@ -69,7 +78,9 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
   auto others = other_classes(y, K);
   auto C = margin_rows(y, K, d.x.options());
   if (probs) C = torch::cat({C, -C}, 1);
-  auto s = bound_specs(pass, C, &dj);
+  InputConstraints route;
+  if (j < p.route.size()) route = subset(p.route[j], e.rows);
+  auto s = bound_specs(pass, C, &dj, route.D.defined() ? &route : nullptr);
   auto low = p.fp32 ? s.lower - s.err32 : s.lower;  // bounds of the float32 logits' differences
   auto place = [&](const torch::Tensor& v, double at_label) {  // [n, K − 1] -> [n, K]
     return torch::full({n, K}, at_label, v.options()).scatter_(1, others, v);
@@ -168,6 +179,63 @@ MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const tor
   return p;
 }
 
+MemberPass member_split(const MemberPass& root, const MemberSplits& splits, int64_t n,
+                        const torch::Tensor& need) {
+  MemberPass p;
+  p.m = root.m, p.fp32 = root.fp32;
+  const auto o = torch::TensorOptions().dtype(torch::kLong).device(root.domain.x.device());
+  const auto index = torch::zeros({n}, o);
+  p.domain = subset(root.domain, index);
+  auto signs = [&](size_t g) {
+    return g < splits.size() ? splits[g] : std::vector<torch::Tensor>{};
+  };
+  if (root.router) p.router = bound_split(*root.router, index, signs(0));
+  for (size_t j = 0; j < root.experts.size(); ++j) {
+    p.experts.emplace_back();
+    if (!root.experts[j]) {
+      p.rows.push_back(torch::zeros({0}, o));
+      continue;
+    }
+    auto rows = need.defined()
+                    ? need.select(1, static_cast<int64_t>(j)).nonzero().flatten().to(o.device())
+                    : torch::arange(n, o);
+    p.rows.push_back(rows);
+    if (rows.numel() == 0) continue;
+    auto sj = signs(j + 1);
+    for (auto& t : sj)
+      if (t.defined()) t = t.index_select(0, rows);
+    p.experts.back() = bound_split(*root.experts[j], index.index_select(0, rows), sj);
+  }
+  for (const auto& r : root.route) p.route.push_back(subset(r, index));
+  return p;
+}
+
+void add_route_constraints(MemberPass& p) {
+  const auto& m = *p.m;
+  p.route.clear();
+  if (!p.router || member_form(m) != Form::candidate) return;
+  const int64_t E = m.experts, n = p.domain.x.size(0);
+  const auto o = p.domain.x.options();
+  auto eye = torch::eye(E, o);
+  for (int64_t j = 0; j < E; ++j) {
+    // Rows e_t − e_j for t != j.
+    std::vector<int64_t> others;
+    for (int64_t t = 0; t < E; ++t)
+      if (t != j) others.push_back(t);
+    auto idx = torch::tensor(others, torch::TensorOptions().dtype(torch::kLong).device(o.device()));
+    auto C = (eye.index_select(0, idx) - eye[j]).unsqueeze(0).expand({n, E - 1, E}).contiguous();
+    auto lin = bound_linear(*p.router, C);
+    // |C·(ĝ − g)| <= |C|·err32 (per-node errors; 0 in a relational pass, whose b already
+    // holds for the float32 logits).
+    auto err = (C.abs() * p.router->nodes.back().err32.unsqueeze(1)).sum(2);
+    if (!p.fp32) err = torch::zeros_like(err);
+    // e = err − b in float64, rounded up by a relative 2^-50 (two roundings of sums of
+    // two nonnegative terms).
+    auto e = (err - lin.b) + std::ldexp(1.0, -50) * (err + lin.b.abs());
+    p.route.push_back({lin.A, e});
+  }
+}
+
 torch::Tensor fp32_tie(const torch::Tensor& hmax, int64_t classes) {
   return u32 * (10.0 * hmax + 2.0 * std::log(static_cast<double>(classes)) + 4.0);
 }
@@ -214,10 +282,17 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
 
 }  // namespace
 
-Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels) {
+Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
+                           const torch::Tensor& only) {
   Evaluation ev;
   const auto sel = select_experts(p, d);
   ev.possible = sel.possible;
+  if (only.defined()) {
+    if (member_form(*p.m) != Form::candidate || p.route.empty())
+      throw Error(ExitCode::internal,
+                  "certify: route splits of a member without route constraints");
+    ev.possible = ev.possible & only.to(ev.possible.device());
+  }
   if (member_form(*p.m) != Form::mixture) {
     ev.slack = logit_slack(p, d, labels, ev.possible);
   } else {

@@ -40,6 +40,10 @@ struct MemberPass {
   std::vector<std::optional<BoundPass>> experts;
   std::vector<torch::Tensor> rows;  ///< [n_j] int64: the batch positions expert j's pass covers
   bool fp32 = true;                 ///< apply the float32 allowances (false: exact arithmetic)
+  /// Top-1 routers (add_route_constraints): per expert j, linear constraints [n, ...] that
+  /// hold wherever the router selects j; expert j's bounds then cover only its route.
+  /// Empty: none.
+  std::vector<InputConstraints> route;
 };
 /// With `seed` (a pass of the same member whose regions contain these; `seed_index`
 /// [n] the positions of this batch's samples in its batch), the router's and every
@@ -49,6 +53,24 @@ MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const tor
                           const BoundOptions& opt, bool fp32, const MemberPass* seed = nullptr,
                           const torch::Tensor& seed_index = {});
 
+/// Branch and bound (docs §22): the ReLU splits of a member's subproblems, per graph
+/// (0: the router, 1 + j: expert j), per node [n, *shape] signs (undefined: none).
+using MemberSplits = std::vector<std::vector<torch::Tensor>>;
+
+/// The member's pass over n subproblems of `root`'s single sample: every graph's pass is
+/// bound_split of the root's with its splits (`splits` may be shorter than the graphs,
+/// or empty: no split there); the root's route constraints carry over.
+/// With `need` [n, E] bool, expert j's pass covers only the subproblems where need[:, j].
+MemberPass member_split(const MemberPass& root, const MemberSplits& splits, int64_t n,
+                        const torch::Tensor& need = {});
+
+/// A top-1 router's route constraints (docs §22): where the float32 router selects
+/// expert j, ĝ_t <= ĝ_j for every t; with a linear lower bound A·x + b <= g_t − g_j over
+/// the region (exact for an affine router) and |(ĝ_t − ĝ_j) − (g_t − g_j)| <= err, every
+/// such point satisfies A·x <= err − b. Fills p.route for a top-1 member with a router
+/// (α-CROWN bounds then enforce them); nothing otherwise.
+void add_route_constraints(MemberPass& p);
+
 /// Per-sample certificate slack of a form at regions inside the pass's (> 0 certifies
 /// the region). `labels` [n]. The dual form takes both members' passes and α.
 /// probs: also probability-margin bounds (the mixture and dual forms need them).
@@ -56,8 +78,11 @@ struct Evaluation {
   torch::Tensor slack;     ///< [n]
   torch::Tensor possible;  ///< [n, E] bool: experts the router can select (of the form's member)
 };
+/// With `only` [n, E] bool (the candidate form; the pass has route constraints), each
+/// region is restricted further to the points where the router selects one of those
+/// experts: branch and bound's route splits (docs §22).
 Evaluation member_evaluate(const MemberPass& pass, const InputDomain& d,
-                           const torch::Tensor& labels);
+                           const torch::Tensor& labels, const torch::Tensor& only = {});
 Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, double alpha,
                          const InputDomain& d, const torch::Tensor& labels);
 

@@ -133,13 +133,15 @@ std::string estimator_name(Estimator e) {
       return "crown";
     case Estimator::alpha_crown:
       return "alpha-crown";
+    case Estimator::bab:
+      return "bab";
   }
   return "?";
 }
 
 std::optional<Estimator> estimator_from_name(const std::string& name) {
   for (Estimator e : {Estimator::global, Estimator::local, Estimator::ibp, Estimator::crown_ibp,
-                      Estimator::crown, Estimator::alpha_crown})
+                      Estimator::crown, Estimator::alpha_crown, Estimator::bab})
     if (name == estimator_name(e)) return e;
   return std::nullopt;
 }
@@ -165,8 +167,9 @@ std::vector<Estimator> estimators_parse(const std::string& text) {
     if (!known)
       throw ConfigError::invalid(
           "--estimator", text,
-          "a comma-separated list of global, local, ibp, crown-ibp, crown, alpha-crown, "
-          "lipschitz (= global,local), bp (= ibp,crown-ibp,crown,alpha-crown), all");
+          "a comma-separated list of global, local, ibp, crown-ibp, crown, alpha-crown, bab, "
+          "lipschitz (= global,local), bp (= ibp,crown-ibp,crown,alpha-crown), all (every one "
+          "but bab)");
   }
   if (out.empty()) throw ConfigError::invalid("--estimator", text, "at least one estimator");
   std::sort(out.begin(), out.end());
@@ -187,7 +190,7 @@ RadiusKey RadiusKey::parse(const std::string& text, const std::string& what) {
     throw ConfigError::invalid(
         what, text,
         "FORM_ESTIMATOR, e.g. candidate_crown or thm54_tight_local (estimators: "
-        "global, local, ibp, crown, alpha-crown)");
+        "global, local, ibp, crown-ibp, crown, alpha-crown, bab)");
   return {form, *est};
 }
 
@@ -291,7 +294,7 @@ std::optional<double> Results::unknown_at(double eps) const {
 std::vector<RadiusKey> Results::keys() const {
   std::vector<RadiusKey> out;
   for (const auto& [k, v] : aggregates.certified) out.push_back(k);
-  // Tightest estimator first: alpha-crown, crown, ibp, local, global.
+  // Tightest estimator first: bab, alpha-crown, crown, crown-ibp, ibp, local, global.
   auto rank = [](Estimator e) { return -static_cast<int>(e); };
   std::stable_sort(out.begin(), out.end(), [&](const RadiusKey& a, const RadiusKey& b) {
     if (a.is_main_form() != b.is_main_form()) return a.is_main_form();

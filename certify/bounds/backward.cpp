@@ -38,6 +38,8 @@ torch::Tensor abs_dot(const Coeffs& c, const torch::Tensor& t) {
   return (rows_fusable(c) ? rows_l1(c.A) : c.A.abs().flatten(1).sum(1)) * peak;
 }
 
+}  // namespace
+
 /// Patch rows as dense rows over a node of shape [C, H, W] (each row's window placed at
 /// its site; entries outside the grid are zero by construction).
 Coeffs patches_to_dense(const Coeffs& c, const Shape& shape) {
@@ -61,6 +63,8 @@ Coeffs patches_to_dense(const Coeffs& c, const Shape& shape) {
             .view({R, C, H, W});
   return d;
 }
+
+namespace {
 
 /// Adds `more` into `into` (rows of the same bound rows at the same node): dense
 /// tensors add; patches of equal stride are padded to a common window first.
@@ -172,24 +176,36 @@ void concretise_input(const Coeffs& c, const BoundPass& pass, torch::Tensor& b,
 }
 
 torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
-                         const Alphas* alphas, int max_steps, int64_t* widest, RefinedRows* keep) {
+                         const Alphas* alphas, int max_steps, int64_t* widest, RefinedRows* keep,
+                         const Lagrangian* lag) {
   const auto& nodes = pass.graph->nodes();
   std::vector<std::optional<Coeffs>> pending(static_cast<size_t>(start) + 1);
   std::optional<Coeffs> at_input;
+  const torch::Tensor row_sample = c.sample;
   pending[static_cast<size_t>(start)] = std::move(c);
   torch::Tensor b = b0, mag = b0.abs();
   int steps = 0;
   for (int m = start; m >= 0; --m) {
     auto& slot = pending[static_cast<size_t>(m)];
-    if (!slot) continue;
-    Coeffs cur = std::move(*slot);
-    slot.reset();
+    const torch::Tensor* extra = nullptr;
+    if (lag && static_cast<size_t>(m) < lag->at_node.size() &&
+        lag->at_node[static_cast<size_t>(m)].defined())
+      extra = &lag->at_node[static_cast<size_t>(m)];
+    if (!slot && !extra) continue;
     const auto& node = nodes[static_cast<size_t>(m)];
+    Coeffs cur;
+    if (slot) {
+      cur = std::move(*slot);
+      slot.reset();
+    } else {
+      cur.A = torch::zeros_like(*extra), cur.sample = row_sample;
+    }
     // A window as large as the grid saves nothing (and some rules take only dense
-    // rows): continue with dense rows.
-    if (cur.patches && (!node.rule->takes_patches() ||
+    // rows): continue with dense rows. Rows that take a Lagrangian term are dense.
+    if (cur.patches && (extra || !node.rule->takes_patches() ||
                         cur.kernel * cur.kernel >= node.out_shape[1] * node.out_shape[2]))
       cur = patches_to_dense(cur, node.out_shape);
+    if (extra) cur.A = cur.A + *extra;
     if (widest && cur.A.size(0) > 0) *widest = std::max(*widest, cur.A.numel() / cur.A.size(0));
     const NodeBounds& out = pass.nodes[static_cast<size_t>(m)];
     auto gather = gatherer(cur);
@@ -223,6 +239,11 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
       accumulate(target, ins[k],
                  i < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(i)].out_shape);
     }
+  }
+  if (lag && lag->at_input.defined()) {
+    Coeffs term;
+    term.A = lag->at_input, term.sample = row_sample;
+    accumulate(at_input, term, pass.graph->input_shape());
   }
   if (keep) {
     if (at_input) keep->at_input = *at_input;

@@ -19,6 +19,14 @@ inline constexpr int64_t max_sum_length = 900000;
 /// Per-node α-CROWN slopes (undefined where a node has none), dense [R, *shape].
 using Alphas = std::vector<torch::Tensor>;
 
+/// β-CROWN's Lagrangian terms (docs §22), added to rows as they reach a node's output
+/// (`at_node`, per node [R, *shape], undefined where none) and at the graph input before
+/// concretisation (`at_input`, [R, *input_shape], or undefined).
+struct Lagrangian {
+  std::vector<torch::Tensor> at_node;
+  torch::Tensor at_input;
+};
+
 /// Gathers a per-sample tensor [B, *shape] of a node's grid into the layout of `c`.
 std::function<torch::Tensor(const torch::Tensor&)> gatherer(const Coeffs& c);
 
@@ -27,10 +35,14 @@ std::function<torch::Tensor(const torch::Tensor&)> gatherer(const Coeffs& c);
 /// steps or where a rule cannot take the layout, concretising with node intervals).
 /// Sound: the rounding allowance ρ·mag is subtracted. With `widest`, records the
 /// largest number of coefficients a row reached. -> [R]
-/// With `keep`, the rows as they reached the input, before concretisation.
+/// With `keep`, the rows as they reached the input, before concretisation. With `lag`,
+/// its terms are added on the way (rows of every node of the walk: dense there).
 torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
                          const Alphas* alphas, int max_steps, int64_t* widest = nullptr,
-                         RefinedRows* keep = nullptr);
+                         RefinedRows* keep = nullptr, const Lagrangian* lag = nullptr);
+
+/// Patch rows as dense rows over a node of `shape` [C, H, W].
+Coeffs patches_to_dense(const Coeffs& c, const Shape& shape);
 
 /// lower_rows without α, its rows split over the threads.
 torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs& c,

@@ -288,10 +288,48 @@ BoundPass bound_narrow(const BoundPass& wide, const InputDomain& d) {
   pass.input = input_box(d, &wide);
   pass.refined.resize(wide.nodes.size());
   pass.round32.resize(wide.round32.size());
+  pass.split = wide.split;
   const auto changed = d.eps.ne(wide.domain.eps);
   for (size_t k = 0; k < wide.nodes.size(); ++k) {
     pass.nodes.push_back(forward_step(pass, k));
     narrow_node(wide, k, pass, changed);
+  }
+  return pass;
+}
+
+BoundPass bound_split(const BoundPass& root, const torch::Tensor& index,
+                      const std::vector<torch::Tensor>& sign) {
+  torch::NoGradGuard no_grad;
+  if (root.relational())
+    throw Error(ExitCode::internal,
+                "certify: ReLU splits of a pass with relational float32 errors");
+  auto pick = [&](const NodeBounds& nb) {
+    return NodeBounds{nb.lo.index_select(0, index), nb.hi.index_select(0, index),
+                      nb.mag.index_select(0, index), nb.err32.index_select(0, index)};
+  };
+  BoundPass pass;
+  pass.graph = root.graph, pass.opt = root.opt;
+  pass.domain = {root.domain.x.index_select(0, index), root.domain.eps.index_select(0, index),
+                 root.domain.norm, root.domain.box};
+  if (root.domain.lower.defined())
+    pass.domain.lower = root.domain.lower.index_select(0, index),
+    pass.domain.upper = root.domain.upper.index_select(0, index);
+  pass.input = pick(root.input);
+  pass.refined.resize(root.nodes.size());
+  pass.split = sign;
+  pass.split.resize(root.nodes.size());
+  for (size_t k = 0; k < root.nodes.size(); ++k) {
+    // IBP of the (clamped) inputs, inside the root's interval: both hold on the subregion.
+    NodeBounds nb = forward_step(pass, k);
+    const NodeBounds w = pick(root.nodes[k]);
+    nb.lo = torch::max(nb.lo, w.lo), nb.hi = torch::min(nb.hi, w.hi);
+    nb.mag = torch::min(nb.mag, w.mag), nb.err32 = torch::min(nb.err32, w.err32);
+    if (const auto& s = pass.split[k]; s.defined()) {
+      // On the subregion s·z >= 0: z >= 0 where s = 1, z <= 0 where s = −1.
+      nb.lo = torch::where(s.gt(0), nb.lo.clamp_min(0.0), nb.lo);
+      nb.hi = torch::where(s.lt(0), nb.hi.clamp_max(0.0), nb.hi);
+    }
+    pass.nodes.push_back(std::move(nb));
   }
   return pass;
 }

@@ -13,10 +13,16 @@ namespace {
 /// row, is a free parameter in [0, 1]; any choice gives a sound bound, so the bound
 /// is maximised by gradient ascent from CROWN's choice, projected onto [0, 1] after
 /// every step. Returns the elementwise best over the steps (step 0 is CROWN).
-torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
+/// β-CROWN (Wang et al., NeurIPS 2021; docs §22): on a split pass, every split unit z
+/// with sign s adds −β·s·z (β >= 0) to the rows where they reach its node, and every
+/// input constraint D_i·x <= e_i adds β_i·(D_i·x − e_i); on the restricted region both
+/// terms are <= 0, so every β >= 0 gives a lower bound there. The β are optimised with
+/// the slopes and projected onto β >= 0.
+torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows, const InputConstraints* ic) {
   const auto& nodes = pass.graph->nodes();
+  const int64_t R = rows.A.size(0);
   bp::Alphas alphas(nodes.size());
-  std::vector<torch::Tensor> params;
+  std::vector<torch::Tensor> params, betas;
   for (size_t m = 0; m < nodes.size(); ++m) {
     const int i = nodes[m].inputs[0];
     const auto init = nodes[m].rule->alpha_init(
@@ -25,13 +31,47 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
     alphas[m] = init.index_select(0, rows.sample).clone().requires_grad_(true);
     params.push_back(alphas[m]);
   }
-  auto zeros = torch::zeros({rows.A.size(0)}, rows.A.options());
-  if (params.empty()) return bp::lower_rows(pass, pass.graph->output(), rows, zeros, nullptr, -1);
-  torch::optim::Adam opt(params, torch::optim::AdamOptions(pass.opt.alpha_lr));
+  // The split units' signs per row, and their multipliers.
+  std::vector<torch::Tensor> signs(nodes.size()), beta(nodes.size());
+  for (size_t m = 0; m < pass.split.size(); ++m) {
+    if (!pass.split[m].defined()) continue;
+    auto s = pass.split[m].index_select(0, rows.sample);
+    if (!s.ne(0).any().item<bool>()) continue;
+    signs[m] = s;
+    beta[m] = torch::zeros_like(s).requires_grad_(true);
+    betas.push_back(beta[m]);
+  }
+  torch::Tensor D, e, beta_in;
+  if (ic && ic->D.defined() && ic->D.size(1) > 0) {
+    D = ic->D.index_select(0, rows.sample), e = ic->e.index_select(0, rows.sample);
+    beta_in = torch::zeros({R, D.size(1)}, D.options()).requires_grad_(true);
+    betas.push_back(beta_in);
+  }
+  auto zeros = torch::zeros({R}, rows.A.options());
+  if (params.empty() && betas.empty())
+    return bp::lower_rows(pass, pass.graph->output(), rows, zeros, nullptr, -1);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  if (!params.empty())
+    groups.emplace_back(params, std::make_unique<torch::optim::AdamOptions>(pass.opt.alpha_lr));
+  if (!betas.empty())
+    groups.emplace_back(betas, std::make_unique<torch::optim::AdamOptions>(pass.opt.beta_lr));
+  torch::optim::Adam opt(groups, torch::optim::AdamOptions(pass.opt.alpha_lr));
   torch::Tensor best;
   for (int it = 0;; ++it) {
     torch::AutoGradMode grad(true);
-    auto low = bp::lower_rows(pass, pass.graph->output(), rows, zeros, &alphas, -1);
+    bp::Lagrangian lag;
+    lag.at_node.resize(nodes.size());
+    for (size_t m = 0; m < nodes.size(); ++m)
+      if (beta[m].defined()) lag.at_node[m] = -signs[m] * beta[m];
+    auto b0 = zeros;
+    if (beta_in.defined()) {
+      std::vector<int64_t> shape{R, D.size(1)};
+      for (int64_t d = 2; d < D.dim(); ++d) shape.push_back(1);
+      lag.at_input = (beta_in.view(shape) * D).sum(1);
+      b0 = -(beta_in * e).sum(1);
+    }
+    auto low = bp::lower_rows(pass, pass.graph->output(), rows, b0, &alphas, -1, nullptr, nullptr,
+                              betas.empty() ? nullptr : &lag);
     best = best.defined() ? torch::max(best, low.detach()) : low.detach();
     if (it >= pass.opt.alpha_steps) break;
     opt.zero_grad();
@@ -39,6 +79,7 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
     opt.step();
     torch::NoGradGuard ng;
     for (auto& p : params) p.clamp_(0.0, 1.0);
+    for (auto& p : betas) p.clamp_min_(0.0);
   }
   return best;
 }
@@ -46,7 +87,7 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows) {
 }  // namespace
 
 SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C,
-                       const InputDomain* final_domain) {
+                       const InputDomain* final_domain, const InputConstraints* constraints) {
   torch::NoGradGuard no_grad;
   // The pass's own regions: narrowing would give the pass itself.
   const bool narrow = final_domain && !torch::equal(final_domain->eps, pass_in.domain.eps);
@@ -66,12 +107,37 @@ SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C,
       low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, -1);
       break;
     case BoundMethod::alpha_crown:
-      low = alpha_crown(pass, rows);
+      low = alpha_crown(pass, rows, constraints);
       break;
   }
   // float32: |C·(ĥ − h)| <= |C|·err32 of the output.
   auto err = (C.abs() * pass.nodes.back().err32.unsqueeze(1)).sum(2);
   return {low.view({B, S}), err};
+}
+
+LinearBounds bound_linear(const BoundPass& pass, const torch::Tensor& C) {
+  torch::NoGradGuard no_grad;
+  const int64_t B = C.size(0), S = C.size(1);
+  const auto rows = bp::spec_rows(C);
+  RefinedRows keep;
+  bp::lower_rows(pass, pass.graph->output(), rows, torch::zeros({B * S}, C.options()), nullptr, -1,
+                 nullptr, &keep);
+  const Shape& in = pass.graph->input_shape();
+  std::vector<int64_t> shape{B * S};
+  shape.insert(shape.end(), in.begin(), in.end());
+  torch::Tensor A = torch::zeros(shape, C.options());
+  auto mag = keep.mag;
+  if (keep.at_input.A.defined()) {
+    const Coeffs dense =
+        keep.at_input.patches ? bp::patches_to_dense(keep.at_input, in) : keep.at_input;
+    A = dense.A;
+    // The float64 sum A·x at any x of the region: |A|·max|x| more magnitude.
+    auto peak = torch::max(pass.input.lo.abs(), pass.input.hi.abs()).index_select(0, dense.sample);
+    mag = mag + (A.abs() * peak).flatten(1).sum(1);
+  }
+  std::vector<int64_t> out{B, S};
+  out.insert(out.end(), in.begin(), in.end());
+  return {A.view(out), (keep.b - bp::rho * mag).view({B, S})};
 }
 
 torch::Tensor bound_jacobian_norms(const BoundPass& pass, const torch::Tensor& C) {

@@ -57,8 +57,9 @@ enum class Float32Errors { per_node, relational, automatic };
 struct BoundOptions {
   BoundMethod method = BoundMethod::crown;
   Float32Errors fp32 = Float32Errors::per_node;
-  int alpha_steps = defaults::alpha_steps;                  ///< α-CROWN iteration budget
-  double alpha_lr = defaults::alpha_lr;                     ///< α-CROWN Adam step size
+  int alpha_steps = defaults::alpha_steps;  ///< α-CROWN iteration budget
+  double alpha_lr = defaults::alpha_lr;     ///< α-CROWN Adam step size
+  double beta_lr = defaults::beta_lr;       ///< β-CROWN's multipliers: Adam step size
   int64_t chunk_elements = defaults::bound_chunk_elements;  ///< row coefficients held at once
   /// Coefficients of refined units' input-level rows a pass keeps per sample for narrowing.
   int64_t keep_elements = defaults::bound_keep_elements;
@@ -88,6 +89,10 @@ struct BoundPass {
   /// float32 rounding at any float32 input inside its inputs' intervals; empty otherwise.
   std::vector<torch::Tensor> round32;
   bool relational() const { return !round32.empty(); }
+  /// Branch and bound's ReLU splits (bound_split; docs §22): per node [B, *shape] float64
+  /// signs s in {−1, 0, 1}, undefined where none; the region of sample b is restricted to
+  /// the points where s·z >= 0 for every unit z of the node with s != 0. Empty: no splits.
+  std::vector<torch::Tensor> split;
 };
 /// Whether `opt` makes a pass over `g` relational (Float32Errors::automatic resolved).
 bool relational_errors(const BoundGraph& g, const BoundOptions& opt);
@@ -111,6 +116,32 @@ BoundPass bound_subset(const BoundPass& pass, const torch::Tensor& index);
 /// a cheap pass for a smaller ε, never looser than the pass itself (docs §15).
 BoundPass bound_narrow(const BoundPass& pass, const InputDomain& d);
 
+/// Branch and bound's subproblems (docs §22): the pass of the samples `index` [n] of
+/// `root` (repeats allowed), each restricted further by the ReLU splits `sign` (per node
+/// [n, *shape] in {−1, 0, 1}, undefined where none; only on the inputs of ReLU nodes).
+/// Every interval is the root's, intersected with IBP of the clamped intervals before
+/// it, and clamped at 0 on the split units (z >= 0 where s = 1, z <= 0 where s = −1):
+/// no new backward walk. α-CROWN bounds of such a pass add β-CROWN's multipliers for
+/// the splits. A per-node float32 model only (ConfigError::internal for a relational root).
+BoundPass bound_split(const BoundPass& root, const torch::Tensor& index,
+                      const std::vector<torch::Tensor>& sign);
+
+/// Linear constraints D·x <= e that every point of a sample's region satisfies (branch
+/// and bound's route constraints). D: [B, q, *input_shape], e: [B, q], float64, real
+/// arithmetic (the caller includes its own rounding in e).
+struct InputConstraints {
+  torch::Tensor D, e;
+};
+
+/// Linear lower bounds of rows C·h(x) as functions of the input: C·h(x) >= A·x + b at
+/// every point x of the sample's region, for the exact-real graph, with the float64
+/// rounding of the walk and of A·x (for |x| up to the region's box) taken out of b.
+/// From one CROWN walk with the pass's intermediate bounds. A: [B, S, *input_shape], b: [B, S]
+struct LinearBounds {
+  torch::Tensor A, b;
+};
+LinearBounds bound_linear(const BoundPass& pass, const torch::Tensor& C);
+
 /// Lower bounds of rows C·h(x) over each sample's region, sound for the exact-real
 /// graph (its float64 rounding subtracted), and a bound on |C·(ĥ − h)| where ĥ is the
 /// float32 model's output there; lower − err32 bounds C·ĥ. In a relational pass lower
@@ -121,8 +152,12 @@ struct SpecBounds {
 /// With `final_domain` (each region inside the pass's), the rows are bounded over
 /// that smaller region with the pass narrowed to it (bound_narrow): a cheap bound
 /// for a smaller ε.
+/// With `constraints` (α-CROWN only; other methods ignore them, which is sound), the
+/// region is also restricted to D·x <= e, enforced by Lagrange multipliers optimised
+/// with the slopes (docs §22); so are a split pass's ReLU splits.
 SpecBounds bound_specs(const BoundPass& pass, const torch::Tensor& C,
-                       const InputDomain* final_domain = nullptr);
+                       const InputDomain* final_domain = nullptr,
+                       const InputConstraints* constraints = nullptr);
 
 /// Sound upper bound on sup over the region of ‖C·J_h‖_q (q the dual of the domain's
 /// norm) per row, from the backward interval Jacobian with the pass's ReLU states.

@@ -125,6 +125,11 @@ DualRadii radii_dual(const MemberEval& standard, const MemberConstants& cs,
 
 // --- The certification run -------------------------------------------------------
 
+/// How branch and bound splits subproblems (docs §22): ReLU units, input coordinates (L∞
+/// regions with few free inputs), or automatic (input splits with at most
+/// CertifyConfig::bab_input_max_free free inputs, ReLU splits otherwise).
+enum class BabSplit { automatic, relu, input };
+
 struct CertifyConfig {
   Norm norm = Norm::linf;
   std::vector<Estimator> estimators{Estimator::global, Estimator::local, Estimator::crown,
@@ -159,6 +164,13 @@ struct CertifyConfig {
   /// thread (0: as many as intra-op threads; 1: the whole batch, intra-op threads).
   /// Radii do not depend on it; only the CPU splits.
   int sample_parts = 0;
+  /// Branch and bound (Estimator::bab; docs §22): per correct sample, the seconds for
+  /// every ε of the grid that the other estimators leave uncertified and the attacks
+  /// leave unbroken; subproblems per bound pass; how they split.
+  double bab_timeout = 60;
+  int64_t bab_batch = 64;
+  BabSplit bab_split = BabSplit::automatic;
+  int64_t bab_input_max_free = 16;
   std::string shard;  ///< "i/n" label when this run is one shard
   uint64_t seed = 0;  ///< with the sample index, seeds each sample's PGD starts
 };

@@ -73,6 +73,9 @@ inline constexpr int alpha_rounds = 3;
 /// demo MoE: 20 steps reach most of what 100 do.
 inline constexpr int alpha_steps = 20;
 inline constexpr double alpha_lr = 0.25;
+/// β-CROWN's Lagrange multipliers of branch and bound's splits and route constraints:
+/// Adam step size (α,β-CROWN's default).
+inline constexpr double beta_lr = 0.05;
 /// Bound propagation holds at most this many row coefficients (float64) at once:
 /// 2^25 = 256 MiB; rows beyond it are processed in chunks.
 inline constexpr int64_t bound_chunk_elements = int64_t{1} << 25;

@@ -67,8 +67,11 @@ enum class Estimator {
   crown_ibp,    ///< bound propagation: CROWN walk of the specifications on IBP intermediate bounds
   crown,        ///< bound propagation: CROWN (linear relaxation, CROWN intermediate bounds)
   alpha_crown,  ///< bound propagation: α-CROWN (optimised lower ReLU slopes)
+  /// complete verification: branch and bound (`certify --bab`); its radius is the largest
+  /// ε of the grid it verified
+  bab,
 };
-/// "global", "local", "ibp", "crown-ibp", "crown", "alpha-crown".
+/// "global", "local", "ibp", "crown-ibp", "crown", "alpha-crown", "bab".
 std::string estimator_name(Estimator e);
 /// One estimator's name -> Estimator, if it is one.
 std::optional<Estimator> estimator_from_name(const std::string& name);

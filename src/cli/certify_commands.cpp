@@ -241,6 +241,10 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     double empirical_max = 0.5, tolerance = 1e-3, search_tol = defaults::search_tol;
     int64_t batch_size = 100;
     bool no_empirical = false, no_box = false, exact_arithmetic = false;
+    bool bab = false;
+    double bab_timeout = 60;
+    int64_t bab_batch = 64, bab_input_max_free = 16;
+    std::string bab_split = "auto";
   };
   auto o = std::make_shared<Options>();
   auto report = std::make_shared<ReportOptions>();
@@ -297,6 +301,21 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
       "--shard", o->shard,
       "i/n (0-based): certify only the blocks of --batch-size samples whose number mod n is i");
   cmd->add_flag("--no-empirical", o->no_empirical, "skip the attacks' cross-check");
+  cmd->add_flag("--bab", o->bab,
+                "complete verification by branch and bound (estimator bab): verified / falsified "
+                "/ unknown per sample and eps");
+  cmd->add_option("--timeout-per-sample", o->bab_timeout,
+                  "branch and bound: seconds per sample for the whole eps grid")
+      ->capture_default_str();
+  cmd->add_option("--bab-batch", o->bab_batch, "branch and bound: subproblems per bound pass")
+      ->capture_default_str();
+  cmd->add_option("--bab-split", o->bab_split,
+                  "branch and bound: relu | input | auto (input splits for L-inf regions with at "
+                  "most --bab-input-max-free free inputs)")
+      ->capture_default_str();
+  cmd->add_option("--bab-input-max-free", o->bab_input_max_free,
+                  "branch and bound: free inputs up to which auto splits the input")
+      ->capture_default_str();
   add_report_options(cmd, *report, /*for_certify=*/true);
   cmd->callback([&common, o, report, invocation] {
     // Bad gates, attack files and baselines are usage errors before any work.
@@ -313,6 +332,20 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     CertifyConfig cfg;
     cfg.norm = norm_parse(o->norm);
     cfg.estimators = estimators_parse(o->estimator);
+    if (o->bab && std::find(cfg.estimators.begin(), cfg.estimators.end(), Estimator::bab) ==
+                      cfg.estimators.end())
+      cfg.estimators.push_back(Estimator::bab);
+    cfg.bab_timeout = o->bab_timeout;
+    cfg.bab_batch = o->bab_batch;
+    cfg.bab_input_max_free = o->bab_input_max_free;
+    if (o->bab_split == "auto")
+      cfg.bab_split = BabSplit::automatic;
+    else if (o->bab_split == "relu")
+      cfg.bab_split = BabSplit::relu;
+    else if (o->bab_split == "input")
+      cfg.bab_split = BabSplit::input;
+    else
+      throw ConfigError::invalid("--bab-split", o->bab_split, "relu, input or auto");
     cfg.box = !o->no_box;
     cfg.exact_arithmetic = o->exact_arithmetic;
     cfg.search_rounds = o->search_rounds;

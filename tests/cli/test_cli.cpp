@@ -434,3 +434,55 @@ TEST_CASE("certify a dual-model end to end: Theorem 5.5 radii, sound, eps_b inde
   CHECK(eps_b_positive >= correct / 2);  // the comparison above is not between zeros
   CHECK(dual_bp_positive >= correct / 2);
 }
+
+TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on verdicts",
+          "[e2e][cli][certify]") {
+  const auto& ckpt = trained_checkpoint();
+  TempDir tmp;
+  auto r =
+      run_moecert("--dataset synthetic --samples 10 certify " + ckpt +
+                  " --estimator crown --bab --timeout-per-sample 3 --bab-batch 8 --steps 5"
+                  " --eps-grid 0.01,0.05,0.2 --gate 'unknown@0.2<=1' --gate 'verified_acc@0.01>=0'"
+                  " --out " +
+                  (tmp / "c"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("soundness violations: 0") != std::string::npos);
+  auto j = nlohmann::json::parse(read_text(tmp / "c/results.json"));
+  CHECK(j["config"]["estimators"] == nlohmann::json({"crown", "bab"}));
+  CHECK(j["config"]["bab"]["timeout_per_sample"] == 3.0);
+  int decided = 0;
+  for (const auto& row : j["rows"]) {
+    REQUIRE(row["radii"].contains("candidate_bab"));
+    const double r_bab = row["radii"]["candidate_bab"].get<double>();
+    const double r_crown = row["radii"]["candidate_crown"].get<double>();
+    if (!row["correct"].get<bool>()) {
+      CHECK(r_bab == 0);
+      continue;
+    }
+    REQUIRE(row.contains("bab"));
+    CHECK(row["bab"]["subproblems"].get<int64_t>() >= 0);
+    for (const char* eps : {"0.01", "0.05", "0.2"}) {
+      const std::string v = row["bab"]["verdicts"][eps].get<std::string>();
+      const double e = std::stod(eps);
+      CHECK((v == "verified" || v == "falsified" || v == "unknown"));
+      CHECK((v == "verified") == (r_bab >= e));
+      if (r_crown >= e) CHECK(v == "verified");  // what CROWN proves needs no search
+      if (v == "falsified") CHECK(row["empirical_radius"].get<double>() <= e);
+      decided += v != "unknown";
+    }
+  }
+  CHECK(decided > 0);
+  auto gated = run_moecert("--dataset synthetic --samples 4 certify " + ckpt +
+                           " --estimator crown --bab --timeout-per-sample 1 --steps 5"
+                           " --eps-grid 0.2 --gate 'unknown@0.2<-1' --out " +
+                           (tmp / "g"));
+  CHECK(gated.code == 1);
+  for (const char* bad : {"--bab-split sideways", "--timeout-per-sample 0", "--bab-batch 1",
+                          "--estimator crown,babel"}) {
+    auto b = run_moecert("--dataset synthetic --samples 2 certify " + ckpt + " --bab " + bad +
+                         " --out " + (tmp / "b"));
+    INFO(bad << ": " << b.output);
+    CHECK(b.code == 2);
+  }
+}

@@ -1,0 +1,507 @@
+// Branch and bound for one sample and one ε (see bab.h). docs/certification.md §22.
+#include "bab.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <queue>
+#include <iostream>
+#include <tuple>
+
+#include "moecert/runtime.h"
+
+#include "moecert/error.h"
+
+namespace moecert::bab {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+/// One ReLU split: unit `unit` (flat, per sample) of node `node` of graph `graph` (0: the
+/// router, 1 + j: expert j) of member `member`, restricted to sign·z >= 0.
+struct SplitAt {
+  int member = 0, graph = 0, node = 0;
+  int64_t unit = 0;
+  double sign = 0;
+};
+
+struct Sub {
+  std::vector<SplitAt> splits;  // ReLU mode
+  torch::Tensor lower, upper;   // input mode: [1, C, H, W] float64
+  int route = -1;               // ReLU mode, top-1: the expert the router selects (-1: any)
+  int depth = 0;
+  double mass = 1;  // the share of the root this subproblem stands for (halved by a split)
+  double slack = -kInf;
+  bool can_split = false;  // ReLU mode: `next` is an unstable unit
+  SplitAt next;
+  std::vector<int64_t> possible;  // route -1: the experts the router can select here
+};
+struct Worse {  // the lowest slack on top
+  bool operator()(const Sub& a, const Sub& b) const { return a.slack > b.slack; }
+};
+using Queue = std::priority_queue<Sub, std::vector<Sub>, Worse>;
+
+/// The nodes of a graph whose units a split can fix: the inputs of ReLU nodes.
+std::vector<int> split_nodes(const BoundGraph& g) {
+  std::vector<int> out;
+  const auto& nodes = g.nodes();
+  for (size_t k = 0; k < nodes.size(); ++k)
+    for (int c : nodes[k].consumers)
+      if (std::string(nodes[static_cast<size_t>(c)].rule->name()) == "relu") {
+        out.push_back(static_cast<int>(k));
+        break;
+      }
+  return out;
+}
+
+/// The graph g of a member's pass (0: the router), if the pass has it.
+const BoundPass* graph_pass(const forms::MemberPass& p, int g) {
+  if (g == 0) return p.router ? &*p.router : nullptr;
+  const auto& e = p.experts[static_cast<size_t>(g - 1)];
+  return e ? &*e : nullptr;
+}
+
+/// Certificate slack of every region of the passes (> 0: verified), and the experts each
+/// region can select (of the single member; undefined for a dual-model).
+forms::Evaluation evaluate(const Problem& p, const std::vector<forms::MemberPass>& passes,
+                           const InputDomain& d, const torch::Tensor& labels,
+                           const torch::Tensor& only = {}) {
+  if (p.members.size() == 2) {
+    auto ev = forms::dual_evaluate(passes[0], passes[1], p.alpha, d, labels);
+    ev.possible = torch::Tensor();
+    return ev;
+  }
+  return forms::member_evaluate(passes[0], d, labels, only);
+}
+
+/// Regions some node of which has an empty interval: the splits contradict each other
+/// there, and the region is empty. [n] bool
+torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_t n) {
+  auto out = torch::zeros({n}, torch::kBool);
+  for (const auto& mp : passes)
+    for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
+      if (const BoundPass* bp = graph_pass(mp, g)) {
+        auto rows = g == 0 ? torch::arange(n, torch::kLong)
+                           : mp.rows[static_cast<size_t>(g - 1)].cpu();
+        auto none = torch::zeros({rows.size(0)}, torch::kBool);
+        for (const auto& nb : bp->nodes) none |= nb.lo.gt(nb.hi).flatten(1).any(1).cpu();
+        out.index_put_({rows}, out.index_select(0, rows) | none);
+      }
+  return out;
+}
+
+class Solver {
+ public:
+  Solver(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
+         Clock::time_point deadline)
+      : p_(p), cfg_(cfg), logits_(logits), attack_(attack), deadline_(deadline) {
+    opt_.method = BoundMethod::alpha_crown;
+    opt_.alpha_steps = cfg.alpha_steps;
+    for (const auto* m : p.members) {
+      std::vector<std::vector<int>> per;
+      per.push_back(m->router ? split_nodes(*m->router) : std::vector<int>{});
+      for (const auto& g : m->nets) per.push_back(split_nodes(g));
+      candidates_.push_back(std::move(per));
+    }
+  }
+
+  Outcome run() {
+    const auto start = Clock::now();
+    auto finish = [&]() {
+      out_.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      return out_;
+    };
+    if (try_attack(0)) return finish();
+    last_attack_ = Clock::now();
+    const bool input = use_input_splits();
+    // ReLU splits read per-node float32 errors (bound_split); input splits any.
+    opt_.fp32 = p_.fp32 && input ? Float32Errors::automatic : Float32Errors::per_node;
+    if (input)
+      input_search();
+    else
+      relu_search();
+    return finish();
+  }
+
+ private:
+  const Problem& p_;
+  const Config& cfg_;
+  const Logits& logits_;
+  const Attack& attack_;
+  Clock::time_point deadline_;
+  BoundOptions opt_;
+  std::vector<std::vector<std::vector<int>>> candidates_;  // [member][graph] split nodes
+  Outcome out_;
+  Clock::time_point start_ = Clock::now(), last_report_ = Clock::now();
+  Clock::time_point last_attack_;
+
+  /// A progress line on stderr every 5 s (Config::progress): subproblems, their rate, the
+  /// queue, the verified share and the worst open slack.
+  void report(size_t queued, double worst) {
+    if (cfg_.progress.empty() || Clock::now() - last_report_ < std::chrono::seconds(5)) return;
+    last_report_ = Clock::now();
+    const double secs = std::chrono::duration<double>(last_report_ - start_).count();
+    std::cerr << cfg_.progress << ": " << out_.bounded << " subproblems ("
+              << fmt_fixed(static_cast<double>(out_.bounded) / secs, 1) << "/s), " << queued
+              << " queued, " << fmt_fixed(100 * out_.verified_mass, 1)
+              << "% verified, worst open slack " << fmt_fixed(worst, 4) << "\n";
+  }
+  int attack_round_ = 0;
+
+  InputDomain ball() const {
+    const auto o = p_.x.options();
+    return {p_.x, torch::full({1}, p_.eps, o), p_.norm, p_.box};
+  }
+
+  /// The root box of the region (L∞): [x − ε, x + ε], ∩ [0, 1] with the box.
+  std::pair<torch::Tensor, torch::Tensor> root_box() const {
+    auto lo = p_.x - p_.eps, hi = p_.x + p_.eps;
+    if (p_.box) lo = lo.clamp_min(0.0), hi = hi.clamp_max(1.0);
+    return {lo, hi};
+  }
+
+  bool use_input_splits() const {
+    if (cfg_.split == Split::relu || p_.norm != Norm::linf) return false;
+    if (cfg_.split == Split::input) return true;
+    auto [lo, hi] = root_box();
+    return hi.gt(lo).sum().item<int64_t>() <= cfg_.input_max_free;
+  }
+
+  /// Whether x32 (float32 [1, C, H, W]) lies in the region and the model misclassifies
+  /// it; records it as the counterexample when so.
+  bool counterexample(const torch::Tensor& x32) {
+    torch::NoGradGuard ng;
+    const auto xd = x32.to(torch::kFloat64).to(p_.x.device());
+    const auto d = (xd - p_.x).flatten();
+    const double dist = p_.norm == Norm::linf ? d.abs().max().item<double>() : d.norm().item<double>();
+    if (!(dist <= p_.eps)) return false;
+    if (p_.box && (xd.lt(0).any().item<bool>() || xd.gt(1).any().item<bool>())) return false;
+    const auto pred = logits_(x32).argmax(1).cpu()[0].item<int64_t>();
+    if (pred == p_.label) return false;
+    out_.verdict = Verdict::falsified, out_.counterexample = x32.cpu(), out_.distance = dist;
+    return true;
+  }
+
+  bool try_attack(int round) {
+    if (!attack_) return false;
+    auto x = attack_(round);
+    return x.defined() && counterexample(x);
+  }
+
+  /// An attack round when its interval has passed since the last one.
+  bool attack_due() {
+    if (std::chrono::duration<double>(Clock::now() - last_attack_).count() < cfg_.attack_interval)
+      return false;
+    const bool found = try_attack(++attack_round_);
+    last_attack_ = Clock::now();
+    return found;
+  }
+
+  std::vector<forms::MemberPass> prepare(const InputDomain& d, const torch::Tensor& labels) const {
+    std::vector<forms::MemberPass> passes;
+    for (const auto* m : p_.members) {
+      passes.push_back(forms::member_prepare(*m, d, labels, opt_, p_.fp32));
+      forms::add_route_constraints(passes.back());
+    }
+    return passes;
+  }
+
+  torch::Tensor labels(int64_t n) const {
+    return torch::full({n}, p_.label, torch::TensorOptions().dtype(torch::kLong).device(p_.x.device()));
+  }
+
+  void open_left(const Queue& q, const std::vector<Sub>& extra = {}) {
+    auto copy = q;
+    double open = 0;
+    while (!copy.empty()) open += copy.top().mass, copy.pop();
+    for (const auto& s : extra) open += s.mass;
+    out_.open_mass = open;
+  }
+
+  // --- ReLU splits ------------------------------------------------------------------
+
+  /// The most children one subproblem has: 2, or the experts of a route split.
+  int64_t max_children() const {
+    return routable() ? std::max<int64_t>(2, p_.members[0]->experts) : 2;
+  }
+
+  /// The unstable unit of every region of the passes (over the router and the experts it
+  /// can select) whose split promises most: the first-order change of the bound when
+  /// its interval's end moves to 0 in either child, |∂B/∂l|·|l| + |∂B/∂u|·u (the
+  /// gradients of the α-β optimisation's bounds with respect to the intervals, summed
+  /// over its steps), with the relaxation gap −l·u / (u − l) breaking ties. Regions
+  /// without an unstable unit get can_split = false.
+  void choose(const std::vector<forms::MemberPass>& passes, const torch::Tensor& possible,
+              std::vector<Sub>& subs) const {
+    const int64_t n = static_cast<int64_t>(subs.size());
+    auto best = torch::zeros({n}, torch::kFloat64);
+    for (size_t i = 0; i < passes.size(); ++i)
+      for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g) {
+        const BoundPass* bp = graph_pass(passes[i], g);
+        if (!bp) continue;
+        // The pass's rows: all subproblems for the router, those it covers for an expert.
+        auto rows = g == 0 ? torch::arange(n, torch::kLong)
+                           : passes[i].rows[static_cast<size_t>(g - 1)].cpu();
+        torch::Tensor in_play;  // [rows] bool: the expert can be selected there
+        if (g > 0 && possible.defined()) in_play = possible.select(1, g - 1).cpu().index_select(0, rows);
+        const auto at = rows.accessor<int64_t, 1>();
+        for (int k : candidates_[i][static_cast<size_t>(g)]) {
+          const auto& nb = bp->nodes[static_cast<size_t>(k)];
+          auto l = nb.lo.detach().flatten(1), u = nb.hi.detach().flatten(1);
+          auto unstable = l.lt(0) & u.gt(0);
+          auto gap = -l * u / (u - l).clamp_min(1e-300);
+          if (nb.lo.grad().defined() && nb.hi.grad().defined())
+            gap = gap * 1e-6 + nb.lo.grad().flatten(1).abs() * l.abs() +
+                  nb.hi.grad().flatten(1).abs() * u.abs();
+          gap = torch::where(unstable, gap.detach(), torch::zeros_like(l));
+          auto [val, arg] = gap.max(1);
+          val = val.cpu(), arg = arg.cpu();
+          if (in_play.defined()) val = val.masked_fill(~in_play, 0.0);
+          auto v = val.accessor<double, 1>();
+          auto a = arg.accessor<int64_t, 1>();
+          auto bv = best.accessor<double, 1>();
+          for (int64_t r = 0; r < rows.size(0); ++r) {
+            const int64_t c = at[r];
+            if (!(v[r] > bv[c])) continue;
+            bv[c] = v[r];
+            auto& s = subs[static_cast<size_t>(c)];
+            s.can_split = true;
+            s.next = {static_cast<int>(i), g, k, a[r], 0};
+          }
+        }
+      }
+  }
+
+  /// The member passes of `subs` (their splits as sign tensors).
+  std::vector<forms::MemberPass> split_passes(const std::vector<forms::MemberPass>& root,
+                                              const std::vector<Sub>& subs) const {
+    const int64_t n = static_cast<int64_t>(subs.size());
+    std::map<std::tuple<int, int, int>, std::pair<std::vector<int64_t>, std::vector<double>>> at;
+    for (int64_t c = 0; c < n; ++c)
+      for (const auto& s : subs[static_cast<size_t>(c)].splits) {
+        const BoundPass* bp = graph_pass(root[static_cast<size_t>(s.member)], s.graph);
+        const int64_t per = bp->nodes[static_cast<size_t>(s.node)].lo[0].numel();
+        auto& e = at[{s.member, s.graph, s.node}];
+        e.first.push_back(c * per + s.unit), e.second.push_back(s.sign);
+      }
+    std::vector<forms::MemberPass> out;
+    for (size_t i = 0; i < root.size(); ++i) {
+      forms::MemberSplits ms(root[i].experts.size() + 1);
+      for (const auto& [key, val] : at) {
+        if (std::get<0>(key) != static_cast<int>(i)) continue;
+        const int g = std::get<1>(key), k = std::get<2>(key);
+        const auto& nb = graph_pass(root[i], g)->nodes[static_cast<size_t>(k)];
+        std::vector<int64_t> shape = nb.lo.sizes().vec();
+        shape[0] = n;
+        auto t = torch::zeros(shape, nb.lo.options());
+        auto idx = torch::tensor(val.first, torch::kLong).to(t.device());
+        t.view({-1}).index_put_({idx}, torch::tensor(val.second, torch::kFloat64).to(t.device()));
+        auto& per_graph = ms[static_cast<size_t>(g)];
+        per_graph.resize(graph_pass(root[i], g)->nodes.size());
+        per_graph[static_cast<size_t>(k)] = t;
+      }
+      out.push_back(forms::member_split(root[i], ms, n, i == 0 ? route_mask(subs) : torch::Tensor()));
+    }
+    return out;
+  }
+
+  /// Whether the problem's subproblems can be split by route: a single top-1 member with
+  /// a router (its route constraints enforce the split).
+  bool routable() const {
+    return p_.members.size() == 1 && p_.members[0]->router &&
+           forms::member_form(*p_.members[0]) == forms::Form::candidate;
+  }
+
+  /// [n, E] bool: the experts each subproblem's route allows (undefined: no routes).
+  torch::Tensor route_mask(const std::vector<Sub>& subs) const {
+    if (!routable()) return {};
+    const int64_t n = static_cast<int64_t>(subs.size()), E = p_.members[0]->experts;
+    auto m = torch::ones({n, E}, torch::kBool);
+    for (int64_t c = 0; c < n; ++c) {
+      const int r = subs[static_cast<size_t>(c)].route;
+      if (r >= 0) m[c].fill_(false), m[c][r] = true;
+    }
+    return m.to(p_.x.device());
+  }
+
+  /// Bounds `subs`: their slack and next split; returns the open ones (verified and empty
+  /// ones add to the verified mass).
+  std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
+    const int64_t n = static_cast<int64_t>(subs.size());
+    auto passes = split_passes(root, subs);
+    // The bounds' sensitivity to the split candidates' intervals steers branching.
+    for (size_t i = 0; i < passes.size(); ++i)
+      for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
+        if (const BoundPass* bp = graph_pass(passes[i], g))
+          for (int k : candidates_[i][static_cast<size_t>(g)]) {
+            auto& nb = const_cast<NodeBounds&>(bp->nodes[static_cast<size_t>(k)]);
+            nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
+          }
+    const auto& d = passes[0].domain;
+    auto ev = evaluate(p_, passes, d, labels(n), route_mask(subs));
+    auto slack = ev.slack.cpu();
+    auto empty = empty_regions(passes, n);
+    out_.bounded += n;
+    choose(passes, ev.possible, subs);
+    auto possible = ev.possible.defined() ? ev.possible.cpu() : torch::Tensor();
+    std::vector<Sub> open;
+    for (int64_t c = 0; c < n; ++c) {
+      auto& s = subs[static_cast<size_t>(c)];
+      s.slack = slack[c].item<double>();
+      s.possible.clear();
+      if (s.route < 0 && possible.defined())
+        for (int64_t j = 0; j < possible.size(1); ++j)
+          if (possible[c][j].item<bool>()) s.possible.push_back(j);
+      if (s.slack > 0 || empty[c].item<bool>())
+        out_.verified_mass += s.mass;
+      else
+        open.push_back(std::move(s));
+    }
+    return open;
+  }
+
+  void relu_search() {
+    const auto d = ball();
+    const auto root = prepare(d, labels(1));
+    Queue q;
+    for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
+    while (!q.empty()) {
+      if (Clock::now() > deadline_ || attack_due()) break;
+      if (static_cast<int64_t>(q.size()) + cfg_.batch > cfg_.max_queue) break;
+      std::vector<Sub> children, stuck;
+      while (!q.empty() && (children.empty() || static_cast<int64_t>(children.size()) +
+                                                         max_children() <= cfg_.batch)) {
+        Sub s = q.top();
+        q.pop();
+        if (s.route < 0 && routable() && s.possible.size() > 1) {
+          // A route split: one child per expert the router can select (their regions
+          // cover the parent's: every point selects one of them).
+          for (int64_t j : s.possible) {
+            Sub c = s;
+            c.route = static_cast<int>(j), c.depth = s.depth + 1;
+            c.mass = s.mass / static_cast<double>(s.possible.size());
+            children.push_back(std::move(c));
+          }
+          continue;
+        }
+        if (!s.can_split || s.depth >= cfg_.max_depth) {
+          stuck.push_back(std::move(s));
+          continue;
+        }
+        for (double sign : {1.0, -1.0}) {
+          Sub c;
+          c.splits = s.splits;
+          c.splits.push_back(s.next);
+          c.splits.back().sign = sign;
+          c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
+          children.push_back(std::move(c));
+        }
+      }
+      if (children.empty()) {  // nothing left to split: open for good
+        for (auto& s : stuck) q.push(std::move(s));
+        out_.exhausted = true;
+        break;
+      }
+      ++out_.rounds;
+      for (auto& s : bound_relu(root, std::move(children))) q.push(std::move(s));
+      report(q.size(), q.empty() ? 0.0 : q.top().slack);
+      for (auto& s : stuck) q.push(std::move(s));
+      if (out_.verdict == Verdict::falsified) break;
+    }
+    open_left(q);
+    if (out_.verdict != Verdict::falsified && q.empty()) out_.verdict = Verdict::verified;
+  }
+
+  // --- input splits -----------------------------------------------------------------
+
+  void input_search() {
+    auto [lo0, hi0] = root_box();
+    const auto width0 = (hi0 - lo0)[0];
+    const auto free = width0.gt(0);
+    const auto scale = torch::where(free, width0, torch::ones_like(width0));
+    Queue q;
+    std::vector<Sub> stuck;  // open pieces at the depth limit
+    Sub root;
+    root.lower = lo0, root.upper = hi0;
+    q.push(std::move(root));
+    bool first = true;
+    while (!q.empty()) {
+      if (Clock::now() > deadline_ || (!first && attack_due())) break;
+      if (static_cast<int64_t>(q.size()) + 2 * cfg_.batch > cfg_.max_queue) break;
+      first = false;
+      std::vector<Sub> batch;
+      while (!q.empty() && static_cast<int64_t>(batch.size()) < cfg_.batch)
+        batch.push_back(q.top()), q.pop();
+      const int64_t n = static_cast<int64_t>(batch.size());
+      std::vector<torch::Tensor> lo, hi;
+      for (const auto& s : batch) lo.push_back(s.lower[0]), hi.push_back(s.upper[0]);
+      InputDomain d;
+      d.lower = torch::stack(lo), d.upper = torch::stack(hi);
+      d.x = (d.lower + d.upper) * 0.5;
+      d.eps = std::get<0>(((d.upper - d.lower) * 0.5).flatten(1).max(1));
+      d.norm = Norm::linf, d.box = false;
+      const auto passes = prepare(d, labels(n));
+      auto slack = evaluate(p_, passes, d, labels(n)).slack.cpu();
+      out_.bounded += n, ++out_.rounds;
+      report(q.size() + static_cast<size_t>(n), slack.min().item<double>());
+      // The open pieces' centres on the float32 model (inside the piece when rounding kept them).
+      const auto centres = d.x.to(torch::kFloat);
+      std::vector<Sub> open;
+      for (int64_t c = 0; c < n; ++c) {
+        auto& s = batch[static_cast<size_t>(c)];
+        s.slack = slack[c].item<double>();
+        if (s.slack > 0) {
+          out_.verified_mass += s.mass;
+          continue;
+        }
+        const auto xc = centres.narrow(0, c, 1);
+        const auto xd = xc.to(torch::kFloat64);
+        if (xd.ge(s.lower).all().item<bool>() && xd.le(s.upper).all().item<bool>() &&
+            counterexample(xc)) {
+          for (int64_t r = c; r < n; ++r) open.push_back(batch[static_cast<size_t>(r)]);
+          break;
+        }
+        open.push_back(std::move(s));
+      }
+      if (out_.verdict == Verdict::falsified) {
+        open.insert(open.end(), stuck.begin(), stuck.end());
+        open_left(q, open);
+        return;
+      }
+      for (auto& s : open) {
+        if (s.depth >= cfg_.max_depth) {
+          out_.exhausted = true;
+          stuck.push_back(std::move(s));
+          continue;
+        }
+        auto rel = torch::where(free, (s.upper - s.lower)[0] / scale, torch::zeros_like(scale));
+        const int64_t dim = rel.flatten().argmax().item<int64_t>();
+        const double mid =
+            ((s.lower.flatten()[dim] + s.upper.flatten()[dim]) * 0.5).item<double>();
+        Sub a, b;
+        a.lower = s.lower, a.upper = s.upper.clone(), a.depth = s.depth + 1, a.slack = s.slack;
+        b.lower = s.lower.clone(), b.upper = s.upper, b.depth = s.depth + 1, b.slack = s.slack;
+        a.mass = b.mass = s.mass / 2;
+        a.upper.view({-1})[dim] = mid;
+        b.lower.view({-1})[dim] = mid;
+        q.push(std::move(a)), q.push(std::move(b));
+      }
+    }
+    open_left(q, stuck);
+    if (out_.verdict != Verdict::falsified && q.empty() && stuck.empty())
+      out_.verdict = Verdict::verified;
+  }
+};
+
+}  // namespace
+
+Outcome solve(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
+              Clock::time_point deadline) {
+  if (p.members.empty() || p.members.size() > 2)
+    throw Error(ExitCode::internal, "certify: branch and bound of one member or a dual pair");
+  return Solver(p, cfg, logits, attack, deadline).run();
+}
+
+}  // namespace moecert::bab

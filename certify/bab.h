@@ -1,0 +1,72 @@
+// Complete verification of one sample at one ε by branch and bound (SPEC §4.7), private
+// to certify/: subproblems (the region restricted by ReLU splits, or pieces of the input
+// box), each bounded by α-CROWN with β-CROWN multipliers for its splits and its route
+// constraints, pruned when its certificate slack is positive, branched on the unstable
+// ReLU unit with the largest relaxation gap (or the widest input), with attacks on the
+// region between rounds. Proofs: docs/certification.md §22.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "forms.h"
+#include "moecert/certify.h"
+
+namespace moecert::bab {
+
+using Clock = std::chrono::steady_clock;
+
+using Split = BabSplit;
+
+struct Config {
+  int64_t batch = 32;          ///< subproblems bounded in one pass (each round)
+  int64_t max_queue = 1 << 16; ///< open subproblems at most (memory bound)
+  Split split = Split::automatic;
+  int64_t input_max_free = 16;  ///< automatic: input splits with at most this many free inputs
+  int max_depth = 64;           ///< splits of one subproblem at most
+  int alpha_steps = 20;         ///< α-β optimisation steps per bound
+  double attack_interval = 2.0; ///< seconds of branching between two attack rounds
+  std::string progress;         ///< when not empty: the label of a progress line every 5 s
+};
+
+enum class Verdict { verified, falsified, unknown };
+
+/// What branch and bound found. The masses count subproblems as 2^-depth: the verified
+/// ones (and empty ones) and the open ones (queued, or not yet examined when a
+/// counterexample ended the search) sum to 1.
+struct Outcome {
+  Verdict verdict = Verdict::unknown;
+  torch::Tensor counterexample;  ///< [1, C, H, W] float32: a point of the region the model misclassifies
+  double distance = std::numeric_limits<double>::infinity();  ///< its distance to x
+  int64_t bounded = 0;  ///< subproblems bounded (the root included)
+  int64_t rounds = 0;
+  double verified_mass = 0, open_mass = 0;
+  double seconds = 0;
+  bool exhausted = false;  ///< some open subproblem had nothing left to split
+};
+
+/// One sample and one ε of a member (or a dual-model's two members, standard first).
+struct Problem {
+  std::vector<const forms::MemberGraphs*> members;
+  double alpha = 1;  ///< a dual-model's α
+  torch::Tensor x;   ///< [1, C, H, W] float64
+  int64_t label = 0;
+  double eps = 0;
+  Norm norm = Norm::linf;
+  bool box = true;
+  bool fp32 = true;  ///< the float32 allowances (false: exact arithmetic)
+};
+
+/// The float32 model's logits at float32 points [n, C, H, W] -> [n, K].
+using Logits = std::function<torch::Tensor(const torch::Tensor&)>;
+/// An attack on the problem's region, round r (its own random starts): a float32 point
+/// [1, C, H, W] of the region, or undefined when it found none.
+using Attack = std::function<torch::Tensor(int round)>;
+
+Outcome solve(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
+              Clock::time_point deadline);
+
+}  // namespace moecert::bab

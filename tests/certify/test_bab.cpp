@@ -1,0 +1,352 @@
+// Branch and bound (certify/bab.h, docs/certification.md §22) on MoEs small enough to
+// know the exact answer: 2-D inputs, a linear top-1 router and one-hidden-layer ReLU
+// experts, whose margin is linear on every cell of the arrangement of the hidden units'
+// lines, the router's boundaries and the box, so its minimum over each route region is
+// the least value at a vertex of that arrangement. Also: β-CROWN's split passes and the
+// route constraints against sampling, and the subproblem count.
+#include <torch/torch.h>
+
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <limits>
+
+#include "certify/bab.h"
+#include "certify/forms.h"
+#include "moecert/bounds.h"
+
+using namespace moecert;
+
+namespace {
+
+const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+
+/// A 2-D MoE: E experts (E = 1: a dense net) of `hidden` ReLU units and K classes, a
+/// linear top-1 router. Weights are float32 numbers (the float32 model rounds nothing).
+struct Toy {
+  int64_t E, K, hidden;
+  torch::Tensor R, c;                        // router [E, 2], [E]
+  std::vector<torch::Tensor> W1, b1, W2, b2; // per expert
+  LayerGraph router;
+  std::vector<LayerGraph> experts;
+  forms::MemberGraphs graphs;
+
+  Toy(int64_t e, int64_t k, int64_t h, uint64_t seed) : E(e), K(k), hidden(h) {
+    torch::manual_seed(seed);
+    auto w = [](std::vector<int64_t> s, double scale) {
+      return (torch::randn(s) * scale).to(torch::kFloat64);  // float32 values
+    };
+    R = w({E, 2}, 3), c = w({E}, 1);
+    for (int64_t j = 0; j < E; ++j) {
+      // Hidden lines through points of the unit square, so that classes vary there.
+      W1.push_back(w({h, 2}, 4));
+      auto through = (0.2 + 0.6 * torch::rand({h, 2})).to(torch::kFloat).to(torch::kFloat64);
+      b1.push_back(-(W1[j] * through).sum(1).to(torch::kFloat).to(torch::kFloat64));
+      W2.push_back(w({k, h}, 1)), b2.push_back(w({k}, 0.5));
+      experts.push_back({Layer::simple(Layer::Kind::flatten), Layer::dense("fc1", W1[j], b1[j]),
+                         Layer::simple(Layer::Kind::relu), Layer::dense("fc2", W2[j], b2[j])});
+    }
+    if (E > 1) router = {Layer::simple(Layer::Kind::flatten), Layer::dense("gate", R, c)};
+    ModelSpec s;
+    s.in_channels = 1, s.height = 1, s.width = 2, s.num_classes = K, s.experts = E, s.top_k = 1;
+    graphs = forms::member_graphs(s, router, experts);
+  }
+
+  torch::Tensor expert64(int64_t j, const torch::Tensor& x) const {  // x [n, 2]
+    return torch::relu(x.matmul(W1[j].t()) + b1[j]).matmul(W2[j].t()) + b2[j];
+  }
+
+  /// The float32 model's logits at x [n, 1, 1, 2] (float32).
+  torch::Tensor logits32(const torch::Tensor& x) const {
+    auto v = x.flatten(1).to(torch::kFloat);
+    auto out = torch::zeros({v.size(0), K});
+    auto pick = E > 1 ? v.matmul(R.to(torch::kFloat).t()).add(c.to(torch::kFloat)).argmax(1)
+                      : torch::zeros({v.size(0)}, torch::kLong);
+    for (int64_t j = 0; j < E; ++j) {
+      auto h = torch::relu(v.matmul(W1[j].to(torch::kFloat).t()) + b1[j].to(torch::kFloat))
+                   .matmul(W2[j].to(torch::kFloat).t()) +
+               b2[j].to(torch::kFloat);
+      out = torch::where(pick.eq(j).unsqueeze(1), h, out);
+    }
+    return out;
+  }
+
+  /// The exact least margin min_k (h_y − h_k) of the selected expert over the box
+  /// [lo, hi] (route regions closed): the least over the vertices of the arrangement.
+  double exact_margin(const std::vector<double>& lo, const std::vector<double>& hi,
+                      int64_t y) const {
+    double best = std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < E; ++j) {
+      std::vector<std::array<double, 3>> lines;  // a0 x0 + a1 x1 = d
+      for (int64_t u = 0; u < hidden; ++u)
+        lines.push_back({W1[j][u][0].item<double>(), W1[j][u][1].item<double>(),
+                         -b1[j][u].item<double>()});
+      for (int64_t t = 0; t < E; ++t)
+        if (t != j)
+          lines.push_back({(R[j][0] - R[t][0]).item<double>(), (R[j][1] - R[t][1]).item<double>(),
+                           (c[t] - c[j]).item<double>()});
+      lines.push_back({1, 0, lo[0]}), lines.push_back({1, 0, hi[0]});
+      lines.push_back({0, 1, lo[1]}), lines.push_back({0, 1, hi[1]});
+      std::vector<double> pts;
+      for (size_t a = 0; a < lines.size(); ++a)
+        for (size_t b = a + 1; b < lines.size(); ++b) {
+          const auto &p = lines[a], &q = lines[b];
+          const double det = p[0] * q[1] - p[1] * q[0];
+          if (std::abs(det) < 1e-12) continue;
+          const double x0 = (p[2] * q[1] - p[1] * q[2]) / det, x1 = (p[0] * q[2] - p[2] * q[0]) / det;
+          const double tol = 1e-9;
+          if (x0 < lo[0] - tol || x0 > hi[0] + tol || x1 < lo[1] - tol || x1 > hi[1] + tol)
+            continue;
+          pts.push_back(std::clamp(x0, lo[0], hi[0])), pts.push_back(std::clamp(x1, lo[1], hi[1]));
+        }
+      if (pts.empty()) continue;
+      auto x = torch::tensor(pts, f64).view({-1, 2});
+      auto ok = torch::ones({x.size(0)}, torch::kBool);
+      if (E > 1) {
+        auto g = x.matmul(R.t()) + c;
+        ok = (g.select(1, j).unsqueeze(1) >= g - 1e-9).all(1);
+      }
+      if (!ok.any().item<bool>()) continue;
+      auto h = expert64(j, x.index_select(0, ok.nonzero().flatten()));
+      auto m = (h.select(1, y).unsqueeze(1) - h).index_fill(1, torch::tensor({y}), INFINITY);
+      best = std::min(best, m.min().item<double>());
+    }
+    return best;
+  }
+};
+
+/// An attack for the toys: the float32 model at 256 seeded random points of the box.
+bab::Attack random_points(const Toy& toy, const bab::Problem& p) {
+  return [&toy, &p](int round) {
+    torch::manual_seed(1000 + round);
+    auto lo = (p.x - p.eps).clamp_min(0.0), hi = (p.x + p.eps).clamp_max(1.0);
+    auto pts = (lo + (hi - lo) * torch::rand({256, 1, 1, 2}, f64)).to(torch::kFloat);
+    auto wrong = toy.logits32(pts).argmax(1).ne(p.label).nonzero().flatten();
+    return wrong.numel() ? pts.narrow(0, wrong[0].item<int64_t>(), 1) : torch::Tensor();
+  };
+}
+
+struct Tally {
+  int verified = 0, falsified = 0, unknown = 0, disagreements = 0, undecided_clear = 0;
+};
+
+/// Runs branch and bound on `count` random problems of `toy` and checks every answer
+/// against the exact one.
+Tally run_exact(const Toy& toy, bab::Split split, int count, double seconds) {
+  Tally t;
+  bab::Config cfg;
+  cfg.split = split;
+  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  for (int i = 0; i < count; ++i) {
+    auto x = 0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64);
+    const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+    auto box = [&](double e, int i) {
+      return std::pair{std::max(0.0, x[0][0][0][i].item<double>() - e),
+                       std::min(1.0, x[0][0][0][i].item<double>() + e)};
+    };
+    auto margin_at = [&](double e) {
+      auto [l0, h0] = box(e, 0);
+      auto [l1, h1] = box(e, 1);
+      return toy.exact_margin({l0, l1}, {h0, h1}, y);
+    };
+    // The exact robust radius by bisection; half the problems lie inside it, half outside.
+    double r_lo = 0, r_hi = 0.5;
+    if (margin_at(r_hi) <= 0)
+      for (int it = 0; it < 30; ++it) {
+        const double mid = 0.5 * (r_lo + r_hi);
+        (margin_at(mid) > 0 ? r_lo : r_hi) = mid;
+      }
+    const double eps = std::min(0.5, r_hi * (i % 2 ? 1.5 : 0.6));
+    bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
+    const auto out = bab::solve(p, cfg, logits, random_points(toy, p),
+                                bab::Clock::now() + std::chrono::duration_cast<bab::Clock::duration>(
+                                                        std::chrono::duration<double>(seconds)));
+    const double exact = margin_at(eps);
+    INFO("problem " << i << ": eps " << eps << ", exact margin " << exact);
+    // Every subproblem is accounted for: verified or open.
+    if (out.verdict != bab::Verdict::falsified)
+      CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
+    if (out.verdict == bab::Verdict::verified) {
+      ++t.verified;
+      if (!(exact > -1e-9)) ++t.disagreements;
+      CHECK(out.verified_mass == Approx(1.0).margin(1e-12));
+    } else if (out.verdict == bab::Verdict::falsified) {
+      ++t.falsified;
+      if (!(exact < 1e-6)) ++t.disagreements;
+      // The counterexample lies in the region and the float32 model misclassifies it.
+      auto d = (out.counterexample.to(torch::kFloat64) - x).abs().max().item<double>();
+      CHECK(d <= eps);
+      CHECK(out.distance == d);
+      CHECK(toy.logits32(out.counterexample).argmax(1)[0].item<int64_t>() != y);
+    } else {
+      ++t.unknown;
+      if (std::abs(exact) > 1e-3) ++t.undecided_clear;
+    }
+  }
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("branch and bound with input splits gives the exact answer on 2-D MoEs",
+          "[unit][certify][bab]") {
+  for (auto [E, seed] : {std::pair<int64_t, uint64_t>{1, 3}, {3, 4}}) {
+    Toy toy(E, 3, 8, seed);
+    const auto t = run_exact(toy, bab::Split::input, 24, 20.0);
+    INFO("E = " << E << ": verified " << t.verified << ", falsified " << t.falsified
+                << ", unknown " << t.unknown);
+    CHECK(t.disagreements == 0);
+    CHECK(t.undecided_clear == 0);  // complete away from ties
+    CHECK(t.verified > 0);
+    CHECK(t.falsified > 0);
+  }
+}
+
+TEST_CASE("branch and bound with ReLU and route splits is sound on 2-D MoEs",
+          "[unit][certify][bab]") {
+  Toy toy(3, 3, 8, 4);
+  const auto t = run_exact(toy, bab::Split::relu, 24, 5.0);
+  INFO("verified " << t.verified << ", falsified " << t.falsified << ", unknown " << t.unknown);
+  CHECK(t.disagreements == 0);
+  CHECK(t.verified > 0);
+}
+
+TEST_CASE("beta-CROWN bounds of split passes and route constraints hold at sampled points",
+          "[unit][certify][bab]") {
+  Toy toy(3, 3, 12, 6);
+  torch::manual_seed(7);
+  auto x = torch::full({1, 1, 1, 2}, 0.5, f64);
+  const double eps = 0.3;
+  BoundOptions opt;
+  opt.method = BoundMethod::alpha_crown;
+  const InputDomain d{x, torch::full({1}, eps, f64), Norm::linf, true};
+  auto labels = torch::zeros({1}, torch::kLong);
+  auto root = forms::member_prepare(toy.graphs, d, labels, opt, true);
+  forms::add_route_constraints(root);
+  REQUIRE(root.route.size() == 3);
+  auto pts = (x - eps + 2 * eps * torch::rand({20000, 1, 1, 2}, f64)).view({-1, 2});
+  // The float32 router's choice, as the model makes it.
+  auto sel = (pts.to(torch::kFloat).matmul(toy.R.to(torch::kFloat).t()) + toy.c.to(torch::kFloat))
+                 .argmax(1);
+  auto C = torch::randn({1, 4, 3}, f64);
+  int checked = 0;
+  for (int64_t j = 0; j < 3; ++j) {
+    if (!root.experts[static_cast<size_t>(j)]) continue;
+    const auto& pass = *root.experts[static_cast<size_t>(j)];
+    // Random signs on two unstable hidden units (node 1: fc1, the ReLU's input).
+    const auto& z = pass.nodes[1];
+    auto unstable = (z.lo.lt(0) & z.hi.gt(0)).to(torch::kFloat64);
+    unstable = unstable * unstable.cumsum(1).le(2);
+    REQUIRE(unstable.sum().item<double>() == 2);
+    auto signs = torch::where(torch::rand(z.lo.sizes(), f64).lt(0.5), 1.0, -1.0) * unstable;
+    std::vector<torch::Tensor> per_node(pass.nodes.size());
+    per_node[1] = signs.to(torch::kFloat64);
+    auto split = bound_split(pass, torch::zeros({1}, torch::kLong), per_node);
+    const auto& route = root.route[static_cast<size_t>(j)];
+    auto with = bound_specs(split, C, nullptr, &route).lower;
+    auto plain = bound_specs(split, C).lower;
+    // The points of the subregion: the router selects j, the split units have their signs.
+    auto zpts = pts.matmul(toy.W1[j].t()) + toy.b1[j];
+    auto s = signs.view({1, -1});
+    auto in_split = ((zpts * s) >= 0).all(1);
+    auto keep = (sel.eq(j) & in_split).nonzero().flatten();
+    if (keep.numel() == 0) continue;
+    auto h = toy.expert64(j, pts.index_select(0, keep));  // [m, K]
+    auto values = h.matmul(C[0].t());                      // [m, 4]
+    auto low = std::get<0>(values.min(0));
+    INFO("expert " << j << ": " << keep.numel() << " points");
+    CHECK((with[0] <= low + 1e-9).all().item<bool>());
+    CHECK((plain[0] <= low + 1e-9).all().item<bool>());
+    ++checked;
+  }
+  CHECK(checked > 0);
+}
+
+TEST_CASE("branch and bound accounts for every subproblem when its budget ends",
+          "[unit][certify][bab]") {
+  Toy toy(3, 3, 8, 8);
+  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  int unknown = 0;
+  for (auto split : {bab::Split::input, bab::Split::relu}) {
+    for (int i = 0; i < 12; ++i) {
+      auto x = 0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64);
+      const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+      bab::Problem p{{&toy.graphs}, 1.0, x, y, 0.25, Norm::linf, true, true};
+      bab::Config cfg;
+      cfg.split = split, cfg.batch = 4, cfg.max_queue = 24;  // a small queue ends it early
+      const auto out = bab::solve(p, cfg, logits, {}, bab::Clock::now() + std::chrono::seconds(5));
+      if (out.verdict == bab::Verdict::unknown) {
+        ++unknown;
+        CHECK(out.open_mass > 0);
+      }
+      CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
+      CHECK(out.bounded >= 1);
+    }
+  }
+  CHECK(unknown > 0);
+}
+
+TEST_CASE("beta-CROWN multipliers reach the optimum of a fully split one-layer net",
+          "[unit][certify][bab]") {
+  // With every unstable unit split, the net is linear on the subregion, a polygon; its
+  // least margin sits at a vertex. β's Lagrangian closes the gap the interval clamps
+  // leave (the bound over the box ignores the splits' constraints on x).
+  Toy toy(1, 3, 6, 9);
+  BoundOptions opt;
+  opt.method = BoundMethod::alpha_crown;
+  opt.alpha_steps = 200;
+  BoundOptions no_beta = opt;
+  no_beta.beta_lr = 0;
+  int closer = 0, cases = 0;
+  for (int i = 0; i < 8; ++i) {
+    auto x = 0.3 + 0.4 * torch::rand({1, 1, 1, 2}, f64);
+    const double eps = 0.2;
+    const InputDomain d{x, torch::full({1}, eps, f64), Norm::linf, true};
+    auto root = bound_forward(toy.graphs.nets[0], d, opt);
+    const auto& z = root.nodes[1];
+    auto unstable = (z.lo.lt(0) & z.hi.gt(0)).to(torch::kFloat64);
+    if (unstable.sum().item<double>() < 2) continue;
+    // The signs of the units at a random point of the box: a non-empty subregion.
+    auto at = (x + eps * (2 * torch::rand({1, 1, 1, 2}, f64) - 1)).clamp(0, 1).view({1, 2});
+    auto zs = at.matmul(toy.W1[0].t()) + toy.b1[0];
+    auto signs = torch::where(zs.ge(0), 1.0, -1.0) * unstable;
+    std::vector<torch::Tensor> per_node(root.nodes.size());
+    per_node[1] = signs;
+    auto C = torch::randn({1, 3, 3}, f64);
+    auto split = bound_split(root, torch::zeros({1}, torch::kLong), per_node);
+    auto with = bound_specs(split, C).lower[0];
+    split.opt = no_beta;
+    auto without = bound_specs(split, C).lower[0];
+    // The exact minimum: vertices of the polygon box ∩ {s_u z_u >= 0}.
+    const auto xv = x.view({2});
+    const double l0 = std::max(0.0, xv[0].item<double>() - eps), h0 = std::min(1.0, xv[0].item<double>() + eps);
+    const double l1 = std::max(0.0, xv[1].item<double>() - eps), h1 = std::min(1.0, xv[1].item<double>() + eps);
+    std::vector<std::array<double, 3>> lines{{1, 0, l0}, {1, 0, h0}, {0, 1, l1}, {0, 1, h1}};
+    for (int64_t u = 0; u < toy.hidden; ++u)
+      lines.push_back({toy.W1[0][u][0].item<double>(), toy.W1[0][u][1].item<double>(),
+                       -toy.b1[0][u].item<double>()});
+    std::vector<double> pts;
+    for (size_t a = 0; a < lines.size(); ++a)
+      for (size_t b = a + 1; b < lines.size(); ++b) {
+        const auto &p = lines[a], &q = lines[b];
+        const double det = p[0] * q[1] - p[1] * q[0];
+        if (std::abs(det) < 1e-12) continue;
+        pts.push_back((p[2] * q[1] - p[1] * q[2]) / det);
+        pts.push_back((p[0] * q[2] - p[2] * q[0]) / det);
+      }
+    auto v = torch::tensor(pts, f64).view({-1, 2});
+    auto inside = v.select(1, 0).ge(l0 - 1e-9) & v.select(1, 0).le(h0 + 1e-9) &
+                  v.select(1, 1).ge(l1 - 1e-9) & v.select(1, 1).le(h1 + 1e-9) &
+                  ((v.matmul(toy.W1[0].t()) + toy.b1[0]) * signs >= -1e-9).all(1);
+    auto feasible = v.index_select(0, inside.nonzero().flatten());
+    REQUIRE(feasible.size(0) > 0);
+    auto exact = std::get<0>(toy.expert64(0, feasible).matmul(C[0].t()).min(0));  // [3]
+    INFO("case " << i << ": exact " << exact << ", with beta " << with << ", without " << without);
+    CHECK((with <= exact + 1e-7).all().item<bool>());     // sound
+    CHECK((without <= exact + 1e-7).all().item<bool>());  // sound
+    CHECK((with >= exact - 0.1 * (exact.abs() + 1)).all().item<bool>());  // near the optimum
+    closer += (with - without).gt(1e-3).any().item<bool>();
+    ++cases;
+  }
+  CHECK(cases >= 4);
+  CHECK(closer > 0);  // the multipliers matter
+}
