@@ -71,21 +71,17 @@ int main(int argc, char** argv) {
   std::sort(verified_s.begin(), verified_s.end());
   const double rate = seconds > 0 ? static_cast<double>(subproblems) / seconds : 0.0;
   const double median = verified_s.empty() ? 0.0 : verified_s[verified_s.size() / 2];
-  std::printf("branch and bound, %s, %zu samples, timeout %.0f s, batch %lld: %lld subproblems in "
-              "%.1f s = %.1f subproblems/s; %zu searches (sample, eps) ended verified, median %.2f s\n",
-              checkpoint.empty() ? "E=4 cnn-s MoE, random weights" : checkpoint.c_str(),
-              idx.size(), timeout, static_cast<long long>(batch),
-              static_cast<long long>(subproblems), seconds, rate, verified_s.size(), median);
-  nlohmann::json j = {{"benchmark", "bench_bab"},
-                      {"threads", threads},
-                      {"checkpoint", checkpoint},
-                      {"samples", idx.size()},
-                      {"timeout_per_sample", timeout},
-                      {"batch", batch},
-                      {"subproblems", subproblems},
-                      {"search_seconds", seconds},
-                      {"subproblems_per_s", rate},
-                      {"verified_by_search", verified_s.size()},
+  std::printf(
+      "branch and bound, %s, %zu samples, timeout %.0f s, batch %lld: %lld subproblems in "
+      "%.1f s = %.1f subproblems/s; %zu searches (sample, eps) ended verified, median %.2f s\n",
+      checkpoint.empty() ? "E=4 cnn-s MoE, random weights" : checkpoint.c_str(), idx.size(),
+      timeout, static_cast<long long>(batch), static_cast<long long>(subproblems), seconds, rate,
+      verified_s.size(), median);
+  nlohmann::json j = {{"benchmark", "bench_bab"},         {"threads", threads},
+                      {"checkpoint", checkpoint},         {"samples", idx.size()},
+                      {"timeout_per_sample", timeout},    {"batch", batch},
+                      {"subproblems", subproblems},       {"search_seconds", seconds},
+                      {"subproblems_per_s", rate},        {"verified_by_search", verified_s.size()},
                       {"median_verified_seconds", median}};
   for (double eps : cfg.eps_grid.values()) {
     const double v = res.certified_at(eps).value_or(0), f = res.falsified_at(eps).value_or(0),

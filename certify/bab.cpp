@@ -5,14 +5,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iostream>
 #include <map>
 #include <queue>
-#include <iostream>
 #include <tuple>
 
-#include "moecert/runtime.h"
-
 #include "moecert/error.h"
+#include "moecert/runtime.h"
 
 namespace moecert::bab {
 namespace {
@@ -83,8 +82,8 @@ torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_
   for (const auto& mp : passes)
     for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
       if (const BoundPass* bp = graph_pass(mp, g)) {
-        auto rows = g == 0 ? torch::arange(n, torch::kLong)
-                           : mp.rows[static_cast<size_t>(g - 1)].cpu();
+        auto rows =
+            g == 0 ? torch::arange(n, torch::kLong) : mp.rows[static_cast<size_t>(g - 1)].cpu();
         auto none = torch::zeros({rows.size(0)}, torch::kBool);
         for (const auto& nb : bp->nodes) none |= nb.lo.gt(nb.hi).flatten(1).any(1).cpu();
         out.index_put_({rows}, out.index_select(0, rows) | none);
@@ -175,7 +174,8 @@ class Solver {
     torch::NoGradGuard ng;
     const auto xd = x32.to(torch::kFloat64).to(p_.x.device());
     const auto d = (xd - p_.x).flatten();
-    const double dist = p_.norm == Norm::linf ? d.abs().max().item<double>() : d.norm().item<double>();
+    const double dist =
+        p_.norm == Norm::linf ? d.abs().max().item<double>() : d.norm().item<double>();
     if (!(dist <= p_.eps)) return false;
     if (p_.box && (xd.lt(0).any().item<bool>() || xd.gt(1).any().item<bool>())) return false;
     const auto pred = logits_(x32).argmax(1).cpu()[0].item<int64_t>();
@@ -209,7 +209,8 @@ class Solver {
   }
 
   torch::Tensor labels(int64_t n) const {
-    return torch::full({n}, p_.label, torch::TensorOptions().dtype(torch::kLong).device(p_.x.device()));
+    return torch::full({n}, p_.label,
+                       torch::TensorOptions().dtype(torch::kLong).device(p_.x.device()));
   }
 
   void open_left(const Queue& q, const std::vector<Sub>& extra = {}) {
@@ -245,7 +246,8 @@ class Solver {
         auto rows = g == 0 ? torch::arange(n, torch::kLong)
                            : passes[i].rows[static_cast<size_t>(g - 1)].cpu();
         torch::Tensor in_play;  // [rows] bool: the expert can be selected there
-        if (g > 0 && possible.defined()) in_play = possible.select(1, g - 1).cpu().index_select(0, rows);
+        if (g > 0 && possible.defined())
+          in_play = possible.select(1, g - 1).cpu().index_select(0, rows);
         const auto at = rows.accessor<int64_t, 1>();
         for (int k : candidates_[i][static_cast<size_t>(g)]) {
           const auto& nb = bp->nodes[static_cast<size_t>(k)];
@@ -302,7 +304,8 @@ class Solver {
         per_graph.resize(graph_pass(root[i], g)->nodes.size());
         per_graph[static_cast<size_t>(k)] = t;
       }
-      out.push_back(forms::member_split(root[i], ms, n, i == 0 ? route_mask(subs) : torch::Tensor()));
+      out.push_back(
+          forms::member_split(root[i], ms, n, i == 0 ? route_mask(subs) : torch::Tensor()));
     }
     return out;
   }
@@ -371,8 +374,8 @@ class Solver {
       if (Clock::now() > deadline_ || attack_due()) break;
       if (static_cast<int64_t>(q.size()) + cfg_.batch > cfg_.max_queue) break;
       std::vector<Sub> children, stuck;
-      while (!q.empty() && (children.empty() || static_cast<int64_t>(children.size()) +
-                                                         max_children() <= cfg_.batch)) {
+      while (!q.empty() && (children.empty() ||
+                            static_cast<int64_t>(children.size()) + max_children() <= cfg_.batch)) {
         Sub s = q.top();
         q.pop();
         if (s.route < 0 && routable() && s.possible.size() > 1) {
@@ -478,8 +481,7 @@ class Solver {
         }
         auto rel = torch::where(free, (s.upper - s.lower)[0] / scale, torch::zeros_like(scale));
         const int64_t dim = rel.flatten().argmax().item<int64_t>();
-        const double mid =
-            ((s.lower.flatten()[dim] + s.upper.flatten()[dim]) * 0.5).item<double>();
+        const double mid = ((s.lower.flatten()[dim] + s.upper.flatten()[dim]) * 0.5).item<double>();
         Sub a, b;
         a.lower = s.lower, a.upper = s.upper.clone(), a.depth = s.depth + 1, a.slack = s.slack;
         b.lower = s.lower.clone(), b.upper = s.upper, b.depth = s.depth + 1, b.slack = s.slack;

@@ -22,14 +22,14 @@ using Clock = std::chrono::steady_clock;
 using Split = BabSplit;
 
 struct Config {
-  int64_t batch = 32;          ///< subproblems bounded in one pass (each round)
-  int64_t max_queue = 1 << 16; ///< open subproblems at most (memory bound)
+  int64_t batch = 32;           ///< subproblems bounded in one pass (each round)
+  int64_t max_queue = 1 << 16;  ///< open subproblems at most (memory bound)
   Split split = Split::automatic;
-  int64_t input_max_free = 16;  ///< automatic: input splits with at most this many free inputs
-  int max_depth = 64;           ///< splits of one subproblem at most
-  int alpha_steps = 20;         ///< α-β optimisation steps per bound
-  double attack_interval = 2.0; ///< seconds of branching between two attack rounds
-  std::string progress;         ///< when not empty: the label of a progress line every 5 s
+  int64_t input_max_free = 16;   ///< automatic: input splits with at most this many free inputs
+  int max_depth = 64;            ///< splits of one subproblem at most
+  int alpha_steps = 20;          ///< α-β optimisation steps per bound
+  double attack_interval = 2.0;  ///< seconds of branching between two attack rounds
+  std::string progress;          ///< when not empty: the label of a progress line every 5 s
 };
 
 enum class Verdict { verified, falsified, unknown };
@@ -39,7 +39,8 @@ enum class Verdict { verified, falsified, unknown };
 /// counterexample ended the search) sum to 1.
 struct Outcome {
   Verdict verdict = Verdict::unknown;
-  torch::Tensor counterexample;  ///< [1, C, H, W] float32: a point of the region the model misclassifies
+  torch::Tensor
+      counterexample;  ///< [1, C, H, W] float32: a point of the region the model misclassifies
   double distance = std::numeric_limits<double>::infinity();  ///< its distance to x
   int64_t bounded = 0;  ///< subproblems bounded (the root included)
   int64_t rounds = 0;

@@ -24,8 +24,8 @@ const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
 /// linear top-1 router. Weights are float32 numbers (the float32 model rounds nothing).
 struct Toy {
   int64_t E, K, hidden;
-  torch::Tensor R, c;                        // router [E, 2], [E]
-  std::vector<torch::Tensor> W1, b1, W2, b2; // per expert
+  torch::Tensor R, c;                         // router [E, 2], [E]
+  std::vector<torch::Tensor> W1, b1, W2, b2;  // per expert
   LayerGraph router;
   std::vector<LayerGraph> experts;
   forms::MemberGraphs graphs;
@@ -78,8 +78,8 @@ struct Toy {
     for (int64_t j = 0; j < E; ++j) {
       std::vector<std::array<double, 3>> lines;  // a0 x0 + a1 x1 = d
       for (int64_t u = 0; u < hidden; ++u)
-        lines.push_back({W1[j][u][0].item<double>(), W1[j][u][1].item<double>(),
-                         -b1[j][u].item<double>()});
+        lines.push_back(
+            {W1[j][u][0].item<double>(), W1[j][u][1].item<double>(), -b1[j][u].item<double>()});
       for (int64_t t = 0; t < E; ++t)
         if (t != j)
           lines.push_back({(R[j][0] - R[t][0]).item<double>(), (R[j][1] - R[t][1]).item<double>(),
@@ -92,7 +92,8 @@ struct Toy {
           const auto &p = lines[a], &q = lines[b];
           const double det = p[0] * q[1] - p[1] * q[0];
           if (std::abs(det) < 1e-12) continue;
-          const double x0 = (p[2] * q[1] - p[1] * q[2]) / det, x1 = (p[0] * q[2] - p[2] * q[0]) / det;
+          const double x0 = (p[2] * q[1] - p[1] * q[2]) / det,
+                       x1 = (p[0] * q[2] - p[2] * q[0]) / det;
           const double tol = 1e-9;
           if (x0 < lo[0] - tol || x0 > hi[0] + tol || x1 < lo[1] - tol || x1 > hi[1] + tol)
             continue;
@@ -157,9 +158,10 @@ Tally run_exact(const Toy& toy, bab::Split split, int count, double seconds) {
       }
     const double eps = std::min(0.5, r_hi * (i % 2 ? 1.5 : 0.6));
     bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
-    const auto out = bab::solve(p, cfg, logits, random_points(toy, p),
-                                bab::Clock::now() + std::chrono::duration_cast<bab::Clock::duration>(
-                                                        std::chrono::duration<double>(seconds)));
+    const auto out =
+        bab::solve(p, cfg, logits, random_points(toy, p),
+                   bab::Clock::now() + std::chrono::duration_cast<bab::Clock::duration>(
+                                           std::chrono::duration<double>(seconds)));
     const double exact = margin_at(eps);
     INFO("problem " << i << ": eps " << eps << ", exact margin " << exact);
     // Every subproblem is accounted for: verified or open.
@@ -192,8 +194,8 @@ TEST_CASE("branch and bound with input splits gives the exact answer on 2-D MoEs
   for (auto [E, seed] : {std::pair<int64_t, uint64_t>{1, 3}, {3, 4}}) {
     Toy toy(E, 3, 8, seed);
     const auto t = run_exact(toy, bab::Split::input, 24, 20.0);
-    INFO("E = " << E << ": verified " << t.verified << ", falsified " << t.falsified
-                << ", unknown " << t.unknown);
+    INFO("E = " << E << ": verified " << t.verified << ", falsified " << t.falsified << ", unknown "
+                << t.unknown);
     CHECK(t.disagreements == 0);
     CHECK(t.undecided_clear == 0);  // complete away from ties
     CHECK(t.verified > 0);
@@ -251,7 +253,7 @@ TEST_CASE("beta-CROWN bounds of split passes and route constraints hold at sampl
     auto keep = (sel.eq(j) & in_split).nonzero().flatten();
     if (keep.numel() == 0) continue;
     auto h = toy.expert64(j, pts.index_select(0, keep));  // [m, K]
-    auto values = h.matmul(C[0].t());                      // [m, 4]
+    auto values = h.matmul(C[0].t());                     // [m, 4]
     auto low = std::get<0>(values.min(0));
     INFO("expert " << j << ": " << keep.numel() << " points");
     CHECK((with[0] <= low + 1e-9).all().item<bool>());
@@ -318,8 +320,10 @@ TEST_CASE("beta-CROWN multipliers reach the optimum of a fully split one-layer n
     auto without = bound_specs(split, C).lower[0];
     // The exact minimum: vertices of the polygon box ∩ {s_u z_u >= 0}.
     const auto xv = x.view({2});
-    const double l0 = std::max(0.0, xv[0].item<double>() - eps), h0 = std::min(1.0, xv[0].item<double>() + eps);
-    const double l1 = std::max(0.0, xv[1].item<double>() - eps), h1 = std::min(1.0, xv[1].item<double>() + eps);
+    const double l0 = std::max(0.0, xv[0].item<double>() - eps),
+                 h0 = std::min(1.0, xv[0].item<double>() + eps);
+    const double l1 = std::max(0.0, xv[1].item<double>() - eps),
+                 h1 = std::min(1.0, xv[1].item<double>() + eps);
     std::vector<std::array<double, 3>> lines{{1, 0, l0}, {1, 0, h0}, {0, 1, l1}, {0, 1, h1}};
     for (int64_t u = 0; u < toy.hidden; ++u)
       lines.push_back({toy.W1[0][u][0].item<double>(), toy.W1[0][u][1].item<double>(),
@@ -341,8 +345,8 @@ TEST_CASE("beta-CROWN multipliers reach the optimum of a fully split one-layer n
     REQUIRE(feasible.size(0) > 0);
     auto exact = std::get<0>(toy.expert64(0, feasible).matmul(C[0].t()).min(0));  // [3]
     INFO("case " << i << ": exact " << exact << ", with beta " << with << ", without " << without);
-    CHECK((with <= exact + 1e-7).all().item<bool>());     // sound
-    CHECK((without <= exact + 1e-7).all().item<bool>());  // sound
+    CHECK((with <= exact + 1e-7).all().item<bool>());                     // sound
+    CHECK((without <= exact + 1e-7).all().item<bool>());                  // sound
     CHECK((with >= exact - 0.1 * (exact.abs() + 1)).all().item<bool>());  // near the optimum
     closer += (with - without).gt(1e-3).any().item<bool>();
     ++cases;
