@@ -6,6 +6,7 @@
 // route constraints against sampling, and the subproblem count.
 #include <torch/torch.h>
 
+#include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
@@ -19,6 +20,28 @@ using namespace moecert;
 namespace {
 
 const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+
+using Line = std::array<double, 3>;  // a0·x0 + a1·x1 = d
+
+/// The pairwise intersections of `lines` and the box [lo, hi]'s four sides that lie in
+/// the box (within 1e-9, then clamped into it): the vertices of the arrangement there. [m, 2]
+torch::Tensor vertices_in_box(std::vector<Line> lines, const std::vector<double>& lo,
+                              const std::vector<double>& hi) {
+  lines.push_back({1, 0, lo[0]}), lines.push_back({1, 0, hi[0]});
+  lines.push_back({0, 1, lo[1]}), lines.push_back({0, 1, hi[1]});
+  std::vector<double> pts;
+  for (size_t a = 0; a < lines.size(); ++a)
+    for (size_t b = a + 1; b < lines.size(); ++b) {
+      const auto &p = lines[a], &q = lines[b];
+      const double det = p[0] * q[1] - p[1] * q[0];
+      if (std::abs(det) < 1e-12) continue;
+      const double x0 = (p[2] * q[1] - p[1] * q[2]) / det, x1 = (p[0] * q[2] - p[2] * q[0]) / det;
+      const double tol = 1e-9;
+      if (x0 < lo[0] - tol || x0 > hi[0] + tol || x1 < lo[1] - tol || x1 > hi[1] + tol) continue;
+      pts.push_back(std::clamp(x0, lo[0], hi[0])), pts.push_back(std::clamp(x1, lo[1], hi[1]));
+    }
+  return torch::tensor(pts, f64).view({-1, 2});
+}
 
 /// A 2-D MoE: E experts (E = 1: a dense net) of `hidden` ReLU units and K classes, a
 /// linear top-1 router. Weights are float32 numbers (the float32 model rounds nothing).
@@ -76,7 +99,7 @@ struct Toy {
                       int64_t y) const {
     double best = std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < E; ++j) {
-      std::vector<std::array<double, 3>> lines;  // a0 x0 + a1 x1 = d
+      std::vector<Line> lines;
       for (int64_t u = 0; u < hidden; ++u)
         lines.push_back(
             {W1[j][u][0].item<double>(), W1[j][u][1].item<double>(), -b1[j][u].item<double>()});
@@ -84,23 +107,8 @@ struct Toy {
         if (t != j)
           lines.push_back({(R[j][0] - R[t][0]).item<double>(), (R[j][1] - R[t][1]).item<double>(),
                            (c[t] - c[j]).item<double>()});
-      lines.push_back({1, 0, lo[0]}), lines.push_back({1, 0, hi[0]});
-      lines.push_back({0, 1, lo[1]}), lines.push_back({0, 1, hi[1]});
-      std::vector<double> pts;
-      for (size_t a = 0; a < lines.size(); ++a)
-        for (size_t b = a + 1; b < lines.size(); ++b) {
-          const auto &p = lines[a], &q = lines[b];
-          const double det = p[0] * q[1] - p[1] * q[0];
-          if (std::abs(det) < 1e-12) continue;
-          const double x0 = (p[2] * q[1] - p[1] * q[2]) / det,
-                       x1 = (p[0] * q[2] - p[2] * q[0]) / det;
-          const double tol = 1e-9;
-          if (x0 < lo[0] - tol || x0 > hi[0] + tol || x1 < lo[1] - tol || x1 > hi[1] + tol)
-            continue;
-          pts.push_back(std::clamp(x0, lo[0], hi[0])), pts.push_back(std::clamp(x1, lo[1], hi[1]));
-        }
-      if (pts.empty()) continue;
-      auto x = torch::tensor(pts, f64).view({-1, 2});
+      auto x = vertices_in_box(lines, lo, hi);
+      if (x.size(0) == 0) continue;
       auto ok = torch::ones({x.size(0)}, torch::kBool);
       if (E > 1) {
         auto g = x.matmul(R.t()) + c;
@@ -324,23 +332,12 @@ TEST_CASE("beta-CROWN multipliers reach the optimum of a fully split one-layer n
                  h0 = std::min(1.0, xv[0].item<double>() + eps);
     const double l1 = std::max(0.0, xv[1].item<double>() - eps),
                  h1 = std::min(1.0, xv[1].item<double>() + eps);
-    std::vector<std::array<double, 3>> lines{{1, 0, l0}, {1, 0, h0}, {0, 1, l1}, {0, 1, h1}};
+    std::vector<Line> lines;
     for (int64_t u = 0; u < toy.hidden; ++u)
       lines.push_back({toy.W1[0][u][0].item<double>(), toy.W1[0][u][1].item<double>(),
                        -toy.b1[0][u].item<double>()});
-    std::vector<double> pts;
-    for (size_t a = 0; a < lines.size(); ++a)
-      for (size_t b = a + 1; b < lines.size(); ++b) {
-        const auto &p = lines[a], &q = lines[b];
-        const double det = p[0] * q[1] - p[1] * q[0];
-        if (std::abs(det) < 1e-12) continue;
-        pts.push_back((p[2] * q[1] - p[1] * q[2]) / det);
-        pts.push_back((p[0] * q[2] - p[2] * q[0]) / det);
-      }
-    auto v = torch::tensor(pts, f64).view({-1, 2});
-    auto inside = v.select(1, 0).ge(l0 - 1e-9) & v.select(1, 0).le(h0 + 1e-9) &
-                  v.select(1, 1).ge(l1 - 1e-9) & v.select(1, 1).le(h1 + 1e-9) &
-                  ((v.matmul(toy.W1[0].t()) + toy.b1[0]) * signs >= -1e-9).all(1);
+    auto v = vertices_in_box(lines, {l0, l1}, {h0, h1});
+    auto inside = ((v.matmul(toy.W1[0].t()) + toy.b1[0]) * signs >= -1e-9).all(1);
     auto feasible = v.index_select(0, inside.nonzero().flatten());
     REQUIRE(feasible.size(0) > 0);
     auto exact = std::get<0>(toy.expert64(0, feasible).matmul(C[0].t()).min(0));  // [3]
