@@ -22,7 +22,7 @@ using Clock = std::chrono::steady_clock;
 using Split = BabSplit;
 
 struct Config {
-  int64_t batch = 32;           ///< subproblems bounded in one pass (each round)
+  int64_t batch = 64;           ///< subproblems bounded in one pass (each round)
   int64_t max_queue = 1 << 16;  ///< open subproblems at most (memory bound)
   Split split = Split::automatic;
   int64_t input_max_free = 16;   ///< automatic: input splits with at most this many free inputs
