@@ -148,6 +148,11 @@ class Solver {
               << "% verified, worst open slack " << fmt_fixed(worst, 4) << "\n";
   }
   int attack_round_ = 0;
+  Clock::duration last_round_{0};  // how long the last round of bounding took
+
+  /// Whether another round fits in the budget (the last round's length as its estimate):
+  /// a round is not interrupted, so one that cannot end before the deadline is not begun.
+  bool round_fits() const { return Clock::now() + last_round_ <= deadline_; }
 
   InputDomain ball() const {
     const auto o = p_.x.options();
@@ -371,7 +376,7 @@ class Solver {
     Queue q;
     for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
     while (!q.empty()) {
-      if (Clock::now() > deadline_ || attack_due()) break;
+      if (!round_fits() || attack_due()) break;
       if (static_cast<int64_t>(q.size()) + cfg_.batch > cfg_.max_queue) break;
       std::vector<Sub> children, stuck;
       while (!q.empty() && (children.empty() ||
@@ -408,7 +413,9 @@ class Solver {
         break;
       }
       ++out_.rounds;
+      const auto round_start = Clock::now();
       for (auto& s : bound_relu(root, std::move(children))) q.push(std::move(s));
+      last_round_ = Clock::now() - round_start;
       report(q.size(), q.empty() ? 0.0 : q.top().slack);
       for (auto& s : stuck) q.push(std::move(s));
       if (out_.verdict == Verdict::falsified) break;
@@ -431,7 +438,7 @@ class Solver {
     q.push(std::move(root));
     bool first = true;
     while (!q.empty()) {
-      if (Clock::now() > deadline_ || (!first && attack_due())) break;
+      if (!round_fits() || (!first && attack_due())) break;
       if (static_cast<int64_t>(q.size()) + 2 * cfg_.batch > cfg_.max_queue) break;
       first = false;
       std::vector<Sub> batch;
@@ -445,8 +452,10 @@ class Solver {
       d.x = (d.lower + d.upper) * 0.5;
       d.eps = std::get<0>(((d.upper - d.lower) * 0.5).flatten(1).max(1));
       d.norm = Norm::linf, d.box = false;
+      const auto round_start = Clock::now();
       const auto passes = prepare(d, labels(n));
       auto slack = evaluate(p_, passes, d, labels(n)).slack.cpu();
+      last_round_ = Clock::now() - round_start;
       out_.bounded += n, ++out_.rounds;
       report(q.size() + static_cast<size_t>(n), slack.min().item<double>());
       // The open pieces' centres on the float32 model (inside the piece when rounding kept them).
