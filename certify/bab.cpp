@@ -62,6 +62,12 @@ const BoundPass* graph_pass(const forms::MemberPass& p, int g) {
   return e ? &*e : nullptr;
 }
 
+/// The subproblems (positions in the batch of n) graph g of a member's pass covers: all
+/// for the router, those routed to it for an expert. [rows] int64, CPU
+torch::Tensor pass_rows(const forms::MemberPass& p, int g, int64_t n) {
+  return g == 0 ? torch::arange(n, torch::kLong) : p.rows[static_cast<size_t>(g - 1)].cpu();
+}
+
 /// Certificate slack of every region of the passes (> 0: verified), and the experts each
 /// region can select (of the single member; undefined for a dual-model).
 forms::Evaluation evaluate(const Problem& p, const std::vector<forms::MemberPass>& passes,
@@ -82,8 +88,7 @@ torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_
   for (const auto& mp : passes)
     for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
       if (const BoundPass* bp = graph_pass(mp, g)) {
-        auto rows =
-            g == 0 ? torch::arange(n, torch::kLong) : mp.rows[static_cast<size_t>(g - 1)].cpu();
+        auto rows = pass_rows(mp, g, n);
         auto none = torch::zeros({rows.size(0)}, torch::kBool);
         for (const auto& nb : bp->nodes) none |= nb.lo.gt(nb.hi).flatten(1).any(1).cpu();
         out.index_put_({rows}, out.index_select(0, rows) | none);
@@ -248,8 +253,7 @@ class Solver {
         const BoundPass* bp = graph_pass(passes[i], g);
         if (!bp) continue;
         // The pass's rows: all subproblems for the router, those it covers for an expert.
-        auto rows = g == 0 ? torch::arange(n, torch::kLong)
-                           : passes[i].rows[static_cast<size_t>(g - 1)].cpu();
+        auto rows = pass_rows(passes[i], g, n);
         torch::Tensor in_play;  // [rows] bool: the expert can be selected there
         if (g > 0 && possible.defined())
           in_play = possible.select(1, g - 1).cpu().index_select(0, rows);

@@ -221,6 +221,12 @@ ResultRow row_of(const Context& ctx, const Batch& batch, int64_t b, int64_t inde
   return row;
 }
 
+/// The seed of an image's attack starts: the run's seed and the image's split index, so
+/// that a sample's starts never depend on its batch or shard.
+uint64_t image_seed(const CertifyConfig& cfg, int64_t image) {
+  return cfg.seed * 1000003ULL + static_cast<uint64_t>(image);
+}
+
 /// APGD with the cross-check's loss and --restarts random starts (start r + `round`·1000
 /// of each row's sampler), each on the rows the earlier ones left, on the balls of
 /// `radius` around xs (float32): the points found and whether the float32 model
@@ -284,8 +290,7 @@ std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, con
     auto sel = torch::tensor(who, torch::kLong).to(ctx.device);
     auto xs = x.index_select(0, sel), ys = y.index_select(0, sel);
     std::vector<uint64_t> seeds;
-    for (auto b : who)
-      seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(index[static_cast<size_t>(b)]));
+    for (auto b : who) seeds.push_back(image_seed(cfg, index[static_cast<size_t>(b)]));
     auto found = apgd_points(ctx, subject, xs, ys, radius, seeds, 0);
     auto dist = distance(found.x_adv, xs);
     std::vector<std::pair<bool, double>> res;
@@ -372,7 +377,7 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
     const auto x = batch.x.narrow(0, b, 1);
     const auto x32 = x.to(torch::kFloat32);
     const auto y = batch.labels.narrow(0, b, 1).to(ctx.device);
-    const uint64_t seed = cfg.seed * 1000003ULL + static_cast<uint64_t>(ids[ub]) + 7777;
+    const uint64_t seed = image_seed(cfg, ids[ub]) + 7777;
     const bab::Logits logits = [&subject](const torch::Tensor& v) {
       torch::NoGradGuard ng;
       return subject.target(AttackTarget::whole, v)(v);
