@@ -21,7 +21,7 @@ using namespace moecert;
 int main(int argc, char** argv) {
   CLI::App app{"bench_bab: branch-and-bound speed"};
   std::string out = "bench_bab.json", checkpoint, grid = "0.05,0.1";
-  int threads = 0;
+  int threads = 0, intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
   int64_t samples = 20, batch = 64;
   double timeout = 20;
   app.add_option("--out", out, "JSON output file")->capture_default_str();
@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
   app.add_option("--eps-grid", grid, "radii")->capture_default_str();
   app.add_option("--timeout-per-sample", timeout, "seconds per sample")->capture_default_str();
   app.add_option("--bab-batch", batch, "subproblems per bound pass")->capture_default_str();
+  app.add_option("--bab-intermediate-steps", intermediate_steps,
+                 "alpha-CROWN steps on the root's intermediate bounds (0: CROWN's)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   threads = runtime_threads(threads);
   torch::manual_seed(0);
@@ -54,6 +57,7 @@ int main(int argc, char** argv) {
   cfg.estimators = {Estimator::alpha_crown, Estimator::bab};
   cfg.eps_grid = EpsGrid::parse(grid);
   cfg.bab_timeout = timeout, cfg.bab_batch = batch;
+  cfg.bab_intermediate_steps = intermediate_steps;
   cfg.attack.steps = 20;
   auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
   int64_t subproblems = 0;
@@ -77,11 +81,17 @@ int main(int argc, char** argv) {
       checkpoint.empty() ? "E=4 cnn-s MoE, random weights" : checkpoint.c_str(), idx.size(),
       timeout, static_cast<long long>(batch), static_cast<long long>(subproblems), seconds, rate,
       verified_s.size(), median);
-  nlohmann::json j = {{"benchmark", "bench_bab"},         {"threads", threads},
-                      {"checkpoint", checkpoint},         {"samples", idx.size()},
-                      {"timeout_per_sample", timeout},    {"batch", batch},
-                      {"subproblems", subproblems},       {"search_seconds", seconds},
-                      {"subproblems_per_s", rate},        {"verified_by_search", verified_s.size()},
+  nlohmann::json j = {{"benchmark", "bench_bab"},
+                      {"threads", threads},
+                      {"checkpoint", checkpoint},
+                      {"samples", idx.size()},
+                      {"timeout_per_sample", timeout},
+                      {"batch", batch},
+                      {"intermediate_steps", intermediate_steps},
+                      {"subproblems", subproblems},
+                      {"search_seconds", seconds},
+                      {"subproblems_per_s", rate},
+                      {"verified_by_search", verified_s.size()},
                       {"median_verified_seconds", median}};
   for (double eps : cfg.eps_grid.values()) {
     const double v = res.certified_at(eps).value_or(0), f = res.falsified_at(eps).value_or(0),

@@ -36,6 +36,9 @@ struct Sub {
   bool can_split = false;  // ReLU mode: `next` is an unstable unit
   SplitAt next;
   std::vector<int64_t> possible;  // route -1: the experts the router can select here
+  /// Logit-domain forms, per expert: [K − 1] float64 CPU, the margin bounds proven above
+  /// the tie allowance on a region containing this one (−inf: not proven). Empty: none.
+  std::vector<torch::Tensor> known;
 };
 struct Worse {  // the lowest slack on top
   bool operator()(const Sub& a, const Sub& b) const { return a.slack > b.slack; }
@@ -209,10 +212,15 @@ class Solver {
     return found;
   }
 
-  std::vector<forms::MemberPass> prepare(const InputDomain& d, const torch::Tensor& labels) const {
+  /// The member passes of regions `d`; `root`: the root of ReLU splits, whose
+  /// intermediate bounds every subproblem inherits (optimised by Config::intermediate_steps).
+  std::vector<forms::MemberPass> prepare(const InputDomain& d, const torch::Tensor& labels,
+                                         bool root = false) const {
     std::vector<forms::MemberPass> passes;
+    auto opt = opt_;
+    if (root) opt.intermediate_alpha_steps = cfg_.intermediate_steps;
     for (const auto* m : p_.members) {
-      passes.push_back(forms::member_prepare(*m, d, labels, opt_, p_.fp32));
+      passes.push_back(forms::member_prepare(*m, d, labels, opt, p_.fp32));
       forms::add_route_constraints(passes.back());
     }
     return passes;
@@ -343,6 +351,19 @@ class Solver {
   std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
     const int64_t n = static_cast<int64_t>(subs.size());
     auto passes = split_passes(root, subs);
+    // Margin rows proven on a parent's region hold on its children's: only the others are
+    // bounded again (docs §22).
+    if (std::any_of(subs.begin(), subs.end(), [](const Sub& s) { return !s.known.empty(); })) {
+      const int64_t E = static_cast<int64_t>(passes[0].experts.size());
+      const int64_t K1 = p_.members[0]->classes - 1;
+      for (int64_t j = 0; j < E; ++j) {
+        auto known = torch::full({n, K1}, -kInf, torch::kFloat64);
+        for (int64_t c = 0; c < n; ++c)
+          if (!subs[static_cast<size_t>(c)].known.empty())
+            known[c].copy_(subs[static_cast<size_t>(c)].known[static_cast<size_t>(j)]);
+        passes[0].known_low.push_back(known.to(p_.x.device()));
+      }
+    }
     // The bounds' sensitivity to the split candidates' intervals steers branching.
     for (size_t i = 0; i < passes.size(); ++i)
       for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
@@ -358,10 +379,16 @@ class Solver {
     out_.bounded += n;
     choose(passes, ev.possible, subs);
     auto possible = ev.possible.defined() ? ev.possible.cpu() : torch::Tensor();
+    std::vector<torch::Tensor> proven;  // per expert [n, K − 1]
+    for (size_t j = 0; j < ev.settled.size(); ++j)
+      proven.push_back(
+          torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
     std::vector<Sub> open;
     for (int64_t c = 0; c < n; ++c) {
       auto& s = subs[static_cast<size_t>(c)];
       s.slack = slack[c].item<double>();
+      s.known.clear();
+      for (const auto& t : proven) s.known.push_back(t[c].clone());
       s.possible.clear();
       if (s.route < 0 && possible.defined())
         for (int64_t j = 0; j < possible.size(1); ++j)
@@ -376,7 +403,7 @@ class Solver {
 
   void relu_search() {
     const auto d = ball();
-    const auto root = prepare(d, labels(1));
+    const auto root = prepare(d, labels(1), true);
     Queue q;
     for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
     while (!q.empty()) {
@@ -408,6 +435,7 @@ class Solver {
           c.splits.push_back(s.next);
           c.splits.back().sign = sign;
           c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
+          c.known = s.known;
           children.push_back(std::move(c));
         }
       }

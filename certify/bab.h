@@ -25,9 +25,11 @@ struct Config {
   int64_t batch = 64;           ///< subproblems bounded in one pass (each round)
   int64_t max_queue = 1 << 16;  ///< open subproblems at most (memory bound)
   Split split = Split::automatic;
-  int64_t input_max_free = 16;   ///< automatic: input splits with at most this many free inputs
-  int max_depth = 64;            ///< splits of one subproblem at most
-  int alpha_steps = 20;          ///< α-β optimisation steps per bound
+  int64_t input_max_free = 16;  ///< automatic: input splits with at most this many free inputs
+  int max_depth = 64;           ///< splits of one subproblem at most
+  int alpha_steps = 20;         ///< α-β optimisation steps per bound
+  /// Steps of α-CROWN on the intermediate bounds of the root (ReLU splits; 0: CROWN's).
+  int intermediate_steps = 8;
   double attack_interval = 2.0;  ///< seconds of branching between two attack rounds
   std::string progress;          ///< when not empty: the label of a progress line every 5 s
 };

@@ -361,7 +361,7 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
       ctx.dual ? "dual" : forms::form_name(forms::member_form(ctx.members[0].bp));
   bab::Config bc;
   bc.batch = cfg.bab_batch, bc.split = cfg.bab_split, bc.input_max_free = cfg.bab_input_max_free;
-  bc.alpha_steps = cfg.alpha_steps;
+  bc.alpha_steps = cfg.alpha_steps, bc.intermediate_steps = cfg.bab_intermediate_steps;
   for (int64_t b = 0; b < batch.size(); ++b) {
     const auto ub = static_cast<size_t>(b);
     auto& radii = batch.radii[ub];
@@ -462,6 +462,9 @@ void check_config(const CertifyConfig& cfg, const Dataset& data,
                                "in (0, 1e6] seconds");
   if (cfg.bab_batch < 2 || cfg.bab_batch > 4096)
     throw ConfigError::invalid("--bab-batch", std::to_string(cfg.bab_batch), "in [2, 4096]");
+  if (cfg.bab_intermediate_steps < 0 || cfg.bab_intermediate_steps > 1000)
+    throw ConfigError::invalid("--bab-intermediate-steps",
+                               std::to_string(cfg.bab_intermediate_steps), "in [0, 1000]");
   if (cfg.bab_input_max_free < 0)
     throw ConfigError::invalid("--bab-input-max-free", std::to_string(cfg.bab_input_max_free),
                                ">= 0");
@@ -505,7 +508,8 @@ ResultsConfig config_of(const CertifyConfig& cfg) {
              {"split", cfg.bab_split == BabSplit::relu    ? "relu"
                        : cfg.bab_split == BabSplit::input ? "input"
                                                           : "auto"},
-             {"input_max_free", cfg.bab_input_max_free}}},
+             {"input_max_free", cfg.bab_input_max_free},
+             {"intermediate_steps", cfg.bab_intermediate_steps}}},
            {"margin_allowance", defaults::margin_allowance},
            {"constant_inflation", defaults::constant_inflation},
            {"seed", cfg.seed}};

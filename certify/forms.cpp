@@ -59,6 +59,7 @@ Selection select_experts(const MemberPass& p, const InputDomain& d) {
 /// Bounds of one expert over the samples its pass covers.
 struct ExpertBounds {
   torch::Tensor rows;      // [n_j] batch positions
+  torch::Tensor low;       // [n_j, K − 1]: <= ĥ_y − ĥ_k, k in other_classes order
   torch::Tensor margin;    // [n_j, K]: <= ĥ_y − ĥ_k (+inf at y)
   torch::Tensor dlo, dhi;  // [n_j, K]: ĥ_k − ĥ_y in [dlo, dhi] (probability forms)
   torch::Tensor hmax;      // [n_j]: >= max_c |ĥ_c| over the region
@@ -80,8 +81,24 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
   if (probs) C = torch::cat({C, -C}, 1);
   InputConstraints route;
   if (j < p.route.size()) route = subset(p.route[j], e.rows);
-  auto s = bound_specs(pass, C, &dj, route.D.defined() ? &route : nullptr);
-  auto low = p.fp32 ? s.lower - s.err32 : s.lower;  // bounds of the float32 logits' differences
+  const auto* rc = route.D.defined() ? &route : nullptr;
+  torch::Tensor low;  // bounds of the float32 logits' differences
+  if (!probs && j < p.known_low.size() && p.known_low[j].defined()) {
+    // Only the rows without a known bound (dj is the pass's own region here, branch and
+    // bound's, so there is nothing to narrow).
+    low = p.known_low[j].to(d.x.device()).index_select(0, e.rows).flatten();
+    auto at = low.isneginf().nonzero().flatten();
+    if (at.numel() > 0) {
+      auto s = bound_spec_rows(pass, C.reshape({n * (K - 1), K}).index_select(0, at),
+                               torch::div(at, K - 1, "floor"), rc);
+      low.index_put_({at}, p.fp32 ? s.lower - s.err32 : s.lower);
+    }
+    low = low.view({n, K - 1});
+  } else {
+    auto s = bound_specs(pass, C, &dj, rc);
+    low = p.fp32 ? s.lower - s.err32 : s.lower;
+  }
+  e.low = low.narrow(1, 0, K - 1);
   auto place = [&](const torch::Tensor& v, double at_label) {  // [n, K − 1] -> [n, K]
     return torch::full({n, K}, at_label, v.options()).scatter_(1, others, v);
   };
@@ -97,17 +114,25 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
 
 /// The logit-domain slack of every expert that can be selected:
 /// min over such j and k != y of (ĥ_j,y − ĥ_j,k lower bound) − tie allowance. [n]
+/// `margins`, `settled`: per expert, [n, K − 1], the rows' bounds and those above the tie
+/// allowance.
 torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
-                          const torch::Tensor& possible) {
+                          const torch::Tensor& possible, std::vector<torch::Tensor>& margins,
+                          std::vector<torch::Tensor>& settled) {
   const int64_t n = d.x.size(0);
   auto slack = torch::full({n}, kInf, d.x.options());
   auto covered = torch::zeros_like(possible);
+  margins.clear(), settled.clear();
   for (size_t j = 0; j < p.experts.size(); ++j) {
+    margins.push_back(torch::full({n, p.m->classes - 1}, -kInf, d.x.options()));
+    settled.push_back(torch::zeros({n, p.m->classes - 1}, possible.options()));
     if (!p.experts[j]) continue;
     covered.select(1, static_cast<int64_t>(j)).index_fill_(0, p.rows[j], true);
     auto e = expert_bounds(p, j, d, labels, false);
-    auto s =
-        e.margin.amin(1) - (p.fp32 ? fp32_tie(e.hmax, p.m->classes) : torch::zeros_like(e.hmax));
+    auto tie = p.fp32 ? fp32_tie(e.hmax, p.m->classes) : torch::zeros_like(e.hmax);
+    margins.back().index_copy_(0, e.rows, e.low);
+    settled.back().index_copy_(0, e.rows, e.low.gt(tie.unsqueeze(1)));
+    auto s = e.margin.amin(1) - tie;
     auto needed = possible.select(1, static_cast<int64_t>(j)).index_select(0, e.rows);
     s = torch::where(needed, s, torch::full_like(s, kInf));
     slack.index_copy_(0, e.rows, torch::min(slack.index_select(0, e.rows), s));
@@ -294,7 +319,7 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
     ev.possible = ev.possible & only.to(ev.possible.device());
   }
   if (member_form(*p.m) != Form::mixture) {
-    ev.slack = logit_slack(p, d, labels, ev.possible);
+    ev.slack = logit_slack(p, d, labels, ev.possible, ev.margins, ev.settled);
   } else {
     ev.slack = prob_lower(p, d, labels, sel).amin(1) -
                (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);

@@ -44,6 +44,11 @@ struct MemberPass {
   /// hold wherever the router selects j; expert j's bounds then cover only its route.
   /// Empty: none.
   std::vector<InputConstraints> route;
+  /// Branch and bound (docs §22), logit-domain forms: per expert j, [n, K − 1] float64
+  /// lower bounds of the float32 margins ĥ_y − ĥ_k (k in other_classes order) known from
+  /// a region containing this one; a row with a finite one is not bounded again and takes
+  /// it, the others (−inf) are bounded. Undefined (or empty): every row is bounded.
+  std::vector<torch::Tensor> known_low;
 };
 /// With `seed` (a pass of the same member whose regions contain these; `seed_index`
 /// [n] the positions of this batch's samples in its batch), the router's and every
@@ -77,6 +82,10 @@ void add_route_constraints(MemberPass& p);
 struct Evaluation {
   torch::Tensor slack;     ///< [n]
   torch::Tensor possible;  ///< [n, E] bool: experts the router can select (of the form's member)
+  /// Logit-domain forms, per expert j: [n, K − 1] the lower bounds of the float32 margins
+  /// ĥ_y − ĥ_k (−inf where expert j's pass does not cover the region), and [n, K − 1]
+  /// bool, those above the tie allowance. Empty for the other forms.
+  std::vector<torch::Tensor> margins, settled;
 };
 /// With `only` [n, E] bool (the candidate form; the pass has route constraints), each
 /// region is restricted further to the points where the router selects one of those

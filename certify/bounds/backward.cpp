@@ -201,8 +201,10 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
       cur.A = torch::zeros_like(*extra), cur.sample = row_sample;
     }
     // A window as large as the grid saves nothing (and some rules take only dense
-    // rows): continue with dense rows. Rows that take a Lagrangian term are dense.
-    if (cur.patches && (extra || !node.rule->takes_patches() ||
+    // rows): continue with dense rows. Rows that take a Lagrangian term or optimised
+    // slopes are dense.
+    const bool alpha = alphas && (*alphas)[static_cast<size_t>(m)].defined();
+    if (cur.patches && (extra || alpha || !node.rule->takes_patches() ||
                         cur.kernel * cur.kernel >= node.out_shape[1] * node.out_shape[2]))
       cur = patches_to_dense(cur, node.out_shape);
     if (extra) cur.A = cur.A + *extra;
@@ -215,8 +217,7 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
       BackwardArgs args{*node.layer, node.in_shapes, node.out_shape, {}, gather, {}};
       for (int i : node.inputs)
         args.in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
-      if (alphas && (*alphas)[static_cast<size_t>(m)].defined())
-        args.alpha = (*alphas)[static_cast<size_t>(m)];
+      if (alpha) args.alpha = (*alphas)[static_cast<size_t>(m)];
       ins = node.rule->backward(args, cur, b);
       ++steps;
     }

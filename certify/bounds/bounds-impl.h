@@ -41,6 +41,12 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
                          const Alphas* alphas, int max_steps, int64_t* widest = nullptr,
                          RefinedRows* keep = nullptr, const Lagrangian* lag = nullptr);
 
+/// Lower bounds of rows over node `start`'s output by α-CROWN in `steps` steps, with
+/// β-CROWN's multipliers for a split pass's splits and for `ic` (specs.cpp; docs §11,
+/// §22). -> [R]
+torch::Tensor alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
+                         const InputConstraints* ic, int steps);
+
 /// Patch rows as dense rows over a node of `shape` [C, H, W].
 Coeffs patches_to_dense(const Coeffs& c, const Shape& shape);
 

@@ -116,9 +116,17 @@ void tighten(NodeBounds& nb, const torch::Tensor& pos, const torch::Tensor& lowe
   flat_hi.index_put_({pos}, torch::min(flat_hi.index({pos}), -lower.narrow(0, m, m)));
 }
 
+/// The flat positions in a node's [B, *shape] tensors of units [m, 1 + dims]. -> [m]
+torch::Tensor flat_positions(const NodeBounds& nb, const torch::Tensor& units) {
+  auto strides = torch::tensor(nb.lo.strides().vec(), torch::kLong).to(units.device());
+  return (units * strides).sum(1);
+}
+
 /// Tightens node `k`'s interval by lower bounds of ±e_u for the chosen units, in
 /// chunks of rows (sized by a one-row dry run) processed in parallel; keeps the
 /// chunks' input-level rows of the samples whose kept rows fit in opt.keep_elements.
+/// With opt.intermediate_alpha_steps under α-CROWN, each row's slopes are optimised
+/// instead, and no rows are kept.
 void refine(BoundPass& pass, int k, bool all_units) {
   auto& nb = pass.nodes[static_cast<size_t>(k)];
   const Shape& shape = pass.graph->nodes()[static_cast<size_t>(k)].out_shape;
@@ -127,6 +135,20 @@ void refine(BoundPass& pass, int k, bool all_units) {
   const int64_t n = units.size(0);
   if (n == 0) return;
   const auto opts = nb.lo.options();
+  if (pass.opt.intermediate_alpha_steps > 0 && pass.opt.method == BoundMethod::alpha_crown) {
+    // Optimised slopes (docs §11): dense rows, chunks in turn, each with autograd inside
+    // (which keeps a few copies of every row's coefficients at every node it walks).
+    int64_t walked = pass.input.lo[0].numel();
+    for (int m = 0; m < k; ++m) walked += pass.nodes[static_cast<size_t>(m)].lo[0].numel();
+    const int64_t units_at_once = std::max<int64_t>(1, pass.opt.chunk_elements / (8 * walked));
+    for (int64_t from = 0; from < n; from += units_at_once) {
+      const int64_t len = std::min(units_at_once, n - from);
+      tighten(nb, flat_positions(nb, units.narrow(0, from, len)),
+              bp::alpha_rows(pass, k, unit_rows(units.narrow(0, from, len), shape, opts), nullptr,
+                             pass.opt.intermediate_alpha_steps));
+    }
+    return;
+  }
   auto bound = [&](const torch::Tensor& u, int64_t* widest, RefinedRows* keep) {
     return bp::lower_rows(pass, k, unit_rows(u, shape, opts), torch::zeros({2 * u.size(0)}, opts),
                           nullptr, -1, widest, keep);
@@ -156,8 +178,7 @@ void refine(BoundPass& pass, int k, bool all_units) {
       (held + 2 * row_elements * sample_units).le(pass.opt.keep_elements) & sample_units.gt(0);
   const bool keep = keeps.any().item<bool>();
   auto unit_keeps = keeps.to(units.device()).index_select(0, units.select(1, 0));
-  auto strides = torch::tensor(nb.lo.strides().vec(), torch::kLong).to(units.device());
-  auto pos = (units * strides).sum(1);
+  auto pos = flat_positions(nb, units);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t from = c * chunk, len = std::min(chunk, n - from);

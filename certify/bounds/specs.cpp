@@ -7,7 +7,6 @@
 #include "bounds-impl.h"
 
 namespace moecert {
-namespace {
 
 /// α-CROWN (Xu et al., ICLR 2021): the lower slope of every unstable ReLU unit, per
 /// row, is a free parameter in [0, 1]; any choice gives a sound bound, so the bound
@@ -18,12 +17,14 @@ namespace {
 /// input constraint D_i·x <= e_i adds β_i·(D_i·x − e_i); on the restricted region both
 /// terms are <= 0, so every β >= 0 gives a lower bound there. The β are optimised with
 /// the slopes and projected onto β >= 0.
-torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows, const InputConstraints* ic) {
+torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
+                             const InputConstraints* ic, int steps) {
   const auto& nodes = pass.graph->nodes();
   const int64_t R = rows.A.size(0);
   bp::Alphas alphas(nodes.size());
   std::vector<torch::Tensor> params, betas;
-  for (size_t m = 0; m < nodes.size(); ++m) {
+  // The nodes a walk from `start` reaches: those up to it (the later ones may not be bounded yet).
+  for (size_t m = 0; m <= static_cast<size_t>(start); ++m) {
     const int i = nodes[m].inputs[0];
     const auto init = nodes[m].rule->alpha_init(
         *nodes[m].layer, i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)]);
@@ -48,8 +49,7 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows, const Input
     betas.push_back(beta_in);
   }
   auto zeros = torch::zeros({R}, rows.A.options());
-  if (params.empty() && betas.empty())
-    return bp::lower_rows(pass, pass.graph->output(), rows, zeros, nullptr, -1);
+  if (params.empty() && betas.empty()) return bp::lower_rows(pass, start, rows, zeros, nullptr, -1);
   std::vector<torch::optim::OptimizerParamGroup> groups;
   if (!params.empty())
     groups.emplace_back(params, std::make_unique<torch::optim::AdamOptions>(pass.opt.alpha_lr));
@@ -70,10 +70,10 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows, const Input
       lag.at_input = (beta_in.view(shape) * D).sum(1);
       b0 = -(beta_in * e).sum(1);
     }
-    auto low = bp::lower_rows(pass, pass.graph->output(), rows, b0, &alphas, -1, nullptr, nullptr,
+    auto low = bp::lower_rows(pass, start, rows, b0, &alphas, -1, nullptr, nullptr,
                               betas.empty() ? nullptr : &lag);
     best = best.defined() ? torch::max(best, low.detach()) : low.detach();
-    if (it >= pass.opt.alpha_steps) break;
+    if (it >= steps) break;
     opt.zero_grad();
     (-low.sum()).backward();
     opt.step();
@@ -84,7 +84,28 @@ torch::Tensor alpha_crown(const BoundPass& pass, const Coeffs& rows, const Input
   return best;
 }
 
-}  // namespace
+SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
+                           const torch::Tensor& sample, const InputConstraints* constraints) {
+  torch::NoGradGuard no_grad;
+  Coeffs rows;
+  rows.A = C, rows.sample = sample;
+  auto zeros = torch::zeros({C.size(0)}, C.options());
+  torch::Tensor low;
+  switch (pass.opt.method) {
+    case BoundMethod::ibp:
+      low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, 1);
+      break;
+    case BoundMethod::crown_ibp:
+    case BoundMethod::crown:
+      low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, -1);
+      break;
+    case BoundMethod::alpha_crown:
+      low = bp::alpha_rows(pass, pass.graph->output(), rows, constraints, pass.opt.alpha_steps);
+      break;
+  }
+  auto err = (C.abs() * pass.nodes.back().err32.index_select(0, sample)).sum(1);
+  return {low, err};
+}
 
 SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C,
                        const InputDomain* final_domain, const InputConstraints* constraints) {
@@ -96,23 +117,8 @@ SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C,
   const BoundPass& pass = narrow ? narrowed : pass_in;
   const int64_t B = C.size(0), S = C.size(1);
   const auto rows = bp::spec_rows(C);
-  auto zeros = torch::zeros({B * S}, C.options());
-  torch::Tensor low;
-  switch (pass.opt.method) {
-    case BoundMethod::ibp:  // C·(W z + b) over the interval of z: C folded into the last layer
-      low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, 1);
-      break;
-    case BoundMethod::crown_ibp:  // the same walk; the pass's intermediate bounds are IBP's
-    case BoundMethod::crown:
-      low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, -1);
-      break;
-    case BoundMethod::alpha_crown:
-      low = alpha_crown(pass, rows, constraints);
-      break;
-  }
-  // float32: |C·(ĥ − h)| <= |C|·err32 of the output.
-  auto err = (C.abs() * pass.nodes.back().err32.unsqueeze(1)).sum(2);
-  return {low.view({B, S}), err};
+  auto sb = bound_spec_rows(pass, rows.A, rows.sample, constraints);
+  return {sb.lower.view({B, S}), sb.err32.view({B, S})};
 }
 
 LinearBounds bound_linear(const BoundPass& pass, const torch::Tensor& C) {

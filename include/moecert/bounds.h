@@ -60,6 +60,10 @@ struct BoundOptions {
   int alpha_steps = defaults::alpha_steps;  ///< α-CROWN iteration budget
   double alpha_lr = defaults::alpha_lr;     ///< α-CROWN Adam step size
   double beta_lr = defaults::beta_lr;       ///< β-CROWN's multipliers: Adam step size
+  /// α-CROWN: when > 0, the bounds of the relaxed units of intermediate nodes are
+  /// optimised too, each unit's row by its own slopes, for this many steps (0: CROWN's).
+  /// Tighter, and about that many times the cost of those walks; their rows are not kept.
+  int intermediate_alpha_steps = 0;
   int64_t chunk_elements = defaults::bound_chunk_elements;  ///< row coefficients held at once
   /// Coefficients of refined units' input-level rows a pass keeps per sample for narrowing.
   int64_t keep_elements = defaults::bound_keep_elements;
@@ -158,6 +162,12 @@ struct SpecBounds {
 SpecBounds bound_specs(const BoundPass& pass, const torch::Tensor& C,
                        const InputDomain* final_domain = nullptr,
                        const InputConstraints* constraints = nullptr);
+
+/// bound_specs for rows of their own samples (any number per sample): row r is C[r]·h
+/// over the region of sample `sample[r]`. C: [R, K], sample: [R] int64 -> lower, err32: [R]
+SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
+                           const torch::Tensor& sample,
+                           const InputConstraints* constraints = nullptr);
 
 /// Sound upper bound on sup over the region of ‖C·J_h‖_q (q the dual of the domain's
 /// norm) per row, from the backward interval Jacobian with the pass's ReLU states.

@@ -166,9 +166,11 @@ struct CertifyConfig {
   int sample_parts = 0;
   /// Branch and bound (Estimator::bab; docs §22): per correct sample, the seconds for
   /// every ε of the grid that the other estimators leave uncertified and the attacks
-  /// leave unbroken; subproblems per bound pass; how they split.
+  /// leave unbroken; subproblems per bound pass; how they split; the α-CROWN steps of
+  /// the root's intermediate bounds (0: CROWN's).
   double bab_timeout = 60;
   int64_t bab_batch = 64;
+  int bab_intermediate_steps = 8;
   BabSplit bab_split = BabSplit::automatic;
   int64_t bab_input_max_free = 16;
   std::string shard;  ///< "i/n" label when this run is one shard

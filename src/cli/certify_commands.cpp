@@ -244,6 +244,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     bool bab = false;
     double bab_timeout = 60;
     int64_t bab_batch = 64, bab_input_max_free = 16;
+    int bab_intermediate_steps = 8;
     std::string bab_split = "auto";
   };
   auto o = std::make_shared<Options>();
@@ -309,6 +310,10 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
       ->capture_default_str();
   cmd->add_option("--bab-batch", o->bab_batch, "branch and bound: subproblems per bound pass")
       ->capture_default_str();
+  cmd->add_option("--bab-intermediate-steps", o->bab_intermediate_steps,
+                  "branch and bound: alpha-CROWN steps on the root's intermediate bounds (0: "
+                  "CROWN's)")
+      ->capture_default_str();
   cmd->add_option("--bab-split", o->bab_split,
                   "branch and bound: relu | input | auto (input splits for L-inf regions with at "
                   "most --bab-input-max-free free inputs)")
@@ -336,7 +341,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
                       cfg.estimators.end())
       cfg.estimators.push_back(Estimator::bab);
     cfg.bab_timeout = o->bab_timeout;
-    cfg.bab_batch = o->bab_batch;
+    cfg.bab_batch = o->bab_batch, cfg.bab_intermediate_steps = o->bab_intermediate_steps;
     cfg.bab_input_max_free = o->bab_input_max_free;
     if (o->bab_split == "auto")
       cfg.bab_split = BabSplit::automatic;

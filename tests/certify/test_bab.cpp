@@ -351,3 +351,54 @@ TEST_CASE("beta-CROWN multipliers reach the optimum of a fully split one-layer n
   CHECK(cases >= 4);
   CHECK(closer > 0);  // the multipliers matter
 }
+
+// Branch and bound carries the margin rows a subproblem proved to its children
+// (forms::MemberPass::known_low): a row with a known bound takes it and is not bounded
+// again, the others are bounded as without it, and the settled rows are those above
+// the tie allowance.
+TEST_CASE("margin rows known from a larger region are taken, the others bounded again",
+          "[unit][certify][bab]") {
+  Toy toy(3, 4, 12, 9);
+  auto x = torch::full({1, 1, 1, 2}, 0.5, f64);
+  BoundOptions opt;
+  opt.method = BoundMethod::alpha_crown;
+  const InputDomain d{x, torch::full({1}, 0.2, f64), Norm::linf, true};
+  auto labels = torch::zeros({1}, torch::kLong);
+  auto root = forms::member_prepare(toy.graphs, d, labels, opt, true);
+  forms::add_route_constraints(root);
+  const auto plain = forms::member_evaluate(root, d, labels);
+  REQUIRE(plain.margins.size() == 3);
+  REQUIRE(plain.settled.size() == 3);
+  int covered = 0;
+  for (size_t j = 0; j < 3; ++j) {
+    if (!root.experts[j]) continue;
+    ++covered;
+    CHECK(plain.margins[j].isfinite().all().item<bool>());
+  }
+  REQUIRE(covered > 0);
+  // The first row known (a value far above the tie allowance), the others not.
+  auto known = root;
+  for (size_t j = 0; j < 3; ++j) {
+    auto k = torch::full({1, 3}, -INFINITY, f64);
+    k[0][0] = 5.0;
+    known.known_low.push_back(k);
+  }
+  const auto ev = forms::member_evaluate(known, d, labels);
+  for (size_t j = 0; j < 3; ++j) {
+    if (!root.experts[j]) continue;
+    INFO("expert " << j);
+    CHECK(ev.margins[j][0][0].item<double>() == 5.0);
+    CHECK(ev.settled[j][0][0].item<bool>());
+    auto rest = ev.margins[j][0].narrow(0, 1, 2), before = plain.margins[j][0].narrow(0, 1, 2);
+    CHECK(((rest - before).abs() <= 1e-9 * (1 + before.abs())).all().item<bool>());
+    CHECK(torch::equal(ev.settled[j][0].narrow(0, 1, 2), plain.settled[j][0].narrow(0, 1, 2)));
+  }
+  // Every row known: the slack is the known bounds' less the tie allowance, nothing bounded.
+  auto all = root;
+  for (size_t j = 0; j < 3; ++j) all.known_low.push_back(torch::full({1, 3}, 7.0, f64));
+  const auto full = forms::member_evaluate(all, d, labels);
+  CHECK(full.slack[0].item<double>() > 0);
+  CHECK(full.slack[0].item<double>() <= 7.0);
+  if (plain.slack[0].item<double>() < 0)
+    CHECK(full.slack[0].item<double>() > plain.slack[0].item<double>());
+}

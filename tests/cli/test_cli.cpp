@@ -479,7 +479,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
                            (tmp / "g"));
   CHECK(gated.code == 1);
   for (const char* bad : {"--bab-split sideways", "--timeout-per-sample 0", "--bab-batch 1",
-                          "--estimator crown,babel"}) {
+                          "--bab-intermediate-steps -1", "--estimator crown,babel"}) {
     auto b = run_moecert("--dataset synthetic --samples 2 certify " + ckpt + " --bab " + bad +
                          " --out " + (tmp / "b"));
     INFO(bad << ": " << b.output);
