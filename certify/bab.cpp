@@ -59,9 +59,10 @@ std::vector<int> split_nodes(const BoundGraph& g) {
 }
 
 /// The graph g of a member's pass (0: the router), if the pass has it.
-const BoundPass* graph_pass(const forms::MemberPass& p, int g) {
+template <typename Pass>
+auto graph_pass(Pass& p, int g) -> decltype(&*p.router) {
   if (g == 0) return p.router ? &*p.router : nullptr;
-  const auto& e = p.experts[static_cast<size_t>(g - 1)];
+  auto& e = p.experts[static_cast<size_t>(g - 1)];
   return e ? &*e : nullptr;
 }
 
@@ -367,9 +368,9 @@ class Solver {
     // The bounds' sensitivity to the split candidates' intervals steers branching.
     for (size_t i = 0; i < passes.size(); ++i)
       for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
-        if (const BoundPass* bp = graph_pass(passes[i], g))
+        if (BoundPass* bp = graph_pass(passes[i], g))
           for (int k : candidates_[i][static_cast<size_t>(g)]) {
-            auto& nb = const_cast<NodeBounds&>(bp->nodes[static_cast<size_t>(k)]);
+            auto& nb = bp->nodes[static_cast<size_t>(k)];
             nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
           }
     const auto& d = passes[0].domain;
@@ -520,16 +521,13 @@ class Solver {
           stuck.push_back(std::move(s));
           continue;
         }
-        auto rel = torch::where(free, (s.upper - s.lower)[0] / scale, torch::zeros_like(scale));
-        const int64_t dim = rel.flatten().argmax().item<int64_t>();
-        const double mid = ((s.lower.flatten()[dim] + s.upper.flatten()[dim]) * 0.5).item<double>();
-        Sub a, b;
-        a.lower = s.lower, a.upper = s.upper.clone(), a.depth = s.depth + 1, a.slack = s.slack;
-        b.lower = s.lower.clone(), b.upper = s.upper, b.depth = s.depth + 1, b.slack = s.slack;
-        a.mass = b.mass = s.mass / 2;
-        a.upper.view({-1})[dim] = mid;
-        b.lower.view({-1})[dim] = mid;
-        q.push(std::move(a)), q.push(std::move(b));
+        auto [lower_half, upper_half] =
+            bisect_widest(s.lower, s.upper, free.unsqueeze(0), scale.unsqueeze(0));
+        for (const auto& [lo, hi] : {lower_half, upper_half}) {
+          Sub c;
+          c.lower = lo, c.upper = hi, c.depth = s.depth + 1, c.slack = s.slack, c.mass = s.mass / 2;
+          q.push(std::move(c));
+        }
       }
     }
     open_left(q, stuck);
@@ -539,6 +537,18 @@ class Solver {
 };
 
 }  // namespace
+
+std::pair<std::pair<torch::Tensor, torch::Tensor>, std::pair<torch::Tensor, torch::Tensor>>
+bisect_widest(const torch::Tensor& lower, const torch::Tensor& upper, const torch::Tensor& free,
+              const torch::Tensor& scale) {
+  auto rel = torch::where(free, (upper - lower) / scale, torch::zeros_like(scale));
+  const int64_t dim = rel.flatten().argmax().item<int64_t>();
+  const double mid = ((lower.flatten()[dim] + upper.flatten()[dim]) * 0.5).item<double>();
+  auto a_upper = upper.clone(), b_lower = lower.clone();
+  a_upper.view({-1})[dim] = mid;
+  b_lower.view({-1})[dim] = mid;
+  return {{lower, a_upper}, {b_lower, upper}};
+}
 
 Outcome solve(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
               Clock::time_point deadline) {

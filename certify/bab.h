@@ -63,6 +63,13 @@ struct Problem {
   bool fp32 = true;  ///< the float32 allowances (false: exact arithmetic)
 };
 
+/// Input splitting (docs §21, §22): the box [lower, upper] halved across its widest
+/// coordinate relative to the root box's widths `scale` (only `free` coordinates, those
+/// of positive root width). All of one shape; returns the two halves' (lower, upper).
+std::pair<std::pair<torch::Tensor, torch::Tensor>, std::pair<torch::Tensor, torch::Tensor>>
+bisect_widest(const torch::Tensor& lower, const torch::Tensor& upper, const torch::Tensor& free,
+              const torch::Tensor& scale);
+
 /// The float32 model's logits at float32 points [n, C, H, W] -> [n, K].
 using Logits = std::function<torch::Tensor(const torch::Tensor&)>;
 /// An attack on the problem's region, round r (its own random starts): a float32 point

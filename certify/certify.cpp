@@ -386,6 +386,44 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
     int64_t bounded = 0;
     bool stop = false;
     nlohmann::json verdicts = nlohmann::json::object(), searches = nlohmann::json::array();
+    // One search at eps, recorded; a counterexample lowers the empirical radius.
+    auto search = [&](double eps, bool bisecting, Clock::time_point until) {
+      const std::string key = eps_key(eps);
+      const bab::Attack attack = [&](int round) {
+        auto f = apgd_points(ctx, subject, x32, y, {eps}, {seed}, round + 1);
+        return f.success[0].item<bool>() ? f.x_adv : torch::Tensor();
+      };
+      const bab::Problem pr{members, ctx.alpha, x,       batch.labels[b].item<int64_t>(),
+                            eps,     cfg.norm,  cfg.box, !cfg.exact_arithmetic};
+      if (progress)
+        bc.progress =
+            "certify: branch and bound, image " + std::to_string(ids[ub]) + ", eps " + key;
+      const auto out = bab::solve(pr, bc, logits, attack, until);
+      bounded += out.bounded;
+      const char* verdict = out.verdict == bab::Verdict::verified    ? "verified"
+                            : out.verdict == bab::Verdict::falsified ? "falsified"
+                                                                     : "unknown";
+      searches.push_back({{"eps", eps},
+                          {"verdict", verdict},
+                          {"subproblems", out.bounded},
+                          {"seconds", out.seconds},
+                          {"verified_share", out.verified_mass},
+                          {"bisect", bisecting}});
+      if (progress)
+        std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "
+                  << verdict << " in " << fmt_fixed(out.seconds, 1) << " s, " << out.bounded
+                  << " subproblems ("
+                  << fmt_fixed(static_cast<double>(out.bounded) / std::max(out.seconds, 1e-9), 1)
+                  << "/s), " << fmt_fixed(100 * out.verified_mass, 1) << "% verified\n";
+      if (out.verdict == bab::Verdict::falsified) {
+        if (cfg.empirical) empirical[ub] = std::min(empirical[ub], out.distance);
+        const auto& prior = batch.extra[ub];
+        if (!prior.contains("bab_counterexample_distance") ||
+            prior["bab_counterexample_distance"].get<double>() > out.distance)
+          batch.extra[ub]["bab_counterexample_distance"] = out.distance;
+      }
+      return out;
+    };
     for (double eps : cfg.eps_grid.values()) {
       const std::string key = eps_key(eps);
       if (eps <= known) {
@@ -400,42 +438,43 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
         verdicts[key] = "unknown";
         continue;
       }
-      const bab::Attack attack = [&](int round) {
-        auto f = apgd_points(ctx, subject, x32, y, {eps}, {seed}, round + 1);
-        return f.success[0].item<bool>() ? f.x_adv : torch::Tensor();
-      };
-      const bab::Problem pr{members, ctx.alpha, x,       batch.labels[b].item<int64_t>(),
-                            eps,     cfg.norm,  cfg.box, !cfg.exact_arithmetic};
-      if (progress)
-        bc.progress =
-            "certify: branch and bound, image " + std::to_string(ids[ub]) + ", eps " + key;
-      const auto out = bab::solve(pr, bc, logits, attack, deadline);
-      bounded += out.bounded;
-      const char* verdict = out.verdict == bab::Verdict::verified    ? "verified"
-                            : out.verdict == bab::Verdict::falsified ? "falsified"
-                                                                     : "unknown";
-      searches.push_back({{"eps", eps},
-                          {"verdict", verdict},
-                          {"subproblems", out.bounded},
-                          {"seconds", out.seconds},
-                          {"verified_share", out.verified_mass}});
-      if (progress)
-        std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "
-                  << verdict << " in " << fmt_fixed(out.seconds, 1) << " s, " << out.bounded
-                  << " subproblems ("
-                  << fmt_fixed(static_cast<double>(out.bounded) / std::max(out.seconds, 1e-9), 1)
-                  << "/s), " << fmt_fixed(100 * out.verified_mass, 1) << "% verified\n";
+      const auto out = search(eps, false, deadline);
       if (out.verdict == bab::Verdict::verified) {
         verified = eps, verdicts[key] = "verified";
       } else if (out.verdict == bab::Verdict::falsified) {
         verdicts[key] = "falsified";
-        if (cfg.empirical) empirical[ub] = std::min(empirical[ub], out.distance);
-        batch.extra[ub]["bab_counterexample_distance"] = out.distance;
         stop = true;
       } else {
         verdicts[key] = "unknown";
         stop = true;  // larger regions are harder: their budget is left to the attacks
       }
+    }
+    if (cfg.bab_bisect > 0) {
+      // The verified radius between the grid's points: bisection from the best radius
+      // proven (by search or by another estimator) towards the first grid ε not verified
+      // or the smallest distance of a misclassified point, whichever is smaller. Regions
+      // nest, so what is verified at ε is verified below it.
+      double lo = std::max(verified, known), hi = kInf;
+      for (double eps : cfg.eps_grid.values())
+        if (eps > lo && verdicts[eps_key(eps)] != "verified") {
+          hi = eps;
+          break;
+        }
+      if (cfg.empirical) hi = std::min(hi, empirical[ub]);
+      for (int step = 0;
+           step < cfg.bab_bisect && lo < hi && std::isfinite(hi) && Clock::now() < deadline;
+           ++step) {
+        // Each step gets an equal share of what is left, so that one hard midpoint
+        // does not take the steps after it.
+        const double mid = 0.5 * (lo + hi);
+        const auto out =
+            search(mid, true, Clock::now() + (deadline - Clock::now()) / (cfg.bab_bisect - step));
+        if (out.verdict == bab::Verdict::verified)
+          lo = mid;
+        else
+          hi = out.verdict == bab::Verdict::falsified ? std::min(mid, out.distance) : mid;
+      }
+      verified = lo;
     }
     radii[RadiusKey{form, Estimator::bab}] = verified;
     batch.extra[ub]["bab"] = {
@@ -462,6 +501,8 @@ void check_config(const CertifyConfig& cfg, const Dataset& data,
                                "in (0, 1e6] seconds");
   if (cfg.bab_batch < 2 || cfg.bab_batch > 4096)
     throw ConfigError::invalid("--bab-batch", std::to_string(cfg.bab_batch), "in [2, 4096]");
+  if (cfg.bab_bisect < 0 || cfg.bab_bisect > 60)
+    throw ConfigError::invalid("--bab-bisect", std::to_string(cfg.bab_bisect), "in [0, 60]");
   if (cfg.bab_intermediate_steps < 0 || cfg.bab_intermediate_steps > 1000)
     throw ConfigError::invalid("--bab-intermediate-steps",
                                std::to_string(cfg.bab_intermediate_steps), "in [0, 1000]");
@@ -509,7 +550,8 @@ ResultsConfig config_of(const CertifyConfig& cfg) {
                        : cfg.bab_split == BabSplit::input ? "input"
                                                           : "auto"},
              {"input_max_free", cfg.bab_input_max_free},
-             {"intermediate_steps", cfg.bab_intermediate_steps}}},
+             {"intermediate_steps", cfg.bab_intermediate_steps},
+             {"bisect", cfg.bab_bisect}}},
            {"margin_allowance", defaults::margin_allowance},
            {"constant_inflation", defaults::constant_inflation},
            {"seed", cfg.seed}};

@@ -13,6 +13,7 @@
 #include <iostream>
 #include <optional>
 
+#include "bab.h"
 #include "moecert/bounds.h"
 #include "moecert/error.h"
 #include "moecert/runtime.h"
@@ -223,14 +224,9 @@ int split_case(const CompiledGraph& g, const CompiledGraph& g32, const VnnCase& 
         spent = true;
         continue;
       }
-      auto rel = torch::where(free, (p.upper - p.lower) / scale, torch::zeros_like(scale));
-      const int64_t dim = rel.flatten().argmax().item<int64_t>();
-      auto mid = ((p.lower.flatten()[dim] + p.upper.flatten()[dim]) * 0.5).item<double>();
-      Piece a{p.lower, p.upper.clone(), p.depth + 1}, b{p.lower.clone(), p.upper, p.depth + 1};
-      a.upper.view({-1})[dim] = mid;
-      b.lower.view({-1})[dim] = mid;
-      queue.push_back(std::move(a));
-      queue.push_back(std::move(b));
+      auto [a, b] = bab::bisect_widest(p.lower, p.upper, free, scale);
+      queue.push_back({a.first, a.second, p.depth + 1});
+      queue.push_back({b.first, b.second, p.depth + 1});
     }
     if (spent) break;
     if (o.progress && Clock::now() - last_print > std::chrono::seconds(5)) {

@@ -135,11 +135,12 @@ void refine(BoundPass& pass, int k, bool all_units) {
   const int64_t n = units.size(0);
   if (n == 0) return;
   const auto opts = nb.lo.options();
-  if (pass.opt.intermediate_alpha_steps > 0 && pass.opt.method == BoundMethod::alpha_crown) {
-    // Optimised slopes (docs §11): dense rows, chunks in turn, each with autograd inside
+  int64_t walked = pass.input.lo[0].numel();  // one dense row's coefficients, every node
+  for (int m = 0; m < k; ++m) walked += pass.nodes[static_cast<size_t>(m)].lo[0].numel();
+  if (pass.opt.intermediate_alpha_steps > 0 && pass.opt.method == BoundMethod::alpha_crown &&
+      n * walked <= defaults::intermediate_alpha_elements) {
+    // Optimised slopes (docs §10): dense rows, chunks in turn, each with autograd inside
     // (which keeps a few copies of every row's coefficients at every node it walks).
-    int64_t walked = pass.input.lo[0].numel();
-    for (int m = 0; m < k; ++m) walked += pass.nodes[static_cast<size_t>(m)].lo[0].numel();
     const int64_t units_at_once = std::max<int64_t>(1, pass.opt.chunk_elements / (8 * walked));
     for (int64_t from = 0; from < n; from += units_at_once) {
       const int64_t len = std::min(units_at_once, n - from);

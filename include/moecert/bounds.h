@@ -63,6 +63,7 @@ struct BoundOptions {
   /// α-CROWN: when > 0, the bounds of the relaxed units of intermediate nodes are
   /// optimised too, each unit's row by its own slopes, for this many steps (0: CROWN's).
   /// Tighter, and about that many times the cost of those walks; their rows are not kept.
+  /// Nodes beyond defaults::intermediate_alpha_elements keep CROWN's.
   int intermediate_alpha_steps = 0;
   int64_t chunk_elements = defaults::bound_chunk_elements;  ///< row coefficients held at once
   /// Coefficients of refined units' input-level rows a pass keeps per sample for narrowing.

@@ -171,6 +171,9 @@ struct CertifyConfig {
   double bab_timeout = 60;
   int64_t bab_batch = 64;
   int bab_intermediate_steps = 8;
+  /// Bisection steps of each sample's verified radius between the grid's points, in the
+  /// budget the grid leaves (0: the radius is the largest verified grid ε).
+  int bab_bisect = 0;
   BabSplit bab_split = BabSplit::automatic;
   int64_t bab_input_max_free = 16;
   std::string shard;  ///< "i/n" label when this run is one shard

@@ -76,6 +76,11 @@ inline constexpr double alpha_lr = 0.25;
 /// β-CROWN's Lagrange multipliers of branch and bound's splits and route constraints:
 /// Adam step size (α,β-CROWN's default).
 inline constexpr double beta_lr = 0.05;
+/// α-CROWN on intermediate bounds (BoundOptions::intermediate_alpha_steps) optimises a
+/// node's units only while units × the coefficients of one dense row over every node
+/// before it stays within this (2^28: the cnn-s expert's widest node, about 1 500 units
+/// × 10 000, is 2^24); larger nodes keep CROWN's bounds, whose patch rows cost far less.
+inline constexpr int64_t intermediate_alpha_elements = int64_t{1} << 28;
 /// Bound propagation holds at most this many row coefficients (float64) at once:
 /// 2^25 = 256 MiB; rows beyond it are processed in chunks.
 inline constexpr int64_t bound_chunk_elements = int64_t{1} << 25;

@@ -244,7 +244,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     bool bab = false;
     double bab_timeout = 60;
     int64_t bab_batch = 64, bab_input_max_free = 16;
-    int bab_intermediate_steps = 8;
+    int bab_intermediate_steps = 8, bab_bisect = 0;
     std::string bab_split = "auto";
   };
   auto o = std::make_shared<Options>();
@@ -314,6 +314,11 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
                   "branch and bound: alpha-CROWN steps on the root's intermediate bounds (0: "
                   "CROWN's)")
       ->capture_default_str();
+  cmd->add_option("--bab-bisect", o->bab_bisect,
+                  "branch and bound: bisection steps of each sample's verified radius between "
+                  "the grid's points, in the budget the grid leaves (0: the largest verified "
+                  "grid eps)")
+      ->capture_default_str();
   cmd->add_option("--bab-split", o->bab_split,
                   "branch and bound: relu | input | auto (input splits for L-inf regions with at "
                   "most --bab-input-max-free free inputs)")
@@ -342,6 +347,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
       cfg.estimators.push_back(Estimator::bab);
     cfg.bab_timeout = o->bab_timeout;
     cfg.bab_batch = o->bab_batch, cfg.bab_intermediate_steps = o->bab_intermediate_steps;
+    cfg.bab_bisect = o->bab_bisect;
     cfg.bab_input_max_free = o->bab_input_max_free;
     if (o->bab_split == "auto")
       cfg.bab_split = BabSplit::automatic;

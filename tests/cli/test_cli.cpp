@@ -478,11 +478,58 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
                            " --eps-grid 0.2 --gate 'unknown@0.2<-1' --out " +
                            (tmp / "g"));
   CHECK(gated.code == 1);
-  for (const char* bad : {"--bab-split sideways", "--timeout-per-sample 0", "--bab-batch 1",
-                          "--bab-intermediate-steps -1", "--estimator crown,babel"}) {
+  for (const char* bad :
+       {"--bab-split sideways", "--timeout-per-sample 0", "--bab-batch 1",
+        "--bab-intermediate-steps -1", "--bab-bisect 61", "--estimator crown,babel"}) {
     auto b = run_moecert("--dataset synthetic --samples 2 certify " + ckpt + " --bab " + bad +
                          " --out " + (tmp / "b"));
     INFO(bad << ": " << b.output);
     CHECK(b.code == 2);
   }
+}
+
+// --bab-bisect: the bab radius is verified by a search (or another estimator), lies at or
+// above the largest verified grid eps and below the first grid eps not verified and the
+// empirical radius, the cross-check finds no attack inside it, and the bisection goes
+// beyond CROWN's radius somewhere.
+TEST_CASE("certify --bab-bisect: a verified radius between the grid's points",
+          "[e2e][cli][certify]") {
+  const auto& ckpt = trained_checkpoint();
+  TempDir tmp;
+  auto r = run_moecert("--dataset synthetic --samples 10 certify " + ckpt +
+                       " --estimator crown --bab --bab-bisect 2 --timeout-per-sample 20"
+                       " --bab-batch 8 --steps 5 --eps-grid 0.002,0.3 --out " +
+                       (tmp / "c"));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+  CHECK(r.output.find("soundness violations: 0") != std::string::npos);
+  auto j = nlohmann::json::parse(read_text(tmp / "c/results.json"));
+  CHECK(j["config"]["bab"]["bisect"] == 2);
+  int raised = 0, bisections = 0;
+  for (const auto& row : j["rows"]) {
+    if (!row["correct"].get<bool>()) continue;
+    const double r_bab = row["radii"]["candidate_bab"].get<double>();
+    double other = 0, first_open = 1e9;
+    for (const auto& [key, value] : row["radii"].items())
+      if (key != "candidate_bab") other = std::max(other, value.get<double>());
+    double best_verified = other;
+    for (const auto& s : row["bab"]["searches"]) {
+      bisections += s["bisect"].get<bool>();
+      if (s["verdict"] == "verified")
+        best_verified = std::max(best_verified, s["eps"].get<double>());
+    }
+    for (const char* eps : {"0.002", "0.3"}) {
+      const double e = std::stod(eps);
+      if (row["bab"]["verdicts"][eps] == "verified")
+        CHECK(r_bab >= e);
+      else
+        first_open = std::min(first_open, e);
+    }
+    CHECK(r_bab == best_verified);  // a radius some search (or another estimator) proved
+    CHECK(r_bab < first_open);
+    CHECK(r_bab <= row["empirical_radius"].get<double>());
+    raised += r_bab > other;
+  }
+  CHECK(bisections > 0);
+  CHECK(raised > 0);  // the bisection verified beyond what CROWN certifies
 }
