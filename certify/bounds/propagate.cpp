@@ -271,10 +271,8 @@ void narrow_node(const BoundPass& wide, size_t k, BoundPass& pass, const torch::
 
 bool relational_errors(const BoundGraph& g, const BoundOptions& opt) {
   if (opt.fp32 != Float32Errors::automatic) return opt.fp32 == Float32Errors::relational;
-  return std::any_of(g.nodes().begin(), g.nodes().end(), [](const BoundNode& n) {
-    const std::string kind = n.rule->name();
-    return kind == "layernorm" || kind == "softmax" || kind == "attn_scores" || kind == "attn_mix";
-  });
+  return std::any_of(g.nodes().begin(), g.nodes().end(),
+                     [](const BoundNode& n) { return n.rule->compounds_rounding(); });
 }
 
 BoundPass bound_forward(const BoundGraph& g, const InputDomain& d, const BoundOptions& opt,

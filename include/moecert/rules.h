@@ -87,6 +87,10 @@ class BoundRule {
   virtual torch::Tensor relaxed_units(const Layer& l, const NodeBounds& in) const {
     return torch::ones_like(in.lo, torch::kBool);
   }
+  /// Whether per-node float32 error bounds compound by orders of magnitude through this
+  /// operator (LayerNorm, softmax, attention products): Float32Errors::automatic then
+  /// counts the graph's rounding relationally (bounds.h).
+  virtual bool compounds_rounding() const { return false; }
   /// Whether jacobian() bounds Jacobian rows; false: it throws UnsupportedLayerError
   /// naming the layer, and certify leaves out the local Lipschitz estimator.
   virtual bool has_jacobian() const { return true; }

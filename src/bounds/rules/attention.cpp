@@ -53,6 +53,7 @@ torch::Tensor rounding(const Coeffs& c, const torch::Tensor& mag, int64_t len) {
 class AttnScoresRule final : public NoJacobianRule {
  public:
   const char* name() const override { return "attn_scores"; }
+  bool compounds_rounding() const override { return true; }
   int arity() const override { return 2; }
 
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
@@ -116,6 +117,7 @@ class AttnScoresRule final : public NoJacobianRule {
 class AttnMixRule final : public NoJacobianRule {
  public:
   const char* name() const override { return "attn_mix"; }
+  bool compounds_rounding() const override { return true; }
   int arity() const override { return 2; }
 
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {

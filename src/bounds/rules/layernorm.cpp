@@ -103,6 +103,7 @@ Lines relax(const NodeBounds& x, double eps) {
 class LayerNormRule final : public NoJacobianRule {
  public:
   const char* name() const override { return "layernorm"; }
+  bool compounds_rounding() const override { return true; }
 
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
     const Shape& s = in.at(0);

@@ -132,6 +132,7 @@ torch::Tensor through_lines(const Coeffs& c, const torch::Tensor& a_lo, const to
 class SoftmaxRule final : public NoJacobianRule {
  public:
   const char* name() const override { return "softmax"; }
+  bool compounds_rounding() const override { return true; }
 
   Shape out_shape(const Layer& l, const std::vector<Shape>& in) const override {
     const Shape& s = in.at(0);
