@@ -29,7 +29,7 @@ struct Config {
   int max_depth = 64;           ///< splits of one subproblem at most
   int alpha_steps = 20;         ///< α-β optimisation steps per bound
   /// Steps of α-CROWN on the intermediate bounds of the root (ReLU splits; 0: CROWN's).
-  int intermediate_steps = 8;
+  int intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
   double attack_interval = 2.0;  ///< seconds of branching between two attack rounds
   std::string progress;          ///< when not empty: the label of a progress line every 5 s
 };

@@ -92,10 +92,10 @@ SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
   auto zeros = torch::zeros({C.size(0)}, C.options());
   torch::Tensor low;
   switch (pass.opt.method) {
-    case BoundMethod::ibp:
+    case BoundMethod::ibp:  // C·(W z + b) over the interval of z: C folded into the last layer
       low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, 1);
       break;
-    case BoundMethod::crown_ibp:
+    case BoundMethod::crown_ibp:  // the same walk; the pass's intermediate bounds are IBP's
     case BoundMethod::crown:
       low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, -1);
       break;
@@ -103,6 +103,7 @@ SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
       low = bp::alpha_rows(pass, pass.graph->output(), rows, constraints, pass.opt.alpha_steps);
       break;
   }
+  // float32: |C·(ĥ − h)| <= |C|·err32 of the output.
   auto err = (C.abs() * pass.nodes.back().err32.index_select(0, sample)).sum(1);
   return {low, err};
 }

@@ -244,7 +244,8 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     bool bab = false;
     double bab_timeout = 60;
     int64_t bab_batch = 64, bab_input_max_free = 16;
-    int bab_intermediate_steps = 8, bab_bisect = 0;
+    int bab_intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
+    int bab_bisect = CertifyConfig{}.bab_bisect;
     std::string bab_split = "auto";
   };
   auto o = std::make_shared<Options>();
