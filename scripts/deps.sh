@@ -10,6 +10,7 @@ MOECERT_PACKAGES=(
   libeigen3-dev libboost-dev libcli11-dev catch2 nlohmann-json3-dev zlib1g-dev
   libjpeg62-turbo-dev                # TinyImageNet's JPEGs (libjpeg-turbo)
   libonnx-dev                        # ONNX models (import, verify)
+  libgloo-dev                        # c10d's Gloo headers: data-parallel training
   dataset-fashion-mnist gnuplot-nox
 )
 if [[ "${MOECERT_WITH_PYTHON:-0}" == 1 ]]; then

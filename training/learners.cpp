@@ -42,9 +42,20 @@ void add_route_margin(StepStats& s, MoeImpl& model, const torch::Tensor& x, cons
   s.loss = s.loss + cfg.route_margin * torch::relu(-gap).mean();
 }
 
-void apply(torch::optim::Optimizer& opt, const StepStats& s) {
+/// One optimizer step on the loss. Data-parallel: each rank's loss is scaled by its
+/// share of the global batch and the gradients summed over the group, which gives
+/// the gradient of the global batch's mean loss (docs/distributed.md).
+void apply(torch::optim::Optimizer& opt, const StepStats& s, const TrainConfig& cfg) {
   opt.zero_grad();
-  s.loss.backward();
+  if (cfg.group && cfg.group->size() > 1) {
+    (s.loss * cfg.rank_share).backward();
+    std::vector<torch::Tensor> params;
+    for (auto& g : opt.param_groups())
+      for (auto& p : g.params()) params.push_back(p);
+    distributed_sum_gradients(params, *cfg.group);
+  } else {
+    s.loss.backward();
+  }
   opt.step();
 }
 
@@ -62,7 +73,7 @@ class SingleLearner : public Learner {
     StepStats s = method_->step(model_, x, y, cfg);
     add_route_margin(s, model_, x, cfg, *method_);
     check(s);
-    apply(*opt_, s);
+    apply(*opt_, s, cfg);
     return s;
   }
   void at_step(int64_t step, int64_t total) override { method_->at_step(step, total); }
@@ -96,10 +107,10 @@ class AdvMoeLearner : public Learner {
                    const std::function<void(const StepStats&)>& check) override {
     StepStats experts = advmoe_expert_step(model_, x, y, cfg);
     check(experts);
-    apply(*opt_experts_, experts);
+    apply(*opt_experts_, experts, cfg);
     StepStats router = advmoe_router_step(model_, x, y, cfg);
     check(router);
-    apply(*opt_router_, router);
+    apply(*opt_router_, router, cfg);
     return experts;  // loss and accuracies of the expert step, as a TRADES run reports them
   }
   AttackSubject subject() override { return attack_subject(model_); }
@@ -128,10 +139,10 @@ class JtdLearner : public Learner {
     StepStats robust = jtdmoe_robust_step(dual_, x, y, cfg, robust_method_.get());
     add_route_margin(robust, dual_.robust(), x, cfg, *robust_method_);
     check(robust);
-    apply(*opt_robust_, robust);
+    apply(*opt_robust_, robust, cfg);
     StepStats standard = jtdmoe_standard_step(dual_, x, y, cfg);
     check(standard);
-    apply(*opt_standard_, standard);
+    apply(*opt_standard_, standard, cfg);
     // Report the dual-model's loss and accuracies; usage is the robust member's.
     standard.usage_clean = robust.usage_clean;
     standard.usage_adv = robust.usage_adv;

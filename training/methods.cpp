@@ -14,11 +14,20 @@ torch::Tensor kl_rows(const torch::Tensor& log_p, const torch::Tensor& log_q) {
   return (log_p.exp() * (log_p - log_q)).nan_to_num(0.0).sum(/*dim=*/1);
 }
 
-torch::Tensor load_balance_loss(const torch::Tensor& router_logits) {
+torch::Tensor load_balance_loss(const torch::Tensor& router_logits, Collective* group) {
   const int64_t E = router_logits.size(1);
   auto probs = torch::softmax(router_logits, /*dim=*/1);
   auto top = probs.argmax(/*dim=*/1);
   auto share = torch::one_hot(top, E).to(probs.dtype()).mean(/*dim=*/0);  // no gradient
+  if (group && group->size() > 1) {
+    // Counts and rows of the whole batch: [count_0 .. count_{E-1}, rows].
+    std::vector<torch::Tensor> packed{
+        torch::cat({torch::one_hot(top, E).sum(/*dim=*/0),
+                    torch::full({1}, router_logits.size(0), top.options())})
+            .to(torch::kDouble)};
+    group->all_reduce_sum(packed);
+    share = (packed[0].narrow(0, 0, E) / packed[0][E]).to(probs.dtype());
+  }
   return static_cast<double>(E) * (share * probs.mean(/*dim=*/0)).sum();
 }
 
@@ -51,7 +60,9 @@ torch::Tensor rter_regulariser(MoeImpl& model, const torch::Tensor& x, const tor
     const bool training = model.is_training();
     model.eval();
     FrozenParameters frozen(model);
-    x_adv = attack_pgd(f_second, x, y, attack);
+    PgdConfig own = attack;
+    own.start_stream += 1 << 20;  // starts of their own, not the whole-model attack's
+    x_adv = attack_pgd(f_second, x, y, own);
     if (training) model.train();
   }
   return kl_rows(f_second(x), f_second(x_adv)).sum();
@@ -63,7 +74,7 @@ void finish_step(StepStats& s, const MoeOutput& out, const TrainConfig& cfg,
   if (out.routing.logits.defined()) {
     s.checked.emplace_back("router logits (" + what + ")", out.routing.logits.detach());
     if (balance && cfg.balance > 0)
-      s.loss = s.loss + cfg.balance * load_balance_loss(out.routing.logits);
+      s.loss = s.loss + cfg.balance * load_balance_loss(out.routing.logits, cfg.group);
   }
 }
 
@@ -234,7 +245,9 @@ StepStats advmoe_expert_step(MoeImpl& model, const torch::Tensor& x, const torch
 StepStats advmoe_router_step(MoeImpl& model, const torch::Tensor& x, const torch::Tensor& y,
                              const TrainConfig& cfg) {
   StepStats s;
-  auto x_adv = advmoe_attack(model, x, y, cfg, s);
+  TrainConfig fresh = cfg;
+  fresh.attack.start_stream += 1 << 21;  // a fresh x_adv: not the expert step's starts
+  auto x_adv = advmoe_attack(model, x, y, fresh, s);
   FrozenParameters frozen_experts(model.expert_parameters());
   return advmoe_trades(model, x, x_adv, y, cfg, std::move(s), /*balance=*/true);
 }

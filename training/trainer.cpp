@@ -248,6 +248,68 @@ double best_heldout_ra(const nlohmann::json& history) {
   return best;
 }
 
+/// SplitMix64's finaliser: a well-mixed 64-bit value of `z`.
+uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+/// Seeds of the training attack's random starts for the rows `idx` of epoch `epoch`:
+/// a function of (seed, epoch, row) only, so any split of a batch over ranks, and a
+/// resumed run, draws the starts one uninterrupted process draws.
+std::vector<uint64_t> start_seeds(uint64_t seed, int epoch, const torch::Tensor& idx) {
+  auto rows = idx.to(torch::kLong).contiguous().cpu();
+  const auto* r = rows.data_ptr<int64_t>();
+  std::vector<uint64_t> out(static_cast<size_t>(rows.numel()));
+  const uint64_t base = mix64(seed ^ mix64(static_cast<uint64_t>(epoch) + 0x9e3779b97f4a7c15ULL));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = mix64(base + static_cast<uint64_t>(r[i]));
+  return out;
+}
+
+/// This rank's part [lo, hi) of a global batch of `b` rows: contiguous, sizes
+/// differing by at most one.
+std::pair<int64_t, int64_t> rank_rows(int64_t b, int rank, int world) {
+  return {b * rank / world, b * (rank + 1) / world};
+}
+
+/// A data-parallel run needs every rank to get a sample of every batch.
+void check_rank_batches(int64_t n, int64_t batch, int world) {
+  const int64_t last = n % batch;
+  if (batch < world || (last > 0 && last < world))
+    throw ConfigError("--batch-size " + std::to_string(batch) + " over " + std::to_string(world) +
+                      " ranks: a batch of " + std::to_string(batch < world ? batch : last) +
+                      " samples (of " + std::to_string(n) +
+                      ") leaves a rank without any; choose a batch size whose every batch, "
+                      "the last included, has at least WORLD_SIZE samples");
+}
+
+/// Held-out evaluation; data-parallel: rank r evaluates rows r, r + W, ... and the
+/// counts are summed over the group.
+RobustnessReport evaluate_heldout(Learner& learner, const Dataset& held_out, const TrainConfig& cfg,
+                                  torch::Device device, Collective* group) {
+  if (!group || held_out.size() < group->size())
+    return attack_evaluate(learner.subject(), held_out, cfg.eval_attack, /*components=*/false,
+                           cfg.batch_size, device, /*progress=*/false);
+  auto rows = torch::arange(group->rank(), held_out.size(), group->size(), torch::kLong);
+  auto eval = attack_evaluate(learner.subject(), held_out.select(rows), cfg.eval_attack,
+                              /*components=*/false, cfg.batch_size, device, /*progress=*/false);
+  const auto n = static_cast<double>(eval.samples);
+  std::vector<double> packed{eval.sa * n, eval.ra * n, n};
+  for (auto c : eval.usage.clean) packed.push_back(static_cast<double>(c));
+  for (auto c : eval.usage.adversarial) packed.push_back(static_cast<double>(c));
+  std::vector<torch::Tensor> t{torch::tensor(packed, torch::kDouble).to(device)};
+  group->all_reduce_sum(t);
+  auto sum = t[0].cpu();
+  const auto* v = sum.data_ptr<double>();
+  eval.samples = static_cast<int64_t>(std::llround(v[2]));
+  eval.sa = v[0] / v[2], eval.ra = v[1] / v[2];
+  size_t k = 3;
+  for (auto& c : eval.usage.clean) c = std::llround(v[k++]);
+  for (auto& c : eval.usage.adversarial) c = std::llround(v[k++]);
+  return eval;
+}
+
 }  // namespace
 
 TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& held_out,
@@ -255,16 +317,26 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
                         torch::Device device) {
   auto& model = learner.module();
   const auto opts = learner.optimizers();
+  Collective* group = cfg.group && cfg.group->size() > 1 ? cfg.group : nullptr;
+  const int world = group ? group->size() : 1, rank = group ? group->rank() : 0;
+  const bool lead = rank == 0;  // prints and writes checkpoints
   TrainSummary summary;
   summary.history = nlohmann::json::array();
   if (cfg.resume) {
+    // Every rank reads the checkpoint (a shared file system): weights, optimizer
+    // state and history are then the same on all, whatever world size wrote it.
     auto state = checkpoint_load_state(cfg.out_dir);
     if (!state) throw CheckpointError::missing(cfg.out_dir + "/" + checkpoint_state_file);
     checkpoint_load_weights(cfg.out_dir, model);
     summary.start_epoch = read_state(*state, opts, summary.history, cfg.out_dir);
-    std::cerr << "resuming " << cfg.out_dir << " after epoch " << summary.start_epoch << "\n";
+    if (lead)
+      std::cerr << "resuming " << cfg.out_dir << " after epoch " << summary.start_epoch << "\n";
   }
   const int64_t N = train.size();
+  if (group) {
+    check_rank_batches(N, cfg.batch_size, world);
+    distributed_broadcast_module(model, *group);  // rank 0's weights everywhere
+  }
   const int64_t steps_per_epoch = (N + cfg.batch_size - 1) / cfg.batch_size;
   const int64_t total_steps = steps_per_epoch * cfg.epochs;
   const auto t0 = std::chrono::steady_clock::now();
@@ -282,22 +354,50 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
     for (int64_t s = 0; s < steps_per_epoch; ++s) {
       const int64_t global = epoch * steps_per_epoch + s;
       for (auto* opt : opts) set_lr(*opt, scheduled_lr(cfg, epoch, global, total_steps));
-      auto idx =
+      const auto batch =
           order.narrow(0, s * cfg.batch_size, std::min(cfg.batch_size, N - s * cfg.batch_size));
+      const int64_t b = batch.size(0);  // the global batch
+      const auto [lo, hi] = rank_rows(b, rank, world);
+      const auto idx = batch.narrow(0, lo, hi - lo);  // this rank's rows
+      TrainConfig step_cfg = cfg;
+      step_cfg.group = group;
+      step_cfg.rank_share = static_cast<double>(hi - lo) / static_cast<double>(b);
+      step_cfg.attack.start_seeds = start_seeds(cfg.seed, epoch, idx);
       auto x = data_augment(train.batch_images(idx), idx, cfg.augment, cfg.seed, epoch).to(device);
       auto y = train.batch_labels(idx).to(device);
+      // PyTorch DDP's default: buffers (BatchNorm's running statistics) follow rank 0.
+      if (group) distributed_broadcast_module(model, *group, /*buffers_only=*/true);
       learner.at_step(global, total_steps);
       StepStats st =
-          learner.update(x, y, cfg, [&](const StepStats& t) { check_finite(t, epoch, s); });
-      if (st.usage_clean.defined()) usage_clean = usage_clean + st.usage_clean;
-      if (st.usage_adv.defined()) usage_adv = usage_adv + st.usage_adv;
-      const int64_t b = idx.size(0);
-      const double l = st.loss.item<double>();
-      loss_sum += l * static_cast<double>(b), win_loss += l * static_cast<double>(b);
-      seen += b, win_seen += b, clean_ok += st.clean_correct, win_clean += st.clean_correct;
-      if (st.adv_correct >= 0) adv_ok += st.adv_correct, win_adv += st.adv_correct, adv_seen += b;
+          learner.update(x, y, step_cfg, [&](const StepStats& t) { check_finite(t, epoch, s); });
+      const int64_t E = learner.num_experts();
+      const bool has_adv = st.adv_correct >= 0;
+      auto step_usage_clean = st.usage_clean.defined() ? st.usage_clean.to(torch::kLong).cpu()
+                                                       : torch::zeros({E}, torch::kLong);
+      auto step_usage_adv = st.usage_adv.defined() ? st.usage_adv.to(torch::kLong).cpu()
+                                                   : torch::zeros({E}, torch::kLong);
+      double loss_b = st.loss.item<double>() * static_cast<double>(hi - lo);
+      int64_t step_clean = st.clean_correct, step_adv = has_adv ? st.adv_correct : 0;
+      if (group) {  // the global batch's counts, on every rank
+        std::vector<torch::Tensor> t{torch::cat(
+            {torch::tensor({loss_b, static_cast<double>(step_clean), static_cast<double>(step_adv)},
+                           torch::kDouble),
+             step_usage_clean.to(torch::kDouble), step_usage_adv.to(torch::kDouble)})};
+        group->all_reduce_sum(t);
+        auto v = t[0].cpu();
+        loss_b = v[0].item<double>();
+        step_clean = std::llround(v[1].item<double>());
+        step_adv = std::llround(v[2].item<double>());
+        step_usage_clean = v.narrow(0, 3, E).round().to(torch::kLong);
+        step_usage_adv = v.narrow(0, 3 + E, E).round().to(torch::kLong);
+      }
+      usage_clean = usage_clean + step_usage_clean;
+      usage_adv = usage_adv + step_usage_adv;
+      loss_sum += loss_b, win_loss += loss_b;
+      seen += b, win_seen += b, clean_ok += step_clean, win_clean += step_clean;
+      if (has_adv) adv_ok += step_adv, win_adv += step_adv, adv_seen += b;
       images_this_run += b, ++steps_this_run;
-      if (cfg.log_every > 0 && ((s + 1) % cfg.log_every == 0 || s + 1 == steps_per_epoch)) {
+      if (lead && cfg.log_every > 0 && ((s + 1) % cfg.log_every == 0 || s + 1 == steps_per_epoch)) {
         const double t =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         const double steps_left = static_cast<double>(total_steps - global - 1);
@@ -305,7 +405,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
         line << "epoch " << epoch + 1 << "/" << cfg.epochs << "  step " << s + 1 << "/"
              << steps_per_epoch << "  loss " << fmt_fixed(win_loss / win_seen, 4) << "  sa "
              << fmt_fixed(static_cast<double>(win_clean) / win_seen, 3) << "  ra "
-             << (st.adv_correct >= 0 ? fmt_fixed(static_cast<double>(win_adv) / win_seen, 3) : "-")
+             << (has_adv ? fmt_fixed(static_cast<double>(win_adv) / win_seen, 3) : "-")
              << "  experts " << ExpertUsage::text(usage_shares(usage_clean))
              << (st.note.empty() ? "" : "  " + st.note) << "  " << fmt_fixed(images_this_run / t, 0)
              << " img/s  eta " << fmt_duration(t / steps_this_run * steps_left);
@@ -316,8 +416,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
     const double epoch_seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - epoch_t0).count();
     // Held-out evaluation of this epoch.
-    auto eval = attack_evaluate(learner.subject(), held_out, cfg.eval_attack,
-                                /*components=*/false, cfg.batch_size, device, /*progress=*/false);
+    auto eval = evaluate_heldout(learner, held_out, cfg, device, group);
     model.train();
     nlohmann::json row = {{"epoch", epoch + 1},
                           {"train_loss", loss_sum / seen},
@@ -330,27 +429,30 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
     if (adv_seen > 0) row["train_ra"] = static_cast<double>(adv_ok) / adv_seen;
     const auto shares_clean = usage_shares(usage_clean), shares_adv = usage_shares(usage_adv);
     row["expert_usage_clean"] = shares_clean;
-    warn_collapse(shares_clean, cfg.collapse_share, "clean", epoch);
+    if (lead) warn_collapse(shares_clean, cfg.collapse_share, "clean", epoch);
     if (usage_adv.sum().item<int64_t>() > 0) {
       row["expert_usage_adv"] = shares_adv;
-      warn_collapse(shares_adv, cfg.collapse_share, "adversarial", epoch);
+      if (lead) warn_collapse(shares_adv, cfg.collapse_share, "adversarial", epoch);
     }
+    if (group) row["world_size"] = world;
     if (!eval.usage.clean.empty()) {
       row["heldout_expert_usage_clean"] = ExpertUsage::shares(eval.usage.clean);
       row["heldout_expert_usage_adv"] = ExpertUsage::shares(eval.usage.adversarial);
     }
     const bool is_best = eval.ra > best_heldout_ra(summary.history);
     summary.history.push_back(row);
-    std::cerr << "epoch " << epoch + 1 << "/" << cfg.epochs << " done: held-out sa "
-              << fmt_fixed(eval.sa, 4) << "  ra " << fmt_fixed(eval.ra, 4) << " (" << eval.samples
-              << " samples, PGD-" << cfg.eval_attack.steps << ")";
-    if (!eval.usage.clean.empty())
-      std::cerr << "  experts " << ExpertUsage::text(ExpertUsage::shares(eval.usage.clean))
-                << " (adversarial "
-                << ExpertUsage::text(ExpertUsage::shares(eval.usage.adversarial)) << ")";
-    std::cerr << std::endl;
+    if (lead) {
+      std::cerr << "epoch " << epoch + 1 << "/" << cfg.epochs << " done: held-out sa "
+                << fmt_fixed(eval.sa, 4) << "  ra " << fmt_fixed(eval.ra, 4) << " (" << eval.samples
+                << " samples, PGD-" << cfg.eval_attack.steps << ")";
+      if (!eval.usage.clean.empty())
+        std::cerr << "  experts " << ExpertUsage::text(ExpertUsage::shares(eval.usage.clean))
+                  << " (adversarial "
+                  << ExpertUsage::text(ExpertUsage::shares(eval.usage.adversarial)) << ")";
+      std::cerr << std::endl;
+    }
     summary.heldout_usage = eval.usage;
-    if (!cfg.out_dir.empty()) {
+    if (lead && !cfg.out_dir.empty()) {
       nlohmann::json manifest = manifest_base;
       manifest.update(learner.manifest_fields());
       manifest["training"] = cfg.to_json();
@@ -365,6 +467,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
                   << "-best" << std::endl;
       }
     }
+    if (group) group->barrier();  // the others wait for rank 0's checkpoint
     summary.epochs_done = epoch + 1;
   }
   const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -34,6 +34,12 @@ struct PgdConfig {
   bool random_start = true;
   AttackLoss loss = AttackLoss::ce;
   bool box = true;  ///< project onto [0, 1] too (false: the whole ball, as `certify --no-box`)
+  /// Per-sample seeds of the random starts (RowSampler, restart r on stream
+  /// start_stream + 2r), one per row of the batch: a sample's start depends on its
+  /// seed only, not on the batch it is in (training: on seed, epoch and index, so a
+  /// run split over ranks draws what one process draws). Empty: the global generator.
+  std::vector<uint64_t> start_seeds;
+  uint64_t start_stream = 0;
 };
 
 /// A differentiable map x [B, C, H, W] -> log-probabilities [B, K].

@@ -18,6 +18,7 @@ enum class ExitCode : int {
   soundness = 3,    ///< a certificate was violated by an attack
   numeric = 4,      ///< NaN/Inf during training or evaluation
   internal = 5,     ///< a bug: an invariant that cannot fail did
+  distributed = 6,  ///< a distributed run lost a rank (it exited, stalled past the timeout)
 };
 
 /// Root of every error moecert throws on purpose.

@@ -9,6 +9,7 @@
 
 #include "moecert/attacks.h"
 #include "moecert/data.h"
+#include "moecert/distributed.h"
 #include "moecert/dual.h"
 #include "moecert/models.h"
 
@@ -78,6 +79,12 @@ struct TrainConfig {
   bool resume = false;        ///< continue from out_dir's train_state.pt
   bool keep_best = false;     ///< also keep the best-RA epoch in `<out_dir>-best`
   CertifiedConfig certified;  ///< ibp / crown-ibp
+  /// Data-parallel training (docs/distributed.md), set by the epoch loop, not options:
+  /// the group whose ranks share each global batch (null: one process), and this
+  /// rank's share of the batch it is training on (its loss is scaled by it before
+  /// the gradients are summed over the group).
+  Collective* group = nullptr;
+  double rank_share = 1.0;
 
   nlohmann::json to_json() const;
   void validate() const;  ///< throws ConfigError naming the option
@@ -126,8 +133,11 @@ torch::Tensor kl_rows(const torch::Tensor& log_p, const torch::Tensor& log_q);
 
 /// Switch-style load-balancing loss E * sum_i share_i * mean_prob_i, where share_i
 /// is the fraction of samples whose top expert is i and mean_prob_i the mean router
-/// probability of i. Equals 1 for a perfectly balanced router. logits: [B, E] -> scalar
-torch::Tensor load_balance_loss(const torch::Tensor& router_logits);
+/// probability of i. Equals 1 for a perfectly balanced router. With a `group`, share_i
+/// is the global batch's (its counts summed over the ranks; it carries no gradient),
+/// so the rank-share-weighted sum of the ranks' gradients is one process's.
+/// logits: [B, E] -> scalar
+torch::Tensor load_balance_loss(const torch::Tensor& router_logits, Collective* group = nullptr);
 
 /// RT-ER's regulariser (paper 1): sum over experts i and over the samples n whose
 /// second-ranked router expert is i of KL(f_i(x_n) || f_i(x_adv_n^(i))), with

@@ -65,10 +65,15 @@ torch::Tensor attack_pgd_objective(const LogProbFn& f, const torch::Tensor& x,
                                    const PerSampleLoss& loss, const PgdConfig& cfg,
                                    const torch::Tensor& y) {
   if (cfg.eps < 0) throw ConfigError::invalid("--eps", std::to_string(cfg.eps), ">= 0");
+  if (!cfg.start_seeds.empty() && static_cast<int64_t>(cfg.start_seeds.size()) != x.size(0))
+    throw ShapeError::unexpected("PGD start seeds", "one per sample", x.sizes().vec());
   const AttackBall ball{x, torch::full({x.size(0)}, cfg.eps, x.options()), cfg.norm, cfg.box};
   torch::Tensor best, best_loss, best_wrong;
   for (int r = 0; r < std::max(1, cfg.restarts); ++r) {
-    auto x_adv = cfg.random_start ? random_start(ball) : x.clone();
+    auto x_adv = !cfg.random_start ? x.clone()
+                 : cfg.start_seeds.empty()
+                     ? random_start(ball)
+                     : RowSampler(cfg.start_seeds).start(ball, cfg.start_stream + 2 * r);
     for (int s = 0; s < cfg.steps; ++s) {
       auto g = input_gradient(f, x_adv, loss);
       x_adv = ball.project(x_adv + cfg.step_size * ascent_direction(g, cfg.norm));

@@ -209,9 +209,11 @@ SuiteResult attack_suite(const AttackSubject& subject, const Dataset& data, cons
     auto idx = torch::arange(start, start + n, torch::kLong);
     auto x = data.batch_images(idx).to(device);
     auto y = data.batch_labels(idx).to(device);
+    // Seeded by each sample's index in its split: a shard (`attack --shard`) draws
+    // what the unsharded run draws for the same image.
     std::vector<uint64_t> seeds;
     for (int64_t i = 0; i < n; ++i)
-      seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(start + i));
+      seeds.push_back(cfg.seed * 1000003ULL + static_cast<uint64_t>(data.source_index(start + i)));
     const RowSampler sampler(seeds);
     auto f = subject.target(AttackTarget::whole, x);
     torch::Tensor correct;

@@ -28,24 +28,6 @@ Dataset test_data(const CommonOptions& common, const LoadedModel& loaded) {
   return data_load(data_spec(common, name, /*train=*/false));
 }
 
-/// "i/n" (0 <= i < n) -> (i, n).
-std::pair<int64_t, int64_t> parse_shard(const std::string& s) {
-  const auto slash = s.find('/');
-  try {
-    if (slash == std::string::npos) throw std::invalid_argument(s);
-    size_t a = 0, b = 0;
-    const int64_t i = std::stoll(s.substr(0, slash), &a), n = std::stoll(s.substr(slash + 1), &b);
-    if (a != slash || b != s.size() - slash - 1 || n < 1 || i < 0 || i >= n ||
-        n > limits::max_shards)
-      throw std::invalid_argument(s);
-    return {i, n};
-  } catch (const std::exception&) {
-    throw ConfigError::invalid(
-        "--shard", s,
-        "i/n with 0 <= i < n <= " + std::to_string(limits::max_shards) + ", e.g. 0/4");
-  }
-}
-
 struct Component {
   std::string name;
   LayerGraph graph;
@@ -395,14 +377,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     loaded.check_batch(o->batch_size, "--batch-size");
     auto data = test_data(common, loaded);
     const int64_t total = common.samples > 0 ? std::min(common.samples, data.size()) : data.size();
-    std::vector<int64_t> indices;
-    auto [si, sn] = o->shard.empty() ? std::pair<int64_t, int64_t>{0, 1} : parse_shard(o->shard);
-    // Shards take whole blocks of --batch-size consecutive samples (blocks i, i+n, ...):
-    // every sample is then certified in the same batch as in an unsharded run, so
-    // merged shards reproduce that run exactly.
-    for (int64_t block = si; block * o->batch_size < total; block += sn)
-      for (int64_t i = block * o->batch_size; i < std::min(total, (block + 1) * o->batch_size); ++i)
-        indices.push_back(i);
+    const auto indices = shard_rows(o->shard, total, o->batch_size);
     std::cerr << "certify " << o->checkpoint << " (" << loaded.describe() << "), p = " << o->norm
               << (cfg.box ? " (ball ∩ [0,1]^d)" : " (whole ball)") << ", estimators "
               << o->estimator << ", " << indices.size() << " " << data.name << " test images"

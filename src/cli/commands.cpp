@@ -5,12 +5,14 @@
 #include <torch/torch.h>
 
 #include <iostream>
+#include <thread>
 
 #include "moecert/attack_suite.h"
 #include "moecert/attacks.h"
 #include "moecert/backbones.h"
 #include "moecert/checkpoint.h"
 #include "moecert/defaults.h"
+#include "moecert/distributed.h"
 #include "moecert/error.h"
 #include "moecert/limits.h"
 #include "moecert/model_io.h"
@@ -128,6 +130,8 @@ struct TrainOptions {
   bool force = false;
   double alpha = 0.8;                      ///< jtdmoe: weight of the robust member
   std::string init_standard, init_robust;  ///< jtdmoe: optional starting checkpoints
+  std::string dist_backend = "auto";       ///< data-parallel: auto | gloo | nccl
+  double dist_timeout = 300;               ///< seconds for the rendezvous and each collective
 };
 
 /// Loads a starting member for jtdmoe, or builds a fresh one from `spec`.
@@ -156,8 +160,17 @@ void report_training(const TrainSummary& summary, const std::string& out_dir) {
 }
 
 void run_train(const CommonOptions& common, TrainOptions& o) {
-  const int threads = runtime_threads(common.threads);
-  const auto device = runtime_device(common.device);
+  // Data-parallel when WORLD_SIZE > 1 (torchrun, scripts/slurm-env.sh): the ranks of
+  // one machine share its cores, and each CUDA rank takes the GPU of its local rank.
+  const DistributedEnv env = distributed_env();
+  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int threads = runtime_threads(env.distributed() && common.threads == 0
+                                          ? std::max(1, hw / env.local_world_size)
+                                          : common.threads);
+  auto device = runtime_device(common.device);
+  if (env.distributed() && device.is_cuda() && common.device.find(':') == std::string::npos)
+    device = runtime_device("cuda:" + std::to_string(env.local_rank));
+  const bool lead = env.rank == 0;
   runtime_seed(common.seed);
   o.cfg.seed = common.seed;
   o.cfg.attack = o.train_attack.config();
@@ -172,6 +185,20 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
     throw ConfigError(
         "train: " + o.cfg.out_dir +
         " already holds a checkpoint; pass --resume to continue it or --force to replace it");
+  if (!(o.dist_timeout >= 1 && o.dist_timeout <= 86400))
+    throw ConfigError::invalid("--dist-timeout", std::to_string(o.dist_timeout),
+                               "seconds in [1, 86400]");
+  std::unique_ptr<Collective> group;
+  if (env.distributed()) {
+    const auto backend = distributed_backend(o.dist_backend, device);
+    group = distributed_join(
+        env, backend, std::chrono::milliseconds(static_cast<int64_t>(o.dist_timeout * 1000)));
+    o.cfg.group = group.get();
+    if (lead)
+      std::cerr << "train: data-parallel over " << env.world_size << " ranks (" << backend
+                << ", store " << env.master_addr << ":" << env.master_port << "), global batch "
+                << o.cfg.batch_size << ", " << threads << " threads per rank" << std::endl;
+  }
 
   DataSpec spec = data_spec(common, "fashion-mnist", /*train=*/true);
   spec.samples = 0;  // held-out images come from the whole split; --samples thins the rest
@@ -206,6 +233,7 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
       {"dataset",
        {{"name", train.name}, {"train_samples", train.size()}, {"val_samples", val.size()}}},
       {"threads", threads}};
+  if (group) base["world_size"] = env.world_size;
   o.spec.validate();  // limits first: their message names the option
   o.spec.check_memory(o.cfg.batch_size, "--batch-size");
   if (o.cfg.method == "jtdmoe") {
@@ -218,24 +246,26 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
       dual = Dual(jtd_member(o.init_standard, o.spec), jtd_member(o.init_robust, o.spec), o.alpha);
     }
     dual->to(device);
-    std::cerr << "train jtdmoe: dual-model alpha=" << dual->alpha() << " of "
-              << model_describe(dual->standard().spec()) << " (standard) and "
-              << model_describe(dual->robust().spec()) << " (robust); " << train.size()
-              << " training / " << val.size() << " held-out images; " << threads << " threads on "
-              << device << std::endl;
+    if (lead)
+      std::cerr << "train jtdmoe: dual-model alpha=" << dual->alpha() << " of "
+                << model_describe(dual->standard().spec()) << " (standard) and "
+                << model_describe(dual->robust().spec()) << " (robust); " << train.size()
+                << " training / " << val.size() << " held-out images; " << threads << " threads on "
+                << device << std::endl;
     const auto summary = train_dual_run(*dual, train, val, o.cfg, base, device);
-    report_training(summary, o.cfg.out_dir);
+    if (lead) report_training(summary, o.cfg.out_dir);
     train_check_routing_health(summary, o.cfg);
     return;
   }
   Moe model(o.spec);
   model->to(device);
-  std::cerr << "train " << o.cfg.method << ": " << model_describe(o.spec) << ", "
-            << module_parameter_count(*model) << " parameters; " << train.size() << " training / "
-            << val.size() << " held-out " << train.name << " images; " << threads << " threads on "
-            << device << "; " << describe_training_step(o.cfg) << std::endl;
+  if (lead)
+    std::cerr << "train " << o.cfg.method << ": " << model_describe(o.spec) << ", "
+              << module_parameter_count(*model) << " parameters; " << train.size() << " training / "
+              << val.size() << " held-out " << train.name << " images; " << threads
+              << " threads on " << device << "; " << describe_training_step(o.cfg) << std::endl;
   const auto summary = train_run(*model, train, val, o.cfg, base, device);
-  report_training(summary, o.cfg.out_dir);
+  if (lead) report_training(summary, o.cfg.out_dir);
   train_check_routing_health(summary, o.cfg);
 }
 
@@ -253,6 +283,33 @@ void add_attack_options(CLI::App* cmd, AttackOptions& a, const std::string& pref
 }
 
 }  // namespace
+
+/// "i/n" (0 <= i < n) -> (i, n).
+std::pair<int64_t, int64_t> shard_parse(const std::string& s) {
+  const auto slash = s.find('/');
+  try {
+    if (slash == std::string::npos) throw std::invalid_argument(s);
+    size_t a = 0, b = 0;
+    const int64_t i = std::stoll(s.substr(0, slash), &a), n = std::stoll(s.substr(slash + 1), &b);
+    if (a != slash || b != s.size() - slash - 1 || n < 1 || i < 0 || i >= n ||
+        n > limits::max_shards)
+      throw std::invalid_argument(s);
+    return {i, n};
+  } catch (const std::exception&) {
+    throw ConfigError::invalid(
+        "--shard", s,
+        "i/n with 0 <= i < n <= " + std::to_string(limits::max_shards) + ", e.g. 0/4");
+  }
+}
+
+std::vector<int64_t> shard_rows(const std::string& shard, int64_t total, int64_t batch) {
+  const auto [si, sn] = shard.empty() ? std::pair<int64_t, int64_t>{0, 1} : shard_parse(shard);
+  std::vector<int64_t> rows;
+  for (int64_t block = si; block * batch < total; block += sn)
+    for (int64_t i = block * batch; i < std::min(total, (block + 1) * batch); ++i)
+      rows.push_back(i);
+  return rows;
+}
 
 void cli_register_common(CLI::App& app, CommonOptions& c) {
   app.fallthrough();
@@ -377,6 +434,14 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
   cmd->add_option("--out", c.out_dir, "checkpoint directory")->required();
   cmd->add_flag("--resume", c.resume, "continue the checkpoint in --out from its last epoch");
   cmd->add_flag("--force", o->force, "replace an existing checkpoint in --out");
+  cmd->add_option("--dist-backend", o->dist_backend,
+                  "data-parallel runs (WORLD_SIZE > 1, docs/distributed.md): auto (gloo on CPU, "
+                  "nccl on CUDA) | gloo | nccl")
+      ->capture_default_str();
+  cmd->add_option("--dist-timeout", o->dist_timeout,
+                  "data-parallel runs: seconds to wait for the store, the other ranks and each "
+                  "collective before exiting (2 at the start, 6 later)")
+      ->capture_default_str();
   cmd->add_flag("--keep-best", c.keep_best, "also keep the best held-out-RA epoch in <out>-best");
   cmd->callback([&common, o, cmd] {
     // AdvMoE's paper trains with 2 PGD steps; the other methods with defaults::train_steps.
@@ -390,7 +455,7 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
 
 void cli_register_attack(CLI::App& app, const CommonOptions& common) {
   struct Options {
-    std::string checkpoint, json, suite = "standard", save_adv;
+    std::string checkpoint, json, suite = "standard", save_adv, shard;
     AttackOptions attack;
     int64_t batch_size = 256;
     int apgd_steps = 100, square_queries = 5000, targets = 9, min_norm_steps = 100;
@@ -422,6 +487,9 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
       "--save-adv", o->save_adv,
       "write the adversarial examples to this file (torch.load: x_adv, label, index, robust)");
   cmd->add_flag("--no-components", o->no_components, "skip RA-E and RA-R");
+  cmd->add_option("--shard", o->shard,
+                  "i/n: only blocks of --batch-size samples whose number mod n is i (0-based); "
+                  "`moecert merge` joins the shards' --json files");
   cmd->add_option(
          "--max-expert-share", o->max_expert_share,
          "routing health gate: exit 1 when one expert takes more than this share of the clean or "
@@ -465,12 +533,20 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
     const auto ds_name =
         loaded.manifest.value("dataset", nlohmann::json::object()).value("name", "fashion-mnist");
     Dataset test = data_load(data_spec(common, ds_name, /*train=*/false));
+    const int64_t selected = test.size();
+    if (!o->shard.empty()) {
+      if (o->alpha_sweep)
+        throw ConfigError("attack --alpha-sweep runs whole: it cannot be combined with --shard");
+      const auto rows = shard_rows(o->shard, selected, o->batch_size);
+      test = test.select(torch::tensor(rows, torch::kLong));
+    }
     const std::string what = cfg.suite == Suite::pgd
                                  ? describe_attack(pgd)
                                  : "the " + suite_name(cfg.suite) + " suite, eps " +
                                        fmt_fixed(cfg.eps, 4) + " (L" + norm_name(cfg.norm) + ")";
     std::cerr << "attack " << o->checkpoint << " (" << loaded.describe() << ") with " << what
-              << " on " << test.size() << " " << test.name << " test images" << std::endl;
+              << " on " << test.size() << " " << test.name << " test images"
+              << (o->shard.empty() ? "" : " (shard " + o->shard + ")") << std::endl;
     auto r = attack_suite(loaded.subject(), test, cfg, o->batch_size, device, !common.quiet);
     std::cout << "SA    " << fmt_fixed(r.sa, 4) << "\nRA    " << fmt_fixed(r.ra, 4) << "\n";
     if (cfg.components)
@@ -490,7 +566,7 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
                         {"suite", suite_name(cfg.suite)},
                         {"box", cfg.box},
                         {"samples", test.size()},
-                        {"selection", selection_json(common, test.size())},
+                        {"selection", selection_json(common, selected)},
                         {"checkpoint", o->checkpoint},
                         {"dataset", test.name},
                         {"moecert_version", MOECERT_VERSION},
@@ -526,6 +602,7 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
            {"norm", row.norm}});
     }
     if (loaded.is_dual()) j["alpha"] = loaded.dual->alpha();
+    if (!o->shard.empty()) j["shard"] = o->shard;
     if (o->alpha_sweep) {
       const double saved_alpha = loaded.dual->alpha();
       j["alpha_sweep"] = nlohmann::json::array();

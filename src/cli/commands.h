@@ -31,6 +31,13 @@ nlohmann::json selection_json(const CommonOptions& c, int64_t images);
 /// The data set a command reads: --dataset or `fallback`, --data, the split, the seed.
 DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train);
 
+/// --shard "i/n" (0 <= i < n) -> (i, n); ConfigError naming --shard otherwise.
+std::pair<int64_t, int64_t> shard_parse(const std::string& shard);
+/// The rows of shard `shard` ("" = all) of `total` samples: whole blocks of `batch`
+/// consecutive rows (blocks i, i + n, ...), so every sample is evaluated in the batch
+/// an unsharded run puts it in, and merged shards reproduce that run exactly.
+std::vector<int64_t> shard_rows(const std::string& shard, int64_t total, int64_t batch);
+
 void cli_register_common(CLI::App& app, CommonOptions& common);
 void cli_register_train(CLI::App& app, const CommonOptions& common);
 void cli_register_import(CLI::App& app, const CommonOptions& common);

@@ -497,14 +497,14 @@ TEST_CASE("certify --bab-bisect: a verified radius between the grid's points",
   const auto& ckpt = trained_checkpoint();
   TempDir tmp;
   auto r = run_moecert("--dataset synthetic --samples 10 certify " + ckpt +
-                       " --estimator crown --bab --bab-bisect 2 --timeout-per-sample 20"
+                       " --estimator crown --bab --bab-bisect 5 --timeout-per-sample 20"
                        " --bab-batch 8 --steps 5 --eps-grid 0.002,0.3 --out " +
                        (tmp / "c"));
   INFO(r.output);
   REQUIRE(r.code == 0);
   CHECK(r.output.find("soundness violations: 0") != std::string::npos);
   auto j = nlohmann::json::parse(read_text(tmp / "c/results.json"));
-  CHECK(j["config"]["bab"]["bisect"] == 2);
+  CHECK(j["config"]["bab"]["bisect"] == 5);
   int raised = 0, bisections = 0;
   for (const auto& row : j["rows"]) {
     if (!row["correct"].get<bool>()) continue;

@@ -1,0 +1,76 @@
+// Data-parallel training beyond one process (SPEC §7): a group of ranks joined
+// through LibTorch's c10d (a TCP store for the rendezvous, Gloo on CPU, NCCL on
+// CUDA), from the variables torchrun and scripts/slurm-env.sh set.
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/types.h>
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moecert {
+
+/// The processes that train one model. Every rank must call the same collectives
+/// in the same order with tensors of the same shapes; a collective that cannot
+/// complete within the group's timeout (a rank died, the network failed) throws
+/// Error(ExitCode::distributed) naming this rank, instead of hanging.
+class Collective {
+ public:
+  virtual ~Collective() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  /// "gloo" | "nccl"
+  virtual std::string backend() const = 0;
+  /// Sums each tensor over the ranks, in place.
+  virtual void all_reduce_sum(std::vector<torch::Tensor>& tensors) = 0;
+  /// Overwrites each tensor with rank `root`'s, in place.
+  virtual void broadcast(std::vector<torch::Tensor>& tensors, int root = 0) = 0;
+  virtual void barrier() = 0;
+};
+
+/// Where a rank finds the group: read from the environment.
+struct DistributedEnv {
+  int rank = 0, world_size = 1, local_rank = 0, local_world_size = 1;
+  std::string master_addr;
+  int master_port = 0;
+  /// torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE=True): every
+  /// rank joins it as a client, under the restart's prefix.
+  bool agent_store = false;
+  std::string restart_count = "0";
+
+  bool distributed() const { return world_size > 1; }
+};
+
+/// Reads WORLD_SIZE (unset or 1: one process), RANK, LOCAL_RANK, LOCAL_WORLD_SIZE,
+/// MASTER_ADDR and MASTER_PORT through `get` (the process environment by default).
+/// Throws ConfigError naming the variable that is missing or malformed.
+DistributedEnv distributed_env(const std::function<const char*(const char*)>& get = {});
+
+/// "auto" -> "gloo" on CPU, "nccl" on CUDA; "gloo" | "nccl" kept. ConfigError for
+/// other names, and for nccl without CUDA or in a build without NCCL.
+std::string distributed_backend(const std::string& requested, torch::Device device);
+
+/// Joins the group: the TCP store at MASTER_ADDR:MASTER_PORT (rank 0 hosts it unless
+/// torchrun's agent does), then a process group of `backend`. A store that cannot be
+/// reached, or ranks that do not all arrive, within `timeout` give a ConfigError
+/// naming the address (exit 2). `timeout` also bounds every later collective.
+std::unique_ptr<Collective> distributed_join(const DistributedEnv& env, const std::string& backend,
+                                             std::chrono::milliseconds timeout);
+
+/// Averages the gradients of `params` over the group after each rank's backward of
+/// its loss scaled by its share of the global batch: sums them in flat buckets of
+/// about `bucket_bytes` each, all in flight at once. A gradient no rank produced stays
+/// undefined (the optimizer skips it, as one process would); one some ranks produced is
+/// summed with zeros for the others.
+void distributed_sum_gradients(const std::vector<torch::Tensor>& params, Collective& group,
+                               int64_t bucket_bytes = 25 << 20);
+
+/// Copies rank 0's parameters and buffers of `module` to every rank.
+void distributed_broadcast_module(torch::nn::Module& module, Collective& group,
+                                  bool buffers_only = false);
+
+}  // namespace moecert
