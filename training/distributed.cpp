@@ -125,9 +125,8 @@ DistributedEnv distributed_env(const std::function<const char*(const char*)>& ge
   const char* local = get("LOCAL_RANK");
   env.local_rank = local && *local ? env_int("LOCAL_RANK", local, 0, w - 1) : 0;
   const char* local_world = get("LOCAL_WORLD_SIZE");
-  env.local_world_size = local_world && *local_world
-                             ? env_int("LOCAL_WORLD_SIZE", local_world, 1, w)
-                             : 1;
+  env.local_world_size =
+      local_world && *local_world ? env_int("LOCAL_WORLD_SIZE", local_world, 1, w) : 1;
   env.master_addr = env_required(get, "MASTER_ADDR", w);
   env.master_port = env_int("MASTER_PORT", env_required(get, "MASTER_PORT", w), 1, 65535);
   const char* agent = get("TORCHELASTIC_USE_AGENT_STORE");
@@ -163,9 +162,10 @@ std::unique_ptr<Collective> distributed_join(const DistributedEnv& env, const st
     o.waitWorkers = false;
     o.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
-    store = env.agent_store ? c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::PrefixStore>(
-                                  "/worker/attempt_" + env.restart_count, tcp))
-                            : c10::intrusive_ptr<c10d::Store>(tcp);
+    store = env.agent_store
+                ? c10::intrusive_ptr<c10d::Store>(c10::make_intrusive<c10d::PrefixStore>(
+                      "/worker/attempt_" + env.restart_count, tcp))
+                : c10::intrusive_ptr<c10d::Store>(tcp);
   } catch (const std::exception& e) {
     throw ConfigError("rank " + std::to_string(env.rank) + ": cannot reach the TCP store at " +
                       where + " (MASTER_ADDR, MASTER_PORT) within " +
@@ -199,10 +199,9 @@ std::unique_ptr<Collective> distributed_join(const DistributedEnv& env, const st
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
-    throw ConfigError("rank " + std::to_string(env.rank) + " of " +
-                      std::to_string(env.world_size) + ": the " + backend +
-                      " group at " + where + " did not form within the timeout: " +
-                      what_of(e).substr(0, 300));
+    throw ConfigError("rank " + std::to_string(env.rank) + " of " + std::to_string(env.world_size) +
+                      ": the " + backend + " group at " + where +
+                      " did not form within the timeout: " + what_of(e).substr(0, 300));
   }
 }
 
@@ -225,12 +224,12 @@ void distributed_sum_gradients(const std::vector<torch::Tensor>& params, Collect
     size_t j = i;
     int64_t bytes = 0;
     std::vector<torch::Tensor> pieces;
-    while (j < trained.size() && (j == i || (bytes < bucket_bytes &&
-                                              trained[j].dtype() == trained[i].dtype() &&
-                                              trained[j].device() == trained[i].device()))) {
+    while (j < trained.size() &&
+           (j == i || (bytes < bucket_bytes && trained[j].dtype() == trained[i].dtype() &&
+                       trained[j].device() == trained[i].device()))) {
       const auto& p = trained[j];
-      pieces.push_back(p.grad().defined() ? p.grad().reshape(-1) : torch::zeros({p.numel()},
-                                                                                p.options()));
+      pieces.push_back(p.grad().defined() ? p.grad().reshape(-1)
+                                          : torch::zeros({p.numel()}, p.options()));
       bytes += p.numel() * static_cast<int64_t>(p.element_size());
       ++j;
     }
@@ -255,8 +254,7 @@ void distributed_sum_gradients(const std::vector<torch::Tensor>& params, Collect
   }
 }
 
-void distributed_broadcast_module(torch::nn::Module& module, Collective& group,
-                                  bool buffers_only) {
+void distributed_broadcast_module(torch::nn::Module& module, Collective& group, bool buffers_only) {
   torch::NoGradGuard no_grad;
   std::vector<torch::Tensor> targets, sent;
   auto add = [&](const torch::Tensor& t) {

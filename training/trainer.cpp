@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "learner.h"
@@ -43,6 +44,7 @@ nlohmann::json TrainConfig::to_json() const {
           {"jtd_gamma", jtd_gamma},
           {"jtd_robust", jtd_robust},
           {"route_margin", route_margin},
+          {"sync_bn", sync_bn},
           {"router_train", router_train},
           {"max_expert_share", max_expert_share},
           {"certified",
@@ -368,8 +370,11 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
       // PyTorch DDP's default: buffers (BatchNorm's running statistics) follow rank 0.
       if (group) distributed_broadcast_module(model, *group, /*buffers_only=*/true);
       learner.at_step(global, total_steps);
+      std::optional<SyncBatchNormScope> sync_bn;
+      if (group && cfg.sync_bn) sync_bn.emplace(group);
       StepStats st =
           learner.update(x, y, step_cfg, [&](const StepStats& t) { check_finite(t, epoch, s); });
+      sync_bn.reset();
       const int64_t E = learner.num_experts();
       const bool has_adv = st.adv_correct >= 0;
       auto step_usage_clean = st.usage_clean.defined() ? st.usage_clean.to(torch::kLong).cpu()

@@ -69,6 +69,23 @@ std::unique_ptr<Collective> distributed_join(const DistributedEnv& env, const st
 void distributed_sum_gradients(const std::vector<torch::Tensor>& params, Collective& group,
                                int64_t bucket_bytes = 25 << 20);
 
+/// While one is alive on a thread, BatchNorm layers in training mode there normalise
+/// with the statistics of the whole data-parallel batch (sums over `group`, in float64),
+/// and gradients flow through those statistics to every rank's inputs (`--sync-bn`,
+/// PyTorch's SyncBatchNorm). Running statistics use the global batch too.
+class SyncBatchNormScope {
+ public:
+  explicit SyncBatchNormScope(Collective* group);
+  ~SyncBatchNormScope();
+  SyncBatchNormScope(const SyncBatchNormScope&) = delete;
+  SyncBatchNormScope& operator=(const SyncBatchNormScope&) = delete;
+  /// The group of the innermost scope on this thread; null outside any.
+  static Collective* active();
+
+ private:
+  Collective* previous_;
+};
+
 /// Copies rank 0's parameters and buffers of `module` to every rank.
 void distributed_broadcast_module(torch::nn::Module& module, Collective& group,
                                   bool buffers_only = false);

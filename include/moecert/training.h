@@ -79,6 +79,9 @@ struct TrainConfig {
   bool resume = false;        ///< continue from out_dir's train_state.pt
   bool keep_best = false;     ///< also keep the best-RA epoch in `<out_dir>-best`
   CertifiedConfig certified;  ///< ibp / crown-ibp
+  /// Data-parallel runs: BatchNorm with the global batch's statistics (--sync-bn;
+  /// default: each rank's own, as PyTorch's DDP). No effect in one process.
+  bool sync_bn = false;
   /// Data-parallel training (docs/distributed.md), set by the epoch loop, not options:
   /// the group whose ranks share each global batch (null: one process), and this
   /// rank's share of the batch it is training on (its loss is scaled by it before

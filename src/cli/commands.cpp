@@ -438,6 +438,9 @@ void cli_register_train(CLI::App& app, const CommonOptions& common) {
                   "data-parallel runs (WORLD_SIZE > 1, docs/distributed.md): auto (gloo on CPU, "
                   "nccl on CUDA) | gloo | nccl")
       ->capture_default_str();
+  cmd->add_flag("--sync-bn", c.sync_bn,
+                "data-parallel runs: BatchNorm with the statistics of the whole global batch "
+                "(default: each rank's part, as PyTorch's DDP)");
   cmd->add_option("--dist-timeout", o->dist_timeout,
                   "data-parallel runs: seconds to wait for the store, the other ranks and each "
                   "collective before exiting (2 at the start, 6 later)")

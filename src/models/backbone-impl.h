@@ -43,6 +43,9 @@ Layer batchnorm_layer(const std::string& name, const nn::BatchNorm2d& bn);
 /// A new BatchNorm over `channels`; inside a MoE-CNN with shared BatchNorm, the first
 /// trunk's module of the same position. Every backbone makes its BatchNorms with it.
 nn::BatchNorm2d batch_norm(int64_t channels);
+/// A BatchNorm layer's forward: its own, or in training mode inside a
+/// SyncBatchNormScope, with the global batch's statistics (distributed.h).
+torch::Tensor bn_forward(nn::BatchNorm2d bn, const torch::Tensor& x);
 inline Layer relu_layer() { return Layer::simple(Layer::Kind::relu); }
 /// 2x2 average pooling, stride 2, as the convolution it is (weight 1/4 on the
 /// diagonal channel pairs): exact, and bounded by the conv rule. `like`: a tensor of

@@ -19,8 +19,8 @@ class BottleneckImpl : public nn::Module {
         bn2(register_module("bn2", batch_norm(4 * growth))),
         conv2(register_module("conv2", conv3x3(4 * growth, growth, 1, false))) {}
   torch::Tensor forward(const torch::Tensor& x) {
-    auto out = conv1(torch::relu(bn1(x)));
-    out = conv2(torch::relu(bn2(out)));
+    auto out = conv1(torch::relu(bn_forward(bn1, x)));
+    out = conv2(torch::relu(bn_forward(bn2, out)));
     return torch::cat({out, x}, 1);
   }
   void append_graph(LayerGraph& g, const std::string& p) {
@@ -45,7 +45,7 @@ class TransitionImpl : public nn::Module {
       : bn(register_module("bn", batch_norm(in))),
         conv(register_module("conv", conv1x1(in, out, 1))) {}
   torch::Tensor forward(const torch::Tensor& x) {
-    return torch::avg_pool2d(conv(torch::relu(bn(x))), 2);
+    return torch::avg_pool2d(conv(torch::relu(bn_forward(bn, x))), 2);
   }
   void append_graph(LayerGraph& g, const std::string& p) {
     g.add(batchnorm_layer(p + ".bn", bn));
@@ -105,7 +105,7 @@ class DenseNetImpl : public BackboneImpl {
       x = blocks_[b]->forward(x);
       if (b < trans_.size()) x = trans_[b]->forward(x);
     }
-    x = torch::relu(bn(x));
+    x = torch::relu(bn_forward(bn, x));
     x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(/*start_dim=*/1);
     return linear ? linear(x) : x;
   }

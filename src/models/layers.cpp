@@ -5,6 +5,7 @@
 #include <set>
 
 #include "backbone-impl.h"
+#include "moecert/distributed.h"
 
 namespace moecert {
 namespace {
@@ -21,6 +22,28 @@ struct BatchNormSharing {
   bool replay = false;
 };
 thread_local BatchNormSharing* bn_sharing = nullptr;
+
+thread_local Collective* sync_bn_group = nullptr;
+
+/// Σ over the ranks of a group, whose gradient is the Σ over the ranks of the
+/// gradients: every rank's loss depends on every rank's summand.
+class AllReduceSum : public torch::autograd::Function<AllReduceSum> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               int64_t group) {
+    ctx->saved_data["group"] = group;
+    std::vector<torch::Tensor> t{x.detach().clone()};
+    reinterpret_cast<Collective*>(group)->all_reduce_sum(t);
+    return t[0];
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* group = reinterpret_cast<Collective*>(ctx->saved_data["group"].toInt());
+    std::vector<torch::Tensor> t{grads[0].contiguous().clone()};
+    group->all_reduce_sum(t);
+    return {t[0], torch::Tensor()};
+  }
+};
 
 /// Convolution whose backward pass uses LibTorch's im2col kernels instead of
 /// oneDNN's. For a stem with one to three input channels on the CPU oneDNN's
@@ -94,6 +117,37 @@ nn::BatchNorm2d batch_norm(int64_t channels) {
     throw Error(ExitCode::internal,
                 "moe-cnn: the trunks of one MoE-CNN ask for different BatchNorm layers");
   return s.made[s.next++];
+}
+
+torch::Tensor bn_forward(nn::BatchNorm2d bn, const torch::Tensor& x) {
+  Collective* group = sync_bn_group;
+  if (!group || group->size() <= 1 || !bn->is_training()) return bn->forward(x);
+  // The global batch's per-channel Σx, Σx² and count, in float64 as LibTorch's own
+  // CPU BatchNorm accumulates; the biased variance normalises, the unbiased one
+  // updates the running variance (as torch.nn.SyncBatchNorm).
+  const int64_t C = x.size(1);
+  auto xd = x.to(torch::kFloat64);
+  const std::vector<int64_t> dims{0, 2, 3};
+  auto local = torch::cat({xd.sum(dims), (xd * xd).sum(dims),
+                           torch::full({1}, static_cast<double>(x.numel() / C), xd.options())});
+  auto global = AllReduceSum::apply(local, reinterpret_cast<int64_t>(group));
+  const double n = global[2 * C].item<double>();
+  auto mean = global.narrow(0, 0, C) / n;
+  auto var = global.narrow(0, C, C) / n - mean * mean;
+  const auto& o = bn->options;
+  auto y = (xd - mean.view({1, C, 1, 1})) * torch::rsqrt(var + o.eps()).view({1, C, 1, 1});
+  y = y.to(x.scalar_type());
+  if (o.affine()) y = y * bn->weight.view({1, C, 1, 1}) + bn->bias.view({1, C, 1, 1});
+  if (o.track_running_stats()) {
+    torch::NoGradGuard no_grad;
+    const double m = o.momentum().value_or(0.1);
+    const double unbiased = n > 1 ? n / (n - 1) : 1.0;
+    bn->running_mean.mul_(1 - m).add_(mean.detach().to(bn->running_mean.scalar_type()), m);
+    bn->running_var.mul_(1 - m).add_((var.detach() * unbiased).to(bn->running_var.scalar_type()),
+                                     m);
+    bn->num_batches_tracked.add_(1);
+  }
+  return y;
 }
 
 Layer avgpool2_layer(const std::string& name, int64_t channels, const torch::Tensor& like) {
@@ -210,5 +264,11 @@ int64_t module_parameter_count(const torch::nn::Module& module) {
 LiveGraphs::LiveGraphs() : previous_(live_graphs) { live_graphs = true; }
 LiveGraphs::~LiveGraphs() { live_graphs = previous_; }
 bool LiveGraphs::active() { return live_graphs; }
+
+SyncBatchNormScope::SyncBatchNormScope(Collective* group) : previous_(sync_bn_group) {
+  sync_bn_group = group;
+}
+SyncBatchNormScope::~SyncBatchNormScope() { sync_bn_group = previous_; }
+Collective* SyncBatchNormScope::active() { return sync_bn_group; }
 
 }  // namespace moecert

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "moecert/backbones.h"
+#include "moecert/distributed.h"
 #include "moecert/error.h"
 #include "moecert/limits.h"
 #include "moecert/models.h"
@@ -379,12 +380,22 @@ torch::Tensor MoeImpl::dispatch(const torch::Tensor& xn, const torch::Tensor& se
   auto flat = selected.reshape({-1});  // [B*k]
   auto order = std::get<1>(flat.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   auto counts = torch::bincount(flat, /*weights=*/{}, /*minlength=*/E).cpu();
+  // Under --sync-bn every rank must run the same experts (each BatchNorm is a
+  // collective): an expert runs, on an empty batch where this rank routed nothing to
+  // it, when any rank routed a sample to it.
+  auto runs = counts;
+  if (Collective* group = SyncBatchNormScope::active();
+      group && group->size() > 1 && is_training()) {
+    std::vector<torch::Tensor> t{counts.clone()};
+    group->all_reduce_sum(t);
+    runs = t[0];
+  }
   auto samples = torch::div(order, k, /*rounding_mode=*/"floor");  // row of each entry
   std::vector<torch::Tensor> parts;
   int64_t offset = 0;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = counts[e].item<int64_t>();
-    if (n == 0) continue;
+    if (runs[e].item<int64_t>() == 0) continue;
     auto rows = samples.narrow(0, offset, n);
     auto group = xn.index_select(0, rows);
     auto logits = body_ && gate.defined()

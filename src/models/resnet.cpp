@@ -31,8 +31,8 @@ class BasicBlockImpl : public nn::Module {
   }
 
   torch::Tensor forward(const torch::Tensor& x) {
-    auto out = torch::relu(bn1(conv1(x)));
-    out = bn2(conv2(out));
+    auto out = torch::relu(bn_forward(bn1, conv1(x)));
+    out = bn_forward(bn2, conv2(out));
     return torch::relu(out + skip(x));
   }
   /// Appends residual(main, shortcut) then ReLU to `g`; `prefix` is the block's
@@ -70,7 +70,10 @@ class BasicBlockImpl : public nn::Module {
 
  private:
   torch::Tensor skip(const torch::Tensor& x) {
-    if (shortcut) return shortcut->forward(x);
+    if (shortcut)
+      return bn_forward(
+          nn::BatchNorm2d(std::dynamic_pointer_cast<nn::BatchNorm2dImpl>(shortcut->ptr(1))),
+          shortcut->ptr<nn::Conv2dImpl>(0)->forward(x));
     if (!pad_) return x;
     const int64_t p = (out_ - in_) / 2;
     auto sub = x.slice(2, 0, x.size(2), stride_).slice(3, 0, x.size(3), stride_);
@@ -104,7 +107,7 @@ class ResNetImpl : public BackboneImpl {
   }
 
   torch::Tensor forward(torch::Tensor x) override {
-    x = torch::relu(bn1(conv3x3_apply(conv1, x)));
+    x = torch::relu(bn_forward(bn1, conv3x3_apply(conv1, x)));
     for (auto& stage : stages_) x = stage->forward(x);
     x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(/*start_dim=*/1);
     return linear ? linear(x) : x;

@@ -46,7 +46,13 @@ class VggImpl : public BackboneImpl {
     if (a.outputs > 0) classifier = register_module("classifier", nn::Linear(features_, a.outputs));
   }
   torch::Tensor forward(torch::Tensor x) override {
-    x = features->forward(x).flatten(/*start_dim=*/1);
+    for (size_t i = 0; i < kinds_.size(); ++i)
+      x = kinds_[i] == 'B'
+              ? bn_forward(nn::BatchNorm2d(
+                               std::dynamic_pointer_cast<nn::BatchNorm2dImpl>(features->ptr(i))),
+                           x)
+              : (features->begin() + static_cast<std::ptrdiff_t>(i))->forward(x);
+    x = x.flatten(/*start_dim=*/1);
     return classifier ? classifier(x) : x;
   }
   LayerGraph graph() override {

@@ -21,8 +21,8 @@ class WideBlockImpl : public nn::Module {
       shortcut = register_module("convShortcut", conv1x1(in, out, stride));
   }
   torch::Tensor forward(const torch::Tensor& x) {
-    auto a = torch::relu(bn1(x));
-    auto out = conv2(torch::relu(bn2(conv1(a))));
+    auto a = torch::relu(bn_forward(bn1, x));
+    auto out = conv2(torch::relu(bn_forward(bn2, conv1(a))));
     return out + (shortcut ? shortcut(a) : x);
   }
   void append_graph(LayerGraph& g, const std::string& p) {
@@ -77,7 +77,7 @@ class WideResNetImpl : public BackboneImpl {
   torch::Tensor forward(torch::Tensor x) override {
     x = conv3x3_apply(conv1, x);
     for (auto& s : stages_) x = s->forward(x);
-    x = torch::relu(bn1(x));
+    x = torch::relu(bn_forward(bn1, x));
     x = torch::adaptive_avg_pool2d(x, {1, 1}).flatten(/*start_dim=*/1);
     return fc ? fc(x) : x;
   }

@@ -6,10 +6,10 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint_compare.h"
 #include "cli/cli_fixtures.h"
 #include "moecert/model_io.h"
 #include "moecert/results.h"
-#include "checkpoint_compare.h"
 #include "test_util.h"
 
 using namespace moecert_test;
@@ -21,7 +21,6 @@ const std::string kSource = MOECERT_SOURCE_DIR;
 std::string moecert_cmd(const std::string& args) {
   return std::string(MOECERT_BINARY) + " --threads 1 " + args;
 }
-
 
 const char* kTrain =
     "--dataset synthetic --samples 256 --quiet train --experts 2 --epochs 1 --val-samples 64 "
@@ -65,10 +64,11 @@ TEST_CASE("torchrun --no_python starts two ranks that train as one process does"
   TempDir dir;
   // --redirects/--tee 2: Debian's torchrun on Python 3.11 fails on the default 0
   // (docs/distributed.md).
-  auto two = run_shell("torchrun --no_python --nproc_per_node=2 --redirects 2 --tee 2 "
-                       "--master_port " +
-                       std::to_string(free_port()) + " --log_dir " + (dir / "logs") + " " +
-                       moecert_cmd(kTrain + (dir / "two")));
+  auto two = run_shell(
+      "torchrun --no_python --nproc_per_node=2 --redirects 2 --tee 2 "
+      "--master_port " +
+      std::to_string(free_port()) + " --log_dir " + (dir / "logs") + " " +
+      moecert_cmd(kTrain + (dir / "two")));
   INFO(two.output);
   REQUIRE(two.code == 0);
   CHECK(moecert::model_load(dir / "two", torch::kCPU).manifest.at("world_size") == 2);
@@ -92,8 +92,8 @@ TEST_CASE("scripts/shard-run.sh: array-job and torchrun-style shards merge into 
     REQUIRE(r.code == 0);
   }
   for (int r = 0; r < 2; ++r) {
-    auto run = run_shell("RANK=" + std::to_string(r) + " WORLD_SIZE=2 " + script +
-                         (dir / "ranks") + " " + certify);
+    auto run = run_shell("RANK=" + std::to_string(r) + " WORLD_SIZE=2 " + script + (dir / "ranks") +
+                         " " + certify);
     INFO(run.output);
     REQUIRE(run.code == 0);
   }
@@ -126,8 +126,8 @@ TEST_CASE("scripts/shard-run.sh: array-job and torchrun-style shards merge into 
     REQUIRE(run.code == 0);
   }
   REQUIRE(run_shell(attack + "--json " + (dir / "attack-whole.json")).code == 0);
-  auto merged = run_shell(moecert_cmd("merge " + (dir / "attack") + "/shard-*.json --out " +
-                                      (dir / "attack.json")));
+  auto merged = run_shell(
+      moecert_cmd("merge " + (dir / "attack") + "/shard-*.json --out " + (dir / "attack.json")));
   INFO(merged.output);
   REQUIRE(merged.code == 0);
   auto timeless = [](const std::string& path) {
@@ -140,9 +140,9 @@ TEST_CASE("scripts/shard-run.sh: array-job and torchrun-style shards merge into 
   CHECK(attack_whole.at("rows").size() == 50);
   CHECK(timeless(dir / "attack.json") == attack_whole);
   // Shards of other settings, or overlapping ones, are refused.
-  auto twice = run_shell(moecert_cmd("merge " + (dir / "attack/shard-0-of-2.json") + " " +
-                                     (dir / "attack/shard-0-of-2.json") + " --out " +
-                                     (dir / "bad.json")));
+  auto twice =
+      run_shell(moecert_cmd("merge " + (dir / "attack/shard-0-of-2.json") + " " +
+                            (dir / "attack/shard-0-of-2.json") + " --out " + (dir / "bad.json")));
   CHECK(twice.code == 2);
   CHECK(twice.output.find("in two shards") != std::string::npos);
 

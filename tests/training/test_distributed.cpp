@@ -6,10 +6,10 @@
 #include <chrono>
 #include <map>
 
+#include "checkpoint_compare.h"
 #include "moecert/distributed.h"
 #include "moecert/error.h"
 #include "moecert/model_io.h"
-#include "checkpoint_compare.h"
 #include "test_util.h"
 
 using namespace moecert;
@@ -46,8 +46,21 @@ RankRuns run_ranks(const std::string& args, int world, const TempDir& dir) {
   return out;
 }
 
-
 const char* kData = "--dataset synthetic --samples 256 --quiet ";
+
+/// Trains in one process; requires success.
+void train_one(const std::string& args) {
+  auto r = run_shell(moecert_cmd(args));
+  INFO(r.output);
+  REQUIRE(r.code == 0);
+}
+
+/// Trains as two ranks; requires both to succeed.
+void train_two(const std::string& args, const TempDir& dir) {
+  auto r = run_ranks(args, 2, dir);
+  INFO(r.output);
+  REQUIRE(r.codes == std::vector<int>{0, 0});
+}
 
 }  // namespace
 
@@ -60,7 +73,8 @@ TEST_CASE("distributed_env reads torchrun's variables and names the one missing"
   CHECK_FALSE(distributed_env(get).distributed());  // no WORLD_SIZE: one process
   vars = {{"WORLD_SIZE", "1"}};
   CHECK_FALSE(distributed_env(get).distributed());
-  vars = {{"WORLD_SIZE", "4"}, {"RANK", "3"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
+  vars = {{"WORLD_SIZE", "4"},      {"RANK", "3"},
+          {"LOCAL_RANK", "1"},      {"LOCAL_WORLD_SIZE", "2"},
           {"MASTER_ADDR", "node0"}, {"MASTER_PORT", "29500"}};
   auto env = distributed_env(get);
   CHECK(env.distributed());
@@ -115,25 +129,21 @@ TEST_CASE("two ranks over Gloo train the parameters one process trains", "[e2e][
   // the gradient: Adam divides each gradient by its own magnitude, so rounding in
   // components near zero (summed in another order over two ranks) is magnified
   // there, in one process's reruns with other thread counts as much (docs/distributed.md).
-  const std::string common = "train --experts 2 --epochs 1 --val-samples 64 --batch-size 40 "
-                             "--steps 2 --eval-steps 1 --eps 0.1 --optimizer sgd ";
-  for (const std::string method : {"at", "ibp", "trades", "rt-er", "advmoe", "crown-ibp",
-                                    "jtdmoe"}) {
+  const std::string common =
+      "train --experts 2 --epochs 1 --val-samples 64 --batch-size 40 "
+      "--steps 2 --eval-steps 1 --eps 0.1 --optimizer sgd ";
+  for (const std::string method :
+       {"at", "ibp", "trades", "rt-er", "advmoe", "crown-ibp", "jtdmoe"}) {
     SECTION(method) {
       const std::string args = kData + common + "--lr 0.05 --method " + method + " --out ";
-      auto one = run_shell(moecert_cmd(args + (dir / "one")));
-      INFO(one.output);
-      REQUIRE(one.code == 0);
-      auto two = run_ranks(args + (dir / "two"), 2, dir);
-      INFO(two.output);
-      REQUIRE(two.codes == std::vector<int>{0, 0});
+      train_one(args + (dir / "one"));
+      train_two(args + (dir / "two"), dir);
       const double diff = max_relative_difference(dir / "one", dir / "two");
       INFO("largest relative parameter difference " << diff);
       CHECK(diff <= 1e-5);
       // The ranks did train: the run differs from its initialisation.
-      auto init = run_shell(moecert_cmd(std::string(kData) + common + "--method " + method +
-                                        " --lr 1e-12 --out " + (dir / "init")));
-      REQUIRE(init.code == 0);
+      train_one(std::string(kData) + common + "--method " + method + " --lr 1e-12 --out " +
+                (dir / "init"));
       CHECK(max_relative_difference(dir / "one", dir / "init") > 1e-3);
       auto manifest = model_load(dir / "two", torch::kCPU).manifest;
       CHECK(manifest.at("world_size") == 2);
@@ -141,6 +151,27 @@ TEST_CASE("two ranks over Gloo train the parameters one process trains", "[e2e][
       CHECK(last.at("heldout_samples") == 64);  // the shards add up to the held-out set
     }
   }
+}
+
+TEST_CASE(
+    "train --sync-bn: two ranks train a BatchNorm MoE as one process does and per-rank BN does not",
+    "[e2e][training]") {
+  TempDir dir;
+  // VGG-11-BN channel groups (BatchNorm inside an nn::Sequential) behind a top-1
+  // router: every BatchNorm of every routed expert is a collective.
+  const std::string args =
+      "--dataset synthetic-cifar --samples 96 --quiet train --arch moe-cnn --expert vgg11-bn "
+      "--experts 2 --scale 0.0625 --router linear --epochs 1 --batch-size 32 --method at "
+      "--steps 1 --val-samples 16 --eval-steps 1 --optimizer sgd --lr 0.05 ";
+  train_one(args + "--out " + (dir / "one"));
+  train_two(args + "--sync-bn --out " + (dir / "sync"), dir);
+  train_two(args + "--out " + (dir / "own"), dir);
+  const double sync_diff = max_relative_difference(dir / "one", dir / "sync");
+  const double own_diff = max_relative_difference(dir / "one", dir / "own");
+  INFO("sync-bn " << sync_diff << ", per-rank BatchNorm " << own_diff);
+  CHECK(sync_diff <= 1e-4);
+  CHECK(own_diff > 1e-2);  // each rank's half-batch statistics train another model
+  CHECK(model_load(dir / "sync", torch::kCPU).manifest.at("training").at("sync_bn") == true);
 }
 
 TEST_CASE("a world-size-1 checkpoint resumes under two ranks as one process continues",
@@ -152,14 +183,9 @@ TEST_CASE("a world-size-1 checkpoint resumes under two ranks as one process cont
                              "train --experts 2 --val-samples 64 --batch-size 32 --steps 1 "
                              "--eval-steps 1 --method at --optimizer sgd --lr 0.05 "
                              "--schedule constant ";
-  auto first = run_shell(moecert_cmd(common + "--epochs 1 --out " + (dir / "two")));
-  INFO(first.output);
-  REQUIRE(first.code == 0);
-  auto resumed = run_ranks(common + "--epochs 2 --resume --out " + (dir / "two"), 2, dir);
-  INFO(resumed.output);
-  REQUIRE(resumed.codes == std::vector<int>{0, 0});
-  auto straight = run_shell(moecert_cmd(common + "--epochs 2 --out " + (dir / "one")));
-  REQUIRE(straight.code == 0);
+  train_one(common + "--epochs 1 --out " + (dir / "two"));
+  train_two(common + "--epochs 2 --resume --out " + (dir / "two"), dir);
+  train_one(common + "--epochs 2 --out " + (dir / "one"));
   CHECK(max_relative_difference(dir / "one", dir / "two") <= 1e-5);
 }
 
@@ -182,8 +208,8 @@ TEST_CASE("a distributed run without its variables or its store exits 2 in time"
   CHECK(unreachable.code == 2);
   CHECK(unreachable.output.find("MASTER_ADDR") != std::string::npos);
   CHECK(seconds < 30);
-  auto bad_timeout = run_shell(moecert_cmd(std::string(kData) +
-                                           "train --dist-timeout 0 --out " + (dir / "x")));
+  auto bad_timeout =
+      run_shell(moecert_cmd(std::string(kData) + "train --dist-timeout 0 --out " + (dir / "x")));
   CHECK(bad_timeout.code == 2);
   CHECK(bad_timeout.output.find("--dist-timeout") != std::string::npos);
 }
