@@ -107,7 +107,7 @@ TEST_CASE("scripts/shard-run.sh: array-job and torchrun-style shards merge into 
     return j;
   };
   const auto expected = comparable(dir / "whole/results.json");
-  for (const std::string& kind : {"array", "ranks"}) {
+  for (const std::string kind : {"array", "ranks"}) {
     auto merged = run_shell(moecert_cmd("merge " + (dir / kind) + "/shard-*/results.json --out " +
                                         (dir / (kind + ".json"))));
     INFO(merged.output);

@@ -217,7 +217,7 @@ TEST_CASE("a distributed run without its variables or its store exits 2 in time"
 TEST_CASE("when one rank dies the others exit with a message and do not hang", "[e2e][training]") {
   TempDir dir;
   const int port = free_port();
-  // A long run; rank 1 is killed once both ranks have trained a few steps.
+  // A long run; rank 1 is killed once both ranks have trained an epoch.
   const std::string args = std::string(kData) +
                            "train --experts 2 --epochs 1000 --val-samples 64 --steps 2 "
                            "--batch-size 16 --dist-timeout 60 --out " +
@@ -226,7 +226,10 @@ TEST_CASE("when one rank dies the others exit with a message and do not hang", "
   const auto t0 = std::chrono::steady_clock::now();
   auto r = run_shell("(" + rank_env(0, 2, port) + moecert_cmd(args) + " > " + log0 +
                      " 2>&1; echo $? > " + (dir / "rc0") + ") & " + rank_env(1, 2, port) +
-                     moecert_cmd(args) + " > /dev/null 2>&1 & pid=$!; sleep 5; kill -9 $pid; wait");
+                     moecert_cmd(args) + " > /dev/null 2>&1 & pid=$!; " +
+                     // Once the group trains (the first checkpoint is written), rank 1 dies.
+                     "for i in $(seq 600); do [ -f " + (dir / "ckpt/model.json") +
+                     " ] && break; sleep 0.1; done; kill -9 $pid; wait");
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const std::string out = read_text(log0);
