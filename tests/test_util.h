@@ -69,6 +69,12 @@ inline RunResult run_moecert(const std::string& args) {
                    " " + args);
 }
 
+/// The command line running moecert with `args` on one thread: for tests that start
+/// several processes at once (ranks of a data-parallel run, or a run to compare with).
+inline std::string moecert_cmd(const std::string& args) {
+  return std::string(MOECERT_BINARY) + " --threads 1 " + args;
+}
+
 inline std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   std::stringstream ss;

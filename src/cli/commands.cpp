@@ -302,6 +302,14 @@ std::pair<int64_t, int64_t> shard_parse(const std::string& s) {
   }
 }
 
+nlohmann::json expert_usage_json(const ExpertUsage& usage) {
+  return {{"clean", usage.clean},
+          {"adversarial", usage.adversarial},
+          {"clean_share", ExpertUsage::shares(usage.clean)},
+          {"adversarial_share", ExpertUsage::shares(usage.adversarial)},
+          {"max_share", usage.max_share()}};
+}
+
 std::vector<int64_t> shard_rows(const std::string& shard, int64_t total, int64_t batch) {
   const auto [si, sn] = shard.empty() ? std::pair<int64_t, int64_t>{0, 1} : shard_parse(shard);
   std::vector<int64_t> rows;
@@ -582,12 +590,7 @@ void cli_register_attack(CLI::App& app, const CommonOptions& common) {
       j["aware"] = cfg.aware;
     j["sa"] = r.sa, j["ra"] = r.ra, j["seconds"] = r.seconds;
     if (cfg.components) j["ra_e"] = r.ra_e, j["ra_r"] = r.ra_r;
-    if (!r.usage.clean.empty())
-      j["expert_usage"] = {{"clean", r.usage.clean},
-                           {"adversarial", r.usage.adversarial},
-                           {"clean_share", ExpertUsage::shares(r.usage.clean)},
-                           {"adversarial_share", ExpertUsage::shares(r.usage.adversarial)},
-                           {"max_share", r.usage.max_share()}};
+    if (!r.usage.clean.empty()) j["expert_usage"] = expert_usage_json(r.usage);
     j["runs"] = nlohmann::json::array();
     for (size_t i = 0; i < r.runs.size(); ++i)
       j["runs"].push_back(

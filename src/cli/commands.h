@@ -31,6 +31,12 @@ nlohmann::json selection_json(const CommonOptions& c, int64_t images);
 /// The data set a command reads: --dataset or `fallback`, --data, the split, the seed.
 DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train);
 
+struct ExpertUsage;
+
+/// The `expert_usage` object of the attack JSON (docs/formats.md): counts, shares and
+/// the largest share. Written by `attack --json` and by `merge` of attack shards.
+nlohmann::json expert_usage_json(const ExpertUsage& usage);
+
 /// --shard "i/n" (0 <= i < n) -> (i, n); ConfigError naming --shard otherwise.
 std::pair<int64_t, int64_t> shard_parse(const std::string& shard);
 /// The rows of shard `shard` ("" = all) of `total` samples: whole blocks of `batch`

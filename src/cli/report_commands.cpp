@@ -113,15 +113,9 @@ nlohmann::json attack_merge(const std::vector<nlohmann::json>& shards,
   if (shards[0].contains("ra_r")) merged["ra_r"] = ra_r / samples;
   merged["seconds"] = seconds;
   merged["runs"] = runs;
-  if (!usage.is_null()) {
-    ExpertUsage u{usage["clean"].get<std::vector<int64_t>>(),
-                  usage["adversarial"].get<std::vector<int64_t>>()};
-    merged["expert_usage"] = {{"clean", u.clean},
-                              {"adversarial", u.adversarial},
-                              {"clean_share", ExpertUsage::shares(u.clean)},
-                              {"adversarial_share", ExpertUsage::shares(u.adversarial)},
-                              {"max_share", u.max_share()}};
-  }
+  if (!usage.is_null())
+    merged["expert_usage"] = expert_usage_json({usage["clean"].get<std::vector<int64_t>>(),
+                                                usage["adversarial"].get<std::vector<int64_t>>()});
   merged["merged_from"] = shards.size();
   return merged;
 }

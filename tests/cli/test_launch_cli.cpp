@@ -18,10 +18,6 @@ namespace {
 
 const std::string kSource = MOECERT_SOURCE_DIR;
 
-std::string moecert_cmd(const std::string& args) {
-  return std::string(MOECERT_BINARY) + " --threads 1 " + args;
-}
-
 const char* kTrain =
     "--dataset synthetic --samples 256 --quiet train --experts 2 --epochs 1 --val-samples 64 "
     "--batch-size 32 --steps 1 --eval-steps 1 --optimizer sgd --lr 0.05 --out ";
@@ -99,21 +95,14 @@ TEST_CASE("scripts/shard-run.sh: array-job and torchrun-style shards merge into 
   }
   auto whole = run_shell(certify + "--out " + (dir / "whole"));
   REQUIRE(whole.code == 0);
-  // What an unsharded run and merged shards share: all but timing and provenance.
-  auto comparable = [](const std::string& path) {
-    auto j = moecert::Results::read(path).to_json();
-    for (const char* k : {"timing", "merged_from", "command"}) j.erase(k);
-    j["config"].erase("shard");
-    return j;
-  };
-  const auto expected = comparable(dir / "whole/results.json");
+  const auto expected = results_comparable(dir / "whole/results.json");
   for (const std::string kind : {"array", "ranks"}) {
     auto merged = run_shell(moecert_cmd("merge " + (dir / kind) + "/shard-*/results.json --out " +
                                         (dir / (kind + ".json"))));
     INFO(merged.output);
     REQUIRE(merged.code == 0);
     CHECK(moecert::Results::read(dir / (kind + ".json")).rows.size() == 60);
-    CHECK(comparable(dir / (kind + ".json")) == expected);
+    CHECK(results_comparable(dir / (kind + ".json")) == expected);
   }
   // attack: the same over ranks, merged into what one run reports (timings aside).
   const std::string attack = moecert_cmd("--samples 50 --quiet attack " + trained_checkpoint() +

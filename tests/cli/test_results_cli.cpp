@@ -54,13 +54,6 @@ moecert_test::RunResult run_script(const std::string& script, const std::string&
   return run_shell("bash '" + dir + "/recipe.sh'");
 }
 
-nlohmann::json comparable(const std::string& path) {
-  auto j = moecert::Results::read(path).to_json();
-  for (const char* k : {"timing", "merged_from", "command"}) j.erase(k);
-  j["config"].erase("shard");
-  return j;
-}
-
 }  // namespace
 
 TEST_CASE("the README's CI recipe: shards, merge, gates, JUnit, baseline regression",
@@ -82,7 +75,8 @@ TEST_CASE("the README's CI recipe: shards, merge, gates, JUnit, baseline regress
   auto whole = run_moecert("--samples 120 --quiet certify " + trained_checkpoint() +
                            " --estimator crown --eps-grid 0.1,0.001,0.01 --out " + (tmp / "whole"));
   REQUIRE(whole.code == 0);
-  CHECK(comparable(tmp / "results.json") == comparable(tmp / "whole/results.json"));
+  CHECK(moecert_test::results_comparable(tmp / "results.json") ==
+        moecert_test::results_comparable(tmp / "whole/results.json"));
   // Without the global estimator nothing brackets its constants: no lower bounds computed.
   CHECK(moecert::Results::read(tmp / "whole/results.json").constants_lower.is_null());
   auto junit = read_text(tmp / "report/junit.xml");

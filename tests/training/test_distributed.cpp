@@ -17,10 +17,6 @@ using namespace moecert_test;
 
 namespace {
 
-std::string moecert_cmd(const std::string& args) {
-  return std::string(MOECERT_BINARY) + " --threads 1 " + args;
-}
-
 struct RankRuns {
   std::vector<int> codes;
   std::string output;
