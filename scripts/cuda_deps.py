@@ -15,7 +15,7 @@ import sys
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 out = os.path.join(root, "devdeps")
-prefixes = ("eigen3/", "boost/", "nlohmann/", "CLI/", "zlib.h", "zconf.h")
+prefixes = ("eigen3/", "boost/", "nlohmann/", "CLI/", "gloo/", "zlib.h", "zconf.h")
 headers = set()
 for c in json.load(open(os.path.join(root, "build", "compile_commands.json"))):
     if "/tests/" in c["file"] or "/bench/" in c["file"] and "bench_certify" not in c["file"]:

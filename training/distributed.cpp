@@ -7,10 +7,13 @@
 #ifdef MOECERT_WITH_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
+#include <torch/csrc/autograd/function.h>
 #include <torch/torch.h>
 
 #include <cstdlib>
 #include <list>
+#include <mutex>
+#include <unordered_set>
 
 #include "moecert/distributed.h"
 #include "moecert/error.h"
@@ -60,16 +63,21 @@ class C10dGroup : public Collective {
   int size() const override { return size_; }
   std::string backend() const override { return backend_; }
 
-  void all_reduce_sum(std::vector<torch::Tensor>& tensors) override {
+  std::function<void()> all_reduce_sum_start(std::vector<torch::Tensor> tensors) override {
+    // Each Work reads its vector until wait(): the waiter owns them.
+    auto held = std::make_shared<std::list<std::vector<at::Tensor>>>();
+    auto works = std::make_shared<std::vector<c10::intrusive_ptr<c10d::Work>>>();
     guarded("all-reduce", [&] {
-      std::list<std::vector<at::Tensor>> held;  // each Work reads its vector until wait()
-      std::vector<c10::intrusive_ptr<c10d::Work>> works;
       for (auto& t : tensors) {
-        held.push_back({t});
-        works.push_back(pg_->allreduce(held.back()));
+        held->push_back({t});
+        works->push_back(pg_->allreduce(held->back()));
       }
-      for (auto& w : works) w->wait();
     });
+    return [this, held, works] {
+      guarded("all-reduce", [&] {
+        for (auto& w : *works) w->wait();
+      });
+    };
   }
   void broadcast(std::vector<torch::Tensor>& tensors, int root) override {
     guarded("broadcast", [&] {
@@ -119,7 +127,11 @@ DistributedEnv distributed_env(const std::function<const char*(const char*)>& ge
   const char* world = get("WORLD_SIZE");
   if (!world || !*world) return env;
   env.world_size = env_int("WORLD_SIZE", world, 1, 1 << 16);
-  if (env.world_size == 1) return env;
+  if (env.world_size == 1) {
+    // A group of one only when the launcher gave it a store (torchrun does).
+    const char* addr = get("MASTER_ADDR");
+    if (!addr || !*addr) return env;
+  }
   const int w = env.world_size;
   env.rank = env_int("RANK", env_required(get, "RANK", w), 0, w - 1);
   const char* local = get("LOCAL_RANK");
@@ -205,53 +217,175 @@ std::unique_ptr<Collective> distributed_join(const DistributedEnv& env, const st
   }
 }
 
-void distributed_sum_gradients(const std::vector<torch::Tensor>& params, Collective& group,
-                               int64_t bucket_bytes) {
+/// The buckets and the schedule of one reducer. Bucket b holds consecutive parameters
+/// of one dtype and device: their gradients flattened, then one flag per parameter (1
+/// where this rank has a gradient for it), summed in one all-reduce. The buffers are
+/// allocated once and zeroed before each pass.
+struct GradientReducer::State {
+  struct Bucket {
+    size_t first = 0, last = 0, waiting = 0;
+    torch::Tensor data, flags;
+    bool launched = false;
+  };
+  Collective* group = nullptr;
+  bool overlap = true;
+  std::vector<torch::Tensor> params;             // reverse registration order
+  std::vector<std::pair<size_t, int64_t>> slot;  // (bucket, offset)
+  std::vector<Bucket> buckets;
+  std::vector<bool> seen;
+  std::vector<std::function<void()>> waiters;
+  size_t next = 0;
+  bool active = false;  // inside backward(): the hooks act
+  std::mutex mutex;
+
+  void reset() {
+    for (auto& b : buckets) b.data.zero_(), b.waiting = b.last - b.first, b.launched = false;
+    seen.assign(params.size(), false);
+    waiters.clear();
+    next = 0;
+  }
+  /// Parameter i's gradient (of this pass, or what it held) enters its bucket.
+  void ready(size_t i, const torch::Tensor& g) {
+    auto& b = buckets[slot[i].first];
+    if (b.launched)  // an AccumulateGrad node runs once per pass; never reached
+      throw std::logic_error("GradientReducer: a gradient arrived after its bucket left");
+    const auto& p = params[i];
+    if (g.defined())
+      b.data.narrow(0, slot[i].second, p.numel()).add_(g.detach().reshape(-1).to(b.data.dtype()));
+    b.flags[static_cast<int64_t>(i - b.first)].fill_(g.defined() || p.grad().defined() ? 1 : 0);
+    if (!seen[i]) seen[i] = true, --b.waiting;
+  }
+  /// Launches, in bucket order, every bucket whose gradients are all in and whose
+  /// predecessors have left: every rank then issues the same collectives in the same
+  /// order, whatever order its pass produced the gradients in.
+  void launch_ready() {
+    while (next < buckets.size() && buckets[next].waiting == 0) {
+      buckets[next].launched = true;
+      waiters.push_back(group->all_reduce_sum_start({buckets[next].data}));
+      ++next;
+    }
+  }
+  /// From a parameter's hook, on the thread of the backward pass.
+  void on_gradient(size_t i, const torch::Tensor& g) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!active) return;  // another backward pass (an attack's, another optimizer's)
+    ready(i, g);
+    launch_ready();
+  }
+  /// Before the pass: the parameters `loss`'s graph does not reach (an expert no sample
+  /// of this rank was routed to) are ready now, so their buckets do not hold back the
+  /// ones after them (DDP's find_unused_parameters).
+  void skip_unreached(const torch::Tensor& loss) {
+    std::unordered_set<const torch::autograd::Node*> reached;
+    std::vector<torch::autograd::Node*> stack;
+    if (auto* root = loss.grad_fn().get()) stack.push_back(root);
+    while (!stack.empty()) {
+      auto* node = stack.back();
+      stack.pop_back();
+      if (!reached.insert(node).second) continue;
+      for (const auto& edge : node->next_edges())
+        if (edge.function) stack.push_back(edge.function.get());
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    for (size_t i = 0; i < params.size(); ++i) {
+      const auto acc = torch::autograd::impl::try_get_grad_accumulator(params[i]);
+      if (!acc || !reached.count(acc.get())) ready(i, params[i].grad());
+    }
+    launch_ready();
+  }
+  /// After the pass: the parameters it did not reach are ready with what they hold
+  /// (zeros, or nothing), the remaining buckets launched, all waited for, and the sums
+  /// written to the gradients.
+  void finish() {
+    std::lock_guard<std::mutex> lock(mutex);
+    active = false;
+    for (size_t i = 0; i < params.size(); ++i)
+      if (!seen[i]) ready(i, params[i].grad());
+    launch_ready();
+    for (auto& wait : waiters) wait();
+    waiters.clear();
+    for (const auto& b : buckets) {
+      const auto produced = b.flags.to(torch::kCPU, torch::kDouble);
+      const double* f = produced.data_ptr<double>();
+      for (size_t i = b.first; i < b.last; ++i) {
+        if (f[i - b.first] == 0) continue;  // no rank has a gradient for it
+        auto& p = params[i];
+        auto sum = b.data.narrow(0, slot[i].second, p.numel()).view(p.sizes());
+        if (p.grad().defined())
+          p.mutable_grad().copy_(sum);
+        else
+          p.mutable_grad() = sum.clone();
+      }
+    }
+  }
+};
+
+GradientReducer::GradientReducer(const std::vector<torch::Tensor>& params, Collective& group,
+                                 const GradientBuckets& opts)
+    : state_(std::make_shared<State>()) {
   torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> trained;
-  for (const auto& p : params)
-    if (p.requires_grad()) trained.push_back(p);
-  if (trained.empty()) return;
-  const auto flag_opts = trained.front().options().dtype(torch::kFloat32);
-  auto flags = torch::zeros({static_cast<int64_t>(trained.size())}, flag_opts.device(torch::kCPU));
-  auto* f = flags.data_ptr<float>();
-  for (size_t i = 0; i < trained.size(); ++i) f[i] = trained[i].grad().defined() ? 1.f : 0.f;
-  flags = flags.to(trained.front().device());
-  // Buckets of consecutive parameters of one dtype and device.
-  std::vector<std::pair<size_t, size_t>> ranges;
-  std::vector<torch::Tensor> buffers{flags};
-  for (size_t i = 0; i < trained.size();) {
+  auto& st = *state_;
+  st.group = &group, st.overlap = opts.overlap;
+  st.params.assign(params.rbegin(), params.rend());
+  st.slot.resize(st.params.size());
+  const auto& ps = st.params;
+  for (size_t i = 0; i < ps.size();) {
+    State::Bucket b;
+    int64_t bytes = 0, numel = 0;
     size_t j = i;
-    int64_t bytes = 0;
-    std::vector<torch::Tensor> pieces;
-    while (j < trained.size() &&
-           (j == i || (bytes < bucket_bytes && trained[j].dtype() == trained[i].dtype() &&
-                       trained[j].device() == trained[i].device()))) {
-      const auto& p = trained[j];
-      pieces.push_back(p.grad().defined() ? p.grad().reshape(-1)
-                                          : torch::zeros({p.numel()}, p.options()));
-      bytes += p.numel() * static_cast<int64_t>(p.element_size());
+    while (j < ps.size() && (j == i || (bytes < opts.bytes && ps[j].dtype() == ps[i].dtype() &&
+                                        ps[j].device() == ps[i].device()))) {
+      bytes += ps[j].numel() * static_cast<int64_t>(ps[j].element_size());
+      numel += ps[j].numel();
       ++j;
     }
-    ranges.emplace_back(i, j);
-    buffers.push_back(torch::cat(pieces));
+    const auto n = static_cast<int64_t>(j - i);
+    b.first = i, b.last = j;
+    b.data = torch::zeros({numel + n}, ps[i].options().requires_grad(false));
+    b.flags = b.data.narrow(0, numel, n);
+    int64_t offset = 0;
+    for (size_t k = i; k < j; ++k)
+      st.slot[k] = {st.buckets.size(), offset}, offset += ps[k].numel();
+    st.buckets.push_back(std::move(b));
     i = j;
   }
-  group.all_reduce_sum(buffers);
-  auto any = buffers.front().cpu();
-  for (size_t b = 0; b < ranges.size(); ++b) {
-    int64_t offset = 0;
-    for (size_t i = ranges[b].first; i < ranges[b].second; ++i) {
-      auto& p = trained[i];
-      auto piece = buffers[b + 1].narrow(0, offset, p.numel()).view(p.sizes());
-      offset += p.numel();
-      if (any.data_ptr<float>()[i] == 0) continue;  // no rank produced it
-      if (p.grad().defined())
-        p.mutable_grad().copy_(piece);
-      else
-        p.mutable_grad() = piece.clone();
-    }
+  if (!opts.overlap) return;
+  // Hooks stay for the reducer's lifetime: LibTorch keeps a removed hook's slot, so
+  // hooks registered per step would pile up on the parameters.
+  const std::weak_ptr<State> weak = state_;
+  for (size_t i = 0; i < ps.size(); ++i)
+    if (ps[i].requires_grad())
+      hooks_.emplace_back(i, ps[i].register_hook([weak, i](const torch::Tensor& g) {
+        if (auto s = weak.lock()) s->on_gradient(i, g);
+      }));
+}
+
+GradientReducer::~GradientReducer() {
+  for (const auto& [i, h] : hooks_) state_->params[i].remove_hook(h);
+}
+
+void GradientReducer::backward(const torch::Tensor& loss) {
+  auto& st = *state_;
+  {
+    std::lock_guard<std::mutex> lock(st.mutex);
+    torch::NoGradGuard no_grad;
+    st.reset();
   }
+  struct Inactive {  // a pass that throws leaves the hooks idle
+    State& st;
+    ~Inactive() {
+      std::lock_guard<std::mutex> lock(st.mutex);
+      st.active = false;
+    }
+  } inactive{st};
+  if (st.overlap) {
+    st.skip_unreached(loss);
+    std::lock_guard<std::mutex> lock(st.mutex);
+    st.active = true;
+  }
+  loss.backward();
+  torch::NoGradGuard no_grad;
+  st.finish();
 }
 
 void distributed_broadcast_module(torch::nn::Module& module, Collective& group, bool buffers_only) {

@@ -42,22 +42,39 @@ void add_route_margin(StepStats& s, MoeImpl& model, const torch::Tensor& x, cons
   s.loss = s.loss + cfg.route_margin * torch::relu(-gap).mean();
 }
 
-/// One optimizer step on the loss. Data-parallel: each rank's loss is scaled by its
-/// share of the global batch and the gradients summed over the group, which gives
-/// the gradient of the global batch's mean loss (docs/distributed.md).
-void apply(torch::optim::Optimizer& opt, const StepStats& s, const TrainConfig& cfg) {
-  opt.zero_grad();
-  if (cfg.group && cfg.group->size() > 1) {
-    (s.loss * cfg.rank_share).backward();
-    std::vector<torch::Tensor> params;
-    for (auto& g : opt.param_groups())
-      for (auto& p : g.params()) params.push_back(p);
-    distributed_sum_gradients(params, *cfg.group);
-  } else {
-    s.loss.backward();
+/// An optimizer and, in a data-parallel run, the reducer of its gradients (made at
+/// its first step, kept for the run: its hooks stay on the parameters).
+class Stepper {
+ public:
+  explicit Stepper(std::unique_ptr<torch::optim::Optimizer> opt) : opt_(std::move(opt)) {}
+  torch::optim::Optimizer* get() const { return opt_.get(); }
+
+  /// One optimizer step on the loss. Data-parallel: each rank's loss is scaled by its
+  /// share of the global batch and the gradients summed over the group, which gives
+  /// the gradient of the global batch's mean loss (docs/distributed.md).
+  void apply(const StepStats& s, const TrainConfig& cfg) {
+    opt_->zero_grad();
+    if (cfg.group) {
+      if (!reducer_ || reducer_group_ != cfg.group) {
+        std::vector<torch::Tensor> params;
+        for (auto& g : opt_->param_groups())
+          for (auto& p : g.params()) params.push_back(p);
+        reducer_.reset();
+        reducer_ = std::make_unique<GradientReducer>(params, *cfg.group);
+        reducer_group_ = cfg.group;
+      }
+      reducer_->backward(s.loss * cfg.rank_share);
+    } else {
+      s.loss.backward();
+    }
+    opt_->step();
   }
-  opt.step();
-}
+
+ private:
+  std::unique_ptr<torch::optim::Optimizer> opt_;
+  std::unique_ptr<GradientReducer> reducer_;
+  const Collective* reducer_group_ = nullptr;
+};
 
 class SingleLearner : public Learner {
  public:
@@ -73,7 +90,7 @@ class SingleLearner : public Learner {
     StepStats s = method_->step(model_, x, y, cfg);
     add_route_margin(s, model_, x, cfg, *method_);
     check(s);
-    apply(*opt_, s, cfg);
+    opt_.apply(s, cfg);
     return s;
   }
   void at_step(int64_t step, int64_t total) override { method_->at_step(step, total); }
@@ -85,7 +102,7 @@ class SingleLearner : public Learner {
   std::vector<std::unique_ptr<FrozenParameters>> frozen_;  // the router, with --router-train none
   MoeImpl& model_;
   std::unique_ptr<TrainMethod> method_;
-  std::unique_ptr<torch::optim::Optimizer> opt_;
+  Stepper opt_;
 };
 
 /// AdvMoE (paper 2): per batch an experts/backbone step with the router frozen,
@@ -107,10 +124,10 @@ class AdvMoeLearner : public Learner {
                    const std::function<void(const StepStats&)>& check) override {
     StepStats experts = advmoe_expert_step(model_, x, y, cfg);
     check(experts);
-    apply(*opt_experts_, experts, cfg);
+    opt_experts_.apply(experts, cfg);
     StepStats router = advmoe_router_step(model_, x, y, cfg);
     check(router);
-    apply(*opt_router_, router, cfg);
+    opt_router_.apply(router, cfg);
     return experts;  // loss and accuracies of the expert step, as a TRADES run reports them
   }
   AttackSubject subject() override { return attack_subject(model_); }
@@ -119,7 +136,7 @@ class AdvMoeLearner : public Learner {
 
  private:
   MoeImpl& model_;
-  std::unique_ptr<torch::optim::Optimizer> opt_experts_, opt_router_;
+  Stepper opt_experts_, opt_router_;
 };
 
 class JtdLearner : public Learner {
@@ -139,10 +156,10 @@ class JtdLearner : public Learner {
     StepStats robust = jtdmoe_robust_step(dual_, x, y, cfg, robust_method_.get());
     add_route_margin(robust, dual_.robust(), x, cfg, *robust_method_);
     check(robust);
-    apply(*opt_robust_, robust, cfg);
+    opt_robust_.apply(robust, cfg);
     StepStats standard = jtdmoe_standard_step(dual_, x, y, cfg);
     check(standard);
-    apply(*opt_standard_, standard, cfg);
+    opt_standard_.apply(standard, cfg);
     // Report the dual-model's loss and accuracies; usage is the robust member's.
     standard.usage_clean = robust.usage_clean;
     standard.usage_adv = robust.usage_adv;
@@ -163,7 +180,7 @@ class JtdLearner : public Learner {
   std::vector<std::unique_ptr<FrozenParameters>> frozen_;  // routers, with --router-train none
   DualImpl& dual_;
   std::unique_ptr<TrainMethod> robust_method_;  // --jtd-robust
-  std::unique_ptr<torch::optim::Optimizer> opt_robust_, opt_standard_;
+  Stepper opt_robust_, opt_standard_;
 };
 
 }  // namespace

@@ -19,7 +19,7 @@ torch::Tensor load_balance_loss(const torch::Tensor& router_logits, Collective* 
   auto probs = torch::softmax(router_logits, /*dim=*/1);
   auto top = probs.argmax(/*dim=*/1);
   auto share = torch::one_hot(top, E).to(probs.dtype()).mean(/*dim=*/0);  // no gradient
-  if (group && group->size() > 1) {
+  if (group) {
     // Counts and rows of the whole batch: [count_0 .. count_{E-1}, rows].
     std::vector<torch::Tensor> packed{
         torch::cat({torch::one_hot(top, E).sum(/*dim=*/0),

@@ -319,7 +319,7 @@ TrainSummary train_loop(Learner& learner, const Dataset& train, const Dataset& h
                         torch::Device device) {
   auto& model = learner.module();
   const auto opts = learner.optimizers();
-  Collective* group = cfg.group && cfg.group->size() > 1 ? cfg.group : nullptr;
+  Collective* group = cfg.group;  // a group of one too: every collective runs
   const int world = group ? group->size() : 1, rank = group ? group->rank() : 0;
   const bool lead = rank == 0;  // prints and writes checkpoints
   TrainSummary summary;

@@ -195,8 +195,9 @@ void run_train(const CommonOptions& common, TrainOptions& o) {
         env, backend, std::chrono::milliseconds(static_cast<int64_t>(o.dist_timeout * 1000)));
     o.cfg.group = group.get();
     if (lead)
-      std::cerr << "train: data-parallel over " << env.world_size << " ranks (" << backend
-                << ", store " << env.master_addr << ":" << env.master_port << "), global batch "
+      std::cerr << "train: data-parallel over " << env.world_size
+                << (env.world_size == 1 ? " rank (" : " ranks (") << backend << ", store "
+                << env.master_addr << ":" << env.master_port << "), global batch "
                 << o.cfg.batch_size << ", " << threads << " threads per rank" << std::endl;
   }
 

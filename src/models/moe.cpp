@@ -384,8 +384,7 @@ torch::Tensor MoeImpl::dispatch(const torch::Tensor& xn, const torch::Tensor& se
   // collective): an expert runs, on an empty batch where this rank routed nothing to
   // it, when any rank routed a sample to it.
   auto runs = counts;
-  if (Collective* group = SyncBatchNormScope::active();
-      group && group->size() > 1 && is_training()) {
+  if (Collective* group = SyncBatchNormScope::active(); group && is_training()) {
     std::vector<torch::Tensor> t{counts.clone()};
     group->all_reduce_sum(t);
     runs = t[0];
