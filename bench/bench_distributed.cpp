@@ -8,8 +8,8 @@
 // (after - overlap) / (after - plain); writes JSON (--out). Variants interleave per
 // round and each keeps its best round, so both ranks see the same machine load.
 #include <sys/wait.h>
-#include <unistd.h>
 #include <torch/torch.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
@@ -83,10 +83,11 @@ int rank_main(int rank, const Options& o) {
   const double hidden = (best[1] - best[2]) / std::max(best[1] - best[0], 1e-9);
   std::printf("2 ranks x %d thread(s), Gloo on loopback, BLAS %s\n", o.threads,
               runtime_blas_library().c_str());
-  std::printf("model: %d x %s MoE, %lld parameters (%.1f MiB of gradients), batch %lld (%lld/rank)\n",
-              o.experts, o.expert.c_str(), static_cast<long long>(count),
-              static_cast<double>(count) * 4 / (1 << 20), static_cast<long long>(o.batch),
-              static_cast<long long>(half));
+  std::printf(
+      "model: %d x %s MoE, %lld parameters (%.1f MiB of gradients), batch %lld (%lld/rank)\n",
+      o.experts, o.expert.c_str(), static_cast<long long>(count),
+      static_cast<double>(count) * 4 / (1 << 20), static_cast<long long>(o.batch),
+      static_cast<long long>(half));
   nlohmann::json j = {{"ranks", 2},
                       {"threads_per_rank", o.threads},
                       {"expert", o.expert},
@@ -125,8 +126,9 @@ int main(int argc, char** argv) {
   app.add_option("--port", o.port, "loopback port of the rendezvous")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (o.batch < 2 || o.steps < 1 || o.rounds < 1 || o.threads < 1 || o.bucket_mib < 1) {
-    std::fprintf(stderr, "bench_distributed: --batch >= 2 and --steps, --rounds, --threads, "
-                         "--bucket-mib >= 1\n");
+    std::fprintf(stderr,
+                 "bench_distributed: --batch >= 2 and --steps, --rounds, --threads, "
+                 "--bucket-mib >= 1\n");
     return 2;
   }
   std::fflush(stdout);

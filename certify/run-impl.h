@@ -53,6 +53,19 @@ void lipschitz_stage(const Context& ctx, Batch& batch);
 /// The bound-propagation forms for every requested method (docs §10–§14).
 void bound_stage(const Context& ctx, Batch& batch);
 
+/// The empirical radius of each correct sample (rows of `batch`; `index`: their split
+/// indices, which seed the attacks) on the float32 model over the certified domain:
+/// the smaller of the FMN minimum-norm attack's radius and a bisection of APGD. Both
+/// are distances of points the model misclassifies: upper bounds on the true radius.
+std::vector<double> empirical_radii(const Context& ctx, LoadedModel& loaded, const Batch& batch,
+                                    const std::vector<int64_t>& index);
+
+/// Branch and bound (docs §22) of every correct sample, ε by ε up the grid, within
+/// the sample's budget; a counterexample lowers its `empirical` radius. Writes the
+/// radius {form, bab} and the row field "bab".
+void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
+               const std::vector<int64_t>& ids, std::vector<double>& empirical, bool progress);
+
 /// The constants of one sample's members as results.json writes them.
 nlohmann::json constants_json(bool dual, const std::vector<MemberConstants>& c);
 
