@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "moecert/data.h"
+#include "moecert/defaults.h"
 #include "moecert/results.h"
 
 namespace moecert {
@@ -32,6 +33,23 @@ nlohmann::json selection_json(const CommonOptions& c, int64_t images);
 DataSpec data_spec(const CommonOptions& c, const std::string& fallback, bool train);
 
 struct ExpertUsage;
+struct PgdConfig;
+
+/// PGD options shared by `train` (training and held-out attacks) and `attack`.
+struct AttackOptions {
+  std::string norm = "inf", loss = "ce";
+  double eps = defaults::eps, step_size = 0;
+  int steps = defaults::eval_steps, restarts = defaults::restarts;
+  /// Checked: ConfigError naming the option that is out of range.
+  PgdConfig config() const;
+};
+/// Registers --{prefix}norm, eps, steps, step-size, restarts and loss for `what`.
+void add_attack_options(CLI::App* cmd, AttackOptions& a, const std::string& prefix,
+                        const std::string& what);
+/// "PGD-10 Linf eps=0.1000 step=..." for the run's first line.
+std::string describe_attack(const PgdConfig& c);
+/// Shares per expert as "0.25/0.31/0.22/0.22".
+std::string usage_line(const std::vector<int64_t>& counts);
 
 /// The `expert_usage` object of the attack JSON (docs/formats.md): counts, shares and
 /// the largest share. Written by `attack --json` and by `merge` of attack shards.
