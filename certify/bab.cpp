@@ -29,13 +29,16 @@ struct SplitAt {
 struct Sub {
   std::vector<SplitAt> splits;  // ReLU mode
   torch::Tensor lower, upper;   // input mode: [1, C, H, W] float64
-  int route = -1;               // ReLU mode, top-1: the expert the router selects (-1: any)
+  /// ReLU mode, a routable member: the experts the router selects here (top-1: the one;
+  /// top-k mixture: exactly these k). Empty: not fixed.
+  std::vector<int64_t> route;
   int depth = 0;
   double mass = 1;  // the share of the root this subproblem stands for (halved by a split)
   double slack = -kInf;
   bool can_split = false;  // ReLU mode: `next` is an unstable unit
   SplitAt next;
-  std::vector<int64_t> possible;  // route -1: the experts the router can select here
+  std::vector<int64_t> possible, sure;  // route empty: the experts the router can select
+                                        // here, and those it selects everywhere here
   /// Logit-domain forms, per expert: [K − 1] float64 CPU, the margin bounds proven above
   /// the tie allowance on a region containing this one (−inf: not proven). Empty: none.
   std::vector<torch::Tensor> known;
@@ -242,9 +245,53 @@ class Solver {
 
   // --- ReLU splits ------------------------------------------------------------------
 
-  /// The most children one subproblem has: 2, or the experts of a route split.
+  /// The most children one subproblem has: 2, or the expert sets of a route split (at
+  /// most a batch: a route split with more children is not made).
   int64_t max_children() const {
-    return routable() ? std::max<int64_t>(2, p_.members[0]->experts) : 2;
+    if (!routable()) return 2;
+    const auto& m = *p_.members[0];
+    const int64_t k = forms::member_form(m) == forms::Form::candidate ? 1 : m.top_k;
+    double sets = 1;  // C(E, k)
+    for (int64_t i = 0; i < k; ++i)
+      sets *= static_cast<double>(m.experts - i) / static_cast<double>(i + 1);
+    return std::max<int64_t>(2, static_cast<int64_t>(std::min(sets, double(cfg_.batch))));
+  }
+
+  /// A route split's children: the expert sets the router may select on the subproblem
+  /// (top-1: each possible expert; top-k: each k-set between the sure and the possible
+  /// experts). Every point of the region selects one of them, so their regions cover the
+  /// parent's. Empty when there is nothing to split or more sets than a batch.
+  std::vector<std::vector<int64_t>> route_children(const Sub& s) const {
+    std::vector<std::vector<int64_t>> sets;
+    if (!s.route.empty() || !routable() || s.possible.size() < 2) return sets;
+    if (forms::member_form(*p_.members[0]) == forms::Form::candidate) {
+      for (int64_t j : s.possible) sets.push_back({j});
+      return sets;
+    }
+    std::vector<int64_t> open;  // possible, not sure
+    for (int64_t j : s.possible)
+      if (std::find(s.sure.begin(), s.sure.end(), j) == s.sure.end()) open.push_back(j);
+    const int64_t need = p_.members[0]->top_k - static_cast<int64_t>(s.sure.size());
+    if (need < 1 || need >= static_cast<int64_t>(open.size())) return sets;  // one set at most
+    std::vector<int64_t> pick;
+    std::function<void(size_t)> grow = [&](size_t from) {
+      if (static_cast<int64_t>(sets.size()) > cfg_.batch) return;
+      if (static_cast<int64_t>(pick.size()) == need) {
+        auto set = s.sure;
+        set.insert(set.end(), pick.begin(), pick.end());
+        std::sort(set.begin(), set.end());
+        sets.push_back(std::move(set));
+        return;
+      }
+      for (size_t i = from; i < open.size(); ++i) {
+        pick.push_back(open[i]);
+        grow(i + 1);
+        pick.pop_back();
+      }
+    };
+    grow(0);
+    if (static_cast<int64_t>(sets.size()) > cfg_.batch) sets.clear();
+    return sets;
   }
 
   /// The unstable unit of every region of the passes (over the router and the experts it
@@ -328,11 +375,15 @@ class Solver {
     return out;
   }
 
-  /// Whether the problem's subproblems can be split by route: a single top-1 member with
-  /// a router (its route constraints enforce the split).
+  /// Whether the problem's subproblems can be split by route: a single member with a
+  /// router, top-1 (its route constraints enforce the split) or a top-k mixture (each
+  /// child knows exactly which experts are selected, docs §22).
   bool routable() const {
-    return p_.members.size() == 1 && p_.members[0]->router &&
-           forms::member_form(*p_.members[0]) == forms::Form::candidate;
+    if (!cfg_.route_splits || p_.members.size() != 1 || !p_.members[0]->router) return false;
+    const auto& m = *p_.members[0];
+    const auto form = forms::member_form(m);
+    return form == forms::Form::candidate ||
+           (form == forms::Form::mixture && m.routing == Routing::top_k && m.top_k < m.experts);
   }
 
   /// [n, E] bool: the experts each subproblem's route allows (undefined: no routes).
@@ -341,8 +392,10 @@ class Solver {
     const int64_t n = static_cast<int64_t>(subs.size()), E = p_.members[0]->experts;
     auto m = torch::ones({n, E}, torch::kBool);
     for (int64_t c = 0; c < n; ++c) {
-      const int r = subs[static_cast<size_t>(c)].route;
-      if (r >= 0) m[c].fill_(false), m[c][r] = true;
+      const auto& route = subs[static_cast<size_t>(c)].route;
+      if (route.empty()) continue;
+      m[c].fill_(false);
+      for (int64_t j : route) m[c][j] = true;
     }
     return m.to(p_.x.device());
   }
@@ -380,6 +433,7 @@ class Solver {
     out_.bounded += n;
     choose(passes, ev.possible, subs);
     auto possible = ev.possible.defined() ? ev.possible.cpu() : torch::Tensor();
+    auto sure = ev.sure.defined() ? ev.sure.cpu() : torch::Tensor();
     std::vector<torch::Tensor> proven;  // per expert [n, K − 1]
     for (size_t j = 0; j < ev.settled.size(); ++j)
       proven.push_back(
@@ -390,10 +444,12 @@ class Solver {
       s.slack = slack[c].item<double>();
       s.known.clear();
       for (const auto& t : proven) s.known.push_back(t[c].clone());
-      s.possible.clear();
-      if (s.route < 0 && possible.defined())
-        for (int64_t j = 0; j < possible.size(1); ++j)
+      s.possible.clear(), s.sure.clear();
+      if (s.route.empty() && possible.defined())
+        for (int64_t j = 0; j < possible.size(1); ++j) {
           if (possible[c][j].item<bool>()) s.possible.push_back(j);
+          if (sure.defined() && sure[c][j].item<bool>()) s.sure.push_back(j);
+        }
       if (s.slack > 0 || empty[c].item<bool>())
         out_.verified_mass += s.mass;
       else
@@ -415,13 +471,14 @@ class Solver {
                             static_cast<int64_t>(children.size()) + max_children() <= cfg_.batch)) {
         Sub s = q.top();
         q.pop();
-        if (s.route < 0 && routable() && s.possible.size() > 1) {
-          // A route split: one child per expert the router can select (their regions
+        if (auto sets = route_children(s); !sets.empty()) {
+          // A route split: one child per expert set the router can select (their regions
           // cover the parent's: every point selects one of them).
-          for (int64_t j : s.possible) {
+          ++out_.route_splits;
+          for (auto& set : sets) {
             Sub c = s;
-            c.route = static_cast<int>(j), c.depth = s.depth + 1;
-            c.mass = s.mass / static_cast<double>(s.possible.size());
+            c.route = std::move(set), c.depth = s.depth + 1;
+            c.mass = s.mass / static_cast<double>(sets.size());
             children.push_back(std::move(c));
           }
           continue;

@@ -31,6 +31,7 @@ struct Config {
   /// Steps of α-CROWN on the intermediate bounds of the root (ReLU splits; 0: CROWN's).
   int intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
   double attack_interval = 2.0;  ///< seconds of branching between two attack rounds
+  bool route_splits = true;      ///< split by the router's selection (top-1, top-k mixture)
   std::string progress;          ///< when not empty: the label of a progress line every 5 s
 };
 
@@ -46,6 +47,7 @@ struct Outcome {
   double distance = std::numeric_limits<double>::infinity();  ///< its distance to x
   int64_t bounded = 0;  ///< subproblems bounded (the root included)
   int64_t rounds = 0;
+  int64_t route_splits = 0;  ///< subproblems split by route
   double verified_mass = 0, open_mass = 0;
   double seconds = 0;
   bool exhausted = false;  ///< some open subproblem had nothing left to split

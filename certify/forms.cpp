@@ -310,19 +310,34 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
 Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
                            const torch::Tensor& only) {
   Evaluation ev;
-  const auto sel = select_experts(p, d);
-  ev.possible = sel.possible;
+  auto sel = select_experts(p, d);
+  const Form form = member_form(*p.m);
+  torch::Tensor empty;  // [n] bool: route-split regions no point of which selects `only`
   if (only.defined()) {
-    if (member_form(*p.m) != Form::candidate || p.route.empty())
+    const auto o = only.to(sel.possible.device());
+    if (form == Form::candidate && !p.route.empty()) {
+      sel.possible = sel.possible & o;
+    } else if (form == Form::mixture && p.m->routing == Routing::top_k) {
+      // Rows whose `only` holds k experts: the points where the router selects exactly
+      // those (docs §22). There they are all selected and no other is; none exists when
+      // one of them cannot be selected anywhere in the region or another is sure. Rows
+      // allowing every expert (no route fixed) keep their selection.
+      const auto fixed = o.sum(1).eq(p.m->top_k);
+      empty = fixed & ((sel.possible & o).sum(1).lt(p.m->top_k) | (sel.sure & ~o).any(1));
+      sel.possible = sel.possible & o;
+      sel.sure = torch::where(fixed.unsqueeze(1), sel.possible, sel.sure);
+    } else {
       throw Error(ExitCode::internal,
-                  "certify: route splits of a member without route constraints");
-    ev.possible = ev.possible & only.to(ev.possible.device());
+                  "certify: route splits of a member without route constraints or top-k mixture");
+    }
   }
-  if (member_form(*p.m) != Form::mixture) {
+  ev.possible = sel.possible, ev.sure = sel.sure;
+  if (form != Form::mixture) {
     ev.slack = logit_slack(p, d, labels, ev.possible, ev.margins, ev.settled);
   } else {
     ev.slack = prob_lower(p, d, labels, sel).amin(1) -
                (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);
+    if (empty.defined()) ev.slack = ev.slack.masked_fill(empty.to(ev.slack.device()), kInf);
   }
   return ev;
 }

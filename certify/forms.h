@@ -82,14 +82,17 @@ void add_route_constraints(MemberPass& p);
 struct Evaluation {
   torch::Tensor slack;     ///< [n]
   torch::Tensor possible;  ///< [n, E] bool: experts the router can select (of the form's member)
+  torch::Tensor sure;      ///< [n, E] bool: experts it selects at every point (single member)
   /// Logit-domain forms, per expert j: [n, K − 1] the lower bounds of the float32 margins
   /// ĥ_y − ĥ_k (−inf where expert j's pass does not cover the region), and [n, K − 1]
   /// bool, those above the tie allowance. Empty for the other forms.
   std::vector<torch::Tensor> margins, settled;
 };
-/// With `only` [n, E] bool (the candidate form; the pass has route constraints), each
-/// region is restricted further to the points where the router selects one of those
-/// experts: branch and bound's route splits (docs §22).
+/// With `only` [n, E] bool, each region is restricted further to the points where the
+/// router selects one of those experts (the candidate form, whose pass has route
+/// constraints), or exactly those k experts (the mixture form of a top-k router; a
+/// region where one of them cannot be selected is empty: slack +inf): branch and
+/// bound's route splits (docs §22).
 Evaluation member_evaluate(const MemberPass& pass, const InputDomain& d,
                            const torch::Tensor& labels, const torch::Tensor& only = {});
 Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, double alpha,

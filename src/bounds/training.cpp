@@ -129,7 +129,10 @@ std::pair<torch::Tensor, torch::Tensor> router_selection(const torch::Tensor& di
   auto beaten = (diff.gt(0).to(diff.dtype()) * off).sum(1);
   // j may reach i (tie or beat): i does not surely beat j, diff[i, j] <= 0 (over j: dim 2).
   auto rivals = (diff.le(0).to(diff.dtype()) * off).sum(2);
-  return {beaten.lt(static_cast<double>(k)), rivals.lt(static_cast<double>(k))};
+  auto possible = beaten.lt(static_cast<double>(k)), sure = rivals.lt(static_cast<double>(k));
+  // Top-k selects exactly k experts at every point, each a possible one: where only k
+  // are possible, all k are selected (docs §13.3).
+  return {possible, sure | (possible & possible.sum(1, /*keepdim=*/true).eq(k))};
 }
 
 torch::Tensor other_classes(const torch::Tensor& ref, int64_t K) {

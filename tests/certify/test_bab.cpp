@@ -44,16 +44,19 @@ torch::Tensor vertices_in_box(std::vector<Line> lines, const std::vector<double>
 }
 
 /// A 2-D MoE: E experts (E = 1: a dense net) of `hidden` ReLU units and K classes, a
-/// linear top-1 router. Weights are float32 numbers (the float32 model rounds nothing).
+/// linear top-k router (k = 1: the selected expert's logits; k > 1: the mixture of the
+/// selected experts' probabilities, weighted by the softmax of their router logits).
+/// Weights are float32 numbers (the float32 model rounds nothing).
 struct Toy {
-  int64_t E, K, hidden;
+  int64_t E, K, hidden, k;
   torch::Tensor R, c;                         // router [E, 2], [E]
   std::vector<torch::Tensor> W1, b1, W2, b2;  // per expert
   LayerGraph router;
   std::vector<LayerGraph> experts;
   forms::MemberGraphs graphs;
 
-  Toy(int64_t e, int64_t k, int64_t h, uint64_t seed) : E(e), K(k), hidden(h) {
+  Toy(int64_t e, int64_t classes, int64_t h, uint64_t seed, int64_t top_k = 1)
+      : E(e), K(classes), hidden(h), k(top_k) {
     torch::manual_seed(seed);
     auto w = [](std::vector<int64_t> s, double scale) {
       return (torch::randn(s) * scale).to(torch::kFloat64);  // float32 values
@@ -64,13 +67,13 @@ struct Toy {
       W1.push_back(w({h, 2}, 4));
       auto through = (0.2 + 0.6 * torch::rand({h, 2})).to(torch::kFloat).to(torch::kFloat64);
       b1.push_back(-(W1[j] * through).sum(1).to(torch::kFloat).to(torch::kFloat64));
-      W2.push_back(w({k, h}, 1)), b2.push_back(w({k}, 0.5));
+      W2.push_back(w({K, h}, 1)), b2.push_back(w({K}, 0.5));
       experts.push_back({Layer::simple(Layer::Kind::flatten), Layer::dense("fc1", W1[j], b1[j]),
                          Layer::simple(Layer::Kind::relu), Layer::dense("fc2", W2[j], b2[j])});
     }
     if (E > 1) router = {Layer::simple(Layer::Kind::flatten), Layer::dense("gate", R, c)};
     ModelSpec s;
-    s.in_channels = 1, s.height = 1, s.width = 2, s.num_classes = K, s.experts = E, s.top_k = 1;
+    s.in_channels = 1, s.height = 1, s.width = 2, s.num_classes = K, s.experts = E, s.top_k = k;
     graphs = forms::member_graphs(s, router, experts);
   }
 
@@ -81,6 +84,20 @@ struct Toy {
   /// The float32 model's logits at x [n, 1, 1, 2] (float32).
   torch::Tensor logits32(const torch::Tensor& x) const {
     auto v = x.flatten(1).to(torch::kFloat);
+    if (k > 1) {  // log F = logsumexp_j (log a_j + log_softmax(h_j)) over the selected j
+      auto [g, sel] = v.matmul(R.to(torch::kFloat).t()).add(c.to(torch::kFloat)).topk(k, 1);
+      auto log_a = torch::log_softmax(g, 1);
+      std::vector<torch::Tensor> parts;
+      for (int64_t j = 0; j < E; ++j)
+        parts.push_back(torch::log_softmax(
+            torch::relu(v.matmul(W1[j].to(torch::kFloat).t()) + b1[j].to(torch::kFloat))
+                    .matmul(W2[j].to(torch::kFloat).t()) +
+                b2[j].to(torch::kFloat),
+            1));
+      auto lsm = torch::stack(parts, 1);  // [n, E, K]
+      auto picked = lsm.gather(1, sel.unsqueeze(2).expand({-1, -1, K}));
+      return torch::logsumexp(picked + log_a.unsqueeze(2), 1);
+    }
     auto out = torch::zeros({v.size(0), K});
     auto pick = E > 1 ? v.matmul(R.to(torch::kFloat).t()).add(c.to(torch::kFloat)).argmax(1)
                       : torch::zeros({v.size(0)}, torch::kLong);
@@ -401,4 +418,97 @@ TEST_CASE("margin rows known from a larger region are taken, the others bounded 
   CHECK(full.slack[0].item<double>() <= 7.0);
   if (plain.slack[0].item<double>() < 0)
     CHECK(full.slack[0].item<double>() > plain.slack[0].item<double>());
+}
+
+TEST_CASE("branch and bound splits top-2 MoEs by expert set and never verifies a broken region",
+          "[unit][certify][bab]") {
+  // The mixture's margin is not piecewise linear, so there is no exact answer here: every
+  // verdict is checked against the float32 model on a 201 x 201 grid of the box (a
+  // verified region has no misclassified grid point; a counterexample is real), with and
+  // without route splits. The radii lie below and near the grid's robust radius, where
+  // the bounds need splits.
+  Toy toy(4, 3, 6, 11, /*top_k=*/2);
+  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  int verified[2] = {0, 0}, falsified[2] = {0, 0};
+  int64_t route_splits[2] = {0, 0};
+  // Points near the router's boundary between the second and third expert, so that the
+  // selected pair changes inside the regions (the attacks reseed: drawn first).
+  torch::manual_seed(12);
+  auto pool = 0.2 + 0.6 * torch::rand({4000, 2}, f64);
+  auto top3 = std::get<0>((pool.matmul(toy.R.t()) + toy.c).topk(3, 1));
+  auto near = std::get<1>((top3.select(1, 1) - top3.select(1, 2)).topk(16, 0, /*largest=*/false));
+  const auto xs = pool.index_select(0, near).view({16, 1, 1, 2});
+  for (int i = 0; i < 16; ++i) {
+    auto x = xs.narrow(0, i, 1);
+    const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+    auto broken_at = [&](double e) {  // a misclassified point on the grid of the box
+      auto lo = (x - e).clamp_min(0.0).flatten(), hi = (x + e).clamp_max(1.0).flatten();
+      auto t = torch::linspace(0, 1, 201, f64);
+      auto grid =
+          torch::stack(
+              torch::meshgrid({lo[0] + (hi[0] - lo[0]) * t, lo[1] + (hi[1] - lo[1]) * t}, "ij"), 2)
+              .view({-1, 1, 1, 2})
+              .to(torch::kFloat);
+      return toy.logits32(grid).argmax(1).ne(y).any().item<bool>();
+    };
+    double r_lo = 0, r_hi = 0.5;
+    if (broken_at(r_hi))
+      for (int it = 0; it < 12; ++it) {
+        const double mid = 0.5 * (r_lo + r_hi);
+        (broken_at(mid) ? r_hi : r_lo) = mid;
+      }
+    const double eps = r_lo * std::vector<double>{0.5, 0.8, 0.95, 1.3}[static_cast<size_t>(i % 4)];
+    const bool broken = broken_at(eps);
+    for (int with = 0; with < 2; ++with) {
+      bab::Config cfg;
+      cfg.split = bab::Split::relu;
+      cfg.route_splits = with == 1;
+      bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
+      const auto out = bab::solve(
+          p, cfg, logits, random_points(toy, p),
+          bab::Clock::now() +
+              std::chrono::duration_cast<bab::Clock::duration>(std::chrono::duration<double>(3.0)));
+      INFO("problem " << i << ", eps " << eps << ", route splits " << with << ", grid broken "
+                      << broken);
+      route_splits[with] += out.route_splits;
+      if (out.verdict != bab::Verdict::falsified)
+        CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
+      if (out.verdict == bab::Verdict::verified) {
+        ++verified[with];
+        CHECK_FALSE(broken);
+      } else if (out.verdict == bab::Verdict::falsified) {
+        ++falsified[with];
+        CHECK((out.counterexample.to(torch::kFloat64) - x).abs().max().item<double>() <= eps);
+        CHECK(toy.logits32(out.counterexample).argmax(1)[0].item<int64_t>() != y);
+      }
+    }
+  }
+  INFO("verified " << verified[0] << " / " << verified[1] << ", falsified " << falsified[0] << " / "
+                   << falsified[1] << " (without / with route splits), route splits "
+                   << route_splits[1]);
+  CHECK(route_splits[0] == 0);
+  CHECK(route_splits[1] > 0);
+  CHECK(verified[1] > verified[0]);  // regions only a route split decides
+  CHECK(verified[1] > 0);
+  CHECK(falsified[1] > 0);
+}
+
+TEST_CASE("router_selection: where only k experts can be selected, all k are", "[unit][certify]") {
+  // diff[i, j] <= g_i − g_j. Experts 2 and 3 are each beaten everywhere by two others,
+  // so only 0 and 1 can be in the top 2. Expert 1 alone has two rivals that may reach it
+  // (0 and 2), yet top-2 selects two experts at every point: 1 is selected everywhere.
+  auto diff = torch::zeros({1, 4, 4}, f64);
+  auto set = [&](int i, int j, double lo, double hi) {  // lo <= g_i − g_j <= hi
+    diff[0][i][j] = lo, diff[0][j][i] = -hi;
+  };
+  set(0, 1, -1, 1), set(0, 2, 0.5, 2), set(0, 3, 0.5, 2);
+  set(1, 2, -1, 1), set(1, 3, 0.5, 2), set(3, 2, 0.5, 2);
+  auto [possible, sure] = router_selection(diff, Routing::top_k, 2);
+  const auto expected = torch::tensor({true, true, false, false}).view({1, 4});
+  CHECK(torch::equal(possible, expected));
+  CHECK(torch::equal(sure, expected));
+  // Top-1: expert 0 and 1 may each reach the other; neither is sure.
+  std::tie(possible, sure) = router_selection(diff, Routing::top_k, 1);
+  CHECK(torch::equal(possible, torch::tensor({true, true, false, false}).view({1, 4})));
+  CHECK_FALSE(sure.any().item<bool>());
 }
