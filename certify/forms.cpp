@@ -65,8 +65,13 @@ struct ExpertBounds {
   torch::Tensor hmax;      // [n_j]: >= max_c |ĥ_c| over the region
 };
 
+/// `routes`: the route constraints to bound with (default: the pass's own for a top-1
+/// member; none for a top-k mixture, whose rows hold on route-set regions only).
 ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
-                           const torch::Tensor& labels, bool probs) {
+                           const torch::Tensor& labels, bool probs,
+                           const std::vector<InputConstraints>* routes = nullptr) {
+  static const std::vector<InputConstraints> none;
+  if (!routes) routes = member_form(*p.m) == Form::mixture ? &none : &p.route;
   ExpertBounds e;
   e.rows = p.rows[j];
   const auto& pass = *p.experts[j];
@@ -80,7 +85,7 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
   auto C = margin_rows(y, K, d.x.options());
   if (probs) C = torch::cat({C, -C}, 1);
   InputConstraints route;
-  if (j < p.route.size()) route = subset(p.route[j], e.rows);
+  if (j < routes->size() && (*routes)[j].D.defined()) route = subset((*routes)[j], e.rows);
   const auto* rc = route.D.defined() ? &route : nullptr;
   torch::Tensor low;  // bounds of the float32 logits' differences
   if (!probs && j < p.known_low.size() && p.known_low[j].defined()) {
@@ -238,7 +243,10 @@ MemberPass member_split(const MemberPass& root, const MemberSplits& splits, int6
 void add_route_constraints(MemberPass& p) {
   const auto& m = *p.m;
   p.route.clear();
-  if (!p.router || member_form(m) != Form::candidate) return;
+  const auto form = member_form(m);
+  if (!p.router ||
+      !(form == Form::candidate || (form == Form::mixture && m.routing == Routing::top_k)))
+    return;
   const int64_t E = m.experts, n = p.domain.x.size(0);
   const auto o = p.domain.x.options();
   auto eye = torch::eye(E, o);
@@ -279,7 +287,8 @@ namespace {
 /// Lower bounds of the member's probability margins F^y − F^k of its float32
 /// probabilities on each region (docs §13.2–13.3), given its selection there. [n, K], +inf at y.
 torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
-                         const Selection& sel) {
+                         const Selection& sel,
+                         const std::vector<InputConstraints>* routes = nullptr) {
   const auto& m = *p.m;
   const int64_t n = d.x.size(0), E = m.experts, K = m.classes;
   const auto o = d.x.options();
@@ -287,7 +296,7 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
       torch::full({n, E, K}, -1.0, o);  // expert margins; −1 (always valid) where no pass covers
   for (size_t j = 0; j < p.experts.size(); ++j) {
     if (!p.experts[j]) continue;
-    auto e = expert_bounds(p, j, d, labels, true);
+    auto e = expert_bounds(p, j, d, labels, true, routes);
     auto mj = softmax_margin_lower(e.dlo, e.dhi, labels.index_select(0, e.rows));
     mu.select(1, static_cast<int64_t>(j)).index_copy_(0, e.rows, mj.masked_fill(mj.isinf(), 0.0));
   }
@@ -307,12 +316,37 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
 
 }  // namespace
 
+std::vector<InputConstraints> route_set_constraints(const MemberPass& p,
+                                                    const torch::Tensor& only) {
+  std::vector<InputConstraints> out(p.route.size());
+  const int64_t E = p.m->experts;
+  const auto o = only.to(torch::kBool).to(p.domain.x.device());
+  const auto fixed = o.sum(1).eq(p.m->top_k);
+  for (int64_t j = 0; j < static_cast<int64_t>(out.size()); ++j) {
+    std::vector<int64_t> others;
+    for (int64_t t = 0; t < E; ++t)
+      if (t != j) others.push_back(t);
+    auto ts = torch::tensor(others, torch::TensorOptions().dtype(torch::kLong).device(o.device()));
+    // Row t (g_t − g_j <= ...) holds where j is selected and t is not: on route-set
+    // regions with j in the set and t outside it. Elsewhere it becomes 0 <= 0.
+    auto active = (fixed & o.select(1, j)).unsqueeze(1) & ~o.index_select(1, ts);  // [n, E − 1]
+    const auto& r = p.route[static_cast<size_t>(j)];
+    auto a = active.to(r.e.dtype());
+    std::vector<int64_t> shape(static_cast<size_t>(r.D.dim()), 1);
+    shape[0] = a.size(0), shape[1] = a.size(1);
+    out[static_cast<size_t>(j)] = {r.D * a.view(shape), r.e * a};
+  }
+  return out;
+}
+
 Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
                            const torch::Tensor& only) {
   Evaluation ev;
   auto sel = select_experts(p, d);
   const Form form = member_form(*p.m);
   torch::Tensor empty;  // [n] bool: route-split regions no point of which selects `only`
+  // A top-k mixture's route constraints hold only on route-set regions (below): none else.
+  std::vector<InputConstraints> set_routes(form == Form::mixture ? p.route.size() : 0);
   if (only.defined()) {
     const auto o = only.to(sel.possible.device());
     if (form == Form::candidate && !p.route.empty()) {
@@ -326,6 +360,7 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
       empty = fixed & ((sel.possible & o).sum(1).lt(p.m->top_k) | (sel.sure & ~o).any(1));
       sel.possible = sel.possible & o;
       sel.sure = torch::where(fixed.unsqueeze(1), sel.possible, sel.sure);
+      set_routes = route_set_constraints(p, o);
     } else {
       throw Error(ExitCode::internal,
                   "certify: route splits of a member without route constraints or top-k mixture");
@@ -335,7 +370,7 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
   if (form != Form::mixture) {
     ev.slack = logit_slack(p, d, labels, ev.possible, ev.margins, ev.settled);
   } else {
-    ev.slack = prob_lower(p, d, labels, sel).amin(1) -
+    ev.slack = prob_lower(p, d, labels, sel, &set_routes).amin(1) -
                (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);
     if (empty.defined()) ev.slack = ev.slack.masked_fill(empty.to(ev.slack.device()), kInf);
   }

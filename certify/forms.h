@@ -42,7 +42,8 @@ struct MemberPass {
   bool fp32 = true;                 ///< apply the float32 allowances (false: exact arithmetic)
   /// Top-1 routers (add_route_constraints): per expert j, linear constraints [n, ...] that
   /// hold wherever the router selects j; expert j's bounds then cover only its route.
-  /// Empty: none.
+  /// Top-k mixtures: the same rows (g_t − g_j for t != j), which hold where j is selected
+  /// and t is not: member_evaluate applies them on route-set regions only. Empty: none.
   std::vector<InputConstraints> route;
   /// Branch and bound (docs §22), logit-domain forms: per expert j, [n, K − 1] float64
   /// lower bounds of the float32 margins ĥ_y − ĥ_k (k in other_classes order) known from
@@ -72,9 +73,16 @@ MemberPass member_split(const MemberPass& root, const MemberSplits& splits, int6
 /// A top-1 router's route constraints (docs §22): where the float32 router selects
 /// expert j, ĝ_t <= ĝ_j for every t; with a linear lower bound A·x + b <= g_t − g_j over
 /// the region (exact for an affine router) and |(ĝ_t − ĝ_j) − (g_t − g_j)| <= err, every
-/// such point satisfies A·x <= err − b. Fills p.route for a top-1 member with a router
-/// (α-CROWN bounds then enforce them); nothing otherwise.
+/// such point satisfies A·x <= err − b. Fills p.route for a top-1 or top-k member with a
+/// router (α-CROWN bounds then enforce them; a top-k member's rows only on route-set
+/// regions, where j is selected and t is not); nothing otherwise.
 void add_route_constraints(MemberPass& p);
+
+/// A top-k mixture member's route constraints on route-set regions: `only` [n, E] bool
+/// (rows with k experts: the region's points where the router selects exactly those),
+/// per expert j the pass's rows g_t − g_j for the t outside the set where j is in it,
+/// the others 0 <= 0 (docs §22).
+std::vector<InputConstraints> route_set_constraints(const MemberPass& p, const torch::Tensor& only);
 
 /// Per-sample certificate slack of a form at regions inside the pass's (> 0 certifies
 /// the region). `labels` [n]. The dual form takes both members' passes and α.

@@ -288,6 +288,77 @@ TEST_CASE("beta-CROWN bounds of split passes and route constraints hold at sampl
   CHECK(checked > 0);
 }
 
+TEST_CASE("top-2 route-set bounds hold at the sampled points that select the set",
+          "[unit][certify][bab]") {
+  // A wide region of a 2-D top-2 MoE across a boundary of its router: for each pair T, the mixture
+  // slack restricted to T (weights over T, route constraints g_t <= g_j for j in T and t outside)
+  // lies below the float32 model's probability margin at every sampled point whose top-2 set is T.
+  // The first seeded MoE whose second and third router logits tie inside the square,
+  // and the centre where they do (of a grid of it).
+  auto t = torch::linspace(0.25, 0.75, 51, f64);
+  auto grid = torch::stack(torch::meshgrid({t, t}, "ij"), 2).view({-1, 2});
+  uint64_t seed = 21;
+  auto gap = [&](const Toy& m) {
+    auto top3 = std::get<0>((grid.matmul(m.R.t()) + m.c).topk(3, 1));
+    return top3.select(1, 1) - top3.select(1, 2);
+  };
+  while (gap(Toy(4, 3, 8, seed, 2)).min().item<double>() > 0.02) ++seed;
+  Toy toy(4, 3, 8, seed, /*top_k=*/2);
+  auto x = grid[gap(toy).argmin()].view({1, 1, 1, 2});
+  const double eps = 0.2;
+  BoundOptions opt;
+  opt.method = BoundMethod::alpha_crown;
+  const InputDomain d{x, torch::full({1}, eps, f64), Norm::linf, true};
+  auto labels = toy.logits32(x.to(torch::kFloat)).argmax(1);
+  auto root = forms::member_prepare(toy.graphs, d, labels, opt, true);
+  forms::add_route_constraints(root);
+  REQUIRE(root.route.size() == 4);
+  const double whole = forms::member_evaluate(root, d, labels).slack[0].item<double>();
+  torch::manual_seed(8);
+  auto pts = (x - eps + 2 * eps * torch::rand({20000, 1, 1, 2}, f64)).to(torch::kFloat);
+  auto g = pts.flatten(1).matmul(toy.R.to(torch::kFloat).t()) + toy.c.to(torch::kFloat);
+  auto top = std::get<1>(g.topk(2, 1));
+  auto probs = toy.logits32(pts).exp().to(torch::kFloat64);
+  const int64_t y = labels[0].item<int64_t>();
+  auto margin = probs.select(1, y) - probs.index_fill(1, torch::tensor({y}), -1.0).amax(1);
+  auto C = torch::randn({1, 6, 3}, f64);
+  int checked = 0, tighter = 0, constrained = 0;
+  for (int64_t a = 0; a < 4; ++a)
+    for (int64_t b = a + 1; b < 4; ++b) {
+      auto only = torch::zeros({1, 4}, torch::kBool);
+      only[0][a] = true, only[0][b] = true;
+      const double slack = forms::member_evaluate(root, d, labels, only).slack[0].item<double>();
+      auto in_set = ((top.select(1, 0).eq(a) & top.select(1, 1).eq(b)) |
+                     (top.select(1, 0).eq(b) & top.select(1, 1).eq(a)))
+                        .nonzero()
+                        .flatten();
+      INFO("set {" << a << ", " << b << "}: " << in_set.numel() << " points, slack " << slack
+                   << ", whole region " << whole);
+      if (in_set.numel() == 0) continue;
+      CHECK(slack <= margin.index_select(0, in_set).min().item<double>() + 1e-9);
+      ++checked;
+      tighter += slack > whole;
+      // Each selected expert's bounds under the set's route constraints hold at the
+      // set's points (rows g_t − g_j for t inside the set would cut off points where
+      // the other selected expert leads).
+      const auto routes = forms::route_set_constraints(root, only);
+      for (int64_t j : {a, b}) {
+        if (!root.experts[static_cast<size_t>(j)]) continue;
+        const auto& pass = *root.experts[static_cast<size_t>(j)];
+        auto with = bound_specs(pass, C, nullptr, &routes[static_cast<size_t>(j)]).lower[0];
+        auto plain = bound_specs(pass, C).lower[0];
+        auto h = toy.expert64(j, pts.index_select(0, in_set).flatten(1).to(torch::kFloat64));
+        auto low = std::get<0>(h.matmul(C[0].t()).min(0));
+        INFO("expert " << j << ": with " << with << ", without " << plain << ", sampled " << low);
+        CHECK((with <= low + 1e-9).all().item<bool>());
+        constrained += (with > plain + 1e-9).any().item<bool>();
+      }
+    }
+  CHECK(checked >= 2);
+  CHECK(tighter > 0);
+  CHECK(constrained > 0);  // the constraints cut the experts' regions somewhere
+}
+
 TEST_CASE("branch and bound accounts for every subproblem when its budget ends",
           "[unit][certify][bab]") {
   Toy toy(3, 3, 8, 8);
