@@ -148,6 +148,13 @@ torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch
   return slack.masked_fill(uncovered, -kInf);
 }
 
+/// The experts other than j, in order: [E − 1] int64, the rows of a route constraint
+/// of expert j (add_route_constraints).
+torch::Tensor other_experts(int64_t j, int64_t E, torch::Device device) {
+  return other_classes(
+      torch::full({1}, j, torch::TensorOptions().dtype(torch::kLong).device(device)), E)[0];
+}
+
 }  // namespace
 
 const char* form_name(Form f) {
@@ -252,10 +259,7 @@ void add_route_constraints(MemberPass& p) {
   auto eye = torch::eye(E, o);
   for (int64_t j = 0; j < E; ++j) {
     // Rows e_t − e_j for t != j.
-    std::vector<int64_t> others;
-    for (int64_t t = 0; t < E; ++t)
-      if (t != j) others.push_back(t);
-    auto idx = torch::tensor(others, torch::TensorOptions().dtype(torch::kLong).device(o.device()));
+    auto idx = other_experts(j, E, o.device());
     auto C = (eye.index_select(0, idx) - eye[j]).unsqueeze(0).expand({n, E - 1, E}).contiguous();
     auto lin = bound_linear(*p.router, C);
     // |C·(ĝ − g)| <= |C|·err32 (per-node errors; 0 in a relational pass, whose b already
@@ -323,10 +327,7 @@ std::vector<InputConstraints> route_set_constraints(const MemberPass& p,
   const auto o = only.to(torch::kBool).to(p.domain.x.device());
   const auto fixed = o.sum(1).eq(p.m->top_k);
   for (int64_t j = 0; j < static_cast<int64_t>(out.size()); ++j) {
-    std::vector<int64_t> others;
-    for (int64_t t = 0; t < E; ++t)
-      if (t != j) others.push_back(t);
-    auto ts = torch::tensor(others, torch::TensorOptions().dtype(torch::kLong).device(o.device()));
+    auto ts = other_experts(j, E, o.device());
     // Row t (g_t − g_j <= ...) holds where j is selected and t is not: on route-set
     // regions with j in the set and t outside it. Elsewhere it becomes 0 <= 0.
     auto active = (fixed & o.select(1, j)).unsqueeze(1) & ~o.index_select(1, ts);  // [n, E − 1]
@@ -346,7 +347,7 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
   const Form form = member_form(*p.m);
   torch::Tensor empty;  // [n] bool: route-split regions no point of which selects `only`
   // A top-k mixture's route constraints hold only on route-set regions (below): none else.
-  std::vector<InputConstraints> set_routes(form == Form::mixture ? p.route.size() : 0);
+  std::vector<InputConstraints> set_routes;
   if (only.defined()) {
     const auto o = only.to(sel.possible.device());
     if (form == Form::candidate && !p.route.empty()) {

@@ -384,7 +384,8 @@ torch::Tensor MoeImpl::dispatch(const torch::Tensor& xn, const torch::Tensor& se
   // collective): an expert runs, on an empty batch where this rank routed nothing to
   // it, when any rank routed a sample to it.
   auto runs = counts;
-  if (Collective* group = SyncBatchNormScope::active(); group && is_training()) {
+  if (Collective* group = SyncBatchNormScope::active();
+      group && group->size() > 1 && is_training()) {  // as bn_forward: one rank is plain BN
     std::vector<torch::Tensor> t{counts.clone()};
     group->all_reduce_sum(t);
     runs = t[0];
