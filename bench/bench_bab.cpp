@@ -63,36 +63,46 @@ int main(int argc, char** argv) {
   int64_t subproblems = 0;
   double seconds = 0;
   std::vector<double> verified_s;
+  double unknown_share = 0;  // the verified shares of the searches that ended unknown
+  int64_t unknown_n = 0;
   for (const auto& row : res.rows) {
     if (!row.extra.contains("bab")) continue;
     const auto& b = row.extra["bab"];
     const int64_t n = b["subproblems"].get<int64_t>();
     if (n == 0) continue;  // decided without a search
     subproblems += n, seconds += b["seconds"].get<double>();
-    for (const auto& s : b["searches"])
+    for (const auto& s : b["searches"]) {
       if (s["verdict"] == "verified") verified_s.push_back(s["seconds"].get<double>());
+      if (s["verdict"] == "unknown")
+        unknown_share += s["verified_share"].get<double>(), ++unknown_n;
+    }
   }
   std::sort(verified_s.begin(), verified_s.end());
   const double rate = seconds > 0 ? static_cast<double>(subproblems) / seconds : 0.0;
   const double median = verified_s.empty() ? 0.0 : verified_s[verified_s.size() / 2];
   std::printf(
       "branch and bound, %s, %zu samples, timeout %.0f s, batch %lld: %lld subproblems in "
-      "%.1f s = %.1f subproblems/s; %zu searches (sample, eps) ended verified, median %.2f s\n",
+      "%.1f s = %.1f subproblems/s; %zu searches (sample, eps) ended verified, median %.2f s; "
+      "%lld ended unknown, verified share %.4f on average\n",
       checkpoint.empty() ? "E=4 cnn-s MoE, random weights" : checkpoint.c_str(), idx.size(),
       timeout, static_cast<long long>(batch), static_cast<long long>(subproblems), seconds, rate,
-      verified_s.size(), median);
-  nlohmann::json j = {{"benchmark", "bench_bab"},
-                      {"threads", threads},
-                      {"checkpoint", checkpoint},
-                      {"samples", idx.size()},
-                      {"timeout_per_sample", timeout},
-                      {"batch", batch},
-                      {"intermediate_steps", intermediate_steps},
-                      {"subproblems", subproblems},
-                      {"search_seconds", seconds},
-                      {"subproblems_per_s", rate},
-                      {"verified_by_search", verified_s.size()},
-                      {"median_verified_seconds", median}};
+      verified_s.size(), median, static_cast<long long>(unknown_n),
+      unknown_n ? unknown_share / static_cast<double>(unknown_n) : 0.0);
+  nlohmann::json j = {
+      {"benchmark", "bench_bab"},
+      {"threads", threads},
+      {"checkpoint", checkpoint},
+      {"samples", idx.size()},
+      {"timeout_per_sample", timeout},
+      {"batch", batch},
+      {"intermediate_steps", intermediate_steps},
+      {"subproblems", subproblems},
+      {"search_seconds", seconds},
+      {"subproblems_per_s", rate},
+      {"verified_by_search", verified_s.size()},
+      {"median_verified_seconds", median},
+      {"unknown_searches", unknown_n},
+      {"unknown_verified_share", unknown_n ? unknown_share / static_cast<double>(unknown_n) : 0.0}};
   for (double eps : cfg.eps_grid.values()) {
     const double v = res.certified_at(eps).value_or(0), f = res.falsified_at(eps).value_or(0),
                  u = res.unknown_at(eps).value_or(0);

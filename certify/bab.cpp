@@ -29,16 +29,17 @@ struct SplitAt {
 struct Sub {
   std::vector<SplitAt> splits;  // ReLU mode
   torch::Tensor lower, upper;   // input mode: [1, C, H, W] float64
-  /// ReLU mode, a routable member: the experts the router selects here (top-1: the one;
-  /// top-k mixture: exactly these k). Empty: not fixed.
-  std::vector<int64_t> route;
+  /// ReLU mode, per routable member (absent or empty: not fixed): the experts its router
+  /// selects here (top-1: the one; top-k mixture: exactly these k).
+  std::vector<std::vector<int64_t>> route;
   int depth = 0;
   double mass = 1;  // the share of the root this subproblem stands for (halved by a split)
   double slack = -kInf;
   bool can_split = false;  // ReLU mode: `next` is an unstable unit
   SplitAt next;
-  std::vector<int64_t> possible, sure;  // route empty: the experts the router can select
-                                        // here, and those it selects everywhere here
+  /// Per member whose route is not fixed: the experts its router can select here, and
+  /// those it selects everywhere here.
+  std::vector<std::vector<int64_t>> possible, sure;
   /// Logit-domain forms, per expert: [K − 1] float64 CPU, the margin bounds proven above
   /// the tie allowance on a region containing this one (−inf: not proven). Empty: none.
   std::vector<torch::Tensor> known;
@@ -76,16 +77,14 @@ torch::Tensor pass_rows(const forms::MemberPass& p, int g, int64_t n) {
 }
 
 /// Certificate slack of every region of the passes (> 0: verified), and the experts each
-/// region can select (of the single member; undefined for a dual-model).
+/// member's router can select there; `only`: per member, its route splits (forms' `only`).
 forms::Evaluation evaluate(const Problem& p, const std::vector<forms::MemberPass>& passes,
                            const InputDomain& d, const torch::Tensor& labels,
-                           const torch::Tensor& only = {}) {
-  if (p.members.size() == 2) {
-    auto ev = forms::dual_evaluate(passes[0], passes[1], p.alpha, d, labels);
-    ev.possible = torch::Tensor();
-    return ev;
-  }
-  return forms::member_evaluate(passes[0], d, labels, only);
+                           const std::vector<torch::Tensor>& only = {}) {
+  auto at = [&](size_t i) { return i < only.size() ? only[i] : torch::Tensor(); };
+  if (p.members.size() == 2)
+    return forms::dual_evaluate(passes[0], passes[1], p.alpha, d, labels, at(0), at(1));
+  return forms::member_evaluate(passes[0], d, labels, at(0));
 }
 
 /// Regions some node of which has an empty interval: the splits contradict each other
@@ -248,36 +247,57 @@ class Solver {
   /// The most children one subproblem has: 2, or the expert sets of a route split (at
   /// most a batch: a route split with more children is not made).
   int64_t max_children() const {
-    if (!routable()) return 2;
-    const auto& m = *p_.members[0];
-    const int64_t k = forms::member_form(m) == forms::Form::candidate ? 1 : m.top_k;
-    double sets = 1;  // C(E, k)
-    for (int64_t i = 0; i < k; ++i)
-      sets *= static_cast<double>(m.experts - i) / static_cast<double>(i + 1);
-    return std::max<int64_t>(2, static_cast<int64_t>(std::min(sets, double(cfg_.batch))));
+    int64_t most = 2;
+    for (size_t i = 0; i < p_.members.size(); ++i) {
+      if (!routable(i)) continue;
+      const auto& m = *p_.members[i];
+      const int64_t k = forms::member_form(m) == forms::Form::candidate ? 1 : m.top_k;
+      double sets = 1;  // C(E, k)
+      for (int64_t t = 0; t < k; ++t)
+        sets *= static_cast<double>(m.experts - t) / static_cast<double>(t + 1);
+      most = std::max(most, static_cast<int64_t>(std::min(sets, double(cfg_.batch))));
+    }
+    return most;
   }
 
-  /// A route split's children: the expert sets the router may select on the subproblem
+  static const std::vector<int64_t>& of(const std::vector<std::vector<int64_t>>& v, size_t i) {
+    static const std::vector<int64_t> none;
+    return i < v.size() ? v[i] : none;
+  }
+
+  /// A route split's children: the first member (standard first) whose route is not
+  /// fixed and has more than one expert set its router may select on the subproblem
   /// (top-1: each possible expert; top-k: each k-set between the sure and the possible
-  /// experts). Every point of the region selects one of them, so their regions cover the
-  /// parent's. Empty when there is nothing to split or more sets than a batch.
-  std::vector<std::vector<int64_t>> route_children(const Sub& s) const {
+  /// experts), and those sets. Every point of the region selects one of them, so their
+  /// regions cover the parent's. No sets when no member has more than one, or only
+  /// more than a batch.
+  std::pair<size_t, std::vector<std::vector<int64_t>>> route_children(const Sub& s) const {
+    for (size_t i = 0; i < p_.members.size(); ++i) {
+      auto sets = route_sets(s, i);
+      if (!sets.empty()) return {i, std::move(sets)};
+    }
+    return {0, {}};
+  }
+
+  /// route_children's sets of member i.
+  std::vector<std::vector<int64_t>> route_sets(const Sub& s, size_t i) const {
     std::vector<std::vector<int64_t>> sets;
-    if (!s.route.empty() || !routable() || s.possible.size() < 2) return sets;
-    if (forms::member_form(*p_.members[0]) == forms::Form::candidate) {
-      for (int64_t j : s.possible) sets.push_back({j});
+    const auto &possible = of(s.possible, i), &sure = of(s.sure, i);
+    if (!of(s.route, i).empty() || !routable(i) || possible.size() < 2) return sets;
+    if (forms::member_form(*p_.members[i]) == forms::Form::candidate) {
+      for (int64_t j : possible) sets.push_back({j});
       return sets;
     }
     std::vector<int64_t> open;  // possible, not sure
-    for (int64_t j : s.possible)
-      if (std::find(s.sure.begin(), s.sure.end(), j) == s.sure.end()) open.push_back(j);
-    const int64_t need = p_.members[0]->top_k - static_cast<int64_t>(s.sure.size());
+    for (int64_t j : possible)
+      if (std::find(sure.begin(), sure.end(), j) == sure.end()) open.push_back(j);
+    const int64_t need = p_.members[i]->top_k - static_cast<int64_t>(sure.size());
     if (need < 1 || need >= static_cast<int64_t>(open.size())) return sets;  // one set at most
     std::vector<int64_t> pick;
     std::function<void(size_t)> grow = [&](size_t from) {
       if (static_cast<int64_t>(sets.size()) > cfg_.batch) return;
       if (static_cast<int64_t>(pick.size()) == need) {
-        auto set = s.sure;
+        auto set = sure;
         set.insert(set.end(), pick.begin(), pick.end());
         std::sort(set.begin(), set.end());
         sets.push_back(std::move(set));
@@ -300,8 +320,8 @@ class Solver {
   /// gradients of the α-β optimisation's bounds with respect to the intervals, summed
   /// over its steps), with the relaxation gap −l·u / (u − l) breaking ties. Regions
   /// without an unstable unit get can_split = false.
-  void choose(const std::vector<forms::MemberPass>& passes, const torch::Tensor& possible,
-              std::vector<Sub>& subs) const {
+  void choose(const std::vector<forms::MemberPass>& passes,
+              const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs) const {
     const int64_t n = static_cast<int64_t>(subs.size());
     auto best = torch::zeros({n}, torch::kFloat64);
     for (size_t i = 0; i < passes.size(); ++i)
@@ -311,8 +331,8 @@ class Solver {
         // The pass's rows: all subproblems for the router, those it covers for an expert.
         auto rows = pass_rows(passes[i], g, n);
         torch::Tensor in_play;  // [rows] bool: the expert can be selected there
-        if (g > 0 && possible.defined())
-          in_play = possible.select(1, g - 1).cpu().index_select(0, rows);
+        if (g > 0 && i < possible.size() && possible[i].defined())
+          in_play = possible[i].select(1, g - 1).cpu().index_select(0, rows);
         const auto at = rows.accessor<int64_t, 1>();
         for (int k : candidates_[i][static_cast<size_t>(g)]) {
           const auto& nb = bp->nodes[static_cast<size_t>(k)];
@@ -369,30 +389,30 @@ class Solver {
         per_graph.resize(graph_pass(root[i], g)->nodes.size());
         per_graph[static_cast<size_t>(k)] = t;
       }
-      out.push_back(
-          forms::member_split(root[i], ms, n, i == 0 ? route_mask(subs) : torch::Tensor()));
+      out.push_back(forms::member_split(root[i], ms, n, route_mask(subs, i)));
     }
     return out;
   }
 
-  /// Whether the problem's subproblems can be split by route: a single member with a
-  /// router, top-1 (its route constraints enforce the split) or a top-k mixture (each
-  /// child knows exactly which experts are selected, docs §22).
-  bool routable() const {
-    if (!cfg_.route_splits || p_.members.size() != 1 || !p_.members[0]->router) return false;
-    const auto& m = *p_.members[0];
+  /// Whether the subproblems can be split by member i's route: a member with a router,
+  /// top-1 (its route constraints enforce the split) or a top-k mixture (each child knows
+  /// exactly which experts are selected, docs §22).
+  bool routable(size_t i) const {
+    if (!cfg_.route_splits || !p_.members[i]->router) return false;
+    const auto& m = *p_.members[i];
     const auto form = forms::member_form(m);
     return form == forms::Form::candidate ||
            (form == forms::Form::mixture && m.routing == Routing::top_k && m.top_k < m.experts);
   }
 
-  /// [n, E] bool: the experts each subproblem's route allows (undefined: no routes).
-  torch::Tensor route_mask(const std::vector<Sub>& subs) const {
-    if (!routable()) return {};
-    const int64_t n = static_cast<int64_t>(subs.size()), E = p_.members[0]->experts;
+  /// [n, E] bool: the experts each subproblem's route of member i allows (undefined: no
+  /// routes).
+  torch::Tensor route_mask(const std::vector<Sub>& subs, size_t i) const {
+    if (!routable(i)) return {};
+    const int64_t n = static_cast<int64_t>(subs.size()), E = p_.members[i]->experts;
     auto m = torch::ones({n, E}, torch::kBool);
     for (int64_t c = 0; c < n; ++c) {
-      const auto& route = subs[static_cast<size_t>(c)].route;
+      const auto& route = of(subs[static_cast<size_t>(c)].route, i);
       if (route.empty()) continue;
       m[c].fill_(false);
       for (int64_t j : route) m[c][j] = true;
@@ -427,13 +447,16 @@ class Solver {
             nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
           }
     const auto& d = passes[0].domain;
-    auto ev = evaluate(p_, passes, d, labels(n), route_mask(subs));
+    std::vector<torch::Tensor> only;
+    for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
+    auto ev = evaluate(p_, passes, d, labels(n), only);
     auto slack = ev.slack.cpu();
     auto empty = empty_regions(passes, n);
     out_.bounded += n;
-    choose(passes, ev.possible, subs);
-    auto possible = ev.possible.defined() ? ev.possible.cpu() : torch::Tensor();
-    auto sure = ev.sure.defined() ? ev.sure.cpu() : torch::Tensor();
+    choose(passes, ev.possible_of, subs);
+    std::vector<torch::Tensor> possible, sure;
+    for (const auto& t : ev.possible_of) possible.push_back(t.cpu());
+    for (const auto& t : ev.sure_of) sure.push_back(t.cpu());
     std::vector<torch::Tensor> proven;  // per expert [n, K − 1]
     for (size_t j = 0; j < ev.settled.size(); ++j)
       proven.push_back(
@@ -444,12 +467,15 @@ class Solver {
       s.slack = slack[c].item<double>();
       s.known.clear();
       for (const auto& t : proven) s.known.push_back(t[c].clone());
-      s.possible.clear(), s.sure.clear();
-      if (s.route.empty() && possible.defined())
-        for (int64_t j = 0; j < possible.size(1); ++j) {
-          if (possible[c][j].item<bool>()) s.possible.push_back(j);
-          if (sure.defined() && sure[c][j].item<bool>()) s.sure.push_back(j);
+      s.possible.assign(p_.members.size(), {}), s.sure.assign(p_.members.size(), {});
+      for (size_t i = 0; i < possible.size() && i < p_.members.size(); ++i) {
+        if (!of(s.route, i).empty()) continue;
+        const auto pa = possible[i].accessor<bool, 2>(), sa = sure[i].accessor<bool, 2>();
+        for (int64_t j = 0; j < pa.size(1); ++j) {
+          if (pa[c][j]) s.possible[i].push_back(j);
+          if (sa[c][j]) s.sure[i].push_back(j);
         }
+      }
       if (s.slack > 0 || empty[c].item<bool>())
         out_.verified_mass += s.mass;
       else
@@ -471,13 +497,14 @@ class Solver {
                             static_cast<int64_t>(children.size()) + max_children() <= cfg_.batch)) {
         Sub s = q.top();
         q.pop();
-        if (auto sets = route_children(s); !sets.empty()) {
-          // A route split: one child per expert set the router can select (their regions
-          // cover the parent's: every point selects one of them).
+        if (auto [member, sets] = route_children(s); !sets.empty()) {
+          // A route split: one child per expert set the member's router can select (their
+          // regions cover the parent's: every point selects one of them).
           ++out_.route_splits;
           for (auto& set : sets) {
             Sub c = s;
-            c.route = std::move(set), c.depth = s.depth + 1;
+            c.route.resize(p_.members.size());
+            c.route[member] = std::move(set), c.depth = s.depth + 1;
             c.mass = s.mass / static_cast<double>(sets.size());
             children.push_back(std::move(c));
           }

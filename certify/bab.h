@@ -31,7 +31,7 @@ struct Config {
   /// Steps of α-CROWN on the intermediate bounds of the root (ReLU splits; 0: CROWN's).
   int intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
   double attack_interval = 2.0;  ///< seconds of branching between two attack rounds
-  bool route_splits = true;      ///< split by the router's selection (top-1, top-k mixture)
+  bool route_splits = true;      ///< split by each member router's selection (top-1, top-k mixture)
   std::string progress;          ///< when not empty: the label of a progress line every 5 s
 };
 

@@ -340,57 +340,86 @@ std::vector<InputConstraints> route_set_constraints(const MemberPass& p,
   return out;
 }
 
+namespace {
+
+/// A member's selection on route-split regions (docs §22): with `only` [n, E] bool, each
+/// region is restricted to the points where the router selects one of those experts
+/// (the candidate form, whose pass has route constraints) or exactly those k (a top-k
+/// mixture). `empty` [n] bool: regions no point of which does; `routes`: a top-k
+/// mixture's route constraints there (none elsewhere: they hold on route-set regions only).
+struct Restricted {
+  Selection sel;
+  torch::Tensor empty;
+  std::vector<InputConstraints> routes;
+};
+Restricted restrict_routes(const MemberPass& p, const InputDomain& d, const torch::Tensor& only) {
+  Restricted r;
+  r.sel = select_experts(p, d);
+  auto& sel = r.sel;
+  r.empty = torch::zeros({d.x.size(0)}, sel.possible.options());
+  if (!only.defined()) return r;
+  const auto o = only.to(sel.possible.device());
+  const Form form = member_form(*p.m);
+  if (form == Form::candidate && !p.route.empty()) {
+    sel.possible = sel.possible & o;
+    r.empty = ~sel.possible.any(1);
+  } else if (form == Form::mixture && p.m->routing == Routing::top_k) {
+    // Rows whose `only` holds k experts: the points where the router selects exactly
+    // those. There they are all selected and no other is; none exists when one of them
+    // cannot be selected anywhere in the region or another is sure. Rows allowing every
+    // expert (no route fixed) keep their selection.
+    const auto fixed = o.sum(1).eq(p.m->top_k);
+    r.empty = fixed & ((sel.possible & o).sum(1).lt(p.m->top_k) | (sel.sure & ~o).any(1));
+    sel.possible = sel.possible & o;
+    sel.sure = torch::where(fixed.unsqueeze(1), sel.possible, sel.sure);
+    r.routes = route_set_constraints(p, o);
+  } else {
+    throw Error(ExitCode::internal,
+                "certify: route splits of a member without route constraints or top-k mixture");
+  }
+  return r;
+}
+
+}  // namespace
+
 Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
                            const torch::Tensor& only) {
   Evaluation ev;
-  auto sel = select_experts(p, d);
-  const Form form = member_form(*p.m);
-  torch::Tensor empty;  // [n] bool: route-split regions no point of which selects `only`
-  // A top-k mixture's route constraints hold only on route-set regions (below): none else.
-  std::vector<InputConstraints> set_routes;
-  if (only.defined()) {
-    const auto o = only.to(sel.possible.device());
-    if (form == Form::candidate && !p.route.empty()) {
-      sel.possible = sel.possible & o;
-    } else if (form == Form::mixture && p.m->routing == Routing::top_k) {
-      // Rows whose `only` holds k experts: the points where the router selects exactly
-      // those (docs §22). There they are all selected and no other is; none exists when
-      // one of them cannot be selected anywhere in the region or another is sure. Rows
-      // allowing every expert (no route fixed) keep their selection.
-      const auto fixed = o.sum(1).eq(p.m->top_k);
-      empty = fixed & ((sel.possible & o).sum(1).lt(p.m->top_k) | (sel.sure & ~o).any(1));
-      sel.possible = sel.possible & o;
-      sel.sure = torch::where(fixed.unsqueeze(1), sel.possible, sel.sure);
-      set_routes = route_set_constraints(p, o);
-    } else {
-      throw Error(ExitCode::internal,
-                  "certify: route splits of a member without route constraints or top-k mixture");
-    }
-  }
-  ev.possible = sel.possible, ev.sure = sel.sure;
-  if (form != Form::mixture) {
+  auto r = restrict_routes(p, d, only);
+  ev.possible = r.sel.possible, ev.sure = r.sel.sure;
+  ev.possible_of = {ev.possible}, ev.sure_of = {ev.sure};
+  if (member_form(*p.m) != Form::mixture) {
     ev.slack = logit_slack(p, d, labels, ev.possible, ev.margins, ev.settled);
   } else {
-    ev.slack = prob_lower(p, d, labels, sel, &set_routes).amin(1) -
+    ev.slack = prob_lower(p, d, labels, r.sel, &r.routes).amin(1) -
                (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);
-    if (empty.defined()) ev.slack = ev.slack.masked_fill(empty.to(ev.slack.device()), kInf);
   }
+  // Empty regions certify anything (a candidate's slack there is +inf already).
+  ev.slack = ev.slack.masked_fill(r.empty.to(ev.slack.device()), kInf);
   return ev;
 }
 
 Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, double alpha,
-                         const InputDomain& d, const torch::Tensor& labels) {
+                         const InputDomain& d, const torch::Tensor& labels,
+                         const torch::Tensor& only_standard, const torch::Tensor& only_robust) {
   Evaluation ev;
-  const auto sel = select_experts(robust, d);
-  ev.possible = sel.possible;
-  auto ls = prob_lower(standard, d, labels, select_experts(standard, d)).clamp_min(-1.0);
-  auto lr = prob_lower(robust, d, labels, sel);
+  auto rs = restrict_routes(standard, d, only_standard);
+  auto rr = restrict_routes(robust, d, only_robust);
+  ev.possible = rr.sel.possible;
+  ev.possible_of = {rs.sel.possible, rr.sel.possible}, ev.sure_of = {rs.sel.sure, rr.sel.sure};
+  // A top-k mixture's route-set constraints on its route-set regions; a candidate
+  // member's own route constraints (routes: null) everywhere.
+  auto routes = [](const Restricted& r) { return r.routes.empty() ? nullptr : &r.routes; };
+  auto ls = prob_lower(standard, d, labels, rs.sel, routes(rs)).clamp_min(-1.0);
+  auto lr = prob_lower(robust, d, labels, rr.sel, routes(rr));
   const double C =
       (1 - alpha) * fp32_prob_constant(*standard.m) + alpha * fp32_prob_constant(*robust.m) + 8.0;
   auto mixed =
       (1 - alpha) * ls + alpha * lr - 1e-12 * (ls.abs() + lr.abs());  // + the rounding of the sum
   mixed = mixed.masked_fill(lr.isinf(), kInf);                        // the label's own column
   ev.slack = mixed.amin(1) - (robust.fp32 ? 2.0 * u32 * C * 1.05 : 0.0);
+  // Route-split regions no point of which selects the fixed experts: empty.
+  ev.slack = ev.slack.masked_fill((rs.empty | rr.empty).to(ev.slack.device()), kInf);
   return ev;
 }
 

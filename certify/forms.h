@@ -91,6 +91,9 @@ struct Evaluation {
   torch::Tensor slack;     ///< [n]
   torch::Tensor possible;  ///< [n, E] bool: experts the router can select (of the form's member)
   torch::Tensor sure;      ///< [n, E] bool: experts it selects at every point (single member)
+  /// Per member (one; a dual-model's standard, then robust): [n, E] bool, the experts its
+  /// router can select / selects at every point of each region.
+  std::vector<torch::Tensor> possible_of, sure_of;
   /// Logit-domain forms, per expert j: [n, K − 1] the lower bounds of the float32 margins
   /// ĥ_y − ĥ_k (−inf where expert j's pass does not cover the region), and [n, K − 1]
   /// bool, those above the tie allowance. Empty for the other forms.
@@ -103,8 +106,11 @@ struct Evaluation {
 /// bound's route splits (docs §22).
 Evaluation member_evaluate(const MemberPass& pass, const InputDomain& d,
                            const torch::Tensor& labels, const torch::Tensor& only = {});
+/// The dual form; `only_standard`, `only_robust`: each member's route splits, as `only`.
 Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, double alpha,
-                         const InputDomain& d, const torch::Tensor& labels);
+                         const InputDomain& d, const torch::Tensor& labels,
+                         const torch::Tensor& only_standard = {},
+                         const torch::Tensor& only_robust = {});
 
 // The probability-domain pieces live in core (include/moecert/train_bounds.h), shared
 // with certified training.

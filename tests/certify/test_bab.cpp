@@ -141,14 +141,88 @@ struct Toy {
 };
 
 /// An attack for the toys: the float32 model at 256 seeded random points of the box.
-bab::Attack random_points(const Toy& toy, const bab::Problem& p) {
-  return [&toy, &p](int round) {
+bab::Attack random_points(const bab::Logits& logits32, const bab::Problem& p) {
+  return [logits32, &p](int round) {
     torch::manual_seed(1000 + round);
     auto lo = (p.x - p.eps).clamp_min(0.0), hi = (p.x + p.eps).clamp_max(1.0);
     auto pts = (lo + (hi - lo) * torch::rand({256, 1, 1, 2}, f64)).to(torch::kFloat);
-    auto wrong = toy.logits32(pts).argmax(1).ne(p.label).nonzero().flatten();
+    auto wrong = logits32(pts).argmax(1).ne(p.label).nonzero().flatten();
     return wrong.numel() ? pts.narrow(0, wrong[0].item<int64_t>(), 1) : torch::Tensor();
   };
+}
+bab::Attack random_points(const Toy& toy, const bab::Problem& p) {
+  return random_points([&toy](const torch::Tensor& v) { return toy.logits32(v); }, p);
+}
+
+/// Verdicts without [0] and with [1] route splits, each checked against the float32
+/// model on a 201 x 201 grid of the box.
+struct GridTally {
+  int verified[2] = {0, 0}, falsified[2] = {0, 0};
+  int64_t route_splits[2] = {0, 0};
+};
+
+/// Branch and bound of the model `logits32` (the members `members`, a dual-model's α)
+/// around each point of xs [n, 1, 1, 2], at radii below and near the grid's robust
+/// radius, where the bounds need splits: a verified region has no misclassified grid
+/// point, a counterexample is real, and the masses add up.
+GridTally grid_checked(const bab::Logits& logits32,
+                       const std::vector<const forms::MemberGraphs*>& members, double alpha,
+                       const torch::Tensor& xs, double seconds) {
+  GridTally t;
+  for (int64_t i = 0; i < xs.size(0); ++i) {
+    auto x = xs.narrow(0, i, 1);
+    const int64_t y = logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+    auto broken_at = [&](double e) {  // a misclassified point on the grid of the box
+      auto lo = (x - e).clamp_min(0.0).flatten(), hi = (x + e).clamp_max(1.0).flatten();
+      auto g = torch::linspace(0, 1, 201, f64);
+      auto grid =
+          torch::stack(
+              torch::meshgrid({lo[0] + (hi[0] - lo[0]) * g, lo[1] + (hi[1] - lo[1]) * g}, "ij"), 2)
+              .view({-1, 1, 1, 2})
+              .to(torch::kFloat);
+      return logits32(grid).argmax(1).ne(y).any().item<bool>();
+    };
+    double r_lo = 0, r_hi = 0.5;
+    if (broken_at(r_hi))
+      for (int it = 0; it < 12; ++it) {
+        const double mid = 0.5 * (r_lo + r_hi);
+        (broken_at(mid) ? r_hi : r_lo) = mid;
+      }
+    const double eps = r_lo * std::vector<double>{0.5, 0.8, 0.95, 1.3}[static_cast<size_t>(i % 4)];
+    const bool broken = broken_at(eps);
+    for (int with = 0; with < 2; ++with) {
+      bab::Config cfg;
+      cfg.split = bab::Split::relu;
+      cfg.route_splits = with == 1;
+      bab::Problem p{members, alpha, x, y, eps, Norm::linf, true, true};
+      const auto out =
+          bab::solve(p, cfg, logits32, random_points(logits32, p),
+                     bab::Clock::now() + std::chrono::duration_cast<bab::Clock::duration>(
+                                             std::chrono::duration<double>(seconds)));
+      INFO("problem " << i << ", eps " << eps << ", route splits " << with << ", grid broken "
+                      << broken);
+      t.route_splits[with] += out.route_splits;
+      if (out.verdict != bab::Verdict::falsified)
+        CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
+      if (out.verdict == bab::Verdict::verified) {
+        ++t.verified[with];
+        CHECK_FALSE(broken);
+      } else if (out.verdict == bab::Verdict::falsified) {
+        ++t.falsified[with];
+        CHECK((out.counterexample.to(torch::kFloat64) - x).abs().max().item<double>() <= eps);
+        CHECK(logits32(out.counterexample).argmax(1)[0].item<int64_t>() != y);
+      }
+    }
+  }
+  return t;
+}
+
+/// The points of `pool` [m, 2] nearest the boundary between the router's r-th and
+/// (r + 1)-th largest logits (so that the selection changes inside their regions). [n, 1, 1, 2]
+torch::Tensor near_boundary(const Toy& toy, const torch::Tensor& pool, int64_t r, int64_t n) {
+  auto top = std::get<0>((pool.matmul(toy.R.t()) + toy.c).topk(r + 1, 1));
+  auto near = std::get<1>((top.select(1, r - 1) - top.select(1, r)).topk(n, 0, /*largest=*/false));
+  return pool.index_select(0, near).view({n, 1, 1, 2});
 }
 
 struct Tally {
@@ -500,68 +574,47 @@ TEST_CASE("branch and bound splits top-2 MoEs by expert set and never verifies a
   // the bounds need splits.
   Toy toy(4, 3, 6, 11, /*top_k=*/2);
   const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
-  int verified[2] = {0, 0}, falsified[2] = {0, 0};
-  int64_t route_splits[2] = {0, 0};
   // Points near the router's boundary between the second and third expert, so that the
   // selected pair changes inside the regions (the attacks reseed: drawn first).
   torch::manual_seed(12);
+  const auto xs = near_boundary(toy, 0.2 + 0.6 * torch::rand({4000, 2}, f64), 2, 16);
+  const auto t = grid_checked(logits, {&toy.graphs}, 1.0, xs, 3.0);
+  INFO("verified " << t.verified[0] << " / " << t.verified[1] << ", falsified " << t.falsified[0]
+                   << " / " << t.falsified[1] << " (without / with route splits), route splits "
+                   << t.route_splits[1]);
+  CHECK(t.route_splits[0] == 0);
+  CHECK(t.route_splits[1] > 0);
+  CHECK(t.verified[1] > t.verified[0]);  // regions only a route split decides
+  CHECK(t.verified[1] > 0);
+  CHECK(t.falsified[1] > 0);
+}
+
+TEST_CASE(
+    "branch and bound splits both members' routes of a dual-model and never verifies a "
+    "broken region",
+    "[unit][certify][bab]") {
+  // A top-1 standard member and a top-2 robust one (the candidate and the mixture form
+  // inside the dual form), blended at α = 0.6: F = 0.4·F_S + 0.6·F_R. Checked on the grid
+  // as the top-2 test above; route splits fix the standard's expert, then the robust's set.
+  Toy standard(3, 3, 6, 22), robust(4, 3, 6, 24, /*top_k=*/2);
+  const double alpha = 0.6;
+  const bab::Logits logits = [&](const torch::Tensor& v) {
+    auto f = (1 - alpha) * torch::softmax(standard.logits32(v), 1) +
+             alpha * torch::softmax(robust.logits32(v), 1);
+    return torch::log(f);
+  };
+  torch::manual_seed(23);
   auto pool = 0.2 + 0.6 * torch::rand({4000, 2}, f64);
-  auto top3 = std::get<0>((pool.matmul(toy.R.t()) + toy.c).topk(3, 1));
-  auto near = std::get<1>((top3.select(1, 1) - top3.select(1, 2)).topk(16, 0, /*largest=*/false));
-  const auto xs = pool.index_select(0, near).view({16, 1, 1, 2});
-  for (int i = 0; i < 16; ++i) {
-    auto x = xs.narrow(0, i, 1);
-    const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
-    auto broken_at = [&](double e) {  // a misclassified point on the grid of the box
-      auto lo = (x - e).clamp_min(0.0).flatten(), hi = (x + e).clamp_max(1.0).flatten();
-      auto t = torch::linspace(0, 1, 201, f64);
-      auto grid =
-          torch::stack(
-              torch::meshgrid({lo[0] + (hi[0] - lo[0]) * t, lo[1] + (hi[1] - lo[1]) * t}, "ij"), 2)
-              .view({-1, 1, 1, 2})
-              .to(torch::kFloat);
-      return toy.logits32(grid).argmax(1).ne(y).any().item<bool>();
-    };
-    double r_lo = 0, r_hi = 0.5;
-    if (broken_at(r_hi))
-      for (int it = 0; it < 12; ++it) {
-        const double mid = 0.5 * (r_lo + r_hi);
-        (broken_at(mid) ? r_hi : r_lo) = mid;
-      }
-    const double eps = r_lo * std::vector<double>{0.5, 0.8, 0.95, 1.3}[static_cast<size_t>(i % 4)];
-    const bool broken = broken_at(eps);
-    for (int with = 0; with < 2; ++with) {
-      bab::Config cfg;
-      cfg.split = bab::Split::relu;
-      cfg.route_splits = with == 1;
-      bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
-      const auto out = bab::solve(
-          p, cfg, logits, random_points(toy, p),
-          bab::Clock::now() +
-              std::chrono::duration_cast<bab::Clock::duration>(std::chrono::duration<double>(3.0)));
-      INFO("problem " << i << ", eps " << eps << ", route splits " << with << ", grid broken "
-                      << broken);
-      route_splits[with] += out.route_splits;
-      if (out.verdict != bab::Verdict::falsified)
-        CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
-      if (out.verdict == bab::Verdict::verified) {
-        ++verified[with];
-        CHECK_FALSE(broken);
-      } else if (out.verdict == bab::Verdict::falsified) {
-        ++falsified[with];
-        CHECK((out.counterexample.to(torch::kFloat64) - x).abs().max().item<double>() <= eps);
-        CHECK(toy.logits32(out.counterexample).argmax(1)[0].item<int64_t>() != y);
-      }
-    }
-  }
-  INFO("verified " << verified[0] << " / " << verified[1] << ", falsified " << falsified[0] << " / "
-                   << falsified[1] << " (without / with route splits), route splits "
-                   << route_splits[1]);
-  CHECK(route_splits[0] == 0);
-  CHECK(route_splits[1] > 0);
-  CHECK(verified[1] > verified[0]);  // regions only a route split decides
-  CHECK(verified[1] > 0);
-  CHECK(falsified[1] > 0);
+  const auto xs =
+      torch::cat({near_boundary(standard, pool, 1, 8), near_boundary(robust, pool, 2, 8)});
+  const auto t = grid_checked(logits, {&standard.graphs, &robust.graphs}, alpha, xs, 3.0);
+  INFO("verified " << t.verified[0] << " / " << t.verified[1] << ", falsified " << t.falsified[0]
+                   << " / " << t.falsified[1] << " (without / with route splits), route splits "
+                   << t.route_splits[1]);
+  CHECK(t.route_splits[0] == 0);
+  CHECK(t.route_splits[1] > 0);
+  CHECK(t.verified[1] > t.verified[0]);
+  CHECK(t.falsified[1] > 0);
 }
 
 TEST_CASE("router_selection: where only k experts can be selected, all k are", "[unit][certify]") {
