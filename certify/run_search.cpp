@@ -212,6 +212,7 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
                           {"subproblems", out.bounded},
                           {"seconds", out.seconds},
                           {"verified_share", out.verified_mass},
+                          {"route_splits", out.route_splits},
                           {"bisect", bisecting}});
       if (progress)
         std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "

@@ -462,6 +462,10 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
     }
     REQUIRE(row.contains("bab"));
     CHECK(row["bab"]["subproblems"].get<int64_t>() >= 0);
+    for (const auto& s : row["bab"]["searches"]) {  // a route split makes subproblems
+      CHECK(s["route_splits"].get<int64_t>() >= 0);
+      CHECK(s["route_splits"].get<int64_t>() <= s["subproblems"].get<int64_t>());
+    }
     for (const char* eps : {"0.01", "0.05", "0.2"}) {
       const std::string v = row["bab"]["verdicts"][eps].get<std::string>();
       const double e = std::stod(eps);
