@@ -1,0 +1,112 @@
+// Branch and bound's search (SPEC §4.7, see bab.h), private to certify/: the subproblems;
+// what every search shares (bab.cpp: the budget, the attacks between rounds, the
+// counterexample, progress) with input splitting; ReLU and route splitting (bab_relu.cpp).
+// docs/certification.md §22.
+#pragma once
+
+#include <limits>
+#include <queue>
+#include <utility>
+#include <vector>
+
+#include "bab.h"
+
+namespace moecert::bab::detail {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+/// One ReLU split: unit `unit` (flat, per sample) of node `node` of graph `graph` (0: the
+/// router, 1 + j: expert j) of member `member`, restricted to sign·z >= 0.
+struct SplitAt {
+  int member = 0, graph = 0, node = 0;
+  int64_t unit = 0;
+  double sign = 0;
+};
+
+/// A subproblem: the region restricted by ReLU splits and routes (ReLU mode) or a piece
+/// of the root box (input mode), with what its last bound found.
+struct Sub {
+  std::vector<SplitAt> splits;  // ReLU mode
+  torch::Tensor lower, upper;   // input mode: [1, C, H, W] float64
+  /// ReLU mode, per routable member (absent or empty: not fixed): the experts its router
+  /// selects here (top-1: the one; top-k mixture: exactly these k).
+  std::vector<std::vector<int64_t>> route;
+  int depth = 0;
+  double mass = 1;  // the share of the root this subproblem stands for (halved by a split)
+  double slack = -kInf;
+  bool can_split = false;  // ReLU mode: `next` is an unstable unit
+  SplitAt next;
+  /// Per member whose route is not fixed: the experts its router can select here, and
+  /// those it selects everywhere here.
+  std::vector<std::vector<int64_t>> possible, sure;
+  /// Logit-domain forms, per expert: [K − 1] float64 CPU, the margin bounds proven above
+  /// the tie allowance on a region containing this one (−inf: not proven). Empty: none.
+  std::vector<torch::Tensor> known;
+};
+struct Worse {  // the lowest slack on top
+  bool operator()(const Sub& a, const Sub& b) const { return a.slack > b.slack; }
+};
+using Queue = std::priority_queue<Sub, std::vector<Sub>, Worse>;
+
+/// The root box of the problem's region (L∞): [x − ε, x + ε], ∩ [0, 1] with the box.
+std::pair<torch::Tensor, torch::Tensor> root_box(const Problem& p);
+
+/// Certificate slack of every region of the passes (> 0: verified), and the experts each
+/// member's router can select there; `only`: per member, its route splits (forms' `only`).
+forms::Evaluation evaluate(const Problem& p, const std::vector<forms::MemberPass>& passes,
+                           const InputDomain& d, const torch::Tensor& labels,
+                           const std::vector<torch::Tensor>& only = {});
+
+/// One search of a problem: its budget, its attacks and what it has found.
+class Search {
+ public:
+  Search(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
+         Clock::time_point deadline, Float32Errors fp32);
+  virtual ~Search() = default;
+  /// An attack on the region, then the search (when the attack found nothing).
+  Outcome run();
+
+ protected:
+  /// Branching, until no subproblem is open, a counterexample, or the budget's end.
+  virtual void search() = 0;
+
+  /// A progress line on stderr every 5 s (Config::progress): subproblems, their rate, the
+  /// queue, the verified share and the worst open slack.
+  void report(size_t queued, double worst);
+  /// Whether another round fits in the budget (the last round's length as its estimate):
+  /// a round is not interrupted, so one that cannot end before the deadline is not begun.
+  bool round_fits() const { return Clock::now() + last_round_ <= deadline_; }
+  /// Whether x32 (float32 [1, C, H, W]) lies in the region and the model misclassifies
+  /// it; records it as the counterexample when so.
+  bool counterexample(const torch::Tensor& x32);
+  /// An attack round when its interval has passed since the last one.
+  bool attack_due();
+  /// The member passes of regions `d`; `root`: the root of ReLU splits, whose
+  /// intermediate bounds every subproblem inherits (optimised by Config::intermediate_steps).
+  std::vector<forms::MemberPass> prepare(const InputDomain& d, const torch::Tensor& labels,
+                                         bool root = false) const;
+  torch::Tensor labels(int64_t n) const;
+  /// Records the open share: the queue's subproblems and `extra`.
+  void open_left(const Queue& q, const std::vector<Sub>& extra = {});
+
+  const Problem& p_;
+  const Config& cfg_;
+  Clock::time_point deadline_;
+  BoundOptions opt_;
+  Outcome out_;
+  Clock::duration last_round_{0};  // how long the last round of bounding took
+
+ private:
+  bool try_attack(int round);
+
+  const Logits& logits_;
+  const Attack& attack_;
+  Clock::time_point start_ = Clock::now(), last_report_ = Clock::now(), last_attack_;
+  int attack_round_ = 0;
+};
+
+/// Branch and bound by ReLU and route splits (bab_relu.cpp).
+Outcome relu_search(const Problem& p, const Config& cfg, const Logits& logits,
+                    const Attack& attack, Clock::time_point deadline);
+
+}  // namespace moecert::bab::detail

@@ -1,0 +1,387 @@
+// Branch and bound by ReLU and route splits (see bab-impl.h): subproblems restricted by
+// split ReLU units and fixed routes, bounded in batches by α-CROWN with β-CROWN
+// multipliers, branched route first, then on the unstable unit with the largest gain.
+// docs/certification.md §22.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <tuple>
+
+#include "bab-impl.h"
+
+namespace moecert::bab::detail {
+namespace {
+
+/// The nodes of a graph whose units a split can fix: the inputs of ReLU nodes.
+std::vector<int> split_nodes(const BoundGraph& g) {
+  std::vector<int> out;
+  const auto& nodes = g.nodes();
+  for (size_t k = 0; k < nodes.size(); ++k)
+    for (int c : nodes[k].consumers)
+      if (std::string(nodes[static_cast<size_t>(c)].rule->name()) == "relu") {
+        out.push_back(static_cast<int>(k));
+        break;
+      }
+  return out;
+}
+
+/// The graph g of a member's pass (0: the router), if the pass has it.
+template <typename Pass>
+auto graph_pass(Pass& p, int g) -> decltype(&*p.router) {
+  if (g == 0) return p.router ? &*p.router : nullptr;
+  auto& e = p.experts[static_cast<size_t>(g - 1)];
+  return e ? &*e : nullptr;
+}
+
+/// The subproblems (positions in the batch of n) graph g of a member's pass covers: all
+/// for the router, those routed to it for an expert. [rows] int64, CPU
+torch::Tensor pass_rows(const forms::MemberPass& p, int g, int64_t n) {
+  return g == 0 ? torch::arange(n, torch::kLong) : p.rows[static_cast<size_t>(g - 1)].cpu();
+}
+
+/// Regions some node of which has an empty interval: the splits contradict each other
+/// there, and the region is empty. [n] bool
+torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_t n) {
+  auto out = torch::zeros({n}, torch::kBool);
+  for (const auto& mp : passes)
+    for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
+      if (const BoundPass* bp = graph_pass(mp, g)) {
+        auto rows = pass_rows(mp, g, n);
+        auto none = torch::zeros({rows.size(0)}, torch::kBool);
+        for (const auto& nb : bp->nodes) none |= nb.lo.gt(nb.hi).flatten(1).any(1).cpu();
+        out.index_put_({rows}, out.index_select(0, rows) | none);
+      }
+  return out;
+}
+
+class ReluSearch : public Search {
+ public:
+  ReluSearch(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
+             Clock::time_point deadline)
+      // ReLU splits read per-node float32 errors (bound_split).
+      : Search(p, cfg, logits, attack, deadline, Float32Errors::per_node) {
+    for (const auto* m : p.members) {
+      std::vector<std::vector<int>> per;
+      per.push_back(m->router ? split_nodes(*m->router) : std::vector<int>{});
+      for (const auto& g : m->nets) per.push_back(split_nodes(g));
+      candidates_.push_back(std::move(per));
+    }
+  }
+
+ private:
+  std::vector<std::vector<std::vector<int>>> candidates_;  // [member][graph] split nodes
+
+  InputDomain ball() const {
+    const auto o = p_.x.options();
+    return {p_.x, torch::full({1}, p_.eps, o), p_.norm, p_.box};
+  }
+
+  /// The most children one subproblem has: 2, or the expert sets of a route split (at
+  /// most a batch: a route split with more children is not made).
+  int64_t max_children() const {
+    int64_t most = 2;
+    for (size_t i = 0; i < p_.members.size(); ++i) {
+      if (!routable(i)) continue;
+      const auto& m = *p_.members[i];
+      const int64_t k = forms::member_form(m) == forms::Form::candidate ? 1 : m.top_k;
+      double sets = 1;  // C(E, k)
+      for (int64_t t = 0; t < k; ++t)
+        sets *= static_cast<double>(m.experts - t) / static_cast<double>(t + 1);
+      most = std::max(most, static_cast<int64_t>(std::min(sets, double(cfg_.batch))));
+    }
+    return most;
+  }
+
+  static const std::vector<int64_t>& of(const std::vector<std::vector<int64_t>>& v, size_t i) {
+    static const std::vector<int64_t> none;
+    return i < v.size() ? v[i] : none;
+  }
+
+  /// A route split's children: the first member (standard first) whose route is not
+  /// fixed and has more than one expert set its router may select on the subproblem
+  /// (top-1: each possible expert; top-k: each k-set between the sure and the possible
+  /// experts), and those sets. Every point of the region selects one of them, so their
+  /// regions cover the parent's. No sets when no member has more than one, or only
+  /// more than a batch.
+  std::pair<size_t, std::vector<std::vector<int64_t>>> route_children(const Sub& s) const {
+    for (size_t i = 0; i < p_.members.size(); ++i) {
+      auto sets = route_sets(s, i);
+      if (!sets.empty()) return {i, std::move(sets)};
+    }
+    return {0, {}};
+  }
+
+  /// route_children's sets of member i.
+  std::vector<std::vector<int64_t>> route_sets(const Sub& s, size_t i) const {
+    std::vector<std::vector<int64_t>> sets;
+    const auto &possible = of(s.possible, i), &sure = of(s.sure, i);
+    if (!of(s.route, i).empty() || !routable(i) || possible.size() < 2) return sets;
+    if (forms::member_form(*p_.members[i]) == forms::Form::candidate) {
+      for (int64_t j : possible) sets.push_back({j});
+      return sets;
+    }
+    std::vector<int64_t> open;  // possible, not sure
+    for (int64_t j : possible)
+      if (std::find(sure.begin(), sure.end(), j) == sure.end()) open.push_back(j);
+    const int64_t need = p_.members[i]->top_k - static_cast<int64_t>(sure.size());
+    if (need < 1 || need >= static_cast<int64_t>(open.size())) return sets;  // one set at most
+    std::vector<int64_t> pick;
+    std::function<void(size_t)> grow = [&](size_t from) {
+      if (static_cast<int64_t>(sets.size()) > cfg_.batch) return;
+      if (static_cast<int64_t>(pick.size()) == need) {
+        auto set = sure;
+        set.insert(set.end(), pick.begin(), pick.end());
+        std::sort(set.begin(), set.end());
+        sets.push_back(std::move(set));
+        return;
+      }
+      for (size_t i = from; i < open.size(); ++i) {
+        pick.push_back(open[i]);
+        grow(i + 1);
+        pick.pop_back();
+      }
+    };
+    grow(0);
+    if (static_cast<int64_t>(sets.size()) > cfg_.batch) sets.clear();
+    return sets;
+  }
+
+  /// The unstable unit of every region of the passes (over the router and the experts it
+  /// can select) whose split promises most: the first-order change of the bound when
+  /// its interval's end moves to 0 in either child, |∂B/∂l|·|l| + |∂B/∂u|·u (the
+  /// gradients of the α-β optimisation's bounds with respect to the intervals, summed
+  /// over its steps), with the relaxation gap −l·u / (u − l) breaking ties. Regions
+  /// without an unstable unit get can_split = false.
+  void choose(const std::vector<forms::MemberPass>& passes,
+              const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs) const {
+    const int64_t n = static_cast<int64_t>(subs.size());
+    auto best = torch::zeros({n}, torch::kFloat64);
+    for (size_t i = 0; i < passes.size(); ++i)
+      for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g) {
+        const BoundPass* bp = graph_pass(passes[i], g);
+        if (!bp) continue;
+        // The pass's rows: all subproblems for the router, those it covers for an expert.
+        auto rows = pass_rows(passes[i], g, n);
+        torch::Tensor in_play;  // [rows] bool: the expert can be selected there
+        if (g > 0 && i < possible.size() && possible[i].defined())
+          in_play = possible[i].select(1, g - 1).cpu().index_select(0, rows);
+        const auto at = rows.accessor<int64_t, 1>();
+        for (int k : candidates_[i][static_cast<size_t>(g)]) {
+          const auto& nb = bp->nodes[static_cast<size_t>(k)];
+          auto l = nb.lo.detach().flatten(1), u = nb.hi.detach().flatten(1);
+          auto unstable = l.lt(0) & u.gt(0);
+          auto gap = -l * u / (u - l).clamp_min(1e-300);
+          if (nb.lo.grad().defined() && nb.hi.grad().defined())
+            gap = gap * 1e-6 + nb.lo.grad().flatten(1).abs() * l.abs() +
+                  nb.hi.grad().flatten(1).abs() * u.abs();
+          gap = torch::where(unstable, gap.detach(), torch::zeros_like(l));
+          auto [val, arg] = gap.max(1);
+          val = val.cpu(), arg = arg.cpu();
+          if (in_play.defined()) val = val.masked_fill(~in_play, 0.0);
+          auto v = val.accessor<double, 1>();
+          auto a = arg.accessor<int64_t, 1>();
+          auto bv = best.accessor<double, 1>();
+          for (int64_t r = 0; r < rows.size(0); ++r) {
+            const int64_t c = at[r];
+            if (!(v[r] > bv[c])) continue;
+            bv[c] = v[r];
+            auto& s = subs[static_cast<size_t>(c)];
+            s.can_split = true;
+            s.next = {static_cast<int>(i), g, k, a[r], 0};
+          }
+        }
+      }
+  }
+
+  /// The member passes of `subs` (their splits as sign tensors).
+  std::vector<forms::MemberPass> split_passes(const std::vector<forms::MemberPass>& root,
+                                              const std::vector<Sub>& subs) const {
+    const int64_t n = static_cast<int64_t>(subs.size());
+    std::map<std::tuple<int, int, int>, std::pair<std::vector<int64_t>, std::vector<double>>> at;
+    for (int64_t c = 0; c < n; ++c)
+      for (const auto& s : subs[static_cast<size_t>(c)].splits) {
+        const BoundPass* bp = graph_pass(root[static_cast<size_t>(s.member)], s.graph);
+        const int64_t per = bp->nodes[static_cast<size_t>(s.node)].lo[0].numel();
+        auto& e = at[{s.member, s.graph, s.node}];
+        e.first.push_back(c * per + s.unit), e.second.push_back(s.sign);
+      }
+    std::vector<forms::MemberPass> out;
+    for (size_t i = 0; i < root.size(); ++i) {
+      forms::MemberSplits ms(root[i].experts.size() + 1);
+      for (const auto& [key, val] : at) {
+        if (std::get<0>(key) != static_cast<int>(i)) continue;
+        const int g = std::get<1>(key), k = std::get<2>(key);
+        const auto& nb = graph_pass(root[i], g)->nodes[static_cast<size_t>(k)];
+        std::vector<int64_t> shape = nb.lo.sizes().vec();
+        shape[0] = n;
+        auto t = torch::zeros(shape, nb.lo.options());
+        auto idx = torch::tensor(val.first, torch::kLong).to(t.device());
+        t.view({-1}).index_put_({idx}, torch::tensor(val.second, torch::kFloat64).to(t.device()));
+        auto& per_graph = ms[static_cast<size_t>(g)];
+        per_graph.resize(graph_pass(root[i], g)->nodes.size());
+        per_graph[static_cast<size_t>(k)] = t;
+      }
+      out.push_back(forms::member_split(root[i], ms, n, route_mask(subs, i)));
+    }
+    return out;
+  }
+
+  /// Whether the subproblems can be split by member i's route: a member with a router,
+  /// top-1 (its route constraints enforce the split) or a top-k mixture (each child knows
+  /// exactly which experts are selected, docs §22).
+  bool routable(size_t i) const {
+    if (!cfg_.route_splits || !p_.members[i]->router) return false;
+    const auto& m = *p_.members[i];
+    const auto form = forms::member_form(m);
+    return form == forms::Form::candidate ||
+           (form == forms::Form::mixture && m.routing == Routing::top_k && m.top_k < m.experts);
+  }
+
+  /// [n, E] bool: the experts each subproblem's route of member i allows (undefined: no
+  /// routes).
+  torch::Tensor route_mask(const std::vector<Sub>& subs, size_t i) const {
+    if (!routable(i)) return {};
+    const int64_t n = static_cast<int64_t>(subs.size()), E = p_.members[i]->experts;
+    auto m = torch::ones({n, E}, torch::kBool);
+    for (int64_t c = 0; c < n; ++c) {
+      const auto& route = of(subs[static_cast<size_t>(c)].route, i);
+      if (route.empty()) continue;
+      m[c].fill_(false);
+      for (int64_t j : route) m[c][j] = true;
+    }
+    return m.to(p_.x.device());
+  }
+
+  /// Bounds `subs`: their slack and next split; returns the open ones (verified and empty
+  /// ones add to the verified mass).
+  std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
+    const int64_t n = static_cast<int64_t>(subs.size());
+    auto passes = split_passes(root, subs);
+    // Margin rows proven on a parent's region hold on its children's: only the others are
+    // bounded again (docs §22).
+    if (std::any_of(subs.begin(), subs.end(), [](const Sub& s) { return !s.known.empty(); })) {
+      const int64_t E = static_cast<int64_t>(passes[0].experts.size());
+      const int64_t K1 = p_.members[0]->classes - 1;
+      for (int64_t j = 0; j < E; ++j) {
+        auto known = torch::full({n, K1}, -kInf, torch::kFloat64);
+        for (int64_t c = 0; c < n; ++c)
+          if (!subs[static_cast<size_t>(c)].known.empty())
+            known[c].copy_(subs[static_cast<size_t>(c)].known[static_cast<size_t>(j)]);
+        passes[0].known_low.push_back(known.to(p_.x.device()));
+      }
+    }
+    // The bounds' sensitivity to the split candidates' intervals steers branching.
+    for (size_t i = 0; i < passes.size(); ++i)
+      for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
+        if (BoundPass* bp = graph_pass(passes[i], g))
+          for (int k : candidates_[i][static_cast<size_t>(g)]) {
+            auto& nb = bp->nodes[static_cast<size_t>(k)];
+            nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
+          }
+    const auto& d = passes[0].domain;
+    std::vector<torch::Tensor> only;
+    for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
+    auto ev = evaluate(p_, passes, d, labels(n), only);
+    auto slack = ev.slack.cpu();
+    auto empty = empty_regions(passes, n);
+    out_.bounded += n;
+    choose(passes, ev.possible_of, subs);
+    std::vector<torch::Tensor> possible, sure;
+    for (const auto& t : ev.possible_of) possible.push_back(t.cpu());
+    for (const auto& t : ev.sure_of) sure.push_back(t.cpu());
+    std::vector<torch::Tensor> proven;  // per expert [n, K − 1]
+    for (size_t j = 0; j < ev.settled.size(); ++j)
+      proven.push_back(
+          torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
+    std::vector<Sub> open;
+    for (int64_t c = 0; c < n; ++c) {
+      auto& s = subs[static_cast<size_t>(c)];
+      s.slack = slack[c].item<double>();
+      s.known.clear();
+      for (const auto& t : proven) s.known.push_back(t[c].clone());
+      s.possible.assign(p_.members.size(), {}), s.sure.assign(p_.members.size(), {});
+      for (size_t i = 0; i < possible.size() && i < p_.members.size(); ++i) {
+        if (!of(s.route, i).empty()) continue;
+        const auto pa = possible[i].accessor<bool, 2>(), sa = sure[i].accessor<bool, 2>();
+        for (int64_t j = 0; j < pa.size(1); ++j) {
+          if (pa[c][j]) s.possible[i].push_back(j);
+          if (sa[c][j]) s.sure[i].push_back(j);
+        }
+      }
+      if (s.slack > 0 || empty[c].item<bool>())
+        out_.verified_mass += s.mass;
+      else
+        open.push_back(std::move(s));
+    }
+    return open;
+  }
+
+  void search() override {
+    const auto d = ball();
+    const auto root = prepare(d, labels(1), true);
+    Queue q;
+    for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
+    while (!q.empty()) {
+      if (!round_fits() || attack_due()) break;
+      if (static_cast<int64_t>(q.size()) + cfg_.batch > cfg_.max_queue) break;
+      std::vector<Sub> children, stuck;
+      while (!q.empty() && (children.empty() ||
+                            static_cast<int64_t>(children.size()) + max_children() <= cfg_.batch)) {
+        Sub s = q.top();
+        q.pop();
+        if (auto [member, sets] = route_children(s); !sets.empty()) {
+          // A route split: one child per expert set the member's router can select (their
+          // regions cover the parent's: every point selects one of them).
+          ++out_.route_splits;
+          for (auto& set : sets) {
+            Sub c = s;
+            c.route.resize(p_.members.size());
+            c.route[member] = std::move(set), c.depth = s.depth + 1;
+            c.mass = s.mass / static_cast<double>(sets.size());
+            children.push_back(std::move(c));
+          }
+          continue;
+        }
+        if (!s.can_split || s.depth >= cfg_.max_depth) {
+          stuck.push_back(std::move(s));
+          continue;
+        }
+        for (double sign : {1.0, -1.0}) {
+          Sub c;
+          c.splits = s.splits;
+          c.splits.push_back(s.next);
+          c.splits.back().sign = sign;
+          c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
+          c.known = s.known;
+          children.push_back(std::move(c));
+        }
+      }
+      if (children.empty()) {  // nothing left to split: open for good
+        for (auto& s : stuck) q.push(std::move(s));
+        out_.exhausted = true;
+        break;
+      }
+      ++out_.rounds;
+      const auto round_start = Clock::now();
+      for (auto& s : bound_relu(root, std::move(children))) q.push(std::move(s));
+      last_round_ = Clock::now() - round_start;
+      report(q.size(), q.empty() ? 0.0 : q.top().slack);
+      for (auto& s : stuck) q.push(std::move(s));
+      if (out_.verdict == Verdict::falsified) break;
+    }
+    open_left(q);
+    if (out_.verdict != Verdict::falsified && q.empty()) out_.verdict = Verdict::verified;
+  }
+
+};
+
+}  // namespace
+
+Outcome relu_search(const Problem& p, const Config& cfg, const Logits& logits,
+                    const Attack& attack, Clock::time_point deadline) {
+  return ReluSearch(p, cfg, logits, attack, deadline).run();
+}
+
+}  // namespace moecert::bab::detail
