@@ -106,7 +106,7 @@ class Search {
 };
 
 /// Branch and bound by ReLU and route splits (bab_relu.cpp).
-Outcome relu_search(const Problem& p, const Config& cfg, const Logits& logits,
-                    const Attack& attack, Clock::time_point deadline);
+Outcome relu_search(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
+                    Clock::time_point deadline);
 
 }  // namespace moecert::bab::detail

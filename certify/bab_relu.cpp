@@ -374,13 +374,12 @@ class ReluSearch : public Search {
     open_left(q);
     if (out_.verdict != Verdict::falsified && q.empty()) out_.verdict = Verdict::verified;
   }
-
 };
 
 }  // namespace
 
-Outcome relu_search(const Problem& p, const Config& cfg, const Logits& logits,
-                    const Attack& attack, Clock::time_point deadline) {
+Outcome relu_search(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
+                    Clock::time_point deadline) {
   return ReluSearch(p, cfg, logits, attack, deadline).run();
 }
 
