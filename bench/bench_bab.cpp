@@ -81,6 +81,8 @@ int main(int argc, char** argv) {
   std::sort(verified_s.begin(), verified_s.end());
   const double rate = seconds > 0 ? static_cast<double>(subproblems) / seconds : 0.0;
   const double median = verified_s.empty() ? 0.0 : verified_s[verified_s.size() / 2];
+  const double mean_unknown_share =
+      unknown_n ? unknown_share / static_cast<double>(unknown_n) : 0.0;
   std::printf(
       "branch and bound, %s, %zu samples, timeout %.0f s, batch %lld: %lld subproblems in "
       "%.1f s = %.1f subproblems/s (%lld split by route); %zu searches (sample, eps) ended "
@@ -89,24 +91,22 @@ int main(int argc, char** argv) {
       checkpoint.empty() ? "E=4 cnn-s MoE, random weights" : checkpoint.c_str(), idx.size(),
       timeout, static_cast<long long>(batch), static_cast<long long>(subproblems), seconds, rate,
       static_cast<long long>(route_splits), verified_s.size(), median,
-      static_cast<long long>(unknown_n),
-      unknown_n ? unknown_share / static_cast<double>(unknown_n) : 0.0);
-  nlohmann::json j = {
-      {"benchmark", "bench_bab"},
-      {"threads", threads},
-      {"checkpoint", checkpoint},
-      {"samples", idx.size()},
-      {"timeout_per_sample", timeout},
-      {"batch", batch},
-      {"intermediate_steps", intermediate_steps},
-      {"subproblems", subproblems},
-      {"route_splits", route_splits},
-      {"search_seconds", seconds},
-      {"subproblems_per_s", rate},
-      {"verified_by_search", verified_s.size()},
-      {"median_verified_seconds", median},
-      {"unknown_searches", unknown_n},
-      {"unknown_verified_share", unknown_n ? unknown_share / static_cast<double>(unknown_n) : 0.0}};
+      static_cast<long long>(unknown_n), mean_unknown_share);
+  nlohmann::json j = {{"benchmark", "bench_bab"},
+                      {"threads", threads},
+                      {"checkpoint", checkpoint},
+                      {"samples", idx.size()},
+                      {"timeout_per_sample", timeout},
+                      {"batch", batch},
+                      {"intermediate_steps", intermediate_steps},
+                      {"subproblems", subproblems},
+                      {"route_splits", route_splits},
+                      {"search_seconds", seconds},
+                      {"subproblems_per_s", rate},
+                      {"verified_by_search", verified_s.size()},
+                      {"median_verified_seconds", median},
+                      {"unknown_searches", unknown_n},
+                      {"unknown_verified_share", mean_unknown_share}};
   for (double eps : cfg.eps_grid.values()) {
     const double v = res.certified_at(eps).value_or(0), f = res.falsified_at(eps).value_or(0),
                  u = res.unknown_at(eps).value_or(0);

@@ -195,9 +195,11 @@ class ReluSearch : public Search {
       }
   }
 
-  /// The member passes of `subs` (their splits as sign tensors).
+  /// The member passes of `subs` (their splits as sign tensors; `only`: per member, the
+  /// experts their routes allow, route_mask).
   std::vector<forms::MemberPass> split_passes(const std::vector<forms::MemberPass>& root,
-                                              const std::vector<Sub>& subs) const {
+                                              const std::vector<Sub>& subs,
+                                              const std::vector<torch::Tensor>& only) const {
     const int64_t n = static_cast<int64_t>(subs.size());
     std::map<std::tuple<int, int, int>, std::pair<std::vector<int64_t>, std::vector<double>>> at;
     for (int64_t c = 0; c < n; ++c)
@@ -223,7 +225,7 @@ class ReluSearch : public Search {
         per_graph.resize(graph_pass(root[i], g)->nodes.size());
         per_graph[static_cast<size_t>(k)] = t;
       }
-      out.push_back(forms::member_split(root[i], ms, n, route_mask(subs, i)));
+      out.push_back(forms::member_split(root[i], ms, n, only[i]));
     }
     return out;
   }
@@ -258,7 +260,9 @@ class ReluSearch : public Search {
   /// ones add to the verified mass).
   std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
     const int64_t n = static_cast<int64_t>(subs.size());
-    auto passes = split_passes(root, subs);
+    std::vector<torch::Tensor> only;  // per member: the experts each route allows
+    for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
+    auto passes = split_passes(root, subs, only);
     // Margin rows proven on a parent's region hold on its children's: only the others are
     // bounded again (docs §22).
     if (std::any_of(subs.begin(), subs.end(), [](const Sub& s) { return !s.known.empty(); })) {
@@ -281,8 +285,6 @@ class ReluSearch : public Search {
             nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
           }
     const auto& d = passes[0].domain;
-    std::vector<torch::Tensor> only;
-    for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
     auto ev = evaluate(p_, passes, d, labels(n), only);
     auto slack = ev.slack.cpu();
     auto empty = empty_regions(passes, n);

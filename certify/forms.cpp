@@ -351,6 +351,11 @@ struct Restricted {
   Selection sel;
   torch::Tensor empty;
   std::vector<InputConstraints> routes;
+  /// The route constraints its expert bounds take (prob_lower's `routes`): the route-set
+  /// ones on route-set regions, else the member's default (a candidate's own).
+  const std::vector<InputConstraints>* route_constraints() const {
+    return routes.empty() ? nullptr : &routes;
+  }
 };
 Restricted restrict_routes(const MemberPass& p, const InputDomain& d, const torch::Tensor& only) {
   Restricted r;
@@ -386,12 +391,12 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
                            const torch::Tensor& only) {
   Evaluation ev;
   auto r = restrict_routes(p, d, only);
-  ev.possible = r.sel.possible, ev.sure = r.sel.sure;
-  ev.possible_of = {ev.possible}, ev.sure_of = {ev.sure};
+  ev.possible = r.sel.possible;
+  ev.possible_of = {r.sel.possible}, ev.sure_of = {r.sel.sure};
   if (member_form(*p.m) != Form::mixture) {
     ev.slack = logit_slack(p, d, labels, ev.possible, ev.margins, ev.settled);
   } else {
-    ev.slack = prob_lower(p, d, labels, r.sel, &r.routes).amin(1) -
+    ev.slack = prob_lower(p, d, labels, r.sel, r.route_constraints()).amin(1) -
                (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);
   }
   // Empty regions certify anything (a candidate's slack there is +inf already).
@@ -407,11 +412,8 @@ Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, d
   auto rr = restrict_routes(robust, d, only_robust);
   ev.possible = rr.sel.possible;
   ev.possible_of = {rs.sel.possible, rr.sel.possible}, ev.sure_of = {rs.sel.sure, rr.sel.sure};
-  // A top-k mixture's route-set constraints on its route-set regions; a candidate
-  // member's own route constraints (routes: null) everywhere.
-  auto routes = [](const Restricted& r) { return r.routes.empty() ? nullptr : &r.routes; };
-  auto ls = prob_lower(standard, d, labels, rs.sel, routes(rs)).clamp_min(-1.0);
-  auto lr = prob_lower(robust, d, labels, rr.sel, routes(rr));
+  auto ls = prob_lower(standard, d, labels, rs.sel, rs.route_constraints()).clamp_min(-1.0);
+  auto lr = prob_lower(robust, d, labels, rr.sel, rr.route_constraints());
   const double C =
       (1 - alpha) * fp32_prob_constant(*standard.m) + alpha * fp32_prob_constant(*robust.m) + 8.0;
   auto mixed =

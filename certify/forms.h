@@ -90,7 +90,6 @@ std::vector<InputConstraints> route_set_constraints(const MemberPass& p, const t
 struct Evaluation {
   torch::Tensor slack;     ///< [n]
   torch::Tensor possible;  ///< [n, E] bool: experts the router can select (of the form's member)
-  torch::Tensor sure;      ///< [n, E] bool: experts it selects at every point (single member)
   /// Per member (one; a dual-model's standard, then robust): [n, E] bool, the experts its
   /// router can select / selects at every point of each region.
   std::vector<torch::Tensor> possible_of, sure_of;
