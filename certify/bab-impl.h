@@ -76,11 +76,20 @@ class Search {
   /// Whether another round fits in the budget (the last round's length as its estimate):
   /// a round is not interrupted, so one that cannot end before the deadline is not begun.
   bool round_fits() const { return Clock::now() + last_round_ <= deadline_; }
-  /// Whether x32 (float32 [1, C, H, W]) lies in the region and the model misclassifies
-  /// it; records it as the counterexample when so.
+  /// Whether x32 (float32 [1, C, H, W]), moved into the region (into_region), lies in
+  /// it and the model misclassifies it; records it as the counterexample when so.
   bool counterexample(const torch::Tensor& x32);
-  /// An attack round when its interval has passed since the last one.
+  /// A float32 point of the region near x32: attacks project onto the float32 ball,
+  /// whose rounded ends can lie just outside the float64 region (x ± ε); L∞ clamps to
+  /// the region's float32 box rounded inwards, L2 scales the offset into the ball.
+  torch::Tensor into_region(const torch::Tensor& x32) const;
+  /// An attack round when its interval has passed since the last one (from `starts_`).
   bool attack_due();
+  /// The minimisers of the open subproblems with the lowest slack (Evaluation::primal,
+  /// `slack` [n] of the batch, `open` which of them stay open): each is checked on the
+  /// model at once, and the worst kStarts become the next attack round's starts.
+  bool check_primal(const torch::Tensor& primal, const std::vector<double>& slack,
+                    const std::vector<bool>& open);
   /// The member passes of regions `d`; `root`: the root of ReLU splits, whose
   /// intermediate bounds every subproblem inherits (optimised by Config::intermediate_steps).
   std::vector<forms::MemberPass> prepare(const InputDomain& d, const torch::Tensor& labels,
@@ -95,6 +104,8 @@ class Search {
   BoundOptions opt_;
   Outcome out_;
   Clock::duration last_round_{0};  // how long the last round of bounding took
+  static constexpr int64_t kStarts = 8;
+  torch::Tensor starts_;  // [m, C, H, W] float32: the next attack round's starts
 
  private:
   bool try_attack(int round);

@@ -2,6 +2,7 @@
 // input splitting. docs/certification.md §22.
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <iostream>
 
 #include "bab-impl.h"
@@ -32,6 +33,7 @@ Search::Search(const Problem& p, const Config& cfg, const Logits& logits, const 
   opt_.method = BoundMethod::alpha_crown;
   opt_.alpha_steps = cfg.alpha_steps;
   opt_.fp32 = fp32;
+  opt_.primal = true;
 }
 
 Outcome Search::run() {
@@ -53,9 +55,37 @@ void Search::report(size_t queued, double worst) {
             << "% verified, worst open slack " << fmt_fixed(worst, 4) << "\n";
 }
 
-bool Search::counterexample(const torch::Tensor& x32) {
+torch::Tensor Search::into_region(const torch::Tensor& x32) const {
   torch::NoGradGuard ng;
-  const auto xd = x32.to(torch::kFloat64).to(p_.x.device());
+  const auto x = x32.to(p_.x.device());
+  if (p_.norm == Norm::linf) {
+    // The float32 box inside [x − ε, x + ε] (∩ [0, 1]): each end rounded inwards.
+    auto [lo, hi] = root_box(p_);
+    auto lo32 = lo.to(torch::kFloat), hi32 = hi.to(torch::kFloat);
+    lo32 = torch::where(lo32.to(torch::kFloat64).lt(lo),
+                        torch::nextafter(lo32, torch::full_like(lo32, 2.0f)), lo32);
+    hi32 = torch::where(hi32.to(torch::kFloat64).gt(hi),
+                        torch::nextafter(hi32, torch::full_like(hi32, -1.0f)), hi32);
+    return torch::max(torch::min(x, hi32), lo32);
+  }
+  // L2: the offset scaled into the ball, by a little more each time its float32
+  // rounding still lands outside.
+  const auto d = x.to(torch::kFloat64) - p_.x;
+  const double n = d.norm().item<double>();
+  if (!(n > p_.eps)) return x;
+  for (double shrink : {1e-6, 1e-4, 1e-2}) {
+    auto y = p_.x + d * (p_.eps / n * (1 - shrink));
+    if (p_.box) y = y.clamp(0.0, 1.0);
+    auto y32 = y.to(torch::kFloat);
+    if ((y32.to(torch::kFloat64) - p_.x).norm().item<double>() <= p_.eps) return y32;
+  }
+  return x;
+}
+
+bool Search::counterexample(const torch::Tensor& x_found) {
+  torch::NoGradGuard ng;
+  const auto x32 = into_region(x_found);
+  const auto xd = x32.to(torch::kFloat64);
   const auto d = (xd - p_.x).flatten();
   const double dist =
       p_.norm == Norm::linf ? d.abs().max().item<double>() : d.norm().item<double>();
@@ -69,8 +99,29 @@ bool Search::counterexample(const torch::Tensor& x32) {
 
 bool Search::try_attack(int round) {
   if (!attack_) return false;
-  auto x = attack_(round);
+  auto x = attack_(round, round > 0 ? starts_ : torch::Tensor());
   return x.defined() && counterexample(x);
+}
+
+bool Search::check_primal(const torch::Tensor& primal, const std::vector<double>& slack,
+                          const std::vector<bool>& open) {
+  if (!primal.defined()) return false;
+  std::vector<int64_t> order;
+  for (size_t c = 0; c < slack.size(); ++c)
+    if (open[c]) order.push_back(static_cast<int64_t>(c));
+  if (order.empty()) return false;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return slack[static_cast<size_t>(a)] < slack[static_cast<size_t>(b)];
+  });
+  order.resize(std::min<size_t>(order.size(), kStarts));
+  torch::NoGradGuard ng;
+  auto points = primal.index_select(0, torch::tensor(order, torch::kLong).to(primal.device()))
+                    .to(torch::kFloat);
+  for (int64_t r = 0; r < points.size(0); ++r)
+    points[r].copy_(into_region(points.narrow(0, r, 1))[0]);
+  starts_ = points;
+  auto wrong = logits_(points).argmax(1).ne(p_.label).nonzero().flatten().cpu();
+  return wrong.numel() > 0 && counterexample(points.narrow(0, wrong[0].item<int64_t>(), 1));
 }
 
 bool Search::attack_due() {
@@ -216,6 +267,14 @@ bisect_widest(const torch::Tensor& lower, const torch::Tensor& upper, const torc
   a_upper.view({-1})[dim] = mid;
   b_lower.view({-1})[dim] = mid;
   return {{lower, a_upper}, {b_lower, upper}};
+}
+
+AttackRound attack_round(int round, int64_t aware, int64_t targets) {
+  const int64_t kinds = aware + targets;
+  if (round <= 0 || kinds <= 0) return {AttackRound::Kind::untargeted, 0, std::max(round, 0)};
+  const int64_t which = (round - 1) % kinds, cycle = (round - 1) / kinds;
+  if (which < aware) return {AttackRound::Kind::aware, which, cycle};
+  return {AttackRound::Kind::targeted, which - aware, cycle};
 }
 
 Outcome solve(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,

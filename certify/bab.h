@@ -74,9 +74,23 @@ bisect_widest(const torch::Tensor& lower, const torch::Tensor& upper, const torc
 
 /// The float32 model's logits at float32 points [n, C, H, W] -> [n, K].
 using Logits = std::function<torch::Tensor(const torch::Tensor&)>;
-/// An attack on the problem's region, round r (its own random starts): a float32 point
-/// [1, C, H, W] of the region, or undefined when it found none.
-using Attack = std::function<torch::Tensor(int round)>;
+/// An attack on the problem's region, round r: a float32 point [1, C, H, W] of the
+/// region, or undefined when it found none. `starts` ([m, C, H, W] float32, or
+/// undefined: random starts of its own) are points where the bounds of the worst open
+/// subproblems are least (their minimisers, Evaluation::primal). A point within the
+/// float32 rounding of the region's edge (an attack's projection onto the float32 ball)
+/// is moved into the region before it is judged.
+using Attack = std::function<torch::Tensor(int round, const torch::Tensor& starts)>;
+
+/// Which objective attack round `round` runs (certify's rounds, docs §22): round 0 the
+/// cross-check's APGD (untargeted); round r >= 1 the (r − 1)-th, cyclically, of the
+/// `aware` MoE-aware objectives followed by `targets` targeted ones (the other classes,
+/// the most likely first); `cycle` counts the passes through them (fresh random starts).
+struct AttackRound {
+  enum class Kind { untargeted, aware, targeted } kind = Kind::untargeted;
+  int64_t index = 0, cycle = 0;
+};
+AttackRound attack_round(int round, int64_t aware, int64_t targets);
 
 Outcome solve(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
               Clock::time_point deadline);

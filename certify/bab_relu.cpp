@@ -298,9 +298,11 @@ class ReluSearch : public Search {
       proven.push_back(
           torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
     std::vector<Sub> open;
+    std::vector<double> slacks(static_cast<size_t>(n));
+    std::vector<bool> is_open(static_cast<size_t>(n));
     for (int64_t c = 0; c < n; ++c) {
       auto& s = subs[static_cast<size_t>(c)];
-      s.slack = slack[c].item<double>();
+      s.slack = slacks[static_cast<size_t>(c)] = slack[c].item<double>();
       s.known.clear();
       for (const auto& t : proven) s.known.push_back(t[c].clone());
       s.possible.assign(p_.members.size(), {}), s.sure.assign(p_.members.size(), {});
@@ -312,11 +314,14 @@ class ReluSearch : public Search {
           if (sa[c][j]) s.sure[i].push_back(j);
         }
       }
-      if (s.slack > 0 || empty[c].item<bool>())
+      if (s.slack > 0 || empty[c].item<bool>()) {
         out_.verified_mass += s.mass;
-      else
+      } else {
+        is_open[static_cast<size_t>(c)] = true;
         open.push_back(std::move(s));
+      }
     }
+    check_primal(ev.primal, slacks, is_open);
     return open;
   }
 
@@ -325,7 +330,7 @@ class ReluSearch : public Search {
     const auto root = prepare(d, labels(1), true);
     Queue q;
     for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
-    while (!q.empty()) {
+    while (!q.empty() && out_.verdict != Verdict::falsified) {
       if (!round_fits() || attack_due()) break;
       if (static_cast<int64_t>(q.size()) + cfg_.batch > cfg_.max_queue) break;
       std::vector<Sub> children, stuck;

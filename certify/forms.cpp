@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 #include "moecert/error.h"
 
@@ -63,7 +64,28 @@ struct ExpertBounds {
   torch::Tensor margin;    // [n_j, K]: <= ĥ_y − ĥ_k (+inf at y)
   torch::Tensor dlo, dhi;  // [n_j, K]: ĥ_k − ĥ_y in [dlo, dhi] (probability forms)
   torch::Tensor hmax;      // [n_j]: >= max_c |ĥ_c| over the region
+  /// With the pass's BoundOptions::primal (logit forms): [n_j, *input] the minimiser of
+  /// each region's lowest row bounded here, and [n_j] that row's bound (+inf: none).
+  torch::Tensor primal, primal_low;
 };
+
+/// The minimiser of each region's lowest bounded row: rows `low` [m] of regions `region`
+/// [m] (of n), their minimisers `primal` [m, *input]. -> ([n, *input], [n] its bound).
+std::pair<torch::Tensor, torch::Tensor> lowest_primal(const torch::Tensor& low,
+                                                      const torch::Tensor& region,
+                                                      const torch::Tensor& primal, int64_t n) {
+  auto least = torch::full({n}, kInf, torch::kFloat64);
+  auto pick = torch::zeros({n}, torch::kLong);
+  const auto lc = low.to(torch::kCPU, torch::kFloat64).contiguous();
+  const auto rc = region.to(torch::kCPU, torch::kLong).contiguous();
+  auto l = lc.accessor<double, 1>();
+  auto r = rc.accessor<int64_t, 1>();
+  auto best = least.accessor<double, 1>();
+  auto at = pick.accessor<int64_t, 1>();
+  for (int64_t i = 0; i < l.size(0); ++i)
+    if (l[i] < best[r[i]]) best[r[i]] = l[i], at[r[i]] = i;
+  return {primal.index_select(0, pick.to(primal.device())), least.to(low.device())};
+}
 
 /// `routes`: the route constraints to bound with (default: the pass's own for a top-1
 /// member; none for a top-k mixture, whose rows hold on route-set regions only).
@@ -94,14 +116,21 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
     low = p.known_low[j].to(d.x.device()).index_select(0, e.rows).flatten();
     auto at = low.isneginf().nonzero().flatten();
     if (at.numel() > 0) {
-      auto s = bound_spec_rows(pass, C.reshape({n * (K - 1), K}).index_select(0, at),
-                               torch::div(at, K - 1, "floor"), rc);
-      low.index_put_({at}, p.fp32 ? s.lower - s.err32 : s.lower);
+      const auto region = torch::div(at, K - 1, "floor");
+      auto s = bound_spec_rows(pass, C.reshape({n * (K - 1), K}).index_select(0, at), region, rc);
+      auto bounded = p.fp32 ? s.lower - s.err32 : s.lower;
+      low.index_put_({at}, bounded);
+      if (s.primal.defined())
+        std::tie(e.primal, e.primal_low) = lowest_primal(bounded, region, s.primal, n);
     }
     low = low.view({n, K - 1});
   } else {
     auto s = bound_specs(pass, C, &dj, rc);
     low = p.fp32 ? s.lower - s.err32 : s.lower;
+    if (s.primal.defined() && !probs) {
+      auto region = torch::arange(n, y.options()).repeat_interleave(K - 1);
+      std::tie(e.primal, e.primal_low) = lowest_primal(low.flatten(), region, s.primal, n);
+    }
   }
   e.low = low.narrow(1, 0, K - 1);
   auto place = [&](const torch::Tensor& v, double at_label) {  // [n, K − 1] -> [n, K]
@@ -120,12 +149,14 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
 /// The logit-domain slack of every expert that can be selected:
 /// min over such j and k != y of (ĥ_j,y − ĥ_j,k lower bound) − tie allowance. [n]
 /// `margins`, `settled`: per expert, [n, K − 1], the rows' bounds and those above the tie
-/// allowance.
+/// allowance. `primal` (with BoundOptions::primal): [n, *input], the minimiser of each
+/// region's lowest row bounded here over the experts that can be selected (Evaluation::primal).
 torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
                           const torch::Tensor& possible, std::vector<torch::Tensor>& margins,
-                          std::vector<torch::Tensor>& settled) {
+                          std::vector<torch::Tensor>& settled, torch::Tensor& primal) {
   const int64_t n = d.x.size(0);
   auto slack = torch::full({n}, kInf, d.x.options());
+  auto primal_low = torch::full({n}, kInf, d.x.options());
   auto covered = torch::zeros_like(possible);
   margins.clear(), settled.clear();
   for (size_t j = 0; j < p.experts.size(); ++j) {
@@ -141,6 +172,14 @@ torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch
     auto needed = possible.select(1, static_cast<int64_t>(j)).index_select(0, e.rows);
     s = torch::where(needed, s, torch::full_like(s, kInf));
     slack.index_copy_(0, e.rows, torch::min(slack.index_select(0, e.rows), s));
+    if (e.primal.defined()) {
+      if (!primal.defined()) primal = d.x.clone();
+      auto low = torch::where(needed, e.primal_low, torch::full_like(e.primal_low, kInf));
+      auto lower = low.lt(primal_low.index_select(0, e.rows));
+      auto at = e.rows.index_select(0, lower.nonzero().flatten());
+      primal.index_copy_(0, at, e.primal.index_select(0, lower.nonzero().flatten()));
+      primal_low.index_copy_(0, at, low.index_select(0, lower.nonzero().flatten()));
+    }
   }
   // An expert the router can select here but that the pass does not cover (only if the
   // bounds at a smaller region came out looser) certifies nothing.
@@ -394,7 +433,7 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
   ev.possible = r.sel.possible;
   ev.possible_of = {r.sel.possible}, ev.sure_of = {r.sel.sure};
   if (member_form(*p.m) != Form::mixture) {
-    ev.slack = logit_slack(p, d, labels, ev.possible, ev.margins, ev.settled);
+    ev.slack = logit_slack(p, d, labels, ev.possible, ev.margins, ev.settled, ev.primal);
   } else {
     ev.slack = prob_lower(p, d, labels, r.sel, r.route_constraints()).amin(1) -
                (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);

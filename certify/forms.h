@@ -97,6 +97,11 @@ struct Evaluation {
   /// ĥ_y − ĥ_k (−inf where expert j's pass does not cover the region), and [n, K − 1]
   /// bool, those above the tie allowance. Empty for the other forms.
   std::vector<torch::Tensor> margins, settled;
+  /// Logit-domain forms bounded with BoundOptions::primal: [n, *input] float64, per
+  /// region the minimiser of its lowest margin row bounded in this evaluation (the
+  /// region's centre where none was): where the bounds place the worst point, a start for
+  /// attacks. Undefined otherwise.
+  torch::Tensor primal;
 };
 /// With `only` [n, E] bool, each region is restricted further to the points where the
 /// router selects one of those experts (the candidate form, whose pass has route

@@ -61,6 +61,59 @@ AttackFound apgd_points(const Context& ctx, const AttackSubject& subject, const 
   return found;
 }
 
+/// Branch and bound's attack round `round` on one sample's ball of radius eps (docs §22,
+/// bab::attack_round): APGD on the cross-check's loss, or with the standard suite's step
+/// budget on one of its other objectives: a MoE-aware one (route-aware per expert, per
+/// member of a dual-model) or targeted DLR towards another class (APGD-T); that one from
+/// each of `starts` too when given (the worst open subproblems' minimisers). Returns a
+/// point found, undefined when the float32 model still classifies every one correctly.
+torch::Tensor search_attack(const Context& ctx, const AttackSubject& subject,
+                            const torch::Tensor& x32, const torch::Tensor& y, double eps,
+                            uint64_t seed, int round, const torch::Tensor& starts) {
+  const auto& cfg = ctx.cfg;
+  auto fs = subject.target(AttackTarget::whole, x32);
+  std::vector<AwareObjective> aware;
+  if (subject.aware) aware = subject.aware(y);
+  torch::Tensor order;  // the other classes, the most likely first
+  {
+    torch::NoGradGuard ng;
+    auto lp = fs(x32).scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity());
+    order = std::get<1>(lp.sort(1, /*descending=*/true)).select(0, 0).narrow(0, 0, lp.size(1) - 1);
+  }
+  const auto pick = bab::attack_round(round, static_cast<int64_t>(aware.size()), order.size(0));
+  if (pick.kind == bab::AttackRound::Kind::untargeted) {
+    auto f = apgd_points(ctx, subject, x32, y, {eps}, {seed}, round + 1);
+    return f.success[0].item<bool>() ? f.x_adv : torch::Tensor();
+  }
+  // One random start, and the given ones: m rows of the same ball.
+  const int64_t m = 1 + (starts.defined() ? starts.size(0) : 0);
+  const auto xs = x32.expand({m, -1, -1, -1}).contiguous();
+  const auto ys = y.expand({m}).contiguous();
+  auto fm = subject.target(AttackTarget::whole, xs);
+  Objective objective;
+  if (pick.kind == bab::AttackRound::Kind::aware) {
+    objective = subject.aware(ys)[static_cast<size_t>(pick.index)].f;
+  } else {
+    auto target = order.narrow(0, pick.index, 1).expand({m});
+    objective = [fm, ys, target](const torch::Tensor& v) {
+      return loss_dlr_targeted(fm(v), ys, target);
+    };
+  }
+  const AttackBall ball{xs, torch::full({m}, eps, x32.options()), cfg.norm, cfg.box};
+  const uint64_t stream =
+      1000 * static_cast<uint64_t>(pick.cycle + 1) + static_cast<uint64_t>(round);
+  torch::Tensor start;
+  if (starts.defined())
+    start = torch::cat({RowSampler({seed}).start(
+                            AttackBall{x32, ball.eps.narrow(0, 0, 1), cfg.norm, cfg.box}, stream),
+                        starts.to(x32.device())});
+  auto run = attack_apgd(objective, fm, ball, ys, RowSampler(std::vector<uint64_t>(m, seed)),
+                         SuiteConfig{}.apgd_steps, stream, start);
+  torch::NoGradGuard ng;
+  auto wrong = fm(run.x_adv).argmax(1).ne(ys).nonzero().flatten().cpu();
+  return wrong.numel() > 0 ? run.x_adv.narrow(0, wrong[0].item<int64_t>(), 1) : torch::Tensor();
+}
+
 }  // namespace
 
 /// The empirical radius of each correct sample on the float32 model over the certified
@@ -193,9 +246,8 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
     // One search at eps, recorded; a counterexample lowers the empirical radius.
     auto search = [&](double eps, bool bisecting, Clock::time_point until) {
       const std::string key = eps_key(eps);
-      const bab::Attack attack = [&](int round) {
-        auto f = apgd_points(ctx, subject, x32, y, {eps}, {seed}, round + 1);
-        return f.success[0].item<bool>() ? f.x_adv : torch::Tensor();
+      const bab::Attack attack = [&](int round, const torch::Tensor& starts) {
+        return search_attack(ctx, subject, x32, y, eps, seed, round, starts);
       };
       const bab::Problem pr{members, ctx.alpha, x,       batch.labels[b].item<int64_t>(),
                             eps,     cfg.norm,  cfg.box, !cfg.exact_arithmetic};

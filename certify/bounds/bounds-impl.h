@@ -44,8 +44,14 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
 /// Lower bounds of rows over node `start`'s output by α-CROWN in `steps` steps, with
 /// β-CROWN's multipliers for a split pass's splits and for `ic` (specs.cpp; docs §11,
 /// §22). -> [R]
+/// With `primal`, also each row's minimiser (SpecBounds::primal) for the last step's rows.
 torch::Tensor alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
-                         const InputConstraints* ic, int steps);
+                         const InputConstraints* ic, int steps, torch::Tensor* primal = nullptr);
+
+/// Per row (`sample` [R] its samples), the point of the pass's region where the row's
+/// input-level form `kept.at_input` is least (SpecBounds::primal). -> [R, *input_shape]
+torch::Tensor primal_points(const BoundPass& pass, const RefinedRows& kept,
+                            const torch::Tensor& sample);
 
 /// Patch rows as dense rows over a node of `shape` [C, H, W].
 Coeffs patches_to_dense(const Coeffs& c, const Shape& shape);

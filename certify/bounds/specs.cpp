@@ -17,8 +17,37 @@ namespace moecert {
 /// input constraint D_i·x <= e_i adds β_i·(D_i·x − e_i); on the restricted region both
 /// terms are <= 0, so every β >= 0 gives a lower bound there. The β are optimised with
 /// the slopes and projected onto β >= 0.
+torch::Tensor bp::primal_points(const BoundPass& pass, const RefinedRows& kept,
+                                const torch::Tensor& sample) {
+  torch::NoGradGuard ng;
+  const auto& in = pass.graph->input_shape();
+  // The region's own box (the pass's input box is widened by the rounding allowance).
+  const auto& d = pass.domain;
+  std::vector<int64_t> per(in.size() + 1, 1);
+  per[0] = -1;
+  torch::Tensor lo, hi;
+  if (d.lower.defined()) {
+    lo = d.lower.index_select(0, sample), hi = d.upper.index_select(0, sample);
+  } else {
+    auto x = d.x.index_select(0, sample), eps = d.eps.index_select(0, sample).view(per);
+    lo = x - eps, hi = x + eps;
+    if (d.box) lo = lo.clamp_min(0.0), hi = hi.clamp_max(1.0);
+  }
+  auto centre = (lo + hi) * 0.5;
+  if (!kept.at_input.A.defined()) return centre;  // no row reached the input: constant
+  const Coeffs dense =
+      kept.at_input.patches ? bp::patches_to_dense(kept.at_input, in) : kept.at_input;
+  const auto A = dense.A.detach().view(lo.sizes());  // the rows, in order
+  if (pass.domain.norm == Norm::linf)  // each coordinate at the end its coefficient prefers
+    return torch::where(A.gt(0), lo, torch::where(A.lt(0), hi, centre));
+  // L2: x − ε·A/‖A‖ minimises A·x over the ball; the box then clamps it.
+  auto norm = A.flatten(1).norm(2, 1).clamp_min(1e-300).view(per);
+  auto x = d.x.index_select(0, sample) - d.eps.index_select(0, sample).view(per) * A / norm;
+  return d.box ? x.clamp(0.0, 1.0) : x;
+}
+
 torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
-                             const InputConstraints* ic, int steps) {
+                             const InputConstraints* ic, int steps, torch::Tensor* primal) {
   const auto& nodes = pass.graph->nodes();
   const int64_t R = rows.A.size(0);
   bp::Alphas alphas(nodes.size());
@@ -49,7 +78,13 @@ torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& row
     betas.push_back(beta_in);
   }
   auto zeros = torch::zeros({R}, rows.A.options());
-  if (params.empty() && betas.empty()) return bp::lower_rows(pass, start, rows, zeros, nullptr, -1);
+  RefinedRows kept;  // the last step's rows at the input, for `primal`
+  if (params.empty() && betas.empty()) {
+    auto low =
+        bp::lower_rows(pass, start, rows, zeros, nullptr, -1, nullptr, primal ? &kept : nullptr);
+    if (primal) *primal = primal_points(pass, kept, rows.sample);
+    return low;
+  }
   std::vector<torch::optim::OptimizerParamGroup> groups;
   if (!params.empty())
     groups.emplace_back(params, std::make_unique<torch::optim::AdamOptions>(pass.opt.alpha_lr));
@@ -70,8 +105,9 @@ torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& row
       lag.at_input = (beta_in.view(shape) * D).sum(1);
       b0 = -(beta_in * e).sum(1);
     }
-    auto low = bp::lower_rows(pass, start, rows, b0, &alphas, -1, nullptr, nullptr,
-                              betas.empty() ? nullptr : &lag);
+    auto low =
+        bp::lower_rows(pass, start, rows, b0, &alphas, -1, nullptr,
+                       primal && it >= steps ? &kept : nullptr, betas.empty() ? nullptr : &lag);
     best = best.defined() ? torch::max(best, low.detach()) : low.detach();
     if (it >= steps) break;
     opt.zero_grad();
@@ -81,6 +117,7 @@ torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& row
     for (auto& p : params) p.clamp_(0.0, 1.0);
     for (auto& p : betas) p.clamp_min_(0.0);
   }
+  if (primal) *primal = primal_points(pass, kept, rows.sample);
   return best;
 }
 
@@ -90,7 +127,7 @@ SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
   Coeffs rows;
   rows.A = C, rows.sample = sample;
   auto zeros = torch::zeros({C.size(0)}, C.options());
-  torch::Tensor low;
+  torch::Tensor low, primal;
   switch (pass.opt.method) {
     case BoundMethod::ibp:  // C·(W z + b) over the interval of z: C folded into the last layer
       low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, 1);
@@ -100,12 +137,13 @@ SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
       low = bp::lower_rows_parallel(pass, pass.graph->output(), rows, zeros, -1);
       break;
     case BoundMethod::alpha_crown:
-      low = bp::alpha_rows(pass, pass.graph->output(), rows, constraints, pass.opt.alpha_steps);
+      low = bp::alpha_rows(pass, pass.graph->output(), rows, constraints, pass.opt.alpha_steps,
+                           pass.opt.primal ? &primal : nullptr);
       break;
   }
   // float32: |C·(ĥ − h)| <= |C|·err32 of the output.
   auto err = (C.abs() * pass.nodes.back().err32.index_select(0, sample)).sum(1);
-  return {low, err};
+  return {low, err, primal};
 }
 
 SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C,
@@ -119,7 +157,7 @@ SpecBounds bound_specs(const BoundPass& pass_in, const torch::Tensor& C,
   const int64_t B = C.size(0), S = C.size(1);
   const auto rows = bp::spec_rows(C);
   auto sb = bound_spec_rows(pass, rows.A, rows.sample, constraints);
-  return {sb.lower.view({B, S}), sb.err32.view({B, S})};
+  return {sb.lower.view({B, S}), sb.err32.view({B, S}), sb.primal};
 }
 
 LinearBounds bound_linear(const BoundPass& pass, const torch::Tensor& C) {

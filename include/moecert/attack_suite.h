@@ -82,10 +82,11 @@ struct AttackFound {
 /// APGD (Croce & Hein, ICML 2020): projected steps with momentum 0.75, step size 2ε
 /// halved at checkpoints 0.22, 0.41, 0.57, … of the budget when the objective stalls,
 /// restarts from the best point. Maximises `objective`; stops a sample once `judge`
-/// misclassifies it.
+/// misclassifies it. Starts at `start` ([B, C, H, W], projected onto the ball) when
+/// given, else at the sampler's random points.
 AttackFound attack_apgd(const Objective& objective, const Judge& judge, const AttackBall& ball,
                         const torch::Tensor& y, const RowSampler& sampler, int steps,
-                        uint64_t stream);
+                        uint64_t stream, const torch::Tensor& start = {});
 
 /// Square (Andriushchenko et al., ECCV 2020): random search, no gradients. Random
 /// square patches of shrinking size, accepted when they lower the judge's margin.

@@ -68,6 +68,8 @@ struct BoundOptions {
   int64_t chunk_elements = defaults::bound_chunk_elements;  ///< row coefficients held at once
   /// Coefficients of refined units' input-level rows a pass keeps per sample for narrowing.
   int64_t keep_elements = defaults::bound_keep_elements;
+  /// α-CROWN specifications: also return each row's minimiser (SpecBounds::primal).
+  bool primal = false;
 };
 
 /// The rows that refined some units of a node, as they stood at the graph input
@@ -153,6 +155,12 @@ LinearBounds bound_linear(const BoundPass& pass, const torch::Tensor& C);
 /// bounds both C·h and C·ĥ, and err32 is 0. C: [B, S, K] -> lower, err32: [B, S]
 struct SpecBounds {
   torch::Tensor lower, err32;
+  /// With BoundOptions::primal under α-CROWN: per row (bound_specs: [B·S], sample-major)
+  /// [*input_shape] float64, a point of the region's coordinate box (L∞; L2: of the ball,
+  /// then clamped to the box) where the row's last linear lower bound A·x + b is least:
+  /// where the bound says the row is smallest, a start for attacks (branch and bound's
+  /// subproblem starts; docs §22). It may violate split or route constraints. Else undefined.
+  torch::Tensor primal;
 };
 /// With `final_domain` (each region inside the pass's), the rows are bounded over
 /// that smaller region with the pass narrowed to it (bound_narrow): a cheap bound

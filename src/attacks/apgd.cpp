@@ -41,7 +41,7 @@ torch::Tensor as_image(const torch::Tensor& v, const torch::Tensor& like) {
 
 AttackFound attack_apgd(const Objective& objective, const Judge& judge, const AttackBall& ball,
                         const torch::Tensor& y, const RowSampler& sampler, int steps,
-                        uint64_t stream) {
+                        uint64_t stream, const torch::Tensor& start) {
   const auto& x = ball.x;
   auto value_and_grad = [&](const torch::Tensor& xa) {
     auto v = xa.detach().requires_grad_(true);
@@ -61,7 +61,7 @@ AttackFound attack_apgd(const Objective& objective, const Judge& judge, const At
     return torch::where(as_image(mask, a), a, b);
   };
 
-  auto x_cur = sampler.start(ball, stream);
+  auto x_cur = start.defined() ? ball.project(start.to(x.options())) : sampler.start(ball, stream);
   auto found = misclassified(x_cur);
   auto x_found = x_cur.clone();
   if (steps <= 0 || found.all().item<bool>()) return {x_found.detach(), found};

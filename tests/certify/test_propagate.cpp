@@ -563,3 +563,47 @@ TEST_CASE("alpha-optimised intermediate bounds hold at sampled points and beat C
     CHECK((low <= truth + 1e-9 * (1 + truth.abs())).all().item<bool>());
   }
 }
+
+TEST_CASE("alpha-CROWN's row minimisers lie in the region and attain an affine graph's bound",
+          "[unit][certify][bounds]") {
+  const int64_t B = 3, S = 4, K = 5;
+  LayerGraph affine, relu;
+  for (auto* g : {&affine, &relu}) g->add(Layer::simple(Layer::Kind::flatten));
+  affine.add(Layer::dense("fc", torch::randn({K, 16}, f64), torch::randn({K}, f64)));
+  relu.add(Layer::dense("fc1", torch::randn({12, 16}, f64), torch::randn({12}, f64) * 0.5));
+  relu.add(Layer::simple(Layer::Kind::relu));
+  relu.add(Layer::dense("fc2", torch::randn({K, 12}, f64), torch::randn({K}, f64)));
+  auto x = torch::rand({B, 1, 4, 4}, f64);
+  auto C = torch::randn({B, S, K}, f64);
+  for (const auto* net : {&affine, &relu})
+    for (auto p : {Norm::linf, Norm::l2})
+      for (bool box : {true, false}) {
+        const double eps = p == Norm::linf ? 0.1 : 0.5;
+        INFO("affine=" << (net == &affine) << " p=" << norm_name(p) << " box=" << box);
+        const BoundGraph g(*net, {1, 4, 4});
+        BoundOptions opt;
+        opt.method = BoundMethod::alpha_crown, opt.alpha_steps = 3, opt.primal = true;
+        auto sb = bound_specs(bound_forward(g, {x, torch::full({B}, eps, f64), p, box}, opt), C);
+        REQUIRE(sb.primal.defined());
+        REQUIRE(sb.primal.sizes() == torch::IntArrayRef({B * S, 1, 4, 4}));
+        auto xr = x.repeat_interleave(S, 0);
+        auto off = (sb.primal - xr).flatten(1);
+        auto dist = p == Norm::linf ? off.abs().amax(1) : off.norm(2, 1);
+        CHECK((dist <= eps * (1 + 1e-9)).all().item<bool>());
+        if (box) CHECK((sb.primal.ge(0) & sb.primal.le(1)).all().item<bool>());
+        auto value = (graph_forward(*net, sb.primal) * C.reshape({B * S, K})).sum(1);
+        auto low = sb.lower.flatten();
+        CHECK((value >= low - 1e-9 * (1 + low.abs())).all().item<bool>());
+        // An affine row's bound is its least value, at the minimiser (L2 ∩ box clamps the
+        // ball's minimiser, which then need not be the least).
+        if (net == &affine && (p == Norm::linf || !box))
+          CHECK(((value - low).abs() <= 1e-7 * (1 + low.abs())).all().item<bool>());
+      }
+  // Without the option there are none.
+  const BoundGraph g(affine, {1, 4, 4});
+  BoundOptions opt;
+  opt.method = BoundMethod::alpha_crown;
+  CHECK_FALSE(
+      bound_specs(bound_forward(g, {x, torch::full({B}, 0.1, f64), Norm::linf, true}, opt), C)
+          .primal.defined());
+}
