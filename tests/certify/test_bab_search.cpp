@@ -1,0 +1,143 @@
+// Branch and bound's search around its bounds (certify/bab.h, docs/certification.md §22)
+// on the 2-D MoEs of bab_toys.h: counterexamples from attacks on the float32 ball's
+// edge and from the bounds' minimisers, the attack rounds' objectives, and the
+// accounting of every subproblem when the budget ends.
+#include <torch/torch.h>
+
+#include <catch2/catch.hpp>
+#include <cmath>
+
+#include "bab_toys.h"
+
+using namespace moecert;
+using moecert_test::f64;
+using moecert_test::Toy;
+
+TEST_CASE("an attack's point on the float32 rounding of the ball's edge is a counterexample",
+          "[unit][certify][bab]") {
+  // Attacks project onto the float32 ball, whose edge x + float(ε) can lie just outside
+  // the float64 region; the search moves such a point into the region before it judges it.
+  Toy toy(3, 3, 8, 8);
+  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  const double eps = 0.1;
+  int outside = 0, falsified = 0;
+  for (auto norm : {Norm::linf, Norm::l2})
+    for (int i = 0; i < 40; ++i) {
+      auto x = (0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64)).to(torch::kFloat).to(torch::kFloat64);
+      const auto x32 = x.to(torch::kFloat);
+      const int64_t y = toy.logits32(x32).argmax(1)[0].item<int64_t>();
+      // The float32 points at distance float(ε), rounded outwards, in 16 directions.
+      auto angle = torch::arange(16, f64) * (2 * M_PI / 16);
+      auto dir = torch::stack({angle.cos(), angle.sin()}, 1);
+      if (norm == Norm::linf) dir = dir / dir.abs().amax(1, true);
+      auto step = (dir * eps).to(torch::kFloat);
+      step = torch::nextafter(step, step.sign() * 2);  // one float32 step further out
+      auto pts = (x32.view({1, 2}) + step).view({16, 1, 1, 2});
+      auto wrong = toy.logits32(pts).argmax(1).ne(y).nonzero().flatten();
+      if (wrong.numel() == 0) continue;
+      auto adv = pts.narrow(0, wrong[0].item<int64_t>(), 1);
+      auto off = (adv.to(torch::kFloat64) - x).flatten();
+      const double dist =
+          norm == Norm::linf ? off.abs().max().item<double>() : off.norm().item<double>();
+      if (!(dist > eps)) continue;
+      ++outside;
+      bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, norm, true, true};
+      bab::Config cfg;
+      cfg.split = bab::Split::input;
+      // No time for a search: only the attack's point can decide.
+      const auto out = bab::solve(
+          p, cfg, logits, [&adv](int, const torch::Tensor&) { return adv; }, bab::Clock::now());
+      if (out.verdict != bab::Verdict::falsified) continue;
+      ++falsified;
+      CHECK(out.distance <= eps);
+      auto moved = (out.counterexample.to(torch::kFloat64) - x).flatten();
+      CHECK((norm == Norm::linf ? moved.abs().max() : moved.norm()).item<double>() <= eps);
+      CHECK(toy.logits32(out.counterexample).argmax(1)[0].item<int64_t>() != y);
+    }
+  REQUIRE(outside >= 4);
+  CHECK(falsified >= outside * 3 / 4);  // moved inwards by an ulp, nearly all stay wrong
+}
+
+TEST_CASE("ReLU branch and bound falsifies broken regions from its bounds' minimisers alone",
+          "[unit][certify][bab]") {
+  // No attack: the only counterexamples are the minimisers of the worst subproblems'
+  // bounds, checked on the float32 model every round.
+  Toy toy(3, 3, 8, 21);
+  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  const double eps = 0.25;
+  int broken = 0, falsified = 0;
+  for (int i = 0; i < 40 && broken < 12; ++i) {
+    auto x = (0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64)).to(torch::kFloat).to(torch::kFloat64);
+    const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+    const std::vector<double> lo{std::max(0.0, x[0][0][0][0].item<double>() - eps),
+                                 std::max(0.0, x[0][0][0][1].item<double>() - eps)},
+        hi{std::min(1.0, x[0][0][0][0].item<double>() + eps),
+           std::min(1.0, x[0][0][0][1].item<double>() + eps)};
+    if (!(toy.exact_margin(lo, hi, y) < -0.05)) continue;  // clearly broken regions only
+    ++broken;
+    bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
+    bab::Config cfg;
+    cfg.split = bab::Split::relu, cfg.batch = 8;
+    const auto out = bab::solve(p, cfg, logits, {}, bab::Clock::now() + std::chrono::seconds(5));
+    CHECK(out.verdict != bab::Verdict::verified);
+    if (out.verdict != bab::Verdict::falsified) continue;
+    ++falsified;
+    auto off = (out.counterexample.to(torch::kFloat64) - x).abs().max().item<double>();
+    CHECK(off <= eps);
+    CHECK(toy.logits32(out.counterexample).argmax(1)[0].item<int64_t>() != y);
+  }
+  REQUIRE(broken >= 6);
+  CHECK(falsified >= broken * 3 / 4);
+}
+
+TEST_CASE("the attack rounds visit every MoE-aware and targeted objective in turn",
+          "[unit][certify][bab]") {
+  using Kind = bab::AttackRound::Kind;
+  CHECK(bab::attack_round(0, 4, 9).kind == Kind::untargeted);
+  CHECK(bab::attack_round(3, 0, 0).kind == Kind::untargeted);  // nothing else to run
+  for (int64_t aware : {0, 1, 4}) {
+    const int64_t targets = 9, kinds = aware + targets;
+    std::vector<int> seen_aware(static_cast<size_t>(aware)),
+        seen_target(static_cast<size_t>(targets));
+    for (int r = 1; r <= 2 * kinds; ++r) {
+      const auto a = bab::attack_round(r, aware, targets);
+      REQUIRE(a.kind != Kind::untargeted);
+      CHECK(a.cycle == (r - 1) / kinds);
+      if (a.kind == Kind::aware) {
+        REQUIRE(a.index < aware);
+        ++seen_aware[static_cast<size_t>(a.index)];
+      } else {
+        REQUIRE(a.index < targets);
+        ++seen_target[static_cast<size_t>(a.index)];
+      }
+      if (r <= aware) CHECK(a.kind == Kind::aware);  // the MoE-aware ones first
+    }
+    for (int n : seen_aware) CHECK(n == 2);
+    for (int n : seen_target) CHECK(n == 2);
+    CHECK(bab::attack_round(static_cast<int>(aware) + 1, aware, targets).kind == Kind::targeted);
+  }
+}
+
+TEST_CASE("branch and bound accounts for every subproblem when its budget ends",
+          "[unit][certify][bab]") {
+  Toy toy(3, 3, 8, 8);
+  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  int unknown = 0;
+  for (auto split : {bab::Split::input, bab::Split::relu}) {
+    for (int i = 0; i < 12; ++i) {
+      auto x = 0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64);
+      const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+      bab::Problem p{{&toy.graphs}, 1.0, x, y, 0.25, Norm::linf, true, true};
+      bab::Config cfg;
+      cfg.split = split, cfg.batch = 4, cfg.max_queue = 24;  // a small queue ends it early
+      const auto out = bab::solve(p, cfg, logits, {}, bab::Clock::now() + std::chrono::seconds(5));
+      if (out.verdict == bab::Verdict::unknown) {
+        ++unknown;
+        CHECK(out.open_mass > 0);
+      }
+      CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
+      CHECK(out.bounded >= 1);
+    }
+  }
+  CHECK(unknown > 0);
+}
