@@ -81,6 +81,11 @@ struct Toy {
     return torch::relu(x.matmul(W1[j].t()) + b1[j]).matmul(W2[j].t()) + b2[j];
   }
 
+  /// The float32 model as branch and bound's Logits (holds a reference to the toy).
+  bab::Logits logits() const {
+    return [this](const torch::Tensor& v) { return logits32(v); };
+  }
+
   /// The float32 model's logits at x [n, 1, 1, 2] (float32).
   torch::Tensor logits32(const torch::Tensor& x) const {
     auto v = x.flatten(1).to(torch::kFloat);
@@ -139,6 +144,11 @@ struct Toy {
     return best;
   }
 };
+
+/// A random point of [0.2, 0.8]², held exactly in float32. [1, 1, 1, 2] float64
+inline torch::Tensor random_centre() {
+  return (0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64)).to(torch::kFloat).to(torch::kFloat64);
+}
 
 /// An attack for the toys: the float32 model at 256 seeded random points of the box.
 inline bab::Attack random_points(const bab::Logits& logits32, const bab::Problem& p) {

@@ -103,7 +103,7 @@ Tally run_exact(const Toy& toy, bab::Split split, int count, double seconds) {
   Tally t;
   bab::Config cfg;
   cfg.split = split;
-  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  const bab::Logits logits = toy.logits();
   for (int i = 0; i < count; ++i) {
     auto x = 0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64);
     const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
@@ -417,7 +417,7 @@ TEST_CASE("branch and bound splits top-2 MoEs by expert set and never verifies a
   // without route splits. The radii lie below and near the grid's robust radius, where
   // the bounds need splits.
   Toy toy(4, 3, 6, 11, /*top_k=*/2);
-  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  const bab::Logits logits = toy.logits();
   // Points near the router's boundary between the second and third expert, so that the
   // selected pair changes inside the regions (the attacks reseed: drawn first).
   torch::manual_seed(12);

@@ -18,12 +18,12 @@ TEST_CASE("an attack's point on the float32 rounding of the ball's edge is a cou
   // Attacks project onto the float32 ball, whose edge x + float(ε) can lie just outside
   // the float64 region; the search moves such a point into the region before it judges it.
   Toy toy(3, 3, 8, 8);
-  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  const bab::Logits logits = toy.logits();
   const double eps = 0.1;
   int outside = 0, falsified = 0;
   for (auto norm : {Norm::linf, Norm::l2})
     for (int i = 0; i < 40; ++i) {
-      auto x = (0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64)).to(torch::kFloat).to(torch::kFloat64);
+      auto x = moecert_test::random_centre();
       const auto x32 = x.to(torch::kFloat);
       const int64_t y = toy.logits32(x32).argmax(1)[0].item<int64_t>();
       // The float32 points at distance float(ε), rounded outwards, in 16 directions.
@@ -63,11 +63,11 @@ TEST_CASE("ReLU branch and bound falsifies broken regions from its bounds' minim
   // No attack: the only counterexamples are the minimisers of the worst subproblems'
   // bounds, checked on the float32 model every round.
   Toy toy(3, 3, 8, 21);
-  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  const bab::Logits logits = toy.logits();
   const double eps = 0.25;
   int broken = 0, falsified = 0;
   for (int i = 0; i < 40 && broken < 12; ++i) {
-    auto x = (0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64)).to(torch::kFloat).to(torch::kFloat64);
+    auto x = moecert_test::random_centre();
     const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
     const std::vector<double> lo{std::max(0.0, x[0][0][0][0].item<double>() - eps),
                                  std::max(0.0, x[0][0][0][1].item<double>() - eps)},
@@ -121,7 +121,7 @@ TEST_CASE("the attack rounds visit every MoE-aware and targeted objective in tur
 TEST_CASE("branch and bound accounts for every subproblem when its budget ends",
           "[unit][certify][bab]") {
   Toy toy(3, 3, 8, 8);
-  const bab::Logits logits = [&toy](const torch::Tensor& v) { return toy.logits32(v); };
+  const bab::Logits logits = toy.logits();
   int unknown = 0;
   for (auto split : {bab::Split::input, bab::Split::relu}) {
     for (int i = 0; i < 12; ++i) {
