@@ -33,7 +33,6 @@ Search::Search(const Problem& p, const Config& cfg, const Logits& logits, const 
   opt_.method = BoundMethod::alpha_crown;
   opt_.alpha_steps = cfg.alpha_steps;
   opt_.fp32 = fp32;
-  opt_.primal = true;
 }
 
 Outcome Search::run() {

@@ -62,6 +62,7 @@ class ReluSearch : public Search {
              Clock::time_point deadline)
       // ReLU splits read per-node float32 errors (bound_split).
       : Search(p, cfg, logits, attack, deadline, Float32Errors::per_node) {
+    opt_.primal = true;  // the worst subproblems' minimisers (check_primal)
     for (const auto* m : p.members) {
       std::vector<std::vector<int>> per;
       per.push_back(m->router ? split_nodes(*m->router) : std::vector<int>{});

@@ -175,10 +175,10 @@ torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch
     if (e.primal.defined()) {
       if (!primal.defined()) primal = d.x.clone();
       auto low = torch::where(needed, e.primal_low, torch::full_like(e.primal_low, kInf));
-      auto lower = low.lt(primal_low.index_select(0, e.rows));
-      auto at = e.rows.index_select(0, lower.nonzero().flatten());
-      primal.index_copy_(0, at, e.primal.index_select(0, lower.nonzero().flatten()));
-      primal_low.index_copy_(0, at, low.index_select(0, lower.nonzero().flatten()));
+      auto lower = low.lt(primal_low.index_select(0, e.rows)).nonzero().flatten();
+      auto at = e.rows.index_select(0, lower);
+      primal.index_copy_(0, at, e.primal.index_select(0, lower));
+      primal_low.index_copy_(0, at, low.index_select(0, lower));
     }
   }
   // An expert the router can select here but that the pass does not cover (only if the

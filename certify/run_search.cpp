@@ -71,13 +71,18 @@ torch::Tensor search_attack(const Context& ctx, const AttackSubject& subject,
                             const torch::Tensor& x32, const torch::Tensor& y, double eps,
                             uint64_t seed, int round, const torch::Tensor& starts) {
   const auto& cfg = ctx.cfg;
-  auto fs = subject.target(AttackTarget::whole, x32);
+  // One random start, and the given ones: m rows of the same ball.
+  const int64_t m = 1 + (starts.defined() ? starts.size(0) : 0);
+  const auto xs = x32.expand({m, -1, -1, -1}).contiguous();
+  const auto ys = y.expand({m}).contiguous();
+  auto fm = subject.target(AttackTarget::whole, xs);
   std::vector<AwareObjective> aware;
-  if (subject.aware) aware = subject.aware(y);
+  if (subject.aware) aware = subject.aware(ys);
   torch::Tensor order;  // the other classes, the most likely first
   {
     torch::NoGradGuard ng;
-    auto lp = fs(x32).scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity());
+    auto lp =
+        fm(xs).narrow(0, 0, 1).scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity());
     order = std::get<1>(lp.sort(1, /*descending=*/true)).select(0, 0).narrow(0, 0, lp.size(1) - 1);
   }
   const auto pick = bab::attack_round(round, static_cast<int64_t>(aware.size()), order.size(0));
@@ -85,14 +90,9 @@ torch::Tensor search_attack(const Context& ctx, const AttackSubject& subject,
     auto f = apgd_points(ctx, subject, x32, y, {eps}, {seed}, round + 1);
     return f.success[0].item<bool>() ? f.x_adv : torch::Tensor();
   }
-  // One random start, and the given ones: m rows of the same ball.
-  const int64_t m = 1 + (starts.defined() ? starts.size(0) : 0);
-  const auto xs = x32.expand({m, -1, -1, -1}).contiguous();
-  const auto ys = y.expand({m}).contiguous();
-  auto fm = subject.target(AttackTarget::whole, xs);
   Objective objective;
   if (pick.kind == bab::AttackRound::Kind::aware) {
-    objective = subject.aware(ys)[static_cast<size_t>(pick.index)].f;
+    objective = aware[static_cast<size_t>(pick.index)].f;
   } else {
     auto target = order.narrow(0, pick.index, 1).expand({m});
     objective = [fm, ys, target](const torch::Tensor& v) {

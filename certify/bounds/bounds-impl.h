@@ -64,7 +64,11 @@ torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs
 /// += the magnitudes of that sum (box for L∞; ball, with the box by duality, for L2).
 void concretise_input(const Coeffs& c, const BoundPass& pass, torch::Tensor& b, torch::Tensor& mag);
 
-/// The coordinate box of a region: [x − ε, x + ε] (∩ [0, 1]), outward-rounded.
+/// The ends of a region's coordinate box, exactly: [x − ε, x + ε] (∩ [0, 1]), or the
+/// domain's [lower, upper]. [B, C, H, W] each
+std::pair<torch::Tensor, torch::Tensor> region_ends(const InputDomain& d);
+
+/// The coordinate box of a region (region_ends), outward-rounded.
 NodeBounds region_box(const InputDomain& d);
 
 /// Rows Σ_k C[b, s, k] h_k at the output node, dense. C: [B, S, K]

@@ -16,20 +16,26 @@ using bp::rho;
 
 }  // namespace
 
+std::pair<torch::Tensor, torch::Tensor> bp::region_ends(const InputDomain& d) {
+  if (d.lower.defined()) return {d.lower, d.upper};
+  auto eps = d.eps.view({-1, 1, 1, 1});
+  auto lo = d.x - eps, hi = d.x + eps;
+  if (d.box) lo = lo.clamp_min(0.0), hi = hi.clamp_max(1.0);
+  return {lo, hi};
+}
+
 NodeBounds bp::region_box(const InputDomain& d) {
+  auto [lo, hi] = region_ends(d);
+  NodeBounds in{{}, {}, {}, torch::zeros_like(lo)};
   if (d.lower.defined()) {
     // A given box: widened by the rounding allowance ρ·|·| like the ball's.
-    NodeBounds in{d.lower - rho * d.lower.abs(),
-                  d.upper + rho * d.upper.abs(),
-                  {},
-                  torch::zeros_like(d.lower)};
-    in.mag = torch::max(in.lo.abs(), in.hi.abs());
-    return in;
+    in.lo = lo - rho * lo.abs(), in.hi = hi + rho * hi.abs();
+  } else {
+    // ρ·(|x| + ε) outwards, then into the box again (a clamped end stays where it was).
+    auto m = d.x.abs() + d.eps.view({-1, 1, 1, 1});
+    in.lo = lo - rho * m, in.hi = hi + rho * m;
+    if (d.box) in.lo = in.lo.clamp_min(0.0), in.hi = in.hi.clamp_max(1.0);
   }
-  auto eps = d.eps.view({-1, 1, 1, 1});
-  auto m = d.x.abs() + eps;
-  NodeBounds in{d.x - eps - rho * m, d.x + eps + rho * m, {}, torch::zeros_like(d.x)};
-  if (d.box) in.lo = in.lo.clamp_min(0.0), in.hi = in.hi.clamp_max(1.0);
   in.mag = torch::max(in.lo.abs(), in.hi.abs());
   return in;
 }

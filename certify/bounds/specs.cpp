@@ -17,35 +17,6 @@ namespace moecert {
 /// input constraint D_i·x <= e_i adds β_i·(D_i·x − e_i); on the restricted region both
 /// terms are <= 0, so every β >= 0 gives a lower bound there. The β are optimised with
 /// the slopes and projected onto β >= 0.
-torch::Tensor bp::primal_points(const BoundPass& pass, const RefinedRows& kept,
-                                const torch::Tensor& sample) {
-  torch::NoGradGuard ng;
-  const auto& in = pass.graph->input_shape();
-  // The region's own box (the pass's input box is widened by the rounding allowance).
-  const auto& d = pass.domain;
-  std::vector<int64_t> per(in.size() + 1, 1);
-  per[0] = -1;
-  torch::Tensor lo, hi;
-  if (d.lower.defined()) {
-    lo = d.lower.index_select(0, sample), hi = d.upper.index_select(0, sample);
-  } else {
-    auto x = d.x.index_select(0, sample), eps = d.eps.index_select(0, sample).view(per);
-    lo = x - eps, hi = x + eps;
-    if (d.box) lo = lo.clamp_min(0.0), hi = hi.clamp_max(1.0);
-  }
-  auto centre = (lo + hi) * 0.5;
-  if (!kept.at_input.A.defined()) return centre;  // no row reached the input: constant
-  const Coeffs dense =
-      kept.at_input.patches ? bp::patches_to_dense(kept.at_input, in) : kept.at_input;
-  const auto A = dense.A.detach().view(lo.sizes());  // the rows, in order
-  if (pass.domain.norm == Norm::linf)  // each coordinate at the end its coefficient prefers
-    return torch::where(A.gt(0), lo, torch::where(A.lt(0), hi, centre));
-  // L2: x − ε·A/‖A‖ minimises A·x over the ball; the box then clamps it.
-  auto norm = A.flatten(1).norm(2, 1).clamp_min(1e-300).view(per);
-  auto x = d.x.index_select(0, sample) - d.eps.index_select(0, sample).view(per) * A / norm;
-  return d.box ? x.clamp(0.0, 1.0) : x;
-}
-
 torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
                              const InputConstraints* ic, int steps, torch::Tensor* primal) {
   const auto& nodes = pass.graph->nodes();
@@ -119,6 +90,30 @@ torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& row
   }
   if (primal) *primal = primal_points(pass, kept, rows.sample);
   return best;
+}
+
+/// Each row's minimiser over its sample's region (SpecBounds::primal, bounds-impl.h).
+torch::Tensor bp::primal_points(const BoundPass& pass, const RefinedRows& kept,
+                                const torch::Tensor& sample) {
+  torch::NoGradGuard ng;
+  const auto& in = pass.graph->input_shape();
+  // The region's own box (the pass's input box is widened by the rounding allowance).
+  const auto& d = pass.domain;
+  auto [lo_all, hi_all] = bp::region_ends(d);
+  auto lo = lo_all.index_select(0, sample), hi = hi_all.index_select(0, sample);
+  auto centre = (lo + hi) * 0.5;
+  if (!kept.at_input.A.defined()) return centre;  // no row reached the input: constant
+  const Coeffs dense =
+      kept.at_input.patches ? bp::patches_to_dense(kept.at_input, in) : kept.at_input;
+  const auto A = dense.A.detach().view(lo.sizes());  // the rows, in order
+  if (d.norm == Norm::linf)  // each coordinate at the end its coefficient prefers
+    return torch::where(A.gt(0), lo, torch::where(A.lt(0), hi, centre));
+  // L2: x − ε·A/‖A‖ minimises A·x over the ball; the box then clamps it.
+  std::vector<int64_t> per(in.size() + 1, 1);
+  per[0] = -1;
+  auto norm = A.flatten(1).norm(2, 1).clamp_min(1e-300).view(per);
+  auto x = d.x.index_select(0, sample) - d.eps.index_select(0, sample).view(per) * A / norm;
+  return d.box ? x.clamp(0.0, 1.0) : x;
 }
 
 SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
