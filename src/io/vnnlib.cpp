@@ -1,5 +1,6 @@
-// VNN-LIB property parser and VNN-COMP results writer (the language is in vnnlib.h).
-// One pass over the text: a lexer yields tokens with their line numbers, and an explicit
+// VNN-LIB property parser (the language is in vnnlib.h; the VNN-COMP results writer is
+// vnnlib_result.cpp). One pass over the text: a lexer (vnnlib_lex.cpp, with the linear
+// terms, names and numbers) yields tokens with their line numbers, and an explicit
 // stack of open parentheses (at most vnnlib_max_depth, no recursion) folds each operand
 // into its operator as soon as it is complete: arithmetic into a linear term, logic
 // into a formula already in disjunctive normal form (DNF). The asserts are multiplied
@@ -8,7 +9,6 @@
 #include "moecert/vnnlib.h"
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -20,210 +20,15 @@
 #include <system_error>
 
 #include "moecert/error.h"
+#include "vnnlib-impl.h"
 
 namespace moecert {
 namespace {
 
+using namespace vnnlib_impl;
 using std::string_view;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-// --- variables and linear terms ------------------------------------------------------
-
-/// A variable as one integer: 2·index for the input X_index, 2·index + 1 for Y_index.
-using VarId = int64_t;
-inline bool is_output(VarId v) { return (v & 1) != 0; }
-inline int64_t var_index(VarId v) { return v >> 1; }
-inline std::string var_name(VarId v) {
-  return (is_output(v) ? "Y_" : "X_") + std::to_string(var_index(v));
-}
-
-/// Σ coef·var + c. `terms` may name a variable twice until normalise() merges them.
-struct Term {
-  std::vector<std::pair<VarId, double>> terms;
-  double c = 0;
-};
-
-/// Sorts by variable, adds up repeated variables and drops zero coefficients.
-void normalise(Term& t) {
-  auto& v = t.terms;
-  std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  size_t out = 0;
-  for (size_t i = 0; i < v.size();) {
-    double sum = 0;
-    const VarId var = v[i].first;
-    for (; i < v.size() && v[i].first == var; ++i) sum += v[i].second;
-    if (sum != 0) v[out++] = {var, sum};
-  }
-  v.resize(out);
-}
-
-void add_into(Term& acc, const Term& t, double sign) {
-  for (const auto& [var, coef] : t.terms) acc.terms.emplace_back(var, sign * coef);
-  acc.c += sign * t.c;
-}
-
-void scale(Term& t, double k) {
-  for (auto& term : t.terms) term.second *= k;
-  t.c *= k;
-}
-
-/// A comparison normalised to Σ coef·var <= rhs (terms as normalise() leaves them).
-struct Atom {
-  std::vector<std::pair<VarId, double>> terms;
-  double rhs = 0;
-  int64_t line = 0;
-};
-
-/// A formula in DNF: an or of clauses, each an and of atoms (indices into the atoms).
-using Clause = std::vector<int32_t>;
-struct Dnf {
-  std::vector<Clause> clauses;
-  int64_t literals = 0;  ///< atom references over all clauses
-};
-
-// --- lexer ---------------------------------------------------------------------------
-
-enum class Tok { open, close, atom, end };
-
-struct Token {
-  Tok kind = Tok::end;
-  string_view text;
-  int64_t line = 1;
-};
-
-inline bool is_space(char ch) {
-  return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\f' || ch == '\v';
-}
-
-/// Splits text into '(', ')' and atoms (maximal runs of other non-space characters),
-/// dropping whitespace and ';' comments and counting lines.
-class Lexer {
- public:
-  explicit Lexer(string_view text) : text_(text) {}
-  Token next();
-  int64_t line() const { return line_; }
-
- private:
-  string_view text_;
-  size_t pos_ = 0;
-  int64_t line_ = 1;
-};
-
-Token Lexer::next() {
-  while (pos_ < text_.size()) {
-    const char ch = text_[pos_];
-    if (ch == '\n') {
-      ++line_, ++pos_;
-    } else if (ch == ';') {
-      const size_t eol = text_.find('\n', pos_);
-      pos_ = eol == string_view::npos ? text_.size() : eol;
-    } else if (is_space(ch)) {
-      ++pos_;
-    } else {
-      break;
-    }
-  }
-  if (pos_ == text_.size()) return {Tok::end, {}, line_};
-  const size_t start = pos_;
-  const char ch = text_[pos_];
-  if (ch == '(' || ch == ')') {
-    ++pos_;
-    return {ch == '(' ? Tok::open : Tok::close, text_.substr(start, 1), line_};
-  }
-  while (pos_ < text_.size()) {
-    const char c = text_[pos_];
-    if (c == '(' || c == ')' || c == ';' || c == '\n' || is_space(c)) break;
-    ++pos_;
-  }
-  return {Tok::atom, text_.substr(start, pos_ - start), line_};
-}
-
-/// A token as messages show it: quoted, cut at 64 characters.
-std::string quote(string_view text) {
-  if (text.size() > 64) return "'" + std::string(text.substr(0, 64)) + "...'";
-  return "'" + std::string(text) + "'";
-}
-
-std::string describe(const Token& t) {
-  return t.kind == Tok::end ? std::string("the end of the file") : quote(t.text);
-}
-
-// --- names and numbers ---------------------------------------------------------------
-
-/// X_<i> or Y_<i>, i without leading zeros; `index` is capped at vnnlib_max_variables.
-struct VarName {
-  bool ok = false, output = false;
-  int64_t index = 0;
-};
-
-VarName parse_var_name(string_view s) {
-  VarName v;
-  if (s.size() < 3 || (s[0] != 'X' && s[0] != 'Y') || s[1] != '_') return v;
-  const string_view digits = s.substr(2);
-  if (digits.size() > 1 && digits[0] == '0') return v;
-  for (char ch : digits) {
-    if (ch < '0' || ch > '9') return v;
-    v.index = std::min(v.index * 10 + (ch - '0'), vnnlib_max_variables);
-  }
-  v.ok = true, v.output = s[0] == 'Y';
-  return v;
-}
-
-inline bool is_digit(char ch) { return ch >= '0' && ch <= '9'; }
-
-/// Whether an atom is meant as a number: a digit or '.' first, after an optional sign.
-bool looks_numeric(string_view s) {
-  size_t i = (!s.empty() && (s[0] == '-' || s[0] == '+')) ? 1 : 0;
-  return i < s.size() && (is_digit(s[i]) || s[i] == '.');
-}
-
-/// Whether an atom spells a non-finite number ("inf", "-Infinity", "NaN", ...).
-bool is_non_finite_word(string_view s) {
-  if (!s.empty() && (s[0] == '-' || s[0] == '+')) s.remove_prefix(1);
-  std::string lower(s);
-  for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  return lower == "inf" || lower == "infinity" || lower == "nan";
-}
-
-/// Whether s (no sign) is digits[.digits] or .digits, then optionally [eE][+-]digits.
-bool is_decimal(string_view s) {
-  size_t i = 0, mantissa_digits = 0;
-  for (; i < s.size() && is_digit(s[i]); ++i) ++mantissa_digits;
-  if (i < s.size() && s[i] == '.') {
-    for (++i; i < s.size() && is_digit(s[i]); ++i) ++mantissa_digits;
-  }
-  if (mantissa_digits == 0) return false;
-  if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
-    ++i;
-    if (i < s.size() && (s[i] == '+' || s[i] == '-')) ++i;
-    const size_t exponent_start = i;
-    while (i < s.size() && is_digit(s[i])) ++i;
-    if (i == exponent_start) return false;
-  }
-  return i == s.size();
-}
-
-/// Decimal exponent of the first significant digit of a valid unsigned decimal
-/// ("123" -> 2, "0.00123" -> -3, "5e7" -> 7); tells overflow from underflow.
-int64_t leading_exponent(string_view s) {
-  const size_t e = s.find_first_of("eE");
-  int64_t exponent = 0;
-  if (e != string_view::npos) {
-    size_t i = e + 1;
-    const bool negative = s[i] == '-';
-    if (s[i] == '-' || s[i] == '+') ++i;
-    for (; i < s.size(); ++i) exponent = std::min<int64_t>(exponent * 10 + (s[i] - '0'), 1 << 30);
-    if (negative) exponent = -exponent;
-  }
-  const string_view mantissa = s.substr(0, e);
-  const size_t point = std::min(mantissa.find('.'), mantissa.size());
-  const size_t first = mantissa.find_first_of("123456789");
-  if (first == string_view::npos) return std::numeric_limits<int32_t>::min();  // zero
-  const int64_t place = first < point ? static_cast<int64_t>(point - first) - 1
-                                      : -static_cast<int64_t>(first - point);
-  return place + exponent;
-}
 
 // --- the parser ----------------------------------------------------------------------
 
@@ -639,19 +444,6 @@ bool Parser::make_case(const Clause& clause, int64_t k, std::vector<int64_t>& se
   return true;
 }
 
-/// "(X_3 0.25)": one entry of a counterexample, 17 significant digits.
-void append_entry(std::string& out, const char* prefix, size_t index, double value) {
-  if (!std::isfinite(value))
-    throw NumericError::non_finite("counterexample", prefix + std::to_string(index));
-  char digits[40];
-  const auto [end, ec] =
-      std::to_chars(digits, digits + sizeof digits, value, std::chars_format::general, 17);
-  out += out.back() == '(' ? "(" : "\n (";
-  out += prefix + std::to_string(index) + " ";
-  out.append(digits, end);
-  out += ')';
-}
-
 }  // namespace
 
 VnnProperty vnnlib_parse_text(const std::string& text, const std::string& name) {
@@ -678,53 +470,6 @@ VnnProperty vnnlib_parse(const std::string& path) {
   if (static_cast<uintmax_t>(in.gcount()) != size)
     throw DataError::truncated(path, static_cast<int64_t>(size), in.gcount());
   return vnnlib_parse_text(text, path);
-}
-
-bool vnnlib_case_satisfied(const VnnCase& c, const std::vector<double>& x,
-                           const std::vector<double>& y, double tol) {
-  const size_t n = c.box.lower.size();
-  if (x.size() != n)
-    throw ShapeError::unexpected("vnnlib_case_satisfied: x", "[" + std::to_string(n) + "]",
-                                 {static_cast<int64_t>(x.size())});
-  int64_t outputs = 0;
-  for (const VnnConstraint& con : c.constraints) {
-    for (const auto& term : con.y_terms) outputs = std::max(outputs, term.first + 1);
-  }
-  if (static_cast<int64_t>(y.size()) < outputs)
-    throw ShapeError::unexpected("vnnlib_case_satisfied: y",
-                                 "[" + std::to_string(outputs) + " or more]",
-                                 {static_cast<int64_t>(y.size())});
-  for (size_t i = 0; i < n; ++i) {
-    if (!(x[i] >= c.box.lower[i] - tol && x[i] <= c.box.upper[i] + tol)) return false;
-  }
-  for (const VnnConstraint& con : c.constraints) {
-    double lhs = 0;
-    for (const auto& [j, a] : con.y_terms) lhs += a * y[j];
-    for (const auto& [i, b] : con.x_terms) lhs += b * x[i];
-    if (!(lhs <= con.rhs + tol)) return false;
-  }
-  return true;
-}
-
-std::string vnnlib_result_text(VnnResult r, const std::vector<double>& x,
-                               const std::vector<double>& y) {
-  switch (r) {
-    case VnnResult::holds:
-      return "unsat\n";
-    case VnnResult::unknown:
-      return "unknown\n";
-    case VnnResult::timeout:
-      return "timeout\n";
-    case VnnResult::violated:
-      break;
-  }
-  if (x.empty() || y.empty())
-    throw Error(ExitCode::internal,
-                "vnnlib_result_text: a violated property needs its counterexample (x and y)");
-  std::string out = "sat\n(";
-  for (size_t i = 0; i < x.size(); ++i) append_entry(out, "X_", i, x[i]);
-  for (size_t j = 0; j < y.size(); ++j) append_entry(out, "Y_", j, y[j]);
-  return out + ")\n";
 }
 
 }  // namespace moecert
