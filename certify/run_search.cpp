@@ -81,8 +81,7 @@ torch::Tensor search_attack(const Context& ctx, const AttackSubject& subject,
   torch::Tensor order;  // the other classes, the most likely first
   {
     torch::NoGradGuard ng;
-    auto lp =
-        fm(xs).narrow(0, 0, 1).scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity());
+    auto lp = fm(x32).scatter(1, y.unsqueeze(1), -std::numeric_limits<float>::infinity());
     order = std::get<1>(lp.sort(1, /*descending=*/true)).select(0, 0).narrow(0, 0, lp.size(1) - 1);
   }
   const auto pick = bab::attack_round(round, static_cast<int64_t>(aware.size()), order.size(0));
