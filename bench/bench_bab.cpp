@@ -34,6 +34,12 @@ int main(int argc, char** argv) {
   app.add_option("--bab-intermediate-steps", intermediate_steps,
                  "alpha-CROWN steps on the root's intermediate bounds (0: CROWN's)")
       ->capture_default_str();
+  bool cold = false;
+  int64_t fsb = CertifyConfig{}.bab_fsb;
+  app.add_option("--bab-fsb", fsb, "candidate units bounded before each ReLU split (0: off)")
+      ->capture_default_str();
+  app.add_flag("--bab-cold-start", cold,
+               "start every subproblem from CROWN's slopes, not its parent's tuned ones");
   CLI11_PARSE(app, argc, argv);
   threads = runtime_threads(threads);
   torch::manual_seed(0);
@@ -57,7 +63,8 @@ int main(int argc, char** argv) {
   cfg.estimators = {Estimator::alpha_crown, Estimator::bab};
   cfg.eps_grid = EpsGrid::parse(grid);
   cfg.bab_timeout = timeout, cfg.bab_batch = batch;
-  cfg.bab_intermediate_steps = intermediate_steps;
+  cfg.bab_intermediate_steps = intermediate_steps, cfg.bab_warm_start = !cold;
+  cfg.bab_fsb = fsb;
   cfg.attack.steps = 20;
   auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
   int64_t subproblems = 0;
@@ -99,6 +106,8 @@ int main(int argc, char** argv) {
                       {"timeout_per_sample", timeout},
                       {"batch", batch},
                       {"intermediate_steps", intermediate_steps},
+                      {"warm_start", !cold},
+                      {"fsb", fsb},
                       {"subproblems", subproblems},
                       {"route_splits", route_splits},
                       {"search_seconds", seconds},

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <limits>
+#include <memory>
 #include <queue>
 #include <utility>
 #include <vector>
@@ -21,6 +22,14 @@ struct SplitAt {
   int member = 0, graph = 0, node = 0;
   int64_t unit = 0;
   double sign = 0;
+};
+
+/// The α-CROWN parameters a region's margin rows were last tuned to (docs §22), per
+/// expert: RowParams of its rows and their margin indices k (in other_classes order).
+/// A parent's are its children's warm start (shared by them).
+struct Tuned {
+  std::vector<RowParams> params;
+  std::vector<std::vector<int64_t>> k;
 };
 
 /// A subproblem: the region restricted by ReLU splits and routes (ReLU mode) or a piece
@@ -42,6 +51,7 @@ struct Sub {
   /// Logit-domain forms, per expert: [K − 1] float64 CPU, the margin bounds proven above
   /// the tie allowance on a region containing this one (−inf: not proven). Empty: none.
   std::vector<torch::Tensor> known;
+  std::shared_ptr<const Tuned> warm;  ///< ReLU mode: the warm start (null: CROWN's slopes)
 };
 struct Worse {  // the lowest slack on top
   bool operator()(const Sub& a, const Sub& b) const { return a.slack > b.slack; }

@@ -32,7 +32,15 @@ struct Config {
   int intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
   double attack_interval = 2.0;  ///< seconds of branching between two attack rounds
   bool route_splits = true;      ///< split by each member router's selection (top-1, top-k mixture)
-  std::string progress;          ///< when not empty: the label of a progress line every 5 s
+  /// ReLU splits: children start their α-β optimisation from their parent's tuned
+  /// parameters (β-CROWN's warm start); false: from CROWN's slopes and zero multipliers.
+  bool warm_start = true;
+  int64_t warm_bytes = int64_t{1} << 30;  ///< the warm starts held at most (then cold)
+  /// ReLU splits: the candidate units whose children are bounded before a split is
+  /// chosen (filtered smart branching; <= 1: the first-order score alone), taken from
+  /// the best `fsb_per_node` of every split node.
+  int64_t fsb_candidates = 0, fsb_per_node = 4;
+  std::string progress;  ///< when not empty: the label of a progress line every 5 s
 };
 
 enum class Verdict { verified, falsified, unknown };
@@ -48,6 +56,7 @@ struct Outcome {
   int64_t bounded = 0;  ///< subproblems bounded (the root included)
   int64_t rounds = 0;
   int64_t route_splits = 0;  ///< subproblems split by route
+  int64_t screened = 0;      ///< candidate children bounded to choose splits (fsb)
   double verified_mass = 0, open_mass = 0;
   double seconds = 0;
   bool exhausted = false;  ///< some open subproblem had nothing left to split

@@ -56,6 +56,59 @@ torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_
   return out;
 }
 
+/// The bank of several RowParams (rows stacked in order); a tensor some of them lack is
+/// zero on their rows (zero multipliers; slopes of 0, sound like any other).
+RowParams stack(const std::vector<const RowParams*>& parts) {
+  RowParams out;
+  if (parts.empty()) return out;
+  auto cat = [&](const std::function<torch::Tensor(const RowParams&)>& get) {
+    torch::Tensor like;
+    for (const auto* q : parts)
+      if (get(*q).defined()) {
+        like = get(*q);
+        break;
+      }
+    if (!like.defined()) return torch::Tensor();
+    std::vector<torch::Tensor> ts;
+    for (const auto* q : parts) {
+      auto t = get(*q);
+      if (!t.defined()) {
+        auto shape = like.sizes().vec();
+        shape[0] = q->has.size(0);
+        t = torch::zeros(shape, like.options());
+      }
+      ts.push_back(t);
+    }
+    return torch::cat(ts);
+  };
+  size_t na = 0, nb = 0;
+  for (const auto* q : parts) na = std::max(na, q->alpha.size()), nb = std::max(nb, q->beta.size());
+  for (size_t m = 0; m < na; ++m)
+    out.alpha.push_back(
+        cat([m](const RowParams& q) { return m < q.alpha.size() ? q.alpha[m] : torch::Tensor(); }));
+  for (size_t m = 0; m < nb; ++m)
+    out.beta.push_back(
+        cat([m](const RowParams& q) { return m < q.beta.size() ? q.beta[m] : torch::Tensor(); }));
+  out.beta_in = cat([](const RowParams& q) { return q.beta_in; });
+  out.has = cat([](const RowParams& q) { return q.has; });
+  return out;
+}
+
+/// Rows `idx` [r] of RowParams, copied (not views of the batch's tensors). Bytes in `bytes`.
+RowParams take_rows(const RowParams& q, const torch::Tensor& idx, int64_t& bytes) {
+  auto take = [&](const torch::Tensor& t) {
+    if (!t.defined()) return torch::Tensor();
+    auto r = t.index_select(0, idx.to(t.device()));
+    bytes += r.numel() * static_cast<int64_t>(r.element_size());
+    return r;
+  };
+  RowParams out;
+  for (const auto& t : q.alpha) out.alpha.push_back(take(t));
+  for (const auto& t : q.beta) out.beta.push_back(take(t));
+  out.beta_in = take(q.beta_in), out.has = take(q.has);
+  return out;
+}
+
 class ReluSearch : public Search {
  public:
   ReluSearch(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
@@ -73,6 +126,76 @@ class ReluSearch : public Search {
 
  private:
   std::vector<std::vector<std::vector<int>>> candidates_;  // [member][graph] split nodes
+  int64_t warm_bytes_ = 0;                                 // held by the live warm starts
+
+  /// Whether subproblems carry warm starts: ReLU splits of a member in a logit-domain
+  /// form (the margin rows a parent tuned are its children's).
+  bool warm() const {
+    return cfg_.warm_start && p_.members.size() == 1 &&
+           forms::member_form(*p_.members[0]) != forms::Form::mixture;
+  }
+
+  /// Member 0's warm starts for `subs` (MemberPass::warm, warm_slot): their parents'
+  /// tuned parameters, one bank row per distinct parent row.
+  void set_warm(forms::MemberPass& pass, const std::vector<Sub>& subs) const {
+    const int64_t n = static_cast<int64_t>(subs.size());
+    const int64_t K1 = p_.members[0]->classes - 1;
+    for (size_t j = 0; j < pass.experts.size(); ++j) {
+      std::vector<const RowParams*> parts;
+      std::map<const Tuned*, int64_t> offset;
+      int64_t rows = 0;
+      auto slot = torch::full({n, K1}, int64_t{-1}, torch::kLong);
+      auto sa = slot.accessor<int64_t, 2>();
+      for (int64_t c = 0; c < n; ++c) {
+        const Tuned* t = subs[static_cast<size_t>(c)].warm.get();
+        if (!t || j >= t->params.size() || !t->params[j].has.defined()) continue;
+        auto [it, fresh] = offset.emplace(t, rows);
+        if (fresh) parts.push_back(&t->params[j]), rows += t->params[j].has.size(0);
+        for (size_t r = 0; r < t->k[j].size(); ++r)
+          sa[c][t->k[j][r]] = it->second + static_cast<int64_t>(r);
+      }
+      pass.warm.push_back(stack(parts));
+      pass.warm_slot.push_back(slot.to(p_.x.device()));
+    }
+  }
+
+  /// Each subproblem's tuned parameters from its evaluation (Evaluation::tuned), kept as
+  /// its warm start while the held bytes stay within Config::warm_bytes.
+  void keep_tuned(const forms::Evaluation& ev, std::vector<Sub>& subs) {
+    const int64_t n = static_cast<int64_t>(subs.size());
+    const int64_t K1 = p_.members[0]->classes - 1;
+    std::vector<std::shared_ptr<Tuned>> made(static_cast<size_t>(n));
+    std::vector<int64_t> bytes(static_cast<size_t>(n), 0);
+    for (size_t j = 0; j < ev.tuned.size(); ++j) {
+      if (!ev.tuned[j].has.defined()) continue;
+      auto keys = ev.tuned_keys[j].cpu();
+      const auto ka = keys.accessor<int64_t, 1>();
+      std::vector<std::vector<int64_t>> at(static_cast<size_t>(n));
+      for (int64_t r = 0; r < keys.size(0); ++r) at[static_cast<size_t>(ka[r] / K1)].push_back(r);
+      for (int64_t c = 0; c < n; ++c) {
+        const auto& rows = at[static_cast<size_t>(c)];
+        if (rows.empty()) continue;
+        auto& t = made[static_cast<size_t>(c)];
+        if (!t) t = std::make_shared<Tuned>();
+        t->params.resize(ev.tuned.size()), t->k.resize(ev.tuned.size());
+        t->params[j] = take_rows(ev.tuned[j], torch::tensor(rows, torch::kLong),
+                                 bytes[static_cast<size_t>(c)]);
+        for (int64_t r : rows) t->k[j].push_back(ka[r] % K1);
+      }
+    }
+    for (int64_t c = 0; c < n; ++c) {
+      auto& s = subs[static_cast<size_t>(c)];
+      s.warm.reset();
+      const int64_t b = bytes[static_cast<size_t>(c)];
+      if (!made[static_cast<size_t>(c)] || warm_bytes_ + b > cfg_.warm_bytes) continue;
+      warm_bytes_ += b;
+      Tuned* raw = new Tuned(std::move(*made[static_cast<size_t>(c)]));
+      s.warm = std::shared_ptr<const Tuned>(raw, [this, b](const Tuned* t) {
+        warm_bytes_ -= b;
+        delete t;
+      });
+    }
+  }
 
   InputDomain ball() const {
     const auto o = p_.x.options();
@@ -156,9 +279,11 @@ class ReluSearch : public Search {
   /// over its steps), with the relaxation gap −l·u / (u − l) breaking ties. Regions
   /// without an unstable unit get can_split = false.
   void choose(const std::vector<forms::MemberPass>& passes,
-              const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs) const {
+              const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs,
+              std::vector<std::vector<std::pair<double, SplitAt>>>* ranked = nullptr) const {
     const int64_t n = static_cast<int64_t>(subs.size());
     auto best = torch::zeros({n}, torch::kFloat64);
+    if (ranked) ranked->assign(static_cast<size_t>(n), {});
     for (size_t i = 0; i < passes.size(); ++i)
       for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g) {
         const BoundPass* bp = graph_pass(passes[i], g);
@@ -178,6 +303,18 @@ class ReluSearch : public Search {
             gap = gap * 1e-6 + nb.lo.grad().flatten(1).abs() * l.abs() +
                   nb.hi.grad().flatten(1).abs() * u.abs();
           gap = torch::where(unstable, gap.detach(), torch::zeros_like(l));
+          if (ranked && cfg_.fsb_per_node > 0) {  // the node's best few per subproblem
+            auto [tv, ta] = gap.topk(std::min<int64_t>(cfg_.fsb_per_node, gap.size(1)), 1);
+            tv = tv.cpu(), ta = ta.cpu();
+            if (in_play.defined()) tv = tv.masked_fill(~in_play.unsqueeze(1), 0.0);
+            const auto tva = tv.accessor<double, 2>();
+            const auto taa = ta.accessor<int64_t, 2>();
+            for (int64_t r = 0; r < rows.size(0); ++r)
+              for (int64_t q = 0; q < tv.size(1); ++q)
+                if (tva[r][q] > 0)
+                  (*ranked)[static_cast<size_t>(at[r])].push_back(
+                      {tva[r][q], SplitAt{static_cast<int>(i), g, k, taa[r][q], 0}});
+          }
           auto [val, arg] = gap.max(1);
           val = val.cpu(), arg = arg.cpu();
           if (in_play.defined()) val = val.masked_fill(~in_play, 0.0);
@@ -259,14 +396,19 @@ class ReluSearch : public Search {
 
   /// Bounds `subs`: their slack and next split; returns the open ones (verified and empty
   /// ones add to the verified mass).
-  std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
+  /// The member passes of `subs` with what they carry (proven rows, warm starts);
+  /// `only`: per member, the experts each route allows.
+  std::vector<forms::MemberPass> batch_passes(const std::vector<forms::MemberPass>& root,
+                                              const std::vector<Sub>& subs,
+                                              std::vector<torch::Tensor>& only) const {
     const int64_t n = static_cast<int64_t>(subs.size());
-    std::vector<torch::Tensor> only;  // per member: the experts each route allows
+    only.clear();
     for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
     auto passes = split_passes(root, subs, only);
     // Margin rows proven on a parent's region hold on its children's: only the others are
     // bounded again (docs §22).
-    if (std::any_of(subs.begin(), subs.end(), [](const Sub& s) { return !s.known.empty(); })) {
+    if (warm() ||
+        std::any_of(subs.begin(), subs.end(), [](const Sub& s) { return !s.known.empty(); })) {
       const int64_t E = static_cast<int64_t>(passes[0].experts.size());
       const int64_t K1 = p_.members[0]->classes - 1;
       for (int64_t j = 0; j < E; ++j) {
@@ -277,6 +419,72 @@ class ReluSearch : public Search {
         passes[0].known_low.push_back(known.to(p_.x.device()));
       }
     }
+    if (warm()) set_warm(passes[0], subs);
+    return passes;
+  }
+
+  /// Filtered smart branching (De Palma et al., 2021): for every subproblem in `subs`
+  /// with more than one candidate in `ranked` (choose's best few per node), both
+  /// children of each candidate are bounded at once with the subproblem's tuned
+  /// parameters and no optimisation step, and the candidate whose worse child is best
+  /// becomes its next split (ties: the first-order score's order).
+  void rerank(const std::vector<forms::MemberPass>& root, std::vector<Sub>& subs,
+              std::vector<std::vector<std::pair<double, SplitAt>>>& ranked) {
+    std::vector<Sub> kids;
+    std::vector<std::pair<size_t, SplitAt>> of;  // per pair of kids: the subproblem, the unit
+    for (size_t i = 0; i < subs.size(); ++i) {
+      auto& list = ranked[i];
+      const auto& s = subs[i];
+      if (!s.can_split || list.size() < 2 || !route_children(s).second.empty()) continue;
+      std::stable_sort(list.begin(), list.end(),
+                       [](const auto& a, const auto& b) { return a.first > b.first; });
+      if (static_cast<int64_t>(list.size()) > cfg_.fsb_candidates)
+        list.resize(static_cast<size_t>(cfg_.fsb_candidates));
+      for (const auto& [score, unit] : list) {
+        of.push_back({i, unit});
+        for (double sign : {1.0, -1.0}) {
+          Sub c;
+          c.splits = s.splits;
+          c.splits.push_back(unit);
+          c.splits.back().sign = sign;
+          c.route = s.route, c.known = s.known, c.warm = s.warm;
+          kids.push_back(std::move(c));
+        }
+      }
+    }
+    if (kids.empty()) return;
+    std::vector<double> worse(of.size(), -kInf);
+    const size_t chunk = static_cast<size_t>(std::max<int64_t>(2, 4 * cfg_.batch) / 2 * 2);
+    for (size_t from = 0; from < kids.size(); from += chunk) {
+      const size_t len = std::min(chunk, kids.size() - from);
+      std::vector<Sub> part(kids.begin() + static_cast<std::ptrdiff_t>(from),
+                            kids.begin() + static_cast<std::ptrdiff_t>(from + len));
+      std::vector<torch::Tensor> only;
+      auto passes = batch_passes(root, part, only);
+      for (auto& mp : passes)
+        for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
+          if (BoundPass* bp = graph_pass(mp, g)) bp->opt.alpha_steps = 0, bp->opt.primal = false;
+      auto ev = evaluate(p_, passes, passes[0].domain, labels(static_cast<int64_t>(len)), only);
+      auto slack =
+          ev.slack.cpu().masked_fill(empty_regions(passes, static_cast<int64_t>(len)), kInf);
+      const auto sa = slack.accessor<double, 1>();
+      for (size_t c = 0; c < len; c += 2) {
+        const size_t pair = (from + c) / 2;
+        worse[pair] = std::min(sa[static_cast<int64_t>(c)], sa[static_cast<int64_t>(c) + 1]);
+      }
+    }
+    out_.screened += static_cast<int64_t>(kids.size());
+    std::vector<double> best(subs.size(), -kInf);
+    for (size_t q = 0; q < of.size(); ++q) {
+      const size_t i = of[q].first;
+      if (worse[q] > best[i]) best[i] = worse[q], subs[i].next = of[q].second;
+    }
+  }
+
+  std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
+    const int64_t n = static_cast<int64_t>(subs.size());
+    std::vector<torch::Tensor> only;  // per member: the experts each route allows
+    auto passes = batch_passes(root, subs, only);
     // The bounds' sensitivity to the split candidates' intervals steers branching.
     for (size_t i = 0; i < passes.size(); ++i)
       for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
@@ -290,7 +498,9 @@ class ReluSearch : public Search {
     auto slack = ev.slack.cpu();
     auto empty = empty_regions(passes, n);
     out_.bounded += n;
-    choose(passes, ev.possible_of, subs);
+    std::vector<std::vector<std::pair<double, SplitAt>>> ranked;
+    choose(passes, ev.possible_of, subs, &ranked);
+    if (warm()) keep_tuned(ev, subs);
     std::vector<torch::Tensor> possible, sure;
     for (const auto& t : ev.possible_of) possible.push_back(t.cpu());
     for (const auto& t : ev.sure_of) sure.push_back(t.cpu());
@@ -299,6 +509,7 @@ class ReluSearch : public Search {
       proven.push_back(
           torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
     std::vector<Sub> open;
+    std::vector<std::vector<std::pair<double, SplitAt>>> open_ranked;
     std::vector<double> slacks(static_cast<size_t>(n));
     std::vector<bool> is_open(static_cast<size_t>(n));
     for (int64_t c = 0; c < n; ++c) {
@@ -320,9 +531,12 @@ class ReluSearch : public Search {
       } else {
         is_open[static_cast<size_t>(c)] = true;
         open.push_back(std::move(s));
+        open_ranked.push_back(std::move(ranked[static_cast<size_t>(c)]));
       }
     }
     check_primal(ev.primal, slacks, is_open);
+    if (cfg_.fsb_candidates > 1 && out_.verdict != Verdict::falsified)
+      rerank(root, open, open_ranked);
     return open;
   }
 
@@ -362,7 +576,7 @@ class ReluSearch : public Search {
           c.splits.push_back(s.next);
           c.splits.back().sign = sign;
           c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
-          c.known = s.known;
+          c.known = s.known, c.warm = s.warm;
           children.push_back(std::move(c));
         }
       }

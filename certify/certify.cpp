@@ -241,6 +241,8 @@ void check_config(const CertifyConfig& cfg, const Dataset& data,
   if (cfg.bab_intermediate_steps < 0 || cfg.bab_intermediate_steps > 1000)
     throw ConfigError::invalid("--bab-intermediate-steps",
                                std::to_string(cfg.bab_intermediate_steps), "in [0, 1000]");
+  if (cfg.bab_fsb < 0 || cfg.bab_fsb > 64)
+    throw ConfigError::invalid("--bab-fsb", std::to_string(cfg.bab_fsb), "in [0, 64]");
   if (cfg.bab_input_max_free < 0)
     throw ConfigError::invalid("--bab-input-max-free", std::to_string(cfg.bab_input_max_free),
                                ">= 0");
@@ -286,6 +288,8 @@ ResultsConfig config_of(const CertifyConfig& cfg) {
                                                           : "auto"},
              {"input_max_free", cfg.bab_input_max_free},
              {"intermediate_steps", cfg.bab_intermediate_steps},
+             {"warm_start", cfg.bab_warm_start},
+             {"fsb", cfg.bab_fsb},
              {"bisect", cfg.bab_bisect}}},
            {"margin_allowance", defaults::margin_allowance},
            {"constant_inflation", defaults::constant_inflation},

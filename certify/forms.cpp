@@ -67,6 +67,10 @@ struct ExpertBounds {
   /// With the pass's BoundOptions::primal (logit forms): [n_j, *input] the minimiser of
   /// each region's lowest row bounded here, and [n_j] that row's bound (+inf: none).
   torch::Tensor primal, primal_low;
+  /// With the pass's warm_slot: the bounded rows' tuned parameters and their keys
+  /// (Evaluation::tuned).
+  RowParams tuned;
+  torch::Tensor tuned_keys;
 };
 
 /// The minimiser of each region's lowest bounded row: rows `low` [m] of regions `region`
@@ -117,7 +121,26 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
     auto at = low.isneginf().nonzero().flatten();
     if (at.numel() > 0) {
       const auto region = torch::div(at, K - 1, "floor");
-      auto s = bound_spec_rows(pass, C.reshape({n * (K - 1), K}).index_select(0, at), region, rc);
+      // Warm starts: the bank rows of the margin rows' keys (region·(K − 1) + k).
+      const bool tune = j < p.warm_slot.size() && p.warm_slot[j].defined();
+      RowParams warm;
+      if (tune) {
+        e.tuned_keys = e.rows.index_select(0, region) * (K - 1) + at.remainder(K - 1);
+        const auto slot = p.warm_slot[j].to(at.device()).view(-1).index_select(0, e.tuned_keys);
+        const auto& bank = p.warm[j];
+        if (bank.has.defined() && slot.ge(0).any().item<bool>()) {
+          const auto pick = slot.clamp_min(0).to(bank.has.device());
+          auto take = [&](const torch::Tensor& t) {
+            return t.defined() ? t.index_select(0, pick) : torch::Tensor();
+          };
+          warm.has = slot.ge(0) & bank.has.index_select(0, pick).to(slot.device());
+          for (const auto& t : bank.alpha) warm.alpha.push_back(take(t));
+          for (const auto& t : bank.beta) warm.beta.push_back(take(t));
+          warm.beta_in = take(bank.beta_in);
+        }
+      }
+      auto s = bound_spec_rows(pass, C.reshape({n * (K - 1), K}).index_select(0, at), region, rc,
+                               warm.has.defined() ? &warm : nullptr, tune ? &e.tuned : nullptr);
       auto bounded = p.fp32 ? s.lower - s.err32 : s.lower;
       low.index_put_({at}, bounded);
       if (s.primal.defined())
@@ -151,9 +174,11 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
 /// `margins`, `settled`: per expert, [n, K − 1], the rows' bounds and those above the tie
 /// allowance. `primal` (with BoundOptions::primal): [n, *input], the minimiser of each
 /// region's lowest row bounded here over the experts that can be selected (Evaluation::primal).
+/// `tuned`, `tuned_keys`: Evaluation's.
 torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
-                          const torch::Tensor& possible, std::vector<torch::Tensor>& margins,
-                          std::vector<torch::Tensor>& settled, torch::Tensor& primal) {
+                          const torch::Tensor& possible, Evaluation& ev) {
+  auto &margins = ev.margins, &settled = ev.settled;
+  auto& primal = ev.primal;
   const int64_t n = d.x.size(0);
   auto slack = torch::full({n}, kInf, d.x.options());
   auto primal_low = torch::full({n}, kInf, d.x.options());
@@ -165,6 +190,10 @@ torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch
     if (!p.experts[j]) continue;
     covered.select(1, static_cast<int64_t>(j)).index_fill_(0, p.rows[j], true);
     auto e = expert_bounds(p, j, d, labels, false);
+    if (!p.warm_slot.empty()) {
+      ev.tuned.resize(p.experts.size()), ev.tuned_keys.resize(p.experts.size());
+      ev.tuned[j] = std::move(e.tuned), ev.tuned_keys[j] = e.tuned_keys;
+    }
     auto tie = p.fp32 ? fp32_tie(e.hmax, p.m->classes) : torch::zeros_like(e.hmax);
     margins.back().index_copy_(0, e.rows, e.low);
     settled.back().index_copy_(0, e.rows, e.low.gt(tie.unsqueeze(1)));
@@ -433,7 +462,7 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
   ev.possible = r.sel.possible;
   ev.possible_of = {r.sel.possible}, ev.sure_of = {r.sel.sure};
   if (member_form(*p.m) != Form::mixture) {
-    ev.slack = logit_slack(p, d, labels, ev.possible, ev.margins, ev.settled, ev.primal);
+    ev.slack = logit_slack(p, d, labels, ev.possible, ev);
   } else {
     ev.slack = prob_lower(p, d, labels, r.sel, r.route_constraints()).amin(1) -
                (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);

@@ -50,6 +50,12 @@ struct MemberPass {
   /// a region containing this one; a row with a finite one is not bounded again and takes
   /// it, the others (−inf) are bounded. Undefined (or empty): every row is bounded.
   std::vector<torch::Tensor> known_low;
+  /// Branch and bound, logit-domain forms with known_low: per expert j, warm starts of
+  /// its margin rows (docs §22): `warm_slot[j]` [n, K − 1] int64, the row of `warm[j]`
+  /// (a bank of RowParams) each margin row starts from (−1: CROWN's slopes). With it,
+  /// the evaluation returns the rows' tuned parameters (Evaluation::tuned). Empty: none.
+  std::vector<RowParams> warm;
+  std::vector<torch::Tensor> warm_slot;
 };
 /// With `seed` (a pass of the same member whose regions contain these; `seed_index`
 /// [n] the positions of this batch's samples in its batch), the router's and every
@@ -102,6 +108,11 @@ struct Evaluation {
   /// region's centre where none was): where the bounds place the worst point, a start for
   /// attacks. Undefined otherwise.
   torch::Tensor primal;
+  /// With MemberPass::warm_slot: per expert j, the parameters of the margin rows bounded
+  /// in this evaluation at their best step (RowParams, `has` undefined where none were)
+  /// and `tuned_keys[j]` [r] int64 those rows, as region·(K − 1) + k.
+  std::vector<RowParams> tuned;
+  std::vector<torch::Tensor> tuned_keys;
 };
 /// With `only` [n, E] bool, each region is restricted further to the points where the
 /// router selects one of those experts (the candidate form, whose pass has route

@@ -218,6 +218,7 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
   bab::Config bc;
   bc.batch = cfg.bab_batch, bc.split = cfg.bab_split, bc.input_max_free = cfg.bab_input_max_free;
   bc.alpha_steps = cfg.alpha_steps, bc.intermediate_steps = cfg.bab_intermediate_steps;
+  bc.warm_start = cfg.bab_warm_start, bc.fsb_candidates = cfg.bab_fsb;
   for (int64_t b = 0; b < batch.size(); ++b) {
     const auto ub = static_cast<size_t>(b);
     auto& radii = batch.radii[ub];
@@ -264,6 +265,7 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
                           {"seconds", out.seconds},
                           {"verified_share", out.verified_mass},
                           {"route_splits", out.route_splits},
+                          {"screened", out.screened},
                           {"bisect", bisecting}});
       if (progress)
         std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "

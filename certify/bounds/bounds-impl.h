@@ -45,8 +45,10 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
 /// β-CROWN's multipliers for a split pass's splits and for `ic` (specs.cpp; docs §11,
 /// §22). -> [R]
 /// With `primal`, also each row's minimiser (SpecBounds::primal) for the last step's rows.
+/// `warm`, `best`: RowParams (bound_spec_rows).
 torch::Tensor alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
-                         const InputConstraints* ic, int steps, torch::Tensor* primal = nullptr);
+                         const InputConstraints* ic, int steps, torch::Tensor* primal = nullptr,
+                         const RowParams* warm = nullptr, RowParams* best = nullptr);
 
 /// Per row (`sample` [R] its samples), the point of the pass's region where the row's
 /// input-level form `kept.at_input` is least (SpecBounds::primal). -> [R, *input_shape]

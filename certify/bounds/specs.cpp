@@ -18,9 +18,18 @@ namespace moecert {
 /// terms are <= 0, so every β >= 0 gives a lower bound there. The β are optimised with
 /// the slopes and projected onto β >= 0.
 torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
-                             const InputConstraints* ic, int steps, torch::Tensor* primal) {
+                             const InputConstraints* ic, int steps, torch::Tensor* primal,
+                             const RowParams* warm, RowParams* best_params) {
   const auto& nodes = pass.graph->nodes();
   const int64_t R = rows.A.size(0);
+  // A warm start's value where its row has one, `init` elsewhere.
+  auto start_from = [&](const std::vector<torch::Tensor>* of, size_t m, const torch::Tensor& init) {
+    if (!warm || !warm->has.defined() || !of || m >= of->size() || !(*of)[m].defined()) return init;
+    std::vector<int64_t> per(static_cast<size_t>(init.dim()), 1);
+    per[0] = R;
+    const auto& w = (*of)[m];
+    return torch::where(warm->has.to(init.device()).view(per), w.to(init.options()), init);
+  };
   bp::Alphas alphas(nodes.size());
   std::vector<torch::Tensor> params, betas;
   // The nodes a walk from `start` reaches: those up to it (the later ones may not be bounded yet).
@@ -29,7 +38,9 @@ torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& row
     const auto init = nodes[m].rule->alpha_init(
         *nodes[m].layer, i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)]);
     if (!init.defined()) continue;
-    alphas[m] = init.index_select(0, rows.sample).clone().requires_grad_(true);
+    alphas[m] = start_from(warm ? &warm->alpha : nullptr, m, init.index_select(0, rows.sample))
+                    .clone()
+                    .requires_grad_(true);
     params.push_back(alphas[m]);
   }
   // The split units' signs per row, and their multipliers.
@@ -39,15 +50,43 @@ torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& row
     auto s = pass.split[m].index_select(0, rows.sample);
     if (!s.ne(0).any().item<bool>()) continue;
     signs[m] = s;
-    beta[m] = torch::zeros_like(s).requires_grad_(true);
+    beta[m] = start_from(warm ? &warm->beta : nullptr, m, torch::zeros_like(s))
+                  .clone()
+                  .requires_grad_(true);
     betas.push_back(beta[m]);
   }
   torch::Tensor D, e, beta_in;
   if (ic && ic->D.defined() && ic->D.size(1) > 0) {
     D = ic->D.index_select(0, rows.sample), e = ic->e.index_select(0, rows.sample);
-    beta_in = torch::zeros({R, D.size(1)}, D.options()).requires_grad_(true);
+    beta_in = torch::zeros({R, D.size(1)}, D.options());
+    if (warm && warm->beta_in.defined() && warm->beta_in.size(1) == D.size(1)) {
+      const std::vector<torch::Tensor> one{warm->beta_in};
+      beta_in = start_from(&one, 0, beta_in);
+    }
+    beta_in = beta_in.clone().requires_grad_(true);
     betas.push_back(beta_in);
   }
+  // The parameters of each row's best step so far (best_params).
+  RowParams snap;
+  auto keep_best = [&](const torch::Tensor& better) {
+    if (!best_params) return;
+    torch::NoGradGuard ng;
+    auto take = [&](torch::Tensor& to, const torch::Tensor& p) {
+      if (!p.defined()) return;
+      auto v = p.detach().to(torch::kFloat32);
+      if (!to.defined()) {
+        to = v.clone();
+        return;
+      }
+      std::vector<int64_t> per(static_cast<size_t>(v.dim()), 1);
+      per[0] = R;
+      to = torch::where(better.view(per), v, to);
+    };
+    snap.alpha.resize(nodes.size()), snap.beta.resize(nodes.size());
+    for (size_t m = 0; m < nodes.size(); ++m)
+      take(snap.alpha[m], alphas[m]), take(snap.beta[m], beta[m]);
+    take(snap.beta_in, beta_in);
+  };
   auto zeros = torch::zeros({R}, rows.A.options());
   RefinedRows kept;  // the last step's rows at the input, for `primal`
   if (params.empty() && betas.empty()) {
@@ -79,6 +118,8 @@ torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& row
     auto low =
         bp::lower_rows(pass, start, rows, b0, &alphas, -1, nullptr,
                        primal && it >= steps ? &kept : nullptr, betas.empty() ? nullptr : &lag);
+    keep_best(best.defined() ? low.detach().gt(best)
+                             : torch::ones({R}, low.options().dtype(torch::kBool)));
     best = best.defined() ? torch::max(best, low.detach()) : low.detach();
     if (it >= steps) break;
     opt.zero_grad();
@@ -89,6 +130,10 @@ torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& row
     for (auto& p : betas) p.clamp_min_(0.0);
   }
   if (primal) *primal = primal_points(pass, kept, rows.sample);
+  if (best_params) {
+    snap.has = torch::ones({R}, torch::kBool);
+    *best_params = std::move(snap);
+  }
   return best;
 }
 
@@ -117,7 +162,8 @@ torch::Tensor bp::primal_points(const BoundPass& pass, const RefinedRows& kept,
 }
 
 SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
-                           const torch::Tensor& sample, const InputConstraints* constraints) {
+                           const torch::Tensor& sample, const InputConstraints* constraints,
+                           const RowParams* warm, RowParams* best) {
   torch::NoGradGuard no_grad;
   Coeffs rows;
   rows.A = C, rows.sample = sample;
@@ -133,7 +179,7 @@ SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
       break;
     case BoundMethod::alpha_crown:
       low = bp::alpha_rows(pass, pass.graph->output(), rows, constraints, pass.opt.alpha_steps,
-                           pass.opt.primal ? &primal : nullptr);
+                           pass.opt.primal ? &primal : nullptr, warm, best);
       break;
   }
   // float32: |C·(ĥ − h)| <= |C|·err32 of the output.

@@ -172,11 +172,24 @@ SpecBounds bound_specs(const BoundPass& pass, const torch::Tensor& C,
                        const InputDomain* final_domain = nullptr,
                        const InputConstraints* constraints = nullptr);
 
+/// α-CROWN's parameters of R rows (branch and bound's warm starts, docs §22): per node
+/// [R, *shape] float32 the lower ReLU slopes and the split multipliers (undefined where
+/// a node has none), [R, D] the input constraints' multipliers, and `has` [R] bool, the
+/// rows that carry them (as a warm start; the others start from CROWN's slopes and zero
+/// multipliers). Any values give sound bounds: they only steer the optimisation.
+struct RowParams {
+  std::vector<torch::Tensor> alpha, beta;
+  torch::Tensor beta_in, has;
+};
+
 /// bound_specs for rows of their own samples (any number per sample): row r is C[r]·h
 /// over the region of sample `sample[r]`. C: [R, K], sample: [R] int64 -> lower, err32: [R]
+/// Under α-CROWN, `warm` (rows aligned with C) starts the optimisation, and `best`
+/// receives each row's parameters at its best step.
 SpecBounds bound_spec_rows(const BoundPass& pass, const torch::Tensor& C,
                            const torch::Tensor& sample,
-                           const InputConstraints* constraints = nullptr);
+                           const InputConstraints* constraints = nullptr,
+                           const RowParams* warm = nullptr, RowParams* best = nullptr);
 
 /// Sound upper bound on sup over the region of ‖C·J_h‖_q (q the dual of the domain's
 /// norm) per row, from the backward interval Jacobian with the pass's ReLU states.

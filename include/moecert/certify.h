@@ -171,6 +171,11 @@ struct CertifyConfig {
   double bab_timeout = 60;
   int64_t bab_batch = 64;
   int bab_intermediate_steps = 8;
+  /// Whether a subproblem's α-β optimisation starts from its parent's tuned parameters.
+  bool bab_warm_start = true;
+  /// Candidate units whose children are bounded before each ReLU split is chosen
+  /// (filtered smart branching; 0 or 1: the first-order score alone).
+  int64_t bab_fsb = 0;
   /// Bisection steps of each sample's verified radius between the grid's points, in the
   /// budget the grid leaves (0: the radius is the largest verified grid ε).
   int bab_bisect = 0;

@@ -227,6 +227,8 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     double bab_timeout = 60;
     int64_t bab_batch = 64, bab_input_max_free = 16;
     int bab_intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
+    bool bab_cold_start = false;
+    int64_t bab_fsb = CertifyConfig{}.bab_fsb;
     int bab_bisect = CertifyConfig{}.bab_bisect;
     std::string bab_split = "auto";
   };
@@ -297,6 +299,13 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
                   "branch and bound: alpha-CROWN steps on the root's intermediate bounds (0: "
                   "CROWN's)")
       ->capture_default_str();
+  cmd->add_flag("--bab-cold-start", o->bab_cold_start,
+                "branch and bound: start every subproblem's alpha-beta optimisation from CROWN's "
+                "slopes, not from its parent's tuned ones");
+  cmd->add_option("--bab-fsb", o->bab_fsb,
+                  "branch and bound: candidate units whose children are bounded before each "
+                  "ReLU split is chosen (0 or 1: the first-order score alone)")
+      ->capture_default_str();
   cmd->add_option("--bab-bisect", o->bab_bisect,
                   "branch and bound: bisection steps of each sample's verified radius between "
                   "the grid's points, in the budget the grid leaves (0: the largest verified "
@@ -330,7 +339,8 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
       cfg.estimators.push_back(Estimator::bab);
     cfg.bab_timeout = o->bab_timeout;
     cfg.bab_batch = o->bab_batch, cfg.bab_intermediate_steps = o->bab_intermediate_steps;
-    cfg.bab_bisect = o->bab_bisect;
+    cfg.bab_bisect = o->bab_bisect, cfg.bab_warm_start = !o->bab_cold_start;
+    cfg.bab_fsb = o->bab_fsb;
     cfg.bab_input_max_free = o->bab_input_max_free;
     if (o->bab_split == "auto")
       cfg.bab_split = BabSplit::automatic;

@@ -154,6 +154,19 @@ Tally run_exact(const Toy& toy, bab::Split split, int count, double seconds) {
   return t;
 }
 
+/// The root pass (α-CROWN, `steps` per bound) of `toy` over the L∞ ball of radius
+/// kEps around kCentre in every coordinate, label 0; and `pts` [20000, 2] of the ball.
+constexpr double kCentre = 0.5, kEps = 0.3;
+forms::MemberPass centre_pass(const Toy& toy, int steps, torch::Tensor& pts) {
+  auto x = torch::full({1, 1, 1, 2}, kCentre, f64);
+  BoundOptions opt;
+  opt.method = BoundMethod::alpha_crown;
+  opt.alpha_steps = steps;
+  const InputDomain d{x, torch::full({1}, kEps, f64), Norm::linf, true};
+  pts = (x - kEps + 2 * kEps * torch::rand({20000, 1, 1, 2}, f64)).view({-1, 2});
+  return forms::member_prepare(toy.graphs, d, torch::zeros({1}, torch::kLong), opt, true);
+}
+
 }  // namespace
 
 TEST_CASE("branch and bound with input splits gives the exact answer on 2-D MoEs",
@@ -179,20 +192,51 @@ TEST_CASE("branch and bound with ReLU and route splits is sound on 2-D MoEs",
   CHECK(t.verified > 0);
 }
 
+TEST_CASE("alpha-CROWN started from its tuned parameters resumes at their bound",
+          "[unit][certify][bab]") {
+  Toy toy(3, 3, 12, 6);
+  torch::manual_seed(11);
+  torch::Tensor pts;
+  const auto root = centre_pass(toy, 20, pts);
+  int checked = 0;
+  for (int64_t j = 0; j < 3; ++j) {
+    if (!root.experts[static_cast<size_t>(j)]) continue;
+    auto pass = *root.experts[static_cast<size_t>(j)];
+    const int64_t R = 6;
+    auto C = torch::randn({R, 3}, f64);
+    auto sample = torch::zeros({R}, torch::kLong);
+    RowParams tuned;
+    auto optimised = bound_spec_rows(pass, C, sample, nullptr, nullptr, &tuned).lower;
+    REQUIRE(tuned.has.defined());
+    REQUIRE(tuned.has.size(0) == R);
+    pass.opt.alpha_steps = 0;  // one evaluation at the starting point
+    auto crown = bound_spec_rows(pass, C, sample).lower;
+    auto warm = tuned;
+    warm.has[0] = false;  // row 0 starts cold
+    auto resumed = bound_spec_rows(pass, C, sample, nullptr, &warm).lower;
+    INFO("expert " << j << ": CROWN " << crown << ", optimised " << optimised << ", resumed "
+                   << resumed);
+    // The tuned parameters (held in float32) give the optimised bound again at once.
+    CHECK(torch::allclose(resumed.narrow(0, 1, R - 1), optimised.narrow(0, 1, R - 1), 0, 1e-5));
+    CHECK(resumed[0].item<double>() == crown[0].item<double>());
+    CHECK((optimised >= crown - 1e-12).all().item<bool>());
+    CHECK((optimised > crown + 1e-6).any().item<bool>());  // the optimisation moved them
+    // And the resumed bounds hold at every sampled point of the region.
+    auto values = toy.expert64(j, pts).matmul(C.t());  // [m, R]
+    CHECK((resumed <= std::get<0>(values.min(0)) + 1e-9).all().item<bool>());
+    ++checked;
+  }
+  CHECK(checked > 0);
+}
+
 TEST_CASE("beta-CROWN bounds of split passes and route constraints hold at sampled points",
           "[unit][certify][bab]") {
   Toy toy(3, 3, 12, 6);
   torch::manual_seed(7);
-  auto x = torch::full({1, 1, 1, 2}, 0.5, f64);
-  const double eps = 0.3;
-  BoundOptions opt;
-  opt.method = BoundMethod::alpha_crown;
-  const InputDomain d{x, torch::full({1}, eps, f64), Norm::linf, true};
-  auto labels = torch::zeros({1}, torch::kLong);
-  auto root = forms::member_prepare(toy.graphs, d, labels, opt, true);
+  torch::Tensor pts;
+  auto root = centre_pass(toy, BoundOptions{}.alpha_steps, pts);
   forms::add_route_constraints(root);
   REQUIRE(root.route.size() == 3);
-  auto pts = (x - eps + 2 * eps * torch::rand({20000, 1, 1, 2}, f64)).view({-1, 2});
   // The float32 router's choice, as the model makes it.
   auto sel = (pts.to(torch::kFloat).matmul(toy.R.to(torch::kFloat).t()) + toy.c.to(torch::kFloat))
                  .argmax(1);

@@ -141,3 +141,48 @@ TEST_CASE("branch and bound accounts for every subproblem when its budget ends",
   }
   CHECK(unknown > 0);
 }
+
+TEST_CASE("warm starts and screened splits keep branch and bound's answers exact",
+          "[unit][certify][bab]") {
+  // Regions wide enough that the root's bounds rarely decide and the ReLU search runs (no
+  // attack: only the search can falsify); every verdict is checked against the exact
+  // margin, with and without warm starts and filtered smart branching.
+  Toy toy(3, 3, 8, 8);
+  const bab::Logits logits = toy.logits();
+  for (bool plain : {false, true}) {
+    torch::manual_seed(21);
+    int64_t screened = 0, searched = 0;
+    int decided = 0;  // by a search (more than the root bounded)
+    for (int i = 0; i < 40; ++i) {
+      auto x = 0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64);
+      const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+      const double eps = 0.05 + 0.01 * (i % 20);
+      bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
+      bab::Config cfg;
+      cfg.split = bab::Split::relu, cfg.batch = 8;
+      cfg.warm_start = !plain, cfg.fsb_candidates = plain ? 0 : 4;
+      const auto out = bab::solve(p, cfg, logits, {}, bab::Clock::now() + std::chrono::seconds(3));
+      std::vector<double> lo(2), hi(2);
+      for (int k = 0; k < 2; ++k) {
+        const double c = x[0][0][0][k].item<double>();
+        lo[static_cast<size_t>(k)] = std::max(0.0, c - eps);
+        hi[static_cast<size_t>(k)] = std::min(1.0, c + eps);
+      }
+      const double exact = toy.exact_margin(lo, hi, y);
+      INFO((plain ? "cold, first-order" : "warm, fsb")
+           << ": problem " << i << ", exact margin " << exact << ", " << out.bounded
+           << " subproblems");
+      if (out.verdict == bab::Verdict::verified) CHECK(exact > -1e-9);
+      if (out.verdict == bab::Verdict::falsified) CHECK(exact < 1e-6);
+      if (out.verdict != bab::Verdict::falsified)
+        CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
+      decided += out.verdict != bab::Verdict::unknown && out.bounded > 1;
+      screened += out.screened, searched += out.bounded > 1;
+    }
+    INFO((plain ? "cold, first-order" : "warm, fsb")
+         << ": " << searched << " searches, " << screened << " screened");
+    CHECK(searched > 0);
+    CHECK(decided > 0);
+    CHECK((screened > 0) == !plain);
+  }
+}

@@ -439,18 +439,20 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
           "[e2e][cli][certify]") {
   const auto& ckpt = trained_checkpoint();
   TempDir tmp;
-  auto r =
-      run_moecert("--dataset synthetic --samples 10 certify " + ckpt +
-                  " --estimator crown --bab --timeout-per-sample 3 --bab-batch 8 --steps 5"
-                  " --eps-grid 0.01,0.05,0.2 --gate 'unknown@0.2<=1' --gate 'verified_acc@0.01>=0'"
-                  " --out " +
-                  (tmp / "c"));
+  auto r = run_moecert("--dataset synthetic --samples 10 certify " + ckpt +
+                       " --estimator crown --bab --timeout-per-sample 3 --bab-batch 8 --bab-fsb 4"
+                       " --steps 5 --eps-grid 0.01,0.05,0.2 --gate 'unknown@0.2<=1'"
+                       " --gate 'verified_acc@0.01>=0'"
+                       " --out " +
+                       (tmp / "c"));
   INFO(r.output);
   REQUIRE(r.code == 0);
   CHECK(r.output.find("soundness violations: 0") != std::string::npos);
   auto j = nlohmann::json::parse(read_text(tmp / "c/results.json"));
   CHECK(j["config"]["estimators"] == nlohmann::json({"crown", "bab"}));
   CHECK(j["config"]["bab"]["timeout_per_sample"] == 3.0);
+  CHECK(j["config"]["bab"]["fsb"] == 4);
+  CHECK(j["config"]["bab"]["warm_start"] == true);
   int decided = 0;
   for (const auto& row : j["rows"]) {
     REQUIRE(row["radii"].contains("candidate_bab"));
@@ -465,6 +467,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
     for (const auto& s : row["bab"]["searches"]) {  // a route split makes subproblems
       CHECK(s["route_splits"].get<int64_t>() >= 0);
       CHECK(s["route_splits"].get<int64_t>() <= s["subproblems"].get<int64_t>());
+      CHECK(s["screened"].get<int64_t>() >= 0);
     }
     for (const char* eps : {"0.01", "0.05", "0.2"}) {
       const std::string v = row["bab"]["verdicts"][eps].get<std::string>();
@@ -482,9 +485,9 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
                            " --eps-grid 0.2 --gate 'unknown@0.2<-1' --out " +
                            (tmp / "g"));
   CHECK(gated.code == 1);
-  for (const char* bad :
-       {"--bab-split sideways", "--timeout-per-sample 0", "--bab-batch 1",
-        "--bab-intermediate-steps -1", "--bab-bisect 61", "--estimator crown,babel"}) {
+  for (const char* bad : {"--bab-split sideways", "--timeout-per-sample 0", "--bab-batch 1",
+                          "--bab-intermediate-steps -1", "--bab-bisect 61", "--bab-fsb 65",
+                          "--estimator crown,babel"}) {
     auto b = run_moecert("--dataset synthetic --samples 2 certify " + ckpt + " --bab " + bad +
                          " --out " + (tmp / "b"));
     INFO(bad << ": " << b.output);
