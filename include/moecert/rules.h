@@ -70,7 +70,7 @@ struct DerivativeArgs {
 };
 
 /// One layer kind. The formula of each method sits above its code in the rule's
-/// file; every rule has a sampling soundness test (tests/certify/test_rules.cpp).
+/// file; every rule has a sampling soundness test (tests/certify/test_rules*.cpp).
 class BoundRule {
  public:
   virtual ~BoundRule() = default;
