@@ -58,6 +58,8 @@ struct Worse {  // the lowest slack on top
 };
 using Queue = std::priority_queue<Sub, std::vector<Sub>, Worse>;
 
+/// The problem's region as an input domain: the ε-ball around x (∩ [0, 1] with the box).
+InputDomain ball(const Problem& p);
 /// The root box of the problem's region (L∞): [x − ε, x + ε], ∩ [0, 1] with the box.
 std::pair<torch::Tensor, torch::Tensor> root_box(const Problem& p);
 

@@ -6,16 +6,19 @@
 #include <iostream>
 
 #include "bab-impl.h"
+#include "bounds/bounds-impl.h"
 #include "moecert/error.h"
 #include "moecert/runtime.h"
 
 namespace moecert::bab {
 namespace detail {
 
+InputDomain ball(const Problem& p) {
+  return {p.x, torch::full({1}, p.eps, p.x.options()), p.norm, p.box};
+}
+
 std::pair<torch::Tensor, torch::Tensor> root_box(const Problem& p) {
-  auto lo = p.x - p.eps, hi = p.x + p.eps;
-  if (p.box) lo = lo.clamp_min(0.0), hi = hi.clamp_max(1.0);
-  return {lo, hi};
+  return bp::region_ends(ball(p));
 }
 
 forms::Evaluation evaluate(const Problem& p, const std::vector<forms::MemberPass>& passes,

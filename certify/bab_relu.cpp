@@ -197,11 +197,6 @@ class ReluSearch : public Search {
     }
   }
 
-  InputDomain ball() const {
-    const auto o = p_.x.options();
-    return {p_.x, torch::full({1}, p_.eps, o), p_.norm, p_.box};
-  }
-
   /// The most children one subproblem has: 2, or the expert sets of a route split (at
   /// most a batch: a route split with more children is not made).
   int64_t max_children() const {
@@ -541,7 +536,7 @@ class ReluSearch : public Search {
   }
 
   void search() override {
-    const auto d = ball();
+    const auto d = ball(p_);
     const auto root = prepare(d, labels(1), true);
     Queue q;
     for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
