@@ -94,19 +94,28 @@ RowParams stack(const std::vector<const RowParams*>& parts) {
   return out;
 }
 
-/// Rows `idx` [r] of RowParams, copied (not views of the batch's tensors). Bytes in `bytes`.
-RowParams take_rows(const RowParams& q, const torch::Tensor& idx, int64_t& bytes) {
-  auto take = [&](const torch::Tensor& t) {
-    if (!t.defined()) return torch::Tensor();
-    auto r = t.index_select(0, idx.to(t.device()));
-    bytes += r.numel() * static_cast<int64_t>(r.element_size());
-    return r;
+/// The bytes the tensors of `q` hold.
+int64_t param_bytes(const RowParams& q) {
+  int64_t bytes = 0;
+  auto add = [&](const torch::Tensor& t) {
+    if (t.defined()) bytes += t.numel() * static_cast<int64_t>(t.element_size());
   };
-  RowParams out;
-  for (const auto& t : q.alpha) out.alpha.push_back(take(t));
-  for (const auto& t : q.beta) out.beta.push_back(take(t));
-  out.beta_in = take(q.beta_in), out.has = take(q.has);
-  return out;
+  for (const auto& t : q.alpha) add(t);
+  for (const auto& t : q.beta) add(t);
+  add(q.beta_in), add(q.has);
+  return bytes;
+}
+
+/// A child of `s` split on `unit` with `sign`: its splits, route, depth, share of the
+/// root, and what it inherits (the rows proven and the tuned parameters of `s`).
+Sub relu_child(const Sub& s, const SplitAt& unit, double sign) {
+  Sub c;
+  c.splits = s.splits;
+  c.splits.push_back(unit);
+  c.splits.back().sign = sign;
+  c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
+  c.known = s.known, c.warm = s.warm;
+  return c;
 }
 
 class ReluSearch : public Search {
@@ -164,7 +173,7 @@ class ReluSearch : public Search {
   void keep_tuned(const forms::Evaluation& ev, std::vector<Sub>& subs) {
     const int64_t n = static_cast<int64_t>(subs.size());
     const int64_t K1 = p_.members[0]->classes - 1;
-    std::vector<std::shared_ptr<Tuned>> made(static_cast<size_t>(n));
+    std::vector<Tuned> made(static_cast<size_t>(n));  // empty params: none
     std::vector<int64_t> bytes(static_cast<size_t>(n), 0);
     for (size_t j = 0; j < ev.tuned.size(); ++j) {
       if (!ev.tuned[j].has.defined()) continue;
@@ -176,20 +185,20 @@ class ReluSearch : public Search {
         const auto& rows = at[static_cast<size_t>(c)];
         if (rows.empty()) continue;
         auto& t = made[static_cast<size_t>(c)];
-        if (!t) t = std::make_shared<Tuned>();
-        t->params.resize(ev.tuned.size()), t->k.resize(ev.tuned.size());
-        t->params[j] = take_rows(ev.tuned[j], torch::tensor(rows, torch::kLong),
-                                 bytes[static_cast<size_t>(c)]);
-        for (int64_t r : rows) t->k[j].push_back(ka[r] % K1);
+        t.params.resize(ev.tuned.size()), t.k.resize(ev.tuned.size());
+        t.params[j] = forms::param_rows(ev.tuned[j], torch::tensor(rows, torch::kLong));
+        bytes[static_cast<size_t>(c)] += param_bytes(t.params[j]);
+        for (int64_t r : rows) t.k[j].push_back(ka[r] % K1);
       }
     }
     for (int64_t c = 0; c < n; ++c) {
       auto& s = subs[static_cast<size_t>(c)];
       s.warm.reset();
       const int64_t b = bytes[static_cast<size_t>(c)];
-      if (!made[static_cast<size_t>(c)] || warm_bytes_ + b > cfg_.warm_bytes) continue;
+      if (made[static_cast<size_t>(c)].params.empty() || warm_bytes_ + b > cfg_.warm_bytes)
+        continue;
       warm_bytes_ += b;
-      Tuned* raw = new Tuned(std::move(*made[static_cast<size_t>(c)]));
+      Tuned* raw = new Tuned(std::move(made[static_cast<size_t>(c)]));
       s.warm = std::shared_ptr<const Tuned>(raw, [this, b](const Tuned* t) {
         warm_bytes_ -= b;
         delete t;
@@ -437,14 +446,7 @@ class ReluSearch : public Search {
         list.resize(static_cast<size_t>(cfg_.fsb_candidates));
       for (const auto& [score, unit] : list) {
         of.push_back({i, unit});
-        for (double sign : {1.0, -1.0}) {
-          Sub c;
-          c.splits = s.splits;
-          c.splits.push_back(unit);
-          c.splits.back().sign = sign;
-          c.route = s.route, c.known = s.known, c.warm = s.warm;
-          kids.push_back(std::move(c));
-        }
+        for (double sign : {1.0, -1.0}) kids.push_back(relu_child(s, unit, sign));
       }
     }
     if (kids.empty()) return;
@@ -565,15 +567,7 @@ class ReluSearch : public Search {
           stuck.push_back(std::move(s));
           continue;
         }
-        for (double sign : {1.0, -1.0}) {
-          Sub c;
-          c.splits = s.splits;
-          c.splits.push_back(s.next);
-          c.splits.back().sign = sign;
-          c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
-          c.known = s.known, c.warm = s.warm;
-          children.push_back(std::move(c));
-        }
+        for (double sign : {1.0, -1.0}) children.push_back(relu_child(s, s.next, sign));
       }
       if (children.empty()) {  // nothing left to split: open for good
         for (auto& s : stuck) q.push(std::move(s));

@@ -129,14 +129,8 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
         const auto slot = p.warm_slot[j].to(at.device()).view(-1).index_select(0, e.tuned_keys);
         const auto& bank = p.warm[j];
         if (bank.has.defined() && slot.ge(0).any().item<bool>()) {
-          const auto pick = slot.clamp_min(0).to(bank.has.device());
-          auto take = [&](const torch::Tensor& t) {
-            return t.defined() ? t.index_select(0, pick) : torch::Tensor();
-          };
-          warm.has = slot.ge(0) & bank.has.index_select(0, pick).to(slot.device());
-          for (const auto& t : bank.alpha) warm.alpha.push_back(take(t));
-          for (const auto& t : bank.beta) warm.beta.push_back(take(t));
-          warm.beta_in = take(bank.beta_in);
+          warm = param_rows(bank, slot.clamp_min(0));
+          warm.has = slot.ge(0) & warm.has.to(slot.device());
         }
       }
       auto s = bound_spec_rows(pass, C.reshape({n * (K - 1), K}).index_select(0, at), region, rc,
@@ -224,6 +218,17 @@ torch::Tensor other_experts(int64_t j, int64_t E, torch::Device device) {
 }
 
 }  // namespace
+
+RowParams param_rows(const RowParams& q, const torch::Tensor& idx) {
+  auto take = [&](const torch::Tensor& t) {
+    return t.defined() ? t.index_select(0, idx.to(t.device())) : torch::Tensor();
+  };
+  RowParams out;
+  for (const auto& t : q.alpha) out.alpha.push_back(take(t));
+  for (const auto& t : q.beta) out.beta.push_back(take(t));
+  out.beta_in = take(q.beta_in), out.has = take(q.has);
+  return out;
+}
 
 const char* form_name(Form f) {
   switch (f) {

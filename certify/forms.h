@@ -57,6 +57,8 @@ struct MemberPass {
   std::vector<RowParams> warm;
   std::vector<torch::Tensor> warm_slot;
 };
+/// Rows `idx` [r] int64 of every tensor of `q` (a copy, not a view).
+RowParams param_rows(const RowParams& q, const torch::Tensor& idx);
 /// With `seed` (a pass of the same member whose regions contain these; `seed_index`
 /// [n] the positions of this batch's samples in its batch), the router's and every
 /// expert's pass start from what the seed's know (bound_forward's seed); an expert
