@@ -71,7 +71,7 @@ int main(int argc, char** argv) {
   double seconds = 0;
   std::vector<double> verified_s;
   double unknown_share = 0;  // the verified shares of the searches that ended unknown
-  int64_t unknown_n = 0, route_splits = 0;
+  int64_t unknown_n = 0, route_splits = 0, carried = 0;
   for (const auto& row : res.rows) {
     if (!row.extra.contains("bab")) continue;
     const auto& b = row.extra["bab"];
@@ -80,6 +80,7 @@ int main(int argc, char** argv) {
     subproblems += n, seconds += b["seconds"].get<double>();
     for (const auto& s : b["searches"]) {
       route_splits += s["route_splits"].get<int64_t>();
+      carried += s.value("carried", int64_t{0});
       if (s["verdict"] == "verified") verified_s.push_back(s["seconds"].get<double>());
       if (s["verdict"] == "unknown")
         unknown_share += s["verified_share"].get<double>(), ++unknown_n;
@@ -92,13 +93,14 @@ int main(int argc, char** argv) {
       unknown_n ? unknown_share / static_cast<double>(unknown_n) : 0.0;
   std::printf(
       "branch and bound, %s, %zu samples, timeout %.0f s, batch %lld: %lld subproblems in "
-      "%.1f s = %.1f subproblems/s (%lld split by route); %zu searches (sample, eps) ended "
+      "%.1f s = %.1f subproblems/s (%lld split by route, %lld settled experts carried); %zu "
+      "searches (sample, eps) ended "
       "verified, median %.2f s; "
       "%lld ended unknown, verified share %.4f on average\n",
       checkpoint.empty() ? "E=4 cnn-s MoE, random weights" : checkpoint.c_str(), idx.size(),
       timeout, static_cast<long long>(batch), static_cast<long long>(subproblems), seconds, rate,
-      static_cast<long long>(route_splits), verified_s.size(), median,
-      static_cast<long long>(unknown_n), mean_unknown_share);
+      static_cast<long long>(route_splits), static_cast<long long>(carried), verified_s.size(),
+      median, static_cast<long long>(unknown_n), mean_unknown_share);
   nlohmann::json j = {{"benchmark", "bench_bab"},
                       {"threads", threads},
                       {"checkpoint", checkpoint},
@@ -110,6 +112,7 @@ int main(int argc, char** argv) {
                       {"fsb", fsb},
                       {"subproblems", subproblems},
                       {"route_splits", route_splits},
+                      {"carried", carried},
                       {"search_seconds", seconds},
                       {"subproblems_per_s", rate},
                       {"verified_by_search", verified_s.size()},

@@ -51,6 +51,10 @@ struct Sub {
   /// Logit-domain forms, per expert: [K − 1] float64 CPU, the margin bounds proven above
   /// the tie allowance on a region containing this one (−inf: not proven). Empty: none.
   std::vector<torch::Tensor> known;
+  /// The mixture form: [E, K] float64 CPU, per expert settled on a region containing this
+  /// one, the bounds of its probability margins there (−inf rows: the others). Such an
+  /// expert is not bounded again. Undefined: none.
+  torch::Tensor known_prob;
   std::shared_ptr<const Tuned> warm;  ///< ReLU mode: the warm start (null: CROWN's slopes)
 };
 struct Worse {  // the lowest slack on top
@@ -62,6 +66,25 @@ using Queue = std::priority_queue<Sub, std::vector<Sub>, Worse>;
 InputDomain ball(const Problem& p);
 /// The root box of the problem's region (L∞): [x − ε, x + ε], ∩ [0, 1] with the box.
 std::pair<torch::Tensor, torch::Tensor> root_box(const Problem& p);
+
+/// The warm starts of a ReLU search's subproblems (bab_warm.cpp), for a member in a
+/// logit-domain form: each subproblem's tuned parameters, kept while the bytes they hold
+/// stay within a cap, are its children's start (shared by them; released with the last).
+class WarmStarts {
+ public:
+  WarmStarts(int64_t classes, int64_t cap_bytes) : K1_(classes - 1), cap_(cap_bytes) {}
+  WarmStarts(const WarmStarts&) = delete;  // the kept parameters' deleters refer to it
+  WarmStarts& operator=(const WarmStarts&) = delete;
+  /// MemberPass::warm and warm_slot of `pass` for `subs`: their parents' tuned parameters,
+  /// one bank row per distinct parent row.
+  void apply(forms::MemberPass& pass, const std::vector<Sub>& subs) const;
+  /// Each subproblem's tuned parameters from its evaluation (Evaluation::tuned), kept as
+  /// its warm start (Sub::warm; none beyond the cap).
+  void keep(const forms::Evaluation& ev, std::vector<Sub>& subs);
+
+ private:
+  int64_t K1_, cap_, held_ = 0;  // K − 1; the bytes allowed; those held
+};
 
 /// Certificate slack of every region of the passes (> 0: verified), and the experts each
 /// member's router can select there; `only`: per member, its route splits (forms' `only`).

@@ -40,6 +40,9 @@ struct Config {
   /// chosen (filtered smart branching; <= 1: the first-order score alone), taken from
   /// the best `fsb_per_node` of every split node.
   int64_t fsb_candidates = 0, fsb_per_node = 4;
+  /// ReLU splits of a mixture: an expert settled on a subproblem (its bounds alone would
+  /// certify it) is not bounded again on its children, which take its bounds (docs §22).
+  bool carry_settled = true;
   std::string progress;  ///< when not empty: the label of a progress line every 5 s
 };
 
@@ -57,6 +60,7 @@ struct Outcome {
   int64_t rounds = 0;
   int64_t route_splits = 0;  ///< subproblems split by route
   int64_t screened = 0;      ///< candidate children bounded to choose splits (fsb)
+  int64_t carried = 0;       ///< experts of subproblems not bounded: settled on a parent
   double verified_mass = 0, open_mass = 0;
   double seconds = 0;
   bool exhausted = false;  ///< some open subproblem had nothing left to split

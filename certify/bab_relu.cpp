@@ -56,56 +56,6 @@ torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_
   return out;
 }
 
-/// The bank of several RowParams (rows stacked in order); a tensor some of them lack is
-/// zero on their rows (zero multipliers; slopes of 0, sound like any other).
-RowParams stack(const std::vector<const RowParams*>& parts) {
-  RowParams out;
-  if (parts.empty()) return out;
-  auto cat = [&](const std::function<torch::Tensor(const RowParams&)>& get) {
-    torch::Tensor like;
-    for (const auto* q : parts)
-      if (get(*q).defined()) {
-        like = get(*q);
-        break;
-      }
-    if (!like.defined()) return torch::Tensor();
-    std::vector<torch::Tensor> ts;
-    for (const auto* q : parts) {
-      auto t = get(*q);
-      if (!t.defined()) {
-        auto shape = like.sizes().vec();
-        shape[0] = q->has.size(0);
-        t = torch::zeros(shape, like.options());
-      }
-      ts.push_back(t);
-    }
-    return torch::cat(ts);
-  };
-  size_t na = 0, nb = 0;
-  for (const auto* q : parts) na = std::max(na, q->alpha.size()), nb = std::max(nb, q->beta.size());
-  for (size_t m = 0; m < na; ++m)
-    out.alpha.push_back(
-        cat([m](const RowParams& q) { return m < q.alpha.size() ? q.alpha[m] : torch::Tensor(); }));
-  for (size_t m = 0; m < nb; ++m)
-    out.beta.push_back(
-        cat([m](const RowParams& q) { return m < q.beta.size() ? q.beta[m] : torch::Tensor(); }));
-  out.beta_in = cat([](const RowParams& q) { return q.beta_in; });
-  out.has = cat([](const RowParams& q) { return q.has; });
-  return out;
-}
-
-/// The bytes the tensors of `q` hold.
-int64_t param_bytes(const RowParams& q) {
-  int64_t bytes = 0;
-  auto add = [&](const torch::Tensor& t) {
-    if (t.defined()) bytes += t.numel() * static_cast<int64_t>(t.element_size());
-  };
-  for (const auto& t : q.alpha) add(t);
-  for (const auto& t : q.beta) add(t);
-  add(q.beta_in), add(q.has);
-  return bytes;
-}
-
 /// A child of `s` split on `unit` with `sign`: its splits, route, depth, share of the
 /// root, and what it inherits (the rows proven and the tuned parameters of `s`).
 Sub relu_child(const Sub& s, const SplitAt& unit, double sign) {
@@ -114,7 +64,7 @@ Sub relu_child(const Sub& s, const SplitAt& unit, double sign) {
   c.splits.push_back(unit);
   c.splits.back().sign = sign;
   c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
-  c.known = s.known, c.warm = s.warm;
+  c.known = s.known, c.known_prob = s.known_prob, c.warm = s.warm;
   return c;
 }
 
@@ -135,7 +85,7 @@ class ReluSearch : public Search {
 
  private:
   std::vector<std::vector<std::vector<int>>> candidates_;  // [member][graph] split nodes
-  int64_t warm_bytes_ = 0;                                 // held by the live warm starts
+  WarmStarts warm_{p_.members[0]->classes, cfg_.warm_bytes};
 
   /// Whether subproblems carry warm starts: ReLU splits of a member in a logit-domain
   /// form (the margin rows a parent tuned are its children's).
@@ -144,66 +94,11 @@ class ReluSearch : public Search {
            forms::member_form(*p_.members[0]) != forms::Form::mixture;
   }
 
-  /// Member 0's warm starts for `subs` (MemberPass::warm, warm_slot): their parents'
-  /// tuned parameters, one bank row per distinct parent row.
-  void set_warm(forms::MemberPass& pass, const std::vector<Sub>& subs) const {
-    const int64_t n = static_cast<int64_t>(subs.size());
-    const int64_t K1 = p_.members[0]->classes - 1;
-    for (size_t j = 0; j < pass.experts.size(); ++j) {
-      std::vector<const RowParams*> parts;
-      std::map<const Tuned*, int64_t> offset;
-      int64_t rows = 0;
-      auto slot = torch::full({n, K1}, int64_t{-1}, torch::kLong);
-      auto sa = slot.accessor<int64_t, 2>();
-      for (int64_t c = 0; c < n; ++c) {
-        const Tuned* t = subs[static_cast<size_t>(c)].warm.get();
-        if (!t || j >= t->params.size() || !t->params[j].has.defined()) continue;
-        auto [it, fresh] = offset.emplace(t, rows);
-        if (fresh) parts.push_back(&t->params[j]), rows += t->params[j].has.size(0);
-        for (size_t r = 0; r < t->k[j].size(); ++r)
-          sa[c][t->k[j][r]] = it->second + static_cast<int64_t>(r);
-      }
-      pass.warm.push_back(stack(parts));
-      pass.warm_slot.push_back(slot.to(p_.x.device()));
-    }
-  }
-
-  /// Each subproblem's tuned parameters from its evaluation (Evaluation::tuned), kept as
-  /// its warm start while the held bytes stay within Config::warm_bytes.
-  void keep_tuned(const forms::Evaluation& ev, std::vector<Sub>& subs) {
-    const int64_t n = static_cast<int64_t>(subs.size());
-    const int64_t K1 = p_.members[0]->classes - 1;
-    std::vector<Tuned> made(static_cast<size_t>(n));  // empty params: none
-    std::vector<int64_t> bytes(static_cast<size_t>(n), 0);
-    for (size_t j = 0; j < ev.tuned.size(); ++j) {
-      if (!ev.tuned[j].has.defined()) continue;
-      auto keys = ev.tuned_keys[j].cpu();
-      const auto ka = keys.accessor<int64_t, 1>();
-      std::vector<std::vector<int64_t>> at(static_cast<size_t>(n));
-      for (int64_t r = 0; r < keys.size(0); ++r) at[static_cast<size_t>(ka[r] / K1)].push_back(r);
-      for (int64_t c = 0; c < n; ++c) {
-        const auto& rows = at[static_cast<size_t>(c)];
-        if (rows.empty()) continue;
-        auto& t = made[static_cast<size_t>(c)];
-        t.params.resize(ev.tuned.size()), t.k.resize(ev.tuned.size());
-        t.params[j] = forms::param_rows(ev.tuned[j], torch::tensor(rows, torch::kLong));
-        bytes[static_cast<size_t>(c)] += param_bytes(t.params[j]);
-        for (int64_t r : rows) t.k[j].push_back(ka[r] % K1);
-      }
-    }
-    for (int64_t c = 0; c < n; ++c) {
-      auto& s = subs[static_cast<size_t>(c)];
-      s.warm.reset();
-      const int64_t b = bytes[static_cast<size_t>(c)];
-      if (made[static_cast<size_t>(c)].params.empty() || warm_bytes_ + b > cfg_.warm_bytes)
-        continue;
-      warm_bytes_ += b;
-      Tuned* raw = new Tuned(std::move(made[static_cast<size_t>(c)]));
-      s.warm = std::shared_ptr<const Tuned>(raw, [this, b](const Tuned* t) {
-        warm_bytes_ -= b;
-        delete t;
-      });
-    }
+  /// Whether subproblems carry the experts settled on their parents: ReLU splits of a
+  /// member in the mixture form.
+  bool carry() const {
+    return cfg_.carry_settled && p_.members.size() == 1 &&
+           forms::member_form(*p_.members[0]) == forms::Form::mixture;
   }
 
   /// The most children one subproblem has: 2, or the expert sets of a route split (at
@@ -337,11 +232,11 @@ class ReluSearch : public Search {
       }
   }
 
-  /// The member passes of `subs` (their splits as sign tensors; `only`: per member, the
-  /// experts their routes allow, route_mask).
+  /// The member passes of `subs` (their splits as sign tensors; `need`: per member, the
+  /// experts each subproblem bounds, undefined: all).
   std::vector<forms::MemberPass> split_passes(const std::vector<forms::MemberPass>& root,
                                               const std::vector<Sub>& subs,
-                                              const std::vector<torch::Tensor>& only) const {
+                                              const std::vector<torch::Tensor>& need) const {
     const int64_t n = static_cast<int64_t>(subs.size());
     std::map<std::tuple<int, int, int>, std::pair<std::vector<int64_t>, std::vector<double>>> at;
     for (int64_t c = 0; c < n; ++c)
@@ -367,7 +262,7 @@ class ReluSearch : public Search {
         per_graph.resize(graph_pass(root[i], g)->nodes.size());
         per_graph[static_cast<size_t>(k)] = t;
       }
-      out.push_back(forms::member_split(root[i], ms, n, only[i]));
+      out.push_back(forms::member_split(root[i], ms, n, need[i]));
     }
     return out;
   }
@@ -398,8 +293,6 @@ class ReluSearch : public Search {
     return m.to(p_.x.device());
   }
 
-  /// Bounds `subs`: their slack and next split; returns the open ones (verified and empty
-  /// ones add to the verified mass).
   /// The member passes of `subs` with what they carry (proven rows, warm starts);
   /// `only`: per member, the experts each route allows.
   std::vector<forms::MemberPass> batch_passes(const std::vector<forms::MemberPass>& root,
@@ -408,7 +301,22 @@ class ReluSearch : public Search {
     const int64_t n = static_cast<int64_t>(subs.size());
     only.clear();
     for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
-    auto passes = split_passes(root, subs, only);
+    auto need = only;
+    torch::Tensor known_prob;  // [n, E, K]: the settled experts' bounds (carry)
+    if (carry() && std::any_of(subs.begin(), subs.end(),
+                               [](const Sub& s) { return s.known_prob.defined(); })) {
+      const auto& m = *p_.members[0];
+      known_prob = torch::full({n, m.experts, m.classes}, -kInf, torch::kFloat64);
+      for (int64_t c = 0; c < n; ++c)
+        if (subs[static_cast<size_t>(c)].known_prob.defined())
+          known_prob[c].copy_(subs[static_cast<size_t>(c)].known_prob);
+      auto settled = known_prob.amax(2).isfinite().to(p_.x.device());
+      need[0] = (need[0].defined() ? need[0] : torch::ones_like(settled)) & ~settled;
+    }
+    auto passes = split_passes(root, subs, need);
+    if (known_prob.defined())
+      for (int64_t j = 0; j < known_prob.size(1); ++j)
+        passes[0].known_prob.push_back(known_prob.select(1, j).to(p_.x.device()));
     // Margin rows proven on a parent's region hold on its children's: only the others are
     // bounded again (docs §22).
     if (warm() ||
@@ -423,7 +331,7 @@ class ReluSearch : public Search {
         passes[0].known_low.push_back(known.to(p_.x.device()));
       }
     }
-    if (warm()) set_warm(passes[0], subs);
+    if (warm()) warm_.apply(passes[0], subs);
     return passes;
   }
 
@@ -478,8 +386,13 @@ class ReluSearch : public Search {
     }
   }
 
+  /// Bounds `subs`: their slack and next split; returns the open ones (verified and empty
+  /// ones add to the verified mass).
   std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
     const int64_t n = static_cast<int64_t>(subs.size());
+    for (const auto& s : subs)
+      if (s.known_prob.defined())
+        out_.carried += s.known_prob.amax(1).isfinite().sum().item<int64_t>();
     std::vector<torch::Tensor> only;  // per member: the experts each route allows
     auto passes = batch_passes(root, subs, only);
     // The bounds' sensitivity to the split candidates' intervals steers branching.
@@ -497,7 +410,7 @@ class ReluSearch : public Search {
     out_.bounded += n;
     std::vector<std::vector<std::pair<double, SplitAt>>> ranked;
     choose(passes, ev.possible_of, subs, &ranked);
-    if (warm()) keep_tuned(ev, subs);
+    if (warm()) warm_.keep(ev, subs);
     std::vector<torch::Tensor> possible, sure;
     for (const auto& t : ev.possible_of) possible.push_back(t.cpu());
     for (const auto& t : ev.sure_of) sure.push_back(t.cpu());
@@ -505,6 +418,8 @@ class ReluSearch : public Search {
     for (size_t j = 0; j < ev.settled.size(); ++j)
       proven.push_back(
           torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
+    torch::Tensor prob, settled;  // carry(): the experts' bounds and those settled
+    if (carry()) prob = ev.prob.cpu(), settled = ev.prob_settled.cpu();
     std::vector<Sub> open;
     std::vector<std::vector<std::pair<double, SplitAt>>> open_ranked;
     std::vector<double> slacks(static_cast<size_t>(n));
@@ -514,6 +429,10 @@ class ReluSearch : public Search {
       s.slack = slacks[static_cast<size_t>(c)] = slack[c].item<double>();
       s.known.clear();
       for (const auto& t : proven) s.known.push_back(t[c].clone());
+      s.known_prob = torch::Tensor();
+      if (settled.defined() && settled[c].any().item<bool>())
+        s.known_prob =
+            torch::where(settled[c].unsqueeze(1), prob[c], torch::full_like(prob[c], -kInf));
       s.possible.assign(p_.members.size(), {}), s.sure.assign(p_.members.size(), {});
       for (size_t i = 0; i < possible.size() && i < p_.members.size(); ++i) {
         if (!of(s.route, i).empty()) continue;

@@ -363,20 +363,28 @@ namespace {
 
 /// Lower bounds of the member's probability margins F^y − F^k of its float32
 /// probabilities on each region (docs §13.2–13.3), given its selection there. [n, K], +inf at y.
+/// `mu_out`: the experts' margin bounds [n, E, K] (Evaluation::prob).
 torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
                          const Selection& sel,
-                         const std::vector<InputConstraints>* routes = nullptr) {
+                         const std::vector<InputConstraints>* routes = nullptr,
+                         torch::Tensor* mu_out = nullptr) {
   const auto& m = *p.m;
   const int64_t n = d.x.size(0), E = m.experts, K = m.classes;
   const auto o = d.x.options();
   auto mu =
       torch::full({n, E, K}, -1.0, o);  // expert margins; −1 (always valid) where no pass covers
   for (size_t j = 0; j < p.experts.size(); ++j) {
-    if (!p.experts[j]) continue;
-    auto e = expert_bounds(p, j, d, labels, true, routes);
-    auto mj = softmax_margin_lower(e.dlo, e.dhi, labels.index_select(0, e.rows));
-    mu.select(1, static_cast<int64_t>(j)).index_copy_(0, e.rows, mj.masked_fill(mj.isinf(), 0.0));
+    auto mu_j = mu.select(1, static_cast<int64_t>(j));
+    if (p.experts[j]) {
+      auto e = expert_bounds(p, j, d, labels, true, routes);
+      auto mj = softmax_margin_lower(e.dlo, e.dhi, labels.index_select(0, e.rows));
+      mu_j.index_copy_(0, e.rows, mj.masked_fill(mj.isinf(), 0.0));
+    }
+    // Bounds known from a containing region hold here too (docs §22): the larger counts.
+    if (j < p.known_prob.size() && p.known_prob[j].defined())
+      mu_j.copy_(torch::max(mu_j, p.known_prob[j].to(mu.device())));
   }
+  if (mu_out) *mu_out = mu;
   torch::Tensor out;
   if (member_form(m) != Form::mixture) {  // the output is one expert's f: the worst possible one
     out = mu.masked_fill(~sel.possible.unsqueeze(2), kInf).amin(1);
@@ -469,8 +477,13 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
   if (member_form(*p.m) != Form::mixture) {
     ev.slack = logit_slack(p, d, labels, ev.possible, ev);
   } else {
-    ev.slack = prob_lower(p, d, labels, r.sel, r.route_constraints()).amin(1) -
-               (p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0);
+    const double allowance = p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0;
+    ev.slack = prob_lower(p, d, labels, r.sel, r.route_constraints(), &ev.prob).amin(1) - allowance;
+    // An expert is settled where its every margin (k != y) is above the allowance.
+    auto at_y = torch::nn::functional::one_hot(labels.to(ev.prob.device()), p.m->classes)
+                    .to(torch::kBool)
+                    .unsqueeze(1);
+    ev.prob_settled = ev.prob.masked_fill(at_y, kInf).amin(2).gt(allowance);
   }
   // Empty regions certify anything (a candidate's slack there is +inf already).
   ev.slack = ev.slack.masked_fill(r.empty.to(ev.slack.device()), kInf);

@@ -56,6 +56,12 @@ struct MemberPass {
   /// the evaluation returns the rows' tuned parameters (Evaluation::tuned). Empty: none.
   std::vector<RowParams> warm;
   std::vector<torch::Tensor> warm_slot;
+  /// Branch and bound, the mixture form: per expert j, [n, K] float64 lower bounds of its
+  /// float32 probability margins F_j^y − F_j^k known from a region containing this one
+  /// (−inf: none). Where expert j's pass does not cover a region they stand for its
+  /// bounds there (instead of the trivial −1); where it does, the larger of the two
+  /// counts. Empty: none.
+  std::vector<torch::Tensor> known_prob;
 };
 /// Rows `idx` [r] int64 of every tensor of `q` (a copy, not a view).
 RowParams param_rows(const RowParams& q, const torch::Tensor& idx);
@@ -115,6 +121,11 @@ struct Evaluation {
   /// and `tuned_keys[j]` [r] int64 those rows, as region·(K − 1) + k.
   std::vector<RowParams> tuned;
   std::vector<torch::Tensor> tuned_keys;
+  /// The mixture form: [n, E, K] the lower bounds of every expert's float32 probability
+  /// margins F_j^y − F_j^k on each region (0 at y; −1 where none is known), and [n, E]
+  /// bool the experts whose every margin bound exceeds the form's float32 allowance
+  /// (settled: that expert alone would certify the region). Undefined otherwise.
+  torch::Tensor prob, prob_settled;
 };
 /// With `only` [n, E] bool, each region is restricted further to the points where the
 /// router selects one of those experts (the candidate form, whose pass has route

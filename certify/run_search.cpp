@@ -266,6 +266,7 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
                           {"verified_share", out.verified_mass},
                           {"route_splits", out.route_splits},
                           {"screened", out.screened},
+                          {"carried", out.carried},
                           {"bisect", bisecting}});
       if (progress)
         std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "

@@ -26,7 +26,7 @@ namespace {
 /// model on a 201 x 201 grid of the box.
 struct GridTally {
   int verified[2] = {0, 0}, falsified[2] = {0, 0};
-  int64_t route_splits[2] = {0, 0};
+  int64_t route_splits[2] = {0, 0}, carried[2] = {0, 0};
 };
 
 /// Branch and bound of the model `logits32` (the members `members`, a dual-model's α)
@@ -69,7 +69,7 @@ GridTally grid_checked(const bab::Logits& logits32,
                                              std::chrono::duration<double>(seconds)));
       INFO("problem " << i << ", eps " << eps << ", route splits " << with << ", grid broken "
                       << broken);
-      t.route_splits[with] += out.route_splits;
+      t.route_splits[with] += out.route_splits, t.carried[with] += out.carried;
       if (out.verdict != bab::Verdict::falsified)
         CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
       if (out.verdict == bab::Verdict::verified) {
@@ -475,6 +475,65 @@ TEST_CASE("branch and bound splits top-2 MoEs by expert set and never verifies a
   CHECK(t.verified[1] > t.verified[0]);  // regions only a route split decides
   CHECK(t.verified[1] > 0);
   CHECK(t.falsified[1] > 0);
+  // Experts settled on a parent were carried to its children in both (the grid checks
+  // above cover the searches that took their bounds).
+  CHECK(t.carried[0] > 0);
+  CHECK(t.carried[1] > 0);
+}
+
+// Branch and bound carries a mixture's settled experts to a subproblem's children
+// (forms::MemberPass::known_prob): an expert whose pass is skipped takes the known bounds
+// of its probability margins, one that is bounded takes the larger of the two.
+TEST_CASE("a mixture's experts settled on a region stand on its subproblems unbounded",
+          "[unit][certify][bab]") {
+  Toy toy(4, 3, 6, 11, /*top_k=*/2);
+  BoundOptions opt;
+  opt.method = BoundMethod::alpha_crown;
+  torch::manual_seed(5);
+  int cases = 0;
+  for (int i = 0; i < 30 && cases < 6; ++i) {
+    auto x = 0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64);
+    const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+    const auto labels = torch::full({1}, y, torch::kLong);
+    const InputDomain d{x, torch::full({1}, 0.06, f64), Norm::linf, true};
+    const auto root = forms::member_prepare(toy.graphs, d, labels, opt, true);
+    const auto plain = forms::member_evaluate(root, d, labels);
+    REQUIRE(plain.prob.defined());
+    REQUIRE(plain.prob.sizes() == torch::IntArrayRef({1, 4, 3}));
+    const auto settled = plain.prob_settled[0];
+    // Settled: every margin (k != y) above the float32 allowance, which lies in (0, 1e-4).
+    auto least = plain.prob[0].index_fill(1, torch::tensor({y}), INFINITY).amin(1);
+    CHECK_FALSE((settled & least.le(0)).any().item<bool>());
+    CHECK_FALSE((~settled & least.ge(1e-4)).any().item<bool>());
+    if (!settled.any().item<bool>() || settled.all().item<bool>()) continue;
+    ++cases;
+    INFO("case " << i << ", settled " << settled);
+    // A subproblem of the region (no split: the region itself) whose settled experts are
+    // not bounded, their bounds known.
+    auto sub = forms::member_split(root, {}, 1, (~settled).unsqueeze(0));
+    for (int64_t j = 0; j < 4; ++j)
+      sub.known_prob.push_back(settled[j].item<bool>() ? plain.prob.select(1, j)
+                                                       : torch::full({1, 3}, -INFINITY, f64));
+    const auto ev = forms::member_evaluate(sub, sub.domain, labels);
+    for (int64_t j = 0; j < 4; ++j) {
+      const auto J = static_cast<size_t>(j);  // (no pass where the router cannot select j)
+      CHECK(sub.experts[J].has_value() == (!settled[j].item<bool>() && root.experts[J]));
+      CHECK(torch::allclose(ev.prob.select(1, j), plain.prob.select(1, j), 1e-9, 1e-12));
+    }
+    CHECK(ev.slack[0].item<double>() == Approx(plain.slack[0].item<double>()).margin(1e-12));
+    CHECK(torch::equal(ev.prob_settled, plain.prob_settled));
+    // Without them the skipped experts count −1: a lower slack.
+    auto bare = sub;
+    bare.known_prob.clear();
+    const auto lost = forms::member_evaluate(bare, bare.domain, labels);
+    CHECK(lost.slack[0].item<double>() < ev.slack[0].item<double>());
+    // Every expert bounded, with (made-up) known bounds of 0.2: each margin is the larger.
+    auto both = forms::member_split(root, {}, 1);
+    for (int64_t j = 0; j < 4; ++j) both.known_prob.push_back(torch::full({1, 3}, 0.2, f64));
+    const auto mx = forms::member_evaluate(both, both.domain, labels);
+    CHECK(torch::allclose(mx.prob, plain.prob.clamp_min(0.2), 1e-9, 1e-12));
+  }
+  CHECK(cases >= 3);
 }
 
 TEST_CASE(

@@ -468,6 +468,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
       CHECK(s["route_splits"].get<int64_t>() >= 0);
       CHECK(s["route_splits"].get<int64_t>() <= s["subproblems"].get<int64_t>());
       CHECK(s["screened"].get<int64_t>() >= 0);
+      CHECK(s["carried"].get<int64_t>() == 0);  // a top-1 MoE: no mixture experts to carry
     }
     for (const char* eps : {"0.01", "0.05", "0.2"}) {
       const std::string v = row["bab"]["verdicts"][eps].get<std::string>();
