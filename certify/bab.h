@@ -60,7 +60,7 @@ struct Outcome {
   int64_t rounds = 0;
   int64_t route_splits = 0;  ///< subproblems split by route
   int64_t screened = 0;      ///< candidate children bounded to choose splits (fsb)
-  int64_t carried = 0;       ///< experts of subproblems not bounded: settled on a parent
+  int64_t carried = 0;  ///< experts a subproblem's route allows, not bounded: settled on a parent
   double verified_mass = 0, open_mass = 0;
   double seconds = 0;
   bool exhausted = false;  ///< some open subproblem had nothing left to split

@@ -390,11 +390,17 @@ class ReluSearch : public Search {
   /// ones add to the verified mass).
   std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
     const int64_t n = static_cast<int64_t>(subs.size());
-    for (const auto& s : subs)
-      if (s.known_prob.defined())
-        out_.carried += s.known_prob.amax(1).isfinite().sum().item<int64_t>();
     std::vector<torch::Tensor> only;  // per member: the experts each route allows
     auto passes = batch_passes(root, subs, only);
+    if (carry()) {  // the experts its route allows that a subproblem takes settled
+      const auto allowed = only[0].defined() ? only[0].cpu() : torch::Tensor();
+      for (int64_t c = 0; c < n; ++c)
+        if (const auto& k = subs[static_cast<size_t>(c)].known_prob; k.defined()) {
+          auto taken = k.amax(1).isfinite();
+          if (allowed.defined()) taken &= allowed[c];
+          out_.carried += taken.sum().item<int64_t>();
+        }
+    }
     // The bounds' sensitivity to the split candidates' intervals steers branching.
     for (size_t i = 0; i < passes.size(); ++i)
       for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
