@@ -293,11 +293,13 @@ class ReluSearch : public Search {
     return m.to(p_.x.device());
   }
 
-  /// The member passes of `subs` with what they carry (proven rows, warm starts);
-  /// `only`: per member, the experts each route allows.
+  /// The member passes of `subs` with what they carry (proven rows, settled experts, warm
+  /// starts); `only`: per member, the experts each route allows; `carried` (when given):
+  /// adds the settled experts the routes allow, which are not bounded.
   std::vector<forms::MemberPass> batch_passes(const std::vector<forms::MemberPass>& root,
                                               const std::vector<Sub>& subs,
-                                              std::vector<torch::Tensor>& only) const {
+                                              std::vector<torch::Tensor>& only,
+                                              int64_t* carried = nullptr) const {
     const int64_t n = static_cast<int64_t>(subs.size());
     only.clear();
     for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
@@ -311,7 +313,9 @@ class ReluSearch : public Search {
         if (subs[static_cast<size_t>(c)].known_prob.defined())
           known_prob[c].copy_(subs[static_cast<size_t>(c)].known_prob);
       auto settled = known_prob.amax(2).isfinite().to(p_.x.device());
-      need[0] = (need[0].defined() ? need[0] : torch::ones_like(settled)) & ~settled;
+      const auto allowed = need[0].defined() ? need[0] : torch::ones_like(settled);
+      if (carried) *carried += (allowed & settled).sum().item<int64_t>();
+      need[0] = allowed & ~settled;
     }
     auto passes = split_passes(root, subs, need);
     if (known_prob.defined())
@@ -391,16 +395,7 @@ class ReluSearch : public Search {
   std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
     const int64_t n = static_cast<int64_t>(subs.size());
     std::vector<torch::Tensor> only;  // per member: the experts each route allows
-    auto passes = batch_passes(root, subs, only);
-    if (carry()) {  // the experts its route allows that a subproblem takes settled
-      const auto allowed = only[0].defined() ? only[0].cpu() : torch::Tensor();
-      for (int64_t c = 0; c < n; ++c)
-        if (const auto& k = subs[static_cast<size_t>(c)].known_prob; k.defined()) {
-          auto taken = k.amax(1).isfinite();
-          if (allowed.defined()) taken &= allowed[c];
-          out_.carried += taken.sum().item<int64_t>();
-        }
-    }
+    auto passes = batch_passes(root, subs, only, &out_.carried);
     // The bounds' sensitivity to the split candidates' intervals steers branching.
     for (size_t i = 0; i < passes.size(); ++i)
       for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
@@ -424,8 +419,12 @@ class ReluSearch : public Search {
     for (size_t j = 0; j < ev.settled.size(); ++j)
       proven.push_back(
           torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
-    torch::Tensor prob, settled;  // carry(): the experts' bounds and those settled
-    if (carry()) prob = ev.prob.cpu(), settled = ev.prob_settled.cpu();
+    torch::Tensor settled_prob, any_settled;  // carry(): the settled experts' bounds ([n, E, K])
+    if (carry()) {
+      const auto settled = ev.prob_settled.unsqueeze(2);
+      settled_prob = torch::where(settled, ev.prob, torch::full_like(ev.prob, -kInf)).cpu();
+      any_settled = ev.prob_settled.any(1).cpu();
+    }
     std::vector<Sub> open;
     std::vector<std::vector<std::pair<double, SplitAt>>> open_ranked;
     std::vector<double> slacks(static_cast<size_t>(n));
@@ -436,9 +435,8 @@ class ReluSearch : public Search {
       s.known.clear();
       for (const auto& t : proven) s.known.push_back(t[c].clone());
       s.known_prob = torch::Tensor();
-      if (settled.defined() && settled[c].any().item<bool>())
-        s.known_prob =
-            torch::where(settled[c].unsqueeze(1), prob[c], torch::full_like(prob[c], -kInf));
+      if (any_settled.defined() && any_settled[c].item<bool>())
+        s.known_prob = settled_prob[c].clone();
       s.possible.assign(p_.members.size(), {}), s.sure.assign(p_.members.size(), {});
       for (size_t i = 0; i < possible.size() && i < p_.members.size(); ++i) {
         if (!of(s.route, i).empty()) continue;
