@@ -40,6 +40,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--bab-cold-start", cold,
                "start every subproblem from CROWN's slopes, not its parent's tuned ones");
+  bool no_planes = false;
+  app.add_flag("--no-input-planes", no_planes, "chords for every ReLU (no hull planes)");
   CLI11_PARSE(app, argc, argv);
   threads = runtime_threads(threads);
   torch::manual_seed(0);
@@ -64,7 +66,7 @@ int main(int argc, char** argv) {
   cfg.eps_grid = EpsGrid::parse(grid);
   cfg.bab_timeout = timeout, cfg.bab_batch = batch;
   cfg.bab_intermediate_steps = intermediate_steps, cfg.bab_warm_start = !cold;
-  cfg.bab_fsb = fsb;
+  cfg.bab_fsb = fsb, cfg.input_planes = !no_planes;
   cfg.attack.steps = 20;
   auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
   int64_t subproblems = 0;

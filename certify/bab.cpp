@@ -35,6 +35,7 @@ Search::Search(const Problem& p, const Config& cfg, const Logits& logits, const 
     : p_(p), cfg_(cfg), deadline_(deadline), logits_(logits), attack_(attack) {
   opt_.method = BoundMethod::alpha_crown;
   opt_.alpha_steps = cfg.alpha_steps;
+  opt_.input_planes = cfg.input_planes;
   opt_.fp32 = fp32;
 }
 

@@ -43,7 +43,8 @@ struct Config {
   /// ReLU splits of a mixture: an expert settled on a subproblem (its bounds alone would
   /// certify it) is not bounded again on its children, which take its bounds (docs §22).
   bool carry_settled = true;
-  std::string progress;  ///< when not empty: the label of a progress line every 5 s
+  bool input_planes = true;  ///< BoundOptions::input_planes of every pass
+  std::string progress;      ///< when not empty: the label of a progress line every 5 s
 };
 
 enum class Verdict { verified, falsified, unknown };

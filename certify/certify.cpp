@@ -265,6 +265,7 @@ ResultsConfig config_of(const CertifyConfig& cfg) {
   c.empirical = cfg.empirical;
   c.shard = cfg.shard;
   c.raw = {{"float32", !cfg.exact_arithmetic},
+           {"input_planes", cfg.input_planes},
            {"bisect_steps", cfg.bisect_steps},
            {"jacobian", cfg.jacobian_crown ? "crown" : "interval"},
            {"search",

@@ -116,6 +116,7 @@ void bound_stage(const Context& ctx, Batch& batch) {
     BoundOptions opt;
     opt.method = method_of(e);
     opt.alpha_steps = cfg.alpha_steps;
+    opt.input_planes = cfg.input_planes;
     // Relational float32 errors where per-node worst cases compound (docs §12); an
     // exact-arithmetic run reads no float32 error at all.
     opt.fp32 = cfg.exact_arithmetic ? Float32Errors::per_node : Float32Errors::automatic;

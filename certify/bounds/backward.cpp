@@ -177,7 +177,7 @@ void concretise_input(const Coeffs& c, const BoundPass& pass, torch::Tensor& b,
 
 torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
                          const Alphas* alphas, int max_steps, int64_t* widest, RefinedRows* keep,
-                         const Lagrangian* lag) {
+                         const Lagrangian* lag, bool planes) {
   const auto& nodes = pass.graph->nodes();
   std::vector<std::optional<Coeffs>> pending(static_cast<size_t>(start) + 1);
   std::optional<Coeffs> at_input;
@@ -185,7 +185,9 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
   pending[static_cast<size_t>(start)] = std::move(c);
   torch::Tensor b = b0, mag = b0.abs();
   int steps = 0;
+  std::vector<bool> skip(static_cast<size_t>(start) + 1, false);  // taken with the ReLU after it
   for (int m = start; m >= 0; --m) {
+    if (skip[static_cast<size_t>(m)]) continue;
     auto& slot = pending[static_cast<size_t>(m)];
     const torch::Tensor* extra = nullptr;
     if (lag && static_cast<size_t>(m) < lag->at_node.size() &&
@@ -213,6 +215,31 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
     auto gather = gatherer(cur);
     mag = mag + abs_dot(cur, out.mag);  // this step's rounding
     std::vector<Coeffs> ins;
+    const int fused = planes && max_steps < 0 ? input_planes_node(pass, m) : -1;
+    if (fused >=
+        0) {  // the ReLU and the affine layer it reads, with hull planes (docs §10, input planes)
+      const torch::Tensor* extra_a = nullptr;
+      if (lag && static_cast<size_t>(fused) < lag->at_node.size() &&
+          lag->at_node[static_cast<size_t>(fused)].defined())
+        extra_a = &lag->at_node[static_cast<size_t>(fused)];
+      Coeffs in = input_planes_step(pass, m, cur,
+                                    alpha ? (*alphas)[static_cast<size_t>(m)] : torch::Tensor(),
+                                    extra_a, b, mag);
+      steps += 2;
+      skip[static_cast<size_t>(fused)] = true;
+      if (widest)  // a few working copies of the rows, and per unit of a row its inputs
+        *widest = std::max(*widest, 4 * (cur.A.numel() / std::max<int64_t>(1, cur.A.size(0))) *
+                                        (cur.patches ? 10 : 1));
+      const int i = nodes[static_cast<size_t>(fused)].inputs[0];
+      auto& target = i < 0 ? at_input : pending[static_cast<size_t>(i)];
+      if (target) {
+        const NodeBounds& tb = i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)];
+        for (const Coeffs* part : {&*target, &in}) mag = mag + abs_dot(*part, tb.mag);
+      }
+      accumulate(target, in,
+                 i < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(i)].out_shape);
+      continue;
+    }
     if (max_steps < 0 || steps < max_steps) {
       BackwardArgs args{*node.layer, node.in_shapes, node.out_shape, {}, gather, {}};
       for (int i : node.inputs)

@@ -37,18 +37,23 @@ std::function<torch::Tensor(const torch::Tensor&)> gatherer(const Coeffs& c);
 /// largest number of coefficients a row reached. -> [R]
 /// With `keep`, the rows as they reached the input, before concretisation. With `lag`,
 /// its terms are added on the way (rows of every node of the walk: dense there).
+/// `planes`: whether input planes (opt.input_planes) apply to this walk.
 torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tensor b0,
                          const Alphas* alphas, int max_steps, int64_t* widest = nullptr,
-                         RefinedRows* keep = nullptr, const Lagrangian* lag = nullptr);
+                         RefinedRows* keep = nullptr, const Lagrangian* lag = nullptr,
+                         bool planes = true);
 
 /// Lower bounds of rows over node `start`'s output by α-CROWN in `steps` steps, with
 /// β-CROWN's multipliers for a split pass's splits and for `ic` (specs.cpp; docs §11,
 /// §22). -> [R]
 /// With `primal`, also each row's minimiser (SpecBounds::primal) for the last step's rows.
-/// `warm`, `best`: RowParams (bound_spec_rows).
+/// `warm`, `best`: RowParams (bound_spec_rows). `planes_last`: input planes on the
+/// first step (CROWN's) and the last only; the slopes are tuned on the chords between
+/// (intermediate nodes' many rows).
 torch::Tensor alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
                          const InputConstraints* ic, int steps, torch::Tensor* primal = nullptr,
-                         const RowParams* warm = nullptr, RowParams* best = nullptr);
+                         const RowParams* warm = nullptr, RowParams* best = nullptr,
+                         bool planes_last = false);
 
 /// Per row (`sample` [R] its samples), the point of the pass's region where the row's
 /// input-level form `kept.at_input` is least (SpecBounds::primal). -> [R, *input_shape]
@@ -57,6 +62,17 @@ torch::Tensor primal_points(const BoundPass& pass, const RefinedRows& kept,
 
 /// Patch rows as dense rows over a node of `shape` [C, H, W].
 Coeffs patches_to_dense(const Coeffs& c, const Shape& shape);
+
+/// Input planes (planes.cpp, docs §10, input planes): the affine node `a` that ReLU node `m` reads
+/// when the walk may step through both at once with hull planes (an L∞ pass; `a` a conv
+/// or dense layer of the graph input or of its per-channel normalisation, read by `m`
+/// alone), else -1.
+int input_planes_node(const BoundPass& pass, int m);
+/// That step: rows over node m's output (slopes `alpha` or undefined, the Lagrangian
+/// term `extra` of node a or null) -> rows over node a's input, dense; b and mag updated.
+Coeffs input_planes_step(const BoundPass& pass, int m, const Coeffs& rows,
+                         const torch::Tensor& alpha, const torch::Tensor* extra, torch::Tensor& b,
+                         torch::Tensor& mag);
 
 /// lower_rows without α, its rows split over the threads.
 torch::Tensor lower_rows_parallel(const BoundPass& pass, int start, const Coeffs& c,

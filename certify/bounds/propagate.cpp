@@ -152,7 +152,8 @@ void refine(BoundPass& pass, int k, bool all_units) {
       const int64_t len = std::min(units_at_once, n - from);
       tighten(nb, flat_positions(nb, units.narrow(0, from, len)),
               bp::alpha_rows(pass, k, unit_rows(units.narrow(0, from, len), shape, opts), nullptr,
-                             pass.opt.intermediate_alpha_steps));
+                             pass.opt.intermediate_alpha_steps, nullptr, nullptr, nullptr,
+                             /*planes_last=*/true));
     }
     return;
   }

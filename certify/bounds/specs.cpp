@@ -19,7 +19,7 @@ namespace moecert {
 /// the slopes and projected onto β >= 0.
 torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
                              const InputConstraints* ic, int steps, torch::Tensor* primal,
-                             const RowParams* warm, RowParams* best_params) {
+                             const RowParams* warm, RowParams* best_params, bool planes_last) {
   const auto& nodes = pass.graph->nodes();
   const int64_t R = rows.A.size(0);
   // A warm start's value where its row has one, `init` elsewhere.
@@ -115,9 +115,9 @@ torch::Tensor bp::alpha_rows(const BoundPass& pass, int start, const Coeffs& row
       lag.at_input = (beta_in.view(shape) * D).sum(1);
       b0 = -(beta_in * e).sum(1);
     }
-    auto low =
-        bp::lower_rows(pass, start, rows, b0, &alphas, -1, nullptr,
-                       primal && it >= steps ? &kept : nullptr, betas.empty() ? nullptr : &lag);
+    auto low = bp::lower_rows(
+        pass, start, rows, b0, &alphas, -1, nullptr, primal && it >= steps ? &kept : nullptr,
+        betas.empty() ? nullptr : &lag, !planes_last || it == 0 || it >= steps);
     keep_best(best.defined() ? low.detach().gt(best)
                              : torch::ones({R}, low.options().dtype(torch::kBool)));
     best = best.defined() ? torch::max(best, low.detach()) : low.detach();

@@ -70,6 +70,10 @@ struct BoundOptions {
   int64_t keep_elements = defaults::bound_keep_elements;
   /// α-CROWN specifications: also return each row's minimiser (SpecBounds::primal).
   bool primal = false;
+  /// L∞: a ReLU reading a conv or dense layer of the input box takes, per row and unit,
+  /// the lower of its chord and a face of the convex hull of its graph over the box
+  /// (docs/certification.md §10, input planes), where the row needs an upper line.
+  bool input_planes = true;
 };
 
 /// The rows that refined some units of a node, as they stood at the graph input

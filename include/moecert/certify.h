@@ -147,7 +147,10 @@ struct CertifyConfig {
   double search_tol = defaults::search_tol;   ///< relative width at which the search stops
   int alpha_rounds = defaults::alpha_rounds;  ///< α-CROWN radius search: full passes per sample
   int alpha_steps = defaults::alpha_steps;    ///< α-CROWN optimisation steps per bound
-  bool empirical = true;                      ///< the attacks' cross-check (FMN, APGD bisection)
+  /// L∞: ReLUs reading an affine layer of the input take hull planes where they bound
+  /// tighter than the chord (BoundOptions::input_planes; docs/certification.md §10, input planes).
+  bool input_planes = true;
+  bool empirical = true;  ///< the attacks' cross-check (FMN, APGD bisection)
   /// The empirical APGD bisection (steps, restarts, loss). Loss `margin` means APGD's
   /// DLR loss (the default): a confident float32 model's cross-entropy has no gradient
   /// left (softmax saturates), the scale-free logit-difference ratio has.

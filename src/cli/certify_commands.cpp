@@ -222,7 +222,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     int alpha_steps = defaults::alpha_steps;
     double empirical_max = 0.5, tolerance = 1e-3, search_tol = defaults::search_tol;
     int64_t batch_size = 100;
-    bool no_empirical = false, no_box = false, exact_arithmetic = false;
+    bool no_empirical = false, no_box = false, exact_arithmetic = false, no_input_planes = false;
     bool bab = false;
     double bab_timeout = 60;
     int64_t bab_batch = 64, bab_input_max_free = 16;
@@ -255,6 +255,9 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
   cmd->add_flag("--exact-arithmetic", o->exact_arithmetic,
                 "no float32 allowance: the radii then hold for the real-valued network, not the "
                 "float32 model");
+  cmd->add_flag("--no-input-planes", o->no_input_planes,
+                "L-inf: bound every ReLU by its chord, also where it reads an affine layer of the "
+                "input and a face of the hull over the input box bounds tighter (faster, looser)");
   cmd->add_option("--search-rounds", o->search_rounds,
                   "IBP/CROWN radius search: full bound passes per sample")
       ->capture_default_str();
@@ -352,6 +355,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
       throw ConfigError::invalid("--bab-split", o->bab_split, "relu, input or auto");
     cfg.box = !o->no_box;
     cfg.exact_arithmetic = o->exact_arithmetic;
+    cfg.input_planes = !o->no_input_planes;
     cfg.search_rounds = o->search_rounds;
     cfg.search_tol = o->search_tol;
     cfg.alpha_rounds = o->alpha_rounds;
