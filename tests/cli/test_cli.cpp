@@ -340,6 +340,22 @@ TEST_CASE("certify writes results.json with the documented fields, lipschitz pri
   CHECK(j["aggregates"]["violations"].is_array());
   CHECK(j["aggregates"]["violations"].empty());
   CHECK(j["aggregates"]["certified_accuracy"]["thm54_candidate_local"].contains("0.01"));
+  CHECK(j["config"]["input_planes"] == true);
+
+  // --no-input-planes: chords for every ReLU, recorded; the CROWN radii do not grow.
+  double sum[2] = {0, 0};
+  for (int planes = 0; planes < 2; ++planes) {
+    const std::string dir = tmp / (planes ? "planes" : "chords");
+    auto run = run_moecert("--dataset synthetic --samples 12 --quiet certify " + ckpt +
+                           " --estimator crown --no-empirical --eps-grid 0.001,0.01" +
+                           (planes ? "" : " --no-input-planes") + " --out " + dir);
+    INFO(run.output);
+    REQUIRE(run.code == 0);
+    auto jr = nlohmann::json::parse(read_text(dir + "/results.json"));
+    CHECK(jr["config"]["input_planes"] == (planes == 1));
+    for (const auto& row : jr["rows"]) sum[planes] += row["radii"]["candidate_crown"].get<double>();
+  }
+  CHECK(sum[0] <= sum[1] + 1e-9);
 
   auto bad = run_moecert("--dataset synthetic --samples 4 certify " + ckpt +
                          " --eps-grid 0.01,abc --out " + (tmp / "b"));
