@@ -30,15 +30,12 @@ torch::Tensor unfold_sites(const torch::Tensor& t, const Coeffs& c) {
   return cols.permute({0, 2, 3, 1}).reshape({-1, t.size(1), k, k});
 }
 
-/// An upper bound on Σ |A|·t per row (t >= 0 a per-sample tensor of the rows' node):
-/// ‖A_row‖_1 times the largest t of the row's sample. Only rounding allowances use it,
-/// which are ~1e-10 of it, so the looser product costs nothing and saves a gather.
+}  // namespace
+
 torch::Tensor abs_dot(const Coeffs& c, const torch::Tensor& t) {
   auto peak = t.flatten(1).amax(1).index_select(0, c.sample);
   return (rows_fusable(c) ? rows_l1(c.A) : c.A.abs().flatten(1).sum(1)) * peak;
 }
-
-}  // namespace
 
 /// Patch rows as dense rows over a node of shape [C, H, W] (each row's window placed at
 /// its site; entries outside the grid are zero by construction).
@@ -186,13 +183,27 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
   torch::Tensor b = b0, mag = b0.abs();
   int steps = 0;
   std::vector<bool> skip(static_cast<size_t>(start) + 1, false);  // taken with the ReLU after it
+  // The Lagrangian term rows take at node k's output, or null.
+  auto lag_at = [&](int k) -> const torch::Tensor* {
+    const auto at = static_cast<size_t>(k);
+    return lag && at < lag->at_node.size() && lag->at_node[at].defined() ? &lag->at_node[at]
+                                                                         : nullptr;
+  };
+  // Rows `in` over node i's output (-1: the graph input) join the rows waiting there.
+  auto send = [&](int i, const Coeffs& in) {
+    auto& target = i < 0 ? at_input : pending[static_cast<size_t>(i)];
+    if (target) {  // rows meet: the sum's rounding, u(|A1| + |A2|)·M
+      const NodeBounds& tb = i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)];
+      for (const Coeffs* part : {static_cast<const Coeffs*>(&*target), &in})
+        mag = mag + abs_dot(*part, tb.mag);
+    }
+    accumulate(target, in,
+               i < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(i)].out_shape);
+  };
   for (int m = start; m >= 0; --m) {
     if (skip[static_cast<size_t>(m)]) continue;
     auto& slot = pending[static_cast<size_t>(m)];
-    const torch::Tensor* extra = nullptr;
-    if (lag && static_cast<size_t>(m) < lag->at_node.size() &&
-        lag->at_node[static_cast<size_t>(m)].defined())
-      extra = &lag->at_node[static_cast<size_t>(m)];
+    const torch::Tensor* extra = lag_at(m);
     if (!slot && !extra) continue;
     const auto& node = nodes[static_cast<size_t>(m)];
     Coeffs cur;
@@ -218,26 +229,15 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
     const int fused = planes && max_steps < 0 ? input_planes_node(pass, m) : -1;
     if (fused >=
         0) {  // the ReLU and the affine layer it reads, with hull planes (docs §10, input planes)
-      const torch::Tensor* extra_a = nullptr;
-      if (lag && static_cast<size_t>(fused) < lag->at_node.size() &&
-          lag->at_node[static_cast<size_t>(fused)].defined())
-        extra_a = &lag->at_node[static_cast<size_t>(fused)];
       Coeffs in = input_planes_step(pass, m, cur,
                                     alpha ? (*alphas)[static_cast<size_t>(m)] : torch::Tensor(),
-                                    extra_a, b, mag);
+                                    lag_at(fused), b, mag);
       steps += 2;
       skip[static_cast<size_t>(fused)] = true;
       if (widest)  // a few working copies of the rows, and per unit of a row its inputs
         *widest = std::max(*widest, 4 * (cur.A.numel() / std::max<int64_t>(1, cur.A.size(0))) *
                                         (cur.patches ? 10 : 1));
-      const int i = nodes[static_cast<size_t>(fused)].inputs[0];
-      auto& target = i < 0 ? at_input : pending[static_cast<size_t>(i)];
-      if (target) {
-        const NodeBounds& tb = i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)];
-        for (const Coeffs* part : {&*target, &in}) mag = mag + abs_dot(*part, tb.mag);
-      }
-      accumulate(target, in,
-                 i < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(i)].out_shape);
+      send(nodes[static_cast<size_t>(fused)].inputs[0], in);
       continue;
     }
     if (max_steps < 0 || steps < max_steps) {
@@ -256,17 +256,8 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
       const auto& r = pass.round32[static_cast<size_t>(m)];
       concretise_box(cur, -r, r, b, mag);
     }
-    for (size_t k = 0; k < ins.size(); ++k) {
-      if (!ins[k].A.defined()) continue;
-      const int i = node.inputs[k];
-      auto& target = i < 0 ? at_input : pending[static_cast<size_t>(i)];
-      if (target) {  // rows meet: the sum's rounding, u(|A1| + |A2|)·M
-        const NodeBounds& tb = i < 0 ? pass.input : pass.nodes[static_cast<size_t>(i)];
-        for (const Coeffs* part : {&*target, &ins[k]}) mag = mag + abs_dot(*part, tb.mag);
-      }
-      accumulate(target, ins[k],
-                 i < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(i)].out_shape);
-    }
+    for (size_t k = 0; k < ins.size(); ++k)
+      if (ins[k].A.defined()) send(node.inputs[k], ins[k]);
   }
   if (lag && lag->at_input.defined()) {
     Coeffs term;

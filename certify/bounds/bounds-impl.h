@@ -60,6 +60,11 @@ torch::Tensor alpha_rows(const BoundPass& pass, int start, const Coeffs& rows,
 torch::Tensor primal_points(const BoundPass& pass, const RefinedRows& kept,
                             const torch::Tensor& sample);
 
+/// An upper bound on Σ |A|·t per row (t >= 0 a per-sample tensor of the rows' node):
+/// ‖A_row‖_1 times the largest t of the row's sample. Only rounding allowances use it,
+/// which are ~1e-10 of it, so the looser product costs nothing and saves a gather. -> [R]
+torch::Tensor abs_dot(const Coeffs& c, const torch::Tensor& t);
+
 /// Patch rows as dense rows over a node of `shape` [C, H, W].
 Coeffs patches_to_dense(const Coeffs& c, const Shape& shape);
 

@@ -97,7 +97,6 @@ Coeffs input_planes_step(const BoundPass& pass, int m, const Coeffs& rows,
   const Coeffs cur = rows.patches && extra ? patches_to_dense(rows, rn.out_shape) : rows;
   const bool patches = cur.patches;
   const int64_t R = cur.A.size(0);
-  const auto& sample = cur.sample;
   auto A = cur.A.reshape({R, -1});  // [R, N]: the units of the row (its window)
   auto gather_z = gatherer(cur);
   auto l = gather_z(zb.lo).reshape({R, -1}), u = gather_z(zb.hi).reshape({R, -1});
@@ -110,13 +109,12 @@ Coeffs input_planes_step(const BoundPass& pass, int m, const Coeffs& rows,
   torch::Tensor k0 = b;
   BackwardArgs ra{*rn.layer, rn.in_shapes, rn.out_shape, {&zb}, gather_z, alpha};
   Coeffs z = rn.rule->backward(ra, rest, k0).at(0);
-  auto s = torch::where(sel, u / (u - l).clamp_min(1e-300), torch::zeros_like(u));
-  auto t = torch::where(sel, -l * s + 4 * u64 * (l.abs() * s + u), torch::zeros_like(u));
+  auto [s, t] = relu_chord(l, u);  // read on the selected units only
   auto A_sel = A.masked_fill(~sel, 0);
   k0 = k0 + (A_sel * t).sum(1);
   z.A = z.A + (A_sel * s).view_as(z.A);
   if (extra) z.A = z.A + *extra;
-  mag = mag + z.A.abs().flatten(1).sum(1) * zb.mag.flatten(1).amax(1).index_select(0, sample);
+  mag = mag + abs_dot(z, zb.mag);  // the affine step's rounding, as the walk charges it
   BackwardArgs aa{L, an.in_shapes, an.out_shape, {&xb}, gatherer(z), {}};
   Coeffs g = an.rule->backward(aa, z, k0).at(0);  // the chord's rows over the box's node
   if (g.patches != patches) throw Error(ExitCode::internal, "certify: input planes: row layouts");

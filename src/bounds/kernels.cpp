@@ -146,4 +146,16 @@ std::pair<torch::Tensor, torch::Tensor> rows_relu(const Coeffs& c, const torch::
   return {out, bias};
 }
 
+std::pair<torch::Tensor, torch::Tensor> relu_chord(const torch::Tensor& l, const torch::Tensor& u) {
+  constexpr double u64 = std::numeric_limits<double>::epsilon() / 2;
+  auto unstable = l.lt(0) & u.gt(0);
+  auto zeros = torch::zeros_like(l);
+  // The clamp only keeps stable units (where s is not used) finite, so that training's
+  // gradients through this where() stay finite when l = u (ε = 0): 1e-300 underflows in float32.
+  const double tiny = l.scalar_type() == torch::kDouble ? 1e-300 : 1e-30;
+  auto s = torch::where(unstable, u / (u - l).clamp_min(tiny), zeros);
+  auto t = torch::where(unstable, -l * s + 4 * u64 * (l.abs() * s + u), zeros);
+  return {s, t};
+}
+
 }  // namespace moecert::bp

@@ -26,4 +26,10 @@ torch::Tensor rows_l1(const torch::Tensor& A);
 /// Whether the fused kernels apply: CPU float64 rows with autograd off.
 bool rows_fusable(const Coeffs& c);
 
+/// The chord of a ReLU over [l, u] on its unstable units (l < 0 < u): relu(z) <= s·z + t
+/// with s = u / (u − l) and t = −l·s raised by 4u(|l|·s + u), which covers the float64
+/// rounding of s and t; 0 on the other units. The ReLU rule's upper line, and the line
+/// input planes replace (docs/certification.md §10). -> {s, t}
+std::pair<torch::Tensor, torch::Tensor> relu_chord(const torch::Tensor& l, const torch::Tensor& u);
+
 }  // namespace moecert::bp

@@ -16,19 +16,16 @@ struct Relaxation {
 //   lower  y >= α x for any α in [0, 1]; CROWN's adaptive choice α = 1 if u >= −l else 0
 //   upper  y <= s x + t, s = u / (u − l), t = −l s: the chord through (l, 0) and (u, u).
 // The chord is computed in float64; its intercept is raised by 4u(|l| s + u), which
-// covers the rounding of s and t, so the line stays above relu on [l, u].
+// covers the rounding of s and t, so the line stays above relu on [l, u] (relu_chord).
 Relaxation relax(const NodeBounds& x) {
   auto l = x.lo, u = x.hi;
   Relaxation r;
   r.active = l.ge(0);
   r.unstable = l.lt(0) & u.gt(0);
   auto ones = torch::ones_like(l), zeros = torch::zeros_like(l);
-  // The clamp only keeps stable units (where s is not used) finite, so that training's
-  // gradients through this where() stay finite when l = u (ε = 0): 1e-300 underflows in float32.
-  const double tiny = l.scalar_type() == torch::kDouble ? 1e-300 : 1e-30;
-  auto s = torch::where(r.unstable, u / (u - l).clamp_min(tiny), zeros);
+  auto [s, t] = bp::relu_chord(l, u);
   r.up = torch::where(r.active, ones, s);
-  r.icpt = torch::where(r.unstable, -l * s + 4 * u64 * (l.abs() * s + u), zeros);
+  r.icpt = t;
   r.low = torch::where(r.active, ones, torch::where(r.unstable & u.ge(-l), ones, zeros));
   return r;
 }
