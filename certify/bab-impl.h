@@ -55,6 +55,15 @@ struct Sub {
   /// one, the bounds of its probability margins there (−inf rows: the others). Such an
   /// expert is not bounded again. Undefined: none.
   torch::Tensor known_prob;
+  /// The mixture form, after its bound: [E, K] float64 CPU, every expert's probability
+  /// margin bounds on this region, and [E] bool those settled (their children's carry,
+  /// carried_prob). Undefined before the bound.
+  torch::Tensor prob, settled;
+  /// The mixture form: per graph of the member (0: the router, 1 + j: expert j), its
+  /// unstable unit whose split promised most when the graph was last bounded on a region
+  /// containing this one (score <= 0: none). A graph its children do not bound again
+  /// offers that unit (ReluSearch::choose).
+  std::vector<std::pair<double, SplitAt>> graph_best;
   std::shared_ptr<const Tuned> warm;  ///< ReLU mode: the warm start (null: CROWN's slopes)
 };
 struct Worse {  // the lowest slack on top

@@ -43,6 +43,10 @@ struct Config {
   /// ReLU splits of a mixture: an expert settled on a subproblem (its bounds alone would
   /// certify it) is not bounded again on its children, which take its bounds (docs §22).
   bool carry_settled = true;
+  /// ReLU splits of a mixture: the children of a split on one graph (the router or an
+  /// expert) bound only that graph again; every other expert's bounds are its parent's,
+  /// which the split leaves as they were (docs §22).
+  bool carry_untouched = true;
   bool input_planes = true;  ///< BoundOptions::input_planes of every pass
   std::string progress;      ///< when not empty: the label of a progress line every 5 s
 };

@@ -56,15 +56,35 @@ torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_
   return out;
 }
 
+/// The mixture form's carry of a child of `s` (Sub::known_prob, docs §22): the bounds of
+/// the experts settled on `s`, and with `graph` >= 0 (a ReLU split of that graph of the
+/// member: 0 the router, 1 + j expert j) those of every expert the split leaves as it was.
+torch::Tensor carried_prob(const Sub& s, int graph) {
+  if (!s.prob.defined()) return {};
+  auto keep = s.settled.clone();
+  if (graph >= 0) {
+    keep.fill_(true);
+    if (graph > 0) keep[graph - 1] = s.settled[graph - 1];
+  }
+  if (!keep.any().item<bool>()) return {};
+  return torch::where(keep.unsqueeze(1), s.prob, torch::full_like(s.prob, -kInf));
+}
+
 /// A child of `s` split on `unit` with `sign`: its splits, route, depth, share of the
-/// root, and what it inherits (the rows proven and the tuned parameters of `s`).
-Sub relu_child(const Sub& s, const SplitAt& unit, double sign) {
+/// root, and what it inherits (the rows proven, the settled experts' bounds, with
+/// `untouched` those of the experts the split leaves as they were, and the tuned
+/// parameters of `s`).
+Sub relu_child(const Sub& s, const SplitAt& unit, double sign, bool untouched) {
   Sub c;
   c.splits = s.splits;
   c.splits.push_back(unit);
   c.splits.back().sign = sign;
   c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
-  c.known = s.known, c.known_prob = s.known_prob, c.warm = s.warm;
+  c.known = s.known, c.warm = s.warm;
+  c.known_prob = carried_prob(s, untouched && unit.member == 0 ? unit.graph : -1);
+  c.graph_best = s.graph_best;
+  if (static_cast<size_t>(unit.graph) < c.graph_best.size())
+    c.graph_best[static_cast<size_t>(unit.graph)].first = 0;  // bounded again: its own
   return c;
 }
 
@@ -86,12 +106,18 @@ class ReluSearch : public Search {
  private:
   std::vector<std::vector<std::vector<int>>> candidates_;  // [member][graph] split nodes
   WarmStarts warm_{p_.members[0]->classes, cfg_.warm_bytes};
+  /// rows_only(): per expert [1, K], the root's lower bounds of ĥ_k − ĥ_y (every
+  /// subproblem's MemberPass::known_dlo).
+  std::vector<torch::Tensor> dlo_;
 
   /// Whether subproblems carry warm starts: ReLU splits of a member in a logit-domain
   /// form (the margin rows a parent tuned are its children's).
-  bool warm() const {
-    return cfg_.warm_start && p_.members.size() == 1 &&
-           forms::member_form(*p_.members[0]) != forms::Form::mixture;
+  bool warm() const { return cfg_.warm_start && p_.members.size() == 1; }
+
+  /// Whether a single member in the mixture form bounds its margin rows only
+  /// (MemberPass::margin_rows_only): then its rows carry and warm-start as a logit form's.
+  bool rows_only() const {
+    return p_.members.size() == 1 && forms::member_form(*p_.members[0]) == forms::Form::mixture;
   }
 
   /// Whether subproblems carry the experts settled on their parents: ReLU splits of a
@@ -100,6 +126,10 @@ class ReluSearch : public Search {
     return cfg_.carry_settled && p_.members.size() == 1 &&
            forms::member_form(*p_.members[0]) == forms::Form::mixture;
   }
+
+  /// Whether the children of a ReLU split in a mixture bound only the split graph again
+  /// (Config::carry_untouched): the other experts' bounds are their parent's.
+  bool untouched() const { return carry() && cfg_.carry_untouched; }
 
   /// The most children one subproblem has: 2, or the expert sets of a route split (at
   /// most a batch: a route split with more children is not made).
@@ -177,12 +207,25 @@ class ReluSearch : public Search {
   /// gradients of the α-β optimisation's bounds with respect to the intervals, summed
   /// over its steps), with the relaxation gap −l·u / (u − l) breaking ties. Regions
   /// without an unstable unit get can_split = false.
+  ///
+  /// With untouched(), a subproblem that did not bound a graph of the member (its parent's
+  /// bounds carried) offers that graph's unit from the last region that bounded it
+  /// (Sub::graph_best), unless the expert is settled (`settled` [n, E] bool) or cannot be
+  /// selected; each subproblem's graph_best is updated for its children.
   void choose(const std::vector<forms::MemberPass>& passes,
               const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs,
-              std::vector<std::vector<std::pair<double, SplitAt>>>* ranked = nullptr) const {
+              std::vector<std::vector<std::pair<double, SplitAt>>>* ranked = nullptr,
+              const torch::Tensor& settled = {}) const {
     const int64_t n = static_cast<int64_t>(subs.size());
     auto best = torch::zeros({n}, torch::kFloat64);
     if (ranked) ranked->assign(static_cast<size_t>(n), {});
+    const bool inherit = untouched();
+    const size_t G = inherit ? passes[0].experts.size() + 1 : 0;
+    // inherit: per subproblem and graph, the best fresh unit (score 0: none), and whether
+    // the graph was bounded there.
+    std::vector<std::vector<std::pair<double, SplitAt>>> fresh(
+        static_cast<size_t>(n), std::vector<std::pair<double, SplitAt>>(G, {0.0, SplitAt{}}));
+    std::vector<std::vector<char>> bounded(static_cast<size_t>(n), std::vector<char>(G, 0));
     for (size_t i = 0; i < passes.size(); ++i)
       for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g) {
         const BoundPass* bp = graph_pass(passes[i], g);
@@ -222,6 +265,11 @@ class ReluSearch : public Search {
           auto bv = best.accessor<double, 1>();
           for (int64_t r = 0; r < rows.size(0); ++r) {
             const int64_t c = at[r];
+            if (i == 0 && static_cast<size_t>(g) < G) {
+              auto& f = fresh[static_cast<size_t>(c)][static_cast<size_t>(g)];
+              bounded[static_cast<size_t>(c)][static_cast<size_t>(g)] = 1;
+              if (v[r] > f.first) f = {v[r], SplitAt{0, g, k, a[r], 0}};
+            }
             if (!(v[r] > bv[c])) continue;
             bv[c] = v[r];
             auto& s = subs[static_cast<size_t>(c)];
@@ -230,6 +278,31 @@ class ReluSearch : public Search {
           }
         }
       }
+    if (!inherit) return;
+    const auto st = settled.defined() ? settled.cpu() : torch::Tensor();
+    const auto pos =
+        !possible.empty() && possible[0].defined() ? possible[0].cpu() : torch::Tensor();
+    auto bv = best.accessor<double, 1>();
+    for (int64_t c = 0; c < n; ++c) {
+      auto& s = subs[static_cast<size_t>(c)];
+      s.graph_best.resize(G, {0.0, SplitAt{}});
+      for (size_t g = 0; g < G; ++g) {
+        auto& gb = s.graph_best[g];
+        if (bounded[static_cast<size_t>(c)][g]) {
+          gb = fresh[static_cast<size_t>(c)][g];
+          continue;
+        }
+        const auto j = static_cast<int64_t>(g) - 1;
+        if (j >= 0 &&
+            ((st.defined() && st[c][j].item<bool>()) || (pos.defined() && !pos[c][j].item<bool>())))
+          gb.first = 0;  // settled or not selectable here: nothing to gain
+        if (gb.first > bv[c]) {
+          bv[c] = gb.first;
+          s.can_split = true;
+          s.next = gb.second;
+        }
+      }
+    }
   }
 
   /// The member passes of `subs` (their splits as sign tensors; `need`: per member, the
@@ -336,6 +409,7 @@ class ReluSearch : public Search {
       }
     }
     if (warm()) warm_.apply(passes[0], subs);
+    passes[0].known_dlo = dlo_;
     return passes;
   }
 
@@ -358,7 +432,7 @@ class ReluSearch : public Search {
         list.resize(static_cast<size_t>(cfg_.fsb_candidates));
       for (const auto& [score, unit] : list) {
         of.push_back({i, unit});
-        for (double sign : {1.0, -1.0}) kids.push_back(relu_child(s, unit, sign));
+        for (double sign : {1.0, -1.0}) kids.push_back(relu_child(s, unit, sign, untouched()));
       }
     }
     if (kids.empty()) return;
@@ -410,7 +484,7 @@ class ReluSearch : public Search {
     auto empty = empty_regions(passes, n);
     out_.bounded += n;
     std::vector<std::vector<std::pair<double, SplitAt>>> ranked;
-    choose(passes, ev.possible_of, subs, &ranked);
+    choose(passes, ev.possible_of, subs, &ranked, carry() ? ev.prob_settled : torch::Tensor());
     if (warm()) warm_.keep(ev, subs);
     std::vector<torch::Tensor> possible, sure;
     for (const auto& t : ev.possible_of) possible.push_back(t.cpu());
@@ -419,12 +493,8 @@ class ReluSearch : public Search {
     for (size_t j = 0; j < ev.settled.size(); ++j)
       proven.push_back(
           torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
-    torch::Tensor settled_prob, any_settled;  // carry(): the settled experts' bounds ([n, E, K])
-    if (carry()) {
-      const auto settled = ev.prob_settled.unsqueeze(2);
-      settled_prob = torch::where(settled, ev.prob, torch::full_like(ev.prob, -kInf)).cpu();
-      any_settled = ev.prob_settled.any(1).cpu();
-    }
+    torch::Tensor prob, prob_settled;  // carry(): every expert's bounds ([n, E, K]), settled ones
+    if (carry()) prob = ev.prob.cpu(), prob_settled = ev.prob_settled.cpu();
     std::vector<Sub> open;
     std::vector<std::vector<std::pair<double, SplitAt>>> open_ranked;
     std::vector<double> slacks(static_cast<size_t>(n));
@@ -434,9 +504,9 @@ class ReluSearch : public Search {
       s.slack = slacks[static_cast<size_t>(c)] = slack[c].item<double>();
       s.known.clear();
       for (const auto& t : proven) s.known.push_back(t[c].clone());
-      s.known_prob = torch::Tensor();
-      if (any_settled.defined() && any_settled[c].item<bool>())
-        s.known_prob = settled_prob[c].clone();
+      // What a route split's children carry (Sub c = s); a ReLU split's: relu_child.
+      if (prob.defined()) s.prob = prob[c].clone(), s.settled = prob_settled[c].clone();
+      s.known_prob = carried_prob(s, -1);
       s.possible.assign(p_.members.size(), {}), s.sure.assign(p_.members.size(), {});
       for (size_t i = 0; i < possible.size() && i < p_.members.size(); ++i) {
         if (!of(s.route, i).empty()) continue;
@@ -462,7 +532,12 @@ class ReluSearch : public Search {
 
   void search() override {
     const auto d = ball(p_);
-    const auto root = prepare(d, labels(1), true);
+    auto root = prepare(d, labels(1), true);
+    if (rows_only()) {
+      // The lower ends of the logit differences, bounded once on the whole region.
+      root[0].margin_rows_only = true;
+      dlo_ = forms::difference_lower(root[0], labels(1));
+    }
     Queue q;
     for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
     while (!q.empty() && out_.verdict != Verdict::falsified) {
@@ -490,7 +565,8 @@ class ReluSearch : public Search {
           stuck.push_back(std::move(s));
           continue;
         }
-        for (double sign : {1.0, -1.0}) children.push_back(relu_child(s, s.next, sign));
+        for (double sign : {1.0, -1.0})
+          children.push_back(relu_child(s, s.next, sign, untouched()));
       }
       if (children.empty()) {  // nothing left to split: open for good
         for (auto& s : stuck) q.push(std::move(s));

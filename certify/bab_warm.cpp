@@ -105,6 +105,18 @@ void WarmStarts::keep(const forms::Evaluation& ev, std::vector<Sub>& subs) {
   }
   for (int64_t c = 0; c < n; ++c) {
     auto& s = subs[static_cast<size_t>(c)];
+    // An expert none of whose rows were tuned here (not bounded again: its parent's
+    // bounds carried) keeps the parameters it had.
+    auto& t = made[static_cast<size_t>(c)];
+    if (s.warm)
+      for (size_t j = 0; j < s.warm->params.size(); ++j) {
+        if (!s.warm->params[j].has.defined() || (j < t.params.size() && t.params[j].has.defined()))
+          continue;
+        t.params.resize(std::max(t.params.size(), s.warm->params.size()));
+        t.k.resize(t.params.size());
+        t.params[j] = s.warm->params[j], t.k[j] = s.warm->k[j];
+        bytes[static_cast<size_t>(c)] += param_bytes(t.params[j]);
+      }
     s.warm.reset();
     const int64_t b = bytes[static_cast<size_t>(c)];
     if (made[static_cast<size_t>(c)].params.empty() || held_ + b > cap_) continue;

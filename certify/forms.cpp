@@ -169,40 +169,62 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
 /// allowance. `primal` (with BoundOptions::primal): [n, *input], the minimiser of each
 /// region's lowest row bounded here over the experts that can be selected (Evaluation::primal).
 /// `tuned`, `tuned_keys`: Evaluation's.
+/// What an evaluation reports of expert j's margin rows (Evaluation's margins, settled,
+/// tuned, primal), per expert in order; `needed` [n_j] bool: the regions where the
+/// expert can be selected (its minimisers count there only); `primal_low` [n]: the
+/// bound of each region's minimiser so far. Returns the tie allowance [n_j].
+torch::Tensor record_rows(const MemberPass& p, size_t j, const InputDomain& d, ExpertBounds& e,
+                          const torch::Tensor& needed, torch::Tensor& primal_low, Evaluation& ev) {
+  const int64_t n = d.x.size(0);
+  ev.margins.resize(j), ev.settled.resize(j);
+  ev.margins.push_back(torch::full({n, p.m->classes - 1}, -kInf, d.x.options()));
+  ev.settled.push_back(torch::zeros({n, p.m->classes - 1}, needed.options()));
+  if (!p.warm_slot.empty()) {
+    ev.tuned.resize(p.experts.size()), ev.tuned_keys.resize(p.experts.size());
+    ev.tuned[j] = std::move(e.tuned), ev.tuned_keys[j] = e.tuned_keys;
+  }
+  auto tie = p.fp32 ? fp32_tie(e.hmax, p.m->classes) : torch::zeros_like(e.hmax);
+  ev.margins.back().index_copy_(0, e.rows, e.low);
+  ev.settled.back().index_copy_(0, e.rows, e.low.gt(tie.unsqueeze(1)));
+  if (e.primal.defined()) {
+    auto& primal = ev.primal;
+    if (!primal.defined()) primal = d.x.clone();
+    auto low = torch::where(needed, e.primal_low, torch::full_like(e.primal_low, kInf));
+    auto lower = low.lt(primal_low.index_select(0, e.rows)).nonzero().flatten();
+    auto at = e.rows.index_select(0, lower);
+    primal.index_copy_(0, at, e.primal.index_select(0, lower));
+    primal_low.index_copy_(0, at, low.index_select(0, lower));
+  }
+  return tie;
+}
+
+/// An expert without a pass: no margin row known (record_rows' placeholders).
+void record_none(const MemberPass& p, size_t j, int64_t n, const torch::TensorOptions& o,
+                 Evaluation& ev) {
+  ev.margins.resize(j), ev.settled.resize(j);
+  ev.margins.push_back(torch::full({n, p.m->classes - 1}, -kInf, o));
+  ev.settled.push_back(torch::zeros({n, p.m->classes - 1}, o.dtype(torch::kBool)));
+}
+
 torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
                           const torch::Tensor& possible, Evaluation& ev) {
-  auto &margins = ev.margins, &settled = ev.settled;
-  auto& primal = ev.primal;
   const int64_t n = d.x.size(0);
   auto slack = torch::full({n}, kInf, d.x.options());
   auto primal_low = torch::full({n}, kInf, d.x.options());
   auto covered = torch::zeros_like(possible);
-  margins.clear(), settled.clear();
+  ev.margins.clear(), ev.settled.clear();
   for (size_t j = 0; j < p.experts.size(); ++j) {
-    margins.push_back(torch::full({n, p.m->classes - 1}, -kInf, d.x.options()));
-    settled.push_back(torch::zeros({n, p.m->classes - 1}, possible.options()));
-    if (!p.experts[j]) continue;
+    if (!p.experts[j]) {
+      record_none(p, j, n, d.x.options(), ev);
+      continue;
+    }
     covered.select(1, static_cast<int64_t>(j)).index_fill_(0, p.rows[j], true);
     auto e = expert_bounds(p, j, d, labels, false);
-    if (!p.warm_slot.empty()) {
-      ev.tuned.resize(p.experts.size()), ev.tuned_keys.resize(p.experts.size());
-      ev.tuned[j] = std::move(e.tuned), ev.tuned_keys[j] = e.tuned_keys;
-    }
-    auto tie = p.fp32 ? fp32_tie(e.hmax, p.m->classes) : torch::zeros_like(e.hmax);
-    margins.back().index_copy_(0, e.rows, e.low);
-    settled.back().index_copy_(0, e.rows, e.low.gt(tie.unsqueeze(1)));
-    auto s = e.margin.amin(1) - tie;
     auto needed = possible.select(1, static_cast<int64_t>(j)).index_select(0, e.rows);
+    auto tie = record_rows(p, j, d, e, needed, primal_low, ev);
+    auto s = e.margin.amin(1) - tie;
     s = torch::where(needed, s, torch::full_like(s, kInf));
     slack.index_copy_(0, e.rows, torch::min(slack.index_select(0, e.rows), s));
-    if (e.primal.defined()) {
-      if (!primal.defined()) primal = d.x.clone();
-      auto low = torch::where(needed, e.primal_low, torch::full_like(e.primal_low, kInf));
-      auto lower = low.lt(primal_low.index_select(0, e.rows)).nonzero().flatten();
-      auto at = e.rows.index_select(0, lower);
-      primal.index_copy_(0, at, e.primal.index_select(0, lower));
-      primal_low.index_copy_(0, at, low.index_select(0, lower));
-    }
   }
   // An expert the router can select here but that the pass does not cover (only if the
   // bounds at a smaller region came out looser) certifies nothing.
@@ -292,7 +314,7 @@ MemberPass member_prepare(const MemberGraphs& m, const InputDomain& d, const tor
 MemberPass member_split(const MemberPass& root, const MemberSplits& splits, int64_t n,
                         const torch::Tensor& need) {
   MemberPass p;
-  p.m = root.m, p.fp32 = root.fp32;
+  p.m = root.m, p.fp32 = root.fp32, p.margin_rows_only = root.margin_rows_only;
   const auto o = torch::TensorOptions().dtype(torch::kLong).device(root.domain.x.device());
   const auto index = torch::zeros({n}, o);
   p.domain = subset(root.domain, index);
@@ -364,21 +386,39 @@ namespace {
 /// Lower bounds of the member's probability margins F^y − F^k of its float32
 /// probabilities on each region (docs §13.2–13.3), given its selection there. [n, K], +inf at y.
 /// `mu_out`: the experts' margin bounds [n, E, K] (Evaluation::prob).
+/// `ev` (with MemberPass::margin_rows_only): receives the margin rows (record_rows).
 torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
                          const Selection& sel,
                          const std::vector<InputConstraints>* routes = nullptr,
-                         torch::Tensor* mu_out = nullptr) {
+                         torch::Tensor* mu_out = nullptr, Evaluation* ev = nullptr) {
   const auto& m = *p.m;
   const int64_t n = d.x.size(0), E = m.experts, K = m.classes;
   const auto o = d.x.options();
   auto mu =
       torch::full({n, E, K}, -1.0, o);  // expert margins; −1 (always valid) where no pass covers
+  const bool rows_only = p.margin_rows_only && ev;
+  auto primal_low = torch::full({n}, kInf, o);
+  if (rows_only) ev->margins.clear(), ev->settled.clear();
   for (size_t j = 0; j < p.experts.size(); ++j) {
     auto mu_j = mu.select(1, static_cast<int64_t>(j));
     if (p.experts[j]) {
-      auto e = expert_bounds(p, j, d, labels, true, routes);
-      auto mj = softmax_margin_lower(e.dlo, e.dhi, labels.index_select(0, e.rows));
+      auto e = expert_bounds(p, j, d, labels, !rows_only, routes);
+      auto y = labels.index_select(0, e.rows);
+      if (rows_only) {
+        // ĥ_k − ĥ_y <= −(the margin row's bound); no lower end (docs §13.3).
+        auto at_y = torch::nn::functional::one_hot(y, K).to(torch::kBool);
+        e.dhi = -e.margin.masked_fill(at_y, 0.0);
+        e.dlo = torch::full_like(e.dhi, -kInf);
+        if (j < p.known_dlo.size() && p.known_dlo[j].defined())
+          e.dlo = p.known_dlo[j].to(o.device()).expand({n, K}).index_select(0, e.rows);
+        record_rows(p, j, d, e,
+                    sel.possible.select(1, static_cast<int64_t>(j)).index_select(0, e.rows),
+                    primal_low, *ev);
+      }
+      auto mj = softmax_margin_lower(e.dlo, e.dhi, y);
       mu_j.index_copy_(0, e.rows, mj.masked_fill(mj.isinf(), 0.0));
+    } else if (rows_only) {
+      record_none(p, j, n, o, *ev);
     }
     // Bounds known from a containing region hold here too (docs §22): the larger counts.
     if (j < p.known_prob.size() && p.known_prob[j].defined())
@@ -400,6 +440,24 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
 }
 
 }  // namespace
+
+std::vector<torch::Tensor> difference_lower(const MemberPass& p, const torch::Tensor& labels) {
+  const int64_t n = p.domain.x.size(0), K = p.m->classes;
+  const auto o = p.domain.x.options();
+  std::vector<torch::Tensor> out;
+  for (size_t j = 0; j < p.experts.size(); ++j) {
+    out.push_back(torch::full({n, K}, -kInf, o));
+    if (!p.experts[j]) continue;
+    const auto& rows = p.rows[j];
+    auto y = labels.to(rows.device()).index_select(0, rows);
+    // Rows e_k − e_y for k != y (in other_classes order), then placed at k.
+    auto s = bound_specs(*p.experts[j], -margin_rows(y, K, o));
+    auto low = p.fp32 ? s.lower - s.err32 : s.lower;
+    auto placed = torch::zeros({y.size(0), K}, o).scatter_(1, other_classes(y, K), low);
+    out.back().index_copy_(0, rows, placed);
+  }
+  return out;
+}
 
 std::vector<InputConstraints> route_set_constraints(const MemberPass& p,
                                                     const torch::Tensor& only) {
@@ -478,7 +536,8 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
     ev.slack = logit_slack(p, d, labels, ev.possible, ev);
   } else {
     const double allowance = p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0;
-    ev.slack = prob_lower(p, d, labels, r.sel, r.route_constraints(), &ev.prob).amin(1) - allowance;
+    ev.slack =
+        prob_lower(p, d, labels, r.sel, r.route_constraints(), &ev.prob, &ev).amin(1) - allowance;
     // An expert is settled where its every margin (k != y) is above the allowance.
     auto at_y = torch::nn::functional::one_hot(labels.to(ev.prob.device()), p.m->classes)
                     .to(torch::kBool)

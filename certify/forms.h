@@ -62,7 +62,20 @@ struct MemberPass {
   /// bounds there (instead of the trivial −1); where it does, the larger of the two
   /// counts. Empty: none.
   std::vector<torch::Tensor> known_prob;
+  /// The mixture form: bound only the margin rows ĥ_y − ĥ_k (the upper ends of
+  /// ĥ_k − ĥ_y), taking the lower ends as −∞ (docs §13.3: a larger box of the logit
+  /// differences, so a bound no larger); the rows then take known_low, warm starts and
+  /// primal points as in the logit-domain forms, and the evaluation reports margins and
+  /// settled rows. Branch and bound's ReLU splits set it.
+  bool margin_rows_only = false;
+  /// With margin_rows_only: per expert j, [1 or n, K] float64 lower bounds of the float32
+  /// ĥ_k − ĥ_y (0 at y) known from a region containing this one, which stand for the
+  /// lower ends left out (branch and bound: the root's, difference_lower). Empty: −∞.
+  std::vector<torch::Tensor> known_dlo;
 };
+/// Per expert j of the pass: [n, K] float64 lower bounds of the float32 ĥ_k − ĥ_y on
+/// each region its pass covers (0 at y; −∞ elsewhere and for experts without a pass).
+std::vector<torch::Tensor> difference_lower(const MemberPass& p, const torch::Tensor& labels);
 /// Rows `idx` [r] int64 of every tensor of `q` (a copy, not a view).
 RowParams param_rows(const RowParams& q, const torch::Tensor& idx);
 /// With `seed` (a pass of the same member whose regions contain these; `seed_index`
@@ -107,12 +120,13 @@ struct Evaluation {
   /// Per member (one; a dual-model's standard, then robust): [n, E] bool, the experts its
   /// router can select / selects at every point of each region.
   std::vector<torch::Tensor> possible_of, sure_of;
-  /// Logit-domain forms, per expert j: [n, K − 1] the lower bounds of the float32 margins
-  /// ĥ_y − ĥ_k (−inf where expert j's pass does not cover the region), and [n, K − 1]
-  /// bool, those above the tie allowance. Empty for the other forms.
+  /// Logit-domain forms (and the mixture form with MemberPass::margin_rows_only), per
+  /// expert j: [n, K − 1] the lower bounds of the float32 margins ĥ_y − ĥ_k (−inf where
+  /// expert j's pass does not cover the region), and [n, K − 1] bool, those above the
+  /// tie allowance. Empty for the other forms.
   std::vector<torch::Tensor> margins, settled;
-  /// Logit-domain forms bounded with BoundOptions::primal: [n, *input] float64, per
-  /// region the minimiser of its lowest margin row bounded in this evaluation (the
+  /// Logit-domain forms (and margin_rows_only) bounded with BoundOptions::primal: [n, *input]
+  /// float64, per region the minimiser of its lowest margin row bounded in this evaluation (the
   /// region's centre where none was): where the bounds place the worst point, a start for
   /// attacks. Undefined otherwise.
   torch::Tensor primal;

@@ -8,6 +8,7 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include "bab_toys.h"
@@ -25,17 +26,20 @@ namespace {
 /// Verdicts without [0] and with [1] route splits, each checked against the float32
 /// model on a 201 x 201 grid of the box.
 struct GridTally {
-  int verified[2] = {0, 0}, falsified[2] = {0, 0};
+  int verified[2] = {0, 0}, falsified[2] = {0, 0}, exhausted[2] = {0, 0};
   int64_t route_splits[2] = {0, 0}, carried[2] = {0, 0};
 };
 
 /// Branch and bound of the model `logits32` (the members `members`, a dual-model's α)
 /// around each point of xs [n, 1, 1, 2], at radii below and near the grid's robust
 /// radius, where the bounds need splits: a verified region has no misclassified grid
-/// point, a counterexample is real, and the masses add up.
+/// point, a counterexample is real, and the masses add up. `tweak` changes the search's
+/// configuration; without `without_routes` only the searches with route splits run.
 GridTally grid_checked(const bab::Logits& logits32,
                        const std::vector<const forms::MemberGraphs*>& members, double alpha,
-                       const torch::Tensor& xs, double seconds) {
+                       const torch::Tensor& xs, double seconds,
+                       const std::function<void(bab::Config&)>& tweak = {},
+                       bool without_routes = true) {
   GridTally t;
   for (int64_t i = 0; i < xs.size(0); ++i) {
     auto x = xs.narrow(0, i, 1);
@@ -58,10 +62,11 @@ GridTally grid_checked(const bab::Logits& logits32,
       }
     const double eps = r_lo * std::vector<double>{0.5, 0.8, 0.95, 1.3}[static_cast<size_t>(i % 4)];
     const bool broken = broken_at(eps);
-    for (int with = 0; with < 2; ++with) {
+    for (int with = without_routes ? 0 : 1; with < 2; ++with) {
       bab::Config cfg;
       cfg.split = bab::Split::relu;
       cfg.route_splits = with == 1;
+      if (tweak) tweak(cfg);
       bab::Problem p{members, alpha, x, y, eps, Norm::linf, true, true};
       const auto out =
           bab::solve(p, cfg, logits32, random_points(logits32, p),
@@ -70,6 +75,7 @@ GridTally grid_checked(const bab::Logits& logits32,
       INFO("problem " << i << ", eps " << eps << ", route splits " << with << ", grid broken "
                       << broken);
       t.route_splits[with] += out.route_splits, t.carried[with] += out.carried;
+      t.exhausted[with] += out.exhausted;
       if (out.verdict != bab::Verdict::falsified)
         CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
       if (out.verdict == bab::Verdict::verified) {
@@ -534,6 +540,125 @@ TEST_CASE("a mixture's experts settled on a region stand on its subproblems unbo
     CHECK(torch::allclose(mx.prob, plain.prob.clamp_min(0.2), 1e-9, 1e-12));
   }
   CHECK(cases >= 3);
+}
+
+// The children of a mixture's ReLU split bound only the split graph again
+// (bab::Config::carry_untouched): every other expert takes its parent's bounds, and offers
+// its parent's best unit for the next split, so the search still reaches every expert.
+TEST_CASE("a mixture's ReLU split bounds only the split graph again and still splits every expert",
+          "[unit][certify][bab]") {
+  // Every expert weighs everywhere (top-3 of three: soft routing), so the searches need
+  // splits of several experts. Radii at 0.6 of the grid's robust radius, where the
+  // mixture form can verify once the experts are split: what the search with every
+  // expert bounded on every subproblem verifies, the one that bounds the split graph
+  // alone verifies too (it would end stuck if a carried expert's units could not be split).
+  Toy toy(3, 3, 12, 31, /*top_k=*/3);
+  torch::manual_seed(32);
+  const auto xs = (0.2 + 0.6 * torch::rand({10, 2}, f64)).view({10, 1, 1, 2});
+  int verified[2] = {0, 0}, rooted = 0;
+  int64_t carried[2] = {0, 0};
+  for (int64_t i = 0; i < xs.size(0); ++i) {
+    auto x = xs.narrow(0, i, 1);
+    const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+    auto broken_at = [&](double e) {
+      auto lo = (x - e).clamp_min(0.0).flatten(), hi = (x + e).clamp_max(1.0).flatten();
+      auto g = torch::linspace(0, 1, 201, f64);
+      auto grid =
+          torch::stack(
+              torch::meshgrid({lo[0] + (hi[0] - lo[0]) * g, lo[1] + (hi[1] - lo[1]) * g}, "ij"), 2)
+              .view({-1, 1, 1, 2});
+      return toy.logits32(grid.to(torch::kFloat)).argmax(1).ne(y).any().item<bool>();
+    };
+    double r_lo = 0, r_hi = 0.5;
+    for (int it = 0; it < 12; ++it) {
+      const double mid = 0.5 * (r_lo + r_hi);
+      (broken_at(mid) ? r_hi : r_lo) = mid;
+    }
+    const double eps = 0.6 * r_lo;
+    bab::Outcome out[2];
+    for (int untouched = 0; untouched < 2; ++untouched) {
+      bab::Config cfg;
+      cfg.split = bab::Split::relu;
+      cfg.carry_untouched = untouched == 1;
+      cfg.input_planes = false;  // (the planes make a 2-D net's root nearly exact)
+      bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
+      out[untouched] = bab::solve(
+          p, cfg, toy.logits(), random_points(toy, p),
+          bab::Clock::now() +
+              std::chrono::duration_cast<bab::Clock::duration>(std::chrono::duration<double>(5.0)));
+      verified[untouched] += out[untouched].verdict == bab::Verdict::verified;
+      carried[untouched] += out[untouched].carried;
+      CHECK(out[untouched].verdict != bab::Verdict::falsified);  // inside the grid's radius
+    }
+    INFO("problem " << i << ", eps " << eps << " (grid radius " << r_lo << "): subproblems "
+                    << out[0].bounded << " / " << out[1].bounded);
+    if (out[0].verdict == bab::Verdict::verified) CHECK(out[1].verdict == bab::Verdict::verified);
+    rooted += out[1].verdict == bab::Verdict::verified && out[1].bounded == 1;
+  }
+  INFO("verified " << verified[0] << " / " << verified[1] << ", carried " << carried[0] << " / "
+                   << carried[1] << " (every expert bounded / the split graph only)");
+  CHECK(carried[1] > carried[0]);
+  CHECK(verified[1] >= verified[0]);
+  CHECK(verified[1] > rooted);  // a search that needed splits
+}
+
+// Branch and bound bounds a mixture's margin rows only (forms::MemberPass::margin_rows_only):
+// the probability margins then take no lower end of the logit differences (a larger box),
+// and the evaluation reports the rows as a logit form does, for row carry, warm starts and
+// attack starts.
+TEST_CASE("a mixture bounded by its margin rows holds, and with the lower ends apart equals both",
+          "[unit][certify][bab]") {
+  Toy toy(4, 3, 6, 11, /*top_k=*/2);
+  BoundOptions opt;
+  opt.method = BoundMethod::alpha_crown;
+  opt.primal = true;
+  torch::manual_seed(6);
+  int looser = 0;
+  for (int i = 0; i < 12; ++i) {
+    auto x = 0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64);
+    const double eps = 0.03 + 0.01 * i;
+    const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+    const auto labels = torch::full({1}, y, torch::kLong);
+    const InputDomain d{x, torch::full({1}, eps, f64), Norm::linf, true};
+    auto both = forms::member_prepare(toy.graphs, d, labels, opt, true);
+    auto rows = both;
+    rows.margin_rows_only = true;
+    const auto full = forms::member_evaluate(both, d, labels);
+    const auto ev = forms::member_evaluate(rows, d, labels);
+    INFO("problem " << i << ", eps " << eps << ": slack " << ev.slack[0].item<double>()
+                    << ", with both ends " << full.slack[0].item<double>());
+    CHECK(full.margins.empty());
+    REQUIRE(ev.margins.size() == 4);
+    REQUIRE(ev.settled.size() == 4);
+    CHECK(ev.primal.defined());
+    // No tighter than with both ends, expert by expert, margin by margin.
+    CHECK(ev.slack[0].item<double>() <= full.slack[0].item<double>() + 1e-12);
+    CHECK((ev.prob <= full.prob + 1e-12).all().item<bool>());
+    looser += ev.slack[0].item<double>() < full.slack[0].item<double>() - 1e-9;
+    // With the lower ends bounded apart (branch and bound: once, at the root).
+    rows.known_dlo = forms::difference_lower(both, labels);
+    const auto lo = forms::member_evaluate(rows, d, labels);
+    // The same rows, the same lower ends: both ends' bounds to the rounding.
+    CHECK(lo.slack[0].item<double>() == Approx(full.slack[0].item<double>()).margin(1e-12));
+    CHECK(torch::allclose(lo.prob, full.prob, 1e-12, 1e-12));
+    // Sound: below the float32 model's probability margin at sampled points, and each
+    // reported row below the expert's logit margin there.
+    auto pts = (x - eps + 2 * eps * torch::rand({4000, 1, 1, 2}, f64)).clamp(0, 1);
+    auto probs = toy.logits32(pts.to(torch::kFloat)).exp().to(torch::kFloat64);
+    auto margin = probs.select(1, y) - probs.index_fill(1, torch::tensor({y}), -1.0).amax(1);
+    CHECK(ev.slack[0].item<double>() <= margin.min().item<double>());
+    for (int64_t j = 0; j < 4; ++j) {
+      const auto& m = ev.margins[static_cast<size_t>(j)];
+      if (!m.isfinite().any().item<bool>()) continue;  // no pass (not selectable)
+      auto h = toy.expert64(j, pts.flatten(1));
+      auto others = torch::tensor(y == 0   ? std::vector<int64_t>{1, 2}
+                                  : y == 1 ? std::vector<int64_t>{0, 2}
+                                           : std::vector<int64_t>{0, 1});
+      auto low = std::get<0>((h.select(1, y).unsqueeze(1) - h.index_select(1, others)).min(0));
+      CHECK((m[0] <= low + 1e-9).all().item<bool>());
+    }
+  }
+  CHECK(looser > 0);  // with three classes the lower ends count (hence known_dlo)
 }
 
 TEST_CASE(
