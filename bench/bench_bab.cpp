@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
       unknown_n ? unknown_share / static_cast<double>(unknown_n) : 0.0;
   std::printf(
       "branch and bound, %s, %zu samples, timeout %.0f s, batch %lld: %lld subproblems in "
-      "%.1f s = %.1f subproblems/s (%lld split by route, %lld settled experts carried); %zu "
+      "%.1f s = %.1f subproblems/s (%lld split by route, %lld experts carried); %zu "
       "searches (sample, eps) ended "
       "verified, median %.2f s; "
       "%lld ended unknown, verified share %.4f on average\n",
