@@ -66,6 +66,8 @@ struct Outcome {
   int64_t route_splits = 0;  ///< subproblems split by route
   int64_t screened = 0;      ///< candidate children bounded to choose splits (fsb)
   int64_t carried = 0;  ///< experts a subproblem's route allows, not bounded: settled on a parent
+                        ///< or left as they were by its ReLU split
+  int64_t graphs_split = 0;  ///< the graphs (routers, experts) some ReLU split fixed a unit of
   double verified_mass = 0, open_mass = 0;
   double seconds = 0;
   bool exhausted = false;  ///< some open subproblem had nothing left to split

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <functional>
 #include <map>
+#include <set>
 #include <tuple>
 
 #include "bab-impl.h"
@@ -109,6 +110,7 @@ class ReluSearch : public Search {
   /// rows_only(): per expert [1, K], the root's lower bounds of ĥ_k − ĥ_y (every
   /// subproblem's MemberPass::known_dlo).
   std::vector<torch::Tensor> dlo_;
+  std::set<std::pair<int, int>> split_graphs_;  // (member, graph) of every ReLU split made
 
   /// Whether subproblems carry warm starts: ReLU splits of a member in a logit-domain
   /// form (the margin rows a parent tuned are its children's).
@@ -565,6 +567,8 @@ class ReluSearch : public Search {
           stuck.push_back(std::move(s));
           continue;
         }
+        split_graphs_.insert({s.next.member, s.next.graph});
+        out_.graphs_split = static_cast<int64_t>(split_graphs_.size());
         for (double sign : {1.0, -1.0})
           children.push_back(relu_child(s, s.next, sign, untouched()));
       }
