@@ -112,8 +112,8 @@ class ReluSearch : public Search {
   std::vector<torch::Tensor> dlo_;
   std::set<std::pair<int, int>> split_graphs_;  // (member, graph) of every ReLU split made
 
-  /// Whether subproblems carry warm starts: ReLU splits of a member in a logit-domain
-  /// form (the margin rows a parent tuned are its children's).
+  /// Whether subproblems carry warm starts: ReLU splits of a single member (the margin
+  /// rows a parent tuned are its children's; a mixture's too, with rows_only()).
   bool warm() const { return cfg_.warm_start && p_.members.size() == 1; }
 
   /// Whether a single member in the mixture form bounds its margin rows only
@@ -124,10 +124,7 @@ class ReluSearch : public Search {
 
   /// Whether subproblems carry the experts settled on their parents: ReLU splits of a
   /// member in the mixture form.
-  bool carry() const {
-    return cfg_.carry_settled && p_.members.size() == 1 &&
-           forms::member_form(*p_.members[0]) == forms::Form::mixture;
-  }
+  bool carry() const { return cfg_.carry_settled && rows_only(); }
 
   /// Whether the children of a ReLU split in a mixture bound only the split graph again
   /// (Config::carry_untouched): the other experts' bounds are their parent's.
@@ -281,9 +278,11 @@ class ReluSearch : public Search {
         }
       }
     if (!inherit) return;
-    const auto st = settled.defined() ? settled.cpu() : torch::Tensor();
-    const auto pos =
-        !possible.empty() && possible[0].defined() ? possible[0].cpu() : torch::Tensor();
+    // Experts a subproblem's unit cannot come from: settled, or not selectable there.
+    auto off = torch::zeros({n, static_cast<int64_t>(G) - 1}, torch::kBool);
+    if (settled.defined()) off |= settled.cpu();
+    if (!possible.empty() && possible[0].defined()) off |= ~possible[0].cpu();
+    const auto oa = off.accessor<bool, 2>();
     auto bv = best.accessor<double, 1>();
     for (int64_t c = 0; c < n; ++c) {
       auto& s = subs[static_cast<size_t>(c)];
@@ -294,10 +293,7 @@ class ReluSearch : public Search {
           gb = fresh[static_cast<size_t>(c)][g];
           continue;
         }
-        const auto j = static_cast<int64_t>(g) - 1;
-        if (j >= 0 &&
-            ((st.defined() && st[c][j].item<bool>()) || (pos.defined() && !pos[c][j].item<bool>())))
-          gb.first = 0;  // settled or not selectable here: nothing to gain
+        if (g > 0 && oa[c][static_cast<int64_t>(g) - 1]) gb.first = 0;  // nothing to gain
         if (gb.first > bv[c]) {
           bv[c] = gb.first;
           s.can_split = true;

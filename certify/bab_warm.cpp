@@ -119,9 +119,9 @@ void WarmStarts::keep(const forms::Evaluation& ev, std::vector<Sub>& subs) {
       }
     s.warm.reset();
     const int64_t b = bytes[static_cast<size_t>(c)];
-    if (made[static_cast<size_t>(c)].params.empty() || held_ + b > cap_) continue;
+    if (t.params.empty() || held_ + b > cap_) continue;
     held_ += b;
-    Tuned* raw = new Tuned(std::move(made[static_cast<size_t>(c)]));
+    Tuned* raw = new Tuned(std::move(t));
     s.warm = std::shared_ptr<const Tuned>(raw, [this, b](const Tuned* t) {
       held_ -= b;
       delete t;

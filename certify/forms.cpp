@@ -154,31 +154,29 @@ ExpertBounds expert_bounds(const MemberPass& p, size_t j, const InputDomain& d,
     return torch::full({n, K}, at_label, v.options()).scatter_(1, others, v);
   };
   e.margin = place(low.narrow(1, 0, K - 1), kInf);
-  if (probs) {
+  if (probs || p.margin_rows_only)
     e.dhi = -e.margin.masked_fill(at_y, 0.0);  // ĥ_k − ĥ_y <= −(lower bound of ĥ_y − ĥ_k)
-    e.dlo = place(low.narrow(1, K - 1, K - 1), 0.0);  // lower bound of ĥ_k − ĥ_y
-  }
+  if (probs) e.dlo = place(low.narrow(1, K - 1, K - 1), 0.0);  // lower bound of ĥ_k − ĥ_y
   const auto& out = pass.nodes.back();
   e.hmax = (torch::max(out.lo.abs(), out.hi.abs()) + out.err32).amax(1);
   return e;
 }
 
-/// The logit-domain slack of every expert that can be selected:
-/// min over such j and k != y of (ĥ_j,y − ĥ_j,k lower bound) − tie allowance. [n]
-/// `margins`, `settled`: per expert, [n, K − 1], the rows' bounds and those above the tie
-/// allowance. `primal` (with BoundOptions::primal): [n, *input], the minimiser of each
-/// region's lowest row bounded here over the experts that can be selected (Evaluation::primal).
-/// `tuned`, `tuned_keys`: Evaluation's.
+/// An expert without a pass: no margin row known (the placeholders record_rows fills).
+void record_none(const MemberPass& p, size_t j, int64_t n, const torch::TensorOptions& o,
+                 Evaluation& ev) {
+  ev.margins.resize(j), ev.settled.resize(j);
+  ev.margins.push_back(torch::full({n, p.m->classes - 1}, -kInf, o));
+  ev.settled.push_back(torch::zeros({n, p.m->classes - 1}, o.dtype(torch::kBool)));
+}
+
 /// What an evaluation reports of expert j's margin rows (Evaluation's margins, settled,
 /// tuned, primal), per expert in order; `needed` [n_j] bool: the regions where the
 /// expert can be selected (its minimisers count there only); `primal_low` [n]: the
 /// bound of each region's minimiser so far. Returns the tie allowance [n_j].
 torch::Tensor record_rows(const MemberPass& p, size_t j, const InputDomain& d, ExpertBounds& e,
                           const torch::Tensor& needed, torch::Tensor& primal_low, Evaluation& ev) {
-  const int64_t n = d.x.size(0);
-  ev.margins.resize(j), ev.settled.resize(j);
-  ev.margins.push_back(torch::full({n, p.m->classes - 1}, -kInf, d.x.options()));
-  ev.settled.push_back(torch::zeros({n, p.m->classes - 1}, needed.options()));
+  record_none(p, j, d.x.size(0), d.x.options(), ev);
   if (!p.warm_slot.empty()) {
     ev.tuned.resize(p.experts.size()), ev.tuned_keys.resize(p.experts.size());
     ev.tuned[j] = std::move(e.tuned), ev.tuned_keys[j] = e.tuned_keys;
@@ -198,14 +196,12 @@ torch::Tensor record_rows(const MemberPass& p, size_t j, const InputDomain& d, E
   return tie;
 }
 
-/// An expert without a pass: no margin row known (record_rows' placeholders).
-void record_none(const MemberPass& p, size_t j, int64_t n, const torch::TensorOptions& o,
-                 Evaluation& ev) {
-  ev.margins.resize(j), ev.settled.resize(j);
-  ev.margins.push_back(torch::full({n, p.m->classes - 1}, -kInf, o));
-  ev.settled.push_back(torch::zeros({n, p.m->classes - 1}, o.dtype(torch::kBool)));
-}
-
+/// The logit-domain slack of every expert that can be selected:
+/// min over such j and k != y of (ĥ_j,y − ĥ_j,k lower bound) − tie allowance. [n]
+/// `margins`, `settled`: per expert, [n, K − 1], the rows' bounds and those above the tie
+/// allowance. `primal` (with BoundOptions::primal): [n, *input], the minimiser of each
+/// region's lowest row bounded here over the experts that can be selected (Evaluation::primal).
+/// `tuned`, `tuned_keys`: Evaluation's.
 torch::Tensor logit_slack(const MemberPass& p, const InputDomain& d, const torch::Tensor& labels,
                           const torch::Tensor& possible, Evaluation& ev) {
   const int64_t n = d.x.size(0);
@@ -405,9 +401,7 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
       auto e = expert_bounds(p, j, d, labels, !rows_only, routes);
       auto y = labels.index_select(0, e.rows);
       if (rows_only) {
-        // ĥ_k − ĥ_y <= −(the margin row's bound); no lower end (docs §13.3).
-        auto at_y = torch::nn::functional::one_hot(y, K).to(torch::kBool);
-        e.dhi = -e.margin.masked_fill(at_y, 0.0);
+        // The lower ends known from a containing region, or none (docs §13.3, §22).
         e.dlo = torch::full_like(e.dhi, -kInf);
         if (j < p.known_dlo.size() && p.known_dlo[j].defined())
           e.dlo = p.known_dlo[j].to(o.device()).expand({n, K}).index_select(0, e.rows);

@@ -30,6 +30,31 @@ struct GridTally {
   int64_t route_splits[2] = {0, 0}, carried[2] = {0, 0};
 };
 
+/// Whether the float32 model `logits32` misclassifies (label y) a point of a 201 x 201
+/// grid of the box around x [1, 1, 1, 2] of radius e (∩ [0, 1]²).
+bool grid_broken(const bab::Logits& logits32, const torch::Tensor& x, int64_t y, double e) {
+  auto lo = (x - e).clamp_min(0.0).flatten(), hi = (x + e).clamp_max(1.0).flatten();
+  auto g = torch::linspace(0, 1, 201, f64);
+  auto grid =
+      torch::stack(
+          torch::meshgrid({lo[0] + (hi[0] - lo[0]) * g, lo[1] + (hi[1] - lo[1]) * g}, "ij"), 2)
+          .view({-1, 1, 1, 2})
+          .to(torch::kFloat);
+  return logits32(grid).argmax(1).ne(y).any().item<bool>();
+}
+
+/// The grid's robust radius around x (grid_broken), by 12 bisection steps below 0.5
+/// (0.5 when the grid is not broken there): the largest radius found unbroken.
+double grid_radius(const bab::Logits& logits32, const torch::Tensor& x, int64_t y) {
+  double r_lo = 0, r_hi = 0.5;
+  if (!grid_broken(logits32, x, y, r_hi)) return r_hi;
+  for (int it = 0; it < 12; ++it) {
+    const double mid = 0.5 * (r_lo + r_hi);
+    (grid_broken(logits32, x, y, mid) ? r_hi : r_lo) = mid;
+  }
+  return r_lo;
+}
+
 /// Branch and bound of the model `logits32` (the members `members`, a dual-model's α)
 /// around each point of xs [n, 1, 1, 2], at radii below and near the grid's robust
 /// radius, where the bounds need splits: a verified region has no misclassified grid
@@ -44,24 +69,9 @@ GridTally grid_checked(const bab::Logits& logits32,
   for (int64_t i = 0; i < xs.size(0); ++i) {
     auto x = xs.narrow(0, i, 1);
     const int64_t y = logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
-    auto broken_at = [&](double e) {  // a misclassified point on the grid of the box
-      auto lo = (x - e).clamp_min(0.0).flatten(), hi = (x + e).clamp_max(1.0).flatten();
-      auto g = torch::linspace(0, 1, 201, f64);
-      auto grid =
-          torch::stack(
-              torch::meshgrid({lo[0] + (hi[0] - lo[0]) * g, lo[1] + (hi[1] - lo[1]) * g}, "ij"), 2)
-              .view({-1, 1, 1, 2})
-              .to(torch::kFloat);
-      return logits32(grid).argmax(1).ne(y).any().item<bool>();
-    };
-    double r_lo = 0, r_hi = 0.5;
-    if (broken_at(r_hi))
-      for (int it = 0; it < 12; ++it) {
-        const double mid = 0.5 * (r_lo + r_hi);
-        (broken_at(mid) ? r_hi : r_lo) = mid;
-      }
-    const double eps = r_lo * std::vector<double>{0.5, 0.8, 0.95, 1.3}[static_cast<size_t>(i % 4)];
-    const bool broken = broken_at(eps);
+    const double eps = grid_radius(logits32, x, y) *
+                       std::vector<double>{0.5, 0.8, 0.95, 1.3}[static_cast<size_t>(i % 4)];
+    const bool broken = grid_broken(logits32, x, y, eps);
     for (int with = without_routes ? 0 : 1; with < 2; ++with) {
       bab::Config cfg;
       cfg.split = bab::Split::relu;
@@ -560,21 +570,7 @@ TEST_CASE("a mixture's ReLU split bounds only the split graph again and still sp
   for (int64_t i = 0; i < xs.size(0); ++i) {
     auto x = xs.narrow(0, i, 1);
     const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
-    auto broken_at = [&](double e) {
-      auto lo = (x - e).clamp_min(0.0).flatten(), hi = (x + e).clamp_max(1.0).flatten();
-      auto g = torch::linspace(0, 1, 201, f64);
-      auto grid =
-          torch::stack(
-              torch::meshgrid({lo[0] + (hi[0] - lo[0]) * g, lo[1] + (hi[1] - lo[1]) * g}, "ij"), 2)
-              .view({-1, 1, 1, 2});
-      return toy.logits32(grid.to(torch::kFloat)).argmax(1).ne(y).any().item<bool>();
-    };
-    double r_lo = 0, r_hi = 0.5;
-    for (int it = 0; it < 12; ++it) {
-      const double mid = 0.5 * (r_lo + r_hi);
-      (broken_at(mid) ? r_hi : r_lo) = mid;
-    }
-    const double eps = 0.6 * r_lo;
+    const double r = grid_radius(toy.logits(), x, y), eps = 0.6 * r;
     bab::Outcome out[2];
     for (int untouched = 0; untouched < 2; ++untouched) {
       bab::Config cfg;
@@ -591,7 +587,7 @@ TEST_CASE("a mixture's ReLU split bounds only the split graph again and still sp
       graphs[untouched] = std::max(graphs[untouched], out[untouched].graphs_split);
       CHECK(out[untouched].verdict != bab::Verdict::falsified);  // inside the grid's radius
     }
-    INFO("problem " << i << ", eps " << eps << " (grid radius " << r_lo << "): subproblems "
+    INFO("problem " << i << ", eps " << eps << " (grid radius " << r << "): subproblems "
                     << out[0].bounded << " / " << out[1].bounded);
     if (out[0].verdict == bab::Verdict::verified) CHECK(out[1].verdict == bab::Verdict::verified);
     rooted += out[1].verdict == bab::Verdict::verified && out[1].bounded == 1;
