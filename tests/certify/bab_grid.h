@@ -17,7 +17,7 @@ namespace moecert_test {
 /// Verdicts without [0] and with [1] route splits, each checked against the float32
 /// model on a 201 x 201 grid of the box.
 struct GridTally {
-  int verified[2] = {0, 0}, falsified[2] = {0, 0}, exhausted[2] = {0, 0};
+  int verified[2] = {0, 0}, falsified[2] = {0, 0};
   int64_t route_splits[2] = {0, 0}, carried[2] = {0, 0};
 };
 
@@ -76,7 +76,6 @@ inline GridTally grid_checked(const bab::Logits& logits32,
       INFO("problem " << i << ", eps " << eps << ", route splits " << with << ", grid broken "
                       << broken);
       t.route_splits[with] += out.route_splits, t.carried[with] += out.carried;
-      t.exhausted[with] += out.exhausted;
       if (out.verdict != bab::Verdict::falsified)
         CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
       if (out.verdict == bab::Verdict::verified) {
