@@ -40,6 +40,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("--bab-cold-start", cold,
                "start every subproblem from CROWN's slopes, not its parent's tuned ones");
+  bool one_tree = false;
+  app.add_flag("--bab-one-tree", one_tree,
+               "a mixture: one tree over every expert's splits, not one per expert");
   bool no_planes = false;
   app.add_flag("--no-input-planes", no_planes, "chords for every ReLU (no hull planes)");
   CLI11_PARSE(app, argc, argv);
@@ -66,7 +69,7 @@ int main(int argc, char** argv) {
   cfg.eps_grid = EpsGrid::parse(grid);
   cfg.bab_timeout = timeout, cfg.bab_batch = batch;
   cfg.bab_intermediate_steps = intermediate_steps, cfg.bab_warm_start = !cold;
-  cfg.bab_fsb = fsb, cfg.input_planes = !no_planes;
+  cfg.bab_fsb = fsb, cfg.input_planes = !no_planes, cfg.bab_expertwise = !one_tree;
   cfg.attack.steps = 20;
   auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
   int64_t subproblems = 0;
@@ -112,6 +115,7 @@ int main(int argc, char** argv) {
                       {"intermediate_steps", intermediate_steps},
                       {"warm_start", !cold},
                       {"fsb", fsb},
+                      {"expertwise", !one_tree},
                       {"subproblems", subproblems},
                       {"route_splits", route_splits},
                       {"carried", carried},

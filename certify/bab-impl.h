@@ -65,6 +65,9 @@ struct Sub {
   /// offers that unit (ReluSearch::choose).
   std::vector<std::pair<double, SplitAt>> graph_best;
   std::shared_ptr<const Tuned> warm;  ///< ReLU mode: the warm start (null: CROWN's slopes)
+  /// Expert-wise search (Config::expertwise): the expert whose tree of splits this leaf
+  /// belongs to, and its group (a route set of the root, or the root); -1: none.
+  int expert = -1, group = -1;
 };
 struct Worse {  // the lowest slack on top
   bool operator()(const Sub& a, const Sub& b) const { return a.slack > b.slack; }

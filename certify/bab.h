@@ -47,6 +47,14 @@ struct Config {
   /// expert) bound only that graph again; every other expert's bounds are its parent's,
   /// which the split leaves as they were (docs §22).
   bool carry_untouched = true;
+  /// ReLU splits of a single mixture whose router has no unit to split: one tree of
+  /// splits per expert, each leaf bounded with the other experts' bounds over the whole
+  /// region (the least over their leaves), in place of one tree over all experts'
+  /// splits together (docs §22).
+  bool expertwise = true;
+  /// ReLU splits of a single mixture: a margin row carries to a subproblem's children
+  /// (bounded no more) only when its bound is above this too, in logits (docs §22).
+  double mixture_row_settled = 4;
   bool input_planes = true;  ///< BoundOptions::input_planes of every pass
   std::string progress;      ///< when not empty: the label of a progress line every 5 s
 };
@@ -68,6 +76,8 @@ struct Outcome {
   int64_t carried = 0;  ///< experts a subproblem's route allows, not bounded: settled on a parent
                         ///< or left as they were by its ReLU split
   int64_t graphs_split = 0;  ///< the graphs (routers, experts) some ReLU split fixed a unit of
+  int64_t trees =
+      0;  ///< the expert-wise search's trees of splits (0: one tree, Config::expertwise)
   double verified_mass = 0, open_mass = 0;
   double seconds = 0;
   bool exhausted = false;  ///< some open subproblem had nothing left to split

@@ -111,6 +111,7 @@ class ReluSearch : public Search {
   /// subproblem's MemberPass::known_dlo).
   std::vector<torch::Tensor> dlo_;
   std::set<std::pair<int, int>> split_graphs_;  // (member, graph) of every ReLU split made
+  bool leaves_ = false;  // bounding expert-wise leaves: one expert each, split only there
 
   /// Whether subproblems carry warm starts: ReLU splits of a single member (the margin
   /// rows a parent tuned are its children's; a mixture's too, with rows_only()).
@@ -129,6 +130,324 @@ class ReluSearch : public Search {
   /// Whether the children of a ReLU split in a mixture bound only the split graph again
   /// (Config::carry_untouched): the other experts' bounds are their parent's.
   bool untouched() const { return carry() && cfg_.carry_untouched; }
+
+  /// Whether the search keeps one tree of splits per expert (Config::expertwise, docs
+  /// §22): a single member in the mixture form whose router has no unit to split.
+  bool expertwise() const { return cfg_.expertwise && untouched() && candidates_[0][0].empty(); }
+
+  /// Expert-wise search: one expert's tree of splits in a group, its open leaves and the
+  /// least bounds ([K] CPU, +inf: none) and the mass of its closed ones.
+  struct Tree {
+    bool on = false;
+    std::vector<Sub> open;
+    torch::Tensor closed_low;
+    double closed = 0;
+  };
+  /// A group: the root's region, or one route set of it. `low` [E, K] CPU: each expert's
+  /// probability margin bounds over the group's region (the least over its tree's leaves).
+  struct Group {
+    std::vector<std::vector<int64_t>> route;  // Sub::route
+    double mass = 0;
+    std::vector<Tree> trees;  // per expert
+    torch::Tensor low;
+    bool done = false;
+  };
+
+  /// What a leaf of `g` is bounded with ([E, K]): the group's bounds of the other experts,
+  /// its own of its expert (for a child: its parent's, a floor of its own).
+  static torch::Tensor leaf_known(const Group& g, const Sub& leaf) {
+    auto k = g.low.clone();
+    k[leaf.expert].copy_(leaf.prob[leaf.expert]);
+    return k;
+  }
+
+  /// The least bounds of a tree's expert over all its leaves, closed and open.
+  static torch::Tensor tree_low(const Tree& t) {
+    auto low = t.closed_low.clone();
+    for (const auto& s : t.open) low = torch::min(low, s.prob[s.expert]);
+    return low;
+  }
+
+  static void close_leaf(Tree& t, const Sub& s) {
+    t.closed += s.mass;
+    t.closed_low = torch::min(t.closed_low, s.prob[s.expert]);
+  }
+
+  /// Bounds expert-wise leaves (each its own expert, the others at their group's bounds)
+  /// and places them in their trees: closed when their slack is positive (or their
+  /// region empty), open otherwise, with their next split.
+  void bound_leaves(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs,
+                    std::vector<Group>& groups) {
+    const int64_t n = static_cast<int64_t>(subs.size()), E = p_.members[0]->experts;
+    auto bound_only = torch::zeros({n, E}, torch::kBool);
+    for (int64_t c = 0; c < n; ++c) bound_only[c][subs[static_cast<size_t>(c)].expert] = true;
+    std::vector<torch::Tensor> only;
+    auto passes = batch_passes(root, subs, only, &out_.carried, bound_only);
+    for (int g = 1; g < static_cast<int>(candidates_[0].size()); ++g)
+      if (BoundPass* bp = graph_pass(passes[0], g))
+        for (int k : candidates_[0][static_cast<size_t>(g)]) {
+          auto& nb = bp->nodes[static_cast<size_t>(k)];
+          nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
+        }
+    auto ev = evaluate(p_, passes, passes[0].domain, labels(n), only);
+    auto slack = ev.slack.cpu();
+    auto empty = empty_regions(passes, n);
+    out_.bounded += n;
+    choose(passes, ev.possible_of, subs);
+    if (warm()) warm_.keep(ev, subs);
+    std::vector<torch::Tensor> proven;  // per expert [n, K − 1]
+    for (size_t j = 0; j < ev.settled.size(); ++j)
+      proven.push_back(
+          torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
+    auto prob = ev.prob.cpu();
+    std::vector<double> slacks(static_cast<size_t>(n));
+    std::vector<bool> is_open(static_cast<size_t>(n));
+    for (int64_t c = 0; c < n; ++c) {
+      auto& s = subs[static_cast<size_t>(c)];
+      s.slack = slacks[static_cast<size_t>(c)] = slack[c].item<double>();
+      s.known.clear();
+      for (const auto& t : proven) s.known.push_back(t[c].clone());
+      s.prob = prob[c].clone();
+      s.known_prob = torch::Tensor();
+      Tree& t = groups[static_cast<size_t>(s.group)].trees[static_cast<size_t>(s.expert)];
+      if (empty[c].item<bool>()) {
+        t.closed += s.mass;  // no point: no bound to keep
+      } else if (s.slack > 0) {
+        close_leaf(t, s);
+      } else {
+        is_open[static_cast<size_t>(c)] = true;
+        t.open.push_back(std::move(s));
+      }
+    }
+    check_primal(ev.primal, slacks, is_open);
+  }
+
+  /// Bounds every open leaf of the groups not done again with no expert bounded (its own
+  /// expert at its bounds, the others at their group's, which only rise): the router's
+  /// bounds and the mixture's program; closes those whose slack is now positive.
+  void retest(const std::vector<forms::MemberPass>& root, std::vector<Group>& groups) {
+    std::vector<std::tuple<size_t, size_t, size_t>> at;
+    std::vector<Sub> subs;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      if (groups[g].done) continue;
+      for (size_t j = 0; j < groups[g].trees.size(); ++j)
+        for (size_t i = 0; i < groups[g].trees[j].open.size(); ++i) {
+          const Sub& leaf = groups[g].trees[j].open[i];
+          Sub c;
+          c.route = leaf.route, c.expert = leaf.expert;
+          c.known_prob = leaf_known(groups[g], leaf);
+          subs.push_back(std::move(c));
+          at.push_back({g, j, i});
+        }
+    }
+    const int64_t E = p_.members[0]->experts;
+    const size_t chunk = static_cast<size_t>(std::max<int64_t>(1, 4 * cfg_.batch));
+    for (size_t from = 0; from < subs.size(); from += chunk) {
+      const size_t len = std::min(chunk, subs.size() - from);
+      std::vector<Sub> part(subs.begin() + static_cast<std::ptrdiff_t>(from),
+                            subs.begin() + static_cast<std::ptrdiff_t>(from + len));
+      std::vector<torch::Tensor> only;
+      auto none = torch::zeros({static_cast<int64_t>(len), E}, torch::kBool);
+      auto passes = batch_passes(root, part, only, nullptr, none);
+      auto ev = evaluate(p_, passes, passes[0].domain, labels(static_cast<int64_t>(len)), only);
+      auto slack = ev.slack.cpu();
+      for (size_t c = 0; c < len; ++c) {
+        auto [g, j, i] = at[from + c];
+        groups[g].trees[j].open[i].slack = slack[static_cast<int64_t>(c)].item<double>();
+      }
+    }
+    for (auto& g : groups)
+      for (auto& t : g.trees) {
+        std::vector<Sub> keep;
+        for (auto& s : t.open)
+          if (s.slack > 0)
+            close_leaf(t, s);
+          else
+            keep.push_back(std::move(s));
+        t.open = std::move(keep);
+      }
+  }
+
+  /// Per group (not done) and expert with a tree: how much the group's slack rises when
+  /// that expert's bounds are raised to 1 (a perfect expert), with the others at theirs;
+  /// 0 elsewhere. Steers which trees are split.
+  std::vector<std::vector<double>> gains(const std::vector<forms::MemberPass>& root,
+                                         const std::vector<Group>& groups) {
+    std::vector<Sub> subs;
+    std::vector<std::pair<size_t, int64_t>> at;  // group, expert (-1: as they are)
+    const int64_t E = p_.members[0]->experts;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      if (groups[g].done) continue;
+      for (int64_t j = -1; j < E; ++j) {
+        if (j >= 0 && !groups[g].trees[static_cast<size_t>(j)].on) continue;
+        Sub c;
+        c.route = groups[g].route;
+        c.known_prob = groups[g].low.clone();
+        if (j >= 0) c.known_prob[j].fill_(1.0);
+        subs.push_back(std::move(c));
+        at.push_back({g, j});
+      }
+    }
+    std::vector<std::vector<double>> out(groups.size(),
+                                         std::vector<double>(static_cast<size_t>(E), 0.0));
+    if (subs.empty()) return out;
+    const int64_t n = static_cast<int64_t>(subs.size());
+    std::vector<torch::Tensor> only;
+    auto passes = batch_passes(root, subs, only, nullptr, torch::zeros({n, E}, torch::kBool));
+    auto slack = evaluate(p_, passes, passes[0].domain, labels(n), only).slack.cpu();
+    double base = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      auto [g, j] = at[static_cast<size_t>(c)];
+      if (j < 0)
+        base = slack[c].item<double>();
+      else
+        out[g][static_cast<size_t>(j)] = std::max(0.0, slack[c].item<double>() - base);
+    }
+    return out;
+  }
+
+  /// The expert-wise search (docs §22): the root, split by route when its router can
+  /// select more than one expert set, then per group one tree of ReLU splits per expert
+  /// it can select. A leaf is closed when the mixture's program, with its expert's
+  /// bounds on the leaf and every other expert's over the group's region, is positive;
+  /// a group is verified when one of its trees has every leaf closed.
+  void search_expertwise(const std::vector<forms::MemberPass>& root) {
+    const int64_t E = p_.members[0]->experts, K = p_.members[0]->classes;
+    auto heads = bound_relu(root, {Sub{}});
+    if (!heads.empty() && out_.verdict != Verdict::falsified) {
+      if (auto [member, sets] = route_children(heads[0]); !sets.empty()) {
+        ++out_.route_splits;
+        std::vector<Sub> kids;
+        for (auto& set : sets) {
+          Sub c = heads[0];
+          c.route.resize(p_.members.size());
+          c.route[member] = std::move(set), c.depth = heads[0].depth + 1;
+          c.mass = heads[0].mass / static_cast<double>(sets.size());
+          c.known_prob = torch::Tensor();  // every expert bounded: each tree's first unit
+          kids.push_back(std::move(c));
+        }
+        heads = bound_relu(root, std::move(kids));
+      }
+    }
+    const double base = out_.verified_mass;  // the route sets verified whole
+    std::vector<Group> groups;
+    for (auto& h : heads) {
+      Group g;
+      g.route = h.route, g.mass = h.mass, g.low = h.prob.clone();
+      g.trees.resize(static_cast<size_t>(E));
+      const auto& in_play = !of(h.route, 0).empty() ? of(h.route, 0) : of(h.possible, 0);
+      for (int64_t j : in_play) {
+        auto& t = g.trees[static_cast<size_t>(j)];
+        t.on = true, t.closed_low = torch::full({K}, kInf, torch::kFloat64);
+        Sub leaf = h;
+        leaf.expert = static_cast<int>(j), leaf.group = static_cast<int>(groups.size());
+        const auto gb = static_cast<size_t>(j + 1) < h.graph_best.size()
+                            ? h.graph_best[static_cast<size_t>(j + 1)]
+                            : std::pair<double, SplitAt>{0.0, SplitAt{}};
+        leaf.can_split = gb.first > 0, leaf.next = gb.second;
+        t.open.push_back(std::move(leaf));
+        ++out_.trees;
+      }
+      groups.push_back(std::move(g));
+    }
+    leaves_ = true;
+    while (out_.verdict != Verdict::falsified) {
+      size_t open = 0;
+      double worst = kInf;
+      std::vector<std::tuple<double, size_t, size_t, size_t>> cand;  // slack, group, expert, leaf
+      for (size_t g = 0; g < groups.size(); ++g) {
+        auto& G = groups[g];
+        for (const auto& t : G.trees)
+          if (t.on && t.open.empty()) G.done = true;
+        if (G.done) continue;
+        for (size_t j = 0; j < G.trees.size(); ++j)
+          for (size_t i = 0; i < G.trees[j].open.size(); ++i) {
+            const Sub& s = G.trees[j].open[i];
+            ++open, worst = std::min(worst, s.slack);
+            if (s.can_split && s.depth < cfg_.max_depth) cand.push_back({s.slack, g, j, i});
+          }
+      }
+      if (open == 0) break;
+      if (!round_fits() || attack_due()) break;
+      if (static_cast<int64_t>(open) + cfg_.batch > cfg_.max_queue) break;
+      if (cand.empty()) {
+        out_.exhausted = true;
+        break;
+      }
+      // The batch's splits go to the trees in proportion to their gains (the lowest
+      // slack first in each), the rest to the lowest slack anywhere.
+      const size_t take =
+          std::min(cand.size(), static_cast<size_t>(std::max<int64_t>(1, cfg_.batch / 2)));
+      std::sort(cand.begin(), cand.end());
+      {
+        const auto gain = gains(root, groups);
+        double total = 0;
+        for (const auto& gg : gain)
+          for (double v : gg) total += v;
+        std::vector<std::vector<size_t>> quota(groups.size(),
+                                               std::vector<size_t>(static_cast<size_t>(E), 0));
+        if (total > 0)
+          for (size_t g = 0; g < groups.size(); ++g)
+            for (size_t j = 0; j < static_cast<size_t>(E); ++j)
+              quota[g][j] =
+                  static_cast<size_t>(std::ceil(static_cast<double>(take) * gain[g][j] / total));
+        std::vector<std::tuple<double, size_t, size_t, size_t>> pick, rest;
+        for (const auto& c : cand) {
+          auto& q = quota[std::get<1>(c)][std::get<2>(c)];
+          if (q > 0 && pick.size() < take)
+            --q, pick.push_back(c);
+          else
+            rest.push_back(c);
+        }
+        for (size_t r = 0; pick.size() < take && r < rest.size(); ++r) pick.push_back(rest[r]);
+        cand = std::move(pick);
+      }
+      std::vector<Sub> children;
+      for (const auto& [slack, g, j, i] : cand) {
+        const Sub& s = groups[g].trees[j].open[i];
+        split_graphs_.insert({s.next.member, s.next.graph});
+        for (double sign : {1.0, -1.0}) {
+          Sub c;
+          c.splits = s.splits;
+          c.splits.push_back(s.next);
+          c.splits.back().sign = sign;
+          c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
+          c.known = s.known, c.warm = s.warm;
+          c.expert = s.expert, c.group = s.group;
+          c.known_prob = leaf_known(groups[g], s);
+          children.push_back(std::move(c));
+        }
+      }
+      out_.graphs_split = static_cast<int64_t>(split_graphs_.size());
+      // The split leaves leave their trees (latest index first, so the others stay put).
+      std::sort(cand.begin(), cand.end(),
+                [](const auto& a, const auto& b) { return std::get<3>(a) > std::get<3>(b); });
+      for (const auto& [slack, g, j, i] : cand) {
+        auto& o = groups[g].trees[j].open;
+        o.erase(o.begin() + static_cast<std::ptrdiff_t>(i));
+      }
+      ++out_.rounds;
+      const auto round_start = Clock::now();
+      bound_leaves(root, std::move(children), groups);
+      for (auto& G : groups)
+        for (size_t j = 0; j < G.trees.size(); ++j)
+          if (G.trees[j].on) G.low[static_cast<int64_t>(j)].copy_(tree_low(G.trees[j]));
+      retest(root, groups);
+      last_round_ = Clock::now() - round_start;
+      report(open, worst);
+    }
+    leaves_ = false;
+    double verified = base;
+    bool all = true;
+    for (const auto& G : groups) {
+      double best = 0;
+      for (const auto& t : G.trees) best = std::max(best, t.closed);
+      verified += G.done ? G.mass : best;
+      all = all && G.done;
+    }
+    out_.verified_mass = verified, out_.open_mass = std::max(0.0, 1.0 - verified);
+    if (out_.verdict != Verdict::falsified && all) out_.verdict = Verdict::verified;
+  }
 
   /// The most children one subproblem has: 2, or the expert sets of a route split (at
   /// most a batch: a route split with more children is not made).
@@ -218,7 +537,8 @@ class ReluSearch : public Search {
     const int64_t n = static_cast<int64_t>(subs.size());
     auto best = torch::zeros({n}, torch::kFloat64);
     if (ranked) ranked->assign(static_cast<size_t>(n), {});
-    const bool inherit = untouched();
+    // Expert-wise leaves bound one expert each and split only it.
+    const bool inherit = untouched() && !leaves_;
     const size_t G = inherit ? passes[0].experts.size() + 1 : 0;
     // inherit: per subproblem and graph, the best fresh unit (score 0: none), and whether
     // the graph was bounded there.
@@ -228,7 +548,7 @@ class ReluSearch : public Search {
     for (size_t i = 0; i < passes.size(); ++i)
       for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g) {
         const BoundPass* bp = graph_pass(passes[i], g);
-        if (!bp) continue;
+        if (!bp || (leaves_ && g == 0)) continue;
         // The pass's rows: all subproblems for the router, those it covers for an expert.
         auto rows = pass_rows(passes[i], g, n);
         torch::Tensor in_play;  // [rows] bool: the expert can be selected there
@@ -366,11 +686,14 @@ class ReluSearch : public Search {
 
   /// The member passes of `subs` with what they carry (proven rows, settled experts, warm
   /// starts); `only`: per member, the experts each route allows; `carried` (when given):
-  /// adds the settled experts the routes allow, which are not bounded.
+  /// adds the settled experts the routes allow, which are not bounded. `bound_only` [n, E]
+  /// bool (expert-wise leaves): the experts each subproblem bounds, whatever it carries
+  /// (a bounded expert's carried bounds are a floor of its new ones).
   std::vector<forms::MemberPass> batch_passes(const std::vector<forms::MemberPass>& root,
                                               const std::vector<Sub>& subs,
                                               std::vector<torch::Tensor>& only,
-                                              int64_t* carried = nullptr) const {
+                                              int64_t* carried = nullptr,
+                                              const torch::Tensor& bound_only = {}) const {
     const int64_t n = static_cast<int64_t>(subs.size());
     only.clear();
     for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
@@ -385,8 +708,12 @@ class ReluSearch : public Search {
           known_prob[c].copy_(subs[static_cast<size_t>(c)].known_prob);
       auto settled = known_prob.amax(2).isfinite().to(p_.x.device());
       const auto allowed = need[0].defined() ? need[0] : torch::ones_like(settled);
-      if (carried) *carried += (allowed & settled).sum().item<int64_t>();
       need[0] = allowed & ~settled;
+      if (bound_only.defined()) need[0] = allowed & bound_only.to(p_.x.device());
+      if (carried) *carried += (allowed & settled & ~need[0]).sum().item<int64_t>();
+    } else if (bound_only.defined()) {
+      const auto b = bound_only.to(p_.x.device());
+      need[0] = need[0].defined() ? need[0] & b : b;
     }
     auto passes = split_passes(root, subs, need);
     if (known_prob.defined())
@@ -534,8 +861,10 @@ class ReluSearch : public Search {
     if (rows_only()) {
       // The lower ends of the logit differences, bounded once on the whole region.
       root[0].margin_rows_only = true;
+      root[0].row_settled = cfg_.mixture_row_settled;
       dlo_ = forms::difference_lower(root[0], labels(1));
     }
+    if (expertwise()) return search_expertwise(root);
     Queue q;
     for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
     while (!q.empty() && out_.verdict != Verdict::falsified) {

@@ -290,6 +290,7 @@ ResultsConfig config_of(const CertifyConfig& cfg) {
              {"input_max_free", cfg.bab_input_max_free},
              {"intermediate_steps", cfg.bab_intermediate_steps},
              {"warm_start", cfg.bab_warm_start},
+             {"expertwise", cfg.bab_expertwise},
              {"fsb", cfg.bab_fsb},
              {"bisect", cfg.bab_bisect}}},
            {"margin_allowance", defaults::margin_allowance},

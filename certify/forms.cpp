@@ -183,7 +183,9 @@ torch::Tensor record_rows(const MemberPass& p, size_t j, const InputDomain& d, E
   }
   auto tie = p.fp32 ? fp32_tie(e.hmax, p.m->classes) : torch::zeros_like(e.hmax);
   ev.margins.back().index_copy_(0, e.rows, e.low);
-  ev.settled.back().index_copy_(0, e.rows, e.low.gt(tie.unsqueeze(1)));
+  // A mixture's probability margins read every row's value, not only its sign (docs §22).
+  auto done = tie.unsqueeze(1).clamp_min(p.margin_rows_only ? p.row_settled : 0.0);
+  ev.settled.back().index_copy_(0, e.rows, e.low.gt(done));
   if (e.primal.defined()) {
     auto& primal = ev.primal;
     if (!primal.defined()) primal = d.x.clone();
@@ -311,6 +313,7 @@ MemberPass member_split(const MemberPass& root, const MemberSplits& splits, int6
                         const torch::Tensor& need) {
   MemberPass p;
   p.m = root.m, p.fp32 = root.fp32, p.margin_rows_only = root.margin_rows_only;
+  p.row_settled = root.row_settled;
   const auto o = torch::TensorOptions().dtype(torch::kLong).device(root.domain.x.device());
   const auto index = torch::zeros({n}, o);
   p.domain = subset(root.domain, index);

@@ -68,6 +68,9 @@ struct MemberPass {
   /// primal points as in the logit-domain forms, and the evaluation reports margins and
   /// settled rows. Branch and bound's ReLU splits set it.
   bool margin_rows_only = false;
+  /// With margin_rows_only: a row counts as settled (Evaluation::settled) only when its
+  /// bound is above this as well as above the tie allowance.
+  double row_settled = 0;
   /// With margin_rows_only: per expert j, [1 or n, K] float64 lower bounds of the float32
   /// ĥ_k − ĥ_y (0 at y) known from a region containing this one, which stand for the
   /// lower ends left out (branch and bound: the root's, difference_lower). Empty: −∞.

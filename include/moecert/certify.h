@@ -176,6 +176,8 @@ struct CertifyConfig {
   int bab_intermediate_steps = 8;
   /// Whether a subproblem's α-β optimisation starts from its parent's tuned parameters.
   bool bab_warm_start = true;
+  /// A single mixture: one tree of ReLU splits per expert (false: one tree over all).
+  bool bab_expertwise = true;
   /// Candidate units whose children are bounded before each ReLU split is chosen
   /// (filtered smart branching; 0 or 1: the first-order score alone).
   int64_t bab_fsb = 0;

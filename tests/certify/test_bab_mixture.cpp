@@ -126,6 +126,7 @@ TEST_CASE("a mixture's ReLU split bounds only the split graph again and still sp
       bab::Config cfg;
       cfg.split = bab::Split::relu;
       cfg.carry_untouched = untouched == 1;
+      cfg.expertwise = false;    // one tree over every expert's splits
       cfg.input_planes = false;  // (the planes make a 2-D net's root nearly exact)
       bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
       out[untouched] = bab::solve(
@@ -153,6 +154,68 @@ TEST_CASE("a mixture's ReLU split bounds only the split graph again and still sp
   CHECK(verified[1] > rooted);  // a search that needed splits
 }
 
+// The expert-wise search (bab::Config::expertwise): one tree of splits per expert, a leaf
+// closed by the mixture's program with its expert's bounds there and the others' over
+// the whole region. It verifies what one tree over every expert's splits verifies, never
+// a broken region, and where both run out of units to split it has bounded fewer
+// subproblems (one tree makes one expert's splits again under every leaf of the others').
+TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert does, soundly",
+          "[unit][certify][bab]") {
+  // Soft routing (top-3 of three). Radii at 0.6 of the grid's robust radius (three of
+  // every four problems) and at 1.3: every verdict is checked on the 201 x 201 grid, and
+  // the masses add up. (On these random experts many regions stay open for both: an
+  // expert wrong where it weighs much defeats any bound of the experts apart.)
+  Toy toy(3, 3, 12, 31, /*top_k=*/3);
+  torch::manual_seed(33);
+  const auto xs = (0.2 + 0.6 * torch::rand({24, 2}, f64)).view({24, 1, 1, 2});
+  int verified[2] = {0, 0}, falsified[2] = {0, 0}, split = 0;
+  int64_t trees[2] = {0, 0}, spent[2] = {0, 0};
+  for (int64_t i = 0; i < xs.size(0); ++i) {
+    auto x = xs.narrow(0, i, 1);
+    const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
+    const double eps = grid_radius(toy.logits(), x, y) * (i % 4 == 3 ? 1.3 : 0.6);
+    const bool broken = moecert_test::grid_broken(toy.logits(), x, y, eps);
+    bab::Outcome out[2];
+    for (int ew = 0; ew < 2; ++ew) {
+      bab::Config cfg;
+      cfg.split = bab::Split::relu;
+      cfg.expertwise = ew == 1;
+      cfg.input_planes = false;  // (the planes make a 2-D net's root nearly exact)
+      bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
+      out[ew] = bab::solve(p, cfg, toy.logits(), random_points(toy, p),
+                           bab::Clock::now() + std::chrono::duration_cast<bab::Clock::duration>(
+                                                   std::chrono::duration<double>(4.0)));
+      INFO("problem " << i << ", eps " << eps << ", expert-wise " << ew << ", grid broken "
+                      << broken << ": subproblems " << out[ew].bounded);
+      trees[ew] += out[ew].trees;
+      if (out[ew].verdict != bab::Verdict::falsified)
+        CHECK(out[ew].verified_mass + out[ew].open_mass == Approx(1.0).margin(1e-12));
+      if (out[ew].verdict == bab::Verdict::verified) {
+        ++verified[ew];
+        CHECK_FALSE(broken);
+      } else if (out[ew].verdict == bab::Verdict::falsified) {
+        ++falsified[ew];
+        CHECK((out[ew].counterexample.to(torch::kFloat64) - x).abs().max().item<double>() <= eps);
+        CHECK(toy.logits32(out[ew].counterexample).argmax(1)[0].item<int64_t>() != y);
+      }
+    }
+    if (out[0].verdict == bab::Verdict::verified) CHECK(out[1].verdict == bab::Verdict::verified);
+    split += out[1].verdict == bab::Verdict::verified && out[1].bounded > 1;
+    if (out[0].exhausted && out[1].exhausted)
+      for (int ew = 0; ew < 2; ++ew) spent[ew] += out[ew].bounded;
+  }
+  INFO("verified " << verified[0] << " / " << verified[1] << ", falsified " << falsified[0] << " / "
+                   << falsified[1] << ", subproblems of the searches both exhausted " << spent[0]
+                   << " / " << spent[1] << " (one tree / expert-wise)");
+  CHECK(trees[0] == 0);  // the switch decides which search runs
+  CHECK(trees[1] > 0);
+  CHECK(verified[1] >= verified[0]);
+  CHECK(split > 0);  // some expert-wise search verified after splits
+  CHECK(falsified[1] > 0);
+  CHECK(spent[1] > 0);
+  CHECK(2 * spent[1] < spent[0]);
+}
+
 // Branch and bound bounds a mixture's margin rows only (forms::MemberPass::margin_rows_only):
 // the probability margins then take no lower end of the logit differences (a larger box),
 // and the evaluation reports the rows as a logit form does, for row carry, warm starts and
@@ -164,7 +227,7 @@ TEST_CASE("a mixture bounded by its margin rows holds, and with the lower ends a
   opt.method = BoundMethod::alpha_crown;
   opt.primal = true;
   torch::manual_seed(6);
-  int looser = 0;
+  int looser = 0, unsettled = 0;
   for (int i = 0; i < 12; ++i) {
     auto x = 0.2 + 0.6 * torch::rand({1, 1, 1, 2}, f64);
     const double eps = 0.03 + 0.01 * i;
@@ -186,6 +249,17 @@ TEST_CASE("a mixture bounded by its margin rows holds, and with the lower ends a
     CHECK(ev.slack[0].item<double>() <= full.slack[0].item<double>() + 1e-12);
     CHECK((ev.prob <= full.prob + 1e-12).all().item<bool>());
     looser += ev.slack[0].item<double>() < full.slack[0].item<double>() - 1e-9;
+    // A row settles (and carries in branch and bound) above the tie allowance, and with
+    // row_settled above that value too: the same bounds, fewer rows settled.
+    auto strict = rows;
+    strict.row_settled = 2.0;
+    const auto ev2 = forms::member_evaluate(strict, d, labels);
+    for (size_t j = 0; j < ev.settled.size(); ++j) {
+      CHECK(torch::equal(ev2.margins[j], ev.margins[j]));
+      CHECK_FALSE((ev2.settled[j] & ~ev.settled[j]).any().item<bool>());
+      CHECK_FALSE((ev2.settled[j] & ev2.margins[j].le(2.0)).any().item<bool>());
+      unsettled += (ev.settled[j] & ~ev2.settled[j]).sum().item<int>();
+    }
     // With the lower ends bounded apart (branch and bound: once, at the root).
     rows.known_dlo = forms::difference_lower(both, labels);
     const auto lo = forms::member_evaluate(rows, d, labels);
@@ -209,7 +283,8 @@ TEST_CASE("a mixture bounded by its margin rows holds, and with the lower ends a
       CHECK((m[0] <= low + 1e-9).all().item<bool>());
     }
   }
-  CHECK(looser > 0);  // with three classes the lower ends count (hence known_dlo)
+  CHECK(looser > 0);     // with three classes the lower ends count (hence known_dlo)
+  CHECK(unsettled > 0);  // rows between the allowance and 2: settled only without it
 }
 
 TEST_CASE(
