@@ -57,6 +57,31 @@ torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_
   return out;
 }
 
+/// Per expert, the margin rows an evaluation proved (Evaluation::settled) with their
+/// bounds, −inf elsewhere: what a subproblem's children take as known. [n, K − 1] CPU each
+std::vector<torch::Tensor> proven_rows(const forms::Evaluation& ev) {
+  std::vector<torch::Tensor> out;
+  for (size_t j = 0; j < ev.settled.size(); ++j)
+    out.push_back(
+        torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
+  return out;
+}
+
+/// Each subproblem's slack from its evaluation (also returned, in order) and the rows it
+/// proved (Sub::known).
+std::vector<double> take_slacks(const forms::Evaluation& ev, std::vector<Sub>& subs) {
+  const auto slack = ev.slack.cpu();
+  const auto proven = proven_rows(ev);
+  std::vector<double> out(subs.size());
+  for (size_t c = 0; c < subs.size(); ++c) {
+    auto& s = subs[c];
+    s.slack = out[c] = slack[static_cast<int64_t>(c)].item<double>();
+    s.known.clear();
+    for (const auto& t : proven) s.known.push_back(t[static_cast<int64_t>(c)].clone());
+  }
+  return out;
+}
+
 /// The mixture form's carry of a child of `s` (Sub::known_prob, docs §22): the bounds of
 /// the experts settled on `s`, and with `graph` >= 0 (a ReLU split of that graph of the
 /// member: 0 the router, 1 + j expert j) those of every expert the split leaves as it was.
@@ -183,30 +208,17 @@ class ReluSearch : public Search {
     for (int64_t c = 0; c < n; ++c) bound_only[c][subs[static_cast<size_t>(c)].expert] = true;
     std::vector<torch::Tensor> only;
     auto passes = batch_passes(root, subs, only, &out_.carried, bound_only);
-    for (int g = 1; g < static_cast<int>(candidates_[0].size()); ++g)
-      if (BoundPass* bp = graph_pass(passes[0], g))
-        for (int k : candidates_[0][static_cast<size_t>(g)]) {
-          auto& nb = bp->nodes[static_cast<size_t>(k)];
-          nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
-        }
+    track(passes);
     auto ev = evaluate(p_, passes, passes[0].domain, labels(n), only);
-    auto slack = ev.slack.cpu();
     auto empty = empty_regions(passes, n);
     out_.bounded += n;
     choose(passes, ev.possible_of, subs);
     if (warm()) warm_.keep(ev, subs);
-    std::vector<torch::Tensor> proven;  // per expert [n, K − 1]
-    for (size_t j = 0; j < ev.settled.size(); ++j)
-      proven.push_back(
-          torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
+    const auto slacks = take_slacks(ev, subs);
     auto prob = ev.prob.cpu();
-    std::vector<double> slacks(static_cast<size_t>(n));
     std::vector<bool> is_open(static_cast<size_t>(n));
     for (int64_t c = 0; c < n; ++c) {
       auto& s = subs[static_cast<size_t>(c)];
-      s.slack = slacks[static_cast<size_t>(c)] = slack[c].item<double>();
-      s.known.clear();
-      for (const auto& t : proven) s.known.push_back(t[c].clone());
       s.prob = prob[c].clone();
       s.known_prob = torch::Tensor();
       Tree& t = groups[static_cast<size_t>(s.group)].trees[static_cast<size_t>(s.expert)];
@@ -738,6 +750,18 @@ class ReluSearch : public Search {
     return passes;
   }
 
+  /// Tracks the split candidates' intervals in `passes`: the bounds' sensitivity to them
+  /// steers branching (choose).
+  void track(std::vector<forms::MemberPass>& passes) const {
+    for (size_t i = 0; i < passes.size(); ++i)
+      for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
+        if (BoundPass* bp = graph_pass(passes[i], g))
+          for (int k : candidates_[i][static_cast<size_t>(g)]) {
+            auto& nb = bp->nodes[static_cast<size_t>(k)];
+            nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
+          }
+  }
+
   /// Filtered smart branching (De Palma et al., 2021): for every subproblem in `subs`
   /// with more than one candidate in `ranked` (choose's best few per node), both
   /// children of each candidate are bounded at once with the subproblem's tuned
@@ -795,17 +819,9 @@ class ReluSearch : public Search {
     const int64_t n = static_cast<int64_t>(subs.size());
     std::vector<torch::Tensor> only;  // per member: the experts each route allows
     auto passes = batch_passes(root, subs, only, &out_.carried);
-    // The bounds' sensitivity to the split candidates' intervals steers branching.
-    for (size_t i = 0; i < passes.size(); ++i)
-      for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
-        if (BoundPass* bp = graph_pass(passes[i], g))
-          for (int k : candidates_[i][static_cast<size_t>(g)]) {
-            auto& nb = bp->nodes[static_cast<size_t>(k)];
-            nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
-          }
+    track(passes);
     const auto& d = passes[0].domain;
     auto ev = evaluate(p_, passes, d, labels(n), only);
-    auto slack = ev.slack.cpu();
     auto empty = empty_regions(passes, n);
     out_.bounded += n;
     std::vector<std::vector<std::pair<double, SplitAt>>> ranked;
@@ -814,21 +830,14 @@ class ReluSearch : public Search {
     std::vector<torch::Tensor> possible, sure;
     for (const auto& t : ev.possible_of) possible.push_back(t.cpu());
     for (const auto& t : ev.sure_of) sure.push_back(t.cpu());
-    std::vector<torch::Tensor> proven;  // per expert [n, K − 1]
-    for (size_t j = 0; j < ev.settled.size(); ++j)
-      proven.push_back(
-          torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
+    const auto slacks = take_slacks(ev, subs);
     torch::Tensor prob, prob_settled;  // carry(): every expert's bounds ([n, E, K]), settled ones
     if (carry()) prob = ev.prob.cpu(), prob_settled = ev.prob_settled.cpu();
     std::vector<Sub> open;
     std::vector<std::vector<std::pair<double, SplitAt>>> open_ranked;
-    std::vector<double> slacks(static_cast<size_t>(n));
     std::vector<bool> is_open(static_cast<size_t>(n));
     for (int64_t c = 0; c < n; ++c) {
       auto& s = subs[static_cast<size_t>(c)];
-      s.slack = slacks[static_cast<size_t>(c)] = slack[c].item<double>();
-      s.known.clear();
-      for (const auto& t : proven) s.known.push_back(t[c].clone());
       // What a route split's children carry (Sub c = s); a ReLU split's: relu_child.
       if (prob.defined()) s.prob = prob[c].clone(), s.settled = prob_settled[c].clone();
       s.known_prob = carried_prob(s, -1);
