@@ -136,7 +136,6 @@ class ReluSearch : public Search {
   /// subproblem's MemberPass::known_dlo).
   std::vector<torch::Tensor> dlo_;
   std::set<std::pair<int, int>> split_graphs_;  // (member, graph) of every ReLU split made
-  bool leaves_ = false;  // bounding expert-wise leaves: one expert each, split only there
 
   /// Whether subproblems carry warm starts: ReLU splits of a single member (the margin
   /// rows a parent tuned are its children's; a mixture's too, with rows_only()).
@@ -212,7 +211,7 @@ class ReluSearch : public Search {
     auto ev = evaluate(p_, passes, passes[0].domain, labels(n), only);
     auto empty = empty_regions(passes, n);
     out_.bounded += n;
-    choose(passes, ev.possible_of, subs);
+    choose(passes, ev.possible_of, subs, nullptr, {}, /*leaves=*/true);
     if (warm()) warm_.keep(ev, subs);
     const auto slacks = take_slacks(ev, subs);
     auto prob = ev.prob.cpu();
@@ -234,6 +233,27 @@ class ReluSearch : public Search {
     check_primal(ev.primal, slacks, is_open);
   }
 
+  /// The slack of each of `subs` with no expert bounded (each takes its Sub::known_prob):
+  /// the router's bounds and the mixture's program, in batches of 4 · Config::batch.
+  std::vector<double> program_slacks(const std::vector<forms::MemberPass>& root,
+                                     const std::vector<Sub>& subs) {
+    const int64_t E = p_.members[0]->experts;
+    const size_t chunk = static_cast<size_t>(std::max<int64_t>(1, 4 * cfg_.batch));
+    std::vector<double> out;
+    for (size_t from = 0; from < subs.size(); from += chunk) {
+      const size_t len = std::min(chunk, subs.size() - from);
+      std::vector<Sub> part(subs.begin() + static_cast<std::ptrdiff_t>(from),
+                            subs.begin() + static_cast<std::ptrdiff_t>(from + len));
+      std::vector<torch::Tensor> only;
+      auto none = torch::zeros({static_cast<int64_t>(len), E}, torch::kBool);
+      auto passes = batch_passes(root, part, only, nullptr, none);
+      auto slack = evaluate(p_, passes, passes[0].domain, labels(static_cast<int64_t>(len)), only)
+                       .slack.cpu();
+      for (size_t c = 0; c < len; ++c) out.push_back(slack[static_cast<int64_t>(c)].item<double>());
+    }
+    return out;
+  }
+
   /// Bounds every open leaf of the groups not done again with no expert bounded (its own
   /// expert at its bounds, the others at their group's, which only rise): the router's
   /// bounds and the mixture's program; closes those whose slack is now positive.
@@ -252,21 +272,10 @@ class ReluSearch : public Search {
           at.push_back({g, j, i});
         }
     }
-    const int64_t E = p_.members[0]->experts;
-    const size_t chunk = static_cast<size_t>(std::max<int64_t>(1, 4 * cfg_.batch));
-    for (size_t from = 0; from < subs.size(); from += chunk) {
-      const size_t len = std::min(chunk, subs.size() - from);
-      std::vector<Sub> part(subs.begin() + static_cast<std::ptrdiff_t>(from),
-                            subs.begin() + static_cast<std::ptrdiff_t>(from + len));
-      std::vector<torch::Tensor> only;
-      auto none = torch::zeros({static_cast<int64_t>(len), E}, torch::kBool);
-      auto passes = batch_passes(root, part, only, nullptr, none);
-      auto ev = evaluate(p_, passes, passes[0].domain, labels(static_cast<int64_t>(len)), only);
-      auto slack = ev.slack.cpu();
-      for (size_t c = 0; c < len; ++c) {
-        auto [g, j, i] = at[from + c];
-        groups[g].trees[j].open[i].slack = slack[static_cast<int64_t>(c)].item<double>();
-      }
+    const auto slack = program_slacks(root, subs);
+    for (size_t c = 0; c < subs.size(); ++c) {
+      auto [g, j, i] = at[c];
+      groups[g].trees[j].open[i].slack = slack[c];
     }
     for (auto& g : groups)
       for (auto& t : g.trees) {
@@ -302,18 +311,14 @@ class ReluSearch : public Search {
     }
     std::vector<std::vector<double>> out(groups.size(),
                                          std::vector<double>(static_cast<size_t>(E), 0.0));
-    if (subs.empty()) return out;
-    const int64_t n = static_cast<int64_t>(subs.size());
-    std::vector<torch::Tensor> only;
-    auto passes = batch_passes(root, subs, only, nullptr, torch::zeros({n, E}, torch::kBool));
-    auto slack = evaluate(p_, passes, passes[0].domain, labels(n), only).slack.cpu();
+    const auto slack = program_slacks(root, subs);
     double base = 0;
-    for (int64_t c = 0; c < n; ++c) {
-      auto [g, j] = at[static_cast<size_t>(c)];
+    for (size_t c = 0; c < subs.size(); ++c) {
+      auto [g, j] = at[c];
       if (j < 0)
-        base = slack[c].item<double>();
+        base = slack[c];
       else
-        out[g][static_cast<size_t>(j)] = std::max(0.0, slack[c].item<double>() - base);
+        out[g][static_cast<size_t>(j)] = std::max(0.0, slack[c] - base);
     }
     return out;
   }
@@ -362,7 +367,6 @@ class ReluSearch : public Search {
       }
       groups.push_back(std::move(g));
     }
-    leaves_ = true;
     while (out_.verdict != Verdict::falsified) {
       size_t open = 0;
       double worst = kInf;
@@ -448,7 +452,6 @@ class ReluSearch : public Search {
       last_round_ = Clock::now() - round_start;
       report(open, worst);
     }
-    leaves_ = false;
     double verified = base;
     bool all = true;
     for (const auto& G : groups) {
@@ -541,16 +544,17 @@ class ReluSearch : public Search {
   /// With untouched(), a subproblem that did not bound a graph of the member (its parent's
   /// bounds carried) offers that graph's unit from the last region that bounded it
   /// (Sub::graph_best), unless the expert is settled (`settled` [n, E] bool) or cannot be
-  /// selected; each subproblem's graph_best is updated for its children.
+  /// selected; each subproblem's graph_best is updated for its children. `leaves`:
+  /// expert-wise leaves, whose unit comes from their own expert's fresh bounds alone.
   void choose(const std::vector<forms::MemberPass>& passes,
               const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs,
               std::vector<std::vector<std::pair<double, SplitAt>>>* ranked = nullptr,
-              const torch::Tensor& settled = {}) const {
+              const torch::Tensor& settled = {}, bool leaves = false) const {
     const int64_t n = static_cast<int64_t>(subs.size());
     auto best = torch::zeros({n}, torch::kFloat64);
     if (ranked) ranked->assign(static_cast<size_t>(n), {});
     // Expert-wise leaves bound one expert each and split only it.
-    const bool inherit = untouched() && !leaves_;
+    const bool inherit = untouched() && !leaves;
     const size_t G = inherit ? passes[0].experts.size() + 1 : 0;
     // inherit: per subproblem and graph, the best fresh unit (score 0: none), and whether
     // the graph was bounded there.
@@ -560,7 +564,7 @@ class ReluSearch : public Search {
     for (size_t i = 0; i < passes.size(); ++i)
       for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g) {
         const BoundPass* bp = graph_pass(passes[i], g);
-        if (!bp || (leaves_ && g == 0)) continue;
+        if (!bp || (leaves && g == 0)) continue;
         // The pass's rows: all subproblems for the router, those it covers for an expert.
         auto rows = pass_rows(passes[i], g, n);
         torch::Tensor in_play;  // [rows] bool: the expert can be selected there
