@@ -54,7 +54,7 @@ struct Config {
   bool expertwise = true;
   /// ReLU splits of a single mixture: a margin row carries to a subproblem's children
   /// (bounded no more) only when its bound is above this too, in logits (docs §22).
-  double mixture_row_settled = 4;
+  double mixture_row_settled = 1;
   bool input_planes = true;  ///< BoundOptions::input_planes of every pass
   std::string progress;      ///< when not empty: the label of a progress line every 5 s
 };
