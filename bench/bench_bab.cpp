@@ -43,6 +43,10 @@ int main(int argc, char** argv) {
   bool one_tree = false;
   app.add_flag("--bab-one-tree", one_tree,
                "a mixture: one tree over every expert's splits, not one per expert");
+  double row_carry = CertifyConfig{}.bab_row_carry;
+  app.add_option("--bab-row-carry", row_carry,
+                 "a mixture: margin rows carry to the children only above this many logits")
+      ->capture_default_str();
   bool no_planes = false;
   app.add_flag("--no-input-planes", no_planes, "chords for every ReLU (no hull planes)");
   CLI11_PARSE(app, argc, argv);
@@ -70,6 +74,7 @@ int main(int argc, char** argv) {
   cfg.bab_timeout = timeout, cfg.bab_batch = batch;
   cfg.bab_intermediate_steps = intermediate_steps, cfg.bab_warm_start = !cold;
   cfg.bab_fsb = fsb, cfg.input_planes = !no_planes, cfg.bab_expertwise = !one_tree;
+  cfg.bab_row_carry = row_carry;
   cfg.attack.steps = 20;
   auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
   int64_t subproblems = 0;
@@ -116,6 +121,7 @@ int main(int argc, char** argv) {
                       {"warm_start", !cold},
                       {"fsb", fsb},
                       {"expertwise", !one_tree},
+                      {"row_carry", row_carry},
                       {"subproblems", subproblems},
                       {"route_splits", route_splits},
                       {"carried", carried},

@@ -450,8 +450,17 @@ class ReluSearch : public Search {
           if (G.trees[j].on) G.low[static_cast<int64_t>(j)].copy_(tree_low(G.trees[j]));
       retest(root, groups);
       last_round_ = Clock::now() - round_start;
+      tally(groups, base);  // the progress line's verified share
       report(open, worst);
     }
+    const bool all = tally(groups, base);
+    if (out_.verdict != Verdict::falsified && all) out_.verdict = Verdict::verified;
+  }
+
+  /// Records the verified and open shares of the expert-wise search (`base`: the route
+  /// sets verified whole; per group, all of it when done, else its tree with most
+  /// closed); returns whether every group is done.
+  bool tally(const std::vector<Group>& groups, double base) {
     double verified = base;
     bool all = true;
     for (const auto& G : groups) {
@@ -461,7 +470,7 @@ class ReluSearch : public Search {
       all = all && G.done;
     }
     out_.verified_mass = verified, out_.open_mass = std::max(0.0, 1.0 - verified);
-    if (out_.verdict != Verdict::falsified && all) out_.verdict = Verdict::verified;
+    return all;
   }
 
   /// The most children one subproblem has: 2, or the expert sets of a route split (at

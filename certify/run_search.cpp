@@ -219,7 +219,7 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
   bc.batch = cfg.bab_batch, bc.split = cfg.bab_split, bc.input_max_free = cfg.bab_input_max_free;
   bc.alpha_steps = cfg.alpha_steps, bc.intermediate_steps = cfg.bab_intermediate_steps;
   bc.warm_start = cfg.bab_warm_start, bc.fsb_candidates = cfg.bab_fsb;
-  bc.expertwise = cfg.bab_expertwise;
+  bc.expertwise = cfg.bab_expertwise, bc.mixture_row_settled = cfg.bab_row_carry;
   bc.input_planes = cfg.input_planes;
   for (int64_t b = 0; b < batch.size(); ++b) {
     const auto ub = static_cast<size_t>(b);

@@ -178,6 +178,9 @@ struct CertifyConfig {
   bool bab_warm_start = true;
   /// A single mixture: one tree of ReLU splits per expert (false: one tree over all).
   bool bab_expertwise = true;
+  /// A single mixture: a margin row carries to a subproblem's children (bounded no more)
+  /// only when its bound is above this many logits (bab::Config::mixture_row_settled).
+  double bab_row_carry = 1;
   /// Candidate units whose children are bounded before each ReLU split is chosen
   /// (filtered smart branching; 0 or 1: the first-order score alone).
   int64_t bab_fsb = 0;

@@ -229,6 +229,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     int bab_intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
     bool bab_cold_start = false;
     bool bab_one_tree = false;
+    double bab_row_carry = CertifyConfig{}.bab_row_carry;
     int64_t bab_fsb = CertifyConfig{}.bab_fsb;
     int bab_bisect = CertifyConfig{}.bab_bisect;
     std::string bab_split = "auto";
@@ -309,6 +310,10 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
   cmd->add_flag("--bab-one-tree", o->bab_one_tree,
                 "branch and bound of a mixture: one tree over every expert's ReLU splits, not "
                 "one tree per expert");
+  cmd->add_option("--bab-row-carry", o->bab_row_carry,
+                  "branch and bound of a mixture: a margin row proven above this many logits "
+                  "carries to the children unbounded (lower: faster, looser)")
+      ->capture_default_str();
   cmd->add_option("--bab-fsb", o->bab_fsb,
                   "branch and bound: candidate units whose children are bounded before each "
                   "ReLU split is chosen (0 or 1: the first-order score alone)")
@@ -347,7 +352,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     cfg.bab_timeout = o->bab_timeout;
     cfg.bab_batch = o->bab_batch, cfg.bab_intermediate_steps = o->bab_intermediate_steps;
     cfg.bab_bisect = o->bab_bisect, cfg.bab_warm_start = !o->bab_cold_start;
-    cfg.bab_expertwise = !o->bab_one_tree;
+    cfg.bab_expertwise = !o->bab_one_tree, cfg.bab_row_carry = o->bab_row_carry;
     cfg.bab_fsb = o->bab_fsb;
     cfg.bab_input_max_free = o->bab_input_max_free;
     if (o->bab_split == "auto")

@@ -469,6 +469,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
   CHECK(j["config"]["bab"]["timeout_per_sample"] == 3.0);
   CHECK(j["config"]["bab"]["fsb"] == 4);
   CHECK(j["config"]["bab"]["warm_start"] == true);
+  CHECK(j["config"]["bab"]["row_carry"] == 1.0);
   int decided = 0;
   for (const auto& row : j["rows"]) {
     REQUIRE(row["radii"].contains("candidate_bab"));
@@ -504,7 +505,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
   CHECK(gated.code == 1);
   for (const char* bad : {"--bab-split sideways", "--timeout-per-sample 0", "--bab-batch 1",
                           "--bab-intermediate-steps -1", "--bab-bisect 61", "--bab-fsb 65",
-                          "--estimator crown,babel"}) {
+                          "--bab-row-carry -1", "--bab-row-carry nan", "--estimator crown,babel"}) {
     auto b = run_moecert("--dataset synthetic --samples 2 certify " + ckpt + " --bab " + bad +
                          " --out " + (tmp / "b"));
     INFO(bad << ": " << b.output);
