@@ -455,12 +455,13 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
           "[e2e][cli][certify]") {
   const auto& ckpt = trained_checkpoint();
   TempDir tmp;
-  auto r = run_moecert("--dataset synthetic --samples 10 certify " + ckpt +
-                       " --estimator crown --bab --timeout-per-sample 3 --bab-batch 8 --bab-fsb 4"
-                       " --steps 5 --eps-grid 0.01,0.05,0.2 --gate 'unknown@0.2<=1'"
-                       " --gate 'verified_acc@0.01>=0'"
-                       " --out " +
-                       (tmp / "c"));
+  auto r =
+      run_moecert("--dataset synthetic --samples 10 certify " + ckpt +
+                  " --estimator crown --bab --timeout-per-sample 3 --bab-batch 8 --bab-fsb 4"
+                  " --bab-row-carry 2.5 --steps 5 --eps-grid 0.01,0.05,0.2 --gate 'unknown@0.2<=1'"
+                  " --gate 'verified_acc@0.01>=0'"
+                  " --out " +
+                  (tmp / "c"));
   INFO(r.output);
   REQUIRE(r.code == 0);
   CHECK(r.output.find("soundness violations: 0") != std::string::npos);
@@ -469,7 +470,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
   CHECK(j["config"]["bab"]["timeout_per_sample"] == 3.0);
   CHECK(j["config"]["bab"]["fsb"] == 4);
   CHECK(j["config"]["bab"]["warm_start"] == true);
-  CHECK(j["config"]["bab"]["row_carry"] == 1.0);
+  CHECK(j["config"]["bab"]["row_carry"] == 2.5);
   int decided = 0;
   for (const auto& row : j["rows"]) {
     REQUIRE(row["radii"].contains("candidate_bab"));
