@@ -174,7 +174,11 @@ class ReluSearch : public Search {
     double mass = 0;
     std::vector<Tree> trees;  // per expert
     torch::Tensor low;
-    bool done = false;
+    /// Verified: some tree has every leaf closed (or empty).
+    bool done() const {
+      return std::any_of(trees.begin(), trees.end(),
+                         [](const Tree& t) { return t.on && t.open.empty(); });
+    }
   };
 
   /// What a leaf of `g` is bounded with ([E, K]): the group's bounds of the other experts,
@@ -261,7 +265,7 @@ class ReluSearch : public Search {
     std::vector<std::tuple<size_t, size_t, size_t>> at;
     std::vector<Sub> subs;
     for (size_t g = 0; g < groups.size(); ++g) {
-      if (groups[g].done) continue;
+      if (groups[g].done()) continue;
       for (size_t j = 0; j < groups[g].trees.size(); ++j)
         for (size_t i = 0; i < groups[g].trees[j].open.size(); ++i) {
           const Sub& leaf = groups[g].trees[j].open[i];
@@ -298,7 +302,7 @@ class ReluSearch : public Search {
     std::vector<std::pair<size_t, int64_t>> at;  // group, expert (-1: as they are)
     const int64_t E = p_.members[0]->experts;
     for (size_t g = 0; g < groups.size(); ++g) {
-      if (groups[g].done) continue;
+      if (groups[g].done()) continue;
       for (int64_t j = -1; j < E; ++j) {
         if (j >= 0 && !groups[g].trees[static_cast<size_t>(j)].on) continue;
         Sub c;
@@ -333,16 +337,10 @@ class ReluSearch : public Search {
     auto heads = bound_relu(root, {Sub{}});
     if (!heads.empty() && out_.verdict != Verdict::falsified) {
       if (auto [member, sets] = route_children(heads[0]); !sets.empty()) {
-        ++out_.route_splits;
         std::vector<Sub> kids;
-        for (auto& set : sets) {
-          Sub c = heads[0];
-          c.route.resize(p_.members.size());
-          c.route[member] = std::move(set), c.depth = heads[0].depth + 1;
-          c.mass = heads[0].mass / static_cast<double>(sets.size());
+        route_split(heads[0], member, std::move(sets), kids);
+        for (auto& c : kids)
           c.known_prob = torch::Tensor();  // every expert bounded: each tree's first unit
-          kids.push_back(std::move(c));
-        }
         heads = bound_relu(root, std::move(kids));
       }
     }
@@ -373,9 +371,7 @@ class ReluSearch : public Search {
       std::vector<std::tuple<double, size_t, size_t, size_t>> cand;  // slack, group, expert, leaf
       for (size_t g = 0; g < groups.size(); ++g) {
         auto& G = groups[g];
-        for (const auto& t : G.trees)
-          if (t.on && t.open.empty()) G.done = true;
-        if (G.done) continue;
+        if (G.done()) continue;
         for (size_t j = 0; j < G.trees.size(); ++j)
           for (size_t i = 0; i < G.trees[j].open.size(); ++i) {
             const Sub& s = G.trees[j].open[i];
@@ -466,11 +462,25 @@ class ReluSearch : public Search {
     for (const auto& G : groups) {
       double best = 0;
       for (const auto& t : G.trees) best = std::max(best, t.closed);
-      verified += G.done ? G.mass : best;
-      all = all && G.done;
+      verified += G.done() ? G.mass : best;
+      all = all && G.done();
     }
     out_.verified_mass = verified, out_.open_mass = std::max(0.0, 1.0 - verified);
     return all;
+  }
+
+  /// A route split of `s`: one child per expert set `member`'s router can select (their
+  /// regions cover the parent's: every point selects one of them), added to `children`.
+  void route_split(const Sub& s, size_t member, std::vector<std::vector<int64_t>> sets,
+                   std::vector<Sub>& children) {
+    ++out_.route_splits;
+    for (auto& set : sets) {
+      Sub c = s;
+      c.route.resize(p_.members.size());
+      c.route[member] = std::move(set), c.depth = s.depth + 1;
+      c.mass = s.mass / static_cast<double>(sets.size());
+      children.push_back(std::move(c));
+    }
   }
 
   /// The most children one subproblem has: 2, or the expert sets of a route split (at
@@ -898,16 +908,7 @@ class ReluSearch : public Search {
         Sub s = q.top();
         q.pop();
         if (auto [member, sets] = route_children(s); !sets.empty()) {
-          // A route split: one child per expert set the member's router can select (their
-          // regions cover the parent's: every point selects one of them).
-          ++out_.route_splits;
-          for (auto& set : sets) {
-            Sub c = s;
-            c.route.resize(p_.members.size());
-            c.route[member] = std::move(set), c.depth = s.depth + 1;
-            c.mass = s.mass / static_cast<double>(sets.size());
-            children.push_back(std::move(c));
-          }
+          route_split(s, member, std::move(sets), children);
           continue;
         }
         if (!s.can_split || s.depth >= cfg_.max_depth) {
