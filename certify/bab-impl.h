@@ -142,7 +142,10 @@ class Search {
   std::vector<forms::MemberPass> prepare(const InputDomain& d, const torch::Tensor& labels,
                                          bool root = false) const;
   torch::Tensor labels(int64_t n) const;
-  /// Records the open share: the queue's subproblems and `extra`.
+  /// Counts a round of splits about to be bounded; the first one ends the root's time
+  /// (Outcome::root_seconds).
+  void round_begins();
+  /// Records the open share and the worst open slack: the queue's subproblems and `extra`.
   void open_left(const Queue& q, const std::vector<Sub>& extra = {});
 
   const Problem& p_;

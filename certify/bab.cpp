@@ -45,6 +45,7 @@ Outcome Search::run() {
     search();
   }
   out_.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+  if (out_.rounds == 0) out_.root_seconds = out_.seconds;
   return out_;
 }
 
@@ -152,12 +153,19 @@ torch::Tensor Search::labels(int64_t n) const {
                      torch::TensorOptions().dtype(torch::kLong).device(p_.x.device()));
 }
 
+void Search::round_begins() {
+  if (out_.rounds++ == 0)
+    out_.root_seconds = std::chrono::duration<double>(Clock::now() - start_).count();
+}
+
 void Search::open_left(const Queue& q, const std::vector<Sub>& extra) {
   auto copy = q;
-  double open = 0;
-  while (!copy.empty()) open += copy.top().mass, copy.pop();
-  for (const auto& s : extra) open += s.mass;
+  double open = 0, worst = kInf;
+  while (!copy.empty())
+    open += copy.top().mass, worst = std::min(worst, copy.top().slack), copy.pop();
+  for (const auto& s : extra) open += s.mass, worst = std::min(worst, s.slack);
   out_.open_mass = open;
+  out_.worst_slack = std::isfinite(worst) ? worst : std::numeric_limits<double>::quiet_NaN();
 }
 
 namespace {
@@ -207,10 +215,11 @@ class InputSearch : public Search {
       d.eps = std::get<0>(((d.upper - d.lower) * 0.5).flatten(1).max(1));
       d.norm = Norm::linf, d.box = false;
       const auto round_start = Clock::now();
+      round_begins();
       const auto passes = prepare(d, labels(n));
       auto slack = evaluate(p_, passes, d, labels(n)).slack.cpu();
       last_round_ = Clock::now() - round_start;
-      out_.bounded += n, ++out_.rounds;
+      out_.bounded += n;
       report(q.size() + static_cast<size_t>(n), slack.min().item<double>());
       // The open pieces' centres on the float32 model (inside the piece when rounding kept them).
       const auto centres = d.x.to(torch::kFloat);

@@ -79,7 +79,13 @@ struct Outcome {
   int64_t trees =
       0;  ///< the expert-wise search's trees of splits (0: one tree, Config::expertwise)
   double verified_mass = 0, open_mass = 0;
+  /// The lowest slack of a subproblem left open when the search ended (NaN: none was).
+  double worst_slack = std::numeric_limits<double>::quiet_NaN();
   double seconds = 0;
+  /// Of `seconds`, those before the first round of splits began: the attack before the
+  /// search and, with ReLU splits, the root's bounds (its optimised intermediate bounds,
+  /// a mixture's lower ends, the root's route split). The whole search when no round ran.
+  double root_seconds = 0;
   bool exhausted = false;  ///< some open subproblem had nothing left to split
 };
 

@@ -438,7 +438,7 @@ class ReluSearch : public Search {
         auto& o = groups[g].trees[j].open;
         o.erase(o.begin() + static_cast<std::ptrdiff_t>(i));
       }
-      ++out_.rounds;
+      round_begins();
       const auto round_start = Clock::now();
       bound_leaves(root, std::move(children), groups);
       for (auto& G : groups)
@@ -455,17 +455,22 @@ class ReluSearch : public Search {
 
   /// Records the verified and open shares of the expert-wise search (`base`: the route
   /// sets verified whole; per group, all of it when done, else its tree with most
-  /// closed); returns whether every group is done.
+  /// closed) and the worst open slack (the open leaves of the groups not done); returns
+  /// whether every group is done.
   bool tally(const std::vector<Group>& groups, double base) {
-    double verified = base;
+    double verified = base, worst = kInf;
     bool all = true;
     for (const auto& G : groups) {
       double best = 0;
       for (const auto& t : G.trees) best = std::max(best, t.closed);
       verified += G.done() ? G.mass : best;
       all = all && G.done();
+      if (!G.done())
+        for (const auto& t : G.trees)
+          for (const auto& s : t.open) worst = std::min(worst, s.slack);
     }
     out_.verified_mass = verified, out_.open_mass = std::max(0.0, 1.0 - verified);
+    out_.worst_slack = std::isfinite(worst) ? worst : std::numeric_limits<double>::quiet_NaN();
     return all;
   }
 
@@ -925,7 +930,7 @@ class ReluSearch : public Search {
         out_.exhausted = true;
         break;
       }
-      ++out_.rounds;
+      round_begins();
       const auto round_start = Clock::now();
       for (auto& s : bound_relu(root, std::move(children))) q.push(std::move(s));
       last_round_ = Clock::now() - round_start;

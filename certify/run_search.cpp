@@ -261,21 +261,30 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
       const char* verdict = out.verdict == bab::Verdict::verified    ? "verified"
                             : out.verdict == bab::Verdict::falsified ? "falsified"
                                                                      : "unknown";
-      searches.push_back({{"eps", eps},
-                          {"verdict", verdict},
-                          {"subproblems", out.bounded},
-                          {"seconds", out.seconds},
-                          {"verified_share", out.verified_mass},
-                          {"route_splits", out.route_splits},
-                          {"screened", out.screened},
-                          {"carried", out.carried},
-                          {"bisect", bisecting}});
+      searches.push_back(
+          {{"eps", eps},
+           {"verdict", verdict},
+           {"subproblems", out.bounded},
+           {"seconds", out.seconds},
+           {"root_seconds", out.root_seconds},
+           {"verified_share", out.verified_mass},
+           {"worst_slack", std::isfinite(out.worst_slack) ? nlohmann::json(out.worst_slack)
+                                                          : nlohmann::json(nullptr)},
+           {"route_splits", out.route_splits},
+           {"screened", out.screened},
+           {"carried", out.carried},
+           {"bisect", bisecting}});
       if (progress)
         std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "
                   << verdict << " in " << fmt_fixed(out.seconds, 1) << " s, " << out.bounded
                   << " subproblems ("
                   << fmt_fixed(static_cast<double>(out.bounded) / std::max(out.seconds, 1e-9), 1)
-                  << "/s), " << fmt_fixed(100 * out.verified_mass, 1) << "% verified\n";
+                  << "/s), " << fmt_fixed(100 * out.verified_mass, 1) << "% verified, root "
+                  << fmt_fixed(out.root_seconds, 1) << " s"
+                  << (std::isfinite(out.worst_slack)
+                          ? ", worst open slack " + fmt_fixed(out.worst_slack, 4)
+                          : std::string())
+                  << "\n";
       if (out.verdict == bab::Verdict::falsified) {
         if (cfg.empirical) empirical[ub] = std::min(empirical[ub], out.distance);
         const auto& prior = batch.extra[ub];

@@ -168,7 +168,7 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
   Toy toy(3, 3, 12, 31, /*top_k=*/3);
   torch::manual_seed(33);
   const auto xs = (0.2 + 0.6 * torch::rand({24, 2}, f64)).view({24, 1, 1, 2});
-  int verified[2] = {0, 0}, falsified[2] = {0, 0}, split = 0;
+  int verified[2] = {0, 0}, falsified[2] = {0, 0}, unknown[2] = {0, 0}, split = 0;
   int64_t trees[2] = {0, 0}, spent[2] = {0, 0};
   for (int64_t i = 0; i < xs.size(0); ++i) {
     auto x = xs.narrow(0, i, 1);
@@ -190,9 +190,16 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
       trees[ew] += out[ew].trees;
       if (out[ew].verdict != bab::Verdict::falsified)
         CHECK(out[ew].verified_mass + out[ew].open_mass == Approx(1.0).margin(1e-12));
+      CHECK(out[ew].root_seconds >= 0);
+      CHECK(out[ew].root_seconds <= out[ew].seconds);
+      if (out[ew].verdict == bab::Verdict::unknown) {  // an open leaf's slack, never positive
+        ++unknown[ew];
+        CHECK(out[ew].worst_slack <= 0);
+      }
       if (out[ew].verdict == bab::Verdict::verified) {
         ++verified[ew];
         CHECK_FALSE(broken);
+        CHECK(std::isnan(out[ew].worst_slack));  // nothing left open
       } else if (out[ew].verdict == bab::Verdict::falsified) {
         ++falsified[ew];
         CHECK((out[ew].counterexample.to(torch::kFloat64) - x).abs().max().item<double>() <= eps);
@@ -212,6 +219,7 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
   CHECK(verified[1] >= verified[0]);
   CHECK(split > 0);  // some expert-wise search verified after splits
   CHECK(falsified[1] > 0);
+  CHECK(unknown[1] > 0);
   CHECK(spent[1] > 0);
   CHECK(2 * spent[1] < spent[0]);
 }

@@ -471,7 +471,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
   CHECK(j["config"]["bab"]["fsb"] == 4);
   CHECK(j["config"]["bab"]["warm_start"] == true);
   CHECK(j["config"]["bab"]["row_carry"] == 2.5);
-  int decided = 0;
+  int decided = 0, searched = 0;
   for (const auto& row : j["rows"]) {
     REQUIRE(row["radii"].contains("candidate_bab"));
     const double r_bab = row["radii"]["candidate_bab"].get<double>();
@@ -487,6 +487,16 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
       CHECK(s["route_splits"].get<int64_t>() <= s["subproblems"].get<int64_t>());
       CHECK(s["screened"].get<int64_t>() >= 0);
       CHECK(s["carried"].get<int64_t>() == 0);  // a top-1 MoE: no mixture experts to carry
+      // The root's share of the search's time, and how far an open search is from closing:
+      // none open when verified, an open subproblem (slack <= 0) when unknown.
+      CHECK(s["root_seconds"].get<double>() >= 0);
+      CHECK(s["root_seconds"].get<double>() <= s["seconds"].get<double>());
+      if (s["verdict"] == "verified") CHECK(s["worst_slack"].is_null());
+      if (s["verdict"] == "unknown") {
+        REQUIRE(s["worst_slack"].is_number());
+        CHECK(s["worst_slack"].get<double>() <= 0);
+      }
+      ++searched;
     }
     for (const char* eps : {"0.01", "0.05", "0.2"}) {
       const std::string v = row["bab"]["verdicts"][eps].get<std::string>();
@@ -499,6 +509,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
     }
   }
   CHECK(decided > 0);
+  CHECK(searched > 0);
   auto gated = run_moecert("--dataset synthetic --samples 4 certify " + ckpt +
                            " --estimator crown --bab --timeout-per-sample 1 --steps 5"
                            " --eps-grid 0.2 --gate 'unknown@0.2<-1' --out " +
