@@ -37,9 +37,12 @@ torch::Tensor abs_dot(const Coeffs& c, const torch::Tensor& t) {
   return (rows_fusable(c) ? rows_l1(c.A) : c.A.abs().flatten(1).sum(1)) * peak;
 }
 
-/// Patch rows as dense rows over a node of shape [C, H, W] (each row's window placed at
-/// its site; entries outside the grid are zero by construction).
-Coeffs patches_to_dense(const Coeffs& c, const Shape& shape) {
+namespace {
+
+/// Where each entry of patch rows `c` lies in a node of shape [C, H, W]: the flat
+/// position [R, C, K, K] of each row's window entry (0 off the grid) and [R, 1, K, K]
+/// whether it is on the grid.
+std::pair<torch::Tensor, torch::Tensor> window_positions(const Coeffs& c, const Shape& shape) {
   const int64_t R = c.A.size(0), C = shape[0], H = shape[1], W = shape[2], K = c.kernel;
   auto opts = torch::TensorOptions().dtype(torch::kLong).device(c.A.device());
   auto local = c.site.remainder(c.Ht * c.Wt);
@@ -52,12 +55,30 @@ Coeffs patches_to_dense(const Coeffs& c, const Shape& shape) {
   auto valid = (y >= 0) & (y < H) & (x >= 0) & (x < W);
   auto flat = torch::where(valid, (ch * H + y.clamp(0, H - 1)) * W + x.clamp(0, W - 1),
                            torch::zeros_like(y));
+  return {flat.expand({R, C, K, K}), valid};
+}
+
+/// A per-row tensor t [R, C, H, W] (α-CROWN's slopes of each row) in the layout of the
+/// patch rows `c`: each row's window of its own map -> [R, C, K, K] (0 off the grid).
+/// Differentiable in t.
+torch::Tensor row_windows(const torch::Tensor& t, const Coeffs& c) {
+  const int64_t R = t.size(0);
+  auto [flat, valid] = window_positions(c, {t.size(1), t.size(2), t.size(3)});
+  return t.reshape({R, -1}).gather(1, flat.reshape({R, -1})).view(flat.sizes()) * valid;
+}
+
+}  // namespace
+
+/// Patch rows as dense rows over a node of shape [C, H, W] (each row's window placed at
+/// its site; entries outside the grid are zero by construction).
+Coeffs patches_to_dense(const Coeffs& c, const Shape& shape) {
+  const int64_t R = c.A.size(0);
+  auto [flat, valid] = window_positions(c, shape);
   Coeffs d;
   d.sample = c.sample;
-  d.A = torch::zeros({R, C * H * W}, c.A.options())
-            .scatter_add_(1, flat.expand({R, C, K, K}).reshape({R, -1}),
-                          (c.A * valid).reshape({R, -1}))
-            .view({R, C, H, W});
+  d.A = torch::zeros({R, shape[0] * shape[1] * shape[2]}, c.A.options())
+            .scatter_add_(1, flat.reshape({R, -1}), (c.A * valid).reshape({R, -1}))
+            .view({R, shape[0], shape[1], shape[2]});
   return d;
 }
 
@@ -214,24 +235,28 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
       cur.A = torch::zeros_like(*extra), cur.sample = row_sample;
     }
     // A window as large as the grid saves nothing (and some rules take only dense
-    // rows): continue with dense rows. Rows that take a Lagrangian term or optimised
-    // slopes are dense.
+    // rows): continue with dense rows. Rows that take a Lagrangian term here or at the
+    // affine layer of an input-planes step are dense; rows with optimised slopes read
+    // each row's slopes at its window (row_windows).
     const bool alpha = alphas && (*alphas)[static_cast<size_t>(m)].defined();
-    if (cur.patches && (extra || alpha || !node.rule->takes_patches() ||
+    const int fused = planes && max_steps < 0 ? input_planes_node(pass, m) : -1;
+    if (cur.patches && (extra || (fused >= 0 && lag_at(fused)) || !node.rule->takes_patches() ||
                         cur.kernel * cur.kernel >= node.out_shape[1] * node.out_shape[2]))
       cur = patches_to_dense(cur, node.out_shape);
+    torch::Tensor slopes;  // this node's α, laid out like the rows
+    if (alpha) {
+      const auto& a = (*alphas)[static_cast<size_t>(m)];
+      slopes = cur.patches ? row_windows(a, cur) : a;
+    }
     if (extra) cur.A = cur.A + *extra;
     if (widest && cur.A.size(0) > 0) *widest = std::max(*widest, cur.A.numel() / cur.A.size(0));
     const NodeBounds& out = pass.nodes[static_cast<size_t>(m)];
     auto gather = gatherer(cur);
     mag = mag + abs_dot(cur, out.mag);  // this step's rounding
     std::vector<Coeffs> ins;
-    const int fused = planes && max_steps < 0 ? input_planes_node(pass, m) : -1;
     if (fused >=
         0) {  // the ReLU and the affine layer it reads, with hull planes (docs §10, input planes)
-      Coeffs in = input_planes_step(pass, m, cur,
-                                    alpha ? (*alphas)[static_cast<size_t>(m)] : torch::Tensor(),
-                                    lag_at(fused), b, mag);
+      Coeffs in = input_planes_step(pass, m, cur, slopes, lag_at(fused), b, mag);
       steps += 2;
       skip[static_cast<size_t>(fused)] = true;
       if (widest)  // a few working copies of the rows, and per unit of a row its inputs
@@ -244,7 +269,7 @@ torch::Tensor lower_rows(const BoundPass& pass, int start, Coeffs c, torch::Tens
       BackwardArgs args{*node.layer, node.in_shapes, node.out_shape, {}, gather, {}};
       for (int i : node.inputs)
         args.in.push_back(i < 0 ? &pass.input : &pass.nodes[static_cast<size_t>(i)]);
-      if (alpha) args.alpha = (*alphas)[static_cast<size_t>(m)];
+      args.alpha = slopes;
       ins = node.rule->backward(args, cur, b);
       ++steps;
     }
