@@ -147,6 +147,8 @@ class Search {
   void round_begins();
   /// Records the open share and the worst open slack: the queue's subproblems and `extra`.
   void open_left(const Queue& q, const std::vector<Sub>& extra = {});
+  /// Records the lowest slack of the open subproblems (+inf: none open; Outcome::worst_slack).
+  void worst_left(double worst);
 
   const Problem& p_;
   const Config& cfg_;

@@ -165,6 +165,10 @@ void Search::open_left(const Queue& q, const std::vector<Sub>& extra) {
     open += copy.top().mass, worst = std::min(worst, copy.top().slack), copy.pop();
   for (const auto& s : extra) open += s.mass, worst = std::min(worst, s.slack);
   out_.open_mass = open;
+  worst_left(worst);
+}
+
+void Search::worst_left(double worst) {
   out_.worst_slack = std::isfinite(worst) ? worst : std::numeric_limits<double>::quiet_NaN();
 }
 

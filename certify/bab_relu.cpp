@@ -470,7 +470,7 @@ class ReluSearch : public Search {
           for (const auto& s : t.open) worst = std::min(worst, s.slack);
     }
     out_.verified_mass = verified, out_.open_mass = std::max(0.0, 1.0 - verified);
-    out_.worst_slack = std::isfinite(worst) ? worst : std::numeric_limits<double>::quiet_NaN();
+    worst_left(worst);
     return all;
   }
 

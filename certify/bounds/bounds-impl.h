@@ -73,8 +73,9 @@ Coeffs patches_to_dense(const Coeffs& c, const Shape& shape);
 /// or dense layer of the graph input or of its per-channel normalisation, read by `m`
 /// alone), else -1.
 int input_planes_node(const BoundPass& pass, int m);
-/// That step: rows over node m's output (slopes `alpha` or undefined, the Lagrangian
-/// term `extra` of node a or null) -> rows over node a's input, dense; b and mag updated.
+/// That step: rows over node m's output (slopes `alpha` laid out like them, or undefined;
+/// the Lagrangian term `extra` of node a or null, which needs dense rows) -> rows over
+/// node a's input; b and mag updated.
 Coeffs input_planes_step(const BoundPass& pass, int m, const Coeffs& rows,
                          const torch::Tensor& alpha, const torch::Tensor* extra, torch::Tensor& b,
                          torch::Tensor& mag);

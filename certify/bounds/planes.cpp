@@ -92,9 +92,12 @@ Coeffs input_planes_step(const BoundPass& pass, int m, const Coeffs& rows,
   const NodeBounds& xb = c < 0 ? pass.input : pass.nodes[static_cast<size_t>(c)];
   const Shape& xshape = c < 0 ? pass.graph->input_shape() : nodes[static_cast<size_t>(c)].out_shape;
   const Layer& L = *an.layer;
-  // Patch rows stay patches (their windows over the ReLU, then over the input); rows
-  // with a Lagrangian term at the affine layer's output go dense, as the walk takes them.
-  const Coeffs cur = rows.patches && extra ? patches_to_dense(rows, rn.out_shape) : rows;
+  // Patch rows stay patches (their windows over the ReLU, then over the input). Rows
+  // with a Lagrangian term at the affine layer's output come dense: the walk densifies
+  // them before it lays the slopes out like them.
+  if (rows.patches && extra)
+    throw Error(ExitCode::internal, "certify: input planes: patch rows with a Lagrangian term");
+  const Coeffs& cur = rows;
   const bool patches = cur.patches;
   const int64_t R = cur.A.size(0);
   auto A = cur.A.reshape({R, -1});  // [R, N]: the units of the row (its window)
