@@ -3,7 +3,9 @@
 // synthetic Fashion-MNIST-shaped images), no attacks' cross-check beyond what branch and
 // bound runs itself. Prints and writes (JSON) the subproblems bounded per second (over
 // the samples that branch and bound searched), the median seconds of the searches (one
-// sample, one ε) that ended verified, and the verdict shares per ε.
+// sample, one ε) that ended verified, what the searches' roots cost (the seconds before
+// their first round of splits: in all, their median and their share of the searches'
+// seconds), and the verdict shares per ε.
 #include <torch/torch.h>
 
 #include <CLI/CLI.hpp>
@@ -79,8 +81,8 @@ int main(int argc, char** argv) {
   auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
   int64_t subproblems = 0;
   double seconds = 0;
-  std::vector<double> verified_s;
-  double unknown_share = 0;  // the verified shares of the searches that ended unknown
+  std::vector<double> verified_s, root_s;  // per search
+  double unknown_share = 0;                // the verified shares of the searches that ended unknown
   int64_t unknown_n = 0, route_splits = 0, carried = 0;
   for (const auto& row : res.rows) {
     if (!row.extra.contains("bab")) continue;
@@ -91,6 +93,7 @@ int main(int argc, char** argv) {
     for (const auto& s : b["searches"]) {
       route_splits += s["route_splits"].get<int64_t>();
       carried += s.value("carried", int64_t{0});
+      root_s.push_back(s["root_seconds"].get<double>());
       if (s["verdict"] == "verified") verified_s.push_back(s["seconds"].get<double>());
       if (s["verdict"] == "unknown")
         unknown_share += s["verified_share"].get<double>(), ++unknown_n;
@@ -99,6 +102,11 @@ int main(int argc, char** argv) {
   std::sort(verified_s.begin(), verified_s.end());
   const double rate = seconds > 0 ? static_cast<double>(subproblems) / seconds : 0.0;
   const double median = verified_s.empty() ? 0.0 : verified_s[verified_s.size() / 2];
+  double root = 0;
+  for (double r : root_s) root += r;
+  std::sort(root_s.begin(), root_s.end());
+  const double root_median = root_s.empty() ? 0.0 : root_s[root_s.size() / 2];
+  const double root_share = seconds > 0 ? root / seconds : 0.0;
   const double mean_unknown_share =
       unknown_n ? unknown_share / static_cast<double>(unknown_n) : 0.0;
   std::printf(
@@ -106,11 +114,13 @@ int main(int argc, char** argv) {
       "%.1f s = %.1f subproblems/s (%lld split by route, %lld experts carried); %zu "
       "searches (sample, eps) ended "
       "verified, median %.2f s; "
-      "%lld ended unknown, verified share %.4f on average\n",
+      "%lld ended unknown, verified share %.4f on average; roots %.1f s in all (median %.2f "
+      "s, %.1f %% of the searches' time)\n",
       checkpoint.empty() ? "E=4 cnn-s MoE, random weights" : checkpoint.c_str(), idx.size(),
       timeout, static_cast<long long>(batch), static_cast<long long>(subproblems), seconds, rate,
       static_cast<long long>(route_splits), static_cast<long long>(carried), verified_s.size(),
-      median, static_cast<long long>(unknown_n), mean_unknown_share);
+      median, static_cast<long long>(unknown_n), mean_unknown_share, root, root_median,
+      100 * root_share);
   nlohmann::json j = {{"benchmark", "bench_bab"},
                       {"threads", threads},
                       {"checkpoint", checkpoint},
@@ -130,7 +140,10 @@ int main(int argc, char** argv) {
                       {"verified_by_search", verified_s.size()},
                       {"median_verified_seconds", median},
                       {"unknown_searches", unknown_n},
-                      {"unknown_verified_share", mean_unknown_share}};
+                      {"unknown_verified_share", mean_unknown_share},
+                      {"root_seconds", root},
+                      {"median_root_seconds", root_median},
+                      {"root_share", root_share}};
   for (double eps : cfg.eps_grid.values()) {
     const double v = res.certified_at(eps).value_or(0), f = res.falsified_at(eps).value_or(0),
                  u = res.unknown_at(eps).value_or(0);

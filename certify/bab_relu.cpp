@@ -10,7 +10,7 @@
 #include <set>
 #include <tuple>
 
-#include "bab-impl.h"
+#include "bab-relu-impl.h"
 
 namespace moecert::bab::detail {
 namespace {
@@ -42,21 +42,6 @@ torch::Tensor pass_rows(const forms::MemberPass& p, int g, int64_t n) {
   return g == 0 ? torch::arange(n, torch::kLong) : p.rows[static_cast<size_t>(g - 1)].cpu();
 }
 
-/// Regions some node of which has an empty interval: the splits contradict each other
-/// there, and the region is empty. [n] bool
-torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_t n) {
-  auto out = torch::zeros({n}, torch::kBool);
-  for (const auto& mp : passes)
-    for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
-      if (const BoundPass* bp = graph_pass(mp, g)) {
-        auto rows = pass_rows(mp, g, n);
-        auto none = torch::zeros({rows.size(0)}, torch::kBool);
-        for (const auto& nb : bp->nodes) none |= nb.lo.gt(nb.hi).flatten(1).any(1).cpu();
-        out.index_put_({rows}, out.index_select(0, rows) | none);
-      }
-  return out;
-}
-
 /// Per expert, the margin rows an evaluation proved (Evaluation::settled) with their
 /// bounds, −inf elsewhere: what a subproblem's children take as known. [n, K − 1] CPU each
 std::vector<torch::Tensor> proven_rows(const forms::Evaluation& ev) {
@@ -64,21 +49,6 @@ std::vector<torch::Tensor> proven_rows(const forms::Evaluation& ev) {
   for (size_t j = 0; j < ev.settled.size(); ++j)
     out.push_back(
         torch::where(ev.settled[j], ev.margins[j], torch::full_like(ev.margins[j], -kInf)).cpu());
-  return out;
-}
-
-/// Each subproblem's slack from its evaluation (also returned, in order) and the rows it
-/// proved (Sub::known).
-std::vector<double> take_slacks(const forms::Evaluation& ev, std::vector<Sub>& subs) {
-  const auto slack = ev.slack.cpu();
-  const auto proven = proven_rows(ev);
-  std::vector<double> out(subs.size());
-  for (size_t c = 0; c < subs.size(); ++c) {
-    auto& s = subs[c];
-    s.slack = out[c] = slack[static_cast<int64_t>(c)].item<double>();
-    s.known.clear();
-    for (const auto& t : proven) s.known.push_back(t[static_cast<int64_t>(c)].clone());
-  }
   return out;
 }
 
@@ -113,837 +83,457 @@ Sub relu_child(const Sub& s, const SplitAt& unit, double sign, bool untouched) {
     c.graph_best[static_cast<size_t>(unit.graph)].first = 0;  // bounded again: its own
   return c;
 }
+}  // namespace
 
-class ReluSearch : public Search {
- public:
-  ReluSearch(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
-             Clock::time_point deadline)
-      // ReLU splits read per-node float32 errors (bound_split).
-      : Search(p, cfg, logits, attack, deadline, Float32Errors::per_node) {
-    opt_.primal = true;  // the worst subproblems' minimisers (check_primal)
-    for (const auto* m : p.members) {
-      std::vector<std::vector<int>> per;
-      per.push_back(m->router ? split_nodes(*m->router) : std::vector<int>{});
-      for (const auto& g : m->nets) per.push_back(split_nodes(g));
-      candidates_.push_back(std::move(per));
-    }
-  }
-
- private:
-  std::vector<std::vector<std::vector<int>>> candidates_;  // [member][graph] split nodes
-  WarmStarts warm_{p_.members[0]->classes, cfg_.warm_bytes};
-  /// rows_only(): per expert [1, K], the root's lower bounds of ĥ_k − ĥ_y (every
-  /// subproblem's MemberPass::known_dlo).
-  std::vector<torch::Tensor> dlo_;
-  std::set<std::pair<int, int>> split_graphs_;  // (member, graph) of every ReLU split made
-
-  /// Whether subproblems carry warm starts: ReLU splits of a single member (the margin
-  /// rows a parent tuned are its children's; a mixture's too, with rows_only()).
-  bool warm() const { return cfg_.warm_start && p_.members.size() == 1; }
-
-  /// Whether a single member in the mixture form bounds its margin rows only
-  /// (MemberPass::margin_rows_only): then its rows carry and warm-start as a logit form's.
-  bool rows_only() const {
-    return p_.members.size() == 1 && forms::member_form(*p_.members[0]) == forms::Form::mixture;
-  }
-
-  /// Whether subproblems carry the experts settled on their parents: ReLU splits of a
-  /// member in the mixture form.
-  bool carry() const { return cfg_.carry_settled && rows_only(); }
-
-  /// Whether the children of a ReLU split in a mixture bound only the split graph again
-  /// (Config::carry_untouched): the other experts' bounds are their parent's.
-  bool untouched() const { return carry() && cfg_.carry_untouched; }
-
-  /// Whether the search keeps one tree of splits per expert (Config::expertwise, docs
-  /// §22): a single member in the mixture form whose router has no unit to split.
-  bool expertwise() const { return cfg_.expertwise && untouched() && candidates_[0][0].empty(); }
-
-  /// Expert-wise search: one expert's tree of splits in a group, its open leaves and the
-  /// least bounds ([K] CPU, +inf: none) and the mass of its closed ones.
-  struct Tree {
-    bool on = false;
-    std::vector<Sub> open;
-    torch::Tensor closed_low;
-    double closed = 0;
-  };
-  /// A group: the root's region, or one route set of it. `low` [E, K] CPU: each expert's
-  /// probability margin bounds over the group's region (the least over its tree's leaves).
-  struct Group {
-    std::vector<std::vector<int64_t>> route;  // Sub::route
-    double mass = 0;
-    std::vector<Tree> trees;  // per expert
-    torch::Tensor low;
-    /// Verified: some tree has every leaf closed (or empty).
-    bool done() const {
-      return std::any_of(trees.begin(), trees.end(),
-                         [](const Tree& t) { return t.on && t.open.empty(); });
-    }
-  };
-
-  /// What a leaf of `g` is bounded with ([E, K]): the group's bounds of the other experts,
-  /// its own of its expert (for a child: its parent's, a floor of its own).
-  static torch::Tensor leaf_known(const Group& g, const Sub& leaf) {
-    auto k = g.low.clone();
-    k[leaf.expert].copy_(leaf.prob[leaf.expert]);
-    return k;
-  }
-
-  /// The least bounds of a tree's expert over all its leaves, closed and open.
-  static torch::Tensor tree_low(const Tree& t) {
-    auto low = t.closed_low.clone();
-    for (const auto& s : t.open) low = torch::min(low, s.prob[s.expert]);
-    return low;
-  }
-
-  static void close_leaf(Tree& t, const Sub& s) {
-    t.closed += s.mass;
-    t.closed_low = torch::min(t.closed_low, s.prob[s.expert]);
-  }
-
-  /// Bounds expert-wise leaves (each its own expert, the others at their group's bounds)
-  /// and places them in their trees: closed when their slack is positive (or their
-  /// region empty), open otherwise, with their next split.
-  void bound_leaves(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs,
-                    std::vector<Group>& groups) {
-    const int64_t n = static_cast<int64_t>(subs.size()), E = p_.members[0]->experts;
-    auto bound_only = torch::zeros({n, E}, torch::kBool);
-    for (int64_t c = 0; c < n; ++c) bound_only[c][subs[static_cast<size_t>(c)].expert] = true;
-    std::vector<torch::Tensor> only;
-    auto passes = batch_passes(root, subs, only, &out_.carried, bound_only);
-    track(passes);
-    auto ev = evaluate(p_, passes, passes[0].domain, labels(n), only);
-    auto empty = empty_regions(passes, n);
-    out_.bounded += n;
-    choose(passes, ev.possible_of, subs, nullptr, {}, /*leaves=*/true);
-    if (warm()) warm_.keep(ev, subs);
-    const auto slacks = take_slacks(ev, subs);
-    auto prob = ev.prob.cpu();
-    std::vector<bool> is_open(static_cast<size_t>(n));
-    for (int64_t c = 0; c < n; ++c) {
-      auto& s = subs[static_cast<size_t>(c)];
-      s.prob = prob[c].clone();
-      s.known_prob = torch::Tensor();
-      Tree& t = groups[static_cast<size_t>(s.group)].trees[static_cast<size_t>(s.expert)];
-      if (empty[c].item<bool>()) {
-        t.closed += s.mass;  // no point: no bound to keep
-      } else if (s.slack > 0) {
-        close_leaf(t, s);
-      } else {
-        is_open[static_cast<size_t>(c)] = true;
-        t.open.push_back(std::move(s));
+torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_t n) {
+  auto out = torch::zeros({n}, torch::kBool);
+  for (const auto& mp : passes)
+    for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
+      if (const BoundPass* bp = graph_pass(mp, g)) {
+        auto rows = pass_rows(mp, g, n);
+        auto none = torch::zeros({rows.size(0)}, torch::kBool);
+        for (const auto& nb : bp->nodes) none |= nb.lo.gt(nb.hi).flatten(1).any(1).cpu();
+        out.index_put_({rows}, out.index_select(0, rows) | none);
       }
-    }
-    check_primal(ev.primal, slacks, is_open);
-  }
+  return out;
+}
 
-  /// The slack of each of `subs` with no expert bounded (each takes its Sub::known_prob):
-  /// the router's bounds and the mixture's program, in batches of 4 · Config::batch.
-  std::vector<double> program_slacks(const std::vector<forms::MemberPass>& root,
-                                     const std::vector<Sub>& subs) {
-    const int64_t E = p_.members[0]->experts;
-    const size_t chunk = static_cast<size_t>(std::max<int64_t>(1, 4 * cfg_.batch));
-    std::vector<double> out;
-    for (size_t from = 0; from < subs.size(); from += chunk) {
-      const size_t len = std::min(chunk, subs.size() - from);
-      std::vector<Sub> part(subs.begin() + static_cast<std::ptrdiff_t>(from),
-                            subs.begin() + static_cast<std::ptrdiff_t>(from + len));
-      std::vector<torch::Tensor> only;
-      auto none = torch::zeros({static_cast<int64_t>(len), E}, torch::kBool);
-      auto passes = batch_passes(root, part, only, nullptr, none);
-      auto slack = evaluate(p_, passes, passes[0].domain, labels(static_cast<int64_t>(len)), only)
-                       .slack.cpu();
-      for (size_t c = 0; c < len; ++c) out.push_back(slack[static_cast<int64_t>(c)].item<double>());
-    }
-    return out;
+std::vector<double> take_slacks(const forms::Evaluation& ev, std::vector<Sub>& subs) {
+  const auto slack = ev.slack.cpu();
+  const auto proven = proven_rows(ev);
+  std::vector<double> out(subs.size());
+  for (size_t c = 0; c < subs.size(); ++c) {
+    auto& s = subs[c];
+    s.slack = out[c] = slack[static_cast<int64_t>(c)].item<double>();
+    s.known.clear();
+    for (const auto& t : proven) s.known.push_back(t[static_cast<int64_t>(c)].clone());
   }
+  return out;
+}
 
-  /// Bounds every open leaf of the groups not done again with no expert bounded (its own
-  /// expert at its bounds, the others at their group's, which only rise): the router's
-  /// bounds and the mixture's program; closes those whose slack is now positive.
-  void retest(const std::vector<forms::MemberPass>& root, std::vector<Group>& groups) {
-    std::vector<std::tuple<size_t, size_t, size_t>> at;
-    std::vector<Sub> subs;
-    for (size_t g = 0; g < groups.size(); ++g) {
-      if (groups[g].done()) continue;
-      for (size_t j = 0; j < groups[g].trees.size(); ++j)
-        for (size_t i = 0; i < groups[g].trees[j].open.size(); ++i) {
-          const Sub& leaf = groups[g].trees[j].open[i];
-          Sub c;
-          c.route = leaf.route, c.expert = leaf.expert;
-          c.known_prob = leaf_known(groups[g], leaf);
-          subs.push_back(std::move(c));
-          at.push_back({g, j, i});
-        }
-    }
-    const auto slack = program_slacks(root, subs);
-    for (size_t c = 0; c < subs.size(); ++c) {
-      auto [g, j, i] = at[c];
-      groups[g].trees[j].open[i].slack = slack[c];
-    }
-    for (auto& g : groups)
-      for (auto& t : g.trees) {
-        std::vector<Sub> keep;
-        for (auto& s : t.open)
-          if (s.slack > 0)
-            close_leaf(t, s);
-          else
-            keep.push_back(std::move(s));
-        t.open = std::move(keep);
-      }
+ReluSearch::ReluSearch(const Problem& p, const Config& cfg, const Logits& logits,
+                       const Attack& attack, Clock::time_point deadline)
+    // ReLU splits read per-node float32 errors (bound_split).
+    : Search(p, cfg, logits, attack, deadline, Float32Errors::per_node) {
+  opt_.primal = true;  // the worst subproblems' minimisers (check_primal)
+  for (const auto* m : p.members) {
+    std::vector<std::vector<int>> per;
+    per.push_back(m->router ? split_nodes(*m->router) : std::vector<int>{});
+    for (const auto& g : m->nets) per.push_back(split_nodes(g));
+    candidates_.push_back(std::move(per));
   }
+}
 
-  /// Per group (not done) and expert with a tree: how much the group's slack rises when
-  /// that expert's bounds are raised to 1 (a perfect expert), with the others at theirs;
-  /// 0 elsewhere. Steers which trees are split.
-  std::vector<std::vector<double>> gains(const std::vector<forms::MemberPass>& root,
-                                         const std::vector<Group>& groups) {
-    std::vector<Sub> subs;
-    std::vector<std::pair<size_t, int64_t>> at;  // group, expert (-1: as they are)
-    const int64_t E = p_.members[0]->experts;
-    for (size_t g = 0; g < groups.size(); ++g) {
-      if (groups[g].done()) continue;
-      for (int64_t j = -1; j < E; ++j) {
-        if (j >= 0 && !groups[g].trees[static_cast<size_t>(j)].on) continue;
-        Sub c;
-        c.route = groups[g].route;
-        c.known_prob = groups[g].low.clone();
-        if (j >= 0) c.known_prob[j].fill_(1.0);
-        subs.push_back(std::move(c));
-        at.push_back({g, j});
-      }
-    }
-    std::vector<std::vector<double>> out(groups.size(),
-                                         std::vector<double>(static_cast<size_t>(E), 0.0));
-    const auto slack = program_slacks(root, subs);
-    double base = 0;
-    for (size_t c = 0; c < subs.size(); ++c) {
-      auto [g, j] = at[c];
-      if (j < 0)
-        base = slack[c];
-      else
-        out[g][static_cast<size_t>(j)] = std::max(0.0, slack[c] - base);
-    }
-    return out;
+void ReluSearch::route_split(const Sub& s, size_t member, std::vector<std::vector<int64_t>> sets,
+                             std::vector<Sub>& children) {
+  ++out_.route_splits;
+  for (auto& set : sets) {
+    Sub c = s;
+    c.route.resize(p_.members.size());
+    c.route[member] = std::move(set), c.depth = s.depth + 1;
+    c.mass = s.mass / static_cast<double>(sets.size());
+    children.push_back(std::move(c));
   }
+}
 
-  /// The expert-wise search (docs §22): the root, split by route when its router can
-  /// select more than one expert set, then per group one tree of ReLU splits per expert
-  /// it can select. A leaf is closed when the mixture's program, with its expert's
-  /// bounds on the leaf and every other expert's over the group's region, is positive;
-  /// a group is verified when one of its trees has every leaf closed.
-  void search_expertwise(const std::vector<forms::MemberPass>& root) {
-    const int64_t E = p_.members[0]->experts, K = p_.members[0]->classes;
-    auto heads = bound_relu(root, {Sub{}});
-    if (!heads.empty() && out_.verdict != Verdict::falsified) {
-      if (auto [member, sets] = route_children(heads[0]); !sets.empty()) {
-        std::vector<Sub> kids;
-        route_split(heads[0], member, std::move(sets), kids);
-        for (auto& c : kids)
-          c.known_prob = torch::Tensor();  // every expert bounded: each tree's first unit
-        heads = bound_relu(root, std::move(kids));
-      }
-    }
-    const double base = out_.verified_mass;  // the route sets verified whole
-    std::vector<Group> groups;
-    for (auto& h : heads) {
-      Group g;
-      g.route = h.route, g.mass = h.mass, g.low = h.prob.clone();
-      g.trees.resize(static_cast<size_t>(E));
-      const auto& in_play = !of(h.route, 0).empty() ? of(h.route, 0) : of(h.possible, 0);
-      for (int64_t j : in_play) {
-        auto& t = g.trees[static_cast<size_t>(j)];
-        t.on = true, t.closed_low = torch::full({K}, kInf, torch::kFloat64);
-        Sub leaf = h;
-        leaf.expert = static_cast<int>(j), leaf.group = static_cast<int>(groups.size());
-        const auto gb = static_cast<size_t>(j + 1) < h.graph_best.size()
-                            ? h.graph_best[static_cast<size_t>(j + 1)]
-                            : std::pair<double, SplitAt>{0.0, SplitAt{}};
-        leaf.can_split = gb.first > 0, leaf.next = gb.second;
-        t.open.push_back(std::move(leaf));
-        ++out_.trees;
-      }
-      groups.push_back(std::move(g));
-    }
-    while (out_.verdict != Verdict::falsified) {
-      size_t open = 0;
-      double worst = kInf;
-      std::vector<std::tuple<double, size_t, size_t, size_t>> cand;  // slack, group, expert, leaf
-      for (size_t g = 0; g < groups.size(); ++g) {
-        auto& G = groups[g];
-        if (G.done()) continue;
-        for (size_t j = 0; j < G.trees.size(); ++j)
-          for (size_t i = 0; i < G.trees[j].open.size(); ++i) {
-            const Sub& s = G.trees[j].open[i];
-            ++open, worst = std::min(worst, s.slack);
-            if (s.can_split && s.depth < cfg_.max_depth) cand.push_back({s.slack, g, j, i});
-          }
-      }
-      if (open == 0) break;
-      if (!round_fits() || attack_due()) break;
-      if (static_cast<int64_t>(open) + cfg_.batch > cfg_.max_queue) break;
-      if (cand.empty()) {
-        out_.exhausted = true;
-        break;
-      }
-      // The batch's splits go to the trees in proportion to their gains (the lowest
-      // slack first in each), the rest to the lowest slack anywhere.
-      const size_t take =
-          std::min(cand.size(), static_cast<size_t>(std::max<int64_t>(1, cfg_.batch / 2)));
-      std::sort(cand.begin(), cand.end());
-      {
-        const auto gain = gains(root, groups);
-        double total = 0;
-        for (const auto& gg : gain)
-          for (double v : gg) total += v;
-        std::vector<std::vector<size_t>> quota(groups.size(),
-                                               std::vector<size_t>(static_cast<size_t>(E), 0));
-        if (total > 0)
-          for (size_t g = 0; g < groups.size(); ++g)
-            for (size_t j = 0; j < static_cast<size_t>(E); ++j)
-              quota[g][j] =
-                  static_cast<size_t>(std::ceil(static_cast<double>(take) * gain[g][j] / total));
-        std::vector<std::tuple<double, size_t, size_t, size_t>> pick, rest;
-        for (const auto& c : cand) {
-          auto& q = quota[std::get<1>(c)][std::get<2>(c)];
-          if (q > 0 && pick.size() < take)
-            --q, pick.push_back(c);
-          else
-            rest.push_back(c);
-        }
-        for (size_t r = 0; pick.size() < take && r < rest.size(); ++r) pick.push_back(rest[r]);
-        cand = std::move(pick);
-      }
-      std::vector<Sub> children;
-      for (const auto& [slack, g, j, i] : cand) {
-        const Sub& s = groups[g].trees[j].open[i];
-        split_graphs_.insert({s.next.member, s.next.graph});
-        for (double sign : {1.0, -1.0}) {
-          Sub c;
-          c.splits = s.splits;
-          c.splits.push_back(s.next);
-          c.splits.back().sign = sign;
-          c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
-          c.known = s.known, c.warm = s.warm;
-          c.expert = s.expert, c.group = s.group;
-          c.known_prob = leaf_known(groups[g], s);
-          children.push_back(std::move(c));
-        }
-      }
-      out_.graphs_split = static_cast<int64_t>(split_graphs_.size());
-      // The split leaves leave their trees (latest index first, so the others stay put).
-      std::sort(cand.begin(), cand.end(),
-                [](const auto& a, const auto& b) { return std::get<3>(a) > std::get<3>(b); });
-      for (const auto& [slack, g, j, i] : cand) {
-        auto& o = groups[g].trees[j].open;
-        o.erase(o.begin() + static_cast<std::ptrdiff_t>(i));
-      }
-      round_begins();
-      const auto round_start = Clock::now();
-      bound_leaves(root, std::move(children), groups);
-      for (auto& G : groups)
-        for (size_t j = 0; j < G.trees.size(); ++j)
-          if (G.trees[j].on) G.low[static_cast<int64_t>(j)].copy_(tree_low(G.trees[j]));
-      retest(root, groups);
-      last_round_ = Clock::now() - round_start;
-      tally(groups, base);  // the progress line's verified share
-      report(open, worst);
-    }
-    const bool all = tally(groups, base);
-    if (out_.verdict != Verdict::falsified && all) out_.verdict = Verdict::verified;
+int64_t ReluSearch::max_children() const {
+  int64_t most = 2;
+  for (size_t i = 0; i < p_.members.size(); ++i) {
+    if (!routable(i)) continue;
+    const auto& m = *p_.members[i];
+    const int64_t k = forms::member_form(m) == forms::Form::candidate ? 1 : m.top_k;
+    double sets = 1;  // C(E, k)
+    for (int64_t t = 0; t < k; ++t)
+      sets *= static_cast<double>(m.experts - t) / static_cast<double>(t + 1);
+    most = std::max(most, static_cast<int64_t>(std::min(sets, double(cfg_.batch))));
   }
+  return most;
+}
 
-  /// Records the verified and open shares of the expert-wise search (`base`: the route
-  /// sets verified whole; per group, all of it when done, else its tree with most
-  /// closed) and the worst open slack (the open leaves of the groups not done); returns
-  /// whether every group is done.
-  bool tally(const std::vector<Group>& groups, double base) {
-    double verified = base, worst = kInf;
-    bool all = true;
-    for (const auto& G : groups) {
-      double best = 0;
-      for (const auto& t : G.trees) best = std::max(best, t.closed);
-      verified += G.done() ? G.mass : best;
-      all = all && G.done();
-      if (!G.done())
-        for (const auto& t : G.trees)
-          for (const auto& s : t.open) worst = std::min(worst, s.slack);
-    }
-    out_.verified_mass = verified, out_.open_mass = std::max(0.0, 1.0 - verified);
-    worst_left(worst);
-    return all;
+std::pair<size_t, std::vector<std::vector<int64_t>>> ReluSearch::route_children(
+    const Sub& s) const {
+  for (size_t i = 0; i < p_.members.size(); ++i) {
+    auto sets = route_sets(s, i);
+    if (!sets.empty()) return {i, std::move(sets)};
   }
+  return {0, {}};
+}
 
-  /// A route split of `s`: one child per expert set `member`'s router can select (their
-  /// regions cover the parent's: every point selects one of them), added to `children`.
-  void route_split(const Sub& s, size_t member, std::vector<std::vector<int64_t>> sets,
-                   std::vector<Sub>& children) {
-    ++out_.route_splits;
-    for (auto& set : sets) {
-      Sub c = s;
-      c.route.resize(p_.members.size());
-      c.route[member] = std::move(set), c.depth = s.depth + 1;
-      c.mass = s.mass / static_cast<double>(sets.size());
-      children.push_back(std::move(c));
-    }
-  }
-
-  /// The most children one subproblem has: 2, or the expert sets of a route split (at
-  /// most a batch: a route split with more children is not made).
-  int64_t max_children() const {
-    int64_t most = 2;
-    for (size_t i = 0; i < p_.members.size(); ++i) {
-      if (!routable(i)) continue;
-      const auto& m = *p_.members[i];
-      const int64_t k = forms::member_form(m) == forms::Form::candidate ? 1 : m.top_k;
-      double sets = 1;  // C(E, k)
-      for (int64_t t = 0; t < k; ++t)
-        sets *= static_cast<double>(m.experts - t) / static_cast<double>(t + 1);
-      most = std::max(most, static_cast<int64_t>(std::min(sets, double(cfg_.batch))));
-    }
-    return most;
-  }
-
-  static const std::vector<int64_t>& of(const std::vector<std::vector<int64_t>>& v, size_t i) {
-    static const std::vector<int64_t> none;
-    return i < v.size() ? v[i] : none;
-  }
-
-  /// A route split's children: the first member (standard first) whose route is not
-  /// fixed and has more than one expert set its router may select on the subproblem
-  /// (top-1: each possible expert; top-k: each k-set between the sure and the possible
-  /// experts), and those sets. Every point of the region selects one of them, so their
-  /// regions cover the parent's. No sets when no member has more than one, or only
-  /// more than a batch.
-  std::pair<size_t, std::vector<std::vector<int64_t>>> route_children(const Sub& s) const {
-    for (size_t i = 0; i < p_.members.size(); ++i) {
-      auto sets = route_sets(s, i);
-      if (!sets.empty()) return {i, std::move(sets)};
-    }
-    return {0, {}};
-  }
-
-  /// route_children's sets of member i.
-  std::vector<std::vector<int64_t>> route_sets(const Sub& s, size_t i) const {
-    std::vector<std::vector<int64_t>> sets;
-    const auto &possible = of(s.possible, i), &sure = of(s.sure, i);
-    if (!of(s.route, i).empty() || !routable(i) || possible.size() < 2) return sets;
-    if (forms::member_form(*p_.members[i]) == forms::Form::candidate) {
-      for (int64_t j : possible) sets.push_back({j});
-      return sets;
-    }
-    std::vector<int64_t> open;  // possible, not sure
-    for (int64_t j : possible)
-      if (std::find(sure.begin(), sure.end(), j) == sure.end()) open.push_back(j);
-    const int64_t need = p_.members[i]->top_k - static_cast<int64_t>(sure.size());
-    if (need < 1 || need >= static_cast<int64_t>(open.size())) return sets;  // one set at most
-    std::vector<int64_t> pick;
-    std::function<void(size_t)> grow = [&](size_t from) {
-      if (static_cast<int64_t>(sets.size()) > cfg_.batch) return;
-      if (static_cast<int64_t>(pick.size()) == need) {
-        auto set = sure;
-        set.insert(set.end(), pick.begin(), pick.end());
-        std::sort(set.begin(), set.end());
-        sets.push_back(std::move(set));
-        return;
-      }
-      for (size_t i = from; i < open.size(); ++i) {
-        pick.push_back(open[i]);
-        grow(i + 1);
-        pick.pop_back();
-      }
-    };
-    grow(0);
-    if (static_cast<int64_t>(sets.size()) > cfg_.batch) sets.clear();
+std::vector<std::vector<int64_t>> ReluSearch::route_sets(const Sub& s, size_t i) const {
+  std::vector<std::vector<int64_t>> sets;
+  const auto &possible = of(s.possible, i), &sure = of(s.sure, i);
+  if (!of(s.route, i).empty() || !routable(i) || possible.size() < 2) return sets;
+  if (forms::member_form(*p_.members[i]) == forms::Form::candidate) {
+    for (int64_t j : possible) sets.push_back({j});
     return sets;
   }
+  std::vector<int64_t> open;  // possible, not sure
+  for (int64_t j : possible)
+    if (std::find(sure.begin(), sure.end(), j) == sure.end()) open.push_back(j);
+  const int64_t need = p_.members[i]->top_k - static_cast<int64_t>(sure.size());
+  if (need < 1 || need >= static_cast<int64_t>(open.size())) return sets;  // one set at most
+  std::vector<int64_t> pick;
+  std::function<void(size_t)> grow = [&](size_t from) {
+    if (static_cast<int64_t>(sets.size()) > cfg_.batch) return;
+    if (static_cast<int64_t>(pick.size()) == need) {
+      auto set = sure;
+      set.insert(set.end(), pick.begin(), pick.end());
+      std::sort(set.begin(), set.end());
+      sets.push_back(std::move(set));
+      return;
+    }
+    for (size_t i = from; i < open.size(); ++i) {
+      pick.push_back(open[i]);
+      grow(i + 1);
+      pick.pop_back();
+    }
+  };
+  grow(0);
+  if (static_cast<int64_t>(sets.size()) > cfg_.batch) sets.clear();
+  return sets;
+}
 
-  /// The unstable unit of every region of the passes (over the router and the experts it
-  /// can select) whose split promises most: the first-order change of the bound when
-  /// its interval's end moves to 0 in either child, |∂B/∂l|·|l| + |∂B/∂u|·u (the
-  /// gradients of the α-β optimisation's bounds with respect to the intervals, summed
-  /// over its steps), with the relaxation gap −l·u / (u − l) breaking ties. Regions
-  /// without an unstable unit get can_split = false.
-  ///
-  /// With untouched(), a subproblem that did not bound a graph of the member (its parent's
-  /// bounds carried) offers that graph's unit from the last region that bounded it
-  /// (Sub::graph_best), unless the expert is settled (`settled` [n, E] bool) or cannot be
-  /// selected; each subproblem's graph_best is updated for its children. `leaves`:
-  /// expert-wise leaves, whose unit comes from their own expert's fresh bounds alone.
-  void choose(const std::vector<forms::MemberPass>& passes,
-              const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs,
-              std::vector<std::vector<std::pair<double, SplitAt>>>* ranked = nullptr,
-              const torch::Tensor& settled = {}, bool leaves = false) const {
-    const int64_t n = static_cast<int64_t>(subs.size());
-    auto best = torch::zeros({n}, torch::kFloat64);
-    if (ranked) ranked->assign(static_cast<size_t>(n), {});
-    // Expert-wise leaves bound one expert each and split only it.
-    const bool inherit = untouched() && !leaves;
-    const size_t G = inherit ? passes[0].experts.size() + 1 : 0;
-    // inherit: per subproblem and graph, the best fresh unit (score 0: none), and whether
-    // the graph was bounded there.
-    std::vector<std::vector<std::pair<double, SplitAt>>> fresh(
-        static_cast<size_t>(n), std::vector<std::pair<double, SplitAt>>(G, {0.0, SplitAt{}}));
-    std::vector<std::vector<char>> bounded(static_cast<size_t>(n), std::vector<char>(G, 0));
-    for (size_t i = 0; i < passes.size(); ++i)
-      for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g) {
-        const BoundPass* bp = graph_pass(passes[i], g);
-        if (!bp || (leaves && g == 0)) continue;
-        // The pass's rows: all subproblems for the router, those it covers for an expert.
-        auto rows = pass_rows(passes[i], g, n);
-        torch::Tensor in_play;  // [rows] bool: the expert can be selected there
-        if (g > 0 && i < possible.size() && possible[i].defined())
-          in_play = possible[i].select(1, g - 1).cpu().index_select(0, rows);
-        const auto at = rows.accessor<int64_t, 1>();
-        for (int k : candidates_[i][static_cast<size_t>(g)]) {
-          const auto& nb = bp->nodes[static_cast<size_t>(k)];
-          auto l = nb.lo.detach().flatten(1), u = nb.hi.detach().flatten(1);
-          auto unstable = l.lt(0) & u.gt(0);
-          auto gap = -l * u / (u - l).clamp_min(1e-300);
-          if (nb.lo.grad().defined() && nb.hi.grad().defined())
-            gap = gap * 1e-6 + nb.lo.grad().flatten(1).abs() * l.abs() +
-                  nb.hi.grad().flatten(1).abs() * u.abs();
-          gap = torch::where(unstable, gap.detach(), torch::zeros_like(l));
-          if (ranked && cfg_.fsb_per_node > 0) {  // the node's best few per subproblem
-            auto [tv, ta] = gap.topk(std::min<int64_t>(cfg_.fsb_per_node, gap.size(1)), 1);
-            tv = tv.cpu(), ta = ta.cpu();
-            if (in_play.defined()) tv = tv.masked_fill(~in_play.unsqueeze(1), 0.0);
-            const auto tva = tv.accessor<double, 2>();
-            const auto taa = ta.accessor<int64_t, 2>();
-            for (int64_t r = 0; r < rows.size(0); ++r)
-              for (int64_t q = 0; q < tv.size(1); ++q)
-                if (tva[r][q] > 0)
-                  (*ranked)[static_cast<size_t>(at[r])].push_back(
-                      {tva[r][q], SplitAt{static_cast<int>(i), g, k, taa[r][q], 0}});
-          }
-          auto [val, arg] = gap.max(1);
-          val = val.cpu(), arg = arg.cpu();
-          if (in_play.defined()) val = val.masked_fill(~in_play, 0.0);
-          auto v = val.accessor<double, 1>();
-          auto a = arg.accessor<int64_t, 1>();
-          auto bv = best.accessor<double, 1>();
-          for (int64_t r = 0; r < rows.size(0); ++r) {
-            const int64_t c = at[r];
-            if (i == 0 && static_cast<size_t>(g) < G) {
-              auto& f = fresh[static_cast<size_t>(c)][static_cast<size_t>(g)];
-              bounded[static_cast<size_t>(c)][static_cast<size_t>(g)] = 1;
-              if (v[r] > f.first) f = {v[r], SplitAt{0, g, k, a[r], 0}};
-            }
-            if (!(v[r] > bv[c])) continue;
-            bv[c] = v[r];
-            auto& s = subs[static_cast<size_t>(c)];
-            s.can_split = true;
-            s.next = {static_cast<int>(i), g, k, a[r], 0};
-          }
+void ReluSearch::choose(const std::vector<forms::MemberPass>& passes,
+                        const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs,
+                        std::vector<std::vector<std::pair<double, SplitAt>>>* ranked,
+                        const torch::Tensor& settled, bool leaves) const {
+  const int64_t n = static_cast<int64_t>(subs.size());
+  auto best = torch::zeros({n}, torch::kFloat64);
+  if (ranked) ranked->assign(static_cast<size_t>(n), {});
+  // Expert-wise leaves bound one expert each and split only it.
+  const bool inherit = untouched() && !leaves;
+  const size_t G = inherit ? passes[0].experts.size() + 1 : 0;
+  // inherit: per subproblem and graph, the best fresh unit (score 0: none), and whether
+  // the graph was bounded there.
+  std::vector<std::vector<std::pair<double, SplitAt>>> fresh(
+      static_cast<size_t>(n), std::vector<std::pair<double, SplitAt>>(G, {0.0, SplitAt{}}));
+  std::vector<std::vector<char>> bounded(static_cast<size_t>(n), std::vector<char>(G, 0));
+  for (size_t i = 0; i < passes.size(); ++i)
+    for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g) {
+      const BoundPass* bp = graph_pass(passes[i], g);
+      if (!bp || (leaves && g == 0)) continue;
+      // The pass's rows: all subproblems for the router, those it covers for an expert.
+      auto rows = pass_rows(passes[i], g, n);
+      torch::Tensor in_play;  // [rows] bool: the expert can be selected there
+      if (g > 0 && i < possible.size() && possible[i].defined())
+        in_play = possible[i].select(1, g - 1).cpu().index_select(0, rows);
+      const auto at = rows.accessor<int64_t, 1>();
+      for (int k : candidates_[i][static_cast<size_t>(g)]) {
+        const auto& nb = bp->nodes[static_cast<size_t>(k)];
+        auto l = nb.lo.detach().flatten(1), u = nb.hi.detach().flatten(1);
+        auto unstable = l.lt(0) & u.gt(0);
+        auto gap = -l * u / (u - l).clamp_min(1e-300);
+        if (nb.lo.grad().defined() && nb.hi.grad().defined())
+          gap = gap * 1e-6 + nb.lo.grad().flatten(1).abs() * l.abs() +
+                nb.hi.grad().flatten(1).abs() * u.abs();
+        gap = torch::where(unstable, gap.detach(), torch::zeros_like(l));
+        if (ranked && cfg_.fsb_per_node > 0) {  // the node's best few per subproblem
+          auto [tv, ta] = gap.topk(std::min<int64_t>(cfg_.fsb_per_node, gap.size(1)), 1);
+          tv = tv.cpu(), ta = ta.cpu();
+          if (in_play.defined()) tv = tv.masked_fill(~in_play.unsqueeze(1), 0.0);
+          const auto tva = tv.accessor<double, 2>();
+          const auto taa = ta.accessor<int64_t, 2>();
+          for (int64_t r = 0; r < rows.size(0); ++r)
+            for (int64_t q = 0; q < tv.size(1); ++q)
+              if (tva[r][q] > 0)
+                (*ranked)[static_cast<size_t>(at[r])].push_back(
+                    {tva[r][q], SplitAt{static_cast<int>(i), g, k, taa[r][q], 0}});
         }
-      }
-    if (!inherit) return;
-    // Experts a subproblem's unit cannot come from: settled, or not selectable there.
-    auto off = torch::zeros({n, static_cast<int64_t>(G) - 1}, torch::kBool);
-    if (settled.defined()) off |= settled.cpu();
-    if (!possible.empty() && possible[0].defined()) off |= ~possible[0].cpu();
-    const auto oa = off.accessor<bool, 2>();
-    auto bv = best.accessor<double, 1>();
-    for (int64_t c = 0; c < n; ++c) {
-      auto& s = subs[static_cast<size_t>(c)];
-      s.graph_best.resize(G, {0.0, SplitAt{}});
-      for (size_t g = 0; g < G; ++g) {
-        auto& gb = s.graph_best[g];
-        if (bounded[static_cast<size_t>(c)][g]) {
-          gb = fresh[static_cast<size_t>(c)][g];
-          continue;
-        }
-        if (g > 0 && oa[c][static_cast<int64_t>(g) - 1]) gb.first = 0;  // nothing to gain
-        if (gb.first > bv[c]) {
-          bv[c] = gb.first;
+        auto [val, arg] = gap.max(1);
+        val = val.cpu(), arg = arg.cpu();
+        if (in_play.defined()) val = val.masked_fill(~in_play, 0.0);
+        auto v = val.accessor<double, 1>();
+        auto a = arg.accessor<int64_t, 1>();
+        auto bv = best.accessor<double, 1>();
+        for (int64_t r = 0; r < rows.size(0); ++r) {
+          const int64_t c = at[r];
+          if (i == 0 && static_cast<size_t>(g) < G) {
+            auto& f = fresh[static_cast<size_t>(c)][static_cast<size_t>(g)];
+            bounded[static_cast<size_t>(c)][static_cast<size_t>(g)] = 1;
+            if (v[r] > f.first) f = {v[r], SplitAt{0, g, k, a[r], 0}};
+          }
+          if (!(v[r] > bv[c])) continue;
+          bv[c] = v[r];
+          auto& s = subs[static_cast<size_t>(c)];
           s.can_split = true;
-          s.next = gb.second;
+          s.next = {static_cast<int>(i), g, k, a[r], 0};
         }
       }
     }
+  if (!inherit) return;
+  // Experts a subproblem's unit cannot come from: settled, or not selectable there.
+  auto off = torch::zeros({n, static_cast<int64_t>(G) - 1}, torch::kBool);
+  if (settled.defined()) off |= settled.cpu();
+  if (!possible.empty() && possible[0].defined()) off |= ~possible[0].cpu();
+  const auto oa = off.accessor<bool, 2>();
+  auto bv = best.accessor<double, 1>();
+  for (int64_t c = 0; c < n; ++c) {
+    auto& s = subs[static_cast<size_t>(c)];
+    s.graph_best.resize(G, {0.0, SplitAt{}});
+    for (size_t g = 0; g < G; ++g) {
+      auto& gb = s.graph_best[g];
+      if (bounded[static_cast<size_t>(c)][g]) {
+        gb = fresh[static_cast<size_t>(c)][g];
+        continue;
+      }
+      if (g > 0 && oa[c][static_cast<int64_t>(g) - 1]) gb.first = 0;  // nothing to gain
+      if (gb.first > bv[c]) {
+        bv[c] = gb.first;
+        s.can_split = true;
+        s.next = gb.second;
+      }
+    }
   }
+}
 
-  /// The member passes of `subs` (their splits as sign tensors; `need`: per member, the
-  /// experts each subproblem bounds, undefined: all).
-  std::vector<forms::MemberPass> split_passes(const std::vector<forms::MemberPass>& root,
-                                              const std::vector<Sub>& subs,
-                                              const std::vector<torch::Tensor>& need) const {
-    const int64_t n = static_cast<int64_t>(subs.size());
-    std::map<std::tuple<int, int, int>, std::pair<std::vector<int64_t>, std::vector<double>>> at;
+std::vector<forms::MemberPass> ReluSearch::split_passes(
+    const std::vector<forms::MemberPass>& root, const std::vector<Sub>& subs,
+    const std::vector<torch::Tensor>& need) const {
+  const int64_t n = static_cast<int64_t>(subs.size());
+  std::map<std::tuple<int, int, int>, std::pair<std::vector<int64_t>, std::vector<double>>> at;
+  for (int64_t c = 0; c < n; ++c)
+    for (const auto& s : subs[static_cast<size_t>(c)].splits) {
+      const BoundPass* bp = graph_pass(root[static_cast<size_t>(s.member)], s.graph);
+      const int64_t per = bp->nodes[static_cast<size_t>(s.node)].lo[0].numel();
+      auto& e = at[{s.member, s.graph, s.node}];
+      e.first.push_back(c * per + s.unit), e.second.push_back(s.sign);
+    }
+  std::vector<forms::MemberPass> out;
+  for (size_t i = 0; i < root.size(); ++i) {
+    forms::MemberSplits ms(root[i].experts.size() + 1);
+    for (const auto& [key, val] : at) {
+      if (std::get<0>(key) != static_cast<int>(i)) continue;
+      const int g = std::get<1>(key), k = std::get<2>(key);
+      const auto& nb = graph_pass(root[i], g)->nodes[static_cast<size_t>(k)];
+      std::vector<int64_t> shape = nb.lo.sizes().vec();
+      shape[0] = n;
+      auto t = torch::zeros(shape, nb.lo.options());
+      auto idx = torch::tensor(val.first, torch::kLong).to(t.device());
+      t.view({-1}).index_put_({idx}, torch::tensor(val.second, torch::kFloat64).to(t.device()));
+      auto& per_graph = ms[static_cast<size_t>(g)];
+      per_graph.resize(graph_pass(root[i], g)->nodes.size());
+      per_graph[static_cast<size_t>(k)] = t;
+    }
+    out.push_back(forms::member_split(root[i], ms, n, need[i]));
+  }
+  return out;
+}
+
+torch::Tensor ReluSearch::route_mask(const std::vector<Sub>& subs, size_t i) const {
+  if (!routable(i)) return {};
+  const int64_t n = static_cast<int64_t>(subs.size()), E = p_.members[i]->experts;
+  auto m = torch::ones({n, E}, torch::kBool);
+  for (int64_t c = 0; c < n; ++c) {
+    const auto& route = of(subs[static_cast<size_t>(c)].route, i);
+    if (route.empty()) continue;
+    m[c].fill_(false);
+    for (int64_t j : route) m[c][j] = true;
+  }
+  return m.to(p_.x.device());
+}
+
+std::vector<forms::MemberPass> ReluSearch::batch_passes(const std::vector<forms::MemberPass>& root,
+                                                        const std::vector<Sub>& subs,
+                                                        std::vector<torch::Tensor>& only,
+                                                        int64_t* carried,
+                                                        const torch::Tensor& bound_only) const {
+  const int64_t n = static_cast<int64_t>(subs.size());
+  only.clear();
+  for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
+  auto need = only;
+  torch::Tensor known_prob;  // [n, E, K]: the settled experts' bounds (carry)
+  if (carry() &&
+      std::any_of(subs.begin(), subs.end(), [](const Sub& s) { return s.known_prob.defined(); })) {
+    const auto& m = *p_.members[0];
+    known_prob = torch::full({n, m.experts, m.classes}, -kInf, torch::kFloat64);
     for (int64_t c = 0; c < n; ++c)
-      for (const auto& s : subs[static_cast<size_t>(c)].splits) {
-        const BoundPass* bp = graph_pass(root[static_cast<size_t>(s.member)], s.graph);
-        const int64_t per = bp->nodes[static_cast<size_t>(s.node)].lo[0].numel();
-        auto& e = at[{s.member, s.graph, s.node}];
-        e.first.push_back(c * per + s.unit), e.second.push_back(s.sign);
-      }
-    std::vector<forms::MemberPass> out;
-    for (size_t i = 0; i < root.size(); ++i) {
-      forms::MemberSplits ms(root[i].experts.size() + 1);
-      for (const auto& [key, val] : at) {
-        if (std::get<0>(key) != static_cast<int>(i)) continue;
-        const int g = std::get<1>(key), k = std::get<2>(key);
-        const auto& nb = graph_pass(root[i], g)->nodes[static_cast<size_t>(k)];
-        std::vector<int64_t> shape = nb.lo.sizes().vec();
-        shape[0] = n;
-        auto t = torch::zeros(shape, nb.lo.options());
-        auto idx = torch::tensor(val.first, torch::kLong).to(t.device());
-        t.view({-1}).index_put_({idx}, torch::tensor(val.second, torch::kFloat64).to(t.device()));
-        auto& per_graph = ms[static_cast<size_t>(g)];
-        per_graph.resize(graph_pass(root[i], g)->nodes.size());
-        per_graph[static_cast<size_t>(k)] = t;
-      }
-      out.push_back(forms::member_split(root[i], ms, n, need[i]));
-    }
-    return out;
+      if (subs[static_cast<size_t>(c)].known_prob.defined())
+        known_prob[c].copy_(subs[static_cast<size_t>(c)].known_prob);
+    auto settled = known_prob.amax(2).isfinite().to(p_.x.device());
+    const auto allowed = need[0].defined() ? need[0] : torch::ones_like(settled);
+    need[0] = allowed & ~settled;
+    if (bound_only.defined()) need[0] = allowed & bound_only.to(p_.x.device());
+    if (carried) *carried += (allowed & settled & ~need[0]).sum().item<int64_t>();
+  } else if (bound_only.defined()) {
+    const auto b = bound_only.to(p_.x.device());
+    need[0] = need[0].defined() ? need[0] & b : b;
   }
-
-  /// Whether the subproblems can be split by member i's route: a member with a router,
-  /// top-1 (its route constraints enforce the split) or a top-k mixture (each child knows
-  /// exactly which experts are selected, docs §22).
-  bool routable(size_t i) const {
-    if (!cfg_.route_splits || !p_.members[i]->router) return false;
-    const auto& m = *p_.members[i];
-    const auto form = forms::member_form(m);
-    return form == forms::Form::candidate ||
-           (form == forms::Form::mixture && m.routing == Routing::top_k && m.top_k < m.experts);
-  }
-
-  /// [n, E] bool: the experts each subproblem's route of member i allows (undefined: no
-  /// routes).
-  torch::Tensor route_mask(const std::vector<Sub>& subs, size_t i) const {
-    if (!routable(i)) return {};
-    const int64_t n = static_cast<int64_t>(subs.size()), E = p_.members[i]->experts;
-    auto m = torch::ones({n, E}, torch::kBool);
-    for (int64_t c = 0; c < n; ++c) {
-      const auto& route = of(subs[static_cast<size_t>(c)].route, i);
-      if (route.empty()) continue;
-      m[c].fill_(false);
-      for (int64_t j : route) m[c][j] = true;
-    }
-    return m.to(p_.x.device());
-  }
-
-  /// The member passes of `subs` with what they carry (proven rows, settled experts, warm
-  /// starts); `only`: per member, the experts each route allows; `carried` (when given):
-  /// adds the settled experts the routes allow, which are not bounded. `bound_only` [n, E]
-  /// bool (expert-wise leaves): the experts each subproblem bounds, whatever it carries
-  /// (a bounded expert's carried bounds are a floor of its new ones).
-  std::vector<forms::MemberPass> batch_passes(const std::vector<forms::MemberPass>& root,
-                                              const std::vector<Sub>& subs,
-                                              std::vector<torch::Tensor>& only,
-                                              int64_t* carried = nullptr,
-                                              const torch::Tensor& bound_only = {}) const {
-    const int64_t n = static_cast<int64_t>(subs.size());
-    only.clear();
-    for (size_t i = 0; i < p_.members.size(); ++i) only.push_back(route_mask(subs, i));
-    auto need = only;
-    torch::Tensor known_prob;  // [n, E, K]: the settled experts' bounds (carry)
-    if (carry() && std::any_of(subs.begin(), subs.end(),
-                               [](const Sub& s) { return s.known_prob.defined(); })) {
-      const auto& m = *p_.members[0];
-      known_prob = torch::full({n, m.experts, m.classes}, -kInf, torch::kFloat64);
+  auto passes = split_passes(root, subs, need);
+  if (known_prob.defined())
+    for (int64_t j = 0; j < known_prob.size(1); ++j)
+      passes[0].known_prob.push_back(known_prob.select(1, j).to(p_.x.device()));
+  // Margin rows proven on a parent's region hold on its children's: only the others are
+  // bounded again (docs §22).
+  if (warm() ||
+      std::any_of(subs.begin(), subs.end(), [](const Sub& s) { return !s.known.empty(); })) {
+    const int64_t E = static_cast<int64_t>(passes[0].experts.size());
+    const int64_t K1 = p_.members[0]->classes - 1;
+    for (int64_t j = 0; j < E; ++j) {
+      auto known = torch::full({n, K1}, -kInf, torch::kFloat64);
       for (int64_t c = 0; c < n; ++c)
-        if (subs[static_cast<size_t>(c)].known_prob.defined())
-          known_prob[c].copy_(subs[static_cast<size_t>(c)].known_prob);
-      auto settled = known_prob.amax(2).isfinite().to(p_.x.device());
-      const auto allowed = need[0].defined() ? need[0] : torch::ones_like(settled);
-      need[0] = allowed & ~settled;
-      if (bound_only.defined()) need[0] = allowed & bound_only.to(p_.x.device());
-      if (carried) *carried += (allowed & settled & ~need[0]).sum().item<int64_t>();
-    } else if (bound_only.defined()) {
-      const auto b = bound_only.to(p_.x.device());
-      need[0] = need[0].defined() ? need[0] & b : b;
-    }
-    auto passes = split_passes(root, subs, need);
-    if (known_prob.defined())
-      for (int64_t j = 0; j < known_prob.size(1); ++j)
-        passes[0].known_prob.push_back(known_prob.select(1, j).to(p_.x.device()));
-    // Margin rows proven on a parent's region hold on its children's: only the others are
-    // bounded again (docs §22).
-    if (warm() ||
-        std::any_of(subs.begin(), subs.end(), [](const Sub& s) { return !s.known.empty(); })) {
-      const int64_t E = static_cast<int64_t>(passes[0].experts.size());
-      const int64_t K1 = p_.members[0]->classes - 1;
-      for (int64_t j = 0; j < E; ++j) {
-        auto known = torch::full({n, K1}, -kInf, torch::kFloat64);
-        for (int64_t c = 0; c < n; ++c)
-          if (!subs[static_cast<size_t>(c)].known.empty())
-            known[c].copy_(subs[static_cast<size_t>(c)].known[static_cast<size_t>(j)]);
-        passes[0].known_low.push_back(known.to(p_.x.device()));
-      }
-    }
-    if (warm()) warm_.apply(passes[0], subs);
-    passes[0].known_dlo = dlo_;
-    return passes;
-  }
-
-  /// Tracks the split candidates' intervals in `passes`: the bounds' sensitivity to them
-  /// steers branching (choose).
-  void track(std::vector<forms::MemberPass>& passes) const {
-    for (size_t i = 0; i < passes.size(); ++i)
-      for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
-        if (BoundPass* bp = graph_pass(passes[i], g))
-          for (int k : candidates_[i][static_cast<size_t>(g)]) {
-            auto& nb = bp->nodes[static_cast<size_t>(k)];
-            nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
-          }
-  }
-
-  /// Filtered smart branching (De Palma et al., 2021): for every subproblem in `subs`
-  /// with more than one candidate in `ranked` (choose's best few per node), both
-  /// children of each candidate are bounded at once with the subproblem's tuned
-  /// parameters and no optimisation step, and the candidate whose worse child is best
-  /// becomes its next split (ties: the first-order score's order).
-  void rerank(const std::vector<forms::MemberPass>& root, std::vector<Sub>& subs,
-              std::vector<std::vector<std::pair<double, SplitAt>>>& ranked) {
-    std::vector<Sub> kids;
-    std::vector<std::pair<size_t, SplitAt>> of;  // per pair of kids: the subproblem, the unit
-    for (size_t i = 0; i < subs.size(); ++i) {
-      auto& list = ranked[i];
-      const auto& s = subs[i];
-      if (!s.can_split || list.size() < 2 || !route_children(s).second.empty()) continue;
-      std::stable_sort(list.begin(), list.end(),
-                       [](const auto& a, const auto& b) { return a.first > b.first; });
-      if (static_cast<int64_t>(list.size()) > cfg_.fsb_candidates)
-        list.resize(static_cast<size_t>(cfg_.fsb_candidates));
-      for (const auto& [score, unit] : list) {
-        of.push_back({i, unit});
-        for (double sign : {1.0, -1.0}) kids.push_back(relu_child(s, unit, sign, untouched()));
-      }
-    }
-    if (kids.empty()) return;
-    std::vector<double> worse(of.size(), -kInf);
-    const size_t chunk = static_cast<size_t>(std::max<int64_t>(2, 4 * cfg_.batch) / 2 * 2);
-    for (size_t from = 0; from < kids.size(); from += chunk) {
-      const size_t len = std::min(chunk, kids.size() - from);
-      std::vector<Sub> part(kids.begin() + static_cast<std::ptrdiff_t>(from),
-                            kids.begin() + static_cast<std::ptrdiff_t>(from + len));
-      std::vector<torch::Tensor> only;
-      auto passes = batch_passes(root, part, only);
-      for (auto& mp : passes)
-        for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
-          if (BoundPass* bp = graph_pass(mp, g)) bp->opt.alpha_steps = 0, bp->opt.primal = false;
-      auto ev = evaluate(p_, passes, passes[0].domain, labels(static_cast<int64_t>(len)), only);
-      auto slack =
-          ev.slack.cpu().masked_fill(empty_regions(passes, static_cast<int64_t>(len)), kInf);
-      const auto sa = slack.accessor<double, 1>();
-      for (size_t c = 0; c < len; c += 2) {
-        const size_t pair = (from + c) / 2;
-        worse[pair] = std::min(sa[static_cast<int64_t>(c)], sa[static_cast<int64_t>(c) + 1]);
-      }
-    }
-    out_.screened += static_cast<int64_t>(kids.size());
-    std::vector<double> best(subs.size(), -kInf);
-    for (size_t q = 0; q < of.size(); ++q) {
-      const size_t i = of[q].first;
-      if (worse[q] > best[i]) best[i] = worse[q], subs[i].next = of[q].second;
+        if (!subs[static_cast<size_t>(c)].known.empty())
+          known[c].copy_(subs[static_cast<size_t>(c)].known[static_cast<size_t>(j)]);
+      passes[0].known_low.push_back(known.to(p_.x.device()));
     }
   }
+  if (warm()) warm_.apply(passes[0], subs);
+  passes[0].known_dlo = dlo_;
+  return passes;
+}
 
-  /// Bounds `subs`: their slack and next split; returns the open ones (verified and empty
-  /// ones add to the verified mass).
-  std::vector<Sub> bound_relu(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs) {
-    const int64_t n = static_cast<int64_t>(subs.size());
-    std::vector<torch::Tensor> only;  // per member: the experts each route allows
-    auto passes = batch_passes(root, subs, only, &out_.carried);
-    track(passes);
-    const auto& d = passes[0].domain;
-    auto ev = evaluate(p_, passes, d, labels(n), only);
-    auto empty = empty_regions(passes, n);
-    out_.bounded += n;
-    std::vector<std::vector<std::pair<double, SplitAt>>> ranked;
-    choose(passes, ev.possible_of, subs, &ranked, carry() ? ev.prob_settled : torch::Tensor());
-    if (warm()) warm_.keep(ev, subs);
-    std::vector<torch::Tensor> possible, sure;
-    for (const auto& t : ev.possible_of) possible.push_back(t.cpu());
-    for (const auto& t : ev.sure_of) sure.push_back(t.cpu());
-    const auto slacks = take_slacks(ev, subs);
-    torch::Tensor prob, prob_settled;  // carry(): every expert's bounds ([n, E, K]), settled ones
-    if (carry()) prob = ev.prob.cpu(), prob_settled = ev.prob_settled.cpu();
-    std::vector<Sub> open;
-    std::vector<std::vector<std::pair<double, SplitAt>>> open_ranked;
-    std::vector<bool> is_open(static_cast<size_t>(n));
-    for (int64_t c = 0; c < n; ++c) {
-      auto& s = subs[static_cast<size_t>(c)];
-      // What a route split's children carry (Sub c = s); a ReLU split's: relu_child.
-      if (prob.defined()) s.prob = prob[c].clone(), s.settled = prob_settled[c].clone();
-      s.known_prob = carried_prob(s, -1);
-      s.possible.assign(p_.members.size(), {}), s.sure.assign(p_.members.size(), {});
-      for (size_t i = 0; i < possible.size() && i < p_.members.size(); ++i) {
-        if (!of(s.route, i).empty()) continue;
-        const auto pa = possible[i].accessor<bool, 2>(), sa = sure[i].accessor<bool, 2>();
-        for (int64_t j = 0; j < pa.size(1); ++j) {
-          if (pa[c][j]) s.possible[i].push_back(j);
-          if (sa[c][j]) s.sure[i].push_back(j);
+void ReluSearch::track(std::vector<forms::MemberPass>& passes) const {
+  for (size_t i = 0; i < passes.size(); ++i)
+    for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g)
+      if (BoundPass* bp = graph_pass(passes[i], g))
+        for (int k : candidates_[i][static_cast<size_t>(g)]) {
+          auto& nb = bp->nodes[static_cast<size_t>(k)];
+          nb.lo.requires_grad_(true), nb.hi.requires_grad_(true);
         }
-      }
-      if (s.slack > 0 || empty[c].item<bool>()) {
-        out_.verified_mass += s.mass;
-      } else {
-        is_open[static_cast<size_t>(c)] = true;
-        open.push_back(std::move(s));
-        open_ranked.push_back(std::move(ranked[static_cast<size_t>(c)]));
-      }
-    }
-    check_primal(ev.primal, slacks, is_open);
-    if (cfg_.fsb_candidates > 1 && out_.verdict != Verdict::falsified)
-      rerank(root, open, open_ranked);
-    return open;
-  }
+}
 
-  void search() override {
-    const auto d = ball(p_);
-    auto root = prepare(d, labels(1), true);
-    if (rows_only()) {
-      // The lower ends of the logit differences, bounded once on the whole region.
-      root[0].margin_rows_only = true;
-      root[0].row_settled = cfg_.mixture_row_settled;
-      dlo_ = forms::difference_lower(root[0], labels(1));
+void ReluSearch::rerank(const std::vector<forms::MemberPass>& root, std::vector<Sub>& subs,
+                        std::vector<std::vector<std::pair<double, SplitAt>>>& ranked) {
+  std::vector<Sub> kids;
+  std::vector<std::pair<size_t, SplitAt>> of;  // per pair of kids: the subproblem, the unit
+  for (size_t i = 0; i < subs.size(); ++i) {
+    auto& list = ranked[i];
+    const auto& s = subs[i];
+    if (!s.can_split || list.size() < 2 || !route_children(s).second.empty()) continue;
+    std::stable_sort(list.begin(), list.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    if (static_cast<int64_t>(list.size()) > cfg_.fsb_candidates)
+      list.resize(static_cast<size_t>(cfg_.fsb_candidates));
+    for (const auto& [score, unit] : list) {
+      of.push_back({i, unit});
+      for (double sign : {1.0, -1.0}) kids.push_back(relu_child(s, unit, sign, untouched()));
     }
-    if (expertwise()) return search_expertwise(root);
-    Queue q;
-    for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
-    while (!q.empty() && out_.verdict != Verdict::falsified) {
-      if (!round_fits() || attack_due()) break;
-      if (static_cast<int64_t>(q.size()) + cfg_.batch > cfg_.max_queue) break;
-      std::vector<Sub> children, stuck;
-      while (!q.empty() && (children.empty() ||
-                            static_cast<int64_t>(children.size()) + max_children() <= cfg_.batch)) {
-        Sub s = q.top();
-        q.pop();
-        if (auto [member, sets] = route_children(s); !sets.empty()) {
-          route_split(s, member, std::move(sets), children);
-          continue;
-        }
-        if (!s.can_split || s.depth >= cfg_.max_depth) {
-          stuck.push_back(std::move(s));
-          continue;
-        }
-        split_graphs_.insert({s.next.member, s.next.graph});
-        out_.graphs_split = static_cast<int64_t>(split_graphs_.size());
-        for (double sign : {1.0, -1.0})
-          children.push_back(relu_child(s, s.next, sign, untouched()));
+  }
+  if (kids.empty()) return;
+  std::vector<double> worse(of.size(), -kInf);
+  const size_t chunk = static_cast<size_t>(std::max<int64_t>(2, 4 * cfg_.batch) / 2 * 2);
+  for (size_t from = 0; from < kids.size(); from += chunk) {
+    const size_t len = std::min(chunk, kids.size() - from);
+    std::vector<Sub> part(kids.begin() + static_cast<std::ptrdiff_t>(from),
+                          kids.begin() + static_cast<std::ptrdiff_t>(from + len));
+    std::vector<torch::Tensor> only;
+    auto passes = batch_passes(root, part, only);
+    for (auto& mp : passes)
+      for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
+        if (BoundPass* bp = graph_pass(mp, g)) bp->opt.alpha_steps = 0, bp->opt.primal = false;
+    auto ev = evaluate(p_, passes, passes[0].domain, labels(static_cast<int64_t>(len)), only);
+    auto slack = ev.slack.cpu().masked_fill(empty_regions(passes, static_cast<int64_t>(len)), kInf);
+    const auto sa = slack.accessor<double, 1>();
+    for (size_t c = 0; c < len; c += 2) {
+      const size_t pair = (from + c) / 2;
+      worse[pair] = std::min(sa[static_cast<int64_t>(c)], sa[static_cast<int64_t>(c) + 1]);
+    }
+  }
+  out_.screened += static_cast<int64_t>(kids.size());
+  std::vector<double> best(subs.size(), -kInf);
+  for (size_t q = 0; q < of.size(); ++q) {
+    const size_t i = of[q].first;
+    if (worse[q] > best[i]) best[i] = worse[q], subs[i].next = of[q].second;
+  }
+}
+
+std::vector<Sub> ReluSearch::bound_relu(const std::vector<forms::MemberPass>& root,
+                                        std::vector<Sub> subs) {
+  const int64_t n = static_cast<int64_t>(subs.size());
+  std::vector<torch::Tensor> only;  // per member: the experts each route allows
+  auto passes = batch_passes(root, subs, only, &out_.carried);
+  track(passes);
+  const auto& d = passes[0].domain;
+  auto ev = evaluate(p_, passes, d, labels(n), only);
+  auto empty = empty_regions(passes, n);
+  out_.bounded += n;
+  std::vector<std::vector<std::pair<double, SplitAt>>> ranked;
+  choose(passes, ev.possible_of, subs, &ranked, carry() ? ev.prob_settled : torch::Tensor());
+  if (warm()) warm_.keep(ev, subs);
+  std::vector<torch::Tensor> possible, sure;
+  for (const auto& t : ev.possible_of) possible.push_back(t.cpu());
+  for (const auto& t : ev.sure_of) sure.push_back(t.cpu());
+  const auto slacks = take_slacks(ev, subs);
+  torch::Tensor prob, prob_settled;  // carry(): every expert's bounds ([n, E, K]), settled ones
+  if (carry()) prob = ev.prob.cpu(), prob_settled = ev.prob_settled.cpu();
+  std::vector<Sub> open;
+  std::vector<std::vector<std::pair<double, SplitAt>>> open_ranked;
+  std::vector<bool> is_open(static_cast<size_t>(n));
+  for (int64_t c = 0; c < n; ++c) {
+    auto& s = subs[static_cast<size_t>(c)];
+    // What a route split's children carry (Sub c = s); a ReLU split's: relu_child.
+    if (prob.defined()) s.prob = prob[c].clone(), s.settled = prob_settled[c].clone();
+    s.known_prob = carried_prob(s, -1);
+    s.possible.assign(p_.members.size(), {}), s.sure.assign(p_.members.size(), {});
+    for (size_t i = 0; i < possible.size() && i < p_.members.size(); ++i) {
+      if (!of(s.route, i).empty()) continue;
+      const auto pa = possible[i].accessor<bool, 2>(), sa = sure[i].accessor<bool, 2>();
+      for (int64_t j = 0; j < pa.size(1); ++j) {
+        if (pa[c][j]) s.possible[i].push_back(j);
+        if (sa[c][j]) s.sure[i].push_back(j);
       }
-      if (children.empty()) {  // nothing left to split: open for good
-        for (auto& s : stuck) q.push(std::move(s));
-        out_.exhausted = true;
-        break;
+    }
+    if (s.slack > 0 || empty[c].item<bool>()) {
+      out_.verified_mass += s.mass;
+    } else {
+      is_open[static_cast<size_t>(c)] = true;
+      open.push_back(std::move(s));
+      open_ranked.push_back(std::move(ranked[static_cast<size_t>(c)]));
+    }
+  }
+  check_primal(ev.primal, slacks, is_open);
+  if (cfg_.fsb_candidates > 1 && out_.verdict != Verdict::falsified)
+    rerank(root, open, open_ranked);
+  return open;
+}
+
+void ReluSearch::search() {
+  const auto d = ball(p_);
+  auto root = prepare(d, labels(1), true);
+  if (rows_only()) {
+    // The lower ends of the logit differences, bounded once on the whole region.
+    root[0].margin_rows_only = true;
+    root[0].row_settled = cfg_.mixture_row_settled;
+    dlo_ = forms::difference_lower(root[0], labels(1));
+  }
+  if (expertwise()) return search_expertwise(root);
+  Queue q;
+  for (auto& s : bound_relu(root, {Sub{}})) q.push(std::move(s));
+  while (!q.empty() && out_.verdict != Verdict::falsified) {
+    if (!round_fits() || attack_due()) break;
+    if (static_cast<int64_t>(q.size()) + cfg_.batch > cfg_.max_queue) break;
+    std::vector<Sub> children, stuck;
+    while (!q.empty() && (children.empty() ||
+                          static_cast<int64_t>(children.size()) + max_children() <= cfg_.batch)) {
+      Sub s = q.top();
+      q.pop();
+      if (auto [member, sets] = route_children(s); !sets.empty()) {
+        route_split(s, member, std::move(sets), children);
+        continue;
       }
-      round_begins();
-      const auto round_start = Clock::now();
-      for (auto& s : bound_relu(root, std::move(children))) q.push(std::move(s));
-      last_round_ = Clock::now() - round_start;
-      report(q.size(), q.empty() ? 0.0 : q.top().slack);
+      if (!s.can_split || s.depth >= cfg_.max_depth) {
+        stuck.push_back(std::move(s));
+        continue;
+      }
+      split_graphs_.insert({s.next.member, s.next.graph});
+      out_.graphs_split = static_cast<int64_t>(split_graphs_.size());
+      for (double sign : {1.0, -1.0}) children.push_back(relu_child(s, s.next, sign, untouched()));
+    }
+    if (children.empty()) {  // nothing left to split: open for good
       for (auto& s : stuck) q.push(std::move(s));
-      if (out_.verdict == Verdict::falsified) break;
+      out_.exhausted = true;
+      break;
     }
-    open_left(q);
-    if (out_.verdict != Verdict::falsified && q.empty()) out_.verdict = Verdict::verified;
+    round_begins();
+    const auto round_start = Clock::now();
+    for (auto& s : bound_relu(root, std::move(children))) q.push(std::move(s));
+    last_round_ = Clock::now() - round_start;
+    report(q.size(), q.empty() ? 0.0 : q.top().slack);
+    for (auto& s : stuck) q.push(std::move(s));
+    if (out_.verdict == Verdict::falsified) break;
   }
-};
-
-}  // namespace
+  open_left(q);
+  if (out_.verdict != Verdict::falsified && q.empty()) out_.verdict = Verdict::verified;
+}
 
 Outcome relu_search(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
                     Clock::time_point deadline) {
