@@ -1,7 +1,8 @@
 // Branch and bound's search (SPEC §4.7, see bab.h), private to certify/: the subproblems;
 // what every search shares (bab.cpp: the budget, the attacks between rounds, the
-// counterexample, progress) with input splitting; ReLU and route splitting (bab_relu.cpp).
-// docs/certification.md §22.
+// counterexample, progress) with input splitting; ReLU and route splitting
+// (bab-relu-impl.h: bab_relu.cpp, and bab_expertwise.cpp for a mixture's expert-wise
+// search). docs/certification.md §22.
 #pragma once
 
 #include <limits>

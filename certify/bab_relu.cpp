@@ -1,4 +1,4 @@
-// Branch and bound by ReLU and route splits (see bab-impl.h): subproblems restricted by
+// Branch and bound by ReLU and route splits (see bab-relu-impl.h): subproblems restricted by
 // split ReLU units and fixed routes, bounded in batches by α-CROWN with β-CROWN
 // multipliers, branched route first, then on the unstable unit with the largest gain.
 // docs/certification.md §22.
