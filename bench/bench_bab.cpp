@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <numeric>
 
 #include "moecert/certify.h"
 #include "moecert/checkpoint.h"
@@ -99,13 +100,14 @@ int main(int argc, char** argv) {
         unknown_share += s["verified_share"].get<double>(), ++unknown_n;
     }
   }
-  std::sort(verified_s.begin(), verified_s.end());
+  auto upper_median = [](std::vector<double> v) {  // 0 when empty
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
   const double rate = seconds > 0 ? static_cast<double>(subproblems) / seconds : 0.0;
-  const double median = verified_s.empty() ? 0.0 : verified_s[verified_s.size() / 2];
-  double root = 0;
-  for (double r : root_s) root += r;
-  std::sort(root_s.begin(), root_s.end());
-  const double root_median = root_s.empty() ? 0.0 : root_s[root_s.size() / 2];
+  const double median = upper_median(verified_s);
+  const double root = std::accumulate(root_s.begin(), root_s.end(), 0.0);
+  const double root_median = upper_median(root_s);
   const double root_share = seconds > 0 ? root / seconds : 0.0;
   const double mean_unknown_share =
       unknown_n ? unknown_share / static_cast<double>(unknown_n) : 0.0;

@@ -97,18 +97,17 @@ Coeffs input_planes_step(const BoundPass& pass, int m, const Coeffs& rows,
   // them before it lays the slopes out like them.
   if (rows.patches && extra)
     throw Error(ExitCode::internal, "certify: input planes: patch rows with a Lagrangian term");
-  const Coeffs& cur = rows;
-  const bool patches = cur.patches;
-  const int64_t R = cur.A.size(0);
-  auto A = cur.A.reshape({R, -1});  // [R, N]: the units of the row (its window)
-  auto gather_z = gatherer(cur);
+  const bool patches = rows.patches;
+  const int64_t R = rows.A.size(0);
+  auto A = rows.A.reshape({R, -1});  // [R, N]: the units of the row (its window)
+  auto gather_z = gatherer(rows);
   auto l = gather_z(zb.lo).reshape({R, -1}), u = gather_z(zb.hi).reshape({R, -1});
   auto sel = l.lt(0) & u.gt(0) & A.lt(0);  // the units whose upper line the rows take
 
   // The ReLU step as CROWN takes it: the other units through the rule (α included), the
   // selected ones by their chord y <= s·z + t (relu.cpp's, with its rounding allowance).
-  Coeffs rest = cur;
-  rest.A = torch::where(sel, torch::zeros_like(A), A).view_as(cur.A);
+  Coeffs rest = rows;
+  rest.A = torch::where(sel, torch::zeros_like(A), A).view_as(rows.A);
   torch::Tensor k0 = b;
   BackwardArgs ra{*rn.layer, rn.in_shapes, rn.out_shape, {&zb}, gather_z, alpha};
   Coeffs z = rn.rule->backward(ra, rest, k0).at(0);
@@ -153,7 +152,7 @@ Coeffs input_planes_step(const BoundPass& pass, int m, const Coeffs& rows,
   // Each entry's inputs (flat positions in the row's input layout), weights and bias.
   torch::Tensor ii, ww, bb;
   if (patches) {
-    const int64_t K = cur.A.size(2), Kin = g.A.size(2), k = L.weight.size(2);
+    const int64_t K = rows.A.size(2), Kin = g.A.size(2), k = L.weight.size(2);
     auto lopt = idx.options();
     auto ch = torch::div(idx, K * K, "floor"), ky = torch::div(idx.remainder(K * K), K, "floor"),
          kx = idx.remainder(K);
