@@ -202,6 +202,22 @@ class ReluSearch : public Search {
               const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs,
               std::vector<std::vector<std::pair<double, SplitAt>>>* ranked = nullptr,
               const torch::Tensor& settled = {}, bool leaves = false) const;
+  /// What choose finds per subproblem: its best score so far, and (untouched()) per graph
+  /// its best fresh unit (score 0: none) and whether the graph was bounded there.
+  struct Choice {
+    std::vector<double> best;
+    std::vector<std::vector<std::pair<double, SplitAt>>> fresh;
+    std::vector<std::vector<char>> bounded;
+  };
+  /// choose's best few units of one node (`gap` [rows, units] its scores; `rows` the
+  /// subproblems they stand for; `in_play` [rows] bool, undefined: all) into `ranked`.
+  void rank_node(const torch::Tensor& gap, const torch::Tensor& rows, const torch::Tensor& in_play,
+                 const SplitAt& node,
+                 std::vector<std::vector<std::pair<double, SplitAt>>>& ranked) const;
+  /// choose with untouched(): every subproblem's graph_best from the graphs it bounded,
+  /// and the units of those it did not bound offered from graph_best.
+  void inherit_units(const std::vector<torch::Tensor>& possible, const torch::Tensor& settled,
+                     std::vector<Sub>& subs, Choice& ch) const;
 
   /// The member passes of `subs` (their splits as sign tensors; `need`: per member, the
   /// experts each subproblem bounds, undefined: all).

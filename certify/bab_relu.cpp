@@ -83,6 +83,20 @@ Sub relu_child(const Sub& s, const SplitAt& unit, double sign, bool untouched) {
     c.graph_best[static_cast<size_t>(unit.graph)].first = 0;  // bounded again: its own
   return c;
 }
+
+/// A node's split scores [rows, units] (choose): the first-order gain where the
+/// intervals' gradients are known, the relaxation gap alone otherwise (and as the
+/// tie-break); 0 on stable units.
+torch::Tensor unit_scores(const NodeBounds& nb) {
+  auto l = nb.lo.detach().flatten(1), u = nb.hi.detach().flatten(1);
+  auto unstable = l.lt(0) & u.gt(0);
+  auto gap = -l * u / (u - l).clamp_min(1e-300);
+  if (nb.lo.grad().defined() && nb.hi.grad().defined())
+    gap = gap * 1e-6 + nb.lo.grad().flatten(1).abs() * l.abs() +
+          nb.hi.grad().flatten(1).abs() * u.abs();
+  return torch::where(unstable, gap.detach(), torch::zeros_like(l));
+}
+
 }  // namespace
 
 torch::Tensor empty_regions(const std::vector<forms::MemberPass>& passes, int64_t n) {
@@ -193,21 +207,37 @@ std::vector<std::vector<int64_t>> ReluSearch::route_sets(const Sub& s, size_t i)
   return sets;
 }
 
+void ReluSearch::rank_node(const torch::Tensor& gap, const torch::Tensor& rows,
+                           const torch::Tensor& in_play, const SplitAt& node,
+                           std::vector<std::vector<std::pair<double, SplitAt>>>& ranked) const {
+  auto [tv, ta] = gap.topk(std::min<int64_t>(cfg_.fsb_per_node, gap.size(1)), 1);
+  tv = tv.cpu(), ta = ta.cpu();
+  if (in_play.defined()) tv = tv.masked_fill(~in_play.unsqueeze(1), 0.0);
+  const auto tva = tv.accessor<double, 2>();
+  const auto taa = ta.accessor<int64_t, 2>();
+  const auto at = rows.accessor<int64_t, 1>();
+  for (int64_t r = 0; r < rows.size(0); ++r)
+    for (int64_t q = 0; q < tv.size(1); ++q)
+      if (tva[r][q] > 0) {
+        auto unit = node;
+        unit.unit = taa[r][q];
+        ranked[static_cast<size_t>(at[r])].push_back({tva[r][q], unit});
+      }
+}
+
 void ReluSearch::choose(const std::vector<forms::MemberPass>& passes,
                         const std::vector<torch::Tensor>& possible, std::vector<Sub>& subs,
                         std::vector<std::vector<std::pair<double, SplitAt>>>* ranked,
                         const torch::Tensor& settled, bool leaves) const {
   const int64_t n = static_cast<int64_t>(subs.size());
-  auto best = torch::zeros({n}, torch::kFloat64);
+  Choice ch;
+  ch.best.assign(static_cast<size_t>(n), 0.0);
   if (ranked) ranked->assign(static_cast<size_t>(n), {});
   // Expert-wise leaves bound one expert each and split only it.
   const bool inherit = untouched() && !leaves;
   const size_t G = inherit ? passes[0].experts.size() + 1 : 0;
-  // inherit: per subproblem and graph, the best fresh unit (score 0: none), and whether
-  // the graph was bounded there.
-  std::vector<std::vector<std::pair<double, SplitAt>>> fresh(
-      static_cast<size_t>(n), std::vector<std::pair<double, SplitAt>>(G, {0.0, SplitAt{}}));
-  std::vector<std::vector<char>> bounded(static_cast<size_t>(n), std::vector<char>(G, 0));
+  ch.fresh.assign(static_cast<size_t>(n), std::vector<std::pair<double, SplitAt>>(G));
+  ch.bounded.assign(static_cast<size_t>(n), std::vector<char>(G, 0));
   for (size_t i = 0; i < passes.size(); ++i)
     for (int g = 0; g < static_cast<int>(candidates_[i].size()); ++g) {
       const BoundPass* bp = graph_pass(passes[i], g);
@@ -219,66 +249,56 @@ void ReluSearch::choose(const std::vector<forms::MemberPass>& passes,
         in_play = possible[i].select(1, g - 1).cpu().index_select(0, rows);
       const auto at = rows.accessor<int64_t, 1>();
       for (int k : candidates_[i][static_cast<size_t>(g)]) {
-        const auto& nb = bp->nodes[static_cast<size_t>(k)];
-        auto l = nb.lo.detach().flatten(1), u = nb.hi.detach().flatten(1);
-        auto unstable = l.lt(0) & u.gt(0);
-        auto gap = -l * u / (u - l).clamp_min(1e-300);
-        if (nb.lo.grad().defined() && nb.hi.grad().defined())
-          gap = gap * 1e-6 + nb.lo.grad().flatten(1).abs() * l.abs() +
-                nb.hi.grad().flatten(1).abs() * u.abs();
-        gap = torch::where(unstable, gap.detach(), torch::zeros_like(l));
-        if (ranked && cfg_.fsb_per_node > 0) {  // the node's best few per subproblem
-          auto [tv, ta] = gap.topk(std::min<int64_t>(cfg_.fsb_per_node, gap.size(1)), 1);
-          tv = tv.cpu(), ta = ta.cpu();
-          if (in_play.defined()) tv = tv.masked_fill(~in_play.unsqueeze(1), 0.0);
-          const auto tva = tv.accessor<double, 2>();
-          const auto taa = ta.accessor<int64_t, 2>();
-          for (int64_t r = 0; r < rows.size(0); ++r)
-            for (int64_t q = 0; q < tv.size(1); ++q)
-              if (tva[r][q] > 0)
-                (*ranked)[static_cast<size_t>(at[r])].push_back(
-                    {tva[r][q], SplitAt{static_cast<int>(i), g, k, taa[r][q], 0}});
-        }
+        const SplitAt node{static_cast<int>(i), g, k, 0, 0};
+        auto gap = unit_scores(bp->nodes[static_cast<size_t>(k)]);
+        if (ranked && cfg_.fsb_per_node > 0) rank_node(gap, rows, in_play, node, *ranked);
         auto [val, arg] = gap.max(1);
         val = val.cpu(), arg = arg.cpu();
         if (in_play.defined()) val = val.masked_fill(~in_play, 0.0);
         auto v = val.accessor<double, 1>();
         auto a = arg.accessor<int64_t, 1>();
-        auto bv = best.accessor<double, 1>();
         for (int64_t r = 0; r < rows.size(0); ++r) {
-          const int64_t c = at[r];
+          const auto c = static_cast<size_t>(at[r]);
+          auto unit = node;
+          unit.unit = a[r];
           if (i == 0 && static_cast<size_t>(g) < G) {
-            auto& f = fresh[static_cast<size_t>(c)][static_cast<size_t>(g)];
-            bounded[static_cast<size_t>(c)][static_cast<size_t>(g)] = 1;
-            if (v[r] > f.first) f = {v[r], SplitAt{0, g, k, a[r], 0}};
+            auto& f = ch.fresh[c][static_cast<size_t>(g)];
+            ch.bounded[c][static_cast<size_t>(g)] = 1;
+            if (v[r] > f.first) f = {v[r], unit};
           }
-          if (!(v[r] > bv[c])) continue;
-          bv[c] = v[r];
-          auto& s = subs[static_cast<size_t>(c)];
-          s.can_split = true;
-          s.next = {static_cast<int>(i), g, k, a[r], 0};
+          if (!(v[r] > ch.best[c])) continue;
+          ch.best[c] = v[r];
+          subs[c].can_split = true;
+          subs[c].next = unit;
         }
       }
     }
-  if (!inherit) return;
+  if (inherit) inherit_units(possible, settled, subs, ch);
+}
+
+void ReluSearch::inherit_units(const std::vector<torch::Tensor>& possible,
+                               const torch::Tensor& settled, std::vector<Sub>& subs,
+                               Choice& ch) const {
+  const int64_t n = static_cast<int64_t>(subs.size());
+  const size_t G = ch.fresh.empty() ? 0 : ch.fresh[0].size();
   // Experts a subproblem's unit cannot come from: settled, or not selectable there.
   auto off = torch::zeros({n, static_cast<int64_t>(G) - 1}, torch::kBool);
   if (settled.defined()) off |= settled.cpu();
   if (!possible.empty() && possible[0].defined()) off |= ~possible[0].cpu();
   const auto oa = off.accessor<bool, 2>();
-  auto bv = best.accessor<double, 1>();
   for (int64_t c = 0; c < n; ++c) {
-    auto& s = subs[static_cast<size_t>(c)];
+    const auto cs = static_cast<size_t>(c);
+    auto& s = subs[cs];
     s.graph_best.resize(G, {0.0, SplitAt{}});
     for (size_t g = 0; g < G; ++g) {
       auto& gb = s.graph_best[g];
-      if (bounded[static_cast<size_t>(c)][g]) {
-        gb = fresh[static_cast<size_t>(c)][g];
+      if (ch.bounded[cs][g]) {
+        gb = ch.fresh[cs][g];
         continue;
       }
       if (g > 0 && oa[c][static_cast<int64_t>(g) - 1]) gb.first = 0;  // nothing to gain
-      if (gb.first > bv[c]) {
-        bv[c] = gb.first;
+      if (gb.first > ch.best[cs]) {
+        ch.best[cs] = gb.first;
         s.can_split = true;
         s.next = gb.second;
       }
