@@ -125,8 +125,9 @@ class Search {
   /// a round is not interrupted, so one that cannot end before the deadline is not begun.
   bool round_fits() const { return Clock::now() + last_round_ <= deadline_; }
   /// Whether x32 (float32 [1, C, H, W]), moved into the region (into_region), lies in
-  /// it and the model misclassifies it; records it as the counterexample when so.
-  bool counterexample(const torch::Tensor& x32);
+  /// it and the model misclassifies it; records it as the counterexample when so, found
+  /// by `by` (Outcome::found_by; `round`: the attack round).
+  bool counterexample(const torch::Tensor& x32, const char* by, int round = -1);
   /// A float32 point of the region near x32: attacks project onto the float32 ball,
   /// whose rounded ends can lie just outside the float64 region (x ± ε); L∞ clamps to
   /// the region's float32 box rounded inwards, L2 scales the offset into the ball.

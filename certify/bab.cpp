@@ -86,7 +86,7 @@ torch::Tensor Search::into_region(const torch::Tensor& x32) const {
   return x;
 }
 
-bool Search::counterexample(const torch::Tensor& x_found) {
+bool Search::counterexample(const torch::Tensor& x_found, const char* by, int round) {
   torch::NoGradGuard ng;
   const auto x32 = into_region(x_found);
   const auto xd = x32.to(torch::kFloat64);
@@ -98,13 +98,14 @@ bool Search::counterexample(const torch::Tensor& x_found) {
   const auto pred = logits_(x32).argmax(1).cpu()[0].item<int64_t>();
   if (pred == p_.label) return false;
   out_.verdict = Verdict::falsified, out_.counterexample = x32.cpu(), out_.distance = dist;
+  out_.found_by = by, out_.found_round = round;
   return true;
 }
 
 bool Search::try_attack(int round) {
   if (!attack_) return false;
   auto x = attack_(round, round > 0 ? starts_ : torch::Tensor());
-  return x.defined() && counterexample(x);
+  return x.defined() && counterexample(x, "attack", round);
 }
 
 bool Search::check_primal(const torch::Tensor& primal, const std::vector<double>& slack,
@@ -125,7 +126,8 @@ bool Search::check_primal(const torch::Tensor& primal, const std::vector<double>
     points[r].copy_(into_region(points.narrow(0, r, 1))[0]);
   starts_ = points;
   auto wrong = logits_(points).argmax(1).ne(p_.label).nonzero().flatten().cpu();
-  return wrong.numel() > 0 && counterexample(points.narrow(0, wrong[0].item<int64_t>(), 1));
+  return wrong.numel() > 0 &&
+         counterexample(points.narrow(0, wrong[0].item<int64_t>(), 1), "minimiser");
 }
 
 bool Search::attack_due() {
@@ -238,7 +240,7 @@ class InputSearch : public Search {
         const auto xc = centres.narrow(0, c, 1);
         const auto xd = xc.to(torch::kFloat64);
         if (xd.ge(s.lower).all().item<bool>() && xd.le(s.upper).all().item<bool>() &&
-            counterexample(xc)) {
+            counterexample(xc, "centre")) {
           for (int64_t r = c; r < n; ++r) open.push_back(batch[static_cast<size_t>(r)]);
           break;
         }

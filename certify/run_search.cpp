@@ -8,6 +8,8 @@
 #include <cmath>
 #include <iostream>
 #include <limits>
+#include <map>
+#include <string>
 
 #include "bab.h"
 #include "moecert/attack_suite.h"
@@ -66,10 +68,12 @@ AttackFound apgd_points(const Context& ctx, const AttackSubject& subject, const 
 /// budget on one of its other objectives: a MoE-aware one (route-aware per expert, per
 /// member of a dual-model) or targeted DLR towards another class (APGD-T); that one from
 /// each of `starts` too when given (the worst open subproblems' minimisers). Returns a
-/// point found, undefined when the float32 model still classifies every one correctly.
+/// point found, undefined when the float32 model still classifies every one correctly;
+/// `objective` names the round's objective.
 torch::Tensor search_attack(const Context& ctx, const AttackSubject& subject,
                             const torch::Tensor& x32, const torch::Tensor& y, double eps,
-                            uint64_t seed, int round, const torch::Tensor& starts) {
+                            uint64_t seed, int round, const torch::Tensor& starts,
+                            std::string& objective) {
   const auto& cfg = ctx.cfg;
   // One random start, and the given ones: m rows of the same ball.
   const int64_t m = 1 + (starts.defined() ? starts.size(0) : 0);
@@ -86,15 +90,18 @@ torch::Tensor search_attack(const Context& ctx, const AttackSubject& subject,
   }
   const auto pick = bab::attack_round(round, static_cast<int64_t>(aware.size()), order.size(0));
   if (pick.kind == bab::AttackRound::Kind::untargeted) {
+    objective = "APGD on the cross-check's loss";
     auto f = apgd_points(ctx, subject, x32, y, {eps}, {seed}, round + 1);
     return f.success[0].item<bool>() ? f.x_adv : torch::Tensor();
   }
-  Objective objective;
+  Objective loss;
   if (pick.kind == bab::AttackRound::Kind::aware) {
-    objective = aware[static_cast<size_t>(pick.index)].f;
+    objective = "APGD, MoE-aware objective " + aware[static_cast<size_t>(pick.index)].name;
+    loss = aware[static_cast<size_t>(pick.index)].f;
   } else {
     auto target = order.narrow(0, pick.index, 1).expand({m});
-    objective = [fm, ys, target](const torch::Tensor& v) {
+    objective = "APGD-T towards class " + std::to_string(target[0].item<int64_t>());
+    loss = [fm, ys, target](const torch::Tensor& v) {
       return loss_dlr_targeted(fm(v), ys, target);
     };
   }
@@ -106,7 +113,7 @@ torch::Tensor search_attack(const Context& ctx, const AttackSubject& subject,
     start = torch::cat({RowSampler({seed}).start(
                             AttackBall{x32, ball.eps.narrow(0, 0, 1), cfg.norm, cfg.box}, stream),
                         starts.to(x32.device())});
-  auto run = attack_apgd(objective, fm, ball, ys, RowSampler(std::vector<uint64_t>(m, seed)),
+  auto run = attack_apgd(loss, fm, ball, ys, RowSampler(std::vector<uint64_t>(m, seed)),
                          SuiteConfig{}.apgd_steps, stream, start);
   torch::NoGradGuard ng;
   auto wrong = fm(run.x_adv).argmax(1).ne(ys).nonzero().flatten().cpu();
@@ -248,8 +255,9 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
     // One search at eps, recorded; a counterexample lowers the empirical radius.
     auto search = [&](double eps, bool bisecting, Clock::time_point until) {
       const std::string key = eps_key(eps);
+      std::map<int, std::string> objectives;  // per attack round
       const bab::Attack attack = [&](int round, const torch::Tensor& starts) {
-        return search_attack(ctx, subject, x32, y, eps, seed, round, starts);
+        return search_attack(ctx, subject, x32, y, eps, seed, round, starts, objectives[round]);
       };
       const bab::Problem pr{members, ctx.alpha, x,       batch.labels[b].item<int64_t>(),
                             eps,     cfg.norm,  cfg.box, !cfg.exact_arithmetic};
@@ -274,6 +282,12 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
            {"screened", out.screened},
            {"carried", out.carried},
            {"bisect", bisecting}});
+      if (out.verdict == bab::Verdict::falsified)
+        searches.back()["found_by"] =
+            out.found_by == "attack" ? "attack round " + std::to_string(out.found_round) + ": " +
+                                           objectives[out.found_round]
+            : out.found_by == "minimiser" ? std::string("bound minimiser")
+                                          : std::string("subproblem centre");
       if (progress)
         std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "
                   << verdict << " in " << fmt_fixed(out.seconds, 1) << " s, " << out.bounded

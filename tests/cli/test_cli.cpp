@@ -492,6 +492,12 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
       CHECK(s["root_seconds"].get<double>() >= 0);
       CHECK(s["root_seconds"].get<double>() <= s["seconds"].get<double>());
       if (s["verdict"] == "verified") CHECK(s["worst_slack"].is_null());
+      // A counterexample names what found it.
+      REQUIRE(s.contains("found_by") == (s["verdict"] == "falsified"));
+      if (s.contains("found_by")) {
+        const auto by = s["found_by"].get<std::string>();
+        CHECK((by.rfind("attack round ", 0) == 0 || by == "bound minimiser"));
+      }
       if (s["verdict"] == "unknown") {
         REQUIRE(s["worst_slack"].is_number());
         CHECK(s["worst_slack"].get<double>() <= 0);
