@@ -132,7 +132,8 @@ class Search {
   /// whose rounded ends can lie just outside the float64 region (x ± ε); L∞ clamps to
   /// the region's float32 box rounded inwards, L2 scales the offset into the ball.
   torch::Tensor into_region(const torch::Tensor& x32) const;
-  /// An attack round when its interval has passed since the last one (from `starts_`).
+  /// An attack round when its interval has passed since the last one (from `starts_`)
+  /// and attack_allowed allows it.
   bool attack_due();
   /// The minimisers of the open subproblems with the lowest slack (Evaluation::primal,
   /// `slack` [n] of the batch, `open` which of them stay open): each is checked on the
@@ -168,6 +169,7 @@ class Search {
   const Attack& attack_;
   Clock::time_point start_ = Clock::now(), last_report_ = Clock::now(), last_attack_;
   int attack_round_ = 0;
+  double attack_seconds_ = 0;  // the attack rounds' seconds so far
 };
 
 /// Branch and bound by ReLU and route splits (bab_relu.cpp).

@@ -104,7 +104,9 @@ bool Search::counterexample(const torch::Tensor& x_found, const char* by, int ro
 
 bool Search::try_attack(int round) {
   if (!attack_) return false;
+  const auto began = Clock::now();
   auto x = attack_(round, round > 0 ? starts_ : torch::Tensor());
+  attack_seconds_ += std::chrono::duration<double>(Clock::now() - began).count();
   return x.defined() && counterexample(x, "attack", round);
 }
 
@@ -131,7 +133,10 @@ bool Search::check_primal(const torch::Tensor& primal, const std::vector<double>
 }
 
 bool Search::attack_due() {
-  if (std::chrono::duration<double>(Clock::now() - last_attack_).count() < cfg_.attack_interval)
+  const auto now = Clock::now();
+  if (std::chrono::duration<double>(now - last_attack_).count() < cfg_.attack_interval ||
+      !attack_allowed(attack_round_, cfg_.attack_cycle, attack_seconds_,
+                      std::chrono::duration<double>(now - start_).count(), cfg_.attack_share))
     return false;
   const bool found = try_attack(++attack_round_);
   last_attack_ = Clock::now();
@@ -285,6 +290,10 @@ bisect_widest(const torch::Tensor& lower, const torch::Tensor& upper, const torc
   a_upper.view({-1})[dim] = mid;
   b_lower.view({-1})[dim] = mid;
   return {{lower, a_upper}, {b_lower, upper}};
+}
+
+bool attack_allowed(int done, int64_t cycle, double attack_seconds, double elapsed, double share) {
+  return cycle <= 0 || done < cycle || attack_seconds <= share * elapsed;
 }
 
 AttackRound attack_round(int round, int64_t aware, int64_t targets) {

@@ -31,7 +31,12 @@ struct Config {
   /// Steps of α-CROWN on the intermediate bounds of the root (ReLU splits; 0: CROWN's).
   int intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
   double attack_interval = 2.0;  ///< seconds of branching between two attack rounds
-  bool route_splits = true;      ///< split by each member router's selection (top-1, top-k mixture)
+  /// Attack rounds after round 0 that pass once through the objectives (0: not known).
+  /// Once they have run, a round is begun only while the attacks' seconds stay within
+  /// `attack_share` of the search's (attack_allowed).
+  int64_t attack_cycle = 0;
+  double attack_share = 0.05;
+  bool route_splits = true;  ///< split by each member router's selection (top-1, top-k mixture)
   /// ReLU splits: children start their α-β optimisation from their parent's tuned
   /// parameters (β-CROWN's warm start); false: from CROWN's slopes and zero multipliers.
   bool warm_start = true;
@@ -132,6 +137,12 @@ struct AttackRound {
   int64_t index = 0, cycle = 0;
 };
 AttackRound attack_round(int round, int64_t aware, int64_t targets);
+
+/// Whether an attack round may begin once the interval has passed (docs §22): always
+/// while the rounds run so far (`done`, after round 0) have not passed once through the
+/// `cycle` objectives, then only while the attacks' `attack_seconds` are at most `share`
+/// of the search's `elapsed` seconds.
+bool attack_allowed(int done, int64_t cycle, double attack_seconds, double elapsed, double share);
 
 Outcome solve(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
               Clock::time_point deadline);

@@ -248,6 +248,10 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
       torch::NoGradGuard ng;
       return subject.target(AttackTarget::whole, v)(v);
     };
+    // One pass through search_attack's objectives: the MoE-aware ones, then a target per
+    // other class.
+    bc.attack_cycle = (subject.aware ? static_cast<int64_t>(subject.aware(y).size()) : 0) +
+                      logits(x32).size(1) - 1;
     double verified = 0;
     int64_t bounded = 0;
     bool stop = false;

@@ -82,6 +82,7 @@ TEST_CASE("ReLU branch and bound falsifies broken regions from its bounds' minim
     CHECK(out.verdict != bab::Verdict::verified);
     if (out.verdict != bab::Verdict::falsified) continue;
     ++falsified;
+    CHECK(out.found_by == "minimiser");
     auto off = (out.counterexample.to(torch::kFloat64) - x).abs().max().item<double>();
     CHECK(off <= eps);
     CHECK(toy.logits32(out.counterexample).argmax(1)[0].item<int64_t>() != y);
@@ -116,6 +117,39 @@ TEST_CASE("the attack rounds visit every MoE-aware and targeted objective in tur
     for (int n : seen_target) CHECK(n == 2);
     CHECK(bab::attack_round(static_cast<int>(aware) + 1, aware, targets).kind == Kind::targeted);
   }
+}
+
+TEST_CASE("after one pass through the objectives the attack rounds keep to their share",
+          "[unit][certify][bab]") {
+  // A search's timeline: 0.1 s of branching between checks, rounds of 0.4 s at least
+  // 2 s apart (round 0 before the search), 300 s in all.
+  const double cost = 0.4, interval = 2, share = 0.05, budget = 300;
+  for (int64_t cycle : {0, 13}) {
+    double t = cost, attacks = cost, last = t;
+    int done = 0;
+    std::vector<double> begun;
+    while (t < budget) {
+      t += 0.1;
+      if (t - last < interval || !bab::attack_allowed(done, cycle, attacks, t, share)) continue;
+      if (cycle > 0 && done >= cycle) CHECK(attacks <= share * t);
+      begun.push_back(t);
+      t += cost, attacks += cost, last = t, ++done;
+    }
+    INFO("cycle " << cycle << ": " << done << " rounds, " << attacks << " s of attacks");
+    // The first pass (every round without a known cycle) runs at the interval.
+    const size_t paced = cycle > 0 ? static_cast<size_t>(cycle) : begun.size();
+    REQUIRE(begun.size() >= paced);
+    for (size_t r = 1; r < paced; ++r) CHECK(begun[r] - begun[r - 1] <= interval + cost + 0.11);
+    if (cycle == 0) {
+      CHECK(attacks > 0.15 * budget);
+    } else {
+      CHECK(attacks <= share * budget + cost);  // the share, up to the last round begun
+      CHECK(done > cycle);                      // later passes still run, more sparsely
+    }
+  }
+  CHECK(bab::attack_allowed(3, 13, 100, 1, share));  // the first pass runs regardless
+  CHECK_FALSE(bab::attack_allowed(13, 13, 2, 10, share));
+  CHECK(bab::attack_allowed(13, 13, 0.5, 10, share));
 }
 
 TEST_CASE("branch and bound accounts for every subproblem when its budget ends",
