@@ -127,7 +127,7 @@ class Search {
   /// Whether x32 (float32 [1, C, H, W]), moved into the region (into_region), lies in
   /// it and the model misclassifies it; records it as the counterexample when so, found
   /// by `by` (Outcome::found_by; `round`: the attack round).
-  bool counterexample(const torch::Tensor& x32, const char* by, int round = -1);
+  bool counterexample(const torch::Tensor& x32, Outcome::Found by, int round = -1);
   /// A float32 point of the region near x32: attacks project onto the float32 ball,
   /// whose rounded ends can lie just outside the float64 region (x ± ε); L∞ clamps to
   /// the region's float32 box rounded inwards, L2 scales the offset into the ball.

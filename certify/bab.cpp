@@ -86,7 +86,7 @@ torch::Tensor Search::into_region(const torch::Tensor& x32) const {
   return x;
 }
 
-bool Search::counterexample(const torch::Tensor& x_found, const char* by, int round) {
+bool Search::counterexample(const torch::Tensor& x_found, Outcome::Found by, int round) {
   torch::NoGradGuard ng;
   const auto x32 = into_region(x_found);
   const auto xd = x32.to(torch::kFloat64);
@@ -107,7 +107,7 @@ bool Search::try_attack(int round) {
   const auto began = Clock::now();
   auto x = attack_(round, round > 0 ? starts_ : torch::Tensor());
   attack_seconds_ += std::chrono::duration<double>(Clock::now() - began).count();
-  return x.defined() && counterexample(x, "attack", round);
+  return x.defined() && counterexample(x, Outcome::Found::attack, round);
 }
 
 bool Search::check_primal(const torch::Tensor& primal, const std::vector<double>& slack,
@@ -129,7 +129,7 @@ bool Search::check_primal(const torch::Tensor& primal, const std::vector<double>
   starts_ = points;
   auto wrong = logits_(points).argmax(1).ne(p_.label).nonzero().flatten().cpu();
   return wrong.numel() > 0 &&
-         counterexample(points.narrow(0, wrong[0].item<int64_t>(), 1), "minimiser");
+         counterexample(points.narrow(0, wrong[0].item<int64_t>(), 1), Outcome::Found::minimiser);
 }
 
 bool Search::attack_due() {
@@ -245,7 +245,7 @@ class InputSearch : public Search {
         const auto xc = centres.narrow(0, c, 1);
         const auto xd = xc.to(torch::kFloat64);
         if (xd.ge(s.lower).all().item<bool>() && xd.le(s.upper).all().item<bool>() &&
-            counterexample(xc, "centre")) {
+            counterexample(xc, Outcome::Found::centre)) {
           for (int64_t r = c; r < n; ++r) open.push_back(batch[static_cast<size_t>(r)]);
           break;
         }

@@ -74,10 +74,10 @@ struct Outcome {
   torch::Tensor
       counterexample;  ///< [1, C, H, W] float32: a point of the region the model misclassifies
   double distance = std::numeric_limits<double>::infinity();  ///< its distance to x
-  /// What found the counterexample: "attack" (round `found_round` of the attacks on the
-  /// region, 0 the one before the search), "minimiser" (a subproblem bound's minimiser,
-  /// Evaluation::primal) or "centre" (an input piece's centre); empty when none was found.
-  std::string found_by;
+  /// What found the counterexample: an attack (round `found_round` of the attacks on the
+  /// region, 0 the one before the search), a subproblem bound's minimiser
+  /// (Evaluation::primal) or an input piece's centre; none when none was found.
+  enum class Found { none, attack, minimiser, centre } found_by = Found::none;
   int found_round = -1;
   int64_t bounded = 0;  ///< subproblems bounded (the root included)
   int64_t rounds = 0;

@@ -286,12 +286,20 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
            {"screened", out.screened},
            {"carried", out.carried},
            {"bisect", bisecting}});
-      if (out.verdict == bab::Verdict::falsified)
-        searches.back()["found_by"] =
-            out.found_by == "attack" ? "attack round " + std::to_string(out.found_round) + ": " +
-                                           objectives[out.found_round]
-            : out.found_by == "minimiser" ? std::string("bound minimiser")
-                                          : std::string("subproblem centre");
+      switch (out.found_by) {
+        case bab::Outcome::Found::none:
+          break;
+        case bab::Outcome::Found::attack:
+          searches.back()["found_by"] = "attack round " + std::to_string(out.found_round) + ": " +
+                                        objectives[out.found_round];
+          break;
+        case bab::Outcome::Found::minimiser:
+          searches.back()["found_by"] = "bound minimiser";
+          break;
+        case bab::Outcome::Found::centre:
+          searches.back()["found_by"] = "subproblem centre";
+          break;
+      }
       if (progress)
         std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "
                   << verdict << " in " << fmt_fixed(out.seconds, 1) << " s, " << out.bounded

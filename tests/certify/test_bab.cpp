@@ -76,15 +76,16 @@ Tally run_exact(const Toy& toy, bab::Split split, int count, double seconds) {
       CHECK(out.distance == d);
       CHECK(toy.logits32(out.counterexample).argmax(1)[0].item<int64_t>() != y);
       // What found it: an attack round's point (drawn again here), or a piece's centre.
-      CHECK((out.found_by == "attack" || out.found_by == "centre"));
-      if (out.found_by == "attack") {
+      using Found = bab::Outcome::Found;
+      CHECK((out.found_by == Found::attack || out.found_by == Found::centre));
+      if (out.found_by == Found::attack) {
         REQUIRE(out.found_round >= 0);
         const auto again = random_points(toy, p)(out.found_round, torch::Tensor());
         REQUIRE(again.defined());
         CHECK(torch::allclose(again, out.counterexample, 0, 1e-6));
       }
     } else {
-      CHECK(out.found_by.empty());
+      CHECK(out.found_by == bab::Outcome::Found::none);
       ++t.unknown;
       if (std::abs(exact) > 1e-3) ++t.undecided_clear;
     }

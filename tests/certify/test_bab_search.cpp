@@ -82,7 +82,7 @@ TEST_CASE("ReLU branch and bound falsifies broken regions from its bounds' minim
     CHECK(out.verdict != bab::Verdict::verified);
     if (out.verdict != bab::Verdict::falsified) continue;
     ++falsified;
-    CHECK(out.found_by == "minimiser");
+    CHECK(out.found_by == bab::Outcome::Found::minimiser);
     auto off = (out.counterexample.to(torch::kFloat64) - x).abs().max().item<double>();
     CHECK(off <= eps);
     CHECK(toy.logits32(out.counterexample).argmax(1)[0].item<int64_t>() != y);
