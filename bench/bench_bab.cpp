@@ -37,6 +37,9 @@ int main(int argc, char** argv) {
   app.add_option("--bab-intermediate-steps", intermediate_steps,
                  "alpha-CROWN steps on the root's intermediate bounds (0: CROWN's)")
       ->capture_default_str();
+  int steps = CertifyConfig{}.bab_steps;
+  app.add_option("--bab-steps", steps, "alpha-beta steps of each subproblem after the root")
+      ->capture_default_str();
   bool cold = false;
   int64_t fsb = CertifyConfig{}.bab_fsb;
   app.add_option("--bab-fsb", fsb, "candidate units bounded before each ReLU split (0: off)")
@@ -77,7 +80,7 @@ int main(int argc, char** argv) {
   cfg.bab_timeout = timeout, cfg.bab_batch = batch;
   cfg.bab_intermediate_steps = intermediate_steps, cfg.bab_warm_start = !cold;
   cfg.bab_fsb = fsb, cfg.input_planes = !no_planes, cfg.bab_expertwise = !one_tree;
-  cfg.bab_row_carry = row_carry;
+  cfg.bab_row_carry = row_carry, cfg.bab_steps = steps;
   cfg.attack.steps = 20;
   auto res = certify_run(loaded, data, idx, cfg, torch::kCPU, false);
   int64_t subproblems = 0;
@@ -134,6 +137,7 @@ int main(int argc, char** argv) {
                       {"fsb", fsb},
                       {"expertwise", !one_tree},
                       {"row_carry", row_carry},
+                      {"steps", steps},
                       {"subproblems", subproblems},
                       {"route_splits", route_splits},
                       {"carried", carried},

@@ -27,7 +27,10 @@ struct Config {
   Split split = Split::automatic;
   int64_t input_max_free = 16;  ///< automatic: input splits with at most this many free inputs
   int max_depth = 64;           ///< splits of one subproblem at most
-  int alpha_steps = 20;         ///< α-β optimisation steps per bound
+  int alpha_steps = 20;         ///< α-β optimisation steps of the root's bound
+  /// α-β optimisation steps of every other subproblem of a ReLU or route search when
+  /// they start from their parent's tuned parameters (warm_start; else alpha_steps).
+  int sub_steps = CertifyConfig{}.bab_steps;
   /// Steps of α-CROWN on the intermediate bounds of the root (ReLU splits; 0: CROWN's).
   int intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
   double attack_interval = 2.0;  ///< seconds of branching between two attack rounds

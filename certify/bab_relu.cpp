@@ -336,6 +336,15 @@ std::vector<forms::MemberPass> ReluSearch::split_passes(
     }
     out.push_back(forms::member_split(root[i], ms, n, need[i]));
   }
+  // The root's own bound takes the root's steps; every other subproblem, which starts
+  // from its parent's tuned parameters (warm starts), its own.
+  const bool is_root = n == 1 && subs[0].splits.empty() &&
+                       std::all_of(subs[0].route.begin(), subs[0].route.end(),
+                                   [](const auto& r) { return r.empty(); });
+  if (!is_root && warm())
+    for (auto& mp : out)
+      for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
+        if (BoundPass* bp = graph_pass(mp, g)) bp->opt.alpha_steps = cfg_.sub_steps;
   return out;
 }
 

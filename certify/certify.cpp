@@ -241,6 +241,8 @@ void check_config(const CertifyConfig& cfg, const Dataset& data,
   if (cfg.bab_intermediate_steps < 0 || cfg.bab_intermediate_steps > 1000)
     throw ConfigError::invalid("--bab-intermediate-steps",
                                std::to_string(cfg.bab_intermediate_steps), "in [0, 1000]");
+  if (cfg.bab_steps < 0 || cfg.bab_steps > 1000)
+    throw ConfigError::invalid("--bab-steps", std::to_string(cfg.bab_steps), "in [0, 1000]");
   if (!(cfg.bab_row_carry >= 0 && cfg.bab_row_carry <= 100))
     throw ConfigError::invalid("--bab-row-carry", std::to_string(cfg.bab_row_carry),
                                "in [0, 100] logits");
@@ -292,6 +294,7 @@ ResultsConfig config_of(const CertifyConfig& cfg) {
                                                           : "auto"},
              {"input_max_free", cfg.bab_input_max_free},
              {"intermediate_steps", cfg.bab_intermediate_steps},
+             {"steps", cfg.bab_steps},
              {"warm_start", cfg.bab_warm_start},
              {"expertwise", cfg.bab_expertwise},
              {"row_carry", cfg.bab_row_carry},

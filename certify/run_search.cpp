@@ -225,6 +225,7 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
   bab::Config bc;
   bc.batch = cfg.bab_batch, bc.split = cfg.bab_split, bc.input_max_free = cfg.bab_input_max_free;
   bc.alpha_steps = cfg.alpha_steps, bc.intermediate_steps = cfg.bab_intermediate_steps;
+  bc.sub_steps = cfg.bab_steps;
   bc.warm_start = cfg.bab_warm_start, bc.fsb_candidates = cfg.bab_fsb;
   bc.expertwise = cfg.bab_expertwise, bc.mixture_row_settled = cfg.bab_row_carry;
   bc.input_planes = cfg.input_planes;

@@ -174,6 +174,9 @@ struct CertifyConfig {
   double bab_timeout = 60;
   int64_t bab_batch = 64;
   int bab_intermediate_steps = 8;
+  /// α-β optimisation steps of every subproblem but the root (which takes alpha_steps):
+  /// each starts from its parent's tuned parameters (bab_warm_start).
+  int bab_steps = 3;
   /// Whether a subproblem's α-β optimisation starts from its parent's tuned parameters.
   bool bab_warm_start = true;
   /// A single mixture: one tree of ReLU splits per expert (false: one tree over all).

@@ -227,6 +227,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     double bab_timeout = 60;
     int64_t bab_batch = 64, bab_input_max_free = 16;
     int bab_intermediate_steps = CertifyConfig{}.bab_intermediate_steps;
+    int bab_steps = CertifyConfig{}.bab_steps;
     bool bab_cold_start = false;
     bool bab_one_tree = false;
     double bab_row_carry = CertifyConfig{}.bab_row_carry;
@@ -304,6 +305,10 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
                   "branch and bound: alpha-CROWN steps on the root's intermediate bounds (0: "
                   "CROWN's)")
       ->capture_default_str();
+  cmd->add_option("--bab-steps", o->bab_steps,
+                  "branch and bound: alpha-beta optimisation steps of each subproblem after the "
+                  "root (the root takes --alpha-steps)")
+      ->capture_default_str();
   cmd->add_flag("--bab-cold-start", o->bab_cold_start,
                 "branch and bound: start every subproblem's alpha-beta optimisation from CROWN's "
                 "slopes, not from its parent's tuned ones");
@@ -353,7 +358,7 @@ void cli_register_certify(CLI::App& app, const CommonOptions& common, int argc, 
     cfg.bab_batch = o->bab_batch, cfg.bab_intermediate_steps = o->bab_intermediate_steps;
     cfg.bab_bisect = o->bab_bisect, cfg.bab_warm_start = !o->bab_cold_start;
     cfg.bab_expertwise = !o->bab_one_tree, cfg.bab_row_carry = o->bab_row_carry;
-    cfg.bab_fsb = o->bab_fsb;
+    cfg.bab_fsb = o->bab_fsb, cfg.bab_steps = o->bab_steps;
     cfg.bab_input_max_free = o->bab_input_max_free;
     if (o->bab_split == "auto")
       cfg.bab_split = BabSplit::automatic;

@@ -455,13 +455,13 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
           "[e2e][cli][certify]") {
   const auto& ckpt = trained_checkpoint();
   TempDir tmp;
-  auto r =
-      run_moecert("--dataset synthetic --samples 10 certify " + ckpt +
-                  " --estimator crown --bab --timeout-per-sample 3 --bab-batch 8 --bab-fsb 4"
-                  " --bab-row-carry 2.5 --steps 5 --eps-grid 0.01,0.05,0.2 --gate 'unknown@0.2<=1'"
-                  " --gate 'verified_acc@0.01>=0'"
-                  " --out " +
-                  (tmp / "c"));
+  auto r = run_moecert("--dataset synthetic --samples 10 certify " + ckpt +
+                       " --estimator crown --bab --timeout-per-sample 3 --bab-batch 8 --bab-fsb 4"
+                       " --bab-row-carry 2.5 --bab-steps 3 --steps 5 --eps-grid 0.01,0.05,0.2 "
+                       "--gate 'unknown@0.2<=1'"
+                       " --gate 'verified_acc@0.01>=0'"
+                       " --out " +
+                       (tmp / "c"));
   INFO(r.output);
   REQUIRE(r.code == 0);
   CHECK(r.output.find("soundness violations: 0") != std::string::npos);
@@ -471,6 +471,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
   CHECK(j["config"]["bab"]["fsb"] == 4);
   CHECK(j["config"]["bab"]["warm_start"] == true);
   CHECK(j["config"]["bab"]["row_carry"] == 2.5);
+  CHECK(j["config"]["bab"]["steps"] == 3);
   int decided = 0, searched = 0;
   for (const auto& row : j["rows"]) {
     REQUIRE(row["radii"].contains("candidate_bab"));
@@ -521,9 +522,10 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
                            " --eps-grid 0.2 --gate 'unknown@0.2<-1' --out " +
                            (tmp / "g"));
   CHECK(gated.code == 1);
-  for (const char* bad : {"--bab-split sideways", "--timeout-per-sample 0", "--bab-batch 1",
-                          "--bab-intermediate-steps -1", "--bab-bisect 61", "--bab-fsb 65",
-                          "--bab-row-carry -1", "--bab-row-carry nan", "--estimator crown,babel"}) {
+  for (const char* bad :
+       {"--bab-split sideways", "--timeout-per-sample 0", "--bab-batch 1",
+        "--bab-intermediate-steps -1", "--bab-steps -1", "--bab-steps 1001", "--bab-bisect 61",
+        "--bab-fsb 65", "--bab-row-carry -1", "--bab-row-carry nan", "--estimator crown,babel"}) {
     auto b = run_moecert("--dataset synthetic --samples 2 certify " + ckpt + " --bab " + bad +
                          " --out " + (tmp / "b"));
     INFO(bad << ": " << b.output);
