@@ -336,11 +336,10 @@ std::vector<forms::MemberPass> ReluSearch::split_passes(
     }
     out.push_back(forms::member_split(root[i], ms, n, need[i]));
   }
-  // The root's own bound takes the root's steps; every other subproblem, which starts
-  // from its parent's tuned parameters (warm starts), its own.
-  const bool is_root = n == 1 && subs[0].splits.empty() &&
-                       std::all_of(subs[0].route.begin(), subs[0].route.end(),
-                                   [](const auto& r) { return r.empty(); });
+  // The root's own bound takes the root's steps; every other subproblem (a split's or a
+  // route split's child, depth >= 1), which starts from its parent's tuned parameters
+  // (warm starts), its own.
+  const bool is_root = n == 1 && subs[0].depth == 0;
   if (!is_root && warm())
     for (auto& mp : out)
       for (int g = 0; g <= static_cast<int>(mp.experts.size()); ++g)
