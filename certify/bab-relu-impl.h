@@ -76,6 +76,13 @@ class ReluSearch : public Search {
     double mass = 0;
     std::vector<Tree> trees;  // per expert
     torch::Tensor low;
+    /// The mixture's program on the group's region (set_programs): the router's weight
+    /// bounds [E] CPU float64, the float32 allowance, and whether no point of the region
+    /// selects the group's route set (every slack +inf). The router is bounded over the
+    /// group's region alone, so they hold for every leaf of it.
+    torch::Tensor a_lo, a_hi;
+    double allowance = 0;
+    bool empty = false;
     /// Verified: some tree has every leaf closed (or empty).
     bool done() const {
       return std::any_of(trees.begin(), trees.end(),
@@ -100,21 +107,25 @@ class ReluSearch : public Search {
   void bound_leaves(const std::vector<forms::MemberPass>& root, std::vector<Sub> subs,
                     std::vector<Group>& groups);
 
-  /// The slack of each of `subs` with no expert bounded (each takes its Sub::known_prob):
-  /// the router's bounds and the mixture's program, in batches of 4 · Config::batch.
-  std::vector<double> program_slacks(const std::vector<forms::MemberPass>& root,
-                                     const std::vector<Sub>& subs);
+  /// Bounds the router over each group's region once (with no expert bounded) and keeps
+  /// its program (Group::a_lo, a_hi, allowance, empty).
+  void set_programs(const std::vector<forms::MemberPass>& root, std::vector<Group>& groups);
+
+  /// The slack with no expert bounded of a region of group `at[c].first` whose experts'
+  /// bounds are `at[c].second` ([E, K]): the group's program (forms::mixture_lower with
+  /// the group's weight bounds), on the CPU.
+  std::vector<double> program_slacks(const std::vector<Group>& groups,
+                                     const std::vector<std::pair<size_t, torch::Tensor>>& at) const;
 
   /// Bounds every open leaf of the groups not done again with no expert bounded (its own
   /// expert at its bounds, the others at their group's, which only rise): the router's
   /// bounds and the mixture's program; closes those whose slack is now positive.
-  void retest(const std::vector<forms::MemberPass>& root, std::vector<Group>& groups);
+  void retest(std::vector<Group>& groups);
 
   /// Per group (not done) and expert with a tree: how much the group's slack rises when
   /// that expert's bounds are raised to 1 (a perfect expert), with the others at theirs;
   /// 0 elsewhere. Steers which trees are split.
-  std::vector<std::vector<double>> gains(const std::vector<forms::MemberPass>& root,
-                                         const std::vector<Group>& groups);
+  std::vector<std::vector<double>> gains(const std::vector<Group>& groups) const;
 
   /// The expert-wise search (docs §22): the root, split by route when its router can
   /// select more than one expert set, then per group one tree of ReLU splits per expert
@@ -136,8 +147,7 @@ class ReluSearch : public Search {
                                   double& worst) const;
   /// The leaves of `cand` a round splits (half a batch): given to the trees in proportion
   /// to their gains (the lowest slack first in each), the rest to the lowest slack anywhere.
-  std::vector<LeafAt> pick_leaves(const std::vector<forms::MemberPass>& root,
-                                  const std::vector<Group>& groups, std::vector<LeafAt> cand);
+  std::vector<LeafAt> pick_leaves(const std::vector<Group>& groups, std::vector<LeafAt> cand) const;
   /// Splits `leaves` on their next unit: their children (floored at their bounds), the
   /// leaves leaving their trees.
   std::vector<Sub> split_leaves(std::vector<Group>& groups, std::vector<LeafAt> leaves);

@@ -62,42 +62,60 @@ void ReluSearch::bound_leaves(const std::vector<forms::MemberPass>& root, std::v
   check_primal(ev.primal, slacks, is_open);
 }
 
-std::vector<double> ReluSearch::program_slacks(const std::vector<forms::MemberPass>& root,
-                                               const std::vector<Sub>& subs) {
+void ReluSearch::set_programs(const std::vector<forms::MemberPass>& root,
+                              std::vector<Group>& groups) {
   const int64_t E = p_.members[0]->experts;
-  const size_t chunk = static_cast<size_t>(std::max<int64_t>(1, 4 * cfg_.batch));
-  std::vector<double> out;
-  for (size_t from = 0; from < subs.size(); from += chunk) {
-    const size_t len = std::min(chunk, subs.size() - from);
-    std::vector<Sub> part(subs.begin() + static_cast<std::ptrdiff_t>(from),
-                          subs.begin() + static_cast<std::ptrdiff_t>(from + len));
+  for (auto& G : groups) {
+    Sub c;
+    c.route = G.route, c.known_prob = G.low.clone();
     std::vector<torch::Tensor> only;
-    auto none = torch::zeros({static_cast<int64_t>(len), E}, torch::kBool);
-    auto passes = batch_passes(root, part, only, nullptr, none);
-    auto slack =
-        evaluate(p_, passes, passes[0].domain, labels(static_cast<int64_t>(len)), only).slack.cpu();
-    for (size_t c = 0; c < len; ++c) out.push_back(slack[static_cast<int64_t>(c)].item<double>());
+    auto passes = batch_passes(root, {c}, only, nullptr, torch::zeros({1, E}, torch::kBool));
+    auto ev = evaluate(p_, passes, passes[0].domain, labels(1), only);
+    G.a_lo = ev.weight_lo[0].cpu(), G.a_hi = ev.weight_hi[0].cpu();
+    G.allowance = forms::prob_allowance(passes[0]);
+    // The program of a group's region is finite (every bound of mu is in [−1, 1]) unless
+    // no point of it selects the route set.
+    G.empty = ev.slack[0].item<double>() == kInf;
+  }
+}
+
+std::vector<double> ReluSearch::program_slacks(
+    const std::vector<Group>& groups,
+    const std::vector<std::pair<size_t, torch::Tensor>>& at) const {
+  if (at.empty()) return {};
+  std::vector<torch::Tensor> lo, hi, mu;
+  std::vector<double> allowance;
+  for (const auto& [g, known] : at) {
+    lo.push_back(groups[g].a_lo), hi.push_back(groups[g].a_hi);
+    // An expert without a pass takes −1 (always valid), or a known bound where larger.
+    mu.push_back(known.clamp_min(-1.0));
+  }
+  const int64_t n = static_cast<int64_t>(at.size());
+  auto y = torch::full({n}, p_.label, torch::kLong);
+  auto least = forms::mixture_lower(torch::stack(lo), torch::stack(hi), torch::stack(mu), y)
+                   .amin(1)
+                   .contiguous();
+  std::vector<double> out;
+  for (int64_t c = 0; c < n; ++c) {
+    const auto& G = groups[at[static_cast<size_t>(c)].first];
+    out.push_back(G.empty ? kInf : least[c].item<double>() - G.allowance);
   }
   return out;
 }
 
-void ReluSearch::retest(const std::vector<forms::MemberPass>& root, std::vector<Group>& groups) {
+void ReluSearch::retest(std::vector<Group>& groups) {
   std::vector<std::tuple<size_t, size_t, size_t>> at;
-  std::vector<Sub> subs;
+  std::vector<std::pair<size_t, torch::Tensor>> known;
   for (size_t g = 0; g < groups.size(); ++g) {
     if (groups[g].done()) continue;
     for (size_t j = 0; j < groups[g].trees.size(); ++j)
       for (size_t i = 0; i < groups[g].trees[j].open.size(); ++i) {
-        const Sub& leaf = groups[g].trees[j].open[i];
-        Sub c;
-        c.route = leaf.route, c.expert = leaf.expert;
-        c.known_prob = leaf_known(groups[g], leaf);
-        subs.push_back(std::move(c));
+        known.push_back({g, leaf_known(groups[g], groups[g].trees[j].open[i])});
         at.push_back({g, j, i});
       }
   }
-  const auto slack = program_slacks(root, subs);
-  for (size_t c = 0; c < subs.size(); ++c) {
+  const auto slack = program_slacks(groups, known);
+  for (size_t c = 0; c < at.size(); ++c) {
     auto [g, j, i] = at[c];
     groups[g].trees[j].open[i].slack = slack[c];
   }
@@ -113,28 +131,25 @@ void ReluSearch::retest(const std::vector<forms::MemberPass>& root, std::vector<
     }
 }
 
-std::vector<std::vector<double>> ReluSearch::gains(const std::vector<forms::MemberPass>& root,
-                                                   const std::vector<Group>& groups) {
-  std::vector<Sub> subs;
+std::vector<std::vector<double>> ReluSearch::gains(const std::vector<Group>& groups) const {
+  std::vector<std::pair<size_t, torch::Tensor>> known;
   std::vector<std::pair<size_t, int64_t>> at;  // group, expert (-1: as they are)
   const int64_t E = p_.members[0]->experts;
   for (size_t g = 0; g < groups.size(); ++g) {
     if (groups[g].done()) continue;
     for (int64_t j = -1; j < E; ++j) {
       if (j >= 0 && !groups[g].trees[static_cast<size_t>(j)].on) continue;
-      Sub c;
-      c.route = groups[g].route;
-      c.known_prob = groups[g].low.clone();
-      if (j >= 0) c.known_prob[j].fill_(1.0);
-      subs.push_back(std::move(c));
+      auto k = groups[g].low.clone();
+      if (j >= 0) k[j].fill_(1.0);
+      known.push_back({g, std::move(k)});
       at.push_back({g, j});
     }
   }
   std::vector<std::vector<double>> out(groups.size(),
                                        std::vector<double>(static_cast<size_t>(E), 0.0));
-  const auto slack = program_slacks(root, subs);
+  const auto slack = program_slacks(groups, known);
   double base = 0;
-  for (size_t c = 0; c < subs.size(); ++c) {
+  for (size_t c = 0; c < at.size(); ++c) {
     auto [g, j] = at[c];
     if (j < 0)
       base = slack[c];
@@ -186,14 +201,13 @@ std::vector<ReluSearch::LeafAt> ReluSearch::open_leaves(const std::vector<Group>
   return out;
 }
 
-std::vector<ReluSearch::LeafAt> ReluSearch::pick_leaves(const std::vector<forms::MemberPass>& root,
-                                                        const std::vector<Group>& groups,
-                                                        std::vector<LeafAt> cand) {
+std::vector<ReluSearch::LeafAt> ReluSearch::pick_leaves(const std::vector<Group>& groups,
+                                                        std::vector<LeafAt> cand) const {
   const size_t E = static_cast<size_t>(p_.members[0]->experts);
   const size_t take =
       std::min(cand.size(), static_cast<size_t>(std::max<int64_t>(1, cfg_.batch / 2)));
   std::sort(cand.begin(), cand.end());
-  const auto gain = gains(root, groups);
+  const auto gain = gains(groups);
   double total = 0;
   for (const auto& gg : gain)
     for (double v : gg) total += v;
@@ -256,6 +270,7 @@ void ReluSearch::search_expertwise(const std::vector<forms::MemberPass>& root) {
   }
   const double base = out_.verified_mass;  // the route sets verified whole
   auto groups = plant(heads);
+  set_programs(root, groups);
   while (out_.verdict != Verdict::falsified) {
     size_t open = 0;
     double worst = kInf;
@@ -267,14 +282,14 @@ void ReluSearch::search_expertwise(const std::vector<forms::MemberPass>& root) {
       out_.exhausted = true;
       break;
     }
-    auto children = split_leaves(groups, pick_leaves(root, groups, std::move(cand)));
+    auto children = split_leaves(groups, pick_leaves(groups, std::move(cand)));
     round_begins();
     const auto round_start = Clock::now();
     bound_leaves(root, std::move(children), groups);
     for (auto& G : groups)
       for (size_t j = 0; j < G.trees.size(); ++j)
         if (G.trees[j].on) G.low[static_cast<int64_t>(j)].copy_(tree_low(G.trees[j]));
-    retest(root, groups);
+    retest(groups);
     last_round_ = Clock::now() - round_start;
     tally(groups, base);  // the progress line's verified share
     report(open, worst);

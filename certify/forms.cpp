@@ -428,15 +428,27 @@ torch::Tensor prob_lower(const MemberPass& p, const InputDomain& d, const torch:
   } else {
     auto [a_lo, a_hi] = router_weight_bounds(
         sel.diff.defined() ? sel.diff : torch::zeros({n, E, E}, o), sel.possible, sel.sure);
-    std::vector<torch::Tensor> per;
-    for (int64_t k = 0; k < K; ++k) per.push_back(simplex_min(a_lo, a_hi, mu.select(2, k)));
-    out = torch::stack(per, 1);
+    if (ev) ev->weight_lo = a_lo, ev->weight_hi = a_hi;
+    return mixture_lower(a_lo, a_hi, mu, labels);
   }
   auto at_y = torch::nn::functional::one_hot(labels, K).to(torch::kBool);
   return out.masked_fill(at_y, kInf);
 }
 
 }  // namespace
+
+torch::Tensor mixture_lower(const torch::Tensor& a_lo, const torch::Tensor& a_hi,
+                            const torch::Tensor& mu, const torch::Tensor& labels) {
+  const int64_t K = mu.size(2);
+  std::vector<torch::Tensor> per;
+  for (int64_t k = 0; k < K; ++k) per.push_back(simplex_min(a_lo, a_hi, mu.select(2, k)));
+  auto at_y = torch::nn::functional::one_hot(labels.to(mu.device()), K).to(torch::kBool);
+  return torch::stack(per, 1).masked_fill(at_y, kInf);
+}
+
+double prob_allowance(const MemberPass& p) {
+  return p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0;
+}
 
 std::vector<torch::Tensor> difference_lower(const MemberPass& p, const torch::Tensor& labels) {
   const int64_t n = p.domain.x.size(0), K = p.m->classes;
@@ -532,7 +544,7 @@ Evaluation member_evaluate(const MemberPass& p, const InputDomain& d, const torc
   if (member_form(*p.m) != Form::mixture) {
     ev.slack = logit_slack(p, d, labels, ev.possible, ev);
   } else {
-    const double allowance = p.fp32 ? 2.0 * u32 * fp32_prob_constant(*p.m) * 1.05 : 0.0;
+    const double allowance = prob_allowance(p);
     ev.slack =
         prob_lower(p, d, labels, r.sel, r.route_constraints(), &ev.prob, &ev).amin(1) - allowance;
     // An expert is settled where its every margin (k != y) is above the allowance.

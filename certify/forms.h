@@ -143,6 +143,9 @@ struct Evaluation {
   /// bool the experts whose every margin bound exceeds the form's float32 allowance
   /// (settled: that expert alone would certify the region). Undefined otherwise.
   torch::Tensor prob, prob_settled;
+  /// The mixture form: [n, E] the bounds of the router's weights on each region that
+  /// its program takes (mixture_lower). Undefined otherwise.
+  torch::Tensor weight_lo, weight_hi;
 };
 /// With `only` [n, E] bool, each region is restricted further to the points where the
 /// router selects one of those experts (the candidate form, whose pass has route
@@ -162,10 +165,21 @@ Evaluation dual_evaluate(const MemberPass& standard, const MemberPass& robust, d
 using moecert::simplex_min;
 using moecert::softmax_margin_lower;
 
+/// The mixture's program (docs §13.3): per region and class k, the least of
+/// Σ_j a_j·mu[:, j, k] over the router weights a in [a_lo, a_hi] [n, E] on the simplex,
+/// rounded down; [n, K], +inf at the label. `mu` [n, E, K]: lower bounds of the
+/// experts' float32 probability margins. A member's mixture slack is its least class
+/// minus prob_allowance.
+torch::Tensor mixture_lower(const torch::Tensor& a_lo, const torch::Tensor& a_hi,
+                            const torch::Tensor& mu, const torch::Tensor& labels);
+
 /// The float32 allowances (docs §14): the tie allowance of an argmax over a
 /// log-softmax of logits bounded by `hmax` [n] (in logit units), and the constant C of
 /// the probability-domain error u32·C of a member's float32 probabilities.
 torch::Tensor fp32_tie(const torch::Tensor& hmax, int64_t classes);
 double fp32_prob_constant(const MemberGraphs& m);
+/// The float32 allowance u32·C of a member's probability-domain slack (0 for an exact-real
+/// pass), with C = fp32_prob_constant.
+double prob_allowance(const MemberPass& p);
 
 }  // namespace moecert::forms

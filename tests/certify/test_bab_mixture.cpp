@@ -98,6 +98,35 @@ TEST_CASE("a mixture's experts settled on a region stand on its subproblems unbo
     for (int64_t j = 0; j < 4; ++j) both.known_prob.push_back(torch::full({1, 3}, 0.2, f64));
     const auto mx = forms::member_evaluate(both, both.domain, labels);
     CHECK(torch::allclose(mx.prob, plain.prob.clamp_min(0.2), 1e-9, 1e-12));
+    // No expert bounded (the expert-wise search's retests): the slack is the program of
+    // the router's weight bounds, which no expert's bounds change, and the known bounds
+    // (−1 where lower).
+    // The second case restricts the region to the expert set the float32 router selects at x.
+    const auto g32 = x.flatten(1).to(torch::kFloat).matmul(toy.R.to(torch::kFloat).t()) +
+                     toy.c.to(torch::kFloat);
+    const auto top2 = std::get<1>(g32.topk(2, 1));
+    for (int set = 0; set < 2; ++set) {
+      auto only = torch::zeros({1, 4}, torch::kBool);
+      if (set == 1) only.index_fill_(1, top2[0], true);
+      for (double v : {-2.0, 0.2}) {  // −2: below every bound, so it counts −1
+        auto none = forms::member_split(root, {}, 1, torch::zeros({1, 4}, torch::kBool));
+        for (int64_t j = 0; j < 4; ++j)
+          none.known_prob.push_back(j == 1 ? plain.prob.select(1, j) : torch::full({1, 3}, v, f64));
+        const auto ev0 = set == 0 ? forms::member_evaluate(none, none.domain, labels)
+                                  : forms::member_evaluate(none, none.domain, labels, only);
+        const auto ref = set == 0 ? plain : forms::member_evaluate(root, d, labels, only);
+        REQUIRE(ev0.weight_lo.defined());
+        CHECK(torch::equal(ev0.weight_lo, ref.weight_lo));
+        CHECK(torch::equal(ev0.weight_hi, ref.weight_hi));
+        auto mu = torch::stack(none.known_prob, 1).clamp_min(-1.0);
+        const double program = forms::mixture_lower(ev0.weight_lo, ev0.weight_hi, mu, labels)
+                                   .amin(1)[0]
+                                   .item<double>() -
+                               forms::prob_allowance(none);
+        CHECK(ev0.slack[0].item<double>() == program);
+        CHECK(std::isfinite(program));
+      }
+    }
   }
   CHECK(cases >= 3);
 }
