@@ -118,8 +118,8 @@ class ReluSearch : public Search {
                                      const std::vector<std::pair<size_t, torch::Tensor>>& at) const;
 
   /// Bounds every open leaf of the groups not done again with no expert bounded (its own
-  /// expert at its bounds, the others at their group's, which only rise): the router's
-  /// bounds and the mixture's program; closes those whose slack is now positive.
+  /// expert at its bounds, the others at their group's, which only rise): the group's
+  /// program (program_slacks); closes those whose slack is now positive.
   void retest(std::vector<Group>& groups);
 
   /// Per group (not done) and expert with a tree: how much the group's slack rises when

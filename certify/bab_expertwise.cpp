@@ -84,7 +84,6 @@ std::vector<double> ReluSearch::program_slacks(
     const std::vector<std::pair<size_t, torch::Tensor>>& at) const {
   if (at.empty()) return {};
   std::vector<torch::Tensor> lo, hi, mu;
-  std::vector<double> allowance;
   for (const auto& [g, known] : at) {
     lo.push_back(groups[g].a_lo), hi.push_back(groups[g].a_hi);
     // An expert without a pass takes −1 (always valid), or a known bound where larger.
