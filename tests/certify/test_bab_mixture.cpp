@@ -198,7 +198,7 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
   torch::manual_seed(33);
   const auto xs = (0.2 + 0.6 * torch::rand({24, 2}, f64)).view({24, 1, 1, 2});
   int verified[2] = {0, 0}, falsified[2] = {0, 0}, unknown[2] = {0, 0}, split = 0;
-  int64_t trees[2] = {0, 0}, spent[2] = {0, 0};
+  int64_t trees[2] = {0, 0}, spent[2] = {0, 0}, blind_searched = 0;
   for (int64_t i = 0; i < xs.size(0); ++i) {
     auto x = xs.narrow(0, i, 1);
     const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
@@ -239,7 +239,22 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
     split += out[1].verdict == bab::Verdict::verified && out[1].bounded > 1;
     if (out[0].exhausted && out[1].exhausted)
       for (int ew = 0; ew < 2; ++ew) spent[ew] += out[ew].bounded;
+    if (broken) {
+      // Blind to attacks, an expert-wise search of a broken region must still not verify
+      // it: its leaves close on their bounds and the group's program alone.
+      bab::Config cfg;
+      cfg.split = bab::Split::relu;
+      cfg.input_planes = false;
+      bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
+      const auto blind = bab::solve(
+          p, cfg, toy.logits(), [](int, const torch::Tensor&) { return torch::Tensor(); },
+          bab::Clock::now() +
+              std::chrono::duration_cast<bab::Clock::duration>(std::chrono::duration<double>(1.5)));
+      CHECK(blind.verdict != bab::Verdict::verified);
+      blind_searched += blind.bounded > 1;
+    }
   }
+  CHECK(blind_searched > 0);
   INFO("verified " << verified[0] << " / " << verified[1] << ", falsified " << falsified[0] << " / "
                    << falsified[1] << ", subproblems of the searches both exhausted " << spent[0]
                    << " / " << spent[1] << " (one tree / expert-wise)");
