@@ -91,13 +91,14 @@ std::vector<double> ReluSearch::program_slacks(
   }
   const int64_t n = static_cast<int64_t>(at.size());
   auto y = torch::full({n}, p_.label, torch::kLong);
-  auto least = forms::mixture_lower(torch::stack(lo), torch::stack(hi), torch::stack(mu), y)
-                   .amin(1)
-                   .contiguous();
+  const auto least = forms::mixture_lower(torch::stack(lo), torch::stack(hi), torch::stack(mu), y)
+                         .amin(1)
+                         .contiguous();
+  const double* v = least.data_ptr<double>();  // (one read, not an item() per leaf)
   std::vector<double> out;
-  for (int64_t c = 0; c < n; ++c) {
-    const auto& G = groups[at[static_cast<size_t>(c)].first];
-    out.push_back(G.empty ? kInf : least[c].item<double>() - G.allowance);
+  for (size_t c = 0; c < at.size(); ++c) {
+    const auto& G = groups[at[c].first];
+    out.push_back(G.empty ? kInf : v[c] - G.allowance);
   }
   return out;
 }

@@ -204,16 +204,19 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
     const int64_t y = toy.logits32(x.to(torch::kFloat)).argmax(1)[0].item<int64_t>();
     const double eps = grid_radius(toy.logits(), x, y) * (i % 4 == 3 ? 1.3 : 0.6);
     const bool broken = moecert_test::grid_broken(toy.logits(), x, y, eps);
-    bab::Outcome out[2];
-    for (int ew = 0; ew < 2; ++ew) {
+    const bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
+    auto search = [&](bool expertwise, const bab::Attack& attack, double seconds) {
       bab::Config cfg;
       cfg.split = bab::Split::relu;
-      cfg.expertwise = ew == 1;
+      cfg.expertwise = expertwise;
       cfg.input_planes = false;  // (the planes make a 2-D net's root nearly exact)
-      bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
-      out[ew] = bab::solve(p, cfg, toy.logits(), random_points(toy, p),
-                           bab::Clock::now() + std::chrono::duration_cast<bab::Clock::duration>(
-                                                   std::chrono::duration<double>(4.0)));
+      return bab::solve(p, cfg, toy.logits(), attack,
+                        bab::Clock::now() + std::chrono::duration_cast<bab::Clock::duration>(
+                                                std::chrono::duration<double>(seconds)));
+    };
+    bab::Outcome out[2];
+    for (int ew = 0; ew < 2; ++ew) {
+      out[ew] = search(ew == 1, random_points(toy, p), 4.0);
       INFO("problem " << i << ", eps " << eps << ", expert-wise " << ew << ", grid broken "
                       << broken << ": subproblems " << out[ew].bounded);
       trees[ew] += out[ew].trees;
@@ -242,14 +245,8 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
     if (broken) {
       // Blind to attacks, an expert-wise search of a broken region must still not verify
       // it: its leaves close on their bounds and the group's program alone.
-      bab::Config cfg;
-      cfg.split = bab::Split::relu;
-      cfg.input_planes = false;
-      bab::Problem p{{&toy.graphs}, 1.0, x, y, eps, Norm::linf, true, true};
-      const auto blind = bab::solve(
-          p, cfg, toy.logits(), [](int, const torch::Tensor&) { return torch::Tensor(); },
-          bab::Clock::now() +
-              std::chrono::duration_cast<bab::Clock::duration>(std::chrono::duration<double>(1.5)));
+      const auto blind = search(
+          true, [](int, const torch::Tensor&) { return torch::Tensor(); }, 1.5);
       CHECK(blind.verdict != bab::Verdict::verified);
       blind_searched += blind.bounded > 1;
     }
