@@ -111,11 +111,17 @@ class ReluSearch : public Search {
   /// its program (Group::a_lo, a_hi, allowance, empty).
   void set_programs(const std::vector<forms::MemberPass>& root, std::vector<Group>& groups);
 
-  /// The slack with no expert bounded of a region of group `at[c].first` whose experts'
-  /// bounds are `at[c].second` ([E, K]): the group's program (forms::mixture_lower with
+  /// The slack with no expert bounded of a region of group `group_of[c]` whose experts'
+  /// bounds are `known[c]` ([E, K]): the group's program (forms::mixture_lower with
   /// the group's weight bounds), on the CPU.
   std::vector<double> program_slacks(const std::vector<Group>& groups,
-                                     const std::vector<std::pair<size_t, torch::Tensor>>& at) const;
+                                     const std::vector<int64_t>& group_of,
+                                     const torch::Tensor& known) const;
+
+  /// The [n, E, K] CPU float64 bounds the program of each open leaf `at` (group, expert,
+  /// index in the tree's open leaves) is taken with: leaf_known, filled in one pass.
+  torch::Tensor knowns(const std::vector<Group>& groups,
+                       const std::vector<std::tuple<size_t, size_t, size_t>>& at) const;
 
   /// Bounds every open leaf of the groups not done again with no expert bounded (its own
   /// expert at its bounds, the others at their group's, which only rise): the group's

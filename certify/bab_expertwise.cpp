@@ -12,6 +12,18 @@
 
 namespace moecert::bab::detail {
 
+namespace {
+
+/// The lesser of two bounds, NaN if either is (as torch::min).
+double lesser(double a, double b) { return std::isnan(a) || std::isnan(b) ? NAN : std::min(a, b); }
+
+/// A leaf's bounds of its own expert's margins: row `expert` of its [E, K] CPU float64 `prob`.
+const double* own_row(const Sub& s) {
+  return s.prob.data_ptr<double>() + static_cast<int64_t>(s.expert) * s.prob.size(1);
+}
+
+}  // namespace
+
 torch::Tensor ReluSearch::leaf_known(const Group& g, const Sub& leaf) {
   auto k = g.low.clone();
   k[leaf.expert].copy_(leaf.prob[leaf.expert]);
@@ -19,8 +31,14 @@ torch::Tensor ReluSearch::leaf_known(const Group& g, const Sub& leaf) {
 }
 
 torch::Tensor ReluSearch::tree_low(const Tree& t) {
-  auto low = t.closed_low.clone();
-  for (const auto& s : t.open) low = torch::min(low, s.prob[s.expert]);
+  // Plain loops: a tree has thousands of open leaves, each [K] doubles, every round.
+  auto low = t.closed_low.clone().contiguous();
+  double* l = low.data_ptr<double>();
+  const int64_t K = low.numel();
+  for (const auto& s : t.open) {
+    const double* r = own_row(s);
+    for (int64_t k = 0; k < K; ++k) l[k] = lesser(l[k], r[k]);
+  }
   return low;
 }
 
@@ -47,7 +65,7 @@ void ReluSearch::bound_leaves(const std::vector<forms::MemberPass>& root, std::v
   std::vector<bool> is_open(static_cast<size_t>(n));
   for (int64_t c = 0; c < n; ++c) {
     auto& s = subs[static_cast<size_t>(c)];
-    s.prob = prob[c].clone();
+    s.prob = prob[c].to(torch::kFloat64).contiguous().clone();  // own_row reads it raw
     s.known_prob = torch::Tensor();
     Tree& t = groups[static_cast<size_t>(s.group)].trees[static_cast<size_t>(s.expert)];
     if (empty[c].item<bool>()) {
@@ -79,42 +97,57 @@ void ReluSearch::set_programs(const std::vector<forms::MemberPass>& root,
   }
 }
 
-std::vector<double> ReluSearch::program_slacks(
-    const std::vector<Group>& groups,
-    const std::vector<std::pair<size_t, torch::Tensor>>& at) const {
-  if (at.empty()) return {};
-  std::vector<torch::Tensor> lo, hi, mu;
-  for (const auto& [g, known] : at) {
-    lo.push_back(groups[g].a_lo), hi.push_back(groups[g].a_hi);
-    // An expert without a pass takes −1 (always valid), or a known bound where larger.
-    mu.push_back(known.clamp_min(-1.0));
-  }
-  const int64_t n = static_cast<int64_t>(at.size());
+std::vector<double> ReluSearch::program_slacks(const std::vector<Group>& groups,
+                                               const std::vector<int64_t>& group_of,
+                                               const torch::Tensor& known) const {
+  if (group_of.empty()) return {};
+  const int64_t n = static_cast<int64_t>(group_of.size());
+  std::vector<torch::Tensor> lo, hi;
+  for (const auto& G : groups) lo.push_back(G.a_lo), hi.push_back(G.a_hi);
+  const auto at = torch::tensor(group_of, torch::kLong);
   auto y = torch::full({n}, p_.label, torch::kLong);
-  const auto least = forms::mixture_lower(torch::stack(lo), torch::stack(hi), torch::stack(mu), y)
-                         .amin(1)
-                         .contiguous();
+  // An expert without a pass takes −1 (always valid), or a known bound where larger.
+  const auto least =
+      forms::mixture_lower(torch::stack(lo).index_select(0, at),
+                           torch::stack(hi).index_select(0, at), known.clamp_min(-1.0), y)
+          .amin(1)
+          .contiguous();
   const double* v = least.data_ptr<double>();  // (one read, not an item() per leaf)
   std::vector<double> out;
-  for (size_t c = 0; c < at.size(); ++c) {
-    const auto& G = groups[at[c].first];
+  for (int64_t c = 0; c < n; ++c) {
+    const auto& G = groups[static_cast<size_t>(group_of[static_cast<size_t>(c)])];
     out.push_back(G.empty ? kInf : v[c] - G.allowance);
+  }
+  return out;
+}
+
+torch::Tensor ReluSearch::knowns(const std::vector<Group>& groups,
+                                 const std::vector<std::tuple<size_t, size_t, size_t>>& at) const {
+  const int64_t E = p_.members[0]->experts, K = p_.members[0]->classes;
+  auto out = torch::empty({static_cast<int64_t>(at.size()), E, K}, torch::kFloat64);
+  double* o = out.data_ptr<double>();
+  std::vector<torch::Tensor> low;
+  for (const auto& G : groups) low.push_back(G.low.to(torch::kFloat64).contiguous());
+  for (const auto& [g, j, i] : at) {
+    std::copy_n(low[g].data_ptr<double>(), E * K, o);
+    std::copy_n(own_row(groups[g].trees[j].open[i]), K, o + static_cast<int64_t>(j) * K);
+    o += E * K;
   }
   return out;
 }
 
 void ReluSearch::retest(std::vector<Group>& groups) {
   std::vector<std::tuple<size_t, size_t, size_t>> at;
-  std::vector<std::pair<size_t, torch::Tensor>> known;
+  std::vector<int64_t> group_of;
   for (size_t g = 0; g < groups.size(); ++g) {
     if (groups[g].done()) continue;
     for (size_t j = 0; j < groups[g].trees.size(); ++j)
       for (size_t i = 0; i < groups[g].trees[j].open.size(); ++i) {
-        known.push_back({g, leaf_known(groups[g], groups[g].trees[j].open[i])});
         at.push_back({g, j, i});
+        group_of.push_back(static_cast<int64_t>(g));
       }
   }
-  const auto slack = program_slacks(groups, known);
+  const auto slack = program_slacks(groups, group_of, knowns(groups, at));
   for (size_t c = 0; c < at.size(); ++c) {
     auto [g, j, i] = at[c];
     groups[g].trees[j].open[i].slack = slack[c];
@@ -132,8 +165,9 @@ void ReluSearch::retest(std::vector<Group>& groups) {
 }
 
 std::vector<std::vector<double>> ReluSearch::gains(const std::vector<Group>& groups) const {
-  std::vector<std::pair<size_t, torch::Tensor>> known;
+  std::vector<torch::Tensor> known;
   std::vector<std::pair<size_t, int64_t>> at;  // group, expert (-1: as they are)
+  std::vector<int64_t> group_of;
   const int64_t E = p_.members[0]->experts;
   for (size_t g = 0; g < groups.size(); ++g) {
     if (groups[g].done()) continue;
@@ -141,13 +175,15 @@ std::vector<std::vector<double>> ReluSearch::gains(const std::vector<Group>& gro
       if (j >= 0 && !groups[g].trees[static_cast<size_t>(j)].on) continue;
       auto k = groups[g].low.clone();
       if (j >= 0) k[j].fill_(1.0);
-      known.push_back({g, std::move(k)});
+      known.push_back(std::move(k));
       at.push_back({g, j});
+      group_of.push_back(static_cast<int64_t>(g));
     }
   }
   std::vector<std::vector<double>> out(groups.size(),
                                        std::vector<double>(static_cast<size_t>(E), 0.0));
-  const auto slack = program_slacks(groups, known);
+  const auto slack =
+      program_slacks(groups, group_of, known.empty() ? torch::Tensor() : torch::stack(known));
   double base = 0;
   for (size_t c = 0; c < at.size(); ++c) {
     auto [g, j] = at[c];
