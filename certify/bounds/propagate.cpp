@@ -345,10 +345,22 @@ BoundPass bound_split(const BoundPass& root, const torch::Tensor& index,
   pass.refined.resize(root.nodes.size());
   pass.split = sign;
   pass.split.resize(root.nodes.size());
+  // The root's intervals of every subregion: broadcast, not copied, from a root of one region.
+  const bool one = root.domain.x.size(0) == 1;
+  auto wide = [&](const NodeBounds& nb) {
+    if (!one) return pick(nb);
+    const auto n = index.size(0);
+    auto at = [&](const torch::Tensor& t) {
+      auto shape = t.sizes().vec();
+      shape[0] = n;
+      return t.expand(shape);
+    };
+    return NodeBounds{at(nb.lo), at(nb.hi), at(nb.mag), at(nb.err32)};
+  };
   for (size_t k = 0; k < root.nodes.size(); ++k) {
     // IBP of the (clamped) inputs, inside the root's interval: both hold on the subregion.
     NodeBounds nb = forward_step(pass, k);
-    const NodeBounds w = pick(root.nodes[k]);
+    const NodeBounds w = wide(root.nodes[k]);
     nb.lo = torch::max(nb.lo, w.lo), nb.hi = torch::min(nb.hi, w.hi);
     nb.mag = torch::min(nb.mag, w.mag), nb.err32 = torch::min(nb.err32, w.err32);
     if (const auto& s = pass.split[k]; s.defined()) {
