@@ -92,10 +92,6 @@ class ReluSearch : public Search {
 
   // The expert-wise search (bab_expertwise.cpp).
 
-  /// What a leaf of `g` is bounded with ([E, K]): the group's bounds of the other experts,
-  /// its own of its expert (for a child: its parent's, a floor of its own).
-  static torch::Tensor leaf_known(const Group& g, const Sub& leaf);
-
   /// The least bounds of a tree's expert over all its leaves, closed and open.
   static torch::Tensor tree_low(const Tree& t);
 
@@ -118,8 +114,9 @@ class ReluSearch : public Search {
                                      const std::vector<int64_t>& group_of,
                                      const torch::Tensor& known) const;
 
-  /// The [n, E, K] CPU float64 bounds the program of each open leaf `at` (group, expert,
-  /// index in the tree's open leaves) is taken with: leaf_known, filled in one pass.
+  /// What each open leaf `at` (group, expert, index in the tree's open leaves) is bounded
+  /// with, [n, E, K] CPU float64: its group's bounds of the other experts, its own of its
+  /// expert (for a child: its parent's, a floor of its own). Filled in one pass.
   torch::Tensor knowns(const std::vector<Group>& groups,
                        const std::vector<std::tuple<size_t, size_t, size_t>>& at) const;
 

@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "bab-relu-impl.h"
+#include "moecert/error.h"
 
 namespace moecert::bab::detail {
 
@@ -19,16 +20,12 @@ double lesser(double a, double b) { return std::isnan(a) || std::isnan(b) ? NAN 
 
 /// A leaf's bounds of its own expert's margins: row `expert` of its [E, K] CPU float64 `prob`.
 const double* own_row(const Sub& s) {
+  if (s.prob.dim() != 2 || !s.prob.is_contiguous() || s.prob.device() != torch::kCPU)
+    throw Error(ExitCode::internal, "certify: a leaf's bounds are not a dense [E, K] CPU tensor");
   return s.prob.data_ptr<double>() + static_cast<int64_t>(s.expert) * s.prob.size(1);
 }
 
 }  // namespace
-
-torch::Tensor ReluSearch::leaf_known(const Group& g, const Sub& leaf) {
-  auto k = g.low.clone();
-  k[leaf.expert].copy_(leaf.prob[leaf.expert]);
-  return k;
-}
 
 torch::Tensor ReluSearch::tree_low(const Tree& t) {
   // Plain loops: a tree has thousands of open leaves, each [K] doubles, every round.
@@ -65,7 +62,7 @@ void ReluSearch::bound_leaves(const std::vector<forms::MemberPass>& root, std::v
   std::vector<bool> is_open(static_cast<size_t>(n));
   for (int64_t c = 0; c < n; ++c) {
     auto& s = subs[static_cast<size_t>(c)];
-    s.prob = prob[c].to(torch::kFloat64).contiguous().clone();  // own_row reads it raw
+    s.prob = prob[c].clone();
     s.known_prob = torch::Tensor();
     Tree& t = groups[static_cast<size_t>(s.group)].trees[static_cast<size_t>(s.expert)];
     if (empty[c].item<bool>()) {
@@ -267,7 +264,11 @@ std::vector<ReluSearch::LeafAt> ReluSearch::pick_leaves(const std::vector<Group>
 
 std::vector<Sub> ReluSearch::split_leaves(std::vector<Group>& groups, std::vector<LeafAt> leaves) {
   std::vector<Sub> children;
-  for (const auto& [slack, g, j, i] : leaves) {
+  std::vector<std::tuple<size_t, size_t, size_t>> at;
+  for (const auto& [slack, g, j, i] : leaves) at.push_back({g, j, i});
+  const auto known = knowns(groups, at);  // a child starts from its parent's
+  for (size_t l = 0; l < leaves.size(); ++l) {
+    const auto& [slack, g, j, i] = leaves[l];
     const Sub& s = groups[g].trees[j].open[i];
     split_graphs_.insert({s.next.member, s.next.graph});
     for (double sign : {1.0, -1.0}) {
@@ -278,7 +279,7 @@ std::vector<Sub> ReluSearch::split_leaves(std::vector<Group>& groups, std::vecto
       c.route = s.route, c.depth = s.depth + 1, c.mass = s.mass / 2;
       c.known = s.known, c.warm = s.warm;
       c.expert = s.expert, c.group = s.group;
-      c.known_prob = leaf_known(groups[g], s);
+      c.known_prob = known[static_cast<int64_t>(l)];
       children.push_back(std::move(c));
     }
   }
