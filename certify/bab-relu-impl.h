@@ -160,6 +160,8 @@ class ReluSearch : public Search {
   /// closed) and the worst open slack (the open leaves of the groups not done); returns
   /// whether every group is done.
   bool tally(const std::vector<Group>& groups, double base);
+  /// Outcome::open_program: the least program of the open groups, at its least class.
+  void record_open_program(const std::vector<Group>& groups);
 
   // Splits, passes and the queue's search (bab_relu.cpp).
 

@@ -304,6 +304,12 @@ AttackRound attack_round(int round, int64_t aware, int64_t targets) {
   return {AttackRound::Kind::targeted, which - aware, cycle};
 }
 
+nlohmann::json open_program_json(const Outcome::OpenProgram& o) {
+  if (o.cls < 0) return nullptr;
+  return {{"class", o.cls},           {"route", o.route},           {"weight_lo", o.weight_lo},
+          {"weight_hi", o.weight_hi}, {"margin_low", o.margin_low}, {"value", o.value}};
+}
+
 Outcome solve(const Problem& p, const Config& cfg, const Logits& logits, const Attack& attack,
               Clock::time_point deadline) {
   if (p.members.empty() || p.members.size() > 2)

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <functional>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -100,7 +101,21 @@ struct Outcome {
   /// a mixture's lower ends, the root's route split). The whole search when no round ran.
   double root_seconds = 0;
   bool exhausted = false;  ///< some open subproblem had nothing left to split
+  /// A mixture's expert-wise search left open (docs §22): the program of the open group
+  /// whose value is least, at the class k where it is least. Each expert's least bound
+  /// of its probability margin f_y − f_k over the group's region (−1 where it has none:
+  /// the trivial bound), and the router's weight bounds there: what holds the search open.
+  struct OpenProgram {
+    int64_t cls = -1;            ///< k; -1: none (another search, or nothing open)
+    std::vector<int64_t> route;  ///< the group's expert set (empty: the root's region)
+    std::vector<double> weight_lo, weight_hi, margin_low;  ///< per expert
+    /// The program's least value, its float32 allowance taken (at most the worst slack).
+    double value = std::numeric_limits<double>::quiet_NaN();
+  } open_program;
 };
+
+/// The results' form of an OpenProgram (null when it has no class).
+nlohmann::json open_program_json(const Outcome::OpenProgram& o);
 
 /// One sample and one ε of a member (or a dual-model's two members, standard first).
 struct Problem {

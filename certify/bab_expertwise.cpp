@@ -333,6 +333,30 @@ void ReluSearch::search_expertwise(const std::vector<forms::MemberPass>& root) {
   }
   const bool all = tally(groups, base);
   if (out_.verdict != Verdict::falsified && all) out_.verdict = Verdict::verified;
+  if (out_.verdict == Verdict::unknown) record_open_program(groups);
+}
+
+void ReluSearch::record_open_program(const std::vector<Group>& groups) {
+  auto& o = out_.open_program;
+  const auto y = torch::full({1}, p_.label, torch::kLong);
+  for (const auto& G : groups) {
+    if (G.done() || G.empty) continue;
+    // The group's program per class, with every expert's least bounds over its region
+    // (program_slacks' reading: no bound is the trivial −1).
+    const auto low = G.low.clamp_min(-1.0);
+    const auto per =
+        forms::mixture_lower(G.a_lo.unsqueeze(0), G.a_hi.unsqueeze(0), low.unsqueeze(0), y)[0];
+    const int64_t k = per.argmin().item<int64_t>();
+    const double value = per[k].item<double>() - G.allowance;
+    if (o.cls >= 0 && !(value < o.value)) continue;
+    o.cls = k, o.value = value, o.route = of(G.route, 0);
+    const auto as_vector = [](const torch::Tensor& t) {
+      const auto c = t.to(torch::kFloat64).contiguous();
+      return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+    };
+    o.weight_lo = as_vector(G.a_lo), o.weight_hi = as_vector(G.a_hi);
+    o.margin_low = as_vector(low.select(1, k));
+  }
 }
 
 bool ReluSearch::tally(const std::vector<Group>& groups, double base) {

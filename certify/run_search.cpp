@@ -287,6 +287,8 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
            {"screened", out.screened},
            {"carried", out.carried},
            {"bisect", bisecting}});
+      if (out.open_program.cls >= 0)
+        searches.back()["open_program"] = bab::open_program_json(out.open_program);
       switch (out.found_by) {
         case bab::Outcome::Found::none:
           break;
@@ -312,6 +314,22 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
                           ? ", worst open slack " + fmt_fixed(out.worst_slack, 4)
                           : std::string())
                   << "\n";
+      if (progress && out.open_program.cls >= 0) {  // what holds a mixture's search open
+        const auto& o = out.open_program;
+        std::cerr << "certify:   its least open program, against class " << o.cls;
+        if (!o.route.empty()) {
+          std::cerr << " on expert set {";
+          for (size_t j = 0; j < o.route.size(); ++j) std::cerr << (j ? ", " : "") << o.route[j];
+          std::cerr << "}";
+        }
+        std::cerr << ": experts' margin bounds";
+        for (double m : o.margin_low) std::cerr << " " << fmt_fixed(m, 4);
+        std::cerr << ", router weights";
+        for (size_t j = 0; j < o.weight_lo.size(); ++j)
+          std::cerr << " [" << fmt_fixed(o.weight_lo[j], 4) << ", " << fmt_fixed(o.weight_hi[j], 4)
+                    << "]";
+        std::cerr << "\n";
+      }
       if (out.verdict == bab::Verdict::falsified) {
         if (cfg.empirical) empirical[ub] = std::min(empirical[ub], out.distance);
         const auto& prior = batch.extra[ub];

@@ -2,11 +2,14 @@
 // MoEs of bab_toys.h (certify/bab.h, docs/certification.md §22): route-set splits
 // checked against a grid, the experts carried to a subproblem's children, and the margin
 // rows a mixture bounds.
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
+#include <vector>
 
 #include "bab_grid.h"
 #include "moecert/bounds.h"
@@ -188,6 +191,67 @@ TEST_CASE("a mixture's ReLU split bounds only the split graph again and still sp
 // the whole region. It verifies what one tree over every expert's splits verifies, never
 // a broken region, and where both run out of units to split it has bounded fewer
 // subproblems (one tree makes one expert's splits again under every leaf of the others').
+namespace {
+
+// An expert-wise search of a soft mixture left open reports its least open program
+// (bab::Outcome::OpenProgram): the router's weights and each expert's probability margin
+// against the program's class hold at points sampled over the region, and the simplex
+// step over them (worked here apart from simplex_min) is the reported value.
+void check_open_program(const Toy& toy, const bab::Problem& p, const bab::Outcome& out) {
+  const auto& o = out.open_program;
+  REQUIRE(o.cls >= 0);
+  CHECK(o.cls != p.label);
+  CHECK(o.cls < toy.K);
+  CHECK(o.route.empty());  // soft routing: one group, the root's region
+  const auto E = static_cast<size_t>(toy.E);
+  REQUIRE(o.margin_low.size() == E);
+  REQUIRE(o.weight_lo.size() == E);
+  REQUIRE(o.weight_hi.size() == E);
+  CHECK(o.value <= out.worst_slack + 1e-12);  // the group's program is below its leaves'
+  std::vector<size_t> order(E);
+  for (size_t j = 0; j < E; ++j) order[j] = j;
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return o.margin_low[a] < o.margin_low[b]; });
+  double left = 1, step = 0;
+  for (size_t j = 0; j < E; ++j) {
+    CHECK(o.weight_lo[j] >= 0);
+    CHECK(o.weight_lo[j] <= o.weight_hi[j]);
+    CHECK(o.weight_hi[j] <= 1);
+    CHECK(o.margin_low[j] >= -1);
+    CHECK(o.margin_low[j] <= 1);
+    step += o.weight_lo[j] * o.margin_low[j], left -= o.weight_lo[j];
+  }
+  for (size_t j : order) {
+    const double add = std::max(0.0, std::min(left, o.weight_hi[j] - o.weight_lo[j]));
+    step += add * o.margin_low[j], left -= add;
+  }
+  // Its results' form (certify's rows, bab.searches[].open_program).
+  const auto j = bab::open_program_json(o);
+  CHECK(j["class"].get<int64_t>() == o.cls);
+  CHECK(j["route"].get<std::vector<int64_t>>() == o.route);
+  CHECK(j["weight_lo"].get<std::vector<double>>() == o.weight_lo);
+  CHECK(j["weight_hi"].get<std::vector<double>>() == o.weight_hi);
+  CHECK(j["margin_low"].get<std::vector<double>>() == o.margin_low);
+  CHECK(j["value"].get<double>() == o.value);
+  CHECK(bab::open_program_json(bab::Outcome::OpenProgram{}).is_null());
+  CHECK(step >= o.value);
+  CHECK(step - o.value <= 1e-5);  // the float32 allowance
+  // (a generator of its own: the searches' attacks draw from the global one)
+  const auto draw = torch::rand({4000, 1, 1, 2}, at::detail::createCPUGenerator(3), f64);
+  auto xs = (p.x + (2 * draw - 1) * p.eps).clamp(0, 1).flatten(1);
+  const auto a = torch::softmax(xs.matmul(toy.R.t()) + toy.c, 1);
+  for (size_t j = 0; j < E; ++j) {
+    const auto aj = a.select(1, static_cast<int64_t>(j));
+    CHECK(aj.min().item<double>() >= o.weight_lo[j] - 1e-9);
+    CHECK(aj.max().item<double>() <= o.weight_hi[j] + 1e-9);
+    const auto f = torch::softmax(toy.expert64(static_cast<int64_t>(j), xs), 1);
+    const auto margin = f.select(1, p.label) - f.select(1, o.cls);
+    CHECK(margin.min().item<double>() >= o.margin_low[j] - 1e-6);
+  }
+}
+
+}  // namespace
+
 TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert does, soundly",
           "[unit][certify][bab]") {
   // Soft routing (top-3 of three). Radii at 0.6 of the grid's robust radius (three of
@@ -227,7 +291,9 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
       if (out[ew].verdict == bab::Verdict::unknown) {  // an open leaf's slack, never positive
         ++unknown[ew];
         CHECK(out[ew].worst_slack <= 0);
+        if (ew == 1) check_open_program(toy, p, out[ew]);
       }
+      if (out[ew].verdict != bab::Verdict::unknown || ew == 0) CHECK(out[ew].open_program.cls < 0);
       if (out[ew].verdict == bab::Verdict::verified) {
         ++verified[ew];
         CHECK_FALSE(broken);

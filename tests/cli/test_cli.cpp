@@ -488,6 +488,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
       CHECK(s["route_splits"].get<int64_t>() <= s["subproblems"].get<int64_t>());
       CHECK(s["screened"].get<int64_t>() >= 0);
       CHECK(s["carried"].get<int64_t>() == 0);  // a top-1 MoE: no mixture experts to carry
+      CHECK_FALSE(s.contains("open_program"));  // nor a mixture's program
       // The root's share of the search's time, and how far an open search is from closing:
       // none open when verified, an open subproblem (slack <= 0) when unknown.
       CHECK(s["root_seconds"].get<double>() >= 0);
