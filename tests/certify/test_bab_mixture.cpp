@@ -186,11 +186,6 @@ TEST_CASE("a mixture's ReLU split bounds only the split graph again and still sp
   CHECK(verified[1] > rooted);  // a search that needed splits
 }
 
-// The expert-wise search (bab::Config::expertwise): one tree of splits per expert, a leaf
-// closed by the mixture's program with its expert's bounds there and the others' over
-// the whole region. It verifies what one tree over every expert's splits verifies, never
-// a broken region, and where both run out of units to split it has bounded fewer
-// subproblems (one tree makes one expert's splits again under every leaf of the others').
 namespace {
 
 // An expert-wise search of a soft mixture left open reports its least open program
@@ -252,6 +247,11 @@ void check_open_program(const Toy& toy, const bab::Problem& p, const bab::Outcom
 
 }  // namespace
 
+// The expert-wise search (bab::Config::expertwise): one tree of splits per expert, a leaf
+// closed by the mixture's program with its expert's bounds there and the others' over
+// the whole region. It verifies what one tree over every expert's splits verifies, never
+// a broken region, and where both run out of units to split it has bounded fewer
+// subproblems (one tree makes one expert's splits again under every leaf of the others').
 TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert does, soundly",
           "[unit][certify][bab]") {
   // Soft routing (top-3 of three). Radii at 0.6 of the grid's robust radius (three of
