@@ -119,8 +119,10 @@ class Search {
   virtual void search() = 0;
 
   /// A progress line on stderr every 5 s (Config::progress): subproblems, their rate, the
-  /// queue, the verified share and the worst open slack.
+  /// queue, the verified share and the worst open slack; and a point of Outcome::trace.
   void report(size_t queued, double worst);
+  /// Adds a point to Outcome::trace (TraceBuilder): now, with `worst` its worst open slack.
+  void trace(double worst);
   /// Whether another round fits in the budget (the last round's length as its estimate):
   /// a round is not interrupted, so one that cannot end before the deadline is not begun.
   bool round_fits() const { return Clock::now() + last_round_ <= deadline_; }
@@ -168,6 +170,7 @@ class Search {
   const Logits& logits_;
   const Attack& attack_;
   Clock::time_point start_ = Clock::now(), last_report_ = Clock::now(), last_attack_;
+  TraceBuilder trace_;
   int attack_round_ = 0;
   double attack_seconds_ = 0;  // the attack rounds' seconds so far
 };

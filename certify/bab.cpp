@@ -44,19 +44,29 @@ Outcome Search::run() {
     last_attack_ = Clock::now();
     search();
   }
+  if (out_.rounds > 0) trace(out_.worst_slack);
   out_.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
   if (out_.rounds == 0) out_.root_seconds = out_.seconds;
+  if (!out_.trace.empty()) out_.trace.back().seconds = out_.seconds;
   return out_;
 }
 
+void Search::trace(double worst) {
+  trace_.add(out_.trace, {std::chrono::duration<double>(Clock::now() - start_).count(),
+                          out_.bounded, out_.verified_mass,
+                          std::isfinite(worst) ? worst : std::numeric_limits<double>::quiet_NaN()});
+}
+
 void Search::report(size_t queued, double worst) {
+  trace(worst);
   if (cfg_.progress.empty() || Clock::now() - last_report_ < std::chrono::seconds(5)) return;
   last_report_ = Clock::now();
   const double secs = std::chrono::duration<double>(last_report_ - start_).count();
   std::cerr << cfg_.progress << ": " << out_.bounded << " subproblems ("
             << fmt_fixed(static_cast<double>(out_.bounded) / secs, 1) << "/s), " << queued
-            << " queued, " << fmt_fixed(100 * out_.verified_mass, 1)
-            << "% verified, worst open slack " << fmt_fixed(worst, 4) << "\n";
+            << " queued, " << fmt_fixed(100 * out_.verified_mass, 1) << "% verified";
+  if (std::isfinite(worst)) std::cerr << ", worst open slack " << fmt_fixed(worst, 4);
+  std::cerr << "\n";
 }
 
 torch::Tensor Search::into_region(const torch::Tensor& x32) const {
@@ -302,6 +312,39 @@ AttackRound attack_round(int round, int64_t aware, int64_t targets) {
   const int64_t which = (round - 1) % kinds, cycle = (round - 1) / kinds;
   if (which < aware) return {AttackRound::Kind::aware, which, cycle};
   return {AttackRound::Kind::targeted, which - aware, cycle};
+}
+
+nlohmann::json trace_json(const std::vector<Outcome::Point>& trace) {
+  auto out = nlohmann::json::array();
+  for (const auto& p : trace)
+    out.push_back({{"seconds", p.seconds},
+                   {"subproblems", p.subproblems},
+                   {"verified_share", p.verified_share},
+                   {"worst_slack", std::isfinite(p.worst_slack) ? nlohmann::json(p.worst_slack)
+                                                                : nlohmann::json(nullptr)}});
+  return out;
+}
+
+void TraceBuilder::add(std::vector<Outcome::Point>& trace, const Outcome::Point& p) {
+  if (!trace.empty() && (provisional_ || trace.back().subproblems == p.subproblems))
+    trace.pop_back();
+  provisional_ = calls_++ % stride_ != 0;
+  trace.push_back(p);
+  if (trace.size() <= Outcome::kTracePoints) return;
+  // Every other point of the grid (the first kept), and the grid's step doubled.
+  const size_t grid = trace.size() - (provisional_ ? 1 : 0);
+  size_t keep = 0;
+  for (size_t i = 0; i < grid; i += 2) trace[keep++] = trace[i];
+  if (provisional_) trace[keep++] = trace.back();
+  trace.resize(keep);
+  stride_ *= 2;
+}
+
+double slack_at(const std::vector<Outcome::Point>& trace, double seconds) {
+  double out = std::numeric_limits<double>::quiet_NaN();
+  for (const auto& p : trace)
+    if (p.seconds <= seconds) out = p.worst_slack;
+  return out;
 }
 
 nlohmann::json open_program_json(const Outcome::OpenProgram& o) {

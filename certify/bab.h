@@ -101,6 +101,19 @@ struct Outcome {
   /// a mixture's lower ends, the root's route split). The whole search when no round ran.
   double root_seconds = 0;
   bool exhausted = false;  ///< some open subproblem had nothing left to split
+  /// The search's course: after rounds of splits, its subproblems, verified share and
+  /// worst open slack (the progress line's), at most kTracePoints of them (every other one
+  /// dropped when full, so they stay spread over the search), and a last one when it
+  /// ended (its outcome's). A worst slack that stopped rising says more time will not
+  /// decide the search (docs §22).
+  struct Point {
+    double seconds = 0;
+    int64_t subproblems = 0;
+    double verified_share = 0;
+    double worst_slack = std::numeric_limits<double>::quiet_NaN();  ///< NaN: none open
+  };
+  std::vector<Point> trace;
+  static constexpr size_t kTracePoints = 32;
   /// A mixture's expert-wise search left open (docs §22): the program of the open group
   /// whose value is least, at the class k where it is least. Each expert's least bound
   /// of its probability margin f_y − f_k over the group's region (−1 where it has none:
@@ -116,6 +129,22 @@ struct Outcome {
 
 /// The results' form of an OpenProgram (null when it has no class).
 nlohmann::json open_program_json(const Outcome::OpenProgram& o);
+/// The results' form of a trace: one object per point (a NaN slack as null).
+nlohmann::json trace_json(const std::vector<Outcome::Point>& trace);
+/// Builds an Outcome::trace that stays short and spread over a search: points on a grid
+/// of every `stride`-th call (every other one dropped and the stride doubled when the
+/// trace is full, the first kept), and the latest point whatever its place, in place of
+/// the last one when that was off the grid or no subproblem was bounded since.
+class TraceBuilder {
+ public:
+  void add(std::vector<Outcome::Point>& trace, const Outcome::Point& p);
+
+ private:
+  int64_t stride_ = 1, calls_ = 0;
+  bool provisional_ = false;  // the trace's last point is off the grid
+};
+/// The worst open slack of the trace's last point at or before `seconds` (NaN: none).
+double slack_at(const std::vector<Outcome::Point>& trace, double seconds);
 
 /// One sample and one ε of a member (or a dual-model's two members, standard first).
 struct Problem {

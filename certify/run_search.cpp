@@ -287,6 +287,7 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
            {"screened", out.screened},
            {"carried", out.carried},
            {"bisect", bisecting}});
+      if (!out.trace.empty()) searches.back()["trace"] = bab::trace_json(out.trace);
       if (out.open_program.cls >= 0)
         searches.back()["open_program"] = bab::open_program_json(out.open_program);
       switch (out.found_by) {
@@ -303,17 +304,22 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
           searches.back()["found_by"] = "subproblem centre";
           break;
       }
-      if (progress)
+      if (progress) {
         std::cerr << "certify: branch and bound, image " << ids[ub] << ", eps " << key << ": "
                   << verdict << " in " << fmt_fixed(out.seconds, 1) << " s, " << out.bounded
                   << " subproblems ("
                   << fmt_fixed(static_cast<double>(out.bounded) / std::max(out.seconds, 1e-9), 1)
                   << "/s), " << fmt_fixed(100 * out.verified_mass, 1) << "% verified, root "
-                  << fmt_fixed(out.root_seconds, 1) << " s"
-                  << (std::isfinite(out.worst_slack)
-                          ? ", worst open slack " + fmt_fixed(out.worst_slack, 4)
-                          : std::string())
-                  << "\n";
+                  << fmt_fixed(out.root_seconds, 1) << " s";
+        if (std::isfinite(out.worst_slack)) {
+          std::cerr << ", worst open slack " << fmt_fixed(out.worst_slack, 4);
+          // How far it rose over the second half: one that stopped rising will not close.
+          const double half = bab::slack_at(out.trace, out.seconds / 2);
+          if (out.verdict == bab::Verdict::unknown && std::isfinite(half))
+            std::cerr << " (" << fmt_fixed(half, 4) << " at half the time)";
+        }
+        std::cerr << "\n";
+      }
       if (progress && out.open_program.cls >= 0) {  // what holds a mixture's search open
         const auto& o = out.open_program;
         std::cerr << "certify:   its least open program, against class " << o.cls;

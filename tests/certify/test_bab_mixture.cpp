@@ -9,6 +9,7 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "bab_grid.h"
@@ -245,6 +246,41 @@ void check_open_program(const Toy& toy, const bab::Problem& p, const bab::Outcom
   }
 }
 
+// A search's course (bab::Outcome::trace): in order of time, subproblems and verified
+// share; at most kTracePoints, the first round's kept however many were dropped; the last
+// point the outcome's. `rising`: an expert-wise search, whose leaves start at their
+// parents' bounds and whose other experts' bounds only rise, so its worst open slack
+// never falls (none open: +inf).
+void check_trace(const bab::Outcome& out, bool rising) {
+  const auto& t = out.trace;
+  if (out.rounds == 0) {
+    CHECK(t.empty());
+    return;
+  }
+  REQUIRE_FALSE(t.empty());
+  CHECK(t.size() <= bab::Outcome::kTracePoints);
+  const auto worst = [](double w) {
+    return std::isnan(w) ? std::numeric_limits<double>::infinity() : w;
+  };
+  for (size_t i = 1; i < t.size(); ++i) {
+    CHECK(t[i].seconds >= t[i - 1].seconds);
+    CHECK(t[i].subproblems > t[i - 1].subproblems);
+    CHECK(t[i].verified_share >= t[i - 1].verified_share);
+    if (rising) CHECK(worst(t[i].worst_slack) >= worst(t[i - 1].worst_slack));
+  }
+  CHECK(t.back().seconds == out.seconds);
+  CHECK(t.back().subproblems == out.bounded);
+  CHECK(t.back().verified_share == out.verified_mass);
+  CHECK(worst(t.back().worst_slack) == worst(out.worst_slack));
+  // The slack at half the time (certify's stderr line) is a point's, or none before it.
+  const double half = bab::slack_at(t, out.seconds / 2);
+  if (t.front().seconds > out.seconds / 2) CHECK(std::isnan(half));
+  const auto j = bab::trace_json(t);
+  REQUIRE(j.size() == t.size());
+  CHECK(j.back()["subproblems"].get<int64_t>() == out.bounded);
+  CHECK(j.back()["worst_slack"].is_null() == std::isnan(t.back().worst_slack));
+}
+
 }  // namespace
 
 // The expert-wise search (bab::Config::expertwise): one tree of splits per expert, a leaf
@@ -288,6 +324,7 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
         CHECK(out[ew].verified_mass + out[ew].open_mass == Approx(1.0).margin(1e-12));
       CHECK(out[ew].root_seconds >= 0);
       CHECK(out[ew].root_seconds <= out[ew].seconds);
+      check_trace(out[ew], ew == 1);
       if (out[ew].verdict == bab::Verdict::unknown) {  // an open leaf's slack, never positive
         ++unknown[ew];
         CHECK(out[ew].worst_slack <= 0);
@@ -329,6 +366,37 @@ TEST_CASE("a mixture's expert-wise trees verify what one tree over every expert 
   CHECK(unknown[1] > 0);
   CHECK(spent[1] > 0);
   CHECK(2 * spent[1] < spent[0]);
+}
+
+// A trace keeps at most kTracePoints, spread evenly over the search (TraceBuilder): the
+// first round's point, then every stride-th, and the latest; a point with no new
+// subproblem replaces the last one.
+TEST_CASE("a search's trace stays short and spread over the search", "[unit][certify][bab]") {
+  std::vector<bab::Outcome::Point> t;
+  bab::TraceBuilder b;
+  const size_t cap = bab::Outcome::kTracePoints;
+  for (int64_t r = 1; r <= 1000; ++r) {
+    b.add(t, {static_cast<double>(r), 10 * r, 0, -1.0 / static_cast<double>(r)});
+    REQUIRE(t.size() <= cap);
+    CHECK(t.front().subproblems == 10);     // the first round's, always
+    CHECK(t.back().subproblems == 10 * r);  // the latest
+  }
+  CHECK(t.size() > cap / 2);
+  // Evenly spread but for the latest ones: the gaps between the kept points are equal.
+  const double gap = t[1].seconds - t[0].seconds;
+  CHECK(gap > 1);
+  for (size_t i = 1; i + 1 < t.size(); ++i) CHECK(t[i].seconds - t[i - 1].seconds == gap);
+  double before = 0;  // the last point at or before 500 s: within one gap of it
+  for (const auto& p : t)
+    if (p.seconds <= 500) before = p.seconds;
+  CHECK(500 - before < gap);
+  CHECK(bab::slack_at(t, 500.0) == -1.0 / before);
+  CHECK(std::isnan(bab::slack_at(t, 0.5)));
+  const auto n = t.size();
+  b.add(t, {1001, 10000, 0.5, -0.001});  // no new subproblem: in place
+  CHECK(t.size() == n);
+  CHECK(t.back().seconds == 1001);
+  CHECK(t.back().verified_share == 0.5);
 }
 
 // Branch and bound bounds a mixture's margin rows only (forms::MemberPass::margin_rows_only):

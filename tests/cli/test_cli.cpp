@@ -472,7 +472,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
   CHECK(j["config"]["bab"]["warm_start"] == true);
   CHECK(j["config"]["bab"]["row_carry"] == 2.5);
   CHECK(j["config"]["bab"]["steps"] == 3);
-  int decided = 0, searched = 0;
+  int decided = 0, searched = 0, traced = 0;
   for (const auto& row : j["rows"]) {
     REQUIRE(row["radii"].contains("candidate_bab"));
     const double r_bab = row["radii"]["candidate_bab"].get<double>();
@@ -489,6 +489,18 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
       CHECK(s["screened"].get<int64_t>() >= 0);
       CHECK(s["carried"].get<int64_t>() == 0);  // a top-1 MoE: no mixture experts to carry
       CHECK_FALSE(s.contains("open_program"));  // nor a mixture's program
+      if (s.contains("trace")) {                // its course, ending at its outcome
+        const auto& t = s["trace"];
+        REQUIRE_FALSE(t.empty());
+        CHECK(t.size() <= 32);
+        for (size_t i = 1; i < t.size(); ++i)
+          CHECK(t[i]["subproblems"].get<int64_t>() > t[i - 1]["subproblems"].get<int64_t>());
+        CHECK(t.back()["subproblems"] == s["subproblems"]);
+        CHECK(t.back()["verified_share"] == s["verified_share"]);
+        CHECK(t.back()["worst_slack"] == s["worst_slack"]);
+        CHECK(t.back()["seconds"] == s["seconds"]);
+        ++traced;
+      }
       // The root's share of the search's time, and how far an open search is from closing:
       // none open when verified, an open subproblem (slack <= 0) when unknown.
       CHECK(s["root_seconds"].get<double>() >= 0);
@@ -517,6 +529,7 @@ TEST_CASE("certify --bab: a verdict per sample and eps, the bab radius, gates on
     }
   }
   CHECK(decided > 0);
+  CHECK(traced > 0);  // some search ran rounds of splits
   CHECK(searched > 0);
   auto gated = run_moecert("--dataset synthetic --samples 4 certify " + ckpt +
                            " --estimator crown --bab --timeout-per-sample 1 --steps 5"
