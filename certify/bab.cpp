@@ -241,7 +241,6 @@ class InputSearch : public Search {
       auto slack = evaluate(p_, passes, d, labels(n)).slack.cpu();
       last_round_ = Clock::now() - round_start;
       out_.bounded += n;
-      report(q.size() + static_cast<size_t>(n), slack.min().item<double>());
       // The open pieces' centres on the float32 model (inside the piece when rounding kept them).
       const auto centres = d.x.to(torch::kFloat);
       std::vector<Sub> open;
@@ -280,6 +279,9 @@ class InputSearch : public Search {
           q.push(std::move(c));
         }
       }
+      double worst = q.empty() ? kInf : q.top().slack;  // the open pieces' lowest
+      for (const auto& s : stuck) worst = std::min(worst, s.slack);
+      report(q.size() + stuck.size(), worst);
     }
     open_left(q, stuck);
     if (out_.verdict != Verdict::falsified && q.empty() && stuck.empty())

@@ -104,8 +104,8 @@ struct Outcome {
   /// The search's course: after rounds of splits, its subproblems, verified share and
   /// worst open slack (the progress line's), at most kTracePoints of them (every other one
   /// dropped when full, so they stay spread over the search), and a last one when it
-  /// ended (its outcome's). A worst slack that stopped rising says more time will not
-  /// decide the search (docs §22).
+  /// ended (its outcome's). A worst slack that has stopped rising suggests more time
+  /// would not decide the search (docs §22).
   struct Point {
     double seconds = 0;
     int64_t subproblems = 0;

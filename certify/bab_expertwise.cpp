@@ -328,7 +328,7 @@ void ReluSearch::search_expertwise(const std::vector<forms::MemberPass>& root) {
         if (G.trees[j].on) G.low[static_cast<int64_t>(j)].copy_(tree_low(G.trees[j]));
     retest(groups);
     last_round_ = Clock::now() - round_start;
-    tally(groups, base);  // the progress line's verified share and worst open slack
+    tally(groups, base);  // the progress line's verified share and worst slack, after the round
     report(open, out_.worst_slack);
   }
   const bool all = tally(groups, base);

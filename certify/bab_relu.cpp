@@ -555,8 +555,8 @@ void ReluSearch::search() {
     const auto round_start = Clock::now();
     for (auto& s : bound_relu(root, std::move(children))) q.push(std::move(s));
     last_round_ = Clock::now() - round_start;
-    report(q.size(), q.empty() ? 0.0 : q.top().slack);
     for (auto& s : stuck) q.push(std::move(s));
+    report(q.size(), q.empty() ? kInf : q.top().slack);
     if (out_.verdict == Verdict::falsified) break;
   }
   open_left(q);

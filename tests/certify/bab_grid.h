@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bab_toys.h"
+#include "bab_trace.h"
 
 namespace moecert_test {
 
@@ -76,6 +77,7 @@ inline GridTally grid_checked(const bab::Logits& logits32,
       INFO("problem " << i << ", eps " << eps << ", route splits " << with << ", grid broken "
                       << broken);
       t.route_splits[with] += out.route_splits, t.carried[with] += out.carried;
+      check_trace(out, false);
       if (out.verdict != bab::Verdict::falsified)
         CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
       if (out.verdict == bab::Verdict::verified) {

@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "bab_toys.h"
+#include "bab_trace.h"
 #include "moecert/bounds.h"
 
 using namespace moecert;
@@ -60,6 +61,7 @@ Tally run_exact(const Toy& toy, bab::Split split, int count, double seconds) {
                                            std::chrono::duration<double>(seconds)));
     const double exact = margin_at(eps);
     INFO("problem " << i << ": eps " << eps << ", exact margin " << exact);
+    moecert_test::check_trace(out, false);
     // Every subproblem is accounted for: verified or open.
     if (out.verdict != bab::Verdict::falsified)
       CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));

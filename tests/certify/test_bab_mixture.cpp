@@ -13,9 +13,11 @@
 #include <vector>
 
 #include "bab_grid.h"
+#include "bab_trace.h"
 #include "moecert/bounds.h"
 
 using namespace moecert;
+using moecert_test::check_trace;
 using moecert_test::f64;
 using moecert_test::grid_checked;
 using moecert_test::grid_radius;
@@ -246,41 +248,6 @@ void check_open_program(const Toy& toy, const bab::Problem& p, const bab::Outcom
   }
 }
 
-// A search's course (bab::Outcome::trace): in order of time, subproblems and verified
-// share; at most kTracePoints, the first round's kept however many were dropped; the last
-// point the outcome's. `rising`: an expert-wise search, whose leaves start at their
-// parents' bounds and whose other experts' bounds only rise, so its worst open slack
-// never falls (none open: +inf).
-void check_trace(const bab::Outcome& out, bool rising) {
-  const auto& t = out.trace;
-  if (out.rounds == 0) {
-    CHECK(t.empty());
-    return;
-  }
-  REQUIRE_FALSE(t.empty());
-  CHECK(t.size() <= bab::Outcome::kTracePoints);
-  const auto worst = [](double w) {
-    return std::isnan(w) ? std::numeric_limits<double>::infinity() : w;
-  };
-  for (size_t i = 1; i < t.size(); ++i) {
-    CHECK(t[i].seconds >= t[i - 1].seconds);
-    CHECK(t[i].subproblems > t[i - 1].subproblems);
-    CHECK(t[i].verified_share >= t[i - 1].verified_share);
-    if (rising) CHECK(worst(t[i].worst_slack) >= worst(t[i - 1].worst_slack));
-  }
-  CHECK(t.back().seconds == out.seconds);
-  CHECK(t.back().subproblems == out.bounded);
-  CHECK(t.back().verified_share == out.verified_mass);
-  CHECK(worst(t.back().worst_slack) == worst(out.worst_slack));
-  // The slack at half the time (certify's stderr line) is a point's, or none before it.
-  const double half = bab::slack_at(t, out.seconds / 2);
-  if (t.front().seconds > out.seconds / 2) CHECK(std::isnan(half));
-  const auto j = bab::trace_json(t);
-  REQUIRE(j.size() == t.size());
-  CHECK(j.back()["subproblems"].get<int64_t>() == out.bounded);
-  CHECK(j.back()["worst_slack"].is_null() == std::isnan(t.back().worst_slack));
-}
-
 }  // namespace
 
 // The expert-wise search (bab::Config::expertwise): one tree of splits per expert, a leaf
@@ -392,11 +359,16 @@ TEST_CASE("a search's trace stays short and spread over the search", "[unit][cer
   CHECK(500 - before < gap);
   CHECK(bab::slack_at(t, 500.0) == -1.0 / before);
   CHECK(std::isnan(bab::slack_at(t, 0.5)));
-  const auto n = t.size();
-  b.add(t, {1001, 10000, 0.5, -0.001});  // no new subproblem: in place
-  CHECK(t.size() == n);
-  CHECK(t.back().seconds == 1001);
-  CHECK(t.back().verified_share == 0.5);
+  // A point with no new subproblem takes the place of the last one, on the grid too.
+  std::vector<bab::Outcome::Point> u;
+  bab::TraceBuilder ub;
+  ub.add(u, {1, 10, 0, -0.5});  // the first call: on every grid
+  ub.add(u, {2, 10, 0.5, -0.25});
+  REQUIRE(u.size() == 1);
+  CHECK(u.back().seconds == 2);
+  CHECK(u.back().verified_share == 0.5);
+  ub.add(u, {3, 20, 0.5, -0.25});
+  CHECK(u.size() == 2);
 }
 
 // Branch and bound bounds a mixture's margin rows only (forms::MemberPass::margin_rows_only):

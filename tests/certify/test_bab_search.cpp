@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "bab_toys.h"
+#include "bab_trace.h"
 
 using namespace moecert;
 using moecert_test::f64;
@@ -171,6 +172,7 @@ TEST_CASE("branch and bound accounts for every subproblem when its budget ends",
       }
       CHECK(out.verified_mass + out.open_mass == Approx(1.0).margin(1e-12));
       CHECK(out.bounded >= 1);
+      moecert_test::check_trace(out, false);
     }
   }
   CHECK(unknown > 0);
