@@ -44,10 +44,11 @@ Outcome Search::run() {
     last_attack_ = Clock::now();
     search();
   }
-  if (out_.rounds > 0) trace(out_.worst_slack);
   out_.seconds = std::chrono::duration<double>(Clock::now() - start_).count();
-  if (out_.rounds == 0) out_.root_seconds = out_.seconds;
-  if (!out_.trace.empty()) out_.trace.back().seconds = out_.seconds;
+  if (out_.rounds == 0)
+    out_.root_seconds = out_.seconds;
+  else  // the trace's end: the outcome's numbers (worst_slack already NaN when none is open)
+    trace_.add(out_.trace, {out_.seconds, out_.bounded, out_.verified_mass, out_.worst_slack});
   return out_;
 }
 

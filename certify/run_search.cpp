@@ -313,7 +313,8 @@ void bab_stage(const Context& ctx, LoadedModel& loaded, Batch& batch,
                   << fmt_fixed(out.root_seconds, 1) << " s";
         if (std::isfinite(out.worst_slack)) {
           std::cerr << ", worst open slack " << fmt_fixed(out.worst_slack, 4);
-          // How far it rose over the second half: one that stopped rising will not close.
+          // How far it rose over the second half (one that stopped rising is unlikely to
+          // close with more time: a rule of thumb, docs §22).
           const double half = bab::slack_at(out.trace, out.seconds / 2);
           if (out.verdict == bab::Verdict::unknown && std::isfinite(half))
             std::cerr << " (" << fmt_fixed(half, 4) << " at half the time)";

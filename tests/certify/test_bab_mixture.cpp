@@ -9,7 +9,6 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "bab_grid.h"
